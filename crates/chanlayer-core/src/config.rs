@@ -1,0 +1,607 @@
+//! Configuration: the options every backend shares ([`LayerOptions`]), the backend section
+//! ([`BackendConfig`]), and parsing both from a URL ([`LayerConfig::from_url`]).
+//!
+//! URL grammar (see `docs/configuration.md`):
+//!
+//! ```text
+//! scheme://[user[:password]@]address[?key=value&...]
+//! ```
+//!
+//! Shared keys: `prefix`, `capacity`, `channel_capacity.<glob>`, `expiry`, `group_expiry`,
+//! `codec`, `max_message_size`. Every other key belongs to the backend (and is passed through
+//! to its client library where the backend says so). Durations are seconds (`60`, `0.5`) or
+//! humantime strings (`500ms`, `1h`).
+//!
+//! ```
+//! use chanlayer_core::{Codec, LayerConfig};
+//! use std::time::Duration;
+//! let cfg = LayerConfig::from_url("memory://app?capacity=10&expiry=500ms&codec=json&channel_capacity.http.*=200").unwrap();
+//! assert_eq!(cfg.backend.scheme, "memory");
+//! assert_eq!(cfg.backend.address, "app");
+//! assert_eq!(cfg.options.capacity, 10);
+//! assert_eq!(cfg.options.expiry, Duration::from_millis(500));
+//! assert_eq!(cfg.options.codec, Codec::Json);
+//! assert_eq!(cfg.options.capacity_for("http.request"), 200);
+//! assert_eq!(cfg.options.capacity_for("other"), 10);
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::codec::Codec;
+use crate::error::{Error, Result};
+use crate::names;
+
+/// The schemes chanlayer knows, with the cargo feature of the `chanlayer` crate that
+/// enables each (`None`: always available).
+pub const SCHEMES: &[(&str, Option<&str>)] = &[
+    ("memory", None),
+    ("kafka", Some("kafka")),
+    ("amqp", Some("amqp")),
+    ("amqps", Some("amqp")),
+    ("zmq", Some("zmq")),
+];
+
+/// Default per-channel capacity.
+pub const DEFAULT_CAPACITY: usize = 100;
+/// Default message expiry.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(60);
+/// Default group membership expiry.
+pub const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
+/// Default `max_message_size`: 4 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+/// Default prefix for broker-side names (topics, queues, exchanges).
+pub const DEFAULT_PREFIX: &str = "chanlayer";
+
+/// A capacity override: channels whose full name matches `pattern` (a glob: `*`, `?`,
+/// `[abc]`) hold `capacity` messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapacityOverride {
+    /// The glob.
+    pub pattern: glob::Pattern,
+    /// The capacity for matching channels.
+    pub capacity: usize,
+}
+
+impl CapacityOverride {
+    /// An override; the pattern must be a valid glob.
+    pub fn new(pattern: &str, capacity: usize) -> Result<Self> {
+        let pattern = glob::Pattern::new(pattern).map_err(|e| {
+            Error::Config(format!("invalid channel_capacity pattern {pattern:?}: {e}"))
+        })?;
+        Ok(CapacityOverride { pattern, capacity })
+    }
+}
+
+/// The options every backend shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerOptions {
+    /// Prefix for broker-side names, so two applications on one broker don't collide.
+    pub prefix: String,
+    /// Messages a channel holds before `send` is `ChannelFull` (default 100).
+    pub capacity: usize,
+    /// Per-channel overrides, matched in order against the full channel name; first wins.
+    pub channel_capacity: Vec<CapacityOverride>,
+    /// How long a message lives before it is dropped on receive (default 60 s).
+    pub expiry: Duration,
+    /// How long a group membership lives without a refreshing `group_add` (default 1 day).
+    pub group_expiry: Duration,
+    /// Body codec for messages this layer encodes (default bincode).
+    pub codec: Codec,
+    /// Largest message `send` accepts, counting body, type, headers and destination.
+    pub max_message_size: usize,
+}
+
+impl Default for LayerOptions {
+    fn default() -> Self {
+        LayerOptions {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            capacity: DEFAULT_CAPACITY,
+            channel_capacity: Vec::new(),
+            expiry: DEFAULT_EXPIRY,
+            group_expiry: DEFAULT_GROUP_EXPIRY,
+            codec: Codec::default(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+impl LayerOptions {
+    /// The capacity of `channel`: the first matching override, else `capacity`.
+    pub fn capacity_for(&self, channel: &str) -> usize {
+        self.channel_capacity
+            .iter()
+            .find(|o| o.pattern.matches(channel))
+            .map_or(self.capacity, |o| o.capacity)
+    }
+
+    /// Applies the values set in `partial` on top of these.
+    pub fn apply(&mut self, partial: PartialOptions) -> Result<()> {
+        if let Some(v) = partial.prefix {
+            self.prefix = v;
+        }
+        if let Some(v) = partial.capacity {
+            self.capacity = v;
+        }
+        for (pattern, capacity) in partial.channel_capacity {
+            self.channel_capacity
+                .push(CapacityOverride::new(&pattern, capacity)?);
+        }
+        if let Some(v) = partial.expiry {
+            self.expiry = v.0;
+        }
+        if let Some(v) = partial.group_expiry {
+            self.group_expiry = v.0;
+        }
+        if let Some(v) = partial.codec {
+            self.codec = v;
+        }
+        if let Some(v) = partial.max_message_size {
+            self.max_message_size = v;
+        }
+        self.validate()
+    }
+
+    /// Checks the values make sense together.
+    pub fn validate(&self) -> Result<()> {
+        names::validate_prefix(&self.prefix)
+            .map_err(|e| Error::Config(format!("option prefix: {e}")))?;
+        if self.capacity == 0 {
+            return Err(Error::Config("option capacity must be at least 1".into()));
+        }
+        if let Some(o) = self.channel_capacity.iter().find(|o| o.capacity == 0) {
+            return Err(Error::Config(format!(
+                "channel_capacity for {:?} must be at least 1",
+                o.pattern.as_str()
+            )));
+        }
+        if self.expiry.is_zero() {
+            return Err(Error::Config("option expiry must be more than zero".into()));
+        }
+        if self.group_expiry.is_zero() {
+            return Err(Error::Config(
+                "option group_expiry must be more than zero".into(),
+            ));
+        }
+        if self.max_message_size == 0 {
+            return Err(Error::Config(
+                "option max_message_size must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A duration in configuration: a number of seconds (`60`, `0.25`) or a humantime string
+/// (`"500ms"`, `"2m"`, `"1h 30m"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigDuration(pub Duration);
+
+impl std::str::FromStr for ConfigDuration {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if let Ok(secs) = s.parse::<f64>() {
+            return Duration::try_from_secs_f64(secs)
+                .map(ConfigDuration)
+                .map_err(|_| Error::Config(format!("duration {s:?} is negative or too large")));
+        }
+        humantime::parse_duration(s)
+            .map(ConfigDuration)
+            .map_err(|e| {
+                Error::Config(format!(
+                    "invalid duration {s:?}: {e}; use seconds (60, 0.5) or units (500ms, 2m, 1h)"
+                ))
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Float(f64),
+            Text(String),
+        }
+        let parsed = match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ConfigDuration(Duration::from_secs(n))),
+            Raw::Float(f) => f.to_string().parse(),
+            Raw::Text(s) => s.parse(),
+        };
+        parsed.map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for ConfigDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// Options as read from one source (URL query, config file, environment), each optional;
+/// [`LayerOptions::apply`] layers them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialOptions {
+    /// See [`LayerOptions::prefix`].
+    pub prefix: Option<String>,
+    /// See [`LayerOptions::capacity`].
+    pub capacity: Option<usize>,
+    /// Glob pattern to capacity, in order.
+    #[serde(default, with = "ordered_map")]
+    pub channel_capacity: Vec<(String, usize)>,
+    /// See [`LayerOptions::expiry`].
+    pub expiry: Option<ConfigDuration>,
+    /// See [`LayerOptions::group_expiry`].
+    pub group_expiry: Option<ConfigDuration>,
+    /// See [`LayerOptions::codec`].
+    pub codec: Option<Codec>,
+    /// See [`LayerOptions::max_message_size`].
+    pub max_message_size: Option<usize>,
+}
+
+/// A table of `pattern = capacity`, kept in the order written.
+mod ordered_map {
+    use serde::de::{MapAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[(String, usize)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(v.iter().map(|(k, v)| (k, v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, usize)>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<(String, usize)>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table of glob pattern = capacity")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, usize>()? {
+                    out.push(entry);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A secret (a password): `Debug` and `Display` print `***`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for handing to a client library. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `true` for option keys whose values are secrets (redacted in `Debug` and URLs).
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "token", "credential", "private"]
+        .iter()
+        .any(|s| k.contains(s))
+        || k.ends_with(".key")
+        || k.ends_with("_key")
+        || k == "key"
+}
+
+/// Backend options: every query key that is not a shared option. Values of secret-looking
+/// keys (`password`, `secret`, `token`, `*.key`, ...) are redacted in `Debug`.
+#[derive(Clone, PartialEq, Default)]
+pub struct BackendOptions(pub BTreeMap<String, String>);
+
+impl BackendOptions {
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// Removes and returns `key`, for backends that consume the options they know.
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        self.0.remove(key)
+    }
+
+    /// Parses and removes `key`.
+    pub fn take_parsed<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.0.remove(key) {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|e| {
+                let shown = if is_secret_key(key) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
+                Error::Config(format!("option {key}={shown}: {e}"))
+            }),
+        }
+    }
+
+    /// Fails with a clear error naming the first option nobody consumed.
+    pub fn reject_unknown(&self, backend: &str, known: &str) -> Result<()> {
+        match self.0.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(Error::Config(format!(
+                "unknown option {k:?} for the {backend} backend; known options: {known}"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Debug for BackendOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let v: &dyn std::fmt::Debug = if is_secret_key(k) { &"***" } else { v };
+                (k, v)
+            }))
+            .finish()
+    }
+}
+
+/// Credentials from the URL's user-info.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Credentials {
+    /// User name (percent-decoded).
+    pub username: String,
+    /// Password (percent-decoded), redacted everywhere.
+    pub password: Option<Secret>,
+}
+
+/// The backend's part of the configuration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BackendConfig {
+    /// The URL scheme: `memory`, `kafka`, `amqp`, `amqps`, `zmq`.
+    pub scheme: String,
+    /// User and password from the URL, if any.
+    pub credentials: Option<Credentials>,
+    /// Everything between `://` (after any user-info) and `?`: hosts, ports, path, still
+    /// percent-encoded (`127.0.0.1:5672/%2f`, `h1:9092,h2:9092`, `app`).
+    pub address: String,
+    /// Backend options (query keys that are not shared options).
+    pub options: BackendOptions,
+}
+
+impl BackendConfig {
+    /// The URL with the password and secret options replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        let mut out = format!("{}://", self.scheme);
+        if let Some(c) = &self.credentials {
+            out.push_str(&c.username);
+            if c.password.is_some() {
+                out.push_str(":***");
+            }
+            out.push('@');
+        }
+        out.push_str(&self.address);
+        let mut sep = '?';
+        for (k, v) in &self.options.0 {
+            let v = if is_secret_key(k) { "***" } else { v.as_str() };
+            out.push(sep);
+            out.push_str(k);
+            out.push('=');
+            out.push_str(v);
+            sep = '&';
+        }
+        out
+    }
+}
+
+/// A whole layer configuration: shared options plus the backend section.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LayerConfig {
+    /// Options every backend shares.
+    pub options: LayerOptions,
+    /// The backend and its own options.
+    pub backend: BackendConfig,
+}
+
+impl std::fmt::Display for LayerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.backend.redacted_url())
+    }
+}
+
+fn decode_component(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+impl LayerConfig {
+    /// Parses a layer URL. Errors never contain the password.
+    pub fn from_url(url: &str) -> Result<LayerConfig> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            Error::Config(
+                "a layer URL looks like scheme://address?options (for example memory:// or amqp://guest:guest@127.0.0.1:5672/%2f)"
+                    .to_string(),
+            )
+        })?;
+        let scheme = scheme.to_ascii_lowercase();
+        if !SCHEMES.iter().any(|(s, _)| *s == scheme) {
+            let known: Vec<&str> = SCHEMES.iter().map(|(s, _)| *s).collect();
+            return Err(Error::Config(format!(
+                "unknown scheme {scheme:?}; chanlayer knows {}",
+                known.join(", ")
+            )));
+        }
+        let rest = rest.split('#').next().unwrap_or_default();
+        let (authority_path, query) = match rest.split_once('?') {
+            Some((a, q)) => (a, q),
+            None => (rest, ""),
+        };
+        // user-info ends at the last '@' before the first '/'.
+        let first_slash = authority_path.find('/').unwrap_or(authority_path.len());
+        let (credentials, address) = match authority_path[..first_slash].rfind('@') {
+            Some(at) => {
+                let info = &authority_path[..at];
+                let (user, pass) = match info.split_once(':') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (info, None),
+                };
+                (
+                    Some(Credentials {
+                        username: decode_component(user),
+                        password: pass.map(|p| Secret::new(decode_component(p))),
+                    }),
+                    &authority_path[at + 1..],
+                )
+            }
+            None => (None, authority_path),
+        };
+
+        let mut partial = PartialOptions::default();
+        let mut backend_options = BTreeMap::new();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let key = key.into_owned();
+            let value = value.into_owned();
+            let bad = |e: Error| -> Error {
+                let shown = if is_secret_key(&key) {
+                    "***"
+                } else {
+                    value.as_str()
+                };
+                Error::Config(format!("option {key}={shown}: {e}"))
+            };
+            let int = |v: &str| -> Result<usize> {
+                v.parse::<usize>()
+                    .map_err(|_| Error::Config(format!("{v:?} is not a whole number")))
+            };
+            match key.as_str() {
+                "prefix" => partial.prefix = Some(value),
+                "capacity" => partial.capacity = Some(int(&value).map_err(bad)?),
+                "expiry" => partial.expiry = Some(value.parse().map_err(bad)?),
+                "group_expiry" => partial.group_expiry = Some(value.parse().map_err(bad)?),
+                "codec" => partial.codec = Some(value.parse().map_err(bad)?),
+                "max_message_size" => partial.max_message_size = Some(int(&value).map_err(bad)?),
+                _ => {
+                    if let Some(pattern) = key.strip_prefix("channel_capacity.") {
+                        let cap = int(&value).map_err(bad)?;
+                        partial.channel_capacity.push((pattern.to_owned(), cap));
+                    } else {
+                        backend_options.insert(key, value);
+                    }
+                }
+            }
+        }
+        let mut options = LayerOptions::default();
+        options.apply(partial)?;
+        Ok(LayerConfig {
+            options,
+            backend: BackendConfig {
+                scheme,
+                credentials,
+                address: address.to_owned(),
+                options: BackendOptions(backend_options),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_parsed_and_redacted() {
+        let cfg = LayerConfig::from_url(
+            "amqp://guest:s3cr%40t@127.0.0.1:5672/%2f?prefix=app&heartbeat=10&sasl.password=hunter2",
+        )
+        .unwrap();
+        let c = cfg.backend.credentials.as_ref().unwrap();
+        assert_eq!(c.username, "guest");
+        assert_eq!(c.password.as_ref().unwrap().expose(), "s3cr@t");
+        assert_eq!(cfg.backend.address, "127.0.0.1:5672/%2f");
+        assert_eq!(cfg.options.prefix, "app");
+        assert_eq!(cfg.backend.options.get("heartbeat"), Some("10"));
+        for text in [format!("{cfg}"), format!("{cfg:?}")] {
+            assert!(!text.contains("s3cr"), "{text}");
+            assert!(!text.contains("hunter2"), "{text}");
+        }
+        assert_eq!(
+            cfg.to_string(),
+            "amqp://guest:***@127.0.0.1:5672/%2f?heartbeat=10&sasl.password=***"
+        );
+    }
+
+    #[test]
+    fn kafka_host_lists_survive() {
+        let cfg =
+            LayerConfig::from_url("kafka://h1:9092,h2:9092?kafka.compression.type=lz4").unwrap();
+        assert_eq!(cfg.backend.address, "h1:9092,h2:9092");
+        assert_eq!(
+            cfg.backend.options.get("kafka.compression.type"),
+            Some("lz4")
+        );
+    }
+
+    #[test]
+    fn bad_values_are_clear() {
+        let e = LayerConfig::from_url("memory://?capacity=lots").unwrap_err();
+        assert!(e.to_string().contains("capacity=lots"), "{e}");
+        let e = LayerConfig::from_url("redis://x").unwrap_err();
+        assert!(e.to_string().contains("unknown scheme"), "{e}");
+        let e = LayerConfig::from_url("memory://?capacity=0").unwrap_err();
+        assert!(e.to_string().contains("at least 1"), "{e}");
+        let e = LayerConfig::from_url("memory://?expiry=soon").unwrap_err();
+        assert!(e.to_string().contains("expiry=soon"), "{e}");
+        let e = LayerConfig::from_url("nonsense").unwrap_err();
+        assert!(matches!(e, Error::Config(_)));
+        let e = LayerConfig::from_url("amqp://u:pw@h?password=abc&capacity=x").unwrap_err();
+        assert!(!e.to_string().contains("pw@") && !e.to_string().contains("abc"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            "60".parse::<ConfigDuration>().unwrap().0,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            "0.5".parse::<ConfigDuration>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            "2m".parse::<ConfigDuration>().unwrap().0,
+            Duration::from_secs(120)
+        );
+        assert!("-1".parse::<ConfigDuration>().is_err());
+    }
+
+    #[test]
+    fn capacity_overrides_first_match_wins() {
+        let cfg = LayerConfig::from_url(
+            "memory://?channel_capacity.http.*=5&channel_capacity.*=7&capacity=3",
+        )
+        .unwrap();
+        assert_eq!(cfg.options.capacity_for("http.x"), 5);
+        assert_eq!(cfg.options.capacity_for("ws.x"), 7);
+    }
+}

@@ -1,0 +1,267 @@
+//! The versioned [`Envelope`] that crosses the wire.
+//!
+//! Wire format: the two magic bytes `CL`, one format-version byte, then the envelope encoded
+//! with bincode 2 (serde, standard config). Bytes that do not decode (wrong magic, unknown
+//! version, garbage, truncation, trailing bytes) are an [`EnvelopeError`]; receivers count
+//! and skip them (see [`crate::Stats::record_undecodable`]).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{bincode_config, Codec};
+use crate::config::LayerOptions;
+use crate::error::{Error, Result};
+use crate::message::{Headers, Message};
+
+/// The magic bytes every envelope starts with.
+pub const MAGIC: [u8; 2] = *b"CL";
+/// The envelope format version this build writes and reads.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A unique, time-sortable message id: 48 bits of milliseconds since the epoch, then 80
+/// random bits (the ULID layout). Displayed as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MessageId(pub u128);
+
+impl MessageId {
+    /// A new id for a message sent at `at_ms`.
+    pub fn new(at_ms: u64) -> Self {
+        let random: u128 = rand::random::<u128>() & ((1u128 << 80) - 1);
+        MessageId((u128::from(at_ms) << 80) | random)
+    }
+
+    /// The milliseconds part.
+    pub fn timestamp_ms(self) -> u64 {
+        (self.0 >> 80) as u64
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl std::fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+/// Whether an envelope is addressed to a channel or to a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Destination {
+    /// A channel (normal or process-local).
+    Channel,
+    /// A group: every receiving instance fans it out to its local members.
+    Group,
+}
+
+/// What crosses the wire: the message plus routing and timing.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique, sortable id.
+    pub id: MessageId,
+    /// Channel or group.
+    pub kind: Destination,
+    /// The channel or group name.
+    pub destination: String,
+    /// Milliseconds since the epoch when it was sent.
+    pub sent_at_ms: u64,
+    /// Milliseconds since the epoch after which it is dropped on receive.
+    pub expires_at_ms: u64,
+    /// The message type.
+    pub msg_type: String,
+    /// The body's codec id ([`Codec::id`]).
+    pub codec: u8,
+    /// Headers (trace context, refs).
+    pub headers: Headers,
+    /// The encoded body.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("destination", &self.destination)
+            .field("sent_at_ms", &self.sent_at_ms)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .field("msg_type", &self.msg_type)
+            .field("codec", &self.codec)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+/// Why bytes from the wire are not an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Shorter than the header.
+    #[error("truncated: {0} bytes is shorter than the envelope header")]
+    Truncated(usize),
+    /// Not a chanlayer envelope.
+    #[error("not a chanlayer envelope (bad magic bytes)")]
+    BadMagic,
+    /// A format version this build does not read.
+    #[error(
+        "envelope format version {0} is not supported (this build reads version {FORMAT_VERSION})"
+    )]
+    UnsupportedVersion(u8),
+    /// The body did not decode.
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+}
+
+impl Envelope {
+    /// Validates `message` for `destination` against `options` (type, size) and wraps it.
+    /// This is the one place every backend checks a message before sending it.
+    pub fn seal(
+        kind: Destination,
+        destination: &str,
+        message: Message,
+        options: &LayerOptions,
+    ) -> Result<Envelope> {
+        message.validate()?;
+        let size = message.wire_size(destination);
+        if size > options.max_message_size {
+            return Err(Error::MessageTooLarge {
+                size,
+                max: options.max_message_size,
+            });
+        }
+        let now = now_ms();
+        let (msg_type, codec, body, headers) = message.into_parts();
+        Ok(Envelope {
+            id: MessageId::new(now),
+            kind,
+            destination: destination.to_owned(),
+            sent_at_ms: now,
+            expires_at_ms: now.saturating_add(duration_ms(options.expiry)),
+            msg_type,
+            codec: codec.id(),
+            headers,
+            body,
+        })
+    }
+
+    /// `true` once `now_ms` is at or past the expiry.
+    pub fn is_expired_at(&self, now_ms: u64) -> bool {
+        now_ms >= self.expires_at_ms
+    }
+
+    /// The message inside. An unknown codec id decodes as bincode and fails on `decode`
+    /// with a codec error; [`Envelope::decode`] already rejects unknown ids.
+    pub fn into_message(self) -> Message {
+        let codec = Codec::from_id(self.codec).unwrap_or_default();
+        let mut msg = Message::new(self.msg_type, codec, self.body);
+        *msg.headers_mut() = self.headers;
+        msg
+    }
+
+    /// Encodes for the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + self.destination.len() + 64);
+        out.extend_from_slice(&MAGIC);
+        out.push(FORMAT_VERSION);
+        // Encoding a plain struct of strings, integers, a map and bytes into a Vec cannot
+        // fail; fall back to an empty (undecodable) frame rather than panic if it ever did.
+        if bincode::serde::encode_into_std_write(self, &mut out, bincode_config()).is_err() {
+            out.truncate(MAGIC.len() + 1);
+        }
+        out
+    }
+
+    /// Decodes bytes from the wire.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
+        if bytes.len() < MAGIC.len() + 1 {
+            return Err(EnvelopeError::Truncated(bytes.len()));
+        }
+        if bytes[..2] != MAGIC {
+            return Err(EnvelopeError::BadMagic);
+        }
+        if bytes[2] != FORMAT_VERSION {
+            return Err(EnvelopeError::UnsupportedVersion(bytes[2]));
+        }
+        let payload = &bytes[3..];
+        let (env, used): (Envelope, usize) =
+            bincode::serde::decode_from_slice(payload, bincode_config())
+                .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        if used != payload.len() {
+            return Err(EnvelopeError::Malformed(format!(
+                "{} trailing bytes",
+                payload.len() - used
+            )));
+        }
+        if Codec::from_id(env.codec).is_none() {
+            return Err(EnvelopeError::Malformed(format!(
+                "unknown codec id {}",
+                env.codec
+            )));
+        }
+        Ok(env)
+    }
+}
+
+pub(crate) fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Envelope {
+        let msg = Message::encode_as("t.x", &"hello", Codec::Json)
+            .unwrap()
+            .with_header("traceparent", "00-abc");
+        Envelope::seal(Destination::Channel, "ch", msg, &LayerOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn round_trip() {
+        let env = sample();
+        let bytes = env.encode();
+        assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+    }
+
+    #[test]
+    fn rejects_garbage_truncation_and_versions() {
+        let bytes = sample().encode();
+        for cut in 0..bytes.len() {
+            assert!(Envelope::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut v2 = bytes.clone();
+        v2[2] = 2;
+        assert_eq!(
+            Envelope::decode(&v2),
+            Err(EnvelopeError::UnsupportedVersion(2))
+        );
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(Envelope::decode(&extra).is_err());
+        assert_eq!(Envelope::decode(b"XXgarbage"), Err(EnvelopeError::BadMagic));
+        let mut huge = b"CL\x01".to_vec();
+        huge.extend_from_slice(&[0xff; 32]);
+        assert!(Envelope::decode(&huge).is_err());
+    }
+
+    #[test]
+    fn ids_sort_by_time() {
+        let a = MessageId::new(1000);
+        let b = MessageId::new(1001);
+        assert!(a < b);
+        assert_eq!(a.timestamp_ms(), 1000);
+    }
+}

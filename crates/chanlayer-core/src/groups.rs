@@ -1,0 +1,145 @@
+//! The local group registry: which channels belong to which groups, with expiry.
+//!
+//! A membership lives for `group_expiry` after the last `group_add` that refreshed it
+//! (Django Channels semantics). Backends use the `bool`s returned by
+//! [`GroupRegistry::add`] / [`GroupRegistry::discard`] to bind a group at the broker on the
+//! first local member and unbind it on the last.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Group memberships with expiry. See the module docs.
+#[derive(Debug, Default)]
+pub struct GroupRegistry {
+    groups: Mutex<HashMap<String, HashMap<String, Instant>>>,
+}
+
+impl GroupRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, Instant>>> {
+        match self.groups.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Adds or refreshes a membership that lasts `expiry`. Returns `true` if the group had no
+    /// live member before (the first local member).
+    pub fn add(&self, group: &str, channel: &str, expiry: Duration) -> bool {
+        let now = Instant::now();
+        let until = now
+            .checked_add(expiry)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365 * 30));
+        let mut map = self.lock();
+        let members = map.entry(group.to_owned()).or_default();
+        members.retain(|_, t| *t > now);
+        let first = members.is_empty();
+        members.insert(channel.to_owned(), until);
+        first
+    }
+
+    /// Removes a membership. Returns `true` if that left the group with no live member
+    /// (the last local member went).
+    pub fn discard(&self, group: &str, channel: &str) -> bool {
+        let now = Instant::now();
+        let mut map = self.lock();
+        let Some(members) = map.get_mut(group) else {
+            return false;
+        };
+        let was = members.remove(channel).is_some();
+        members.retain(|_, t| *t > now);
+        if members.is_empty() {
+            map.remove(group);
+            return was;
+        }
+        false
+    }
+
+    /// The live members of `group`, sorted. Expired memberships are removed.
+    pub fn members(&self, group: &str) -> Vec<String> {
+        let now = Instant::now();
+        let mut map = self.lock();
+        let Some(members) = map.get_mut(group) else {
+            return Vec::new();
+        };
+        members.retain(|_, t| *t > now);
+        if members.is_empty() {
+            map.remove(group);
+            return Vec::new();
+        }
+        let mut out: Vec<String> = members.keys().cloned().collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Removes expired memberships; returns the groups left without members.
+    pub fn prune_expired(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut emptied = Vec::new();
+        self.lock().retain(|g, members| {
+            members.retain(|_, t| *t > now);
+            if members.is_empty() {
+                emptied.push(g.clone());
+            }
+            !members.is_empty()
+        });
+        emptied
+    }
+
+    /// Removes every membership of channels for which `pred` is true; returns the groups
+    /// left without members.
+    pub fn remove_channels(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut emptied = Vec::new();
+        self.lock().retain(|g, members| {
+            members.retain(|c, _| !pred(c));
+            if members.is_empty() {
+                emptied.push(g.clone());
+            }
+            !members.is_empty()
+        });
+        emptied
+    }
+
+    /// Removes everything; returns the groups that had members.
+    pub fn clear(&self) -> Vec<String> {
+        self.lock().drain().map(|(g, _)| g).collect()
+    }
+
+    /// Groups with at least one membership (live or not yet pruned).
+    pub fn groups(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_and_last() {
+        let r = GroupRegistry::new();
+        assert!(r.add("g", "a", Duration::from_secs(60)));
+        assert!(!r.add("g", "b", Duration::from_secs(60)));
+        assert!(!r.add("g", "a", Duration::from_secs(60)));
+        assert_eq!(r.members("g"), vec!["a", "b"]);
+        assert!(!r.discard("g", "a"));
+        assert!(!r.discard("g", "zzz"));
+        assert!(r.discard("g", "b"));
+        assert!(!r.discard("g", "b"));
+        assert!(r.members("g").is_empty());
+    }
+
+    #[test]
+    fn expiry() {
+        let r = GroupRegistry::new();
+        r.add("g", "a", Duration::ZERO);
+        assert!(r.members("g").is_empty());
+        r.add("g", "b", Duration::ZERO);
+        assert_eq!(r.prune_expired(), vec!["g".to_string()]);
+    }
+}

@@ -1,0 +1,372 @@
+//! The local inbox: per-instance bounded queues, one per channel, with waiting receivers.
+//!
+//! Every backend hands what arrives from its broker to a [`LocalInbox`]; the inbox
+//! demultiplexes it to channels (`prefix!local` channels of this instance, and normal
+//! channels it reads), enforces capacity exactly, drops expired messages on receive (counted),
+//! and wakes receivers. [`LocalInbox::take`] is cancellation-safe: a message leaves its queue
+//! only in the same step that returns it, so a dropped receive future loses nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use crate::config::LayerOptions;
+use crate::envelope::{now_ms, Destination, Envelope};
+use crate::error::{Error, Result};
+use crate::groups::GroupRegistry;
+use crate::stats::Stats;
+
+/// A queued message and whether it was handed out before.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The message.
+    pub envelope: Envelope,
+    /// `true` if it was delivered before and came back (nack, or unacked and dropped).
+    pub redelivered: bool,
+}
+
+impl From<Envelope> for Entry {
+    fn from(envelope: Envelope) -> Self {
+        Entry {
+            envelope,
+            redelivered: false,
+        }
+    }
+}
+
+/// A one-way "closed" flag that async code can wait on.
+#[derive(Debug)]
+pub struct CloseSignal(watch::Sender<bool>);
+
+impl Default for CloseSignal {
+    fn default() -> Self {
+        CloseSignal(watch::channel(false).0)
+    }
+}
+
+impl CloseSignal {
+    /// Sets the flag (idempotent) and wakes every waiter. Returns `true` the first time.
+    pub fn close(&self) -> bool {
+        !self.0.send_replace(true)
+    }
+
+    /// `true` once closed.
+    pub fn is_closed(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// `Err(Closed)` once closed.
+    pub fn check(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Resolves once closed.
+    pub async fn closed(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives in `self`, so wait_for cannot see it dropped.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
+struct Slot {
+    queue: VecDeque<Entry>,
+    notify: Arc<Notify>,
+    waiters: usize,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            queue: VecDeque::new(),
+            notify: Arc::new(Notify::new()),
+            waiters: 0,
+        }
+    }
+}
+
+/// Per-channel bounded queues with waiting receivers. See the module docs.
+#[derive(Default)]
+pub struct LocalInbox {
+    channels: Mutex<HashMap<String, Slot>>,
+}
+
+impl std::fmt::Debug for LocalInbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalInbox")
+            .field("channels", &self.lock().len())
+            .finish()
+    }
+}
+
+struct Waiter<'a> {
+    inbox: &'a LocalInbox,
+    channel: &'a str,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut map = self.inbox.lock();
+        if let Some(slot) = map.get_mut(self.channel) {
+            // The slot may have been removed and recreated (close, flush); only the one we
+            // registered with counts us.
+            if Arc::ptr_eq(&slot.notify, &self.notify) {
+                slot.waiters -= 1;
+                if slot.waiters == 0 && slot.queue.is_empty() {
+                    map.remove(self.channel);
+                }
+            }
+        }
+    }
+}
+
+impl LocalInbox {
+    /// An empty inbox.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        // Critical sections never panic midway, so a poisoned lock still holds
+        // consistent data.
+        match self.channels.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Appends to `channel` unless it already holds `capacity` live messages
+    /// (`Err(ChannelFull)`; expired ones are purged first and counted as expired).
+    pub fn push(
+        &self,
+        channel: &str,
+        envelope: Envelope,
+        capacity: usize,
+        stats: &Stats,
+    ) -> Result<()> {
+        let mut map = self.lock();
+        let slot = match map.get_mut(channel) {
+            Some(s) => s,
+            None => map.entry(channel.to_owned()).or_insert_with(Slot::new),
+        };
+        if slot.queue.len() >= capacity {
+            let now = now_ms();
+            let before = slot.queue.len();
+            slot.queue.retain(|e| !e.envelope.is_expired_at(now));
+            stats.record_expired((before - slot.queue.len()) as u64);
+            if slot.queue.len() >= capacity {
+                let empty = slot.queue.is_empty() && slot.waiters == 0;
+                if empty {
+                    map.remove(channel);
+                }
+                return Err(Error::ChannelFull {
+                    channel: channel.to_owned(),
+                    capacity,
+                });
+            }
+        }
+        slot.queue.push_back(Entry::from(envelope));
+        if slot.waiters > 0 {
+            slot.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Puts an entry back at the head of `channel` (a nack or an unacked drop), ignoring
+    /// capacity: it was already counted once.
+    pub fn requeue_front(&self, channel: &str, mut entry: Entry) {
+        entry.redelivered = true;
+        let mut map = self.lock();
+        let slot = map.entry(channel.to_owned()).or_insert_with(Slot::new);
+        slot.queue.push_front(entry);
+        if slot.waiters > 0 {
+            slot.notify.notify_waiters();
+        }
+    }
+
+    /// Takes the next live message from `channel` without waiting.
+    pub fn try_take(&self, channel: &str, stats: &Stats) -> Option<Entry> {
+        let mut map = self.lock();
+        let slot = map.get_mut(channel)?;
+        let now = now_ms();
+        let mut expired = 0;
+        let mut found = None;
+        while let Some(e) = slot.queue.pop_front() {
+            if e.envelope.is_expired_at(now) {
+                expired += 1;
+            } else {
+                found = Some(e);
+                break;
+            }
+        }
+        if slot.queue.is_empty() && slot.waiters == 0 {
+            map.remove(channel);
+        }
+        drop(map);
+        if expired > 0 {
+            stats.record_expired(expired);
+        }
+        found
+    }
+
+    /// Waits for the next live message on `channel`. `Err(Closed)` when `closed` fires.
+    /// Cancellation-safe.
+    pub async fn take(&self, channel: &str, stats: &Stats, closed: &CloseSignal) -> Result<Entry> {
+        closed.check()?;
+        if let Some(e) = self.try_take(channel, stats) {
+            return Ok(e);
+        }
+        let waiter = {
+            let mut map = self.lock();
+            let slot = map.entry(channel.to_owned()).or_insert_with(Slot::new);
+            slot.waiters += 1;
+            Waiter {
+                inbox: self,
+                channel,
+                notify: slot.notify.clone(),
+            }
+        };
+        let close = closed.closed();
+        tokio::pin!(close);
+        loop {
+            let notified = waiter.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            closed.check()?;
+            if let Some(e) = self.try_take(channel, stats) {
+                return Ok(e);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = &mut close => return Err(Error::Closed),
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the first message, then takes up to `max` in all without
+    /// waiting. Empty if nothing came in time. Cancellation-safe.
+    pub async fn take_batch(
+        &self,
+        channel: &str,
+        max: usize,
+        timeout: Duration,
+        stats: &Stats,
+        closed: &CloseSignal,
+    ) -> Result<Vec<Entry>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let first = match tokio::time::timeout(timeout, self.take(channel, stats, closed)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(Vec::new()),
+        };
+        let mut out = Vec::with_capacity(max.min(1024));
+        out.push(first);
+        while out.len() < max {
+            match self.try_take(channel, stats) {
+                Some(e) => out.push(e),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Messages queued on `channel` (expired ones included until they are purged).
+    pub fn len(&self, channel: &str) -> usize {
+        self.lock().get(channel).map_or(0, |s| s.queue.len())
+    }
+
+    /// `true` if no channel holds a message.
+    pub fn is_empty(&self) -> bool {
+        self.lock().values().all(|s| s.queue.is_empty())
+    }
+
+    /// Drops every queued message (flush). Waiting receivers keep waiting.
+    pub fn clear(&self) {
+        let mut map = self.lock();
+        map.retain(|_, s| {
+            s.queue.clear();
+            s.waiters > 0
+        });
+    }
+
+    /// Drops the queues of every channel for which `pred` is true (an instance closing).
+    pub fn remove_where(&self, pred: impl Fn(&str) -> bool) {
+        self.lock().retain(|name, _| !pred(name));
+    }
+
+    /// Delivers an envelope that arrived from the broker: to its channel, or, for a group
+    /// envelope, one copy to each live local member in `groups` (full members are skipped and
+    /// counted). A channel message for a full channel is `Err(ChannelFull)`.
+    pub fn deliver(
+        &self,
+        envelope: Envelope,
+        groups: &GroupRegistry,
+        options: &LayerOptions,
+        stats: &Stats,
+    ) -> Result<()> {
+        match envelope.kind {
+            Destination::Channel => {
+                let channel = envelope.destination.clone();
+                self.push(&channel, envelope, options.capacity_for(&channel), stats)
+            }
+            Destination::Group => {
+                let group = envelope.destination.clone();
+                self.fan_out(&group, envelope, groups.members(&group), options, stats);
+                Ok(())
+            }
+        }
+    }
+
+    /// Decodes bytes from the broker and [`deliver`](Self::deliver)s them. Bytes that are
+    /// not an envelope are counted and skipped (`Ok(false)`), never an error. `source` names
+    /// where they came from, for the log.
+    pub fn deliver_bytes(
+        &self,
+        bytes: &[u8],
+        source: &str,
+        groups: &GroupRegistry,
+        options: &LayerOptions,
+        stats: &Stats,
+    ) -> Result<bool> {
+        match Envelope::decode(bytes) {
+            Ok(env) => self.deliver(env, groups, options, stats).map(|()| true),
+            Err(e) => {
+                stats.record_undecodable(source, &e);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Pushes one copy of a group envelope to each of `members`; a full member is skipped and
+    /// counted (`group_send` never fails for capacity).
+    pub fn fan_out(
+        &self,
+        group: &str,
+        envelope: Envelope,
+        members: Vec<String>,
+        options: &LayerOptions,
+        stats: &Stats,
+    ) {
+        let n = members.len();
+        let mut envelope = Some(envelope);
+        for (i, member) in members.into_iter().enumerate() {
+            let copy = if i + 1 == n {
+                envelope.take()
+            } else {
+                envelope.clone()
+            };
+            let Some(copy) = copy else { break };
+            let cap = options.capacity_for(&member);
+            if let Err(Error::ChannelFull { .. }) = self.push(&member, copy, cap, stats) {
+                stats.record_group_member_full(group, &member);
+            }
+        }
+    }
+}

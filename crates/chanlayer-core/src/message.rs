@@ -1,0 +1,187 @@
+//! [`Message`]: a `type`, an encoded body, and headers.
+
+use std::collections::BTreeMap;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::codec::Codec;
+use crate::error::{Error, Result};
+
+/// Message headers: trace context, correlation ids, anything small. Sorted by key.
+pub type Headers = BTreeMap<String, String>;
+
+/// The longest message `type`, in bytes.
+pub const MAX_TYPE_LEN: usize = 255;
+
+/// A value that knows its own message `type`.
+///
+/// The type travels beside the body (not inside it), so this works with every codec,
+/// bincode included. Implement it by hand; for an enum, return a type per variant.
+///
+/// ```
+/// use chanlayer_core::{Codec, Message, MessageType};
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Chat { text: String }
+/// impl MessageType for Chat {
+///     fn message_type(&self) -> &str { "chat.message" }
+/// }
+/// let msg = Message::encode(&Chat { text: "hi".into() }, Codec::Bincode).unwrap();
+/// assert_eq!(msg.message_type(), "chat.message");
+/// assert_eq!(msg.decode::<Chat>().unwrap().text, "hi");
+/// ```
+pub trait MessageType {
+    /// The message's `type`: non-empty, not starting with `_` or `.`.
+    fn message_type(&self) -> &str;
+}
+
+/// A message as channel layers carry it: `type`, body bytes in a [`Codec`], and headers.
+///
+/// Build one from a value with [`Message::encode`] / [`Message::encode_as`], or from raw
+/// bytes with [`Message::new`]; read it with [`Message::decode`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    msg_type: String,
+    codec: Codec,
+    body: Vec<u8>,
+    headers: Headers,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("type", &self.msg_type)
+            .field("codec", &self.codec)
+            .field("body_len", &self.body.len())
+            .field("headers", &self.headers)
+            .finish()
+    }
+}
+
+impl Message {
+    /// A message from already-encoded body bytes.
+    pub fn new(msg_type: impl Into<String>, codec: Codec, body: Vec<u8>) -> Self {
+        Message {
+            msg_type: msg_type.into(),
+            codec,
+            body,
+            headers: Headers::new(),
+        }
+    }
+
+    /// Encodes `value` with `codec`, taking the type from [`MessageType`].
+    pub fn encode<T: Serialize + MessageType + ?Sized>(value: &T, codec: Codec) -> Result<Self> {
+        Self::encode_as(value.message_type(), value, codec)
+    }
+
+    /// Encodes `value` with `codec` under an explicit type.
+    ///
+    /// ```
+    /// use chanlayer_core::{Codec, Message};
+    /// let msg = Message::encode_as("counter.set", &42u64, Codec::Msgpack).unwrap();
+    /// assert_eq!(msg.decode::<u64>().unwrap(), 42);
+    /// ```
+    pub fn encode_as<T: Serialize + ?Sized>(
+        msg_type: impl Into<String>,
+        value: &T,
+        codec: Codec,
+    ) -> Result<Self> {
+        let msg_type = msg_type.into();
+        validate_type(&msg_type)?;
+        Ok(Message::new(msg_type, codec, codec.encode(value)?))
+    }
+
+    /// Decodes the body with the codec it was encoded with.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        self.codec.decode(&self.body)
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+
+    /// The message `type`.
+    pub fn message_type(&self) -> &str {
+        &self.msg_type
+    }
+
+    /// The body's codec.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// The encoded body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The headers, mutable.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
+    /// Splits the message into its parts: type, codec, body, headers.
+    pub fn into_parts(self) -> (String, Codec, Vec<u8>, Headers) {
+        (self.msg_type, self.codec, self.body, self.headers)
+    }
+
+    /// The size chanlayer counts against `max_message_size`: body, type and headers, plus
+    /// the destination name.
+    pub fn wire_size(&self, destination: &str) -> usize {
+        self.body.len()
+            + self.msg_type.len()
+            + destination.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
+    /// Checks the type and headers.
+    pub fn validate(&self) -> Result<()> {
+        validate_type(&self.msg_type)?;
+        for key in self.headers.keys() {
+            if key.is_empty() {
+                return Err(Error::InvalidMessage("a header key is empty".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a message type: non-empty, at most 255 bytes, no leading `_` or `.`, no control
+/// characters or whitespace.
+pub fn validate_type(msg_type: &str) -> Result<()> {
+    if msg_type.is_empty() {
+        return Err(Error::InvalidMessage(
+            "the message has no type; every message needs a non-empty `type`".into(),
+        ));
+    }
+    if msg_type.len() > MAX_TYPE_LEN {
+        return Err(Error::InvalidMessage(format!(
+            "the message type is {} bytes long; the limit is {MAX_TYPE_LEN}",
+            msg_type.len()
+        )));
+    }
+    if let Some(first @ ('_' | '.')) = msg_type.chars().next() {
+        return Err(Error::InvalidMessage(format!(
+            "the message type {msg_type:?} starts with {first:?}; types may not start with '_' or '.'"
+        )));
+    }
+    if let Some(c) = msg_type
+        .chars()
+        .find(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(Error::InvalidMessage(format!(
+            "the message type {msg_type:?} contains {c:?}; types may not contain whitespace or control characters"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! Channel and group name rules, and process-local channel names.
+//!
+//! - A **channel** name is `[A-Za-z0-9._-]+`, optionally followed by one `!` and
+//!   `[A-Za-z0-9._-]*`. A name with `!` is *process-local*: the part up to and including the
+//!   `!` routes it to the layer instance that created it with `new_channel`.
+//! - A **group** name is `[A-Za-z0-9._-]+` (no `!`).
+//! - Both are ASCII only and 1 to 99 characters long (Django Channels rejects 100).
+//!
+//! ```
+//! use chanlayer_core::names;
+//! assert!(names::validate_channel("chat.room-1_a").is_ok());
+//! assert!(names::validate_channel("ws.k3j2!x7").is_ok());
+//! assert!(names::validate_channel("a?b").is_err());
+//! assert!(names::validate_group("a!b").is_err());
+//! ```
+
+use crate::error::{Error, NameKind, Result};
+
+/// The longest valid name, in characters.
+pub const MAX_NAME_LEN: usize = 99;
+
+fn allowed(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-'
+}
+
+fn invalid(kind: NameKind, name: &str, rule: impl Into<String>) -> Error {
+    Error::InvalidName {
+        kind,
+        name: name.to_owned(),
+        rule: rule.into(),
+    }
+}
+
+fn check(kind: NameKind, name: &str, bang_allowed: bool) -> Result<()> {
+    if name.is_empty() {
+        return Err(invalid(
+            kind,
+            name,
+            "the name is empty; names are 1 to 99 characters",
+        ));
+    }
+    let chars = name.chars().count();
+    if chars > MAX_NAME_LEN {
+        return Err(invalid(
+            kind,
+            name,
+            format!("the name is {chars} characters long; the limit is {MAX_NAME_LEN}"),
+        ));
+    }
+    let mut bangs = 0;
+    for (pos, c) in name.chars().enumerate() {
+        if allowed(c) {
+            continue;
+        }
+        if c == '!' {
+            if !bang_allowed {
+                return Err(invalid(
+                    kind,
+                    name,
+                    format!(
+                        "{kind} names cannot contain '!' (only process-local channel names do); found at position {pos}"
+                    ),
+                ));
+            }
+            if pos == 0 {
+                return Err(invalid(
+                    kind,
+                    name,
+                    "the name starts with '!'; a process-local channel name needs a prefix before '!'",
+                ));
+            }
+            bangs += 1;
+            if bangs > 1 {
+                return Err(invalid(
+                    kind,
+                    name,
+                    format!("the name contains more than one '!' (second at position {pos}); a channel name may have at most one '!'"),
+                ));
+            }
+            continue;
+        }
+        let what = if !c.is_ascii() {
+            format!("a non-ASCII character {c:?} at position {pos}; names are ASCII only")
+        } else if c.is_ascii_control() {
+            format!("a control character {c:?} at position {pos}")
+        } else {
+            format!("the character {c:?} at position {pos}")
+        };
+        return Err(invalid(
+            kind,
+            name,
+            format!(
+                "the name contains {what}; allowed are ASCII letters, digits, '.', '_' and '-'{}",
+                if bang_allowed {
+                    " (and one '!' in a process-local channel name)"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a channel name; the error names the rule it broke.
+pub fn validate_channel(name: &str) -> Result<()> {
+    check(NameKind::Channel, name, true)
+}
+
+/// Checks a group name; the error names the rule it broke.
+pub fn validate_group(name: &str) -> Result<()> {
+    check(NameKind::Group, name, false)
+}
+
+/// Checks a `new_channel` prefix (a group-style name: no `!`).
+pub fn validate_prefix(prefix: &str) -> Result<()> {
+    check(NameKind::Prefix, prefix, false)
+}
+
+/// `true` if the channel is process-local (contains `!`).
+pub fn is_process_local(channel: &str) -> bool {
+    channel.contains('!')
+}
+
+/// The routing part of a process-local channel: everything up to and including `!`.
+/// `None` for a normal channel.
+///
+/// ```
+/// assert_eq!(chanlayer_core::names::routing_prefix("ws.abc!xyz"), Some("ws.abc!"));
+/// assert_eq!(chanlayer_core::names::routing_prefix("plain"), None);
+/// ```
+pub fn routing_prefix(channel: &str) -> Option<&str> {
+    channel.find('!').map(|i| &channel[..=i])
+}
+
+/// The instance id a process-local channel routes to: the text between the last `.` before
+/// the `!` and the `!` (`new_channel` names are `{prefix}.{instance}!{random}`). `None` for
+/// normal channels and for `!` names that do not have that shape.
+///
+/// ```
+/// assert_eq!(chanlayer_core::names::owner_instance("ws.abc!xyz"), Some("abc"));
+/// assert_eq!(chanlayer_core::names::owner_instance("abc!xyz"), None);
+/// ```
+pub fn owner_instance(channel: &str) -> Option<&str> {
+    let head = routing_prefix(channel)?;
+    let head = &head[..head.len() - 1];
+    let dot = head.rfind('.')?;
+    let id = &head[dot + 1..];
+    (!id.is_empty()).then_some(id)
+}
+
+const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+/// Lower-case base32 (RFC 4648 alphabet, no padding) of the low `bits` bits of `value`.
+pub(crate) fn base32(value: u128, bits: u32) -> String {
+    let digits = bits.div_ceil(5);
+    (0..digits)
+        .rev()
+        .map(|i| ALPHABET[((value >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+/// A fresh random instance id: 64 bits from the operating system's CSPRNG-seeded generator,
+/// 13 base32 characters.
+pub fn new_instance_id() -> String {
+    base32(u128::from(rand::random::<u64>()), 64)
+}
+
+/// Builds a new process-local channel name `{prefix}.{instance}!{random}` with 128 random
+/// bits, after checking the prefix and the resulting length.
+pub fn new_channel_name(prefix: &str, instance: &str) -> Result<String> {
+    validate_prefix(prefix)?;
+    let random = base32(rand::random::<u128>(), 128);
+    let name = format!("{prefix}.{instance}!{random}");
+    if name.len() > MAX_NAME_LEN {
+        let room = MAX_NAME_LEN - (name.len() - prefix.len());
+        return Err(invalid(
+            NameKind::Prefix,
+            prefix,
+            format!(
+                "the prefix is {} characters long; with the instance id and random part the channel name would exceed {MAX_NAME_LEN} characters, so the prefix may be at most {room}",
+                prefix.len()
+            ),
+        ));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules() {
+        assert!(validate_channel("a").is_ok());
+        assert!(validate_channel("a!").is_ok());
+        assert!(validate_channel(&"a".repeat(99)).is_ok());
+        assert!(validate_channel(&"a".repeat(100)).is_err());
+        assert!(validate_channel("!a").is_err());
+        assert!(validate_channel("a!b!c").is_err());
+        assert!(validate_channel("é").is_err());
+        assert!(validate_channel("a\n").is_err());
+        assert!(validate_group("a!").is_err());
+    }
+
+    #[test]
+    fn channel_names_have_owner() {
+        let id = new_instance_id();
+        assert_eq!(id.len(), 13);
+        let n = new_channel_name("ws", &id).unwrap();
+        assert!(validate_channel(&n).is_ok());
+        assert_eq!(owner_instance(&n), Some(id.as_str()));
+        assert_eq!(n.len(), 2 + 1 + 13 + 1 + 26);
+        assert!(new_channel_name(&"p".repeat(58), &id).is_ok());
+        let err = new_channel_name(&"p".repeat(59), &id).unwrap_err();
+        assert!(err.to_string().contains("at most 58"), "{err}");
+    }
+}

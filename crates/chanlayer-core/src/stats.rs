@@ -1,0 +1,122 @@
+//! Counters every layer keeps: what was sent, received, dropped and skipped, and why.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a burst of undecodable messages is reported by one log line.
+const BURST: Duration = Duration::from_secs(5);
+
+/// Live counters of one layer instance. Cheap to update from any thread.
+#[derive(Debug, Default)]
+pub struct Stats {
+    sent: AtomicU64,
+    received: AtomicU64,
+    expired: AtomicU64,
+    undecodable: AtomicU64,
+    group_member_full: AtomicU64,
+    undeliverable: AtomicU64,
+    redelivered: AtomicU64,
+    last_undecodable_log: Mutex<Option<Instant>>,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Messages handed to the broker (channel sends and group sends).
+    pub sent: u64,
+    /// Messages returned by receive operations.
+    pub received: u64,
+    /// Messages dropped on receive because they were past their expiry.
+    pub expired: u64,
+    /// Bytes from the wire that were not a valid envelope, skipped.
+    pub undecodable: u64,
+    /// Group copies dropped because the member channel was full.
+    pub group_member_full: u64,
+    /// Messages dropped because nobody could ever receive them (for example addressed to a
+    /// process-local channel of an instance that is gone).
+    pub undeliverable: u64,
+    /// Deliveries handed out again after a nack or an unacked drop.
+    pub redelivered: u64,
+}
+
+impl StatsSnapshot {
+    /// Field-wise sum, for adding up several instances.
+    pub fn sum(self, other: StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            sent: self.sent + other.sent,
+            received: self.received + other.received,
+            expired: self.expired + other.expired,
+            undecodable: self.undecodable + other.undecodable,
+            group_member_full: self.group_member_full + other.group_member_full,
+            undeliverable: self.undeliverable + other.undeliverable,
+            redelivered: self.redelivered + other.redelivered,
+        }
+    }
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Stats {
+    /// Counts sent messages.
+    pub fn record_sent(&self, n: u64) {
+        bump(&self.sent, n);
+    }
+    /// Counts received messages.
+    pub fn record_received(&self, n: u64) {
+        bump(&self.received, n);
+    }
+    /// Counts expired messages dropped on receive.
+    pub fn record_expired(&self, n: u64) {
+        bump(&self.expired, n);
+    }
+    /// Counts a group copy dropped because its member was full.
+    pub fn record_group_member_full(&self, group: &str, channel: &str) {
+        bump(&self.group_member_full, 1);
+        tracing::debug!(group, channel, "group_send skipped a full member");
+    }
+    /// Counts a message nobody can receive.
+    pub fn record_undeliverable(&self, channel: &str) {
+        bump(&self.undeliverable, 1);
+        tracing::debug!(channel, "message dropped: no instance owns this channel");
+    }
+    /// Counts a redelivery.
+    pub fn record_redelivered(&self, n: u64) {
+        bump(&self.redelivered, n);
+    }
+
+    /// Counts bytes that did not decode, and logs once per burst (at most one warning every
+    /// few seconds, with the running count) so a flood of garbage cannot flood the log.
+    pub fn record_undecodable(&self, source: &str, error: &dyn std::fmt::Display) {
+        let total = self.undecodable.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = Instant::now();
+        let mut last = match self.last_undecodable_log.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if last.is_none_or(|t| now.duration_since(t) >= BURST) {
+            *last = Some(now);
+            tracing::warn!(
+                source,
+                total_skipped = total,
+                "skipped undecodable message: {error} (further ones in the next {BURST:?} are counted, not logged)"
+            );
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            sent: get(&self.sent),
+            received: get(&self.received),
+            expired: get(&self.expired),
+            undecodable: get(&self.undecodable),
+            group_member_full: get(&self.group_member_full),
+            undeliverable: get(&self.undeliverable),
+            redelivered: get(&self.redelivered),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Groups: membership, fan-out, expiry, scale.
+
+use std::time::Duration;
+
+use chanlayer_core::{Codec, LayerOptions};
+
+use crate::{assert_quiet, recv, seq_msg, seq_of, Ctx};
+
+/// Add 3, discard 1: the 2 get the group message, the discarded one does not.
+pub async fn group_discard_excludes(ctx: Ctx) {
+    let l = ctx.layer().await;
+    let group = ctx.name("room");
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let ch = l.new_channel("m").await.expect("new_channel");
+        l.group_add(&group, &ch).await.expect("group_add");
+        members.push(ch);
+    }
+    l.group_discard(&group, &members[2])
+        .await
+        .expect("group_discard");
+    l.group_send(&group, seq_msg(1, Codec::Bincode))
+        .await
+        .expect("group_send");
+    assert_eq!(seq_of(&recv(&l, &members[0]).await), 1);
+    assert_eq!(seq_of(&recv(&l, &members[1]).await), 1);
+    assert_quiet(&l, &members[2]).await;
+}
+
+/// `group_add` twice gives one copy, not two.
+pub async fn group_add_twice_one_copy(ctx: Ctx) {
+    let l = ctx.layer().await;
+    let group = ctx.name("room");
+    let ch = l.new_channel("m").await.expect("new_channel");
+    let normal = ctx.name("normal-member");
+    for c in [&ch, &normal] {
+        l.group_add(&group, c).await.expect("group_add");
+        l.group_add(&group, c).await.expect("group_add again");
+    }
+    l.group_send(&group, seq_msg(1, Codec::Bincode))
+        .await
+        .expect("group_send");
+    for c in [&ch, &normal] {
+        assert_eq!(seq_of(&recv(&l, c).await), 1);
+        assert_quiet(&l, c).await;
+    }
+}
+
+/// Discarding a non-member and sending to an empty group are both `Ok`.
+pub async fn group_discard_absent_and_empty_send_ok(ctx: Ctx) {
+    let l = ctx.layer().await;
+    let group = ctx.name("empty");
+    let ch = l.new_channel("m").await.expect("new_channel");
+    l.group_discard(&group, &ch)
+        .await
+        .expect("discard from a group that never existed");
+    l.group_send(&group, seq_msg(1, Codec::Bincode))
+        .await
+        .expect("send to an empty group");
+    l.group_add(&group, &ch).await.expect("group_add");
+    l.group_discard(&group, &ch).await.expect("discard");
+    l.group_discard(&group, &ch).await.expect("discard again");
+    l.group_send(&group, seq_msg(2, Codec::Bincode))
+        .await
+        .expect("send to an emptied group");
+    assert_quiet(&l, &ch).await;
+}
+
+/// Several members with the same prefix on one instance each get exactly one copy.
+pub async fn group_same_prefix_members_one_copy_each(ctx: Ctx) {
+    let l = ctx.layer().await;
+    let group = ctx.name("room");
+    let mut members = Vec::new();
+    for _ in 0..5 {
+        let ch = l.new_channel("same").await.expect("new_channel");
+        l.group_add(&group, &ch).await.expect("group_add");
+        members.push(ch);
+    }
+    for i in 0..3 {
+        l.group_send(&group, seq_msg(i, Codec::Bincode))
+            .await
+            .expect("group_send");
+    }
+    for ch in &members {
+        for i in 0..3 {
+            assert_eq!(
+                seq_of(&recv(&l, ch).await),
+                i,
+                "{ch} gets each message once, in order"
+            );
+        }
+        assert_quiet(&l, ch).await;
+    }
+}
+
+/// Members on two instances both get a `group_send` from a third.
+pub async fn group_members_on_two_instances(ctx: Ctx) {
+    let a = ctx.layer().await;
+    let b = ctx.layer().await;
+    let c = ctx.layer().await;
+    let group = ctx.name("room");
+    let ma = a.new_channel("a").await.expect("new_channel");
+    let mb = b.new_channel("b").await.expect("new_channel");
+    a.group_add(&group, &ma).await.expect("group_add");
+    b.group_add(&group, &mb).await.expect("group_add");
+    c.group_send(&group, seq_msg(9, Codec::Bincode))
+        .await
+        .expect("group_send");
+    assert_eq!(seq_of(&recv(&a, &ma).await), 9);
+    assert_eq!(seq_of(&recv(&b, &mb).await), 9);
+    assert_quiet(&a, &ma).await;
+    assert_quiet(&b, &mb).await;
+}
+
+/// A membership ends after `group_expiry` unless `group_add` refreshed it. (Waits for time
+/// to pass on purpose: expiry is the behaviour under test.)
+pub async fn group_membership_expires_and_refreshes(ctx: Ctx) {
+    let l = ctx
+        .layer_with(LayerOptions {
+            group_expiry: Duration::from_millis(1500),
+            ..ctx.options()
+        })
+        .await;
+    let group = ctx.name("room");
+    let refreshed = l.new_channel("r").await.expect("new_channel");
+    let stale = l.new_channel("s").await.expect("new_channel");
+    l.group_add(&group, &refreshed).await.expect("group_add");
+    l.group_add(&group, &stale).await.expect("group_add");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    l.group_add(&group, &refreshed).await.expect("refresh");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    l.group_send(&group, seq_msg(1, Codec::Bincode))
+        .await
+        .expect("group_send");
+    assert_eq!(
+        seq_of(&recv(&l, &refreshed).await),
+        1,
+        "the refreshed membership lives"
+    );
+    assert_quiet(&l, &stale).await;
+}
+
+/// `group_send` to 1,000 members delivers 1,000 copies, one each.
+pub async fn group_send_1000_members(ctx: Ctx) {
+    let l = ctx.layer().await;
+    let group = ctx.name("big");
+    let mut members = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let ch = l.new_channel("m").await.expect("new_channel");
+        l.group_add(&group, &ch).await.expect("group_add");
+        members.push(ch);
+    }
+    l.group_send(&group, seq_msg(1000, Codec::Bincode))
+        .await
+        .expect("group_send");
+    for ch in &members {
+        assert_eq!(seq_of(&recv(&l, ch).await), 1000);
+    }
+    // One copy each: a second message is the next thing every member sees.
+    l.group_send(&group, seq_msg(1001, Codec::Bincode))
+        .await
+        .expect("group_send");
+    for ch in &members {
+        assert_eq!(
+            seq_of(&recv(&l, ch).await),
+            1001,
+            "{ch} got exactly one copy"
+        );
+    }
+}
+
+/// 100 concurrent `group_send`s all arrive intact at every member.
+pub async fn concurrent_100_group_sends(ctx: Ctx) {
+    let l = ctx
+        .layer_with(LayerOptions {
+            capacity: 1000,
+            ..ctx.options()
+        })
+        .await;
+    let sender = ctx.layer().await;
+    let group = ctx.name("conc");
+    let members: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let ch = l.new_channel("m").await.expect("new_channel");
+            l.group_add(&group, &ch).await.expect("group_add");
+            v.push(ch);
+        }
+        v
+    };
+    let sends = (0..100u64).map(|i| {
+        let (sender, group) = (sender.clone(), group.clone());
+        tokio::spawn(async move { sender.group_send(&group, seq_msg(i, Codec::Json)).await })
+    });
+    for s in futures::future::join_all(sends).await {
+        s.expect("task").expect("group_send");
+    }
+    for ch in &members {
+        let mut got: Vec<u64> = Vec::new();
+        for _ in 0..100 {
+            got.push(seq_of(&recv(&l, ch).await));
+        }
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            (0..100).collect::<Vec<_>>(),
+            "{ch} got all 100, once each"
+        );
+    }
+}
