@@ -1,0 +1,217 @@
+//! Named layers from a TOML file and the environment, like Django's `CHANNEL_LAYERS`.
+//!
+//! ```toml
+//! [layers.default]
+//! url = "memory://"
+//! capacity = 200
+//! expiry = "30s"
+//!
+//! [layers.default.channel_capacity]
+//! "http.request.*" = 1000
+//!
+//! [layers.events]
+//! url = "kafka://127.0.0.1:9092"
+//! codec = "json"
+//!
+//! [layers.events.backend]          # backend options, as in the URL query
+//! "kafka.compression.type" = "lz4"
+//! ```
+//!
+//! Options beside `url` override the same options in the URL's query. The environment
+//! variable `CHANLAYER_<ALIAS>_URL` (alias upper-cased, `-` as `_`) replaces an alias's URL
+//! or adds the alias; `CHANLAYER_URL` is the `default` alias.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chanlayer_core::{Error, LayerConfig, PartialOptions, Result};
+use tokio::sync::Mutex;
+
+use crate::{connect_config, Layer};
+
+/// A set of named layer configurations; [`Layers::get`] connects each once and hands out
+/// clones.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let layers = chanlayer::Layers::from_toml_str(r#"
+///     [layers.default]
+///     url = "memory://"
+///     capacity = 5
+/// "#).unwrap();
+/// let layer = layers.get("default").await.unwrap();
+/// assert_eq!(layer.options().capacity, 5);
+/// # });
+/// ```
+pub struct Layers {
+    configs: BTreeMap<String, LayerConfig>,
+    connected: Mutex<BTreeMap<String, Layer>>,
+}
+
+impl std::fmt::Debug for Layers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.configs.iter().map(|(k, v)| (k, v.to_string())))
+            .finish()
+    }
+}
+
+fn env_key(alias: &str) -> String {
+    if alias == "default" {
+        return crate::connect::ENV_URL.to_owned();
+    }
+    format!(
+        "CHANLAYER_{}_URL",
+        alias.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+fn scalar_to_string(key: &str, v: toml::Value) -> Result<String> {
+    match v {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        other => Err(Error::Config(format!(
+            "backend option {key:?} must be a string, number or boolean, not {}",
+            other.type_str()
+        ))),
+    }
+}
+
+fn build(
+    url: &str,
+    partial: &PartialOptions,
+    backend: &BTreeMap<String, String>,
+) -> Result<LayerConfig> {
+    let mut config = LayerConfig::from_url(url)?;
+    config.options.apply(partial.clone())?;
+    for (k, v) in backend {
+        config.backend.options.0.insert(k.clone(), v.clone());
+    }
+    Ok(config)
+}
+
+impl Layers {
+    /// Parses `[layers.<alias>]` sections, then applies `CHANLAYER_<ALIAS>_URL` overrides.
+    pub fn from_toml_str(text: &str) -> Result<Layers> {
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e| Error::Config(format!("invalid TOML: {e}")))?;
+        let Some(layers) = doc.remove("layers") else {
+            return Err(Error::Config(
+                "the config file has no [layers.<alias>] section".into(),
+            ));
+        };
+        let toml::Value::Table(layers) = layers else {
+            return Err(Error::Config("`layers` must be a table of aliases".into()));
+        };
+        let mut sources = BTreeMap::new();
+        for (alias, section) in layers {
+            let toml::Value::Table(mut section) = section else {
+                return Err(Error::Config(format!("[layers.{alias}] must be a table")));
+            };
+            let url = match section.remove("url") {
+                Some(toml::Value::String(u)) => u,
+                Some(_) => {
+                    return Err(Error::Config(format!(
+                        "[layers.{alias}] url must be a string"
+                    )))
+                }
+                None => return Err(Error::Config(format!("[layers.{alias}] has no url"))),
+            };
+            let mut backend = BTreeMap::new();
+            if let Some(b) = section.remove("backend") {
+                let toml::Value::Table(b) = b else {
+                    return Err(Error::Config(format!(
+                        "[layers.{alias}.backend] must be a table"
+                    )));
+                };
+                for (k, v) in b {
+                    let v = scalar_to_string(&k, v)?;
+                    backend.insert(k, v);
+                }
+            }
+            let partial: PartialOptions = toml::Value::Table(section)
+                .try_into()
+                .map_err(|e| Error::Config(format!("[layers.{alias}]: {e}")))?;
+            sources.insert(alias, (url, partial, backend));
+        }
+        Self::from_sources(sources)
+    }
+
+    /// Reads a TOML file (see [`Layers::from_toml_str`]).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Layers> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Only the environment: `CHANLAYER_URL` as `default`, and every `CHANLAYER_<ALIAS>_URL`.
+    pub fn from_env() -> Result<Layers> {
+        Self::from_sources(BTreeMap::new())
+    }
+
+    fn from_sources(
+        mut sources: BTreeMap<String, (String, PartialOptions, BTreeMap<String, String>)>,
+    ) -> Result<Layers> {
+        for (key, url) in std::env::vars() {
+            let alias = if key == crate::connect::ENV_URL {
+                Some("default".to_owned())
+            } else {
+                key.strip_prefix("CHANLAYER_")
+                    .and_then(|k| k.strip_suffix("_URL"))
+                    .filter(|a| !a.is_empty())
+                    .map(|a| a.to_ascii_lowercase())
+            };
+            let Some(alias) = alias else { continue };
+            // A file alias `my-app` is overridden by CHANLAYER_MY_APP_URL.
+            let existing = sources.keys().find(|a| env_key(a) == key).cloned();
+            let alias = existing.unwrap_or(alias);
+            sources.entry(alias).or_default().0 = url;
+        }
+        let mut configs = BTreeMap::new();
+        for (alias, (url, partial, backend)) in &sources {
+            let config = build(url, partial, backend).map_err(|e| match e {
+                Error::Config(m) => Error::Config(format!("layer alias {alias:?}: {m}")),
+                other => other,
+            })?;
+            configs.insert(alias.clone(), config);
+        }
+        Ok(Layers {
+            configs,
+            connected: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The aliases defined.
+    pub fn aliases(&self) -> impl Iterator<Item = &str> {
+        self.configs.keys().map(String::as_str)
+    }
+
+    /// The configuration of `alias`.
+    pub fn config(&self, alias: &str) -> Option<&LayerConfig> {
+        self.configs.get(alias)
+    }
+
+    /// The layer for `alias`, connected on first use; later calls return a clone of the same
+    /// instance.
+    pub async fn get(&self, alias: &str) -> Result<Layer> {
+        let mut connected = self.connected.lock().await;
+        if let Some(l) = connected.get(alias) {
+            return Ok(l.clone());
+        }
+        let config = self.configs.get(alias).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.aliases().collect();
+            Error::Config(format!(
+                "no layer alias {alias:?}; defined: {}; set {} or add [layers.{alias}] to the config file",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") },
+                env_key(alias)
+            ))
+        })?;
+        let layer = connect_config(config).await?;
+        connected.insert(alias.to_owned(), layer.clone());
+        Ok(layer)
+    }
+}

@@ -1,0 +1,215 @@
+//! [`Layer`]: the cloneable handle applications use, with typed conveniences built once on
+//! top of [`ChannelLayer`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chanlayer_core::{
+    BatchError, Capabilities, ChannelLayer, Delivery, LayerOptions, Message, MessageType, Result,
+    StatsSnapshot,
+};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// A connected channel layer. Cheap to clone (an `Arc`); every clone is the same instance
+/// (same process-local channels, same counters).
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use chanlayer::{Layer, MessageType};
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Chat { text: String }
+/// impl MessageType for Chat { fn message_type(&self) -> &str { "chat.message" } }
+///
+/// let layer: Layer = chanlayer::connect("memory://").await.unwrap();
+/// let me = layer.new_channel("ws").await.unwrap();
+/// layer.group_add("room.42", &me).await.unwrap();
+/// layer.group_send("room.42", &Chat { text: "hi".into() }).await.unwrap();
+/// let chat: Chat = layer.receive_as(&me).await.unwrap();
+/// assert_eq!(chat.text, "hi");
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct Layer {
+    inner: Arc<dyn ChannelLayer>,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer")
+            .field("backend", &self.inner.capabilities().backend)
+            .field("instance", &self.inner.instance_id())
+            .finish()
+    }
+}
+
+impl From<Arc<dyn ChannelLayer>> for Layer {
+    fn from(inner: Arc<dyn ChannelLayer>) -> Self {
+        Layer { inner }
+    }
+}
+
+impl Layer {
+    /// Wraps any backend.
+    pub fn new(inner: Arc<dyn ChannelLayer>) -> Self {
+        Layer { inner }
+    }
+
+    /// The backend behind this handle.
+    pub fn inner(&self) -> &Arc<dyn ChannelLayer> {
+        &self.inner
+    }
+
+    /// What the backend guarantees.
+    pub fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    /// The shared options in effect.
+    pub fn options(&self) -> &LayerOptions {
+        self.inner.options()
+    }
+
+    /// This instance's id (the routing part of its `new_channel` names).
+    pub fn instance_id(&self) -> &str {
+        self.inner.instance_id()
+    }
+
+    /// This instance's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats()
+    }
+
+    /// Encodes `value` in this layer's codec, with its [`MessageType`].
+    pub fn message<T: Serialize + MessageType + ?Sized>(&self, value: &T) -> Result<Message> {
+        Message::encode(value, self.options().codec)
+    }
+
+    /// Encodes `value` in this layer's codec under an explicit type.
+    pub fn message_as<T: Serialize + ?Sized>(&self, msg_type: &str, value: &T) -> Result<Message> {
+        Message::encode_as(msg_type, value, self.options().codec)
+    }
+
+    /// Sends a typed value to `channel`.
+    pub async fn send<T: Serialize + MessageType + ?Sized>(
+        &self,
+        channel: &str,
+        value: &T,
+    ) -> Result<()> {
+        self.inner.send(channel, self.message(value)?).await
+    }
+
+    /// Sends a value under an explicit type.
+    pub async fn send_as<T: Serialize + ?Sized>(
+        &self,
+        channel: &str,
+        msg_type: &str,
+        value: &T,
+    ) -> Result<()> {
+        self.inner
+            .send(channel, self.message_as(msg_type, value)?)
+            .await
+    }
+
+    /// Sends a raw [`Message`].
+    pub async fn send_message(&self, channel: &str, message: Message) -> Result<()> {
+        self.inner.send(channel, message).await
+    }
+
+    /// Sends several messages in order (all are checked before any is sent).
+    pub async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
+        self.inner.send_batch(channel, messages).await
+    }
+
+    /// Waits for the next message.
+    pub async fn receive(&self, channel: &str) -> Result<Message> {
+        self.inner.receive(channel).await
+    }
+
+    /// Waits for the next message and decodes its body as `T`.
+    pub async fn receive_as<T: DeserializeOwned>(&self, channel: &str) -> Result<T> {
+        self.inner.receive(channel).await?.decode()
+    }
+
+    /// Waits for the next message as a [`Delivery`] to ack or nack (at-least-once).
+    pub async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
+        self.inner.receive_delivery(channel).await
+    }
+
+    /// Waits up to `timeout` for a first message, then takes up to `max` without waiting.
+    pub async fn receive_batch(
+        &self,
+        channel: &str,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>> {
+        self.inner.receive_batch(channel, max, timeout).await
+    }
+
+    /// Runs `handler` on a batch and acks it only if the handler succeeds (see
+    /// [`chanlayer_core::handle_batch`]).
+    pub async fn handle_batch<F, Fut, E>(
+        &self,
+        channel: &str,
+        max: usize,
+        timeout: Duration,
+        handler: F,
+    ) -> Result<usize, BatchError<E>>
+    where
+        F: FnOnce(Vec<Message>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        chanlayer_core::handle_batch(self.inner.as_ref(), channel, max, timeout, handler).await
+    }
+
+    /// A fresh process-local channel owned by this instance.
+    pub async fn new_channel(&self, prefix: &str) -> Result<String> {
+        self.inner.new_channel(prefix).await
+    }
+
+    /// Adds `channel` to `group` (idempotent; refreshes expiry).
+    pub async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
+        self.inner.group_add(group, channel).await
+    }
+
+    /// Removes `channel` from `group` (idempotent).
+    pub async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
+        self.inner.group_discard(group, channel).await
+    }
+
+    /// Sends a typed value to every member of `group`.
+    pub async fn group_send<T: Serialize + MessageType + ?Sized>(
+        &self,
+        group: &str,
+        value: &T,
+    ) -> Result<()> {
+        self.inner.group_send(group, self.message(value)?).await
+    }
+
+    /// Sends a value under an explicit type to every member of `group`.
+    pub async fn group_send_as<T: Serialize + ?Sized>(
+        &self,
+        group: &str,
+        msg_type: &str,
+        value: &T,
+    ) -> Result<()> {
+        self.inner
+            .group_send(group, self.message_as(msg_type, value)?)
+            .await
+    }
+
+    /// Sends a raw [`Message`] to every member of `group`.
+    pub async fn group_send_message(&self, group: &str, message: Message) -> Result<()> {
+        self.inner.group_send(group, message).await
+    }
+
+    /// Empties every message and group this layer can see.
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    /// Closes the instance (every clone of this handle): pending and later calls get
+    /// `Error::Closed`.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
