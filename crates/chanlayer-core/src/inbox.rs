@@ -7,6 +7,7 @@
 //! only in the same step that returns it, so a dropped receive future loses nothing.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,25 +37,34 @@ impl From<Envelope> for Entry {
     }
 }
 
-/// A one-way "closed" flag that async code can wait on.
+/// A one-way "closed" flag that async code can wait on. Checking it is one atomic load
+/// (it sits on every hot path); waiting uses a watch channel.
 #[derive(Debug)]
-pub struct CloseSignal(watch::Sender<bool>);
+pub struct CloseSignal {
+    flag: AtomicBool,
+    tx: watch::Sender<bool>,
+}
 
 impl Default for CloseSignal {
     fn default() -> Self {
-        CloseSignal(watch::channel(false).0)
+        CloseSignal {
+            flag: AtomicBool::new(false),
+            tx: watch::channel(false).0,
+        }
     }
 }
 
 impl CloseSignal {
     /// Sets the flag (idempotent) and wakes every waiter. Returns `true` the first time.
     pub fn close(&self) -> bool {
-        !self.0.send_replace(true)
+        let first = !self.flag.swap(true, Ordering::SeqCst);
+        self.tx.send_replace(true);
+        first
     }
 
     /// `true` once closed.
     pub fn is_closed(&self) -> bool {
-        *self.0.borrow()
+        self.flag.load(Ordering::Acquire)
     }
 
     /// `Err(Closed)` once closed.
@@ -68,7 +78,7 @@ impl CloseSignal {
 
     /// Resolves once closed.
     pub async fn closed(&self) {
-        let mut rx = self.0.subscribe();
+        let mut rx = self.tx.subscribe();
         // The sender lives in `self`, so wait_for cannot see it dropped.
         let _ = rx.wait_for(|c| *c).await;
     }
@@ -90,10 +100,76 @@ impl Slot {
     }
 }
 
+/// Below this many slots, empty slots are never swept.
+const SWEEP_MIN: usize = 1024;
+
+/// The channel map plus the size at which empty slots are next swept. Empty slots are kept
+/// (a busy channel that drains and refills would otherwise re-create its slot for every
+/// message) and swept when the map has doubled since the last sweep: amortised O(1), and
+/// memory stays within twice the live channels.
+struct Channels {
+    map: HashMap<String, Slot, foldhash::fast::RandomState>,
+    sweep_at: usize,
+}
+
+impl Default for Channels {
+    fn default() -> Self {
+        Channels {
+            map: HashMap::default(),
+            sweep_at: SWEEP_MIN,
+        }
+    }
+}
+
+impl Channels {
+    fn slot(&mut self, channel: &str) -> &mut Slot {
+        if !self.map.contains_key(channel) {
+            if self.map.len() >= self.sweep_at {
+                self.map.retain(|_, s| !s.queue.is_empty() || s.waiters > 0);
+                self.sweep_at = (self.map.len() * 2).max(SWEEP_MIN);
+            }
+            self.map.insert(channel.to_owned(), Slot::new());
+        }
+        self.map
+            .get_mut(channel)
+            .expect("the slot is present: it was there or was inserted just above")
+    }
+
+    /// Pops the next live entry of `channel`, counting expired ones it skips.
+    fn pop_live(&mut self, channel: &str, expired: &mut u64) -> Option<Entry> {
+        let slot = self.map.get_mut(channel)?;
+        if slot.queue.is_empty() {
+            return None;
+        }
+        let now = now_ms();
+        while let Some(e) = slot.queue.pop_front() {
+            if e.envelope.is_expired_at(now) {
+                *expired += 1;
+            } else {
+                return Some(e);
+            }
+        }
+        None
+    }
+}
+
+impl std::ops::Deref for Channels {
+    type Target = HashMap<String, Slot, foldhash::fast::RandomState>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Channels {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
 /// Per-channel bounded queues with waiting receivers. See the module docs.
 #[derive(Default)]
 pub struct LocalInbox {
-    channels: Mutex<HashMap<String, Slot>>,
+    channels: Mutex<Channels>,
 }
 
 impl std::fmt::Debug for LocalInbox {
@@ -104,23 +180,26 @@ impl std::fmt::Debug for LocalInbox {
     }
 }
 
+/// Counts one waiting receiver on a slot for as long as it lives (a cancelled receive
+/// uncounts itself on drop).
 struct Waiter<'a> {
     inbox: &'a LocalInbox,
     channel: &'a str,
     notify: Arc<Notify>,
+    armed: bool,
 }
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let mut map = self.inbox.lock();
         if let Some(slot) = map.get_mut(self.channel) {
             // The slot may have been removed and recreated (close, flush); only the one we
             // registered with counts us.
             if Arc::ptr_eq(&slot.notify, &self.notify) {
                 slot.waiters -= 1;
-                if slot.waiters == 0 && slot.queue.is_empty() {
-                    map.remove(self.channel);
-                }
             }
         }
     }
@@ -132,7 +211,7 @@ impl LocalInbox {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+    fn lock(&self) -> MutexGuard<'_, Channels> {
         // Critical sections never panic midway, so a poisoned lock still holds
         // consistent data.
         match self.channels.lock() {
@@ -151,20 +230,13 @@ impl LocalInbox {
         stats: &Stats,
     ) -> Result<()> {
         let mut map = self.lock();
-        let slot = match map.get_mut(channel) {
-            Some(s) => s,
-            None => map.entry(channel.to_owned()).or_insert_with(Slot::new),
-        };
+        let slot = map.slot(channel);
         if slot.queue.len() >= capacity {
             let now = now_ms();
             let before = slot.queue.len();
             slot.queue.retain(|e| !e.envelope.is_expired_at(now));
             stats.record_expired((before - slot.queue.len()) as u64);
             if slot.queue.len() >= capacity {
-                let empty = slot.queue.is_empty() && slot.waiters == 0;
-                if empty {
-                    map.remove(channel);
-                }
                 return Err(Error::ChannelFull {
                     channel: channel.to_owned(),
                     capacity,
@@ -183,7 +255,7 @@ impl LocalInbox {
     pub fn requeue_front(&self, channel: &str, mut entry: Entry) {
         entry.redelivered = true;
         let mut map = self.lock();
-        let slot = map.entry(channel.to_owned()).or_insert_with(Slot::new);
+        let slot = map.slot(channel);
         slot.queue.push_front(entry);
         if slot.waiters > 0 {
             slot.notify.notify_waiters();
@@ -192,23 +264,8 @@ impl LocalInbox {
 
     /// Takes the next live message from `channel` without waiting.
     pub fn try_take(&self, channel: &str, stats: &Stats) -> Option<Entry> {
-        let mut map = self.lock();
-        let slot = map.get_mut(channel)?;
-        let now = now_ms();
         let mut expired = 0;
-        let mut found = None;
-        while let Some(e) = slot.queue.pop_front() {
-            if e.envelope.is_expired_at(now) {
-                expired += 1;
-            } else {
-                found = Some(e);
-                break;
-            }
-        }
-        if slot.queue.is_empty() && slot.waiters == 0 {
-            map.remove(channel);
-        }
-        drop(map);
+        let found = self.lock().pop_live(channel, &mut expired);
         if expired > 0 {
             stats.record_expired(expired);
         }
@@ -216,32 +273,66 @@ impl LocalInbox {
     }
 
     /// Waits for the next live message on `channel`. `Err(Closed)` when `closed` fires.
-    /// Cancellation-safe.
+    /// Cancellation-safe: the message leaves its queue in the same locked step that returns
+    /// it; a future dropped before that step took nothing.
     pub async fn take(&self, channel: &str, stats: &Stats, closed: &CloseSignal) -> Result<Entry> {
         closed.check()?;
-        if let Some(e) = self.try_take(channel, stats) {
-            return Ok(e);
-        }
-        let waiter = {
+        let mut expired = 0;
+        // One lock: take a message, or register as a waiter. `notify_waiters` wakes every
+        // `Notified` created before it is called, and pushes call it under this lock, so a
+        // `Notified` created under the lock cannot miss a later push.
+        let notify: Arc<Notify>;
+        let first;
+        {
             let mut map = self.lock();
-            let slot = map.entry(channel.to_owned()).or_insert_with(Slot::new);
-            slot.waiters += 1;
-            Waiter {
-                inbox: self,
-                channel,
-                notify: slot.notify.clone(),
+            let found = map.pop_live(channel, &mut expired);
+            if let Some(e) = found {
+                drop(map);
+                stats.record_expired(expired);
+                return Ok(e);
             }
+            let slot = map.slot(channel);
+            slot.waiters += 1;
+            notify = slot.notify.clone();
+            first = notify.notified();
+        }
+        stats.record_expired(expired);
+        let mut waiter = Waiter {
+            inbox: self,
+            channel,
+            notify: notify.clone(),
+            armed: true,
         };
         let close = closed.closed();
         tokio::pin!(close);
+        tokio::pin!(first);
+        tokio::select! {
+            _ = &mut first => {}
+            _ = &mut close => return Err(Error::Closed),
+        }
         loop {
-            let notified = waiter.notify.notified();
+            // Created before the check, so a push after the check wakes it.
+            let notified = notify.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
-            closed.check()?;
-            if let Some(e) = self.try_take(channel, stats) {
-                return Ok(e);
+            {
+                let mut map = self.lock();
+                let mut expired = 0;
+                let found = map.pop_live(channel, &mut expired);
+                if let Some(e) = found {
+                    if let Some(slot) = map.get_mut(channel) {
+                        if Arc::ptr_eq(&slot.notify, &waiter.notify) {
+                            slot.waiters -= 1;
+                        }
+                    }
+                    waiter.armed = false;
+                    drop(map);
+                    stats.record_expired(expired);
+                    return Ok(e);
+                }
+                drop(map);
+                stats.record_expired(expired);
             }
+            closed.check()?;
             tokio::select! {
                 _ = &mut notified => {}
                 _ = &mut close => return Err(Error::Closed),

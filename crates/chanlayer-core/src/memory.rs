@@ -71,11 +71,15 @@ impl Broker {
 
     /// `false` for a process-local channel whose owner is not connected (nobody could ever
     /// receive it).
-    fn deliverable(&self, channel: &str) -> bool {
+    fn deliverable(&self, channel: &str, own_id: &str) -> bool {
         if !names::is_process_local(channel) {
             return true;
         }
-        names::owner_instance(channel).is_some_and(|id| self.instances().contains(id))
+        match names::owner_instance(channel) {
+            Some(id) if id == own_id => true,
+            Some(id) => self.instances().contains(id),
+            None => false,
+        }
     }
 }
 
@@ -269,7 +273,7 @@ impl ChannelLayer for MemoryLayer {
         self.closed.check()?;
         names::validate_channel(channel)?;
         let env = Envelope::seal(Destination::Channel, channel, message, &self.options)?;
-        if !self.broker.deliverable(channel) {
+        if !self.broker.deliverable(channel, &self.id) {
             self.stats.record_undeliverable(channel);
             return Ok(());
         }
@@ -357,7 +361,7 @@ impl ChannelLayer for MemoryLayer {
             .members(group)
             .into_iter()
             .filter(|m| {
-                let ok = b.deliverable(m);
+                let ok = b.deliverable(m, &self.id);
                 if !ok {
                     self.stats.record_undeliverable(m);
                 }

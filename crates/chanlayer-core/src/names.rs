@@ -31,7 +31,30 @@ fn invalid(kind: NameKind, name: &str, rule: impl Into<String>) -> Error {
     }
 }
 
+/// The fast path: every byte allowed, at most one `!` not in first position, length in range.
+fn quick_ok(name: &str, bang_allowed: bool) -> bool {
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() > MAX_NAME_LEN {
+        return false;
+    }
+    let mut bangs = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-' {
+            continue;
+        }
+        if c == b'!' && bang_allowed && i > 0 && bangs == 0 {
+            bangs = 1;
+            continue;
+        }
+        return false;
+    }
+    true
+}
+
 fn check(kind: NameKind, name: &str, bang_allowed: bool) -> Result<()> {
+    if quick_ok(name, bang_allowed) {
+        return Ok(());
+    }
     if name.is_empty() {
         return Err(invalid(
             kind,
