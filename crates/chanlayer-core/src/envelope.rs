@@ -80,7 +80,7 @@ pub struct Envelope {
     /// Milliseconds since the epoch after which it is dropped on receive.
     pub expires_at_ms: u64,
     /// The message type.
-    pub msg_type: String,
+    pub msg_type: std::borrow::Cow<'static, str>,
     /// The body's codec id ([`Codec::id`]).
     pub codec: u8,
     /// Headers (trace context, refs).
@@ -133,6 +133,20 @@ impl Envelope {
         message: Message,
         options: &LayerOptions,
     ) -> Result<Envelope> {
+        let mut env = Self::seal_unaddressed(kind, destination, message, options)?;
+        env.destination = destination.to_owned();
+        Ok(env)
+    }
+
+    /// [`Envelope::seal`] without storing the destination (left empty), for in-process
+    /// delivery where the queue a message is pushed to is its address. The checks are the
+    /// same, the size counted includes `destination`; it saves a copy of the name per message.
+    pub fn seal_unaddressed(
+        kind: Destination,
+        destination: &str,
+        message: Message,
+        options: &LayerOptions,
+    ) -> Result<Envelope> {
         message.validate()?;
         let size = message.wire_size(destination);
         if size > options.max_message_size {
@@ -146,7 +160,7 @@ impl Envelope {
         Ok(Envelope {
             id: MessageId::new(now),
             kind,
-            destination: destination.to_owned(),
+            destination: String::new(),
             sent_at_ms: now,
             expires_at_ms: now.saturating_add(duration_ms(options.expiry)),
             msg_type,

@@ -6,7 +6,9 @@
 //! and wakes receivers. [`LocalInbox::take`] is cancellation-safe: a message leaves its queue
 //! only in the same step that returns it, so a dropped receive future loses nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -108,7 +110,7 @@ const SWEEP_MIN: usize = 1024;
 /// message) and swept when the map has doubled since the last sweep: amortised O(1), and
 /// memory stays within twice the live channels.
 struct Channels {
-    map: HashMap<String, Slot, foldhash::fast::RandomState>,
+    map: HashMap<String, Slot>,
     sweep_at: usize,
 }
 
@@ -154,7 +156,7 @@ impl Channels {
 }
 
 impl std::ops::Deref for Channels {
-    type Target = HashMap<String, Slot, foldhash::fast::RandomState>;
+    type Target = HashMap<String, Slot>;
     fn deref(&self) -> &Self::Target {
         &self.map
     }

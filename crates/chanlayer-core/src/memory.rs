@@ -272,7 +272,9 @@ impl ChannelLayer for MemoryLayer {
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
         self.closed.check()?;
         names::validate_channel(channel)?;
-        let env = Envelope::seal(Destination::Channel, channel, message, &self.options)?;
+        // In-process: the queue is the address, so the envelope need not carry it.
+        let env =
+            Envelope::seal_unaddressed(Destination::Channel, channel, message, &self.options)?;
         if !self.broker.deliverable(channel, &self.id) {
             self.stats.record_undeliverable(channel);
             return Ok(());
@@ -354,7 +356,7 @@ impl ChannelLayer for MemoryLayer {
     async fn group_send(&self, group: &str, message: Message) -> Result<()> {
         self.closed.check()?;
         names::validate_group(group)?;
-        let env = Envelope::seal(Destination::Group, group, message, &self.options)?;
+        let env = Envelope::seal_unaddressed(Destination::Group, group, message, &self.options)?;
         let b = &self.broker;
         let members: Vec<String> = b
             .groups

@@ -1,5 +1,6 @@
 //! [`Message`]: a `type`, an encoded body, and headers.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -40,7 +41,7 @@ pub trait MessageType {
 /// bytes with [`Message::new`]; read it with [`Message::decode`].
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
-    msg_type: String,
+    msg_type: Cow<'static, str>,
     codec: Codec,
     body: Vec<u8>,
     headers: Headers,
@@ -58,8 +59,9 @@ impl std::fmt::Debug for Message {
 }
 
 impl Message {
-    /// A message from already-encoded body bytes.
-    pub fn new(msg_type: impl Into<String>, codec: Codec, body: Vec<u8>) -> Self {
+    /// A message from already-encoded body bytes. A `&'static str` type is stored without
+    /// copying.
+    pub fn new(msg_type: impl Into<Cow<'static, str>>, codec: Codec, body: Vec<u8>) -> Self {
         Message {
             msg_type: msg_type.into(),
             codec,
@@ -70,7 +72,7 @@ impl Message {
 
     /// Encodes `value` with `codec`, taking the type from [`MessageType`].
     pub fn encode<T: Serialize + MessageType + ?Sized>(value: &T, codec: Codec) -> Result<Self> {
-        Self::encode_as(value.message_type(), value, codec)
+        Self::encode_as(value.message_type().to_owned(), value, codec)
     }
 
     /// Encodes `value` with `codec` under an explicit type.
@@ -81,7 +83,7 @@ impl Message {
     /// assert_eq!(msg.decode::<u64>().unwrap(), 42);
     /// ```
     pub fn encode_as<T: Serialize + ?Sized>(
-        msg_type: impl Into<String>,
+        msg_type: impl Into<Cow<'static, str>>,
         value: &T,
         codec: Codec,
     ) -> Result<Self> {
@@ -127,7 +129,7 @@ impl Message {
     }
 
     /// Splits the message into its parts: type, codec, body, headers.
-    pub fn into_parts(self) -> (String, Codec, Vec<u8>, Headers) {
+    pub fn into_parts(self) -> (Cow<'static, str>, Codec, Vec<u8>, Headers) {
         (self.msg_type, self.codec, self.body, self.headers)
     }
 

@@ -31,24 +31,32 @@ fn invalid(kind: NameKind, name: &str, rule: impl Into<String>) -> Error {
     }
 }
 
-/// The fast path: every byte allowed, at most one `!` not in first position, length in range.
+/// Bytes allowed anywhere in a name.
+const ALLOWED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        t[i] = c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-';
+        i += 1;
+    }
+    t
+};
+
+/// The fast path (names are checked on every send and receive): every byte allowed, at most
+/// one `!` not in first position, length in range. Anything else goes to the slow path,
+/// which finds the rule broken and words the error.
 fn quick_ok(name: &str, bang_allowed: bool) -> bool {
     let b = name.as_bytes();
     if b.is_empty() || b.len() > MAX_NAME_LEN {
         return false;
     }
-    let mut bangs = 0;
-    for (i, &c) in b.iter().enumerate() {
-        if c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-' {
-            continue;
+    match b.iter().position(|&c| !ALLOWED[c as usize]) {
+        None => true,
+        Some(i) => {
+            bang_allowed && i > 0 && b[i] == b'!' && b[i + 1..].iter().all(|&c| ALLOWED[c as usize])
         }
-        if c == b'!' && bang_allowed && i > 0 && bangs == 0 {
-            bangs = 1;
-            continue;
-        }
-        return false;
     }
-    true
 }
 
 fn check(kind: NameKind, name: &str, bang_allowed: bool) -> Result<()> {
