@@ -34,7 +34,7 @@ use the msgpack or json codec for this type (option codec=msgpack or codec=json)
 
 /// A body encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Codec {
     /// bincode 2 (serde), standard config. Fastest; Rust to Rust. The default.
     #[default]
@@ -140,6 +140,13 @@ impl Codec {
 impl std::fmt::Display for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+impl TryFrom<String> for Codec {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
     }
 }
 

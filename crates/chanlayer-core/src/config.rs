@@ -125,10 +125,14 @@ impl LayerOptions {
         if let Some(v) = partial.capacity {
             self.capacity = v;
         }
+        // A later source (the file over the URL) takes precedence: its patterns go first,
+        // in their own order.
+        let mut newer = Vec::with_capacity(partial.channel_capacity.len());
         for (pattern, capacity) in partial.channel_capacity {
-            self.channel_capacity
-                .push(CapacityOverride::new(&pattern, capacity)?);
+            newer.push(CapacityOverride::new(&pattern, capacity)?);
         }
+        newer.append(&mut self.channel_capacity);
+        self.channel_capacity = newer;
         if let Some(v) = partial.expiry {
             self.expiry = v.0;
         }
@@ -157,12 +161,14 @@ impl LayerOptions {
                 o.pattern.as_str()
             )));
         }
-        if self.expiry.is_zero() {
-            return Err(Error::Config("option expiry must be more than zero".into()));
-        }
-        if self.group_expiry.is_zero() {
+        if self.expiry < Duration::from_millis(1) {
             return Err(Error::Config(
-                "option group_expiry must be more than zero".into(),
+                "option expiry must be at least 1ms (expiry travels in whole milliseconds)".into(),
+            ));
+        }
+        if self.group_expiry < Duration::from_millis(1) {
+            return Err(Error::Config(
+                "option group_expiry must be at least 1ms".into(),
             ));
         }
         if self.max_message_size == 0 {
@@ -457,9 +463,9 @@ impl LayerConfig {
             Some((a, q)) => (a, q),
             None => (rest, ""),
         };
-        // user-info ends at the last '@' before the first '/'.
-        let first_slash = authority_path.find('/').unwrap_or(authority_path.len());
-        let (credentials, address) = match authority_path[..first_slash].rfind('@') {
+        // user-info ends at the last '@' (so an unencoded '/' or '@' in a password still
+        // counts as password, never as address).
+        let (credentials, address) = match authority_path.rfind('@') {
             Some(at) => {
                 let info = &authority_path[..at];
                 let (user, pass) = match info.split_once(':') {
@@ -488,7 +494,11 @@ impl LayerConfig {
                 } else {
                     value.as_str()
                 };
-                Error::Config(format!("option {key}={shown}: {e}"))
+                let why = match e {
+                    Error::Config(m) => m,
+                    other => other.to_string(),
+                };
+                Error::Config(format!("option {key}={shown}: {why}"))
             };
             let int = |v: &str| -> Result<usize> {
                 v.parse::<usize>()
@@ -576,6 +586,18 @@ mod tests {
         assert!(matches!(e, Error::Config(_)));
         let e = LayerConfig::from_url("amqp://u:pw@h?password=abc&capacity=x").unwrap_err();
         assert!(!e.to_string().contains("pw@") && !e.to_string().contains("abc"));
+        assert_eq!(
+            e.to_string().matches("configuration error").count(),
+            1,
+            "{e}"
+        );
+        let cfg = LayerConfig::from_url("amqp://u:pa/ss@w0rd@host:5672/%2f").unwrap();
+        assert_eq!(cfg.backend.address, "host:5672/%2f");
+        assert_eq!(
+            cfg.backend.credentials.unwrap().password.unwrap().expose(),
+            "pa/ss@w0rd"
+        );
+        assert!(LayerConfig::from_url("memory://?expiry=0.0001").is_err());
     }
 
     #[test]

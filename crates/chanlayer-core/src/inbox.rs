@@ -28,15 +28,8 @@ pub struct Entry {
     pub envelope: Envelope,
     /// `true` if it was delivered before and came back (nack, or unacked and dropped).
     pub redelivered: bool,
-}
-
-impl From<Envelope> for Entry {
-    fn from(envelope: Envelope) -> Self {
-        Entry {
-            envelope,
-            redelivered: false,
-        }
-    }
+    /// Arrival order in this inbox: requeued entries go back in this order.
+    pub seq: u64,
 }
 
 /// A one-way "closed" flag that async code can wait on. Checking it is one atomic load
@@ -112,6 +105,7 @@ const SWEEP_MIN: usize = 1024;
 struct Channels {
     map: HashMap<String, Slot>,
     sweep_at: usize,
+    next_seq: u64,
 }
 
 impl Default for Channels {
@@ -119,6 +113,7 @@ impl Default for Channels {
         Channels {
             map: HashMap::default(),
             sweep_at: SWEEP_MIN,
+            next_seq: 0,
         }
     }
 }
@@ -232,6 +227,8 @@ impl LocalInbox {
         stats: &Stats,
     ) -> Result<()> {
         let mut map = self.lock();
+        let seq = map.next_seq;
+        map.next_seq += 1;
         let slot = map.slot(channel);
         if slot.queue.len() >= capacity {
             let now = now_ms();
@@ -245,7 +242,11 @@ impl LocalInbox {
                 });
             }
         }
-        slot.queue.push_back(Entry::from(envelope));
+        slot.queue.push_back(Entry {
+            envelope,
+            redelivered: false,
+            seq,
+        });
         if slot.waiters > 0 {
             slot.notify.notify_waiters();
         }
@@ -253,12 +254,18 @@ impl LocalInbox {
     }
 
     /// Puts an entry back at the head of `channel` (a nack or an unacked drop), ignoring
-    /// capacity: it was already counted once.
+    /// capacity: it was already counted once. Several requeued entries line up at the head in
+    /// their original arrival order, whatever order they come back in.
     pub fn requeue_front(&self, channel: &str, mut entry: Entry) {
         entry.redelivered = true;
         let mut map = self.lock();
         let slot = map.slot(channel);
-        slot.queue.push_front(entry);
+        let pos = slot
+            .queue
+            .iter()
+            .take_while(|e| e.redelivered && e.seq < entry.seq)
+            .count();
+        slot.queue.insert(pos, entry);
         if slot.waiters > 0 {
             slot.notify.notify_waiters();
         }
@@ -461,5 +468,60 @@ impl LocalInbox {
                 stats.record_group_member_full(group, &member);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Codec, Message};
+
+    fn env(i: u64) -> Envelope {
+        let m = Message::encode_as("t", &i, Codec::Bincode).expect("encode");
+        Envelope::seal(Destination::Channel, "c", m, &LayerOptions::default()).expect("seal")
+    }
+
+    fn seq_of(e: &Entry) -> u64 {
+        e.envelope.clone().into_message().decode().expect("decode")
+    }
+
+    #[test]
+    fn requeued_entries_keep_arrival_order_in_any_return_order() {
+        let stats = Stats::default();
+        for reverse in [false, true] {
+            let inbox = LocalInbox::new();
+            for i in 0..4 {
+                inbox.push("c", env(i), 10, &stats).expect("push");
+            }
+            let mut taken: Vec<Entry> = (0..3)
+                .map(|_| inbox.try_take("c", &stats).expect("take"))
+                .collect();
+            if reverse {
+                taken.reverse();
+            }
+            for e in taken {
+                inbox.requeue_front("c", e);
+            }
+            let order: Vec<u64> = (0..4)
+                .map(|_| seq_of(&inbox.try_take("c", &stats).expect("take")))
+                .collect();
+            assert_eq!(order, vec![0, 1, 2, 3], "reverse={reverse}");
+        }
+    }
+
+    #[test]
+    fn empty_slots_are_swept() {
+        let stats = Stats::default();
+        let inbox = LocalInbox::new();
+        for i in 0..5000u64 {
+            let ch = format!("c{i}");
+            inbox.push(&ch, env(i), 10, &stats).expect("push");
+            inbox.try_take(&ch, &stats).expect("take");
+        }
+        let slots = inbox.lock().len();
+        assert!(
+            slots <= 2 * SWEEP_MIN,
+            "{slots} slots kept for 0 live channels"
+        );
     }
 }

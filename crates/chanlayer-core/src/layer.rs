@@ -76,7 +76,9 @@ pub trait ChannelLayer: Send + Sync + 'static {
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery>;
 
     /// Waits up to `timeout` for the first message, then takes up to `max` in all without
-    /// waiting further. Returns an empty vector if nothing arrived in time.
+    /// waiting further. Returns an empty vector if nothing arrived in time. Like
+    /// `receive_delivery`, `Unsupported` for normal channels on backends without
+    /// at-least-once.
     async fn receive_batch(
         &self,
         channel: &str,

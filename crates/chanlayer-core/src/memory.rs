@@ -124,6 +124,7 @@ impl MemoryLayer {
                 "memory:// URLs take no user or password".into(),
             ));
         }
+        config.options.validate()?;
         config.backend.options.reject_unknown(
             BACKEND,
             "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size",
@@ -224,6 +225,11 @@ struct MemoryAcker {
 impl MemoryAcker {
     fn requeue(&mut self) {
         if let Some(entry) = self.entry.take() {
+            // A process-local channel whose owner has gone cannot be received any more.
+            if !self.broker.deliverable(&self.channel, "") {
+                self.stats.record_undeliverable(&self.channel);
+                return;
+            }
             self.stats.record_redelivered(1);
             self.broker.inbox.requeue_front(&self.channel, entry);
         }

@@ -44,14 +44,21 @@ use crate::{connect_config, Layer};
 /// # });
 /// ```
 pub struct Layers {
-    configs: BTreeMap<String, LayerConfig>,
+    /// Each alias's configuration, or why it could not be built (reported by `get`).
+    configs: BTreeMap<String, std::result::Result<LayerConfig, String>>,
     connected: Mutex<BTreeMap<String, Layer>>,
 }
 
 impl std::fmt::Debug for Layers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map()
-            .entries(self.configs.iter().map(|(k, v)| (k, v.to_string())))
+            .entries(self.configs.iter().map(|(k, v)| {
+                let shown = match v {
+                    Ok(c) => c.to_string(),
+                    Err(e) => format!("invalid: {e}"),
+                };
+                (k, shown)
+            }))
             .finish()
     }
 }
@@ -64,6 +71,28 @@ fn env_key(alias: &str) -> String {
         "CHANLAYER_{}_URL",
         alias.to_ascii_uppercase().replace('-', "_")
     )
+}
+
+/// The URL the environment gives `alias`: `CHANLAYER_<ALIAS>_URL`, and for `default` also
+/// `CHANLAYER_URL`, which wins over `CHANLAYER_DEFAULT_URL`. Non-UTF-8 values are ignored.
+fn env_url(alias: &str) -> Option<String> {
+    let own = format!(
+        "CHANLAYER_{}_URL",
+        alias.to_ascii_uppercase().replace('-', "_")
+    );
+    if alias == "default" {
+        if let Ok(u) = std::env::var(crate::connect::ENV_URL) {
+            return Some(u);
+        }
+    }
+    std::env::var(own).ok()
+}
+
+fn in_alias(alias: &str, e: Error) -> Error {
+    match e {
+        Error::Config(m) => Error::Config(format!("layer alias {alias:?}: {m}")),
+        other => other,
+    }
 }
 
 fn scalar_to_string(key: &str, v: toml::Value) -> Result<String> {
@@ -154,31 +183,49 @@ impl Layers {
     }
 
     fn from_sources(
-        mut sources: BTreeMap<String, (String, PartialOptions, BTreeMap<String, String>)>,
+        file: BTreeMap<String, (String, PartialOptions, BTreeMap<String, String>)>,
     ) -> Result<Layers> {
-        for (key, url) in std::env::vars() {
-            let alias = if key == crate::connect::ENV_URL {
-                Some("default".to_owned())
-            } else {
-                key.strip_prefix("CHANLAYER_")
-                    .and_then(|k| k.strip_suffix("_URL"))
-                    .filter(|a| !a.is_empty())
-                    .map(|a| a.to_ascii_lowercase())
-            };
-            let Some(alias) = alias else { continue };
-            // A file alias `my-app` is overridden by CHANLAYER_MY_APP_URL.
-            let existing = sources.keys().find(|a| env_key(a) == key).cloned();
-            let alias = existing.unwrap_or(alias);
-            sources.entry(alias).or_default().0 = url;
-        }
         let mut configs = BTreeMap::new();
-        for (alias, (url, partial, backend)) in &sources {
-            let config = build(url, partial, backend).map_err(|e| match e {
-                Error::Config(m) => Error::Config(format!("layer alias {alias:?}: {m}")),
-                other => other,
-            })?;
-            configs.insert(alias.clone(), config);
+        for (alias, (url, partial, backend)) in &file {
+            let url = env_url(alias).unwrap_or_else(|| url.clone());
+            configs.insert(
+                alias.clone(),
+                build(&url, partial, backend).map_err(|e| in_alias(alias, e)),
+            );
         }
+        // Aliases that only the environment defines. Their errors wait until they are asked
+        // for, so an unrelated bad variable does not break every other alias. Variables that
+        // are not UTF-8 are not ours and are skipped.
+        for (key, _) in std::env::vars_os() {
+            let Some(key) = key.to_str() else { continue };
+            let alias = if key == crate::connect::ENV_URL {
+                "default".to_owned()
+            } else if let Some(a) = key
+                .strip_prefix("CHANLAYER_")
+                .and_then(|k| k.strip_suffix("_URL"))
+                .filter(|a| !a.is_empty())
+            {
+                a.to_ascii_lowercase()
+            } else {
+                continue;
+            };
+            if configs.contains_key(&alias) || file.keys().any(|a| env_key(a) == key) {
+                continue;
+            }
+            if let Some(url) = env_url(&alias) {
+                let built = build(&url, &PartialOptions::default(), &BTreeMap::new())
+                    .map_err(|e| in_alias(&alias, e));
+                configs.insert(alias, built);
+            }
+        }
+        // A file alias with a bad URL or option is an error now.
+        let configs = configs
+            .into_iter()
+            .map(|(alias, built)| match built {
+                Err(e) if file.contains_key(&alias) => Err(e),
+                other => Ok((alias, other.map_err(|e| e.to_string()))),
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Layers {
             configs,
             connected: Mutex::new(BTreeMap::new()),
@@ -190,9 +237,9 @@ impl Layers {
         self.configs.keys().map(String::as_str)
     }
 
-    /// The configuration of `alias`.
+    /// The configuration of `alias` (`None` if undefined or invalid; `get` says why).
     pub fn config(&self, alias: &str) -> Option<&LayerConfig> {
-        self.configs.get(alias)
+        self.configs.get(alias).and_then(|c| c.as_ref().ok())
     }
 
     /// The layer for `alias`, connected on first use; later calls return a clone of the same
@@ -210,6 +257,7 @@ impl Layers {
                 env_key(alias)
             ))
         })?;
+        let config = config.map_err(Error::Config)?;
         let layer = connect_config(config).await?;
         connected.insert(alias.to_owned(), layer.clone());
         Ok(layer)

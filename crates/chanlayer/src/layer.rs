@@ -1,6 +1,7 @@
 //! [`Layer`]: the cloneable handle applications use, with typed conveniences built once on
 //! top of [`ChannelLayer`].
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,7 +86,11 @@ impl Layer {
     }
 
     /// Encodes `value` in this layer's codec under an explicit type.
-    pub fn message_as<T: Serialize + ?Sized>(&self, msg_type: &str, value: &T) -> Result<Message> {
+    pub fn message_as<T: Serialize + ?Sized>(
+        &self,
+        msg_type: impl Into<Cow<'static, str>>,
+        value: &T,
+    ) -> Result<Message> {
         Message::encode_as(msg_type, value, self.options().codec)
     }
 
@@ -102,7 +107,7 @@ impl Layer {
     pub async fn send_as<T: Serialize + ?Sized>(
         &self,
         channel: &str,
-        msg_type: &str,
+        msg_type: impl Into<Cow<'static, str>>,
         value: &T,
     ) -> Result<()> {
         self.inner
@@ -189,7 +194,7 @@ impl Layer {
     pub async fn group_send_as<T: Serialize + ?Sized>(
         &self,
         group: &str,
-        msg_type: &str,
+        msg_type: impl Into<Cow<'static, str>>,
         value: &T,
     ) -> Result<()> {
         self.inner
