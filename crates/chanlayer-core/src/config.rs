@@ -345,7 +345,9 @@ impl BackendOptions {
                 } else {
                     v.as_str()
                 };
-                Error::Config(format!("option {key}={shown}: {e}"))
+                let why = e.to_string();
+                let why = why.strip_prefix("configuration error: ").unwrap_or(&why);
+                Error::Config(format!("option {key}={shown}: {why}"))
             }),
         }
     }
