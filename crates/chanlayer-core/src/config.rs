@@ -339,7 +339,7 @@ impl BackendOptions {
     {
         match self.0.remove(key) {
             None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|e| {
+            Some(v) => v.parse().map(Some).map_err(|e: T::Err| {
                 let shown = if is_secret_key(key) {
                     "***"
                 } else {

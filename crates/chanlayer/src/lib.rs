@@ -36,3 +36,8 @@ pub use chanlayer_core::{
     LayerConfig, LayerOptions, MemoryLayer, Message, MessageId, MessageType, NameKind, Result,
     StatsSnapshot,
 };
+
+/// The README's Rust examples, compiled and run as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
