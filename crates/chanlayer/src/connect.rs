@@ -63,13 +63,18 @@ pub async fn from_env() -> Result<Layer> {
     }
 }
 
+/// The backend features this build was compiled with.
+const ENABLED_FEATURES: &[&str] = &[
+    #[cfg(feature = "kafka")]
+    "kafka",
+    #[cfg(feature = "zmq")]
+    "zmq",
+    #[cfg(feature = "amqp")]
+    "amqp",
+];
+
 fn feature_enabled(feature: &str) -> bool {
-    match feature {
-        "kafka" => cfg!(feature = "kafka"),
-        "zmq" => cfg!(feature = "zmq"),
-        "amqp" => cfg!(feature = "amqp"),
-        _ => false,
-    }
+    ENABLED_FEATURES.contains(&feature)
 }
 
 fn backend_name(scheme: &str) -> &'static str {
