@@ -326,6 +326,13 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Lets wall-clock time pass so that messages or memberships age. Only the expiry tests use
+/// it: there the passing of time is the behaviour under test, not a wait for an event (waits
+/// for events use [`recv`] or [`eventually`], which poll with a deadline).
+pub async fn let_time_pass(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
 /// Asserts `r` is the error `pred` accepts, with a readable failure.
 pub fn assert_err<T: std::fmt::Debug>(
     r: Result<T>,

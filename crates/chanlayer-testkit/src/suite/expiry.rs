@@ -5,13 +5,7 @@ use std::time::Duration;
 
 use chanlayer_core::{Codec, LayerOptions};
 
-use crate::{assert_quiet, eventually, recv, seq_msg, seq_of, Ctx};
-
-/// Lets wall-clock time pass so messages age (the behaviour under test, not a wait for an
-/// event).
-async fn let_time_pass(d: Duration) {
-    tokio::time::sleep(d).await;
-}
+use crate::{assert_quiet, eventually, let_time_pass, recv, seq_msg, seq_of, Ctx};
 
 /// The earliest message expires while later ones are still live: they arrive, it does not,
 /// and the drop is counted.

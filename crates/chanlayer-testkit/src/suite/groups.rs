@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chanlayer_core::{Codec, LayerOptions};
 
-use crate::{assert_quiet, recv, seq_msg, seq_of, Ctx};
+use crate::{assert_quiet, let_time_pass, recv, seq_msg, seq_of, Ctx};
 
 /// Add 3, discard 1: the 2 get the group message, the discarded one does not.
 pub async fn group_discard_excludes(ctx: Ctx) {
@@ -126,9 +126,9 @@ pub async fn group_membership_expires_and_refreshes(ctx: Ctx) {
     let stale = l.new_channel("s").await.expect("new_channel");
     l.group_add(&group, &refreshed).await.expect("group_add");
     l.group_add(&group, &stale).await.expect("group_add");
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    let_time_pass(Duration::from_millis(900)).await;
     l.group_add(&group, &refreshed).await.expect("refresh");
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    let_time_pass(Duration::from_millis(900)).await;
     l.group_send(&group, seq_msg(1, Codec::Bincode))
         .await
         .expect("group_send");
