@@ -120,25 +120,18 @@ impl Default for Channels {
 
 impl Channels {
     fn slot(&mut self, channel: &str) -> &mut Slot {
-        if !self.map.contains_key(channel) {
-            if self.map.len() >= self.sweep_at {
-                self.map.retain(|_, s| !s.queue.is_empty() || s.waiters > 0);
-                self.sweep_at = (self.map.len() * 2).max(SWEEP_MIN);
-            }
-            self.map.insert(channel.to_owned(), Slot::new());
+        if self.map.len() >= self.sweep_at {
+            self.map.retain(|_, s| !s.queue.is_empty() || s.waiters > 0);
+            self.sweep_at = (self.map.len() * 2).max(SWEEP_MIN);
         }
-        self.map
-            .get_mut(channel)
-            .expect("the slot is present: it was there or was inserted just above")
+        // One hash and lookup; the name is copied only when the slot is new.
+        self.map.entry_ref(channel).or_insert_with(Slot::new)
     }
 
     /// Pops the next live entry of `channel`, counting expired ones it skips.
-    fn pop_live(&mut self, channel: &str, expired: &mut u64) -> Option<Entry> {
+    /// `now` is read before the lock is taken, to keep the critical section short.
+    fn pop_live(&mut self, channel: &str, now: u64, expired: &mut u64) -> Option<Entry> {
         let slot = self.map.get_mut(channel)?;
-        if slot.queue.is_empty() {
-            return None;
-        }
-        let now = now_ms();
         while let Some(e) = slot.queue.pop_front() {
             if e.envelope.is_expired_at(now) {
                 *expired += 1;
@@ -274,7 +267,8 @@ impl LocalInbox {
     /// Takes the next live message from `channel` without waiting.
     pub fn try_take(&self, channel: &str, stats: &Stats) -> Option<Entry> {
         let mut expired = 0;
-        let found = self.lock().pop_live(channel, &mut expired);
+        let now = now_ms();
+        let found = self.lock().pop_live(channel, now, &mut expired);
         if expired > 0 {
             stats.record_expired(expired);
         }
@@ -293,8 +287,9 @@ impl LocalInbox {
         let notify: Arc<Notify>;
         let first;
         {
+            let now = now_ms();
             let mut map = self.lock();
-            let found = map.pop_live(channel, &mut expired);
+            let found = map.pop_live(channel, now, &mut expired);
             if let Some(e) = found {
                 drop(map);
                 stats.record_expired(expired);
@@ -324,9 +319,10 @@ impl LocalInbox {
             let notified = notify.notified();
             tokio::pin!(notified);
             {
+                let now = now_ms();
                 let mut map = self.lock();
                 let mut expired = 0;
-                let found = map.pop_live(channel, &mut expired);
+                let found = map.pop_live(channel, now, &mut expired);
                 if let Some(e) = found {
                     if let Some(slot) = map.get_mut(channel) {
                         if Arc::ptr_eq(&slot.notify, &waiter.notify) {
