@@ -193,6 +193,18 @@ impl MemoryLayer {
         Ok(())
     }
 
+    /// Checks the receiver, waits for the next entry of `channel`, counts it.
+    async fn take(&self, channel: &str) -> Result<Entry> {
+        self.check_receiver(channel)?;
+        let entry = self
+            .broker
+            .inbox
+            .take(channel, &self.stats, &self.closed)
+            .await?;
+        self.stats.record_received(1);
+        Ok(entry)
+    }
+
     fn delivery(&self, channel: &str, entry: Entry) -> Delivery {
         let info = DeliveryInfo {
             id: entry.envelope.id,
@@ -296,24 +308,11 @@ impl ChannelLayer for MemoryLayer {
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        self.check_receiver(channel)?;
-        let entry = self
-            .broker
-            .inbox
-            .take(channel, &self.stats, &self.closed)
-            .await?;
-        self.stats.record_received(1);
-        Ok(entry.envelope.into_message())
+        Ok(self.take(channel).await?.envelope.into_message())
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        self.check_receiver(channel)?;
-        let entry = self
-            .broker
-            .inbox
-            .take(channel, &self.stats, &self.closed)
-            .await?;
-        self.stats.record_received(1);
+        let entry = self.take(channel).await?;
         Ok(self.delivery(channel, entry))
     }
 
@@ -390,25 +389,28 @@ impl ChannelLayer for MemoryLayer {
     }
 
     async fn close(&self) -> Result<()> {
+        self.shut_down();
+        Ok(())
+    }
+}
+
+impl MemoryLayer {
+    /// Closes once: wakes pending receives with `Closed`, and removes this instance's
+    /// process-local queues and their group memberships from the broker.
+    fn shut_down(&self) {
         if !self.closed.close() {
-            return Ok(());
+            return;
         }
         let b = &self.broker;
         b.instances().remove(&self.id);
         let mine = |ch: &str| names::owner_instance(ch) == Some(self.id.as_str());
         b.inbox.remove_where(mine);
         b.groups.remove_channels(mine);
-        Ok(())
     }
 }
 
 impl Drop for MemoryLayer {
     fn drop(&mut self) {
-        self.closed.close();
-        self.broker.instances().remove(&self.id);
-        let id = self.id.as_str();
-        let mine = |ch: &str| names::owner_instance(ch) == Some(id);
-        self.broker.inbox.remove_where(mine);
-        self.broker.groups.remove_channels(mine);
+        self.shut_down();
     }
 }
