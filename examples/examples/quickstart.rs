@@ -28,10 +28,12 @@ async fn main() -> Result<(), chanlayer::Error> {
     // One URL picks the broker. Two instances on the same named in-memory broker stand in
     // for two processes; with a network broker they would be two processes.
     let url = std::env::var(chanlayer::ENV_URL).unwrap_or_else(|_| "memory://quickstart".into());
-    let server: Layer = chanlayer::connect(&url).await?;
-    let worker: Layer = chanlayer::connect(&url).await?;
+    let config = chanlayer::LayerConfig::from_url(&url)?;
+    let server: Layer = chanlayer::connect_config(config.clone()).await?;
+    let worker: Layer = chanlayer::connect_config(config.clone()).await?;
+    // A LayerConfig displays with its password replaced by ***.
     println!(
-        "connected two instances to {url} (backend: {})",
+        "connected two instances to {config} (backend: {})",
         server.capabilities().backend
     );
 
