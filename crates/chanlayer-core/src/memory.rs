@@ -184,13 +184,7 @@ impl MemoryLayer {
 
     fn check_receiver(&self, channel: &str) -> Result<()> {
         self.closed.check()?;
-        names::validate_channel(channel)?;
-        if names::is_process_local(channel) && names::owner_instance(channel) != Some(&self.id) {
-            return Err(Error::NotOwner {
-                channel: channel.to_owned(),
-            });
-        }
-        Ok(())
+        names::check_receiver(channel, &self.id)
     }
 
     /// Checks the receiver, waits for the next entry of `channel`, counts it.

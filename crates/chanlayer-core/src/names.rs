@@ -148,6 +148,18 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
     check(NameKind::Prefix, prefix, false)
 }
 
+/// Checks that the layer instance `instance` may receive from `channel`: a valid name, and
+/// for a process-local channel, one this instance owns (`Error::NotOwner` otherwise).
+pub fn check_receiver(channel: &str, instance: &str) -> Result<()> {
+    validate_channel(channel)?;
+    if is_process_local(channel) && owner_instance(channel) != Some(instance) {
+        return Err(crate::Error::NotOwner {
+            channel: channel.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// `true` if the channel is process-local (contains `!`).
 pub fn is_process_local(channel: &str) -> bool {
     channel.contains('!')

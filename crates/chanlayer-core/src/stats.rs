@@ -30,6 +30,7 @@ pub struct Stats {
     group_member_full: Counter,
     undeliverable: Counter,
     redelivered: Counter,
+    dropped_full: Counter,
     last_undecodable_log: Mutex<Option<Instant>>,
 }
 
@@ -51,6 +52,10 @@ pub struct StatsSnapshot {
     pub undeliverable: u64,
     /// Deliveries handed out again after a nack or an unacked drop.
     pub redelivered: u64,
+    /// Messages for a process-local channel that reached its instance while that channel
+    /// was at capacity, dropped there (backends that enforce local capacity at the receiver,
+    /// where the sender could not be told `ChannelFull`).
+    pub dropped_full: u64,
 }
 
 impl StatsSnapshot {
@@ -64,6 +69,7 @@ impl StatsSnapshot {
             group_member_full: self.group_member_full + other.group_member_full,
             undeliverable: self.undeliverable + other.undeliverable,
             redelivered: self.redelivered + other.redelivered,
+            dropped_full: self.dropped_full + other.dropped_full,
         }
     }
 }
@@ -96,6 +102,14 @@ impl Stats {
     pub fn record_undeliverable(&self, channel: &str) {
         bump(&self.undeliverable, 1);
         tracing::debug!(channel, "message dropped: no instance owns this channel");
+    }
+    /// Counts a message dropped on arrival because its process-local channel was full.
+    pub fn record_dropped_full(&self, channel: &str) {
+        bump(&self.dropped_full, 1);
+        tracing::debug!(
+            channel,
+            "message dropped on arrival: the channel is at capacity"
+        );
     }
     /// Counts a redelivery.
     pub fn record_redelivered(&self, n: u64) {
@@ -132,6 +146,7 @@ impl Stats {
             group_member_full: get(&self.group_member_full),
             undeliverable: get(&self.undeliverable),
             redelivered: get(&self.redelivered),
+            dropped_full: get(&self.dropped_full),
         }
     }
 }

@@ -108,20 +108,26 @@ async fn batch_handler_through_the_facade() {
 
 #[tokio::test]
 async fn backend_schemes_name_their_feature_or_say_not_yet_available() {
+    // Backends that exist are tested against their brokers in their own crates; here only
+    // the compiled-out case (an error naming the feature) and the reserved ones.
+    let available = ["amqp"];
     for (url, feature) in [
         ("kafka://127.0.0.1:9092", "kafka"),
         ("zmq://127.0.0.1:5556", "zmq"),
         ("amqp://guest:guest@127.0.0.1:5672/%2f", "amqp"),
         ("amqps://guest:guest@127.0.0.1:5671/%2f", "amqp"),
     ] {
-        let err = chanlayer::connect(url).await.expect_err("no backend yet");
-        let text = err.to_string();
-        assert!(text.contains(&format!("`{feature}`")), "{url}: {text}");
         let enabled = match feature {
             "kafka" => cfg!(feature = "kafka"),
             "zmq" => cfg!(feature = "zmq"),
             _ => cfg!(feature = "amqp"),
         };
+        if enabled && available.contains(&feature) {
+            continue;
+        }
+        let err = chanlayer::connect(url).await.expect_err("no backend yet");
+        let text = err.to_string();
+        assert!(text.contains(&format!("`{feature}`")), "{url}: {text}");
         if enabled {
             assert!(matches!(err, Error::Unsupported { .. }), "{url}: {err:?}");
             assert!(text.contains("not yet available"), "{text}");
@@ -150,14 +156,17 @@ async fn passwords_never_show() {
     }
     let err = chanlayer::connect(&url.replace("capacity=oops", "capacity=5"))
         .await
-        .expect_err("no amqp yet");
+        .expect_err("amqp compiled out, or an unknown option (sasl.password) for amqp");
     assert!(!format!("{err} {err:?}").contains(secret), "{err:?}");
     let layers = Layers::from_toml_str(&format!(
         "[layers.db]\nurl = \"amqp://u:{secret}@h/%2f\"\n[layers.db.backend]\n\"sasl.password\" = \"{secret}\"\n"
     ))
     .expect("parse");
     assert!(!format!("{layers:?}").contains(secret));
-    let err = layers.get("db").await.expect_err("no amqp backend yet");
+    let err = layers
+        .get("db")
+        .await
+        .expect_err("amqp compiled out, or an unknown option for amqp");
     assert!(!format!("{err} {err:?}").contains(secret));
 }
 

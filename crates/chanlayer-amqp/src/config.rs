@@ -1,0 +1,291 @@
+//! `amqp://` and `amqps://` URLs: the broker address, credentials, and the AMQP options.
+//!
+//! ```text
+//! amqp://USER:PASSWORD@HOST:PORT/VHOST?OPTIONS
+//! amqps://USER:PASSWORD@HOST:5671/VHOST?ca_file=/path/ca.pem&OPTIONS
+//! ```
+//!
+//! The vhost is percent-encoded (`%2f` is `/`, the default when the path is empty). Options
+//! besides the shared ones (`prefix`, `capacity`, ...):
+//!
+//! | option | default | meaning |
+//! |---|---|---|
+//! | `prefetch` | 100 | unacked deliveries a normal-channel consumer may hold |
+//! | `groups_exchange` | `{prefix}.groups` | the direct exchange group messages go through |
+//! | `inbox_capacity` | 10000 | `x-max-length` of the instance's inbox queue |
+//! | `queue_expires` | none | `x-expires` of normal-channel queues (deleted when unused that long) |
+//! | `connection_timeout` | 10s | how long one connection attempt may take |
+//! | `heartbeat` | 30 | AMQP heartbeat, in seconds (0 turns it off) |
+//! | `reconnect_timeout` | 30s | how long an operation waits for a lost broker to come back |
+//! | `connection_name` | `chanlayer {instance}` | the name the broker shows for the connection |
+//! | `ca_file` | system roots | PEM file of the CA that signed the broker's certificate (`amqps://`) |
+
+use std::time::Duration;
+
+use chanlayer_core::config::ConfigDuration;
+use chanlayer_core::{Error, LayerConfig, Result};
+use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+
+/// The AMQP backend's settings, parsed from a [`LayerConfig`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AmqpConfig {
+    /// `true` for `amqps://`.
+    pub tls: bool,
+    /// Broker host.
+    pub host: String,
+    /// Broker port (5672, or 5671 for `amqps://`, when the URL gives none).
+    pub port: u16,
+    /// Virtual host (percent-decoded).
+    pub vhost: String,
+    /// User name.
+    pub username: String,
+    /// Password (redacted in `Debug`).
+    pub password: chanlayer_core::Secret,
+    /// Unacked deliveries a normal-channel consumer may hold.
+    pub prefetch: u16,
+    /// The groups exchange.
+    pub groups_exchange: String,
+    /// `x-max-length` of the inbox queue.
+    pub inbox_capacity: u32,
+    /// `x-expires` of normal-channel queues.
+    pub queue_expires: Option<Duration>,
+    /// Time limit of one connection attempt.
+    pub connection_timeout: Duration,
+    /// Heartbeat in seconds.
+    pub heartbeat: u16,
+    /// How long operations wait for a lost connection to come back.
+    pub reconnect_timeout: Duration,
+    /// Connection name shown by the broker.
+    pub connection_name: Option<String>,
+    /// CA certificate file (PEM) for `amqps://`.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// Every option this backend reads, for the "unknown option" error.
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, prefetch, groups_exchange, inbox_capacity, queue_expires, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
+
+fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+impl AmqpConfig {
+    /// Reads the AMQP settings of `config` (scheme `amqp` or `amqps`). Unknown options are a
+    /// [`Error::Config`] naming them; errors never contain the password.
+    pub fn from_layer_config(config: &LayerConfig) -> Result<AmqpConfig> {
+        let b = &config.backend;
+        let tls = match b.scheme.as_str() {
+            "amqp" => false,
+            "amqps" => true,
+            other => {
+                return Err(Error::Config(format!(
+                    "the amqp backend takes amqp:// or amqps:// URLs, not {other}://"
+                )))
+            }
+        };
+        config.options.validate()?;
+        let (authority, path) = match b.address.split_once('/') {
+            Some((a, p)) => (a, p),
+            None => (b.address.as_str(), ""),
+        };
+        let vhost = if path.is_empty() {
+            "/".to_owned()
+        } else {
+            decode(path)
+        };
+        let default_port = if tls { 5671 } else { 5672 };
+        let (host, port) = split_host_port(authority, default_port)?;
+        let (username, password) = match &b.credentials {
+            Some(c) => (c.username.clone(), c.password.clone().unwrap_or_default()),
+            None => ("guest".to_owned(), chanlayer_core::Secret::new("guest")),
+        };
+        let mut o = b.options.clone();
+        let dur = |v: Option<ConfigDuration>| v.map(|d| d.0);
+        let cfg = AmqpConfig {
+            tls,
+            host,
+            port,
+            vhost,
+            username,
+            password,
+            prefetch: o.take_parsed("prefetch")?.unwrap_or(100),
+            groups_exchange: o
+                .take("groups_exchange")
+                .unwrap_or_else(|| format!("{}.groups", config.options.prefix)),
+            inbox_capacity: o.take_parsed("inbox_capacity")?.unwrap_or(10_000),
+            queue_expires: dur(o.take_parsed("queue_expires")?),
+            connection_timeout: dur(o.take_parsed("connection_timeout")?)
+                .unwrap_or(Duration::from_secs(10)),
+            heartbeat: o.take_parsed("heartbeat")?.unwrap_or(30),
+            reconnect_timeout: dur(o.take_parsed("reconnect_timeout")?)
+                .unwrap_or(Duration::from_secs(30)),
+            connection_name: o.take("connection_name"),
+            ca_file: o.take("ca_file").map(Into::into),
+        };
+        o.reject_unknown("amqp", KNOWN_OPTIONS)?;
+        if cfg.prefetch == 0 {
+            return Err(Error::Config(
+                "option prefetch=0: prefetch must be at least 1 (0 would mean unlimited)".into(),
+            ));
+        }
+        if cfg.inbox_capacity == 0 {
+            return Err(Error::Config(
+                "option inbox_capacity=0: the inbox must hold at least 1 message".into(),
+            ));
+        }
+        if cfg.ca_file.is_some() && !tls {
+            return Err(Error::Config(
+                "option ca_file is for amqps:// URLs; this URL is amqp:// (no TLS)".into(),
+            ));
+        }
+        if cfg.groups_exchange.is_empty() || cfg.groups_exchange.starts_with("amq.") {
+            return Err(Error::Config(format!(
+                "option groups_exchange={:?}: an exchange name must be non-empty and must not start with \"amq.\" (reserved by the broker)",
+                cfg.groups_exchange
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// The broker address without credentials, for messages and logs:
+    /// `amqp://host:port/vhost`.
+    pub fn display_address(&self) -> String {
+        format!(
+            "{}://{}:{}/{}",
+            if self.tls { "amqps" } else { "amqp" },
+            self.host,
+            self.port,
+            percent_encoding::utf8_percent_encode(&self.vhost, percent_encoding::NON_ALPHANUMERIC)
+        )
+    }
+
+    /// The lapin URI (with the password: hand it to lapin only).
+    pub(crate) fn lapin_uri(&self) -> AMQPUri {
+        let timeout_ms = u64::try_from(self.connection_timeout.as_millis()).unwrap_or(u64::MAX);
+        AMQPUri {
+            scheme: if self.tls {
+                AMQPScheme::AMQPS
+            } else {
+                AMQPScheme::AMQP
+            },
+            authority: AMQPAuthority {
+                userinfo: AMQPUserInfo {
+                    username: self.username.clone(),
+                    password: self.password.expose().to_owned(),
+                },
+                host: self.host.clone(),
+                port: self.port,
+            },
+            vhost: self.vhost.clone(),
+            query: AMQPQueryString {
+                heartbeat: Some(self.heartbeat),
+                connection_timeout: Some(timeout_ms),
+                ..AMQPQueryString::default()
+            },
+        }
+    }
+}
+
+fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16)> {
+    if authority.is_empty() {
+        return Ok(("127.0.0.1".to_owned(), default_port));
+    }
+    if authority.contains(',') {
+        return Err(Error::Config(format!(
+            "{authority:?}: the amqp backend connects to one broker (host:port); put a load balancer or a cluster address in front of several"
+        )));
+    }
+    // [v6]:port, host:port, host
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(|| {
+            Error::Config(format!(
+                "{authority:?}: an IPv6 address needs a closing ']'"
+            ))
+        })?;
+        (h.to_owned(), after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (authority.to_owned(), None),
+        }
+    };
+    let port = match port {
+        None | Some("") => default_port,
+        Some(p) => p.parse().map_err(|_| {
+            Error::Config(format!(
+                "{p:?} is not a port number (1-65535) in {authority:?}"
+            ))
+        })?,
+    };
+    Ok((decode(&host), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<AmqpConfig> {
+        AmqpConfig::from_layer_config(&LayerConfig::from_url(url)?)
+    }
+
+    #[test]
+    fn full_url() {
+        let c = parse("amqps://app:s3cret@mq.example:5999/my%2Fvhost?prefix=app&prefetch=7&heartbeat=5&reconnect_timeout=2s&ca_file=/tmp/ca.pem&groups_exchange=g.x&queue_expires=10m&inbox_capacity=50").unwrap();
+        assert!(c.tls);
+        assert_eq!((c.host.as_str(), c.port), ("mq.example", 5999));
+        assert_eq!(c.vhost, "my/vhost");
+        assert_eq!(c.username, "app");
+        assert_eq!(c.password.expose(), "s3cret");
+        assert_eq!(c.prefetch, 7);
+        assert_eq!(c.heartbeat, 5);
+        assert_eq!(c.reconnect_timeout, Duration::from_secs(2));
+        assert_eq!(c.queue_expires, Some(Duration::from_secs(600)));
+        assert_eq!(c.inbox_capacity, 50);
+        assert_eq!(c.groups_exchange, "g.x");
+        assert_eq!(
+            c.ca_file.as_deref(),
+            Some(std::path::Path::new("/tmp/ca.pem"))
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(c.display_address(), "amqps://mq.example:5999/my%2Fvhost");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("amqp://").unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.vhost.as_str()),
+            ("127.0.0.1", 5672, "/")
+        );
+        assert_eq!(c.username, "guest");
+        assert_eq!(c.groups_exchange, "chanlayer.groups");
+        assert_eq!(c.prefetch, 100);
+        let c = parse("amqps://h/%2f").unwrap();
+        assert_eq!((c.port, c.vhost.as_str()), (5671, "/"));
+        let c = parse("amqp://[::1]:5673/v").unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.vhost.as_str()),
+            ("::1", 5673, "v")
+        );
+    }
+
+    #[test]
+    fn bad_options_are_clear() {
+        let e = parse("amqp://u:pw@h?prefetsh=3").unwrap_err().to_string();
+        assert!(e.contains("prefetsh") && e.contains("prefetch"), "{e}");
+        assert!(!e.contains("pw"), "{e}");
+        let e = parse("amqp://h:notaport").unwrap_err().to_string();
+        assert!(e.contains("notaport"), "{e}");
+        let e = parse("amqp://h?prefetch=0").unwrap_err().to_string();
+        assert!(e.contains("at least 1"), "{e}");
+        let e = parse("amqp://h?ca_file=/x").unwrap_err().to_string();
+        assert!(e.contains("amqps"), "{e}");
+        let e = parse("amqp://h1,h2").unwrap_err().to_string();
+        assert!(e.contains("one broker"), "{e}");
+        let e = parse("amqp://h?groups_exchange=amq.direct")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("amq."), "{e}");
+    }
+}

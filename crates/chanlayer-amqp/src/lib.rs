@@ -1,0 +1,70 @@
+//! # chanlayer-amqp
+//!
+//! The AMQP 0-9-1 backend of chanlayer (RabbitMQ first), on [lapin]. Most applications use it
+//! through the `chanlayer` facade with the `amqp` feature and an `amqp://` or `amqps://` URL.
+//!
+//! ```no_run
+//! # async fn run() -> chanlayer_core::Result<()> {
+//! use chanlayer_core::{ChannelLayer, Codec, LayerConfig, Message};
+//! let config = LayerConfig::from_url("amqp://guest:guest@127.0.0.1:5672/%2f?prefix=app")?;
+//! let layer = chanlayer_amqp::AmqpLayer::connect(&config).await?;
+//! let me = layer.new_channel("ws").await?;
+//! layer.group_add("room.42", &me).await?;
+//! layer.group_send("room.42", Message::encode_as("chat", &"hi", Codec::Json)?).await?;
+//! assert_eq!(layer.receive(&me).await?.decode::<String>()?, "hi");
+//! # Ok(()) }
+//! ```
+//!
+//! ## Topology
+//!
+//! - Each layer instance declares one **exclusive inbox queue** `{prefix}.inbox.{instance}`
+//!   (`x-max-length` = `inbox_capacity`, `x-overflow = reject-publish`, `x-message-ttl` =
+//!   `expiry`) for its process-local channels, consumed without acks (at-most-once, as in
+//!   Django Channels).
+//! - **Normal channels** are durable queues `{prefix}.channel.{name}` (`x-max-length` = the
+//!   channel's capacity, `reject-publish`), read by competing consumers with manual acks and a
+//!   prefetch window: at-least-once with `receive_delivery` / `ack` / `nack`.
+//! - **Groups** go through a durable direct exchange `{prefix}.groups`; an instance binds its
+//!   inbox with the group as routing key on the first local member and unbinds on the last.
+//! - Every publish waits for the broker's **publisher confirm**: a broker nack (a full queue)
+//!   is `ChannelFull` for `send` and a counted skip for `group_send`.
+//! - A lost connection is restored in the background with backoff: the inbox is declared
+//!   again under the same name, groups are bound again, consumers resume. Operations wait up to
+//!   `reconnect_timeout` for it.
+//!
+//! See `docs/backends/amqp.md` for the diagram, every option and the guarantees.
+//!
+//! [lapin]: https://docs.rs/lapin
+
+mod config;
+mod groups;
+mod inbox;
+mod layer;
+mod normal;
+mod session;
+mod topology;
+
+pub use config::{AmqpConfig, KNOWN_OPTIONS};
+pub use layer::AmqpLayer;
+
+use chanlayer_core::Capabilities;
+
+/// The backend's name in errors and capabilities.
+pub const BACKEND: &str = "amqp";
+
+/// What the AMQP backend guarantees.
+///
+/// Capacity is exact at the broker for normal channels (`x-max-length` with reject-publish
+/// and publisher confirms). Process-local channels share their instance's inbox queue, so
+/// their per-channel capacity is enforced where they arrive (a message for a full local
+/// channel is dropped there and counted in `dropped_full`); hence
+/// `broker_side_capacity: false`.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    backend: BACKEND,
+    single_reader_normal_channels: true,
+    at_least_once: true,
+    at_least_once_local: false,
+    persistent: true,
+    broker_side_capacity: false,
+    cross_process: true,
+};

@@ -1,0 +1,376 @@
+//! Normal channels: a durable queue per channel, read by competing consumers with manual
+//! acks and a prefetch window.
+//!
+//! Each instance that receives a normal channel runs one AMQP consumer for it, on its own
+//! AMQP channel (started by the first receive, restarted after a reconnection or a flush).
+//! `receive` acks as it returns; `receive_delivery` hands the ack to the caller. A `nack`, or
+//! a delivery dropped unsettled, goes back to the head of this instance's queue for the
+//! channel, in its original order, and stays unacked at the broker: if the instance dies, the
+//! broker delivers it again to another consumer.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chanlayer_core::envelope::now_ms;
+use chanlayer_core::{
+    AckHandle, Acknowledger, CloseSignal, Delivery, DeliveryInfo, Envelope, Error, Result, Stats,
+};
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Acker, Channel, Consumer};
+
+use crate::layer::Inner;
+use crate::session::{backend, is_connection_error, lock, Session};
+
+/// A delivery taken from the broker and not settled yet.
+pub(crate) struct Pending {
+    pub envelope: Envelope,
+    acker: Acker,
+    /// Which consumer start it came from, and its delivery tag there: the order to requeue in.
+    key: (u64, u64),
+    pub redelivered: bool,
+}
+
+/// The consumer of one normal channel in this instance.
+pub(crate) struct NormalConsumer {
+    channel: String,
+    queue: String,
+    state: tokio::sync::Mutex<Slot>,
+    /// The AMQP channel the consumer runs on (closed by `reset` to hand everything back).
+    amqp_channel: Mutex<Option<Channel>>,
+    requeued: Mutex<BTreeMap<(u64, u64), Pending>>,
+    requeue_notify: tokio::sync::Notify,
+    epoch: AtomicU64,
+}
+
+fn ack_in_background(acker: Acker) {
+    tokio::spawn(async move {
+        if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+            // The channel is gone: the broker hands the message out again.
+            tracing::debug!(error = %e, "ack not sent; the broker will deliver the message again");
+        }
+    });
+}
+
+impl NormalConsumer {
+    pub fn new(channel: &str, queue: String) -> Self {
+        NormalConsumer {
+            channel: channel.to_owned(),
+            queue,
+            state: tokio::sync::Mutex::new(Slot::Idle),
+            amqp_channel: Mutex::new(None),
+            requeued: Mutex::new(BTreeMap::new()),
+            requeue_notify: tokio::sync::Notify::new(),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// Puts an unsettled delivery back at the head, in delivery order.
+    pub fn requeue(&self, mut p: Pending, stats: &Stats) {
+        p.redelivered = true;
+        stats.record_redelivered(1);
+        lock(&self.requeued).insert(p.key, p);
+        self.requeue_notify.notify_one();
+    }
+
+    /// The first requeued delivery whose AMQP channel is still open (the others come back
+    /// from the broker).
+    fn pop_requeued(&self) -> Option<Pending> {
+        let mut q = lock(&self.requeued);
+        while let Some((_, p)) = q.pop_first() {
+            if p.acker.usable() {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Hands everything back to the broker: closes the AMQP channel (unacked deliveries
+    /// return to the queue) and forgets the local requeue. The next receive starts again.
+    pub async fn reset(&self) {
+        lock(&self.requeued).clear();
+        let ch = lock(&self.amqp_channel).take();
+        if let Some(ch) = ch {
+            let _ = ch.close(200, ShortString::from("chanlayer flush")).await;
+        }
+    }
+
+    async fn start(self: Arc<Self>, inner: Arc<Inner>) -> Result<Consumer> {
+        let inner = &inner;
+        let mut session = inner.session().await?;
+        loop {
+            match self.try_start(inner, &session).await {
+                Ok(c) => return Ok(c),
+                Err(StartError::Lapin(e)) if is_connection_error(&e) => {
+                    session.broken.notify_one();
+                    session = inner.session_after(session.generation).await?;
+                }
+                Err(StartError::Lapin(e)) => {
+                    return Err(backend(
+                        &format!("could not consume queue {:?}", self.queue),
+                        e,
+                    ))
+                }
+                Err(StartError::Layer(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn try_start(
+        &self,
+        inner: &Arc<Inner>,
+        session: &Arc<Session>,
+    ) -> std::result::Result<Consumer, StartError> {
+        inner
+            .declare_channel_queue(session, &self.channel)
+            .await
+            .map_err(StartError::Layer)?;
+        let ch = session.conn.create_channel().await?;
+        ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
+            .await?;
+        let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        let consumer = ch
+            .basic_consume(
+                ShortString::from(self.queue.as_str()),
+                ShortString::from(format!("chanlayer-{}-{epoch}", inner.id)),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        *lock(&self.amqp_channel) = Some(ch);
+        Ok(consumer)
+    }
+
+    /// Turns a broker delivery into a [`Pending`], or skips it (undecodable or expired: acked
+    /// and counted).
+    fn accept(&self, inner: &Inner, d: lapin::message::Delivery) -> Option<Pending> {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        match Envelope::decode(&d.data) {
+            Err(e) => {
+                inner
+                    .stats
+                    .record_undecodable(&format!("amqp queue {}", self.queue), &e);
+                ack_in_background(d.acker);
+                None
+            }
+            Ok(env) if env.is_expired_at(now_ms()) => {
+                inner.stats.record_expired(1);
+                ack_in_background(d.acker);
+                None
+            }
+            Ok(env) => Some(Pending {
+                envelope: env,
+                acker: d.acker,
+                key: (epoch, d.delivery_tag),
+                redelivered: d.redelivered,
+            }),
+        }
+    }
+
+    /// Waits for the next delivery. Cancellation-safe: a delivery leaves the consumer only in
+    /// the step that returns it, and a consumer being started is kept in the slot (started
+    /// by a task of its own) so a cancelled receive never strands one.
+    async fn take_locked(self: &Arc<Self>, inner: &Arc<Inner>, slot: &mut Slot) -> Result<Pending> {
+        loop {
+            inner.closed.check()?;
+            if let Some(p) = self.pop_requeued() {
+                return Ok(p);
+            }
+            match slot {
+                Slot::Idle => {
+                    *slot = Slot::Starting(tokio::spawn(self.clone().start(inner.clone())));
+                }
+                Slot::Starting(handle) => {
+                    let started = tokio::select! {
+                        _ = inner.closed.closed() => return Err(Error::Closed),
+                        r = handle => r,
+                    };
+                    match started {
+                        Ok(Ok(c)) => *slot = Slot::Running(c),
+                        Ok(Err(e)) => {
+                            *slot = Slot::Idle;
+                            return Err(e);
+                        }
+                        Err(e) => {
+                            *slot = Slot::Idle;
+                            return Err(Error::backend(
+                                crate::BACKEND,
+                                "the consumer start task failed",
+                                e,
+                            ));
+                        }
+                    }
+                }
+                Slot::Running(consumer) => {
+                    let next = tokio::select! {
+                        _ = inner.closed.closed() => return Err(Error::Closed),
+                        _ = self.requeue_notify.notified() => continue,
+                        n = consumer.next() => n,
+                    };
+                    match next {
+                        Some(Ok(d)) => {
+                            if let Some(p) = self.accept(inner, d) {
+                                return Ok(p);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(queue = %self.queue, error = %e, "consumer stopped; restarting");
+                            *slot = Slot::Idle;
+                            if let Ok(s) = inner.session().await {
+                                s.broken.notify_one();
+                            }
+                        }
+                        None => *slot = Slot::Idle,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next delivery of this channel.
+    pub async fn take(self: &Arc<Self>, inner: &Arc<Inner>) -> Result<Pending> {
+        let mut slot = tokio::select! {
+            _ = inner.closed.closed() => return Err(Error::Closed),
+            g = self.state.lock() => g,
+        };
+        self.take_locked(inner, &mut slot).await
+    }
+
+    /// Up to `max` deliveries: waits up to `timeout` for the first, then takes what is there.
+    pub async fn take_batch(
+        self: &Arc<Self>,
+        inner: &Arc<Inner>,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Pending>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let started = tokio::time::Instant::now();
+        let mut slot = tokio::select! {
+            _ = inner.closed.closed() => return Err(Error::Closed),
+            g = self.state.lock() => g,
+        };
+        let left = timeout.saturating_sub(started.elapsed());
+        let first = match tokio::time::timeout(left, self.take_locked(inner, &mut slot)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(Vec::new()),
+        };
+        let mut out = vec![first];
+        while out.len() < max {
+            if let Some(p) = self.pop_requeued() {
+                out.push(p);
+                continue;
+            }
+            let Slot::Running(consumer) = &mut *slot else {
+                break;
+            };
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => {
+                    if let Some(p) = self.accept(inner, d) {
+                        out.push(p);
+                    }
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Acks in the background and returns the envelope (`receive`'s auto-ack).
+    pub fn auto_ack(p: Pending) -> Envelope {
+        ack_in_background(p.acker);
+        p.envelope
+    }
+
+    /// A [`Delivery`] whose ack/nack settle with the broker / the local requeue.
+    pub fn delivery(
+        self: &Arc<Self>,
+        p: Pending,
+        stats: Arc<Stats>,
+        closed: Arc<CloseSignal>,
+    ) -> Delivery {
+        let info = DeliveryInfo {
+            id: p.envelope.id,
+            channel: self.channel.clone(),
+            redelivered: p.redelivered,
+            sent_at_ms: p.envelope.sent_at_ms,
+        };
+        let message = p.envelope.clone().into_message();
+        let acker = AmqpAcker {
+            consumer: self.clone(),
+            pending: Some(p),
+            stats,
+            closed,
+        };
+        Delivery::new(message, info, AckHandle::new(Box::new(acker)))
+    }
+}
+
+/// Where a normal channel's consumer is.
+enum Slot {
+    /// Not started (first receive, or after a reconnection or flush).
+    Idle,
+    /// Being started by a task of its own.
+    Starting(tokio::task::JoinHandle<Result<Consumer>>),
+    /// Consuming.
+    Running(Consumer),
+}
+
+enum StartError {
+    Lapin(lapin::Error),
+    Layer(Error),
+}
+
+impl From<lapin::Error> for StartError {
+    fn from(e: lapin::Error) -> Self {
+        StartError::Lapin(e)
+    }
+}
+
+/// Settles a normal-channel delivery.
+struct AmqpAcker {
+    consumer: Arc<NormalConsumer>,
+    pending: Option<Pending>,
+    stats: Arc<Stats>,
+    closed: Arc<CloseSignal>,
+}
+
+#[async_trait]
+impl Acknowledger for AmqpAcker {
+    async fn ack(&mut self) -> Result<()> {
+        self.closed.check()?;
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        p.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                backend(
+                    "the ack did not reach the broker (the connection was lost); the message will be delivered again",
+                    e,
+                )
+            })
+    }
+
+    async fn nack(&mut self) -> Result<()> {
+        if let Some(p) = self.pending.take() {
+            self.consumer.requeue(p, &self.stats);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AmqpAcker {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.consumer.requeue(p, &self.stats);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! What only the AMQP backend has, on a real RabbitMQ: garbage on the inbox queue, broker-side
+//! capacity of normal channels, prefixes that keep applications apart, password redaction,
+//! TTLs at the broker.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chanlayer_amqp::AmqpLayer;
+use chanlayer_core::{ChannelLayer, Codec, Error, LayerConfig, LayerOptions, Message};
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+
+fn ns(tag: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(tag.as_bytes());
+    format!("b{:016x}", h.finish())
+}
+
+async fn layer(prefix: &str, options: LayerOptions, extra: &str) -> Arc<AmqpLayer> {
+    let options = LayerOptions {
+        prefix: prefix.to_owned(),
+        ..options
+    };
+    Arc::new(
+        common::connect(options, extra)
+            .await
+            .expect("connect to RabbitMQ"),
+    )
+}
+
+async fn recv(l: &AmqpLayer, ch: &str) -> Message {
+    tokio::time::timeout(DEADLINE, l.receive(ch))
+        .await
+        .unwrap_or_else(|_| panic!("nothing on {ch} within {DEADLINE:?}"))
+        .expect("receive")
+}
+
+async fn quiet(l: &AmqpLayer, ch: &str) {
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), l.receive(ch)).await {
+        panic!("expected nothing on {ch}, got {r:?}");
+    }
+}
+
+fn seq(i: u64) -> Message {
+    Message::encode_as("test.seq", &i, Codec::Bincode).expect("encode")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_published_by_another_client_onto_the_inbox_is_skipped_and_counted() {
+    let prefix = ns("garbage");
+    let l = layer(&prefix, LayerOptions::default(), "").await;
+    let me = l.new_channel("g").await.expect("new_channel");
+    // A plain lapin client, not the layer, writes straight onto the inbox queue.
+    let conn = Connection::connect(&common::broker_url(), ConnectionProperties::default())
+        .await
+        .expect("raw lapin connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let garbage: [&[u8]; 4] = [
+        b"",
+        b"hello, not an envelope",
+        b"CL\x01\xff\xff\xff",
+        b"CL\x09rest",
+    ];
+    for g in garbage {
+        ch.basic_publish(
+            ShortString::from(""),
+            ShortString::from(l.inbox_queue()),
+            BasicPublishOptions::default(),
+            g,
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish garbage");
+    }
+    l.send(&me, seq(7)).await.expect("send after the garbage");
+    assert_eq!(recv(&l, &me).await.decode::<u64>().expect("decode"), 7);
+    chanlayer_testkit::eventually("the garbage is counted", || {
+        l.stats().undecodable >= garbage.len() as u64
+    })
+    .await;
+    assert_eq!(l.stats().undecodable, garbage.len() as u64);
+    l.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_normal_channel_is_channel_full_at_the_broker_across_instances() {
+    let prefix = ns("full");
+    let opts = LayerOptions {
+        capacity: 2,
+        ..LayerOptions::default()
+    };
+    let a = layer(&prefix, opts.clone(), "").await;
+    let b = layer(&prefix, opts, "").await;
+    let ch = format!("{prefix}.jobs");
+    a.send(&ch, seq(0)).await.expect("send 0");
+    b.send(&ch, seq(1))
+        .await
+        .expect("send 1 from another instance");
+    let err = a.send(&ch, seq(2)).await.expect_err("the queue holds 2");
+    assert!(matches!(err, Error::ChannelFull { .. }), "{err:?}");
+    assert!(err.to_string().contains(&ch), "{err}");
+    let err = b
+        .send(&ch, seq(2))
+        .await
+        .expect_err("full for every sender");
+    assert!(matches!(err, Error::ChannelFull { .. }), "{err:?}");
+    assert_eq!(recv(&b, &ch).await.decode::<u64>().expect("decode"), 0);
+    a.send(&ch, seq(3))
+        .await
+        .expect("room again after a receive");
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_send_to_a_full_member_queue_is_a_counted_skip() {
+    let prefix = ns("gfull");
+    let l = layer(
+        &prefix,
+        LayerOptions {
+            capacity: 1,
+            ..LayerOptions::default()
+        },
+        "",
+    )
+    .await;
+    let group = format!("{prefix}.g");
+    let full = format!("{prefix}.full");
+    let free = format!("{prefix}.free");
+    l.group_add(&group, &full).await.expect("group_add");
+    l.group_add(&group, &free).await.expect("group_add");
+    l.send(&full, seq(0)).await.expect("fill the member");
+    l.group_send(&group, seq(1))
+        .await
+        .expect("group_send never fails for capacity");
+    assert_eq!(
+        l.stats().group_member_full,
+        1,
+        "the skipped copy is counted"
+    );
+    assert_eq!(recv(&l, &free).await.decode::<u64>().expect("decode"), 1);
+    assert_eq!(recv(&l, &full).await.decode::<u64>().expect("decode"), 0);
+    quiet(&l, &full).await;
+    l.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_prefixes_on_one_vhost_do_not_share_queues_or_groups() {
+    let base = ns("prefixes");
+    let (pa, pb) = (format!("{base}a"), format!("{base}b"));
+    let a = layer(&pa, LayerOptions::default(), "").await;
+    let b = layer(&pb, LayerOptions::default(), "").await;
+    assert_ne!(a.channel_queue("jobs"), b.channel_queue("jobs"));
+    let (ma, mb) = (
+        a.new_channel("m").await.expect("new_channel"),
+        b.new_channel("m").await.expect("new_channel"),
+    );
+    a.group_add("room", &ma).await.expect("group_add");
+    b.group_add("room", &mb).await.expect("group_add");
+    a.send("jobs", seq(1)).await.expect("send");
+    b.send("jobs", seq(2)).await.expect("send");
+    a.group_send("room", seq(10)).await.expect("group_send");
+    b.group_send("room", seq(20)).await.expect("group_send");
+    assert_eq!(recv(&a, "jobs").await.decode::<u64>().expect("decode"), 1);
+    assert_eq!(recv(&b, "jobs").await.decode::<u64>().expect("decode"), 2);
+    assert_eq!(recv(&a, &ma).await.decode::<u64>().expect("decode"), 10);
+    assert_eq!(recv(&b, &mb).await.decode::<u64>().expect("decode"), 20);
+    quiet(&a, "jobs").await;
+    quiet(&a, &ma).await;
+    quiet(&b, &mb).await;
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_show() {
+    let secret = "n0t-the-Passw0rd";
+    let url = format!("amqp://guest:{secret}@127.0.0.1:5672/%2f?connection_timeout=5s");
+    let config = LayerConfig::from_url(&url).expect("parse");
+    let err = AmqpLayer::connect(&config)
+        .await
+        .expect_err("a wrong password is refused");
+    let text = format!("{err} {err:?} {:?}", std::error::Error::source(&err));
+    assert!(!text.contains(secret), "{text}");
+    assert!(
+        text.contains("127.0.0.1:5672"),
+        "the error names the broker: {text}"
+    );
+    // A working layer's Debug and its config's Display/Debug hide the password too.
+    let l = layer(&ns("creds"), LayerOptions::default(), "").await;
+    let config = LayerConfig::from_url(&common::broker_url()).expect("parse");
+    for text in [format!("{l:?}"), format!("{config}"), format!("{config:?}")] {
+        assert!(!text.contains(":guest@"), "{text}");
+    }
+    l.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_a_clear_error() {
+    let config = LayerConfig::from_url("amqp://guest:guest@127.0.0.1:1/%2f?connection_timeout=3s")
+        .expect("parse");
+    let err = AmqpLayer::connect(&config)
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(
+        matches!(err, Error::Backend { .. } | Error::Timeout { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instances_local_channel_cannot_join_a_group_here() {
+    let prefix = ns("notowner");
+    let a = layer(&prefix, LayerOptions::default(), "").await;
+    let b = layer(&prefix, LayerOptions::default(), "").await;
+    let theirs = b.new_channel("x").await.expect("new_channel");
+    let err = a
+        .group_add(&format!("{prefix}.g"), &theirs)
+        .await
+        .expect_err("only the owner adds its local channels");
+    assert!(matches!(err, Error::NotOwner { .. }), "{err:?}");
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}
