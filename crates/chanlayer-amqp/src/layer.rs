@@ -54,6 +54,10 @@ pub(crate) struct Inner {
     known_queues: Mutex<HashSet<String>>,
     consumers: Mutex<HashMap<String, Arc<NormalConsumer>>>,
     reconnects: AtomicU64,
+    /// Message properties, computed once: transient (process-local channels).
+    transient: BasicProperties,
+    /// Message properties, computed once: persistent (normal channels and groups).
+    persistent: BasicProperties,
 }
 
 impl Inner {
@@ -80,6 +84,12 @@ impl Inner {
 
     async fn session_where(&self, ok: impl Fn(&Session) -> bool) -> Result<Arc<Session>> {
         self.closed.check()?;
+        // Fast path, every operation's: the session is up; no subscription, no timer.
+        if let Some(s) = self.session.borrow().as_ref() {
+            if ok(s) {
+                return Ok(s.clone());
+            }
+        }
         let mut rx = self.session.subscribe();
         let wait = async {
             loop {
@@ -307,6 +317,8 @@ impl AmqpLayer {
             known_queues: Mutex::new(HashSet::new()),
             consumers: Mutex::new(HashMap::new()),
             reconnects: AtomicU64::new(0),
+            transient: properties(&config.options, false),
+            persistent: properties(&config.options, true),
         });
         let first = session::open(&inner, 1).await?;
         inner.set_session(Some(first.clone()));
@@ -409,13 +421,7 @@ impl AmqpLayer {
             let queue = inner.names.inbox_of(owner);
             // capacity 0: the limit that refused it is the owner's inbox_capacity.
             let stored = inner
-                .publish_to_queue(
-                    channel,
-                    &queue,
-                    &payload,
-                    properties(&inner.options, false),
-                    0,
-                )
+                .publish_to_queue(channel, &queue, &payload, inner.transient.clone(), 0)
                 .await?;
             if !stored {
                 // The owner's inbox is gone: the instance closed or died.
@@ -434,7 +440,7 @@ impl AmqpLayer {
                     channel,
                     &queue,
                     &payload,
-                    properties(&inner.options, true),
+                    inner.persistent.clone(),
                     inner.options.capacity_for(channel),
                 )
                 .await?;
@@ -538,7 +544,7 @@ impl AmqpLayer {
                 &inner.names.groups_exchange,
                 group,
                 &env.encode(),
-                properties(&inner.options, true),
+                inner.persistent.clone(),
                 false,
             )
             .await?;

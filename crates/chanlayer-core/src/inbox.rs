@@ -278,7 +278,12 @@ impl LocalInbox {
     /// Waits for the next live message on `channel`. `Err(Closed)` when `closed` fires.
     /// Cancellation-safe: the message leaves its queue in the same locked step that returns
     /// it; a future dropped before that step took nothing.
+    ///
+    /// Spends one unit of the task's tokio budget, as tokio's own channels do: a loop whose
+    /// every take finds a message ready still yields to the runtime now and then, so it
+    /// cannot starve the timers and the other tasks of its worker thread.
     pub async fn take(&self, channel: &str, stats: &Stats, closed: &CloseSignal) -> Result<Entry> {
+        tokio::task::consume_budget().await;
         closed.check()?;
         let mut expired = 0;
         // One lock: take a message, or register as a waiter. `notify_waiters` wakes every

@@ -282,6 +282,9 @@ impl ChannelLayer for MemoryLayer {
     }
 
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
+        // A send never waits here; spending budget makes a tight send loop yield now and
+        // then (see `LocalInbox::take`).
+        tokio::task::consume_budget().await;
         self.closed.check()?;
         names::validate_channel(channel)?;
         // In-process: the queue is the address, so the envelope need not carry it.
@@ -353,6 +356,7 @@ impl ChannelLayer for MemoryLayer {
     }
 
     async fn group_send(&self, group: &str, message: Message) -> Result<()> {
+        tokio::task::consume_budget().await;
         self.closed.check()?;
         names::validate_group(group)?;
         let env = Envelope::seal_unaddressed(Destination::Group, group, message, &self.options)?;
@@ -406,5 +410,59 @@ impl MemoryLayer {
 impl Drop for MemoryLayer {
     fn drop(&mut self) {
         self.shut_down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A task whose sends and receives always find the operation ready must still give
+    /// its worker thread back now and then; otherwise other tasks and timers on that
+    /// thread starve (the cause of a hang seen in CI when `close` raced busy tasks).
+    #[test]
+    fn ready_operations_yield_to_the_runtime() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // The runtime lives in its own thread so that a starved runtime fails this test
+        // by timeout instead of hanging the test binary.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds");
+            rt.block_on(async move {
+                let config = LayerConfig::from_url("memory://").expect("memory:// parses");
+                let layer = Arc::new(MemoryLayer::connect(&config).expect("memory connects"));
+                let channel = layer.new_channel("busy").await.expect("new_channel");
+                let stop = Arc::new(AtomicBool::new(false));
+                let busy = {
+                    let (layer, channel, stop) = (layer.clone(), channel.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        let mut rounds = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            let m = Message::encode_as("t", &rounds, crate::codec::Codec::Json)
+                                .expect("a u64 encodes");
+                            layer.send(&channel, m).await.expect("send");
+                            layer.receive(&channel).await.expect("receive");
+                            rounds += 1;
+                        }
+                        rounds
+                    })
+                };
+                // On a current-thread runtime this task runs again only if `busy` yields.
+                tokio::task::yield_now().await;
+                stop.store(true, Ordering::Relaxed);
+                let rounds = busy.await.expect("busy task");
+                done_tx
+                    .send(rounds)
+                    .expect("the test thread waits for this");
+            });
+        });
+        let rounds = done_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a busy send/receive loop must yield to the runtime within 30 s");
+        assert!(rounds > 0, "the busy task ran");
     }
 }
