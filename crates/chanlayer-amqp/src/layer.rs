@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chanlayer_core::{
-    names, AckHandle, Capabilities, ChannelLayer, CloseSignal, Delivery, DeliveryInfo, Destination,
-    Entry, Envelope, Error, GroupRegistry, LayerConfig, LayerOptions, LocalInbox, Message, Result,
-    Stats, StatsSnapshot,
+    names, Capabilities, ChannelLayer, CloseSignal, Delivery, Destination, Envelope, Error,
+    GroupRegistry, LayerConfig, LayerOptions, LocalInbox, Message, Result, Stats, StatsSnapshot,
 };
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::tcp::OwnedTLSConfig;
@@ -262,16 +261,6 @@ impl Inner {
         }
         Ok(c.take_message().is_none())
     }
-
-    fn local_delivery(&self, channel: &str, entry: Entry) -> Delivery {
-        let info = DeliveryInfo {
-            id: entry.envelope.id,
-            channel: channel.to_owned(),
-            redelivered: false,
-            sent_at_ms: entry.envelope.sent_at_ms,
-        };
-        Delivery::new(entry.envelope.into_message(), info, AckHandle::settled())
-    }
 }
 
 /// The AMQP channel layer. See the crate docs.
@@ -482,7 +471,7 @@ impl AmqpLayer {
                 .inbox
                 .take(channel, &inner.stats, &inner.closed)
                 .await?;
-            inner.local_delivery(channel, e)
+            e.into_settled_delivery(channel)
         } else {
             let c = inner.consumer(channel);
             let p = c.take(inner).await?;
@@ -506,7 +495,7 @@ impl AmqpLayer {
                 .take_batch(channel, max, timeout, &inner.stats, &inner.closed)
                 .await?
                 .into_iter()
-                .map(|e| inner.local_delivery(channel, e))
+                .map(|e| e.into_settled_delivery(channel))
                 .collect()
         } else {
             let c = inner.consumer(channel);

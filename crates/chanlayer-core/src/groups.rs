@@ -60,6 +60,15 @@ impl GroupRegistry {
         false
     }
 
+    /// `true` if `group` has a live member (no allocation: the hot-path filter for group
+    /// traffic that is not for this instance).
+    pub fn has_members(&self, group: &str) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .get(group)
+            .is_some_and(|members| members.values().any(|t| *t > now))
+    }
+
     /// The live members of `group`, sorted. Expired memberships are removed.
     pub fn members(&self, group: &str) -> Vec<String> {
         let now = Instant::now();

@@ -32,6 +32,25 @@ pub struct Entry {
     pub seq: u64,
 }
 
+impl Entry {
+    /// This entry as an at-most-once [`Delivery`](crate::Delivery) of `channel`: it has
+    /// already left its queue, so `ack` does nothing and `nack` is an error. What network
+    /// backends hand out for process-local channels.
+    pub fn into_settled_delivery(self, channel: &str) -> crate::Delivery {
+        let info = crate::DeliveryInfo {
+            id: self.envelope.id,
+            channel: channel.to_owned(),
+            redelivered: self.redelivered,
+            sent_at_ms: self.envelope.sent_at_ms,
+        };
+        crate::Delivery::new(
+            self.envelope.into_message(),
+            info,
+            crate::AckHandle::settled(),
+        )
+    }
+}
+
 /// A one-way "closed" flag that async code can wait on. Checking it is one atomic load
 /// (it sits on every hot path); waiting uses a watch channel.
 #[derive(Debug)]

@@ -28,6 +28,7 @@ use chanlayer_core::{
 };
 
 pub mod memory;
+pub mod peer;
 pub mod suite;
 
 pub use memory::MemoryFactory;

@@ -1,0 +1,468 @@
+//! `kafka://` URLs: the bootstrap brokers, the topic settings, security, and pass-through
+//! librdkafka properties.
+//!
+//! ```text
+//! kafka://HOST:PORT[,HOST:PORT...]?OPTIONS
+//! kafka://USER:PASSWORD@HOST:PORT?security.protocol=sasl_ssl&sasl.mechanism=SCRAM-SHA-512&ca_file=/ca.pem
+//! ```
+//!
+//! Options besides the shared ones (`prefix`, `capacity`, ...):
+//!
+//! | option | default | meaning |
+//! |---|---|---|
+//! | `partitions` | 1 | partitions of the normal-channel and groups topics it creates |
+//! | `replication` | -1 | replication factor of the topics it creates (-1: the broker's default) |
+//! | `retention` | 1d | `retention.ms` of the topics it creates |
+//! | `create_topics` | true | create missing channel and groups topics; with `false` a missing one is an error (inboxes are always created) |
+//! | `groups_topic` | `{prefix}.groups` | the topic group messages go through |
+//! | `prefetch` | 500 | messages a normal-channel consumer buffers ahead of `receive` |
+//! | `linger` | 1ms | producer `linger.ms`: how long a send waits to share a batch |
+//! | `delivery_timeout` | 30s | how long a send may wait for the broker (`message.timeout.ms`) |
+//! | `session_timeout` | 10s | consumer-group `session.timeout.ms`: how soon a dead reader's partitions move |
+//! | `commit_interval` | 100ms | how often acknowledged offsets are committed |
+//! | `security.protocol` | plaintext | `plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl` |
+//! | `sasl.mechanism` | PLAIN (with a user) | `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` |
+//! | `username`, `password` | from the URL | SASL credentials (the URL's `USER:PASSWORD@` too) |
+//! | `ca_file` | system roots | PEM file of the CA that signed the brokers' certificates |
+//! | `kafka.<property>` | | any librdkafka property, passed through as is (wins over the above) |
+
+use std::time::Duration;
+
+use chanlayer_core::config::{BackendOptions, ConfigDuration};
+use chanlayer_core::{Error, LayerConfig, Result, Secret};
+use rdkafka::ClientConfig;
+
+/// The Kafka backend's settings, parsed from a [`LayerConfig`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Partitions of the normal-channel and groups topics this layer creates.
+    pub partitions: i32,
+    /// Replication factor of the topics this layer creates (-1: the broker's default).
+    pub replication: i32,
+    /// `retention.ms` of the topics this layer creates.
+    pub retention: Duration,
+    /// Create missing topics (otherwise a missing topic is an error).
+    pub create_topics: bool,
+    /// The topic group messages go through.
+    pub groups_topic: String,
+    /// Messages a normal-channel consumer buffers ahead of `receive`.
+    pub prefetch: usize,
+    /// Producer `linger.ms`.
+    pub linger: Duration,
+    /// Producer `message.timeout.ms`: how long a send may wait for the broker.
+    pub delivery_timeout: Duration,
+    /// Consumer-group `session.timeout.ms`.
+    pub session_timeout: Duration,
+    /// How often acknowledged offsets are committed.
+    pub commit_interval: Duration,
+    /// `security.protocol` (lower case), if set.
+    pub security_protocol: Option<String>,
+    /// `sasl.mechanism` (upper case), if SASL is used.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    pub username: Option<String>,
+    /// SASL password (redacted in `Debug`).
+    pub password: Option<Secret>,
+    /// `ssl.ca.location`.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// `kafka.<property>` pass-through, prefix removed (secret-looking values redacted in
+    /// `Debug`).
+    pub client_properties: BackendOptions,
+}
+
+/// Every option this backend reads, for the "unknown option" error.
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>";
+
+const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+/// Room above `max_message_size` for the envelope and the record's own overhead.
+pub(crate) const RECORD_OVERHEAD: usize = 64 * 1024;
+
+impl KafkaConfig {
+    /// Reads the Kafka settings of `config` (scheme `kafka`). Unknown options are an
+    /// [`Error::Config`] naming them; errors never contain a password.
+    pub fn from_layer_config(config: &LayerConfig) -> Result<KafkaConfig> {
+        let b = &config.backend;
+        if b.scheme != "kafka" {
+            return Err(Error::Config(format!(
+                "the kafka backend takes kafka:// URLs, not {}://",
+                b.scheme
+            )));
+        }
+        config.options.validate()?;
+        let brokers = parse_brokers(&b.address)?;
+        let mut o = b.options.clone();
+        let dur = |v: Option<ConfigDuration>| v.map(|d| d.0);
+        let (mut username, mut password) = match &b.credentials {
+            Some(c) => (Some(c.username.clone()), c.password.clone()),
+            None => (None, None),
+        };
+        if let Some(u) = o.take("username") {
+            username = Some(u);
+        }
+        if let Some(p) = o.take("password") {
+            password = Some(Secret::new(p));
+        }
+        let mut client_properties = BackendOptions::default();
+        let pass_through: Vec<String> =
+            o.0.keys()
+                .filter(|k| k.starts_with("kafka."))
+                .cloned()
+                .collect();
+        for k in pass_through {
+            if let Some(v) = o.take(&k) {
+                let name = k["kafka.".len()..].to_owned();
+                if name.is_empty() {
+                    return Err(Error::Config(
+                        "option \"kafka.\" names no librdkafka property (kafka.<property>=<value>)"
+                            .into(),
+                    ));
+                }
+                client_properties.0.insert(name, v);
+            }
+        }
+        let security_protocol = o.take("security.protocol").map(|p| p.to_ascii_lowercase());
+        let sasl_mechanism = o.take("sasl.mechanism").map(|m| m.to_ascii_uppercase());
+        let cfg = KafkaConfig {
+            brokers,
+            partitions: o.take_parsed("partitions")?.unwrap_or(1),
+            replication: o.take_parsed("replication")?.unwrap_or(-1),
+            retention: dur(o.take_parsed("retention")?).unwrap_or(Duration::from_secs(24 * 3600)),
+            create_topics: o.take_parsed("create_topics")?.unwrap_or(true),
+            groups_topic: o
+                .take("groups_topic")
+                .unwrap_or_else(|| format!("{}.groups", config.options.prefix)),
+            prefetch: o.take_parsed("prefetch")?.unwrap_or(500),
+            linger: dur(o.take_parsed("linger")?).unwrap_or(Duration::from_millis(1)),
+            delivery_timeout: dur(o.take_parsed("delivery_timeout")?)
+                .unwrap_or(Duration::from_secs(30)),
+            session_timeout: dur(o.take_parsed("session_timeout")?)
+                .unwrap_or(Duration::from_secs(10)),
+            commit_interval: dur(o.take_parsed("commit_interval")?)
+                .unwrap_or(Duration::from_millis(100)),
+            security_protocol,
+            sasl_mechanism,
+            username,
+            password,
+            ca_file: o.take("ca_file").map(Into::into),
+            client_properties,
+        };
+        o.reject_unknown("kafka", KNOWN_OPTIONS)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.partitions < 1 {
+            return bad(format!(
+                "option partitions={}: a topic needs at least 1 partition",
+                self.partitions
+            ));
+        }
+        if self.replication == 0 || self.replication < -1 {
+            return bad(format!(
+                "option replication={}: use a replication factor of at least 1, or -1 for the broker's default",
+                self.replication
+            ));
+        }
+        if self.prefetch == 0 {
+            return bad("option prefetch=0: a consumer must buffer at least 1 message".into());
+        }
+        if self.delivery_timeout.is_zero() || self.session_timeout.is_zero() {
+            return bad("options delivery_timeout and session_timeout must be positive".into());
+        }
+        if self.commit_interval.is_zero() {
+            return bad("option commit_interval must be positive".into());
+        }
+        if let Some(p) = &self.security_protocol {
+            if !PROTOCOLS.contains(&p.as_str()) {
+                return bad(format!(
+                    "option security.protocol={p}: use one of {}",
+                    PROTOCOLS.join(", ")
+                ));
+            }
+        }
+        if let Some(m) = &self.sasl_mechanism {
+            if !MECHANISMS.contains(&m.as_str()) {
+                return bad(format!(
+                    "option sasl.mechanism={m}: use one of {} (others through kafka.sasl.mechanism)",
+                    MECHANISMS.join(", ")
+                ));
+            }
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return bad("a SASL password was given without a username".into());
+        }
+        if self.groups_topic.is_empty() || !self.groups_topic.bytes().all(topic_byte) {
+            return bad(format!(
+                "option groups_topic={:?}: a Kafka topic name is 1 to 249 of [A-Za-z0-9._-]",
+                self.groups_topic
+            ));
+        }
+        Ok(())
+    }
+
+    /// `security.protocol` as librdkafka gets it: the option, else implied by SASL
+    /// credentials and a CA file, else `plaintext`.
+    pub fn effective_protocol(&self) -> &str {
+        if let Some(p) = &self.security_protocol {
+            return p;
+        }
+        match (self.username.is_some(), self.ca_file.is_some()) {
+            (true, true) => "sasl_ssl",
+            (true, false) => "sasl_plaintext",
+            (false, true) => "ssl",
+            (false, false) => "plaintext",
+        }
+    }
+
+    /// The brokers without credentials, for messages and logs: `kafka://h1:9092,h2:9092`.
+    pub fn display_address(&self) -> String {
+        format!("kafka://{}", self.brokers)
+    }
+
+    /// The librdkafka settings every client of this layer shares: brokers, client id,
+    /// security, then the `kafka.*` pass-through (which wins).
+    pub fn client_config(&self, client_id: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", client_id)
+            .set("security.protocol", self.effective_protocol());
+        if let Some(user) = &self.username {
+            c.set(
+                "sasl.mechanism",
+                self.sasl_mechanism.as_deref().unwrap_or("PLAIN"),
+            )
+            .set("sasl.username", user);
+            if let Some(p) = &self.password {
+                c.set("sasl.password", p.expose());
+            }
+        } else if let Some(m) = &self.sasl_mechanism {
+            c.set("sasl.mechanism", m);
+        }
+        if let Some(ca) = &self.ca_file {
+            c.set("ssl.ca.location", ca.to_string_lossy());
+        }
+        for (k, v) in &self.client_properties.0 {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// The producer's settings: idempotent, `acks=all`, delivery reports awaited by `send`.
+    pub fn producer_config(&self, client_id: &str, max_message_size: usize) -> ClientConfig {
+        let mut c = self.client_config(client_id);
+        set_default(&mut c, "enable.idempotence", "true");
+        set_default(&mut c, "acks", "all");
+        set_default(&mut c, "linger.ms", &millis(self.linger).to_string());
+        set_default(
+            &mut c,
+            "message.timeout.ms",
+            &millis(self.delivery_timeout).max(1).to_string(),
+        );
+        set_default(
+            &mut c,
+            "message.max.bytes",
+            &(max_message_size + RECORD_OVERHEAD).to_string(),
+        );
+        // A send to a topic that does not exist (an instance that closed) must not create it.
+        set_default(&mut c, "allow.auto.create.topics", "false");
+        c
+    }
+
+    /// A consumer's settings: manual commits only, no offset store, no topic creation.
+    /// `group` is the consumer group (normal channels) or `None` (assigned partitions only).
+    pub fn consumer_config(&self, client_id: &str, group: Option<&str>) -> ClientConfig {
+        let mut c = self.client_config(client_id);
+        if let Some(g) = group {
+            c.set("group.id", g);
+        } else {
+            // librdkafka wants a group id for a consumer; nothing joins or commits with it.
+            c.set("group.id", client_id);
+        }
+        set_default(&mut c, "enable.auto.commit", "false");
+        set_default(&mut c, "enable.auto.offset.store", "false");
+        set_default(&mut c, "auto.offset.reset", "earliest");
+        set_default(&mut c, "enable.partition.eof", "false");
+        set_default(&mut c, "allow.auto.create.topics", "false");
+        set_default(
+            &mut c,
+            "session.timeout.ms",
+            &millis(self.session_timeout).to_string(),
+        );
+        // Latency: answer a fetch as soon as anything is there, or after 100 ms.
+        set_default(&mut c, "fetch.wait.max.ms", "100");
+        c
+    }
+}
+
+/// Sets `key` unless the `kafka.*` pass-through already did.
+fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
+    if c.get(key).is_none() {
+        c.set(key, value);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn topic_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'
+}
+
+fn parse_brokers(address: &str) -> Result<String> {
+    let address = address.trim_end_matches('/');
+    if address.is_empty() {
+        return Ok("127.0.0.1:9092".to_owned());
+    }
+    if address.contains('/') {
+        return Err(Error::Config(format!(
+            "{address:?}: a kafka:// URL has no path; it is kafka://host:port[,host:port...]?options"
+        )));
+    }
+    let mut out = Vec::new();
+    for hp in address.split(',') {
+        let hp = hp.trim();
+        if hp.is_empty() {
+            return Err(Error::Config(format!(
+                "{address:?}: an empty broker address between commas"
+            )));
+        }
+        let port = if hp.starts_with('[') {
+            hp.split_once("]:").map(|(_, p)| p)
+        } else {
+            hp.rsplit_once(':').map(|(_, p)| p)
+        };
+        match port {
+            None => out.push(format!("{hp}:9092")),
+            Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => out.push(hp.to_owned()),
+            Some(p) => {
+                return Err(Error::Config(format!(
+                    "{p:?} is not a port number (1-65535) in {hp:?}"
+                )))
+            }
+        }
+    }
+    Ok(out.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<KafkaConfig> {
+        KafkaConfig::from_layer_config(&LayerConfig::from_url(url)?)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("kafka://").unwrap();
+        assert_eq!(c.brokers, "127.0.0.1:9092");
+        assert_eq!((c.partitions, c.replication), (1, -1));
+        assert_eq!(c.groups_topic, "chanlayer.groups");
+        assert!(c.create_topics);
+        assert_eq!(c.effective_protocol(), "plaintext");
+        let c = parse("kafka://a:1,b,[::1]:3?prefix=app").unwrap();
+        assert_eq!(c.brokers, "a:1,b:9092,[::1]:3");
+        assert_eq!(c.groups_topic, "app.groups");
+    }
+
+    #[test]
+    fn options_and_pass_through() {
+        let c = parse("kafka://h:9092?partitions=3&replication=2&retention=2h&create_topics=false&prefetch=7&linger=5ms&kafka.compression.type=lz4&kafka.sasl.password=zzz").unwrap();
+        assert_eq!((c.partitions, c.replication, c.prefetch), (3, 2, 7));
+        assert_eq!(c.retention, Duration::from_secs(7200));
+        assert!(!c.create_topics);
+        let p = c.producer_config("me", 1000);
+        assert_eq!(p.get("compression.type"), Some("lz4"));
+        assert_eq!(p.get("linger.ms"), Some("5"));
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("acks"), Some("all"));
+        assert!(!format!("{c:?}").contains("zzz"), "{c:?}");
+        // The pass-through wins over chanlayer's defaults.
+        let c = parse("kafka://h?kafka.acks=1&kafka.enable.auto.commit=true").unwrap();
+        assert_eq!(c.producer_config("me", 1).get("acks"), Some("1"));
+        assert_eq!(
+            c.consumer_config("me", Some("g")).get("enable.auto.commit"),
+            Some("true")
+        );
+    }
+
+    /// SASL/SSL options reach librdkafka's configuration.
+    #[test]
+    fn sasl_and_ssl_reach_the_client_config() {
+        let c = parse("kafka://app:s3cret@k1:9093,k2:9093?security.protocol=SASL_SSL&sasl.mechanism=scram-sha-512&ca_file=/etc/ca.pem").unwrap();
+        for cc in [
+            c.client_config("x"),
+            c.producer_config("x", 10),
+            c.consumer_config("x", Some("g")),
+        ] {
+            assert_eq!(cc.get("bootstrap.servers"), Some("k1:9093,k2:9093"));
+            assert_eq!(cc.get("security.protocol"), Some("sasl_ssl"));
+            assert_eq!(cc.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+            assert_eq!(cc.get("sasl.username"), Some("app"));
+            assert_eq!(cc.get("sasl.password"), Some("s3cret"));
+            assert_eq!(cc.get("ssl.ca.location"), Some("/etc/ca.pem"));
+        }
+        // Credentials as options; the protocol follows from them.
+        let c = parse("kafka://h?username=u&password=p").unwrap();
+        let cc = c.client_config("x");
+        assert_eq!(cc.get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(cc.get("sasl.mechanism"), Some("PLAIN"));
+        let c = parse("kafka://h?ca_file=/ca.pem").unwrap();
+        assert_eq!(c.client_config("x").get("security.protocol"), Some("ssl"));
+        let c = parse("kafka://u:p@h?sasl.mechanism=SCRAM-SHA-256").unwrap();
+        assert_eq!(
+            c.client_config("x").get("sasl.mechanism"),
+            Some("SCRAM-SHA-256")
+        );
+    }
+
+    #[test]
+    fn password_never_shown() {
+        let cfg = LayerConfig::from_url("kafka://app:s3cret@h:1?password=other").unwrap();
+        assert!(!cfg.to_string().contains("s3cret"));
+        assert!(!cfg.to_string().contains("other"));
+        let c = KafkaConfig::from_layer_config(&cfg).unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("other"),
+            "{shown}"
+        );
+        let e = parse("kafka://u:s3cret@h?partitons=2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partitons") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn bad_options_are_clear() {
+        for (url, needle) in [
+            ("kafka://h?partitions=0", "at least 1 partition"),
+            ("kafka://h?replication=0", "replication"),
+            ("kafka://h?prefetch=0", "prefetch"),
+            ("kafka://h?security.protocol=tls", "security.protocol"),
+            ("kafka://h?sasl.mechanism=GSSAPI", "kafka.sasl.mechanism"),
+            ("kafka://h?password=x", "without a username"),
+            ("kafka://h:99999", "port"),
+            ("kafka://h,,k", "empty broker"),
+            ("kafka://h/path", "no path"),
+            ("kafka://h?groups_topic=a%20b", "groups_topic"),
+            ("kafka://h?kafka.=1", "kafka.<property>"),
+            ("amqp://h", "kafka://"),
+        ] {
+            let e = match LayerConfig::from_url(url) {
+                Ok(cfg) => KafkaConfig::from_layer_config(&cfg)
+                    .expect_err(url)
+                    .to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! # chanlayer-kafka
+//!
+//! The Kafka backend of chanlayer, on [rdkafka] (librdkafka). Most applications use it
+//! through the `chanlayer` facade with the `kafka` feature and a `kafka://` URL.
+//!
+//! ```no_run
+//! # async fn run() -> chanlayer_core::Result<()> {
+//! use chanlayer_core::{ChannelLayer, Codec, LayerConfig, Message};
+//! let config = LayerConfig::from_url("kafka://127.0.0.1:9092?prefix=app")?;
+//! let layer = chanlayer_kafka::KafkaLayer::connect(&config).await?;
+//! let me = layer.new_channel("ws").await?;
+//! layer.group_add("room.42", &me).await?;
+//! layer.group_send("room.42", Message::encode_as("chat", &"hi", Codec::Json)?).await?;
+//! assert_eq!(layer.receive(&me).await?.decode::<String>()?, "hi");
+//! # Ok(()) }
+//! ```
+//!
+//! ## Topics
+//!
+//! - Each layer instance creates an **inbox topic** `{prefix}.inbox.{instance}` (one
+//!   partition) for its process-local channels, reads it alone (assigned, no consumer group),
+//!   and deletes it on close. No instance reads another's inbox.
+//! - **Normal channels** are topics `{prefix}.channel.{name}`, read through the consumer
+//!   group of the same name: instances receiving one channel compete for its partitions.
+//!   Offsets are committed after `receive` returns, after `ack`, or after a batch handler
+//!   succeeds; never before.
+//! - **Groups** go through one topic, `{prefix}.groups` (key: the group), that every
+//!   instance reads from the end it found at connect, fanning out to its own members.
+//! - The producer is idempotent with `acks=all`; `send` waits for the delivery report.
+//!
+//! See `docs/backends/kafka.md` for the diagram, every option and the guarantees.
+//!
+//! [rdkafka]: https://docs.rs/rdkafka
+
+mod config;
+mod layer;
+mod normal;
+mod producer;
+mod receiver;
+mod topics;
+
+pub use config::{KafkaConfig, KNOWN_OPTIONS};
+pub use layer::KafkaLayer;
+pub use topics::{inbox_topic, list_inboxes, remove_inboxes, InboxTopic};
+
+use chanlayer_core::Capabilities;
+
+/// The backend's name in errors and capabilities.
+pub const BACKEND: &str = "kafka";
+
+/// What the Kafka backend guarantees.
+///
+/// Kafka has no broker-side queue length: a channel's capacity is enforced where messages
+/// arrive (the instance's local inbox for process-local channels, the consumer's `prefetch`
+/// buffer for normal channels), hence `broker_side_capacity: false`. Process-local channels
+/// are at-most-once, as in Django Channels.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    backend: BACKEND,
+    single_reader_normal_channels: true,
+    at_least_once: true,
+    at_least_once_local: false,
+    persistent: true,
+    broker_side_capacity: false,
+    cross_process: true,
+};

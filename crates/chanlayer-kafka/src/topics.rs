@@ -1,0 +1,373 @@
+//! Topic names and the admin work on them: creation when missing, deletion of an instance's
+//! inbox on close, and listing leftovers.
+//!
+//! ```text
+//! send("ws.ID!r") ──▶ {prefix}.inbox.ID        1 partition, read by instance ID only
+//!                                               (assigned, from the start; no consumer group)
+//! send("jobs") ─────▶ {prefix}.channel.jobs    `partitions` partitions, consumer group
+//!                                               {prefix}.channel.jobs: readers compete
+//! group_send("room")▶ {groups_topic}           key "room"; every instance reads it from the
+//!                                               end it found at connect and fans out to its
+//!                                               own members
+//! ```
+//!
+//! Every name starts with the layer's `prefix`, so two applications on one cluster with
+//! different prefixes never share a topic.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chanlayer_core::{Error, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::config::{KafkaConfig, RECORD_OVERHEAD};
+use crate::BACKEND;
+
+/// Topic names for one layer instance.
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+    /// The groups topic.
+    pub groups: String,
+    /// This instance's inbox topic.
+    pub inbox: String,
+}
+
+impl Names {
+    /// Names for instance `instance` of a layer with prefix `prefix`.
+    pub fn new(prefix: &str, groups_topic: &str, instance: &str) -> Self {
+        Names {
+            prefix: prefix.to_owned(),
+            groups: groups_topic.to_owned(),
+            inbox: inbox_topic(prefix, instance),
+        }
+    }
+
+    /// The inbox topic of the instance `instance`.
+    pub fn inbox_of(&self, instance: &str) -> String {
+        inbox_topic(&self.prefix, instance)
+    }
+
+    /// The topic (and consumer group) of normal channel `channel`.
+    pub fn channel_topic(&self, channel: &str) -> String {
+        format!("{}.channel.{channel}", self.prefix)
+    }
+}
+
+/// `{prefix}.inbox.{instance}`.
+pub fn inbox_topic(prefix: &str, instance: &str) -> String {
+    format!("{prefix}.inbox.{instance}")
+}
+
+/// What a topic is for: its partition count follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// An instance's inbox: one partition (one reader, in order).
+    Inbox,
+    /// A normal channel or the groups topic: `partitions` partitions.
+    Shared,
+}
+
+pub(crate) fn backend_err(what: &str, e: KafkaError) -> Error {
+    Error::backend(BACKEND, what, e)
+}
+
+/// Creates topics when missing (or checks they exist, with `create_topics=false`); remembers
+/// the ones it has seen.
+pub(crate) struct Topics {
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    cfg: KafkaConfig,
+    max_message_size: usize,
+    known: Mutex<HashSet<String>>,
+    /// Serialises creations, so concurrent first sends to one channel create it once.
+    creating: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Topics {
+    pub fn new(cfg: &KafkaConfig, client_id: &str, max_message_size: usize) -> Result<Self> {
+        let admin = cfg
+            .client_config(client_id)
+            .create()
+            .map_err(|e| backend_err("could not create the admin client", e))?;
+        Ok(Topics {
+            admin: Arc::new(admin),
+            cfg: cfg.clone(),
+            max_message_size,
+            known: Mutex::new(HashSet::new()),
+            creating: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn options(&self) -> AdminOptions {
+        AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))
+    }
+
+    /// Makes sure `topic` exists: known already, or found, or created.
+    pub async fn ensure(&self, topic: &str, kind: Kind) -> Result<()> {
+        if lock(&self.known).contains(topic) {
+            return Ok(());
+        }
+        let _one = self.creating.lock().await;
+        if lock(&self.known).contains(topic) {
+            return Ok(());
+        }
+        // An instance's inbox is its own and always created; `create_topics=false` is about
+        // the shared topics (normal channels, groups) an operator may want to manage.
+        if !self.cfg.create_topics && kind != Kind::Inbox {
+            if self.exists(topic).await? {
+                lock(&self.known).insert(topic.to_owned());
+                return Ok(());
+            }
+            return Err(Error::Config(format!(
+                "topic {topic:?} does not exist on {} and create_topics=false; create it, or let chanlayer create topics",
+                self.cfg.display_address()
+            )));
+        }
+        let partitions = match kind {
+            Kind::Inbox => 1,
+            Kind::Shared => self.cfg.partitions,
+        };
+        let replication = TopicReplication::Fixed(self.cfg.replication);
+        let retention = self.cfg.retention.as_millis().to_string();
+        let max_bytes = (self.max_message_size + RECORD_OVERHEAD).to_string();
+        let new = NewTopic::new(topic, partitions, replication)
+            .set("retention.ms", &retention)
+            .set("max.message.bytes", &max_bytes);
+        let results = self
+            .admin
+            .create_topics([&new], &self.options())
+            .await
+            .map_err(|e| backend_err(&format!("could not create topic {topic:?}"), e))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => {
+                    return Err(Error::Backend {
+                        backend: BACKEND,
+                        message: format!("could not create topic {t:?}: {code}"),
+                        source: None,
+                    })
+                }
+            }
+        }
+        lock(&self.known).insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// `true` if the cluster has `topic` (a metadata request).
+    pub async fn exists(&self, topic: &str) -> Result<bool> {
+        Ok(self.partition_count(topic).await?.is_some())
+    }
+
+    /// The number of partitions of `topic`, `None` if it does not exist.
+    pub async fn partition_count(&self, topic: &str) -> Result<Option<usize>> {
+        let admin = self.admin.clone();
+        let topic_owned = topic.to_owned();
+        let md = tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_metadata(Some(&topic_owned), Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| Error::backend(BACKEND, "the metadata task failed", e))?
+        .map_err(|e| backend_err(&format!("could not read the metadata of {topic:?}"), e))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len()))
+    }
+
+    /// The high watermark (the next offset) of `topic`'s `partition`.
+    pub async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64> {
+        let admin = self.admin.clone();
+        let t = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_watermarks(&t, partition, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| Error::backend(BACKEND, "the watermark task failed", e))?
+        .map(|(_, high)| high)
+        .map_err(|e| backend_err(&format!("could not read the end of {topic:?}"), e))
+    }
+
+    /// `true` if this layer has seen `topic` exist.
+    pub fn is_known(&self, topic: &str) -> bool {
+        lock(&self.known).contains(topic)
+    }
+
+    /// Remembers that `topic` exists.
+    pub fn remember(&self, topic: &str) {
+        lock(&self.known).insert(topic.to_owned());
+    }
+
+    /// The known topics whose names start with `head`.
+    pub fn known_with(&self, head: &str) -> Vec<String> {
+        lock(&self.known)
+            .iter()
+            .filter(|t| t.starts_with(head))
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets that `topic` exists (it was deleted, or a send found it gone).
+    pub fn forget(&self, topic: &str) {
+        lock(&self.known).remove(topic);
+    }
+
+    /// Deletes `topics` (missing ones are fine).
+    pub async fn delete(&self, topics: &[&str]) -> Result<()> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        let results = self
+            .admin
+            .delete_topics(topics, &self.options())
+            .await
+            .map_err(|e| backend_err("could not delete topics", e))?;
+        let mut known = lock(&self.known);
+        for r in results {
+            match r {
+                Ok(t) | Err((t, RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                    known.remove(&t);
+                }
+                Err((t, code)) => {
+                    return Err(Error::Backend {
+                        backend: BACKEND,
+                        message: format!("could not delete topic {t:?}: {code}"),
+                        source: None,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Moves the consumer group of a normal channel's topic (the group has the topic's name) to
+/// the end of every partition: what was there is skipped by every reader. Blocking. The
+/// group must have no running member (a broker refuses commits from outside a live group).
+pub(crate) fn skip_to_end(cfg: &KafkaConfig, client_id: &str, topic: &str) -> Result<()> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = cfg
+        .consumer_config(client_id, Some(topic))
+        .create()
+        .map_err(|e| backend_err("could not create a consumer to flush", e))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| backend_err(&format!("could not read the metadata of {topic:?}"), e))?;
+    let partitions = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len());
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        let p = i32::try_from(p).unwrap_or(i32::MAX);
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(|e| backend_err(&format!("could not read the end of {topic:?}"), e))?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(high))
+            .map_err(|e| backend_err("could not build the flush offsets", e))?;
+    }
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+        backend_err(
+            &format!("could not move the readers of {topic:?} to its end (are other instances receiving it?)"),
+            e,
+        )
+    })
+}
+
+/// An inbox topic found by [`list_inboxes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxTopic {
+    /// The topic name, `{prefix}.inbox.{instance}`.
+    pub topic: String,
+    /// The instance id it belongs to.
+    pub instance: String,
+}
+
+/// Lists the inbox topics of layers with `prefix` on the cluster of `config`: those of
+/// running instances and leftovers of instances that crashed (a closed instance deletes its
+/// own).
+pub async fn list_inboxes(config: &chanlayer_core::LayerConfig) -> Result<Vec<InboxTopic>> {
+    let cfg = KafkaConfig::from_layer_config(config)?;
+    let admin: AdminClient<DefaultClientContext> = cfg
+        .client_config("chanlayer-admin")
+        .create()
+        .map_err(|e| backend_err("could not create the admin client", e))?;
+    let md = tokio::task::spawn_blocking(move || {
+        admin.inner().fetch_metadata(None, Duration::from_secs(10))
+    })
+    .await
+    .map_err(|e| Error::backend(BACKEND, "the metadata task failed", e))?
+    .map_err(|e| backend_err("could not list topics", e))?;
+    let head = format!("{}.inbox.", config.options.prefix);
+    let mut out: Vec<InboxTopic> = md
+        .topics()
+        .iter()
+        .filter_map(|t| {
+            let instance = t.name().strip_prefix(&head)?;
+            (!instance.is_empty() && !instance.contains('.')).then(|| InboxTopic {
+                topic: t.name().to_owned(),
+                instance: instance.to_owned(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.topic.cmp(&b.topic));
+    Ok(out)
+}
+
+/// Deletes the inbox topics of the given instances (as listed by [`list_inboxes`]). Deleting
+/// the inbox of a running instance loses what it has not read yet and stops its
+/// process-local channels; remove only those of instances that are gone.
+pub async fn remove_inboxes(
+    config: &chanlayer_core::LayerConfig,
+    instances: &[String],
+) -> Result<Vec<String>> {
+    let cfg = KafkaConfig::from_layer_config(config)?;
+    let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size)?;
+    let names: Vec<String> = instances
+        .iter()
+        .map(|i| inbox_topic(&config.options.prefix, i))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    topics.delete(&refs).await?;
+    Ok(names)
+}
+
+/// The producer-side check used before sending to another instance's inbox.
+pub(crate) fn is_unknown_topic(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+    )
+}
+
+/// Errors a consumer cannot get past by retrying: the broker refuses it.
+pub(crate) fn is_fatal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    )
+}
