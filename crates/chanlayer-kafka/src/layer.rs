@@ -1,6 +1,6 @@
 //! [`KafkaLayer`]: the `ChannelLayer` over the topics of [`crate::topics`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -46,6 +46,33 @@ pub(crate) struct Inner {
     receiver: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Inbox offsets below this were sent before a `flush`: the receiver drops them.
     pub inbox_skip_below: AtomicI64,
+    /// Instances that announced their close: their process-local channels are gone.
+    pub closed_instances: ClosedInstances,
+}
+
+/// The instances known to have closed (at most [`ClosedInstances::CAP`], oldest forgotten
+/// first).
+#[derive(Default)]
+pub(crate) struct ClosedInstances(Mutex<(HashSet<String>, VecDeque<String>)>);
+
+impl ClosedInstances {
+    const CAP: usize = 65_536;
+
+    pub fn insert(&self, id: &str) {
+        let mut g = lock(&self.0);
+        if g.0.insert(id.to_owned()) {
+            g.1.push_back(id.to_owned());
+            if g.1.len() > Self::CAP {
+                if let Some(old) = g.1.pop_front() {
+                    g.0.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        lock(&self.0).0.contains(id)
+    }
 }
 
 impl Inner {
@@ -92,6 +119,9 @@ impl Inner {
         let Some(owner) = names::owner_instance(channel) else {
             return Ok(false);
         };
+        if self.closed_instances.contains(owner) {
+            return Ok(false);
+        }
         let topic = self.names.inbox_of(owner);
         if !self.topics.is_known(&topic) {
             if !self.topics.exists(&topic).await? {
@@ -207,6 +237,7 @@ impl KafkaLayer {
             consumers: Mutex::new(HashMap::new()),
             receiver: Mutex::new(None),
             inbox_skip_below: AtomicI64::new(0),
+            closed_instances: ClosedInstances::default(),
         });
         let reach = |e: Error| match e {
             Error::Backend {
@@ -261,6 +292,13 @@ impl KafkaLayer {
         *lock(&inner.receiver) = Some(thread);
         tokio::spawn(forwarder(inner.clone(), rx));
         Ok(KafkaLayer { inner })
+    }
+
+    /// `true` once this instance has read the close notice of instance `id` (a diagnostic:
+    /// from then on, sends to `id`'s process-local channels are counted undeliverable
+    /// without reaching the broker).
+    pub fn knows_closed(&self, id: &str) -> bool {
+        self.inner.closed_instances.contains(id)
     }
 
     /// This instance's inbox topic.
@@ -319,6 +357,19 @@ impl KafkaLayer {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
         inner.inbox.clear();
+        // Tell the other instances (they read the groups topic) that our process-local
+        // channels are gone, so their sends stop at once instead of reaching a dead topic.
+        if let Err(e) = inner
+            .sender
+            .send(
+                &inner.names.groups,
+                Some(crate::receiver::CLOSED_KEY),
+                inner.id.as_bytes(),
+            )
+            .await
+        {
+            tracing::debug!(error = ?e, "could not announce the close");
+        }
         // Copies the forwarder has in flight get their chance to land.
         let flushing = inner.clone();
         let _ = tokio::task::spawn_blocking(move || {

@@ -101,6 +101,9 @@ pub(crate) fn run(
         match consumer.poll(wait) {
             Some(Ok(m)) => {
                 if m.topic() == inner.names.groups {
+                    if closed_notice(&inner, &m) {
+                        continue;
+                    }
                     if has_members(&inner, &m) {
                         deferred.messages.push(m.detach());
                     }
@@ -153,7 +156,7 @@ fn catch_up_inbox(
     while *inbox_next < high && std::time::Instant::now() < deadline && !inner.closed.is_closed() {
         match consumer.poll(Duration::from_millis(20)) {
             Some(Ok(m)) if m.topic() == inner.names.groups => {
-                if has_members(inner, &m) {
+                if !closed_notice(inner, &m) && has_members(inner, &m) {
                     deferred.messages.push(m.detach());
                 }
             }
@@ -168,6 +171,22 @@ fn catch_up_inbox(
         }
     }
 }
+
+/// Handles an instance's "closed" notice (key [`CLOSED_KEY`], the instance id as value):
+/// sends to its process-local channels are undeliverable from now on. `true` if `m` was one.
+fn closed_notice<M: Message>(inner: &Inner, m: &M) -> bool {
+    if m.key() != Some(CLOSED_KEY) {
+        return false;
+    }
+    if let Some(id) = m.payload().and_then(|p| std::str::from_utf8(p).ok()) {
+        inner.closed_instances.insert(id);
+    }
+    true
+}
+
+/// The key of the notice a closing instance puts on the groups topic. Group names cannot
+/// contain `!`, so it never collides with a group.
+pub(crate) const CLOSED_KEY: &[u8] = b"!closed";
 
 /// `true` if the group message's group (its key) has a member here, or has no key.
 fn has_members<M: Message>(inner: &Inner, m: &M) -> bool {

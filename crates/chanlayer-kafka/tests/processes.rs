@@ -144,6 +144,10 @@ async fn local_and_group_messages_cross_processes() {
         !now.contains(&peer_instance)
     })
     .await;
+    chanlayer_testkit::eventually("the peer's close notice is read", || {
+        layer.knows_closed(&peer_instance)
+    })
+    .await;
     // Sending to it now is a counted undeliverable, not an error and not a new topic.
     let before = layer.stats().undeliverable;
     layer
