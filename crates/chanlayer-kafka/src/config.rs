@@ -18,6 +18,7 @@
 //! | `prefetch` | 500 | messages a normal-channel consumer buffers ahead of `receive` |
 //! | `linger` | 1ms | producer `linger.ms`: how long a send waits to share a batch |
 //! | `delivery_timeout` | 30s | how long a send may wait for the broker (`message.timeout.ms`) |
+//! | `connection_timeout` | 10s | how long a request to the cluster (admin, metadata) may take |
 //! | `session_timeout` | 10s | consumer-group `session.timeout.ms`: how soon a dead reader's partitions move |
 //! | `commit_interval` | 100ms | how often acknowledged offsets are committed |
 //! | `security.protocol` | plaintext | `plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl` |
@@ -53,6 +54,8 @@ pub struct KafkaConfig {
     pub linger: Duration,
     /// Producer `message.timeout.ms`: how long a send may wait for the broker.
     pub delivery_timeout: Duration,
+    /// How long one request to the cluster (admin, metadata, watermarks) may take.
+    pub connection_timeout: Duration,
     /// Consumer-group `session.timeout.ms`.
     pub session_timeout: Duration,
     /// How often acknowledged offsets are committed.
@@ -73,7 +76,7 @@ pub struct KafkaConfig {
 }
 
 /// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>";
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>";
 
 const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
 const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
@@ -139,6 +142,8 @@ impl KafkaConfig {
             linger: dur(o.take_parsed("linger")?).unwrap_or(Duration::from_millis(1)),
             delivery_timeout: dur(o.take_parsed("delivery_timeout")?)
                 .unwrap_or(Duration::from_secs(30)),
+            connection_timeout: dur(o.take_parsed("connection_timeout")?)
+                .unwrap_or(Duration::from_secs(10)),
             session_timeout: dur(o.take_parsed("session_timeout")?)
                 .unwrap_or(Duration::from_secs(10)),
             commit_interval: dur(o.take_parsed("commit_interval")?)
@@ -172,8 +177,14 @@ impl KafkaConfig {
         if self.prefetch == 0 {
             return bad("option prefetch=0: a consumer must buffer at least 1 message".into());
         }
-        if self.delivery_timeout.is_zero() || self.session_timeout.is_zero() {
-            return bad("options delivery_timeout and session_timeout must be positive".into());
+        if self.delivery_timeout.is_zero()
+            || self.session_timeout.is_zero()
+            || self.connection_timeout.is_zero()
+        {
+            return bad(
+                "options delivery_timeout, session_timeout and connection_timeout must be positive"
+                    .into(),
+            );
         }
         if self.commit_interval.is_zero() {
             return bad("option commit_interval must be positive".into());
@@ -231,7 +242,11 @@ impl KafkaConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", client_id)
-            .set("security.protocol", self.effective_protocol());
+            .set("security.protocol", self.effective_protocol())
+            .set(
+                "socket.connection.setup.timeout.ms",
+                millis(self.connection_timeout).max(1000).to_string(),
+            );
         if let Some(user) = &self.username {
             c.set(
                 "sasl.mechanism",

@@ -47,7 +47,7 @@ pub(crate) fn assign(inner: &Inner, groups_partitions: usize) -> Result<BaseCons
     for p in 0..groups_partitions {
         let p = i32::try_from(p).unwrap_or(i32::MAX);
         let (_, high) = consumer
-            .fetch_watermarks(&inner.names.groups, p, Duration::from_secs(10))
+            .fetch_watermarks(&inner.names.groups, p, inner.cfg.connection_timeout)
             .map_err(|e| {
                 backend_err(
                     &format!(

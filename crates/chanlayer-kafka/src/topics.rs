@@ -16,7 +16,6 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use chanlayer_core::{Error, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -106,7 +105,9 @@ impl Topics {
     }
 
     fn options(&self) -> AdminOptions {
-        AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))
+        AdminOptions::new()
+            .operation_timeout(Some(self.cfg.connection_timeout))
+            .request_timeout(Some(self.cfg.connection_timeout))
     }
 
     /// Makes sure `topic` exists: known already, or found, or created.
@@ -169,11 +170,10 @@ impl Topics {
     /// The number of partitions of `topic`, `None` if it does not exist.
     pub async fn partition_count(&self, topic: &str) -> Result<Option<usize>> {
         let admin = self.admin.clone();
+        let timeout = self.cfg.connection_timeout;
         let topic_owned = topic.to_owned();
         let md = tokio::task::spawn_blocking(move || {
-            admin
-                .inner()
-                .fetch_metadata(Some(&topic_owned), Duration::from_secs(10))
+            admin.inner().fetch_metadata(Some(&topic_owned), timeout)
         })
         .await
         .map_err(|e| Error::backend(BACKEND, "the metadata task failed", e))?
@@ -189,16 +189,13 @@ impl Topics {
     /// The high watermark (the next offset) of `topic`'s `partition`.
     pub async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64> {
         let admin = self.admin.clone();
+        let timeout = self.cfg.connection_timeout;
         let t = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            admin
-                .inner()
-                .fetch_watermarks(&t, partition, Duration::from_secs(10))
-        })
-        .await
-        .map_err(|e| Error::backend(BACKEND, "the watermark task failed", e))?
-        .map(|(_, high)| high)
-        .map_err(|e| backend_err(&format!("could not read the end of {topic:?}"), e))
+        tokio::task::spawn_blocking(move || admin.inner().fetch_watermarks(&t, partition, timeout))
+            .await
+            .map_err(|e| Error::backend(BACKEND, "the watermark task failed", e))?
+            .map(|(_, high)| high)
+            .map_err(|e| backend_err(&format!("could not read the end of {topic:?}"), e))
     }
 
     /// `true` if this layer has seen `topic` exist.
@@ -265,7 +262,7 @@ pub(crate) fn skip_to_end(cfg: &KafkaConfig, client_id: &str, topic: &str) -> Re
         .create()
         .map_err(|e| backend_err("could not create a consumer to flush", e))?;
     let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .fetch_metadata(Some(topic), cfg.connection_timeout)
         .map_err(|e| backend_err(&format!("could not read the metadata of {topic:?}"), e))?;
     let partitions = md
         .topics()
@@ -276,7 +273,7 @@ pub(crate) fn skip_to_end(cfg: &KafkaConfig, client_id: &str, topic: &str) -> Re
     for p in 0..partitions {
         let p = i32::try_from(p).unwrap_or(i32::MAX);
         let (_, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .fetch_watermarks(topic, p, cfg.connection_timeout)
             .map_err(|e| backend_err(&format!("could not read the end of {topic:?}"), e))?;
         tpl.add_partition_offset(topic, p, Offset::Offset(high))
             .map_err(|e| backend_err("could not build the flush offsets", e))?;
@@ -310,12 +307,11 @@ pub async fn list_inboxes(config: &chanlayer_core::LayerConfig) -> Result<Vec<In
         .client_config("chanlayer-admin")
         .create()
         .map_err(|e| backend_err("could not create the admin client", e))?;
-    let md = tokio::task::spawn_blocking(move || {
-        admin.inner().fetch_metadata(None, Duration::from_secs(10))
-    })
-    .await
-    .map_err(|e| Error::backend(BACKEND, "the metadata task failed", e))?
-    .map_err(|e| backend_err("could not list topics", e))?;
+    let timeout = cfg.connection_timeout;
+    let md = tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
+        .await
+        .map_err(|e| Error::backend(BACKEND, "the metadata task failed", e))?
+        .map_err(|e| backend_err("could not list topics", e))?;
     let head = format!("{}.inbox.", config.options.prefix);
     let mut out: Vec<InboxTopic> = md
         .topics()

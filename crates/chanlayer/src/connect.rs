@@ -30,6 +30,10 @@ pub async fn connect_config(config: LayerConfig) -> Result<Layer> {
     let scheme = config.backend.scheme.as_str();
     match scheme {
         "memory" => Ok(Layer::new(Arc::new(MemoryLayer::connect(&config)?))),
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Layer::new(Arc::new(
+            chanlayer_kafka::KafkaLayer::connect(&config).await?,
+        ))),
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => Ok(Layer::new(Arc::new(
             chanlayer_amqp::AmqpLayer::connect(&config).await?,

@@ -110,7 +110,7 @@ async fn batch_handler_through_the_facade() {
 async fn backend_schemes_name_their_feature_or_say_not_yet_available() {
     // Backends that exist are tested against their brokers in their own crates; here only
     // the compiled-out case (an error naming the feature) and the reserved ones.
-    let available = ["amqp"];
+    let available = ["amqp", "kafka"];
     for (url, feature) in [
         ("kafka://127.0.0.1:9092", "kafka"),
         ("zmq://127.0.0.1:5556", "zmq"),
