@@ -135,7 +135,15 @@ impl Inner {
                 self.topics.forget(&topic);
                 Ok(false)
             }
-            Err(Refused::Failed(e)) => Err(e),
+            // librdkafka holds a message for a topic that vanished until delivery_timeout;
+            // if the inbox is gone, the owner closed: undeliverable, not an error.
+            Err(Refused::Failed(e)) => match self.topics.exists(&topic).await {
+                Ok(false) => {
+                    self.topics.forget(&topic);
+                    Ok(false)
+                }
+                _ => Err(e),
+            },
         }
     }
 

@@ -1,0 +1,789 @@
+//! The Kafka backend beside raw rdkafka doing the same work on the same broker, in one run.
+//!
+//! - `kafka_send_receive/{layer_normal,raw_rdkafka}/{seq,concurrent}/{64,1024}`: N messages
+//!   through a normal channel. Layer: `send` from one instance to a normal channel (a topic
+//!   and a consumer group) while one receiver task of another instance calls `receive`
+//!   (auto-ack: the layer commits the offsets itself every `commit_interval`, 100 ms). Raw: a
+//!   `FutureProducer` with the layer's own producer settings
+//!   ([`KafkaConfig::producer_config`]: idempotent, `acks=all`, `linger.ms=1`), and a
+//!   `BaseConsumer` with the layer's consumer settings ([`KafkaConfig::consumer_config`]),
+//!   subscribed with a consumer group of its own, polled on a dedicated thread that counts
+//!   the messages and commits their offsets every 100 ms.
+//! - `kafka_send_receive/{layer_local,raw_rdkafka_local}/...`: the same through a
+//!   process-local channel (a channel of the receiving instance, sent from the other
+//!   instance, through the receiver's inbox topic). Raw: a 1-partition topic read by an
+//!   *assigned* `BaseConsumer`, without group or commits.
+//! - `seq`: one sender awaiting each delivery report before the next send. `concurrent`: 64
+//!   sends in flight (64 tasks for the layer; a `FuturesUnordered` of 64 delivery futures for
+//!   raw rdkafka).
+//! - `kafka_round_trip/{layer,raw_rdkafka}`: one 64 B message to the peer, which replies on
+//!   another process-local channel (raw: another 1-partition topic); one iteration is one
+//!   round trip. The bench also prints p50/p90/p99/max of the round trips it timed.
+//!
+//! Raw rdkafka sends bodies of the same size as the layer's; the layer adds its envelope
+//! (type, id, timestamps, expiry, address) on top.
+//!
+//! The broker is `KAFKA_BOOTSTRAP` (`host:port[,host:port]`) or `127.0.0.1:9092`
+//! (`scripts/brokers/kafka.sh` starts a tansu broker there); when it is unreachable the
+//! benches print why and are skipped. Every topic has a random prefix, a retention of one
+//! hour, and is deleted at the end of the run.
+//!
+//! ```text
+//! cargo bench -p chanlayer-benches --bench kafka             # full run
+//! cargo test -p chanlayer-benches --bench kafka              # each bench once (CI)
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chanlayer_core::{ChannelLayer, Codec, LayerConfig, Message};
+use chanlayer_kafka::{KafkaConfig, KafkaLayer};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+/// Messages per measured iteration of the throughput benches (full run).
+const N: usize = 2_000;
+/// Messages per iteration in test mode (`cargo test`), where each bench runs once.
+const N_TEST: usize = 50;
+/// Sends in flight in the `concurrent` mode, for the layer and for raw rdkafka alike.
+const DEPTH: usize = 64;
+/// Per-channel capacity of the layer (its local inbox); above N, so nothing is dropped.
+const CAPACITY: usize = 10_000;
+/// How long a consumer thread's `poll` waits, as the layer's consumer threads do.
+const POLL: Duration = Duration::from_millis(50);
+/// Room the layer adds to `max_message_size` for the topics' `max.message.bytes`
+/// (chanlayer-kafka's `RECORD_OVERHEAD`).
+const RECORD_OVERHEAD: usize = 64 * 1024;
+const SIZES: [usize; 2] = [64, 1024];
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime builds")
+}
+
+fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// `cargo bench` passes `--bench`; `cargo test` runs each bench once without it.
+fn bench_mode() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    /// One sender awaiting each delivery report before the next send.
+    Seq,
+    /// DEPTH sends in flight.
+    Concurrent,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Seq => "seq",
+            Mode::Concurrent => "concurrent",
+        }
+    }
+}
+
+fn message(body: &[u8]) -> Message {
+    Message::new("bench", Codec::Bincode, body.to_vec())
+}
+
+// ---------------------------------------------------------------------------------------
+// The layer.
+
+/// `n` messages from `sender` to `channel` (seq or DEPTH in flight) while a receiver task of
+/// `receiver` takes them.
+async fn layer_send_receive(
+    (sender, receiver): (Arc<KafkaLayer>, Arc<KafkaLayer>),
+    channel: Arc<str>,
+    body: Arc<Vec<u8>>,
+    n: usize,
+    mode: Mode,
+) -> Duration {
+    let start = Instant::now();
+    let receiving = {
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            for _ in 0..n {
+                let m = receiver.receive(&channel).await.expect("receive");
+                std::hint::black_box(m.body().len());
+            }
+        })
+    };
+    match mode {
+        Mode::Seq => {
+            for _ in 0..n {
+                sender.send(&channel, message(&body)).await.expect("send");
+            }
+        }
+        Mode::Concurrent => {
+            let senders = (0..DEPTH).map(|i| {
+                let (sender, channel, body) = (sender.clone(), channel.clone(), body.clone());
+                let share = n / DEPTH + usize::from(i < n % DEPTH);
+                tokio::spawn(async move {
+                    for _ in 0..share {
+                        sender.send(&channel, message(&body)).await.expect("send");
+                    }
+                })
+            });
+            for r in futures::future::join_all(senders).await {
+                r.expect("sender task");
+            }
+        }
+    }
+    receiving.await.expect("receiver task");
+    start.elapsed()
+}
+
+/// `iters` round trips: `a` sends to `to_b`, `b` receives and sends it back to `to_a`.
+async fn layer_round_trips(
+    (a, b): (Arc<KafkaLayer>, Arc<KafkaLayer>),
+    (to_a, to_b): (Arc<str>, Arc<str>),
+    body: Arc<Vec<u8>>,
+    iters: u64,
+    latencies: &Mutex<Vec<Duration>>,
+) -> Duration {
+    let responder = {
+        let (to_a, to_b) = (to_a.clone(), to_b.clone());
+        tokio::spawn(async move {
+            for _ in 0..iters {
+                let m = b.receive(&to_b).await.expect("receive (responder)");
+                b.send(&to_a, m).await.expect("send (responder)");
+            }
+        })
+    };
+    let mut each = Vec::with_capacity(usize::try_from(iters).unwrap_or(0));
+    let start = Instant::now();
+    for _ in 0..iters {
+        let t = Instant::now();
+        a.send(&to_b, message(&body)).await.expect("send");
+        let m = a.receive(&to_a).await.expect("receive");
+        std::hint::black_box(m.body().len());
+        each.push(t.elapsed());
+    }
+    let total = start.elapsed();
+    responder.await.expect("responder task");
+    latencies
+        .lock()
+        .expect("latencies lock")
+        .extend_from_slice(&each);
+    total
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw rdkafka, doing what the layer does on the wire.
+
+/// Enqueues one record (no key, as the layer's channel sends) and returns its delivery
+/// report future.
+fn enqueue(producer: &FutureProducer, topic: &str, body: &[u8]) -> DeliveryFuture {
+    producer
+        .send_result(FutureRecord::<[u8], [u8]>::to(topic).payload(body))
+        .map_err(|(e, _)| e)
+        .expect("enqueue a record (librdkafka's queue holds far more than DEPTH)")
+}
+
+/// Waits for a delivery report and checks that the broker stored the record.
+async fn delivered(f: DeliveryFuture) {
+    f.await
+        .expect("the producer is alive")
+        .map_err(|(e, _)| e)
+        .expect("the broker stored the record");
+}
+
+/// A consumer polled on a thread of its own that counts what it reads and, for a consumer
+/// group, commits the offsets every `commit_interval` (asynchronously, only those that
+/// moved), as the layer's normal-channel consumer threads do.
+struct Counter {
+    /// The running total to wait for, and where to send the waits.
+    jobs: Mutex<(u64, mpsc::Sender<(u64, oneshot::Sender<()>)>)>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Counter {
+    /// `commit`: the topic and the interval of the offset commits (a consumer group).
+    fn start(name: &str, consumer: BaseConsumer, commit: Option<(String, Duration)>) -> Counter {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(move || count(&consumer, commit.as_ref(), &rx, &stop))
+                .expect("start a consumer thread")
+        };
+        Counter {
+            jobs: Mutex::new((0, tx)),
+            stop,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    /// Resolves once `n` more messages have been read. Call it before sending them.
+    fn expect(&self, n: u64) -> oneshot::Receiver<()> {
+        let (done, wait) = oneshot::channel();
+        let mut jobs = self.jobs.lock().expect("counter lock");
+        jobs.0 += n;
+        let target = jobs.0;
+        jobs.1
+            .send((target, done))
+            .expect("the consumer thread runs");
+        wait
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.lock().expect("counter lock").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn count(
+    consumer: &BaseConsumer,
+    commit: Option<&(String, Duration)>,
+    jobs: &mpsc::Receiver<(u64, oneshot::Sender<()>)>,
+    stop: &AtomicBool,
+) {
+    let mut received = 0u64;
+    let mut waiting: VecDeque<(u64, oneshot::Sender<()>)> = VecDeque::new();
+    // Per partition: the next offset to read, and the last one committed.
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    let mut committed: HashMap<i32, i64> = HashMap::new();
+    let mut last_commit = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(POLL) {
+            Some(Ok(m)) => {
+                received += 1;
+                std::hint::black_box(m.payload().map(<[u8]>::len));
+                if commit.is_some() {
+                    next.insert(m.partition(), m.offset() + 1);
+                }
+            }
+            // Transient (librdkafka retries), as in the layer's threads.
+            Some(Err(_)) | None => {}
+        }
+        while let Ok(job) = jobs.try_recv() {
+            waiting.push_back(job);
+        }
+        while waiting
+            .front()
+            .is_some_and(|(target, _)| *target <= received)
+        {
+            if let Some((_, done)) = waiting.pop_front() {
+                let _ = done.send(());
+            }
+        }
+        if let Some((topic, interval)) = commit {
+            if last_commit.elapsed() >= *interval {
+                last_commit = Instant::now();
+                let mut tpl = TopicPartitionList::new();
+                for (p, o) in &next {
+                    if committed.get(p) != Some(o) {
+                        let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
+                        committed.insert(*p, *o);
+                    }
+                }
+                if tpl.count() > 0 {
+                    let _ = consumer.commit(&tpl, CommitMode::Async);
+                }
+            }
+        }
+    }
+}
+
+/// The raw peer of the round trips: reads `from` (assigned) and produces each message to
+/// `to`, waiting for its delivery report, as the layer's responder does.
+struct Echo {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start(
+        consumer: BaseConsumer,
+        producer: FutureProducer,
+        to: String,
+        rt: tokio::runtime::Handle,
+    ) -> Echo {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("raw echo".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(Ok(m)) = consumer.poll(POLL) {
+                            let body = m.payload().unwrap_or_default();
+                            rt.block_on(delivered(enqueue(&producer, &to, body)));
+                        }
+                    }
+                })
+                .expect("start the echo thread")
+        };
+        Echo {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The raw twin of [`layer_send_receive`]: `seq` awaits each delivery report; `concurrent`
+/// keeps DEPTH delivery futures in flight on one task. The consumer thread counts.
+async fn raw_send_receive(
+    producer: &FutureProducer,
+    (topic, counter): (&str, &Counter),
+    body: &[u8],
+    n: usize,
+    mode: Mode,
+) -> Duration {
+    let start = Instant::now();
+    let done = counter.expect(n as u64);
+    match mode {
+        Mode::Seq => {
+            for _ in 0..n {
+                delivered(enqueue(producer, topic, body)).await;
+            }
+        }
+        Mode::Concurrent => {
+            let mut window = FuturesUnordered::new();
+            for _ in 0..n {
+                if window.len() == DEPTH {
+                    window.next().await;
+                }
+                window.push(delivered(enqueue(producer, topic, body)));
+            }
+            while window.next().await.is_some() {}
+        }
+    }
+    done.await.expect("the consumer thread runs");
+    start.elapsed()
+}
+
+/// The raw twin of [`layer_round_trips`]: the [`Echo`] thread answers on `replies`' topic.
+async fn raw_round_trips(
+    producer: &FutureProducer,
+    (to_b, replies): (&str, &Counter),
+    body: &[u8],
+    iters: u64,
+    latencies: &Mutex<Vec<Duration>>,
+) -> Duration {
+    let mut each = Vec::with_capacity(usize::try_from(iters).unwrap_or(0));
+    let start = Instant::now();
+    for _ in 0..iters {
+        let t = Instant::now();
+        let reply = replies.expect(1);
+        delivered(enqueue(producer, to_b, body)).await;
+        reply.await.expect("the consumer thread runs");
+        each.push(t.elapsed());
+    }
+    let total = start.elapsed();
+    latencies
+        .lock()
+        .expect("latencies lock")
+        .extend_from_slice(&each);
+    total
+}
+
+// ---------------------------------------------------------------------------------------
+// Setup.
+
+/// Everything one run uses on the broker.
+struct Setup {
+    /// Receives in the throughput benches; side `a` of the round trips.
+    layer: Arc<KafkaLayer>,
+    /// Sends in the throughput benches; the responder of the round trips.
+    peer: Arc<KafkaLayer>,
+    /// The layer's settings, for the raw clients.
+    cfg: KafkaConfig,
+    max_message_size: usize,
+    admin: AdminClient<DefaultClientContext>,
+    prefix: String,
+}
+
+/// Fails fast, with a clear reason, when nothing listens at the first bootstrap address.
+fn reachable(bootstrap: &str) -> Result<(), String> {
+    let first = bootstrap.split(',').next().unwrap_or(bootstrap).trim();
+    let address = if first.rsplit_once(':').is_some() {
+        first.to_owned()
+    } else {
+        format!("{first}:9092")
+    };
+    let addrs = address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {address}: {e}"))?;
+    for a in addrs {
+        if TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "no Kafka broker answers at {address} (set KAFKA_BOOTSTRAP, or start one with scripts/brokers/kafka.sh)"
+    ))
+}
+
+async fn connect_layer(config: &LayerConfig) -> Result<Arc<KafkaLayer>, String> {
+    match tokio::time::timeout(Duration::from_secs(30), KafkaLayer::connect(config)).await {
+        Ok(Ok(l)) => Ok(Arc::new(l)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connecting the layer timed out after 30s".to_owned()),
+    }
+}
+
+async fn setup() -> Result<Setup, String> {
+    let bootstrap = bootstrap();
+    reachable(&bootstrap)?;
+    let prefix = format!(
+        "chanlayer-bench-{}",
+        chanlayer_core::names::new_instance_id()
+    );
+    let url = format!(
+        "kafka://{bootstrap}?prefix={prefix}&retention=1h&capacity={CAPACITY}&connection_timeout=5s"
+    );
+    let config = LayerConfig::from_url(&url).map_err(|e| e.to_string())?;
+    let cfg = KafkaConfig::from_layer_config(&config).map_err(|e| e.to_string())?;
+    let layer = connect_layer(&config).await?;
+    let peer = connect_layer(&config).await?;
+    let admin = cfg
+        .client_config(&format!("{prefix}-admin"))
+        .create()
+        .map_err(|e| format!("raw rdkafka admin client: {e}"))?;
+    Ok(Setup {
+        layer,
+        peer,
+        cfg,
+        max_message_size: config.options.max_message_size,
+        admin,
+        prefix,
+    })
+}
+
+impl Setup {
+    fn admin_options(&self) -> AdminOptions {
+        AdminOptions::new()
+            .operation_timeout(Some(self.cfg.connection_timeout))
+            .request_timeout(Some(self.cfg.connection_timeout))
+    }
+
+    /// Creates `topic` as the layer creates its topics (same retention and size limit).
+    async fn create_topic(&self, topic: &str, partitions: i32) {
+        let retention = self.cfg.retention.as_millis().to_string();
+        let max_bytes = (self.max_message_size + RECORD_OVERHEAD).to_string();
+        let new = NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(self.cfg.replication),
+        )
+        .set("retention.ms", &retention)
+        .set("max.message.bytes", &max_bytes);
+        for r in self
+            .admin
+            .create_topics([&new], &self.admin_options())
+            .await
+            .expect("create a raw topic")
+        {
+            r.map_err(|(t, code)| format!("{t}: {code}"))
+                .expect("the broker created the raw topic");
+        }
+    }
+
+    fn producer(&self, name: &str) -> FutureProducer {
+        self.cfg
+            .producer_config(&format!("{}-{name}", self.prefix), self.max_message_size)
+            .create()
+            .expect("create a raw producer")
+    }
+
+    /// A consumer of `topic` with the layer's consumer settings: subscribed through consumer
+    /// group `topic` (like a normal channel's), or assigned its partition 0 from the start
+    /// (like an inbox).
+    fn consumer(&self, topic: &str, group: bool) -> BaseConsumer {
+        let client_id = format!("{}-{topic}", self.prefix);
+        let consumer: BaseConsumer = self
+            .cfg
+            .consumer_config(&client_id, group.then_some(topic))
+            .create()
+            .expect("create a raw consumer");
+        if group {
+            consumer.subscribe(&[topic]).expect("subscribe");
+        } else {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, 0, Offset::Beginning)
+                .expect("a partition list");
+            consumer.assign(&tpl).expect("assign");
+        }
+        consumer
+    }
+
+    async fn delete_topics(&self, topics: &[&str]) {
+        let _ = self
+            .admin
+            .delete_topics(topics, &self.admin_options())
+            .await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report_latencies(name: &str, latencies: &Mutex<Vec<Duration>>) {
+    let mut v = std::mem::take(&mut *latencies.lock().expect("latencies lock"));
+    if v.len() < 100 {
+        return;
+    }
+    v.sort_unstable();
+    println!(
+        "{name}: {} round trips, p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+        v.len(),
+        percentile(&v, 0.50).as_secs_f64() * 1e6,
+        percentile(&v, 0.90).as_secs_f64() * 1e6,
+        percentile(&v, 0.99).as_secs_f64() * 1e6,
+        percentile(&v, 1.0).as_secs_f64() * 1e6,
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The benches.
+
+fn kafka(c: &mut Criterion) {
+    let rt = runtime();
+    let s = match rt.block_on(setup()) {
+        Ok(s) => s,
+        Err(why) => {
+            // `why` names the broker without credentials (the layer's errors never show them).
+            println!("Kafka benches skipped: {why}");
+            return;
+        }
+    };
+    let n = if bench_mode() { N } else { N_TEST };
+    let layers = (s.peer.clone(), s.layer.clone());
+    let normal_channel: Arc<str> = Arc::from("bench.normal");
+    let local_channel: Arc<str> = rt
+        .block_on(s.layer.new_channel("bench"))
+        .expect("new_channel")
+        .into();
+
+    let raw_normal = format!("{}.raw.normal", s.prefix);
+    let raw_local = format!("{}.raw.local", s.prefix);
+    rt.block_on(s.create_topic(&raw_normal, s.cfg.partitions));
+    rt.block_on(s.create_topic(&raw_local, 1));
+    let producer = s.producer("raw-producer");
+    let normal_counter = Counter::start(
+        "raw normal",
+        s.consumer(&raw_normal, true),
+        Some((raw_normal.clone(), s.cfg.commit_interval)),
+    );
+    let local_counter = Counter::start("raw local", s.consumer(&raw_local, false), None);
+
+    // Before measuring: topics created and known, consumers started and in their groups,
+    // producers' metadata fetched (a group join takes seconds, a bench iteration less).
+    let body = Arc::new(vec![0xA5u8; 64]);
+    for channel in [&normal_channel, &local_channel] {
+        rt.block_on(layer_send_receive(
+            layers.clone(),
+            channel.clone(),
+            body.clone(),
+            10,
+            Mode::Seq,
+        ));
+    }
+    for topic_counter in [
+        (raw_normal.as_str(), &normal_counter),
+        (raw_local.as_str(), &local_counter),
+    ] {
+        rt.block_on(raw_send_receive(
+            &producer,
+            topic_counter,
+            &body,
+            10,
+            Mode::Seq,
+        ));
+    }
+
+    let mut group = c.benchmark_group("kafka_send_receive");
+    group.throughput(Throughput::Elements(n as u64));
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(3));
+    for mode in [Mode::Seq, Mode::Concurrent] {
+        for size in SIZES {
+            let body = Arc::new(vec![0xA5u8; size]);
+            let runs = [
+                (
+                    "layer_normal",
+                    &normal_channel,
+                    "raw_rdkafka",
+                    raw_normal.as_str(),
+                    &normal_counter,
+                ),
+                (
+                    "layer_local",
+                    &local_channel,
+                    "raw_rdkafka_local",
+                    raw_local.as_str(),
+                    &local_counter,
+                ),
+            ];
+            for (name, channel, raw_name, topic, counter) in runs {
+                let id = BenchmarkId::new(format!("{name}/{}", mode.name()), size);
+                group.bench_with_input(id, &size, |b, _| {
+                    b.iter_custom(|iters| {
+                        (0..iters)
+                            .map(|_| {
+                                rt.block_on(layer_send_receive(
+                                    layers.clone(),
+                                    channel.clone(),
+                                    body.clone(),
+                                    n,
+                                    mode,
+                                ))
+                            })
+                            .sum()
+                    })
+                });
+                let id = BenchmarkId::new(format!("{raw_name}/{}", mode.name()), size);
+                group.bench_with_input(id, &size, |b, _| {
+                    b.iter_custom(|iters| {
+                        (0..iters)
+                            .map(|_| {
+                                rt.block_on(raw_send_receive(
+                                    &producer,
+                                    (topic, counter),
+                                    &body,
+                                    n,
+                                    mode,
+                                ))
+                            })
+                            .sum()
+                    })
+                });
+            }
+        }
+    }
+    group.finish();
+
+    // Round trips: 64 B, one at a time; one iteration is one round trip.
+    let body = Arc::new(vec![0xA5u8; 64]);
+    let rt_layers = (s.layer.clone(), s.peer.clone());
+    let rt_channels: (Arc<str>, Arc<str>) = (
+        rt.block_on(s.layer.new_channel("rt"))
+            .expect("new_channel")
+            .into(),
+        rt.block_on(s.peer.new_channel("rt"))
+            .expect("new_channel")
+            .into(),
+    );
+    let (raw_to_a, raw_to_b) = (
+        format!("{}.raw.rt.a", s.prefix),
+        format!("{}.raw.rt.b", s.prefix),
+    );
+    rt.block_on(s.create_topic(&raw_to_a, 1));
+    rt.block_on(s.create_topic(&raw_to_b, 1));
+    let replies = Counter::start("raw replies", s.consumer(&raw_to_a, false), None);
+    let echo = Echo::start(
+        s.consumer(&raw_to_b, false),
+        s.producer("raw-echo"),
+        raw_to_a.clone(),
+        rt.handle().clone(),
+    );
+    // Warm both up (topic metadata, first fetches) outside the measurement.
+    let warm = Mutex::new(Vec::new());
+    rt.block_on(layer_round_trips(
+        rt_layers.clone(),
+        rt_channels.clone(),
+        body.clone(),
+        5,
+        &warm,
+    ));
+    rt.block_on(raw_round_trips(
+        &producer,
+        (&raw_to_b, &replies),
+        &body,
+        5,
+        &warm,
+    ));
+    let layer_latencies = Mutex::new(Vec::new());
+    let raw_latencies = Mutex::new(Vec::new());
+    let mut group = c.benchmark_group("kafka_round_trip");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(3));
+    group.bench_function("layer", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(layer_round_trips(
+                rt_layers.clone(),
+                rt_channels.clone(),
+                body.clone(),
+                iters,
+                &layer_latencies,
+            ))
+        })
+    });
+    group.bench_function("raw_rdkafka", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(raw_round_trips(
+                &producer,
+                (&raw_to_b, &replies),
+                &body,
+                iters,
+                &raw_latencies,
+            ))
+        })
+    });
+    group.finish();
+    report_latencies("kafka_round_trip/layer", &layer_latencies);
+    report_latencies("kafka_round_trip/raw_rdkafka", &raw_latencies);
+
+    // Leave nothing behind (the topics would go by retention anyway; the layers delete
+    // their inboxes on close).
+    echo.stop();
+    for counter in [&normal_counter, &local_counter, &replies] {
+        counter.stop();
+    }
+    drop(producer);
+    rt.block_on(async {
+        let _ = s.layer.close().await;
+        let _ = s.peer.close().await;
+        let channel_topic = s.layer.channel_topic(&normal_channel);
+        s.delete_topics(&[
+            channel_topic.as_str(),
+            s.layer.groups_topic(),
+            raw_normal.as_str(),
+            raw_local.as_str(),
+            raw_to_a.as_str(),
+            raw_to_b.as_str(),
+        ])
+        .await;
+    });
+}
+
+criterion_group!(benches, kafka);
+criterion_main!(benches);
