@@ -208,12 +208,16 @@ async fn delivered(f: DeliveryFuture) {
         .expect("the broker stored the record");
 }
 
+/// A wait for a [`Counter`]: the running total of messages read to wait for, and what to
+/// tell when it is reached.
+type Job = (u64, oneshot::Sender<()>);
+
 /// A consumer polled on a thread of its own that counts what it reads and, for a consumer
 /// group, commits the offsets every `commit_interval` (asynchronously, only those that
 /// moved), as the layer's normal-channel consumer threads do.
 struct Counter {
     /// The running total to wait for, and where to send the waits.
-    jobs: Mutex<(u64, mpsc::Sender<(u64, oneshot::Sender<()>)>)>,
+    jobs: Mutex<(u64, mpsc::Sender<Job>)>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -260,26 +264,23 @@ impl Counter {
 fn count(
     consumer: &BaseConsumer,
     commit: Option<&(String, Duration)>,
-    jobs: &mpsc::Receiver<(u64, oneshot::Sender<()>)>,
+    jobs: &mpsc::Receiver<Job>,
     stop: &AtomicBool,
 ) {
     let mut received = 0u64;
-    let mut waiting: VecDeque<(u64, oneshot::Sender<()>)> = VecDeque::new();
+    let mut waiting: VecDeque<Job> = VecDeque::new();
     // Per partition: the next offset to read, and the last one committed.
     let mut next: HashMap<i32, i64> = HashMap::new();
     let mut committed: HashMap<i32, i64> = HashMap::new();
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        match consumer.poll(POLL) {
-            Some(Ok(m)) => {
-                received += 1;
-                std::hint::black_box(m.payload().map(<[u8]>::len));
-                if commit.is_some() {
-                    next.insert(m.partition(), m.offset() + 1);
-                }
+        // Errors are transient (librdkafka retries), as in the layer's threads.
+        if let Some(Ok(m)) = consumer.poll(POLL) {
+            received += 1;
+            std::hint::black_box(m.payload().map(<[u8]>::len));
+            if commit.is_some() {
+                next.insert(m.partition(), m.offset() + 1);
             }
-            // Transient (librdkafka retries), as in the layer's threads.
-            Some(Err(_)) | None => {}
         }
         while let Ok(job) = jobs.try_recv() {
             waiting.push_back(job);

@@ -1,16 +1,25 @@
-//! Two layer instances in separate OS processes, on a real RabbitMQ: process-local and group
+//! Two layer instances in separate OS processes (the test binary started again as a peer,
+//! see `chanlayer_testkit::peer`), on a real RabbitMQ: process-local and group
 //! messages cross between them, and deliveries held unacked by a killed process come back.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chanlayer_core::{ChannelLayer, Codec, LayerOptions, Message};
+use chanlayer_testkit::peer::Peer;
 
 const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Not a test: the peer process the other tests start (this binary, run again).
+#[test]
+#[ignore = "the peer process of the other tests (they start it)"]
+fn peer_process() {
+    chanlayer_testkit::peer::run_from_env(|url| async move {
+        chanlayer_amqp::AmqpLayer::connect(&chanlayer_core::LayerConfig::from_url(&url)?).await
+    });
+}
 
 fn ns() -> String {
     format!("p{:016x}", rand_u64())
@@ -23,33 +32,13 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
-/// Starts the peer binary with `args` after the URL.
-fn peer(prefix: &str, args: &[&str]) -> (Child, BufReader<ChildStdout>) {
-    let url = common::url_with(&format!("prefix={prefix}"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chanlayer-amqp-peer"))
-        .arg(url)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the peer binary starts");
-    let out = BufReader::new(child.stdout.take().expect("piped stdout"));
-    (child, out)
-}
-
-/// Reads the peer's next line (on a blocking thread, with a deadline).
-async fn next_line(out: BufReader<ChildStdout>) -> (String, BufReader<ChildStdout>) {
-    let read = tokio::task::spawn_blocking(move || {
-        let mut out = out;
-        let mut line = String::new();
-        let n = out.read_line(&mut line).expect("read the peer's stdout");
-        assert!(n > 0, "the peer exited without a word");
-        (line.trim_end().to_owned(), out)
-    });
-    tokio::time::timeout(DEADLINE, read)
-        .await
-        .expect("the peer answers within the deadline")
-        .expect("reader thread")
+/// Starts this test binary again as a peer running `command`.
+fn peer(prefix: &str, command: &str, args: &[&str]) -> Peer {
+    Peer::spawn(
+        command,
+        &common::url_with(&format!("prefix={prefix}")),
+        args,
+    )
 }
 
 async fn recv(layer: &Arc<chanlayer_amqp::AmqpLayer>, ch: &str) -> Message {
@@ -68,8 +57,8 @@ async fn local_and_group_messages_cross_processes() {
     };
     let layer = Arc::new(common::connect(options, "").await.expect("connect"));
     let group = format!("{prefix}.room");
-    let (mut child, out) = peer(&prefix, &["serve", &group]);
-    let (line, _out) = next_line(out).await;
+    let mut child = peer(&prefix, "serve", &[&group]);
+    let line = child.line().await;
     let peer_ch = line
         .strip_prefix("READY ")
         .unwrap_or_else(|| panic!("expected READY, got {line:?}"))
@@ -124,11 +113,7 @@ async fn local_and_group_messages_cross_processes() {
         .send(&peer_ch, Message::new("stop", Codec::Bincode, Vec::new()))
         .await
         .expect("stop the peer");
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("wait thread")
-        .expect("wait");
-    assert!(status.success(), "the peer exits cleanly: {status}");
+    assert!(child.wait_success().await, "the peer exits cleanly");
     layer.close().await.expect("close");
 }
 
@@ -150,8 +135,8 @@ async fn deliveries_held_by_a_killed_process_come_back() {
             .await
             .expect("send");
     }
-    let (mut child, out) = peer(&prefix, &["hold", &ch, "3"]);
-    let (line, _out) = next_line(out).await;
+    let mut child = peer(&prefix, "hold", &[&ch, "3"]);
+    let line = child.line().await;
     let held: Vec<u64> = line
         .strip_prefix("HELD ")
         .unwrap_or_else(|| panic!("expected HELD, got {line:?}"))
@@ -159,8 +144,7 @@ async fn deliveries_held_by_a_killed_process_come_back() {
         .map(|s| s.parse().expect("a number"))
         .collect();
     assert_eq!(held, vec![0, 1, 2]);
-    child.kill().expect("kill the peer (SIGKILL)");
-    let _ = child.wait();
+    child.kill();
 
     // Every message arrives here: the three the dead process held come back marked
     // redelivered, the two it never took arrive too.
