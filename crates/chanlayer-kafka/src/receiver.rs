@@ -156,7 +156,8 @@ fn catch_up_inbox(
     while *inbox_next < high && std::time::Instant::now() < deadline && !inner.closed.is_closed() {
         match consumer.poll(Duration::from_millis(20)) {
             Some(Ok(m)) if m.topic() == inner.names.groups => {
-                if !closed_notice(inner, &m) && has_members(inner, &m) {
+                let wanted = !closed_notice(inner, &m) && has_members(inner, &m);
+                if wanted {
                     deferred.messages.push(m.detach());
                 }
             }
