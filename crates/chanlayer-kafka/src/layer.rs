@@ -358,34 +358,45 @@ impl KafkaLayer {
         let consumers: Vec<Arc<NormalConsumer>> =
             lock(&inner.consumers).drain().map(|(_, c)| c).collect();
         for c in consumers {
-            c.stop().await;
+            c.stop(inner.cfg.connection_timeout).await;
         }
+        let bound = inner.cfg.connection_timeout;
         let receiver = lock(&inner.receiver).take();
         if let Some(h) = receiver {
-            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+            let joined = tokio::time::timeout(bound, tokio::task::spawn_blocking(move || h.join()));
+            if joined.await.is_err() {
+                tracing::warn!("the receiver thread did not stop within {bound:?}; it finishes in the background");
+            }
         }
         inner.inbox.clear();
         // Tell the other instances (they read the groups topic) that our process-local
         // channels are gone, so their sends stop at once instead of reaching a dead topic.
-        if let Err(e) = inner
-            .sender
-            .send(
-                &inner.names.groups,
-                Some(crate::receiver::CLOSED_KEY),
-                inner.id.as_bytes(),
-            )
-            .await
-        {
-            tracing::debug!(error = ?e, "could not announce the close");
+        // Bounded: with the broker away, nobody would read it anyway.
+        let announce = inner.sender.send(
+            &inner.names.groups,
+            Some(crate::receiver::CLOSED_KEY),
+            inner.id.as_bytes(),
+        );
+        match tokio::time::timeout(bound, announce).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = ?e, "could not announce the close"),
+            Err(_) => tracing::debug!("the close announcement timed out (broker away?)"),
         }
         // Copies the forwarder has in flight get their chance to land.
         let flushing = inner.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            flushing.sender.flush(Duration::from_secs(5));
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || flushing.sender.flush(bound)).await;
+        // Best effort: a broker that is away keeps the topic until it expires by retention
+        // (or `remove_inboxes` removes it); `close` still succeeds.
         let inbox = inner.names.inbox.clone();
-        inner.topics.delete(&[inbox.as_str()]).await?;
+        match tokio::time::timeout(bound, inner.topics.delete(&[inbox.as_str()])).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(topic = %inbox, error = %e, "could not delete the inbox topic on close")
+            }
+            Err(_) => {
+                tracing::warn!(topic = %inbox, "deleting the inbox topic timed out (broker away?)")
+            }
+        }
         Ok(())
     }
 }
@@ -570,7 +581,7 @@ impl KafkaLayer {
         let consumers: Vec<Arc<NormalConsumer>> =
             lock(&inner.consumers).drain().map(|(_, c)| c).collect();
         for c in &consumers {
-            c.stop().await;
+            c.stop(inner.cfg.connection_timeout).await;
         }
         let topics: Vec<String> = inner
             .topics

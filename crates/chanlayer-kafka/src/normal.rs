@@ -316,11 +316,17 @@ impl NormalConsumer {
 
     /// Stops the thread (committing what is settled) and waits for it. What is buffered
     /// stays uncommitted at the broker.
-    pub async fn stop(&self) {
+    ///
+    /// Waits at most `bound`: with the broker away, librdkafka's final commit and group
+    /// leave can take long; the thread then finishes in the background.
+    pub async fn stop(&self, bound: Duration) {
         self.shared.stop.store(true, Ordering::Relaxed);
         let handle = lock(&self.thread).take();
         if let Some(h) = handle {
-            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+            let joined = tokio::time::timeout(bound, tokio::task::spawn_blocking(move || h.join()));
+            if joined.await.is_err() {
+                tracing::warn!(topic = %self.shared.topic, "the consumer did not stop within {bound:?} (broker away?); it finishes in the background");
+            }
         }
     }
 
