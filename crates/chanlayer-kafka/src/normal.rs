@@ -124,6 +124,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes receivers: something was buffered or requeued, or the consumer failed.
     notify: tokio::sync::Notify,
+    /// Wakes the consumer thread: a receiver made room in a full buffer.
+    room: std::sync::Condvar,
     stop: AtomicBool,
 }
 
@@ -265,6 +267,7 @@ impl NormalConsumer {
                 topic,
                 state: Mutex::new(State::default()),
                 notify: tokio::sync::Notify::new(),
+                room: std::sync::Condvar::new(),
                 stop: AtomicBool::new(false),
             }),
             thread: Mutex::new(None),
@@ -338,6 +341,7 @@ impl NormalConsumer {
     fn take_now(&self) -> Result<Option<Pending>> {
         let mut st = lock(&self.shared.state);
         if let Some(p) = st.take() {
+            self.shared.room.notify_one();
             return Ok(Some(p));
         }
         if let Some(why) = &st.failed {
@@ -390,6 +394,7 @@ impl NormalConsumer {
                 None => break,
             }
         }
+        self.shared.room.notify_one();
         Ok(out)
     }
 
@@ -427,10 +432,32 @@ fn run(
     interval: Duration,
 ) {
     let source = format!("kafka topic {}", shared.topic);
-    let mut paused: Option<TopicPartitionList> = None;
     let mut last_commit = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
-        let polled = consumer.poll(Duration::from_millis(50));
+        // Flow control: with `prefetch` messages held, take no more from librdkafka (its
+        // own fetch queue fills and it stops fetching; heartbeats go on in its background
+        // thread) until a receiver makes room, or a second has passed: then one poll, so
+        // a rebalance waiting on this member is served (at most one more message held per
+        // second while nobody receives). Not pause/resume: resuming fetches from the
+        // middle of a record batch, which some Kafka-compatible brokers (tansu 0.6) answer
+        // from the next batch, skipping the rest of that one.
+        let full = {
+            let st = lock(&shared.state);
+            if st.held() >= prefetch {
+                let (st, _) = shared
+                    .room
+                    .wait_timeout(st, Duration::from_secs(1))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                st.held() >= prefetch
+            } else {
+                false
+            }
+        };
+        let polled = consumer.poll(if full {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(50)
+        });
         let mut woke = false;
         if let Some(r) = polled {
             match r {
@@ -486,22 +513,6 @@ fn run(
         }
         if woke {
             shared.notify.notify_waiters();
-        }
-        // Flow control: stop fetching above `prefetch`, start again below half of it.
-        let held = lock(&shared.state).held();
-        match &paused {
-            None if held >= prefetch => {
-                if let Ok(a) = consumer.assignment() {
-                    if consumer.pause(&a).is_ok() {
-                        paused = Some(a);
-                    }
-                }
-            }
-            Some(a) if held <= prefetch / 2 => {
-                let _ = consumer.resume(a);
-                paused = None;
-            }
-            _ => {}
         }
         if last_commit.elapsed() >= interval {
             last_commit = Instant::now();

@@ -244,3 +244,33 @@ async fn credentials_never_appear_in_text() {
     assert!(shown.contains(&common::bootstrap()), "{shown}");
     l.close().await.expect("close");
 }
+
+/// A reader whose buffer is full (`prefetch`) stops taking messages and starts again when
+/// it receives, losing none: with batches of many records (no one-record-per-batch
+/// workaround here), on a broker that answers mid-batch fetches with the next batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_prefetch_buffer_loses_nothing() {
+    let prefix = ns();
+    let mut config = chanlayer_core::LayerConfig::from_url(&format!(
+        "kafka://{}?retention=1h&prefetch=3&linger=20ms&kafka.fetch.wait.max.ms=10",
+        common::bootstrap()
+    ))
+    .expect("url");
+    config.options = options(&prefix);
+    let l = KafkaLayer::connect(&config).await.expect("connect");
+    let ch = format!("{prefix}.work");
+    // Start the reader, then let many messages pile up in few batches.
+    l.send(&ch, seq(0)).await.expect("send");
+    assert_eq!(recv(&l, &ch).await.decode::<u64>().expect("seq"), 0);
+    let sends = (1..=300u64).map(|i| l.send(&ch, seq(i)));
+    for r in futures::future::join_all(sends).await {
+        r.expect("send");
+    }
+    let mut got = Vec::new();
+    while got.len() < 300 {
+        got.push(recv(&l, &ch).await.decode::<u64>().expect("seq"));
+    }
+    got.sort_unstable();
+    assert_eq!(got, (1..=300).collect::<Vec<_>>());
+    l.close().await.expect("close");
+}
