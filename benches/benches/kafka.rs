@@ -23,6 +23,23 @@
 //! Raw rdkafka sends bodies of the same size as the layer's; the layer adds its envelope
 //! (type, id, timestamps, expiry, address) on top.
 //!
+//! Iterations: 2,000 messages (`concurrent`), 100 (`seq`: with these producer settings a
+//! sequential send takes about 10 ms on the local tansu broker), 50 of each in test mode.
+//!
+//! What the local tansu 0.6 broker (memory storage) does to the figures:
+//! - A fetch always takes the consumer's `fetch.wait.max.ms` (100 ms, the layer's setting),
+//!   even when records are there (tansu-storage `service/fetch.rs` sleeps out the wait):
+//!   a hop through a topic costs up to 100 ms, a round trip 100 to 200 ms, and every
+//!   iteration ends with up to one such wait for its last messages.
+//! - A fetch from an offset in the middle of a record batch returns only the batches that
+//!   *start* at or after it (tansu-storage `dynostore.rs`, `offsets.split_off(&offset)`):
+//!   the rest of that batch is skipped. Neither the layer nor the raw consumer pauses
+//!   partitions (which resumes mid-batch), so a single reader loses nothing; an iteration
+//!   that still misses messages fails after 30 s with what it received.
+//!
+//! `CHANLAYER_KAFKA_BENCH_OPTIONS` adds URL options for experiments, for the layer and the
+//! raw clients alike (`kafka.fetch.wait.max.ms=10`, `linger=0ms`, ...).
+//!
 //! The broker is `KAFKA_BOOTSTRAP` (`host:port[,host:port]`) or `127.0.0.1:9092`
 //! (`scripts/brokers/kafka.sh` starts a tansu broker there); when it is unreachable the
 //! benches print why and are skipped. Every topic has a random prefix, a retention of one
@@ -35,7 +52,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -53,14 +70,21 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
-/// Messages per measured iteration of the throughput benches (full run).
+/// Messages per measured iteration of the `concurrent` throughput benches (full run).
 const N: usize = 2_000;
+/// Messages per measured iteration of the `seq` benches (full run). A sequential send
+/// waits for its delivery report, about 10 ms with these producer settings on the local
+/// tansu broker (about 100 msg/s), so 2,000 would take 20 s per iteration.
+const N_SEQ: usize = 100;
 /// Messages per iteration in test mode (`cargo test`), where each bench runs once.
 const N_TEST: usize = 50;
 /// Sends in flight in the `concurrent` mode, for the layer and for raw rdkafka alike.
 const DEPTH: usize = 64;
 /// Per-channel capacity of the layer (its local inbox); above N, so nothing is dropped.
 const CAPACITY: usize = 10_000;
+/// How long an iteration may wait for its last messages after its last send was
+/// acknowledged before the bench gives up with what it knows (instead of hanging).
+const STALL: Duration = Duration::from_secs(30);
 /// How long a consumer thread's `poll` waits, as the layer's consumer threads do.
 const POLL: Duration = Duration::from_millis(50);
 /// Room the layer adds to `max_message_size` for the topics' `max.message.bytes`
@@ -119,12 +143,14 @@ async fn layer_send_receive(
     mode: Mode,
 ) -> Duration {
     let start = Instant::now();
+    let received = Arc::new(AtomicUsize::new(0));
     let receiving = {
-        let channel = channel.clone();
+        let (receiver, channel, received) = (receiver.clone(), channel.clone(), received.clone());
         tokio::spawn(async move {
             for _ in 0..n {
                 let m = receiver.receive(&channel).await.expect("receive");
                 std::hint::black_box(m.body().len());
+                received.fetch_add(1, Ordering::Relaxed);
             }
         })
     };
@@ -149,7 +175,15 @@ async fn layer_send_receive(
             }
         }
     }
-    receiving.await.expect("receiver task");
+    match tokio::time::timeout(STALL, receiving).await {
+        Ok(r) => r.expect("receiver task"),
+        Err(_) => panic!(
+            "{channel}: {} of {n} messages received {STALL:?} after the last send was acknowledged (receiver: {:?}, sender: {:?})",
+            received.load(Ordering::Relaxed),
+            receiver.stats(),
+            sender.stats(),
+        ),
+    }
     start.elapsed()
 }
 
@@ -382,7 +416,12 @@ async fn raw_send_receive(
             while window.next().await.is_some() {}
         }
     }
-    done.await.expect("the consumer thread runs");
+    match tokio::time::timeout(STALL, done).await {
+        Ok(r) => r.expect("the consumer thread runs"),
+        Err(_) => panic!(
+            "{topic}: the raw consumer did not read {n} messages {STALL:?} after the last send was acknowledged"
+        ),
+    }
     start.elapsed()
 }
 
@@ -463,9 +502,18 @@ async fn setup() -> Result<Setup, String> {
         "chanlayer-bench-{}",
         chanlayer_core::names::new_instance_id()
     );
-    let url = format!(
+    // The layer's defaults (prefetch 500, linger 1 ms, fetch wait 100 ms) unless
+    // CHANLAYER_KAFKA_BENCH_OPTIONS says otherwise.
+    let mut url = format!(
         "kafka://{bootstrap}?prefix={prefix}&retention=1h&capacity={CAPACITY}&connection_timeout=5s"
     );
+    // Extra URL options for experiments (the raw clients get them too), e.g.
+    // `kafka.fetch.wait.max.ms=10`.
+    if let Ok(extra) = std::env::var("CHANLAYER_KAFKA_BENCH_OPTIONS") {
+        if !extra.is_empty() {
+            url = format!("{url}&{extra}");
+        }
+    }
     let config = LayerConfig::from_url(&url).map_err(|e| e.to_string())?;
     let cfg = KafkaConfig::from_layer_config(&config).map_err(|e| e.to_string())?;
     let layer = connect_layer(&config).await?;
@@ -556,7 +604,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn report_latencies(name: &str, latencies: &Mutex<Vec<Duration>>) {
     let mut v = std::mem::take(&mut *latencies.lock().expect("latencies lock"));
-    if v.len() < 100 {
+    // A round trip takes 100 to 200 ms on tansu (see the module docs): criterion runs about
+    // 60 of them (so p99 is close to the max).
+    if v.len() < 50 {
         return;
     }
     v.sort_unstable();
@@ -583,7 +633,7 @@ fn kafka(c: &mut Criterion) {
             return;
         }
     };
-    let n = if bench_mode() { N } else { N_TEST };
+    let full = bench_mode();
     let layers = (s.peer.clone(), s.layer.clone());
     let normal_channel: Arc<str> = Arc::from("bench.normal");
     let local_channel: Arc<str> = rt
@@ -629,12 +679,17 @@ fn kafka(c: &mut Criterion) {
     }
 
     let mut group = c.benchmark_group("kafka_send_receive");
-    group.throughput(Throughput::Elements(n as u64));
     group.sample_size(10);
     group.sampling_mode(SamplingMode::Flat);
     group.warm_up_time(Duration::from_millis(500));
     group.measurement_time(Duration::from_secs(3));
     for mode in [Mode::Seq, Mode::Concurrent] {
+        let n = match (full, mode) {
+            (false, _) => N_TEST,
+            (true, Mode::Seq) => N_SEQ,
+            (true, Mode::Concurrent) => N,
+        };
+        group.throughput(Throughput::Elements(n as u64));
         for size in SIZES {
             let body = Arc::new(vec![0xA5u8; size]);
             let runs = [
@@ -735,6 +790,9 @@ fn kafka(c: &mut Criterion) {
     let raw_latencies = Mutex::new(Vec::new());
     let mut group = c.benchmark_group("kafka_round_trip");
     group.sample_size(10);
+    // Linear: 55 round trips or more for the percentiles (criterion would pick flat
+    // sampling, 20, for round trips this slow).
+    group.sampling_mode(SamplingMode::Linear);
     group.warm_up_time(Duration::from_millis(500));
     group.measurement_time(Duration::from_secs(3));
     group.bench_function("layer", |b| {
