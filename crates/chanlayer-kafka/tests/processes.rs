@@ -187,10 +187,10 @@ async fn batch_held_by_a_killed_process_comes_back() {
         .split(' ')
         .map(|s| s.parse().expect("a number"))
         .collect();
-    assert_eq!(
-        held,
-        vec![0, 1, 2],
-        "the peer took the first three as one batch"
+    // One batch of up to three: whatever had arrived when the first one did.
+    assert!(
+        !held.is_empty() && held.len() <= 3 && held.iter().copied().eq(0..held.len() as u64),
+        "the peer took a batch from the start: {held:?}"
     );
     peer.kill();
 
