@@ -1,0 +1,763 @@
+//! `zmq://` URLs: the mode and its endpoints, socket settings, retention, CURVE, and
+//! pass-through socket options.
+//!
+//! ```text
+//! zmq://HOST:PORT[?OPTIONS]                      embedded mode on tcp://HOST:PORT
+//! zmq://HOST[?OPTIONS]                           embedded mode on tcp://HOST:5556
+//! zmq://[::1]:5556                               IPv6 (ipv6 is switched on)
+//! zmq://tcp://HOST:PORT[?OPTIONS]                embedded mode, endpoint spelled out
+//! zmq://ipc:///run/app/chanlayer.sock            embedded mode on a Unix socket
+//! zmq://?pull=ENDPOINT&pub=ENDPOINT[&OPTIONS]    dedicated mode: a proxy's PULL and PUB
+//! zmq://HOST?mode=dedicated                      dedicated mode on tcp://HOST:5557 (pull)
+//!                                                and tcp://HOST:5558 (pub), the proxy's defaults
+//! zmq://                                         embedded mode on tcp://127.0.0.1:5556
+//! ```
+//!
+//! `ENDPOINT` is a libzmq endpoint: `tcp://HOST:PORT` or `ipc://PATH`. In a URL, `?`, `&`,
+//! `#` and `%` inside an endpoint must be percent-encoded.
+//!
+//! Options besides the shared ones (`prefix`, `capacity`, ...):
+//!
+//! | option | default | meaning |
+//! |---|---|---|
+//! | `mode` | `embedded`, or `dedicated` when `pull`/`pub` are given | which topology |
+//! | `pull`, `pub` | | dedicated mode: the proxy's PULL and PUB endpoints (both or neither) |
+//! | `bind` | `lazy` | embedded mode: `lazy` binds the publisher on the first send, `eager` at connect (fails fast when another process has the address), `never` makes a receive-only instance (`send` is `Unsupported`) |
+//! | `sndhwm` | `10000` | ZMQ_SNDHWM of the sockets that send (PUSH, the embedded XPUB) |
+//! | `rcvhwm` | `10000` | ZMQ_RCVHWM of the SUB socket |
+//! | `send_queue` | `10000` | messages queued for the socket thread before `send` is `ChannelFull` |
+//! | `subscribe_timeout` | `5s` | how long `group_add` waits for its subscription to be confirmed |
+//! | `connect_timeout` | `5s` | how long `connect` waits for the publisher (dedicated: the proxy) |
+//! | `reconnect_interval` | `100ms` | ZMQ_RECONNECT_IVL |
+//! | `reconnect_interval_max` | `0` | ZMQ_RECONNECT_IVL_MAX (`0`: no backoff) |
+//! | `linger` | `1s` | ZMQ_LINGER: how long unsent messages are kept after close |
+//! | `retain` | `1000` | embedded publisher: messages kept per topic for late joiners (`0`: none) |
+//! | `retain_for` | `60s` | embedded publisher: how long they are kept |
+//! | `retain_bytes` | `67108864` | embedded publisher: bytes kept in all |
+//! | `ipv6` | `true` for `[...]` hosts | ZMQ_IPV6 |
+//! | `curve_serverkey` | | CURVE: the Z85 public key of the publisher / proxy; switches CURVE on |
+//! | `curve_publickey`, `curve_secretkey` | a fresh pair | CURVE: this instance's Z85 key pair |
+//! | `curve_server_secretkey` | | CURVE, embedded mode: the publisher's Z85 secret key (the process that binds) |
+//! | `zmq.<option>` | | a libzmq socket option for every socket: see [`SOCKET_OPTIONS`] |
+
+use std::time::Duration;
+
+use chanlayer_core::config::{BackendOptions, ConfigDuration};
+use chanlayer_core::{Error, LayerConfig, Result};
+
+use crate::hub::Retention;
+
+/// Every option this backend reads, for the "unknown option" error.
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
+
+/// The libzmq socket options `zmq.<option>=<integer>` passes through to every socket.
+pub const SOCKET_OPTIONS: &[&str] = &[
+    "backlog",
+    "connect_timeout",
+    "handshake_ivl",
+    "heartbeat_ivl",
+    "heartbeat_timeout",
+    "heartbeat_ttl",
+    "immediate",
+    "maxmsgsize",
+    "rcvbuf",
+    "sndbuf",
+    "tcp_keepalive",
+    "tcp_keepalive_cnt",
+    "tcp_keepalive_idle",
+    "tcp_keepalive_intvl",
+    "tos",
+];
+
+/// The default port of embedded mode.
+pub const DEFAULT_PORT: u16 = 5556;
+/// The default port of the proxy's PULL socket (`chanlayer zmq-proxy --pull`).
+pub const DEFAULT_PULL_PORT: u16 = 5557;
+/// The default port of the proxy's PUB socket (`chanlayer zmq-proxy --pub`).
+pub const DEFAULT_PUB_PORT: u16 = 5558;
+
+/// Which topology a layer uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// One process per address binds the publisher (XPUB); every instance connects a SUB.
+    Embedded {
+        /// The endpoint the publisher binds and the subscribers connect to.
+        endpoint: String,
+    },
+    /// Senders PUSH to a proxy's PULL; the proxy republishes on its PUB (XPUB).
+    Dedicated {
+        /// The proxy's PULL endpoint.
+        pull: String,
+        /// The proxy's PUB endpoint.
+        publish: String,
+    },
+}
+
+/// When an embedded-mode instance binds the publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindPolicy {
+    /// On the first send (the default).
+    Lazy,
+    /// At connect: an address taken by another process fails `connect`.
+    Eager,
+    /// Never: a receive-only instance; `send` and `group_send` are `Unsupported`.
+    Never,
+}
+
+impl std::str::FromStr for BindPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "lazy" => Ok(BindPolicy::Lazy),
+            "eager" => Ok(BindPolicy::Eager),
+            "never" => Ok(BindPolicy::Never),
+            _ => Err(Error::Config(
+                "use lazy (bind on the first send), eager (bind at connect) or never (receive only)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// A libzmq socket option passed through with `zmq.<name>=<value>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketOption {
+    /// The option's name, one of [`SOCKET_OPTIONS`].
+    pub name: String,
+    /// Its value.
+    pub value: i64,
+}
+
+/// CURVE keys (32 bytes each). `Debug` shows only which keys are set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CurveKeys {
+    /// The public key of the publisher (embedded) or the proxy (dedicated).
+    pub server_public: [u8; 32],
+    /// This instance's public key.
+    pub public: [u8; 32],
+    /// This instance's secret key.
+    pub secret: [u8; 32],
+    /// Embedded mode: the publisher's secret key, for the process that binds.
+    pub server_secret: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for CurveKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CurveKeys")
+            .field("server_public", &"<set>")
+            .field("public", &"<set>")
+            .field("secret", &"***")
+            .field(
+                "server_secret",
+                &self.server_secret.map(|_| "***").unwrap_or("<unset>"),
+            )
+            .finish()
+    }
+}
+
+/// The ZeroMQ backend's settings, parsed from a [`LayerConfig`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZmqConfig {
+    /// Embedded or dedicated, with the endpoints.
+    pub mode: Mode,
+    /// When an embedded-mode instance binds the publisher.
+    pub bind: BindPolicy,
+    /// ZMQ_SNDHWM of sending sockets.
+    pub sndhwm: i32,
+    /// ZMQ_RCVHWM of the SUB socket.
+    pub rcvhwm: i32,
+    /// Messages queued for a socket thread before `send` is `ChannelFull`.
+    pub send_queue: usize,
+    /// How long `group_add` waits for its subscription to be confirmed.
+    pub subscribe_timeout: Duration,
+    /// How long `connect` waits for the publisher or proxy.
+    pub connect_timeout: Duration,
+    /// ZMQ_RECONNECT_IVL.
+    pub reconnect_interval: Duration,
+    /// ZMQ_RECONNECT_IVL_MAX.
+    pub reconnect_interval_max: Duration,
+    /// ZMQ_LINGER.
+    pub linger: Duration,
+    /// Retention of the embedded publisher (the proxy has its own flags).
+    pub retention: Retention,
+    /// ZMQ_IPV6.
+    pub ipv6: bool,
+    /// CURVE keys, when CURVE is on.
+    pub curve: Option<CurveKeys>,
+    /// `zmq.<option>` pass-through.
+    pub socket_options: Vec<SocketOption>,
+}
+
+fn millis_i32(d: Duration) -> i32 {
+    i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
+}
+
+/// Checks a libzmq endpoint: `tcp://HOST:PORT` (PORT may be `*` or `0` when `bind_any` is
+/// set, for a listener on a free port) or `ipc://PATH`.
+pub fn check_endpoint(endpoint: &str, bind_any: bool) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::Config(format!(
+            "endpoint {endpoint:?}: {why}; use tcp://HOST:PORT or ipc://PATH"
+        )))
+    };
+    if let Some(rest) = endpoint.strip_prefix("tcp://") {
+        let Some((host, port)) = rest.rsplit_once(':') else {
+            return bad("no port");
+        };
+        if host.is_empty() {
+            return bad("no host");
+        }
+        if host.starts_with('[') != host.ends_with(']') {
+            return bad("an IPv6 host goes in brackets, [::1]");
+        }
+        if bind_any && (port == "*" || port == "0") {
+            return Ok(());
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(()),
+            _ => bad("the port is not a number from 1 to 65535"),
+        }
+    } else if let Some(path) = endpoint.strip_prefix("ipc://") {
+        if path.is_empty() {
+            return bad("no path");
+        }
+        Ok(())
+    } else {
+        bad("unsupported transport")
+    }
+}
+
+fn tcp_endpoint(host_port: &str, default_port: u16) -> Result<String> {
+    let (host, port) = if let Some(rest) = host_port.strip_prefix('[') {
+        let Some((h, after)) = rest.split_once(']') else {
+            return Err(Error::Config(format!(
+                "address {host_port:?}: an IPv6 host needs a closing ']'"
+            )));
+        };
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => {
+                return Err(Error::Config(format!(
+                    "address {host_port:?}: expected HOST:PORT"
+                )))
+            }
+        };
+        (format!("[{h}]"), port)
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (host_port.to_owned(), None),
+        }
+    };
+    if host.is_empty() || host.contains([',', '/', '@']) {
+        return Err(Error::Config(format!(
+            "address {host_port:?}: expected HOST:PORT (one host)"
+        )));
+    }
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+            Error::Config(format!(
+                "address {host_port:?}: the port {p:?} is not a number from 1 to 65535"
+            ))
+        })?,
+        None => default_port,
+    };
+    Ok(format!("tcp://{host}:{port}"))
+}
+
+fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+fn z85_key(name: &str, value: &str) -> Result<[u8; 32]> {
+    let bytes = zmq::z85_decode(value).map_err(|_| {
+        Error::Config(format!(
+            "option {name}: not a Z85 key (40 characters, as zmq_curve_keypair prints)"
+        ))
+    })?;
+    bytes.try_into().map_err(|_| {
+        Error::Config(format!(
+            "option {name}: a CURVE key is 40 Z85 characters (32 bytes)"
+        ))
+    })
+}
+
+/// Decodes a Z85 CURVE key (40 characters) into its 32 bytes.
+pub fn decode_z85_key(z85: &str) -> Option<[u8; 32]> {
+    zmq::z85_decode(z85).ok()?.try_into().ok()
+}
+
+/// `true` if this build of libzmq can do CURVE.
+pub fn curve_available() -> bool {
+    zmq::has("curve").unwrap_or(false)
+}
+
+/// The error for CURVE options on a libzmq without CURVE.
+pub(crate) fn curve_missing() -> Error {
+    Error::Config(
+        "CURVE options were given, but this build of libzmq has no CURVE support (zmq::has(\"curve\") is false: the bundled libzmq of the zmq crate is built without libsodium); use a libzmq built with libsodium, or leave out the curve_* options"
+            .into(),
+    )
+}
+
+impl ZmqConfig {
+    /// Reads the ZeroMQ settings of `config` (scheme `zmq`). Unknown options are an
+    /// [`Error::Config`] naming them; errors never contain a secret key.
+    pub fn from_layer_config(config: &LayerConfig) -> Result<ZmqConfig> {
+        let b = &config.backend;
+        if b.scheme != "zmq" {
+            return Err(Error::Config(format!(
+                "the zmq backend takes zmq:// URLs, not {}://",
+                b.scheme
+            )));
+        }
+        if b.credentials.is_some() {
+            return Err(Error::Config(
+                "zmq:// URLs take no user or password; secure a ZeroMQ layer with CURVE keys (curve_serverkey, ...)".into(),
+            ));
+        }
+        config.options.validate()?;
+        let mut o = b.options.clone();
+        let address = decode(&b.address);
+        let mode_opt = o.take("mode");
+        let pull = o.take("pull");
+        let publish = o.take("pub");
+        let mode = match (mode_opt.as_deref(), pull, publish) {
+            (Some("embedded"), Some(_), _) | (Some("embedded"), _, Some(_)) => {
+                return Err(Error::Config(
+                    "mode=embedded takes no pull= or pub= (those are the proxy's endpoints in dedicated mode)".into(),
+                ))
+            }
+            (Some("embedded") | None, None, None) => Mode::Embedded {
+                endpoint: if address.is_empty() {
+                    format!("tcp://127.0.0.1:{DEFAULT_PORT}")
+                } else if address.contains("://") {
+                    check_endpoint(&address, false)?;
+                    address.clone()
+                } else {
+                    tcp_endpoint(&address, DEFAULT_PORT)?
+                },
+            },
+            (Some("dedicated") | None, Some(pull), Some(publish)) => {
+                if !address.is_empty() {
+                    return Err(Error::Config(format!(
+                        "give either an address ({address:?}) or pull= and pub=, not both"
+                    )));
+                }
+                check_endpoint(&pull, false)
+                    .map_err(|e| Error::Config(format!("option pull: {}", strip(&e))))?;
+                check_endpoint(&publish, false)
+                    .map_err(|e| Error::Config(format!("option pub: {}", strip(&e))))?;
+                Mode::Dedicated { pull, publish }
+            }
+            (Some("dedicated") | None, Some(_), None) | (Some("dedicated") | None, None, Some(_)) => {
+                return Err(Error::Config(
+                    "dedicated mode needs both pull= (the proxy's PULL endpoint) and pub= (its PUB endpoint)".into(),
+                ))
+            }
+            (Some("dedicated"), None, None) => {
+                let has_port = (address.contains(':') && !address.starts_with('['))
+                    || address.contains("]:");
+                if address.contains("://") || has_port {
+                    return Err(Error::Config(format!(
+                        "mode=dedicated with address {address:?}: give a host only (the proxy's default ports {DEFAULT_PULL_PORT} and {DEFAULT_PUB_PORT} are used) or pull= and pub="
+                    )));
+                }
+                let host = if address.is_empty() { "127.0.0.1" } else { &address };
+                Mode::Dedicated {
+                    pull: tcp_endpoint(host, DEFAULT_PULL_PORT)?,
+                    publish: tcp_endpoint(host, DEFAULT_PUB_PORT)?,
+                }
+            }
+            (Some(other), _, _) => {
+                return Err(Error::Config(format!(
+                    "option mode={other}: use embedded or dedicated"
+                )))
+            }
+        };
+        let dur = |v: Option<ConfigDuration>| v.map(|d| d.0);
+        let defaults = Retention::default();
+        let ipv6_default = match &mode {
+            Mode::Embedded { endpoint } => endpoint.starts_with("tcp://["),
+            Mode::Dedicated { pull, publish } => {
+                pull.starts_with("tcp://[") || publish.starts_with("tcp://[")
+            }
+        };
+        let curve = curve_keys(&mut o)?;
+        let mut socket_options = Vec::new();
+        let pass: Vec<String> =
+            o.0.keys()
+                .filter(|k| k.starts_with("zmq."))
+                .cloned()
+                .collect();
+        for k in pass {
+            let name = k["zmq.".len()..].to_owned();
+            if !SOCKET_OPTIONS.contains(&name.as_str()) {
+                return Err(Error::Config(format!(
+                    "option {k}: unknown socket option; zmq.<option> takes one of {}",
+                    SOCKET_OPTIONS.join(", ")
+                )));
+            }
+            let value: i64 = o.take_parsed(&k)?.unwrap_or_default();
+            socket_options.push(SocketOption { name, value });
+        }
+        let cfg = ZmqConfig {
+            mode,
+            bind: o.take_parsed("bind")?.unwrap_or(BindPolicy::Lazy),
+            sndhwm: o.take_parsed("sndhwm")?.unwrap_or(10_000),
+            rcvhwm: o.take_parsed("rcvhwm")?.unwrap_or(10_000),
+            send_queue: o.take_parsed("send_queue")?.unwrap_or(10_000),
+            subscribe_timeout: dur(o.take_parsed("subscribe_timeout")?)
+                .unwrap_or(Duration::from_secs(5)),
+            connect_timeout: dur(o.take_parsed("connect_timeout")?)
+                .unwrap_or(Duration::from_secs(5)),
+            reconnect_interval: dur(o.take_parsed("reconnect_interval")?)
+                .unwrap_or(Duration::from_millis(100)),
+            reconnect_interval_max: dur(o.take_parsed("reconnect_interval_max")?)
+                .unwrap_or(Duration::ZERO),
+            linger: dur(o.take_parsed("linger")?).unwrap_or(Duration::from_secs(1)),
+            retention: Retention {
+                per_topic: o.take_parsed("retain")?.unwrap_or(defaults.per_topic),
+                max_age: dur(o.take_parsed("retain_for")?).unwrap_or(defaults.max_age),
+                max_bytes: o.take_parsed("retain_bytes")?.unwrap_or(defaults.max_bytes),
+            },
+            ipv6: o.take_parsed("ipv6")?.unwrap_or(ipv6_default),
+            curve,
+            socket_options,
+        };
+        o.reject_unknown("zmq", KNOWN_OPTIONS)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.sndhwm < 0 || self.rcvhwm < 0 {
+            return bad("options sndhwm and rcvhwm must be 0 (no limit) or more".into());
+        }
+        if self.send_queue == 0 {
+            return bad("option send_queue must be at least 1".into());
+        }
+        if self.subscribe_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return bad("options subscribe_timeout and connect_timeout must be positive".into());
+        }
+        if self.reconnect_interval.is_zero() {
+            return bad("option reconnect_interval must be positive".into());
+        }
+        if let (Mode::Dedicated { .. }, BindPolicy::Eager | BindPolicy::Never) =
+            (&self.mode, self.bind)
+        {
+            return bad(
+                "option bind is for embedded mode; in dedicated mode the proxy binds".into(),
+            );
+        }
+        if let Some(c) = &self.curve {
+            if matches!(self.mode, Mode::Embedded { .. })
+                && self.bind != BindPolicy::Never
+                && c.server_secret.is_none()
+            {
+                return bad("CURVE in embedded mode: the publishing process needs curve_server_secretkey (or bind=never for a receive-only instance)".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Settings every socket of this layer gets: reconnection, linger, IPv6, pass-through
+    /// options.
+    pub(crate) fn apply_common(&self, s: &zmq::Socket) -> Result<()> {
+        let e = |what: &str, err: zmq::Error| Error::Config(format!("socket option {what}: {err}"));
+        s.set_linger(millis_i32(self.linger))
+            .map_err(|x| e("linger", x))?;
+        s.set_reconnect_ivl(millis_i32(self.reconnect_interval))
+            .map_err(|x| e("reconnect_interval", x))?;
+        s.set_reconnect_ivl_max(millis_i32(self.reconnect_interval_max))
+            .map_err(|x| e("reconnect_interval_max", x))?;
+        s.set_ipv6(self.ipv6).map_err(|x| e("ipv6", x))?;
+        apply_socket_options(s, &self.socket_options)
+    }
+
+    /// CURVE client settings (SUB, PUSH).
+    pub(crate) fn apply_curve_client(&self, s: &zmq::Socket) -> Result<()> {
+        let Some(c) = &self.curve else {
+            return Ok(());
+        };
+        let e = |err: zmq::Error| Error::Config(format!("CURVE client keys: {err}"));
+        s.set_curve_serverkey(&c.server_public).map_err(e)?;
+        s.set_curve_publickey(&c.public).map_err(e)?;
+        s.set_curve_secretkey(&c.secret).map_err(e)?;
+        Ok(())
+    }
+
+    /// CURVE server settings (the embedded publisher).
+    pub(crate) fn apply_curve_server(&self, s: &zmq::Socket) -> Result<()> {
+        let Some(c) = &self.curve else {
+            return Ok(());
+        };
+        let Some(secret) = &c.server_secret else {
+            return Err(Error::Config(
+                "CURVE: this instance would bind the publisher but has no curve_server_secretkey"
+                    .into(),
+            ));
+        };
+        let e = |err: zmq::Error| Error::Config(format!("CURVE server key: {err}"));
+        s.set_curve_server(true).map_err(e)?;
+        s.set_curve_secretkey(secret).map_err(e)?;
+        Ok(())
+    }
+
+    /// The endpoint subscribers connect to.
+    pub fn subscribe_endpoint(&self) -> &str {
+        match &self.mode {
+            Mode::Embedded { endpoint } => endpoint,
+            Mode::Dedicated { publish, .. } => publish,
+        }
+    }
+}
+
+fn strip(e: &Error) -> String {
+    let s = e.to_string();
+    s.strip_prefix("configuration error: ")
+        .unwrap_or(&s)
+        .to_owned()
+}
+
+fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
+    let server = o.take("curve_serverkey");
+    let public = o.take("curve_publickey");
+    let secret = o.take("curve_secretkey");
+    let server_secret = o.take("curve_server_secretkey");
+    if server.is_none() && public.is_none() && secret.is_none() && server_secret.is_none() {
+        return Ok(None);
+    }
+    if !curve_available() {
+        return Err(curve_missing());
+    }
+    let Some(server) = server else {
+        return Err(Error::Config(
+            "CURVE needs curve_serverkey (the publisher's or proxy's public key)".into(),
+        ));
+    };
+    let server_public = z85_key("curve_serverkey", &server)?;
+    let (public, secret) =
+        match (public, secret) {
+            (Some(p), Some(s)) => (
+                z85_key("curve_publickey", &p)?,
+                z85_key("curve_secretkey", &s)?,
+            ),
+            (None, None) => {
+                let pair = zmq::CurveKeyPair::new().map_err(|e| {
+                    Error::backend(crate::BACKEND, "could not make a CURVE key pair", e)
+                })?;
+                (pair.public_key, pair.secret_key)
+            }
+            _ => return Err(Error::Config(
+                "give both curve_publickey and curve_secretkey, or neither (a fresh pair is made)"
+                    .into(),
+            )),
+        };
+    let server_secret = server_secret
+        .map(|s| z85_key("curve_server_secretkey", &s))
+        .transpose()?;
+    Ok(Some(CurveKeys {
+        server_public,
+        public,
+        secret,
+        server_secret,
+    }))
+}
+
+/// Applies `zmq.<option>` pass-through options to a socket.
+pub(crate) fn apply_socket_options(s: &zmq::Socket, options: &[SocketOption]) -> Result<()> {
+    for opt in options {
+        let v = opt.value;
+        let int = || {
+            i32::try_from(v)
+                .map_err(|_| Error::Config(format!("option zmq.{}={v}: out of range", opt.name)))
+        };
+        let r = match opt.name.as_str() {
+            "backlog" => s.set_backlog(int()?),
+            "connect_timeout" => s.set_connect_timeout(int()?),
+            "handshake_ivl" => s.set_handshake_ivl(int()?),
+            "heartbeat_ivl" => s.set_heartbeat_ivl(int()?),
+            "heartbeat_timeout" => s.set_heartbeat_timeout(int()?),
+            "heartbeat_ttl" => s.set_heartbeat_ttl(int()?),
+            "immediate" => s.set_immediate(v != 0),
+            "maxmsgsize" => s.set_maxmsgsize(v),
+            "rcvbuf" => s.set_rcvbuf(int()?),
+            "sndbuf" => s.set_sndbuf(int()?),
+            "tcp_keepalive" => s.set_tcp_keepalive(int()?),
+            "tcp_keepalive_cnt" => s.set_tcp_keepalive_cnt(int()?),
+            "tcp_keepalive_idle" => s.set_tcp_keepalive_idle(int()?),
+            "tcp_keepalive_intvl" => s.set_tcp_keepalive_intvl(int()?),
+            "tos" => s.set_tos(int()?),
+            other => {
+                return Err(Error::Config(format!(
+                    "option zmq.{other}: unknown socket option"
+                )))
+            }
+        };
+        r.map_err(|e| Error::Config(format!("option zmq.{}={v}: {e}", opt.name)))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(url: &str) -> Result<ZmqConfig> {
+        ZmqConfig::from_layer_config(&LayerConfig::from_url(url)?)
+    }
+
+    fn embedded(url: &str) -> String {
+        match cfg(url).expect(url).mode {
+            Mode::Embedded { endpoint } => endpoint,
+            m => panic!("{url}: {m:?}"),
+        }
+    }
+
+    fn dedicated(url: &str) -> (String, String) {
+        match cfg(url).expect(url).mode {
+            Mode::Dedicated { pull, publish } => (pull, publish),
+            m => panic!("{url}: {m:?}"),
+        }
+    }
+
+    #[test]
+    fn embedded_forms() {
+        assert_eq!(embedded("zmq://127.0.0.1:5556"), "tcp://127.0.0.1:5556");
+        assert_eq!(embedded("zmq://localhost"), "tcp://localhost:5556");
+        assert_eq!(embedded("zmq://"), "tcp://127.0.0.1:5556");
+        assert_eq!(embedded("zmq://[::1]:7000"), "tcp://[::1]:7000");
+        assert!(cfg("zmq://[::1]:7000").expect("v6").ipv6);
+        assert!(!cfg("zmq://127.0.0.1:7000").expect("v4").ipv6);
+        assert_eq!(embedded("zmq://[::1]"), "tcp://[::1]:5556");
+        assert_eq!(
+            embedded("zmq://tcp://10.0.0.1:6000?prefix=app"),
+            "tcp://10.0.0.1:6000"
+        );
+        assert_eq!(
+            embedded("zmq://ipc:///tmp/a%20b.sock"),
+            "ipc:///tmp/a b.sock"
+        );
+        assert_eq!(
+            embedded("zmq://127.0.0.1:5556?mode=embedded"),
+            "tcp://127.0.0.1:5556"
+        );
+    }
+
+    #[test]
+    fn dedicated_forms() {
+        assert_eq!(
+            dedicated("zmq://?pull=tcp://127.0.0.1:5557&pub=tcp://127.0.0.1:5558"),
+            (
+                "tcp://127.0.0.1:5557".to_owned(),
+                "tcp://127.0.0.1:5558".to_owned()
+            )
+        );
+        assert_eq!(
+            dedicated("zmq://?mode=dedicated&pull=ipc:///run/p.sock&pub=ipc:///run/s.sock"),
+            (
+                "ipc:///run/p.sock".to_owned(),
+                "ipc:///run/s.sock".to_owned()
+            )
+        );
+        assert_eq!(
+            dedicated("zmq://10.1.2.3?mode=dedicated"),
+            (
+                "tcp://10.1.2.3:5557".to_owned(),
+                "tcp://10.1.2.3:5558".to_owned()
+            )
+        );
+        assert_eq!(
+            dedicated("zmq://?mode=dedicated"),
+            (
+                "tcp://127.0.0.1:5557".to_owned(),
+                "tcp://127.0.0.1:5558".to_owned()
+            )
+        );
+        assert_eq!(
+            dedicated("zmq://[::1]?mode=dedicated").0,
+            "tcp://[::1]:5557"
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_clear() {
+        for (url, words) in [
+            ("zmq://?pull=tcp://127.0.0.1:1", "both pull="),
+            ("zmq://?pub=tcp://127.0.0.1:1", "both pull="),
+            ("zmq://h:1?pull=tcp://a:1&pub=tcp://a:2", "not both"),
+            ("zmq://?mode=embedded&pull=tcp://a:1", "mode=embedded"),
+            ("zmq://h:1?mode=dedicated", "host only"),
+            ("zmq://?mode=fast", "mode=fast"),
+            ("zmq://h:99999", "port"),
+            ("zmq://h:0", "port"),
+            ("zmq://h:x", "port"),
+            ("zmq://udp://h:1", "unsupported transport"),
+            ("zmq://ipc://", "no path"),
+            ("zmq://tcp://h", "no port"),
+            ("zmq://?pull=tcp://h:1&pub=foo", "option pub"),
+            ("zmq://u:secret@h:1", "no user or password"),
+            ("zmq://h:1?bind=sometimes", "bind=sometimes"),
+            ("zmq://h:1?sndhwm=-1", "sndhwm"),
+            ("zmq://h:1?send_queue=0", "send_queue"),
+            ("zmq://h:1?nope=1", "unknown option \"nope\""),
+            ("zmq://h:1?zmq.nope=1", "unknown socket option"),
+            ("zmq://h:1?zmq.sndbuf=big", "zmq.sndbuf=big"),
+            ("zmq://?mode=dedicated&bind=eager", "embedded mode"),
+            ("zmq://h1:1,h2:2", "one host"),
+        ] {
+            let e = cfg(url).expect_err(url).to_string();
+            assert!(e.contains(words), "{url}: {e}");
+            assert!(!e.contains("secret@"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn options_are_read() {
+        let c = cfg("zmq://127.0.0.1:1?bind=never&sndhwm=5&rcvhwm=6&send_queue=7&subscribe_timeout=250ms&connect_timeout=2&reconnect_interval=20ms&reconnect_interval_max=1s&linger=0&retain=3&retain_for=10s&retain_bytes=1000&ipv6=true&zmq.tcp_keepalive=1&zmq.sndbuf=65536").expect("options");
+        assert_eq!(c.bind, BindPolicy::Never);
+        assert_eq!((c.sndhwm, c.rcvhwm, c.send_queue), (5, 6, 7));
+        assert_eq!(c.subscribe_timeout, Duration::from_millis(250));
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.reconnect_interval, Duration::from_millis(20));
+        assert_eq!(c.reconnect_interval_max, Duration::from_secs(1));
+        assert_eq!(c.linger, Duration::ZERO);
+        assert_eq!(
+            c.retention,
+            Retention {
+                per_topic: 3,
+                max_age: Duration::from_secs(10),
+                max_bytes: 1000
+            }
+        );
+        assert!(c.ipv6);
+        assert_eq!(c.socket_options.len(), 2);
+        let s = bridge_socket();
+        c.apply_common(&s).expect("apply");
+        assert_eq!(s.get_sndbuf().expect("sndbuf"), 65536);
+    }
+
+    fn bridge_socket() -> zmq::Socket {
+        crate::bridge::context().socket(zmq::SUB).expect("a socket")
+    }
+
+    #[test]
+    fn curve_without_libsodium_is_a_clear_error() {
+        if curve_available() {
+            return;
+        }
+        let e = cfg(&format!(
+            "zmq://127.0.0.1:1?curve_serverkey={}",
+            "x".repeat(40)
+        ))
+        .expect_err("no curve")
+        .to_string();
+        assert!(e.contains("CURVE"), "{e}");
+        assert!(e.contains("libsodium"), "{e}");
+    }
+}

@@ -1,0 +1,495 @@
+//! The publishing side, shared by the proxy (dedicated mode) and the embedded publisher: an
+//! XPUB socket, per-topic sequence numbers, the retention that late joiners are replayed
+//! from, the answers to subscription probes, and the counters.
+//!
+//! - Every data message gets the next sequence number of its topic and is published as
+//!   `[topic, meta, envelope]` (see [`crate::wire`]).
+//! - Messages of normal channels (`c:`) are **retained** (the last `retain` per topic, at
+//!   most `retain_for`, at most `retain_bytes` in all); messages of inboxes (`i:`) are
+//!   retained only when no subscriber was there to get them. Group messages are never
+//!   retained: a membership starts when `group_add` returns.
+//! - A probe subscription `h:{id}\0{topic}` is answered with the retained messages of
+//!   `topic` (the replay) and a welcome carrying the topic's current sequence number, all on
+//!   the probe topic, which only the asking subscriber is subscribed to. Because a
+//!   subscriber sends its topic subscription before its probe, on one connection, every
+//!   message published after the welcome reaches it live.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::wire::{self, TopicKind};
+
+/// Retention settings of a publisher (the proxy or the embedded publisher).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages kept per topic (0 turns retention off: no replay for late joiners).
+    pub per_topic: usize,
+    /// How long a message is kept.
+    pub max_age: Duration,
+    /// Bytes kept in all (oldest messages go first).
+    pub max_bytes: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            per_topic: 1000,
+            max_age: Duration::from_secs(60),
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Counters of a publisher (the proxy, or the embedded publisher of a process).
+///
+/// `received = forwarded + dropped + undecodable + flushed + pending`, where `pending` are
+/// retained messages that no subscriber has received yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubStats {
+    /// Messages handed to the publisher (from senders, or from `send` in embedded mode).
+    pub received: u64,
+    /// Messages published while at least one subscriber wanted them, or replayed later to
+    /// one that had missed them.
+    pub forwarded: u64,
+    /// Messages no subscriber ever got: group messages with no subscriber, and retained
+    /// messages that aged out or were pushed out before any subscriber asked.
+    pub dropped: u64,
+    /// Frames that were not a chanlayer message (wrong shape or topic), skipped.
+    pub undecodable: u64,
+    /// Retained messages dropped by a `flush` before any subscriber got them.
+    pub flushed: u64,
+    /// Messages sent again to late joiners (counted once per replayed copy).
+    pub replayed: u64,
+    /// Messages retained now.
+    pub retained: u64,
+    /// Bytes retained now.
+    pub retained_bytes: u64,
+    /// Retained messages no subscriber has received yet.
+    pub pending: u64,
+}
+
+/// Live counters, updated by the publisher's thread, read from anywhere.
+#[derive(Debug, Default)]
+pub(crate) struct HubCounters {
+    received: AtomicU64,
+    forwarded: AtomicU64,
+    dropped: AtomicU64,
+    undecodable: AtomicU64,
+    flushed: AtomicU64,
+    replayed: AtomicU64,
+    retained: AtomicU64,
+    retained_bytes: AtomicU64,
+    pending: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl HubCounters {
+    pub fn snapshot(&self) -> HubStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        HubStats {
+            received: g(&self.received),
+            forwarded: g(&self.forwarded),
+            dropped: g(&self.dropped),
+            undecodable: g(&self.undecodable),
+            flushed: g(&self.flushed),
+            replayed: g(&self.replayed),
+            retained: g(&self.retained),
+            retained_bytes: g(&self.retained_bytes),
+            pending: g(&self.pending),
+        }
+    }
+
+    pub fn count_undecodable(&self) {
+        add(&self.undecodable, 1);
+    }
+}
+
+struct Retained {
+    seq: u64,
+    payload: Vec<u8>,
+    /// A subscriber got it (live or by replay).
+    heard: bool,
+}
+
+struct TopicState {
+    /// The map's own key, shared with the retention order.
+    key: Rc<[u8]>,
+    seq: u64,
+    subscribed: bool,
+    retained: VecDeque<Retained>,
+}
+
+/// A message body handed to [`Hub::publish`]: owned bytes, or a frame received from the
+/// proxy's PULL socket (forwarded without a copy when it is not retained).
+pub(crate) enum Payload {
+    Bytes(Vec<u8>),
+    Frame(zmq::Message),
+}
+
+impl Payload {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Bytes(b) => b,
+            Payload::Frame(m) => m,
+        }
+    }
+    fn into_message(self) -> zmq::Message {
+        match self {
+            Payload::Bytes(b) => zmq::Message::from(b),
+            Payload::Frame(m) => m,
+        }
+    }
+}
+
+/// The XPUB side. Owned by one thread.
+pub(crate) struct Hub {
+    xpub: zmq::Socket,
+    epoch: u64,
+    retention: Retention,
+    topics: HashMap<Rc<[u8]>, TopicState>,
+    /// Retained messages in arrival order: (topic, seq, when). Entries whose message already
+    /// left (per-topic limit, flush) are skipped when they reach the front.
+    order: VecDeque<(Rc<[u8]>, u64, Instant)>,
+    retained_count: usize,
+    retained_bytes: usize,
+    sweep_at: usize,
+    counters: std::sync::Arc<HubCounters>,
+}
+
+const SWEEP_MIN: usize = 4096;
+
+impl Hub {
+    pub fn new(
+        xpub: zmq::Socket,
+        retention: Retention,
+        counters: std::sync::Arc<HubCounters>,
+    ) -> Hub {
+        Hub {
+            xpub,
+            epoch: rand::random::<u64>(),
+            retention,
+            topics: HashMap::new(),
+            order: VecDeque::new(),
+            retained_count: 0,
+            retained_bytes: 0,
+            sweep_at: SWEEP_MIN,
+            counters,
+        }
+    }
+
+    /// The XPUB socket (for polling).
+    pub fn socket(&self) -> &zmq::Socket {
+        &self.xpub
+    }
+
+    fn send_frames(&self, frames: [&[u8]; 2], last: zmq::Message) {
+        let r = self
+            .xpub
+            .send(frames[0], zmq::SNDMORE)
+            .and_then(|()| self.xpub.send(frames[1], zmq::SNDMORE))
+            .and_then(|()| self.xpub.send(last, 0));
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "the publisher could not publish a message");
+        }
+    }
+
+    fn send_two(&self, first: &[u8], second: &[u8]) {
+        let r = self
+            .xpub
+            .send(first, zmq::SNDMORE)
+            .and_then(|()| self.xpub.send(second, 0));
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "the publisher could not publish a control message");
+        }
+    }
+
+    fn state_mut(&mut self, topic: &[u8]) -> &mut TopicState {
+        if !self.topics.contains_key(topic) {
+            self.sweep();
+            let key: Rc<[u8]> = Rc::from(topic);
+            self.topics.insert(
+                key.clone(),
+                TopicState {
+                    key,
+                    seq: 0,
+                    subscribed: false,
+                    retained: VecDeque::new(),
+                },
+            );
+        }
+        self.topics
+            .get_mut(topic)
+            .expect("the topic is in the map: it was there or was inserted just above")
+    }
+
+    /// Publishes one data message on `topic`.
+    pub fn publish(&mut self, topic: &[u8], payload: Payload) {
+        self.publish_inner(topic, payload);
+        // Counted last: once `received` shows a message, the other counters do too.
+        add(&self.counters.received, 1);
+    }
+
+    fn publish_inner(&mut self, topic: &[u8], payload: Payload) {
+        let Some(kind) = wire::data_topic_kind(topic) else {
+            self.counters.count_undecodable();
+            return;
+        };
+        let epoch = self.epoch;
+        let per_topic = self.retention.per_topic;
+        let state = self.state_mut(topic);
+        state.seq += 1;
+        let seq = state.seq;
+        let subscribed = state.subscribed;
+        let key = state.key.clone();
+        let retain = per_topic > 0
+            && match kind {
+                TopicKind::Channel => true,
+                TopicKind::Inbox => !subscribed,
+                TopicKind::Group => false,
+            };
+        let meta = wire::meta(wire::META_DATA, epoch, seq);
+        let kept = retain.then(|| payload.as_slice().to_vec());
+        // Counters first: whoever gets the message sees them counted.
+        if subscribed {
+            add(&self.counters.forwarded, 1);
+            self.send_frames([topic, &meta], payload.into_message());
+        } else if !retain {
+            add(&self.counters.dropped, 1);
+        }
+        if let Some(bytes) = kept {
+            self.retain(key, seq, bytes, subscribed);
+        }
+    }
+
+    /// Counts a message that is not chanlayer's (skipped).
+    pub fn reject(&mut self) {
+        self.counters.count_undecodable();
+        add(&self.counters.received, 1);
+    }
+
+    /// Publishes frames as they are (tests of what receivers do with garbage).
+    pub fn publish_raw(&mut self, frames: &[Vec<u8>]) {
+        let n = frames.len();
+        for (i, f) in frames.iter().enumerate() {
+            let flags = if i + 1 < n { zmq::SNDMORE } else { 0 };
+            if let Err(e) = self.xpub.send(&f[..], flags) {
+                tracing::warn!(error = %e, "could not publish raw frames");
+                return;
+            }
+        }
+    }
+
+    fn retain(&mut self, key: Rc<[u8]>, seq: u64, payload: Vec<u8>, heard: bool) {
+        let len = payload.len();
+        let per_topic = self.retention.per_topic;
+        let mut evicted = Vec::new();
+        if let Some(state) = self.topics.get_mut(&key) {
+            state.retained.push_back(Retained {
+                seq,
+                payload,
+                heard,
+            });
+            while state.retained.len() > per_topic {
+                if let Some(old) = state.retained.pop_front() {
+                    evicted.push(old);
+                }
+            }
+        }
+        self.retained_count += 1;
+        self.retained_bytes += len;
+        add(&self.counters.retained, 1);
+        add(&self.counters.retained_bytes, len as u64);
+        if !heard {
+            add(&self.counters.pending, 1);
+        }
+        self.order.push_back((key, seq, Instant::now()));
+        for old in evicted {
+            self.forget(&old, false);
+        }
+        self.evict(Instant::now());
+        if self.order.len() > 2 * self.retained_count + 1024 {
+            self.compact_order();
+        }
+    }
+
+    /// Accounts for a retained message that leaves.
+    fn forget(&mut self, r: &Retained, flushed: bool) {
+        self.retained_count -= 1;
+        self.retained_bytes -= r.payload.len();
+        self.counters.retained.fetch_sub(1, Ordering::Relaxed);
+        self.counters
+            .retained_bytes
+            .fetch_sub(r.payload.len() as u64, Ordering::Relaxed);
+        if !r.heard {
+            self.counters.pending.fetch_sub(1, Ordering::Relaxed);
+            add(
+                if flushed {
+                    &self.counters.flushed
+                } else {
+                    &self.counters.dropped
+                },
+                1,
+            );
+        }
+    }
+
+    /// Drops retained messages past their age, and the oldest ones while over the byte limit.
+    fn evict(&mut self, now: Instant) {
+        let max_age = self.retention.max_age;
+        while let Some((key, seq, at)) = self.order.front() {
+            let over_bytes = self.retained_bytes > self.retention.max_bytes;
+            let too_old = now.duration_since(*at) >= max_age;
+            let live = self
+                .topics
+                .get(key)
+                .and_then(|s| s.retained.front())
+                .is_some_and(|r| r.seq == *seq);
+            if live && !over_bytes && !too_old {
+                break;
+            }
+            let Some((key, _, _)) = self.order.pop_front() else {
+                break;
+            };
+            if live {
+                let gone = self
+                    .topics
+                    .get_mut(&key)
+                    .and_then(|s| s.retained.pop_front());
+                if let Some(r) = gone {
+                    self.forget(&r, false);
+                }
+            }
+        }
+    }
+
+    fn compact_order(&mut self) {
+        let topics = &self.topics;
+        self.order.retain(|(key, seq, _)| {
+            topics
+                .get(key)
+                .is_some_and(|s| s.retained.binary_search_by_key(seq, |r| r.seq).is_ok())
+        });
+    }
+
+    /// Forgets the sequence numbers of topics nobody subscribes and nothing is retained for,
+    /// when the map has doubled since the last sweep.
+    fn sweep(&mut self) {
+        if self.topics.len() < self.sweep_at {
+            return;
+        }
+        self.topics
+            .retain(|_, s| s.subscribed || !s.retained.is_empty());
+        self.sweep_at = (self.topics.len() * 2).max(SWEEP_MIN);
+    }
+
+    /// Time-based work: ages retained messages out.
+    pub fn tick(&mut self) {
+        self.evict(Instant::now());
+    }
+
+    /// Reads every subscription message waiting on the XPUB socket and acts on it.
+    pub fn drain_subscriptions(&mut self) {
+        loop {
+            match self.xpub.recv_bytes(zmq::DONTWAIT) {
+                Ok(msg) => self.on_subscription(&msg),
+                Err(zmq::Error::EAGAIN) => break,
+                Err(zmq::Error::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the publisher could not read subscriptions");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_subscription(&mut self, msg: &[u8]) {
+        let Some((&flag, topic)) = msg.split_first() else {
+            return;
+        };
+        match flag {
+            1 if topic.first() == Some(&wire::PROBE) => self.answer_probe(topic),
+            1 if wire::data_topic_kind(topic).is_some() => {
+                self.state_mut(topic).subscribed = true;
+            }
+            0 if wire::data_topic_kind(topic).is_some() => {
+                if let Some(s) = self.topics.get_mut(topic) {
+                    s.subscribed = false;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn answer_probe(&mut self, probe: &[u8]) {
+        let Some(topic) = wire::parse_probe(probe) else {
+            tracing::debug!(probe = %wire::display(probe), "ignored a malformed probe");
+            return;
+        };
+        let epoch = self.epoch;
+        let mut replayed = 0u64;
+        let mut heard_now = 0u64;
+        let current = match self.topics.get_mut(topic) {
+            None => 0,
+            Some(state) => {
+                for r in state.retained.iter_mut() {
+                    let meta = wire::meta(wire::META_DATA, epoch, r.seq);
+                    let sent = self
+                        .xpub
+                        .send(probe, zmq::SNDMORE)
+                        .and_then(|()| self.xpub.send(&meta[..], zmq::SNDMORE))
+                        .and_then(|()| self.xpub.send(&r.payload[..], 0));
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e, "could not replay a retained message");
+                        break;
+                    }
+                    replayed += 1;
+                    if !r.heard {
+                        r.heard = true;
+                        heard_now += 1;
+                    }
+                }
+                state.seq
+            }
+        };
+        add(&self.counters.replayed, replayed);
+        add(&self.counters.forwarded, heard_now);
+        if heard_now > 0 {
+            self.counters
+                .pending
+                .fetch_sub(heard_now, Ordering::Relaxed);
+        }
+        let meta = wire::meta(wire::META_WELCOME, epoch, current);
+        self.send_two(probe, &meta);
+    }
+
+    /// Drops the retained messages of `prefix` (when not empty), then publishes a MARK with
+    /// `token` on `reply_topic`: a barrier that reaches the subscriber after everything
+    /// published before it.
+    pub fn mark(&mut self, reply_topic: &[u8], token: u64, flush_prefix: &[u8]) {
+        if !flush_prefix.is_empty() {
+            let keys: Vec<Rc<[u8]>> = self
+                .topics
+                .keys()
+                .filter(|k| wire::flushable_under(k, flush_prefix))
+                .cloned()
+                .collect();
+            for key in keys {
+                let gone: Vec<Retained> = self
+                    .topics
+                    .get_mut(&key)
+                    .map(|s| s.retained.drain(..).collect())
+                    .unwrap_or_default();
+                for r in &gone {
+                    self.forget(r, true);
+                }
+            }
+        }
+        let meta = wire::meta(wire::META_MARK, self.epoch, token);
+        self.send_two(reply_topic, &meta);
+    }
+}

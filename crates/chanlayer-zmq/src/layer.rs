@@ -1,0 +1,681 @@
+//! [`ZmqLayer`]: the `ChannelLayer` over PUB/SUB (see the crate docs).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chanlayer_core::stats::{Stats, StatsSnapshot};
+use chanlayer_core::{
+    names, Capabilities, ChannelLayer, CloseSignal, Delivery, Destination, Envelope, Error,
+    GroupRegistry, LayerConfig, LayerOptions, LocalInbox, Message, Result,
+};
+use tokio::sync::oneshot;
+
+use crate::bridge::{lock, Refused};
+use crate::config::{BindPolicy, Mode, ZmqConfig};
+use crate::hub::HubStats;
+use crate::publisher::{self, Endpoint, PubCmd};
+use crate::receiver::{Confirm, Receiver, ReceiverSync, Shared, TransportCounters};
+use crate::sender::{Out, PushSender};
+use crate::wire;
+use crate::{BACKEND, CAPABILITIES};
+
+/// Counters of the ZeroMQ transport of one layer instance (beyond [`StatsSnapshot`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Messages PUB/SUB dropped on the way to this instance, seen as gaps in a topic's
+    /// sequence numbers: the publisher dropped them for this subscriber at its high-water
+    /// mark, or they were published while this instance's connection was down and up again.
+    pub lost: u64,
+    /// Messages that reached this instance through a late-joiner replay.
+    pub replayed: u64,
+    /// `true` while the SUB socket is connected to a publisher.
+    pub connected: bool,
+}
+
+enum Outbound {
+    Embedded {
+        endpoint: Arc<Endpoint>,
+        bind: BindPolicy,
+    },
+    Dedicated(PushSender),
+}
+
+struct Inner {
+    cfg: ZmqConfig,
+    shared: Arc<Shared>,
+    inbox_topic: Vec<u8>,
+    receiver: Receiver,
+    outbound: Mutex<Option<Arc<Outbound>>>,
+    normal: Mutex<HashSet<String>>,
+}
+
+/// The ZeroMQ channel layer. See the crate docs.
+pub struct ZmqLayer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ZmqLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZmqLayer")
+            .field("mode", &self.inner.cfg.mode)
+            .field("instance", &self.inner.shared.id)
+            .finish()
+    }
+}
+
+fn refused(r: Refused, channel: &str) -> Error {
+    match r {
+        Refused::Full => Error::ChannelFull {
+            channel: channel.to_owned(),
+            capacity: 0,
+        },
+        Refused::Closed => Error::Closed,
+    }
+}
+
+impl Inner {
+    fn outbound(&self) -> Result<Arc<Outbound>> {
+        lock(&self.outbound).clone().ok_or(Error::Closed)
+    }
+
+    fn prefix(&self) -> &str {
+        &self.shared.options.prefix
+    }
+
+    /// The topic messages for `channel` travel on; `None` for a process-local name that no
+    /// instance can own.
+    fn channel_topic(&self, channel: &str) -> Option<Vec<u8>> {
+        if names::is_process_local(channel) {
+            names::owner_instance(channel).map(|owner| wire::inbox_topic(self.prefix(), owner))
+        } else {
+            Some(wire::channel_topic(self.prefix(), channel))
+        }
+    }
+
+    /// Queues data messages for the socket thread (all or none).
+    fn publish(&self, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<std::result::Result<(), Refused>> {
+        match &*self.outbound()? {
+            Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
+                "send",
+                BACKEND,
+                "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
+            )),
+            Outbound::Embedded { endpoint, .. } => {
+                let p = endpoint.publisher()?;
+                let mut cmds: Vec<PubCmd> = msgs
+                    .into_iter()
+                    .map(|(topic, payload)| PubCmd::Publish { topic, payload })
+                    .collect();
+                Ok(if cmds.len() == 1 {
+                    p.push(cmds.remove(0))
+                } else {
+                    p.push_all(cmds)
+                })
+            }
+            Outbound::Dedicated(s) => {
+                let mut outs: Vec<Out> = msgs
+                    .into_iter()
+                    .map(|(topic, payload)| Out::Data { topic, payload })
+                    .collect();
+                Ok(if outs.len() == 1 {
+                    s.push(outs.remove(0))
+                } else {
+                    s.push_all(outs)
+                })
+            }
+        }
+    }
+
+    /// Sends a MARK through the publisher (after everything this instance sent before) that
+    /// comes back on the inbox topic; `flush_prefix` also drops the publisher's retention.
+    /// `None` when no publisher can be reached this way (embedded mode, another process
+    /// publishes).
+    fn mark(&self, flush_prefix: &str) -> Result<Option<oneshot::Receiver<()>>> {
+        let token = rand::random::<u64>();
+        match &*self.outbound()? {
+            Outbound::Embedded { endpoint, .. } => {
+                let Some(p) = endpoint.running() else {
+                    return Ok(None);
+                };
+                let rx = self.receiver.await_mark(token)?;
+                p.push(PubCmd::Mark {
+                    reply: self.inbox_topic.clone(),
+                    token,
+                    flush_prefix: flush_prefix.as_bytes().to_vec(),
+                })
+                .map_err(|r| refused(r, "(mark)"))?;
+                Ok(Some(rx))
+            }
+            Outbound::Dedicated(s) => {
+                let rx = self.receiver.await_mark(token)?;
+                s.push(Out::Frames(wire::mark_control(
+                    &self.inbox_topic,
+                    token,
+                    flush_prefix,
+                )))
+                .map_err(|r| refused(r, "(mark)"))?;
+                Ok(Some(rx))
+            }
+        }
+    }
+
+    /// Waits (up to `wait`) until everything this instance sent so far has passed the
+    /// publisher. Returns at once when not connected or when no publisher of this process
+    /// is involved.
+    async fn barrier(&self, wait: Duration) {
+        if !self
+            .shared
+            .transport
+            .link_up
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Ok(Some(rx)) = self.mark("") {
+            let _ = tokio::time::timeout(wait, rx).await;
+        }
+    }
+
+    /// Once the layer is closed, every failure is `Closed`.
+    fn closed_wins<T>(&self, r: Result<T>) -> Result<T> {
+        match r {
+            Err(_) if self.shared.closed.is_closed() => Err(Error::Closed),
+            r => r,
+        }
+    }
+
+    fn ensure_normal(&self, channel: &str) -> Result<()> {
+        let mut set = lock(&self.normal);
+        if set.contains(channel) {
+            return Ok(());
+        }
+        set.insert(channel.to_owned());
+        drop(set);
+        self.receiver.subscribe_channel(self.prefix(), channel)
+    }
+
+    fn check_receiver(&self, channel: &str) -> Result<()> {
+        self.shared.closed.check()?;
+        names::check_receiver(channel, &self.shared.id)
+    }
+}
+
+impl ZmqLayer {
+    /// Connects a layer instance as `config` (a `zmq://` URL) says: starts its receiving
+    /// thread and SUB socket, subscribes its inbox and waits for the publisher to confirm
+    /// it (up to `connect_timeout`).
+    ///
+    /// - Dedicated mode: connects the PUSH socket too, and checks the whole path (a mark
+    ///   sent to the proxy's PULL comes back on the PUB). No proxy within
+    ///   `connect_timeout` is an error that names the endpoints.
+    /// - Embedded mode: with `bind=eager`, binds the publisher now (an address taken by
+    ///   another process is an error); otherwise the first send binds it. No publisher yet
+    ///   is fine: the subscriptions take effect when one binds.
+    pub async fn connect(config: &LayerConfig) -> Result<ZmqLayer> {
+        let cfg = ZmqConfig::from_layer_config(config)?;
+        let options = config.options.clone();
+        let id = names::new_instance_id();
+        let sync = Arc::new(ReceiverSync::default());
+        // The inbox subscription is outstanding from the start.
+        sync.outstanding
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let shared = Arc::new(Shared {
+            id,
+            options,
+            stats: Arc::new(Stats::default()),
+            inbox: LocalInbox::new(),
+            groups: GroupRegistry::new(),
+            closed: Arc::new(CloseSignal::default()),
+            transport: TransportCounters::default(),
+            sync,
+        });
+        let inbox_topic = wire::inbox_topic(&shared.options.prefix, &shared.id);
+        let outbound = match &cfg.mode {
+            Mode::Embedded { endpoint } => {
+                let ep = publisher::endpoint(endpoint, &cfg);
+                ep.register(&shared.sync);
+                if cfg.bind == BindPolicy::Eager {
+                    ep.publisher()?;
+                }
+                Outbound::Embedded {
+                    endpoint: ep,
+                    bind: cfg.bind,
+                }
+            }
+            Mode::Dedicated { pull, .. } => Outbound::Dedicated(PushSender::start(&cfg, pull)?),
+        };
+        let (receiver, inbox_confirmed) = Receiver::start(&cfg, shared.clone())?;
+        let inner = Arc::new(Inner {
+            cfg,
+            shared,
+            inbox_topic,
+            receiver,
+            outbound: Mutex::new(Some(Arc::new(outbound))),
+            normal: Mutex::new(HashSet::new()),
+        });
+        let layer = ZmqLayer { inner };
+        let timeout = layer.inner.cfg.connect_timeout;
+        let confirmed = matches!(
+            tokio::time::timeout(timeout, inbox_confirmed).await,
+            Ok(Ok(Confirm::Confirmed))
+        );
+        match &layer.inner.cfg.mode {
+            Mode::Dedicated { pull, publish } => {
+                if !confirmed {
+                    let _ = layer.close().await;
+                    return Err(Error::Backend {
+                        backend: BACKEND,
+                        message: format!(
+                            "no chanlayer zmq proxy answered on {publish} within {timeout:?} (is `chanlayer zmq-proxy --pull {pull} --pub {publish}` running?)"
+                        ),
+                        source: None,
+                    });
+                }
+                let came_back = match layer.inner.mark("")? {
+                    Some(rx) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
+                    None => true,
+                };
+                if !came_back {
+                    let _ = layer.close().await;
+                    return Err(Error::Backend {
+                        backend: BACKEND,
+                        message: format!(
+                            "the proxy answers on {publish}, but a message sent to {pull} did not come back within {timeout:?}: is {pull} the PULL address of the same proxy?"
+                        ),
+                        source: None,
+                    });
+                }
+            }
+            Mode::Embedded { endpoint } => {
+                if !confirmed {
+                    tracing::debug!(%endpoint, "no publisher is up yet; subscriptions take effect when one binds");
+                }
+            }
+        }
+        Ok(layer)
+    }
+
+    /// The settings this instance runs with.
+    pub fn config(&self) -> &ZmqConfig {
+        &self.inner.cfg
+    }
+
+    /// Counters of the transport (messages lost on the way, replayed, connection state).
+    pub fn transport_stats(&self) -> TransportStats {
+        let t = &self.inner.shared.transport;
+        let o = std::sync::atomic::Ordering::Relaxed;
+        TransportStats {
+            lost: t.lost.load(o),
+            replayed: t.replayed.load(o),
+            connected: t.link_up.load(o),
+        }
+    }
+
+    /// Embedded mode: the counters of this process's publisher on this address, if this
+    /// process has bound it. `None` in dedicated mode (see [`crate::Proxy::stats`]).
+    pub fn publisher_stats(&self) -> Option<HubStats> {
+        match &*self.inner.outbound().ok()? {
+            Outbound::Embedded { endpoint, .. } => endpoint.running().map(|p| p.stats()),
+            Outbound::Dedicated(_) => None,
+        }
+    }
+
+    /// Publishes `bytes` as the envelope of a message for `channel` (its topic and sequence
+    /// are real; the bytes are not checked): for tests of what receivers do with garbage,
+    /// and for poking a layer by hand.
+    pub async fn publish_raw(&self, channel: &str, bytes: Vec<u8>) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed.check()?;
+        let topic = inner
+            .channel_topic(channel)
+            .ok_or_else(|| Error::InvalidMessage(format!("{channel:?} names no layer instance")))?;
+        inner
+            .publish(vec![(topic, bytes)])?
+            .map_err(|r| refused(r, channel))
+    }
+
+    /// Sends frames exactly as given: in embedded mode straight out of the publisher's XPUB
+    /// socket, in dedicated mode to the proxy's PULL. For tests of garbage handling.
+    pub async fn publish_raw_frames(&self, frames: Vec<Vec<u8>>) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed.check()?;
+        let pushed = match &*inner.outbound()? {
+            Outbound::Embedded { endpoint, .. } => endpoint.publisher()?.push(PubCmd::Raw(frames)),
+            Outbound::Dedicated(s) => s.push(Out::Frames(frames)),
+        };
+        pushed.map_err(|r| refused(r, "(raw frames)"))
+    }
+
+    async fn shut_down(&self) -> Result<()> {
+        let inner = &self.inner;
+        if !inner.shared.closed.close() {
+            return Ok(());
+        }
+        inner
+            .shared
+            .sync
+            .gone
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let outbound = lock(&inner.outbound).take();
+        let joining = inner.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            joining.receiver.stop_and_join();
+            // The last instance on an embedded address stops the publisher (joining its
+            // thread); a dedicated sender hands over what it can and closes.
+            drop(outbound);
+        })
+        .await;
+        inner.shared.inbox.clear();
+        Ok(())
+    }
+}
+
+impl Drop for ZmqLayer {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        if !inner.shared.closed.close() {
+            return;
+        }
+        inner
+            .shared
+            .sync
+            .gone
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        inner.receiver.stop();
+        let outbound = lock(&inner.outbound).take();
+        drop(outbound);
+        inner.shared.inbox.clear();
+    }
+}
+
+/// The operations; the trait impl maps their errors with `closed_wins`.
+impl ZmqLayer {
+    async fn send_op(&self, channel: &str, message: Message) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed.check()?;
+        names::validate_channel(channel)?;
+        let env = Envelope::seal(
+            Destination::Channel,
+            channel,
+            message,
+            &inner.shared.options,
+        )?;
+        let Some(topic) = inner.channel_topic(channel) else {
+            inner.shared.stats.record_undeliverable(channel);
+            return Ok(());
+        };
+        inner
+            .publish(vec![(topic, env.encode())])?
+            .map_err(|r| refused(r, channel))?;
+        inner.shared.stats.record_sent(1);
+        Ok(())
+    }
+
+    async fn send_batch_op(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed.check()?;
+        names::validate_channel(channel)?;
+        let mut envs = Vec::with_capacity(messages.len());
+        for m in messages {
+            envs.push(Envelope::seal(
+                Destination::Channel,
+                channel,
+                m,
+                &inner.shared.options,
+            )?);
+        }
+        let Some(topic) = inner.channel_topic(channel) else {
+            for _ in &envs {
+                inner.shared.stats.record_undeliverable(channel);
+            }
+            return Ok(());
+        };
+        let n = envs.len() as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let msgs = envs
+            .into_iter()
+            .map(|e| (topic.clone(), e.encode()))
+            .collect();
+        inner.publish(msgs)?.map_err(|r| refused(r, channel))?;
+        inner.shared.stats.record_sent(n);
+        Ok(())
+    }
+
+    async fn receive_op(&self, channel: &str) -> Result<Message> {
+        let inner = &self.inner;
+        inner.check_receiver(channel)?;
+        if !names::is_process_local(channel) {
+            inner.ensure_normal(channel)?;
+        }
+        let s = &inner.shared;
+        let entry = s.inbox.take(channel, &s.stats, &s.closed).await?;
+        s.stats.record_received(1);
+        Ok(entry.envelope.into_message())
+    }
+
+    fn normal_unsupported(operation: &'static str) -> Error {
+        Error::unsupported(
+            operation,
+            BACKEND,
+            "normal channels over ZeroMQ PUB/SUB are at-most-once and reach every subscriber (there is nothing to ack or redeliver); use receive, or the kafka or amqp backend for at-least-once work queues",
+        )
+    }
+
+    async fn receive_delivery_op(&self, channel: &str) -> Result<Delivery> {
+        let inner = &self.inner;
+        inner.check_receiver(channel)?;
+        if !names::is_process_local(channel) {
+            return Err(Self::normal_unsupported("receive_delivery"));
+        }
+        let s = &inner.shared;
+        let d = s
+            .inbox
+            .take(channel, &s.stats, &s.closed)
+            .await?
+            .into_settled_delivery(channel);
+        s.stats.record_received(1);
+        Ok(d)
+    }
+
+    async fn receive_batch_op(
+        &self,
+        channel: &str,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let inner = &self.inner;
+        inner.check_receiver(channel)?;
+        if !names::is_process_local(channel) {
+            return Err(Self::normal_unsupported("receive_batch"));
+        }
+        let s = &inner.shared;
+        let out: Vec<Delivery> = s
+            .inbox
+            .take_batch(channel, max, timeout, &s.stats, &s.closed)
+            .await?
+            .into_iter()
+            .map(|e| e.into_settled_delivery(channel))
+            .collect();
+        s.stats.record_received(out.len() as u64);
+        Ok(out)
+    }
+
+    async fn group_add_op(&self, group: &str, channel: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed.check()?;
+        names::validate_group(group)?;
+        names::validate_channel(channel)?;
+        if names::is_process_local(channel)
+            && names::owner_instance(channel) != Some(inner.shared.id.as_str())
+        {
+            // Memberships live where the messages arrive: only the owner adds its channel.
+            return Err(Error::NotOwner {
+                channel: channel.to_owned(),
+            });
+        }
+        if !inner.shared.groups.has_members(group) {
+            // The group's topic is about to be subscribed: let what this instance sent
+            // before (a group_send racing ahead on the send path) pass the publisher first,
+            // so a membership never receives a message sent before it began. The member is
+            // registered only afterwards: the receiving thread subscribes every group with
+            // members (its periodic reconcile too), and must not do so before the barrier.
+            inner.barrier(inner.cfg.subscribe_timeout).await;
+        }
+        inner
+            .shared
+            .groups
+            .add(group, channel, inner.shared.options.group_expiry);
+        let (tx, rx) = oneshot::channel();
+        inner.receiver.reconcile(group, Some(tx))?;
+        let wait = inner.cfg.subscribe_timeout;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(Confirm::Confirmed | Confirm::NotConnected)) => Ok(()),
+            Ok(Ok(Confirm::NoAnswer)) | Err(_) => Err(Error::Timeout {
+                operation: "group_add (waiting for the publisher to confirm the subscription; the membership is kept)",
+                after: wait,
+            }),
+            Ok(Err(_)) => Err(Error::Closed),
+        }
+    }
+
+    async fn group_discard_op(&self, group: &str, channel: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed.check()?;
+        names::validate_group(group)?;
+        names::validate_channel(channel)?;
+        inner.shared.groups.discard(group, channel);
+        inner.receiver.reconcile(group, None)
+    }
+
+    async fn group_send_op(&self, group: &str, message: Message) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed.check()?;
+        names::validate_group(group)?;
+        let env = Envelope::seal(Destination::Group, group, message, &inner.shared.options)?;
+        let topic = wire::group_topic(inner.prefix(), group);
+        let payload = env.encode();
+        // group_send never fails for capacity: wait a little for room in the queue, then
+        // drop the message and count it.
+        for attempt in 0..200u32 {
+            match inner.publish(vec![(topic.clone(), payload.clone())])? {
+                Ok(()) => {
+                    inner.shared.stats.record_sent(1);
+                    return Ok(());
+                }
+                Err(Refused::Closed) => return Err(Error::Closed),
+                Err(Refused::Full) => {
+                    let pause = Duration::from_millis(u64::from(attempt.min(10)) + 1);
+                    tokio::time::sleep(pause).await;
+                    inner.shared.closed.check()?;
+                }
+            }
+        }
+        tracing::warn!(
+            group,
+            "group_send dropped a message: the send queue stayed full"
+        );
+        inner.shared.stats.record_undeliverable(group);
+        Ok(())
+    }
+
+    async fn flush_op(&self) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed.check()?;
+        inner.shared.groups.clear();
+        inner.receiver.reconcile_all()?;
+        // A barrier through the publisher: what this instance sent before the flush is in
+        // the retention (dropped now) or on its way to us (ahead of the mark).
+        let outcome = match inner.mark(inner.prefix())? {
+            None => Ok(()),
+            Some(rx) => match tokio::time::timeout(inner.cfg.connect_timeout, rx).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout {
+                    operation: "flush (waiting for the publisher's barrier)",
+                    after: inner.cfg.connect_timeout,
+                }),
+            },
+        };
+        inner.shared.inbox.clear();
+        outcome
+    }
+}
+
+#[async_trait]
+impl ChannelLayer for ZmqLayer {
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn options(&self) -> &LayerOptions {
+        &self.inner.shared.options
+    }
+
+    fn instance_id(&self) -> &str {
+        &self.inner.shared.id
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        self.inner.shared.stats.snapshot()
+    }
+
+    async fn send(&self, channel: &str, message: Message) -> Result<()> {
+        self.inner.closed_wins(self.send_op(channel, message).await)
+    }
+
+    async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
+        self.inner
+            .closed_wins(self.send_batch_op(channel, messages).await)
+    }
+
+    async fn receive(&self, channel: &str) -> Result<Message> {
+        self.inner.closed_wins(self.receive_op(channel).await)
+    }
+
+    async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
+        self.inner
+            .closed_wins(self.receive_delivery_op(channel).await)
+    }
+
+    async fn receive_batch(
+        &self,
+        channel: &str,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>> {
+        self.inner
+            .closed_wins(self.receive_batch_op(channel, max, timeout).await)
+    }
+
+    async fn new_channel(&self, prefix: &str) -> Result<String> {
+        self.inner.shared.closed.check()?;
+        names::new_channel_name(prefix, &self.inner.shared.id)
+    }
+
+    async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
+        self.inner
+            .closed_wins(self.group_add_op(group, channel).await)
+    }
+
+    async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
+        self.inner
+            .closed_wins(self.group_discard_op(group, channel).await)
+    }
+
+    async fn group_send(&self, group: &str, message: Message) -> Result<()> {
+        self.inner
+            .closed_wins(self.group_send_op(group, message).await)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.closed_wins(self.flush_op().await)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.shut_down().await
+    }
+}

@@ -1,0 +1,336 @@
+//! The proxy of dedicated mode: a PULL socket that senders PUSH to, and an XPUB socket that
+//! subscribers connect to, on one thread. Run it inside a process with [`Proxy::spawn`], or
+//! as a daemon with `chanlayer zmq-proxy --pull ... --pub ...`.
+//!
+//! It is more than `zmq_proxy()`: it numbers each topic's messages, keeps the recent
+//! messages of normal channels (and the inbox messages nobody was subscribed for) to replay
+//! to late joiners, answers subscription probes, and executes marks (flush barriers). See
+//! [`crate::wire`] for the frames.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chanlayer_core::{Error, Result};
+
+use crate::bridge::{context, lock, zmq_err, Mailbox};
+use crate::config::{check_endpoint, curve_available, curve_missing};
+use crate::hub::{Hub, HubCounters, HubStats, Payload, Retention};
+use crate::wire;
+use crate::BACKEND;
+
+/// Settings of a [`Proxy`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Where the PULL socket binds (senders connect their PUSH here). `tcp://HOST:*` or
+    /// `tcp://HOST:0` binds a free port; see [`Proxy::pull_endpoint`].
+    pub pull: String,
+    /// Where the XPUB socket binds (subscribers connect their SUB here).
+    pub publish: String,
+    /// What is kept for late joiners.
+    pub retention: Retention,
+    /// ZMQ_SNDHWM of the XPUB socket (per subscriber).
+    pub sndhwm: i32,
+    /// ZMQ_RCVHWM of the PULL socket.
+    pub rcvhwm: i32,
+    /// CURVE: the proxy's secret key (32 bytes). When set, both sockets are CURVE servers and
+    /// clients need the matching public key (`curve_serverkey`).
+    pub curve_secret_key: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("pull", &self.pull)
+            .field("publish", &self.publish)
+            .field("retention", &self.retention)
+            .field("sndhwm", &self.sndhwm)
+            .field("rcvhwm", &self.rcvhwm)
+            .field(
+                "curve_secret_key",
+                &self.curve_secret_key.map(|_| "***").unwrap_or("<unset>"),
+            )
+            .finish()
+    }
+}
+
+impl ProxyConfig {
+    /// A proxy binding `pull` and `publish`, with default retention and high-water marks.
+    pub fn new(pull: impl Into<String>, publish: impl Into<String>) -> Self {
+        ProxyConfig {
+            pull: pull.into(),
+            publish: publish.into(),
+            retention: Retention::default(),
+            sndhwm: 10_000,
+            rcvhwm: 10_000,
+            curve_secret_key: None,
+        }
+    }
+}
+
+/// A running proxy: its endpoints, its counters, and [`Proxy::stop`].
+///
+/// ```
+/// use chanlayer_zmq::{Proxy, ProxyConfig};
+/// let proxy = Proxy::spawn(ProxyConfig::new("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")).unwrap();
+/// let url = proxy.url(); // zmq://?pull=tcp://127.0.0.1:PORT&pub=tcp://127.0.0.1:PORT
+/// assert!(url.starts_with("zmq://?pull=tcp://127.0.0.1:"));
+/// let stats = proxy.stop();
+/// assert_eq!(stats.forwarded, 0);
+/// ```
+pub struct Proxy {
+    mailbox: Arc<Mailbox<()>>,
+    counters: Arc<HubCounters>,
+    pull: String,
+    publish: String,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("pull", &self.pull)
+            .field("publish", &self.publish)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Proxy {
+    /// Binds both sockets and starts the proxy's thread. Returns once bound (an address in
+    /// use is an error here).
+    pub fn spawn(config: ProxyConfig) -> Result<Proxy> {
+        check_endpoint(&config.pull, true)?;
+        check_endpoint(&config.publish, true)?;
+        if config.curve_secret_key.is_some() && !curve_available() {
+            return Err(curve_missing());
+        }
+        let mailbox = Arc::new(Mailbox::new(1)?);
+        let counters = Arc::new(HubCounters::default());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (mailbox, counters) = (mailbox.clone(), counters.clone());
+            std::thread::Builder::new()
+                .name("chanlayer-zmq proxy".into())
+                .spawn(move || run(config, mailbox, counters, ready_tx))
+                .map_err(|e| Error::backend(BACKEND, "could not start the proxy thread", e))?
+        };
+        match ready_rx.recv() {
+            Ok(Ok((pull, publish))) => Ok(Proxy {
+                mailbox,
+                counters,
+                pull,
+                publish,
+                thread: Mutex::new(Some(thread)),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(Error::Backend {
+                    backend: BACKEND,
+                    message: "the proxy thread ended while binding".into(),
+                    source: None,
+                })
+            }
+        }
+    }
+
+    /// The PULL endpoint as bound (a `*` or `0` port resolved).
+    pub fn pull_endpoint(&self) -> &str {
+        &self.pull
+    }
+
+    /// The PUB endpoint as bound (a `*` or `0` port resolved).
+    pub fn pub_endpoint(&self) -> &str {
+        &self.publish
+    }
+
+    /// The `zmq://` URL of a layer that uses this proxy (dedicated mode).
+    pub fn url(&self) -> String {
+        let enc = |s: &str| percent_encoding::utf8_percent_encode(s, QUERY_VALUE).to_string();
+        format!("zmq://?pull={}&pub={}", enc(&self.pull), enc(&self.publish))
+    }
+
+    /// The proxy's counters now.
+    pub fn stats(&self) -> HubStats {
+        self.counters.snapshot()
+    }
+
+    /// Stops the proxy (closing both sockets) and returns its final counters.
+    pub fn stop(self) -> HubStats {
+        self.shut_down();
+        self.stats()
+    }
+
+    fn shut_down(&self) {
+        self.mailbox.close();
+        if let Some(h) = lock(&self.thread).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+fn resolved(socket: &zmq::Socket, asked: &str) -> String {
+    match socket.get_last_endpoint() {
+        Ok(Ok(e)) if !e.is_empty() => e,
+        _ => asked.to_owned(),
+    }
+}
+
+fn setup(config: &ProxyConfig) -> Result<(zmq::Socket, zmq::Socket, String, String)> {
+    let ctx = context();
+    let pull = ctx
+        .socket(zmq::PULL)
+        .map_err(|e| zmq_err("could not create the PULL socket", e))?;
+    let xpub = ctx
+        .socket(zmq::XPUB)
+        .map_err(|e| zmq_err("could not create the XPUB socket", e))?;
+    for s in [&pull, &xpub] {
+        s.set_linger(0).map_err(|e| zmq_err("linger", e))?;
+        if let Some(key) = &config.curve_secret_key {
+            s.set_curve_server(true)
+                .and_then(|()| s.set_curve_secretkey(key))
+                .map_err(|e| Error::Config(format!("CURVE server key: {e}")))?;
+        }
+        if config.pull.starts_with("tcp://[") || config.publish.starts_with("tcp://[") {
+            s.set_ipv6(true).map_err(|e| zmq_err("ipv6", e))?;
+        }
+    }
+    pull.set_rcvhwm(config.rcvhwm)
+        .map_err(|e| zmq_err("rcvhwm", e))?;
+    xpub.set_sndhwm(config.sndhwm)
+        .map_err(|e| zmq_err("sndhwm", e))?;
+    let in_use = |what: &str, addr: &str, e: zmq::Error| match e {
+        zmq::Error::EADDRINUSE => Error::Backend {
+            backend: BACKEND,
+            message: format!(
+                "the proxy's {what} address {addr} is already in use (another proxy running?)"
+            ),
+            source: Some(Box::new(e)),
+        },
+        e => zmq_err(
+            format!("could not bind the proxy's {what} socket to {addr}"),
+            e,
+        ),
+    };
+    pull.bind(&config.pull)
+        .map_err(|e| in_use("pull", &config.pull, e))?;
+    xpub.bind(&config.publish)
+        .map_err(|e| in_use("pub", &config.publish, e))?;
+    let p = resolved(&pull, &config.pull);
+    let x = resolved(&xpub, &config.publish);
+    Ok((pull, xpub, p, x))
+}
+
+/// Characters escaped in a URL query value.
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'#')
+    .add(b'%')
+    .add(b'&')
+    .add(b'?')
+    .add(b'+');
+
+type Ready = std::sync::mpsc::Sender<Result<(String, String)>>;
+
+fn run(config: ProxyConfig, mailbox: Arc<Mailbox<()>>, counters: Arc<HubCounters>, ready: Ready) {
+    let (pull, xpub, p, x) = match setup(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok((p, x)));
+    let mut hub = Hub::new(xpub, config.retention, counters);
+    let mut frames: VecDeque<zmq::Message> = VecDeque::with_capacity(4);
+    loop {
+        {
+            let mut items = [
+                hub.socket().as_poll_item(zmq::POLLIN),
+                pull.as_poll_item(zmq::POLLIN),
+                mailbox.poll_item(),
+            ];
+            if let Err(e) = zmq::poll(&mut items, 500) {
+                if e != zmq::Error::EINTR {
+                    tracing::warn!(error = %e, "the proxy could not poll");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        mailbox.woke();
+        if mailbox.is_closed() {
+            break;
+        }
+        hub.drain_subscriptions();
+        for _ in 0..1024 {
+            if !read_one(&pull, &mut frames) {
+                break;
+            }
+            dispatch(&mut hub, &mut frames);
+            frames.clear();
+        }
+        hub.tick();
+    }
+}
+
+/// Reads one message (at most 5 frames kept; `frames` gets a 6th empty marker frame if there
+/// were more). `false` when nothing is waiting.
+fn read_one(pull: &zmq::Socket, frames: &mut VecDeque<zmq::Message>) -> bool {
+    let mut extra = false;
+    loop {
+        match pull.recv_msg(zmq::DONTWAIT) {
+            Ok(m) => {
+                let more = m.get_more();
+                if frames.len() < 5 {
+                    frames.push_back(m);
+                } else {
+                    extra = true;
+                }
+                if !more {
+                    break;
+                }
+            }
+            Err(zmq::Error::EINTR) => continue,
+            Err(_) if frames.is_empty() => return false,
+            Err(e) => {
+                tracing::debug!(error = %e, "the proxy lost the rest of a message");
+                break;
+            }
+        }
+    }
+    if extra {
+        frames.push_back(zmq::Message::new());
+    }
+    true
+}
+
+fn dispatch(hub: &mut Hub, frames: &mut VecDeque<zmq::Message>) {
+    let n = frames.len();
+    let first: &[u8] = frames.front().map_or(&[], |f| &f[..]);
+    if n == 2 && wire::data_topic_kind(first).is_some() {
+        let topic = frames.pop_front().expect("two frames");
+        let payload = frames.pop_front().expect("two frames");
+        hub.publish(&topic, Payload::Frame(payload));
+        return;
+    }
+    if n == 4 && first == wire::MARK_CONTROL {
+        let rest: Vec<&[u8]> = frames.iter().skip(1).map(|f| &f[..]).collect();
+        if let Some((reply, token, prefix)) = wire::parse_mark_control(&rest) {
+            let (reply, prefix) = (reply.to_vec(), prefix.to_vec());
+            hub.mark(&reply, token, &prefix);
+            return;
+        }
+    }
+    tracing::debug!(frames = n, first = %wire::display(first), "the proxy skipped a message that is not chanlayer's");
+    hub.reject();
+}

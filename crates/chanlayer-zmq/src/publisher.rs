@@ -1,0 +1,315 @@
+//! Embedded mode's publisher: one XPUB socket per address and process, bound by the first
+//! send (or at connect with `bind=eager`), owned by one thread, shared by every layer
+//! instance of the process that uses that address.
+//!
+//! - **One process per address.** A second process that tries to bind the same address gets
+//!   a clear error (for `tcp://` the kernel refuses the bind; for `ipc://`, where libzmq would
+//!   silently take the socket file over, chanlayer first checks that nobody answers on it).
+//! - **In-process subscribers first.** Right after binding, the publisher answers
+//!   subscriptions but holds back messages until every subscriber of this process on this
+//!   address is connected and has its subscriptions confirmed (bounded by
+//!   `connect_timeout`): their SUB sockets were retrying to connect while nobody listened,
+//!   and a group message published before they are back would be lost to them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use chanlayer_core::{Error, Result};
+
+use crate::bridge::{context, lock, zmq_err, Mailbox, Refused};
+use crate::config::ZmqConfig;
+use crate::hub::{Hub, HubCounters, HubStats, Payload};
+use crate::receiver::ReceiverSync;
+use crate::BACKEND;
+
+/// A command for the publisher thread.
+pub(crate) enum PubCmd {
+    Publish {
+        topic: Vec<u8>,
+        payload: Vec<u8>,
+    },
+    Mark {
+        reply: Vec<u8>,
+        token: u64,
+        flush_prefix: Vec<u8>,
+    },
+    Raw(Vec<Vec<u8>>),
+}
+
+type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
+
+/// The process's state for one embedded address.
+pub(crate) struct Endpoint {
+    address: String,
+    cfg: ZmqConfig,
+    publisher: Mutex<Option<Arc<Publisher>>>,
+    receivers: Receivers,
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Weak<Endpoint>>> {
+    static R: OnceLock<Mutex<HashMap<String, Weak<Endpoint>>>> = OnceLock::new();
+    R.get_or_init(Mutex::default)
+}
+
+/// When this process last stopped a publisher on an address (a rebind right after may find
+/// the old listener still closing).
+fn recently_stopped() -> &'static Mutex<HashMap<String, Instant>> {
+    static R: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    R.get_or_init(Mutex::default)
+}
+
+/// The endpoint state for `address` in this process (shared by every instance using it; the
+/// first instance's settings are the publisher's).
+pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
+    let mut map = lock(registry());
+    if let Some(e) = map.get(address).and_then(Weak::upgrade) {
+        return e;
+    }
+    map.retain(|_, w| w.strong_count() > 0);
+    let e = Arc::new(Endpoint {
+        address: address.to_owned(),
+        cfg: cfg.clone(),
+        publisher: Mutex::new(None),
+        receivers: Arc::default(),
+    });
+    map.insert(address.to_owned(), Arc::downgrade(&e));
+    e
+}
+
+impl Endpoint {
+    /// Registers an in-process subscriber of this address (the publisher waits for it after
+    /// binding).
+    pub fn register(&self, sync: &Arc<ReceiverSync>) {
+        let mut r = lock(&self.receivers);
+        r.retain(|w| w.strong_count() > 0);
+        r.push(Arc::downgrade(sync));
+    }
+
+    /// The publisher, if this process runs one on this address.
+    pub fn running(&self) -> Option<Arc<Publisher>> {
+        lock(&self.publisher).clone()
+    }
+
+    /// The publisher, binding it now if this process has none yet.
+    pub fn publisher(&self) -> Result<Arc<Publisher>> {
+        let mut slot = lock(&self.publisher);
+        if let Some(p) = slot.as_ref() {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(Publisher::start(
+            &self.address,
+            &self.cfg,
+            self.receivers.clone(),
+        )?);
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+}
+
+/// The handle on a publisher thread.
+pub(crate) struct Publisher {
+    mailbox: Arc<Mailbox<PubCmd>>,
+    counters: Arc<HubCounters>,
+    address: String,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.mailbox.close();
+        if let Some(h) = lock(&self.thread).take() {
+            let _ = h.join();
+        }
+        lock(recently_stopped()).insert(self.address.clone(), Instant::now());
+    }
+}
+
+impl Publisher {
+    fn start(address: &str, cfg: &ZmqConfig, receivers: Receivers) -> Result<Publisher> {
+        let mailbox = Arc::new(Mailbox::new(cfg.send_queue)?);
+        let counters = Arc::new(HubCounters::default());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (cfg, address) = (cfg.clone(), address.to_owned());
+            let (mailbox, counters) = (mailbox.clone(), counters.clone());
+            std::thread::Builder::new()
+                .name("chanlayer-zmq publisher".into())
+                .spawn(move || run(address, cfg, mailbox, counters, receivers, ready_tx))
+                .map_err(|e| Error::backend(BACKEND, "could not start the publisher thread", e))?
+        };
+        let bound = ready_rx.recv().unwrap_or_else(|_| {
+            Err(Error::Backend {
+                backend: BACKEND,
+                message: "the publisher thread ended while binding".into(),
+                source: None,
+            })
+        });
+        if let Err(e) = bound {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(Publisher {
+            mailbox,
+            counters,
+            address: address.to_owned(),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a command; data messages are bounded by `send_queue`.
+    pub fn push(&self, cmd: PubCmd) -> std::result::Result<(), Refused> {
+        let bounded = matches!(cmd, PubCmd::Publish { .. });
+        self.mailbox.push(cmd, bounded)
+    }
+
+    /// Queues several data messages at once (all or none).
+    pub fn push_all(&self, cmds: Vec<PubCmd>) -> std::result::Result<(), Refused> {
+        self.mailbox.push_all(cmds)
+    }
+
+    /// The publisher's counters.
+    pub fn stats(&self) -> HubStats {
+        self.counters.snapshot()
+    }
+}
+
+/// `true` if a process answers on the Unix socket at `path` (libzmq would take the file over
+/// without a word, so this is checked before binding an `ipc://` address).
+fn ipc_in_use(path: &str) -> bool {
+    #[cfg(target_os = "linux")]
+    if let Some(name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        return std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a))
+            .is_ok();
+    }
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+fn taken(address: &str) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message: format!(
+            "embedded mode: {address} is already bound by another process. In embedded mode one process per address sends (it binds the publisher) and any number receive; run several senders in dedicated mode through a proxy (`chanlayer zmq-proxy`, URL zmq://?pull=...&pub=...), give this process its own address, or connect it with bind=never to only receive"
+        ),
+        source: None,
+    }
+}
+
+fn bind(xpub: &zmq::Socket, address: &str) -> Result<()> {
+    // Our own publisher on this address may have stopped a moment ago, its listener still
+    // closing: then wait for it, briefly.
+    let recent = lock(recently_stopped())
+        .get(address)
+        .is_some_and(|t| t.elapsed() < Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(if recent { 2 } else { 0 });
+    loop {
+        let attempt = match address.strip_prefix("ipc://") {
+            Some(path) if ipc_in_use(path) => Err(taken(address)),
+            _ => match xpub.bind(address) {
+                Ok(()) => Ok(()),
+                Err(zmq::Error::EADDRINUSE) => Err(taken(address)),
+                Err(e) => Err(zmq_err(
+                    format!("could not bind the publisher to {address}"),
+                    e,
+                )),
+            },
+        };
+        match attempt {
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn setup(address: &str, cfg: &ZmqConfig) -> Result<zmq::Socket> {
+    let xpub = context()
+        .socket(zmq::XPUB)
+        .map_err(|e| zmq_err("could not create the XPUB socket", e))?;
+    cfg.apply_common(&xpub)?;
+    xpub.set_sndhwm(cfg.sndhwm)
+        .map_err(|e| zmq_err("could not set sndhwm", e))?;
+    cfg.apply_curve_server(&xpub)?;
+    bind(&xpub, address)?;
+    Ok(xpub)
+}
+
+fn synced(receivers: &Receivers) -> bool {
+    let mut r = lock(receivers);
+    r.retain(|w| w.strong_count() > 0);
+    r.iter()
+        .filter_map(Weak::upgrade)
+        .all(|s| s.gone.load(Ordering::SeqCst) || s.outstanding.load(Ordering::SeqCst) == 0)
+}
+
+fn run(
+    address: String,
+    cfg: ZmqConfig,
+    mailbox: Arc<Mailbox<PubCmd>>,
+    counters: Arc<HubCounters>,
+    receivers: Receivers,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+) {
+    let xpub = match setup(&address, &cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    tracing::debug!(%address, "embedded publisher bound");
+    let mut hub = Hub::new(xpub, cfg.retention, counters);
+    let warm_until = Instant::now() + cfg.connect_timeout;
+    let mut warm = false;
+    let mut batch = VecDeque::new();
+    loop {
+        let timeout = if !warm {
+            5
+        } else if mailbox.prepare_sleep() {
+            500
+        } else {
+            0
+        };
+        {
+            let mut items = [hub.socket().as_poll_item(zmq::POLLIN), mailbox.poll_item()];
+            if let Err(e) = zmq::poll(&mut items, timeout) {
+                if e != zmq::Error::EINTR {
+                    tracing::warn!(error = %e, "the publisher could not poll");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        mailbox.woke();
+        if mailbox.is_closed() {
+            break;
+        }
+        hub.drain_subscriptions();
+        if !warm {
+            warm = synced(&receivers) || Instant::now() >= warm_until;
+            if !warm {
+                continue;
+            }
+        }
+        mailbox.take_some(1024, &mut batch);
+        for cmd in batch.drain(..) {
+            match cmd {
+                PubCmd::Publish { topic, payload } => {
+                    hub.publish(&topic, Payload::Bytes(payload));
+                }
+                PubCmd::Mark {
+                    reply,
+                    token,
+                    flush_prefix,
+                } => hub.mark(&reply, token, &flush_prefix),
+                PubCmd::Raw(frames) => hub.publish_raw(&frames),
+            }
+        }
+        hub.tick();
+    }
+    tracing::debug!(%address, "embedded publisher stopped");
+}

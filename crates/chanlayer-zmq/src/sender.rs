@@ -1,0 +1,201 @@
+//! Dedicated mode's sending side: one PUSH socket per layer instance, connected to the
+//! proxy's PULL, owned by one thread.
+//!
+//! A send is queued for the thread (bounded by `send_queue`) and returns. The thread hands
+//! messages to the socket without blocking; when the socket is at its high-water mark (the
+//! proxy is slow or down: libzmq queues up to `sndhwm` messages for a connection that is not
+//! up yet), the thread stops taking from the queue until the socket can take more, so the
+//! queue fills and further sends are `ChannelFull`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chanlayer_core::{Error, Result};
+
+use crate::bridge::{context, lock, zmq_err, Mailbox, Refused};
+use crate::config::ZmqConfig;
+use crate::BACKEND;
+
+/// One message for the proxy, as frames.
+pub(crate) enum Out {
+    /// `[topic, envelope]`.
+    Data { topic: Vec<u8>, payload: Vec<u8> },
+    /// Control or raw frames, sent as they are.
+    Frames(Vec<Vec<u8>>),
+}
+
+/// The handle on the PUSH thread.
+pub(crate) struct PushSender {
+    mailbox: Arc<Mailbox<Out>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for PushSender {
+    fn drop(&mut self) {
+        self.mailbox.close();
+        if let Some(h) = lock(&self.thread).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl PushSender {
+    /// Connects a PUSH socket to `pull` on a new thread.
+    pub fn start(cfg: &ZmqConfig, pull: &str) -> Result<PushSender> {
+        let mailbox = Arc::new(Mailbox::new(cfg.send_queue)?);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (cfg, pull, mailbox) = (cfg.clone(), pull.to_owned(), mailbox.clone());
+            std::thread::Builder::new()
+                .name("chanlayer-zmq sender".into())
+                .spawn(move || run(cfg, pull, mailbox, ready_tx))
+                .map_err(|e| Error::backend(BACKEND, "could not start the sender thread", e))?
+        };
+        let started = ready_rx.recv().unwrap_or_else(|_| {
+            Err(Error::Backend {
+                backend: BACKEND,
+                message: "the sender thread ended while starting".into(),
+                source: None,
+            })
+        });
+        if let Err(e) = started {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(PushSender {
+            mailbox,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a message; data is bounded by `send_queue`, control frames are not.
+    pub fn push(&self, out: Out) -> std::result::Result<(), Refused> {
+        let bounded = matches!(out, Out::Data { .. });
+        self.mailbox.push(out, bounded)
+    }
+
+    /// Queues several messages at once (all or none).
+    pub fn push_all(&self, outs: Vec<Out>) -> std::result::Result<(), Refused> {
+        self.mailbox.push_all(outs)
+    }
+}
+
+fn setup(cfg: &ZmqConfig, pull: &str) -> Result<zmq::Socket> {
+    let push = context()
+        .socket(zmq::PUSH)
+        .map_err(|e| zmq_err("could not create the PUSH socket", e))?;
+    cfg.apply_common(&push)?;
+    push.set_sndhwm(cfg.sndhwm)
+        .map_err(|e| zmq_err("could not set sndhwm", e))?;
+    cfg.apply_curve_client(&push)?;
+    push.connect(pull)
+        .map_err(|e| zmq_err(format!("could not connect the PUSH socket to {pull}"), e))?;
+    Ok(push)
+}
+
+/// Sends one message without blocking. `Err(out)` gives it back when the socket is at its
+/// high-water mark (nothing of it was sent).
+fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
+    let first = match &out {
+        Out::Data { topic, .. } => push.send(&topic[..], zmq::DONTWAIT | zmq::SNDMORE),
+        Out::Frames(frames) => match frames.split_first() {
+            None => return Ok(()),
+            Some((f, rest)) => {
+                let more = if rest.is_empty() { 0 } else { zmq::SNDMORE };
+                push.send(&f[..], zmq::DONTWAIT | more)
+            }
+        },
+    };
+    match first {
+        Err(zmq::Error::EAGAIN) => return Err(out),
+        Err(e) => {
+            tracing::warn!(error = %e, "the sender could not send to the proxy; message dropped");
+            return Ok(());
+        }
+        Ok(()) => {}
+    }
+    // The first frame was taken: the rest of the message goes to the same pipe and is never
+    // refused for the high-water mark (it counts whole messages).
+    let rest = match out {
+        Out::Data { payload, .. } => push.send(payload, 0),
+        Out::Frames(frames) => {
+            let n = frames.len();
+            frames
+                .into_iter()
+                .enumerate()
+                .skip(1)
+                .try_for_each(|(i, f)| push.send(f, if i + 1 < n { zmq::SNDMORE } else { 0 }))
+        }
+    };
+    if let Err(e) = rest {
+        tracing::warn!(error = %e, "the sender could not finish a message to the proxy");
+    }
+    Ok(())
+}
+
+fn run(
+    cfg: ZmqConfig,
+    pull: String,
+    mailbox: Arc<Mailbox<Out>>,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+) {
+    let push = match setup(&cfg, &pull) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let mut pending: VecDeque<Out> = VecDeque::new();
+    loop {
+        let blocked = !pending.is_empty();
+        let timeout = if blocked || mailbox.prepare_sleep() {
+            1000
+        } else {
+            0
+        };
+        {
+            let mut items = [
+                mailbox.poll_item(),
+                push.as_poll_item(if blocked {
+                    zmq::POLLOUT
+                } else {
+                    zmq::PollEvents::empty()
+                }),
+            ];
+            if let Err(e) = zmq::poll(&mut items, timeout) {
+                if e != zmq::Error::EINTR {
+                    tracing::warn!(error = %e, "the sender could not poll");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        mailbox.woke();
+        if mailbox.is_closed() {
+            // Hand over what is queued while the socket takes it; what it took goes out
+            // within `linger`, the rest is lost with the layer.
+            pending.extend(mailbox.take_all());
+            while let Some(out) = pending.pop_front() {
+                if try_send(&push, out).is_err() {
+                    tracing::debug!(
+                        left = pending.len() + 1,
+                        "the layer closed with messages the proxy could not take"
+                    );
+                    break;
+                }
+            }
+            break;
+        }
+        if pending.is_empty() {
+            mailbox.take_some(1024, &mut pending);
+        }
+        while let Some(out) = pending.pop_front() {
+            if let Err(back) = try_send(&push, out) {
+                pending.push_front(back);
+                break;
+            }
+        }
+    }
+}

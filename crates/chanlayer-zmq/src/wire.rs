@@ -1,0 +1,310 @@
+//! The wire format: topics, the meta frame, and the control frames.
+//!
+//! ZeroMQ SUB sockets match the first frame of a message by **prefix**, so a subscription to
+//! `ch1` would also receive `ch11`. Every chanlayer topic therefore ends with a NUL byte,
+//! which no channel, group, prefix or instance name can contain: `c:app:ch1\0` is not a
+//! prefix of `c:app:ch11\0`. The first two bytes keep the kinds apart, so a channel and a
+//! group of the same name never see each other's messages.
+//!
+//! | topic | carries |
+//! |---|---|
+//! | `c:{prefix}:{channel}\0` | a normal channel (every subscriber gets every message) |
+//! | `g:{prefix}:{group}\0` | a group (each subscribing instance fans out to its members) |
+//! | `i:{prefix}:{instance}\0` | the process-local (`!`) channels of one layer instance |
+//! | `h:{instance}.{n}\0{topic}` | a subscription probe: the answer (replay + welcome) |
+//! | `x:mark\0` | control, sender to proxy only: a barrier (and flush) |
+//!
+//! Messages from the publisher (the proxy or the embedded publisher) to subscribers:
+//!
+//! ```text
+//! data:     [topic, meta(DATA, epoch, seq), envelope]      seq counts per topic from 1
+//! welcome:  [probe, meta(WELCOME, epoch, seq)]             seq = the topic's current seq
+//! replay:   [probe, meta(DATA, epoch, seq), envelope]      retained messages, before welcome
+//! mark:     [inbox topic, meta(MARK, epoch, token)]        the answer to a control mark
+//! ```
+//!
+//! Messages from senders to the proxy (dedicated mode):
+//!
+//! ```text
+//! data:     [topic, envelope]
+//! control:  [b"x:mark\0", reply topic, token (8 bytes LE), flush prefix (may be empty)]
+//! ```
+//!
+//! The meta frame is 17 bytes: a kind byte, the publisher's epoch (random per publisher
+//! start, u64 little-endian) and a sequence number (u64 little-endian). Receivers use
+//! `(epoch, seq)` to put a replay and live messages in order without duplicates, and to count
+//! messages that PUB/SUB dropped (a gap in a topic's sequence).
+
+/// Topic kind byte of a normal channel.
+pub const CHANNEL: u8 = b'c';
+/// Topic kind byte of a group.
+pub const GROUP: u8 = b'g';
+/// Topic kind byte of an instance inbox (process-local channels).
+pub const INBOX: u8 = b'i';
+/// Topic kind byte of a subscription probe.
+pub const PROBE: u8 = b'h';
+
+/// The first frame of a control message to the proxy.
+pub const MARK_CONTROL: &[u8] = b"x:mark\0";
+
+/// Meta kind: a message (live or replayed).
+pub const META_DATA: u8 = 1;
+/// Meta kind: the answer to a subscription probe.
+pub const META_WELCOME: u8 = 2;
+/// Meta kind: the answer to a control mark (barrier).
+pub const META_MARK: u8 = 3;
+/// Length of the meta frame.
+pub const META_LEN: usize = 17;
+
+/// The kind of a data topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    /// `c:`: a normal channel.
+    Channel,
+    /// `g:`: a group.
+    Group,
+    /// `i:`: an instance inbox.
+    Inbox,
+}
+
+fn topic(kind: u8, prefix: &str, name: &str) -> Vec<u8> {
+    let mut t = Vec::with_capacity(prefix.len() + name.len() + 4);
+    t.push(kind);
+    t.push(b':');
+    t.extend_from_slice(prefix.as_bytes());
+    t.push(b':');
+    t.extend_from_slice(name.as_bytes());
+    t.push(0);
+    t
+}
+
+/// The topic of normal channel `channel` under `prefix`.
+///
+/// ```
+/// assert_eq!(chanlayer_zmq::wire::channel_topic("app", "ch1"), b"c:app:ch1\0");
+/// ```
+pub fn channel_topic(prefix: &str, channel: &str) -> Vec<u8> {
+    topic(CHANNEL, prefix, channel)
+}
+
+/// The topic of group `group` under `prefix`.
+pub fn group_topic(prefix: &str, group: &str) -> Vec<u8> {
+    topic(GROUP, prefix, group)
+}
+
+/// The inbox topic of layer instance `instance` under `prefix` (its process-local channels).
+pub fn inbox_topic(prefix: &str, instance: &str) -> Vec<u8> {
+    topic(INBOX, prefix, instance)
+}
+
+/// The probe topic a subscriber uses to ask for the replay and welcome of `topic`.
+pub fn probe_topic(instance: &str, n: u64, topic: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(instance.len() + topic.len() + 24);
+    p.push(PROBE);
+    p.push(b':');
+    p.extend_from_slice(instance.as_bytes());
+    p.push(b'.');
+    p.extend_from_slice(n.to_string().as_bytes());
+    p.push(0);
+    p.extend_from_slice(topic);
+    p
+}
+
+/// The topic a probe asks about, if `probe` is a well-formed probe of a data topic.
+pub fn parse_probe(probe: &[u8]) -> Option<&[u8]> {
+    let rest = probe.strip_prefix(b"h:")?;
+    let nul = rest.iter().position(|&b| b == 0)?;
+    if nul == 0 || !rest[..nul].iter().copied().all(name_byte) {
+        return None;
+    }
+    let topic = &rest[nul + 1..];
+    data_topic_kind(topic)?;
+    Some(topic)
+}
+
+fn name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-' || b == b'!'
+}
+
+/// The kind of a well-formed data topic (`c:`, `g:` or `i:`, a prefix, a name, one
+/// terminating NUL), or `None`.
+pub fn data_topic_kind(topic: &[u8]) -> Option<TopicKind> {
+    let kind = match topic.first()? {
+        b'c' => TopicKind::Channel,
+        b'g' => TopicKind::Group,
+        b'i' => TopicKind::Inbox,
+        _ => return None,
+    };
+    let body = topic.get(2..)?.strip_suffix(b"\0")?;
+    if topic.get(1) != Some(&b':') {
+        return None;
+    }
+    let (prefix, name) = split_once(body, b':')?;
+    if prefix.is_empty() || name.is_empty() {
+        return None;
+    }
+    if !prefix.iter().copied().all(name_byte) || !name.iter().copied().all(name_byte) {
+        return None;
+    }
+    Some(kind)
+}
+
+fn split_once(b: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
+    let i = b.iter().position(|&x| x == sep)?;
+    Some((&b[..i], &b[i + 1..]))
+}
+
+/// `true` if `topic` is a data topic whose prefix is `prefix` and whose kind is `c:` or `i:`
+/// (what a flush of `prefix` clears from a publisher's retention).
+pub fn flushable_under(topic: &[u8], prefix: &[u8]) -> bool {
+    matches!(topic.first(), Some(b'c' | b'i'))
+        && topic.get(1) == Some(&b':')
+        && topic
+            .get(2..)
+            .is_some_and(|rest| rest.starts_with(prefix) && rest.get(prefix.len()) == Some(&b':'))
+}
+
+/// A meta frame.
+pub fn meta(kind: u8, epoch: u64, seq: u64) -> [u8; META_LEN] {
+    let mut m = [0u8; META_LEN];
+    m[0] = kind;
+    m[1..9].copy_from_slice(&epoch.to_le_bytes());
+    m[9..17].copy_from_slice(&seq.to_le_bytes());
+    m
+}
+
+/// Reads a meta frame: `(kind, epoch, seq)`.
+pub fn parse_meta(frame: &[u8]) -> Option<(u8, u64, u64)> {
+    if frame.len() != META_LEN {
+        return None;
+    }
+    let kind = frame[0];
+    if !(META_DATA..=META_MARK).contains(&kind) {
+        return None;
+    }
+    let mut e = [0u8; 8];
+    e.copy_from_slice(&frame[1..9]);
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&frame[9..17]);
+    Some((kind, u64::from_le_bytes(e), u64::from_le_bytes(s)))
+}
+
+/// A control mark for the proxy: publish a MARK with `token` on `reply_topic`, after
+/// dropping the retained messages of `flush_prefix` (when not empty).
+pub fn mark_control(reply_topic: &[u8], token: u64, flush_prefix: &str) -> Vec<Vec<u8>> {
+    vec![
+        MARK_CONTROL.to_vec(),
+        reply_topic.to_vec(),
+        token.to_le_bytes().to_vec(),
+        flush_prefix.as_bytes().to_vec(),
+    ]
+}
+
+/// Reads a control mark's frames after the first: `(reply topic, token, flush prefix)`.
+pub fn parse_mark_control<'a>(frames: &[&'a [u8]]) -> Option<(&'a [u8], u64, &'a [u8])> {
+    let [reply, token, prefix] = frames else {
+        return None;
+    };
+    data_topic_kind(reply)?;
+    let token: [u8; 8] = (*token).try_into().ok()?;
+    if !prefix.iter().copied().all(name_byte) {
+        return None;
+    }
+    Some((reply, u64::from_le_bytes(token), prefix))
+}
+
+/// A topic or probe for logs: the bytes with the NULs shown as `\0`.
+pub fn display(topic: &[u8]) -> String {
+    let mut s = String::with_capacity(topic.len() + 4);
+    for &b in topic.iter().take(256) {
+        match b {
+            0 => s.push_str("\\0"),
+            b if b.is_ascii_graphic() => s.push(b as char),
+            b => s.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_never_prefix_collide() {
+        let a = channel_topic("p", "ch1");
+        let b = channel_topic("p", "ch11");
+        assert!(!b.starts_with(&a) && !a.starts_with(&b));
+        let c = channel_topic("p", "x");
+        let g = group_topic("p", "x");
+        let i = inbox_topic("p", "x");
+        for (x, y) in [(&c, &g), (&c, &i), (&g, &i)] {
+            assert!(!x.starts_with(y) && !y.starts_with(x));
+        }
+        // Another prefix never matches either.
+        assert!(!channel_topic("p2", "x").starts_with(&channel_topic("p", "x")));
+    }
+
+    #[test]
+    fn kinds_and_probes() {
+        assert_eq!(
+            data_topic_kind(&channel_topic("p", "a.b")),
+            Some(TopicKind::Channel)
+        );
+        assert_eq!(
+            data_topic_kind(&group_topic("p", "g")),
+            Some(TopicKind::Group)
+        );
+        assert_eq!(
+            data_topic_kind(&inbox_topic("p", "i")),
+            Some(TopicKind::Inbox)
+        );
+        for bad in [
+            &b""[..],
+            b"c",
+            b"c:p:x",
+            b"c:p:x\0junk\0",
+            b"c::x\0",
+            b"c:p:\0",
+            b"z:p:x\0",
+            b"c:px\0",
+            b"c:p:x y\0",
+            b"cXp:x\0",
+        ] {
+            assert_eq!(data_topic_kind(bad), None, "{}", display(bad));
+        }
+        let t = channel_topic("p", "x");
+        let probe = probe_topic("inst", 7, &t);
+        assert_eq!(parse_probe(&probe), Some(&t[..]));
+        assert_eq!(parse_probe(b"h:\0c:p:x\0"), None);
+        assert_eq!(parse_probe(b"h:a.1\0c:p:x"), None);
+        assert!(probe.starts_with(b"h:inst.7\0"));
+    }
+
+    #[test]
+    fn meta_round_trip() {
+        let m = meta(META_WELCOME, 42, 7);
+        assert_eq!(parse_meta(&m), Some((META_WELCOME, 42, 7)));
+        assert_eq!(parse_meta(&m[..16]), None);
+        let mut bad = m;
+        bad[0] = 9;
+        assert_eq!(parse_meta(&bad), None);
+    }
+
+    #[test]
+    fn flush_scope() {
+        assert!(flushable_under(&channel_topic("app", "x"), b"app"));
+        assert!(flushable_under(&inbox_topic("app", "x"), b"app"));
+        assert!(!flushable_under(&group_topic("app", "x"), b"app"));
+        assert!(!flushable_under(&channel_topic("app2", "x"), b"app"));
+    }
+
+    #[test]
+    fn mark_controls() {
+        let reply = inbox_topic("p", "i");
+        let frames = mark_control(&reply, 9, "p");
+        let rest: Vec<&[u8]> = frames[1..].iter().map(Vec::as_slice).collect();
+        assert_eq!(parse_mark_control(&rest), Some((&reply[..], 9, &b"p"[..])));
+        assert_eq!(parse_mark_control(&rest[..2]), None);
+    }
+}
