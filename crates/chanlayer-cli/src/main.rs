@@ -1,17 +1,36 @@
 //! `chanlayer`: the chanlayer command-line tool.
 //!
 //! ```text
-//! chanlayer zmq-proxy [--pull tcp://127.0.0.1:5557] [--pub tcp://127.0.0.1:5558] [...]
+//! chanlayer send        --url URL CHANNEL --type T [--json JSON]   send one message
+//! chanlayer group-send  --url URL GROUP --type T [--json JSON]     send to a group
+//! chanlayer receive     --url URL CHANNEL [--count N] [--timeout D] print messages as JSON lines
+//! chanlayer tail        --url URL GROUP [--count N] [--timeout D]   join a group, print what arrives
+//! chanlayer check       --url URL                                   connect, round trip, capabilities
+//! chanlayer kafka-inboxes --url URL [--remove INSTANCE]...          Kafka inbox topics left behind
+//! chanlayer zmq-proxy   [--pull tcp://127.0.0.1:5557] [--pub tcp://127.0.0.1:5558] [...]
 //! ```
 //!
-//! Each subcommand is a variant of [`Command`] with its own module; adding one is adding a
-//! variant, its arguments struct and a `run` function.
+//! `--url` defaults to `$CHANLAYER_URL`. Exit status: 0 done; 1 the layer or broker failed
+//! (the message says what and what to do); 2 bad arguments; 3 `--timeout` passed before
+//! `--count` messages arrived.
+//!
+//! Each subcommand is a variant of [`Command`] with its own module.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod check;
+mod kafka_inboxes;
+mod messages;
 mod zmq_proxy;
+
+/// Exit status: the layer or the broker failed.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: bad arguments (clap's own usage errors exit 2 as well).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: `--timeout` passed before `--count` messages arrived.
+pub const EXIT_TIMEOUT: u8 = 3;
 
 /// The chanlayer command-line tool.
 #[derive(Debug, Parser)]
@@ -21,25 +40,186 @@ struct Cli {
     command: Command,
 }
 
+/// Where a subcommand connects.
+#[derive(Debug, clap::Args)]
+struct Url {
+    /// The layer URL (memory://, amqp://, kafka://, zmq://; see docs/configuration.md).
+    #[arg(long, env = "CHANLAYER_URL", value_name = "URL")]
+    url: String,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Send one message to a channel.
+    Send {
+        #[command(flatten)]
+        url: Url,
+        #[command(flatten)]
+        args: messages::SendArgs,
+    },
+    /// Send one message to a group.
+    GroupSend {
+        #[command(flatten)]
+        url: Url,
+        #[command(flatten)]
+        args: messages::GroupSendArgs,
+    },
+    /// Receive from a (normal) channel and print each message as a JSON line.
+    Receive {
+        #[command(flatten)]
+        url: Url,
+        #[command(flatten)]
+        args: messages::ReceiveArgs,
+    },
+    /// Join a group and print each message that arrives as a JSON line.
+    Tail {
+        #[command(flatten)]
+        url: Url,
+        #[command(flatten)]
+        args: messages::TailArgs,
+    },
+    /// Connect, round-trip a message through a channel and a group, print the capabilities.
+    Check {
+        #[command(flatten)]
+        url: Url,
+        #[command(flatten)]
+        args: check::CheckArgs,
+    },
+    /// List the inbox topics of Kafka layer instances (leftovers of crashed ones among
+    /// them), or remove some.
+    KafkaInboxes {
+        #[command(flatten)]
+        url: Url,
+        #[command(flatten)]
+        args: kafka_inboxes::Args,
+    },
     /// Run the ZeroMQ proxy of dedicated mode: senders PUSH to --pull, subscribers connect
     /// to --pub. Stops cleanly on SIGINT or SIGTERM and prints its counters; SIGUSR1 prints
     /// them while it runs.
     ZmqProxy(zmq_proxy::Args),
 }
 
+/// A failed command: the message for stderr and the exit status.
+#[derive(Debug)]
+pub struct CliError {
+    /// The exit status.
+    pub code: u8,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl CliError {
+    /// A failure of the layer or broker (exit 1).
+    pub fn failure(message: impl Into<String>) -> CliError {
+        CliError {
+            code: EXIT_FAILURE,
+            message: message.into(),
+        }
+    }
+
+    /// Bad arguments (exit 2).
+    pub fn usage(message: impl Into<String>) -> CliError {
+        CliError {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+
+    /// A layer operation failed: exit 2 when the arguments were at fault (configuration,
+    /// an invalid name or message, a message too large), 1 otherwise.
+    pub fn layer(what: impl std::fmt::Display, e: chanlayer::Error) -> CliError {
+        use chanlayer::Error as E;
+        let message = format!("{what}: {e}");
+        match e {
+            E::Config(_)
+            | E::InvalidName { .. }
+            | E::InvalidMessage(_)
+            | E::MessageTooLarge { .. }
+            | E::NotOwner { .. } => CliError::usage(message),
+            _ => CliError::failure(message),
+        }
+    }
+
+    /// `--timeout` passed (exit 3).
+    pub fn timeout(got: u64, wanted: Option<u64>, after: std::time::Duration) -> CliError {
+        let wanted = wanted.map_or(String::new(), |n| format!(" of {n}"));
+        CliError {
+            code: EXIT_TIMEOUT,
+            message: format!("timed out: no message within {after:?} ({got}{wanted} received)"),
+        }
+    }
+
+    /// Writing output failed (exit 1).
+    pub fn io(what: &str, e: std::io::Error) -> CliError {
+        CliError::failure(format!("could not write to {what}: {e}"))
+    }
+}
+
+/// A layer error at connect, with what to do about it.
+trait WithHint {
+    fn with_hint(self, hint: &str) -> CliError;
+}
+
+impl WithHint for chanlayer::Error {
+    fn with_hint(self, hint: &str) -> CliError {
+        let e = CliError::layer("connect", self);
+        if e.code == EXIT_USAGE {
+            e
+        } else {
+            CliError::failure(format!("{}; {hint}", e.message))
+        }
+    }
+}
+
+/// Connects to `url`; a failure says what to check.
+pub async fn connect(url: &str) -> Result<chanlayer::Layer, CliError> {
+    let config =
+        chanlayer::LayerConfig::from_url(url).map_err(|e| CliError::usage(e.to_string()))?;
+    connect_config(config).await
+}
+
+/// Connects to `config`; a failure says what to check.
+pub async fn connect_config(config: chanlayer::LayerConfig) -> Result<chanlayer::Layer, CliError> {
+    let scheme = config.backend.scheme.clone();
+    chanlayer::connect_config(config)
+        .await
+        .map_err(|e| e.with_hint(check::hint(&scheme)))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failure(format!("could not start the tokio runtime: {e}")))
+}
+
+fn run(command: Command) -> Result<(), CliError> {
+    let block = |f: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CliError>>>>| {
+        runtime()?.block_on(f)
+    };
+    match command {
+        Command::ZmqProxy(args) => zmq_proxy::run(args).map_err(|e| match e {
+            chanlayer::Error::Config(_) => CliError::usage(e.to_string()),
+            e => CliError::failure(e.to_string()),
+        }),
+        Command::Send { url, args } => block(Box::pin(messages::send(&url.url, args))),
+        Command::GroupSend { url, args } => block(Box::pin(messages::group_send(&url.url, args))),
+        Command::Receive { url, args } => block(Box::pin(messages::receive(&url.url, args))),
+        Command::Tail { url, args } => block(Box::pin(messages::tail(&url.url, args))),
+        Command::Check { url, args } => block(Box::pin(check::run(&url.url, args))),
+        Command::KafkaInboxes { url, args } => block(Box::pin(kafka_inboxes::run(&url.url, args))),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::ZmqProxy(args) => zmq_proxy::run(args),
-    };
-    match result {
+    match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chanlayer: {e}");
-            ExitCode::FAILURE
+            eprintln!("chanlayer: {}", e.message);
+            ExitCode::from(e.code)
         }
     }
 }
@@ -57,7 +237,9 @@ mod tests {
     #[test]
     fn zmq_proxy_defaults_bind_loopback() {
         let cli = Cli::try_parse_from(["chanlayer", "zmq-proxy"]).expect("parse");
-        let Command::ZmqProxy(args) = cli.command;
+        let Command::ZmqProxy(args) = cli.command else {
+            panic!("zmq-proxy parses as ZmqProxy");
+        };
         assert_eq!(args.pull, "tcp://127.0.0.1:5557");
         assert_eq!(args.publish, "tcp://127.0.0.1:5558");
         assert_eq!(args.stats_interval, None);
@@ -86,7 +268,9 @@ mod tests {
             "500ms",
         ])
         .expect("parse");
-        let Command::ZmqProxy(args) = cli.command;
+        let Command::ZmqProxy(args) = cli.command else {
+            panic!("zmq-proxy parses as ZmqProxy");
+        };
         let config = args.proxy_config().expect("config");
         assert_eq!(config.pull, "ipc:///run/p.sock");
         assert_eq!(config.publish, "tcp://0.0.0.0:7000");
@@ -107,7 +291,9 @@ mod tests {
         assert!(Cli::try_parse_from(["chanlayer", "nope"]).is_err());
         let cli =
             Cli::try_parse_from(["chanlayer", "zmq-proxy", "--pull", "udp://x:1"]).expect("parse");
-        let Command::ZmqProxy(args) = cli.command;
+        let Command::ZmqProxy(args) = cli.command else {
+            panic!("zmq-proxy parses as ZmqProxy");
+        };
         let e = args.proxy_config().expect_err("a bad endpoint");
         assert!(e.to_string().contains("udp://x:1"), "{e}");
     }
