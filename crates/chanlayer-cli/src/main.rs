@@ -6,6 +6,8 @@
 //! chanlayer receive     --url URL CHANNEL [--count N] [--timeout D] print messages as JSON lines
 //! chanlayer tail        --url URL GROUP [--count N] [--timeout D]   join a group, print what arrives
 //! chanlayer check       --url URL                                   connect, round trip, capabilities
+//! chanlayer bench       --url URL [--url URL]... [--scenario local,normal,group,roundtrip]
+//!                       [--messages N] [--size BYTES] [--concurrency C] [--json F] [--plot F.svg]
 //! chanlayer kafka-inboxes --url URL [--remove INSTANCE]...          Kafka inbox topics left behind
 //! chanlayer zmq-proxy   [--pull tcp://127.0.0.1:5557] [--pub tcp://127.0.0.1:5558] [...]
 //! ```
@@ -20,6 +22,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod check;
 mod kafka_inboxes;
 mod messages;
@@ -94,6 +97,9 @@ enum Command {
         #[command(flatten)]
         args: kafka_inboxes::Args,
     },
+    /// Measure each --url side by side: msgs/s, MB/s, latency percentiles, lost and
+    /// duplicated messages (see docs/benchmarks.md).
+    Bench(bench::Args),
     /// Run the ZeroMQ proxy of dedicated mode: senders PUSH to --pull, subscribers connect
     /// to --pub. Stops cleanly on SIGINT or SIGTERM and prints its counters; SIGUSR1 prints
     /// them while it runs.
@@ -204,6 +210,7 @@ fn run(command: Command) -> Result<(), CliError> {
             chanlayer::Error::Config(_) => CliError::usage(e.to_string()),
             e => CliError::failure(e.to_string()),
         }),
+        Command::Bench(args) => block(Box::pin(bench::run(args))),
         Command::Send { url, args } => block(Box::pin(messages::send(&url.url, args))),
         Command::GroupSend { url, args } => block(Box::pin(messages::group_send(&url.url, args))),
         Command::Receive { url, args } => block(Box::pin(messages::receive(&url.url, args))),

@@ -255,3 +255,59 @@ fn bad_input_exits_2_with_a_message() {
         );
     }
 }
+
+#[test]
+fn bench_prints_a_side_by_side_table_and_writes_json_and_svg() {
+    let dir = std::env::temp_dir().join(format!("chanlayer-bench-{}", ns()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (json, svg) = (dir.join("b.json"), dir.join("b.svg"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let zmq = format!("zmq://127.0.0.1:{port}?bind=eager&capacity=10000");
+    let out = chanlayer(&[
+        "bench",
+        "--url",
+        "memory://?capacity=10000",
+        "--url",
+        &zmq,
+        "--scenario",
+        "local,group,roundtrip",
+        "--messages",
+        "300",
+        "--concurrency",
+        "4",
+        "--members",
+        "3",
+        "--json",
+        json.to_str().expect("utf-8 path"),
+        "--plot",
+        svg.to_str().expect("utf-8 path"),
+    ]);
+    let table = text(&out.stdout);
+    assert!(out.status.success(), "{table}{}", text(&out.stderr));
+    assert!(table.starts_with("url "), "{table}");
+    assert_eq!(table.lines().count(), 1 + 2 * 3, "{table}");
+    let figures: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written"))
+            .expect("JSON figures");
+    assert_eq!(figures.len(), 6);
+    for f in &figures {
+        let deliveries = if f["scenario"] == "group" { 900 } else { 300 };
+        assert_eq!(f["received"], deliveries, "{f}");
+        assert_eq!(f["lost"], 0, "{f}");
+        assert_eq!(f["duplicates"], 0, "{f}");
+        assert!(f["msgs_per_sec"].as_f64().expect("number") > 0.0, "{f}");
+        assert!(f["p99_us"].as_f64() >= f["p50_us"].as_f64(), "{f}");
+    }
+    assert_eq!(figures[3]["backend"], "zmq");
+    let drawn = std::fs::read_to_string(&svg).expect("svg written");
+    assert!(
+        drawn.starts_with("<svg"),
+        "{}",
+        &drawn[..drawn.len().min(200)]
+    );
+    assert!(drawn.contains("throughput") && drawn.contains("latency"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
