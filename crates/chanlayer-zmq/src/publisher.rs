@@ -286,6 +286,13 @@ fn run(
         }
         mailbox.woke();
         if mailbox.is_closed() {
+            // Hand what was sent before the close to the socket: it goes out within
+            // `linger` to the subscribers that are there.
+            hub.drain_subscriptions();
+            batch.extend(mailbox.take_all());
+            for cmd in batch.drain(..) {
+                execute(&mut hub, cmd);
+            }
             break;
         }
         hub.drain_subscriptions();
@@ -297,19 +304,21 @@ fn run(
         }
         mailbox.take_some(1024, &mut batch);
         for cmd in batch.drain(..) {
-            match cmd {
-                PubCmd::Publish { topic, payload } => {
-                    hub.publish(&topic, Payload::Bytes(payload));
-                }
-                PubCmd::Mark {
-                    reply,
-                    token,
-                    flush_prefix,
-                } => hub.mark(&reply, token, &flush_prefix),
-                PubCmd::Raw(frames) => hub.publish_raw(&frames),
-            }
+            execute(&mut hub, cmd);
         }
         hub.tick();
     }
     tracing::debug!(%address, "embedded publisher stopped");
+}
+
+fn execute(hub: &mut Hub, cmd: PubCmd) {
+    match cmd {
+        PubCmd::Publish { topic, payload } => hub.publish(&topic, Payload::Bytes(payload)),
+        PubCmd::Mark {
+            reply,
+            token,
+            flush_prefix,
+        } => hub.mark(&reply, token, &flush_prefix),
+        PubCmd::Raw(frames) => hub.publish_raw(&frames),
+    }
 }

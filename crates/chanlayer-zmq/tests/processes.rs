@@ -400,3 +400,33 @@ async fn a_second_process_on_the_same_address_gets_a_clear_error() {
     drop(peer);
     layer.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_closes_right_after_sending_still_delivers_what_it_sent() {
+    let prefix = ns();
+    let url = format!("zmq://127.0.0.1:{}?{FAST}", free_port());
+    let layer = connect(&format!("{url}&bind=never&capacity=10000"), &prefix)
+        .await
+        .expect("connect");
+    let me = layer.new_channel("main").await.expect("new_channel");
+    let mut peer = Peer::spawn(&["publish", &format!("{url}&bind=eager"), &prefix]);
+    peer.line(&["READY"]).await;
+    eventually("our subscriber connects to the new publisher", || {
+        layer.transport_stats().connected
+    })
+    .await;
+    // The sends return once queued for the publisher thread; the peer closes its layer
+    // straight after the last one, with most of them still queued.
+    let n = 5000u64;
+    peer.tell(&format!("SEND {me} 0 {n}"));
+    peer.line(&["DONE"]).await;
+    peer.finish();
+    for i in 0..n {
+        assert_eq!(
+            recv(&layer, &me).await.decode::<u64>().expect("decode"),
+            i,
+            "in order, none lost at the publisher's close"
+        );
+    }
+    layer.close().await.expect("close");
+}
