@@ -1,0 +1,776 @@
+//! The ZeroMQ backend beside raw zmq sockets doing the same work in the same run, all in one
+//! process over TCP loopback (free ports, `127.0.0.1`).
+//!
+//! - `zmq_send_receive/{layer_embedded,raw_pubsub}/{64,1024,65536}`: N messages from a
+//!   sender to a receiver. Layer: embedded mode (`zmq://127.0.0.1:PORT?bind=eager`: this
+//!   process binds the XPUB publisher), `send` to a process-local channel (`new_channel`)
+//!   while a receiver task calls `receive`. A process-local channel is the fair comparison:
+//!   one topic (the instance's inbox) with one subscriber and nothing retained, as raw; a
+//!   normal channel would add the publisher's copy of every message for late joiners. Raw: a
+//!   PUB socket bound, a SUB socket connected and subscribed to one topic; the sender sends
+//!   `[topic, payload]`, a receiver thread counts N.
+//! - `zmq_send_receive/{layer_dedicated,raw_push_pull_pub}/...`: the same through a proxy.
+//!   Layer: a [`Proxy`] (its own thread) and the dedicated URL ([`Proxy::url`]). Raw: PUSH →
+//!   a forwarding thread (`zmq_proxy_steerable`, PULL → PUB) → SUB.
+//! - `zmq_round_trip/{layer_embedded,raw_pubsub,layer_dedicated,raw_push_pull_pub}`: one 64 B
+//!   message to the other side, which replies; one iteration is one round trip. Layer: two
+//!   instances, each replying to the other's process-local channel. Raw: two sides with a
+//!   PUB and a SUB each (embedded), or a PUSH and a SUB each through the forwarder. The bench
+//!   also prints p50/p90/p99/max of the round trips it timed.
+//!
+//! Zero loss at steady state, checked on both sides:
+//! - Every sending and receiving socket has a high-water mark of [`HWM`] (above N); the
+//!   layer gets the same `sndhwm` / `rcvhwm`, and a `send_queue` and channel `capacity` of
+//!   the same size, so nothing is refused or dropped for room.
+//! - Raw: before measuring, the sender sends probes until one arrives (the subscription is
+//!   active at the publisher). Every payload carries a sequence number; the receiver counts
+//!   the gaps. Layer: `connect` waits for the instance's inbox subscription to be confirmed,
+//!   and after every iteration `transport_stats().lost` (gaps in the topic's sequence) and
+//!   `stats().dropped_full` must be 0.
+//! - An iteration that misses messages fails after [`STALL`] with what it received. The run
+//!   ends with one line per side: messages moved, messages lost.
+//!
+//! Both use a process-wide libzmq context of their own (one I/O thread each); the layer's
+//! sockets live in its threads (publisher, receiver, PUSH sender), the raw ones in the
+//! bench's threads. `CHANLAYER_ZMQ_BENCH_OPTIONS` adds URL options to the layer for
+//! experiments (`retain=0`, `sndhwm=1000`, ...).
+//!
+//! ```text
+//! cargo bench -p chanlayer-benches --bench zmq               # full run, about a minute
+//! cargo test -p chanlayer-benches --bench zmq                # each bench once (CI)
+//! ```
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chanlayer_core::{ChannelLayer, Codec, LayerConfig, Message};
+use chanlayer_zmq::{Proxy, ProxyConfig, ZmqLayer};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+
+/// Messages per measured iteration for 64 B and 1 KiB bodies (full run).
+const N: usize = 10_000;
+/// Messages per measured iteration for 64 KiB bodies (full run): 64 MiB an iteration.
+const N_LARGE: usize = 1_000;
+/// Messages per iteration in test mode (`cargo test`), where each bench runs once.
+const N_TEST: usize = 100;
+/// High-water marks of every socket (raw and the layer's), the layer's `send_queue` and
+/// channel `capacity`: above N, so nothing is dropped or refused for room.
+const HWM: usize = 100_000;
+/// How long an iteration may wait for a message before it fails with what it knows.
+const STALL: Duration = Duration::from_secs(10);
+/// How long setup may wait for a subscription to become active.
+const READY: Duration = Duration::from_secs(10);
+const SIZES: [usize; 3] = [64, 1024, 65536];
+/// The sequence number of a raw readiness probe (ignored by the receivers).
+const PROBE: u64 = u64::MAX;
+/// The layer's prefix (its topics are `i:{PREFIX}:{instance}\0`).
+const PREFIX: &str = "chanlayer-bench";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime builds")
+}
+
+/// `cargo bench` passes `--bench`; `cargo test` runs each bench once without it.
+fn bench_mode() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+/// A free TCP port on the loopback interface (bound, read, released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free loopback port")
+        .port()
+}
+
+fn messages_per_iteration(size: usize, full: bool) -> usize {
+    match (full, size) {
+        (false, _) => N_TEST,
+        (true, s) if s >= 64 * 1024 => N_LARGE,
+        (true, _) => N,
+    }
+}
+
+fn message(body: &[u8]) -> Message {
+    Message::new("bench", Codec::Bincode, body.to_vec())
+}
+
+// ---------------------------------------------------------------------------------------
+// The layer.
+
+/// Options every layer URL of the bench gets: room for everything in flight, and the
+/// experiments of `CHANLAYER_ZMQ_BENCH_OPTIONS`.
+fn layer_options() -> String {
+    let mut o = format!(
+        "prefix={PREFIX}&capacity={HWM}&sndhwm={HWM}&rcvhwm={HWM}&send_queue={HWM}&connect_timeout=10s"
+    );
+    if let Ok(extra) = std::env::var("CHANLAYER_ZMQ_BENCH_OPTIONS") {
+        if !extra.is_empty() {
+            o = format!("{o}&{extra}");
+        }
+    }
+    o
+}
+
+async fn connect_layer(url: &str) -> Arc<ZmqLayer> {
+    let config = LayerConfig::from_url(url).expect("a valid zmq:// URL");
+    Arc::new(
+        ZmqLayer::connect(&config)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}")),
+    )
+}
+
+/// Panics unless the layer has lost and dropped nothing so far.
+fn assert_no_loss(name: &str, layer: &ZmqLayer) {
+    let t = layer.transport_stats();
+    let s = layer.stats();
+    assert!(
+        t.lost == 0 && s.dropped_full == 0 && s.undecodable == 0 && s.expired == 0,
+        "{name}: the layer lost messages: {t:?}, {s:?}"
+    );
+}
+
+/// `n` messages to `channel` while a receiver task takes them.
+async fn layer_send_receive(
+    name: &'static str,
+    layer: Arc<ZmqLayer>,
+    channel: Arc<str>,
+    body: Arc<Vec<u8>>,
+    n: usize,
+) -> Duration {
+    let received = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let receiving = {
+        let (layer, channel, received) = (layer.clone(), channel.clone(), received.clone());
+        tokio::spawn(async move {
+            for _ in 0..n {
+                let m = layer.receive(&channel).await.expect("receive");
+                std::hint::black_box(m.body().len());
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    for _ in 0..n {
+        layer.send(&channel, message(&body)).await.expect("send");
+    }
+    match tokio::time::timeout(STALL, receiving).await {
+        Ok(r) => r.expect("receiver task"),
+        Err(_) => panic!(
+            "{name}: {} of {n} messages received {STALL:?} after the last send (transport: {:?}, stats: {:?})",
+            received.load(Ordering::Relaxed),
+            layer.transport_stats(),
+            layer.stats(),
+        ),
+    }
+    let elapsed = start.elapsed();
+    assert_no_loss(name, &layer);
+    elapsed
+}
+
+/// `iters` round trips: `a` sends to `to_b`, `b` receives and sends it back to `to_a`.
+async fn layer_round_trips(
+    (a, b): (Arc<ZmqLayer>, Arc<ZmqLayer>),
+    (to_a, to_b): (Arc<str>, Arc<str>),
+    body: Arc<Vec<u8>>,
+    iters: u64,
+    latencies: &Mutex<Vec<Duration>>,
+) -> Duration {
+    let responder = {
+        let (to_a, to_b) = (to_a.clone(), to_b.clone());
+        tokio::spawn(async move {
+            for _ in 0..iters {
+                let m = tokio::time::timeout(STALL, b.receive(&to_b))
+                    .await
+                    .expect("the responder got no message within STALL")
+                    .expect("receive (responder)");
+                b.send(&to_a, m).await.expect("send (responder)");
+            }
+        })
+    };
+    let mut each = Vec::with_capacity(usize::try_from(iters).unwrap_or(0));
+    let start = Instant::now();
+    for _ in 0..iters {
+        let t = Instant::now();
+        a.send(&to_b, message(&body)).await.expect("send");
+        let m = tokio::time::timeout(STALL, a.receive(&to_a))
+            .await
+            .expect("no reply within STALL")
+            .expect("receive");
+        std::hint::black_box(m.body().len());
+        each.push(t.elapsed());
+    }
+    let total = start.elapsed();
+    responder.await.expect("responder task");
+    latencies
+        .lock()
+        .expect("latencies lock")
+        .extend_from_slice(&each);
+    total
+}
+
+/// The layer's side of one mode: an instance for the throughput benches (sending to its own
+/// process-local channel) and two for the round trips.
+struct LayerMode {
+    name: &'static str,
+    layer: Arc<ZmqLayer>,
+    channel: Arc<str>,
+    pair: (Arc<ZmqLayer>, Arc<ZmqLayer>),
+    pair_channels: (Arc<str>, Arc<str>),
+    /// Messages moved by the throughput benches.
+    moved: AtomicU64,
+}
+
+impl LayerMode {
+    async fn connect(name: &'static str, url: &str) -> LayerMode {
+        let layer = connect_layer(url).await;
+        let a = connect_layer(url).await;
+        let b = connect_layer(url).await;
+        let channel = layer
+            .new_channel("bench")
+            .await
+            .expect("new_channel")
+            .into();
+        let pair_channels = (
+            a.new_channel("rt").await.expect("new_channel").into(),
+            b.new_channel("rt").await.expect("new_channel").into(),
+        );
+        LayerMode {
+            name,
+            layer,
+            channel,
+            pair: (a, b),
+            pair_channels,
+            moved: AtomicU64::new(0),
+        }
+    }
+
+    fn report(&self) {
+        let lost: u64 = [&self.layer, &self.pair.0, &self.pair.1]
+            .iter()
+            .map(|l| l.transport_stats().lost)
+            .sum();
+        let dropped: u64 = [&self.layer, &self.pair.0, &self.pair.1]
+            .iter()
+            .map(|l| l.stats().dropped_full)
+            .sum();
+        println!(
+            "zmq {}: {} messages sent and received, {lost} lost (transport_stats().lost), {dropped} dropped for capacity",
+            self.name,
+            self.moved.load(Ordering::Relaxed),
+        );
+    }
+
+    async fn close(&self) {
+        for l in [&self.layer, &self.pair.0, &self.pair.1] {
+            let _ = l.close().await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw zmq sockets, doing the same work on the wire.
+
+fn raw_socket(ctx: &zmq::Context, kind: zmq::SocketType) -> zmq::Socket {
+    let s = ctx.socket(kind).expect("a raw zmq socket");
+    s.set_linger(0).expect("linger");
+    let hwm = i32::try_from(HWM).expect("HWM fits an i32");
+    s.set_sndhwm(hwm).expect("sndhwm");
+    s.set_rcvhwm(hwm).expect("rcvhwm");
+    s
+}
+
+/// A SUB socket connected to `endpoint` and subscribed to `topic`; a receive waits at most
+/// STALL.
+fn raw_sub(ctx: &zmq::Context, endpoint: &str, topic: &[u8]) -> zmq::Socket {
+    let s = raw_socket(ctx, zmq::SUB);
+    let stall = i32::try_from(STALL.as_millis()).expect("STALL fits an i32 of ms");
+    s.set_rcvtimeo(stall).expect("rcvtimeo");
+    s.set_subscribe(topic).expect("subscribe");
+    s.connect(endpoint).expect("connect the SUB socket");
+    s
+}
+
+fn tcp(port: u16) -> String {
+    format!("tcp://127.0.0.1:{port}")
+}
+
+fn send_two(tx: &zmq::Socket, topic: &[u8], payload: &[u8]) {
+    tx.send(topic, zmq::SNDMORE)
+        .and_then(|()| tx.send(payload, 0))
+        .expect("a raw send");
+}
+
+fn seq_of(payload: &[u8]) -> u64 {
+    payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(PROBE, u64::from_le_bytes)
+}
+
+/// Sends probes on `topic` until one arrives at `rx` (the subscription is active at the
+/// publisher), then takes what arrived. Later probes are skipped by the receivers.
+fn raw_ready(what: &str, tx: &zmq::Socket, rx: &zmq::Socket, topic: &[u8]) {
+    let deadline = Instant::now() + READY;
+    let probe = PROBE.to_le_bytes();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no probe came through within {READY:?}"
+        );
+        send_two(tx, topic, &probe);
+        if rx.poll(zmq::POLLIN, 10).expect("poll") > 0 {
+            break;
+        }
+    }
+    while rx.poll(zmq::POLLIN, 0).expect("poll") > 0 {
+        let _ = rx.recv_multipart(0);
+    }
+}
+
+/// Receives the next data message (skipping probes) into `payload`; `false` after STALL.
+fn raw_recv(rx: &zmq::Socket, topic: &mut zmq::Message, payload: &mut zmq::Message) -> bool {
+    loop {
+        match rx.recv(topic, 0) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => return false,
+            Err(e) => panic!("a raw receive failed: {e}"),
+        }
+        if !topic.get_more() {
+            continue;
+        }
+        rx.recv(payload, 0).expect("the second frame");
+        if seq_of(payload) != PROBE {
+            return true;
+        }
+    }
+}
+
+/// Receives sequence numbers 0..n; returns how many were missing (gaps, or not there
+/// after STALL).
+fn raw_receive_n(rx: &zmq::Socket, n: u64) -> u64 {
+    let mut topic = zmq::Message::new();
+    let mut payload = zmq::Message::new();
+    let (mut expected, mut lost) = (0u64, 0u64);
+    while expected < n {
+        if !raw_recv(rx, &mut topic, &mut payload) {
+            lost += n - expected;
+            break;
+        }
+        let seq = seq_of(&payload);
+        if seq < expected {
+            continue;
+        }
+        lost += seq - expected;
+        expected = seq + 1;
+    }
+    lost
+}
+
+/// One raw path: a sending socket (PUB or PUSH) and a SUB socket subscribed to `topic`.
+struct RawPath {
+    name: &'static str,
+    tx: zmq::Socket,
+    rx: zmq::Socket,
+    topic: Vec<u8>,
+    moved: u64,
+}
+
+/// The raw twin of [`layer_send_receive`]: the sender on this thread, the receiver on
+/// another, each with its socket.
+fn raw_send_receive(path: &mut RawPath, size: usize, n: usize) -> Duration {
+    let RawPath {
+        name,
+        tx,
+        rx,
+        topic,
+        moved,
+    } = path;
+    let mut payload = vec![0xA5u8; size];
+    let n64 = n as u64;
+    let (elapsed, lost) = std::thread::scope(|s| {
+        let rx: &mut zmq::Socket = rx;
+        let receiver = s.spawn(move || raw_receive_n(rx, n64));
+        let start = Instant::now();
+        for seq in 0..n64 {
+            payload[..8].copy_from_slice(&seq.to_le_bytes());
+            send_two(tx, topic, &payload);
+        }
+        let lost = receiver.join().expect("the raw receiver thread");
+        (start.elapsed(), lost)
+    });
+    assert_eq!(
+        lost, 0,
+        "{name}: {lost} of {n} messages lost (sequence gaps, or missing after {STALL:?})"
+    );
+    *moved += n64;
+    elapsed
+}
+
+/// One side of the raw round trips: what it sends with, the topic of the other side, and
+/// its SUB socket.
+struct RawSide {
+    tx: zmq::Socket,
+    rx: zmq::Socket,
+    to_peer: Vec<u8>,
+}
+
+/// The raw twin of [`layer_round_trips`]: `b` echoes on a thread of its own.
+fn raw_round_trips(
+    (a, b): (&mut RawSide, &mut RawSide),
+    body: &[u8],
+    iters: u64,
+    latencies: &Mutex<Vec<Duration>>,
+) -> Duration {
+    let mut each = Vec::with_capacity(usize::try_from(iters).unwrap_or(0));
+    let total = std::thread::scope(|s| {
+        let b: &mut RawSide = b;
+        let echo = s.spawn(move || {
+            let mut topic = zmq::Message::new();
+            let mut payload = zmq::Message::new();
+            for _ in 0..iters {
+                assert!(
+                    raw_recv(&b.rx, &mut topic, &mut payload),
+                    "the raw echo got no message within {STALL:?}"
+                );
+                let reply = std::mem::replace(&mut payload, zmq::Message::new());
+                b.tx.send(&b.to_peer[..], zmq::SNDMORE)
+                    .and_then(|()| b.tx.send(reply, 0))
+                    .expect("a raw reply");
+            }
+        });
+        let mut topic = zmq::Message::new();
+        let mut payload = zmq::Message::new();
+        let start = Instant::now();
+        for _ in 0..iters {
+            let t = Instant::now();
+            send_two(&a.tx, &a.to_peer, body);
+            assert!(
+                raw_recv(&a.rx, &mut topic, &mut payload),
+                "no raw reply within {STALL:?}"
+            );
+            std::hint::black_box(payload.len());
+            each.push(t.elapsed());
+        }
+        let total = start.elapsed();
+        echo.join().expect("the raw echo thread");
+        total
+    });
+    latencies
+        .lock()
+        .expect("latencies lock")
+        .extend_from_slice(&each);
+    total
+}
+
+/// The raw forwarder of dedicated mode: PULL → PUB in `zmq_proxy_steerable` on a thread.
+struct Forwarder {
+    control: zmq::Socket,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Forwarder {
+    fn start(ctx: &zmq::Context, pull: &str, publish: &str) -> Forwarder {
+        let mut frontend = raw_socket(ctx, zmq::PULL);
+        frontend.bind(pull).expect("bind the raw PULL socket");
+        let mut backend = raw_socket(ctx, zmq::PUB);
+        backend.bind(publish).expect("bind the raw PUB socket");
+        let control_endpoint = "inproc://chanlayer-bench-raw-forwarder";
+        let mut steer = ctx.socket(zmq::PAIR).expect("a control socket");
+        steer
+            .bind(control_endpoint)
+            .expect("bind the control socket");
+        let control = ctx.socket(zmq::PAIR).expect("a control socket");
+        control
+            .connect(control_endpoint)
+            .expect("connect the control socket");
+        let thread = std::thread::Builder::new()
+            .name("raw forwarder".into())
+            .spawn(move || {
+                if let Err(e) = zmq::proxy_steerable(&mut frontend, &mut backend, &mut steer) {
+                    println!("the raw forwarder stopped: {e}");
+                }
+            })
+            .expect("start the raw forwarder thread");
+        Forwarder {
+            control,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        let _ = self.control.send("TERMINATE", 0);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Everything raw: the two throughput paths, the round-trip sides, the forwarder.
+struct Raw {
+    pubsub: RawPath,
+    push_pull_pub: RawPath,
+    pubsub_sides: (RawSide, RawSide),
+    dedicated_sides: (RawSide, RawSide),
+    forwarder: Forwarder,
+    _ctx: zmq::Context,
+}
+
+impl Raw {
+    fn setup() -> Raw {
+        let ctx = zmq::Context::new();
+        // Embedded: PUB bound, SUB connected.
+        let topic = b"i:chanlayer-bench:raw.pubsub\0".to_vec();
+        let endpoint = tcp(free_port());
+        let tx = raw_socket(&ctx, zmq::PUB);
+        tx.bind(&endpoint).expect("bind the raw PUB socket");
+        let rx = raw_sub(&ctx, &endpoint, &topic);
+        raw_ready("raw_pubsub", &tx, &rx, &topic);
+        let pubsub = RawPath {
+            name: "raw_pubsub",
+            tx,
+            rx,
+            topic,
+            moved: 0,
+        };
+
+        // Round trips, embedded: each side binds a PUB, and subscribes to the other's.
+        let (to_a, to_b) = (b"i:chanlayer-bench:raw.a\0", b"i:chanlayer-bench:raw.b\0");
+        let (ea, eb) = (tcp(free_port()), tcp(free_port()));
+        let (pa, pb) = (raw_socket(&ctx, zmq::PUB), raw_socket(&ctx, zmq::PUB));
+        pa.bind(&ea).expect("bind a raw PUB socket");
+        pb.bind(&eb).expect("bind a raw PUB socket");
+        let a = RawSide {
+            tx: pa,
+            rx: raw_sub(&ctx, &eb, to_a),
+            to_peer: to_b.to_vec(),
+        };
+        let b = RawSide {
+            tx: pb,
+            rx: raw_sub(&ctx, &ea, to_b),
+            to_peer: to_a.to_vec(),
+        };
+        raw_ready("raw_pubsub (round trip)", &a.tx, &b.rx, &a.to_peer);
+        raw_ready("raw_pubsub (round trip)", &b.tx, &a.rx, &b.to_peer);
+        let pubsub_sides = (a, b);
+
+        // Dedicated: PUSH -> forwarder (PULL -> PUB) -> SUB.
+        let (pull, publish) = (tcp(free_port()), tcp(free_port()));
+        let forwarder = Forwarder::start(&ctx, &pull, &publish);
+        let push = || {
+            let s = raw_socket(&ctx, zmq::PUSH);
+            s.connect(&pull).expect("connect the raw PUSH socket");
+            s
+        };
+        let topic = b"i:chanlayer-bench:raw.dedicated\0".to_vec();
+        let tx = push();
+        let rx = raw_sub(&ctx, &publish, &topic);
+        raw_ready("raw_push_pull_pub", &tx, &rx, &topic);
+        let push_pull_pub = RawPath {
+            name: "raw_push_pull_pub",
+            tx,
+            rx,
+            topic,
+            moved: 0,
+        };
+        let a = RawSide {
+            tx: push(),
+            rx: raw_sub(&ctx, &publish, to_a),
+            to_peer: to_b.to_vec(),
+        };
+        let b = RawSide {
+            tx: push(),
+            rx: raw_sub(&ctx, &publish, to_b),
+            to_peer: to_a.to_vec(),
+        };
+        raw_ready("raw_push_pull_pub (round trip)", &a.tx, &b.rx, &a.to_peer);
+        raw_ready("raw_push_pull_pub (round trip)", &b.tx, &a.rx, &b.to_peer);
+        Raw {
+            pubsub,
+            push_pull_pub,
+            pubsub_sides,
+            dedicated_sides: (a, b),
+            forwarder,
+            _ctx: ctx,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The benches.
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report_latencies(name: &str, latencies: &Mutex<Vec<Duration>>) {
+    let mut v = std::mem::take(&mut *latencies.lock().expect("latencies lock"));
+    if v.len() < 100 {
+        return;
+    }
+    v.sort_unstable();
+    println!(
+        "{name}: {} round trips, p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+        v.len(),
+        percentile(&v, 0.50).as_secs_f64() * 1e6,
+        percentile(&v, 0.90).as_secs_f64() * 1e6,
+        percentile(&v, 0.99).as_secs_f64() * 1e6,
+        percentile(&v, 1.0).as_secs_f64() * 1e6,
+    );
+}
+
+fn zmq_benches(c: &mut Criterion) {
+    let rt = runtime();
+    let full = bench_mode();
+
+    let proxy = {
+        let mut config = ProxyConfig::new(tcp(free_port()), tcp(free_port()));
+        config.sndhwm = i32::try_from(HWM).expect("HWM fits an i32");
+        config.rcvhwm = config.sndhwm;
+        Proxy::spawn(config).expect("start the proxy")
+    };
+    let options = layer_options();
+    let embedded_url = format!("zmq://127.0.0.1:{}?bind=eager&{options}", free_port());
+    let dedicated_url = format!("{}&{options}", proxy.url());
+    let embedded = rt.block_on(LayerMode::connect("layer_embedded", &embedded_url));
+    let dedicated = rt.block_on(LayerMode::connect("layer_dedicated", &dedicated_url));
+    let mut raw = Raw::setup();
+
+    // Before measuring: every path once (connections up, first allocations made).
+    let body = Arc::new(vec![0xA5u8; 64]);
+    let warm = Mutex::new(Vec::new());
+    for mode in [&embedded, &dedicated] {
+        rt.block_on(layer_send_receive(
+            mode.name,
+            mode.layer.clone(),
+            mode.channel.clone(),
+            body.clone(),
+            100,
+        ));
+        rt.block_on(layer_round_trips(
+            mode.pair.clone(),
+            mode.pair_channels.clone(),
+            body.clone(),
+            10,
+            &warm,
+        ));
+    }
+    for path in [&mut raw.pubsub, &mut raw.push_pull_pub] {
+        raw_send_receive(path, 64, 100);
+        path.moved = 0;
+    }
+    for sides in [&mut raw.pubsub_sides, &mut raw.dedicated_sides] {
+        raw_round_trips((&mut sides.0, &mut sides.1), &body, 10, &warm);
+    }
+
+    let mut group = c.benchmark_group("zmq_send_receive");
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(3));
+    for size in SIZES {
+        let n = messages_per_iteration(size, full);
+        group.throughput(Throughput::Elements(n as u64));
+        let body = Arc::new(vec![0xA5u8; size]);
+        for (mode, path) in [
+            (&embedded, &mut raw.pubsub),
+            (&dedicated, &mut raw.push_pull_pub),
+        ] {
+            group.bench_with_input(BenchmarkId::new(mode.name, size), &size, |b, _| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| {
+                            let d = rt.block_on(layer_send_receive(
+                                mode.name,
+                                mode.layer.clone(),
+                                mode.channel.clone(),
+                                body.clone(),
+                                n,
+                            ));
+                            mode.moved.fetch_add(n as u64, Ordering::Relaxed);
+                            d
+                        })
+                        .sum()
+                })
+            });
+            group.bench_with_input(BenchmarkId::new(path.name, size), &size, |b, _| {
+                b.iter_custom(|iters| (0..iters).map(|_| raw_send_receive(path, size, n)).sum())
+            });
+        }
+    }
+    group.finish();
+
+    // Round trips: 64 B, one at a time; one iteration is one round trip.
+    let body = Arc::new(vec![0xA5u8; 64]);
+    let mut group = c.benchmark_group("zmq_round_trip");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(3));
+    let mut printed = Vec::new();
+    for (mode, raw_name, sides) in [
+        (&embedded, "raw_pubsub", &mut raw.pubsub_sides),
+        (&dedicated, "raw_push_pull_pub", &mut raw.dedicated_sides),
+    ] {
+        let layer_latencies = Mutex::new(Vec::new());
+        let raw_latencies = Mutex::new(Vec::new());
+        group.bench_function(mode.name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(layer_round_trips(
+                    mode.pair.clone(),
+                    mode.pair_channels.clone(),
+                    body.clone(),
+                    iters,
+                    &layer_latencies,
+                ))
+            })
+        });
+        group.bench_function(raw_name, |b| {
+            b.iter_custom(|iters| {
+                raw_round_trips((&mut sides.0, &mut sides.1), &body, iters, &raw_latencies)
+            })
+        });
+        printed.push((format!("zmq_round_trip/{}", mode.name), layer_latencies));
+        printed.push((format!("zmq_round_trip/{raw_name}"), raw_latencies));
+    }
+    group.finish();
+    for (name, latencies) in &printed {
+        report_latencies(name, latencies);
+    }
+
+    // Zero loss, said once more for the whole run.
+    for mode in [&embedded, &dedicated] {
+        assert_no_loss(mode.name, &mode.layer);
+        assert_no_loss(mode.name, &mode.pair.0);
+        assert_no_loss(mode.name, &mode.pair.1);
+        mode.report();
+    }
+    for path in [&raw.pubsub, &raw.push_pull_pub] {
+        println!(
+            "zmq {}: {} messages sent and received, 0 lost (sequence gaps)",
+            path.name, path.moved
+        );
+    }
+    rt.block_on(async {
+        embedded.close().await;
+        dedicated.close().await;
+    });
+    let stats = proxy.stop();
+    println!(
+        "zmq proxy: {} received, {} forwarded, {} dropped",
+        stats.received, stats.forwarded, stats.dropped
+    );
+    raw.forwarder.stop();
+}
+
+criterion_group!(benches, zmq_benches);
+criterion_main!(benches);
