@@ -16,6 +16,8 @@
 //!
 //! Latency is from `send` to `receive` (for `roundtrip`: the whole round trip). Under load it
 //! includes time queued behind earlier messages; `roundtrip` gives the unloaded figure.
+//! Before the clock starts, one warm-up message goes through each receiving channel, so
+//! consumers, subscriptions and memberships are in place.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -109,6 +111,20 @@ pub struct Figures {
     pub p999_us: f64,
     /// Maximum.
     pub max_us: f64,
+}
+
+impl Figures {
+    /// A short name for the row: the backend (and ZeroMQ's mode) and the scenario.
+    pub fn label(&self) -> String {
+        let backend = match self.backend.as_str() {
+            "zmq" if self.url.contains("pull=") || self.url.contains("mode=dedicated") => {
+                "zmq dedicated"
+            }
+            "zmq" => "zmq embedded",
+            b => b,
+        };
+        format!("{backend} {:?}", self.scenario).to_lowercase()
+    }
 }
 
 /// `chanlayer bench`.
@@ -290,6 +306,25 @@ async fn run_one(
             (g, true, members)
         }
     };
+    // Warm-up: one message through each receiving channel before the clock starts, so
+    // consumers, subscriptions and group memberships are in place (a ZeroMQ normal channel
+    // subscribes on its first receive, a Kafka consumer joins its group). It carries a
+    // sequence number outside the run, which the tallies ignore.
+    if scenario != Scenario::Roundtrip {
+        let warm = Message::new("bench", Codec::Bincode, body(u64::MAX, 0, size));
+        send_retrying(layer, &target, group, warm, &retries).await?;
+        for ch in &receivers {
+            match tokio::time::timeout(idle, layer.receive(ch)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(fail("receive (warm-up)", e)),
+                Err(_) => {
+                    return Err(CliError::failure(format!(
+                        "the warm-up message did not arrive on {ch} within {idle:?}"
+                    )))
+                }
+            }
+        }
+    }
     let deliveries = n * receivers.len() as u64;
     let bar = progress(deliveries, label);
     let started = Instant::now();
@@ -425,10 +460,11 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
-/// Prints the figures, one row per URL and scenario.
+/// Prints the figures, one row per URL and scenario (URLs with the password redacted).
 pub fn print_table(all: &[Figures]) {
+    let w = all.iter().map(|f| f.url.len()).max().unwrap_or(3).max(3);
     println!(
-        "{:<44} {:<9} {:>11} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>5}",
+        "{:<w$} {:<9} {:>11} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>5}",
         "url",
         "scenario",
         "msgs/s",
@@ -441,14 +477,9 @@ pub fn print_table(all: &[Figures]) {
         "dup"
     );
     for f in all {
-        let mut url = f.url.clone();
-        if url.len() > 44 {
-            url.truncate(43);
-            url.push('…');
-        }
         println!(
-            "{:<44} {:<9} {:>11.0} {:>8.2} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>7} {:>5}",
-            url,
+            "{:<w$} {:<9} {:>11.0} {:>8.2} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>7} {:>5}",
+            f.url,
             format!("{:?}", f.scenario).to_lowercase(),
             f.msgs_per_sec,
             f.mb_per_sec,
@@ -466,10 +497,7 @@ pub fn print_table(all: &[Figures]) {
 fn plot(all: &[Figures], path: &std::path::Path) -> Result<(), CliError> {
     use plotters::prelude::*;
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let labels: Vec<String> = all
-            .iter()
-            .map(|f| format!("{} {:?}", f.backend, f.scenario).to_lowercase())
-            .collect();
+        let labels: Vec<String> = all.iter().map(Figures::label).collect();
         let n = all.len().max(1);
         let root = SVGBackend::new(path, (300 + 90 * n as u32, 720)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -479,26 +507,33 @@ fn plot(all: &[Figures], path: &std::path::Path) -> Result<(), CliError> {
                     title: &str,
                     series: &[(&str, Vec<f64>)]|
          -> Result<(), Box<dyn std::error::Error>> {
-            let max = series
-                .iter()
-                .flat_map(|(_, v)| v.iter().copied())
-                .fold(0.0f64, f64::max)
-                .max(1e-9)
-                * 1.1;
+            // A log scale: backends differ by orders of magnitude (memory against Kafka).
+            let values = series.iter().flat_map(|(_, v)| v.iter().copied());
+            let positive: Vec<f64> = values.filter(|v| *v > 0.0).collect();
+            let max = positive.iter().copied().fold(1.0f64, f64::max) * 2.0;
+            let min = positive.iter().copied().fold(max, f64::min) / 2.0;
             let mut chart = ChartBuilder::on(area)
                 .caption(title, ("sans-serif", 18))
                 .margin(10)
                 .x_label_area_size(40)
                 .y_label_area_size(70)
-                .build_cartesian_2d(0f64..n as f64, 0f64..max)?;
+                .build_cartesian_2d(0f64..n as f64, (min..max).log_scale())?;
             let labels = labels.clone();
             chart
                 .configure_mesh()
                 .disable_x_mesh()
-                .x_labels(n)
+                // Ticks every half bar; the label sits under the middle of each bar.
+                .x_labels(2 * n + 1)
                 .x_label_formatter(&move |x| {
-                    let i = x.floor() as usize;
-                    labels.get(i).cloned().unwrap_or_default()
+                    let halves = (x * 2.0).round() as i64;
+                    if halves % 2 == 1 {
+                        labels
+                            .get((halves / 2) as usize)
+                            .cloned()
+                            .unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
                 })
                 .draw()?;
             let k = series.len() as f64;
@@ -508,7 +543,7 @@ fn plot(all: &[Figures], path: &std::path::Path) -> Result<(), CliError> {
                     .draw_series(values.iter().enumerate().map(|(i, v)| {
                         let x0 = i as f64 + 0.1 + 0.8 * s as f64 / k;
                         let x1 = x0 + 0.8 / k;
-                        Rectangle::new([(x0, 0.0), (x1, *v)], color.filled())
+                        Rectangle::new([(x0, min), (x1, v.max(min))], color.filled())
                     }))?
                     .label(*name)
                     .legend(move |(x, y)| {
@@ -524,12 +559,12 @@ fn plot(all: &[Figures], path: &std::path::Path) -> Result<(), CliError> {
         };
         bars(
             &top,
-            "throughput (deliveries/s)",
+            "throughput (deliveries/s, log scale)",
             &[("msgs/s", all.iter().map(|f| f.msgs_per_sec).collect())],
         )?;
         bars(
             &bottom,
-            "latency (µs)",
+            "latency (µs, log scale)",
             &[
                 ("p50", all.iter().map(|f| f.p50_us).collect()),
                 ("p99", all.iter().map(|f| f.p99_us).collect()),
