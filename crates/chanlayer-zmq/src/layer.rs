@@ -65,11 +65,13 @@ impl std::fmt::Debug for ZmqLayer {
     }
 }
 
-fn refused(r: Refused, channel: &str) -> Error {
+/// A refused push as an error: `ChannelFull` names the channel and, as its capacity, the
+/// instance's `send_queue` (the queue that was full).
+fn refused(r: Refused, channel: &str, send_queue: usize) -> Error {
     match r {
         Refused::Full => Error::ChannelFull {
             channel: channel.to_owned(),
-            capacity: 0,
+            capacity: send_queue,
         },
         Refused::Closed => Error::Closed,
     }
@@ -145,7 +147,7 @@ impl Inner {
                     token,
                     flush_prefix: flush_prefix.as_bytes().to_vec(),
                 })
-                .map_err(|r| refused(r, "(mark)"))?;
+                .map_err(|r| refused(r, "(mark)", self.cfg.send_queue))?;
                 Ok(Some(rx))
             }
             Outbound::Dedicated(s) => {
@@ -155,7 +157,7 @@ impl Inner {
                     token,
                     flush_prefix,
                 )))
-                .map_err(|r| refused(r, "(mark)"))?;
+                .map_err(|r| refused(r, "(mark)", self.cfg.send_queue))?;
                 Ok(Some(rx))
             }
         }
@@ -333,7 +335,7 @@ impl ZmqLayer {
             .ok_or_else(|| Error::InvalidMessage(format!("{channel:?} names no layer instance")))?;
         inner
             .publish(vec![(topic, bytes)])?
-            .map_err(|r| refused(r, channel))
+            .map_err(|r| refused(r, channel, inner.cfg.send_queue))
     }
 
     /// Sends frames exactly as given: in embedded mode straight out of the publisher's XPUB
@@ -345,7 +347,7 @@ impl ZmqLayer {
             Outbound::Embedded { endpoint, .. } => endpoint.publisher()?.push(PubCmd::Raw(frames)),
             Outbound::Dedicated(s) => s.push(Out::Frames(frames)),
         };
-        pushed.map_err(|r| refused(r, "(raw frames)"))
+        pushed.map_err(|r| refused(r, "(raw frames)", inner.cfg.send_queue))
     }
 
     async fn shut_down(&self) -> Result<()> {
@@ -408,7 +410,7 @@ impl ZmqLayer {
         };
         inner
             .publish(vec![(topic, env.encode())])?
-            .map_err(|r| refused(r, channel))?;
+            .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
         inner.shared.stats.record_sent(1);
         Ok(())
     }
@@ -440,7 +442,9 @@ impl ZmqLayer {
             .into_iter()
             .map(|e| (topic.clone(), e.encode()))
             .collect();
-        inner.publish(msgs)?.map_err(|r| refused(r, channel))?;
+        inner
+            .publish(msgs)?
+            .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
         inner.shared.stats.record_sent(n);
         Ok(())
     }

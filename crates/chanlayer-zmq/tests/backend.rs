@@ -368,6 +368,10 @@ async fn a_full_send_queue_is_channel_full_and_sends_resume_when_the_proxy_is_ba
     let (at, e) = full.expect("sends become ChannelFull while the proxy is away");
     assert!(at <= 1000, "once the queue and the socket are full ({at})");
     assert!(e.to_string().contains(&ch), "{e}");
+    assert!(
+        matches!(e, Error::ChannelFull { capacity: 5, .. }),
+        "the capacity is the send queue's: {e:?}"
+    );
     // The proxy comes back on the same addresses, both sockets reconnect by themselves,
     // and sends are taken and delivered again.
     let proxy = respawn(&pull, &publish).await;
