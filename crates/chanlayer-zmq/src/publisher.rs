@@ -65,6 +65,17 @@ fn recently_stopped() -> &'static Mutex<HashMap<String, Instant>> {
 pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
     let mut map = lock(registry());
     if let Some(e) = map.get(address).and_then(Weak::upgrade) {
+        // The process's publisher on this address is shared: its settings are those of the
+        // first instance that connected. Say so when a later instance asks for others.
+        let (a, b) = (&e.cfg, cfg);
+        if (a.send_queue, a.sndhwm, a.linger, a.retention, &a.curve, &a.socket_options)
+            != (b.send_queue, b.sndhwm, b.linger, b.retention, &b.curve, &b.socket_options)
+        {
+            tracing::warn!(
+                address,
+                "this process's publisher on this address was set up by an earlier instance; its send_queue, sndhwm, linger, retain*, CURVE and zmq.* settings apply, not this instance's"
+            );
+        }
         return e;
     }
     map.retain(|_, w| w.strong_count() > 0);
