@@ -68,9 +68,21 @@ pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
         // The process's publisher on this address is shared: its settings are those of the
         // first instance that connected. Say so when a later instance asks for others.
         let (a, b) = (&e.cfg, cfg);
-        if (a.send_queue, a.sndhwm, a.linger, a.retention, &a.curve, &a.socket_options)
-            != (b.send_queue, b.sndhwm, b.linger, b.retention, &b.curve, &b.socket_options)
-        {
+        if (
+            a.send_queue,
+            a.sndhwm,
+            a.linger,
+            a.retention,
+            &a.curve,
+            &a.socket_options,
+        ) != (
+            b.send_queue,
+            b.sndhwm,
+            b.linger,
+            b.retention,
+            &b.curve,
+            &b.socket_options,
+        ) {
             tracing::warn!(
                 address,
                 "this process's publisher on this address was set up by an earlier instance; its send_queue, sndhwm, linger, retain*, CURVE and zmq.* settings apply, not this instance's"
