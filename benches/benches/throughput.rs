@@ -9,19 +9,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chanlayer_benches::{raw_mpsc, runtime};
 use chanlayer_core::{ChannelLayer, Codec, LayerConfig, MemoryLayer, Message};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 /// Messages per measured iteration.
 const N: usize = 10_000;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime builds")
-}
 
 /// N messages through a memory layer: sender task -> process-local channel -> receiver task.
 async fn memory_round(layer: Arc<MemoryLayer>, channel: Arc<str>, body: Arc<Vec<u8>>) -> Duration {
@@ -40,23 +33,6 @@ async fn memory_round(layer: Arc<MemoryLayer>, channel: Arc<str>, body: Arc<Vec<
         layer.send(&channel, m).await.expect("send");
     }
     rx.await.expect("receiver");
-    start.elapsed()
-}
-
-/// The same work over a raw bounded tokio mpsc channel of the same capacity.
-async fn mpsc_round(body: Arc<Vec<u8>>) -> Duration {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(N);
-    let start = Instant::now();
-    let recv = tokio::spawn(async move {
-        for _ in 0..N {
-            let m = rx.recv().await.expect("recv");
-            std::hint::black_box(m.len());
-        }
-    });
-    for _ in 0..N {
-        tx.send(body.as_ref().clone()).await.expect("send");
-    }
-    recv.await.expect("receiver");
     start.elapsed()
 }
 
@@ -85,7 +61,7 @@ fn send_receive(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("tokio_mpsc", size), &size, |b, _| {
             b.iter_custom(|iters| {
                 (0..iters)
-                    .map(|_| rt.block_on(mpsc_round(body.clone())))
+                    .map(|_| rt.block_on(raw_mpsc::send_receive(body.clone(), N)))
                     .sum()
             })
         });

@@ -40,13 +40,13 @@
 //! cargo test -p chanlayer-benches --bench zmq                # each bench once (CI)
 //! ```
 
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use chanlayer_core::{ChannelLayer, Codec, LayerConfig, Message};
+use chanlayer_benches::raw_zmq::{raw_round_trips, raw_send_receive, tcp, Raw, HWM, STALL};
+use chanlayer_benches::{bench_mode, free_port, message, report_latencies, runtime};
+use chanlayer_core::{ChannelLayer, LayerConfig};
 use chanlayer_zmq::{Proxy, ProxyConfig, ZmqLayer};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
@@ -58,39 +58,9 @@ const N: usize = 10_000;
 const N_LARGE: usize = 1_000;
 /// Messages per iteration in test mode (`cargo test`), where each bench runs once.
 const N_TEST: usize = 100;
-/// High-water marks of every socket (raw and the layer's), the layer's `send_queue` and
-/// channel `capacity`: above N, so nothing is dropped or refused for room.
-const HWM: usize = 100_000;
-/// How long an iteration may wait for a message before it fails with what it knows.
-const STALL: Duration = Duration::from_secs(10);
-/// How long setup may wait for a subscription to become active.
-const READY: Duration = Duration::from_secs(10);
 const SIZES: [usize; 3] = [64, 1024, 65536];
-/// The sequence number of a raw readiness probe (ignored by the receivers).
-const PROBE: u64 = u64::MAX;
 /// The layer's prefix (its topics are `i:{PREFIX}:{instance}\0`).
 const PREFIX: &str = "chanlayer-bench";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime builds")
-}
-
-/// `cargo bench` passes `--bench`; `cargo test` runs each bench once without it.
-fn bench_mode() -> bool {
-    std::env::args().any(|a| a == "--bench")
-}
-
-/// A free TCP port on the loopback interface (bound, read, released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free loopback port")
-        .port()
-}
 
 fn messages_per_iteration(size: usize, full: bool) -> usize {
     match (full, size) {
@@ -98,10 +68,6 @@ fn messages_per_iteration(size: usize, full: bool) -> usize {
         (true, s) if s >= 64 * 1024 => N_LARGE,
         (true, _) => N,
     }
-}
-
-fn message(body: &[u8]) -> Message {
-    Message::new("bench", Codec::Bincode, body.to_vec())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -278,356 +244,7 @@ impl LayerMode {
 }
 
 // ---------------------------------------------------------------------------------------
-// Raw zmq sockets, doing the same work on the wire.
-
-fn raw_socket(ctx: &zmq::Context, kind: zmq::SocketType) -> zmq::Socket {
-    let s = ctx.socket(kind).expect("a raw zmq socket");
-    s.set_linger(0).expect("linger");
-    let hwm = i32::try_from(HWM).expect("HWM fits an i32");
-    s.set_sndhwm(hwm).expect("sndhwm");
-    s.set_rcvhwm(hwm).expect("rcvhwm");
-    s
-}
-
-/// A SUB socket connected to `endpoint` and subscribed to `topic`; a receive waits at most
-/// STALL.
-fn raw_sub(ctx: &zmq::Context, endpoint: &str, topic: &[u8]) -> zmq::Socket {
-    let s = raw_socket(ctx, zmq::SUB);
-    let stall = i32::try_from(STALL.as_millis()).expect("STALL fits an i32 of ms");
-    s.set_rcvtimeo(stall).expect("rcvtimeo");
-    s.set_subscribe(topic).expect("subscribe");
-    s.connect(endpoint).expect("connect the SUB socket");
-    s
-}
-
-fn tcp(port: u16) -> String {
-    format!("tcp://127.0.0.1:{port}")
-}
-
-fn send_two(tx: &zmq::Socket, topic: &[u8], payload: &[u8]) {
-    tx.send(topic, zmq::SNDMORE)
-        .and_then(|()| tx.send(payload, 0))
-        .expect("a raw send");
-}
-
-fn seq_of(payload: &[u8]) -> u64 {
-    payload
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(PROBE, u64::from_le_bytes)
-}
-
-/// Sends probes on `topic` until one arrives at `rx` (the subscription is active at the
-/// publisher), then takes what arrived. Later probes are skipped by the receivers.
-fn raw_ready(what: &str, tx: &zmq::Socket, rx: &zmq::Socket, topic: &[u8]) {
-    let deadline = Instant::now() + READY;
-    let probe = PROBE.to_le_bytes();
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: no probe came through within {READY:?}"
-        );
-        send_two(tx, topic, &probe);
-        if rx.poll(zmq::POLLIN, 10).expect("poll") > 0 {
-            break;
-        }
-    }
-    while rx.poll(zmq::POLLIN, 0).expect("poll") > 0 {
-        let _ = rx.recv_multipart(0);
-    }
-}
-
-/// Receives the next data message (skipping probes) into `payload`; `false` after STALL.
-fn raw_recv(rx: &zmq::Socket, topic: &mut zmq::Message, payload: &mut zmq::Message) -> bool {
-    loop {
-        match rx.recv(topic, 0) {
-            Ok(()) => {}
-            Err(zmq::Error::EAGAIN) => return false,
-            Err(e) => panic!("a raw receive failed: {e}"),
-        }
-        if !topic.get_more() {
-            continue;
-        }
-        rx.recv(payload, 0).expect("the second frame");
-        if seq_of(payload) != PROBE {
-            return true;
-        }
-    }
-}
-
-/// Receives sequence numbers 0..n; returns how many were missing (gaps, or not there
-/// after STALL).
-fn raw_receive_n(rx: &zmq::Socket, n: u64) -> u64 {
-    let mut topic = zmq::Message::new();
-    let mut payload = zmq::Message::new();
-    let (mut expected, mut lost) = (0u64, 0u64);
-    while expected < n {
-        if !raw_recv(rx, &mut topic, &mut payload) {
-            lost += n - expected;
-            break;
-        }
-        let seq = seq_of(&payload);
-        if seq < expected {
-            continue;
-        }
-        lost += seq - expected;
-        expected = seq + 1;
-    }
-    lost
-}
-
-/// One raw path: a sending socket (PUB or PUSH) and a SUB socket subscribed to `topic`.
-struct RawPath {
-    name: &'static str,
-    tx: zmq::Socket,
-    rx: zmq::Socket,
-    topic: Vec<u8>,
-    moved: u64,
-}
-
-/// The raw twin of [`layer_send_receive`]: the sender on this thread, the receiver on
-/// another, each with its socket.
-fn raw_send_receive(path: &mut RawPath, size: usize, n: usize) -> Duration {
-    let RawPath {
-        name,
-        tx,
-        rx,
-        topic,
-        moved,
-    } = path;
-    let mut payload = vec![0xA5u8; size];
-    let n64 = n as u64;
-    let (elapsed, lost) = std::thread::scope(|s| {
-        let rx: &mut zmq::Socket = rx;
-        let receiver = s.spawn(move || raw_receive_n(rx, n64));
-        let start = Instant::now();
-        for seq in 0..n64 {
-            payload[..8].copy_from_slice(&seq.to_le_bytes());
-            send_two(tx, topic, &payload);
-        }
-        let lost = receiver.join().expect("the raw receiver thread");
-        (start.elapsed(), lost)
-    });
-    assert_eq!(
-        lost, 0,
-        "{name}: {lost} of {n} messages lost (sequence gaps, or missing after {STALL:?})"
-    );
-    *moved += n64;
-    elapsed
-}
-
-/// One side of the raw round trips: what it sends with, the topic of the other side, and
-/// its SUB socket.
-struct RawSide {
-    tx: zmq::Socket,
-    rx: zmq::Socket,
-    to_peer: Vec<u8>,
-}
-
-/// The raw twin of [`layer_round_trips`]: `b` echoes on a thread of its own.
-fn raw_round_trips(
-    (a, b): (&mut RawSide, &mut RawSide),
-    body: &[u8],
-    iters: u64,
-    latencies: &Mutex<Vec<Duration>>,
-) -> Duration {
-    let mut each = Vec::with_capacity(usize::try_from(iters).unwrap_or(0));
-    let total = std::thread::scope(|s| {
-        let b: &mut RawSide = b;
-        let echo = s.spawn(move || {
-            let mut topic = zmq::Message::new();
-            let mut payload = zmq::Message::new();
-            for _ in 0..iters {
-                assert!(
-                    raw_recv(&b.rx, &mut topic, &mut payload),
-                    "the raw echo got no message within {STALL:?}"
-                );
-                let reply = std::mem::replace(&mut payload, zmq::Message::new());
-                b.tx.send(&b.to_peer[..], zmq::SNDMORE)
-                    .and_then(|()| b.tx.send(reply, 0))
-                    .expect("a raw reply");
-            }
-        });
-        let mut topic = zmq::Message::new();
-        let mut payload = zmq::Message::new();
-        let start = Instant::now();
-        for _ in 0..iters {
-            let t = Instant::now();
-            send_two(&a.tx, &a.to_peer, body);
-            assert!(
-                raw_recv(&a.rx, &mut topic, &mut payload),
-                "no raw reply within {STALL:?}"
-            );
-            std::hint::black_box(payload.len());
-            each.push(t.elapsed());
-        }
-        let total = start.elapsed();
-        echo.join().expect("the raw echo thread");
-        total
-    });
-    latencies
-        .lock()
-        .expect("latencies lock")
-        .extend_from_slice(&each);
-    total
-}
-
-/// The raw forwarder of dedicated mode: PULL → PUB in `zmq_proxy_steerable` on a thread.
-struct Forwarder {
-    control: zmq::Socket,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Forwarder {
-    fn start(ctx: &zmq::Context, pull: &str, publish: &str) -> Forwarder {
-        let mut frontend = raw_socket(ctx, zmq::PULL);
-        frontend.bind(pull).expect("bind the raw PULL socket");
-        let mut backend = raw_socket(ctx, zmq::PUB);
-        backend.bind(publish).expect("bind the raw PUB socket");
-        let control_endpoint = "inproc://chanlayer-bench-raw-forwarder";
-        let mut steer = ctx.socket(zmq::PAIR).expect("a control socket");
-        steer
-            .bind(control_endpoint)
-            .expect("bind the control socket");
-        let control = ctx.socket(zmq::PAIR).expect("a control socket");
-        control
-            .connect(control_endpoint)
-            .expect("connect the control socket");
-        let thread = std::thread::Builder::new()
-            .name("raw forwarder".into())
-            .spawn(move || {
-                if let Err(e) = zmq::proxy_steerable(&mut frontend, &mut backend, &mut steer) {
-                    println!("the raw forwarder stopped: {e}");
-                }
-            })
-            .expect("start the raw forwarder thread");
-        Forwarder {
-            control,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) {
-        let _ = self.control.send("TERMINATE", 0);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Everything raw: the two throughput paths, the round-trip sides, the forwarder.
-struct Raw {
-    pubsub: RawPath,
-    push_pull_pub: RawPath,
-    pubsub_sides: (RawSide, RawSide),
-    dedicated_sides: (RawSide, RawSide),
-    forwarder: Forwarder,
-    _ctx: zmq::Context,
-}
-
-impl Raw {
-    fn setup() -> Raw {
-        let ctx = zmq::Context::new();
-        // Embedded: PUB bound, SUB connected.
-        let topic = b"i:chanlayer-bench:raw.pubsub\0".to_vec();
-        let endpoint = tcp(free_port());
-        let tx = raw_socket(&ctx, zmq::PUB);
-        tx.bind(&endpoint).expect("bind the raw PUB socket");
-        let rx = raw_sub(&ctx, &endpoint, &topic);
-        raw_ready("raw_pubsub", &tx, &rx, &topic);
-        let pubsub = RawPath {
-            name: "raw_pubsub",
-            tx,
-            rx,
-            topic,
-            moved: 0,
-        };
-
-        // Round trips, embedded: each side binds a PUB, and subscribes to the other's.
-        let (to_a, to_b) = (b"i:chanlayer-bench:raw.a\0", b"i:chanlayer-bench:raw.b\0");
-        let (ea, eb) = (tcp(free_port()), tcp(free_port()));
-        let (pa, pb) = (raw_socket(&ctx, zmq::PUB), raw_socket(&ctx, zmq::PUB));
-        pa.bind(&ea).expect("bind a raw PUB socket");
-        pb.bind(&eb).expect("bind a raw PUB socket");
-        let a = RawSide {
-            tx: pa,
-            rx: raw_sub(&ctx, &eb, to_a),
-            to_peer: to_b.to_vec(),
-        };
-        let b = RawSide {
-            tx: pb,
-            rx: raw_sub(&ctx, &ea, to_b),
-            to_peer: to_a.to_vec(),
-        };
-        raw_ready("raw_pubsub (round trip)", &a.tx, &b.rx, &a.to_peer);
-        raw_ready("raw_pubsub (round trip)", &b.tx, &a.rx, &b.to_peer);
-        let pubsub_sides = (a, b);
-
-        // Dedicated: PUSH -> forwarder (PULL -> PUB) -> SUB.
-        let (pull, publish) = (tcp(free_port()), tcp(free_port()));
-        let forwarder = Forwarder::start(&ctx, &pull, &publish);
-        let push = || {
-            let s = raw_socket(&ctx, zmq::PUSH);
-            s.connect(&pull).expect("connect the raw PUSH socket");
-            s
-        };
-        let topic = b"i:chanlayer-bench:raw.dedicated\0".to_vec();
-        let tx = push();
-        let rx = raw_sub(&ctx, &publish, &topic);
-        raw_ready("raw_push_pull_pub", &tx, &rx, &topic);
-        let push_pull_pub = RawPath {
-            name: "raw_push_pull_pub",
-            tx,
-            rx,
-            topic,
-            moved: 0,
-        };
-        let a = RawSide {
-            tx: push(),
-            rx: raw_sub(&ctx, &publish, to_a),
-            to_peer: to_b.to_vec(),
-        };
-        let b = RawSide {
-            tx: push(),
-            rx: raw_sub(&ctx, &publish, to_b),
-            to_peer: to_a.to_vec(),
-        };
-        raw_ready("raw_push_pull_pub (round trip)", &a.tx, &b.rx, &a.to_peer);
-        raw_ready("raw_push_pull_pub (round trip)", &b.tx, &a.rx, &b.to_peer);
-        Raw {
-            pubsub,
-            push_pull_pub,
-            pubsub_sides,
-            dedicated_sides: (a, b),
-            forwarder,
-            _ctx: ctx,
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // The benches.
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn report_latencies(name: &str, latencies: &Mutex<Vec<Duration>>) {
-    let mut v = std::mem::take(&mut *latencies.lock().expect("latencies lock"));
-    if v.len() < 100 {
-        return;
-    }
-    v.sort_unstable();
-    println!(
-        "{name}: {} round trips, p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
-        v.len(),
-        percentile(&v, 0.50).as_secs_f64() * 1e6,
-        percentile(&v, 0.90).as_secs_f64() * 1e6,
-        percentile(&v, 0.99).as_secs_f64() * 1e6,
-        percentile(&v, 1.0).as_secs_f64() * 1e6,
-    );
-}
 
 fn zmq_benches(c: &mut Criterion) {
     let rt = runtime();
@@ -744,7 +361,7 @@ fn zmq_benches(c: &mut Criterion) {
     }
     group.finish();
     for (name, latencies) in &printed {
-        report_latencies(name, latencies);
+        report_latencies(name, latencies, 100);
     }
 
     // Zero loss, said once more for the whole run.
