@@ -127,7 +127,7 @@ pub(crate) async fn prune(inner: &Arc<Inner>) -> Result<()> {
     let emptied = inner.local_groups.prune_expired();
     let stale: Vec<(String, String)> = lock(&inner.normal_bound)
         .iter()
-        .filter(|(g, c)| !inner.normal_groups.members(g).contains(c))
+        .filter(|(g, c)| !inner.normal_groups.members(g).iter().any(|m| **m == **c))
         .cloned()
         .collect();
     if emptied.is_empty() && stale.is_empty() {

@@ -5,14 +5,19 @@
 //! [`GroupRegistry::add`] / [`GroupRegistry::discard`] to bind a group at the broker on the
 //! first local member and unbind it on the last.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// The members of one group, in name order, with the instant each membership expires.
+/// Names are shared (`Arc<str>`): handing out the member list per group message costs a
+/// reference count per member, not a copy of its name.
+type Members = BTreeMap<Arc<str>, Instant>;
 
 /// Group memberships with expiry. See the module docs.
 #[derive(Debug, Default)]
 pub struct GroupRegistry {
-    groups: Mutex<HashMap<String, HashMap<String, Instant>>>,
+    groups: Mutex<HashMap<String, Members>>,
 }
 
 impl GroupRegistry {
@@ -21,7 +26,7 @@ impl GroupRegistry {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, Instant>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Members>> {
         match self.groups.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -39,7 +44,12 @@ impl GroupRegistry {
         let members = map.entry(group.to_owned()).or_default();
         members.retain(|_, t| *t > now);
         let first = members.is_empty();
-        members.insert(channel.to_owned(), until);
+        match members.get_mut(channel) {
+            Some(t) => *t = until,
+            None => {
+                members.insert(Arc::from(channel), until);
+            }
+        }
         first
     }
 
@@ -70,7 +80,7 @@ impl GroupRegistry {
     }
 
     /// The live members of `group`, sorted. Expired memberships are removed.
-    pub fn members(&self, group: &str) -> Vec<String> {
+    pub fn members(&self, group: &str) -> Vec<Arc<str>> {
         let now = Instant::now();
         let mut map = self.lock();
         let Some(members) = map.get_mut(group) else {
@@ -81,9 +91,7 @@ impl GroupRegistry {
             map.remove(group);
             return Vec::new();
         }
-        let mut out: Vec<String> = members.keys().cloned().collect();
-        out.sort_unstable();
-        out
+        members.keys().cloned().collect()
     }
 
     /// Removes expired memberships; returns the groups left without members.
@@ -135,7 +143,10 @@ mod tests {
         assert!(r.add("g", "a", Duration::from_secs(60)));
         assert!(!r.add("g", "b", Duration::from_secs(60)));
         assert!(!r.add("g", "a", Duration::from_secs(60)));
-        assert_eq!(r.members("g"), vec!["a", "b"]);
+        assert!(!r.add("g", "0", Duration::from_secs(60)));
+        assert!(!r.discard("g", "0"));
+        let members: Vec<String> = r.members("g").iter().map(|m| m.to_string()).collect();
+        assert_eq!(members, vec!["a", "b"], "sorted, one entry per channel");
         assert!(!r.discard("g", "a"));
         assert!(!r.discard("g", "zzz"));
         assert!(r.discard("g", "b"));

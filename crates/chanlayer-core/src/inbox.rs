@@ -238,7 +238,17 @@ impl LocalInbox {
         capacity: usize,
         stats: &Stats,
     ) -> Result<()> {
-        let mut map = self.lock();
+        Self::push_locked(&mut self.lock(), channel, envelope, capacity, stats)
+    }
+
+    /// [`push`](Self::push) with the lock held.
+    fn push_locked(
+        map: &mut Channels,
+        channel: &str,
+        envelope: Envelope,
+        capacity: usize,
+        stats: &Stats,
+    ) -> Result<()> {
         let seq = map.next_seq;
         map.next_seq += 1;
         let slot = map.slot(channel);
@@ -465,28 +475,37 @@ impl LocalInbox {
     }
 
     /// Pushes one copy of a group envelope to each of `members`; a full member is skipped and
-    /// counted (`group_send` never fails for capacity).
+    /// counted (`group_send` never fails for capacity). The copies are made before the lock
+    /// is taken, and the lock is taken once for all members.
     pub fn fan_out(
         &self,
         group: &str,
         envelope: Envelope,
-        members: Vec<String>,
+        members: Vec<Arc<str>>,
         options: &LayerOptions,
         stats: &Stats,
     ) {
-        let n = members.len();
-        let mut envelope = Some(envelope);
-        for (i, member) in members.into_iter().enumerate() {
-            let copy = if i + 1 == n {
-                envelope.take()
-            } else {
-                envelope.clone()
-            };
-            let Some(copy) = copy else { break };
-            let cap = options.capacity_for(&member);
-            if let Err(Error::ChannelFull { .. }) = self.push(&member, copy, cap, stats) {
-                stats.record_group_member_full(group, &member);
+        let Some(last) = members.len().checked_sub(1) else {
+            return;
+        };
+        let mut copies: Vec<(usize, Envelope)> = Vec::with_capacity(members.len());
+        for member in &members[..last] {
+            copies.push((options.capacity_for(member), envelope.clone()));
+        }
+        copies.push((options.capacity_for(&members[last]), envelope));
+        let mut full = Vec::new();
+        {
+            let mut map = self.lock();
+            for (member, (capacity, copy)) in members.iter().zip(copies) {
+                if let Err(Error::ChannelFull { .. }) =
+                    Self::push_locked(&mut map, member, copy, capacity, stats)
+                {
+                    full.push(member);
+                }
             }
+        }
+        for member in full {
+            stats.record_group_member_full(group, member);
         }
     }
 }

@@ -361,7 +361,7 @@ impl ChannelLayer for MemoryLayer {
         names::validate_group(group)?;
         let env = Envelope::seal_unaddressed(Destination::Group, group, message, &self.options)?;
         let b = &self.broker;
-        let members: Vec<String> = b
+        let members: Vec<std::sync::Arc<str>> = b
             .groups
             .members(group)
             .into_iter()

@@ -271,7 +271,7 @@ fn deliver_group(
 fn forward_to(
     inner: &Inner,
     forward: &tokio::sync::mpsc::UnboundedSender<Forward>,
-    members: Vec<String>,
+    members: Vec<std::sync::Arc<str>>,
     payload: &[u8],
 ) {
     if members.is_empty() {
