@@ -227,15 +227,6 @@ impl Inner {
         }
     }
 
-    /// Once the layer is closed, every failure is `Closed` (an operation racing `close` may
-    /// see the connection go first).
-    fn closed_wins<T>(&self, r: Result<T>) -> Result<T> {
-        match r {
-            Err(_) if self.closed.is_closed() => Err(Error::Closed),
-            r => r,
-        }
-    }
-
     fn check_receiver(&self, channel: &str) -> Result<()> {
         self.closed.check()?;
         names::check_receiver(channel, &self.id)
@@ -394,7 +385,7 @@ fn properties(options: &LayerOptions, persistent: bool) -> BasicProperties {
         .with_delivery_mode(if persistent { 2 } else { 1 })
 }
 
-/// The operations; the trait impl maps their errors with `closed_wins`.
+/// The operations; the trait impl maps their errors with `CloseSignal::closed_wins`.
 impl AmqpLayer {
     async fn send_op(&self, channel: &str, message: Message) -> Result<()> {
         let inner = &self.inner;
@@ -598,15 +589,20 @@ impl ChannelLayer for AmqpLayer {
     }
 
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
-        self.inner.closed_wins(self.send_op(channel, message).await)
+        self.inner
+            .closed
+            .closed_wins(self.send_op(channel, message).await)
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        self.inner.closed_wins(self.receive_op(channel).await)
+        self.inner
+            .closed
+            .closed_wins(self.receive_op(channel).await)
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
         self.inner
+            .closed
             .closed_wins(self.receive_delivery_op(channel).await)
     }
 
@@ -617,6 +613,7 @@ impl ChannelLayer for AmqpLayer {
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
         self.inner
+            .closed
             .closed_wins(self.receive_batch_op(channel, max, timeout).await)
     }
 
@@ -627,21 +624,24 @@ impl ChannelLayer for AmqpLayer {
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
         self.inner
+            .closed
             .closed_wins(self.group_add_op(group, channel).await)
     }
 
     async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
         self.inner
+            .closed
             .closed_wins(self.group_discard_op(group, channel).await)
     }
 
     async fn group_send(&self, group: &str, message: Message) -> Result<()> {
         self.inner
+            .closed
             .closed_wins(self.group_send_op(group, message).await)
     }
 
     async fn flush(&self) -> Result<()> {
-        self.inner.closed_wins(self.flush_op().await)
+        self.inner.closed.closed_wins(self.flush_op().await)
     }
 
     async fn close(&self) -> Result<()> {

@@ -90,6 +90,15 @@ impl CloseSignal {
         }
     }
 
+    /// `r`, except that once closed every failure is `Closed`: an operation that failed
+    /// because the layer was closing under it reports the close, not what broke on the way.
+    pub fn closed_wins<T>(&self, r: Result<T>) -> Result<T> {
+        match r {
+            Err(_) if self.is_closed() => Err(Error::Closed),
+            r => r,
+        }
+    }
+
     /// Resolves once closed.
     pub async fn closed(&self) {
         let mut rx = self.tx.subscribe();

@@ -180,14 +180,6 @@ impl Inner {
         }
     }
 
-    /// Once the layer is closed, every failure is `Closed`.
-    fn closed_wins<T>(&self, r: Result<T>) -> Result<T> {
-        match r {
-            Err(_) if self.shared.closed.is_closed() => Err(Error::Closed),
-            r => r,
-        }
-    }
-
     fn ensure_normal(&self, channel: &str) -> Result<()> {
         let mut set = lock(&self.normal);
         if set.contains(channel) {
@@ -392,7 +384,7 @@ impl Drop for ZmqLayer {
     }
 }
 
-/// The operations; the trait impl maps their errors with `closed_wins`.
+/// The operations; the trait impl maps their errors with `CloseSignal::closed_wins`.
 impl ZmqLayer {
     async fn send_op(&self, channel: &str, message: Message) -> Result<()> {
         let inner = &self.inner;
@@ -628,20 +620,30 @@ impl ChannelLayer for ZmqLayer {
     }
 
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
-        self.inner.closed_wins(self.send_op(channel, message).await)
+        self.inner
+            .shared
+            .closed
+            .closed_wins(self.send_op(channel, message).await)
     }
 
     async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
         self.inner
+            .shared
+            .closed
             .closed_wins(self.send_batch_op(channel, messages).await)
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        self.inner.closed_wins(self.receive_op(channel).await)
+        self.inner
+            .shared
+            .closed
+            .closed_wins(self.receive_op(channel).await)
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
         self.inner
+            .shared
+            .closed
             .closed_wins(self.receive_delivery_op(channel).await)
     }
 
@@ -652,6 +654,8 @@ impl ChannelLayer for ZmqLayer {
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
         self.inner
+            .shared
+            .closed
             .closed_wins(self.receive_batch_op(channel, max, timeout).await)
     }
 
@@ -662,21 +666,27 @@ impl ChannelLayer for ZmqLayer {
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
         self.inner
+            .shared
+            .closed
             .closed_wins(self.group_add_op(group, channel).await)
     }
 
     async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
         self.inner
+            .shared
+            .closed
             .closed_wins(self.group_discard_op(group, channel).await)
     }
 
     async fn group_send(&self, group: &str, message: Message) -> Result<()> {
         self.inner
+            .shared
+            .closed
             .closed_wins(self.group_send_op(group, message).await)
     }
 
     async fn flush(&self) -> Result<()> {
-        self.inner.closed_wins(self.flush_op().await)
+        self.inner.shared.closed.closed_wins(self.flush_op().await)
     }
 
     async fn close(&self) -> Result<()> {
