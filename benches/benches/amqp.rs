@@ -19,13 +19,14 @@
 //! ```
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chanlayer_amqp::AmqpLayer;
+use chanlayer_benches::layer_side::{self, Dyn};
 use chanlayer_benches::raw_amqp::{
     self, raw_round_trips, raw_send_receive, Raw, CAPACITY, PREFETCH, QUEUE_EXPIRES,
 };
-use chanlayer_benches::{bench_mode, message, report_latencies, runtime, Mode, DEPTH};
+use chanlayer_benches::{bench_mode, report_latencies, runtime, Mode};
 use chanlayer_core::{ChannelLayer, LayerConfig};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
@@ -52,84 +53,6 @@ async fn connect_layer(base: &str, prefix: &str) -> chanlayer_core::Result<Arc<A
     );
     let config = LayerConfig::from_url(&url)?;
     Ok(Arc::new(AmqpLayer::connect(&config).await?))
-}
-
-/// `n` messages to `channel` (seq or DEPTH in flight) while a receiver task takes them.
-async fn layer_send_receive(
-    layer: Arc<AmqpLayer>,
-    channel: Arc<str>,
-    body: Arc<Vec<u8>>,
-    n: usize,
-    mode: Mode,
-) -> Duration {
-    let start = Instant::now();
-    let receiver = {
-        let (layer, channel) = (layer.clone(), channel.clone());
-        tokio::spawn(async move {
-            for _ in 0..n {
-                let m = layer.receive(&channel).await.expect("receive");
-                std::hint::black_box(m.body().len());
-            }
-        })
-    };
-    match mode {
-        Mode::Seq => {
-            for _ in 0..n {
-                layer.send(&channel, message(&body)).await.expect("send");
-            }
-        }
-        Mode::Concurrent => {
-            let senders = (0..DEPTH).map(|i| {
-                let (layer, channel, body) = (layer.clone(), channel.clone(), body.clone());
-                let share = n / DEPTH + usize::from(i < n % DEPTH);
-                tokio::spawn(async move {
-                    for _ in 0..share {
-                        layer.send(&channel, message(&body)).await.expect("send");
-                    }
-                })
-            });
-            for r in futures::future::join_all(senders).await {
-                r.expect("sender task");
-            }
-        }
-    }
-    receiver.await.expect("receiver task");
-    start.elapsed()
-}
-
-/// `iters` round trips: `a` sends to `to_b`, `b` receives and sends it back to `to_a`.
-async fn layer_round_trips(
-    (a, b): (Arc<AmqpLayer>, Arc<AmqpLayer>),
-    (to_a, to_b): (Arc<str>, Arc<str>),
-    body: Arc<Vec<u8>>,
-    iters: u64,
-    latencies: &Mutex<Vec<Duration>>,
-) -> Duration {
-    let responder = {
-        let (to_a, to_b) = (to_a.clone(), to_b.clone());
-        tokio::spawn(async move {
-            for _ in 0..iters {
-                let m = b.receive(&to_b).await.expect("receive (responder)");
-                b.send(&to_a, m).await.expect("send (responder)");
-            }
-        })
-    };
-    let mut each = Vec::with_capacity(iters as usize);
-    let start = Instant::now();
-    for _ in 0..iters {
-        let t = Instant::now();
-        a.send(&to_b, message(&body)).await.expect("send");
-        let m = a.receive(&to_a).await.expect("receive");
-        std::hint::black_box(m.body().len());
-        each.push(t.elapsed());
-    }
-    let total = start.elapsed();
-    responder.await.expect("responder task");
-    latencies
-        .lock()
-        .expect("latencies lock")
-        .extend_from_slice(&each);
-    total
 }
 
 // ---------------------------------------------------------------------------------------
@@ -178,6 +101,8 @@ fn amqp(c: &mut Criterion) {
         }
     };
     let n = if bench_mode() { N } else { N_TEST };
+    // The layer side of every bench: `layer_side`, through the trait object.
+    let (layer, peer): (Dyn, Dyn) = (s.layer.clone(), s.peer.clone());
     let expiry = s.layer.options().expiry;
     let normal_channel: Arc<str> = Arc::from("bench.normal");
     let local_channel: Arc<str> = rt
@@ -217,12 +142,12 @@ fn amqp(c: &mut Criterion) {
                     b.iter_custom(|iters| {
                         (0..iters)
                             .map(|_| {
-                                rt.block_on(layer_send_receive(
-                                    s.layer.clone(),
-                                    channel.clone(),
-                                    body.clone(),
+                                rt.block_on(layer_side::send_receive(
+                                    (&layer, &layer),
+                                    channel,
+                                    &body,
                                     n,
-                                    mode,
+                                    mode.depth(),
                                 ))
                             })
                             .sum()
@@ -253,7 +178,6 @@ fn amqp(c: &mut Criterion) {
 
     // Round trips: 64 B, one at a time; one iteration is one round trip.
     let body = Arc::new(vec![0xA5u8; 64]);
-    let layers = (s.layer.clone(), s.peer.clone());
     let layer_channels: (Arc<str>, Arc<str>) = (
         rt.block_on(s.layer.new_channel("rt"))
             .expect("new_channel")
@@ -283,10 +207,10 @@ fn amqp(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(3));
     group.bench_function("layer", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(layer_round_trips(
-                layers.clone(),
-                layer_channels.clone(),
-                body.clone(),
+            rt.block_on(layer_side::round_trips(
+                (&layer, &peer),
+                (&layer_channels.0, &layer_channels.1),
+                &body,
                 iters,
                 &layer_latencies,
             ))

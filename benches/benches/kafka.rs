@@ -50,14 +50,14 @@
 //! cargo test -p chanlayer-benches --bench kafka              # each bench once (CI)
 //! ```
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use chanlayer_benches::layer_side::{self, Dyn};
 use chanlayer_benches::raw_kafka::{
-    bootstrap, raw_round_trips, raw_send_receive, reachable, Counter, Echo, RawKafka, STALL,
+    bootstrap, raw_round_trips, raw_send_receive, reachable, Counter, Echo, RawKafka,
 };
-use chanlayer_benches::{bench_mode, message, report_latencies, runtime, Mode, DEPTH};
+use chanlayer_benches::{bench_mode, report_latencies, runtime, Mode};
 use chanlayer_core::{ChannelLayer, LayerConfig};
 use chanlayer_kafka::{KafkaConfig, KafkaLayer};
 use criterion::{
@@ -78,95 +78,6 @@ const SIZES: [usize; 2] = [64, 1024];
 
 // ---------------------------------------------------------------------------------------
 // The layer.
-
-/// `n` messages from `sender` to `channel` (seq or DEPTH in flight) while a receiver task of
-/// `receiver` takes them.
-async fn layer_send_receive(
-    (sender, receiver): (Arc<KafkaLayer>, Arc<KafkaLayer>),
-    channel: Arc<str>,
-    body: Arc<Vec<u8>>,
-    n: usize,
-    mode: Mode,
-) -> Duration {
-    let start = Instant::now();
-    let received = Arc::new(AtomicUsize::new(0));
-    let receiving = {
-        let (receiver, channel, received) = (receiver.clone(), channel.clone(), received.clone());
-        tokio::spawn(async move {
-            for _ in 0..n {
-                let m = receiver.receive(&channel).await.expect("receive");
-                std::hint::black_box(m.body().len());
-                received.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
-    match mode {
-        Mode::Seq => {
-            for _ in 0..n {
-                sender.send(&channel, message(&body)).await.expect("send");
-            }
-        }
-        Mode::Concurrent => {
-            let senders = (0..DEPTH).map(|i| {
-                let (sender, channel, body) = (sender.clone(), channel.clone(), body.clone());
-                let share = n / DEPTH + usize::from(i < n % DEPTH);
-                tokio::spawn(async move {
-                    for _ in 0..share {
-                        sender.send(&channel, message(&body)).await.expect("send");
-                    }
-                })
-            });
-            for r in futures::future::join_all(senders).await {
-                r.expect("sender task");
-            }
-        }
-    }
-    match tokio::time::timeout(STALL, receiving).await {
-        Ok(r) => r.expect("receiver task"),
-        Err(_) => panic!(
-            "{channel}: {} of {n} messages received {STALL:?} after the last send was acknowledged (receiver: {:?}, sender: {:?})",
-            received.load(Ordering::Relaxed),
-            receiver.stats(),
-            sender.stats(),
-        ),
-    }
-    start.elapsed()
-}
-
-/// `iters` round trips: `a` sends to `to_b`, `b` receives and sends it back to `to_a`.
-async fn layer_round_trips(
-    (a, b): (Arc<KafkaLayer>, Arc<KafkaLayer>),
-    (to_a, to_b): (Arc<str>, Arc<str>),
-    body: Arc<Vec<u8>>,
-    iters: u64,
-    latencies: &Mutex<Vec<Duration>>,
-) -> Duration {
-    let responder = {
-        let (to_a, to_b) = (to_a.clone(), to_b.clone());
-        tokio::spawn(async move {
-            for _ in 0..iters {
-                let m = b.receive(&to_b).await.expect("receive (responder)");
-                b.send(&to_a, m).await.expect("send (responder)");
-            }
-        })
-    };
-    let mut each = Vec::with_capacity(usize::try_from(iters).unwrap_or(0));
-    let start = Instant::now();
-    for _ in 0..iters {
-        let t = Instant::now();
-        a.send(&to_b, message(&body)).await.expect("send");
-        let m = a.receive(&to_a).await.expect("receive");
-        std::hint::black_box(m.body().len());
-        each.push(t.elapsed());
-    }
-    let total = start.elapsed();
-    responder.await.expect("responder task");
-    latencies
-        .lock()
-        .expect("latencies lock")
-        .extend_from_slice(&each);
-    total
-}
 
 // ---------------------------------------------------------------------------------------
 // Setup.
@@ -230,7 +141,9 @@ fn kafka(c: &mut Criterion) {
         }
     };
     let full = bench_mode();
-    let layers = (s.peer.clone(), s.layer.clone());
+    // The layer side of every bench: `layer_side`, through the trait objects. Throughput:
+    // `peer` sends, `layer` receives.
+    let (layer, peer): (Dyn, Dyn) = (s.layer.clone(), s.peer.clone());
     let normal_channel: Arc<str> = Arc::from("bench.normal");
     let local_channel: Arc<str> = rt
         .block_on(s.layer.new_channel("bench"))
@@ -253,12 +166,12 @@ fn kafka(c: &mut Criterion) {
     // producers' metadata fetched (a group join takes seconds, a bench iteration less).
     let body = Arc::new(vec![0xA5u8; 64]);
     for channel in [&normal_channel, &local_channel] {
-        rt.block_on(layer_send_receive(
-            layers.clone(),
-            channel.clone(),
-            body.clone(),
+        rt.block_on(layer_side::send_receive(
+            (&peer, &layer),
+            channel,
+            &body,
             10,
-            Mode::Seq,
+            Mode::Seq.depth(),
         ));
     }
     for topic_counter in [
@@ -310,12 +223,12 @@ fn kafka(c: &mut Criterion) {
                     b.iter_custom(|iters| {
                         (0..iters)
                             .map(|_| {
-                                rt.block_on(layer_send_receive(
-                                    layers.clone(),
-                                    channel.clone(),
-                                    body.clone(),
+                                rt.block_on(layer_side::send_receive(
+                                    (&peer, &layer),
+                                    channel,
+                                    &body,
                                     n,
-                                    mode,
+                                    mode.depth(),
                                 ))
                             })
                             .sum()
@@ -344,7 +257,6 @@ fn kafka(c: &mut Criterion) {
 
     // Round trips: 64 B, one at a time; one iteration is one round trip.
     let body = Arc::new(vec![0xA5u8; 64]);
-    let rt_layers = (s.layer.clone(), s.peer.clone());
     let rt_channels: (Arc<str>, Arc<str>) = (
         rt.block_on(s.layer.new_channel("rt"))
             .expect("new_channel")
@@ -368,10 +280,10 @@ fn kafka(c: &mut Criterion) {
     );
     // Warm both up (topic metadata, first fetches) outside the measurement.
     let warm = Mutex::new(Vec::new());
-    rt.block_on(layer_round_trips(
-        rt_layers.clone(),
-        rt_channels.clone(),
-        body.clone(),
+    rt.block_on(layer_side::round_trips(
+        (&layer, &peer),
+        (&rt_channels.0, &rt_channels.1),
+        &body,
         5,
         &warm,
     ));
@@ -393,10 +305,10 @@ fn kafka(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(3));
     group.bench_function("layer", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(layer_round_trips(
-                rt_layers.clone(),
-                rt_channels.clone(),
-                body.clone(),
+            rt.block_on(layer_side::round_trips(
+                (&layer, &peer),
+                (&rt_channels.0, &rt_channels.1),
+                &body,
                 iters,
                 &layer_latencies,
             ))

@@ -27,8 +27,13 @@
 //!   the gaps. Layer: `connect` waits for the instance's inbox subscription to be confirmed,
 //!   and after every iteration `transport_stats().lost` (gaps in the topic's sequence) and
 //!   `stats().dropped_full` must be 0.
-//! - An iteration that misses messages fails after [`STALL`] with what it received. The run
-//!   ends with one line per side: messages moved, messages lost.
+//! - An iteration that misses messages fails with what it received, after
+//!   [`raw_zmq::STALL`](chanlayer_benches::raw_zmq::STALL) (raw) or [`layer_side::STALL`]
+//!   (layer). The run ends with one line per side: messages moved, messages lost.
+//!
+//! The layer side is [`layer_side`]'s, through `ChannelLayer` trait objects: the
+//! throughput benches are its `send_receive` with one sender (sequential sends), the round
+//! trips its `round_trips`.
 //!
 //! Both use a process-wide libzmq context of their own (one I/O thread each); the layer's
 //! sockets live in its threads (publisher, receiver, PUSH sender), the raw ones in the
@@ -40,17 +45,19 @@
 //! cargo test -p chanlayer-benches --bench zmq                # each bench once (CI)
 //! ```
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chanlayer_benches::raw_zmq::{raw_round_trips, raw_send_receive, tcp, Raw, HWM, STALL};
-use chanlayer_benches::{bench_mode, free_port, message, report_latencies, runtime};
+use chanlayer_benches::layer_side::{self, Dyn};
+use chanlayer_benches::raw_zmq::{raw_round_trips, raw_send_receive, tcp, Raw, HWM};
+use chanlayer_benches::{bench_mode, free_port, report_latencies, runtime};
 use chanlayer_core::{ChannelLayer, LayerConfig};
 use chanlayer_zmq::{Proxy, ProxyConfig, ZmqLayer};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
+use tokio::runtime::Runtime;
 
 /// Messages per measured iteration for 64 B and 1 KiB bodies (full run).
 const N: usize = 10_000;
@@ -106,84 +113,6 @@ fn assert_no_loss(name: &str, layer: &ZmqLayer) {
     );
 }
 
-/// `n` messages to `channel` while a receiver task takes them.
-async fn layer_send_receive(
-    name: &'static str,
-    layer: Arc<ZmqLayer>,
-    channel: Arc<str>,
-    body: Arc<Vec<u8>>,
-    n: usize,
-) -> Duration {
-    let received = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let receiving = {
-        let (layer, channel, received) = (layer.clone(), channel.clone(), received.clone());
-        tokio::spawn(async move {
-            for _ in 0..n {
-                let m = layer.receive(&channel).await.expect("receive");
-                std::hint::black_box(m.body().len());
-                received.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
-    for _ in 0..n {
-        layer.send(&channel, message(&body)).await.expect("send");
-    }
-    match tokio::time::timeout(STALL, receiving).await {
-        Ok(r) => r.expect("receiver task"),
-        Err(_) => panic!(
-            "{name}: {} of {n} messages received {STALL:?} after the last send (transport: {:?}, stats: {:?})",
-            received.load(Ordering::Relaxed),
-            layer.transport_stats(),
-            layer.stats(),
-        ),
-    }
-    let elapsed = start.elapsed();
-    assert_no_loss(name, &layer);
-    elapsed
-}
-
-/// `iters` round trips: `a` sends to `to_b`, `b` receives and sends it back to `to_a`.
-async fn layer_round_trips(
-    (a, b): (Arc<ZmqLayer>, Arc<ZmqLayer>),
-    (to_a, to_b): (Arc<str>, Arc<str>),
-    body: Arc<Vec<u8>>,
-    iters: u64,
-    latencies: &Mutex<Vec<Duration>>,
-) -> Duration {
-    let responder = {
-        let (to_a, to_b) = (to_a.clone(), to_b.clone());
-        tokio::spawn(async move {
-            for _ in 0..iters {
-                let m = tokio::time::timeout(STALL, b.receive(&to_b))
-                    .await
-                    .expect("the responder got no message within STALL")
-                    .expect("receive (responder)");
-                b.send(&to_a, m).await.expect("send (responder)");
-            }
-        })
-    };
-    let mut each = Vec::with_capacity(usize::try_from(iters).unwrap_or(0));
-    let start = Instant::now();
-    for _ in 0..iters {
-        let t = Instant::now();
-        a.send(&to_b, message(&body)).await.expect("send");
-        let m = tokio::time::timeout(STALL, a.receive(&to_a))
-            .await
-            .expect("no reply within STALL")
-            .expect("receive");
-        std::hint::black_box(m.body().len());
-        each.push(t.elapsed());
-    }
-    let total = start.elapsed();
-    responder.await.expect("responder task");
-    latencies
-        .lock()
-        .expect("latencies lock")
-        .extend_from_slice(&each);
-    total
-}
-
 /// The layer's side of one mode: an instance for the throughput benches (sending to its own
 /// process-local channel) and two for the round trips.
 struct LayerMode {
@@ -192,6 +121,9 @@ struct LayerMode {
     channel: Arc<str>,
     pair: (Arc<ZmqLayer>, Arc<ZmqLayer>),
     pair_channels: (Arc<str>, Arc<str>),
+    /// `layer` and `pair` as trait objects, for [`layer_side`].
+    dyn_layer: Dyn,
+    dyn_pair: (Dyn, Dyn),
     /// Messages moved by the throughput benches.
     moved: AtomicU64,
 }
@@ -212,12 +144,48 @@ impl LayerMode {
         );
         LayerMode {
             name,
+            dyn_layer: layer.clone(),
+            dyn_pair: (a.clone(), b.clone()),
             layer,
             channel,
             pair: (a, b),
             pair_channels,
             moved: AtomicU64::new(0),
         }
+    }
+
+    /// `n` messages to the process-local channel, sent one after the other, while a
+    /// receiver task takes them; then the layer must have lost and dropped nothing (checked
+    /// outside the measured time).
+    fn send_receive(&self, rt: &Runtime, body: &Arc<Vec<u8>>, n: usize) -> Duration {
+        let elapsed = rt.block_on(layer_side::send_receive(
+            (&self.dyn_layer, &self.dyn_layer),
+            &self.channel,
+            body,
+            n,
+            1,
+        ));
+        assert_no_loss(self.name, &self.layer);
+        elapsed
+    }
+
+    /// `iters` round trips between the two instances of the pair.
+    fn round_trips(
+        &self,
+        rt: &Runtime,
+        body: &[u8],
+        iters: u64,
+        latencies: &Mutex<Vec<Duration>>,
+    ) -> Duration {
+        let (a, b) = &self.dyn_pair;
+        let (to_a, to_b) = &self.pair_channels;
+        rt.block_on(layer_side::round_trips(
+            (a, b),
+            (to_a, to_b),
+            body,
+            iters,
+            latencies,
+        ))
     }
 
     fn report(&self) {
@@ -267,20 +235,8 @@ fn zmq_benches(c: &mut Criterion) {
     let body = Arc::new(vec![0xA5u8; 64]);
     let warm = Mutex::new(Vec::new());
     for mode in [&embedded, &dedicated] {
-        rt.block_on(layer_send_receive(
-            mode.name,
-            mode.layer.clone(),
-            mode.channel.clone(),
-            body.clone(),
-            100,
-        ));
-        rt.block_on(layer_round_trips(
-            mode.pair.clone(),
-            mode.pair_channels.clone(),
-            body.clone(),
-            10,
-            &warm,
-        ));
+        mode.send_receive(&rt, &body, 100);
+        mode.round_trips(&rt, &body, 10, &warm);
     }
     for path in [&mut raw.pubsub, &mut raw.push_pull_pub] {
         raw_send_receive(path, 64, 100);
@@ -307,13 +263,7 @@ fn zmq_benches(c: &mut Criterion) {
                 b.iter_custom(|iters| {
                     (0..iters)
                         .map(|_| {
-                            let d = rt.block_on(layer_send_receive(
-                                mode.name,
-                                mode.layer.clone(),
-                                mode.channel.clone(),
-                                body.clone(),
-                                n,
-                            ));
+                            let d = mode.send_receive(&rt, &body, n);
                             mode.moved.fetch_add(n as u64, Ordering::Relaxed);
                             d
                         })
@@ -341,15 +291,7 @@ fn zmq_benches(c: &mut Criterion) {
         let layer_latencies = Mutex::new(Vec::new());
         let raw_latencies = Mutex::new(Vec::new());
         group.bench_function(mode.name, |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(layer_round_trips(
-                    mode.pair.clone(),
-                    mode.pair_channels.clone(),
-                    body.clone(),
-                    iters,
-                    &layer_latencies,
-                ))
-            })
+            b.iter_custom(|iters| mode.round_trips(&rt, &body, iters, &layer_latencies))
         });
         group.bench_function(raw_name, |b| {
             b.iter_custom(|iters| {

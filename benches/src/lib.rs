@@ -70,6 +70,15 @@ impl Mode {
             Mode::Concurrent => "concurrent",
         }
     }
+
+    /// Sends in flight: 1 (`seq`) or [`DEPTH`], the `depth` of the [`layer_side`]
+    /// functions.
+    pub fn depth(self) -> usize {
+        match self {
+            Mode::Seq => 1,
+            Mode::Concurrent => DEPTH,
+        }
+    }
 }
 
 /// The `p` quantile (0.0 ..= 1.0) of sorted durations.
