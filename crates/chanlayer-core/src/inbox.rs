@@ -463,6 +463,43 @@ impl LocalInbox {
         }
     }
 
+    /// [`deliver`](Self::deliver)s every envelope of `envelopes` in order, taking the lock
+    /// once for each run of channel envelopes (a transport thread that read a burst hands
+    /// it over in one go). A full channel drops its message and counts it in
+    /// `dropped_full`; a full group member is counted as in [`fan_out`](Self::fan_out).
+    pub fn deliver_all(
+        &self,
+        envelopes: &mut Vec<Envelope>,
+        groups: &GroupRegistry,
+        options: &LayerOptions,
+        stats: &Stats,
+    ) {
+        let mut full: Vec<String> = Vec::new();
+        let mut it = envelopes.drain(..).peekable();
+        while let Some(envelope) = it.next() {
+            if envelope.kind == Destination::Group {
+                let group = envelope.destination.clone();
+                self.fan_out(&group, envelope, groups.members(&group), options, stats);
+                continue;
+            }
+            let mut map = self.lock();
+            let mut next = Some(envelope);
+            while let Some(envelope) = next.take() {
+                let channel = envelope.destination.clone();
+                let capacity = options.capacity_for(&channel);
+                if let Err(Error::ChannelFull { .. }) =
+                    Self::push_locked(&mut map, &channel, envelope, capacity, stats)
+                {
+                    full.push(channel);
+                }
+                next = it.next_if(|e| e.kind == Destination::Channel);
+            }
+        }
+        for channel in full {
+            stats.record_dropped_full(&channel);
+        }
+    }
+
     /// Decodes bytes from the broker and [`deliver`](Self::deliver)s them. Bytes that are
     /// not an envelope are counted and skipped (`Ok(false)`), never an error. `source` names
     /// where they came from, for the log.
@@ -531,6 +568,34 @@ mod tests {
 
     fn seq_of(e: &Entry) -> u64 {
         e.envelope.clone().into_message().decode().expect("decode")
+    }
+
+    #[test]
+    fn deliver_all_keeps_order_fans_out_groups_and_counts_full_channels() {
+        let stats = Stats::default();
+        let options = LayerOptions {
+            capacity: 3,
+            ..LayerOptions::default()
+        };
+        let groups = GroupRegistry::new();
+        groups.add("g", "c", Duration::from_secs(60));
+        groups.add("g", "d", Duration::from_secs(60));
+        let inbox = LocalInbox::new();
+        let group_env = |i: u64| {
+            let m = Message::encode_as("t", &i, Codec::Bincode).expect("encode");
+            Envelope::seal(Destination::Group, "g", m, &options).expect("seal")
+        };
+        // c gets 0, 1 (channel), 2 (group), then 3 and 4 find it full; d gets the group's 2.
+        let mut batch = vec![env(0), env(1), group_env(2), env(3), env(4)];
+        inbox.deliver_all(&mut batch, &groups, &options, &stats);
+        assert!(batch.is_empty(), "everything was taken");
+        let c: Vec<u64> = (0..3)
+            .map(|_| seq_of(&inbox.try_take("c", &stats).expect("take")))
+            .collect();
+        assert_eq!(c, vec![0, 1, 2], "in order, the group copy in its place");
+        assert!(inbox.try_take("c", &stats).is_none());
+        assert_eq!(seq_of(&inbox.try_take("d", &stats).expect("take")), 2);
+        assert_eq!(stats.snapshot().dropped_full, 2);
     }
 
     #[test]

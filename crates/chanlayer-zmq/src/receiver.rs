@@ -258,6 +258,8 @@ struct State {
     last_reconcile: Instant,
     /// Probes answered (or given up): unsubscribed at the end of the loop turn.
     pending_unsubscribe: Vec<Vec<u8>>,
+    /// Envelopes accepted from the socket, handed to the inbox in one go per loop turn.
+    ready: Vec<Envelope>,
 }
 
 static MONITOR_N: AtomicU64 = AtomicU64::new(0);
@@ -339,6 +341,7 @@ fn run(
         probe_n: 0,
         last_reconcile: Instant::now(),
         pending_unsubscribe: Vec::new(),
+        ready: Vec::new(),
     };
     loop {
         let probing = st
@@ -377,6 +380,7 @@ fn run(
         st.drain_monitor(&monitor, &sub);
         st.drain_sub(&sub, 4096);
         st.timers(&sub);
+        st.hand_over();
     }
     st.shared.sync.outstanding.store(0, Ordering::SeqCst);
     st.shared.sync.gone.store(true, Ordering::SeqCst);
@@ -796,7 +800,9 @@ impl State {
                 // Otherwise a new publisher (a restart): a new sequence starts.
                 *e = Some(epoch);
                 *last = seq;
-                deliver(&self.shared, route, topic, &payload);
+                if let Some(env) = accept(&self.shared, route, topic, &payload) {
+                    self.ready.push(env);
+                }
                 false
             }
         };
@@ -888,8 +894,12 @@ impl State {
             tracing::debug!(topic = %wire::display(topic), lost, "messages lost while the connection was down");
         }
         for b in &buffered {
-            deliver(&self.shared, &route, topic, &b.payload);
+            if let Some(env) = accept(&self.shared, &route, topic, &b.payload) {
+                self.ready.push(env);
+            }
         }
+        // In the inbox before anyone waiting for this subscription hears of it.
+        self.hand_over();
         if let Some(sub) = self.subs.get_mut(topic) {
             sub.state = SubState::Live { epoch, last };
         }
@@ -906,6 +916,16 @@ impl State {
         for w in waiters {
             let _ = w.send(answer);
         }
+    }
+
+    /// Hands the accepted envelopes to the inbox (one lock per burst).
+    fn hand_over(&mut self) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let s = &self.shared;
+        s.inbox
+            .deliver_all(&mut self.ready, &s.groups, &s.options, &s.stats);
     }
 
     fn timers(&mut self, sock: &zmq::Socket) {
@@ -950,13 +970,14 @@ impl State {
     }
 }
 
-/// Decodes one envelope from the wire and hands it to the inbox (or counts why not).
-fn deliver(shared: &Shared, route: &Route, topic: &[u8], payload: &[u8]) {
+/// Decodes one envelope from the wire and checks that it belongs on `topic`, has not
+/// expired, and is for this instance; `None` (counted) if not.
+fn accept(shared: &Shared, route: &Route, topic: &[u8], payload: &[u8]) -> Option<Envelope> {
     let env = match Envelope::decode(payload) {
         Ok(e) => e,
         Err(e) => {
             shared.stats.record_undecodable(&wire::display(topic), &e);
-            return;
+            return None;
         }
     };
     let fits = match route {
@@ -975,18 +996,11 @@ fn deliver(shared: &Shared, route: &Route, topic: &[u8], payload: &[u8]) {
                 env.kind, env.destination
             ),
         );
-        return;
+        return None;
     }
     if env.is_expired_at(now_ms()) {
         shared.stats.record_expired(1);
-        return;
+        return None;
     }
-    match shared
-        .inbox
-        .deliver(env, &shared.groups, &shared.options, &shared.stats)
-    {
-        Ok(()) => {}
-        Err(Error::ChannelFull { channel, .. }) => shared.stats.record_dropped_full(&channel),
-        Err(e) => tracing::debug!(error = %e, "could not deliver a message"),
-    }
+    Some(env)
 }
