@@ -734,6 +734,9 @@ impl State {
                     self.on_data(&topic, epoch, seq, payload, false);
                 }
                 (2, Some((wire::META_MARK, _, token))) if frames[0][..] == self.inbox_topic[..] => {
+                    // What arrived before the mark is in the inbox before its waiter (a
+                    // barrier, a flush that then empties the inbox) hears of it.
+                    self.hand_over();
                     match self.marks.remove(&token) {
                         Some((done, _)) => {
                             let _ = done.send(());
