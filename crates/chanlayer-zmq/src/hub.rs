@@ -3,7 +3,8 @@
 //! from, the answers to subscription probes, and the counters.
 //!
 //! - Every data message gets the next sequence number of its topic and is published as
-//!   `[topic, meta, envelope]` (see [`crate::wire`]).
+//!   `[topic, meta, envelope]` (see [`crate::wire`]). Consecutive messages of one topic that
+//!   are queued together are published as one batch frame ([`Batch`]).
 //! - Messages of normal channels (`c:`) are **retained** (the last `retain` per topic, at
 //!   most `retain_for`, at most `retain_bytes` in all); messages of inboxes (`i:`) are
 //!   retained only when no subscriber was there to get them. Group messages are never
@@ -62,6 +63,9 @@ pub struct HubStats {
     pub flushed: u64,
     /// Messages sent again to late joiners (counted once per replayed copy).
     pub replayed: u64,
+    /// Batch frames published: each carried several consecutive messages of one topic
+    /// (counted in `forwarded` one by one).
+    pub batches: u64,
     /// Messages retained now.
     pub retained: u64,
     /// Bytes retained now.
@@ -79,6 +83,7 @@ pub(crate) struct HubCounters {
     undecodable: AtomicU64,
     flushed: AtomicU64,
     replayed: AtomicU64,
+    batches: AtomicU64,
     retained: AtomicU64,
     retained_bytes: AtomicU64,
     pending: AtomicU64,
@@ -98,6 +103,7 @@ impl HubCounters {
             undecodable: g(&self.undecodable),
             flushed: g(&self.flushed),
             replayed: g(&self.replayed),
+            batches: g(&self.batches),
             retained: g(&self.retained),
             retained_bytes: g(&self.retained_bytes),
             pending: g(&self.pending),
@@ -143,6 +149,63 @@ impl Payload {
             Payload::Bytes(b) => zmq::Message::from(b),
             Payload::Frame(m) => m,
         }
+    }
+}
+
+/// Consecutive data messages of one topic on their way to [`Hub::publish_batch`]: a
+/// publisher adds every message it takes from its queue and flushes before anything else
+/// (a mark, raw frames) and at the end of the queue, so the order on the wire is the order
+/// of the queue and nothing waits for a batch to fill.
+#[derive(Default)]
+pub(crate) struct Batch {
+    topic: Vec<u8>,
+    body: Vec<u8>,
+    count: u64,
+    /// The first message, kept whole: a batch of one is published as a plain data message.
+    first: Option<Payload>,
+}
+
+impl Batch {
+    /// Adds a message for `topic`, publishing what is batched first when the topic changes
+    /// or the batch is full. A message over [`wire::BATCH_ITEM_MAX`] is published alone.
+    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], payload: Payload) {
+        let len = payload.as_slice().len();
+        if len > wire::BATCH_ITEM_MAX {
+            self.flush(hub);
+            hub.publish(topic, payload);
+            return;
+        }
+        let batched = self.body.len() + self.first.as_ref().map_or(0, |f| 4 + f.as_slice().len());
+        if self.count > 0 && (self.topic != topic || batched + 4 + len > wire::BATCH_MAX_BYTES) {
+            self.flush(hub);
+        }
+        if self.count == 0 {
+            self.topic.clear();
+            self.topic.extend_from_slice(topic);
+            self.first = Some(payload);
+            self.count = 1;
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.body.reserve(8 * 1024);
+            wire::batch_push(&mut self.body, first.as_slice());
+        }
+        wire::batch_push(&mut self.body, payload.as_slice());
+        self.count += 1;
+    }
+
+    /// Publishes what is batched.
+    pub fn flush(&mut self, hub: &mut Hub) {
+        match (self.count, self.first.take()) {
+            (0, _) => {}
+            (_, Some(first)) => hub.publish(&self.topic, first),
+            (n, None) => {
+                let body = std::mem::take(&mut self.body);
+                hub.publish_batch(&self.topic, n, body);
+            }
+        }
+        self.count = 0;
+        self.body.clear();
     }
 }
 
@@ -264,6 +327,51 @@ impl Hub {
         if let Some(bytes) = kept {
             self.retain(key, seq, bytes, subscribed);
         }
+    }
+
+    /// Publishes `count` consecutive messages of `topic` as one batch frame; `body` holds
+    /// them as [`wire::batch_push`] wrote them. Each gets its own sequence number, is
+    /// retained on its own, and is counted on its own.
+    pub fn publish_batch(&mut self, topic: &[u8], count: u64, body: Vec<u8>) {
+        let Some(kind) = wire::data_topic_kind(topic) else {
+            add(&self.counters.undecodable, count);
+            add(&self.counters.received, count);
+            return;
+        };
+        let epoch = self.epoch;
+        let per_topic = self.retention.per_topic;
+        let state = self.state_mut(topic);
+        let first = state.seq + 1;
+        state.seq += count;
+        let subscribed = state.subscribed;
+        let key = state.key.clone();
+        let retain = per_topic > 0
+            && match kind {
+                TopicKind::Channel => true,
+                TopicKind::Inbox => !subscribed,
+                TopicKind::Group => false,
+            };
+        let kept: Vec<Vec<u8>> = if retain {
+            wire::batch_items(&body)
+                .unwrap_or_default()
+                .into_iter()
+                .map(<[u8]>::to_vec)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if subscribed {
+            add(&self.counters.forwarded, count);
+            add(&self.counters.batches, 1);
+            let meta = wire::meta(wire::META_BATCH, epoch, first);
+            self.send_frames([topic, &meta], zmq::Message::from(body));
+        } else if !retain {
+            add(&self.counters.dropped, count);
+        }
+        for (seq, bytes) in (first..).zip(kept) {
+            self.retain(key.clone(), seq, bytes, subscribed);
+        }
+        add(&self.counters.received, count);
     }
 
     /// Counts a message that is not chanlayer's (skipped).

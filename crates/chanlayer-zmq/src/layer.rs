@@ -96,6 +96,24 @@ impl Inner {
         }
     }
 
+    /// Queues one data message for the socket thread (no batch to build: the common case).
+    fn publish_one(
+        &self,
+        topic: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> Result<std::result::Result<(), Refused>> {
+        match &*self.outbound()? {
+            Outbound::Embedded {
+                bind: BindPolicy::Never,
+                ..
+            } => self.publish(vec![(topic, payload)]),
+            Outbound::Embedded { endpoint, .. } => Ok(endpoint
+                .publisher()?
+                .push(PubCmd::Publish { topic, payload })),
+            Outbound::Dedicated(s) => Ok(s.push(Out::Data { topic, payload })),
+        }
+    }
+
     /// Queues data messages for the socket thread (all or none).
     fn publish(&self, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<std::result::Result<(), Refused>> {
         match &*self.outbound()? {
@@ -326,7 +344,7 @@ impl ZmqLayer {
             .channel_topic(channel)
             .ok_or_else(|| Error::InvalidMessage(format!("{channel:?} names no layer instance")))?;
         inner
-            .publish(vec![(topic, bytes)])?
+            .publish_one(topic, bytes)?
             .map_err(|r| refused(r, channel, inner.cfg.send_queue))
     }
 
@@ -401,7 +419,7 @@ impl ZmqLayer {
             return Ok(());
         };
         inner
-            .publish(vec![(topic, env.encode())])?
+            .publish_one(topic, env.encode())?
             .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
         inner.shared.stats.record_sent(1);
         Ok(())

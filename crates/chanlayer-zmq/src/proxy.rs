@@ -15,7 +15,7 @@ use chanlayer_core::{Error, Result};
 
 use crate::bridge::{context, lock, zmq_err, Mailbox};
 use crate::config::{check_endpoint, curve_available, curve_missing};
-use crate::hub::{Hub, HubCounters, HubStats, Payload, Retention};
+use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload, Retention};
 use crate::wire;
 use crate::BACKEND;
 
@@ -253,6 +253,7 @@ fn run(config: ProxyConfig, mailbox: Arc<Mailbox<()>>, counters: Arc<HubCounters
     let _ = ready.send(Ok((p, x)));
     let mut hub = Hub::new(xpub, config.retention, counters);
     let mut frames: VecDeque<zmq::Message> = VecDeque::with_capacity(4);
+    let mut run = Batch::default();
     loop {
         {
             let mut items = [
@@ -276,9 +277,10 @@ fn run(config: ProxyConfig, mailbox: Arc<Mailbox<()>>, counters: Arc<HubCounters
             if !read_one(&pull, &mut frames) {
                 break;
             }
-            dispatch(&mut hub, &mut frames);
+            dispatch(&mut hub, &mut run, &mut frames);
             frames.clear();
         }
+        run.flush(&mut hub);
         hub.tick();
     }
 }
@@ -314,15 +316,36 @@ fn read_one(pull: &zmq::Socket, frames: &mut VecDeque<zmq::Message>) -> bool {
     true
 }
 
-fn dispatch(hub: &mut Hub, frames: &mut VecDeque<zmq::Message>) {
+/// Publishes one message from a sender: data (alone or a batch) joins the run of its topic;
+/// anything else first publishes the run, so the order of what a sender sent is kept.
+fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut VecDeque<zmq::Message>) {
     let n = frames.len();
     let first: &[u8] = frames.front().map_or(&[], |f| &f[..]);
     if n == 2 && wire::data_topic_kind(first).is_some() {
         let topic = frames.pop_front().expect("two frames");
         let payload = frames.pop_front().expect("two frames");
-        hub.publish(&topic, Payload::Frame(payload));
+        run.add(hub, &topic, Payload::Frame(payload));
         return;
     }
+    if n == 3
+        && wire::data_topic_kind(first).is_some()
+        && matches!(wire::parse_meta(&frames[1]), Some((wire::META_BATCH, _, _)))
+    {
+        match wire::batch_items(&frames[2]) {
+            Some(items) => {
+                for item in items {
+                    run.add(hub, first, Payload::Bytes(item.to_vec()));
+                }
+            }
+            None => {
+                tracing::debug!(topic = %wire::display(first), "the proxy skipped a malformed batch");
+                run.flush(hub);
+                hub.reject(); // one message: its items cannot be told apart
+            }
+        }
+        return;
+    }
+    run.flush(hub);
     if n == 4 && first == wire::MARK_CONTROL {
         let rest: Vec<&[u8]> = frames.iter().skip(1).map(|f| &f[..]).collect();
         if let Some((reply, token, prefix)) = wire::parse_mark_control(&rest) {

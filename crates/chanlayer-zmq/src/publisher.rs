@@ -20,7 +20,7 @@ use chanlayer_core::{Error, Result};
 
 use crate::bridge::{context, lock, zmq_err, Mailbox, Refused};
 use crate::config::ZmqConfig;
-use crate::hub::{Hub, HubCounters, HubStats, Payload};
+use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload};
 use crate::receiver::ReceiverSync;
 use crate::BACKEND;
 
@@ -290,6 +290,7 @@ fn run(
     let warm_until = Instant::now() + cfg.connect_timeout;
     let mut warm = false;
     let mut batch = VecDeque::new();
+    let mut run = Batch::default();
     loop {
         let timeout = if !warm {
             5
@@ -313,9 +314,7 @@ fn run(
             // `linger` to the subscribers that are there.
             hub.drain_subscriptions();
             batch.extend(mailbox.take_all());
-            for cmd in batch.drain(..) {
-                execute(&mut hub, cmd);
-            }
+            execute_all(&mut hub, &mut batch, &mut run);
             break;
         }
         hub.drain_subscriptions();
@@ -326,12 +325,24 @@ fn run(
             }
         }
         mailbox.take_some(1024, &mut batch);
-        for cmd in batch.drain(..) {
-            execute(&mut hub, cmd);
-        }
+        execute_all(&mut hub, &mut batch, &mut run);
         hub.tick();
     }
     tracing::debug!(%address, "embedded publisher stopped");
+}
+
+/// Executes the queued commands in order, consecutive messages of a topic as batches.
+fn execute_all(hub: &mut Hub, cmds: &mut VecDeque<PubCmd>, run: &mut Batch) {
+    for cmd in cmds.drain(..) {
+        match cmd {
+            PubCmd::Publish { topic, payload } => run.add(hub, &topic, Payload::Bytes(payload)),
+            other => {
+                run.flush(hub);
+                execute(hub, other);
+            }
+        }
+    }
+    run.flush(hub);
 }
 
 fn execute(hub: &mut Hub, cmd: PubCmd) {

@@ -217,6 +217,29 @@ struct Buffered {
     payload: zmq::Message,
 }
 
+/// One message's envelope bytes: a whole frame, or an item of a batch frame.
+enum Piece<'a> {
+    Frame(zmq::Message),
+    Item(&'a [u8]),
+}
+
+impl Piece<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Piece::Frame(m) => m,
+            Piece::Item(b) => b,
+        }
+    }
+
+    /// Owned, to be held back while a probe is outstanding (rare: copies an item).
+    fn into_message(self) -> zmq::Message {
+        match self {
+            Piece::Frame(m) => m,
+            Piece::Item(b) => zmq::Message::from(b),
+        }
+    }
+}
+
 enum SubState {
     /// Waiting for the publisher's answer; messages are held back meanwhile.
     Probing {
@@ -731,7 +754,15 @@ impl State {
                 (3, Some((wire::META_DATA, epoch, seq))) => {
                     let payload = frames.pop().expect("the message has three frames");
                     let topic = frames.swap_remove(0);
-                    self.on_data(&topic, epoch, seq, payload, false);
+                    self.on_data(&topic, epoch, seq, Piece::Frame(payload), false);
+                }
+                (3, Some((wire::META_BATCH, epoch, first))) => {
+                    let body = frames.pop().expect("the message has three frames");
+                    let topic = frames.swap_remove(0);
+                    match wire::batch_items(&body) {
+                        Some(items) => self.on_batch(&topic, epoch, first, &items),
+                        None => self.garbage(&topic, "a malformed batch"),
+                    }
                 }
                 (2, Some((wire::META_MARK, _, token))) if frames[0][..] == self.inbox_topic[..] => {
                     // What arrived before the mark is in the inbox before its waiter (a
@@ -751,7 +782,7 @@ impl State {
             Dest::Probe(of) => match (n, meta) {
                 (3, Some((wire::META_DATA, epoch, seq))) => {
                     let payload = frames.pop().expect("the message has three frames");
-                    self.on_data(&of, epoch, seq, payload, true);
+                    self.on_data(&of, epoch, seq, Piece::Frame(payload), true);
                 }
                 (2, Some((wire::META_WELCOME, epoch, seq))) => {
                     self.release(&of, Some((epoch, seq)));
@@ -764,14 +795,44 @@ impl State {
         }
     }
 
-    fn on_data(
-        &mut self,
-        topic: &[u8],
-        epoch: u64,
-        seq: u64,
-        payload: zmq::Message,
-        replayed: bool,
-    ) {
+    /// A batch frame: the messages `first`, `first + 1`, ... of `topic`. A live topic takes
+    /// them in one go (one lookup, one sequence check); otherwise each goes through
+    /// [`State::on_data`].
+    fn on_batch(&mut self, topic: &[u8], epoch: u64, first: u64, items: &[&[u8]]) {
+        if let Some(Sub {
+            route,
+            state: SubState::Live { epoch: e, last },
+        }) = self.subs.get_mut(topic)
+        {
+            let end = first + items.len() as u64 - 1;
+            let mut skip = 0usize;
+            if *e == Some(epoch) {
+                if end <= *last {
+                    return; // seen already
+                }
+                if first > *last + 1 {
+                    let gap = first - *last - 1;
+                    self.shared.transport.lost.fetch_add(gap, Ordering::Relaxed);
+                    tracing::debug!(topic = %wire::display(topic), gap, "messages lost on the way (a gap in the topic's sequence)");
+                } else {
+                    skip = usize::try_from(*last + 1 - first).unwrap_or(items.len());
+                }
+            }
+            *e = Some(epoch);
+            *last = end;
+            for item in &items[skip.min(items.len())..] {
+                if let Some(env) = accept(&self.shared, route, topic, item) {
+                    self.ready.push(env);
+                }
+            }
+            return;
+        }
+        for (seq, item) in (first..).zip(items) {
+            self.on_data(topic, epoch, seq, Piece::Item(item), false);
+        }
+    }
+
+    fn on_data(&mut self, topic: &[u8], epoch: u64, seq: u64, payload: Piece<'_>, replayed: bool) {
         let max_buffered = self.max_buffered;
         let Some(Sub { route, state }) = self.subs.get_mut(topic) else {
             return;
@@ -782,7 +843,7 @@ impl State {
                     epoch,
                     seq,
                     replayed,
-                    payload,
+                    payload: payload.into_message(),
                 });
                 buffered.len() > max_buffered
             }
@@ -803,7 +864,7 @@ impl State {
                 // Otherwise a new publisher (a restart): a new sequence starts.
                 *e = Some(epoch);
                 *last = seq;
-                if let Some(env) = accept(&self.shared, route, topic, &payload) {
+                if let Some(env) = accept(&self.shared, route, topic, payload.as_slice()) {
                     self.ready.push(env);
                 }
                 false

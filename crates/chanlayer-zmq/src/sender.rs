@@ -15,6 +15,7 @@ use chanlayer_core::{Error, Result};
 
 use crate::bridge::{context, lock, zmq_err, Mailbox, Refused};
 use crate::config::ZmqConfig;
+use crate::wire;
 use crate::BACKEND;
 
 /// One message for the proxy, as frames.
@@ -23,6 +24,45 @@ pub(crate) enum Out {
     Data { topic: Vec<u8>, payload: Vec<u8> },
     /// Control or raw frames, sent as they are.
     Frames(Vec<Vec<u8>>),
+    /// `[topic, meta(BATCH, 0, count), items]`: consecutive data messages of one topic
+    /// (made by [`next_out`] from what is queued).
+    Batch {
+        topic: Vec<u8>,
+        meta: [u8; wire::META_LEN],
+        body: Vec<u8>,
+    },
+}
+
+/// Takes the next message to send: consecutive small data messages of one topic at the
+/// front of `pending` become one batch (see [`crate::wire`]).
+fn next_out(pending: &mut VecDeque<Out>) -> Option<Out> {
+    fn joins(next: Option<&Out>, topic: &[u8], batched: usize) -> bool {
+        matches!(next, Some(Out::Data { topic: t, payload: p })
+            if t[..] == topic[..]
+                && p.len() <= wire::BATCH_ITEM_MAX
+                && batched + 4 + p.len() <= wire::BATCH_MAX_BYTES)
+    }
+    let first = pending.pop_front()?;
+    let Out::Data { topic, payload } = first else {
+        return Some(first);
+    };
+    if payload.len() > wire::BATCH_ITEM_MAX || !joins(pending.front(), &topic, 4 + payload.len()) {
+        return Some(Out::Data { topic, payload });
+    }
+    let mut body = Vec::with_capacity(8 * 1024);
+    wire::batch_push(&mut body, &payload);
+    let mut count = 1u64;
+    while joins(pending.front(), &topic, body.len()) {
+        if let Some(Out::Data { payload, .. }) = pending.pop_front() {
+            wire::batch_push(&mut body, &payload);
+            count += 1;
+        }
+    }
+    Some(Out::Batch {
+        topic,
+        meta: wire::meta(wire::META_BATCH, 0, count),
+        body,
+    })
 }
 
 /// The handle on the PUSH thread.
@@ -98,7 +138,9 @@ fn setup(cfg: &ZmqConfig, pull: &str) -> Result<zmq::Socket> {
 /// high-water mark (nothing of it was sent).
 fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
     let first = match &out {
-        Out::Data { topic, .. } => push.send(&topic[..], zmq::DONTWAIT | zmq::SNDMORE),
+        Out::Data { topic, .. } | Out::Batch { topic, .. } => {
+            push.send(&topic[..], zmq::DONTWAIT | zmq::SNDMORE)
+        }
         Out::Frames(frames) => match frames.split_first() {
             None => return Ok(()),
             Some((f, rest)) => {
@@ -119,6 +161,9 @@ fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
     // refused for the high-water mark (it counts whole messages).
     let rest = match out {
         Out::Data { payload, .. } => push.send(payload, 0),
+        Out::Batch { meta, body, .. } => push
+            .send(&meta[..], zmq::SNDMORE)
+            .and_then(|()| push.send(body, 0)),
         Out::Frames(frames) => {
             let n = frames.len();
             frames
@@ -177,7 +222,7 @@ fn run(
             // Hand over what is queued while the socket takes it; what it took goes out
             // within `linger`, the rest is lost with the layer.
             pending.extend(mailbox.take_all());
-            while let Some(out) = pending.pop_front() {
+            while let Some(out) = next_out(&mut pending) {
                 if try_send(&push, out).is_err() {
                     tracing::debug!(
                         left = pending.len() + 1,
@@ -191,7 +236,7 @@ fn run(
         if pending.is_empty() {
             mailbox.take_some(1024, &mut pending);
         }
-        while let Some(out) = pending.pop_front() {
+        while let Some(out) = next_out(&mut pending) {
             if let Err(back) = try_send(&push, out) {
                 pending.push_front(back);
                 break;

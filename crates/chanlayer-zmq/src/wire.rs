@@ -18,6 +18,8 @@
 //!
 //! ```text
 //! data:     [topic, meta(DATA, epoch, seq), envelope]      seq counts per topic from 1
+//! batch:    [topic, meta(BATCH, epoch, seq), items]        consecutive messages of the
+//!                                                          topic, seq, seq+1, ...
 //! welcome:  [probe, meta(WELCOME, epoch, seq)]             seq = the topic's current seq
 //! replay:   [probe, meta(DATA, epoch, seq), envelope]      retained messages, before welcome
 //! mark:     [inbox topic, meta(MARK, epoch, token)]        the answer to a control mark
@@ -27,8 +29,17 @@
 //!
 //! ```text
 //! data:     [topic, envelope]
+//! batch:    [topic, meta(BATCH, 0, count), items]
 //! control:  [b"x:mark\0", reply topic, token (8 bytes LE), flush prefix (may be empty)]
 //! ```
+//!
+//! `items` is a **batch**: each envelope preceded by its length (u32 little-endian). Under
+//! load a sender or publisher finds several messages of one topic queued one after the
+//! other; it sends them as one ZeroMQ message, so the per-message costs of ZeroMQ (the
+//! subscription match, the pipes, the I/O thread) are paid once per batch. A batch holds at
+//! most [`BATCH_MAX_BYTES`] of items, each at most [`BATCH_ITEM_MAX`] bytes; a larger
+//! envelope always travels alone, and a message with nothing queued behind it travels alone
+//! as `data` (no added latency: a batch is what is queued already, nothing waits for more).
 //!
 //! The meta frame is 17 bytes: a kind byte, the publisher's epoch (random per publisher
 //! start, u64 little-endian) and a sequence number (u64 little-endian). Receivers use
@@ -53,6 +64,8 @@ pub const META_DATA: u8 = 1;
 pub const META_WELCOME: u8 = 2;
 /// Meta kind: the answer to a control mark (barrier).
 pub const META_MARK: u8 = 3;
+/// Meta kind: a batch of consecutive messages of the topic (see [`batch_items`]).
+pub const META_BATCH: u8 = 4;
 /// Length of the meta frame.
 pub const META_LEN: usize = 17;
 
@@ -179,7 +192,7 @@ pub fn parse_meta(frame: &[u8]) -> Option<(u8, u64, u64)> {
         return None;
     }
     let kind = frame[0];
-    if !(META_DATA..=META_MARK).contains(&kind) {
+    if !(META_DATA..=META_BATCH).contains(&kind) {
         return None;
     }
     let mut e = [0u8; 8];
@@ -187,6 +200,37 @@ pub fn parse_meta(frame: &[u8]) -> Option<(u8, u64, u64)> {
     let mut s = [0u8; 8];
     s.copy_from_slice(&frame[9..17]);
     Some((kind, u64::from_le_bytes(e), u64::from_le_bytes(s)))
+}
+
+/// The largest envelope that goes into a batch; a larger one travels alone (copying it into
+/// a batch would cost more than the per-message overhead a batch saves).
+pub const BATCH_ITEM_MAX: usize = 16 * 1024;
+/// The most item bytes (with their length prefixes) one batch carries.
+pub const BATCH_MAX_BYTES: usize = 128 * 1024;
+
+/// Appends one item (its length, then its bytes) to a batch body. Items are at most
+/// [`BATCH_ITEM_MAX`] bytes, so the length always fits.
+pub fn batch_push(body: &mut Vec<u8>, item: &[u8]) {
+    let len = u32::try_from(item.len()).unwrap_or(u32::MAX);
+    body.extend_from_slice(&len.to_le_bytes());
+    body.extend_from_slice(item);
+}
+
+/// Splits a batch body into its items; `None` if it is empty, or a length runs past the end.
+pub fn batch_items(body: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut items = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+        if len > tail.len() {
+            return None;
+        }
+        let (item, tail) = tail.split_at(len);
+        items.push(item);
+        rest = tail;
+    }
+    (!items.is_empty()).then_some(items)
 }
 
 /// A control mark for the proxy: publish a MARK with `token` on `reply_topic`, after
@@ -289,6 +333,28 @@ mod tests {
         let mut bad = m;
         bad[0] = 9;
         assert_eq!(parse_meta(&bad), None);
+    }
+
+    #[test]
+    fn batches_round_trip_and_reject_truncation() {
+        let mut body = Vec::new();
+        for item in [&b"one"[..], b"", b"three"] {
+            batch_push(&mut body, item);
+        }
+        assert_eq!(
+            batch_items(&body),
+            Some(vec![&b"one"[..], &b""[..], &b"three"[..]])
+        );
+        for cut in 1..body.len() {
+            if cut == 7 || cut == 11 {
+                continue; // a whole number of items
+            }
+            assert_eq!(batch_items(&body[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(batch_items(b""), None);
+        assert_eq!(batch_items(&[0xff, 0xff, 0xff, 0xff, 1]), None);
+        let m = meta(META_BATCH, 1, 2);
+        assert_eq!(parse_meta(&m), Some((META_BATCH, 1, 2)));
     }
 
     #[test]

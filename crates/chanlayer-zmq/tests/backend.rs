@@ -162,6 +162,129 @@ async fn gaps_in_a_topic_sequence_are_counted_as_lost() {
     quiet(&layer, &me).await;
 }
 
+fn batch(items: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for i in items {
+        wire::batch_push(&mut body, i);
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_frames_deliver_in_order_skip_seen_and_count_gaps_and_garbage() {
+    let endpoint = ipc_endpoint(&ns());
+    let fake = FakePublisher::start(&endpoint, true);
+    let prefix = ns();
+    let layer = connect(&format!("zmq://{endpoint}?bind=never&{FAST}"), &prefix)
+        .await
+        .expect("connect");
+    let me = layer.new_channel("me").await.expect("new_channel");
+    let inbox = wire::inbox_topic(&prefix, layer.instance_id());
+    let env = |i: u64| envelope(Destination::Channel, &me, i);
+    let frame = |first: u64, body: Vec<u8>| {
+        vec![
+            inbox.clone(),
+            wire::meta(wire::META_BATCH, common::FAKE_EPOCH, first).to_vec(),
+            body,
+        ]
+    };
+    let undecodable = layer.stats().undecodable;
+    // seq 1-3; then 3-5 (3 seen already); then 8-9 (6 and 7 lost); then a batch whose
+    // second item is garbage (seq 10-12); then a body that is not a batch; then 13 alone.
+    fake.publish(frame(1, batch(&[env(1), env(2), env(3)])));
+    fake.publish(frame(3, batch(&[env(3), env(4), env(5)])));
+    fake.publish(frame(8, batch(&[env(8), env(9)])));
+    fake.publish(frame(10, batch(&[env(10), b"garbage".to_vec(), env(12)])));
+    fake.publish(frame(13, vec![200, 0, 0, 0, 1, 2]));
+    fake.data(&inbox, 14, env(14));
+    for want in [1, 2, 3, 4, 5, 8, 9, 10, 12, 14] {
+        assert_eq!(seq(&recv(&layer, &me).await), want, "in order, each once");
+    }
+    // 6 and 7 never came; nor did 13, as far as the receiver can tell: a malformed batch
+    // says where it starts, not how many messages it held.
+    assert_eq!(layer.transport_stats().lost, 3, "6, 7 and 13");
+    assert_eq!(
+        layer.stats().undecodable,
+        undecodable + 2,
+        "the garbage item and the malformed batch"
+    );
+    quiet(&layer, &me).await;
+}
+
+/// Sends `n` numbered messages in one `send_batch` (queued together, so the publisher finds
+/// them one after the other) and receives them in order (the channel's capacity must hold
+/// `n`).
+async fn burst(sender: &ZmqLayer, receiver: &ZmqLayer, ch: &str, n: u64) {
+    sender
+        .send_batch(ch, (0..n).map(msg).collect())
+        .await
+        .expect("send_batch");
+    for i in 0..n {
+        let got = tokio::time::timeout(common::DEADLINE, receiver.receive(ch)).await;
+        let Ok(got) = got else {
+            panic!(
+                "message {i} did not arrive: {:?} {:?}",
+                receiver.stats(),
+                receiver.transport_stats()
+            );
+        };
+        assert_eq!(seq(&got.expect("receive")), i, "in order");
+    }
+    assert_eq!(receiver.transport_stats().lost, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_travels_in_batches_embedded() {
+    let url = format!(
+        "zmq://tcp://127.0.0.1:{}?bind=eager&capacity=1000&{FAST}",
+        free_port()
+    );
+    let prefix = ns();
+    let layer = connect(&url, &prefix).await.expect("connect");
+    let me = layer.new_channel("me").await.expect("new_channel");
+    burst(&layer, &layer, &me, 500).await;
+    let stats = layer
+        .publisher_stats()
+        .expect("this process binds the publisher");
+    assert!(
+        stats.batches >= 1,
+        "no batch frame was published: {stats:?}"
+    );
+    assert!(stats.batches < 500, "{stats:?}");
+    assert_eq!(stats.forwarded, stats.received, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_travels_in_batches_through_the_proxy() {
+    let proxy = common::proxy();
+    let url = format!("{}&capacity=1000&{FAST}", proxy.url());
+    let prefix = ns();
+    let sender = connect(&url, &prefix).await.expect("sender");
+    let receiver = connect(&url, &prefix).await.expect("receiver");
+    let ch = receiver.new_channel("me").await.expect("new_channel");
+    burst(&sender, &receiver, &ch, 500).await;
+    // Large messages travel alone, in order with the small ones around them.
+    let big = Message::new(
+        "test.big",
+        Codec::Bincode,
+        vec![7u8; wire::BATCH_ITEM_MAX + 1],
+    );
+    let batch_of_mixed = vec![msg(1), big.clone(), msg(2)];
+    sender
+        .send_batch(&ch, batch_of_mixed)
+        .await
+        .expect("send_batch");
+    assert_eq!(seq(&recv(&receiver, &ch).await), 1);
+    assert_eq!(recv(&receiver, &ch).await.body(), big.body());
+    assert_eq!(seq(&recv(&receiver, &ch).await), 2);
+    let stats = proxy.stats();
+    assert!(
+        stats.batches >= 1,
+        "no batch frame was published: {stats:?}"
+    );
+    assert_eq!(stats.received, 503, "{stats:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_that_never_answers_makes_group_add_time_out() {
     let endpoint = ipc_endpoint(&ns());
@@ -185,7 +308,7 @@ async fn a_publisher_that_never_answers_makes_group_add_time_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiners_get_the_retained_messages_once_and_in_order() {
     let proxy = common::proxy();
-    let url = format!("{}&{FAST}", proxy.url());
+    let url = format!("{}&capacity=1000&{FAST}", proxy.url());
     let prefix = ns();
     let sender = connect(&url, &prefix).await.expect("sender");
     let ch = format!("{prefix}.news");
@@ -296,6 +419,11 @@ async fn garbage_sent_to_the_proxy_is_counted_there_and_at_the_receivers() {
         ],
         vec![b"x:mark\0".to_vec(), b"short".to_vec()],
         (0..10).map(|i| vec![i]).collect(),
+        vec![
+            wire::channel_topic(&prefix, "a"),
+            wire::meta(wire::META_BATCH, 0, 1).to_vec(),
+            vec![9, 0, 0, 0, 1],
+        ], // a batch whose item runs past the end
     ];
     let n = frames.len() as u64;
     for f in frames {
