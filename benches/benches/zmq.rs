@@ -197,8 +197,15 @@ impl LayerMode {
             .iter()
             .map(|l| l.stats().dropped_full)
             .sum();
+        let batching = match self.layer.publisher_stats() {
+            Some(h) => format!(
+                "; the publisher forwarded {} messages, {} of them in {} batch frames",
+                h.forwarded, h.batched, h.batches
+            ),
+            None => String::new(),
+        };
         println!(
-            "zmq {}: {} messages sent and received, {lost} lost (transport_stats().lost), {dropped} dropped for capacity",
+            "zmq {}: {} messages sent and received, {lost} lost (transport_stats().lost), {dropped} dropped for capacity{batching}",
             self.name,
             self.moved.load(Ordering::Relaxed),
         );

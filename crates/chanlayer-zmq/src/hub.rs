@@ -66,6 +66,8 @@ pub struct HubStats {
     /// Batch frames published: each carried several consecutive messages of one topic
     /// (counted in `forwarded` one by one).
     pub batches: u64,
+    /// Messages that travelled in batch frames (`batched / batches` is the mean batch size).
+    pub batched: u64,
     /// Messages retained now.
     pub retained: u64,
     /// Bytes retained now.
@@ -84,6 +86,7 @@ pub(crate) struct HubCounters {
     flushed: AtomicU64,
     replayed: AtomicU64,
     batches: AtomicU64,
+    batched: AtomicU64,
     retained: AtomicU64,
     retained_bytes: AtomicU64,
     pending: AtomicU64,
@@ -104,6 +107,7 @@ impl HubCounters {
             flushed: g(&self.flushed),
             replayed: g(&self.replayed),
             batches: g(&self.batches),
+            batched: g(&self.batched),
             retained: g(&self.retained),
             retained_bytes: g(&self.retained_bytes),
             pending: g(&self.pending),
@@ -363,6 +367,7 @@ impl Hub {
         if subscribed {
             add(&self.counters.forwarded, count);
             add(&self.counters.batches, 1);
+            add(&self.counters.batched, count);
             let meta = wire::meta(wire::META_BATCH, epoch, first);
             self.send_frames([topic, &meta], zmq::Message::from(body));
         } else if !retain {

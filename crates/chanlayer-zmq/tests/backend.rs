@@ -250,7 +250,10 @@ async fn a_burst_travels_in_batches_embedded() {
         stats.batches >= 1,
         "no batch frame was published: {stats:?}"
     );
-    assert!(stats.batches < 500, "{stats:?}");
+    assert_eq!(
+        stats.batched, 500,
+        "queued together, all 500 travel in batches: {stats:?}"
+    );
     assert_eq!(stats.forwarded, stats.received, "{stats:?}");
 }
 
@@ -283,6 +286,10 @@ async fn a_burst_travels_in_batches_through_the_proxy() {
         "no batch frame was published: {stats:?}"
     );
     assert_eq!(stats.received, 503, "{stats:?}");
+    assert_eq!(
+        stats.batched, 500,
+        "the burst in batches, the last three alone: {stats:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
