@@ -391,8 +391,8 @@ impl AmqpLayer {
         let inner = &self.inner;
         inner.closed.check()?;
         names::validate_channel(channel)?;
-        let env = Envelope::seal(Destination::Channel, channel, message, &inner.options)?;
-        let payload = env.encode();
+        let payload =
+            Envelope::seal_encoded(Destination::Channel, channel, message, &inner.options)?;
         if names::is_process_local(channel) {
             let Some(owner) = names::owner_instance(channel) else {
                 inner.stats.record_undeliverable(channel);
@@ -518,12 +518,12 @@ impl AmqpLayer {
         let inner = &self.inner;
         inner.closed.check()?;
         names::validate_group(group)?;
-        let env = Envelope::seal(Destination::Group, group, message, &inner.options)?;
+        let payload = Envelope::seal_encoded(Destination::Group, group, message, &inner.options)?;
         let c = inner
             .publish(
                 &inner.names.groups_exchange,
                 group,
-                &env.encode(),
+                &payload,
                 inner.persistent.clone(),
                 false,
             )

@@ -170,6 +170,30 @@ impl Envelope {
         })
     }
 
+    /// [`Envelope::seal`] and [`Envelope::encode`] in one step, for a sender that needs only
+    /// the bytes: the same checks and the same bytes, without copying `destination` into
+    /// an owned envelope first.
+    pub fn seal_encoded(
+        kind: Destination,
+        destination: &str,
+        message: Message,
+        options: &LayerOptions,
+    ) -> Result<Vec<u8>> {
+        let env = Self::seal_unaddressed(kind, destination, message, options)?;
+        Ok(EnvelopeRef {
+            id: env.id,
+            kind: env.kind,
+            destination,
+            sent_at_ms: env.sent_at_ms,
+            expires_at_ms: env.expires_at_ms,
+            msg_type: &env.msg_type,
+            codec: env.codec,
+            headers: &env.headers,
+            body: &env.body,
+        }
+        .encode())
+    }
+
     /// `true` once `now_ms` is at or past the expiry.
     pub fn is_expired_at(&self, now_ms: u64) -> bool {
         now_ms >= self.expires_at_ms
@@ -186,15 +210,18 @@ impl Envelope {
 
     /// Encodes for the wire.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + self.destination.len() + 64);
-        out.extend_from_slice(&MAGIC);
-        out.push(FORMAT_VERSION);
-        // Encoding a plain struct of strings, integers, a map and bytes into a Vec cannot
-        // fail; fall back to an empty (undecodable) frame rather than panic if it ever did.
-        if bincode::serde::encode_into_std_write(self, &mut out, bincode_config()).is_err() {
-            out.truncate(MAGIC.len() + 1);
+        EnvelopeRef {
+            id: self.id,
+            kind: self.kind,
+            destination: &self.destination,
+            sent_at_ms: self.sent_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            msg_type: &self.msg_type,
+            codec: self.codec,
+            headers: &self.headers,
+            body: &self.body,
         }
-        out
+        .encode()
     }
 
     /// Decodes bytes from the wire.
@@ -225,6 +252,37 @@ impl Envelope {
             )));
         }
         Ok(env)
+    }
+}
+
+/// An [`Envelope`] by reference, field for field in the same order and types: it encodes
+/// to the same bytes (the one encoder of the wire format).
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    id: MessageId,
+    kind: Destination,
+    destination: &'a str,
+    sent_at_ms: u64,
+    expires_at_ms: u64,
+    msg_type: &'a str,
+    codec: u8,
+    headers: &'a Headers,
+    #[serde(with = "serde_bytes")]
+    body: &'a [u8],
+}
+
+impl EnvelopeRef<'_> {
+    fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(self.body.len() + self.destination.len() + self.msg_type.len() + 64);
+        out.extend_from_slice(&MAGIC);
+        out.push(FORMAT_VERSION);
+        // Encoding a plain struct of strings, integers, a map and bytes into a Vec cannot
+        // fail; fall back to an empty (undecodable) frame rather than panic if it ever did.
+        if bincode::serde::encode_into_std_write(self, &mut out, bincode_config()).is_err() {
+            out.truncate(MAGIC.len() + 1);
+        }
+        out
     }
 }
 
@@ -269,6 +327,34 @@ mod tests {
         let mut huge = b"CL\x01".to_vec();
         huge.extend_from_slice(&[0xff; 32]);
         assert!(Envelope::decode(&huge).is_err());
+    }
+
+    #[test]
+    fn seal_encoded_is_seal_then_encode() {
+        let msg = Message::encode_as("t.x", &"hello", Codec::Json)
+            .unwrap()
+            .with_header("traceparent", "00-abc");
+        let bytes = Envelope::seal_encoded(
+            Destination::Group,
+            "room",
+            msg.clone(),
+            &LayerOptions::default(),
+        )
+        .unwrap();
+        let env = Envelope::decode(&bytes).unwrap();
+        assert_eq!(env.destination, "room");
+        assert_eq!(env.kind, Destination::Group);
+        assert_eq!(env.encode(), bytes, "the same bytes as encode");
+        assert_eq!(env.into_message(), msg);
+        let too_big = Message::new("t", Codec::Bincode, vec![0; 100]);
+        let small = LayerOptions {
+            max_message_size: 50,
+            ..LayerOptions::default()
+        };
+        assert!(matches!(
+            Envelope::seal_encoded(Destination::Channel, "c", too_big, &small),
+            Err(Error::MessageTooLarge { .. })
+        ));
     }
 
     #[test]

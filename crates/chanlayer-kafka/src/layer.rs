@@ -423,8 +423,8 @@ impl KafkaLayer {
         let inner = &self.inner;
         inner.closed.check()?;
         names::validate_channel(channel)?;
-        let env = Envelope::seal(Destination::Channel, channel, message, &inner.options)?;
-        let payload = env.encode();
+        let payload =
+            Envelope::seal_encoded(Destination::Channel, channel, message, &inner.options)?;
         if names::is_process_local(channel) {
             if !inner.send_local(channel, &payload).await? {
                 inner.stats.record_undeliverable(channel);
@@ -542,8 +542,7 @@ impl KafkaLayer {
         let inner = &self.inner;
         inner.closed.check()?;
         names::validate_group(group)?;
-        let env = Envelope::seal(Destination::Group, group, message, &inner.options)?;
-        let payload = env.encode();
+        let payload = Envelope::seal_encoded(Destination::Group, group, message, &inner.options)?;
         inner
             .sender
             .send(&inner.names.groups, Some(group.as_bytes()), &payload)

@@ -408,7 +408,7 @@ impl ZmqLayer {
         let inner = &self.inner;
         inner.shared.closed.check()?;
         names::validate_channel(channel)?;
-        let env = Envelope::seal(
+        let payload = Envelope::seal_encoded(
             Destination::Channel,
             channel,
             message,
@@ -419,7 +419,7 @@ impl ZmqLayer {
             return Ok(());
         };
         inner
-            .publish_one(topic, env.encode())?
+            .publish_one(topic, payload)?
             .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
         inner.shared.stats.record_sent(1);
         Ok(())
@@ -429,9 +429,9 @@ impl ZmqLayer {
         let inner = &self.inner;
         inner.shared.closed.check()?;
         names::validate_channel(channel)?;
-        let mut envs = Vec::with_capacity(messages.len());
+        let mut payloads = Vec::with_capacity(messages.len());
         for m in messages {
-            envs.push(Envelope::seal(
+            payloads.push(Envelope::seal_encoded(
                 Destination::Channel,
                 channel,
                 m,
@@ -439,19 +439,16 @@ impl ZmqLayer {
             )?);
         }
         let Some(topic) = inner.channel_topic(channel) else {
-            for _ in &envs {
+            for _ in &payloads {
                 inner.shared.stats.record_undeliverable(channel);
             }
             return Ok(());
         };
-        let n = envs.len() as u64;
+        let n = payloads.len() as u64;
         if n == 0 {
             return Ok(());
         }
-        let msgs = envs
-            .into_iter()
-            .map(|e| (topic.clone(), e.encode()))
-            .collect();
+        let msgs = payloads.into_iter().map(|p| (topic.clone(), p)).collect();
         inner
             .publish(msgs)?
             .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
@@ -569,9 +566,9 @@ impl ZmqLayer {
         let inner = &self.inner;
         inner.shared.closed.check()?;
         names::validate_group(group)?;
-        let env = Envelope::seal(Destination::Group, group, message, &inner.shared.options)?;
+        let payload =
+            Envelope::seal_encoded(Destination::Group, group, message, &inner.shared.options)?;
         let topic = wire::group_topic(inner.prefix(), group);
-        let payload = env.encode();
         // group_send never fails for capacity: wait a little for room in the queue, then
         // drop the message and count it.
         for attempt in 0..200u32 {
