@@ -15,6 +15,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use chanlayer_core::{Error, Result};
 
+use crate::wire;
 use crate::BACKEND;
 
 /// The process's one libzmq context. It is never terminated (terminating blocks until every
@@ -33,6 +34,90 @@ pub(crate) fn zmq_err(what: impl Into<String>, e: zmq::Error) -> Error {
     Error::backend(BACKEND, what, e)
 }
 
+/// What a mailbox holds: an item is one message (or command), unless it merges the ones
+/// pushed after it (consecutive messages of one topic become one batch in the queue, so the
+/// sender's thread does the copying and the socket thread gets a batch ready to send).
+pub(crate) trait Merge: Sized {
+    /// How many messages the item holds (what the mailbox's capacity counts).
+    fn count(&self) -> usize {
+        1
+    }
+
+    /// Takes `next` into `self` when they travel together, or gives it back.
+    fn merge(&mut self, next: Self) -> std::result::Result<(), Self> {
+        Err(next)
+    }
+}
+
+impl Merge for () {}
+
+/// Data messages on their way to a socket thread: one message, or a run of consecutive
+/// messages of one topic that merged in the queue (see [`Merge`]).
+pub(crate) enum Outgoing {
+    /// `[topic, envelope]`.
+    One { topic: Vec<u8>, payload: Vec<u8> },
+    /// `count` envelopes of `topic`, as [`wire::batch_push`] writes them.
+    Run {
+        topic: Vec<u8>,
+        body: Vec<u8>,
+        count: usize,
+    },
+}
+
+impl Merge for Outgoing {
+    fn count(&self) -> usize {
+        match self {
+            Outgoing::One { .. } => 1,
+            Outgoing::Run { count, .. } => *count,
+        }
+    }
+
+    /// A message merges into the message or run before it when both are of one topic, it
+    /// is at most [`wire::BATCH_ITEM_MAX`] bytes, and the run stays within
+    /// [`wire::BATCH_MAX_BYTES`]. The sender's thread copies it into the run here, so the
+    /// socket thread gets a batch ready to send.
+    fn merge(&mut self, next: Outgoing) -> std::result::Result<(), Outgoing> {
+        let (next_topic, next_payload) = match next {
+            Outgoing::One { topic, payload } if payload.len() <= wire::BATCH_ITEM_MAX => {
+                (topic, payload)
+            }
+            other => return Err(other),
+        };
+        match self {
+            Outgoing::One { topic, payload }
+                if *topic == next_topic
+                    && payload.len() <= wire::BATCH_ITEM_MAX
+                    && 8 + payload.len() + next_payload.len() <= wire::BATCH_MAX_BYTES =>
+            {
+                let mut body = Vec::with_capacity(
+                    (16 * (next_payload.len() + 4)).clamp(4 * 1024, wire::BATCH_MAX_BYTES),
+                );
+                wire::batch_push(&mut body, payload);
+                wire::batch_push(&mut body, &next_payload);
+                let topic = std::mem::take(topic);
+                *self = Outgoing::Run {
+                    topic,
+                    body,
+                    count: 2,
+                };
+                Ok(())
+            }
+            Outgoing::Run { topic, body, count }
+                if *topic == next_topic
+                    && body.len() + 4 + next_payload.len() <= wire::BATCH_MAX_BYTES =>
+            {
+                wire::batch_push(body, &next_payload);
+                *count += 1;
+                Ok(())
+            }
+            _ => Err(Outgoing::One {
+                topic: next_topic,
+                payload: next_payload,
+            }),
+        }
+    }
+}
+
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
@@ -44,6 +129,8 @@ pub(crate) enum Refused {
 
 struct Queue<T> {
     items: VecDeque<T>,
+    /// Messages in `items` (an item may hold several).
+    count: usize,
     closed: bool,
 }
 
@@ -56,7 +143,7 @@ pub(crate) struct Mailbox<T> {
     bell_rx: UnixDatagram,
 }
 
-impl<T> Mailbox<T> {
+impl<T: Merge> Mailbox<T> {
     /// A mailbox that holds at most `capacity` bounded pushes.
     pub fn new(capacity: usize) -> Result<Self> {
         let (bell_tx, bell_rx) = UnixDatagram::pair()
@@ -68,6 +155,7 @@ impl<T> Mailbox<T> {
         Ok(Mailbox {
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
+                count: 0,
                 closed: false,
             }),
             capacity: capacity.max(1),
@@ -84,18 +172,26 @@ impl<T> Mailbox<T> {
         }
     }
 
-    /// Queues `item`. `bounded` pushes fail with `Full` at capacity; control commands pass
-    /// `false` so they are never refused for capacity.
+    /// Queues `item`, merged into the last queued item when they travel together.
+    /// `bounded` pushes fail with `Full` when the queue holds `capacity` messages; control
+    /// commands pass `false` so they are never refused for capacity.
     pub fn push(&self, item: T, bounded: bool) -> std::result::Result<(), Refused> {
         {
             let mut q = lock(&self.queue);
             if q.closed {
                 return Err(Refused::Closed);
             }
-            if bounded && q.items.len() >= self.capacity {
+            if bounded && q.count >= self.capacity {
                 return Err(Refused::Full);
             }
-            q.items.push_back(item);
+            q.count += item.count();
+            let unmerged = match q.items.back_mut() {
+                Some(last) => last.merge(item).err(),
+                None => Some(item),
+            };
+            if let Some(item) = unmerged {
+                q.items.push_back(item);
+            }
         }
         self.ring();
         Ok(())
@@ -108,10 +204,20 @@ impl<T> Mailbox<T> {
             if q.closed {
                 return Err(Refused::Closed);
             }
-            if q.items.len() + items.len() > self.capacity.max(items.len()) {
+            let n: usize = items.iter().map(Merge::count).sum();
+            if q.count + n > self.capacity.max(n) {
                 return Err(Refused::Full);
             }
-            q.items.extend(items);
+            q.count += n;
+            for item in items {
+                let unmerged = match q.items.back_mut() {
+                    Some(last) => last.merge(item).err(),
+                    None => Some(item),
+                };
+                if let Some(item) = unmerged {
+                    q.items.push_back(item);
+                }
+            }
         }
         self.ring();
         Ok(())
@@ -131,13 +237,17 @@ impl<T> Mailbox<T> {
 
     /// Takes every queued item.
     pub fn take_all(&self) -> VecDeque<T> {
-        std::mem::take(&mut lock(&self.queue).items)
+        let mut q = lock(&self.queue);
+        q.count = 0;
+        std::mem::take(&mut q.items)
     }
 
     /// Takes up to `max` queued items into `out`.
     pub fn take_some(&self, max: usize, out: &mut VecDeque<T>) {
         let mut q = lock(&self.queue);
         let n = q.items.len().min(max);
+        let taken: usize = q.items.iter().take(n).map(Merge::count).sum();
+        q.count -= taken;
         out.extend(q.items.drain(..n));
     }
 
@@ -176,6 +286,100 @@ impl<T> Mailbox<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Merge for u32 {}
+
+    /// Pairs of the same value merge (the count is what the capacity counts).
+    #[derive(Debug, PartialEq)]
+    struct Run(u32, usize);
+
+    impl Merge for Run {
+        fn count(&self) -> usize {
+            self.1
+        }
+        fn merge(&mut self, next: Run) -> std::result::Result<(), Run> {
+            if next.0 == self.0 {
+                self.1 += next.1;
+                Ok(())
+            } else {
+                Err(next)
+            }
+        }
+    }
+
+    #[test]
+    fn merged_items_count_every_message_against_the_capacity() {
+        let m: Mailbox<Run> = Mailbox::new(3).expect("mailbox");
+        m.push(Run(1, 1), true).expect("room");
+        m.push(Run(1, 1), true).expect("room");
+        m.push(Run(2, 1), true).expect("room");
+        assert_eq!(
+            m.push(Run(2, 1), true),
+            Err(Refused::Full),
+            "3 messages queued"
+        );
+        let mut out = VecDeque::new();
+        m.take_some(1, &mut out);
+        assert_eq!(out.pop_front(), Some(Run(1, 2)), "the first two merged");
+        m.push(Run(2, 1), true).expect("room again");
+        m.push(Run(2, 1), true).expect("room again");
+        assert_eq!(m.push(Run(3, 1), true), Err(Refused::Full));
+        assert_eq!(
+            m.take_all().into_iter().collect::<Vec<_>>(),
+            vec![Run(2, 3)]
+        );
+        m.push(Run(3, 1), true).expect("empty again");
+    }
+
+    fn one(topic: &[u8], len: usize) -> Outgoing {
+        Outgoing::One {
+            topic: topic.to_vec(),
+            payload: vec![7; len],
+        }
+    }
+
+    #[test]
+    fn consecutive_messages_of_a_topic_merge_into_a_run() {
+        let m: Mailbox<Outgoing> = Mailbox::new(100).expect("mailbox");
+        for (topic, len) in [
+            (&b"a"[..], 10),
+            (b"a", 20),
+            (b"a", 30),
+            (b"b", 5),
+            (b"b", wire::BATCH_ITEM_MAX + 1),
+            (b"b", 5),
+        ] {
+            m.push(one(topic, len), true).expect("room");
+        }
+        let items: Vec<Outgoing> = m.take_all().into_iter().collect();
+        assert_eq!(items.len(), 4, "a a a | b | big b | b");
+        match &items[0] {
+            Outgoing::Run { topic, body, count } => {
+                assert_eq!((&topic[..], *count), (&b"a"[..], 3));
+                let lens: Vec<usize> = wire::batch_items(body)
+                    .expect("a batch")
+                    .iter()
+                    .map(|i| i.len())
+                    .collect();
+                assert_eq!(lens, vec![10, 20, 30], "in order");
+            }
+            Outgoing::One { .. } => panic!("the three of topic a did not merge"),
+        }
+        assert!(matches!(&items[1], Outgoing::One { payload, .. } if payload.len() == 5));
+        assert!(
+            matches!(&items[2], Outgoing::One { payload, .. } if payload.len() > wire::BATCH_ITEM_MAX),
+            "too large to merge, and nothing merges into it"
+        );
+        assert!(matches!(&items[3], Outgoing::One { payload, .. } if payload.len() == 5));
+        // A run stops at BATCH_MAX_BYTES.
+        let per = wire::BATCH_ITEM_MAX;
+        let fit = wire::BATCH_MAX_BYTES / (per + 4);
+        for _ in 0..=fit {
+            m.push(one(b"c", per), true).expect("room");
+        }
+        let counts: Vec<usize> = m.take_all().iter().map(Merge::count).collect();
+        assert_eq!(counts, vec![fit, 1]);
+    }
 
     #[test]
     fn bounded_and_control_pushes() {

@@ -12,7 +12,7 @@ use chanlayer_core::{
 };
 use tokio::sync::oneshot;
 
-use crate::bridge::{lock, Refused};
+use crate::bridge::{lock, Outgoing, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
 use crate::hub::HubStats;
 use crate::publisher::{self, Endpoint, PubCmd};
@@ -109,8 +109,8 @@ impl Inner {
             } => self.publish(vec![(topic, payload)]),
             Outbound::Embedded { endpoint, .. } => Ok(endpoint
                 .publisher()?
-                .push(PubCmd::Publish { topic, payload })),
-            Outbound::Dedicated(s) => Ok(s.push(Out::Data { topic, payload })),
+                .push(PubCmd::Data(Outgoing::One { topic, payload }))),
+            Outbound::Dedicated(s) => Ok(s.push(Out::Data(Outgoing::One { topic, payload }))),
         }
     }
 
@@ -126,7 +126,7 @@ impl Inner {
                 let p = endpoint.publisher()?;
                 let mut cmds: Vec<PubCmd> = msgs
                     .into_iter()
-                    .map(|(topic, payload)| PubCmd::Publish { topic, payload })
+                    .map(|(topic, payload)| PubCmd::Data(Outgoing::One { topic, payload }))
                     .collect();
                 Ok(if cmds.len() == 1 {
                     p.push(cmds.remove(0))
@@ -137,7 +137,7 @@ impl Inner {
             Outbound::Dedicated(s) => {
                 let mut outs: Vec<Out> = msgs
                     .into_iter()
-                    .map(|(topic, payload)| Out::Data { topic, payload })
+                    .map(|(topic, payload)| Out::Data(Outgoing::One { topic, payload }))
                     .collect();
                 Ok(if outs.len() == 1 {
                     s.push(outs.remove(0))

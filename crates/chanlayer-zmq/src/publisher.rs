@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Mailbox, Refused};
+use crate::bridge::{context, lock, zmq_err, Mailbox, Merge, Outgoing, Refused};
 use crate::config::ZmqConfig;
 use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload};
 use crate::receiver::ReceiverSync;
@@ -26,16 +26,30 @@ use crate::BACKEND;
 
 /// A command for the publisher thread.
 pub(crate) enum PubCmd {
-    Publish {
-        topic: Vec<u8>,
-        payload: Vec<u8>,
-    },
+    /// Data messages to publish.
+    Data(Outgoing),
     Mark {
         reply: Vec<u8>,
         token: u64,
         flush_prefix: Vec<u8>,
     },
     Raw(Vec<Vec<u8>>),
+}
+
+impl Merge for PubCmd {
+    fn count(&self) -> usize {
+        match self {
+            PubCmd::Data(d) => d.count(),
+            _ => 1,
+        }
+    }
+
+    fn merge(&mut self, next: PubCmd) -> std::result::Result<(), PubCmd> {
+        match (self, next) {
+            (PubCmd::Data(d), PubCmd::Data(n)) => d.merge(n).map_err(PubCmd::Data),
+            (_, next) => Err(next),
+        }
+    }
 }
 
 type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
@@ -183,7 +197,7 @@ impl Publisher {
 
     /// Queues a command; data messages are bounded by `send_queue`.
     pub fn push(&self, cmd: PubCmd) -> std::result::Result<(), Refused> {
-        let bounded = matches!(cmd, PubCmd::Publish { .. });
+        let bounded = matches!(cmd, PubCmd::Data(_));
         self.mailbox.push(cmd, bounded)
     }
 
@@ -335,7 +349,13 @@ fn run(
 fn execute_all(hub: &mut Hub, cmds: &mut VecDeque<PubCmd>, run: &mut Batch) {
     for cmd in cmds.drain(..) {
         match cmd {
-            PubCmd::Publish { topic, payload } => run.add(hub, &topic, Payload::Bytes(payload)),
+            PubCmd::Data(Outgoing::One { topic, payload }) => {
+                run.add(hub, &topic, Payload::Bytes(payload));
+            }
+            PubCmd::Data(Outgoing::Run { topic, body, count }) => {
+                run.flush(hub);
+                hub.publish_batch(&topic, count as u64, body);
+            }
             other => {
                 run.flush(hub);
                 execute(hub, other);
@@ -347,7 +367,12 @@ fn execute_all(hub: &mut Hub, cmds: &mut VecDeque<PubCmd>, run: &mut Batch) {
 
 fn execute(hub: &mut Hub, cmd: PubCmd) {
     match cmd {
-        PubCmd::Publish { topic, payload } => hub.publish(&topic, Payload::Bytes(payload)),
+        PubCmd::Data(Outgoing::One { topic, payload }) => {
+            hub.publish(&topic, Payload::Bytes(payload));
+        }
+        PubCmd::Data(Outgoing::Run { topic, body, count }) => {
+            hub.publish_batch(&topic, count as u64, body);
+        }
         PubCmd::Mark {
             reply,
             token,

@@ -28,7 +28,7 @@ use chanlayer_core::{
 };
 use tokio::sync::oneshot;
 
-use crate::bridge::{context, lock, zmq_err, Mailbox};
+use crate::bridge::{context, lock, zmq_err, Mailbox, Merge};
 use crate::config::ZmqConfig;
 use crate::wire;
 
@@ -68,6 +68,8 @@ pub(crate) enum Cmd {
         done: oneshot::Sender<()>,
     },
 }
+
+impl Merge for Cmd {}
 
 /// Counters of the transport itself, per instance.
 #[derive(Debug, Default)]

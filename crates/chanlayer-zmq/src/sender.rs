@@ -13,56 +13,33 @@ use std::time::Duration;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Mailbox, Refused};
+use crate::bridge::{context, lock, zmq_err, Mailbox, Merge, Outgoing, Refused};
 use crate::config::ZmqConfig;
 use crate::wire;
 use crate::BACKEND;
 
 /// One message for the proxy, as frames.
 pub(crate) enum Out {
-    /// `[topic, envelope]`.
-    Data { topic: Vec<u8>, payload: Vec<u8> },
+    /// `[topic, envelope]`, or a run as `[topic, meta(BATCH, 0, count), items]`.
+    Data(Outgoing),
     /// Control or raw frames, sent as they are.
     Frames(Vec<Vec<u8>>),
-    /// `[topic, meta(BATCH, 0, count), items]`: consecutive data messages of one topic
-    /// (made by [`next_out`] from what is queued).
-    Batch {
-        topic: Vec<u8>,
-        meta: [u8; wire::META_LEN],
-        body: Vec<u8>,
-    },
 }
 
-/// Takes the next message to send: consecutive small data messages of one topic at the
-/// front of `pending` become one batch (see [`crate::wire`]).
-fn next_out(pending: &mut VecDeque<Out>) -> Option<Out> {
-    fn joins(next: Option<&Out>, topic: &[u8], batched: usize) -> bool {
-        matches!(next, Some(Out::Data { topic: t, payload: p })
-            if t[..] == topic[..]
-                && p.len() <= wire::BATCH_ITEM_MAX
-                && batched + 4 + p.len() <= wire::BATCH_MAX_BYTES)
-    }
-    let first = pending.pop_front()?;
-    let Out::Data { topic, payload } = first else {
-        return Some(first);
-    };
-    if payload.len() > wire::BATCH_ITEM_MAX || !joins(pending.front(), &topic, 4 + payload.len()) {
-        return Some(Out::Data { topic, payload });
-    }
-    let mut body = Vec::with_capacity(8 * 1024);
-    wire::batch_push(&mut body, &payload);
-    let mut count = 1u64;
-    while joins(pending.front(), &topic, body.len()) {
-        if let Some(Out::Data { payload, .. }) = pending.pop_front() {
-            wire::batch_push(&mut body, &payload);
-            count += 1;
+impl Merge for Out {
+    fn count(&self) -> usize {
+        match self {
+            Out::Data(d) => d.count(),
+            Out::Frames(_) => 1,
         }
     }
-    Some(Out::Batch {
-        topic,
-        meta: wire::meta(wire::META_BATCH, 0, count),
-        body,
-    })
+
+    fn merge(&mut self, next: Out) -> std::result::Result<(), Out> {
+        match (self, next) {
+            (Out::Data(d), Out::Data(n)) => d.merge(n).map_err(Out::Data),
+            (_, next) => Err(next),
+        }
+    }
 }
 
 /// The handle on the PUSH thread.
@@ -111,7 +88,7 @@ impl PushSender {
 
     /// Queues a message; data is bounded by `send_queue`, control frames are not.
     pub fn push(&self, out: Out) -> std::result::Result<(), Refused> {
-        let bounded = matches!(out, Out::Data { .. });
+        let bounded = matches!(out, Out::Data(_));
         self.mailbox.push(out, bounded)
     }
 
@@ -138,7 +115,7 @@ fn setup(cfg: &ZmqConfig, pull: &str) -> Result<zmq::Socket> {
 /// high-water mark (nothing of it was sent).
 fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
     let first = match &out {
-        Out::Data { topic, .. } | Out::Batch { topic, .. } => {
+        Out::Data(Outgoing::One { topic, .. } | Outgoing::Run { topic, .. }) => {
             push.send(&topic[..], zmq::DONTWAIT | zmq::SNDMORE)
         }
         Out::Frames(frames) => match frames.split_first() {
@@ -160,9 +137,12 @@ fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
     // The first frame was taken: the rest of the message goes to the same pipe and is never
     // refused for the high-water mark (it counts whole messages).
     let rest = match out {
-        Out::Data { payload, .. } => push.send(payload, 0),
-        Out::Batch { meta, body, .. } => push
-            .send(&meta[..], zmq::SNDMORE)
+        Out::Data(Outgoing::One { payload, .. }) => push.send(payload, 0),
+        Out::Data(Outgoing::Run { body, count, .. }) => push
+            .send(
+                &wire::meta(wire::META_BATCH, 0, count as u64)[..],
+                zmq::SNDMORE,
+            )
             .and_then(|()| push.send(body, 0)),
         Out::Frames(frames) => {
             let n = frames.len();
@@ -222,7 +202,7 @@ fn run(
             // Hand over what is queued while the socket takes it; what it took goes out
             // within `linger`, the rest is lost with the layer.
             pending.extend(mailbox.take_all());
-            while let Some(out) = next_out(&mut pending) {
+            while let Some(out) = pending.pop_front() {
                 if try_send(&push, out).is_err() {
                     tracing::debug!(
                         left = pending.len() + 1,
@@ -236,7 +216,7 @@ fn run(
         if pending.is_empty() {
             mailbox.take_some(1024, &mut pending);
         }
-        while let Some(out) = next_out(&mut pending) {
+        while let Some(out) = pending.pop_front() {
             if let Err(back) = try_send(&push, out) {
                 pending.push_front(back);
                 break;
