@@ -445,18 +445,20 @@ impl LocalInbox {
     /// counted). A channel message for a full channel is `Err(ChannelFull)`.
     pub fn deliver(
         &self,
-        envelope: Envelope,
+        mut envelope: Envelope,
         groups: &GroupRegistry,
         options: &LayerOptions,
         stats: &Stats,
     ) -> Result<()> {
+        // The queue a message goes to is its address: the name moves out of the envelope
+        // (no copy per message, none per group member).
         match envelope.kind {
             Destination::Channel => {
-                let channel = envelope.destination.clone();
+                let channel = std::mem::take(&mut envelope.destination);
                 self.push(&channel, envelope, options.capacity_for(&channel), stats)
             }
             Destination::Group => {
-                let group = envelope.destination.clone();
+                let group = std::mem::take(&mut envelope.destination);
                 self.fan_out(&group, envelope, groups.members(&group), options, stats);
                 Ok(())
             }
@@ -476,16 +478,16 @@ impl LocalInbox {
     ) {
         let mut full: Vec<String> = Vec::new();
         let mut it = envelopes.drain(..).peekable();
-        while let Some(envelope) = it.next() {
+        while let Some(mut envelope) = it.next() {
             if envelope.kind == Destination::Group {
-                let group = envelope.destination.clone();
+                let group = std::mem::take(&mut envelope.destination);
                 self.fan_out(&group, envelope, groups.members(&group), options, stats);
                 continue;
             }
             let mut map = self.lock();
             let mut next = Some(envelope);
-            while let Some(envelope) = next.take() {
-                let channel = envelope.destination.clone();
+            while let Some(mut envelope) = next.take() {
+                let channel = std::mem::take(&mut envelope.destination);
                 let capacity = options.capacity_for(&channel);
                 if let Err(Error::ChannelFull { .. }) =
                     Self::push_locked(&mut map, &channel, envelope, capacity, stats)

@@ -822,8 +822,9 @@ impl State {
             }
             *e = Some(epoch);
             *last = end;
+            let now = now_ms();
             for item in &items[skip.min(items.len())..] {
-                if let Some(env) = accept(&self.shared, route, topic, item) {
+                if let Some(env) = accept(&self.shared, route, topic, item, now) {
                     self.ready.push(env);
                 }
             }
@@ -866,7 +867,8 @@ impl State {
                 // Otherwise a new publisher (a restart): a new sequence starts.
                 *e = Some(epoch);
                 *last = seq;
-                if let Some(env) = accept(&self.shared, route, topic, payload.as_slice()) {
+                if let Some(env) = accept(&self.shared, route, topic, payload.as_slice(), now_ms())
+                {
                     self.ready.push(env);
                 }
                 false
@@ -959,8 +961,9 @@ impl State {
                 .fetch_add(lost, Ordering::Relaxed);
             tracing::debug!(topic = %wire::display(topic), lost, "messages lost while the connection was down");
         }
+        let now = now_ms();
         for b in &buffered {
-            if let Some(env) = accept(&self.shared, &route, topic, &b.payload) {
+            if let Some(env) = accept(&self.shared, &route, topic, &b.payload, now) {
                 self.ready.push(env);
             }
         }
@@ -1038,7 +1041,13 @@ impl State {
 
 /// Decodes one envelope from the wire and checks that it belongs on `topic`, has not
 /// expired, and is for this instance; `None` (counted) if not.
-fn accept(shared: &Shared, route: &Route, topic: &[u8], payload: &[u8]) -> Option<Envelope> {
+fn accept(
+    shared: &Shared,
+    route: &Route,
+    topic: &[u8],
+    payload: &[u8],
+    now: u64,
+) -> Option<Envelope> {
     let env = match Envelope::decode(payload) {
         Ok(e) => e,
         Err(e) => {
@@ -1064,7 +1073,7 @@ fn accept(shared: &Shared, route: &Route, topic: &[u8], payload: &[u8]) -> Optio
         );
         return None;
     }
-    if env.is_expired_at(now_ms()) {
+    if env.is_expired_at(now) {
         shared.stats.record_expired(1);
         return None;
     }
