@@ -236,8 +236,10 @@ impl Envelope {
             return Err(EnvelopeError::UnsupportedVersion(bytes[2]));
         }
         let payload = &bytes[3..];
-        let (env, used): (Envelope, usize) =
-            bincode::serde::decode_from_slice(payload, bincode_config())
+        // Decoded by reference first (no zero-filled buffers), checked whole, then copied
+        // once into the owned envelope.
+        let (env, used): (EnvelopeIn<'_>, usize) =
+            bincode::serde::borrow_decode_from_slice(payload, bincode_config())
                 .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if used != payload.len() {
             return Err(EnvelopeError::Malformed(format!(
@@ -251,7 +253,17 @@ impl Envelope {
                 env.codec
             )));
         }
-        Ok(env)
+        Ok(Envelope {
+            id: env.id,
+            kind: env.kind,
+            destination: env.destination.to_owned(),
+            sent_at_ms: env.sent_at_ms,
+            expires_at_ms: env.expires_at_ms,
+            msg_type: std::borrow::Cow::Owned(env.msg_type.to_owned()),
+            codec: env.codec,
+            headers: env.headers,
+            body: env.body.to_vec(),
+        })
     }
 }
 
@@ -284,6 +296,21 @@ impl EnvelopeRef<'_> {
         }
         out
     }
+}
+
+/// An [`Envelope`] borrowed from the bytes it is decoded from, field for field as
+/// [`EnvelopeRef`] writes it.
+#[derive(Deserialize)]
+struct EnvelopeIn<'a> {
+    id: MessageId,
+    kind: Destination,
+    destination: &'a str,
+    sent_at_ms: u64,
+    expires_at_ms: u64,
+    msg_type: &'a str,
+    codec: u8,
+    headers: Headers,
+    body: &'a [u8],
 }
 
 pub(crate) fn duration_ms(d: Duration) -> u64 {
