@@ -32,6 +32,10 @@ use crate::bridge::{context, lock, zmq_err, Mailbox, Merge};
 use crate::config::ZmqConfig;
 use crate::wire;
 
+/// Decoded envelopes handed to the inbox at once while the receiver thread reads a backlog
+/// (in one go at the end of each read otherwise).
+const HAND_OVER_AT: usize = 64;
+
 /// How a subscription request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Confirm {
@@ -721,6 +725,10 @@ impl State {
             }
             let message = std::mem::take(&mut frames);
             self.on_message(message);
+            if self.ready.len() >= HAND_OVER_AT {
+                // The receiving tasks start on these while this thread decodes the rest.
+                self.hand_over();
+            }
         }
     }
 
