@@ -34,7 +34,9 @@
 //! (see [`wire`]): `i:{prefix}:{instance}\0` carries the instance's process-local channels
 //! (`new_channel()` names route to their owner through the instance id they contain),
 //! `c:{prefix}:{channel}\0` a normal channel the instance receives, `g:{prefix}:{group}\0` a
-//! group with a member in the instance. The envelope travels as the last frame.
+//! group with a member in the instance. The envelope travels as the last frame; under load,
+//! consecutive messages of one topic travel together as one batch frame (fewer, larger
+//! ZeroMQ messages; a message with nothing queued behind it goes out alone, at once).
 //!
 //! ## Guarantees
 //!
