@@ -458,11 +458,10 @@ impl AmqpLayer {
         let inner = &self.inner;
         inner.check_receiver(channel)?;
         let d = if names::is_process_local(channel) {
-            let e = inner
+            inner
                 .inbox
-                .take(channel, &inner.stats, &inner.closed)
-                .await?;
-            e.into_settled_delivery(channel)
+                .take_settled(channel, &inner.stats, &inner.closed)
+                .await?
         } else {
             let c = inner.consumer(channel);
             let p = c.take(inner).await?;
@@ -483,11 +482,8 @@ impl AmqpLayer {
         let out: Vec<Delivery> = if names::is_process_local(channel) {
             inner
                 .inbox
-                .take_batch(channel, max, timeout, &inner.stats, &inner.closed)
+                .take_batch_settled(channel, max, timeout, &inner.stats, &inner.closed)
                 .await?
-                .into_iter()
-                .map(|e| e.into_settled_delivery(channel))
-                .collect()
         } else {
             let c = inner.consumer(channel);
             c.take_batch(inner, max, timeout)

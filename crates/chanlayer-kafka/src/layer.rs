@@ -461,9 +461,8 @@ impl KafkaLayer {
         let d = if names::is_process_local(channel) {
             inner
                 .inbox
-                .take(channel, &inner.stats, &inner.closed)
+                .take_settled(channel, &inner.stats, &inner.closed)
                 .await?
-                .into_settled_delivery(channel)
         } else {
             let c = inner.started_consumer(channel).await?;
             let p = c.take(&inner.closed).await?;
@@ -484,11 +483,8 @@ impl KafkaLayer {
         let out: Vec<Delivery> = if names::is_process_local(channel) {
             inner
                 .inbox
-                .take_batch(channel, max, timeout, &inner.stats, &inner.closed)
+                .take_batch_settled(channel, max, timeout, &inner.stats, &inner.closed)
                 .await?
-                .into_iter()
-                .map(|e| e.into_settled_delivery(channel))
-                .collect()
         } else {
             let c = inner.started_consumer(channel).await?;
             c.take_batch(&inner.closed, max, timeout)

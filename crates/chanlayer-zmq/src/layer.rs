@@ -483,11 +483,7 @@ impl ZmqLayer {
             return Err(Self::normal_unsupported("receive_delivery"));
         }
         let s = &inner.shared;
-        let d = s
-            .inbox
-            .take(channel, &s.stats, &s.closed)
-            .await?
-            .into_settled_delivery(channel);
+        let d = s.inbox.take_settled(channel, &s.stats, &s.closed).await?;
         s.stats.record_received(1);
         Ok(d)
     }
@@ -504,13 +500,10 @@ impl ZmqLayer {
             return Err(Self::normal_unsupported("receive_batch"));
         }
         let s = &inner.shared;
-        let out: Vec<Delivery> = s
+        let out = s
             .inbox
-            .take_batch(channel, max, timeout, &s.stats, &s.closed)
-            .await?
-            .into_iter()
-            .map(|e| e.into_settled_delivery(channel))
-            .collect();
+            .take_batch_settled(channel, max, timeout, &s.stats, &s.closed)
+            .await?;
         s.stats.record_received(out.len() as u64);
         Ok(out)
     }
