@@ -194,6 +194,32 @@ impl Envelope {
         .encode())
     }
 
+    /// [`Envelope::seal_encoded`], appending the bytes to `out` instead of returning a new
+    /// buffer: a sender that reuses one buffer for every message allocates nothing per
+    /// message. On error `out` is left as it was.
+    pub fn seal_encode_into(
+        kind: Destination,
+        destination: &str,
+        message: Message,
+        options: &LayerOptions,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let env = Self::seal_unaddressed(kind, destination, message, options)?;
+        EnvelopeRef {
+            id: env.id,
+            kind: env.kind,
+            destination,
+            sent_at_ms: env.sent_at_ms,
+            expires_at_ms: env.expires_at_ms,
+            msg_type: &env.msg_type,
+            codec: env.codec,
+            headers: &env.headers,
+            body: &env.body,
+        }
+        .encode_into(out);
+        Ok(())
+    }
+
     /// `true` once `now_ms` is at or past the expiry.
     pub fn is_expired_at(&self, now_ms: u64) -> bool {
         now_ms >= self.expires_at_ms
@@ -259,7 +285,7 @@ impl Envelope {
             destination: env.destination.to_owned(),
             sent_at_ms: env.sent_at_ms,
             expires_at_ms: env.expires_at_ms,
-            msg_type: std::borrow::Cow::Owned(env.msg_type.to_owned()),
+            msg_type: crate::message::intern_type(env.msg_type),
             codec: env.codec,
             headers: env.headers,
             body: env.body.to_vec(),
@@ -287,14 +313,20 @@ impl EnvelopeRef<'_> {
     fn encode(&self) -> Vec<u8> {
         let mut out =
             Vec::with_capacity(self.body.len() + self.destination.len() + self.msg_type.len() + 64);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the encoded envelope to `out`.
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
         out.extend_from_slice(&MAGIC);
         out.push(FORMAT_VERSION);
         // Encoding a plain struct of strings, integers, a map and bytes into a Vec cannot
         // fail; fall back to an empty (undecodable) frame rather than panic if it ever did.
-        if bincode::serde::encode_into_std_write(self, &mut out, bincode_config()).is_err() {
-            out.truncate(MAGIC.len() + 1);
+        if bincode::serde::encode_into_std_write(self, out, bincode_config()).is_err() {
+            out.truncate(start + MAGIC.len() + 1);
         }
-        out
     }
 }
 
@@ -382,6 +414,37 @@ mod tests {
             Envelope::seal_encoded(Destination::Channel, "c", too_big, &small),
             Err(Error::MessageTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn seal_encode_into_appends_the_same_bytes_and_leaves_out_alone_on_error() {
+        let msg = Message::encode_as("t.x", &"hello", Codec::Json)
+            .unwrap()
+            .with_header("k", "v");
+        let mut out = b"kept".to_vec();
+        Envelope::seal_encode_into(
+            Destination::Channel,
+            "ch",
+            msg.clone(),
+            &LayerOptions::default(),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(&out[..4], b"kept");
+        let env = Envelope::decode(&out[4..]).unwrap();
+        assert_eq!(env.destination, "ch");
+        assert_eq!(env.encode(), &out[4..], "the same bytes as encode");
+        assert_eq!(env.into_message(), msg);
+        let small = LayerOptions {
+            max_message_size: 10,
+            ..LayerOptions::default()
+        };
+        let before = out.clone();
+        assert!(matches!(
+            Envelope::seal_encode_into(Destination::Channel, "ch", msg, &small, &mut out),
+            Err(Error::MessageTooLarge { .. })
+        ));
+        assert_eq!(out, before, "nothing appended on error");
     }
 
     #[test]

@@ -158,6 +158,69 @@ impl Message {
     }
 }
 
+/// How many distinct message types [`intern_type`] keeps for the life of the process.
+pub const INTERNED_TYPES_MAX: usize = 1024;
+/// The longest message type [`intern_type`] keeps, in bytes.
+pub const INTERNED_TYPE_LEN_MAX: usize = 64;
+
+/// The message types kept so far (leaked on purpose: at most [`INTERNED_TYPES_MAX`] of at
+/// most [`INTERNED_TYPE_LEN_MAX`] bytes, 64 KiB in all).
+fn interned() -> &'static std::sync::RwLock<std::collections::HashSet<&'static str>> {
+    static TYPES: std::sync::OnceLock<std::sync::RwLock<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    TYPES.get_or_init(Default::default)
+}
+
+thread_local! {
+    /// The types this thread interned or found most recently, newest first: a receiving
+    /// thread sees the same few types over and over, and finds them here without a lock.
+    static RECENT: std::cell::Cell<[Option<&'static str>; 4]> =
+        const { std::cell::Cell::new([None; 4]) };
+}
+
+/// A message type read off the wire, as a type that costs no allocation when it was seen
+/// before: receivers decode the same few types again and again, and each owned copy would
+/// be allocated on the receiving thread and freed on the application's. The first
+/// [`INTERNED_TYPES_MAX`] distinct types of at most [`INTERNED_TYPE_LEN_MAX`] bytes are kept
+/// for the life of the process; any other type is copied as before.
+pub fn intern_type(msg_type: &str) -> Cow<'static, str> {
+    if msg_type.len() > INTERNED_TYPE_LEN_MAX {
+        return Cow::Owned(msg_type.to_owned());
+    }
+    let recent = RECENT.try_with(std::cell::Cell::get).unwrap_or([None; 4]);
+    if let Some(t) = recent.iter().flatten().find(|t| **t == msg_type) {
+        return Cow::Borrowed(t);
+    }
+    let table = interned();
+    let found = table
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(msg_type)
+        .copied();
+    let kept = match found {
+        Some(t) => t,
+        None => {
+            let mut types = table
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match types.get(msg_type) {
+                Some(t) => *t,
+                None if types.len() < INTERNED_TYPES_MAX => {
+                    let t: &'static str = Box::leak(msg_type.to_owned().into_boxed_str());
+                    types.insert(t);
+                    t
+                }
+                None => return Cow::Owned(msg_type.to_owned()),
+            }
+        }
+    };
+    let _ = RECENT.try_with(|r| {
+        let [a, b, c, _] = r.get();
+        r.set([Some(kept), a, b, c]);
+    });
+    Cow::Borrowed(kept)
+}
+
 /// Checks a message type: non-empty, at most 255 bytes, no leading `_` or `.`, no control
 /// characters or whitespace.
 pub fn validate_type(msg_type: &str) -> Result<()> {
@@ -186,4 +249,39 @@ pub fn validate_type(msg_type: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interned_types_are_shared_equal_and_bounded() {
+        let a = intern_type("chat.message");
+        let b = intern_type(&String::from("chat.message"));
+        assert_eq!(a, "chat.message");
+        match (&a, &b) {
+            (Cow::Borrowed(x), Cow::Borrowed(y)) => {
+                assert!(std::ptr::eq(*x, *y), "one copy for the process");
+            }
+            _ => panic!("a short type is interned: {a:?} {b:?}"),
+        }
+        let long = "x".repeat(INTERNED_TYPE_LEN_MAX + 1);
+        assert!(matches!(intern_type(&long), Cow::Owned(ref s) if *s == long));
+        // Past the limit, new types are copied; the ones kept stay shared.
+        let mut owned = 0;
+        for i in 0..INTERNED_TYPES_MAX + 10 {
+            let t = format!("bounded.{i}");
+            match intern_type(&t) {
+                Cow::Borrowed(s) => assert_eq!(s, t),
+                Cow::Owned(s) => {
+                    assert_eq!(s, t);
+                    owned += 1;
+                }
+            }
+        }
+        assert!(owned >= 10, "at most {INTERNED_TYPES_MAX} types are kept");
+        assert!(matches!(intern_type("chat.message"), Cow::Borrowed(_)));
+        assert!(interned().read().expect("not poisoned").len() <= INTERNED_TYPES_MAX);
+    }
 }

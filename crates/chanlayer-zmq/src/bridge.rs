@@ -64,6 +64,55 @@ pub(crate) enum Outgoing {
     },
 }
 
+impl Outgoing {
+    /// `[topic, payload]` as a new item (copies both).
+    pub fn copied(topic: &[u8], payload: &[u8]) -> Outgoing {
+        Outgoing::One {
+            topic: topic.to_vec(),
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// Appends a message of `topic` to this item when they travel together: the same
+    /// topic, both at most [`wire::BATCH_ITEM_MAX`] bytes, and the run stays within
+    /// [`wire::BATCH_MAX_BYTES`]. The caller's thread copies it into the run here, so the
+    /// socket thread gets a batch ready to send. `false` (nothing changed) otherwise.
+    pub fn append(&mut self, next_topic: &[u8], next_payload: &[u8]) -> bool {
+        if next_payload.len() > wire::BATCH_ITEM_MAX {
+            return false;
+        }
+        match self {
+            Outgoing::One { topic, payload }
+                if topic.as_slice() == next_topic
+                    && payload.len() <= wire::BATCH_ITEM_MAX
+                    && 8 + payload.len() + next_payload.len() <= wire::BATCH_MAX_BYTES =>
+            {
+                let mut body = Vec::with_capacity(
+                    (16 * (next_payload.len() + 4)).clamp(4 * 1024, wire::BATCH_MAX_BYTES),
+                );
+                wire::batch_push(&mut body, payload);
+                wire::batch_push(&mut body, next_payload);
+                let topic = std::mem::take(topic);
+                *self = Outgoing::Run {
+                    topic,
+                    body,
+                    count: 2,
+                };
+                true
+            }
+            Outgoing::Run { topic, body, count }
+                if topic.as_slice() == next_topic
+                    && body.len() + 4 + next_payload.len() <= wire::BATCH_MAX_BYTES =>
+            {
+                wire::batch_push(body, next_payload);
+                *count += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl Merge for Outgoing {
     fn count(&self) -> usize {
         match self {
@@ -72,49 +121,33 @@ impl Merge for Outgoing {
         }
     }
 
-    /// A message merges into the message or run before it when both are of one topic, it
-    /// is at most [`wire::BATCH_ITEM_MAX`] bytes, and the run stays within
-    /// [`wire::BATCH_MAX_BYTES`]. The sender's thread copies it into the run here, so the
-    /// socket thread gets a batch ready to send.
+    /// A message merges into the message or run before it as [`Outgoing::append`] says.
     fn merge(&mut self, next: Outgoing) -> std::result::Result<(), Outgoing> {
-        let (next_topic, next_payload) = match next {
-            Outgoing::One { topic, payload } if payload.len() <= wire::BATCH_ITEM_MAX => {
-                (topic, payload)
-            }
-            other => return Err(other),
-        };
-        match self {
-            Outgoing::One { topic, payload }
-                if *topic == next_topic
-                    && payload.len() <= wire::BATCH_ITEM_MAX
-                    && 8 + payload.len() + next_payload.len() <= wire::BATCH_MAX_BYTES =>
-            {
-                let mut body = Vec::with_capacity(
-                    (16 * (next_payload.len() + 4)).clamp(4 * 1024, wire::BATCH_MAX_BYTES),
-                );
-                wire::batch_push(&mut body, payload);
-                wire::batch_push(&mut body, &next_payload);
-                let topic = std::mem::take(topic);
-                *self = Outgoing::Run {
-                    topic,
-                    body,
-                    count: 2,
-                };
-                Ok(())
-            }
-            Outgoing::Run { topic, body, count }
-                if *topic == next_topic
-                    && body.len() + 4 + next_payload.len() <= wire::BATCH_MAX_BYTES =>
-            {
-                wire::batch_push(body, &next_payload);
-                *count += 1;
-                Ok(())
-            }
-            _ => Err(Outgoing::One {
-                topic: next_topic,
-                payload: next_payload,
-            }),
+        match next {
+            Outgoing::One { topic, payload } if self.append(&topic, &payload) => Ok(()),
+            other => Err(other),
         }
+    }
+}
+
+/// A mailbox item that can carry a data message given as borrowed bytes: a sender that
+/// encodes into a reused buffer pushes with [`Mailbox::push_data`], which copies the bytes
+/// straight into the queued run of their topic (no owned buffer per message).
+pub(crate) trait Carries: Merge {
+    /// The data message `[topic, payload]` as a new item.
+    fn data(topic: &[u8], payload: &[u8]) -> Self;
+    /// Appends the data message to this item if they travel together (see
+    /// [`Outgoing::append`]); `false` otherwise.
+    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool;
+}
+
+impl Carries for Outgoing {
+    fn data(topic: &[u8], payload: &[u8]) -> Self {
+        Outgoing::copied(topic, payload)
+    }
+
+    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool {
+        self.append(topic, payload)
     }
 }
 
@@ -191,6 +224,33 @@ impl<T: Merge> Mailbox<T> {
             };
             if let Some(item) = unmerged {
                 q.items.push_back(item);
+            }
+        }
+        self.ring();
+        Ok(())
+    }
+
+    /// Queues the data message `[topic, payload]` (a bounded push), copied into the last
+    /// queued item when they travel together, else into a new item.
+    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused>
+    where
+        T: Carries,
+    {
+        {
+            let mut q = lock(&self.queue);
+            if q.closed {
+                return Err(Refused::Closed);
+            }
+            if q.count >= self.capacity {
+                return Err(Refused::Full);
+            }
+            q.count += 1;
+            let merged = q
+                .items
+                .back_mut()
+                .is_some_and(|last| last.append_data(topic, payload));
+            if !merged {
+                q.items.push_back(T::data(topic, payload));
             }
         }
         self.ring();
@@ -379,6 +439,64 @@ mod tests {
         }
         let counts: Vec<usize> = m.take_all().iter().map(Merge::count).collect();
         assert_eq!(counts, vec![fit, 1]);
+    }
+
+    /// What `push_data` queues, in the order pushed, as (topic, item lengths).
+    fn shape(items: VecDeque<Outgoing>) -> Vec<(Vec<u8>, Vec<usize>)> {
+        items
+            .into_iter()
+            .map(|i| match i {
+                Outgoing::One { topic, payload } => (topic, vec![payload.len()]),
+                Outgoing::Run { topic, body, count } => {
+                    let lens: Vec<usize> = wire::batch_items(&body)
+                        .expect("a batch")
+                        .iter()
+                        .map(|i| i.len())
+                        .collect();
+                    assert_eq!(lens.len(), count, "count matches the items");
+                    (topic, lens)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn push_data_merges_like_push_and_counts_against_the_capacity() {
+        let pushes = [
+            (&b"a"[..], 10),
+            (b"a", 20),
+            (b"b", 5),
+            (b"b", wire::BATCH_ITEM_MAX + 1),
+            (b"b", 5),
+            (b"b", 6),
+        ];
+        let owned: Mailbox<Outgoing> = Mailbox::new(100).expect("mailbox");
+        let borrowed: Mailbox<Outgoing> = Mailbox::new(100).expect("mailbox");
+        for (topic, len) in pushes {
+            owned.push(one(topic, len), true).expect("room");
+            borrowed.push_data(topic, &vec![7; len]).expect("room");
+        }
+        let a = shape(borrowed.take_all());
+        assert_eq!(a, shape(owned.take_all()), "the same items as push");
+        assert_eq!(
+            a,
+            vec![
+                (b"a".to_vec(), vec![10, 20]),
+                (b"b".to_vec(), vec![5]),
+                (b"b".to_vec(), vec![wire::BATCH_ITEM_MAX + 1]),
+                (b"b".to_vec(), vec![5, 6]),
+            ]
+        );
+        let m: Mailbox<Outgoing> = Mailbox::new(2).expect("mailbox");
+        m.push_data(b"a", b"1").expect("room");
+        m.push_data(b"a", b"2").expect("room");
+        assert_eq!(
+            m.push_data(b"a", b"3"),
+            Err(Refused::Full),
+            "2 messages queued"
+        );
+        m.close();
+        assert_eq!(m.push_data(b"a", b"4"), Err(Refused::Closed));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! [`ZmqLayer`]: the `ChannelLayer` over PUB/SUB (see the crate docs).
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,6 +66,24 @@ impl std::fmt::Debug for ZmqLayer {
     }
 }
 
+thread_local! {
+    /// A sending thread's reused buffers for the topic and the encoded envelope of a small
+    /// message (see [`with_scratch`]).
+    static SCRATCH: Cell<(Vec<u8>, Vec<u8>)> = const { Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's two scratch buffers, emptied, and keeps them for the next
+/// call (fresh ones if the thread's storage is gone). No await happens inside `f`, so a
+/// task moving between threads never shares them.
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<u8>) -> R) -> R {
+    let (mut topic, mut payload) = SCRATCH.try_with(Cell::take).unwrap_or_default();
+    topic.clear();
+    payload.clear();
+    let r = f(&mut topic, &mut payload);
+    let _ = SCRATCH.try_with(|c| c.set((topic, payload)));
+    r
+}
+
 /// A refused push as an error: `ChannelFull` names the channel and, as its capacity, the
 /// instance's `send_queue` (the queue that was full).
 fn refused(r: Refused, channel: &str, send_queue: usize) -> Error {
@@ -93,6 +112,45 @@ impl Inner {
             names::owner_instance(channel).map(|owner| wire::inbox_topic(self.prefix(), owner))
         } else {
             Some(wire::channel_topic(self.prefix(), channel))
+        }
+    }
+
+    /// Writes the topic messages for `channel` travel on into `out` (cleared first);
+    /// `false` for a process-local name that no instance can own.
+    fn channel_topic_into(&self, channel: &str, out: &mut Vec<u8>) -> bool {
+        out.clear();
+        if names::is_process_local(channel) {
+            match names::owner_instance(channel) {
+                Some(owner) => wire::inbox_topic_into(out, self.prefix(), owner),
+                None => return false,
+            }
+        } else {
+            wire::channel_topic_into(out, self.prefix(), channel);
+        }
+        true
+    }
+
+    /// Queues the data message `[topic, payload]` for the socket thread, copied into the
+    /// queued run of its topic (the path of small messages: nothing is allocated per
+    /// message once the run exists).
+    fn publish_data(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+    ) -> Result<std::result::Result<(), Refused>> {
+        let outbound = lock(&self.outbound);
+        match outbound.as_deref().ok_or(Error::Closed)? {
+            Outbound::Embedded {
+                bind: BindPolicy::Never,
+                ..
+            } => {
+                drop(outbound);
+                self.publish(vec![(topic.to_vec(), payload.to_vec())])
+            }
+            Outbound::Embedded { endpoint, .. } => {
+                Ok(endpoint.publisher()?.push_data(topic, payload))
+            }
+            Outbound::Dedicated(s) => Ok(s.push_data(topic, payload)),
         }
     }
 
@@ -408,6 +466,28 @@ impl ZmqLayer {
         let inner = &self.inner;
         inner.shared.closed.check()?;
         names::validate_channel(channel)?;
+        if message.wire_size(channel) <= wire::BATCH_ITEM_MAX {
+            // A message that can travel in a batch: encoded into this thread's reused
+            // buffers and copied from there into the queued run of its topic.
+            return with_scratch(|topic, payload| {
+                Envelope::seal_encode_into(
+                    Destination::Channel,
+                    channel,
+                    message,
+                    &inner.shared.options,
+                    payload,
+                )?;
+                if !inner.channel_topic_into(channel, topic) {
+                    inner.shared.stats.record_undeliverable(channel);
+                    return Ok(());
+                }
+                inner
+                    .publish_data(topic, payload)?
+                    .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
+                inner.shared.stats.record_sent(1);
+                Ok(())
+            });
+        }
         let payload = Envelope::seal_encoded(
             Destination::Channel,
             channel,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Mailbox, Merge, Outgoing, Refused};
+use crate::bridge::{context, lock, zmq_err, Carries, Mailbox, Merge, Outgoing, Refused};
 use crate::config::ZmqConfig;
 use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload};
 use crate::receiver::ReceiverSync;
@@ -52,13 +52,29 @@ impl Merge for PubCmd {
     }
 }
 
+impl Carries for PubCmd {
+    fn data(topic: &[u8], payload: &[u8]) -> Self {
+        PubCmd::Data(Outgoing::copied(topic, payload))
+    }
+
+    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool {
+        match self {
+            PubCmd::Data(d) => d.append(topic, payload),
+            _ => false,
+        }
+    }
+}
+
 type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
 
 /// The process's state for one embedded address.
 pub(crate) struct Endpoint {
     address: String,
     cfg: ZmqConfig,
-    publisher: Mutex<Option<Arc<Publisher>>>,
+    /// Set once, by the first send (or `bind=eager`); read without a lock on every send.
+    publisher: OnceLock<Arc<Publisher>>,
+    /// Held while the publisher binds, so two first sends bind once.
+    starting: Mutex<()>,
     receivers: Receivers,
 }
 
@@ -108,7 +124,8 @@ pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
     let e = Arc::new(Endpoint {
         address: address.to_owned(),
         cfg: cfg.clone(),
-        publisher: Mutex::new(None),
+        publisher: OnceLock::new(),
+        starting: Mutex::new(()),
         receivers: Arc::default(),
     });
     map.insert(address.to_owned(), Arc::downgrade(&e));
@@ -126,22 +143,24 @@ impl Endpoint {
 
     /// The publisher, if this process runs one on this address.
     pub fn running(&self) -> Option<Arc<Publisher>> {
-        lock(&self.publisher).clone()
+        self.publisher.get().cloned()
     }
 
     /// The publisher, binding it now if this process has none yet.
-    pub fn publisher(&self) -> Result<Arc<Publisher>> {
-        let mut slot = lock(&self.publisher);
-        if let Some(p) = slot.as_ref() {
-            return Ok(p.clone());
+    pub fn publisher(&self) -> Result<&Arc<Publisher>> {
+        if let Some(p) = self.publisher.get() {
+            return Ok(p);
+        }
+        let _starting = lock(&self.starting);
+        if let Some(p) = self.publisher.get() {
+            return Ok(p);
         }
         let p = Arc::new(Publisher::start(
             &self.address,
             &self.cfg,
             self.receivers.clone(),
         )?);
-        *slot = Some(p.clone());
-        Ok(p)
+        Ok(self.publisher.get_or_init(|| p))
     }
 }
 
@@ -199,6 +218,12 @@ impl Publisher {
     pub fn push(&self, cmd: PubCmd) -> std::result::Result<(), Refused> {
         let bounded = matches!(cmd, PubCmd::Data(_));
         self.mailbox.push(cmd, bounded)
+    }
+
+    /// Queues the data message `[topic, payload]` (bounded by `send_queue`), copied into
+    /// the queued run of its topic when there is one.
+    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
+        self.mailbox.push_data(topic, payload)
     }
 
     /// Queues several data messages at once (all or none).

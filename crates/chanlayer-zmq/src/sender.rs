@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Mailbox, Merge, Outgoing, Refused};
+use crate::bridge::{context, lock, zmq_err, Carries, Mailbox, Merge, Outgoing, Refused};
 use crate::config::ZmqConfig;
 use crate::wire;
 use crate::BACKEND;
@@ -38,6 +38,19 @@ impl Merge for Out {
         match (self, next) {
             (Out::Data(d), Out::Data(n)) => d.merge(n).map_err(Out::Data),
             (_, next) => Err(next),
+        }
+    }
+}
+
+impl Carries for Out {
+    fn data(topic: &[u8], payload: &[u8]) -> Self {
+        Out::Data(Outgoing::copied(topic, payload))
+    }
+
+    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool {
+        match self {
+            Out::Data(d) => d.append(topic, payload),
+            Out::Frames(_) => false,
         }
     }
 }
@@ -90,6 +103,12 @@ impl PushSender {
     pub fn push(&self, out: Out) -> std::result::Result<(), Refused> {
         let bounded = matches!(out, Out::Data(_));
         self.mailbox.push(out, bounded)
+    }
+
+    /// Queues the data message `[topic, payload]` (bounded by `send_queue`), copied into
+    /// the queued run of its topic when there is one.
+    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
+        self.mailbox.push_data(topic, payload)
     }
 
     /// Queues several messages at once (all or none).

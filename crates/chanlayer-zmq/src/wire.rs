@@ -82,13 +82,27 @@ pub enum TopicKind {
 
 fn topic(kind: u8, prefix: &str, name: &str) -> Vec<u8> {
     let mut t = Vec::with_capacity(prefix.len() + name.len() + 4);
+    topic_into(&mut t, kind, prefix, name);
+    t
+}
+
+fn topic_into(t: &mut Vec<u8>, kind: u8, prefix: &str, name: &str) {
     t.push(kind);
     t.push(b':');
     t.extend_from_slice(prefix.as_bytes());
     t.push(b':');
     t.extend_from_slice(name.as_bytes());
     t.push(0);
-    t
+}
+
+/// [`channel_topic`], appended to `out`.
+pub fn channel_topic_into(out: &mut Vec<u8>, prefix: &str, channel: &str) {
+    topic_into(out, CHANNEL, prefix, channel);
+}
+
+/// [`inbox_topic`], appended to `out`.
+pub fn inbox_topic_into(out: &mut Vec<u8>, prefix: &str, instance: &str) {
+    topic_into(out, INBOX, prefix, instance);
 }
 
 /// The topic of normal channel `channel` under `prefix`.
@@ -287,6 +301,17 @@ mod tests {
         }
         // Another prefix never matches either.
         assert!(!channel_topic("p2", "x").starts_with(&channel_topic("p", "x")));
+    }
+
+    #[test]
+    fn topics_written_into_a_buffer_are_the_same_bytes() {
+        let mut out = b"old".to_vec();
+        out.clear();
+        channel_topic_into(&mut out, "p", "ch1");
+        assert_eq!(out, channel_topic("p", "ch1"));
+        out.clear();
+        inbox_topic_into(&mut out, "p", "inst");
+        assert_eq!(out, inbox_topic("p", "inst"));
     }
 
     #[test]
