@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use crate::clock::recent_ms;
 use crate::config::LayerOptions;
 use crate::envelope::{now_ms, Destination, Envelope};
 use crate::error::{Error, Result};
@@ -305,7 +306,7 @@ impl LocalInbox {
     /// Takes the next live message from `channel` without waiting.
     pub fn try_take(&self, channel: &str, stats: &Stats) -> Option<Entry> {
         let mut expired = 0;
-        let now = now_ms();
+        let now = recent_ms();
         let found = self.lock().pop_live(channel, now, &mut expired);
         if expired > 0 {
             stats.record_expired(expired);
@@ -330,7 +331,7 @@ impl LocalInbox {
         let notify: Arc<Notify>;
         let first;
         {
-            let now = now_ms();
+            let now = recent_ms();
             let mut map = self.lock();
             let found = map.pop_live(channel, now, &mut expired);
             if let Some(e) = found {
@@ -362,7 +363,7 @@ impl LocalInbox {
             let notified = notify.notified();
             tokio::pin!(notified);
             {
-                let now = now_ms();
+                let now = recent_ms();
                 let mut map = self.lock();
                 let mut expired = 0;
                 let found = map.pop_live(channel, now, &mut expired);

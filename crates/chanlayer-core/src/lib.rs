@@ -15,6 +15,7 @@
 //! Most applications use the `chanlayer` facade crate instead of this one.
 
 pub mod capabilities;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod delivery;
