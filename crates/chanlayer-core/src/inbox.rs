@@ -262,16 +262,34 @@ impl LocalInbox {
         let seq = map.next_seq;
         map.next_seq += 1;
         let slot = map.slot(channel);
+        if !Self::push_slot(slot, envelope, seq, capacity, stats) {
+            return Err(Error::ChannelFull {
+                channel: channel.to_owned(),
+                capacity,
+            });
+        }
+        if slot.waiters > 0 {
+            slot.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Appends to `slot` unless it holds `capacity` live entries (expired ones are purged
+    /// first); `false` when full. Wakes nobody: the caller does, under the same lock.
+    fn push_slot(
+        slot: &mut Slot,
+        envelope: Envelope,
+        seq: u64,
+        capacity: usize,
+        stats: &Stats,
+    ) -> bool {
         if slot.queue.len() >= capacity {
             let now = now_ms();
             let before = slot.queue.len();
             slot.queue.retain(|e| !e.envelope.is_expired_at(now));
             stats.record_expired((before - slot.queue.len()) as u64);
             if slot.queue.len() >= capacity {
-                return Err(Error::ChannelFull {
-                    channel: channel.to_owned(),
-                    capacity,
-                });
+                return false;
             }
         }
         slot.queue.push_back(Entry {
@@ -279,10 +297,7 @@ impl LocalInbox {
             redelivered: false,
             seq,
         });
-        if slot.waiters > 0 {
-            slot.notify.notify_waiters();
-        }
-        Ok(())
+        true
     }
 
     /// Puts an entry back at the head of `channel` (a nack or an unacked drop), ignoring
@@ -510,7 +525,7 @@ impl LocalInbox {
         options: &LayerOptions,
         stats: &Stats,
     ) {
-        let mut full: Vec<String> = Vec::new();
+        let mut full: Vec<(String, u64)> = Vec::new();
         let mut it = envelopes.drain(..).peekable();
         while let Some(mut envelope) = it.next() {
             if envelope.kind == Destination::Group {
@@ -520,19 +535,40 @@ impl LocalInbox {
             }
             let mut map = self.lock();
             let mut next = Some(envelope);
-            while let Some(mut envelope) = next.take() {
-                let channel = std::mem::take(&mut envelope.destination);
+            while let Some(mut first) = next.take() {
+                // A run of envelopes for one channel: one lookup, one wake-up.
+                let channel = std::mem::take(&mut first.destination);
                 let capacity = options.capacity_for(&channel);
-                if let Err(Error::ChannelFull { .. }) =
-                    Self::push_locked(&mut map, &channel, envelope, capacity, stats)
-                {
-                    full.push(channel);
+                let mut seq = map.next_seq;
+                let slot = map.slot(&channel);
+                let mut dropped = 0u64;
+                let mut pending = Some(first);
+                while let Some(envelope) = pending.take() {
+                    if !Self::push_slot(slot, envelope, seq, capacity, stats) {
+                        dropped += 1;
+                    }
+                    seq += 1;
+                    pending = it
+                        .next_if(|e| e.kind == Destination::Channel && e.destination == channel)
+                        .map(|mut e| {
+                            e.destination = String::new();
+                            e
+                        });
+                }
+                if slot.waiters > 0 {
+                    slot.notify.notify_waiters();
+                }
+                map.next_seq = seq;
+                if dropped > 0 {
+                    full.push((channel, dropped));
                 }
                 next = it.next_if(|e| e.kind == Destination::Channel);
             }
         }
-        for channel in full {
-            stats.record_dropped_full(&channel);
+        for (channel, dropped) in full {
+            for _ in 0..dropped {
+                stats.record_dropped_full(&channel);
+            }
         }
     }
 
@@ -632,6 +668,51 @@ mod tests {
         assert!(inbox.try_take("c", &stats).is_none());
         assert_eq!(seq_of(&inbox.try_take("d", &stats).expect("take")), 2);
         assert_eq!(stats.snapshot().dropped_full, 2);
+    }
+
+    #[test]
+    fn deliver_all_runs_of_a_channel_keep_order_and_wake_a_waiting_take() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let stats = Arc::new(Stats::default());
+            let inbox = Arc::new(LocalInbox::new());
+            let closed = Arc::new(CloseSignal::default());
+            let waiting = {
+                let (inbox, stats, closed) = (inbox.clone(), stats.clone(), closed.clone());
+                tokio::spawn(async move { inbox.take("c", &stats, &closed).await })
+            };
+            // Let the take register as a waiter before anything arrives.
+            while inbox.lock().get("c").is_none_or(|s| s.waiters == 0) {
+                tokio::task::yield_now().await;
+            }
+            let to = |ch: &str, i: u64| {
+                let m = Message::encode_as("t", &i, Codec::Bincode).expect("encode");
+                Envelope::seal(Destination::Channel, ch, m, &LayerOptions::default()).expect("seal")
+            };
+            // Runs c c | e | c c: each channel in its order, every message delivered.
+            let mut batch = vec![to("c", 0), to("c", 1), to("e", 2), to("c", 3), to("c", 4)];
+            inbox.deliver_all(
+                &mut batch,
+                &GroupRegistry::new(),
+                &LayerOptions::default(),
+                &stats,
+            );
+            let first = tokio::time::timeout(Duration::from_secs(10), waiting)
+                .await
+                .expect("the waiting take was woken")
+                .expect("task")
+                .expect("take");
+            assert_eq!(seq_of(&first), 0);
+            let c: Vec<u64> = std::iter::from_fn(|| inbox.try_take("c", &stats))
+                .map(|e| seq_of(&e))
+                .collect();
+            assert_eq!(c, vec![1, 3, 4]);
+            assert_eq!(seq_of(&inbox.try_take("e", &stats).expect("take")), 2);
+            assert_eq!(stats.snapshot().dropped_full, 0);
+        });
     }
 
     #[test]

@@ -44,6 +44,8 @@ enum Outbound {
 }
 
 struct Inner {
+    /// This instance's number in the process (see [`Scratch`]).
+    serial: u64,
     cfg: ZmqConfig,
     shared: Arc<Shared>,
     inbox_topic: Vec<u8>,
@@ -66,23 +68,42 @@ impl std::fmt::Debug for ZmqLayer {
     }
 }
 
-thread_local! {
-    /// A sending thread's reused buffers for the topic and the encoded envelope of a small
-    /// message (see [`with_scratch`]).
-    static SCRATCH: Cell<(Vec<u8>, Vec<u8>)> = const { Cell::new((Vec::new(), Vec::new())) };
+/// A thread's reused state for the per-message paths (see [`with_scratch`]).
+#[derive(Default)]
+struct Scratch {
+    /// The encoded envelope of a small message being sent.
+    payload: Vec<u8>,
+    /// The topic of `sent_to`.
+    topic: Vec<u8>,
+    /// The layer instance ([`Inner::serial`]) and channel whose name was checked last on a
+    /// send and whose topic `topic` holds; serial 0 is nothing.
+    sent_to: (u64, String),
+    /// The layer instance and channel whose name was checked last for `receive`, and
+    /// whether it is process-local; serial 0 is nothing.
+    received_from: (u64, String, bool),
 }
 
-/// Runs `f` with this thread's two scratch buffers, emptied, and keeps them for the next
-/// call (fresh ones if the thread's storage is gone). No await happens inside `f`, so a
-/// task moving between threads never shares them.
-fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<u8>) -> R) -> R {
-    let (mut topic, mut payload) = SCRATCH.try_with(Cell::take).unwrap_or_default();
-    topic.clear();
-    payload.clear();
-    let r = f(&mut topic, &mut payload);
-    let _ = SCRATCH.try_with(|c| c.set((topic, payload)));
+thread_local! {
+    static SCRATCH: Cell<Option<Box<Scratch>>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with this thread's [`Scratch`] and keeps it for the next call (a fresh one if
+/// the thread's storage is gone). No await happens inside `f`, so a task moving between
+/// threads never shares it. A stream of sends to one channel (or receives from one) checks
+/// its name and builds its topic once, not per message.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut scratch = SCRATCH
+        .try_with(Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let r = f(&mut scratch);
+    let _ = SCRATCH.try_with(|c| c.set(Some(scratch)));
     r
 }
+
+/// Layer instance serials for [`Scratch`]: never 0, never reused in a process.
+static SERIALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A refused push as an error: `ChannelFull` names the channel and, as its capacity, the
 /// instance's `send_queue` (the queue that was full).
@@ -266,9 +287,24 @@ impl Inner {
         self.receiver.subscribe_channel(self.prefix(), channel)
     }
 
-    fn check_receiver(&self, channel: &str) -> Result<()> {
+    /// Checks that this instance may receive from `channel`; `Ok(true)` if it is
+    /// process-local. A thread that receives from one channel over and over checks its name
+    /// once (see [`Scratch`]).
+    fn check_receiver(&self, channel: &str) -> Result<bool> {
         self.shared.closed.check()?;
-        names::check_receiver(channel, &self.shared.id)
+        with_scratch(|sc| {
+            let (serial, name, local) = &mut sc.received_from;
+            if *serial == self.serial && name == channel {
+                return Ok(*local);
+            }
+            *serial = 0;
+            names::check_receiver(channel, &self.shared.id)?;
+            name.clear();
+            name.push_str(channel);
+            *local = names::is_process_local(channel);
+            *serial = self.serial;
+            Ok(*local)
+        })
     }
 }
 
@@ -318,6 +354,7 @@ impl ZmqLayer {
         };
         let (receiver, inbox_confirmed) = Receiver::start(&cfg, shared.clone())?;
         let inner = Arc::new(Inner {
+            serial: SERIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cfg,
             shared,
             inbox_topic,
@@ -465,29 +502,40 @@ impl ZmqLayer {
     async fn send_op(&self, channel: &str, message: Message) -> Result<()> {
         let inner = &self.inner;
         inner.shared.closed.check()?;
-        names::validate_channel(channel)?;
         if message.wire_size(channel) <= wire::BATCH_ITEM_MAX {
             // A message that can travel in a batch: encoded into this thread's reused
-            // buffers and copied from there into the queued run of its topic.
-            return with_scratch(|topic, payload| {
+            // buffer and copied from there into the queued run of its topic.
+            return with_scratch(|sc| {
+                let known = sc.sent_to.0 == inner.serial && sc.sent_to.1 == channel;
+                if !known {
+                    names::validate_channel(channel)?;
+                }
+                sc.payload.clear();
                 Envelope::seal_encode_into(
                     Destination::Channel,
                     channel,
                     message,
                     &inner.shared.options,
-                    payload,
+                    &mut sc.payload,
                 )?;
-                if !inner.channel_topic_into(channel, topic) {
-                    inner.shared.stats.record_undeliverable(channel);
-                    return Ok(());
+                if !known {
+                    sc.sent_to.0 = 0;
+                    if !inner.channel_topic_into(channel, &mut sc.topic) {
+                        inner.shared.stats.record_undeliverable(channel);
+                        return Ok(());
+                    }
+                    sc.sent_to.1.clear();
+                    sc.sent_to.1.push_str(channel);
+                    sc.sent_to.0 = inner.serial;
                 }
                 inner
-                    .publish_data(topic, payload)?
+                    .publish_data(&sc.topic, &sc.payload)?
                     .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
                 inner.shared.stats.record_sent(1);
                 Ok(())
             });
         }
+        names::validate_channel(channel)?;
         let payload = Envelope::seal_encoded(
             Destination::Channel,
             channel,
@@ -538,8 +586,7 @@ impl ZmqLayer {
 
     async fn receive_op(&self, channel: &str) -> Result<Message> {
         let inner = &self.inner;
-        inner.check_receiver(channel)?;
-        if !names::is_process_local(channel) {
+        if !inner.check_receiver(channel)? {
             inner.ensure_normal(channel)?;
         }
         let s = &inner.shared;
@@ -558,8 +605,7 @@ impl ZmqLayer {
 
     async fn receive_delivery_op(&self, channel: &str) -> Result<Delivery> {
         let inner = &self.inner;
-        inner.check_receiver(channel)?;
-        if !names::is_process_local(channel) {
+        if !inner.check_receiver(channel)? {
             return Err(Self::normal_unsupported("receive_delivery"));
         }
         let s = &inner.shared;
@@ -575,8 +621,7 @@ impl ZmqLayer {
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
         let inner = &self.inner;
-        inner.check_receiver(channel)?;
-        if !names::is_process_local(channel) {
+        if !inner.check_receiver(channel)? {
             return Err(Self::normal_unsupported("receive_batch"));
         }
         let s = &inner.shared;
