@@ -181,19 +181,10 @@ impl Envelope {
         message: Message,
         options: &LayerOptions,
     ) -> Result<Vec<u8>> {
-        let env = Self::seal_unaddressed(kind, destination, message, options)?;
-        Ok(EnvelopeRef {
-            id: env.id,
-            kind: env.kind,
-            destination,
-            sent_at_ms: env.sent_at_ms,
-            expires_at_ms: env.expires_at_ms,
-            msg_type: &env.msg_type,
-            codec: env.codec,
-            headers: &env.headers,
-            body: &env.body,
-        }
-        .encode())
+        let mut out =
+            Vec::with_capacity(message.wire_size(destination) + 64 + 4 * message.headers().len());
+        Self::seal_encode_into(kind, destination, message, options, &mut out)?;
+        Ok(out)
     }
 
     /// [`Envelope::seal_encoded`], appending the bytes to `out` instead of returning a new
