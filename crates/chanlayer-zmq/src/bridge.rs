@@ -205,29 +205,46 @@ impl<T: Merge> Mailbox<T> {
         }
     }
 
-    /// Queues `item`, merged into the last queued item when they travel together.
-    /// `bounded` pushes fail with `Full` when the queue holds `capacity` messages; control
-    /// commands pass `false` so they are never refused for capacity.
-    pub fn push(&self, item: T, bounded: bool) -> std::result::Result<(), Refused> {
+    /// Admits `n` messages: refused if the mailbox is closed, or (when `bounded`) if they
+    /// do not fit in `capacity` (a batch larger than the capacity fits an empty queue).
+    /// Otherwise `place` queues them under the lock, and the thread's doorbell rings.
+    fn admit(
+        &self,
+        n: usize,
+        bounded: bool,
+        place: impl FnOnce(&mut VecDeque<T>),
+    ) -> std::result::Result<(), Refused> {
         {
             let mut q = lock(&self.queue);
             if q.closed {
                 return Err(Refused::Closed);
             }
-            if bounded && q.count >= self.capacity {
+            if bounded && q.count + n > self.capacity.max(n) {
                 return Err(Refused::Full);
             }
-            q.count += item.count();
-            let unmerged = match q.items.back_mut() {
-                Some(last) => last.merge(item).err(),
-                None => Some(item),
-            };
-            if let Some(item) = unmerged {
-                q.items.push_back(item);
-            }
+            q.count += n;
+            place(&mut q.items);
         }
         self.ring();
         Ok(())
+    }
+
+    /// Appends `item` to `items`, merged into the last one when they travel together.
+    fn enqueue(items: &mut VecDeque<T>, item: T) {
+        let unmerged = match items.back_mut() {
+            Some(last) => last.merge(item).err(),
+            None => Some(item),
+        };
+        if let Some(item) = unmerged {
+            items.push_back(item);
+        }
+    }
+
+    /// Queues `item`, merged into the last queued item when they travel together.
+    /// `bounded` pushes fail with `Full` when the queue holds `capacity` messages; control
+    /// commands pass `false` so they are never refused for capacity.
+    pub fn push(&self, item: T, bounded: bool) -> std::result::Result<(), Refused> {
+        self.admit(item.count(), bounded, |items| Self::enqueue(items, item))
     }
 
     /// Queues the data message `[topic, payload]` (a bounded push), copied into the last
@@ -236,51 +253,24 @@ impl<T: Merge> Mailbox<T> {
     where
         T: Carries,
     {
-        {
-            let mut q = lock(&self.queue);
-            if q.closed {
-                return Err(Refused::Closed);
-            }
-            if q.count >= self.capacity {
-                return Err(Refused::Full);
-            }
-            q.count += 1;
-            let merged = q
-                .items
+        self.admit(1, true, |items| {
+            let merged = items
                 .back_mut()
                 .is_some_and(|last| last.append_data(topic, payload));
             if !merged {
-                q.items.push_back(T::data(topic, payload));
+                items.push_back(T::data(topic, payload));
             }
-        }
-        self.ring();
-        Ok(())
+        })
     }
 
     /// Queues several items at once (all or none), as one bounded push.
     pub fn push_all(&self, items: Vec<T>) -> std::result::Result<(), Refused> {
-        {
-            let mut q = lock(&self.queue);
-            if q.closed {
-                return Err(Refused::Closed);
-            }
-            let n: usize = items.iter().map(Merge::count).sum();
-            if q.count + n > self.capacity.max(n) {
-                return Err(Refused::Full);
-            }
-            q.count += n;
+        let n: usize = items.iter().map(Merge::count).sum();
+        self.admit(n, true, |queue| {
             for item in items {
-                let unmerged = match q.items.back_mut() {
-                    Some(last) => last.merge(item).err(),
-                    None => Some(item),
-                };
-                if let Some(item) = unmerged {
-                    q.items.push_back(item);
-                }
+                Self::enqueue(queue, item);
             }
-        }
-        self.ring();
-        Ok(())
+        })
     }
 
     /// Marks the mailbox closed (later pushes are refused) and wakes the thread.
