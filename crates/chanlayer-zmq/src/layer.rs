@@ -168,9 +168,15 @@ impl Inner {
                 drop(outbound);
                 self.publish(vec![(topic.to_vec(), payload.to_vec())])
             }
-            Outbound::Embedded { endpoint, .. } => {
-                Ok(endpoint.publisher()?.push_data(topic, payload))
-            }
+            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
+                Some(p) => Ok(p.push_data(topic, payload)),
+                None => {
+                    // The first send binds the publisher: not under the lock `close` takes.
+                    let endpoint = endpoint.clone();
+                    drop(outbound);
+                    Ok(endpoint.publisher()?.push_data(topic, payload))
+                }
+            },
             Outbound::Dedicated(s) => Ok(s.push_data(topic, payload)),
         }
     }

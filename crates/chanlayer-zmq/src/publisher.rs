@@ -146,6 +146,11 @@ impl Endpoint {
         self.publisher.get().cloned()
     }
 
+    /// The publisher, if it is bound already (no lock, no clone: the send path).
+    pub fn started(&self) -> Option<&Arc<Publisher>> {
+        self.publisher.get()
+    }
+
     /// The publisher, binding it now if this process has none yet.
     pub fn publisher(&self) -> Result<&Arc<Publisher>> {
         if let Some(p) = self.publisher.get() {
