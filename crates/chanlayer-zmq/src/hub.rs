@@ -213,6 +213,18 @@ impl Batch {
     }
 }
 
+/// What [`Hub::claim`] hands out for messages about to be published on a topic.
+struct Claim {
+    /// The first sequence number claimed.
+    first: u64,
+    /// Whether a subscriber confirmed the topic (the messages go out now).
+    subscribed: bool,
+    /// The topic's key in the retention buffers.
+    key: Rc<[u8]>,
+    /// Whether the messages are kept for late joiners.
+    retain: bool,
+}
+
 /// The XPUB side. Owned by one thread.
 pub(crate) struct Hub {
     xpub: zmq::Socket,
@@ -294,6 +306,29 @@ impl Hub {
             .expect("the topic is in the map: it was there or was inserted just above")
     }
 
+    /// Takes the next `count` sequence numbers of `topic` for messages about to be
+    /// published, and says what happens to them: normal channels are retained for late
+    /// joiners, an inbox only while nobody listens, groups never (retention off: nothing).
+    fn claim(&mut self, topic: &[u8], kind: TopicKind, count: u64) -> Claim {
+        let per_topic = self.retention.per_topic;
+        let state = self.state_mut(topic);
+        let first = state.seq + 1;
+        state.seq += count;
+        let subscribed = state.subscribed;
+        let retain = per_topic > 0
+            && match kind {
+                TopicKind::Channel => true,
+                TopicKind::Inbox => !subscribed,
+                TopicKind::Group => false,
+            };
+        Claim {
+            first,
+            subscribed,
+            key: state.key.clone(),
+            retain,
+        }
+    }
+
     /// Publishes one data message on `topic`.
     pub fn publish(&mut self, topic: &[u8], payload: Payload) {
         self.publish_inner(topic, payload);
@@ -307,18 +342,12 @@ impl Hub {
             return;
         };
         let epoch = self.epoch;
-        let per_topic = self.retention.per_topic;
-        let state = self.state_mut(topic);
-        state.seq += 1;
-        let seq = state.seq;
-        let subscribed = state.subscribed;
-        let key = state.key.clone();
-        let retain = per_topic > 0
-            && match kind {
-                TopicKind::Channel => true,
-                TopicKind::Inbox => !subscribed,
-                TopicKind::Group => false,
-            };
+        let Claim {
+            first: seq,
+            subscribed,
+            key,
+            retain,
+        } = self.claim(topic, kind, 1);
         let meta = wire::meta(wire::META_DATA, epoch, seq);
         let kept = retain.then(|| payload.as_slice().to_vec());
         // Counters first: whoever gets the message sees them counted.
@@ -343,18 +372,12 @@ impl Hub {
             return;
         };
         let epoch = self.epoch;
-        let per_topic = self.retention.per_topic;
-        let state = self.state_mut(topic);
-        let first = state.seq + 1;
-        state.seq += count;
-        let subscribed = state.subscribed;
-        let key = state.key.clone();
-        let retain = per_topic > 0
-            && match kind {
-                TopicKind::Channel => true,
-                TopicKind::Inbox => !subscribed,
-                TopicKind::Group => false,
-            };
+        let Claim {
+            first,
+            subscribed,
+            key,
+            retain,
+        } = self.claim(topic, kind, count);
         let kept: Vec<Vec<u8>> = if retain {
             wire::batch_items(&body)
                 .unwrap_or_default()
