@@ -141,6 +141,46 @@ pub(crate) trait Carries: Merge {
     fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool;
 }
 
+/// A socket thread's command, of which one kind carries data messages. [`Merge`] and
+/// [`Carries`] come with it: data merges with the data queued before it as [`Outgoing`]
+/// says, any other command travels alone and counts as one.
+pub(crate) trait Command: Sized {
+    /// The command that carries `data`.
+    fn from_data(data: Outgoing) -> Self;
+    /// The data this command carries, if it is a data command.
+    fn data(&self) -> Option<&Outgoing>;
+    /// [`Command::data`], mutable.
+    fn data_mut(&mut self) -> Option<&mut Outgoing>;
+    /// The data of a data command, or the command back.
+    fn into_data(self) -> std::result::Result<Outgoing, Self>;
+}
+
+impl<T: Command> Merge for T {
+    fn count(&self) -> usize {
+        self.data().map_or(1, Merge::count)
+    }
+
+    fn merge(&mut self, next: T) -> std::result::Result<(), T> {
+        let Some(data) = self.data_mut() else {
+            return Err(next);
+        };
+        match next.into_data() {
+            Ok(n) => data.merge(n).map_err(T::from_data),
+            Err(other) => Err(other),
+        }
+    }
+}
+
+impl<T: Command> Carries for T {
+    fn data(topic: &[u8], payload: &[u8]) -> Self {
+        T::from_data(Outgoing::copied(topic, payload))
+    }
+
+    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool {
+        self.data_mut().is_some_and(|d| d.append(topic, payload))
+    }
+}
+
 impl Carries for Outgoing {
     fn data(topic: &[u8], payload: &[u8]) -> Self {
         Outgoing::copied(topic, payload)

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Carries, Mailbox, Merge, Outgoing, Refused};
+use crate::bridge::{context, lock, zmq_err, Command, Mailbox, Outgoing, Refused};
 use crate::config::ZmqConfig;
 use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload};
 use crate::receiver::ReceiverSync;
@@ -36,31 +36,29 @@ pub(crate) enum PubCmd {
     Raw(Vec<Vec<u8>>),
 }
 
-impl Merge for PubCmd {
-    fn count(&self) -> usize {
+impl Command for PubCmd {
+    fn from_data(data: Outgoing) -> Self {
+        PubCmd::Data(data)
+    }
+
+    fn data(&self) -> Option<&Outgoing> {
         match self {
-            PubCmd::Data(d) => d.count(),
-            _ => 1,
+            PubCmd::Data(d) => Some(d),
+            _ => None,
         }
     }
 
-    fn merge(&mut self, next: PubCmd) -> std::result::Result<(), PubCmd> {
-        match (self, next) {
-            (PubCmd::Data(d), PubCmd::Data(n)) => d.merge(n).map_err(PubCmd::Data),
-            (_, next) => Err(next),
+    fn data_mut(&mut self) -> Option<&mut Outgoing> {
+        match self {
+            PubCmd::Data(d) => Some(d),
+            _ => None,
         }
     }
-}
 
-impl Carries for PubCmd {
-    fn data(topic: &[u8], payload: &[u8]) -> Self {
-        PubCmd::Data(Outgoing::copied(topic, payload))
-    }
-
-    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool {
+    fn into_data(self) -> std::result::Result<Outgoing, Self> {
         match self {
-            PubCmd::Data(d) => d.append(topic, payload),
-            _ => false,
+            PubCmd::Data(d) => Ok(d),
+            other => Err(other),
         }
     }
 }

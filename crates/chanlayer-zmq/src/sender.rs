@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Carries, Mailbox, Merge, Outgoing, Refused};
+use crate::bridge::{context, lock, zmq_err, Command, Mailbox, Outgoing, Refused};
 use crate::config::ZmqConfig;
 use crate::wire;
 use crate::BACKEND;
@@ -26,31 +26,29 @@ pub(crate) enum Out {
     Frames(Vec<Vec<u8>>),
 }
 
-impl Merge for Out {
-    fn count(&self) -> usize {
+impl Command for Out {
+    fn from_data(data: Outgoing) -> Self {
+        Out::Data(data)
+    }
+
+    fn data(&self) -> Option<&Outgoing> {
         match self {
-            Out::Data(d) => d.count(),
-            Out::Frames(_) => 1,
+            Out::Data(d) => Some(d),
+            Out::Frames(_) => None,
         }
     }
 
-    fn merge(&mut self, next: Out) -> std::result::Result<(), Out> {
-        match (self, next) {
-            (Out::Data(d), Out::Data(n)) => d.merge(n).map_err(Out::Data),
-            (_, next) => Err(next),
+    fn data_mut(&mut self) -> Option<&mut Outgoing> {
+        match self {
+            Out::Data(d) => Some(d),
+            Out::Frames(_) => None,
         }
     }
-}
 
-impl Carries for Out {
-    fn data(topic: &[u8], payload: &[u8]) -> Self {
-        Out::Data(Outgoing::copied(topic, payload))
-    }
-
-    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool {
+    fn into_data(self) -> std::result::Result<Outgoing, Self> {
         match self {
-            Out::Data(d) => d.append(topic, payload),
-            Out::Frames(_) => false,
+            Out::Data(d) => Ok(d),
+            other => Err(other),
         }
     }
 }
