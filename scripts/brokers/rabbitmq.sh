@@ -49,45 +49,11 @@ if ! command -v rabbitmq-server >/dev/null 2>&1 || ! command -v rabbitmqctl >/de
   apt-get install -y -qq rabbitmq-server openssl >/dev/null
   # The package may start a node through its init script; we manage it ourselves below.
 fi
-command -v openssl >/dev/null 2>&1 || { apt-get update -qq; apt-get install -y -qq openssl >/dev/null; }
 
-# 2. The test CA and the broker's certificate (once).
-if [ ! -s "$TLS_DIR/server_certificate.pem" ] || [ ! -s "$TLS_DIR/ca_certificate.pem" ]; then
-  say "making a test CA and a certificate for localhost / 127.0.0.1 in $TLS_DIR"
-  mkdir -p "$TLS_DIR"
-  tmp=$(mktemp -d)
-  cat >"$tmp/ca.cnf" <<'EOF'
-[req]
-distinguished_name = dn
-x509_extensions = v3_ca
-prompt = no
-[dn]
-CN = chanlayer test CA
-[v3_ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-EOF
-  cat >"$tmp/server.cnf" <<'EOF'
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = DNS:localhost, IP:127.0.0.1
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-EOF
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -config "$tmp/ca.cnf" \
-    -keyout "$tmp/ca_key.pem" -out "$TLS_DIR/ca_certificate.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
-    -keyout "$TLS_DIR/server_key.pem" -out "$tmp/server.csr" 2>/dev/null
-  openssl x509 -req -in "$tmp/server.csr" -days 3650 -CA "$TLS_DIR/ca_certificate.pem" \
-    -CAkey "$tmp/ca_key.pem" -CAcreateserial -extfile "$tmp/server.cnf" \
-    -out "$TLS_DIR/server_certificate.pem" 2>/dev/null
-  rm -rf "$tmp"   # the CA key is not needed again: a new CA is made if the files go
-  # A throwaway test key; the broker runs as the rabbitmq user and must read it.
-  chmod 0755 "$TLS_DIR"
-  chmod 0644 "$TLS_DIR"/*.pem
-fi
+# 2. The test CA and the broker's certificate (once; shared with kafka.sh).
+# shellcheck source=../lib/test-ca.sh
+. "$(dirname "$0")/../lib/test-ca.sh"
+ensure_test_ca
 
 # 3. Configuration: our block between markers, the rest of the file kept.
 mkdir -p /etc/rabbitmq
