@@ -129,8 +129,7 @@ fn seq(i: u64) -> Message {
 
 async fn connect(port: u16, prefix: &str, extra: &str) -> KafkaLayer {
     let mut config = LayerConfig::from_url(&format!(
-        "kafka://127.0.0.1:{port}?session_timeout=6s&connection_timeout=5s&{}{extra}",
-        common::TANSU_WORKAROUNDS
+        "kafka://127.0.0.1:{port}?session_timeout=6s&connection_timeout=5s{extra}"
     ))
     .expect("url");
     config.options = LayerOptions {

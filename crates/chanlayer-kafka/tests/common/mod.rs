@@ -10,26 +10,17 @@ use chanlayer_kafka::KafkaLayer;
 use chanlayer_testkit::{LayerFactory, RawInjector, TestLayer};
 
 /// The broker the tests use: `KAFKA_BOOTSTRAP` (`host:port[,host:port]`), or the local
-/// tansu broker that `scripts/test` starts on 127.0.0.1:9092.
+/// Apache Kafka broker that `scripts/brokers/kafka.sh` starts on 127.0.0.1:9092.
 pub fn bootstrap() -> String {
     std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
 }
-
-/// Options every test adds for tansu 0.6 (tests only; the library sets none of this):
-/// - `batch.num.messages=1`: one record per batch. tansu answers a fetch from an offset in
-///   the middle of a batch with the *next* batch, skipping the rest of that one, and a
-///   committed offset (where a new owner starts after a rebalance) can be mid-batch.
-/// - `fetch.wait.max.ms=10`: tansu holds every fetch for the whole wait, even with data
-///   there (Apache Kafka answers as soon as data arrives), which would make every delivery
-///   wait up to the layer's 100 ms.
-pub const TANSU_WORKAROUNDS: &str = "kafka.batch.num.messages=1&kafka.fetch.wait.max.ms=10";
 
 /// The `kafka://` URL of [`bootstrap`] plus `extra` query options. Test topics are kept an
 /// hour (`retention`), and group sessions are short so a closed reader's partitions move
 /// quickly.
 pub fn url_with(extra: &str) -> String {
     format!(
-        "kafka://{}?retention=1h&session_timeout=6s&{TANSU_WORKAROUNDS}{}{extra}",
+        "kafka://{}?retention=1h&session_timeout=6s{}{extra}",
         bootstrap(),
         if extra.is_empty() { "" } else { "&" }
     )
