@@ -140,17 +140,36 @@ PROPS
 }
 
 node_pid() { cat "$1/n$2/pid" 2>/dev/null || true; }
-node_alive() { local p; p=$(node_pid "$1" "$2"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+node_alive() { # a live process, not a zombie (a killed node nobody reaped)
+  local p st
+  p=$(node_pid "$1" "$2")
+  [ -n "$p" ] || return 1
+  st=$(ps -o stat= -p "$p" 2>/dev/null) || return 1
+  case "$st" in Z*) return 1 ;; esac
+}
 node_port() { sed -n 's#^advertised.listeners=PLAINTEXT://127.0.0.1:\([0-9]*\).*#\1#p' "$1/n$2/server.properties"; }
 
 start_node() { # start_node DIR ID: starts a formatted node in the background (no wait)
   local dir=$1 id=$2 nd="$1/n$2"
   [ -f "$nd/server.properties" ] || die "no node $id in $dir (make it with: kafka.sh nodes DIR PORT N)"
   node_alive "$dir" "$id" && return 0
-  # shellcheck disable=SC2086
-  setsid nohup java -Djava.awt.headless=true $HEAP -Dlog4j2.configurationFile="$nd/log4j2.properties" \
+  # A node killed a moment ago may still hold its ports while it dies.
+  local port
+  port=$(node_port "$dir" "$id")
+  port_free() { ! port_open "$port"; }
+  wait_for "127.0.0.1:$port to be free (a node of $dir still dying?)" port_free
+  rm -f "$nd/pid"
+  # The JVM writes its own pid (setsid forks when it leads a process group, so $! can be
+  # the wrong process); its own session, so it outlives this script and its caller.
+  # shellcheck disable=SC2016,SC2086
+  setsid nohup bash -c 'echo $$ >"$1/pid"; shift; exec "$@"' _ "$nd" \
+    java -Djava.awt.headless=true $HEAP -Dlog4j2.configurationFile="$nd/log4j2.properties" \
     -cp "$LIBS/*" kafka.Kafka "$nd/server.properties" >"$nd/stdout.log" 2>&1 </dev/null &
-  echo $! >"$nd/pid"
+  local deadline=$(( $(date +%s) + 10 ))
+  until [ -s "$nd/pid" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "node $id of $dir did not start (log: $nd/stdout.log)"
+    sleep 0.05
+  done
 }
 
 wait_node() { # wait_node DIR ID: until its PLAINTEXT port answers (or the process died)

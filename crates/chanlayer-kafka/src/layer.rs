@@ -18,6 +18,7 @@ use crate::normal::NormalConsumer;
 use crate::producer::{Refused, Sender};
 use crate::receiver::Forward;
 use crate::topics::{Kind, Names, Topics};
+use crate::worker::Worker;
 use crate::{BACKEND, CAPABILITIES};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -43,7 +44,7 @@ pub(crate) struct Inner {
     topics: Topics,
     sender: Sender,
     consumers: Mutex<HashMap<String, Arc<NormalConsumer>>>,
-    receiver: Mutex<Option<std::thread::JoinHandle<()>>>,
+    receiver: Mutex<Option<Worker>>,
     /// Inbox offsets below this were sent before a `flush`: the receiver drops them.
     pub inbox_skip_below: AtomicI64,
     /// Instances that announced their close: their process-local channels are gone.
@@ -284,10 +285,10 @@ impl KafkaLayer {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let thread = {
             let inner = inner.clone();
-            std::thread::Builder::new()
-                .name("chanlayer-kafka receiver".into())
-                .spawn(move || crate::receiver::run(inner, consumer, tx))
-                .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
+            Worker::spawn("chanlayer-kafka receiver".into(), move || {
+                crate::receiver::run(inner, consumer, tx)
+            })
+            .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
         };
         *lock(&inner.receiver) = Some(thread);
         tokio::spawn(forwarder(inner.clone(), rx));
@@ -355,8 +356,7 @@ impl KafkaLayer {
         let bound = inner.cfg.connection_timeout;
         let receiver = lock(&inner.receiver).take();
         if let Some(h) = receiver {
-            let joined = tokio::time::timeout(bound, tokio::task::spawn_blocking(move || h.join()));
-            if joined.await.is_err() {
+            if !h.join_within(bound).await {
                 tracing::warn!("the receiver thread did not stop within {bound:?}; it finishes in the background");
             }
         }

@@ -38,6 +38,7 @@ mod normal;
 mod producer;
 mod receiver;
 mod topics;
+mod worker;
 
 pub use config::{KafkaConfig, KNOWN_OPTIONS};
 pub use layer::KafkaLayer;

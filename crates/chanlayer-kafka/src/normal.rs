@@ -38,6 +38,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::topics::backend_err;
+use crate::worker::Worker;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -254,7 +255,7 @@ impl ConsumerContext for Context {
 pub(crate) struct NormalConsumer {
     channel: String,
     shared: Arc<Shared>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: Mutex<Option<Worker>>,
     /// Serialises starting the thread.
     starting: tokio::sync::Mutex<bool>,
 }
@@ -308,10 +309,10 @@ impl NormalConsumer {
         let stats = stats.clone();
         let prefetch = cfg.prefetch;
         let interval = cfg.commit_interval;
-        let handle = std::thread::Builder::new()
-            .name(format!("chanlayer-kafka {}", self.channel))
-            .spawn(move || run(consumer, shared, stats, prefetch, interval))
-            .map_err(|e| Error::backend(crate::BACKEND, "could not start a consumer thread", e))?;
+        let handle = Worker::spawn(format!("chanlayer-kafka {}", self.channel), move || {
+            run(consumer, shared, stats, prefetch, interval)
+        })
+        .map_err(|e| Error::backend(crate::BACKEND, "could not start a consumer thread", e))?;
         *lock(&self.thread) = Some(handle);
         *started = true;
         Ok(())
@@ -326,8 +327,7 @@ impl NormalConsumer {
         self.shared.stop.store(true, Ordering::Relaxed);
         let handle = lock(&self.thread).take();
         if let Some(h) = handle {
-            let joined = tokio::time::timeout(bound, tokio::task::spawn_blocking(move || h.join()));
-            if joined.await.is_err() {
+            if !h.join_within(bound).await {
                 tracing::warn!(topic = %self.shared.topic, "the consumer did not stop within {bound:?} (broker away?); it finishes in the background");
             }
         }

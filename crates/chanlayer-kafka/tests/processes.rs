@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -234,4 +235,186 @@ async fn a_crashed_instance_leaves_an_inbox_that_can_be_removed() {
         vec![chanlayer_kafka::inbox_topic(&prefix, &instance)]
     );
     inboxes_until(&prefix, "the leftover is removed", |now| now.is_empty()).await;
+}
+
+/// The members of consumer group `group` (a normal channel's topic) that have an
+/// assignment, as the broker at `bootstrap` reports them.
+fn group_members(bootstrap: &str, group: &str) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let probe: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("a probe client");
+    probe
+        .fetch_group_list(Some(group), Duration::from_secs(5))
+        .map(|l| {
+            l.groups()
+                .iter()
+                .filter(|g| g.name() == group && g.state() == "Stable")
+                .map(|g| g.members().len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `group` is stable with `n` members.
+async fn wait_members(bootstrap: &str, group: &str, n: usize) {
+    let (b, g) = (bootstrap.to_owned(), group.to_owned());
+    chanlayer_testkit::eventually(
+        &format!("{n} members in consumer group {group}"),
+        move || group_members(&b, &g) == n,
+    )
+    .await;
+}
+
+/// Reads the drain peer's `GOT <seq>` lines until it has `n` distinct seqs (or `DONE`);
+/// returns them with the number of duplicates, and when the first and the last arrived.
+async fn read_drained(
+    peer: &mut Peer,
+    n: usize,
+) -> (BTreeSet<u64>, usize, std::time::Instant, std::time::Instant) {
+    let mut got = BTreeSet::new();
+    let mut dups = 0;
+    let mut first = None;
+    loop {
+        let line = peer.line().await;
+        if line == "DONE" {
+            break;
+        }
+        let seq: u64 = line
+            .strip_prefix("GOT ")
+            .unwrap_or_else(|| panic!("expected GOT, got {line:?}"))
+            .parse()
+            .expect("a seq");
+        first.get_or_insert_with(std::time::Instant::now);
+        if !got.insert(seq) {
+            dups += 1;
+        }
+        if got.len() == n {
+            break;
+        }
+    }
+    let last = std::time::Instant::now();
+    (got, dups, first.unwrap_or(last), last)
+}
+
+/// A consumer process holding an unacked `receive_batch` on a normal channel is killed
+/// while a second consumer process of the same channel is a live member of the consumer
+/// group: the partition moves to the live one within about `session_timeout` (6 s here),
+/// and every message, the 100 held ones and the 200 never taken, reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_consumers_partitions_and_unacked_batch_move_to_the_live_one() {
+    let prefix = ns();
+    let layer = layer(&prefix).await;
+    let ch = format!("{prefix}.jobs");
+    for i in 0..300u64 {
+        layer
+            .send(
+                &ch,
+                Message::encode_as("job", &i, Codec::Bincode).expect("encode"),
+            )
+            .await
+            .expect("send");
+    }
+    let mut holder = Peer::spawn("hold-batch", &url(&prefix), &[&ch, "100"]);
+    let line = holder.line().await;
+    let held = line.strip_prefix("HELD ").expect("HELD").split(' ').count();
+    assert!(held > 0 && held <= 100, "{line}");
+    let mut live = Peer::spawn("drain", &url(&prefix), &[&ch, "300"]);
+    assert_eq!(live.line().await, "READY drain");
+    let group = layer.channel_topic(&ch);
+    wait_members(&common::bootstrap(), &group, 2).await;
+
+    let killed = std::time::Instant::now();
+    holder.kill();
+    let (got, dups, first, last) =
+        tokio::time::timeout(Duration::from_secs(60), read_drained(&mut live, 300))
+            .await
+            .expect("the live consumer gets every message within a minute of the kill");
+    assert_eq!(got.len(), 300, "all 300 arrive at the live consumer");
+    assert!(live.wait_success().await, "the drain peer exits cleanly");
+    eprintln!(
+        "dead consumer: {held} held by the killed process; the live one got all 300 ({dups} duplicates), the first {:.1} s and the last {:.1} s after the kill",
+        first.saturating_duration_since(killed).as_secs_f64(),
+        (last - killed).as_secs_f64()
+    );
+    layer.close().await.expect("close");
+}
+
+/// The broker frozen (SIGSTOP) for 10 s, longer than the consumer's 6 s `session_timeout`,
+/// while 4,000 sends stream to a normal channel that a consumer process reads: its session
+/// expires at the broker, it rejoins, and it receives all 4,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_session_expired_rejoins_and_goes_on() {
+    let nodes = Arc::new(
+        tokio::task::spawn_blocking(|| common::nodes::KafkaNodes::start(1))
+            .await
+            .expect("start a node"),
+    );
+    let prefix = ns();
+    let url = format!(
+        "kafka://{}?retention=1h&session_timeout=6s&delivery_timeout=120s&prefix={prefix}",
+        nodes.bootstrap()
+    );
+    let sender = Arc::new(
+        KafkaLayer::connect(&LayerConfig::from_url(&url).expect("url"))
+            .await
+            .expect("connect"),
+    );
+    let ch = format!("{prefix}.stream");
+    let mut reader = Peer::spawn("drain", &url, &[&ch, "4000"]);
+    assert_eq!(reader.line().await, "READY drain");
+    // The topic exists once the reader subscribed to it; wait for its consumer to join.
+    wait_members(&nodes.bootstrap(), &sender.channel_topic(&ch), 1).await;
+
+    const N: u64 = 4000;
+    let sends = {
+        let (sender, nodes, ch) = (sender.clone(), nodes.clone(), ch.clone());
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for i in 0..N {
+                if i == 1000 {
+                    // The freeze's length is the scenario (longer than session_timeout).
+                    nodes.signal(1, "STOP");
+                    let nodes = nodes.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        nodes.signal(1, "CONT");
+                    });
+                }
+                let s = sender.clone();
+                let ch = ch.clone();
+                tasks.push(tokio::spawn(async move {
+                    s.send(
+                        &ch,
+                        Message::encode_as("seq", &i, Codec::Bincode).expect("encode"),
+                    )
+                    .await
+                }));
+                if tasks.len() == 100 {
+                    for t in tasks.drain(..) {
+                        t.await
+                            .expect("send task")
+                            .expect("every send is acknowledged");
+                    }
+                }
+            }
+            for t in tasks {
+                t.await
+                    .expect("send task")
+                    .expect("every send is acknowledged");
+            }
+        })
+    };
+    let (got, dups, _, _) = tokio::time::timeout(
+        Duration::from_secs(120),
+        read_drained(&mut reader, N as usize),
+    )
+    .await
+    .expect("the reader receives all 4,000 within two minutes");
+    sends.await.expect("sends");
+    assert_eq!(got.len(), N as usize);
+    assert!(reader.wait_success().await, "the drain peer exits cleanly");
+    eprintln!("session expiry: all {N} received after a 10 s broker freeze ({dups} duplicates)");
+    sender.close().await.expect("close");
 }

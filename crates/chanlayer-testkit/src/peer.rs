@@ -15,6 +15,10 @@
 //!     "HELD <seq> <seq> ...", then waits until it is killed.
 //! hold-batch URL CHANNEL N
 //!     the same with one receive_batch of up to N (a batch taken and never committed).
+//! drain URL CHANNEL N
+//!     prints "READY drain", then receives (auto-ack) from channel CHANNEL and prints
+//!     "GOT <seq>" for each message until it has seen N distinct seqs; then prints "DONE",
+//!     closes the layer and exits.
 //! ```
 //!
 //! In a backend's `tests/processes.rs`:
@@ -93,6 +97,18 @@ async fn hold(layer: Arc<dyn ChannelLayer>, channel: &str, n: usize, batch: bool
     Ok(())
 }
 
+async fn drain(layer: Arc<dyn ChannelLayer>, channel: &str, n: usize) -> Result<()> {
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    say("READY drain");
+    while seen.len() < n {
+        let seq = layer.receive(channel).await?.decode::<u64>()?;
+        seen.insert(seq);
+        say(&format!("GOT {seq}"));
+    }
+    say("DONE");
+    layer.close().await
+}
+
 /// Runs the peer if [`PEER_ENV`] is set (the process was started by [`Peer::spawn`]);
 /// returns at once otherwise. `connect` makes the backend's layer from a URL. Exits the
 /// process with status 1 and the error on stderr if anything fails.
@@ -121,6 +137,7 @@ where
             ("serve", [group]) => serve(layer, group).await,
             ("hold", [channel, n]) => hold(layer, channel, parse(n), false).await,
             ("hold-batch", [channel, n]) => hold(layer, channel, parse(n), true).await,
+            ("drain", [channel, n]) => drain(layer, channel, parse(n)).await,
             _ => panic!("unknown peer command {spec:?}"),
         }
     });
@@ -176,6 +193,8 @@ impl Peer {
                 if line.starts_with("READY ")
                     || line.starts_with("HELD ")
                     || line.starts_with("NO-REPLY-TO ")
+                    || line.starts_with("GOT ")
+                    || line == "DONE"
                 {
                     return (line, out);
                 }

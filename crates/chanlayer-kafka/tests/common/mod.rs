@@ -2,6 +2,8 @@
 //! conformance suite, and helpers.
 #![allow(dead_code)]
 
+pub mod nodes;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
