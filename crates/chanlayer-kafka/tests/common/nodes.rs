@@ -141,7 +141,10 @@ impl Drop for KafkaNodes {
         // frozen node).
         for id in 1..=self.count {
             if let Ok(p) = std::fs::read_to_string(self.dir.join(format!("n{id}/pid"))) {
-                let _ = Command::new("kill").args(["-KILL", p.trim()]).status();
+                let _ = Command::new("kill")
+                    .args(["-KILL", p.trim()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
