@@ -221,7 +221,7 @@ impl KafkaLayer {
         let names = Names::new(&config.options.prefix, &cfg.groups_topic, &id);
         let max = config.options.max_message_size;
         let topics = Topics::new(&cfg, &client_id, max)?;
-        let sender = Sender::new(&cfg, &client_id, max)?;
+        let sender = Sender::new(&cfg, &client_id, max, topics.cause.clone())?;
         let inner = Arc::new(Inner {
             cfg,
             options: config.options.clone(),
@@ -240,24 +240,37 @@ impl KafkaLayer {
             inbox_skip_below: AtomicI64::new(0),
             closed_instances: ClosedInstances::default(),
         });
+        // A broker that is not there, or one that refuses our credentials or certificate:
+        // the error names what the clients reported (authentication, TLS, no connection).
         let reach = |e: Error| match e {
             Error::Backend {
                 message, source, ..
             } => Error::Backend {
                 backend: BACKEND,
-                message: format!(
-                    "{message} (is a Kafka broker running at {}?)",
-                    inner.cfg.display_address()
-                ),
+                message: match inner.topics.cause.last() {
+                    Some(cause) => format!("{message}: {cause}"),
+                    None => format!(
+                        "{message} (is a Kafka broker running at {}?)",
+                        inner.cfg.display_address()
+                    ),
+                },
                 source,
             },
             e => e,
         };
-        inner
-            .topics
-            .ensure(&inner.names.groups, Kind::Shared)
-            .await
-            .map_err(reach)?;
+        let refused = |cause: String| Error::Backend {
+            backend: BACKEND,
+            message: format!(
+                "could not connect to {}: {cause}",
+                inner.cfg.display_address()
+            ),
+            source: None,
+        };
+        // The first request fails at once when authentication or TLS does.
+        tokio::select! {
+            r = inner.topics.ensure(&inner.names.groups, Kind::Shared) => r.map_err(reach)?,
+            cause = inner.topics.cause.fatal() => return Err(refused(cause)),
+        }
         inner
             .topics
             .ensure(&inner.names.inbox, Kind::Inbox)

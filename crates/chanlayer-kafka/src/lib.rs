@@ -32,6 +32,7 @@
 //!
 //! [rdkafka]: https://docs.rs/rdkafka
 
+mod cause;
 mod config;
 mod layer;
 mod normal;

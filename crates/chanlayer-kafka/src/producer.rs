@@ -8,6 +8,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
+use crate::cause::{Cause, Watch};
 use crate::config::KafkaConfig;
 use crate::topics::backend_err;
 use crate::BACKEND;
@@ -22,19 +23,27 @@ pub(crate) enum Refused {
 }
 
 pub(crate) struct Sender {
-    producer: FutureProducer,
+    producer: FutureProducer<Watch>,
+    cause: Cause,
     delivery_timeout: Duration,
     address: String,
 }
 
 impl Sender {
-    pub fn new(cfg: &KafkaConfig, client_id: &str, max_message_size: usize) -> Result<Self> {
-        let producer: FutureProducer = cfg
+    /// The producer; its connection problems go to `cause` (shared with the admin client).
+    pub fn new(
+        cfg: &KafkaConfig,
+        client_id: &str,
+        max_message_size: usize,
+        cause: Cause,
+    ) -> Result<Self> {
+        let producer: FutureProducer<Watch> = cfg
             .producer_config(client_id, max_message_size)
-            .create()
+            .create_with_context(Watch(cause.clone()))
             .map_err(|e| backend_err("could not create the producer", e))?;
         Ok(Sender {
             producer,
+            cause,
             delivery_timeout: cfg.delivery_timeout,
             address: cfg.display_address(),
         })
@@ -98,10 +107,16 @@ impl Sender {
             return Refused::UnknownTopic;
         }
         let message = match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::MessageTimedOut) => format!(
-                "no acknowledgement from {} for a message to {topic:?} within delivery_timeout ({:?}); the broker may be down",
-                self.address, self.delivery_timeout
-            ),
+            Some(RDKafkaErrorCode::MessageTimedOut) => match self.cause.last() {
+                Some(cause) => format!(
+                    "no acknowledgement from {} for a message to {topic:?} within delivery_timeout ({:?}): {cause}",
+                    self.address, self.delivery_timeout
+                ),
+                None => format!(
+                    "no acknowledgement from {} for a message to {topic:?} within delivery_timeout ({:?}); the broker may be down",
+                    self.address, self.delivery_timeout
+                ),
+            },
             Some(RDKafkaErrorCode::MessageSizeTooLarge) => format!(
                 "the broker refused a message to {topic:?} as too large (its message.max.bytes is lower than chanlayer's max_message_size)"
             ),
@@ -137,7 +152,7 @@ mod tests {
             &LayerConfig::from_url(&format!("kafka://{bootstrap}?{extra}")).expect("url"),
         )
         .expect("config");
-        Sender::new(&cfg, "mock-test", 1 << 20).expect("producer")
+        Sender::new(&cfg, "mock-test", 1 << 20, Cause::new(&cfg)).expect("producer")
     }
 
     fn runtime() -> tokio::runtime::Runtime {

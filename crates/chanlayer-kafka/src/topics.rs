@@ -22,6 +22,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
+use crate::cause::{Cause, Watch};
 use crate::config::{KafkaConfig, RECORD_OVERHEAD};
 use crate::BACKEND;
 
@@ -77,7 +78,9 @@ pub(crate) fn backend_err(what: &str, e: KafkaError) -> Error {
 /// Creates topics when missing (or checks they exist, with `create_topics=false`); remembers
 /// the ones it has seen.
 pub(crate) struct Topics {
-    admin: Arc<AdminClient<DefaultClientContext>>,
+    admin: Arc<AdminClient<Watch>>,
+    /// Why the cluster is unreachable, as the admin client and the producer report it.
+    pub cause: Cause,
     cfg: KafkaConfig,
     max_message_size: usize,
     known: Mutex<HashSet<String>>,
@@ -91,12 +94,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Topics {
     pub fn new(cfg: &KafkaConfig, client_id: &str, max_message_size: usize) -> Result<Self> {
+        let cause = Cause::new(cfg);
         let admin = cfg
             .client_config(client_id)
-            .create()
+            .create_with_context(Watch(cause.clone()))
             .map_err(|e| backend_err("could not create the admin client", e))?;
         Ok(Topics {
             admin: Arc::new(admin),
+            cause,
             cfg: cfg.clone(),
             max_message_size,
             known: Mutex::new(HashSet::new()),

@@ -1,0 +1,117 @@
+//! Why the cluster cannot be reached. librdkafka reports a refused login or a failed TLS
+//! handshake only through its error callback (and its log), while the request that needed
+//! the connection just times out. [`Watch`] is the client context of the layer's admin
+//! client and producer: it keeps the last such report in a [`Cause`], so `connect` and
+//! `send` can say "authentication failed: ..." instead of "operation timed out", and
+//! `connect` fails as soon as the broker refuses the credentials or the certificate.
+
+use std::sync::{Arc, Mutex};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::ClientContext;
+
+use crate::config::KafkaConfig;
+
+#[derive(Default)]
+struct Reports {
+    /// The last authentication or TLS failure, which retrying with the same settings does
+    /// not mend. It stays: the "brokers are down" that follows it says less.
+    fatal: Option<String>,
+    /// The last other report (no connection).
+    transient: Option<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    reports: Mutex<Reports>,
+    fatal: tokio::sync::Notify,
+}
+
+/// The last connection problem the layer's clients reported, with secrets removed.
+#[derive(Clone)]
+pub(crate) struct Cause {
+    shared: Arc<Shared>,
+    /// Values never to show (the SASL password, secret-looking `kafka.*` values).
+    secrets: Arc<Vec<String>>,
+}
+
+impl Cause {
+    pub fn new(cfg: &KafkaConfig) -> Cause {
+        let mut secrets: Vec<String> = cfg
+            .client_properties
+            .0
+            .iter()
+            .filter(|(k, v)| chanlayer_core::config::is_secret_key(k) && !v.is_empty())
+            .map(|(_, v)| v.clone())
+            .collect();
+        if let Some(p) = cfg.password.as_ref().filter(|p| !p.expose().is_empty()) {
+            secrets.push(p.expose().to_owned());
+        }
+        Cause {
+            shared: Arc::default(),
+            secrets: Arc::new(secrets),
+        }
+    }
+
+    fn record(&self, error: &KafkaError, reason: &str) {
+        let (fatal, what) = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                (true, "authentication failed")
+            }
+            Some(RDKafkaErrorCode::SSL) => (true, "TLS failed"),
+            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown) => {
+                (false, "no connection")
+            }
+            _ => return,
+        };
+        let text = self.scrub(&format!("{what}: {reason}"));
+        let mut reports = crate::layer::lock(&self.shared.reports);
+        if fatal {
+            reports.fatal = Some(text);
+            drop(reports);
+            self.shared.fatal.notify_waiters();
+        } else {
+            reports.transient = Some(text);
+        }
+    }
+
+    /// `text` with every secret replaced by `***`.
+    fn scrub(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for s in self.secrets.iter() {
+            text = text.replace(s.as_str(), "***");
+        }
+        text
+    }
+
+    /// The last authentication or TLS failure, else the last other report, if any.
+    pub fn last(&self) -> Option<String> {
+        let reports = crate::layer::lock(&self.shared.reports);
+        reports.fatal.clone().or_else(|| reports.transient.clone())
+    }
+
+    /// Resolves with the report when authentication or TLS fails (a report made before the
+    /// call counts).
+    pub async fn fatal(&self) -> String {
+        loop {
+            let notified = self.shared.fatal.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(t) = &crate::layer::lock(&self.shared.reports).fatal {
+                return t.clone();
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The client context that feeds a [`Cause`] (and logs what librdkafka reports, as its
+/// default context does).
+pub(crate) struct Watch(pub Cause);
+
+impl ClientContext for Watch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.record(&error, reason);
+        tracing::error!(error = %error, "librdkafka: {}", self.0.scrub(reason));
+    }
+}
