@@ -26,6 +26,7 @@
 //! | `username`, `password` | from the URL | SASL credentials (the URL's `USER:PASSWORD@` too) |
 //! | `ca_file` | system roots | PEM file of the CA that signed the brokers' certificates |
 //! | `kafka.<property>` | | any librdkafka property, passed through as is (wins over the above) |
+//! | `topic.<config>` | | any topic config for the topics it creates (`topic.min.insync.replicas=2`; wins over `retention`) |
 
 use std::time::Duration;
 
@@ -73,10 +74,13 @@ pub struct KafkaConfig {
     /// `kafka.<property>` pass-through, prefix removed (secret-looking values redacted in
     /// `Debug`).
     pub client_properties: BackendOptions,
+    /// `topic.<config>` pass-through: topic configs of the topics it creates (prefix
+    /// removed), e.g. `min.insync.replicas`.
+    pub topic_properties: BackendOptions,
 }
 
 /// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>";
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>, topic.<topic config>";
 
 const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
 const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
@@ -109,24 +113,8 @@ impl KafkaConfig {
         if let Some(p) = o.take("password") {
             password = Some(Secret::new(p));
         }
-        let mut client_properties = BackendOptions::default();
-        let pass_through: Vec<String> =
-            o.0.keys()
-                .filter(|k| k.starts_with("kafka."))
-                .cloned()
-                .collect();
-        for k in pass_through {
-            if let Some(v) = o.take(&k) {
-                let name = k["kafka.".len()..].to_owned();
-                if name.is_empty() {
-                    return Err(Error::Config(
-                        "option \"kafka.\" names no librdkafka property (kafka.<property>=<value>)"
-                            .into(),
-                    ));
-                }
-                client_properties.0.insert(name, v);
-            }
-        }
+        let client_properties = take_prefixed(&mut o, "kafka.", "librdkafka property")?;
+        let topic_properties = take_prefixed(&mut o, "topic.", "topic config")?;
         let security_protocol = o.take("security.protocol").map(|p| p.to_ascii_lowercase());
         let sasl_mechanism = o.take("sasl.mechanism").map(|m| m.to_ascii_uppercase());
         let cfg = KafkaConfig {
@@ -154,6 +142,7 @@ impl KafkaConfig {
             password,
             ca_file: o.take("ca_file").map(Into::into),
             client_properties,
+            topic_properties,
         };
         o.reject_unknown("kafka", KNOWN_OPTIONS)?;
         cfg.check()?;
@@ -315,6 +304,29 @@ impl KafkaConfig {
     }
 }
 
+/// Takes every option `{head}<name>` out of `o`, as `name -> value`.
+fn take_prefixed(o: &mut BackendOptions, head: &str, what: &str) -> Result<BackendOptions> {
+    let mut out = BackendOptions::default();
+    let keys: Vec<String> =
+        o.0.keys()
+            .filter(|k| k.starts_with(head))
+            .cloned()
+            .collect();
+    for k in keys {
+        if let Some(v) = o.take(&k) {
+            let name = k[head.len()..].to_owned();
+            if name.is_empty() {
+                return Err(Error::Config(format!(
+                    "option \"{head}\" names no {what} ({head}<{}>=<value>)",
+                    what.rsplit(' ').next().unwrap_or(what)
+                )));
+            }
+            out.0.insert(name, v);
+        }
+    }
+    Ok(out)
+}
+
 /// Sets `key` unless the `kafka.*` pass-through already did.
 fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
     if c.get(key).is_none() {
@@ -406,6 +418,11 @@ mod tests {
             c.consumer_config("me", Some("g")).get("enable.auto.commit"),
             Some("true")
         );
+        // Topic configs for the topics it creates.
+        let c = parse("kafka://h?topic.min.insync.replicas=2&topic.cleanup.policy=delete").unwrap();
+        assert_eq!(c.topic_properties.get("min.insync.replicas"), Some("2"));
+        assert_eq!(c.topic_properties.get("cleanup.policy"), Some("delete"));
+        assert!(parse("kafka://h?topic.=1").is_err());
     }
 
     /// SASL/SSL options reach librdkafka's configuration.

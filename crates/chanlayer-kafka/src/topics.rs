@@ -143,9 +143,16 @@ impl Topics {
         let replication = TopicReplication::Fixed(self.cfg.replication);
         let retention = self.cfg.retention.as_millis().to_string();
         let max_bytes = (self.max_message_size + RECORD_OVERHEAD).to_string();
-        let new = NewTopic::new(topic, partitions, replication)
-            .set("retention.ms", &retention)
-            .set("max.message.bytes", &max_bytes);
+        let mut new = NewTopic::new(topic, partitions, replication);
+        if self.cfg.topic_properties.get("retention.ms").is_none() {
+            new = new.set("retention.ms", &retention);
+        }
+        if self.cfg.topic_properties.get("max.message.bytes").is_none() {
+            new = new.set("max.message.bytes", &max_bytes);
+        }
+        for (k, v) in &self.cfg.topic_properties.0 {
+            new = new.set(k, v);
+        }
         let results = self
             .admin
             .create_topics([&new], &self.options())
