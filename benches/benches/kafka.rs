@@ -1,7 +1,8 @@
 //! The Kafka backend beside raw rdkafka doing the same work on the same broker, in one run.
 //!
-//! - `kafka_send_receive/{layer_normal,raw_rdkafka}/{seq,concurrent}/{64,1024}`: N messages
-//!   through a normal channel. Layer: `send` from one instance to a normal channel (a topic
+//! - `kafka_send_receive/{layer_normal,raw_rdkafka}/{seq,concurrent}/{64,1024,65536}`: N
+//!   messages of that many body bytes through a normal channel. Layer: `send` from one
+//!   instance to a normal channel (a topic
 //!   and a consumer group) while one receiver task of another instance calls `receive`
 //!   (auto-ack: the layer commits the offsets itself every `commit_interval`, 100 ms). Raw: a
 //!   `FutureProducer` with the layer's own producer settings
@@ -23,25 +24,15 @@
 //! Raw rdkafka sends bodies of the same size as the layer's; the layer adds its envelope
 //! (type, id, timestamps, expiry, address) on top.
 //!
-//! Iterations: 2,000 messages (`concurrent`), 100 (`seq`: with these producer settings a
-//! sequential send takes about 10 ms on the local tansu broker), 50 of each in test mode.
-//!
-//! What the local tansu 0.6 broker (memory storage) does to the figures:
-//! - A fetch always takes the consumer's `fetch.wait.max.ms` (100 ms, the layer's setting),
-//!   even when records are there (tansu-storage `service/fetch.rs` sleeps out the wait):
-//!   a hop through a topic costs up to 100 ms, a round trip 100 to 200 ms, and every
-//!   iteration ends with up to one such wait for its last messages.
-//! - A fetch from an offset in the middle of a record batch returns only the batches that
-//!   *start* at or after it (tansu-storage `dynostore.rs`, `offsets.split_off(&offset)`):
-//!   the rest of that batch is skipped. Neither the layer nor the raw consumer pauses
-//!   partitions (which resumes mid-batch), so a single reader loses nothing; an iteration
-//!   that still misses messages fails after 30 s with what it received.
+//! Iterations: 2,000 messages (`concurrent`), 100 (`seq`: each send waits for its
+//! delivery report), 50 of each in test mode. An iteration that misses messages fails after
+//! 30 s with what it received.
 //!
 //! `CHANLAYER_KAFKA_BENCH_OPTIONS` adds URL options for experiments, for the layer and the
 //! raw clients alike (`kafka.fetch.wait.max.ms=10`, `linger=0ms`, ...).
 //!
 //! The broker is `KAFKA_BOOTSTRAP` (`host:port[,host:port]`) or `127.0.0.1:9092`
-//! (`scripts/brokers/kafka.sh` starts a tansu broker there); when it is unreachable the
+//! (`scripts/brokers/kafka.sh` starts Apache Kafka there); when it is unreachable the
 //! benches print why and are skipped. Every topic has a random prefix, a retention of one
 //! hour, and is deleted at the end of the run.
 //!
@@ -67,14 +58,13 @@ use criterion::{
 /// Messages per measured iteration of the `concurrent` throughput benches (full run).
 const N: usize = 2_000;
 /// Messages per measured iteration of the `seq` benches (full run). A sequential send
-/// waits for its delivery report, about 10 ms with these producer settings on the local
-/// tansu broker (about 100 msg/s), so 2,000 would take 20 s per iteration.
+/// waits for its delivery report (idempotent, `acks=all`, `linger.ms=1`): a few ms each.
 const N_SEQ: usize = 100;
 /// Messages per iteration in test mode (`cargo test`), where each bench runs once.
 const N_TEST: usize = 50;
 /// Per-channel capacity of the layer (its local inbox); above N, so nothing is dropped.
 const CAPACITY: usize = 10_000;
-const SIZES: [usize; 2] = [64, 1024];
+const SIZES: [usize; 3] = [64, 1024, 64 * 1024];
 
 // ---------------------------------------------------------------------------------------
 // The layer.
@@ -326,8 +316,7 @@ fn kafka(c: &mut Criterion) {
         })
     });
     group.finish();
-    // A round trip takes 100 to 200 ms on tansu (see the module docs): criterion runs about
-    // 60 of them (so p99 is close to the max); print from 50.
+    // Print the percentiles once at least 50 round trips were timed.
     report_latencies("kafka_round_trip/layer", &layer_latencies, 50);
     report_latencies("kafka_round_trip/raw_rdkafka", &raw_latencies, 50);
 
