@@ -440,7 +440,9 @@ fn run(
         // a rebalance waiting on this member is served (at most one more message held per
         // second while nobody receives). Not pause/resume: resuming fetches from the
         // middle of a record batch, which some Kafka-compatible brokers (tansu 0.6) answer
-        // from the next batch, skipping the rest of that one.
+        // from the next batch, skipping the rest of that one; Apache Kafka does not, but
+        // this way needs no broker to be exact, and librdkafka's own queue is bounded
+        // (`queued.max.messages.kbytes`, settable with `kafka.`).
         let full = {
             let st = lock(&shared.state);
             if st.held() >= prefetch {

@@ -246,13 +246,13 @@ async fn credentials_never_appear_in_text() {
 }
 
 /// A reader whose buffer is full (`prefetch`) stops taking messages and starts again when
-/// it receives, losing none: with batches of many records (no one-record-per-batch
-/// workaround here), on a broker that answers mid-batch fetches with the next batch.
+/// it receives, losing none, with record batches of many records (linger 20 ms) that the
+/// small buffer takes a few at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_prefetch_buffer_loses_nothing() {
     let prefix = ns();
     let mut config = chanlayer_core::LayerConfig::from_url(&format!(
-        "kafka://{}?retention=1h&prefetch=3&linger=20ms&kafka.fetch.wait.max.ms=10",
+        "kafka://{}?retention=1h&prefetch=3&linger=20ms",
         common::bootstrap()
     ))
     .expect("url");
