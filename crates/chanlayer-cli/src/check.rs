@@ -132,7 +132,7 @@ fn ms(d: Duration) -> String {
 pub fn hint(scheme: &str) -> &'static str {
     match scheme {
         "amqp" | "amqps" => "is RabbitMQ running at that host and port, and are the user, password and vhost right? (scripts/brokers/rabbitmq.sh starts a local one)",
-        "kafka" => "is a Kafka broker listening at the bootstrap address? (scripts/brokers/kafka.sh starts a local tansu)",
+        "kafka" => "is a Kafka broker listening at the bootstrap address? (scripts/brokers/kafka.sh starts a local Apache Kafka)",
         "zmq" => "in dedicated mode (pull=/pub=), is `chanlayer zmq-proxy` running with the same addresses? In embedded mode, is another process already bound to the address?",
         _ => "check the URL (docs/configuration.md)",
     }
