@@ -61,7 +61,7 @@ ensure_libs() {
   say "fetching org.apache.kafka:kafka_2.13:$KAFKA_VERSION and its dependencies into $LIBS (once)"
   rm -rf "$LIBS"
   mkdir -p "$LIBS"
-  mvn -q -B -f "$HERE/kafka-pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+  mvn -q -B -Dstyle.color=never -f "$HERE/kafka-pom.xml" -Dkafka.version="$KAFKA_VERSION" \
     dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$LIBS" ||
     die "mvn could not fetch Apache Kafka $KAFKA_VERSION (see above)"
   ls "$LIBS"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null 2>&1 || die "no kafka_2.13 jar in $LIBS"
@@ -192,8 +192,12 @@ make_nodes() {
     [ "$count" = 1 ] && [ "$secure" = 1 ] && ctrl=$((port + 1))
     write_node "$dir" "$i" "$((port + i - 1))" "$ctrl" "$voters" "$count" "$secure"
   done
-  [ -s "$dir/cluster.id" ] ||
-    kafka_java "$dir/n1/log4j2.properties" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1 >"$dir/cluster.id"
+  if ! grep -Eq '^[A-Za-z0-9_-]{22}$' "$dir/cluster.id" 2>/dev/null; then
+    kafka_java "$dir/n1/log4j2.properties" kafka.tools.StorageTool random-uuid 2>/dev/null |
+      tail -n 1 >"$dir/cluster.id"
+    grep -Eq '^[A-Za-z0-9_-]{22}$' "$dir/cluster.id" ||
+      die "kafka.tools.StorageTool random-uuid gave no cluster id: $(cat "$dir/cluster.id")"
+  fi
   for i in $(seq 1 "$count"); do
     if [ ! -f "$dir/n$i/data/meta.properties" ]; then
       local scram=()

@@ -257,14 +257,24 @@ fn group_members(bootstrap: &str, group: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Waits until `group` is stable with `n` members.
+/// Waits (up to a minute) until `group` is stable with `n` members.
 async fn wait_members(bootstrap: &str, group: &str, n: usize) {
-    let (b, g) = (bootstrap.to_owned(), group.to_owned());
-    chanlayer_testkit::eventually(
-        &format!("{n} members in consumer group {group}"),
-        move || group_members(&b, &g) == n,
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let (b, g) = (bootstrap.to_owned(), group.to_owned());
+        let now = tokio::task::spawn_blocking(move || group_members(&b, &g))
+            .await
+            .expect("the group probe");
+        if now == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer group {group} has {now} stable members, not {n}, after a minute"
+        );
+        tick.tick().await;
+    }
 }
 
 /// Reads the drain peer's `GOT <seq>` lines until it has `n` distinct seqs (or `DONE`);
