@@ -646,8 +646,16 @@ impl ChannelLayer for AmqpLayer {
         }
         let s = self.inner.session.borrow().clone();
         if let Some(s) = s {
-            if let Err(e) = s.conn.close(200, ShortString::from("closed")).await {
-                tracing::debug!(error = %e, "closing the AMQP connection");
+            // Bounded: a broker (or a connection) that never answers Connection.Close must
+            // not hold `close` forever; dropping the connection ends it from our side.
+            let bound = self.inner.cfg.connection_timeout;
+            match tokio::time::timeout(bound, s.conn.close(200, ShortString::from("closed"))).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "closing the AMQP connection"),
+                Err(_) => tracing::warn!(
+                    "the broker did not confirm closing the AMQP connection within {bound:?}; dropped it"
+                ),
             }
         }
         Ok(())

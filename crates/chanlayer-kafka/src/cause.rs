@@ -115,3 +115,75 @@ impl ClientContext for Watch {
         tracing::error!(error = %error, "librdkafka: {}", self.0.scrub(reason));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chanlayer_core::LayerConfig;
+
+    fn cause(url: &str) -> Cause {
+        let cfg = KafkaConfig::from_layer_config(&LayerConfig::from_url(url).unwrap()).unwrap();
+        Cause::new(&cfg)
+    }
+
+    fn auth() -> KafkaError {
+        KafkaError::Global(RDKafkaErrorCode::Authentication)
+    }
+
+    #[test]
+    fn secrets_never_show_in_a_report() {
+        let c = cause("kafka://u:hunter2@h:9092?kafka.ssl.key.password=k3y-pass");
+        c.record(&auth(), "failed for u with hunter2 and k3y-pass");
+        let shown = c.last().expect("a report");
+        assert!(shown.starts_with("authentication failed: "), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("k3y-pass"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn an_authentication_failure_outlives_the_brokers_down_that_follows() {
+        let c = cause("kafka://h:9092");
+        assert_eq!(c.last(), None);
+        c.record(
+            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        assert_eq!(
+            c.last().as_deref(),
+            Some("no connection: 1/1 brokers are down")
+        );
+        c.record(&auth(), "SASL authentication error");
+        c.record(
+            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        assert_eq!(
+            c.last().as_deref(),
+            Some("authentication failed: SASL authentication error")
+        );
+        // Other errors are not causes.
+        c.record(&KafkaError::Global(RDKafkaErrorCode::MessageTimedOut), "x");
+        assert!(c.last().unwrap().starts_with("authentication failed"));
+    }
+
+    #[tokio::test]
+    async fn fatal_resolves_for_a_report_made_before_or_after_the_call() {
+        let c = cause("kafka://h:9092");
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.fatal().await })
+        };
+        c.record(
+            &KafkaError::Global(RDKafkaErrorCode::SSL),
+            "certificate verify failed",
+        );
+        assert_eq!(
+            waiter.await.unwrap(),
+            "TLS failed: certificate verify failed"
+        );
+        // Already there: at once.
+        assert_eq!(c.fatal().await, "TLS failed: certificate verify failed");
+    }
+}

@@ -35,3 +35,45 @@ impl Worker {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn joins_a_thread_that_ends_and_gives_up_on_one_that_does_not() {
+        let w = Worker::spawn("ends".into(), || {}).unwrap();
+        assert!(w.join_within(Duration::from_secs(10)).await);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let stuck = Worker::spawn("stuck".into(), move || {
+            let _ = rx.recv();
+        })
+        .unwrap();
+        assert!(!stuck.join_within(Duration::from_millis(50)).await);
+        // It is detached, not joined by anything: letting it end is the test's business.
+        drop(tx);
+    }
+
+    #[test]
+    fn a_runtime_shuts_down_while_a_thread_it_waited_for_still_runs() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let gave_up = rt.block_on(async move {
+            // Stuck for 10 s (a consumer waiting on a broker that is away).
+            let w = Worker::spawn("stuck".into(), move || {
+                let _ = rx.recv_timeout(Duration::from_secs(10));
+            })
+            .unwrap();
+            !w.join_within(Duration::from_millis(20)).await
+        });
+        assert!(gave_up);
+        // A `spawn_blocking(join)` would make this drop wait the 10 s.
+        let t = std::time::Instant::now();
+        drop(rt);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        drop(tx);
+    }
+}
