@@ -248,7 +248,7 @@ impl KafkaLayer {
             } => Error::Backend {
                 backend: BACKEND,
                 message: match inner.topics.cause.last() {
-                    Some(cause) => format!("{message}: {cause}"),
+                    Some(cause) => format!("{message} on {}: {cause}", inner.cfg.display_address()),
                     None => format!(
                         "{message} (is a Kafka broker running at {}?)",
                         inner.cfg.display_address()
