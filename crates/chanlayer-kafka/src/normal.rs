@@ -214,7 +214,12 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let commits = self.shared.revoke(tpl);
-            if commits.count() > 0 {
+            // A lost assignment (this member's session expired: the broker already gave
+            // the partitions to the group again) cannot commit; librdkafka would refuse or
+            // hold the commit until a coordinator answers, blocking this callback.
+            if consumer.assignment_lost() {
+                tracing::info!(topic = %self.shared.topic, "the consumer's session expired; rejoining (what was not committed is read again)");
+            } else if commits.count() > 0 {
                 if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
                     tracing::warn!(topic = %self.shared.topic, error = %e, "commit before a rebalance failed; the new owner may read some messages again");
                 }

@@ -354,9 +354,12 @@ async fn a_killed_consumers_partitions_and_unacked_batch_move_to_the_live_one() 
     layer.close().await.expect("close");
 }
 
-/// The broker frozen (SIGSTOP) for 10 s, longer than the consumer's 6 s `session_timeout`,
+/// The broker frozen (SIGSTOP) for 7 s, longer than the consumer's 4 s `session_timeout`,
 /// while 4,000 sends stream to a normal channel that a consumer process reads: its session
-/// expires at the broker, it rejoins, and it receives all 4,000.
+/// expires at the broker, it rejoins, and it receives all 4,000. The freeze stays under
+/// the broker's own `broker.session.timeout.ms` (9 s): a longer one fences the only broker
+/// from its controller, and the producer then stalled in 2 of about 10 runs (see
+/// docs/backends/kafka.md), which is another scenario than the consumer's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_whose_session_expired_rejoins_and_goes_on() {
     let nodes = Arc::new(
@@ -366,7 +369,7 @@ async fn a_consumer_whose_session_expired_rejoins_and_goes_on() {
     );
     let prefix = ns();
     let url = format!(
-        "kafka://{}?retention=1h&session_timeout=6s&delivery_timeout=120s&prefix={prefix}",
+        "kafka://{}?retention=1h&session_timeout=4s&delivery_timeout=120s&prefix={prefix}",
         nodes.bootstrap()
     );
     let sender = Arc::new(
@@ -405,7 +408,7 @@ async fn a_consumer_whose_session_expired_rejoins_and_goes_on() {
                     nodes.signal(1, "STOP");
                     let nodes = nodes.clone();
                     tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        tokio::time::sleep(Duration::from_secs(7)).await;
                         nodes.signal(1, "CONT");
                     });
                 }
@@ -449,6 +452,6 @@ async fn a_consumer_whose_session_expired_rejoins_and_goes_on() {
     progress.abort();
     assert_eq!(got.len(), N as usize);
     assert!(reader.wait_success().await, "the drain peer exits cleanly");
-    eprintln!("session expiry: all {N} received after a 10 s broker freeze ({dups} duplicates)");
+    eprintln!("session expiry: all {N} received after a 7 s broker freeze ({dups} duplicates)");
     sender.close().await.expect("close");
 }
