@@ -12,6 +12,22 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/brokers/kafka.sh")
 }
 
+/// Runs `kafka.sh ARGS...`; panics with its output if it fails.
+fn run_script(args: &[&str]) {
+    let out = Command::new("bash")
+        .arg(script())
+        .args(args)
+        .output()
+        .expect("bash runs scripts/brokers/kafka.sh");
+    assert!(
+        out.status.success(),
+        "kafka.sh {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
@@ -37,18 +53,12 @@ impl KafkaNodes {
         };
         let dir = std::env::temp_dir().join(format!("chanlayer-kafka-{}", rand::random::<u64>()));
         let nodes = KafkaNodes { dir, base, count };
-        let out = Command::new("bash")
-            .arg(script())
-            .args(["nodes", &nodes.dir.to_string_lossy(), &base.to_string()])
-            .arg(count.to_string())
-            .output()
-            .expect("bash runs scripts/brokers/kafka.sh");
-        assert!(
-            out.status.success(),
-            "kafka.sh nodes failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_script(&[
+            "nodes",
+            &nodes.dir.to_string_lossy(),
+            &base.to_string(),
+            &count.to_string(),
+        ]);
         nodes
     }
 
@@ -96,17 +106,7 @@ impl KafkaNodes {
 
     /// Starts node `id` again on its log directory and waits until it answers.
     pub fn restart(&self, id: u16) {
-        let out = Command::new("bash")
-            .arg(script())
-            .args(["start", &self.dir.to_string_lossy(), &id.to_string()])
-            .output()
-            .expect("bash runs scripts/brokers/kafka.sh");
-        assert!(
-            out.status.success(),
-            "kafka.sh start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_script(&["start", &self.dir.to_string_lossy(), &id.to_string()]);
     }
 
     /// Node `id`'s log file.
