@@ -166,20 +166,20 @@ async fn local_and_group_messages_cross_processes() {
     layer.close().await.expect("close");
 }
 
+/// Sends jobs `0..n` to `ch`, one after the other.
+async fn send_jobs(layer: &KafkaLayer, ch: &str, n: u64) {
+    for i in 0..n {
+        let job = Message::encode_as("job", &i, Codec::Bincode).expect("encode");
+        layer.send(ch, job).await.expect("send");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_held_by_a_killed_process_comes_back() {
     let prefix = ns();
     let layer = layer(&prefix).await;
     let ch = format!("{prefix}.work");
-    for i in 0..5u64 {
-        layer
-            .send(
-                &ch,
-                Message::encode_as("job", &i, Codec::Bincode).expect("encode"),
-            )
-            .await
-            .expect("send");
-    }
+    send_jobs(&layer, &ch, 5).await;
     let mut peer = Peer::spawn("hold-batch", &url(&prefix), &[&ch, "3"]);
     let line = peer.line().await;
     let held: Vec<u64> = line
@@ -320,15 +320,7 @@ async fn a_killed_consumers_partitions_and_unacked_batch_move_to_the_live_one() 
     let prefix = ns();
     let layer = layer(&prefix).await;
     let ch = format!("{prefix}.jobs");
-    for i in 0..300u64 {
-        layer
-            .send(
-                &ch,
-                Message::encode_as("job", &i, Codec::Bincode).expect("encode"),
-            )
-            .await
-            .expect("send");
-    }
+    send_jobs(&layer, &ch, 300).await;
     let mut holder = Peer::spawn("hold-batch", &url(&prefix), &[&ch, "100"]);
     let line = holder.line().await;
     let held = line.strip_prefix("HELD ").expect("HELD").split(' ').count();
