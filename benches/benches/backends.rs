@@ -231,7 +231,10 @@ impl Baseline for RawMemory {
 fn memory(rt: &Runtime) -> Result<Subject, String> {
     let cfg =
         LayerConfig::from_url(&format!("memory://?capacity={HWM}")).map_err(|e| e.to_string())?;
-    let layer: Dyn = Arc::new(MemoryLayer::connect(&cfg).map_err(|e| e.to_string())?);
+    let layer: Dyn = Arc::new(
+        rt.block_on(MemoryLayer::connect(&cfg))
+            .map_err(|e| e.to_string())?,
+    );
     let local: Arc<str> = rt
         .block_on(layer.new_channel("bench"))
         .map_err(|e| e.to_string())?

@@ -44,7 +44,7 @@ fn send_receive(c: &mut Criterion) {
     for size in [64usize, 1024] {
         let body = Arc::new(vec![0xA5u8; size]);
         let cfg = LayerConfig::from_url(&format!("memory://?capacity={N}")).expect("config");
-        let layer = Arc::new(MemoryLayer::connect(&cfg).expect("connect"));
+        let layer = Arc::new(rt.block_on(MemoryLayer::connect(&cfg)).expect("connect"));
         let channel: Arc<str> = rt
             .block_on(layer.new_channel("bench"))
             .expect("new_channel")

@@ -243,6 +243,24 @@ impl Envelope {
         .encode()
     }
 
+    /// Appends the wire bytes of this envelope addressed to `destination` (whatever its own
+    /// `destination` field holds): what a transport sends for an envelope core sealed
+    /// unaddressed.
+    pub fn encode_to(&self, destination: &str, out: &mut Vec<u8>) {
+        EnvelopeRef {
+            id: self.id,
+            kind: self.kind,
+            destination,
+            sent_at_ms: self.sent_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            msg_type: &self.msg_type,
+            codec: self.codec,
+            headers: &self.headers,
+            body: &self.body,
+        }
+        .encode_into(out);
+    }
+
     /// Decodes bytes from the wire.
     pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         if bytes.len() < MAGIC.len() + 1 {

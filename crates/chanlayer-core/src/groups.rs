@@ -127,6 +127,68 @@ impl GroupRegistry {
         self.lock().drain().map(|(g, _)| g).collect()
     }
 
+    /// Removes expired memberships; returns each `(group, channel)` that expired.
+    pub fn prune_expired_pairs(&self) -> Vec<(String, String)> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        self.lock().retain(|g, members| {
+            members.retain(|c, t| {
+                let live = *t > now;
+                if !live {
+                    expired.push((g.clone(), c.to_string()));
+                }
+                live
+            });
+            !members.is_empty()
+        });
+        expired
+    }
+
+    /// Removes everything; returns every `(group, channel)` membership it held.
+    pub fn clear_pairs(&self) -> Vec<(String, String)> {
+        self.lock()
+            .drain()
+            .flat_map(|(g, members)| {
+                members
+                    .into_keys()
+                    .map(move |c| (g.clone(), c.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The earliest instant a membership expires, if there is one.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.lock()
+            .values()
+            .flat_map(|members| members.values().copied())
+            .min()
+    }
+
+    /// Every live `(group, channel)` membership.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let now = Instant::now();
+        let map = self.lock();
+        let mut out = Vec::new();
+        for (g, members) in map.iter() {
+            for (c, t) in members {
+                if *t > now {
+                    out.push((g.clone(), c.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    /// `true` if `channel` is a live member of `group`.
+    pub fn is_member(&self, group: &str, channel: &str) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .get(group)
+            .and_then(|m| m.get(channel))
+            .is_some_and(|t| *t > now)
+    }
+
     /// Groups with at least one membership (live or not yet pruned).
     pub fn groups(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
@@ -161,5 +223,33 @@ mod tests {
         assert!(r.members("g").is_empty());
         r.add("g", "b", Duration::ZERO);
         assert_eq!(r.prune_expired(), vec!["g".to_string()]);
+    }
+
+    #[test]
+    fn pairs_expire_one_by_one() {
+        let r = GroupRegistry::new();
+        r.add("s", "short", Duration::ZERO);
+        r.add("g", "long", Duration::from_secs(60));
+        r.add("h", "long", Duration::from_secs(60));
+        assert!(r.next_expiry().is_some_and(|t| t <= Instant::now()));
+        assert_eq!(
+            r.prune_expired_pairs(),
+            vec![("s".to_string(), "short".to_string())]
+        );
+        assert!(r.is_member("g", "long"));
+        assert!(!r.is_member("s", "short"));
+        let mut pairs = r.pairs();
+        pairs.sort();
+        assert_eq!(
+            pairs,
+            vec![
+                ("g".to_string(), "long".to_string()),
+                ("h".to_string(), "long".to_string())
+            ]
+        );
+        let mut cleared = r.clear_pairs();
+        cleared.sort();
+        assert_eq!(cleared, pairs);
+        assert!(r.next_expiry().is_none());
     }
 }

@@ -22,7 +22,7 @@ use crate::stats::StatsSnapshot;
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// use chanlayer_core::{ChannelLayer, Codec, LayerConfig, Message, MemoryLayer};
-/// let layer = MemoryLayer::connect(&LayerConfig::from_url("memory://").unwrap()).unwrap();
+/// let layer = MemoryLayer::connect(&LayerConfig::from_url("memory://").unwrap()).await.unwrap();
 /// let me = layer.new_channel("ws").await.unwrap();
 /// layer.group_add("room", &me).await.unwrap();
 /// layer.group_send("room", Message::encode_as("chat", &"hi", Codec::Json).unwrap()).await.unwrap();

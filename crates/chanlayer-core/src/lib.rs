@@ -8,9 +8,14 @@
 //! - [`names`]: channel and group name rules, process-local channel names.
 //! - [`Error`]: the one error enum.
 //! - [`LayerConfig`] / [`LayerOptions`]: configuration and URL parsing.
-//! - [`LocalInbox`] and [`GroupRegistry`]: per-instance demultiplexing with capacity and
-//!   expiry, and group membership with expiry. Backends are transports around these.
 //! - [`MemoryLayer`]: the in-memory backend (`memory://`).
+//!
+//! That is what applications use (the `chanlayer` facade re-exports it). Backends use the
+//! [`toolkit`]: the [`Transport`](toolkit::Transport) contract they implement, and
+//! [`TransportLayer`](toolkit::TransportLayer), the one `ChannelLayer` implementation over
+//! any transport, with the pieces it is built from (the per-instance [`LocalInbox`]
+//! (toolkit::LocalInbox) with capacity and expiry, the [`GroupRegistry`]
+//! (toolkit::GroupRegistry), the ingest path [`Inbound`](toolkit::Inbound)).
 //!
 //! Most applications use the `chanlayer` facade crate instead of this one.
 
@@ -22,24 +27,53 @@ pub mod delivery;
 pub mod envelope;
 pub mod error;
 pub mod groups;
+pub mod inbound;
 pub mod inbox;
 pub mod layer;
 pub mod memory;
 pub mod message;
 pub mod names;
 pub mod stats;
+pub mod transport;
+pub mod transport_layer;
 
 pub use capabilities::Capabilities;
 pub use codec::Codec;
 pub use config::{BackendConfig, LayerConfig, LayerOptions, PartialOptions, Secret};
-pub use delivery::{handle_batch, AckHandle, Acknowledger, BatchError, Delivery, DeliveryInfo};
-pub use envelope::{Destination, Envelope, EnvelopeError, MessageId};
+pub use delivery::{handle_batch, AckHandle, BatchError, Delivery, DeliveryInfo};
+pub use envelope::MessageId;
 pub use error::{Error, NameKind, Result};
-pub use groups::GroupRegistry;
-pub use inbox::{CloseSignal, Entry, LocalInbox};
 pub use layer::ChannelLayer;
 pub use memory::MemoryLayer;
 pub use message::{Headers, Message, MessageType};
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::StatsSnapshot;
 
-pub use async_trait::async_trait;
+// The toolkit's old root paths, while the backends move to `toolkit`.
+#[doc(hidden)]
+pub use toolkit::{
+    async_trait, Acknowledger, CloseSignal, Destination, Entry, Envelope, EnvelopeError,
+    GroupRegistry, LocalInbox, Stats,
+};
+
+/// What backends are built from: the [`Transport`](transport::Transport) contract,
+/// [`TransportLayer`](transport_layer::TransportLayer) (the one `ChannelLayer`
+/// implementation), and the shared pieces it uses. Applications do not need this module.
+pub mod toolkit {
+    pub use crate::delivery::Acknowledger;
+    pub use crate::envelope::{now_ms, Destination, Envelope, EnvelopeError};
+    pub use crate::groups::GroupRegistry;
+    pub use crate::inbound::{requeuing_delivery, requeuing_incoming, Inbound};
+    pub use crate::inbox::{CloseSignal, Entry, LocalInbox};
+    pub use crate::stats::Stats;
+    pub use crate::transport::{
+        Incoming, NormalReader, NormalSource, Outgoing, Published, Transport,
+    };
+    pub use crate::transport_layer::TransportLayer;
+    pub use async_trait::async_trait;
+
+    /// Locks a mutex, taking the data of a poisoned one (every critical section in
+    /// chanlayer leaves its data consistent before anything that can panic).
+    pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

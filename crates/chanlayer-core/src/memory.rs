@@ -14,8 +14,8 @@
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! use chanlayer_core::{ChannelLayer, Codec, LayerConfig, Message, MemoryLayer};
 //! let cfg = LayerConfig::from_url("memory://docs-example").unwrap();
-//! let a = MemoryLayer::connect(&cfg).unwrap();
-//! let b = MemoryLayer::connect(&cfg).unwrap();
+//! let a = MemoryLayer::connect(&cfg).await.unwrap();
+//! let b = MemoryLayer::connect(&cfg).await.unwrap();
 //! let inbox_b = b.new_channel("ws").await.unwrap();
 //! a.send(&inbox_b, Message::encode_as("hello", &1u8, Codec::Bincode).unwrap()).await.unwrap();
 //! assert_eq!(b.receive(&inbox_b).await.unwrap().message_type(), "hello");
@@ -23,22 +23,21 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::capabilities::Capabilities;
-use crate::config::{LayerConfig, LayerOptions};
-use crate::delivery::{AckHandle, Acknowledger, Delivery, DeliveryInfo};
+use crate::config::LayerConfig;
 use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
-use crate::groups::GroupRegistry;
-use crate::inbox::{CloseSignal, Entry, LocalInbox};
-use crate::layer::ChannelLayer;
-use crate::message::Message;
+use crate::inbound::{requeuing_incoming, Inbound};
+use crate::inbox::LocalInbox;
 use crate::names;
-use crate::stats::{Stats, StatsSnapshot};
+use crate::toolkit::lock;
+use crate::transport::{Incoming, NormalReader, NormalSource, Outgoing, Published, Transport};
+use crate::transport_layer::TransportLayer;
 
 const BACKEND: &str = "memory";
 
@@ -53,32 +52,52 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     cross_process: false,
 };
 
-/// One in-process "broker": every queue and group of the layers connected to it.
+/// The in-memory channel layer. See the module docs.
+pub type MemoryLayer = TransportLayer<MemoryTransport>;
+
+/// One in-process "broker": the instances connected to it, which of them bound which
+/// groups, and the normal channels' queues.
 #[derive(Debug, Default)]
 struct Broker {
-    inbox: LocalInbox,
-    groups: GroupRegistry,
-    instances: Mutex<HashSet<String>>,
+    instances: Mutex<HashMap<String, Weak<Inbound>>>,
+    /// group → instances with a local member.
+    bound: Mutex<HashMap<String, HashSet<String>>>,
+    /// group → normal channels that are members.
+    normal_bound: Mutex<HashMap<String, HashSet<String>>>,
+    /// The normal channels.
+    normal: Arc<LocalInbox>,
 }
 
 impl Broker {
-    fn instances(&self) -> MutexGuard<'_, HashSet<String>> {
-        match self.instances.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+    fn instance(&self, id: &str) -> Option<Arc<Inbound>> {
+        lock(&self.instances).get(id).and_then(Weak::upgrade)
     }
 
-    /// `false` for a process-local channel whose owner is not connected (nobody could ever
-    /// receive it).
-    fn deliverable(&self, channel: &str, own_id: &str) -> bool {
-        if !names::is_process_local(channel) {
-            return true;
+    /// One copy of a group message for every instance and normal channel bound to `group`.
+    fn fan_out(&self, group: &str, env: Envelope, sender: &Inbound) {
+        let ids: Vec<String> = lock(&self.bound)
+            .get(group)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for id in ids {
+            match self.instance(&id) {
+                Some(inbound) => inbound.offer_group(group, env.clone()),
+                None => sender.stats().record_undeliverable(group),
+            }
         }
-        match names::owner_instance(channel) {
-            Some(id) if id == own_id => true,
-            Some(id) => self.instances().contains(id),
-            None => false,
+        let channels: Vec<String> = lock(&self.normal_bound)
+            .get(group)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for ch in channels {
+            let capacity = sender.options().capacity_for(&ch);
+            if self
+                .normal
+                .push(&ch, env.clone(), capacity, sender.stats())
+                .is_err()
+            {
+                sender.stats().record_group_member_full(group, &ch);
+            }
         }
     }
 }
@@ -86,10 +105,7 @@ impl Broker {
 static NAMED: LazyLock<Mutex<HashMap<String, Weak<Broker>>>> = LazyLock::new(Default::default);
 
 fn named_broker(name: &str) -> Arc<Broker> {
-    let mut map = match NAMED.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let mut map = lock(&NAMED);
     map.retain(|_, w| w.strong_count() > 0);
     if let Some(b) = map.get(name).and_then(Weak::upgrade) {
         return b;
@@ -99,20 +115,63 @@ fn named_broker(name: &str) -> Arc<Broker> {
     b
 }
 
-/// The in-memory channel layer. See the module docs.
+/// The memory transport: instances of one process on a shared in-process broker.
 #[derive(Debug)]
-pub struct MemoryLayer {
+pub struct MemoryTransport {
     broker: Arc<Broker>,
-    id: String,
-    options: LayerOptions,
-    stats: Arc<Stats>,
-    closed: Arc<CloseSignal>,
+    inbound: Arc<Inbound>,
+    sources: Mutex<HashMap<String, Arc<MemorySource>>>,
 }
 
-impl MemoryLayer {
-    /// Connects to the broker the config names (`memory://` private, `memory://NAME`
-    /// shared). Fails for unknown options or credentials.
-    pub fn connect(config: &LayerConfig) -> Result<MemoryLayer> {
+impl MemoryTransport {
+    /// Hands raw wire bytes to this instance's broker as if they had come over a wire:
+    /// decoded and routed to their channel or group, or counted and skipped (`Ok(false)`) if
+    /// they are not a valid envelope. The conformance suite uses it to feed garbage; the
+    /// broker backends run the same decoding on what they consume.
+    pub fn inject_raw(&self, bytes: &[u8]) -> Result<bool> {
+        let i = &self.inbound;
+        i.closed().check()?;
+        let env = match Envelope::decode(bytes) {
+            Ok(env) => env,
+            Err(e) => {
+                i.stats().record_undecodable("memory inject_raw", &e);
+                return Ok(false);
+            }
+        };
+        match env.kind {
+            Destination::Group => {
+                let group = env.destination.clone();
+                self.broker.fan_out(&group, env, i);
+            }
+            Destination::Channel if names::is_process_local(&env.destination) => {
+                let owner = names::owner_instance(&env.destination).unwrap_or_default();
+                match self.broker.instance(owner) {
+                    Some(inbound) => inbound.offer(env)?,
+                    None => i.stats().record_undeliverable(&env.destination),
+                }
+            }
+            Destination::Channel => {
+                let ch = env.destination.clone();
+                self.broker
+                    .normal
+                    .push(&ch, env, i.options().capacity_for(&ch), i.stats())?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Forgets this instance at the broker: its process-local channels become undeliverable.
+    fn leave(&self) {
+        let id = self.inbound.id();
+        lock(&self.broker.instances).remove(id);
+        for ids in lock(&self.broker.bound).values_mut() {
+            ids.remove(id);
+        }
+    }
+}
+
+impl Transport for MemoryTransport {
+    async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
         if config.backend.scheme != BACKEND {
             return Err(Error::Config(format!(
                 "the memory backend takes memory:// URLs, not {}://",
@@ -124,7 +183,6 @@ impl MemoryLayer {
                 "memory:// URLs take no user or password".into(),
             ));
         }
-        config.options.validate()?;
         config.backend.options.reject_unknown(
             BACKEND,
             "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size",
@@ -140,282 +198,183 @@ impl MemoryLayer {
         } else {
             named_broker(name)
         };
-        Ok(Self::with_broker(broker, config.options.clone()))
-    }
-
-    fn with_broker(broker: Arc<Broker>, options: LayerOptions) -> MemoryLayer {
-        let id = names::new_instance_id();
-        broker.instances().insert(id.clone());
-        MemoryLayer {
+        lock(&broker.instances).insert(inbound.id().to_owned(), Arc::downgrade(&inbound));
+        Ok(MemoryTransport {
             broker,
-            id,
-            options,
-            stats: Arc::new(Stats::default()),
-            closed: Arc::new(CloseSignal::default()),
-        }
+            inbound,
+            sources: Mutex::new(HashMap::new()),
+        })
     }
 
-    /// Hands raw wire bytes to this instance as if its broker had delivered them: decoded,
-    /// routed to their channel or group, or counted and skipped if they are not a valid
-    /// envelope. The conformance suite uses it to feed garbage; the broker backends run the
-    /// same decoding on what they consume.
-    pub fn inject_raw(&self, bytes: &[u8]) -> Result<bool> {
-        self.closed.check()?;
-        let b = &self.broker;
-        match Envelope::decode(bytes) {
-            Err(e) => {
-                self.stats.record_undecodable("memory inject_raw", &e);
-                Ok(false)
-            }
-            Ok(env) => match env.kind {
-                Destination::Channel => {
-                    let ch = env.destination.clone();
-                    b.inbox
-                        .push(&ch, env, self.options.capacity_for(&ch), &self.stats)
-                        .map(|()| true)
-                }
-                Destination::Group => b
-                    .inbox
-                    .deliver(env, &b.groups, &self.options, &self.stats)
-                    .map(|()| true),
-            },
-        }
-    }
-
-    fn check_receiver(&self, channel: &str) -> Result<()> {
-        self.closed.check()?;
-        names::check_receiver(channel, &self.id)
-    }
-
-    /// Checks the receiver, waits for the next entry of `channel`, counts it.
-    async fn take(&self, channel: &str) -> Result<Entry> {
-        self.check_receiver(channel)?;
-        let entry = self
-            .broker
-            .inbox
-            .take(channel, &self.stats, &self.closed)
-            .await?;
-        self.stats.record_received(1);
-        Ok(entry)
-    }
-
-    fn delivery(&self, channel: &str, entry: Entry) -> Delivery {
-        let info = DeliveryInfo {
-            id: entry.envelope.id,
-            channel: channel.to_owned(),
-            redelivered: entry.redelivered,
-            sent_at_ms: entry.envelope.sent_at_ms,
-        };
-        let message = entry.envelope.clone().into_message();
-        let acker = MemoryAcker {
-            broker: self.broker.clone(),
-            channel: channel.to_owned(),
-            entry: Some(entry),
-            closed: self.closed.clone(),
-            stats: self.stats.clone(),
-        };
-        Delivery::new(message, info, AckHandle::new(Box::new(acker)))
-    }
-}
-
-/// Settles a memory delivery: ack forgets it; nack, or a drop without either, puts it back at
-/// the head of its channel.
-struct MemoryAcker {
-    broker: Arc<Broker>,
-    channel: String,
-    entry: Option<Entry>,
-    closed: Arc<CloseSignal>,
-    stats: Arc<Stats>,
-}
-
-impl MemoryAcker {
-    fn requeue(&mut self) {
-        if let Some(entry) = self.entry.take() {
-            // A process-local channel whose owner has gone cannot be received any more.
-            if !self.broker.deliverable(&self.channel, "") {
-                self.stats.record_undeliverable(&self.channel);
-                return;
-            }
-            self.stats.record_redelivered(1);
-            self.broker.inbox.requeue_front(&self.channel, entry);
-        }
-    }
-}
-
-#[async_trait]
-impl Acknowledger for MemoryAcker {
-    async fn ack(&mut self) -> Result<()> {
-        // After close the ack cannot count; the message comes back when this is dropped.
-        self.closed.check()?;
-        self.entry = None;
-        Ok(())
-    }
-
-    async fn nack(&mut self) -> Result<()> {
-        self.requeue();
-        Ok(())
-    }
-}
-
-impl Drop for MemoryAcker {
-    fn drop(&mut self) {
-        self.requeue();
-    }
-}
-
-#[async_trait]
-impl ChannelLayer for MemoryLayer {
     fn capabilities(&self) -> Capabilities {
         CAPABILITIES
     }
 
-    fn options(&self) -> &LayerOptions {
-        &self.options
-    }
-
-    fn instance_id(&self) -> &str {
-        &self.id
-    }
-
-    fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
-    }
-
-    async fn send(&self, channel: &str, message: Message) -> Result<()> {
-        // A send never waits here; spending budget makes a tight send loop yield now and
-        // then (see `LocalInbox::take`).
-        tokio::task::consume_budget().await;
-        self.closed.check()?;
-        names::validate_channel(channel)?;
-        // In-process: the queue is the address, so the envelope need not carry it.
-        let env =
-            Envelope::seal_unaddressed(Destination::Channel, channel, message, &self.options)?;
-        if !self.broker.deliverable(channel, &self.id) {
-            self.stats.record_undeliverable(channel);
-            return Ok(());
-        }
-        self.broker.inbox.push(
+    async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
+        let target = if owner == self.inbound.id() {
+            Some(self.inbound.clone())
+        } else {
+            self.broker.instance(owner)
+        };
+        let Some(target) = target else {
+            return Ok(Published::Gone);
+        };
+        let channel = out.destination();
+        // Capacity is the sender's setting for the channel, checked at once (the broker is
+        // in this process): `ChannelFull` reaches the sender.
+        let capacity = self.inbound.options().capacity_for(channel);
+        target.inbox().push(
             channel,
-            env,
-            self.options.capacity_for(channel),
-            &self.stats,
+            out.into_unaddressed(),
+            capacity,
+            self.inbound.stats(),
         )?;
-        self.stats.record_sent(1);
-        Ok(())
+        Ok(Published::Stored)
     }
 
-    async fn receive(&self, channel: &str) -> Result<Message> {
-        Ok(self.take(channel).await?.envelope.into_message())
+    async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
+        let channel = out.destination();
+        let capacity = self.inbound.options().capacity_for(channel);
+        self.broker.normal.push(
+            channel,
+            out.into_unaddressed(),
+            capacity,
+            self.inbound.stats(),
+        )?;
+        Ok(Published::Stored)
     }
 
-    async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        let entry = self.take(channel).await?;
-        Ok(self.delivery(channel, entry))
-    }
-
-    async fn receive_batch(
-        &self,
-        channel: &str,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Delivery>> {
-        self.check_receiver(channel)?;
-        let entries = self
-            .broker
-            .inbox
-            .take_batch(channel, max, timeout, &self.stats, &self.closed)
-            .await?;
-        self.stats.record_received(entries.len() as u64);
-        Ok(entries
-            .into_iter()
-            .map(|e| self.delivery(channel, e))
-            .collect())
-    }
-
-    async fn new_channel(&self, prefix: &str) -> Result<String> {
-        self.closed.check()?;
-        names::new_channel_name(prefix, &self.id)
-    }
-
-    async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
-        self.closed.check()?;
-        names::validate_group(group)?;
-        names::validate_channel(channel)?;
+    async fn publish_group(&self, out: Outgoing<'_>) -> Result<()> {
+        let group = out.destination();
         self.broker
-            .groups
-            .add(group, channel, self.options.group_expiry);
+            .fan_out(group, out.into_unaddressed(), &self.inbound);
         Ok(())
     }
 
-    async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
-        self.closed.check()?;
-        names::validate_group(group)?;
-        names::validate_channel(channel)?;
-        self.broker.groups.discard(group, channel);
+    async fn bind_group(&self, group: &str) -> Result<()> {
+        lock(&self.broker.bound)
+            .entry(group.to_owned())
+            .or_default()
+            .insert(self.inbound.id().to_owned());
         Ok(())
     }
 
-    async fn group_send(&self, group: &str, message: Message) -> Result<()> {
-        tokio::task::consume_budget().await;
-        self.closed.check()?;
-        names::validate_group(group)?;
-        let env = Envelope::seal_unaddressed(Destination::Group, group, message, &self.options)?;
-        let b = &self.broker;
-        let members: Vec<std::sync::Arc<str>> = b
-            .groups
-            .members(group)
-            .into_iter()
-            .filter(|m| {
-                let ok = b.deliverable(m, &self.id);
-                if !ok {
-                    self.stats.record_undeliverable(m);
-                }
-                ok
-            })
-            .collect();
-        b.inbox
-            .fan_out(group, env, members, &self.options, &self.stats);
-        self.stats.record_sent(1);
+    async fn unbind_group(&self, group: &str) -> Result<()> {
+        let mut bound = lock(&self.broker.bound);
+        if let Some(ids) = bound.get_mut(group) {
+            ids.remove(self.inbound.id());
+            if ids.is_empty() {
+                bound.remove(group);
+            }
+        }
         Ok(())
+    }
+
+    async fn bind_normal(&self, group: &str, channel: &str) -> Result<()> {
+        lock(&self.broker.normal_bound)
+            .entry(group.to_owned())
+            .or_default()
+            .insert(channel.to_owned());
+        Ok(())
+    }
+
+    async fn unbind_normal(&self, group: &str, channel: &str) -> Result<()> {
+        let mut bound = lock(&self.broker.normal_bound);
+        if let Some(chs) = bound.get_mut(group) {
+            chs.remove(channel);
+            if chs.is_empty() {
+                bound.remove(group);
+            }
+        }
+        Ok(())
+    }
+
+    async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
+        let mut sources = lock(&self.sources);
+        if let Some(s) = sources.get(channel) {
+            return Ok(NormalReader::Source(s.clone()));
+        }
+        let s = Arc::new(MemorySource {
+            normal: self.broker.normal.clone(),
+            channel: channel.to_owned(),
+            inbound: self.inbound.clone(),
+        });
+        sources.insert(channel.to_owned(), s.clone());
+        Ok(NormalReader::Source(s))
     }
 
     async fn flush(&self) -> Result<()> {
-        self.closed.check()?;
-        self.broker.inbox.clear();
-        self.broker.groups.clear();
+        // Everything this layer can see: the broker's normal channels too.
+        self.broker.normal.clear();
         Ok(())
     }
 
     async fn close(&self) -> Result<()> {
-        self.shut_down();
+        self.leave();
         Ok(())
     }
-}
 
-impl MemoryLayer {
-    /// Closes once: wakes pending receives with `Closed`, and removes this instance's
-    /// process-local queues and their group memberships from the broker.
-    fn shut_down(&self) {
-        if !self.closed.close() {
-            return;
-        }
-        let b = &self.broker;
-        b.instances().remove(&self.id);
-        let mine = |ch: &str| names::owner_instance(ch) == Some(self.id.as_str());
-        b.inbox.remove_where(mine);
-        b.groups.remove_channels(mine);
+    fn abandon(&self) {
+        self.leave();
     }
 }
 
-impl Drop for MemoryLayer {
-    fn drop(&mut self) {
-        self.shut_down();
+/// A normal channel on the memory broker: competing readers, at-least-once.
+#[derive(Debug)]
+struct MemorySource {
+    normal: Arc<LocalInbox>,
+    channel: String,
+    inbound: Arc<Inbound>,
+}
+
+impl MemorySource {
+    fn incoming(&self, entry: crate::inbox::Entry) -> Incoming {
+        requeuing_incoming(
+            self.normal.clone(),
+            &self.channel,
+            entry,
+            self.inbound.stats().clone(),
+            self.inbound.closed().clone(),
+        )
+    }
+}
+
+#[async_trait]
+impl NormalSource for MemorySource {
+    async fn next(&self) -> Result<Incoming> {
+        let i = &self.inbound;
+        let entry = self
+            .normal
+            .take(&self.channel, i.stats(), i.closed())
+            .await?;
+        Ok(self.incoming(entry))
+    }
+
+    async fn next_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Incoming>> {
+        let i = &self.inbound;
+        Ok(self
+            .normal
+            .take_batch(&self.channel, max, timeout, i.stats(), i.closed())
+            .await?
+            .into_iter()
+            .map(|e| self.incoming(e))
+            .collect())
+    }
+
+    async fn next_auto(&self) -> Result<Envelope> {
+        let i = &self.inbound;
+        Ok(self
+            .normal
+            .take(&self.channel, i.stats(), i.closed())
+            .await?
+            .envelope)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layer::ChannelLayer;
     use crate::message::Message;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -434,7 +393,11 @@ mod tests {
                 .expect("a current-thread runtime builds");
             rt.block_on(async move {
                 let config = LayerConfig::from_url("memory://").expect("memory:// parses");
-                let layer = Arc::new(MemoryLayer::connect(&config).expect("memory connects"));
+                let layer = Arc::new(
+                    MemoryLayer::connect(&config)
+                        .await
+                        .expect("memory connects"),
+                );
                 let channel = layer.new_channel("busy").await.expect("new_channel");
                 let stop = Arc::new(AtomicBool::new(false));
                 let busy = {

@@ -29,7 +29,7 @@ pub async fn connect(url: &str) -> Result<Layer> {
 pub async fn connect_config(config: LayerConfig) -> Result<Layer> {
     let scheme = config.backend.scheme.as_str();
     match scheme {
-        "memory" => Ok(Layer::new(Arc::new(MemoryLayer::connect(&config)?))),
+        "memory" => Ok(Layer::new(Arc::new(MemoryLayer::connect(&config).await?))),
         #[cfg(feature = "kafka")]
         "kafka" => Ok(Layer::new(Arc::new(
             chanlayer_kafka::KafkaLayer::connect(&config).await?,

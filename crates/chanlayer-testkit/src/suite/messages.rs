@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use chanlayer_core::{Codec, Envelope, Error, Message, MessageType};
+use chanlayer_core::toolkit::Envelope;
+use chanlayer_core::{Codec, Error, Message, MessageType};
 use serde::{Deserialize, Serialize};
 
 use crate::{assert_err, eventually, recv, seq_msg, seq_of, Ctx};
@@ -320,7 +321,7 @@ pub async fn undecodable_bytes_skipped_and_counted(ctx: Ctx) {
     let l = ctx.layer().await;
     let inject = ctx.injector(&l);
     let valid = Envelope::seal(
-        chanlayer_core::Destination::Channel,
+        chanlayer_core::toolkit::Destination::Channel,
         "x",
         seq_msg(1, Codec::Bincode),
         &ctx.options(),

@@ -1,0 +1,244 @@
+//! [`Inbound`]: one layer instance's receiving side, shared between core's
+//! [`TransportLayer`](crate::TransportLayer) and its transport. It holds the instance's id,
+//! options, counters and close signal, its [`LocalInbox`] and its group registries, and it
+//! is the one ingest path: decode → owner check → deliver → counted drops.
+
+use std::sync::Arc;
+
+use crate::config::LayerOptions;
+use crate::delivery::{AckHandle, Acknowledger, Delivery};
+use crate::envelope::{Destination, Envelope};
+use crate::error::{Error, Result};
+use crate::groups::GroupRegistry;
+use crate::inbox::{CloseSignal, Entry, LocalInbox};
+use crate::names;
+use crate::stats::Stats;
+use crate::transport::Incoming;
+
+/// One instance's receiving side. See the module docs.
+#[derive(Debug)]
+pub struct Inbound {
+    id: String,
+    options: LayerOptions,
+    stats: Arc<Stats>,
+    closed: Arc<CloseSignal>,
+    inbox: Arc<LocalInbox>,
+    groups: GroupRegistry,
+    normal_groups: GroupRegistry,
+}
+
+impl Inbound {
+    /// A fresh instance with a new id.
+    pub fn new(options: LayerOptions) -> Self {
+        Inbound {
+            id: names::new_instance_id(),
+            options,
+            stats: Arc::new(Stats::default()),
+            closed: Arc::new(CloseSignal::default()),
+            inbox: Arc::new(LocalInbox::new()),
+            groups: GroupRegistry::new(),
+            normal_groups: GroupRegistry::new(),
+        }
+    }
+
+    /// This instance's id (what its process-local channel names carry).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The shared options.
+    pub fn options(&self) -> &LayerOptions {
+        &self.options
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The close signal (set by core before the transport's `close`).
+    pub fn closed(&self) -> &Arc<CloseSignal> {
+        &self.closed
+    }
+
+    /// The local inbox (process-local channels; normal channels of inbox-read transports).
+    pub fn inbox(&self) -> &Arc<LocalInbox> {
+        &self.inbox
+    }
+
+    /// Groups with local members (process-local channels, and normal channels of
+    /// inbox-read transports).
+    pub fn groups(&self) -> &GroupRegistry {
+        &self.groups
+    }
+
+    /// Normal-channel memberships this instance added (for a transport that forwards group
+    /// messages to normal channels itself).
+    pub fn normal_groups(&self) -> &GroupRegistry {
+        &self.normal_groups
+    }
+
+    /// `true` if this instance may take `envelope`: a message for a process-local channel
+    /// must be for one of this instance's own.
+    fn owned(&self, envelope: &Envelope) -> bool {
+        envelope.kind == Destination::Group
+            || !names::is_process_local(&envelope.destination)
+            || names::owner_instance(&envelope.destination) == Some(self.id.as_str())
+    }
+
+    /// Delivers an envelope that arrived: to its channel, or one copy to each live local
+    /// member of its group. A message for another instance's channel is counted
+    /// `undeliverable`; one for a full channel `dropped_full` (a full group member
+    /// `group_member_full`).
+    pub fn ingest(&self, envelope: Envelope) {
+        if let Err(Error::ChannelFull { channel, .. }) = self.offer(envelope) {
+            self.stats.record_dropped_full(&channel);
+        }
+    }
+
+    /// [`ingest`](Self::ingest), except that a full channel is returned as
+    /// `Err(ChannelFull)` instead of counted: for an in-process transport whose sender can
+    /// be told at once.
+    pub fn offer(&self, envelope: Envelope) -> Result<()> {
+        if !self.owned(&envelope) {
+            self.stats.record_undeliverable(&envelope.destination);
+            return Ok(());
+        }
+        self.inbox
+            .deliver(envelope, &self.groups, &self.options, &self.stats)
+    }
+
+    /// Delivers a message addressed to channel `channel` whose envelope does not carry the
+    /// name (an in-process transport): as [`offer`](Self::offer).
+    pub fn offer_to(&self, channel: &str, envelope: Envelope) -> Result<()> {
+        self.inbox.push(
+            channel,
+            envelope,
+            self.options.capacity_for(channel),
+            &self.stats,
+        )
+    }
+
+    /// Delivers a group message whose envelope does not carry the name to this instance's
+    /// live members of `group`.
+    pub fn offer_group(&self, group: &str, envelope: Envelope) {
+        self.inbox.fan_out(
+            group,
+            envelope,
+            self.groups.members(group),
+            &self.options,
+            &self.stats,
+        );
+    }
+
+    /// [`ingest`](Self::ingest)s a burst in order (one lock per run of one channel).
+    pub fn ingest_all(&self, envelopes: &mut Vec<Envelope>) {
+        envelopes.retain(|e| {
+            let ok = self.owned(e);
+            if !ok {
+                self.stats.record_undeliverable(&e.destination);
+            }
+            ok
+        });
+        self.inbox
+            .deliver_all(envelopes, &self.groups, &self.options, &self.stats);
+    }
+
+    /// Decodes bytes that arrived and [`ingest`](Self::ingest)s them. Bytes that are not an
+    /// envelope are counted (`undecodable`, logged once per burst with `source`) and
+    /// skipped: `false`.
+    pub fn ingest_bytes(&self, bytes: &[u8], source: &str) -> bool {
+        match Envelope::decode(bytes) {
+            Ok(env) => {
+                self.ingest(env);
+                true
+            }
+            Err(e) => {
+                self.stats.record_undecodable(source, &e);
+                false
+            }
+        }
+    }
+}
+
+/// An [`Incoming`] of `entry`, taken from `inbox`'s `channel`, that goes back to the head of
+/// that channel on nack or when dropped unsettled (at-least-once over a [`LocalInbox`]).
+pub fn requeuing_incoming(
+    inbox: Arc<LocalInbox>,
+    channel: &str,
+    entry: Entry,
+    stats: Arc<Stats>,
+    closed: Arc<CloseSignal>,
+) -> Incoming {
+    let envelope = entry.envelope.clone();
+    let redelivered = entry.redelivered;
+    let acker = InboxAcker {
+        inbox,
+        channel: channel.to_owned(),
+        entry: Some(entry),
+        closed,
+        stats,
+    };
+    Incoming {
+        envelope,
+        redelivered,
+        ack: AckHandle::new(Box::new(acker)),
+    }
+}
+
+/// [`requeuing_incoming`] as a [`Delivery`].
+pub fn requeuing_delivery(
+    inbox: Arc<LocalInbox>,
+    channel: &str,
+    entry: Entry,
+    stats: Arc<Stats>,
+    closed: Arc<CloseSignal>,
+) -> Delivery {
+    requeuing_incoming(inbox, channel, entry, stats, closed).into_delivery(channel)
+}
+
+/// Settles a delivery taken from a [`LocalInbox`]: ack forgets it; nack, or a drop without
+/// either, puts it back at the head of its channel.
+struct InboxAcker {
+    inbox: Arc<LocalInbox>,
+    channel: String,
+    entry: Option<Entry>,
+    closed: Arc<CloseSignal>,
+    stats: Arc<Stats>,
+}
+
+impl InboxAcker {
+    fn requeue(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            if self.closed.is_closed() && names::is_process_local(&self.channel) {
+                // Its instance is gone: nobody can receive it any more. (A normal channel's
+                // message goes back for the other readers.)
+                self.stats.record_undeliverable(&self.channel);
+                return;
+            }
+            self.stats.record_redelivered(1);
+            self.inbox.requeue_front(&self.channel, entry);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Acknowledger for InboxAcker {
+    async fn ack(&mut self) -> Result<()> {
+        // After close the ack cannot count; the message comes back when this is dropped.
+        self.closed.check()?;
+        self.entry = None;
+        Ok(())
+    }
+
+    async fn nack(&mut self) -> Result<()> {
+        self.requeue();
+        Ok(())
+    }
+}
+
+impl Drop for InboxAcker {
+    fn drop(&mut self) {
+        self.requeue();
+    }
+}

@@ -1,0 +1,514 @@
+//! [`TransportLayer`]: the one implementation of [`ChannelLayer`], over any [`Transport`].
+//!
+//! Everything that is the same for every backend happens here: name checks, the closed
+//! state, `NotOwner`, the split between process-local channels (this instance's
+//! [`LocalInbox`](crate::LocalInbox)) and normal channels (the transport's
+//! [`NormalReader`]), counters, settled or requeuing local deliveries, and group
+//! bookkeeping: a group is bound at the transport on its first local member and unbound on
+//! its last; normal-channel memberships are bound on every `group_add` and unbound when
+//! discarded; a background task unbinds memberships the moment they expire, so an expired
+//! membership receives nothing on any backend.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::capabilities::Capabilities;
+use crate::config::{LayerConfig, LayerOptions};
+use crate::delivery::Delivery;
+use crate::envelope::{Destination, Envelope};
+use crate::error::{Error, Result};
+use crate::inbound::{requeuing_delivery, Inbound};
+use crate::layer::ChannelLayer;
+use crate::message::Message;
+use crate::names;
+use crate::stats::StatsSnapshot;
+use crate::transport::{NormalReader, Outgoing, Published, Transport};
+
+/// A [`ChannelLayer`] over transport `T`. Backends name it (`AmqpLayer` is
+/// `TransportLayer<AmqpTransport>`); it dereferences to the transport for what only that
+/// backend has.
+pub struct TransportLayer<T: Transport> {
+    inbound: Arc<Inbound>,
+    transport: Arc<T>,
+    caps: Capabilities,
+    groups: Arc<GroupState>,
+}
+
+/// Group bookkeeping shared with the expiry task.
+struct GroupState {
+    /// Serialises binding changes, so a first-member bind and a last-member unbind of one
+    /// group cannot cross.
+    bindings: tokio::sync::Mutex<()>,
+    /// Wakes the expiry task when a membership appears while it has none to wait for.
+    wake: Notify,
+    /// `true` while the expiry task has no membership to wait for.
+    idle: AtomicBool,
+}
+
+impl<T: Transport> std::fmt::Debug for TransportLayer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportLayer")
+            .field("backend", &self.caps.backend)
+            .field("instance", &self.inbound.id())
+            .finish()
+    }
+}
+
+impl<T: Transport> std::ops::Deref for TransportLayer<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.transport
+    }
+}
+
+impl<T: Transport> TransportLayer<T> {
+    /// Connects a new instance: opens the transport and starts the group expiry task.
+    /// Needs a tokio runtime.
+    pub async fn connect(config: &LayerConfig) -> Result<Self> {
+        config.options.validate()?;
+        let inbound = Arc::new(Inbound::new(config.options.clone()));
+        let transport = Arc::new(T::open(config, inbound.clone()).await?);
+        let caps = transport.capabilities();
+        let groups = Arc::new(GroupState {
+            bindings: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
+            idle: AtomicBool::new(true),
+        });
+        tokio::spawn(expiry_task(
+            Arc::downgrade(&transport),
+            inbound.clone(),
+            groups.clone(),
+        ));
+        Ok(TransportLayer {
+            inbound,
+            transport,
+            caps,
+            groups,
+        })
+    }
+
+    /// The transport (what only this backend has).
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// This instance's receiving side.
+    pub fn inbound(&self) -> &Arc<Inbound> {
+        &self.inbound
+    }
+
+    fn seal(&self, kind: Destination, name: &str, message: Message) -> Result<Envelope> {
+        Envelope::seal_unaddressed(kind, name, message, self.inbound.options())
+    }
+
+    fn check_receiver(&self, channel: &str) -> Result<()> {
+        self.inbound.closed().check()?;
+        names::check_receiver(channel, self.inbound.id())
+    }
+
+    fn unsupported_normal(&self, operation: &'static str) -> Error {
+        Error::unsupported(
+            operation,
+            self.caps.backend,
+            format!(
+                "normal channels on {} are at-most-once (there is nothing to ack or redeliver); use receive, or a backend with at-least-once normal channels (kafka, amqp)",
+                self.caps.backend
+            ),
+        )
+    }
+
+    fn record(&self, channel: &str, r: Published, n: u64) {
+        match r {
+            Published::Stored => self.inbound.stats().record_sent(n),
+            Published::Gone => {
+                for _ in 0..n {
+                    self.inbound.stats().record_undeliverable(channel);
+                }
+            }
+        }
+    }
+
+    async fn send_op(&self, channel: &str, message: Message) -> Result<()> {
+        // A send that never waits still yields now and then (see `LocalInbox::take`).
+        tokio::task::consume_budget().await;
+        self.inbound.closed().check()?;
+        names::validate_channel(channel)?;
+        let env = self.seal(Destination::Channel, channel, message)?;
+        let out = Outgoing::new(env, channel);
+        let r = if names::is_process_local(channel) {
+            match names::owner_instance(channel) {
+                Some(owner) => self.transport.publish_local(owner, out).await?,
+                None => Published::Gone,
+            }
+        } else {
+            self.transport.publish_normal(out).await?
+        };
+        self.record(channel, r, 1);
+        Ok(())
+    }
+
+    async fn send_batch_op(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
+        self.inbound.closed().check()?;
+        names::validate_channel(channel)?;
+        let n = messages.len();
+        let mut outs = Vec::with_capacity(n);
+        for m in messages {
+            outs.push(Outgoing::new(
+                self.seal(Destination::Channel, channel, m)?,
+                channel,
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let owner = if names::is_process_local(channel) {
+            match names::owner_instance(channel) {
+                Some(o) => Some(o),
+                None => {
+                    self.record(channel, Published::Gone, n as u64);
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        let stored = self.transport.publish_batch(owner, outs).await?;
+        self.record(channel, Published::Stored, stored as u64);
+        self.record(channel, Published::Gone, (n - stored) as u64);
+        Ok(())
+    }
+
+    async fn receive_op(&self, channel: &str) -> Result<Message> {
+        self.check_receiver(channel)?;
+        let i = &self.inbound;
+        let env = if names::is_process_local(channel) {
+            i.inbox()
+                .take(channel, i.stats(), i.closed())
+                .await?
+                .envelope
+        } else {
+            match self.transport.normal_reader(channel).await? {
+                NormalReader::Source(s) => s.next_auto().await?,
+                NormalReader::Inbox => {
+                    i.inbox()
+                        .take(channel, i.stats(), i.closed())
+                        .await?
+                        .envelope
+                }
+            }
+        };
+        i.stats().record_received(1);
+        Ok(env.into_message())
+    }
+
+    /// A delivery of an entry taken from the local inbox: requeuing where the transport
+    /// promises at-least-once local channels, settled otherwise.
+    fn local_delivery(&self, channel: &str, entry: crate::inbox::Entry) -> Delivery {
+        let i = &self.inbound;
+        if self.caps.at_least_once_local {
+            requeuing_delivery(
+                i.inbox().clone(),
+                channel,
+                entry,
+                i.stats().clone(),
+                i.closed().clone(),
+            )
+        } else {
+            entry.into_settled_delivery(channel)
+        }
+    }
+
+    async fn receive_delivery_op(&self, channel: &str) -> Result<Delivery> {
+        self.check_receiver(channel)?;
+        let i = &self.inbound;
+        let d = if names::is_process_local(channel) {
+            let e = i.inbox().take(channel, i.stats(), i.closed()).await?;
+            self.local_delivery(channel, e)
+        } else {
+            match self.transport.normal_reader(channel).await? {
+                NormalReader::Source(s) => s.next().await?.into_delivery(channel),
+                NormalReader::Inbox => return Err(self.unsupported_normal("receive_delivery")),
+            }
+        };
+        i.stats().record_received(1);
+        Ok(d)
+    }
+
+    async fn receive_batch_op(
+        &self,
+        channel: &str,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>> {
+        self.check_receiver(channel)?;
+        let i = &self.inbound;
+        let out: Vec<Delivery> = if names::is_process_local(channel) {
+            i.inbox()
+                .take_batch(channel, max, timeout, i.stats(), i.closed())
+                .await?
+                .into_iter()
+                .map(|e| self.local_delivery(channel, e))
+                .collect()
+        } else {
+            match self.transport.normal_reader(channel).await? {
+                NormalReader::Source(s) => s
+                    .next_batch(max, timeout)
+                    .await?
+                    .into_iter()
+                    .map(|item| item.into_delivery(channel))
+                    .collect(),
+                NormalReader::Inbox => return Err(self.unsupported_normal("receive_batch")),
+            }
+        };
+        i.stats().record_received(out.len() as u64);
+        Ok(out)
+    }
+
+    async fn group_add_op(&self, group: &str, channel: &str) -> Result<()> {
+        let i = &self.inbound;
+        i.closed().check()?;
+        names::validate_group(group)?;
+        names::validate_channel(channel)?;
+        let expiry = i.options().group_expiry;
+        if names::is_process_local(channel) {
+            // Memberships live where the messages arrive: only the owner adds its channel.
+            if names::owner_instance(channel) != Some(i.id()) {
+                return Err(Error::NotOwner {
+                    channel: channel.to_owned(),
+                });
+            }
+            let _one = self.groups.bindings.lock().await;
+            if !i.groups().has_members(group) {
+                self.transport.bind_group(group).await?;
+            }
+            i.groups().add(group, channel, expiry);
+        } else {
+            let _one = self.groups.bindings.lock().await;
+            self.transport.bind_normal(group, channel).await?;
+            i.normal_groups().add(group, channel, expiry);
+        }
+        // Memberships expire in the order they were refreshed, so only a task with nothing
+        // to wait for needs waking.
+        if self.groups.idle.load(Ordering::SeqCst) {
+            self.groups.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn group_discard_op(&self, group: &str, channel: &str) -> Result<()> {
+        let i = &self.inbound;
+        i.closed().check()?;
+        names::validate_group(group)?;
+        names::validate_channel(channel)?;
+        let _one = self.groups.bindings.lock().await;
+        if names::is_process_local(channel) {
+            if i.groups().discard(group, channel) {
+                self.transport.unbind_group(group).await?;
+            }
+        } else {
+            i.normal_groups().discard(group, channel);
+            // Bindings of a normal channel are shared at the broker: unbind even if another
+            // instance added it.
+            self.transport.unbind_normal(group, channel).await?;
+        }
+        Ok(())
+    }
+
+    async fn group_send_op(&self, group: &str, message: Message) -> Result<()> {
+        tokio::task::consume_budget().await;
+        self.inbound.closed().check()?;
+        names::validate_group(group)?;
+        let env = self.seal(Destination::Group, group, message)?;
+        self.transport
+            .publish_group(Outgoing::new(env, group))
+            .await?;
+        self.inbound.stats().record_sent(1);
+        Ok(())
+    }
+
+    async fn flush_op(&self) -> Result<()> {
+        let i = &self.inbound;
+        i.closed().check()?;
+        {
+            let _one = self.groups.bindings.lock().await;
+            for g in i.groups().clear() {
+                self.transport.unbind_group(&g).await?;
+            }
+            for (g, c) in i.normal_groups().clear_pairs() {
+                self.transport.unbind_normal(&g, &c).await?;
+            }
+        }
+        self.transport.flush().await?;
+        i.inbox().clear();
+        Ok(())
+    }
+}
+
+/// Unbinds memberships as they expire, until the layer closes (or is dropped). Unbinds that
+/// fail (the broker is away) are tried again on the next pass.
+async fn expiry_task<T: Transport>(
+    transport: Weak<T>,
+    inbound: Arc<Inbound>,
+    groups: Arc<GroupState>,
+) {
+    /// How soon a failed unbind is tried again.
+    const RETRY: Duration = Duration::from_secs(1);
+    let mut failed_groups: Vec<String> = Vec::new();
+    let mut failed_pairs: Vec<(String, String)> = Vec::new();
+    loop {
+        // Set before looking, so a membership added after the look sees it and wakes us.
+        groups.idle.store(true, Ordering::SeqCst);
+        let next = [
+            inbound.groups().next_expiry(),
+            inbound.normal_groups().next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let retry = (!failed_groups.is_empty() || !failed_pairs.is_empty())
+            .then(|| std::time::Instant::now() + RETRY);
+        let wake_at = [next, retry].into_iter().flatten().min();
+        if wake_at.is_some() {
+            groups.idle.store(false, Ordering::SeqCst);
+        }
+        let sleep = async {
+            match wake_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = inbound.closed().closed() => return,
+            _ = groups.wake.notified() => continue,
+            _ = sleep => {}
+        }
+        let Some(transport) = transport.upgrade() else {
+            return;
+        };
+        let _one = groups.bindings.lock().await;
+        if inbound.closed().is_closed() {
+            return;
+        }
+        failed_groups.extend(inbound.groups().prune_expired());
+        failed_pairs.extend(inbound.normal_groups().prune_expired_pairs());
+        let mut still = Vec::new();
+        for g in failed_groups.drain(..) {
+            // Re-added meanwhile: bound again, nothing to undo.
+            if inbound.groups().has_members(&g) {
+                continue;
+            }
+            if let Err(e) = transport.unbind_group(&g).await {
+                tracing::debug!(group = %g, error = %e, "unbinding an expired group failed; trying again");
+                still.push(g);
+            }
+        }
+        failed_groups = still;
+        let mut still = Vec::new();
+        for (g, c) in failed_pairs.drain(..) {
+            if inbound.normal_groups().is_member(&g, &c) {
+                continue;
+            }
+            if let Err(e) = transport.unbind_normal(&g, &c).await {
+                tracing::debug!(group = %g, channel = %c, error = %e, "unbinding an expired membership failed; trying again");
+                still.push((g, c));
+            }
+        }
+        failed_pairs = still;
+    }
+}
+
+impl<T: Transport> Drop for TransportLayer<T> {
+    fn drop(&mut self) {
+        if self.inbound.closed().close() {
+            self.transport.abandon();
+            self.inbound.inbox().clear();
+        }
+    }
+}
+
+#[async_trait]
+impl<T: Transport> ChannelLayer for TransportLayer<T> {
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    fn options(&self) -> &LayerOptions {
+        self.inbound.options()
+    }
+
+    fn instance_id(&self) -> &str {
+        self.inbound.id()
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        self.inbound.stats().snapshot()
+    }
+
+    async fn send(&self, channel: &str, message: Message) -> Result<()> {
+        let r = self.send_op(channel, message).await;
+        self.inbound.closed().closed_wins(r)
+    }
+
+    async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
+        let r = self.send_batch_op(channel, messages).await;
+        self.inbound.closed().closed_wins(r)
+    }
+
+    async fn receive(&self, channel: &str) -> Result<Message> {
+        let r = self.receive_op(channel).await;
+        self.inbound.closed().closed_wins(r)
+    }
+
+    async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
+        let r = self.receive_delivery_op(channel).await;
+        self.inbound.closed().closed_wins(r)
+    }
+
+    async fn receive_batch(
+        &self,
+        channel: &str,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let r = self.receive_batch_op(channel, max, timeout).await;
+        self.inbound.closed().closed_wins(r)
+    }
+
+    async fn new_channel(&self, prefix: &str) -> Result<String> {
+        self.inbound.closed().check()?;
+        names::new_channel_name(prefix, self.inbound.id())
+    }
+
+    async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
+        let r = self.group_add_op(group, channel).await;
+        self.inbound.closed().closed_wins(r)
+    }
+
+    async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
+        let r = self.group_discard_op(group, channel).await;
+        self.inbound.closed().closed_wins(r)
+    }
+
+    async fn group_send(&self, group: &str, message: Message) -> Result<()> {
+        let r = self.group_send_op(group, message).await;
+        self.inbound.closed().closed_wins(r)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let r = self.flush_op().await;
+        self.inbound.closed().closed_wins(r)
+    }
+
+    async fn close(&self) -> Result<()> {
+        if !self.inbound.closed().close() {
+            return Ok(());
+        }
+        let r = self.transport.close().await;
+        self.inbound.inbox().clear();
+        r
+    }
+}
