@@ -8,49 +8,29 @@
 //! channel that is at capacity is dropped here and counted (`dropped_full`); undecodable
 //! bytes are counted and skipped.
 //!
-//! [`LocalInbox`]: chanlayer_core::LocalInbox
+//! [`LocalInbox`]: chanlayer_core::toolkit::LocalInbox
 
 use std::sync::Arc;
 
-use chanlayer_core::{names, Destination, Envelope, Error};
 use futures::StreamExt;
 use lapin::{Channel, Consumer};
 
-use crate::layer::Inner;
+use crate::shared::Shared;
 
 /// Runs until the consumer ends (connection lost, or closed) or the layer closes.
-pub(crate) async fn run(inner: Arc<Inner>, mut consumer: Consumer, channel: Channel) {
-    let source = format!("amqp inbox {}", inner.names.inbox);
+pub(crate) async fn run(shared: Arc<Shared>, mut consumer: Consumer, channel: Channel) {
+    let inbound = &shared.inbound;
+    let source = format!("amqp inbox {}", shared.names.inbox);
     loop {
         let next = tokio::select! {
-            _ = inner.closed.closed() => break,
+            _ = inbound.closed().closed() => break,
             n = consumer.next() => n,
         };
         match next {
+            // Decoded, checked (only this instance's own process-local channels live in its
+            // inbox), delivered; what cannot be is counted.
             Some(Ok(delivery)) => {
-                let envelope = match Envelope::decode(&delivery.data) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        inner.stats.record_undecodable(&source, &e);
-                        continue;
-                    }
-                };
-                // Only this instance's own process-local channels live in its inbox.
-                if envelope.kind == Destination::Channel
-                    && names::owner_instance(&envelope.destination) != Some(inner.id.as_str())
-                {
-                    inner.stats.record_undeliverable(&envelope.destination);
-                    continue;
-                }
-                let r = inner.inbox.deliver(
-                    envelope,
-                    &inner.local_groups,
-                    &inner.options,
-                    &inner.stats,
-                );
-                if let Err(Error::ChannelFull { channel, .. }) = r {
-                    inner.stats.record_dropped_full(&channel);
-                }
+                inbound.ingest_bytes(&delivery.data, &source);
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "inbox consumer stopped");

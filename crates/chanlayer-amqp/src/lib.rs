@@ -37,15 +37,23 @@
 //! [lapin]: https://docs.rs/lapin
 
 mod config;
+mod connection;
 mod groups;
 mod inbox;
-mod layer;
 mod normal;
 mod session;
+mod shared;
 mod topology;
+mod transport;
 
 pub use config::{AmqpConfig, KNOWN_OPTIONS};
-pub use layer::AmqpLayer;
+pub use transport::AmqpTransport;
+
+/// The AMQP channel layer: core's `TransportLayer` over [`AmqpTransport`].
+/// `AmqpLayer::connect(&config)` connects; the transport's own methods
+/// ([`AmqpTransport::reconnects`], [`AmqpTransport::inbox_queue`], ...) are reachable on the
+/// layer directly.
+pub type AmqpLayer = chanlayer_core::toolkit::TransportLayer<AmqpTransport>;
 
 use chanlayer_core::Capabilities;
 

@@ -13,18 +13,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use chanlayer_core::envelope::now_ms;
-use chanlayer_core::{
-    AckHandle, Acknowledger, CloseSignal, Delivery, DeliveryInfo, Envelope, Error, Result, Stats,
+use chanlayer_core::toolkit::{
+    async_trait, lock, now_ms, Acknowledger, CloseSignal, Envelope, Incoming, NormalSource, Stats,
 };
+use chanlayer_core::{AckHandle, Error, Result};
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, Channel, Consumer};
 
-use crate::layer::Inner;
-use crate::session::{backend, is_connection_error, lock, Session};
+use crate::session::{backend, is_connection_error, Session};
+use crate::shared::Shared;
 
 /// A delivery taken from the broker and not settled yet.
 pub(crate) struct Pending {
@@ -37,6 +36,7 @@ pub(crate) struct Pending {
 
 /// The consumer of one normal channel in this instance.
 pub(crate) struct NormalConsumer {
+    shared: Arc<Shared>,
     channel: String,
     queue: String,
     state: tokio::sync::Mutex<Slot>,
@@ -57,8 +57,9 @@ fn ack_in_background(acker: Acker) {
 }
 
 impl NormalConsumer {
-    pub fn new(channel: &str, queue: String) -> Self {
+    pub fn new(shared: Arc<Shared>, channel: &str, queue: String) -> Self {
         NormalConsumer {
+            shared,
             channel: channel.to_owned(),
             queue,
             state: tokio::sync::Mutex::new(Slot::Idle),
@@ -99,8 +100,8 @@ impl NormalConsumer {
         }
     }
 
-    async fn start(self: Arc<Self>, inner: Arc<Inner>) -> Result<Consumer> {
-        let inner = &inner;
+    async fn start(self: Arc<Self>) -> Result<Consumer> {
+        let inner = &self.shared;
         let mut session = inner.session().await?;
         loop {
             match self.try_start(inner, &session).await {
@@ -122,7 +123,7 @@ impl NormalConsumer {
 
     async fn try_start(
         &self,
-        inner: &Arc<Inner>,
+        inner: &Shared,
         session: &Arc<Session>,
     ) -> std::result::Result<Consumer, StartError> {
         inner
@@ -136,7 +137,7 @@ impl NormalConsumer {
         let consumer = ch
             .basic_consume(
                 ShortString::from(self.queue.as_str()),
-                ShortString::from(format!("chanlayer-{}-{epoch}", inner.id)),
+                ShortString::from(format!("chanlayer-{}-{epoch}", inner.inbound.id())),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -147,18 +148,20 @@ impl NormalConsumer {
 
     /// Turns a broker delivery into a [`Pending`], or skips it (undecodable or expired: acked
     /// and counted).
-    fn accept(&self, inner: &Inner, d: lapin::message::Delivery) -> Option<Pending> {
+    fn accept(&self, d: lapin::message::Delivery) -> Option<Pending> {
+        let inner = &self.shared;
         let epoch = self.epoch.load(Ordering::Relaxed);
         match Envelope::decode(&d.data) {
             Err(e) => {
                 inner
-                    .stats
+                    .inbound
+                    .stats()
                     .record_undecodable(&format!("amqp queue {}", self.queue), &e);
                 ack_in_background(d.acker);
                 None
             }
             Ok(env) if env.is_expired_at(now_ms()) => {
-                inner.stats.record_expired(1);
+                inner.inbound.stats().record_expired(1);
                 ack_in_background(d.acker);
                 None
             }
@@ -174,19 +177,21 @@ impl NormalConsumer {
     /// Waits for the next delivery. Cancellation-safe: a delivery leaves the consumer only in
     /// the step that returns it, and a consumer being started is kept in the slot (started
     /// by a task of its own) so a cancelled receive never strands one.
-    async fn take_locked(self: &Arc<Self>, inner: &Arc<Inner>, slot: &mut Slot) -> Result<Pending> {
+    async fn take_locked(self: &Arc<Self>, slot: &mut Slot) -> Result<Pending> {
+        let inner = &self.shared;
+        let closed = inner.inbound.closed();
         loop {
-            inner.closed.check()?;
+            closed.check()?;
             if let Some(p) = self.pop_requeued() {
                 return Ok(p);
             }
             match slot {
                 Slot::Idle => {
-                    *slot = Slot::Starting(tokio::spawn(self.clone().start(inner.clone())));
+                    *slot = Slot::Starting(tokio::spawn(self.clone().start()));
                 }
                 Slot::Starting(handle) => {
                     let started = tokio::select! {
-                        _ = inner.closed.closed() => return Err(Error::Closed),
+                        _ = closed.closed() => return Err(Error::Closed),
                         r = handle => r,
                     };
                     match started {
@@ -207,13 +212,13 @@ impl NormalConsumer {
                 }
                 Slot::Running(consumer) => {
                     let next = tokio::select! {
-                        _ = inner.closed.closed() => return Err(Error::Closed),
+                        _ = closed.closed() => return Err(Error::Closed),
                         _ = self.requeue_notify.notified() => continue,
                         n = consumer.next() => n,
                     };
                     match next {
                         Some(Ok(d)) => {
-                            if let Some(p) = self.accept(inner, d) {
+                            if let Some(p) = self.accept(d) {
                                 return Ok(p);
                             }
                         }
@@ -232,18 +237,17 @@ impl NormalConsumer {
     }
 
     /// The next delivery of this channel.
-    pub async fn take(self: &Arc<Self>, inner: &Arc<Inner>) -> Result<Pending> {
+    pub async fn take(self: &Arc<Self>) -> Result<Pending> {
         let mut slot = tokio::select! {
-            _ = inner.closed.closed() => return Err(Error::Closed),
+            _ = self.shared.inbound.closed().closed() => return Err(Error::Closed),
             g = self.state.lock() => g,
         };
-        self.take_locked(inner, &mut slot).await
+        self.take_locked(&mut slot).await
     }
 
     /// Up to `max` deliveries: waits up to `timeout` for the first, then takes what is there.
     pub async fn take_batch(
         self: &Arc<Self>,
-        inner: &Arc<Inner>,
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Pending>> {
@@ -252,11 +256,11 @@ impl NormalConsumer {
         }
         let started = tokio::time::Instant::now();
         let mut slot = tokio::select! {
-            _ = inner.closed.closed() => return Err(Error::Closed),
+            _ = self.shared.inbound.closed().closed() => return Err(Error::Closed),
             g = self.state.lock() => g,
         };
         let left = timeout.saturating_sub(started.elapsed());
-        let first = match tokio::time::timeout(left, self.take_locked(inner, &mut slot)).await {
+        let first = match tokio::time::timeout(left, self.take_locked(&mut slot)).await {
             Ok(r) => r?,
             Err(_) => return Ok(Vec::new()),
         };
@@ -271,7 +275,7 @@ impl NormalConsumer {
             };
             match consumer.next().now_or_never() {
                 Some(Some(Ok(d))) => {
-                    if let Some(p) = self.accept(inner, d) {
+                    if let Some(p) = self.accept(d) {
                         out.push(p);
                     }
                 }
@@ -287,27 +291,46 @@ impl NormalConsumer {
         p.envelope
     }
 
-    /// A [`Delivery`] whose ack/nack settle with the broker / the local requeue.
-    pub fn delivery(
-        self: &Arc<Self>,
-        p: Pending,
-        stats: Arc<Stats>,
-        closed: Arc<CloseSignal>,
-    ) -> Delivery {
-        let info = DeliveryInfo {
-            id: p.envelope.id,
-            channel: self.channel.clone(),
-            redelivered: p.redelivered,
-            sent_at_ms: p.envelope.sent_at_ms,
-        };
-        let message = p.envelope.clone().into_message();
+    /// An [`Incoming`] whose ack/nack settle with the broker / the local requeue.
+    pub fn incoming(self: &Arc<Self>, p: Pending) -> Incoming {
+        let envelope = p.envelope.clone();
+        let redelivered = p.redelivered;
         let acker = AmqpAcker {
             consumer: self.clone(),
             pending: Some(p),
-            stats,
-            closed,
+            stats: self.shared.inbound.stats().clone(),
+            closed: self.shared.inbound.closed().clone(),
         };
-        Delivery::new(message, info, AckHandle::new(Box::new(acker)))
+        Incoming {
+            envelope,
+            redelivered,
+            ack: AckHandle::new(Box::new(acker)),
+        }
+    }
+}
+
+/// The [`NormalSource`] core reads a normal channel from.
+pub(crate) struct Source(pub Arc<NormalConsumer>);
+
+#[async_trait]
+impl NormalSource for Source {
+    async fn next(&self) -> Result<Incoming> {
+        let p = self.0.take().await?;
+        Ok(self.0.incoming(p))
+    }
+
+    async fn next_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Incoming>> {
+        Ok(self
+            .0
+            .take_batch(max, timeout)
+            .await?
+            .into_iter()
+            .map(|p| self.0.incoming(p))
+            .collect())
+    }
+
+    async fn next_auto(&self) -> Result<Envelope> {
+        Ok(NormalConsumer::auto_ack(self.0.take().await?))
     }
 }
 

@@ -1,29 +1,15 @@
-//! The connection and its lifecycle: connect, set up the topology, notice a lost connection,
-//! reconnect with backoff, and set everything up again.
-//!
-//! A [`Session`] is one live connection with its channels. The layer publishes the current
-//! session through a watch channel (`None` while the broker is away); operations wait for a
-//! session up to `reconnect_timeout`. After a reconnection the inbox queue is declared again
-//! under the same name (so this instance's process-local channel names stay valid), every
-//! group with a local member is bound again, and normal-channel consumers restart on their
-//! next receive.
+//! A [`Session`]: one live connection with the channels the layer uses, and the helpers
+//! every module uses on lapin's errors. Opening and supervising sessions is in
+//! `connection.rs`.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
+use chanlayer_core::toolkit::lock;
 use chanlayer_core::{Error, Result};
-use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection};
 use tokio::sync::Notify;
 
-use crate::layer::Inner;
-use crate::topology;
 use crate::BACKEND;
 
 /// One live connection with the channels the layer uses.
@@ -32,7 +18,7 @@ pub(crate) struct Session {
     /// Publishes, with publisher confirms.
     pub publish: Channel,
     /// Declares, binds, purges. Replaced when the broker closes it (a refused declaration).
-    admin: Mutex<Channel>,
+    pub admin: Mutex<Channel>,
     /// Counts up with every reconnection.
     pub generation: u64,
     /// Poked by operations that saw the connection fail, so the supervisor looks at once.
@@ -58,13 +44,6 @@ impl Session {
     /// `true` while the connection and its publish channel are up.
     pub fn alive(&self) -> bool {
         self.conn.status().connected() && self.publish.status().connected()
-    }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 
@@ -103,201 +82,4 @@ pub(crate) fn tls_config(inner_cfg: &crate::AmqpConfig) -> Result<OwnedTLSConfig
         identity: None,
         cert_chain,
     })
-}
-
-/// Connects once and sets up the whole topology for `generation`.
-pub(crate) async fn open(inner: &Arc<Inner>, generation: u64) -> Result<Arc<Session>> {
-    let cfg = &inner.cfg;
-    let name = cfg
-        .connection_name
-        .clone()
-        .unwrap_or_else(|| format!("chanlayer {}", inner.id));
-    let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    let runtime = lapin::runtime::default_runtime()
-        .map_err(|e| backend("no tokio runtime to run the AMQP connection on", e))?;
-    let attempt =
-        Connection::connect_uri_with_config(cfg.lapin_uri(), props, inner.tls.clone(), runtime);
-    let conn = match tokio::time::timeout(cfg.connection_timeout, attempt).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            return Err(backend(
-                &format!("could not connect to {}", cfg.display_address()),
-                e,
-            ))
-        }
-        Err(_) => {
-            return Err(Error::Timeout {
-                operation: "connect",
-                after: cfg.connection_timeout,
-            })
-        }
-    };
-    match setup(inner, &conn).await {
-        Ok((publish, admin, inbox_channel, consumer)) => {
-            let session = Arc::new(Session {
-                conn,
-                publish,
-                admin: Mutex::new(admin),
-                generation,
-                broken: Notify::new(),
-            });
-            tokio::spawn(crate::inbox::run(inner.clone(), consumer, inbox_channel));
-            Ok(session)
-        }
-        Err(e) => {
-            let _ = conn.close(200, ShortString::from("setup failed")).await;
-            Err(e)
-        }
-    }
-}
-
-/// The channels of a new connection: publish (with confirms), admin, inbox consumer.
-async fn setup(
-    inner: &Arc<Inner>,
-    conn: &Connection,
-) -> Result<(Channel, Channel, Channel, lapin::Consumer)> {
-    let open = |what: &'static str| async move {
-        conn.create_channel()
-            .await
-            .map_err(|e| backend(&format!("could not open the {what} channel"), e))
-    };
-    let publish = open("publish").await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| backend("could not enable publisher confirms", e))?;
-    let admin = open("admin").await?;
-    admin
-        .exchange_declare(
-            ShortString::from(inner.names.groups_exchange.as_str()),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| {
-            backend(
-                &format!(
-                    "could not declare the groups exchange {:?} (does it exist with another type?)",
-                    inner.names.groups_exchange
-                ),
-                e,
-            )
-        })?;
-    admin
-        .queue_declare(
-            ShortString::from(inner.names.inbox.as_str()),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            topology::inbox_arguments(inner.cfg.inbox_capacity, &inner.options),
-        )
-        .await
-        .map_err(|e| backend("could not declare this instance's inbox queue", e))?;
-    // Groups with local members: bind the inbox again (a new broker has no bindings).
-    for group in inner.local_groups.groups() {
-        admin
-            .queue_bind(
-                ShortString::from(inner.names.inbox.as_str()),
-                ShortString::from(inner.names.groups_exchange.as_str()),
-                ShortString::from(group.as_str()),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| backend("could not bind a group again after reconnecting", e))?;
-    }
-    let inbox_channel = open("inbox").await?;
-    let consumer = inbox_channel
-        .basic_consume(
-            ShortString::from(inner.names.inbox.as_str()),
-            ShortString::from(format!("chanlayer-inbox-{}", inner.id)),
-            BasicConsumeOptions {
-                no_ack: true,
-                exclusive: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| backend("could not consume this instance's inbox queue", e))?;
-    Ok((publish, admin, inbox_channel, consumer))
-}
-
-/// Watches the session: when its connection is lost, reconnects with backoff (100 ms doubling
-/// to 5 s) until it succeeds or the layer closes. Normal-channel group bindings are durable at
-/// the broker and are bound again by `group_add`'s bookkeeping (see `groups.rs`).
-pub(crate) async fn supervise(inner: Arc<Inner>, mut session: Arc<Session>) {
-    loop {
-        let mut events = session.conn.events_listener();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            if !session.alive() {
-                break;
-            }
-            tokio::select! {
-                _ = inner.closed.closed() => {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        session.conn.close(200, ShortString::from("closed")),
-                    )
-                    .await;
-                    return;
-                }
-                _ = session.broken.notified() => {}
-                ev = events.next() => {
-                    if ev.is_none() {
-                        // The listener ended: the connection is gone for good.
-                        break;
-                    }
-                }
-                _ = tick.tick() => {}
-            }
-        }
-        if inner.closed.is_closed() {
-            return;
-        }
-        inner.set_session(None);
-        // Release what the old connection holds (its exclusive inbox) before declaring anew.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            session
-                .conn
-                .close(320, ShortString::from("chanlayer reconnecting")),
-        )
-        .await;
-        tracing::warn!(
-            broker = %inner.cfg.display_address(),
-            "AMQP connection lost; reconnecting"
-        );
-        let mut delay = Duration::from_millis(100);
-        let generation = session.generation + 1;
-        session = loop {
-            match open(&inner, generation).await {
-                Ok(s) => break s,
-                Err(e) => {
-                    tracing::debug!(error = %e, "AMQP reconnect attempt failed; retrying in {delay:?}");
-                }
-            }
-            tokio::select! {
-                _ = inner.closed.closed() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        };
-        if let Err(e) = crate::groups::rebind_normal(&inner, &session).await {
-            tracing::warn!(error = %e, "could not bind normal-channel group members again");
-        }
-        inner.record_reconnect();
-        tracing::info!(
-            broker = %inner.cfg.display_address(),
-            generation,
-            "AMQP connection restored"
-        );
-        inner.set_session(Some(session.clone()));
-    }
 }

@@ -254,6 +254,7 @@ macro_rules! conformance_tests {
             group_same_prefix_members_one_copy_each,
             group_members_on_two_instances,
             group_membership_expires_and_refreshes,
+            group_membership_expires_normal_channels,
             group_send_1000_members,
             flush_empties_messages_and_groups,
             close_fails_pending_receive,

@@ -140,6 +140,41 @@ pub async fn group_membership_expires_and_refreshes(ctx: Ctx) {
     assert_quiet(&l, &stale).await;
 }
 
+/// The same for normal-channel members: an expired membership receives nothing, on every
+/// backend (AMQP once kept the broker binding until a periodic sweep, so an expired normal
+/// channel went on receiving for seconds).
+pub async fn group_membership_expires_normal_channels(ctx: Ctx) {
+    let l = ctx
+        .layer_with(LayerOptions {
+            group_expiry: Duration::from_millis(1500),
+            ..ctx.options()
+        })
+        .await;
+    let group = ctx.name("room");
+    let refreshed = ctx.name("nr");
+    let stale = ctx.name("ns");
+    l.group_add(&group, &refreshed).await.expect("group_add");
+    l.group_add(&group, &stale).await.expect("group_add");
+    let_time_pass(Duration::from_millis(900)).await;
+    l.group_add(&group, &refreshed).await.expect("refresh");
+    let_time_pass(Duration::from_millis(700)).await;
+    // Just past the stale membership's expiry, and on for a while after it.
+    for i in 0..4 {
+        l.group_send(&group, seq_msg(i, Codec::Bincode))
+            .await
+            .expect("group_send");
+        let_time_pass(Duration::from_millis(150)).await;
+    }
+    for i in 0..4 {
+        assert_eq!(
+            seq_of(&recv(&l, &refreshed).await),
+            i,
+            "the refreshed membership lives"
+        );
+    }
+    assert_quiet(&l, &stale).await;
+}
+
 /// `group_send` to 1,000 members delivers 1,000 copies, one each.
 pub async fn group_send_1000_members(ctx: Ctx) {
     let l = ctx.layer().await;

@@ -1,0 +1,231 @@
+//! [`Shared`]: what one AMQP layer instance shares between its transport and its background
+//! tasks (the live session, declared queues, message properties), and the operations they
+//! all use: waiting for a session, declaring a normal channel's queue, publishing with
+//! confirms across reconnections.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chanlayer_core::toolkit::{lock, Inbound};
+use chanlayer_core::{Error, LayerOptions, Result};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Confirmation};
+use tokio::sync::watch;
+
+use crate::config::AmqpConfig;
+use crate::session::{backend, is_connection_error, Session};
+use crate::topology::{self, Names};
+use crate::BACKEND;
+
+/// Everything one layer instance shares with its background tasks.
+pub(crate) struct Shared {
+    pub cfg: AmqpConfig,
+    /// This instance's receiving side (id, options, counters, close signal, local inbox,
+    /// group registries), shared with core.
+    pub inbound: Arc<Inbound>,
+    pub names: Names,
+    pub tls: OwnedTLSConfig,
+    /// The live session; `None` while reconnecting.
+    pub session: watch::Sender<Option<Arc<Session>>>,
+    /// Normal-channel queues declared on the session of the given generation.
+    pub declared: Mutex<(u64, HashSet<String>)>,
+    /// Serialises operations on the admin channel: a refused one (a passive declare of a
+    /// missing queue) closes the channel and would fail every other one in flight on it.
+    pub admin_ops: tokio::sync::Mutex<()>,
+    /// Every normal-channel queue this instance has used (what `flush` purges).
+    pub known_queues: Mutex<HashSet<String>>,
+    pub reconnects: AtomicU64,
+    /// Message properties, computed once: transient (process-local channels).
+    pub transient: BasicProperties,
+    /// Message properties, computed once: persistent (normal channels and groups).
+    pub persistent: BasicProperties,
+}
+
+impl Shared {
+    pub fn set_session(&self, s: Option<Arc<Session>>) {
+        if s.is_some() {
+            lock(&self.declared).1.clear();
+        }
+        self.session.send_replace(s);
+    }
+
+    pub fn record_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The live session, waiting up to `reconnect_timeout` while the broker is away.
+    pub async fn session(&self) -> Result<Arc<Session>> {
+        self.session_where(|_| true).await
+    }
+
+    /// A session newer than `generation` (after an operation saw that one fail).
+    pub async fn session_after(&self, generation: u64) -> Result<Arc<Session>> {
+        self.session_where(|s| s.generation > generation).await
+    }
+
+    async fn session_where(&self, ok: impl Fn(&Session) -> bool) -> Result<Arc<Session>> {
+        self.inbound.closed().check()?;
+        // Fast path, every operation's: the session is up; no subscription, no timer.
+        if let Some(s) = self.session.borrow().as_ref() {
+            if ok(s) {
+                return Ok(s.clone());
+            }
+        }
+        let mut rx = self.session.subscribe();
+        let wait = async {
+            loop {
+                if let Some(s) = rx.borrow_and_update().as_ref() {
+                    if ok(s) {
+                        return Ok(s.clone());
+                    }
+                }
+                tokio::select! {
+                    _ = self.inbound.closed().closed() => return Err(Error::Closed),
+                    r = rx.changed() => if r.is_err() { return Err(Error::Closed) },
+                }
+            }
+        };
+        match tokio::time::timeout(self.cfg.reconnect_timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Backend {
+                backend: BACKEND,
+                message: format!(
+                    "the broker at {} has been unreachable for {:?} (reconnect_timeout); chanlayer keeps reconnecting in the background",
+                    self.cfg.display_address(),
+                    self.cfg.reconnect_timeout
+                ),
+                source: None,
+            }),
+        }
+    }
+
+    /// Declares the durable queue of normal channel `channel` once per session.
+    pub async fn declare_channel_queue(&self, session: &Session, channel: &str) -> Result<()> {
+        let queue = self.names.channel_queue(channel);
+        let cached = || {
+            let d = lock(&self.declared);
+            d.0 == session.generation && d.1.contains(&queue)
+        };
+        if cached() {
+            return Ok(());
+        }
+        // One declaration at a time: a refused passive check closes the admin channel, which
+        // would fail every other declaration in flight on it.
+        let _one = self.admin_ops.lock().await;
+        if cached() {
+            return Ok(());
+        }
+        let capacity = self.inbound.options().capacity_for(channel);
+        let q = queue.as_str();
+        let declare = |passive: bool| async move {
+            session
+                .admin()
+                .await?
+                .queue_declare(
+                    ShortString::from(q),
+                    QueueDeclareOptions {
+                        durable: true,
+                        passive,
+                        ..QueueDeclareOptions::default()
+                    },
+                    topology::channel_arguments(capacity, self.cfg.queue_expires),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| backend(&format!("could not declare queue {q:?}"), e))
+        };
+        // A queue that exists is used as it is: its capacity is the one it was created with
+        // (RabbitMQ refuses to redeclare a queue with other arguments). A missing one is
+        // created with this layer's capacity; if another instance created it in between, the
+        // passive check then finds it. A refused declaration closes the admin channel; the
+        // next admin() opens a new one.
+        if declare(true).await.is_err() && declare(false).await.is_err() {
+            declare(true).await?;
+        }
+        let mut d = lock(&self.declared);
+        if d.0 != session.generation {
+            *d = (session.generation, HashSet::new());
+        }
+        d.1.insert(queue.clone());
+        drop(d);
+        lock(&self.known_queues).insert(queue);
+        Ok(())
+    }
+
+    /// Publishes one encoded envelope and waits for the broker's confirm. Across a lost
+    /// connection it publishes again on the next one (bounded by `reconnect_timeout`): an
+    /// `Ok` means the broker confirmed it; a retried message may arrive twice.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<Confirmation> {
+        let mut session = self.session().await?;
+        loop {
+            let attempt = async {
+                session
+                    .publish
+                    .basic_publish(
+                        ShortString::from(exchange),
+                        ShortString::from(routing_key),
+                        BasicPublishOptions {
+                            mandatory,
+                            ..BasicPublishOptions::default()
+                        },
+                        payload,
+                        properties.clone(),
+                    )
+                    .await?
+                    .await
+            };
+            let outcome = tokio::select! {
+                _ = self.inbound.closed().closed() => return Err(Error::Closed),
+                r = attempt => r,
+            };
+            match outcome {
+                Ok(c) => return Ok(c),
+                Err(e) if is_connection_error(&e) => {
+                    tracing::debug!(error = %e, "publish interrupted by a lost connection; publishing again after reconnecting");
+                    session.broken.notify_one();
+                    session = self.session_after(session.generation).await?;
+                }
+                Err(e) => return Err(backend("publish failed", e)),
+            }
+        }
+    }
+
+    /// Publishes to `queue` through the default exchange (mandatory, confirmed) on behalf of
+    /// `channel`: a broker nack (the queue is full) is `ChannelFull`; `Ok(false)` if the
+    /// queue does not exist (the message was returned); `Ok(true)` once it is stored.
+    pub async fn publish_to_queue(
+        &self,
+        channel: &str,
+        queue: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+        capacity: usize,
+    ) -> Result<bool> {
+        let c = self.publish("", queue, payload, properties, true).await?;
+        if c.is_nack() {
+            return Err(Error::ChannelFull {
+                channel: channel.to_owned(),
+                capacity,
+            });
+        }
+        Ok(c.take_message().is_none())
+    }
+}
+
+/// Properties of every chanlayer message: its expiry as the per-message TTL; persistent on
+/// normal channels.
+pub(crate) fn properties(options: &LayerOptions, persistent: bool) -> BasicProperties {
+    BasicProperties::default()
+        .with_expiration(topology::expiration(options))
+        .with_delivery_mode(if persistent { 2 } else { 1 })
+}

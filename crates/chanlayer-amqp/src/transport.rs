@@ -1,0 +1,313 @@
+//! [`AmqpTransport`]: the [`Transport`] on an AMQP 0-9-1 broker; core's `TransportLayer`
+//! makes it a channel layer ([`AmqpLayer`](crate::AmqpLayer)).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chanlayer_core::toolkit::{lock, Inbound, NormalReader, Outgoing, Published, Transport};
+use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
+use lapin::options::QueuePurgeOptions;
+use lapin::types::ShortString;
+use lapin::BasicProperties;
+use tokio::sync::watch;
+
+use crate::config::AmqpConfig;
+use crate::groups::binding;
+use crate::normal::{NormalConsumer, Source};
+use crate::session::{self, backend};
+use crate::shared::{properties, Shared};
+use crate::topology::Names;
+use crate::{BACKEND, CAPABILITIES};
+
+/// The AMQP transport of one layer instance. See the crate docs.
+pub struct AmqpTransport {
+    shared: Arc<Shared>,
+    consumers: Mutex<HashMap<String, Arc<Source>>>,
+}
+
+impl std::fmt::Debug for AmqpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpTransport")
+            .field("broker", &self.shared.cfg.display_address())
+            .field("instance", &self.shared.inbound.id())
+            .field("inbox", &self.shared.names.inbox)
+            .finish()
+    }
+}
+
+impl AmqpTransport {
+    /// How many times the connection was lost and restored.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The name of this instance's inbox queue.
+    pub fn inbox_queue(&self) -> &str {
+        &self.shared.names.inbox
+    }
+
+    /// The name of the durable queue that holds normal channel `channel`.
+    pub fn channel_queue(&self, channel: &str) -> String {
+        self.shared.names.channel_queue(channel)
+    }
+
+    /// Publishes raw bytes, bypassing the envelope, where messages for `channel` travel: the
+    /// owning instance's inbox queue for a process-local channel, the channel's queue
+    /// (declared if needed) for a normal one. For tests that feed garbage to a consumer, and
+    /// for tools.
+    pub async fn publish_raw(&self, channel: &str, bytes: &[u8]) -> Result<()> {
+        let shared = &self.shared;
+        shared.inbound.closed().check()?;
+        names::validate_channel(channel)?;
+        let queue = if names::is_process_local(channel) {
+            let owner = names::owner_instance(channel).ok_or_else(|| Error::NotOwner {
+                channel: channel.to_owned(),
+            })?;
+            shared.names.inbox_of(owner)
+        } else {
+            let session = shared.session().await?;
+            shared.declare_channel_queue(&session, channel).await?;
+            shared.names.channel_queue(channel)
+        };
+        let stored = shared
+            .publish_to_queue(channel, &queue, bytes, BasicProperties::default(), 0)
+            .await?;
+        if !stored {
+            return Err(Error::Backend {
+                backend: BACKEND,
+                message: format!("no queue {queue:?} at the broker"),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Transport for AmqpTransport {
+    /// Connects to the broker `config` names (`amqp://` or `amqps://`), declares this
+    /// instance's inbox queue and the groups exchange, and starts the inbox consumer and the
+    /// connection supervisor.
+    async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
+        let cfg = AmqpConfig::from_layer_config(config)?;
+        let tls = session::tls_config(&cfg)?;
+        let names = Names::new(&config.options.prefix, &cfg.groups_exchange, inbound.id());
+        let shared = Arc::new(Shared {
+            cfg,
+            names,
+            tls,
+            session: watch::channel(None).0,
+            declared: Mutex::new((0, HashSet::new())),
+            admin_ops: tokio::sync::Mutex::new(()),
+            known_queues: Mutex::new(HashSet::new()),
+            reconnects: AtomicU64::new(0),
+            transient: properties(inbound.options(), false),
+            persistent: properties(inbound.options(), true),
+            inbound,
+        });
+        let first = crate::connection::open(&shared, 1).await?;
+        shared.set_session(Some(first.clone()));
+        tokio::spawn(crate::connection::supervise(shared.clone(), first));
+        Ok(AmqpTransport {
+            shared,
+            consumers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
+        let shared = &self.shared;
+        let queue = shared.names.inbox_of(owner);
+        // capacity 0: the limit that refused it is the owner's inbox_capacity.
+        let stored = shared
+            .publish_to_queue(
+                out.destination(),
+                &queue,
+                &out.encode(),
+                shared.transient.clone(),
+                0,
+            )
+            .await?;
+        // Not stored: the owner's inbox is gone (the instance closed or died).
+        Ok(if stored {
+            Published::Stored
+        } else {
+            Published::Gone
+        })
+    }
+
+    async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
+        let shared = &self.shared;
+        let channel = out.destination();
+        let queue = shared.names.channel_queue(channel);
+        let payload = out.encode();
+        for attempt in 0..2 {
+            let session = shared.session().await?;
+            shared.declare_channel_queue(&session, channel).await?;
+            let stored = shared
+                .publish_to_queue(
+                    channel,
+                    &queue,
+                    &payload,
+                    shared.persistent.clone(),
+                    shared.inbound.options().capacity_for(channel),
+                )
+                .await?;
+            if stored {
+                return Ok(Published::Stored);
+            }
+            // The queue vanished (deleted, or expired by queue_expires): declare it again.
+            if attempt == 0 {
+                lock(&shared.declared).1.remove(&queue);
+            }
+        }
+        Ok(Published::Gone)
+    }
+
+    async fn publish_group(&self, out: Outgoing<'_>) -> Result<()> {
+        let shared = &self.shared;
+        let group = out.destination();
+        let c = shared
+            .publish(
+                &shared.names.groups_exchange,
+                group,
+                &out.encode(),
+                shared.persistent.clone(),
+                false,
+            )
+            .await?;
+        if c.is_nack() {
+            // At least one member's queue is full; the others got their copy.
+            shared
+                .inbound
+                .stats()
+                .record_group_member_full(group, "(a member queue at the broker)");
+        }
+        Ok(())
+    }
+
+    async fn bind_group(&self, group: &str) -> Result<()> {
+        let session = self.shared.session().await?;
+        binding(
+            &self.shared,
+            &session,
+            &self.shared.names.inbox,
+            group,
+            true,
+        )
+        .await
+    }
+
+    async fn unbind_group(&self, group: &str) -> Result<()> {
+        let session = self.shared.session().await?;
+        binding(
+            &self.shared,
+            &session,
+            &self.shared.names.inbox,
+            group,
+            false,
+        )
+        .await
+    }
+
+    async fn bind_normal(&self, group: &str, channel: &str) -> Result<()> {
+        let shared = &self.shared;
+        let session = shared.session().await?;
+        shared.declare_channel_queue(&session, channel).await?;
+        binding(
+            shared,
+            &session,
+            &shared.names.channel_queue(channel),
+            group,
+            true,
+        )
+        .await
+    }
+
+    async fn unbind_normal(&self, group: &str, channel: &str) -> Result<()> {
+        let shared = &self.shared;
+        let session = shared.session().await?;
+        binding(
+            shared,
+            &session,
+            &shared.names.channel_queue(channel),
+            group,
+            false,
+        )
+        .await
+    }
+
+    async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
+        let mut consumers = lock(&self.consumers);
+        let source = consumers
+            .entry(channel.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Source(Arc::new(NormalConsumer::new(
+                    self.shared.clone(),
+                    channel,
+                    self.shared.names.channel_queue(channel),
+                ))))
+            })
+            .clone();
+        Ok(NormalReader::Source(source))
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let shared = &self.shared;
+        let consumers: Vec<Arc<Source>> = lock(&self.consumers).values().cloned().collect();
+        for c in &consumers {
+            c.0.reset().await;
+        }
+        let session = shared.session().await?;
+        let mut queues: Vec<String> = lock(&shared.known_queues).iter().cloned().collect();
+        queues.push(shared.names.inbox.clone());
+        for q in queues {
+            // A refused purge closes the admin channel; admin() opens a new one.
+            let _one = shared.admin_ops.lock().await;
+            match session
+                .admin()
+                .await?
+                .queue_purge(ShortString::from(q.as_str()), QueuePurgeOptions::default())
+                .await
+            {
+                Ok(_) => {}
+                // A queue that is gone (expired) holds nothing to purge.
+                Err(e) if e.is_amqp_soft_error() => {}
+                Err(e) => return Err(backend(&format!("could not purge {q:?}"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        let s = self.shared.session.borrow().clone();
+        if let Some(s) = s {
+            // Bounded: a broker (or a connection) that never answers Connection.Close must
+            // not hold `close` forever; dropping the connection ends it from our side.
+            let bound = self.shared.cfg.connection_timeout;
+            match tokio::time::timeout(bound, s.conn.close(200, ShortString::from("closed"))).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "closing the AMQP connection"),
+                Err(_) => tracing::warn!(
+                    "the broker did not confirm closing the AMQP connection within {bound:?}; dropped it"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn abandon(&self) {
+        // The supervisor sees the close signal and ends; close the connection too.
+        if let Some(s) = self.shared.session.borrow().clone() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = s.conn.close(200, ShortString::from("closed")).await;
+                });
+            }
+        }
+    }
+}
