@@ -158,6 +158,14 @@ pub trait NormalSource: Send + Sync {
 /// Methods return `Send` futures and are called through static dispatch (no boxing on the
 /// send path); implement them with `async fn`.
 pub trait Transport: Send + Sync + Sized + 'static {
+    /// `true` for a transport whose normal channels are read from each instance's inbox
+    /// ([`NormalReader::Inbox`]: subscribed, broadcast, at-most-once). Core then treats a
+    /// normal channel's group membership like a process-local one: registered in
+    /// [`Inbound::groups`], the group bound for this instance, copies fanned out on ingest
+    /// to this instance's readers of that channel. `bind_normal` / `unbind_normal` are not
+    /// called.
+    const NORMAL_VIA_INBOX: bool = false;
+
     /// Connects as `config` says. `inbound` is where this instance's inbox traffic goes
     /// (and holds its id, options, counters and close signal).
     fn open(

@@ -274,13 +274,13 @@ impl<T: Transport> TransportLayer<T> {
         names::validate_group(group)?;
         names::validate_channel(channel)?;
         let expiry = i.options().group_expiry;
-        if names::is_process_local(channel) {
-            // Memberships live where the messages arrive: only the owner adds its channel.
-            if names::owner_instance(channel) != Some(i.id()) {
-                return Err(Error::NotOwner {
-                    channel: channel.to_owned(),
-                });
-            }
+        // Memberships live where the messages arrive: only the owner adds its channel.
+        if names::is_process_local(channel) && names::owner_instance(channel) != Some(i.id()) {
+            return Err(Error::NotOwner {
+                channel: channel.to_owned(),
+            });
+        }
+        if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
             let _one = self.groups.bindings.lock().await;
             if !i.groups().has_members(group) {
                 self.transport.bind_group(group).await?;
@@ -305,7 +305,7 @@ impl<T: Transport> TransportLayer<T> {
         names::validate_group(group)?;
         names::validate_channel(channel)?;
         let _one = self.groups.bindings.lock().await;
-        if names::is_process_local(channel) {
+        if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
             if i.groups().discard(group, channel) {
                 self.transport.unbind_group(group).await?;
             }

@@ -1,8 +1,6 @@
-//! Connecting by URL or configuration: the one place that maps a scheme to a backend.
+//! Connecting by URL or configuration (the scheme's backend comes from the registry).
 
-use std::sync::Arc;
-
-use chanlayer_core::{config::SCHEMES, Error, LayerConfig, MemoryLayer, Result};
+use chanlayer_core::{Error, LayerConfig, Result};
 
 use crate::Layer;
 
@@ -25,35 +23,11 @@ pub async fn connect(url: &str) -> Result<Layer> {
     connect_config(LayerConfig::from_url(url)?).await
 }
 
-/// Connects to the layer `config` describes.
+/// Connects to the layer `config` describes, through the backend registered for its scheme
+/// (see [`register_transport`](crate::register_transport)).
 pub async fn connect_config(config: LayerConfig) -> Result<Layer> {
-    let scheme = config.backend.scheme.as_str();
-    match scheme {
-        "memory" => Ok(Layer::new(Arc::new(MemoryLayer::connect(&config).await?))),
-        #[cfg(feature = "kafka")]
-        "kafka" => Ok(Layer::new(Arc::new(
-            chanlayer_kafka::KafkaLayer::connect(&config).await?,
-        ))),
-        #[cfg(feature = "amqp")]
-        "amqp" | "amqps" => Ok(Layer::new(Arc::new(
-            chanlayer_amqp::AmqpLayer::connect(&config).await?,
-        ))),
-        #[cfg(feature = "zmq")]
-        "zmq" => Ok(Layer::new(Arc::new(
-            chanlayer_zmq::ZmqLayer::connect(&config).await?,
-        ))),
-        other => {
-            // Every backend whose feature is on was matched above: this one was left out.
-            let feature = SCHEMES
-                .iter()
-                .find(|(s, _)| *s == other)
-                .and_then(|(_, f)| *f)
-                .ok_or_else(|| Error::Config(format!("unknown scheme {other:?}")))?;
-            Err(Error::Config(format!(
-                "{other}:// needs the {feature} backend, which this build left out: enable the cargo feature `{feature}` of the chanlayer crate (chanlayer = {{ version = \"0.1\", features = [\"{feature}\"] }})"
-            )))
-        }
-    }
+    let connect = crate::registry::connector(&config.backend.scheme)?;
+    Ok(Layer::new(connect(config).await?))
 }
 
 /// Connects to the URL in `CHANLAYER_URL`.

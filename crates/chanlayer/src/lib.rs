@@ -20,21 +20,24 @@
 //! - [`connect`] / [`connect_config`] / [`from_env`]: one layer.
 //! - [`Layers`]: named layers from a TOML file and `CHANLAYER_<ALIAS>_URL`.
 //! - [`Layer`]: the cloneable handle, with typed `send` / `receive_as` / `group_send`.
-//! - Everything in [`chanlayer_core`] is re-exported here.
+//! - [`register_transport`] / [`register_scheme`]: plug in a backend of your own.
+//! - The application API of [`chanlayer_core`] is re-exported here (its `toolkit`, for
+//!   writing backends, is not).
 
 mod aliases;
 mod connect;
 mod layer;
+mod registry;
 
 pub use aliases::Layers;
 pub use connect::{connect, connect_config, from_env, ENV_URL};
 pub use layer::Layer;
+pub use registry::{register_scheme, register_transport, schemes, Connecting, Connector};
 
 pub use chanlayer_core::{
-    capabilities, codec, config, delivery, envelope, handle_batch, inbox, names, AckHandle,
-    BatchError, Capabilities, ChannelLayer, Codec, Delivery, DeliveryInfo, Error, Headers,
-    LayerConfig, LayerOptions, MemoryLayer, Message, MessageId, MessageType, NameKind, Result,
-    StatsSnapshot,
+    capabilities, codec, config, delivery, handle_batch, names, AckHandle, BatchError,
+    Capabilities, ChannelLayer, Codec, Delivery, DeliveryInfo, Error, Headers, LayerConfig,
+    LayerOptions, MemoryLayer, Message, MessageId, MessageType, NameKind, Result, StatsSnapshot,
 };
 
 /// The README's Rust examples, compiled and run as doc tests so they stay true.

@@ -1,0 +1,153 @@
+//! The scheme registry: which backend a URL's scheme connects to. The built-in backends are
+//! registered here (each behind its cargo feature); an application adds its own with
+//! [`register_transport`] (a type implementing core's `Transport`) or [`register_scheme`]
+//! (any connect function). Core lists no backend.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock, RwLock};
+
+use chanlayer_core::toolkit::{Transport, TransportLayer};
+use chanlayer_core::{ChannelLayer, Error, LayerConfig, Result};
+
+/// What connecting returns.
+pub type Connecting = Pin<Box<dyn Future<Output = Result<Arc<dyn ChannelLayer>>> + Send>>;
+
+/// A connect function: builds a layer from its configuration.
+pub type Connector = Arc<dyn Fn(LayerConfig) -> Connecting + Send + Sync>;
+
+/// A scheme's backend: its connector, or the cargo feature that would have compiled it in.
+#[derive(Clone)]
+enum Backend {
+    Available(Connector),
+    #[cfg_attr(
+        all(feature = "kafka", feature = "amqp", feature = "zmq"),
+        allow(dead_code)
+    )]
+    CompiledOut(&'static str),
+}
+
+fn transport_connector<T: Transport>() -> Connector {
+    Arc::new(|config: LayerConfig| {
+        Box::pin(async move {
+            let layer = TransportLayer::<T>::connect(&config).await?;
+            Ok(Arc::new(layer) as Arc<dyn ChannelLayer>)
+        }) as Connecting
+    })
+}
+
+/// The built-in schemes.
+fn builtin() -> HashMap<String, Backend> {
+    let mut m = HashMap::new();
+    m.insert(
+        "memory".to_owned(),
+        Backend::Available(transport_connector::<chanlayer_core::memory::MemoryTransport>()),
+    );
+    #[cfg(feature = "kafka")]
+    let kafka = Backend::Available(kafka_connector());
+    #[cfg(not(feature = "kafka"))]
+    let kafka = Backend::CompiledOut("kafka");
+    m.insert("kafka".to_owned(), kafka);
+    #[cfg(feature = "amqp")]
+    let amqp = Backend::Available(transport_connector::<chanlayer_amqp::AmqpTransport>());
+    #[cfg(not(feature = "amqp"))]
+    let amqp = Backend::CompiledOut("amqp");
+    m.insert("amqp".to_owned(), amqp.clone());
+    m.insert("amqps".to_owned(), amqp);
+    #[cfg(feature = "zmq")]
+    let zmq = Backend::Available(zmq_connector());
+    #[cfg(not(feature = "zmq"))]
+    let zmq = Backend::CompiledOut("zmq");
+    m.insert("zmq".to_owned(), zmq);
+    m
+}
+
+#[cfg(feature = "kafka")]
+fn kafka_connector() -> Connector {
+    Arc::new(|config: LayerConfig| {
+        Box::pin(async move {
+            let layer = chanlayer_kafka::KafkaLayer::connect(&config).await?;
+            Ok(Arc::new(layer) as Arc<dyn ChannelLayer>)
+        }) as Connecting
+    })
+}
+
+#[cfg(feature = "zmq")]
+fn zmq_connector() -> Connector {
+    Arc::new(|config: LayerConfig| {
+        Box::pin(async move {
+            let layer = chanlayer_zmq::ZmqLayer::connect(&config).await?;
+            Ok(Arc::new(layer) as Arc<dyn ChannelLayer>)
+        }) as Connecting
+    })
+}
+
+static REGISTRY: LazyLock<RwLock<HashMap<String, Backend>>> =
+    LazyLock::new(|| RwLock::new(builtin()));
+
+fn valid_scheme(scheme: &str) -> bool {
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+}
+
+/// Registers `connect` for URLs with `scheme` (lowercase letters, digits, `+`, `-`, `.`,
+/// starting with a letter). Fails if the scheme is taken (built-in schemes included, even
+/// when their feature is off).
+pub fn register_scheme(scheme: &str, connect: Connector) -> Result<()> {
+    if !valid_scheme(scheme) {
+        return Err(Error::Config(format!(
+            "{scheme:?} is not a URL scheme (lowercase letters, digits, '+', '-', '.', starting with a letter)"
+        )));
+    }
+    let mut reg = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
+    if reg.contains_key(scheme) {
+        return Err(Error::Config(format!(
+            "the scheme {scheme}:// is already registered"
+        )));
+    }
+    reg.insert(scheme.to_owned(), Backend::Available(connect));
+    Ok(())
+}
+
+/// Registers transport `T` for URLs with `scheme`: `connect("scheme://...")` then opens a
+/// `TransportLayer<T>`. This is how a backend outside this crate plugs in (see
+/// `docs/architecture.md`, "Add a backend").
+///
+/// ```
+/// use chanlayer_core::memory::MemoryTransport;
+/// // A scheme is registered once; `memory` is built in.
+/// let err = chanlayer::register_transport::<MemoryTransport>("memory").unwrap_err();
+/// assert!(err.to_string().contains("already registered"));
+/// ```
+pub fn register_transport<T: Transport>(scheme: &str) -> Result<()> {
+    register_scheme(scheme, transport_connector::<T>())
+}
+
+/// The registered schemes, sorted.
+pub fn schemes() -> Vec<String> {
+    let reg = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
+    let mut v: Vec<String> = reg.keys().cloned().collect();
+    v.sort();
+    v
+}
+
+/// The connector of `scheme`, or an error that says why there is none.
+pub(crate) fn connector(scheme: &str) -> Result<Connector> {
+    let reg = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
+    match reg.get(scheme) {
+        Some(Backend::Available(c)) => Ok(c.clone()),
+        Some(Backend::CompiledOut(feature)) => Err(Error::Config(format!(
+            "{scheme}:// needs the {feature} backend, which this build left out: enable the cargo feature `{feature}` of the chanlayer crate (chanlayer = {{ version = \"0.1\", features = [\"{feature}\"] }})"
+        ))),
+        None => {
+            let mut known: Vec<&str> = reg.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            Err(Error::Config(format!(
+                "unknown scheme {scheme:?}; chanlayer knows {}",
+                known.join(", ")
+            )))
+        }
+    }
+}
