@@ -270,6 +270,41 @@ mod tests {
         );
     }
 
+    /// No part of a hostile password shows in an `AmqpConfig`'s `Debug`, its display
+    /// address, or an error, whatever the URL around it.
+    #[test]
+    fn hostile_passwords_never_show() {
+        use chanlayer_testkit::secrets::{assert_hidden, encode, hostile_urls, HOSTILE_PASSWORDS};
+        let mut accepted = 0;
+        for scheme in ["amqp", "amqps"] {
+            for password in HOSTILE_PASSWORDS {
+                let mut urls = hostile_urls(scheme, password);
+                // Encoded, the password always parses, and must come through unchanged.
+                urls.push(format!(
+                    "{scheme}://guest:{}@127.0.0.1:5672/%2f?heartbeat=5",
+                    encode(password)
+                ));
+                urls.push(format!("{scheme}://guest:{}@h:x", encode(password)));
+                for url in urls {
+                    let text = match LayerConfig::from_url(&url)
+                        .and_then(|c| AmqpConfig::from_layer_config(&c))
+                    {
+                        Ok(c) => {
+                            accepted += 1;
+                            if url.contains(&encode(password)) {
+                                assert_eq!(c.password.expose(), *password, "{url}");
+                            }
+                            format!("{c:?} {}", c.display_address())
+                        }
+                        Err(e) => format!("{e} {e:?}"),
+                    };
+                    assert_hidden(&text, password, &url);
+                }
+            }
+        }
+        assert!(accepted > 0);
+    }
+
     #[test]
     fn bad_options_are_clear() {
         let e = parse("amqp://u:pw@h?prefetsh=3").unwrap_err().to_string();

@@ -443,15 +443,55 @@ fn decode_component(s: &str) -> String {
         .into_owned()
 }
 
+/// `true` if `s` is a URL scheme as RFC 3986 spells one: a letter, then letters, digits,
+/// `+`, `-`, `.`. Anything else before `://` is not echoed in errors (it may be a password).
+fn is_scheme(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+}
+
+/// The error for a URL whose user-info cannot be told apart from its query or fragment.
+/// It does not quote the URL: the part in doubt may be a password.
+fn ambiguous_userinfo(scheme: &str) -> Error {
+    Error::Config(format!(
+        "this {scheme}:// URL has an '@' after a '?' or '#', so where its user-info (user:password@) \
+         ends and its query or fragment begins is ambiguous; the URL is refused and not shown, since \
+         it may hold a password; percent-encode reserved characters in a password \
+         (? as %3F, # as %23, @ as %40, % as %25) and an '@' in an option value as %40"
+    ))
+}
+
 impl LayerConfig {
-    /// Parses a layer URL. Errors never contain the password.
+    /// Parses a layer URL. Errors, `Debug` and `Display` never contain the password.
+    ///
+    /// The user-info ends at the last `@` before the first `?` or `#`, so a password may hold
+    /// unencoded `/`, `@` and `:`. A URL with an `@` after its first `?` or `#` is refused
+    /// with an [`Error::Config`]: there a password with an unencoded `?` or `#` cannot be told
+    /// apart from a query or fragment.
+    ///
+    /// ```
+    /// use chanlayer_core::LayerConfig;
+    /// let cfg = LayerConfig::from_url("amqp://guest:pa/ss@w:rd@127.0.0.1:5672/%2f").unwrap();
+    /// assert_eq!(cfg.backend.address, "127.0.0.1:5672/%2f");
+    /// assert_eq!(cfg.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
+    /// let err = LayerConfig::from_url("amqp://guest:S3cr?Pw5J@127.0.0.1:5672/%2f").unwrap_err();
+    /// assert!(err.to_string().contains("percent-encode"));
+    /// assert!(!err.to_string().contains("Pw5J"));
+    /// ```
     pub fn from_url(url: &str) -> Result<LayerConfig> {
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            Error::Config(
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(Error::Config(
                 "a layer URL looks like scheme://address?options (for example memory:// or amqp://guest:guest@127.0.0.1:5672/%2f)"
                     .to_string(),
-            )
-        })?;
+            ));
+        };
+        if !is_scheme(scheme) {
+            return Err(Error::Config(
+                "a layer URL starts with a scheme (memory, kafka, amqp, amqps, zmq) and ://; this one does not, and is not shown, since it may hold a password"
+                    .to_string(),
+            ));
+        }
         let scheme = scheme.to_ascii_lowercase();
         if !SCHEMES.iter().any(|(s, _)| *s == scheme) {
             let known: Vec<&str> = SCHEMES.iter().map(|(s, _)| *s).collect();
@@ -460,13 +500,20 @@ impl LayerConfig {
                 known.join(", ")
             )));
         }
-        let rest = rest.split('#').next().unwrap_or_default();
-        let (authority_path, query) = match rest.split_once('?') {
-            Some((a, q)) => (a, q),
-            None => (rest, ""),
+        // The user-info, address and path end at the first '?' or '#'. A password with an
+        // unencoded '?' or '#' would end there too and spill into the query or fragment; an
+        // '@' after that point is the sign, and such a URL cannot be split safely.
+        let end = rest.find(['?', '#']).unwrap_or(rest.len());
+        let (authority_path, tail) = rest.split_at(end);
+        if tail.contains('@') {
+            return Err(ambiguous_userinfo(&scheme));
+        }
+        let query = match tail.strip_prefix('?') {
+            Some(q) => q.split('#').next().unwrap_or_default(),
+            None => "",
         };
-        // user-info ends at the last '@' (so an unencoded '/' or '@' in a password still
-        // counts as password, never as address).
+        // The user-info ends at the last '@' (so an unencoded '/', ':' or '@' in a password
+        // still counts as password, never as address); the user ends at the first ':'.
         let (credentials, address) = match authority_path.rfind('@') {
             Some(at) => {
                 let info = &authority_path[..at];
@@ -560,6 +607,120 @@ mod tests {
         assert_eq!(
             cfg.to_string(),
             "amqp://guest:***@127.0.0.1:5672/%2f?heartbeat=10&sasl.password=***"
+        );
+    }
+
+    /// Passwords with every character that has a meaning in a URL, unencoded.
+    const HOSTILE_PASSWORDS: &[&str] = &[
+        "S3cr?Pw5J",
+        "Xq#9zLmK",
+        "p@ss@W0rdZ",
+        "pa/ss/Wq7r",
+        "Co:lOn:Kx9",
+        "Pe%rc%Ent%2",
+        "%41Bz%zzQv",
+        "sP aCe Yy8",
+        "\u{fc}ml\u{e4}utP\u{e4}\u{df}w\u{f6}rd\u{20ac}",
+        "Mx?#@/:%Zz 9\u{fc}",
+        "Tr@il?",
+        "#Lead1ng",
+        "?q=Vv&Ww=7",
+        "Amp&Key=Q1",
+    ];
+
+    /// URLs around `password` (unencoded) for `scheme`: valid ones and ones that fail in
+    /// different places after the user-info.
+    fn hostile_urls(scheme: &str, password: &str) -> Vec<String> {
+        [
+            "127.0.0.1:5672/%2f?prefix=app",
+            "127.0.0.1:5672//=",
+            "h1:9092,h2:9092",
+            "host",
+            "",
+            "host?capacity=lots",
+            "host:notaport/x?password=Other&codec=nope",
+            "host/path#frag",
+            "[::1]:5672/v?expiry=soon",
+        ]
+        .iter()
+        .map(|rest| format!("{scheme}://guest:{password}@{rest}"))
+        .collect()
+    }
+
+    /// Asserts that `text` contains neither `password` nor any 4-character run of it, as
+    /// written or percent-decoded.
+    fn assert_hidden(text: &str, password: &str, url: &str) {
+        for form in [password.to_owned(), decode_component(password)] {
+            let chars: Vec<char> = form.chars().collect();
+            for w in chars.windows(4.min(chars.len())) {
+                let w: String = w.iter().collect();
+                assert!(
+                    !text.contains(&w),
+                    "{url}: {w:?} of the password shows in {text}"
+                );
+            }
+        }
+    }
+
+    /// Whatever the URL, no part of its password shows in the config or in an error; an
+    /// `@` after `?` or `#` is refused with a hint to percent-encode.
+    #[test]
+    fn hostile_passwords_never_show() {
+        let mut accepted = 0;
+        let mut refused = 0;
+        for scheme in ["amqp", "amqps", "kafka", "zmq", "AMQP"] {
+            for password in HOSTILE_PASSWORDS {
+                for url in hostile_urls(scheme, password) {
+                    match LayerConfig::from_url(&url) {
+                        Ok(cfg) => {
+                            accepted += 1;
+                            assert_hidden(&format!("{cfg} {cfg:?}"), password, &url);
+                            let c = cfg.backend.credentials.as_ref().expect("credentials");
+                            assert_eq!(c.username, "guest", "{url}");
+                            let got = c.password.as_ref().expect("a password").expose();
+                            assert_eq!(got, decode_component(password), "{url}");
+                            assert!(!cfg.backend.address.contains('@'), "{url}");
+                        }
+                        Err(e) => {
+                            refused += 1;
+                            assert!(matches!(e, Error::Config(_)), "{url}: {e:?}");
+                            assert_hidden(&format!("{e} {e:?}"), password, &url);
+                            if password.contains(['?', '#']) {
+                                assert!(e.to_string().contains("percent-encode"), "{url}: {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            accepted > 0 && refused > 0,
+            "{accepted} accepted, {refused} refused"
+        );
+        // The case from the field: a '?' in the password.
+        let e = LayerConfig::from_url("amqp://guest:S3cr?Pw5J@127.0.0.1:5672//=").unwrap_err();
+        assert!(e.to_string().contains("percent-encode"), "{e}");
+        // Passwords with unencoded '/', '@', ':' parse, and the address is right.
+        for (url, password, address) in [
+            ("amqp://guest:pa/ss@h:1/%2f", "pa/ss", "h:1/%2f"),
+            ("amqp://guest:p@ss@h:1/v", "p@ss", "h:1/v"),
+            (
+                "kafka://guest:a:b/c@d@h1:1,h2:2?prefix=x",
+                "a:b/c@d",
+                "h1:1,h2:2",
+            ),
+            ("amqp://guest:%3F%23%40@h", "?#@", "h"),
+        ] {
+            let cfg = LayerConfig::from_url(url).unwrap();
+            assert_eq!(cfg.backend.address, address, "{url}");
+            let c = cfg.backend.credentials.unwrap();
+            assert_eq!(c.password.unwrap().expose(), password, "{url}");
+        }
+        // A password where the scheme should be is not echoed either.
+        let e = LayerConfig::from_url("guest:Hid3Me@host://x").unwrap_err();
+        assert!(
+            !e.to_string().contains("Hid3Me") && !e.to_string().contains("hid3me"),
+            "{e}"
         );
     }
 

@@ -472,6 +472,50 @@ mod tests {
         assert!(e.contains("partitons") && !e.contains("s3cret"), "{e}");
     }
 
+    /// No part of a hostile password, in the URL's user-info or in the `password`,
+    /// `kafka.sasl.password` and `kafka.ssl.key.password` options, shows in a
+    /// `KafkaConfig`'s `Debug`, its display address, or an error; the password reaches
+    /// librdkafka unchanged.
+    #[test]
+    fn hostile_passwords_never_show() {
+        use chanlayer_testkit::secrets::{assert_hidden, encode, hostile_urls, HOSTILE_PASSWORDS};
+        let mut accepted = 0;
+        for password in HOSTILE_PASSWORDS {
+            let enc = encode(password);
+            let mut urls = hostile_urls("kafka", password);
+            urls.extend([
+                format!("kafka://guest:{enc}@h1:9092,h2:9092?sasl.mechanism=SCRAM-SHA-256"),
+                format!("kafka://h:9092?username=u&password={enc}"),
+                format!("kafka://h:9092?username=u&kafka.sasl.password={enc}"),
+                format!("kafka://h:9092?kafka.ssl.key.password={enc}&ca_file=/ca.pem"),
+                format!("kafka://h:9092?password={enc}"),
+                format!("kafka://h:9092?username=u&password={enc}&partitions=0"),
+                format!("kafka://guest:{enc}@h:99999"),
+                format!("kafka://guest:{enc}@h?sasl.mechanism=GSSAPI"),
+            ]);
+            for url in urls {
+                let text = match LayerConfig::from_url(&url)
+                    .and_then(|c| KafkaConfig::from_layer_config(&c))
+                {
+                    Ok(c) => {
+                        accepted += 1;
+                        if url.contains(&enc) {
+                            let cc = c.client_config("x");
+                            let given = cc
+                                .get("sasl.password")
+                                .or_else(|| cc.get("ssl.key.password"));
+                            assert_eq!(given, Some(*password), "{url}");
+                        }
+                        format!("{c:?} {}", c.display_address())
+                    }
+                    Err(e) => format!("{e} {e:?}"),
+                };
+                assert_hidden(&text, password, &url);
+            }
+        }
+        assert!(accepted > 0);
+    }
+
     #[test]
     fn bad_options_are_clear() {
         for (url, needle) in [

@@ -29,6 +29,7 @@ use chanlayer_core::{
 
 pub mod memory;
 pub mod peer;
+pub mod secrets;
 pub mod suite;
 
 pub use memory::MemoryFactory;

@@ -717,6 +717,21 @@ mod tests {
         }
     }
 
+    /// A zmq:// URL with a hostile password in it is refused, and no part of the password
+    /// shows in the error.
+    #[test]
+    fn hostile_passwords_never_show() {
+        use chanlayer_testkit::secrets::{assert_hidden, encode, hostile_urls, HOSTILE_PASSWORDS};
+        for password in HOSTILE_PASSWORDS {
+            let mut urls = hostile_urls("zmq", password);
+            urls.push(format!("zmq://u:{}@127.0.0.1:5556", encode(password)));
+            for url in urls {
+                let e = cfg(&url).expect_err(&url);
+                assert_hidden(&format!("{e} {e:?}"), password, &url);
+            }
+        }
+    }
+
     #[test]
     fn options_are_read() {
         let c = cfg("zmq://127.0.0.1:1?bind=never&sndhwm=5&rcvhwm=6&send_queue=7&subscribe_timeout=250ms&connect_timeout=2&reconnect_interval=20ms&reconnect_interval_max=1s&linger=0&retain=3&retain_for=10s&retain_bytes=1000&ipv6=true&zmq.tcp_keepalive=1&zmq.sndbuf=65536").expect("options");
