@@ -228,6 +228,63 @@ impl Serialize for ConfigDuration {
     }
 }
 
+/// An integer type an option can be read as, with [`parse_int`] or
+/// [`BackendOptions::take_int`].
+pub trait ConfigInt: Copy + PartialOrd + std::fmt::Display + std::str::FromStr {}
+
+macro_rules! config_int {
+    ($($t:ty),*) => { $(impl ConfigInt for $t {})* };
+}
+config_int!(u8, u16, u32, u64, usize, i8, i16, i32, i64, isize);
+
+/// Parses the value of an integer option that must lie in `range`. The one integer parser
+/// of every option, shared and backend: a value that is not a whole number, and one that is
+/// but lies outside `range` (or outside what `T` can hold), are errors that say which, and
+/// give the allowed range. The error does not quote the value; callers name the option.
+///
+/// ```
+/// use chanlayer_core::config::parse_int;
+/// assert_eq!(parse_int::<u16>("100", 1..=u16::MAX).unwrap(), 100);
+/// let e = parse_int::<usize>("99999999999999999999999", 1..=usize::MAX).unwrap_err();
+/// assert!(e.to_string().contains(&format!("too large; use a whole number from 1 to {}", usize::MAX)));
+/// let e = parse_int::<u16>("lots", 1..=u16::MAX).unwrap_err();
+/// assert!(e.to_string().contains("not a whole number"));
+/// let e = parse_int::<i32>("0", 1..=i32::MAX).unwrap_err();
+/// assert!(e.to_string().contains("too small"));
+/// ```
+pub fn parse_int<T: ConfigInt>(value: &str, range: std::ops::RangeInclusive<T>) -> Result<T> {
+    let rule = format!(
+        "use a whole number from {} to {}",
+        range.start(),
+        range.end()
+    );
+    let v = value.trim();
+    let digits = v.strip_prefix(['+', '-']).unwrap_or(v);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::Config(format!("not a whole number; {rule}")));
+    }
+    let too_small = v.starts_with('-');
+    match v.parse::<T>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        Ok(n) if n < *range.start() => Err(Error::Config(format!("too small; {rule}"))),
+        Ok(_) => Err(Error::Config(format!("too large; {rule}"))),
+        // A whole number that `T` cannot hold: too far from zero on its side.
+        Err(_) if too_small => Err(Error::Config(format!("too small; {rule}"))),
+        Err(_) => Err(Error::Config(format!("too large; {rule}"))),
+    }
+}
+
+/// The error for option `key` with `value`: `option key=value: why`, the value redacted
+/// when the key is secret-looking ([`is_secret_key`]).
+fn option_error(key: &str, value: &str, why: Error) -> Error {
+    let shown = if is_secret_key(key) { "***" } else { value };
+    let why = match why {
+        Error::Config(m) => m,
+        other => other.to_string(),
+    };
+    Error::Config(format!("option {key}={shown}: {why}"))
+}
+
 /// Options as read from one source (URL query, config file, environment), each optional;
 /// [`LayerOptions::apply`] layers them.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -340,15 +397,25 @@ impl BackendOptions {
         match self.0.remove(key) {
             None => Ok(None),
             Some(v) => v.parse().map(Some).map_err(|e: T::Err| {
-                let shown = if is_secret_key(key) {
-                    "***"
-                } else {
-                    v.as_str()
-                };
                 let why = e.to_string();
                 let why = why.strip_prefix("configuration error: ").unwrap_or(&why);
-                Error::Config(format!("option {key}={shown}: {why}"))
+                option_error(key, &v, Error::Config(why.to_owned()))
             }),
+        }
+    }
+
+    /// Parses ([`parse_int`]) and removes the integer option `key`, which must lie in
+    /// `range`; the error names the option and the range.
+    pub fn take_int<T: ConfigInt>(
+        &mut self,
+        key: &str,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<Option<T>> {
+        match self.0.remove(key) {
+            None => Ok(None),
+            Some(v) => parse_int(&v, range)
+                .map(Some)
+                .map_err(|e| option_error(key, &v, e)),
         }
     }
 
@@ -537,22 +604,8 @@ impl LayerConfig {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             let key = key.into_owned();
             let value = value.into_owned();
-            let bad = |e: Error| -> Error {
-                let shown = if is_secret_key(&key) {
-                    "***"
-                } else {
-                    value.as_str()
-                };
-                let why = match e {
-                    Error::Config(m) => m,
-                    other => other.to_string(),
-                };
-                Error::Config(format!("option {key}={shown}: {why}"))
-            };
-            let int = |v: &str| -> Result<usize> {
-                v.parse::<usize>()
-                    .map_err(|_| Error::Config(format!("{v:?} is not a whole number")))
-            };
+            let bad = |e: Error| option_error(&key, &value, e);
+            let int = |v: &str| parse_int::<usize>(v, 1..=usize::MAX);
             match key.as_str() {
                 "prefix" => partial.prefix = Some(value),
                 "capacity" => partial.capacity = Some(int(&value).map_err(bad)?),
@@ -742,7 +795,11 @@ mod tests {
         let e = LayerConfig::from_url("redis://x").unwrap_err();
         assert!(e.to_string().contains("unknown scheme"), "{e}");
         let e = LayerConfig::from_url("memory://?capacity=0").unwrap_err();
-        assert!(e.to_string().contains("at least 1"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("too small; use a whole number from 1 to"),
+            "{e}"
+        );
         let e = LayerConfig::from_url("memory://?expiry=soon").unwrap_err();
         assert!(e.to_string().contains("expiry=soon"), "{e}");
         let e = LayerConfig::from_url("nonsense").unwrap_err();
@@ -761,6 +818,60 @@ mod tests {
             "pa/ss@w0rd"
         );
         assert!(LayerConfig::from_url("memory://?expiry=0.0001").is_err());
+    }
+
+    /// A whole number too large for an integer option is "too large", with the range, not
+    /// "not a whole number"; every integer option of the URL is read this way.
+    #[test]
+    fn integers_out_of_range_name_the_range() {
+        let max = usize::MAX;
+        for key in ["capacity", "max_message_size", "channel_capacity.a.*"] {
+            let e = LayerConfig::from_url(&format!("memory://?{key}=99999999999999999999999"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "option {key}=99999999999999999999999: too large; use a whole number from 1 to {max}"
+                )),
+                "{e}"
+            );
+            assert!(!e.contains("not a whole number"), "{e}");
+            for (v, why) in [
+                ("0", "too small"),
+                ("-3", "too small"),
+                ("1.5", "not a whole number"),
+                ("", "not a whole number"),
+            ] {
+                let e = LayerConfig::from_url(&format!("memory://?{key}={v}"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(why) && e.contains("from 1 to"), "{key}={v}: {e}");
+            }
+            let cfg = LayerConfig::from_url(&format!("memory://?{key}={max}")).unwrap();
+            assert_eq!(
+                cfg.options
+                    .capacity_for("a.b")
+                    .max(cfg.options.max_message_size),
+                max
+            );
+        }
+        assert_eq!(parse_int::<i32>("-1", -1..=i32::MAX).unwrap(), -1);
+        assert_eq!(parse_int::<u8>(" +7 ", 0..=u8::MAX).unwrap(), 7);
+        let e = parse_int::<i8>("-129", -1..=5).unwrap_err().to_string();
+        assert!(
+            e.contains("too small; use a whole number from -1 to 5"),
+            "{e}"
+        );
+        let e = parse_int::<i8>("6", -1..=5).unwrap_err().to_string();
+        assert!(
+            e.contains("too large; use a whole number from -1 to 5"),
+            "{e}"
+        );
+        // A secret-looking option's value is not quoted.
+        let mut o = BackendOptions::default();
+        o.0.insert("token".into(), "abc".into());
+        let e = o.take_int::<u32>("token", 0..=9).unwrap_err().to_string();
+        assert!(e.contains("option token=***: not a whole number"), "{e}");
     }
 
     #[test]

@@ -119,14 +119,16 @@ impl KafkaConfig {
         let sasl_mechanism = o.take("sasl.mechanism").map(|m| m.to_ascii_uppercase());
         let cfg = KafkaConfig {
             brokers,
-            partitions: o.take_parsed("partitions")?.unwrap_or(1),
-            replication: o.take_parsed("replication")?.unwrap_or(-1),
+            partitions: o.take_int("partitions", 1..=i32::MAX)?.unwrap_or(1),
+            replication: o
+                .take_int("replication", -1..=i32::from(i16::MAX))?
+                .unwrap_or(-1),
             retention: dur(o.take_parsed("retention")?).unwrap_or(Duration::from_secs(24 * 3600)),
             create_topics: o.take_parsed("create_topics")?.unwrap_or(true),
             groups_topic: o
                 .take("groups_topic")
                 .unwrap_or_else(|| format!("{}.groups", config.options.prefix)),
-            prefetch: o.take_parsed("prefetch")?.unwrap_or(500),
+            prefetch: o.take_int("prefetch", 1..=usize::MAX)?.unwrap_or(500),
             linger: dur(o.take_parsed("linger")?).unwrap_or(Duration::from_millis(1)),
             delivery_timeout: dur(o.take_parsed("delivery_timeout")?)
                 .unwrap_or(Duration::from_secs(30)),
@@ -151,20 +153,11 @@ impl KafkaConfig {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.partitions < 1 {
-            return bad(format!(
-                "option partitions={}: a topic needs at least 1 partition",
-                self.partitions
-            ));
-        }
-        if self.replication == 0 || self.replication < -1 {
+        if self.replication == 0 {
             return bad(format!(
                 "option replication={}: use a replication factor of at least 1, or -1 for the broker's default",
                 self.replication
             ));
-        }
-        if self.prefetch == 0 {
-            return bad("option prefetch=0: a consumer must buffer at least 1 message".into());
         }
         if self.delivery_timeout.is_zero()
             || self.session_timeout.is_zero()
@@ -516,10 +509,64 @@ mod tests {
         assert!(accepted > 0);
     }
 
+    /// Every integer option says "too large" or "too small" with its range.
+    #[test]
+    fn integers_out_of_range_name_the_range() {
+        for (key, value, why) in [
+            (
+                "partitions",
+                "99999999999999999999999",
+                "too large; use a whole number from 1 to 2147483647",
+            ),
+            (
+                "partitions",
+                "2147483648",
+                "too large; use a whole number from 1 to 2147483647",
+            ),
+            (
+                "replication",
+                "40000",
+                "too large; use a whole number from -1 to 32767",
+            ),
+            (
+                "replication",
+                "-2",
+                "too small; use a whole number from -1 to 32767",
+            ),
+            (
+                "prefetch",
+                "99999999999999999999999",
+                "too large; use a whole number from 1 to 18446744073709551615",
+            ),
+            (
+                "prefetch",
+                "0",
+                "too small; use a whole number from 1 to 18446744073709551615",
+            ),
+            (
+                "capacity",
+                "99999999999999999999999",
+                "too large; use a whole number from 1 to 18446744073709551615",
+            ),
+        ] {
+            let e = parse(&format!("kafka://h?{key}={value}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("option {key}={value}: {why}")), "{e}");
+        }
+        assert_eq!(
+            parse("kafka://h?replication=32767").unwrap().replication,
+            32767
+        );
+    }
+
     #[test]
     fn bad_options_are_clear() {
         for (url, needle) in [
-            ("kafka://h?partitions=0", "at least 1 partition"),
+            (
+                "kafka://h?partitions=0",
+                "partitions=0: too small; use a whole number from 1 to",
+            ),
             ("kafka://h?replication=0", "replication"),
             ("kafka://h?prefetch=0", "prefetch"),
             ("kafka://h?security.protocol=tls", "security.protocol"),
