@@ -22,7 +22,6 @@
 
 use std::time::Duration;
 
-use chanlayer_core::config::ConfigDuration;
 use chanlayer_core::{Error, LayerConfig, Result};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 
@@ -101,7 +100,6 @@ impl AmqpConfig {
             None => ("guest".to_owned(), chanlayer_core::Secret::new("guest")),
         };
         let mut o = b.options.clone();
-        let dur = |v: Option<ConfigDuration>| v.map(|d| d.0);
         let cfg = AmqpConfig {
             tls,
             host,
@@ -116,11 +114,13 @@ impl AmqpConfig {
             inbox_capacity: o
                 .take_int("inbox_capacity", 1..=u32::MAX)?
                 .unwrap_or(10_000),
-            queue_expires: dur(o.take_parsed("queue_expires")?),
-            connection_timeout: dur(o.take_parsed("connection_timeout")?)
+            queue_expires: o.take_timeout("queue_expires")?,
+            connection_timeout: o
+                .take_timeout("connection_timeout")?
                 .unwrap_or(Duration::from_secs(10)),
             heartbeat: o.take_int("heartbeat", 0..=u16::MAX)?.unwrap_or(30),
-            reconnect_timeout: dur(o.take_parsed("reconnect_timeout")?)
+            reconnect_timeout: o
+                .take_timeout("reconnect_timeout")?
                 .unwrap_or(Duration::from_secs(30)),
             connection_name: o.take("connection_name"),
             ca_file: o.take("ca_file").map(Into::into),
@@ -319,6 +319,28 @@ mod tests {
         }
         assert_eq!(parse("amqp://h?heartbeat=0").unwrap().heartbeat, 0);
         assert_eq!(parse("amqp://h?prefetch=65535").unwrap().prefetch, 65535);
+    }
+
+    /// Timeouts must be positive: zero is refused at parse time, naming the option and the
+    /// rule, instead of every connect failing "after 0ns".
+    #[test]
+    fn zero_timeouts_are_refused() {
+        for key in ["connection_timeout", "reconnect_timeout", "queue_expires"] {
+            for zero in ["0", "0s", "0ms", "0.0001"] {
+                let e = parse(&format!("amqp://h?{key}={zero}"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains(&format!("option {key}={zero}: must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms")),
+                    "{e}"
+                );
+            }
+            let e = parse(&format!("amqp://h?{key}=30d"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("option {key}=30d: too long")), "{e}");
+            assert!(parse(&format!("amqp://h?{key}=1ms")).is_ok());
+        }
     }
 
     #[test]

@@ -54,6 +54,13 @@ pub const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 /// Default prefix for broker-side names (topics, queues, exchanges).
 pub const DEFAULT_PREFIX: &str = "chanlayer";
+/// The shortest timeout (and the shortest `expiry`, `group_expiry`): 1 ms. Durations reach
+/// envelopes, brokers and client libraries in whole milliseconds, so anything shorter is
+/// zero there.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+/// The longest timeout a backend option takes: 2147483647 ms (about 24.8 days), the largest
+/// millisecond count librdkafka and libzmq take (a C `int`).
+pub const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// A capacity override: channels whose full name matches `pattern` (a glob: `*`, `?`,
 /// `[abc]`) hold `capacity` messages.
@@ -161,16 +168,12 @@ impl LayerOptions {
                 o.pattern.as_str()
             )));
         }
-        if self.expiry < Duration::from_millis(1) {
-            return Err(Error::Config(
-                "option expiry must be at least 1ms (expiry travels in whole milliseconds)".into(),
-            ));
-        }
-        if self.group_expiry < Duration::from_millis(1) {
-            return Err(Error::Config(
-                "option group_expiry must be at least 1ms".into(),
-            ));
-        }
+        check_duration("expiry", self.expiry, MIN_TIMEOUT..=Duration::MAX)?;
+        check_duration(
+            "group_expiry",
+            self.group_expiry,
+            MIN_TIMEOUT..=Duration::MAX,
+        )?;
         if self.max_message_size == 0 {
             return Err(Error::Config(
                 "option max_message_size must be at least 1".into(),
@@ -271,6 +274,59 @@ pub fn parse_int<T: ConfigInt>(value: &str, range: std::ops::RangeInclusive<T>) 
         // A whole number that `T` cannot hold: too far from zero on its side.
         Err(_) if too_small => Err(Error::Config(format!("too small; {rule}"))),
         Err(_) => Err(Error::Config(format!("too large; {rule}"))),
+    }
+}
+
+/// Why `d` is outside `range`, with the rule (`None` when it is inside).
+fn duration_outside(d: Duration, range: &std::ops::RangeInclusive<Duration>) -> Option<String> {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let rule = if *range.end() == Duration::MAX {
+        format!("use a duration of at least {}", show(*range.start()))
+    } else {
+        format!(
+            "use a duration from {} to {}",
+            show(*range.start()),
+            show(*range.end())
+        )
+    };
+    if d < *range.start() {
+        Some(if *range.start() <= MIN_TIMEOUT {
+            format!("must be more than zero; {rule}")
+        } else {
+            format!("too short; {rule}")
+        })
+    } else if d > *range.end() {
+        Some(format!("too long; {rule}"))
+    } else {
+        None
+    }
+}
+
+/// Checks the duration option `key` against `range`: the one bounds check of every
+/// duration option, shared and backend (timeouts, which must be positive, use
+/// `MIN_TIMEOUT..=MAX_TIMEOUT`; see [`BackendOptions::take_timeout`]). The error names the
+/// option, the value and the allowed range.
+///
+/// ```
+/// use chanlayer_core::config::{check_duration, MAX_TIMEOUT, MIN_TIMEOUT};
+/// use std::time::Duration;
+/// let e = check_duration("connection_timeout", Duration::ZERO, MIN_TIMEOUT..=MAX_TIMEOUT).unwrap_err();
+/// assert_eq!(
+///     e.to_string(),
+///     "configuration error: option connection_timeout=0s: must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms"
+/// );
+/// ```
+pub fn check_duration(
+    key: &str,
+    d: Duration,
+    range: std::ops::RangeInclusive<Duration>,
+) -> Result<()> {
+    match duration_outside(d, &range) {
+        None => Ok(()),
+        Some(why) => Err(Error::Config(format!(
+            "option {key}={}: {why}",
+            humantime::format_duration(d)
+        ))),
     }
 }
 
@@ -402,6 +458,32 @@ impl BackendOptions {
                 option_error(key, &v, Error::Config(why.to_owned()))
             }),
         }
+    }
+
+    /// Parses ([`ConfigDuration`]) and removes the duration option `key`, which must lie in
+    /// `range` (see [`check_duration`]); the error names the option and the range.
+    pub fn take_duration(
+        &mut self,
+        key: &str,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Result<Option<Duration>> {
+        let Some(v) = self.0.get(key).cloned() else {
+            return Ok(None);
+        };
+        let d = self
+            .take_parsed::<ConfigDuration>(key)?
+            .map_or(Duration::ZERO, |d| d.0);
+        match duration_outside(d, &range) {
+            None => Ok(Some(d)),
+            Some(why) => Err(option_error(key, &v, Error::Config(why))),
+        }
+    }
+
+    /// Parses and removes the timeout option `key`: a duration that must be positive, from
+    /// [`MIN_TIMEOUT`] (1 ms) to [`MAX_TIMEOUT`] (about 24.8 days). Zero is refused here,
+    /// at parse time, rather than failing every attempt "after 0ns" later.
+    pub fn take_timeout(&mut self, key: &str) -> Result<Option<Duration>> {
+        self.take_duration(key, MIN_TIMEOUT..=MAX_TIMEOUT)
     }
 
     /// Parses ([`parse_int`]) and removes the integer option `key`, which must lie in
@@ -872,6 +954,48 @@ mod tests {
         o.0.insert("token".into(), "abc".into());
         let e = o.take_int::<u32>("token", 0..=9).unwrap_err().to_string();
         assert!(e.contains("option token=***: not a whole number"), "{e}");
+    }
+
+    /// The shared duration check: timeouts are positive and bounded; expiry and
+    /// group_expiry are positive; the errors name the option, the value and the range.
+    #[test]
+    fn duration_bounds() {
+        let mut o = BackendOptions::default();
+        for (v, want) in [
+            ("0", Err("option t=0: must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms")),
+            ("0.0004", Err("option t=0.0004: must be more than zero")),
+            ("25d", Err("option t=25d: too long; use a duration from 1ms to")),
+            ("soon", Err("option t=soon: invalid duration")),
+            ("1ms", Ok(Duration::from_millis(1))),
+            ("24d", Ok(Duration::from_secs(24 * 86_400))),
+        ] {
+            o.0.insert("t".into(), v.into());
+            match (o.take_timeout("t"), want) {
+                (Ok(d), Ok(w)) => assert_eq!(d, Some(w)),
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{v}: {e}"),
+                (got, w) => panic!("{v}: {got:?}, wanted {w:?}"),
+            }
+            assert!(o.get("t").is_none(), "taken");
+        }
+        assert_eq!(o.take_timeout("absent").unwrap(), None);
+        o.0.insert("d".into(), "2s".into());
+        let e = o
+            .take_duration("d", Duration::from_secs(5)..=Duration::from_secs(9))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("option d=2s: too short; use a duration from 5s to 9s"),
+            "{e}"
+        );
+        for key in ["expiry", "group_expiry"] {
+            let e = LayerConfig::from_url(&format!("memory://?{key}=0")).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!(
+                    "option {key}=0s: must be more than zero; use a duration of at least 1ms"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]

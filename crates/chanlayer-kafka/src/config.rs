@@ -130,13 +130,17 @@ impl KafkaConfig {
                 .unwrap_or_else(|| format!("{}.groups", config.options.prefix)),
             prefetch: o.take_int("prefetch", 1..=usize::MAX)?.unwrap_or(500),
             linger: dur(o.take_parsed("linger")?).unwrap_or(Duration::from_millis(1)),
-            delivery_timeout: dur(o.take_parsed("delivery_timeout")?)
+            delivery_timeout: o
+                .take_timeout("delivery_timeout")?
                 .unwrap_or(Duration::from_secs(30)),
-            connection_timeout: dur(o.take_parsed("connection_timeout")?)
+            connection_timeout: o
+                .take_timeout("connection_timeout")?
                 .unwrap_or(Duration::from_secs(10)),
-            session_timeout: dur(o.take_parsed("session_timeout")?)
+            session_timeout: o
+                .take_timeout("session_timeout")?
                 .unwrap_or(Duration::from_secs(10)),
-            commit_interval: dur(o.take_parsed("commit_interval")?)
+            commit_interval: o
+                .take_timeout("commit_interval")?
                 .unwrap_or(Duration::from_millis(100)),
             security_protocol,
             sasl_mechanism,
@@ -158,18 +162,6 @@ impl KafkaConfig {
                 "option replication={}: use a replication factor of at least 1, or -1 for the broker's default",
                 self.replication
             ));
-        }
-        if self.delivery_timeout.is_zero()
-            || self.session_timeout.is_zero()
-            || self.connection_timeout.is_zero()
-        {
-            return bad(
-                "options delivery_timeout, session_timeout and connection_timeout must be positive"
-                    .into(),
-            );
-        }
-        if self.commit_interval.is_zero() {
-            return bad("option commit_interval must be positive".into());
         }
         if let Some(p) = &self.security_protocol {
             if !PROTOCOLS.contains(&p.as_str()) {
@@ -558,6 +550,28 @@ mod tests {
             parse("kafka://h?replication=32767").unwrap().replication,
             32767
         );
+    }
+
+    /// Timeouts must be positive, through the same rule and message as every backend's.
+    #[test]
+    fn zero_timeouts_are_refused() {
+        for key in [
+            "delivery_timeout",
+            "connection_timeout",
+            "session_timeout",
+            "commit_interval",
+        ] {
+            let e = parse(&format!("kafka://h?{key}=0"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "option {key}=0: must be more than zero; use a duration from 1ms to"
+                )),
+                "{e}"
+            );
+            assert!(parse(&format!("kafka://h?{key}=1ms")).is_ok(), "{key}");
+        }
     }
 
     #[test]

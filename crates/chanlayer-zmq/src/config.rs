@@ -42,7 +42,7 @@
 
 use std::time::Duration;
 
-use chanlayer_core::config::{BackendOptions, ConfigDuration};
+use chanlayer_core::config::{BackendOptions, ConfigDuration, MAX_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result};
 
 use crate::hub::Retention;
@@ -416,15 +416,22 @@ impl ZmqConfig {
             sndhwm: o.take_int("sndhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             rcvhwm: o.take_int("rcvhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             send_queue: o.take_int("send_queue", 1..=usize::MAX)?.unwrap_or(10_000),
-            subscribe_timeout: dur(o.take_parsed("subscribe_timeout")?)
+            subscribe_timeout: o
+                .take_timeout("subscribe_timeout")?
                 .unwrap_or(Duration::from_secs(5)),
-            connect_timeout: dur(o.take_parsed("connect_timeout")?)
+            connect_timeout: o
+                .take_timeout("connect_timeout")?
                 .unwrap_or(Duration::from_secs(5)),
-            reconnect_interval: dur(o.take_parsed("reconnect_interval")?)
+            // ZMQ_RECONNECT_IVL, _MAX and ZMQ_LINGER are C ints of milliseconds.
+            reconnect_interval: o
+                .take_timeout("reconnect_interval")?
                 .unwrap_or(Duration::from_millis(100)),
-            reconnect_interval_max: dur(o.take_parsed("reconnect_interval_max")?)
+            reconnect_interval_max: o
+                .take_duration("reconnect_interval_max", Duration::ZERO..=MAX_TIMEOUT)?
                 .unwrap_or(Duration::ZERO),
-            linger: dur(o.take_parsed("linger")?).unwrap_or(Duration::from_secs(1)),
+            linger: o
+                .take_duration("linger", Duration::ZERO..=MAX_TIMEOUT)?
+                .unwrap_or(Duration::from_secs(1)),
             retention: Retention {
                 per_topic: o
                     .take_int("retain", 0..=usize::MAX)?
@@ -445,12 +452,6 @@ impl ZmqConfig {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.subscribe_timeout.is_zero() || self.connect_timeout.is_zero() {
-            return bad("options subscribe_timeout and connect_timeout must be positive".into());
-        }
-        if self.reconnect_interval.is_zero() {
-            return bad("option reconnect_interval must be positive".into());
-        }
         if let (Mode::Dedicated { .. }, BindPolicy::Eager | BindPolicy::Never) =
             (&self.mode, self.bind)
         {
@@ -789,6 +790,32 @@ mod tests {
         }
         let c = cfg("zmq://h:1?zmq.maxmsgsize=4294967296").expect("an int64 option");
         assert_eq!(c.socket_options[0].value, 4_294_967_296);
+    }
+
+    /// Timeouts must be positive, through the same rule and message as every backend's;
+    /// the millisecond options stay within a C int.
+    #[test]
+    fn zero_timeouts_are_refused() {
+        for key in ["subscribe_timeout", "connect_timeout", "reconnect_interval"] {
+            let e = cfg(&format!("zmq://h:1?{key}=0")).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("option {key}=0: must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms")),
+                "{e}"
+            );
+        }
+        for key in ["reconnect_interval_max", "linger"] {
+            assert!(
+                cfg(&format!("zmq://h:1?{key}=0")).is_ok(),
+                "{key}=0 is allowed"
+            );
+            let e = cfg(&format!("zmq://h:1?{key}=30d"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("option {key}=30d: too long; use a duration from 0s to 24days 20h 31m 23s 647ms")),
+                "{e}"
+            );
+        }
     }
 
     #[test]
