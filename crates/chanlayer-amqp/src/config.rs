@@ -22,7 +22,6 @@
 
 use std::time::Duration;
 
-use chanlayer_core::config::ConfigDuration;
 use chanlayer_core::{Error, LayerConfig, Result};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 
@@ -101,7 +100,6 @@ impl AmqpConfig {
             None => ("guest".to_owned(), chanlayer_core::Secret::new("guest")),
         };
         let mut o = b.options.clone();
-        let dur = |v: Option<ConfigDuration>| v.map(|d| d.0);
         let cfg = AmqpConfig {
             tls,
             host,
@@ -109,31 +107,25 @@ impl AmqpConfig {
             vhost,
             username,
             password,
-            prefetch: o.take_parsed("prefetch")?.unwrap_or(100),
+            prefetch: o.take_int("prefetch", 1..=u16::MAX)?.unwrap_or(100),
             groups_exchange: o
                 .take("groups_exchange")
                 .unwrap_or_else(|| format!("{}.groups", config.options.prefix)),
-            inbox_capacity: o.take_parsed("inbox_capacity")?.unwrap_or(10_000),
-            queue_expires: dur(o.take_parsed("queue_expires")?),
-            connection_timeout: dur(o.take_parsed("connection_timeout")?)
+            inbox_capacity: o
+                .take_int("inbox_capacity", 1..=u32::MAX)?
+                .unwrap_or(10_000),
+            queue_expires: o.take_timeout("queue_expires")?,
+            connection_timeout: o
+                .take_timeout("connection_timeout")?
                 .unwrap_or(Duration::from_secs(10)),
-            heartbeat: o.take_parsed("heartbeat")?.unwrap_or(30),
-            reconnect_timeout: dur(o.take_parsed("reconnect_timeout")?)
+            heartbeat: o.take_int("heartbeat", 0..=u16::MAX)?.unwrap_or(30),
+            reconnect_timeout: o
+                .take_timeout("reconnect_timeout")?
                 .unwrap_or(Duration::from_secs(30)),
             connection_name: o.take("connection_name"),
             ca_file: o.take("ca_file").map(Into::into),
         };
         o.reject_unknown("amqp", KNOWN_OPTIONS)?;
-        if cfg.prefetch == 0 {
-            return Err(Error::Config(
-                "option prefetch=0: prefetch must be at least 1 (0 would mean unlimited)".into(),
-            ));
-        }
-        if cfg.inbox_capacity == 0 {
-            return Err(Error::Config(
-                "option inbox_capacity=0: the inbox must hold at least 1 message".into(),
-            ));
-        }
         if cfg.ca_file.is_some() && !tls {
             return Err(Error::Config(
                 "option ca_file is for amqps:// URLs; this URL is amqp:// (no TLS)".into(),
@@ -270,6 +262,87 @@ mod tests {
         );
     }
 
+    /// No part of a hostile password shows in an `AmqpConfig`'s `Debug`, its display
+    /// address, or an error, whatever the URL around it.
+    #[test]
+    fn hostile_passwords_never_show() {
+        use chanlayer_testkit::secrets::{assert_hidden, encode, hostile_urls, HOSTILE_PASSWORDS};
+        let mut accepted = 0;
+        for scheme in ["amqp", "amqps"] {
+            for password in HOSTILE_PASSWORDS {
+                let mut urls = hostile_urls(scheme, password);
+                // Encoded, the password always parses, and must come through unchanged.
+                urls.push(format!(
+                    "{scheme}://guest:{}@127.0.0.1:5672/%2f?heartbeat=5",
+                    encode(password)
+                ));
+                urls.push(format!("{scheme}://guest:{}@h:x", encode(password)));
+                for url in urls {
+                    let text = match LayerConfig::from_url(&url)
+                        .and_then(|c| AmqpConfig::from_layer_config(&c))
+                    {
+                        Ok(c) => {
+                            accepted += 1;
+                            if url.contains(&encode(password)) {
+                                assert_eq!(c.password.expose(), *password, "{url}");
+                            }
+                            format!("{c:?} {}", c.display_address())
+                        }
+                        Err(e) => format!("{e} {e:?}"),
+                    };
+                    assert_hidden(&text, password, &url);
+                }
+            }
+        }
+        assert!(accepted > 0);
+    }
+
+    /// Every integer option says "too large" with its range for a whole number beyond it.
+    #[test]
+    fn integers_out_of_range_name_the_range() {
+        for (key, range) in [
+            ("prefetch", "1 to 65535"),
+            ("inbox_capacity", "1 to 4294967295"),
+            ("heartbeat", "0 to 65535"),
+            ("capacity", "1 to 18446744073709551615"),
+            ("max_message_size", "1 to 18446744073709551615"),
+        ] {
+            let e = parse(&format!("amqp://h?{key}=99999999999999999999999"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("option {key}=99999999999999999999999: too large; use a whole number from {range}")),
+                "{e}"
+            );
+            let e = parse(&format!("amqp://h?{key}=x")).unwrap_err().to_string();
+            assert!(e.contains("not a whole number"), "{e}");
+        }
+        assert_eq!(parse("amqp://h?heartbeat=0").unwrap().heartbeat, 0);
+        assert_eq!(parse("amqp://h?prefetch=65535").unwrap().prefetch, 65535);
+    }
+
+    /// Timeouts must be positive: zero is refused at parse time, naming the option and the
+    /// rule, instead of every connect failing "after 0ns".
+    #[test]
+    fn zero_timeouts_are_refused() {
+        for key in ["connection_timeout", "reconnect_timeout", "queue_expires"] {
+            for zero in ["0", "0s", "0ms", "0.0001"] {
+                let e = parse(&format!("amqp://h?{key}={zero}"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains(&format!("option {key}={zero}: must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms")),
+                    "{e}"
+                );
+            }
+            let e = parse(&format!("amqp://h?{key}=30d"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("option {key}=30d: too long")), "{e}");
+            assert!(parse(&format!("amqp://h?{key}=1ms")).is_ok());
+        }
+    }
+
     #[test]
     fn bad_options_are_clear() {
         let e = parse("amqp://u:pw@h?prefetsh=3").unwrap_err().to_string();
@@ -278,7 +351,10 @@ mod tests {
         let e = parse("amqp://h:notaport").unwrap_err().to_string();
         assert!(e.contains("notaport"), "{e}");
         let e = parse("amqp://h?prefetch=0").unwrap_err().to_string();
-        assert!(e.contains("at least 1"), "{e}");
+        assert!(
+            e.contains("prefetch=0: too small; use a whole number from 1 to 65535"),
+            "{e}"
+        );
         let e = parse("amqp://h?ca_file=/x").unwrap_err().to_string();
         assert!(e.contains("amqps"), "{e}");
         let e = parse("amqp://h1,h2").unwrap_err().to_string();

@@ -62,17 +62,18 @@ pub const BACKEND: &str = "amqp";
 
 /// What the AMQP backend guarantees.
 ///
-/// Capacity is exact at the broker for normal channels (`x-max-length` with reject-publish
-/// and publisher confirms). Process-local channels share their instance's inbox queue, so
-/// their per-channel capacity is enforced where they arrive (a message for a full local
-/// channel is dropped there and counted in `dropped_full`); hence
-/// `broker_side_capacity: false`.
+/// `broker_side_capacity: true`: a normal channel's capacity is kept by the broker
+/// (`x-max-length` with reject-publish and publisher confirms), so a `send` to a full one
+/// is `ChannelFull` whichever instance or process sends. Process-local channels, which the
+/// flag does not cover, share their instance's inbox queue: their per-channel capacity is
+/// enforced where they arrive (a message for a full local channel is dropped there and
+/// counted in `dropped_full`).
 pub const CAPABILITIES: Capabilities = Capabilities {
     backend: BACKEND,
     single_reader_normal_channels: true,
     at_least_once: true,
     at_least_once_local: false,
     persistent: true,
-    broker_side_capacity: false,
+    broker_side_capacity: true,
     cross_process: true,
 };

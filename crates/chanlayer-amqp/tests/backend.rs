@@ -201,6 +201,28 @@ async fn credentials_never_show() {
     l.close().await.expect("close");
 }
 
+/// Hostile passwords (every URL-reserved character, percent-encoded so they parse) never
+/// show in the error of a refused login at the broker, nor of a broker that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_passwords_never_show_in_connect_errors() {
+    use chanlayer_testkit::secrets::{assert_hidden, encode, HOSTILE_PASSWORDS};
+    for password in HOSTILE_PASSWORDS {
+        for address in ["127.0.0.1:5672", "127.0.0.1:1"] {
+            let url = format!(
+                "amqp://guest:{}@{address}/%2f?connection_timeout=5s",
+                encode(password)
+            );
+            let config = LayerConfig::from_url(&url).expect("an encoded password parses");
+            let err = AmqpLayer::connect(&config)
+                .await
+                .expect_err("a wrong password, or no broker");
+            let text = format!("{err} {err:?} {:?}", std::error::Error::source(&err));
+            assert_hidden(&text, password, &url);
+            assert!(text.contains(address), "the error names the broker: {text}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_is_a_clear_error() {
     let config = LayerConfig::from_url("amqp://guest:guest@127.0.0.1:1/%2f?connection_timeout=3s")

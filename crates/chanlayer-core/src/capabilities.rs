@@ -1,8 +1,10 @@
 //! [`Capabilities`]: what a backend guarantees, so callers (and the conformance suite) can
 //! tell a weaker guarantee from a bug.
 
-/// What a backend guarantees. The conformance suite reads these: where a flag is `false`,
-/// it checks that the backend reports `Unsupported` or shows the documented weaker behaviour.
+/// What a backend guarantees. The conformance suite checks each flag both ways: what a
+/// backend claims, it does; where a flag is `false`, the backend reports `Unsupported` or
+/// shows the documented weaker behaviour (and does not quietly do what it does not claim,
+/// where that can be seen in one process).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
     /// The backend's name (`memory`, `kafka`, `amqp`, `zmq`).
@@ -16,7 +18,20 @@ pub struct Capabilities {
     pub at_least_once_local: bool,
     /// Messages survive a broker restart.
     pub persistent: bool,
-    /// Capacity is enforced by the broker, across processes, not only by the local inbox.
+    /// The capacity of **normal channels** is kept where their messages wait (the broker),
+    /// for every sender: a `send` to a normal channel that holds its capacity of messages
+    /// fails with `ChannelFull` and stores nothing, whichever layer instance or process
+    /// sends it.
+    ///
+    /// When `false`, a `send` to a normal channel is not refused because the channel is at
+    /// capacity (it returns `Ok`), and the backend documents what bounds the channel
+    /// instead: the receiving instance drops what does not fit where it arrives (counted in
+    /// `dropped_full`), or nothing is dropped and the broker keeps what its retention allows.
+    ///
+    /// Process-local channels are outside this flag. A `send` to a full one is either
+    /// `ChannelFull` (where the sender can see the owner's inbox, as in the memory backend)
+    /// or accepted and dropped where it arrives, counted in `dropped_full` (where each
+    /// instance has one inbox queue or topic for all its process-local channels).
     pub broker_side_capacity: bool,
     /// Instances in different OS processes can talk to each other.
     pub cross_process: bool,

@@ -44,6 +44,13 @@ pub const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 /// Default prefix for broker-side names (topics, queues, exchanges).
 pub const DEFAULT_PREFIX: &str = "chanlayer";
+/// The shortest timeout (and the shortest `expiry`, `group_expiry`): 1 ms. Durations reach
+/// envelopes, brokers and client libraries in whole milliseconds, so anything shorter is
+/// zero there.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+/// The longest timeout a backend option takes: 2147483647 ms (about 24.8 days), the largest
+/// millisecond count librdkafka and libzmq take (a C `int`).
+pub const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// A capacity override: channels whose full name matches `pattern` (a glob: `*`, `?`,
 /// `[abc]`) hold `capacity` messages.
@@ -151,16 +158,12 @@ impl LayerOptions {
                 o.pattern.as_str()
             )));
         }
-        if self.expiry < Duration::from_millis(1) {
-            return Err(Error::Config(
-                "option expiry must be at least 1ms (expiry travels in whole milliseconds)".into(),
-            ));
-        }
-        if self.group_expiry < Duration::from_millis(1) {
-            return Err(Error::Config(
-                "option group_expiry must be at least 1ms".into(),
-            ));
-        }
+        check_duration("expiry", self.expiry, MIN_TIMEOUT..=Duration::MAX)?;
+        check_duration(
+            "group_expiry",
+            self.group_expiry,
+            MIN_TIMEOUT..=Duration::MAX,
+        )?;
         if self.max_message_size == 0 {
             return Err(Error::Config(
                 "option max_message_size must be at least 1".into(),
@@ -216,6 +219,116 @@ impl Serialize for ConfigDuration {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(self.0).to_string())
     }
+}
+
+/// An integer type an option can be read as, with [`parse_int`] or
+/// [`BackendOptions::take_int`].
+pub trait ConfigInt: Copy + PartialOrd + std::fmt::Display + std::str::FromStr {}
+
+macro_rules! config_int {
+    ($($t:ty),*) => { $(impl ConfigInt for $t {})* };
+}
+config_int!(u8, u16, u32, u64, usize, i8, i16, i32, i64, isize);
+
+/// Parses the value of an integer option that must lie in `range`. The one integer parser
+/// of every option, shared and backend: a value that is not a whole number, and one that is
+/// but lies outside `range` (or outside what `T` can hold), are errors that say which, and
+/// give the allowed range. The error does not quote the value; callers name the option.
+///
+/// ```
+/// use chanlayer_core::config::parse_int;
+/// assert_eq!(parse_int::<u16>("100", 1..=u16::MAX).unwrap(), 100);
+/// let e = parse_int::<usize>("99999999999999999999999", 1..=usize::MAX).unwrap_err();
+/// assert!(e.to_string().contains(&format!("too large; use a whole number from 1 to {}", usize::MAX)));
+/// let e = parse_int::<u16>("lots", 1..=u16::MAX).unwrap_err();
+/// assert!(e.to_string().contains("not a whole number"));
+/// let e = parse_int::<i32>("0", 1..=i32::MAX).unwrap_err();
+/// assert!(e.to_string().contains("too small"));
+/// ```
+pub fn parse_int<T: ConfigInt>(value: &str, range: std::ops::RangeInclusive<T>) -> Result<T> {
+    let rule = format!(
+        "use a whole number from {} to {}",
+        range.start(),
+        range.end()
+    );
+    let v = value.trim();
+    let digits = v.strip_prefix(['+', '-']).unwrap_or(v);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::Config(format!("not a whole number; {rule}")));
+    }
+    let too_small = v.starts_with('-');
+    match v.parse::<T>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        Ok(n) if n < *range.start() => Err(Error::Config(format!("too small; {rule}"))),
+        Ok(_) => Err(Error::Config(format!("too large; {rule}"))),
+        // A whole number that `T` cannot hold: too far from zero on its side.
+        Err(_) if too_small => Err(Error::Config(format!("too small; {rule}"))),
+        Err(_) => Err(Error::Config(format!("too large; {rule}"))),
+    }
+}
+
+/// Why `d` is outside `range`, with the rule (`None` when it is inside).
+fn duration_outside(d: Duration, range: &std::ops::RangeInclusive<Duration>) -> Option<String> {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let rule = if *range.end() == Duration::MAX {
+        format!("use a duration of at least {}", show(*range.start()))
+    } else {
+        format!(
+            "use a duration from {} to {}",
+            show(*range.start()),
+            show(*range.end())
+        )
+    };
+    if d < *range.start() {
+        Some(if *range.start() <= MIN_TIMEOUT {
+            format!("must be more than zero; {rule}")
+        } else {
+            format!("too short; {rule}")
+        })
+    } else if d > *range.end() {
+        Some(format!("too long; {rule}"))
+    } else {
+        None
+    }
+}
+
+/// Checks the duration option `key` against `range`: the one bounds check of every
+/// duration option, shared and backend (timeouts, which must be positive, use
+/// `MIN_TIMEOUT..=MAX_TIMEOUT`; see [`BackendOptions::take_timeout`]). The error names the
+/// option, the value and the allowed range.
+///
+/// ```
+/// use chanlayer_core::config::{check_duration, MAX_TIMEOUT, MIN_TIMEOUT};
+/// use std::time::Duration;
+/// let e = check_duration("connection_timeout", Duration::ZERO, MIN_TIMEOUT..=MAX_TIMEOUT).unwrap_err();
+/// assert_eq!(
+///     e.to_string(),
+///     "configuration error: option connection_timeout=0s: must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms"
+/// );
+/// ```
+pub fn check_duration(
+    key: &str,
+    d: Duration,
+    range: std::ops::RangeInclusive<Duration>,
+) -> Result<()> {
+    match duration_outside(d, &range) {
+        None => Ok(()),
+        Some(why) => Err(Error::Config(format!(
+            "option {key}={}: {why}",
+            humantime::format_duration(d)
+        ))),
+    }
+}
+
+/// The error for option `key` with `value`: `option key=value: why`, the value redacted
+/// when the key is secret-looking ([`is_secret_key`]).
+fn option_error(key: &str, value: &str, why: Error) -> Error {
+    let shown = if is_secret_key(key) { "***" } else { value };
+    let why = match why {
+        Error::Config(m) => m,
+        other => other.to_string(),
+    };
+    Error::Config(format!("option {key}={shown}: {why}"))
 }
 
 /// Options as read from one source (URL query, config file, environment), each optional;
@@ -330,15 +443,51 @@ impl BackendOptions {
         match self.0.remove(key) {
             None => Ok(None),
             Some(v) => v.parse().map(Some).map_err(|e: T::Err| {
-                let shown = if is_secret_key(key) {
-                    "***"
-                } else {
-                    v.as_str()
-                };
                 let why = e.to_string();
                 let why = why.strip_prefix("configuration error: ").unwrap_or(&why);
-                Error::Config(format!("option {key}={shown}: {why}"))
+                option_error(key, &v, Error::Config(why.to_owned()))
             }),
+        }
+    }
+
+    /// Parses ([`ConfigDuration`]) and removes the duration option `key`, which must lie in
+    /// `range` (see [`check_duration`]); the error names the option and the range.
+    pub fn take_duration(
+        &mut self,
+        key: &str,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Result<Option<Duration>> {
+        let Some(v) = self.0.get(key).cloned() else {
+            return Ok(None);
+        };
+        let d = self
+            .take_parsed::<ConfigDuration>(key)?
+            .map_or(Duration::ZERO, |d| d.0);
+        match duration_outside(d, &range) {
+            None => Ok(Some(d)),
+            Some(why) => Err(option_error(key, &v, Error::Config(why))),
+        }
+    }
+
+    /// Parses and removes the timeout option `key`: a duration that must be positive, from
+    /// [`MIN_TIMEOUT`] (1 ms) to [`MAX_TIMEOUT`] (about 24.8 days). Zero is refused here,
+    /// at parse time, rather than failing every attempt "after 0ns" later.
+    pub fn take_timeout(&mut self, key: &str) -> Result<Option<Duration>> {
+        self.take_duration(key, MIN_TIMEOUT..=MAX_TIMEOUT)
+    }
+
+    /// Parses ([`parse_int`]) and removes the integer option `key`, which must lie in
+    /// `range`; the error names the option and the range.
+    pub fn take_int<T: ConfigInt>(
+        &mut self,
+        key: &str,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<Option<T>> {
+        match self.0.remove(key) {
+            None => Ok(None),
+            Some(v) => parse_int(&v, range)
+                .map(Some)
+                .map_err(|e| option_error(key, &v, e)),
         }
     }
 
@@ -433,15 +582,55 @@ fn decode_component(s: &str) -> String {
         .into_owned()
 }
 
+/// `true` if `s` is a URL scheme as RFC 3986 spells one: a letter, then letters, digits,
+/// `+`, `-`, `.`. Anything else before `://` is not echoed in errors (it may be a password).
+fn is_scheme(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+}
+
+/// The error for a URL whose user-info cannot be told apart from its query or fragment.
+/// It does not quote the URL: the part in doubt may be a password.
+fn ambiguous_userinfo(scheme: &str) -> Error {
+    Error::Config(format!(
+        "this {scheme}:// URL has an '@' after a '?' or '#', so where its user-info (user:password@) \
+         ends and its query or fragment begins is ambiguous; the URL is refused and not shown, since \
+         it may hold a password; percent-encode reserved characters in a password \
+         (? as %3F, # as %23, @ as %40, % as %25) and an '@' in an option value as %40"
+    ))
+}
+
 impl LayerConfig {
-    /// Parses a layer URL. Errors never contain the password.
+    /// Parses a layer URL. Errors, `Debug` and `Display` never contain the password.
+    ///
+    /// The user-info ends at the last `@` before the first `?` or `#`, so a password may hold
+    /// unencoded `/`, `@` and `:`. A URL with an `@` after its first `?` or `#` is refused
+    /// with an [`Error::Config`]: there a password with an unencoded `?` or `#` cannot be told
+    /// apart from a query or fragment.
+    ///
+    /// ```
+    /// use chanlayer_core::LayerConfig;
+    /// let cfg = LayerConfig::from_url("amqp://guest:pa/ss@w:rd@127.0.0.1:5672/%2f").unwrap();
+    /// assert_eq!(cfg.backend.address, "127.0.0.1:5672/%2f");
+    /// assert_eq!(cfg.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
+    /// let err = LayerConfig::from_url("amqp://guest:S3cr?Pw5J@127.0.0.1:5672/%2f").unwrap_err();
+    /// assert!(err.to_string().contains("percent-encode"));
+    /// assert!(!err.to_string().contains("Pw5J"));
+    /// ```
     pub fn from_url(url: &str) -> Result<LayerConfig> {
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            Error::Config(
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(Error::Config(
                 "a layer URL looks like scheme://address?options (for example memory:// or amqp://guest:guest@127.0.0.1:5672/%2f)"
                     .to_string(),
-            )
-        })?;
+            ));
+        };
+        if !is_scheme(scheme) {
+            return Err(Error::Config(
+                "a layer URL starts with a scheme (memory, kafka, amqp, amqps, zmq) and ://; this one does not, and is not shown, since it may hold a password"
+                    .to_string(),
+            ));
+        }
         let scheme = scheme.to_ascii_lowercase();
         // Which schemes exist is the facade's registry's business; here only the syntax.
         let mut chars = scheme.chars();
@@ -452,13 +641,20 @@ impl LayerConfig {
                 "a layer URL starts with a scheme of letters, digits, '+', '-' or '.' (for example memory:// or amqp://)".to_string(),
             ));
         }
-        let rest = rest.split('#').next().unwrap_or_default();
-        let (authority_path, query) = match rest.split_once('?') {
-            Some((a, q)) => (a, q),
-            None => (rest, ""),
+        // The user-info, address and path end at the first '?' or '#'. A password with an
+        // unencoded '?' or '#' would end there too and spill into the query or fragment; an
+        // '@' after that point is the sign, and such a URL cannot be split safely.
+        let end = rest.find(['?', '#']).unwrap_or(rest.len());
+        let (authority_path, tail) = rest.split_at(end);
+        if tail.contains('@') {
+            return Err(ambiguous_userinfo(&scheme));
+        }
+        let query = match tail.strip_prefix('?') {
+            Some(q) => q.split('#').next().unwrap_or_default(),
+            None => "",
         };
-        // user-info ends at the last '@' (so an unencoded '/' or '@' in a password still
-        // counts as password, never as address).
+        // The user-info ends at the last '@' (so an unencoded '/', ':' or '@' in a password
+        // still counts as password, never as address); the user ends at the first ':'.
         let (credentials, address) = match authority_path.rfind('@') {
             Some(at) => {
                 let info = &authority_path[..at];
@@ -482,22 +678,8 @@ impl LayerConfig {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             let key = key.into_owned();
             let value = value.into_owned();
-            let bad = |e: Error| -> Error {
-                let shown = if is_secret_key(&key) {
-                    "***"
-                } else {
-                    value.as_str()
-                };
-                let why = match e {
-                    Error::Config(m) => m,
-                    other => other.to_string(),
-                };
-                Error::Config(format!("option {key}={shown}: {why}"))
-            };
-            let int = |v: &str| -> Result<usize> {
-                v.parse::<usize>()
-                    .map_err(|_| Error::Config(format!("{v:?} is not a whole number")))
-            };
+            let bad = |e: Error| option_error(&key, &value, e);
+            let int = |v: &str| parse_int::<usize>(v, 1..=usize::MAX);
             match key.as_str() {
                 "prefix" => partial.prefix = Some(value),
                 "capacity" => partial.capacity = Some(int(&value).map_err(bad)?),
@@ -555,6 +737,120 @@ mod tests {
         );
     }
 
+    /// Passwords with every character that has a meaning in a URL, unencoded.
+    const HOSTILE_PASSWORDS: &[&str] = &[
+        "S3cr?Pw5J",
+        "Xq#9zLmK",
+        "p@ss@W0rdZ",
+        "pa/ss/Wq7r",
+        "Co:lOn:Kx9",
+        "Pe%rc%Ent%2",
+        "%41Bz%zzQv",
+        "sP aCe Yy8",
+        "\u{fc}ml\u{e4}utP\u{e4}\u{df}w\u{f6}rd\u{20ac}",
+        "Mx?#@/:%Zz 9\u{fc}",
+        "Tr@il?",
+        "#Lead1ng",
+        "?q=Vv&Ww=7",
+        "Amp&Key=Q1",
+    ];
+
+    /// URLs around `password` (unencoded) for `scheme`: valid ones and ones that fail in
+    /// different places after the user-info.
+    fn hostile_urls(scheme: &str, password: &str) -> Vec<String> {
+        [
+            "127.0.0.1:5672/%2f?prefix=app",
+            "127.0.0.1:5672//=",
+            "h1:9092,h2:9092",
+            "host",
+            "",
+            "host?capacity=lots",
+            "host:notaport/x?password=Other&codec=nope",
+            "host/path#frag",
+            "[::1]:5672/v?expiry=soon",
+        ]
+        .iter()
+        .map(|rest| format!("{scheme}://guest:{password}@{rest}"))
+        .collect()
+    }
+
+    /// Asserts that `text` contains neither `password` nor any 4-character run of it, as
+    /// written or percent-decoded.
+    fn assert_hidden(text: &str, password: &str, url: &str) {
+        for form in [password.to_owned(), decode_component(password)] {
+            let chars: Vec<char> = form.chars().collect();
+            for w in chars.windows(4.min(chars.len())) {
+                let w: String = w.iter().collect();
+                assert!(
+                    !text.contains(&w),
+                    "{url}: {w:?} of the password shows in {text}"
+                );
+            }
+        }
+    }
+
+    /// Whatever the URL, no part of its password shows in the config or in an error; an
+    /// `@` after `?` or `#` is refused with a hint to percent-encode.
+    #[test]
+    fn hostile_passwords_never_show() {
+        let mut accepted = 0;
+        let mut refused = 0;
+        for scheme in ["amqp", "amqps", "kafka", "zmq", "AMQP"] {
+            for password in HOSTILE_PASSWORDS {
+                for url in hostile_urls(scheme, password) {
+                    match LayerConfig::from_url(&url) {
+                        Ok(cfg) => {
+                            accepted += 1;
+                            assert_hidden(&format!("{cfg} {cfg:?}"), password, &url);
+                            let c = cfg.backend.credentials.as_ref().expect("credentials");
+                            assert_eq!(c.username, "guest", "{url}");
+                            let got = c.password.as_ref().expect("a password").expose();
+                            assert_eq!(got, decode_component(password), "{url}");
+                            assert!(!cfg.backend.address.contains('@'), "{url}");
+                        }
+                        Err(e) => {
+                            refused += 1;
+                            assert!(matches!(e, Error::Config(_)), "{url}: {e:?}");
+                            assert_hidden(&format!("{e} {e:?}"), password, &url);
+                            if password.contains(['?', '#']) {
+                                assert!(e.to_string().contains("percent-encode"), "{url}: {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            accepted > 0 && refused > 0,
+            "{accepted} accepted, {refused} refused"
+        );
+        // The case from the field: a '?' in the password.
+        let e = LayerConfig::from_url("amqp://guest:S3cr?Pw5J@127.0.0.1:5672//=").unwrap_err();
+        assert!(e.to_string().contains("percent-encode"), "{e}");
+        // Passwords with unencoded '/', '@', ':' parse, and the address is right.
+        for (url, password, address) in [
+            ("amqp://guest:pa/ss@h:1/%2f", "pa/ss", "h:1/%2f"),
+            ("amqp://guest:p@ss@h:1/v", "p@ss", "h:1/v"),
+            (
+                "kafka://guest:a:b/c@d@h1:1,h2:2?prefix=x",
+                "a:b/c@d",
+                "h1:1,h2:2",
+            ),
+            ("amqp://guest:%3F%23%40@h", "?#@", "h"),
+        ] {
+            let cfg = LayerConfig::from_url(url).unwrap();
+            assert_eq!(cfg.backend.address, address, "{url}");
+            let c = cfg.backend.credentials.unwrap();
+            assert_eq!(c.password.unwrap().expose(), password, "{url}");
+        }
+        // A password where the scheme should be is not echoed either.
+        let e = LayerConfig::from_url("guest:Hid3Me@host://x").unwrap_err();
+        assert!(
+            !e.to_string().contains("Hid3Me") && !e.to_string().contains("hid3me"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn kafka_host_lists_survive() {
         let cfg =
@@ -578,7 +874,11 @@ mod tests {
         let e = LayerConfig::from_url("1redis://x").unwrap_err();
         assert!(e.to_string().contains("scheme"), "{e}");
         let e = LayerConfig::from_url("memory://?capacity=0").unwrap_err();
-        assert!(e.to_string().contains("at least 1"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("too small; use a whole number from 1 to"),
+            "{e}"
+        );
         let e = LayerConfig::from_url("memory://?expiry=soon").unwrap_err();
         assert!(e.to_string().contains("expiry=soon"), "{e}");
         let e = LayerConfig::from_url("nonsense").unwrap_err();
@@ -597,6 +897,102 @@ mod tests {
             "pa/ss@w0rd"
         );
         assert!(LayerConfig::from_url("memory://?expiry=0.0001").is_err());
+    }
+
+    /// A whole number too large for an integer option is "too large", with the range, not
+    /// "not a whole number"; every integer option of the URL is read this way.
+    #[test]
+    fn integers_out_of_range_name_the_range() {
+        let max = usize::MAX;
+        for key in ["capacity", "max_message_size", "channel_capacity.a.*"] {
+            let e = LayerConfig::from_url(&format!("memory://?{key}=99999999999999999999999"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "option {key}=99999999999999999999999: too large; use a whole number from 1 to {max}"
+                )),
+                "{e}"
+            );
+            assert!(!e.contains("not a whole number"), "{e}");
+            for (v, why) in [
+                ("0", "too small"),
+                ("-3", "too small"),
+                ("1.5", "not a whole number"),
+                ("", "not a whole number"),
+            ] {
+                let e = LayerConfig::from_url(&format!("memory://?{key}={v}"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(why) && e.contains("from 1 to"), "{key}={v}: {e}");
+            }
+            let cfg = LayerConfig::from_url(&format!("memory://?{key}={max}")).unwrap();
+            assert_eq!(
+                cfg.options
+                    .capacity_for("a.b")
+                    .max(cfg.options.max_message_size),
+                max
+            );
+        }
+        assert_eq!(parse_int::<i32>("-1", -1..=i32::MAX).unwrap(), -1);
+        assert_eq!(parse_int::<u8>(" +7 ", 0..=u8::MAX).unwrap(), 7);
+        let e = parse_int::<i8>("-129", -1..=5).unwrap_err().to_string();
+        assert!(
+            e.contains("too small; use a whole number from -1 to 5"),
+            "{e}"
+        );
+        let e = parse_int::<i8>("6", -1..=5).unwrap_err().to_string();
+        assert!(
+            e.contains("too large; use a whole number from -1 to 5"),
+            "{e}"
+        );
+        // A secret-looking option's value is not quoted.
+        let mut o = BackendOptions::default();
+        o.0.insert("token".into(), "abc".into());
+        let e = o.take_int::<u32>("token", 0..=9).unwrap_err().to_string();
+        assert!(e.contains("option token=***: not a whole number"), "{e}");
+    }
+
+    /// The shared duration check: timeouts are positive and bounded; expiry and
+    /// group_expiry are positive; the errors name the option, the value and the range.
+    #[test]
+    fn duration_bounds() {
+        let mut o = BackendOptions::default();
+        for (v, want) in [
+            ("0", Err("option t=0: must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms")),
+            ("0.0004", Err("option t=0.0004: must be more than zero")),
+            ("25d", Err("option t=25d: too long; use a duration from 1ms to")),
+            ("soon", Err("option t=soon: invalid duration")),
+            ("1ms", Ok(Duration::from_millis(1))),
+            ("24d", Ok(Duration::from_secs(24 * 86_400))),
+        ] {
+            o.0.insert("t".into(), v.into());
+            match (o.take_timeout("t"), want) {
+                (Ok(d), Ok(w)) => assert_eq!(d, Some(w)),
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{v}: {e}"),
+                (got, w) => panic!("{v}: {got:?}, wanted {w:?}"),
+            }
+            assert!(o.get("t").is_none(), "taken");
+        }
+        assert_eq!(o.take_timeout("absent").unwrap(), None);
+        o.0.insert("d".into(), "2s".into());
+        let e = o
+            .take_duration("d", Duration::from_secs(5)..=Duration::from_secs(9))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("option d=2s: too short; use a duration from 5s to 9s"),
+            "{e}"
+        );
+        for key in ["expiry", "group_expiry"] {
+            let e = LayerConfig::from_url(&format!("memory://?{key}=0")).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!(
+                    "option {key}=0s: must be more than zero; use a duration of at least 1ms"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@
 
 use std::time::Duration;
 
-use chanlayer_core::config::{BackendOptions, ConfigDuration};
+use chanlayer_core::config::{BackendOptions, MIN_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result, Secret};
 use rdkafka::ClientConfig;
 
@@ -88,6 +88,30 @@ const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
 /// Room above `max_message_size` for the envelope and the record's own overhead.
 pub(crate) const RECORD_OVERHEAD: usize = 64 * 1024;
 
+/// The largest `message.max.bytes` librdkafka takes (its range is 1000 to 1000000000).
+const LIBRDKAFKA_MAX_MESSAGE_BYTES: usize = 1_000_000_000;
+
+/// The largest `max_message_size` the Kafka backend takes: librdkafka's largest
+/// `message.max.bytes` less the room it adds for the envelope (999934464 bytes).
+pub const MAX_MESSAGE_SIZE: usize = LIBRDKAFKA_MAX_MESSAGE_BYTES - RECORD_OVERHEAD;
+
+/// The largest `session_timeout`: librdkafka's `session.timeout.ms` takes 1 to 3600000.
+const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The largest `linger`: librdkafka's `linger.ms` takes 0 to 900000.
+const MAX_LINGER: Duration = Duration::from_secs(900);
+
+/// The largest `retention`: the topic config `retention.ms` is a signed 64-bit count.
+const MAX_RETENTION: Duration = Duration::from_millis(i64::MAX as u64);
+
+/// Adds to an option error which librdkafka property the option becomes, and its range.
+fn librdkafka_range(e: Error, property: &str, range: &str) -> Error {
+    match e {
+        Error::Config(m) => Error::Config(format!("{m} (librdkafka's {property} takes {range})")),
+        other => other,
+    }
+}
+
 impl KafkaConfig {
     /// Reads the Kafka settings of `config` (scheme `kafka`). Unknown options are an
     /// [`Error::Config`] naming them; errors never contain a password.
@@ -100,9 +124,14 @@ impl KafkaConfig {
             )));
         }
         config.options.validate()?;
+        let max = config.options.max_message_size;
+        if max > MAX_MESSAGE_SIZE {
+            return Err(Error::Config(format!(
+                "option max_message_size={max}: too large; use a whole number from 1 to {MAX_MESSAGE_SIZE} (the kafka backend sets librdkafka's message.max.bytes to max_message_size + {RECORD_OVERHEAD}, and librdkafka takes message.max.bytes from 1000 to {LIBRDKAFKA_MAX_MESSAGE_BYTES})"
+            )));
+        }
         let brokers = parse_brokers(&b.address)?;
         let mut o = b.options.clone();
-        let dur = |v: Option<ConfigDuration>| v.map(|d| d.0);
         let (mut username, mut password) = match &b.credentials {
             Some(c) => (Some(c.username.clone()), c.password.clone()),
             None => (None, None),
@@ -119,22 +148,34 @@ impl KafkaConfig {
         let sasl_mechanism = o.take("sasl.mechanism").map(|m| m.to_ascii_uppercase());
         let cfg = KafkaConfig {
             brokers,
-            partitions: o.take_parsed("partitions")?.unwrap_or(1),
-            replication: o.take_parsed("replication")?.unwrap_or(-1),
-            retention: dur(o.take_parsed("retention")?).unwrap_or(Duration::from_secs(24 * 3600)),
+            partitions: o.take_int("partitions", 1..=i32::MAX)?.unwrap_or(1),
+            replication: o
+                .take_int("replication", -1..=i32::from(i16::MAX))?
+                .unwrap_or(-1),
+            retention: o
+                .take_duration("retention", MIN_TIMEOUT..=MAX_RETENTION)?
+                .unwrap_or(Duration::from_secs(24 * 3600)),
             create_topics: o.take_parsed("create_topics")?.unwrap_or(true),
             groups_topic: o
                 .take("groups_topic")
                 .unwrap_or_else(|| format!("{}.groups", config.options.prefix)),
-            prefetch: o.take_parsed("prefetch")?.unwrap_or(500),
-            linger: dur(o.take_parsed("linger")?).unwrap_or(Duration::from_millis(1)),
-            delivery_timeout: dur(o.take_parsed("delivery_timeout")?)
+            prefetch: o.take_int("prefetch", 1..=usize::MAX)?.unwrap_or(500),
+            linger: o
+                .take_duration("linger", Duration::ZERO..=MAX_LINGER)
+                .map_err(|e| librdkafka_range(e, "linger.ms", "0 to 900000"))?
+                .unwrap_or(Duration::from_millis(1)),
+            delivery_timeout: o
+                .take_timeout("delivery_timeout")?
                 .unwrap_or(Duration::from_secs(30)),
-            connection_timeout: dur(o.take_parsed("connection_timeout")?)
+            connection_timeout: o
+                .take_timeout("connection_timeout")?
                 .unwrap_or(Duration::from_secs(10)),
-            session_timeout: dur(o.take_parsed("session_timeout")?)
+            session_timeout: o
+                .take_duration("session_timeout", MIN_TIMEOUT..=MAX_SESSION_TIMEOUT)
+                .map_err(|e| librdkafka_range(e, "session.timeout.ms", "1 to 3600000"))?
                 .unwrap_or(Duration::from_secs(10)),
-            commit_interval: dur(o.take_parsed("commit_interval")?)
+            commit_interval: o
+                .take_timeout("commit_interval")?
                 .unwrap_or(Duration::from_millis(100)),
             security_protocol,
             sasl_mechanism,
@@ -151,32 +192,11 @@ impl KafkaConfig {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.partitions < 1 {
-            return bad(format!(
-                "option partitions={}: a topic needs at least 1 partition",
-                self.partitions
-            ));
-        }
-        if self.replication == 0 || self.replication < -1 {
+        if self.replication == 0 {
             return bad(format!(
                 "option replication={}: use a replication factor of at least 1, or -1 for the broker's default",
                 self.replication
             ));
-        }
-        if self.prefetch == 0 {
-            return bad("option prefetch=0: a consumer must buffer at least 1 message".into());
-        }
-        if self.delivery_timeout.is_zero()
-            || self.session_timeout.is_zero()
-            || self.connection_timeout.is_zero()
-        {
-            return bad(
-                "options delivery_timeout, session_timeout and connection_timeout must be positive"
-                    .into(),
-            );
-        }
-        if self.commit_interval.is_zero() {
-            return bad("option commit_interval must be positive".into());
         }
         if let Some(p) = &self.security_protocol {
             if !PROTOCOLS.contains(&p.as_str()) {
@@ -271,7 +291,7 @@ impl KafkaConfig {
         set_default(
             &mut c,
             "message.max.bytes",
-            &(max_message_size + RECORD_OVERHEAD).to_string(),
+            &max_message_size.saturating_add(RECORD_OVERHEAD).to_string(),
         );
         // A send to a topic that does not exist (an instance that closed) must not create it.
         set_default(&mut c, "allow.auto.create.topics", "false");
@@ -297,6 +317,12 @@ impl KafkaConfig {
             &mut c,
             "session.timeout.ms",
             &millis(self.session_timeout).to_string(),
+        );
+        // librdkafka refuses a session.timeout.ms above max.poll.interval.ms (default 5 min).
+        set_default(
+            &mut c,
+            "max.poll.interval.ms",
+            &millis(self.session_timeout).max(300_000).to_string(),
         );
         // Latency: answer a fetch as soon as anything is there, or after 100 ms.
         set_default(&mut c, "fetch.wait.max.ms", "100");
@@ -472,10 +498,184 @@ mod tests {
         assert!(e.contains("partitons") && !e.contains("s3cret"), "{e}");
     }
 
+    /// No part of a hostile password, in the URL's user-info or in the `password`,
+    /// `kafka.sasl.password` and `kafka.ssl.key.password` options, shows in a
+    /// `KafkaConfig`'s `Debug`, its display address, or an error; the password reaches
+    /// librdkafka unchanged.
+    #[test]
+    fn hostile_passwords_never_show() {
+        use chanlayer_testkit::secrets::{assert_hidden, encode, hostile_urls, HOSTILE_PASSWORDS};
+        let mut accepted = 0;
+        for password in HOSTILE_PASSWORDS {
+            let enc = encode(password);
+            let mut urls = hostile_urls("kafka", password);
+            urls.extend([
+                format!("kafka://guest:{enc}@h1:9092,h2:9092?sasl.mechanism=SCRAM-SHA-256"),
+                format!("kafka://h:9092?username=u&password={enc}"),
+                format!("kafka://h:9092?username=u&kafka.sasl.password={enc}"),
+                format!("kafka://h:9092?kafka.ssl.key.password={enc}&ca_file=/ca.pem"),
+                format!("kafka://h:9092?password={enc}"),
+                format!("kafka://h:9092?username=u&password={enc}&partitions=0"),
+                format!("kafka://guest:{enc}@h:99999"),
+                format!("kafka://guest:{enc}@h?sasl.mechanism=GSSAPI"),
+            ]);
+            for url in urls {
+                let text = match LayerConfig::from_url(&url)
+                    .and_then(|c| KafkaConfig::from_layer_config(&c))
+                {
+                    Ok(c) => {
+                        accepted += 1;
+                        if url.contains(&enc) {
+                            let cc = c.client_config("x");
+                            let given = cc
+                                .get("sasl.password")
+                                .or_else(|| cc.get("ssl.key.password"));
+                            assert_eq!(given, Some(*password), "{url}");
+                        }
+                        format!("{c:?} {}", c.display_address())
+                    }
+                    Err(e) => format!("{e} {e:?}"),
+                };
+                assert_hidden(&text, password, &url);
+            }
+        }
+        assert!(accepted > 0);
+    }
+
+    /// Every integer option says "too large" or "too small" with its range.
+    #[test]
+    fn integers_out_of_range_name_the_range() {
+        for (key, value, why) in [
+            (
+                "partitions",
+                "99999999999999999999999",
+                "too large; use a whole number from 1 to 2147483647",
+            ),
+            (
+                "partitions",
+                "2147483648",
+                "too large; use a whole number from 1 to 2147483647",
+            ),
+            (
+                "replication",
+                "40000",
+                "too large; use a whole number from -1 to 32767",
+            ),
+            (
+                "replication",
+                "-2",
+                "too small; use a whole number from -1 to 32767",
+            ),
+            (
+                "prefetch",
+                "99999999999999999999999",
+                "too large; use a whole number from 1 to 18446744073709551615",
+            ),
+            (
+                "prefetch",
+                "0",
+                "too small; use a whole number from 1 to 18446744073709551615",
+            ),
+            (
+                "capacity",
+                "99999999999999999999999",
+                "too large; use a whole number from 1 to 18446744073709551615",
+            ),
+        ] {
+            let e = parse(&format!("kafka://h?{key}={value}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("option {key}={value}: {why}")), "{e}");
+        }
+        assert_eq!(
+            parse("kafka://h?replication=32767").unwrap().replication,
+            32767
+        );
+    }
+
+    /// Timeouts must be positive, through the same rule and message as every backend's.
+    #[test]
+    fn zero_timeouts_are_refused() {
+        for key in [
+            "delivery_timeout",
+            "connection_timeout",
+            "session_timeout",
+            "commit_interval",
+        ] {
+            let e = parse(&format!("kafka://h?{key}=0"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "option {key}=0: must be more than zero; use a duration from 1ms to"
+                )),
+                "{e}"
+            );
+            assert!(parse(&format!("kafka://h?{key}=1ms")).is_ok(), "{key}");
+        }
+    }
+
+    /// Options chanlayer maps onto librdkafka properties are checked against librdkafka's
+    /// ranges when the URL is read, so librdkafka's own range error never surfaces;
+    /// at the bounds, librdkafka takes the properties.
+    #[test]
+    fn librdkafka_ranges_are_checked_at_parse_time() {
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::producer::BaseProducer;
+        for (url, needle) in [
+            (
+                "kafka://h?max_message_size=2000000000",
+                "option max_message_size=2000000000: too large; use a whole number from 1 to 999934464 (the kafka backend sets librdkafka's message.max.bytes to max_message_size + 65536, and librdkafka takes message.max.bytes from 1000 to 1000000000)",
+            ),
+            ("kafka://h?max_message_size=999934465", "option max_message_size=999934465: too large"),
+            (
+                "kafka://h?session_timeout=2h",
+                "option session_timeout=2h: too long; use a duration from 1ms to 1h (librdkafka's session.timeout.ms takes 1 to 3600000)",
+            ),
+            (
+                "kafka://h?linger=16m",
+                "option linger=16m: too long; use a duration from 0s to 15m (librdkafka's linger.ms takes 0 to 900000)",
+            ),
+            ("kafka://h?delivery_timeout=25d", "option delivery_timeout=25d: too long; use a duration from 1ms to 24days 20h 31m 23s 647ms"),
+            ("kafka://h?connection_timeout=25d", "option connection_timeout=25d: too long"),
+            ("kafka://h?retention=300000000y", "option retention=300000000y: too long"),
+        ] {
+            let e = parse(url).expect_err(url).to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+        let c = parse("kafka://h?max_message_size=999934464&session_timeout=1h&linger=15m&delivery_timeout=24d&connection_timeout=24d").unwrap();
+        let p = c.producer_config("x", 999_934_464);
+        assert_eq!(p.get("message.max.bytes"), Some("1000000000"));
+        if let Err(e) = p.create::<BaseProducer>() {
+            panic!("librdkafka refuses the producer at the bounds: {e}");
+        }
+        if let Err(e) = c.consumer_config("x", Some("g")).create::<BaseConsumer>() {
+            panic!("librdkafka refuses the consumer at the bounds: {e}");
+        }
+        let low = parse(
+            "kafka://h?session_timeout=1ms&linger=0&delivery_timeout=1ms&connection_timeout=1ms",
+        )
+        .unwrap();
+        if let Err(e) = low.producer_config("x", 1).create::<BaseProducer>() {
+            panic!("librdkafka refuses the producer at the lower bounds: {e}");
+        }
+        if let Err(e) = low.consumer_config("x", Some("g")).create::<BaseConsumer>() {
+            panic!("librdkafka refuses the consumer at the lower bounds: {e}");
+        }
+        // One past the bound is librdkafka's error, which parse time now prevents.
+        assert!(c
+            .producer_config("x", 999_934_465)
+            .create::<BaseProducer>()
+            .is_err());
+    }
+
     #[test]
     fn bad_options_are_clear() {
         for (url, needle) in [
-            ("kafka://h?partitions=0", "at least 1 partition"),
+            (
+                "kafka://h?partitions=0",
+                "partitions=0: too small; use a whole number from 1 to",
+            ),
             ("kafka://h?replication=0", "replication"),
             ("kafka://h?prefetch=0", "prefetch"),
             ("kafka://h?security.protocol=tls", "security.protocol"),

@@ -142,7 +142,10 @@ impl Topics {
         };
         let replication = TopicReplication::Fixed(self.cfg.replication);
         let retention = self.cfg.retention.as_millis().to_string();
-        let max_bytes = (self.max_message_size + RECORD_OVERHEAD).to_string();
+        let max_bytes = self
+            .max_message_size
+            .saturating_add(RECORD_OVERHEAD)
+            .to_string();
         let mut new = NewTopic::new(topic, partitions, replication);
         if self.cfg.topic_properties.get("retention.ms").is_none() {
             new = new.set("retention.ms", &retention);

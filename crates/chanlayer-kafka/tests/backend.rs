@@ -245,6 +245,35 @@ async fn credentials_never_appear_in_text() {
     l.close().await.expect("close");
 }
 
+/// Hostile passwords (every URL-reserved character, percent-encoded so they parse), in the
+/// user-info and as `kafka.sasl.password`, never show in the error of a failed connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_passwords_never_show_in_connect_errors() {
+    use chanlayer_testkit::secrets::{assert_hidden, encode, HOSTILE_PASSWORDS};
+    let mut attempts = Vec::new();
+    for password in HOSTILE_PASSWORDS {
+        let enc = encode(password);
+        let url = format!(
+            "kafka://app:{enc}@127.0.0.1:1?connection_timeout=1s&delivery_timeout=1s&kafka.ssl.key.password={enc}"
+        );
+        attempts.push(tokio::spawn(async move {
+            let config = chanlayer_core::LayerConfig::from_url(&url).expect("parse");
+            let err = KafkaLayer::connect(&config)
+                .await
+                .expect_err("nothing listens on port 1");
+            let text = format!("{err} / {err:?}");
+            assert_hidden(&text, password, &url);
+            assert!(
+                text.contains("127.0.0.1:1"),
+                "the error names the broker: {text}"
+            );
+        }));
+    }
+    for a in attempts {
+        a.await.expect("the attempt");
+    }
+}
+
 /// A reader whose buffer is full (`prefetch`) stops taking messages and starts again when
 /// it receives, losing none, with record batches of many records (linger 20 ms) that the
 /// small buffer takes a few at a time.

@@ -29,6 +29,7 @@ use chanlayer_core::{
 
 pub mod memory;
 pub mod peer;
+pub mod secrets;
 pub mod suite;
 
 pub use memory::MemoryFactory;
@@ -243,6 +244,7 @@ macro_rules! conformance_tests {
             too_large_fails_before_sending,
             invalid_type_fails,
             capacity_full_then_drains,
+            capacity_across_instances,
             channel_capacity_glob_override,
             group_send_full_member_skipped_and_counted,
             expiry_earliest_expires_later_arrive,
@@ -270,6 +272,7 @@ macro_rules! conformance_tests {
             nack_redelivers,
             failing_batch_handler_gets_batch_again,
             succeeding_batch_handler_commits,
+            local_delivery_follows_at_least_once_local,
         );
     };
     ($factory:expr; $($name:ident),+ $(,)?) => {

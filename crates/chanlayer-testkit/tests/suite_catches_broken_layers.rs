@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chanlayer_core::{
-    Capabilities, ChannelLayer, Delivery, LayerOptions, Message, Result, StatsSnapshot,
+    AckHandle, Acknowledger, Capabilities, ChannelLayer, Delivery, LayerOptions, Message, Result,
+    StatsSnapshot,
 };
 use chanlayer_testkit::{run_test, suite, Ctx, LayerFactory, MemoryFactory, TestLayer};
 
@@ -19,6 +20,29 @@ enum Bug {
     IgnoreGroups,
     /// Never reports `ChannelFull` (sends succeed and vanish).
     NoCapacity,
+    /// Claims `broker_side_capacity: false` while sends to a full normal channel are
+    /// `ChannelFull`.
+    ClaimsNoBrokerCapacity,
+    /// Claims `at_least_once_local: false` while process-local deliveries can be nacked.
+    ClaimsAtMostOnceLocal,
+    /// `nack` acknowledges: a nacked delivery never comes back.
+    NackAcks,
+}
+
+/// Settles a delivery with `ack` whatever it is asked (the `NackAcks` bug).
+struct AlwaysAck(Option<AckHandle>);
+
+#[async_trait]
+impl Acknowledger for AlwaysAck {
+    async fn ack(&mut self) -> Result<()> {
+        match self.0.take() {
+            Some(h) => h.ack().await,
+            None => Ok(()),
+        }
+    }
+    async fn nack(&mut self) -> Result<()> {
+        self.ack().await
+    }
 }
 
 /// The memory layer with one bug.
@@ -31,7 +55,18 @@ struct Broken {
 #[async_trait]
 impl ChannelLayer for Broken {
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        let caps = self.inner.capabilities();
+        match self.bug {
+            Bug::ClaimsNoBrokerCapacity => Capabilities {
+                broker_side_capacity: false,
+                ..caps
+            },
+            Bug::ClaimsAtMostOnceLocal => Capabilities {
+                at_least_once_local: false,
+                ..caps
+            },
+            _ => caps,
+        }
     }
     fn options(&self) -> &LayerOptions {
         self.inner.options()
@@ -57,7 +92,15 @@ impl ChannelLayer for Broken {
         self.inner.receive(channel).await
     }
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        self.inner.receive_delivery(channel).await
+        let d = self.inner.receive_delivery(channel).await?;
+        match self.bug {
+            Bug::NackAcks => {
+                let (message, info, handle) = d.into_parts();
+                let handle = AckHandle::new(Box::new(AlwaysAck(Some(handle))));
+                Ok(Delivery::new(message, info, handle))
+            }
+            _ => Ok(d),
+        }
     }
     async fn receive_batch(
         &self,
@@ -179,6 +222,48 @@ fn ignoring_capacity_fails_capacity_test() {
     );
 }
 
+#[test]
+fn ignoring_capacity_fails_the_cross_instance_capacity_test() {
+    must_fail(
+        Bug::NoCapacity,
+        "capacity_across_instances",
+        suite::capacity_across_instances,
+    );
+}
+
+/// `broker_side_capacity` is checked the other way too: a layer that does enforce
+/// capacity at send but does not claim it fails.
+#[test]
+fn an_unclaimed_broker_side_capacity_fails_the_capacity_tests() {
+    must_fail(
+        Bug::ClaimsNoBrokerCapacity,
+        "capacity_across_instances",
+        suite::capacity_across_instances,
+    );
+    must_fail(
+        Bug::ClaimsNoBrokerCapacity,
+        "capacity_full_then_drains",
+        suite::capacity_full_then_drains,
+    );
+}
+
+/// `at_least_once_local` both ways: a nack that loses the message fails where the flag is
+/// claimed, a nack that works fails where it is not.
+#[test]
+fn at_least_once_local_is_checked_both_ways() {
+    must_fail(
+        Bug::NackAcks,
+        "local_delivery_follows_at_least_once_local",
+        suite::local_delivery_follows_at_least_once_local,
+    );
+    must_fail(
+        Bug::ClaimsAtMostOnceLocal,
+        "local_delivery_follows_at_least_once_local",
+        suite::local_delivery_follows_at_least_once_local,
+    );
+    must_fail(Bug::NackAcks, "nack_redelivers", suite::nack_redelivers);
+}
+
 /// The same suite functions pass against the correct layer (so the failures above are the
 /// bugs, not the tests).
 #[test]
@@ -192,5 +277,20 @@ fn the_correct_layer_passes_the_same_tests() {
         Arc::new(MemoryFactory),
         "capacity_full_then_drains",
         suite::capacity_full_then_drains,
+    );
+    run_test(
+        Arc::new(MemoryFactory),
+        "capacity_across_instances",
+        suite::capacity_across_instances,
+    );
+    run_test(
+        Arc::new(MemoryFactory),
+        "local_delivery_follows_at_least_once_local",
+        suite::local_delivery_follows_at_least_once_local,
+    );
+    run_test(
+        Arc::new(MemoryFactory),
+        "nack_redelivers",
+        suite::nack_redelivers,
     );
 }

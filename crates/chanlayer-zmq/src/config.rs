@@ -42,7 +42,7 @@
 
 use std::time::Duration;
 
-use chanlayer_core::config::{BackendOptions, ConfigDuration};
+use chanlayer_core::config::{BackendOptions, ConfigDuration, MAX_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result};
 
 use crate::hub::Retention;
@@ -401,28 +401,45 @@ impl ZmqConfig {
                     SOCKET_OPTIONS.join(", ")
                 )));
             }
-            let value: i64 = o.take_parsed(&k)?.unwrap_or_default();
+            // libzmq takes an int for every option but maxmsgsize (int64).
+            let range = if name == "maxmsgsize" {
+                -1..=i64::MAX
+            } else {
+                i64::from(i32::MIN)..=i64::from(i32::MAX)
+            };
+            let value: i64 = o.take_int(&k, range)?.unwrap_or_default();
             socket_options.push(SocketOption { name, value });
         }
         let cfg = ZmqConfig {
             mode,
             bind: o.take_parsed("bind")?.unwrap_or(BindPolicy::Lazy),
-            sndhwm: o.take_parsed("sndhwm")?.unwrap_or(10_000),
-            rcvhwm: o.take_parsed("rcvhwm")?.unwrap_or(10_000),
-            send_queue: o.take_parsed("send_queue")?.unwrap_or(10_000),
-            subscribe_timeout: dur(o.take_parsed("subscribe_timeout")?)
+            sndhwm: o.take_int("sndhwm", 0..=i32::MAX)?.unwrap_or(10_000),
+            rcvhwm: o.take_int("rcvhwm", 0..=i32::MAX)?.unwrap_or(10_000),
+            send_queue: o.take_int("send_queue", 1..=usize::MAX)?.unwrap_or(10_000),
+            subscribe_timeout: o
+                .take_timeout("subscribe_timeout")?
                 .unwrap_or(Duration::from_secs(5)),
-            connect_timeout: dur(o.take_parsed("connect_timeout")?)
+            connect_timeout: o
+                .take_timeout("connect_timeout")?
                 .unwrap_or(Duration::from_secs(5)),
-            reconnect_interval: dur(o.take_parsed("reconnect_interval")?)
+            // ZMQ_RECONNECT_IVL, _MAX and ZMQ_LINGER are C ints of milliseconds.
+            reconnect_interval: o
+                .take_timeout("reconnect_interval")?
                 .unwrap_or(Duration::from_millis(100)),
-            reconnect_interval_max: dur(o.take_parsed("reconnect_interval_max")?)
+            reconnect_interval_max: o
+                .take_duration("reconnect_interval_max", Duration::ZERO..=MAX_TIMEOUT)?
                 .unwrap_or(Duration::ZERO),
-            linger: dur(o.take_parsed("linger")?).unwrap_or(Duration::from_secs(1)),
+            linger: o
+                .take_duration("linger", Duration::ZERO..=MAX_TIMEOUT)?
+                .unwrap_or(Duration::from_secs(1)),
             retention: Retention {
-                per_topic: o.take_parsed("retain")?.unwrap_or(defaults.per_topic),
+                per_topic: o
+                    .take_int("retain", 0..=usize::MAX)?
+                    .unwrap_or(defaults.per_topic),
                 max_age: dur(o.take_parsed("retain_for")?).unwrap_or(defaults.max_age),
-                max_bytes: o.take_parsed("retain_bytes")?.unwrap_or(defaults.max_bytes),
+                max_bytes: o
+                    .take_int("retain_bytes", 0..=usize::MAX)?
+                    .unwrap_or(defaults.max_bytes),
             },
             ipv6: o.take_parsed("ipv6")?.unwrap_or(ipv6_default),
             curve,
@@ -435,18 +452,6 @@ impl ZmqConfig {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.sndhwm < 0 || self.rcvhwm < 0 {
-            return bad("options sndhwm and rcvhwm must be 0 (no limit) or more".into());
-        }
-        if self.send_queue == 0 {
-            return bad("option send_queue must be at least 1".into());
-        }
-        if self.subscribe_timeout.is_zero() || self.connect_timeout.is_zero() {
-            return bad("options subscribe_timeout and connect_timeout must be positive".into());
-        }
-        if self.reconnect_interval.is_zero() {
-            return bad("option reconnect_interval must be positive".into());
-        }
         if let (Mode::Dedicated { .. }, BindPolicy::Eager | BindPolicy::Never) =
             (&self.mode, self.bind)
         {
@@ -714,6 +719,102 @@ mod tests {
             let e = cfg(url).expect_err(url).to_string();
             assert!(e.contains(words), "{url}: {e}");
             assert!(!e.contains("secret@"), "{url}: {e}");
+        }
+    }
+
+    /// A zmq:// URL with a hostile password in it is refused, and no part of the password
+    /// shows in the error.
+    #[test]
+    fn hostile_passwords_never_show() {
+        use chanlayer_testkit::secrets::{assert_hidden, encode, hostile_urls, HOSTILE_PASSWORDS};
+        for password in HOSTILE_PASSWORDS {
+            let mut urls = hostile_urls("zmq", password);
+            urls.push(format!("zmq://u:{}@127.0.0.1:5556", encode(password)));
+            for url in urls {
+                let e = cfg(&url).expect_err(&url);
+                assert_hidden(&format!("{e} {e:?}"), password, &url);
+            }
+        }
+    }
+
+    /// Every integer option, `zmq.<option>` included, says "too large" or "too small" with
+    /// its range, at parse time.
+    #[test]
+    fn integers_out_of_range_name_the_range() {
+        for (key, value, why) in [
+            (
+                "sndhwm",
+                "99999999999999999999999",
+                "too large; use a whole number from 0 to 2147483647",
+            ),
+            (
+                "rcvhwm",
+                "-1",
+                "too small; use a whole number from 0 to 2147483647",
+            ),
+            (
+                "send_queue",
+                "0",
+                "too small; use a whole number from 1 to 18446744073709551615",
+            ),
+            (
+                "retain",
+                "99999999999999999999999",
+                "too large; use a whole number from 0 to 18446744073709551615",
+            ),
+            (
+                "retain_bytes",
+                "-5",
+                "too small; use a whole number from 0 to 18446744073709551615",
+            ),
+            (
+                "zmq.sndbuf",
+                "2147483648",
+                "too large; use a whole number from -2147483648 to 2147483647",
+            ),
+            (
+                "zmq.maxmsgsize",
+                "99999999999999999999999",
+                "too large; use a whole number from -1 to 9223372036854775807",
+            ),
+            (
+                "capacity",
+                "99999999999999999999999",
+                "too large; use a whole number from 1 to 18446744073709551615",
+            ),
+        ] {
+            let e = cfg(&format!("zmq://h:1?{key}={value}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("option {key}={value}: {why}")), "{e}");
+        }
+        let c = cfg("zmq://h:1?zmq.maxmsgsize=4294967296").expect("an int64 option");
+        assert_eq!(c.socket_options[0].value, 4_294_967_296);
+    }
+
+    /// Timeouts must be positive, through the same rule and message as every backend's;
+    /// the millisecond options stay within a C int.
+    #[test]
+    fn zero_timeouts_are_refused() {
+        for key in ["subscribe_timeout", "connect_timeout", "reconnect_interval"] {
+            let e = cfg(&format!("zmq://h:1?{key}=0")).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("option {key}=0: must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms")),
+                "{e}"
+            );
+        }
+        for key in ["reconnect_interval_max", "linger"] {
+            assert!(
+                cfg(&format!("zmq://h:1?{key}=0")).is_ok(),
+                "{key}=0 is allowed"
+            );
+            let e = cfg(&format!("zmq://h:1?{key}=30d"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("option {key}=30d: too long; use a duration from 0s to 24days 20h 31m 23s 647ms")),
+                "{e}"
+            );
         }
     }
 

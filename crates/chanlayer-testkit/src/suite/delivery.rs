@@ -1,5 +1,7 @@
 //! At-least-once: deliveries, ack, nack, batch handler. Where the backend does not offer
-//! at-least-once on normal channels, each test checks that it says `Unsupported`.
+//! at-least-once on normal channels, each test checks that it says `Unsupported`. On
+//! process-local channels (`at_least_once_local`), both ways: a nacked delivery comes back
+//! where it is claimed; elsewhere deliveries are already settled (at-most-once).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,4 +181,60 @@ pub async fn succeeding_batch_handler_commits(ctx: Ctx) {
     .await
     .expect("receive");
     assert_eq!(n, 0, "nothing comes back after a successful batch");
+}
+
+/// `at_least_once_local`, both ways, on a process-local channel. Where it is claimed, a
+/// nacked delivery comes back (marked redelivered) and an acked one does not. Where it is
+/// not, `receive_delivery` is `Unsupported`, or returns an already-settled delivery
+/// (at-most-once): its `nack` is an error, and the message does not come back.
+pub async fn local_delivery_follows_at_least_once_local(ctx: Ctx) {
+    let l = ctx.layer().await;
+    let ch = l.new_channel("alo").await.expect("new_channel");
+    l.send(&ch, seq_msg(1, Codec::Bincode)).await.expect("send");
+    l.send(&ch, seq_msg(2, Codec::Bincode)).await.expect("send");
+    if caps(&l).at_least_once_local {
+        let d = delivery(&l, &ch).await;
+        assert_eq!(seq_of(d.message()), 1);
+        assert!(!d.info().redelivered);
+        d.nack().await.expect("nack");
+        let d = delivery(&l, &ch).await;
+        assert_eq!(
+            seq_of(d.message()),
+            1,
+            "the nacked message comes back first"
+        );
+        assert!(d.info().redelivered, "and is marked redelivered");
+        d.ack().await.expect("ack");
+        let d = delivery(&l, &ch).await;
+        assert_eq!(seq_of(d.message()), 2);
+        d.ack().await.expect("ack");
+        assert_quiet(&l, &ch).await;
+        return;
+    }
+    match tokio::time::timeout(ARRIVAL_DEADLINE, l.receive_delivery(&ch)).await {
+        Err(_) => panic!("no delivery on {ch} within {ARRIVAL_DEADLINE:?}"),
+        Ok(Err(Error::Unsupported { .. })) => {
+            // Nothing was taken: both messages are still there for receive.
+            assert_eq!(seq_of(&crate::recv(&l, &ch).await), 1);
+            assert_eq!(seq_of(&crate::recv(&l, &ch).await), 2);
+        }
+        Ok(Err(e)) => panic!("receive_delivery({ch}): {e}"),
+        Ok(Ok(d)) => {
+            assert_eq!(seq_of(d.message()), 1);
+            assert!(
+                d.nack().await.is_err(),
+                "without at_least_once_local, a process-local delivery is settled: nack is an error"
+            );
+            let next = delivery(&l, &ch).await;
+            assert_eq!(
+                seq_of(next.message()),
+                2,
+                "without at_least_once_local, the nacked message does not come back"
+            );
+            next.ack()
+                .await
+                .expect("ack of a settled delivery is a no-op");
+        }
+    }
+    assert_quiet(&l, &ch).await;
 }
