@@ -33,6 +33,7 @@ pub mod layer;
 pub mod memory;
 pub mod message;
 pub mod names;
+pub mod signal;
 pub mod stats;
 pub mod transport;
 pub mod transport_layer;

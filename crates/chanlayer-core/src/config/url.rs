@@ -1,0 +1,154 @@
+//! [`LayerConfig`] and parsing it from a URL.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// A whole layer configuration: shared options plus the backend section.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LayerConfig {
+    /// Options every backend shares.
+    pub options: LayerOptions,
+    /// The backend and its own options.
+    pub backend: BackendConfig,
+}
+
+impl std::fmt::Display for LayerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.backend.redacted_url())
+    }
+}
+
+pub(super) fn decode_component(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// `true` if `s` is a URL scheme as RFC 3986 spells one: a letter, then letters, digits,
+/// `+`, `-`, `.`. Anything else before `://` is not echoed in errors (it may be a password).
+pub(super) fn is_scheme(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+}
+
+/// The error for a URL whose user-info cannot be told apart from its query or fragment.
+/// It does not quote the URL: the part in doubt may be a password.
+pub(super) fn ambiguous_userinfo(scheme: &str) -> Error {
+    Error::Config(format!(
+        "this {scheme}:// URL has an '@' after a '?' or '#', so where its user-info (user:password@) \
+         ends and its query or fragment begins is ambiguous; the URL is refused and not shown, since \
+         it may hold a password; percent-encode reserved characters in a password \
+         (? as %3F, # as %23, @ as %40, % as %25) and an '@' in an option value as %40"
+    ))
+}
+
+impl LayerConfig {
+    /// Parses a layer URL. Errors, `Debug` and `Display` never contain the password.
+    ///
+    /// The user-info ends at the last `@` before the first `?` or `#`, so a password may hold
+    /// unencoded `/`, `@` and `:`. A URL with an `@` after its first `?` or `#` is refused
+    /// with an [`Error::Config`]: there a password with an unencoded `?` or `#` cannot be told
+    /// apart from a query or fragment.
+    ///
+    /// ```
+    /// use chanlayer_core::LayerConfig;
+    /// let cfg = LayerConfig::from_url("amqp://guest:pa/ss@w:rd@127.0.0.1:5672/%2f").unwrap();
+    /// assert_eq!(cfg.backend.address, "127.0.0.1:5672/%2f");
+    /// assert_eq!(cfg.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
+    /// let err = LayerConfig::from_url("amqp://guest:S3cr?Pw5J@127.0.0.1:5672/%2f").unwrap_err();
+    /// assert!(err.to_string().contains("percent-encode"));
+    /// assert!(!err.to_string().contains("Pw5J"));
+    /// ```
+    pub fn from_url(url: &str) -> Result<LayerConfig> {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(Error::Config(
+                "a layer URL looks like scheme://address?options (for example memory:// or amqp://guest:guest@127.0.0.1:5672/%2f)"
+                    .to_string(),
+            ));
+        };
+        if !is_scheme(scheme) {
+            return Err(Error::Config(
+                "a layer URL starts with a scheme (memory, kafka, amqp, amqps, zmq) and ://; this one does not, and is not shown, since it may hold a password"
+                    .to_string(),
+            ));
+        }
+        let scheme = scheme.to_ascii_lowercase();
+        // Which schemes exist is the facade's registry's business; here only the syntax.
+        let mut chars = scheme.chars();
+        let syntax_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        if !syntax_ok {
+            return Err(Error::Config(
+                "a layer URL starts with a scheme of letters, digits, '+', '-' or '.' (for example memory:// or amqp://)".to_string(),
+            ));
+        }
+        // The user-info, address and path end at the first '?' or '#'. A password with an
+        // unencoded '?' or '#' would end there too and spill into the query or fragment; an
+        // '@' after that point is the sign, and such a URL cannot be split safely.
+        let end = rest.find(['?', '#']).unwrap_or(rest.len());
+        let (authority_path, tail) = rest.split_at(end);
+        if tail.contains('@') {
+            return Err(ambiguous_userinfo(&scheme));
+        }
+        let query = match tail.strip_prefix('?') {
+            Some(q) => q.split('#').next().unwrap_or_default(),
+            None => "",
+        };
+        // The user-info ends at the last '@' (so an unencoded '/', ':' or '@' in a password
+        // still counts as password, never as address); the user ends at the first ':'.
+        let (credentials, address) = match authority_path.rfind('@') {
+            Some(at) => {
+                let info = &authority_path[..at];
+                let (user, pass) = match info.split_once(':') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (info, None),
+                };
+                (
+                    Some(Credentials {
+                        username: decode_component(user),
+                        password: pass.map(|p| Secret::new(decode_component(p))),
+                    }),
+                    &authority_path[at + 1..],
+                )
+            }
+            None => (None, authority_path),
+        };
+
+        let mut partial = PartialOptions::default();
+        let mut backend_options = BTreeMap::new();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let key = key.into_owned();
+            let value = value.into_owned();
+            let bad = |e: Error| option_error(&key, &value, e);
+            let int = |v: &str| parse_int::<usize>(v, 1..=usize::MAX);
+            match key.as_str() {
+                "prefix" => partial.prefix = Some(value),
+                "capacity" => partial.capacity = Some(int(&value).map_err(bad)?),
+                "expiry" => partial.expiry = Some(value.parse().map_err(bad)?),
+                "group_expiry" => partial.group_expiry = Some(value.parse().map_err(bad)?),
+                "codec" => partial.codec = Some(value.parse().map_err(bad)?),
+                "max_message_size" => partial.max_message_size = Some(int(&value).map_err(bad)?),
+                _ => {
+                    if let Some(pattern) = key.strip_prefix("channel_capacity.") {
+                        let cap = int(&value).map_err(bad)?;
+                        partial.channel_capacity.push((pattern.to_owned(), cap));
+                    } else {
+                        backend_options.insert(key, value);
+                    }
+                }
+            }
+        }
+        let mut options = LayerOptions::default();
+        options.apply(partial)?;
+        Ok(LayerConfig {
+            options,
+            backend: BackendConfig {
+                scheme,
+                credentials,
+                address: address.to_owned(),
+                options: BackendOptions(backend_options),
+            },
+        })
+    }
+}
