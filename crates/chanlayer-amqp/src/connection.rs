@@ -148,8 +148,9 @@ async fn setup(
 }
 
 /// Watches the session: when its connection is lost, reconnects with backoff (100 ms doubling
-/// to 5 s) until it succeeds or the layer closes. Normal-channel group bindings are durable at
-/// the broker and are bound again by `group_add`'s bookkeeping (see `groups.rs`).
+/// to 5 s) until it succeeds or the layer closes; then binds this instance's live
+/// normal-channel memberships again (`groups::rebind_normal`: a broker that lost its
+/// definitions has none).
 pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
     loop {
         let mut events = session.conn.events_listener();

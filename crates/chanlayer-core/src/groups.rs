@@ -1,9 +1,10 @@
 //! The local group registry: which channels belong to which groups, with expiry.
 //!
 //! A membership lives for `group_expiry` after the last `group_add` that refreshed it
-//! (Django Channels semantics). Backends use the `bool`s returned by
-//! [`GroupRegistry::add`] / [`GroupRegistry::discard`] to bind a group at the broker on the
-//! first local member and unbind it on the last.
+//! (Django Channels semantics). Core's `TransportLayer` keeps two per instance (local
+//! members, normal-channel memberships), binds a group at the transport when it has no live
+//! member yet and unbinds it when [`GroupRegistry::discard`] reports the last one gone, and
+//! unbinds expired memberships at [`GroupRegistry::next_expiry`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -517,26 +517,6 @@ impl LocalInbox {
         }
     }
 
-    /// Decodes bytes from the broker and [`deliver`](Self::deliver)s them. Bytes that are
-    /// not an envelope are counted and skipped (`Ok(false)`), never an error. `source` names
-    /// where they came from, for the log.
-    pub fn deliver_bytes(
-        &self,
-        bytes: &[u8],
-        source: &str,
-        groups: &GroupRegistry,
-        options: &LayerOptions,
-        stats: &Stats,
-    ) -> Result<bool> {
-        match Envelope::decode(bytes) {
-            Ok(env) => self.deliver(env, groups, options, stats).map(|()| true),
-            Err(e) => {
-                stats.record_undecodable(source, &e);
-                Ok(false)
-            }
-        }
-    }
-
     /// Pushes one copy of a group envelope to each of `members`; a full member is skipped and
     /// counted (`group_send` never fails for capacity). The copies are made before the lock
     /// is taken, and the lock is taken once for all members.
