@@ -2,28 +2,25 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chanlayer_core::stats::{Stats, StatsSnapshot};
+use chanlayer_core::toolkit::lock;
 use chanlayer_core::{
     names, Capabilities, ChannelLayer, CloseSignal, Delivery, Destination, Envelope, Error,
     GroupRegistry, LayerConfig, LayerOptions, LocalInbox, Message, Result,
 };
 use futures::stream::{FuturesUnordered, StreamExt};
 
+use crate::capabilities::{BACKEND, CAPABILITIES};
 use crate::config::KafkaConfig;
 use crate::normal::NormalConsumer;
 use crate::producer::{Refused, Sender};
 use crate::receiver::Forward;
 use crate::topics::{Kind, Names, Topics};
 use crate::worker::Worker;
-use crate::{BACKEND, CAPABILITIES};
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Everything one layer instance shares with its threads and tasks.
 pub(crate) struct Inner {

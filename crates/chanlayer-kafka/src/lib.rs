@@ -32,6 +32,7 @@
 //!
 //! [rdkafka]: https://docs.rs/rdkafka
 
+mod capabilities;
 mod cause;
 mod config;
 mod layer;
@@ -41,27 +42,7 @@ mod receiver;
 mod topics;
 mod worker;
 
+pub use capabilities::{BACKEND, CAPABILITIES};
 pub use config::{KafkaConfig, KNOWN_OPTIONS};
 pub use layer::KafkaLayer;
 pub use topics::{inbox_topic, list_inboxes, remove_inboxes, InboxTopic};
-
-use chanlayer_core::Capabilities;
-
-/// The backend's name in errors and capabilities.
-pub const BACKEND: &str = "kafka";
-
-/// What the Kafka backend guarantees.
-///
-/// Kafka has no broker-side queue length: a channel's capacity is enforced where messages
-/// arrive (the instance's local inbox for process-local channels, the consumer's `prefetch`
-/// buffer for normal channels), hence `broker_side_capacity: false`. Process-local channels
-/// are at-most-once, as in Django Channels.
-pub const CAPABILITIES: Capabilities = Capabilities {
-    backend: BACKEND,
-    single_reader_normal_channels: true,
-    at_least_once: true,
-    at_least_once_local: false,
-    persistent: true,
-    broker_side_capacity: false,
-    cross_process: true,
-};

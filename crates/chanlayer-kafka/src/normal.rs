@@ -25,24 +25,22 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chanlayer_core::envelope::now_ms;
+use chanlayer_core::toolkit::lock;
 use chanlayer_core::{
     AckHandle, Acknowledger, CloseSignal, Delivery, DeliveryInfo, Envelope, Error, Result, Stats,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
+use crate::capabilities::BACKEND;
 use crate::config::KafkaConfig;
 use crate::topics::backend_err;
 use crate::worker::Worker;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// A message taken from the topic and not settled yet.
 pub(crate) struct Pending {
@@ -317,7 +315,7 @@ impl NormalConsumer {
         let handle = Worker::spawn(format!("chanlayer-kafka {}", self.channel), move || {
             run(consumer, shared, stats, prefetch, interval)
         })
-        .map_err(|e| Error::backend(crate::BACKEND, "could not start a consumer thread", e))?;
+        .map_err(|e| Error::backend(BACKEND, "could not start a consumer thread", e))?;
         *lock(&self.thread) = Some(handle);
         *started = true;
         Ok(())
@@ -351,7 +349,7 @@ impl NormalConsumer {
         }
         if let Some(why) = &st.failed {
             return Err(Error::Backend {
-                backend: crate::BACKEND,
+                backend: BACKEND,
                 message: format!("the consumer of {:?} stopped: {why}", self.shared.topic),
                 source: None,
             });
