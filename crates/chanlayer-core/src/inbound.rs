@@ -148,16 +148,43 @@ impl Inbound {
     /// envelope are counted (`undecodable`, logged once per burst with `source`) and
     /// skipped: `false`.
     pub fn ingest_bytes(&self, bytes: &[u8], source: &str) -> bool {
-        match Envelope::decode(bytes) {
-            Ok(env) => {
+        match self.decode(bytes, source) {
+            Some(env) => {
                 self.ingest(env);
                 true
             }
+            None => false,
+        }
+    }
+
+    /// Decodes bytes that arrived, for a transport that gathers a burst for
+    /// [`ingest_all`](Self::ingest_all): the envelope, or `None` for bytes that are not one
+    /// (counted `undecodable`, logged once per burst with `source`).
+    pub fn decode(&self, bytes: &[u8], source: &str) -> Option<Envelope> {
+        match Envelope::decode(bytes) {
+            Ok(env) => Some(env),
             Err(e) => {
                 self.stats.record_undecodable(source, &e);
-                false
+                None
             }
         }
+    }
+
+    /// [`decode`](Self::decode) for an address that carries only `kind` (a transport's
+    /// groups topic): an envelope of the other kind is counted `undecodable` too.
+    pub fn decode_as(&self, bytes: &[u8], kind: Destination, source: &str) -> Option<Envelope> {
+        let env = self.decode(bytes, source)?;
+        if env.kind != kind {
+            self.stats.record_undecodable(
+                source,
+                &format!(
+                    "a {:?} envelope where only {kind:?} envelopes arrive",
+                    env.kind
+                ),
+            );
+            return None;
+        }
+        Some(env)
     }
 }
 

@@ -246,4 +246,8 @@ pub trait Transport: Send + Sync + Sized + 'static {
     /// The layer was dropped without `close`: release what can be released without
     /// waiting (called once, after core set the close signal). By default nothing.
     fn abandon(&self) {}
+
+    /// Adds what the layer's `Debug` shows of this transport (the broker address, say;
+    /// never credentials) after the backend and the instance id. By default nothing.
+    fn debug_fields(&self, _f: &mut std::fmt::DebugStruct<'_, '_>) {}
 }

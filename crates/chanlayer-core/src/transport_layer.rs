@@ -51,10 +51,11 @@ struct GroupState {
 
 impl<T: Transport> std::fmt::Debug for TransportLayer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TransportLayer")
-            .field("backend", &self.caps.backend)
-            .field("instance", &self.inbound.id())
-            .finish()
+        let mut d = f.debug_struct("TransportLayer");
+        d.field("backend", &self.caps.backend)
+            .field("instance", &self.inbound.id());
+        self.transport.debug_fields(&mut d);
+        d.finish()
     }
 }
 

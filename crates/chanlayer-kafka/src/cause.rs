@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use chanlayer_core::toolkit::lock;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientContext;
 
@@ -65,7 +66,7 @@ impl Cause {
             _ => return,
         };
         let text = self.scrub(&format!("{what}: {reason}"));
-        let mut reports = crate::layer::lock(&self.shared.reports);
+        let mut reports = lock(&self.shared.reports);
         if fatal {
             reports.fatal = Some(text);
             drop(reports);
@@ -86,7 +87,7 @@ impl Cause {
 
     /// The last authentication or TLS failure, else the last other report, if any.
     pub fn last(&self) -> Option<String> {
-        let reports = crate::layer::lock(&self.shared.reports);
+        let reports = lock(&self.shared.reports);
         reports.fatal.clone().or_else(|| reports.transient.clone())
     }
 
@@ -97,7 +98,7 @@ impl Cause {
             let notified = self.shared.fatal.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(t) = &crate::layer::lock(&self.shared.reports).fatal {
+            if let Some(t) = &lock(&self.shared.reports).fatal {
                 return t.clone();
             }
             notified.await;

@@ -28,40 +28,37 @@
 //!   instance reads from the end it found at connect, fanning out to its own members.
 //! - The producer is idempotent with `acks=all`; `send` waits for the delivery report.
 //!
+//! ## Structure
+//!
+//! [`KafkaLayer`] is core's `TransportLayer` over [`KafkaTransport`]: core implements the
+//! `ChannelLayer` operations (names, closed state, owner checks, the split between
+//! process-local and normal channels, statistics, group bookkeeping and expiry, and the
+//! ingest path that decodes and delivers what arrives); this crate moves the bytes. The
+//! layer dereferences to the transport, so Kafka's own methods (`inbox_topic`,
+//! `channel_topic`, `groups_topic`, `knows_closed`, `produce_raw`) are called on the layer.
+//!
 //! See `docs/backends/kafka.md` for the diagram, every option and the guarantees.
 //!
 //! [rdkafka]: https://docs.rs/rdkafka
 
+mod capabilities;
 mod cause;
 mod config;
-mod layer;
+mod forward;
 mod normal;
+mod offsets;
 mod producer;
 mod receiver;
+mod state;
 mod topics;
+mod transport;
 mod worker;
 
+pub use capabilities::{BACKEND, CAPABILITIES};
 pub use config::{KafkaConfig, KNOWN_OPTIONS};
-pub use layer::KafkaLayer;
 pub use topics::{inbox_topic, list_inboxes, remove_inboxes, InboxTopic};
+pub use transport::KafkaTransport;
 
-use chanlayer_core::Capabilities;
-
-/// The backend's name in errors and capabilities.
-pub const BACKEND: &str = "kafka";
-
-/// What the Kafka backend guarantees.
-///
-/// Kafka has no broker-side queue length: a channel's capacity is enforced where messages
-/// arrive (the instance's local inbox for process-local channels, the consumer's `prefetch`
-/// buffer for normal channels), hence `broker_side_capacity: false`. Process-local channels
-/// are at-most-once, as in Django Channels.
-pub const CAPABILITIES: Capabilities = Capabilities {
-    backend: BACKEND,
-    single_reader_normal_channels: true,
-    at_least_once: true,
-    at_least_once_local: false,
-    persistent: true,
-    broker_side_capacity: false,
-    cross_process: true,
-};
+/// The Kafka channel layer: core's `TransportLayer` over [`KafkaTransport`]. See the crate
+/// docs; `KafkaLayer::connect(&config)` connects an instance.
+pub type KafkaLayer = chanlayer_core::toolkit::TransportLayer<KafkaTransport>;

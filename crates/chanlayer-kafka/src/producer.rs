@@ -8,10 +8,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
+use crate::capabilities::BACKEND;
 use crate::cause::{Cause, Watch};
 use crate::config::KafkaConfig;
 use crate::topics::backend_err;
-use crate::BACKEND;
 
 /// How a produce ended when it did not store the message.
 #[derive(Debug)]

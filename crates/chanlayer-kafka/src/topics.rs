@@ -17,14 +17,15 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use chanlayer_core::toolkit::lock;
 use chanlayer_core::{Error, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
+use crate::capabilities::BACKEND;
 use crate::cause::{Cause, Watch};
 use crate::config::{KafkaConfig, RECORD_OVERHEAD};
-use crate::BACKEND;
 
 /// Topic names for one layer instance.
 #[derive(Debug, Clone)]
@@ -86,10 +87,6 @@ pub(crate) struct Topics {
     known: Mutex<HashSet<String>>,
     /// Serialises creations, so concurrent first sends to one channel create it once.
     creating: tokio::sync::Mutex<()>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Topics {

@@ -1,0 +1,398 @@
+//! The consumer thread of one normal channel and its offset bookkeeping (the rules are in
+//! the docs of the `normal` module): what is buffered, handed out and settled per
+//! partition, the commit points, the rebalance callbacks, and the thread that polls,
+//! buffers up to `prefetch`, and commits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chanlayer_core::toolkit::{lock, now_ms, Envelope, Inbound, Stats};
+use chanlayer_core::{Error, Result};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::capabilities::BACKEND;
+
+/// A message taken from the topic and not settled yet.
+pub(crate) struct Pending {
+    pub envelope: Envelope,
+    partition: i32,
+    offset: i64,
+    /// The assignment of the partition it came from (see [`Track::epoch`]).
+    epoch: u64,
+    pub redelivered: bool,
+}
+
+/// One assigned partition.
+struct Track {
+    /// Which assignment this is: a delivery from an earlier one cannot settle here.
+    epoch: u64,
+    /// Offsets buffered, handed out unsettled, or nacked.
+    outstanding: BTreeSet<i64>,
+    /// The offset after the last one fetched (`None` before the first fetch).
+    next: Option<i64>,
+    /// The last commit point committed.
+    committed: Option<i64>,
+    /// Offsets below this may have been delivered to an earlier owner of the partition:
+    /// they come marked `redelivered` (see [`Shared::assign`]).
+    fetched_before: i64,
+}
+
+impl Track {
+    fn commit_point(&self) -> Option<i64> {
+        self.outstanding.first().copied().or(self.next)
+    }
+}
+
+/// Adds `partition` at `point` to `tpl`.
+fn add_commit(tpl: &mut TopicPartitionList, topic: &str, partition: i32, point: i64) {
+    let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(point));
+}
+
+#[derive(Default)]
+struct State {
+    /// Fetched, in fetch order, not handed out yet.
+    ready: VecDeque<Pending>,
+    /// Nacked or dropped unsettled: handed out again first, in offset order.
+    requeued: BTreeMap<(i32, i64), Pending>,
+    parts: HashMap<i32, Track>,
+    epochs: u64,
+    /// Why the consumer stopped, if it failed.
+    failed: Option<String>,
+}
+
+impl State {
+    fn take(&mut self) -> Option<Pending> {
+        if let Some((_, p)) = self.requeued.pop_first() {
+            return Some(p);
+        }
+        self.ready.pop_front()
+    }
+
+    fn held(&self) -> usize {
+        self.ready.len() + self.requeued.len()
+    }
+
+    /// Offsets to commit now: partitions whose commit point moved.
+    fn due_commits(&mut self, topic: &str) -> Option<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, t) in &mut self.parts {
+            if let Some(point) = t.commit_point() {
+                if t.committed.is_none_or(|c| point > c) {
+                    add_commit(&mut tpl, topic, *p, point);
+                    t.committed = Some(point);
+                }
+            }
+        }
+        (tpl.count() > 0).then_some(tpl)
+    }
+}
+
+/// What the consumer thread and the receivers share.
+pub(crate) struct Shared {
+    topic: String,
+    state: Mutex<State>,
+    /// Wakes receivers: something was buffered or requeued, or the consumer failed.
+    pub notify: tokio::sync::Notify,
+    /// Wakes the consumer thread: a receiver made room in a full buffer.
+    room: std::sync::Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    /// An empty buffer for `topic`.
+    pub fn new(topic: String) -> Self {
+        Shared {
+            topic,
+            state: Mutex::new(State::default()),
+            notify: tokio::sync::Notify::new(),
+            room: std::sync::Condvar::new(),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// The channel's topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Tells the consumer thread to stop.
+    pub fn signal_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// The next buffered message, if any; `Err` once the consumer failed (with nothing left).
+    pub fn take_now(&self) -> Result<Option<Pending>> {
+        let mut st = lock(&self.state);
+        if let Some(p) = st.take() {
+            self.room.notify_one();
+            return Ok(Some(p));
+        }
+        if let Some(why) = &st.failed {
+            return Err(Error::Backend {
+                backend: BACKEND,
+                message: format!("the consumer of {:?} stopped: {why}", self.topic),
+                source: None,
+            });
+        }
+        Ok(None)
+    }
+
+    /// Moves buffered messages to `out` until it holds `max`.
+    pub fn take_more(&self, out: &mut Vec<Pending>, max: usize) {
+        let mut st = lock(&self.state);
+        while out.len() < max {
+            match st.take() {
+                Some(p) => out.push(p),
+                None => break,
+            }
+        }
+        self.room.notify_one();
+    }
+
+    /// The rebalance took `tpl` away: forget what is buffered from it and return its final
+    /// commit points.
+    fn revoke(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
+        let mut st = lock(&self.state);
+        let mut out = TopicPartitionList::new();
+        for e in tpl.elements() {
+            let p = e.partition();
+            st.ready.retain(|m| m.partition != p);
+            st.requeued.retain(|(mp, _), _| *mp != p);
+            if let Some(t) = st.parts.remove(&p) {
+                if let Some(point) = t.commit_point() {
+                    if t.committed.is_none_or(|c| point > c) {
+                        add_commit(&mut out, &self.topic, p, point);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// New partitions. `fetched_before` maps a partition to the offset below which its
+    /// messages may have been delivered before: where the group has a committed offset (an
+    /// earlier owner), everything up to the end at assignment time, which includes what
+    /// that owner fetched and did not settle. Conservative, like AMQP's flag ("may have
+    /// been delivered before").
+    fn assign(&self, tpl: &TopicPartitionList, fetched_before: &HashMap<i32, i64>) {
+        let mut st = lock(&self.state);
+        for e in tpl.elements() {
+            st.epochs += 1;
+            let epoch = st.epochs;
+            let fetched_before = fetched_before.get(&e.partition()).copied().unwrap_or(0);
+            st.parts.insert(
+                e.partition(),
+                Track {
+                    epoch,
+                    outstanding: BTreeSet::new(),
+                    next: None,
+                    committed: None,
+                    fetched_before,
+                },
+            );
+        }
+    }
+
+    /// Settles a delivery: its offset no longer holds the commit point back.
+    pub fn settle(&self, p: &Pending) {
+        let mut st = lock(&self.state);
+        if let Some(t) = st.parts.get_mut(&p.partition) {
+            if t.epoch == p.epoch {
+                t.outstanding.remove(&p.offset);
+            }
+        }
+    }
+
+    /// Puts an unsettled delivery back at the head, unless its partition moved (then the
+    /// new owner reads it from the broker).
+    pub fn requeue(&self, mut p: Pending, stats: &Stats) {
+        let mut st = lock(&self.state);
+        let current = st
+            .parts
+            .get(&p.partition)
+            .is_some_and(|t| t.epoch == p.epoch);
+        if current {
+            p.redelivered = true;
+            stats.record_redelivered(1);
+            st.requeued.insert((p.partition, p.offset), p);
+            drop(st);
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// The consumer context: commits before partitions are taken away, tracks assignments.
+pub(crate) struct Context {
+    shared: Arc<Shared>,
+}
+
+impl Context {
+    /// The context of the consumer that fills `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Context { shared }
+    }
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let commits = self.shared.revoke(tpl);
+            // A lost assignment (this member's session expired: the broker already gave
+            // the partitions to the group again) cannot commit; librdkafka would refuse or
+            // hold the commit until a coordinator answers, blocking this callback.
+            if consumer.assignment_lost() {
+                tracing::info!(topic = %self.shared.topic, "the consumer's session expired; rejoining (what was not committed is read again)");
+            } else if commits.count() > 0 {
+                if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
+                    tracing::warn!(topic = %self.shared.topic, error = %e, "commit before a rebalance failed; the new owner may read some messages again");
+                }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut fetched_before = HashMap::new();
+            match consumer.committed_offsets((*tpl).clone(), Duration::from_secs(5)) {
+                Ok(committed) => {
+                    for e in committed.elements() {
+                        // A committed offset: the partition had an owner before.
+                        if let Offset::Offset(c) = e.offset() {
+                            if c >= 0 {
+                                if let Ok((_, high)) = consumer.fetch_watermarks(
+                                    &self.shared.topic,
+                                    e.partition(),
+                                    Duration::from_secs(5),
+                                ) {
+                                    fetched_before.insert(e.partition(), high);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(topic = %self.shared.topic, error = %e, "could not read committed offsets; redelivered flags may be missing");
+                }
+            }
+            self.shared.assign(tpl, &fetched_before);
+        }
+    }
+}
+
+/// The consumer thread: polls, buffers up to `prefetch`, commits. Decoding goes through
+/// core's [`Inbound`] (bytes that are not an envelope are counted there); expired messages
+/// are dropped (and counted) before they are buffered.
+pub(crate) fn run(
+    consumer: BaseConsumer<Context>,
+    shared: Arc<Shared>,
+    inbound: Arc<Inbound>,
+    prefetch: usize,
+    interval: Duration,
+) {
+    let stats = inbound.stats();
+    let source = format!("kafka topic {}", shared.topic);
+    let mut last_commit = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        // Flow control: with `prefetch` messages held, take no more from librdkafka (its
+        // own fetch queue fills and it stops fetching; heartbeats go on in its background
+        // thread) until a receiver makes room, or a second has passed: then one poll, so
+        // a rebalance waiting on this member is served (at most one more message held per
+        // second while nobody receives). Not pause/resume: resuming fetches from the
+        // middle of a record batch, which some Kafka-compatible brokers (tansu 0.6) answer
+        // from the next batch, skipping the rest of that one; Apache Kafka does not, but
+        // this way needs no broker to be exact, and librdkafka's own queue is bounded
+        // (`queued.max.messages.kbytes`, settable with `kafka.`).
+        let full = {
+            let st = lock(&shared.state);
+            if st.held() >= prefetch {
+                let (st, _) = shared
+                    .room
+                    .wait_timeout(st, Duration::from_secs(1))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                st.held() >= prefetch
+            } else {
+                false
+            }
+        };
+        let polled = consumer.poll(if full {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(50)
+        });
+        let mut woke = false;
+        if let Some(r) = polled {
+            match r {
+                Ok(m) => {
+                    let (p, offset) = (m.partition(), m.offset());
+                    let decoded = match inbound.decode(m.payload().unwrap_or_default(), &source) {
+                        Some(env) if env.is_expired_at(now_ms()) => {
+                            stats.record_expired(1);
+                            None
+                        }
+                        decoded => decoded,
+                    };
+                    let mut st = lock(&shared.state);
+                    let (epoch, redelivered) = match st.parts.get_mut(&p) {
+                        Some(t) => {
+                            t.next = Some(offset + 1);
+                            if decoded.is_some() {
+                                t.outstanding.insert(offset);
+                            }
+                            (t.epoch, offset < t.fetched_before)
+                        }
+                        // Not (or no longer) ours: the owner reads it.
+                        None => continue,
+                    };
+                    if let Some(envelope) = decoded {
+                        st.ready.push_back(Pending {
+                            envelope,
+                            partition: p,
+                            offset,
+                            epoch,
+                            redelivered,
+                        });
+                        woke = true;
+                    }
+                }
+                Err(e) if crate::topics::is_fatal(&e) => {
+                    tracing::warn!(topic = %shared.topic, error = %e, "consumer refused");
+                    lock(&shared.state).failed = Some(e.to_string());
+                    shared.notify.notify_waiters();
+                }
+                Err(e) => {
+                    tracing::debug!(topic = %shared.topic, error = %e, "consumer error (librdkafka retries)");
+                }
+            }
+        }
+        if woke {
+            shared.notify.notify_waiters();
+        }
+        if last_commit.elapsed() >= interval {
+            last_commit = Instant::now();
+            let due = lock(&shared.state).due_commits(&shared.topic);
+            if let Some(tpl) = due {
+                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                    tracing::debug!(topic = %shared.topic, error = %e, "offset commit failed; a later one covers it");
+                }
+            }
+        }
+    }
+    // Stopping: commit what is settled, leave the group (the revoke callback commits too).
+    let due = lock(&shared.state).due_commits(&shared.topic);
+    if let Some(tpl) = due {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::debug!(topic = %shared.topic, error = %e, "final offset commit failed");
+        }
+    }
+    consumer.unsubscribe();
+    drop(consumer);
+    let mut st = lock(&shared.state);
+    st.ready.clear();
+    st.requeued.clear();
+    st.parts.clear();
+}

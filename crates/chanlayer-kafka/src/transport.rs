@@ -1,0 +1,432 @@
+//! [`KafkaTransport`]: core's [`Transport`] over the topics of [`crate::topics`]; core's
+//! `TransportLayer` makes it a `ChannelLayer` ([`crate::KafkaLayer`]).
+//!
+//! What is Kafka's here: opening the clients and this instance's inbox topic, producing to
+//! inboxes, channel topics and the groups topic, starting the receiver thread
+//! ([`crate::receiver`]) and the forwarder of group messages to normal-channel members
+//! ([`crate::forward`]), one [`NormalConsumer`] per normal channel this instance reads,
+//! flush (consumer groups to the end, the inbox skipped up to its end), and close (the
+//! close announcement, deleting the inbox topic). Groups need no binding: every instance
+//! reads the whole groups topic and its receiver keeps what has members here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chanlayer_core::toolkit::{lock, Inbound, NormalReader, Outgoing, Published, Transport};
+use chanlayer_core::{Capabilities, Error, LayerConfig, Result};
+
+use crate::capabilities::{BACKEND, CAPABILITIES};
+use crate::config::KafkaConfig;
+use crate::normal::NormalConsumer;
+use crate::producer::{Refused, Sender};
+use crate::state::{ClosedInstances, Instance, CLOSED_KEY};
+use crate::topics::{Kind, Names, Topics};
+use crate::worker::Worker;
+
+/// The Kafka transport: one layer instance's clients, topics, threads and tasks. Use it as
+/// [`KafkaLayer`](crate::KafkaLayer); the methods here are what only Kafka has (the layer
+/// dereferences to them).
+pub struct KafkaTransport {
+    instance: Arc<Instance>,
+    consumers: Mutex<HashMap<String, Arc<NormalConsumer>>>,
+    receiver: Mutex<Option<Worker>>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("brokers", &self.instance.cfg.display_address())
+            .field("instance", &self.instance.inbound.id())
+            .field("inbox", &self.instance.names.inbox)
+            .finish()
+    }
+}
+
+impl KafkaTransport {
+    /// `true` once this instance has read the close notice of instance `id` (a diagnostic:
+    /// from then on, sends to `id`'s process-local channels are counted undeliverable
+    /// without reaching the broker).
+    pub fn knows_closed(&self, id: &str) -> bool {
+        self.instance.closed_instances.contains(id)
+    }
+
+    /// This instance's inbox topic.
+    pub fn inbox_topic(&self) -> &str {
+        &self.instance.names.inbox
+    }
+
+    /// The topic of normal channel `channel`.
+    pub fn channel_topic(&self, channel: &str) -> String {
+        self.instance.names.channel_topic(channel)
+    }
+
+    /// The groups topic.
+    pub fn groups_topic(&self) -> &str {
+        &self.instance.names.groups
+    }
+
+    /// Produces raw bytes (not an envelope) to `topic`, creating it if needed: for tests of
+    /// what receivers do with garbage, and for poking a cluster by hand.
+    pub async fn produce_raw(&self, topic: &str, key: Option<&[u8]>, bytes: &[u8]) -> Result<()> {
+        let instance = &self.instance;
+        instance.inbound.closed().check()?;
+        let kind = if topic == instance.names.inbox {
+            Kind::Inbox
+        } else {
+            Kind::Shared
+        };
+        instance.topics.ensure(topic, kind).await?;
+        instance
+            .sender
+            .send(topic, key, bytes)
+            .await
+            .map_err(|r| match r {
+                Refused::UnknownTopic => Error::Backend {
+                    backend: BACKEND,
+                    message: format!("no topic {topic:?}"),
+                    source: None,
+                },
+                Refused::Failed(e) => e,
+            })
+    }
+
+    fn consumer(&self, channel: &str) -> Arc<NormalConsumer> {
+        if let Some(c) = lock(&self.consumers).get(channel) {
+            return c.clone();
+        }
+        lock(&self.consumers)
+            .entry(channel.to_owned())
+            .or_insert_with(|| {
+                Arc::new(NormalConsumer::new(
+                    channel,
+                    self.instance.names.channel_topic(channel),
+                    self.instance.inbound.clone(),
+                ))
+            })
+            .clone()
+    }
+
+    /// Stops this instance's normal-channel consumers (committing what is settled) and
+    /// forgets them.
+    async fn stop_consumers(&self) {
+        let consumers: Vec<Arc<NormalConsumer>> =
+            lock(&self.consumers).drain().map(|(_, c)| c).collect();
+        for c in consumers {
+            c.stop(self.instance.cfg.connection_timeout).await;
+        }
+    }
+
+    /// Sends `payload` to the inbox of instance `owner`. `Gone`: that instance is gone (it
+    /// announced its close, or it has no inbox topic).
+    async fn send_local(&self, owner: &str, payload: &[u8]) -> Result<Published> {
+        let instance = &self.instance;
+        if instance.closed_instances.contains(owner) {
+            return Ok(Published::Gone);
+        }
+        let topic = instance.names.inbox_of(owner);
+        if !instance.topics.is_known(&topic) {
+            if !instance.topics.exists(&topic).await? {
+                return Ok(Published::Gone);
+            }
+            instance.topics.remember(&topic);
+        }
+        match instance.sender.send(&topic, None, payload).await {
+            Ok(()) => Ok(Published::Stored),
+            Err(Refused::UnknownTopic) => {
+                instance.topics.forget(&topic);
+                Ok(Published::Gone)
+            }
+            // librdkafka holds a message for a topic that vanished until delivery_timeout;
+            // if the inbox is gone, the owner closed: undeliverable, not an error.
+            Err(Refused::Failed(e)) => match instance.topics.exists(&topic).await {
+                Ok(false) => {
+                    instance.topics.forget(&topic);
+                    Ok(Published::Gone)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Sends `payload` to the topic of normal channel `channel`, creating it if needed.
+    async fn send_normal(&self, channel: &str, payload: &[u8]) -> Result<()> {
+        let instance = &self.instance;
+        let topic = instance.names.channel_topic(channel);
+        for attempt in 0..2 {
+            instance.topics.ensure(&topic, Kind::Shared).await?;
+            match instance.sender.send(&topic, None, payload).await {
+                Ok(()) => return Ok(()),
+                // Deleted behind our back: create it again, once.
+                Err(Refused::UnknownTopic) if attempt == 0 => instance.topics.forget(&topic),
+                Err(Refused::UnknownTopic) => {
+                    return Err(Error::Backend {
+                        backend: BACKEND,
+                        message: format!("topic {topic:?} vanished right after it was created"),
+                        source: None,
+                    })
+                }
+                Err(Refused::Failed(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Connects the clients, makes sure the groups topic exists and creates this instance's
+/// inbox topic, then starts the receiver thread (groups topic read from its current end)
+/// and the forwarder task.
+async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransport> {
+    let cfg = KafkaConfig::from_layer_config(config)?;
+    let client_id = format!("chanlayer-{}", inbound.id());
+    let names = Names::new(&config.options.prefix, &cfg.groups_topic, inbound.id());
+    let max = config.options.max_message_size;
+    let topics = Topics::new(&cfg, &client_id, max)?;
+    let sender = Sender::new(&cfg, &client_id, max, topics.cause.clone())?;
+    let instance = Arc::new(Instance {
+        cfg,
+        client_id,
+        names,
+        inbound,
+        topics,
+        sender,
+        inbox_skip_below: AtomicI64::new(0),
+        closed_instances: ClosedInstances::default(),
+    });
+    // A broker that is not there, or one that refuses our credentials or certificate:
+    // the error names what the clients reported (authentication, TLS, no connection).
+    let reach = |e: Error| match e {
+        Error::Backend {
+            message, source, ..
+        } => Error::Backend {
+            backend: BACKEND,
+            message: match instance.topics.cause.last() {
+                Some(cause) => format!("{message} on {}: {cause}", instance.cfg.display_address()),
+                None => format!(
+                    "{message} (is a Kafka broker running at {}?)",
+                    instance.cfg.display_address()
+                ),
+            },
+            source,
+        },
+        e => e,
+    };
+    let refused = |cause: String| Error::Backend {
+        backend: BACKEND,
+        message: format!(
+            "could not connect to {}: {cause}",
+            instance.cfg.display_address()
+        ),
+        source: None,
+    };
+    let names = &instance.names;
+    // The first request fails at once when authentication or TLS does.
+    tokio::select! {
+        r = instance.topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
+        cause = instance.topics.cause.fatal() => return Err(refused(cause)),
+    }
+    instance
+        .topics
+        .ensure(&names.inbox, Kind::Inbox)
+        .await
+        .map_err(reach)?;
+    let partitions = instance
+        .topics
+        .partition_count(&names.groups)
+        .await
+        .map_err(reach)?
+        .ok_or_else(|| Error::Backend {
+            backend: BACKEND,
+            message: format!(
+                "the groups topic {:?} is not in the cluster's metadata",
+                names.groups
+            ),
+            source: None,
+        })?;
+    let consumer = {
+        let instance = instance.clone();
+        tokio::task::spawn_blocking(move || crate::receiver::assign(&instance, partitions))
+            .await
+            .map_err(|e| Error::backend(BACKEND, "the connect task failed", e))??
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let thread = {
+        let instance = instance.clone();
+        Worker::spawn("chanlayer-kafka receiver".into(), move || {
+            crate::receiver::run(instance, consumer, tx)
+        })
+        .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
+    };
+    tokio::spawn(crate::forward::run(instance.clone(), rx));
+    Ok(KafkaTransport {
+        instance,
+        consumers: Mutex::new(HashMap::new()),
+        receiver: Mutex::new(Some(thread)),
+    })
+}
+
+impl Transport for KafkaTransport {
+    async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
+        open(config, inbound).await
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
+        self.send_local(owner, &out.encode()).await
+    }
+
+    async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
+        self.send_normal(out.destination(), &out.encode()).await?;
+        Ok(Published::Stored)
+    }
+
+    async fn publish_group(&self, out: Outgoing<'_>) -> Result<()> {
+        let instance = &self.instance;
+        let group = out.destination();
+        instance
+            .sender
+            .send(
+                &instance.names.groups,
+                Some(group.as_bytes()),
+                &out.encode(),
+            )
+            .await
+            .map_err(|r| match r {
+                Refused::UnknownTopic => Error::Backend {
+                    backend: BACKEND,
+                    message: format!(
+                        "the groups topic {:?} is gone (deleted while the layer runs?)",
+                        instance.names.groups
+                    ),
+                    source: None,
+                },
+                Refused::Failed(e) => e,
+            })
+    }
+
+    /// Nothing to do: every instance reads the whole groups topic, and the receiver keeps
+    /// the messages of groups with members here (`Inbound::groups`).
+    async fn bind_group(&self, _group: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Nothing to do (see [`bind_group`](Self::bind_group)).
+    async fn unbind_group(&self, _group: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes sure the channel's topic exists; the receiver forwards the group's messages to
+    /// it while the membership lasts (`Inbound::normal_groups`).
+    async fn bind_normal(&self, _group: &str, channel: &str) -> Result<()> {
+        let topic = self.instance.names.channel_topic(channel);
+        self.instance.topics.ensure(&topic, Kind::Shared).await
+    }
+
+    /// Nothing to do: the forwarder stops with the membership.
+    async fn unbind_normal(&self, _group: &str, _channel: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// The channel's consumer, started (and its topic created) the first time.
+    async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
+        let c = self.consumer(channel);
+        self.instance.topics.ensure(c.topic(), Kind::Shared).await?;
+        c.ensure_started(&self.instance.cfg, &self.instance.client_id)
+            .await?;
+        Ok(NormalReader::Source(c))
+    }
+
+    /// Normal channels: stops this instance's consumers and moves each channel's consumer
+    /// group to the end of its topic. Process-local channels: what is still on the way in
+    /// the inbox topic is skipped by the receiver.
+    async fn flush(&self) -> Result<()> {
+        let instance = &self.instance;
+        self.stop_consumers().await;
+        let head = format!("{}.channel.", instance.inbound.options().prefix);
+        for topic in instance.topics.known_with(&head) {
+            let cfg = instance.cfg.clone();
+            let client_id = instance.client_id.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::topics::skip_to_end(&cfg, &client_id, &topic)
+            })
+            .await
+            .map_err(|e| Error::backend(BACKEND, "the flush task failed", e))??;
+        }
+        let end = instance
+            .topics
+            .high_watermark(&instance.names.inbox, 0)
+            .await?;
+        instance.inbox_skip_below.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Stops the threads, announces the close on the groups topic, lets the copies in
+    /// flight land, and deletes the inbox topic. Each step is bounded by
+    /// `connection_timeout`; with the broker away, `close` still succeeds.
+    async fn close(&self) -> Result<()> {
+        let instance = &self.instance;
+        let bound = instance.cfg.connection_timeout;
+        self.stop_consumers().await;
+        let receiver = lock(&self.receiver).take();
+        if let Some(h) = receiver {
+            if !h.join_within(bound).await {
+                tracing::warn!("the receiver thread did not stop within {bound:?}; it finishes in the background");
+            }
+        }
+        // Tell the other instances (they read the groups topic) that our process-local
+        // channels are gone, so their sends stop at once instead of reaching a dead topic.
+        // Bounded: with the broker away, nobody would read it anyway.
+        let announce = instance.sender.send(
+            &instance.names.groups,
+            Some(CLOSED_KEY),
+            instance.inbound.id().as_bytes(),
+        );
+        match tokio::time::timeout(bound, announce).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = ?e, "could not announce the close"),
+            Err(_) => tracing::debug!("the close announcement timed out (broker away?)"),
+        }
+        // Copies the forwarder has in flight get their chance to land.
+        let flushing = instance.clone();
+        let _ = tokio::task::spawn_blocking(move || flushing.sender.flush(bound)).await;
+        // Best effort: a broker that is away keeps the topic until it expires by retention
+        // (or `remove_inboxes` removes it); `close` still succeeds.
+        let inbox = instance.names.inbox.as_str();
+        match tokio::time::timeout(bound, instance.topics.delete(&[inbox])).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(topic = %inbox, error = %e, "could not delete the inbox topic on close")
+            }
+            Err(_) => {
+                tracing::warn!(topic = %inbox, "deleting the inbox topic timed out (broker away?)")
+            }
+        }
+        Ok(())
+    }
+
+    /// The brokers and the inbox topic.
+    fn debug_fields(&self, f: &mut std::fmt::DebugStruct<'_, '_>) {
+        f.field("brokers", &self.instance.cfg.display_address())
+            .field("inbox", &self.instance.names.inbox);
+    }
+
+    /// The threads see the close signal and end; the inbox topic goes in the background if
+    /// a runtime is there (otherwise it expires by retention).
+    fn abandon(&self) {
+        for c in lock(&self.consumers).values() {
+            c.signal_stop();
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let instance = self.instance.clone();
+            rt.spawn(async move {
+                let inbox = instance.names.inbox.as_str();
+                if let Err(e) = instance.topics.delete(&[inbox]).await {
+                    tracing::debug!(error = %e, "could not delete the inbox topic on drop");
+                }
+            });
+        }
+    }
+}
