@@ -45,7 +45,7 @@ use std::time::Duration;
 use chanlayer_core::config::{BackendOptions, ConfigDuration};
 use chanlayer_core::{Error, LayerConfig, Result};
 
-use crate::hub::Retention;
+use crate::retention::Retention;
 
 /// Every option this backend reads, for the "unknown option" error.
 pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";

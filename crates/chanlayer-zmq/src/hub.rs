@@ -15,33 +15,16 @@
 //!   subscriber sends its topic subscription before its probe, on one connection, every
 //!   message published after the welcome reaches it live.
 
-use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use hashbrown::hash_map::EntryRef;
+use hashbrown::HashMap;
+
+use crate::retention::Retention;
+use crate::retention::Store;
 use crate::wire::{self, TopicKind};
-
-/// Retention settings of a publisher (the proxy or the embedded publisher).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
-    /// Messages kept per topic (0 turns retention off: no replay for late joiners).
-    pub per_topic: usize,
-    /// How long a message is kept.
-    pub max_age: Duration,
-    /// Bytes kept in all (oldest messages go first).
-    pub max_bytes: usize,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            per_topic: 1000,
-            max_age: Duration::from_secs(60),
-            max_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
 
 /// Counters of a publisher (the proxy, or the embedded publisher of a process).
 ///
@@ -119,19 +102,11 @@ impl HubCounters {
     }
 }
 
-struct Retained {
-    seq: u64,
-    payload: Vec<u8>,
-    /// A subscriber got it (live or by replay).
-    heard: bool,
-}
-
 struct TopicState {
-    /// The map's own key, shared with the retention order.
+    /// The map's own key, shared with the retention store.
     key: Rc<[u8]>,
     seq: u64,
     subscribed: bool,
-    retained: VecDeque<Retained>,
 }
 
 /// A message body handed to [`Hub::publish`]: owned bytes, or a frame received from the
@@ -219,7 +194,7 @@ struct Claim {
     first: u64,
     /// Whether a subscriber confirmed the topic (the messages go out now).
     subscribed: bool,
-    /// The topic's key in the retention buffers.
+    /// The topic's key in the retention store.
     key: Rc<[u8]>,
     /// Whether the messages are kept for late joiners.
     retain: bool,
@@ -229,13 +204,8 @@ struct Claim {
 pub(crate) struct Hub {
     xpub: zmq::Socket,
     epoch: u64,
-    retention: Retention,
     topics: HashMap<Rc<[u8]>, TopicState>,
-    /// Retained messages in arrival order: (topic, seq, when). Entries whose message already
-    /// left (per-topic limit, flush) are skipped when they reach the front.
-    order: VecDeque<(Rc<[u8]>, u64, Instant)>,
-    retained_count: usize,
-    retained_bytes: usize,
+    store: Store,
     sweep_at: usize,
     counters: std::sync::Arc<HubCounters>,
 }
@@ -251,11 +221,8 @@ impl Hub {
         Hub {
             xpub,
             epoch: rand::random::<u64>(),
-            retention,
             topics: HashMap::new(),
-            order: VecDeque::new(),
-            retained_count: 0,
-            retained_bytes: 0,
+            store: Store::new(retention),
             sweep_at: SWEEP_MIN,
             counters,
         }
@@ -287,30 +254,33 @@ impl Hub {
         }
     }
 
+    /// The state of `topic`, made if new (and the map swept of dead topics first when it
+    /// has grown).
     fn state_mut(&mut self, topic: &[u8]) -> &mut TopicState {
         if !self.topics.contains_key(topic) {
             self.sweep();
-            let key: Rc<[u8]> = Rc::from(topic);
-            self.topics.insert(
-                key.clone(),
-                TopicState {
-                    key,
-                    seq: 0,
-                    subscribed: false,
-                    retained: VecDeque::new(),
-                },
-            );
         }
-        self.topics
-            .get_mut(topic)
-            .expect("the topic is in the map: it was there or was inserted just above")
+        match self.topics.entry_ref(topic) {
+            EntryRef::Occupied(o) => o.into_mut(),
+            EntryRef::Vacant(v) => {
+                let key: Rc<[u8]> = Rc::from(topic);
+                v.insert_with_key(
+                    key.clone(),
+                    TopicState {
+                        key,
+                        seq: 0,
+                        subscribed: false,
+                    },
+                )
+            }
+        }
     }
 
     /// Takes the next `count` sequence numbers of `topic` for messages about to be
     /// published, and says what happens to them: normal channels are retained for late
     /// joiners, an inbox only while nobody listens, groups never (retention off: nothing).
     fn claim(&mut self, topic: &[u8], kind: TopicKind, count: u64) -> Claim {
-        let per_topic = self.retention.per_topic;
+        let per_topic = self.store.limits().per_topic;
         let state = self.state_mut(topic);
         let first = state.seq + 1;
         state.seq += count;
@@ -358,7 +328,7 @@ impl Hub {
             add(&self.counters.dropped, 1);
         }
         if let Some(bytes) = kept {
-            self.retain(key, seq, bytes, subscribed);
+            self.keep(&key, seq, bytes, subscribed);
         }
     }
 
@@ -397,7 +367,7 @@ impl Hub {
             add(&self.counters.dropped, count);
         }
         for (seq, bytes) in (first..).zip(kept) {
-            self.retain(key.clone(), seq, bytes, subscribed);
+            self.keep(&key, seq, bytes, subscribed);
         }
         add(&self.counters.received, count);
     }
@@ -420,96 +390,22 @@ impl Hub {
         }
     }
 
-    fn retain(&mut self, key: Rc<[u8]>, seq: u64, payload: Vec<u8>, heard: bool) {
-        let len = payload.len();
-        let per_topic = self.retention.per_topic;
-        let mut evicted = Vec::new();
-        if let Some(state) = self.topics.get_mut(&key) {
-            state.retained.push_back(Retained {
-                seq,
-                payload,
-                heard,
-            });
-            while state.retained.len() > per_topic {
-                if let Some(old) = state.retained.pop_front() {
-                    evicted.push(old);
-                }
-            }
-        }
-        self.retained_count += 1;
-        self.retained_bytes += len;
-        add(&self.counters.retained, 1);
-        add(&self.counters.retained_bytes, len as u64);
-        if !heard {
-            add(&self.counters.pending, 1);
-        }
-        self.order.push_back((key, seq, Instant::now()));
-        for old in evicted {
-            self.forget(&old, false);
-        }
-        self.evict(Instant::now());
-        if self.order.len() > 2 * self.retained_count + 1024 {
-            self.compact_order();
-        }
+    /// Keeps a message for late joiners, and counts what the limits pushed out unheard.
+    fn keep(&mut self, key: &Rc<[u8]>, seq: u64, payload: Vec<u8>, heard: bool) {
+        let dropped = self.store.keep(key, seq, payload, heard, Instant::now());
+        add(&self.counters.dropped, dropped);
+        self.show_store();
     }
 
-    /// Accounts for a retained message that leaves.
-    fn forget(&mut self, r: &Retained, flushed: bool) {
-        self.retained_count -= 1;
-        self.retained_bytes -= r.payload.len();
-        self.counters.retained.fetch_sub(1, Ordering::Relaxed);
-        self.counters
-            .retained_bytes
-            .fetch_sub(r.payload.len() as u64, Ordering::Relaxed);
-        if !r.heard {
-            self.counters.pending.fetch_sub(1, Ordering::Relaxed);
-            add(
-                if flushed {
-                    &self.counters.flushed
-                } else {
-                    &self.counters.dropped
-                },
-                1,
-            );
-        }
-    }
-
-    /// Drops retained messages past their age, and the oldest ones while over the byte limit.
-    fn evict(&mut self, now: Instant) {
-        let max_age = self.retention.max_age;
-        while let Some((key, seq, at)) = self.order.front() {
-            let over_bytes = self.retained_bytes > self.retention.max_bytes;
-            let too_old = now.duration_since(*at) >= max_age;
-            let live = self
-                .topics
-                .get(key)
-                .and_then(|s| s.retained.front())
-                .is_some_and(|r| r.seq == *seq);
-            if live && !over_bytes && !too_old {
-                break;
-            }
-            let Some((key, _, _)) = self.order.pop_front() else {
-                break;
-            };
-            if live {
-                let gone = self
-                    .topics
-                    .get_mut(&key)
-                    .and_then(|s| s.retained.pop_front());
-                if let Some(r) = gone {
-                    self.forget(&r, false);
-                }
-            }
-        }
-    }
-
-    fn compact_order(&mut self) {
-        let topics = &self.topics;
-        self.order.retain(|(key, seq, _)| {
-            topics
-                .get(key)
-                .is_some_and(|s| s.retained.binary_search_by_key(seq, |r| r.seq).is_ok())
-        });
+    /// Copies the store's gauges to the counters.
+    fn show_store(&self) {
+        let c = &self.counters;
+        c.retained
+            .store(self.store.count() as u64, Ordering::Relaxed);
+        c.retained_bytes
+            .store(self.store.bytes() as u64, Ordering::Relaxed);
+        c.pending
+            .store(self.store.pending() as u64, Ordering::Relaxed);
     }
 
     /// Forgets the sequence numbers of topics nobody subscribes and nothing is retained for,
@@ -518,14 +414,18 @@ impl Hub {
         if self.topics.len() < self.sweep_at {
             return;
         }
-        self.topics
-            .retain(|_, s| s.subscribed || !s.retained.is_empty());
+        let store = &self.store;
+        self.topics.retain(|k, s| s.subscribed || store.holds(k));
         self.sweep_at = (self.topics.len() * 2).max(SWEEP_MIN);
     }
 
     /// Time-based work: ages retained messages out.
     pub fn tick(&mut self) {
-        self.evict(Instant::now());
+        if self.store.count() > 0 {
+            let dropped = self.store.evict(Instant::now());
+            add(&self.counters.dropped, dropped);
+            self.show_store();
+        }
     }
 
     /// Reads every subscription message waiting on the XPUB socket and acts on it.
@@ -567,38 +467,22 @@ impl Hub {
             return;
         };
         let epoch = self.epoch;
-        let mut replayed = 0u64;
-        let mut heard_now = 0u64;
-        let current = match self.topics.get_mut(topic) {
-            None => 0,
-            Some(state) => {
-                for r in state.retained.iter_mut() {
-                    let meta = wire::meta(wire::META_DATA, epoch, r.seq);
-                    let sent = self
-                        .xpub
-                        .send(probe, zmq::SNDMORE)
-                        .and_then(|()| self.xpub.send(&meta[..], zmq::SNDMORE))
-                        .and_then(|()| self.xpub.send(&r.payload[..], 0));
-                    if let Err(e) = sent {
-                        tracing::warn!(error = %e, "could not replay a retained message");
-                        break;
-                    }
-                    replayed += 1;
-                    if !r.heard {
-                        r.heard = true;
-                        heard_now += 1;
-                    }
-                }
-                state.seq
+        let xpub = &self.xpub;
+        let (replayed, heard_now) = self.store.replay(topic, |k| {
+            let meta = wire::meta(wire::META_DATA, epoch, k.seq);
+            let sent = xpub
+                .send(probe, zmq::SNDMORE)
+                .and_then(|()| xpub.send(&meta[..], zmq::SNDMORE))
+                .and_then(|()| xpub.send(&k.payload[..], 0));
+            if let Err(e) = &sent {
+                tracing::warn!(error = %e, "could not replay a retained message");
             }
-        };
+            sent.is_ok()
+        });
         add(&self.counters.replayed, replayed);
         add(&self.counters.forwarded, heard_now);
-        if heard_now > 0 {
-            self.counters
-                .pending
-                .fetch_sub(heard_now, Ordering::Relaxed);
-        }
+        self.show_store();
+        let current = self.topics.get(topic).map_or(0, |s| s.seq);
         let meta = wire::meta(wire::META_WELCOME, epoch, current);
         self.send_two(probe, &meta);
     }
@@ -608,22 +492,11 @@ impl Hub {
     /// published before it.
     pub fn mark(&mut self, reply_topic: &[u8], token: u64, flush_prefix: &[u8]) {
         if !flush_prefix.is_empty() {
-            let keys: Vec<Rc<[u8]>> = self
-                .topics
-                .keys()
-                .filter(|k| wire::flushable_under(k, flush_prefix))
-                .cloned()
-                .collect();
-            for key in keys {
-                let gone: Vec<Retained> = self
-                    .topics
-                    .get_mut(&key)
-                    .map(|s| s.retained.drain(..).collect())
-                    .unwrap_or_default();
-                for r in &gone {
-                    self.forget(r, true);
-                }
-            }
+            let flushed = self
+                .store
+                .flush(|topic| wire::flushable_under(topic, flush_prefix));
+            add(&self.counters.flushed, flushed);
+            self.show_store();
         }
         let meta = wire::meta(wire::META_MARK, self.epoch, token);
         self.send_two(reply_topic, &meta);

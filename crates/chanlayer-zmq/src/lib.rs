@@ -70,16 +70,19 @@ mod layer;
 mod proxy;
 mod publisher;
 mod receiver;
+mod retention;
 mod sender;
+mod seq;
 pub mod wire;
 
 pub use config::{
     check_endpoint, curve_available, decode_z85_key, BindPolicy, CurveKeys, Mode, SocketOption,
     ZmqConfig, DEFAULT_PORT, DEFAULT_PUB_PORT, DEFAULT_PULL_PORT, KNOWN_OPTIONS, SOCKET_OPTIONS,
 };
-pub use hub::{HubStats, Retention};
+pub use hub::HubStats;
 pub use layer::{TransportStats, ZmqLayer};
 pub use proxy::{Proxy, ProxyConfig};
+pub use retention::Retention;
 
 use chanlayer_core::Capabilities;
 

@@ -15,7 +15,8 @@ use chanlayer_core::{Error, Result};
 
 use crate::bridge::{context, lock, zmq_err, Mailbox};
 use crate::config::{check_endpoint, curve_available, curve_missing};
-use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload, Retention};
+use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload};
+use crate::retention::Retention;
 use crate::wire;
 use crate::BACKEND;
 
