@@ -13,12 +13,12 @@ use chanlayer_core::{
 };
 use tokio::sync::oneshot;
 
-use crate::bridge::{lock, Outgoing, Refused};
+use crate::bridge::{lock, Control, Outbox, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
 use crate::hub::HubStats;
-use crate::publisher::{self, Endpoint, PubCmd};
+use crate::publisher::{self, Endpoint};
 use crate::receiver::{Confirm, Receiver, ReceiverSync, Shared, TransportCounters};
-use crate::sender::{Out, PushSender};
+use crate::sender::PushSender;
 use crate::wire;
 use crate::{BACKEND, CAPABILITIES};
 
@@ -151,6 +151,33 @@ impl Inner {
         true
     }
 
+    /// Runs `push` on the queue of this instance's sending thread: the embedded publisher
+    /// of this process (bound now if it is not yet: the first send binds it) or the
+    /// dedicated sender. `Unsupported` for a receive-only instance (`bind=never`).
+    fn send_through(
+        &self,
+        push: impl FnOnce(&Outbox) -> std::result::Result<(), Refused>,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let outbound = lock(&self.outbound);
+        match outbound.as_deref().ok_or(Error::Closed)? {
+            Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
+                "send",
+                BACKEND,
+                "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
+            )),
+            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
+                Some(p) => Ok(push(p.outbox())),
+                None => {
+                    // The first send binds the publisher: not under the lock `close` takes.
+                    let endpoint = endpoint.clone();
+                    drop(outbound);
+                    Ok(push(endpoint.publisher()?.outbox()))
+                }
+            },
+            Outbound::Dedicated(s) => Ok(push(s.outbox())),
+        }
+    }
+
     /// Queues the data message `[topic, payload]` for the socket thread, copied into the
     /// queued run of its topic (the path of small messages: nothing is allocated per
     /// message once the run exists).
@@ -159,78 +186,21 @@ impl Inner {
         topic: &[u8],
         payload: &[u8],
     ) -> Result<std::result::Result<(), Refused>> {
-        let outbound = lock(&self.outbound);
-        match outbound.as_deref().ok_or(Error::Closed)? {
-            Outbound::Embedded {
-                bind: BindPolicy::Never,
-                ..
-            } => {
-                drop(outbound);
-                self.publish(vec![(topic.to_vec(), payload.to_vec())])
-            }
-            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
-                Some(p) => Ok(p.push_data(topic, payload)),
-                None => {
-                    // The first send binds the publisher: not under the lock `close` takes.
-                    let endpoint = endpoint.clone();
-                    drop(outbound);
-                    Ok(endpoint.publisher()?.push_data(topic, payload))
-                }
-            },
-            Outbound::Dedicated(s) => Ok(s.push_data(topic, payload)),
-        }
+        self.send_through(|o| o.push_data(topic, payload))
     }
 
-    /// Queues one data message for the socket thread (no batch to build: the common case).
+    /// Queues one data message for the socket thread, its bytes handed over.
     fn publish_one(
         &self,
         topic: Vec<u8>,
         payload: Vec<u8>,
     ) -> Result<std::result::Result<(), Refused>> {
-        match &*self.outbound()? {
-            Outbound::Embedded {
-                bind: BindPolicy::Never,
-                ..
-            } => self.publish(vec![(topic, payload)]),
-            Outbound::Embedded { endpoint, .. } => Ok(endpoint
-                .publisher()?
-                .push(PubCmd::Data(Outgoing::One { topic, payload }))),
-            Outbound::Dedicated(s) => Ok(s.push(Out::Data(Outgoing::One { topic, payload }))),
-        }
+        self.send_through(|o| o.push_owned(topic, payload))
     }
 
     /// Queues data messages for the socket thread (all or none).
     fn publish(&self, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<std::result::Result<(), Refused>> {
-        match &*self.outbound()? {
-            Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
-                "send",
-                BACKEND,
-                "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
-            )),
-            Outbound::Embedded { endpoint, .. } => {
-                let p = endpoint.publisher()?;
-                let mut cmds: Vec<PubCmd> = msgs
-                    .into_iter()
-                    .map(|(topic, payload)| PubCmd::Data(Outgoing::One { topic, payload }))
-                    .collect();
-                Ok(if cmds.len() == 1 {
-                    p.push(cmds.remove(0))
-                } else {
-                    p.push_all(cmds)
-                })
-            }
-            Outbound::Dedicated(s) => {
-                let mut outs: Vec<Out> = msgs
-                    .into_iter()
-                    .map(|(topic, payload)| Out::Data(Outgoing::One { topic, payload }))
-                    .collect();
-                Ok(if outs.len() == 1 {
-                    s.push(outs.remove(0))
-                } else {
-                    s.push_all(outs)
-                })
-            }
-        }
+        self.send_through(|o| o.push_all(msgs))
     }
 
     /// Sends a MARK through the publisher (after everything this instance sent before) that
@@ -239,31 +209,27 @@ impl Inner {
     /// publishes).
     fn mark(&self, flush_prefix: &str) -> Result<Option<oneshot::Receiver<()>>> {
         let token = rand::random::<u64>();
-        match &*self.outbound()? {
-            Outbound::Embedded { endpoint, .. } => {
-                let Some(p) = endpoint.running() else {
-                    return Ok(None);
-                };
-                let rx = self.receiver.await_mark(token)?;
-                p.push(PubCmd::Mark {
-                    reply: self.inbox_topic.clone(),
-                    token,
-                    flush_prefix: flush_prefix.as_bytes().to_vec(),
-                })
-                .map_err(|r| refused(r, "(mark)", self.cfg.send_queue))?;
-                Ok(Some(rx))
-            }
-            Outbound::Dedicated(s) => {
-                let rx = self.receiver.await_mark(token)?;
-                s.push(Out::Frames(wire::mark_control(
-                    &self.inbox_topic,
-                    token,
-                    flush_prefix,
-                )))
-                .map_err(|r| refused(r, "(mark)", self.cfg.send_queue))?;
-                Ok(Some(rx))
-            }
-        }
+        let outbound = self.outbound()?;
+        let publisher;
+        let outbox = match &*outbound {
+            Outbound::Embedded { endpoint, .. } => match endpoint.running() {
+                Some(p) => {
+                    publisher = p;
+                    publisher.outbox()
+                }
+                None => return Ok(None),
+            },
+            Outbound::Dedicated(s) => s.outbox(),
+        };
+        let rx = self.receiver.await_mark(token)?;
+        outbox
+            .push_control(Control::Mark {
+                reply: self.inbox_topic.clone(),
+                token,
+                flush_prefix: flush_prefix.as_bytes().to_vec(),
+            })
+            .map_err(|r| refused(r, "(mark)", self.cfg.send_queue))?;
+        Ok(Some(rx))
     }
 
     /// Waits (up to `wait`) until everything this instance sent so far has passed the
@@ -454,11 +420,9 @@ impl ZmqLayer {
     pub async fn publish_raw_frames(&self, frames: Vec<Vec<u8>>) -> Result<()> {
         let inner = &self.inner;
         inner.shared.closed.check()?;
-        let pushed = match &*inner.outbound()? {
-            Outbound::Embedded { endpoint, .. } => endpoint.publisher()?.push(PubCmd::Raw(frames)),
-            Outbound::Dedicated(s) => s.push(Out::Frames(frames)),
-        };
-        pushed.map_err(|r| refused(r, "(raw frames)", inner.cfg.send_queue))
+        inner
+            .send_through(|o| o.push_control(Control::Raw(frames)))?
+            .map_err(|r| refused(r, "(raw frames)", inner.cfg.send_queue))
     }
 
     async fn shut_down(&self) -> Result<()> {

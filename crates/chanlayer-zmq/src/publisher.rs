@@ -18,50 +18,11 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Command, Mailbox, Outgoing, Refused};
+use crate::bridge::{context, lock, zmq_err, Control, Item, Mailbox, Outbox, Outgoing};
 use crate::config::ZmqConfig;
 use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload};
 use crate::receiver::ReceiverSync;
 use crate::BACKEND;
-
-/// A command for the publisher thread.
-pub(crate) enum PubCmd {
-    /// Data messages to publish.
-    Data(Outgoing),
-    Mark {
-        reply: Vec<u8>,
-        token: u64,
-        flush_prefix: Vec<u8>,
-    },
-    Raw(Vec<Vec<u8>>),
-}
-
-impl Command for PubCmd {
-    fn from_data(data: Outgoing) -> Self {
-        PubCmd::Data(data)
-    }
-
-    fn data(&self) -> Option<&Outgoing> {
-        match self {
-            PubCmd::Data(d) => Some(d),
-            _ => None,
-        }
-    }
-
-    fn data_mut(&mut self) -> Option<&mut Outgoing> {
-        match self {
-            PubCmd::Data(d) => Some(d),
-            _ => None,
-        }
-    }
-
-    fn into_data(self) -> std::result::Result<Outgoing, Self> {
-        match self {
-            PubCmd::Data(d) => Ok(d),
-            other => Err(other),
-        }
-    }
-}
 
 type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
 
@@ -169,7 +130,7 @@ impl Endpoint {
 
 /// The handle on a publisher thread.
 pub(crate) struct Publisher {
-    mailbox: Arc<Mailbox<PubCmd>>,
+    mailbox: Arc<Outbox>,
     counters: Arc<HubCounters>,
     address: String,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -217,21 +178,9 @@ impl Publisher {
         })
     }
 
-    /// Queues a command; data messages are bounded by `send_queue`.
-    pub fn push(&self, cmd: PubCmd) -> std::result::Result<(), Refused> {
-        let bounded = matches!(cmd, PubCmd::Data(_));
-        self.mailbox.push(cmd, bounded)
-    }
-
-    /// Queues the data message `[topic, payload]` (bounded by `send_queue`), copied into
-    /// the queued run of its topic when there is one.
-    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
-        self.mailbox.push_data(topic, payload)
-    }
-
-    /// Queues several data messages at once (all or none).
-    pub fn push_all(&self, cmds: Vec<PubCmd>) -> std::result::Result<(), Refused> {
-        self.mailbox.push_all(cmds)
+    /// The queue to the thread (data bounded by `send_queue`).
+    pub fn outbox(&self) -> &Outbox {
+        &self.mailbox
     }
 
     /// The publisher's counters.
@@ -314,7 +263,7 @@ fn synced(receivers: &Receivers) -> bool {
 fn run(
     address: String,
     cfg: ZmqConfig,
-    mailbox: Arc<Mailbox<PubCmd>>,
+    mailbox: Arc<Outbox>,
     counters: Arc<HubCounters>,
     receivers: Receivers,
     ready: std::sync::mpsc::Sender<Result<()>>,
@@ -379,39 +328,30 @@ fn run(
     tracing::debug!(%address, "embedded publisher stopped");
 }
 
-/// Executes the queued commands in order, consecutive messages of a topic as batches.
-fn execute_all(hub: &mut Hub, cmds: &mut VecDeque<PubCmd>, run: &mut Batch) {
-    for cmd in cmds.drain(..) {
-        match cmd {
-            PubCmd::Data(Outgoing::One { topic, payload }) => {
+/// Executes the queued items in order, consecutive messages of a topic as batches.
+fn execute_all(hub: &mut Hub, items: &mut VecDeque<Item<Control>>, run: &mut Batch) {
+    for item in items.drain(..) {
+        match item {
+            Item::Data(Outgoing::One { topic, payload }) => {
                 run.add(hub, &topic, Payload::Bytes(payload));
             }
-            PubCmd::Data(Outgoing::Run { topic, body, count }) => {
+            Item::Data(Outgoing::Run { topic, body, count }) => {
                 run.flush(hub);
                 hub.publish_batch(&topic, count as u64, body);
             }
-            other => {
+            Item::Control(Control::Mark {
+                reply,
+                token,
+                flush_prefix,
+            }) => {
                 run.flush(hub);
-                execute(hub, other);
+                hub.mark(&reply, token, &flush_prefix);
+            }
+            Item::Control(Control::Raw(frames)) => {
+                run.flush(hub);
+                hub.publish_raw(&frames);
             }
         }
     }
     run.flush(hub);
-}
-
-fn execute(hub: &mut Hub, cmd: PubCmd) {
-    match cmd {
-        PubCmd::Data(Outgoing::One { topic, payload }) => {
-            hub.publish(&topic, Payload::Bytes(payload));
-        }
-        PubCmd::Data(Outgoing::Run { topic, body, count }) => {
-            hub.publish_batch(&topic, count as u64, body);
-        }
-        PubCmd::Mark {
-            reply,
-            token,
-            flush_prefix,
-        } => hub.mark(&reply, token, &flush_prefix),
-        PubCmd::Raw(frames) => hub.publish_raw(&frames),
-    }
 }

@@ -13,49 +13,14 @@ use std::time::Duration;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Command, Mailbox, Outgoing, Refused};
+use crate::bridge::{context, lock, zmq_err, Control, Item, Mailbox, Outbox, Outgoing};
 use crate::config::ZmqConfig;
 use crate::wire;
 use crate::BACKEND;
 
-/// One message for the proxy, as frames.
-pub(crate) enum Out {
-    /// `[topic, envelope]`, or a run as `[topic, meta(BATCH, 0, count), items]`.
-    Data(Outgoing),
-    /// Control or raw frames, sent as they are.
-    Frames(Vec<Vec<u8>>),
-}
-
-impl Command for Out {
-    fn from_data(data: Outgoing) -> Self {
-        Out::Data(data)
-    }
-
-    fn data(&self) -> Option<&Outgoing> {
-        match self {
-            Out::Data(d) => Some(d),
-            Out::Frames(_) => None,
-        }
-    }
-
-    fn data_mut(&mut self) -> Option<&mut Outgoing> {
-        match self {
-            Out::Data(d) => Some(d),
-            Out::Frames(_) => None,
-        }
-    }
-
-    fn into_data(self) -> std::result::Result<Outgoing, Self> {
-        match self {
-            Out::Data(d) => Ok(d),
-            other => Err(other),
-        }
-    }
-}
-
 /// The handle on the PUSH thread.
 pub(crate) struct PushSender {
-    mailbox: Arc<Mailbox<Out>>,
+    mailbox: Arc<Outbox>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -97,21 +62,9 @@ impl PushSender {
         })
     }
 
-    /// Queues a message; data is bounded by `send_queue`, control frames are not.
-    pub fn push(&self, out: Out) -> std::result::Result<(), Refused> {
-        let bounded = matches!(out, Out::Data(_));
-        self.mailbox.push(out, bounded)
-    }
-
-    /// Queues the data message `[topic, payload]` (bounded by `send_queue`), copied into
-    /// the queued run of its topic when there is one.
-    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
-        self.mailbox.push_data(topic, payload)
-    }
-
-    /// Queues several messages at once (all or none).
-    pub fn push_all(&self, outs: Vec<Out>) -> std::result::Result<(), Refused> {
-        self.mailbox.push_all(outs)
+    /// The queue to the thread.
+    pub fn outbox(&self) -> &Outbox {
+        &self.mailbox
     }
 }
 
@@ -128,14 +81,15 @@ fn setup(cfg: &ZmqConfig, pull: &str) -> Result<zmq::Socket> {
     Ok(push)
 }
 
-/// Sends one message without blocking. `Err(out)` gives it back when the socket is at its
-/// high-water mark (nothing of it was sent).
-fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
-    let first = match &out {
-        Out::Data(Outgoing::One { topic, .. } | Outgoing::Run { topic, .. }) => {
-            push.send(&topic[..], zmq::DONTWAIT | zmq::SNDMORE)
+/// Sends one queued item without blocking. `Err(item)` gives it back when the socket is at
+/// its high-water mark (nothing of it was sent).
+fn try_send(push: &zmq::Socket, item: Item<Control>) -> std::result::Result<(), Item<Control>> {
+    let first = match &item {
+        Item::Data(d) => push.send(d.topic(), zmq::DONTWAIT | zmq::SNDMORE),
+        Item::Control(Control::Mark { .. }) => {
+            push.send(wire::MARK_CONTROL, zmq::DONTWAIT | zmq::SNDMORE)
         }
-        Out::Frames(frames) => match frames.split_first() {
+        Item::Control(Control::Raw(frames)) => match frames.split_first() {
             None => return Ok(()),
             Some((f, rest)) => {
                 let more = if rest.is_empty() { 0 } else { zmq::SNDMORE };
@@ -144,7 +98,7 @@ fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
         },
     };
     match first {
-        Err(zmq::Error::EAGAIN) => return Err(out),
+        Err(zmq::Error::EAGAIN) => return Err(item),
         Err(e) => {
             tracing::warn!(error = %e, "the sender could not send to the proxy; message dropped");
             return Ok(());
@@ -153,15 +107,23 @@ fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
     }
     // The first frame was taken: the rest of the message goes to the same pipe and is never
     // refused for the high-water mark (it counts whole messages).
-    let rest = match out {
-        Out::Data(Outgoing::One { payload, .. }) => push.send(payload, 0),
-        Out::Data(Outgoing::Run { body, count, .. }) => push
+    let rest = match item {
+        Item::Data(Outgoing::One { payload, .. }) => push.send(payload, 0),
+        Item::Data(Outgoing::Run { body, count, .. }) => push
             .send(
                 &wire::meta(wire::META_BATCH, 0, count as u64)[..],
                 zmq::SNDMORE,
             )
             .and_then(|()| push.send(body, 0)),
-        Out::Frames(frames) => {
+        Item::Control(Control::Mark {
+            reply,
+            token,
+            flush_prefix,
+        }) => push
+            .send(reply, zmq::SNDMORE)
+            .and_then(|()| push.send(&token.to_le_bytes()[..], zmq::SNDMORE))
+            .and_then(|()| push.send(flush_prefix, 0)),
+        Item::Control(Control::Raw(frames)) => {
             let n = frames.len();
             frames
                 .into_iter()
@@ -179,7 +141,7 @@ fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
 fn run(
     cfg: ZmqConfig,
     pull: String,
-    mailbox: Arc<Mailbox<Out>>,
+    mailbox: Arc<Outbox>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
     let push = match setup(&cfg, &pull) {
@@ -190,7 +152,7 @@ fn run(
         }
     };
     let _ = ready.send(Ok(()));
-    let mut pending: VecDeque<Out> = VecDeque::new();
+    let mut pending: VecDeque<Item<Control>> = VecDeque::new();
     loop {
         let blocked = !pending.is_empty();
         let timeout = if blocked || mailbox.prepare_sleep() {

@@ -26,7 +26,7 @@ use chanlayer_core::stats::Stats;
 use chanlayer_core::{CloseSignal, Error, GroupRegistry, LayerOptions, LocalInbox, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{context, lock, zmq_err, Mailbox, Merge};
+use crate::bridge::{context, lock, zmq_err, Item, Mailbox};
 use crate::config::ZmqConfig;
 use crate::wire;
 use subs::State;
@@ -71,8 +71,6 @@ pub(crate) enum Cmd {
         done: oneshot::Sender<()>,
     },
 }
-
-impl Merge for Cmd {}
 
 /// Counters of the transport itself, per instance.
 #[derive(Debug, Default)]
@@ -151,7 +149,7 @@ impl Receiver {
     }
 
     fn send(&self, cmd: Cmd) -> Result<()> {
-        self.mailbox.push(cmd, false).map_err(|_| Error::Closed)
+        self.mailbox.push_control(cmd).map_err(|_| Error::Closed)
     }
 
     /// Subscribes a normal channel (no wait).
@@ -298,8 +296,11 @@ fn run(
         if mailbox.is_closed() {
             break;
         }
-        for cmd in mailbox.take_all() {
-            st.command(&sub, cmd);
+        for item in mailbox.take_all() {
+            // Nothing sends data to a receiver: its mailbox carries commands only.
+            if let Item::Control(cmd) = item {
+                st.command(&sub, cmd);
+            }
         }
         st.drain_monitor(&monitor, &sub);
         st.drain_sub(&sub, 4096);
