@@ -4,7 +4,7 @@
 //!
 //! - Every data message gets the next sequence number of its topic and is published as
 //!   `[topic, meta, envelope]` (see [`crate::wire`]). Consecutive messages of one topic that
-//!   are queued together are published as one batch frame ([`Batch`]).
+//!   are queued together are published as one batch frame ([`crate::runs::Batch`]).
 //! - Messages of normal channels (`c:`) are **retained** (the last `retain` per topic, at
 //!   most `retain_for`, at most `retain_bytes` in all); messages of inboxes (`i:`) are
 //!   retained only when no subscriber was there to get them. Group messages are never
@@ -14,16 +14,19 @@
 //!   the probe topic, which only the asking subscriber is subscribed to. Because a
 //!   subscriber sends its topic subscription before its probe, on one connection, every
 //!   message published after the welcome reaches it live.
+//! - A proxy's hub (`stamps`) passes on each message's origin (the sender's own numbering,
+//!   see [`wire::Origin`]), follows the origins of each topic, and lists them in its
+//!   welcomes, so receivers count losses end to end, across a proxy restart too.
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hashbrown::hash_map::EntryRef;
 use hashbrown::HashMap;
 
-use crate::retention::Retention;
-use crate::retention::Store;
+use crate::retention::{Retention, Store};
+use crate::runs::{From, Payload};
 use crate::wire::{self, TopicKind};
 
 /// Counters of a publisher (the proxy, or the embedded publisher of a process).
@@ -102,90 +105,23 @@ impl HubCounters {
     }
 }
 
+/// An origin (a sender's numbering on a topic, dedicated mode) the hub follows.
+struct Followed {
+    /// The first number of it the hub published (since it began to follow it).
+    first: u64,
+    /// The last number of it the hub published.
+    last: u64,
+    /// When it last published one (the hub's clock, per loop turn).
+    seen: Instant,
+}
+
 struct TopicState {
     /// The map's own key, shared with the retention store.
     key: Rc<[u8]>,
     seq: u64,
     subscribed: bool,
-}
-
-/// A message body handed to [`Hub::publish`]: owned bytes, or a frame received from the
-/// proxy's PULL socket (forwarded without a copy when it is not retained).
-pub(crate) enum Payload {
-    Bytes(Vec<u8>),
-    Frame(zmq::Message),
-}
-
-impl Payload {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Payload::Bytes(b) => b,
-            Payload::Frame(m) => m,
-        }
-    }
-    fn into_message(self) -> zmq::Message {
-        match self {
-            Payload::Bytes(b) => zmq::Message::from(b),
-            Payload::Frame(m) => m,
-        }
-    }
-}
-
-/// Consecutive data messages of one topic on their way to [`Hub::publish_batch`]: a
-/// publisher adds every message it takes from its queue and flushes before anything else
-/// (a mark, raw frames) and at the end of the queue, so the order on the wire is the order
-/// of the queue and nothing waits for a batch to fill.
-#[derive(Default)]
-pub(crate) struct Batch {
-    topic: Vec<u8>,
-    body: Vec<u8>,
-    count: u64,
-    /// The first message, kept whole: a batch of one is published as a plain data message.
-    first: Option<Payload>,
-}
-
-impl Batch {
-    /// Adds a message for `topic`, publishing what is batched first when the topic changes
-    /// or the batch is full. A message over [`wire::BATCH_ITEM_MAX`] is published alone.
-    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], payload: Payload) {
-        let len = payload.as_slice().len();
-        if len > wire::BATCH_ITEM_MAX {
-            self.flush(hub);
-            hub.publish(topic, payload);
-            return;
-        }
-        let batched = self.body.len() + self.first.as_ref().map_or(0, |f| 4 + f.as_slice().len());
-        if self.count > 0 && (self.topic != topic || batched + 4 + len > wire::BATCH_MAX_BYTES) {
-            self.flush(hub);
-        }
-        if self.count == 0 {
-            self.topic.clear();
-            self.topic.extend_from_slice(topic);
-            self.first = Some(payload);
-            self.count = 1;
-            return;
-        }
-        if let Some(first) = self.first.take() {
-            self.body.reserve(8 * 1024);
-            wire::batch_push(&mut self.body, first.as_slice());
-        }
-        wire::batch_push(&mut self.body, payload.as_slice());
-        self.count += 1;
-    }
-
-    /// Publishes what is batched.
-    pub fn flush(&mut self, hub: &mut Hub) {
-        match (self.count, self.first.take()) {
-            (0, _) => {}
-            (_, Some(first)) => hub.publish(&self.topic, first),
-            (n, None) => {
-                let body = std::mem::take(&mut self.body);
-                hub.publish_batch(&self.topic, n, body);
-            }
-        }
-        self.count = 0;
-        self.body.clear();
-    }
+    /// The origins of the topic's messages (a proxy's hub only).
+    origins: std::collections::HashMap<u64, Followed>,
 }
 
 /// What [`Hub::claim`] hands out for messages about to be published on a topic.
@@ -198,32 +134,51 @@ struct Claim {
     key: Rc<[u8]>,
     /// Whether the messages are kept for late joiners.
     retain: bool,
+    /// The origin stamp of the first message (a proxy's hub).
+    origin: Option<wire::Origin>,
 }
 
 /// The XPUB side. Owned by one thread.
 pub(crate) struct Hub {
     xpub: zmq::Socket,
     epoch: u64,
+    /// A proxy's hub: every data message carries an origin stamp, and welcomes the table of
+    /// the topic's origins (see [`crate::wire::Origin`]).
+    stamps: bool,
     topics: HashMap<Rc<[u8]>, TopicState>,
     store: Store,
     sweep_at: usize,
+    /// The time, read once per loop turn ([`Hub::tick`]).
+    clock: Instant,
+    /// When origins idle for long were last forgotten.
+    forgot_at: Instant,
     counters: std::sync::Arc<HubCounters>,
 }
 
 const SWEEP_MIN: usize = 4096;
 
+/// An origin that published nothing on a topic for this long (or for the retention's
+/// `max_age`, if longer) is forgotten.
+const FOLLOW_FOR: Duration = Duration::from_secs(600);
+
 impl Hub {
+    /// A hub on `xpub`; `stamps` for a proxy (see [`Hub::stamps`]).
     pub fn new(
         xpub: zmq::Socket,
         retention: Retention,
+        stamps: bool,
         counters: std::sync::Arc<HubCounters>,
     ) -> Hub {
+        let now = Instant::now();
         Hub {
             xpub,
             epoch: rand::random::<u64>(),
+            stamps,
             topics: HashMap::new(),
             store: Store::new(retention),
             sweep_at: SWEEP_MIN,
+            clock: now,
+            forgot_at: now,
             counters,
         }
     }
@@ -244,11 +199,12 @@ impl Hub {
         }
     }
 
-    fn send_two(&self, first: &[u8], second: &[u8]) {
-        let r = self
-            .xpub
-            .send(first, zmq::SNDMORE)
-            .and_then(|()| self.xpub.send(second, 0));
+    fn send_control(&self, frames: &[&[u8]]) {
+        let n = frames.len();
+        let r = frames
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, f)| self.xpub.send(*f, if i + 1 < n { zmq::SNDMORE } else { 0 }));
         if let Err(e) = r {
             tracing::warn!(error = %e, "the publisher could not publish a control message");
         }
@@ -270,6 +226,7 @@ impl Hub {
                         key,
                         seq: 0,
                         subscribed: false,
+                        origins: std::collections::HashMap::new(),
                     },
                 )
             }
@@ -277,10 +234,12 @@ impl Hub {
     }
 
     /// Takes the next `count` sequence numbers of `topic` for messages about to be
-    /// published, and says what happens to them: normal channels are retained for late
-    /// joiners, an inbox only while nobody listens, groups never (retention off: nothing).
-    fn claim(&mut self, topic: &[u8], kind: TopicKind, count: u64) -> Claim {
+    /// published (from origin `from`, numbered on), and says what happens to them: normal
+    /// channels are retained for late joiners, an inbox only while nobody listens, groups
+    /// never (retention off: nothing).
+    fn claim(&mut self, topic: &[u8], kind: TopicKind, count: u64, from: From) -> Claim {
         let per_topic = self.store.limits().per_topic;
+        let (stamps, clock) = (self.stamps, self.clock);
         let state = self.state_mut(topic);
         let first = state.seq + 1;
         state.seq += count;
@@ -291,63 +250,90 @@ impl Hub {
                 TopicKind::Inbox => !subscribed,
                 TopicKind::Group => false,
             };
+        let origin = stamps.then(|| match from {
+            Some((id, seq)) if id != 0 => {
+                let f = state.origins.entry(id).or_insert(Followed {
+                    first: seq,
+                    last: 0,
+                    seen: clock,
+                });
+                f.last = seq.saturating_add(count - 1);
+                f.seen = clock;
+                wire::Origin {
+                    id,
+                    seq,
+                    first: f.first.min(seq),
+                }
+            }
+            _ => wire::Origin::default(),
+        });
         Claim {
             first,
             subscribed,
             key: state.key.clone(),
             retain,
+            origin,
+        }
+    }
+
+    /// The meta frame of a message (a stamped one from a proxy's hub).
+    fn meta(&self, kind: u8, seq: u64, origin: Option<wire::Origin>) -> Meta {
+        match origin {
+            Some(o) => Meta::Stamped(wire::meta_stamped(kind, self.epoch, seq, o)),
+            None => Meta::Plain(wire::meta(kind, self.epoch, seq)),
         }
     }
 
     /// Publishes one data message on `topic`.
-    pub fn publish(&mut self, topic: &[u8], payload: Payload) {
-        self.publish_inner(topic, payload);
+    pub fn publish(&mut self, topic: &[u8], from: From, payload: Payload) {
+        self.publish_inner(topic, from, payload);
         // Counted last: once `received` shows a message, the other counters do too.
         add(&self.counters.received, 1);
     }
 
-    fn publish_inner(&mut self, topic: &[u8], payload: Payload) {
+    fn publish_inner(&mut self, topic: &[u8], from: From, payload: Payload) {
         let Some(kind) = wire::data_topic_kind(topic) else {
             self.counters.count_undecodable();
             return;
         };
-        let epoch = self.epoch;
         let Claim {
             first: seq,
             subscribed,
             key,
             retain,
-        } = self.claim(topic, kind, 1);
-        let meta = wire::meta(wire::META_DATA, epoch, seq);
+            origin,
+        } = self.claim(topic, kind, 1, from);
+        let meta = self.meta(wire::META_DATA, seq, origin);
         let kept = retain.then(|| payload.as_slice().to_vec());
         // Counters first: whoever gets the message sees them counted.
         if subscribed {
             add(&self.counters.forwarded, 1);
-            self.send_frames([topic, &meta], payload.into_message());
+            self.send_frames([topic, meta.bytes()], payload.into_message());
         } else if !retain {
             add(&self.counters.dropped, 1);
         }
         if let Some(bytes) = kept {
-            self.keep(&key, seq, bytes, subscribed);
+            self.keep(&key, seq, from, bytes, subscribed);
         }
     }
 
     /// Publishes `count` consecutive messages of `topic` as one batch frame; `body` holds
-    /// them as [`wire::batch_push`] wrote them. Each gets its own sequence number, is
-    /// retained on its own, and is counted on its own.
-    pub fn publish_batch(&mut self, topic: &[u8], count: u64, body: Vec<u8>) {
+    /// them as [`wire::batch_push`] wrote them, `from` is the origin of the first (the
+    /// others follow). Each gets its own sequence number, is retained on its own, and is
+    /// counted on its own.
+    pub fn publish_batch(&mut self, topic: &[u8], count: u64, body: Vec<u8>, from: From) {
         let Some(kind) = wire::data_topic_kind(topic) else {
             add(&self.counters.undecodable, count);
             add(&self.counters.received, count);
             return;
         };
-        let epoch = self.epoch;
         let Claim {
             first,
             subscribed,
             key,
             retain,
-        } = self.claim(topic, kind, count);
+            origin,
+        } = self.claim(topic, kind, count, from);
         let kept: Vec<Vec<u8>> = if retain {
             wire::batch_items(&body)
                 .unwrap_or_default()
@@ -361,13 +347,14 @@ impl Hub {
             add(&self.counters.forwarded, count);
             add(&self.counters.batches, 1);
             add(&self.counters.batched, count);
-            let meta = wire::meta(wire::META_BATCH, epoch, first);
-            self.send_frames([topic, &meta], zmq::Message::from(body));
+            let meta = self.meta(wire::META_BATCH, first, origin);
+            self.send_frames([topic, meta.bytes()], zmq::Message::from(body));
         } else if !retain {
             add(&self.counters.dropped, count);
         }
-        for (seq, bytes) in (first..).zip(kept) {
-            self.keep(&key, seq, bytes, subscribed);
+        for (i, bytes) in (0u64..).zip(kept) {
+            let from = from.map(|(id, seq)| (id, seq.saturating_add(i)));
+            self.keep(&key, first + i, from, bytes, subscribed);
         }
         add(&self.counters.received, count);
     }
@@ -391,8 +378,8 @@ impl Hub {
     }
 
     /// Keeps a message for late joiners, and counts what the limits pushed out unheard.
-    fn keep(&mut self, key: &Rc<[u8]>, seq: u64, payload: Vec<u8>, heard: bool) {
-        let dropped = self.store.keep(key, seq, payload, heard, Instant::now());
+    fn keep(&mut self, key: &Rc<[u8]>, seq: u64, from: From, payload: Vec<u8>, heard: bool) {
+        let dropped = self.store.keep(key, seq, from, payload, heard, self.clock);
         add(&self.counters.dropped, dropped);
         self.show_store();
     }
@@ -419,12 +406,24 @@ impl Hub {
         self.sweep_at = (self.topics.len() * 2).max(SWEEP_MIN);
     }
 
-    /// Time-based work: ages retained messages out.
+    /// Time-based work, once per loop turn: ages retained messages out, and now and then
+    /// forgets origins that went quiet.
     pub fn tick(&mut self) {
+        self.clock = Instant::now();
         if self.store.count() > 0 {
-            let dropped = self.store.evict(Instant::now());
+            let dropped = self.store.evict(self.clock);
             add(&self.counters.dropped, dropped);
             self.show_store();
+        }
+        if self.stamps && self.clock.duration_since(self.forgot_at) >= Duration::from_secs(60) {
+            self.forgot_at = self.clock;
+            let idle = FOLLOW_FOR.max(self.store.limits().max_age);
+            let now = self.clock;
+            for state in self.topics.values_mut() {
+                state
+                    .origins
+                    .retain(|_, f| now.saturating_duration_since(f.seen) < idle);
+            }
         }
     }
 
@@ -466,13 +465,30 @@ impl Hub {
             tracing::debug!(probe = %wire::display(probe), "ignored a malformed probe");
             return;
         };
-        let epoch = self.epoch;
+        let (epoch, stamps) = (self.epoch, self.stamps);
+        let state = self.topics.get(topic);
+        let first_of = |id: u64, seq: u64| {
+            state
+                .and_then(|s| s.origins.get(&id))
+                .map_or(seq, |f| f.first.min(seq))
+        };
         let xpub = &self.xpub;
         let (replayed, heard_now) = self.store.replay(topic, |k| {
-            let meta = wire::meta(wire::META_DATA, epoch, k.seq);
+            let meta = match (stamps, k.from) {
+                (false, _) => Meta::Plain(wire::meta(wire::META_DATA, epoch, k.seq)),
+                (true, from) => {
+                    let (id, seq) = from.unwrap_or((0, 0));
+                    let origin = wire::Origin {
+                        id,
+                        seq,
+                        first: first_of(id, seq),
+                    };
+                    Meta::Stamped(wire::meta_stamped(wire::META_DATA, epoch, k.seq, origin))
+                }
+            };
             let sent = xpub
                 .send(probe, zmq::SNDMORE)
-                .and_then(|()| xpub.send(&meta[..], zmq::SNDMORE))
+                .and_then(|()| xpub.send(meta.bytes(), zmq::SNDMORE))
                 .and_then(|()| xpub.send(&k.payload[..], 0));
             if let Err(e) = &sent {
                 tracing::warn!(error = %e, "could not replay a retained message");
@@ -482,9 +498,16 @@ impl Hub {
         add(&self.counters.replayed, replayed);
         add(&self.counters.forwarded, heard_now);
         self.show_store();
-        let current = self.topics.get(topic).map_or(0, |s| s.seq);
+        let current = state.map_or(0, |s| s.seq);
         let meta = wire::meta(wire::META_WELCOME, epoch, current);
-        self.send_two(probe, &meta);
+        if stamps {
+            let table: Vec<(u64, u64)> = state
+                .map(|s| s.origins.iter().map(|(id, f)| (*id, f.last)).collect())
+                .unwrap_or_default();
+            self.send_control(&[probe, &meta, &wire::origin_table(&table)]);
+        } else {
+            self.send_control(&[probe, &meta]);
+        }
     }
 
     /// Drops the retained messages of `prefix` (when not empty), then publishes a MARK with
@@ -499,6 +522,21 @@ impl Hub {
             self.show_store();
         }
         let meta = wire::meta(wire::META_MARK, self.epoch, token);
-        self.send_two(reply_topic, &meta);
+        self.send_control(&[reply_topic, &meta]);
+    }
+}
+
+/// A meta frame, plain or stamped, without an allocation.
+enum Meta {
+    Plain([u8; wire::META_LEN]),
+    Stamped([u8; wire::STAMPED_META_LEN]),
+}
+
+impl Meta {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Meta::Plain(m) => m,
+            Meta::Stamped(m) => m,
+        }
     }
 }

@@ -28,6 +28,8 @@ pub struct TransportStats {
     /// Messages PUB/SUB dropped on the way to this instance, seen as gaps in a topic's
     /// sequence numbers: the publisher dropped them for this subscriber at its high-water
     /// mark, or they were published while this instance's connection was down and up again.
+    /// In dedicated mode the gaps are in each sender's own numbering, so this also counts
+    /// what a proxy restart lost (when the same sender's next message to the topic arrives).
     pub lost: u64,
     /// Messages that reached this instance through a late-joiner replay.
     pub replayed: u64,

@@ -52,7 +52,9 @@
 //!   `receive` subscribes (within `retain` / `retain_for`).
 //! - **Counted losses.** Each topic's messages are numbered; a gap is a message PUB/SUB
 //!   dropped (a subscriber at its high-water mark, a broken connection) and is counted in
-//!   [`TransportStats::lost`]. The publisher counts what reached nobody ([`HubStats`]).
+//!   [`TransportStats::lost`]. In dedicated mode each sender's own numbering travels end to
+//!   end (see [`wire::Origin`]), so what a proxy restart loses is counted too. The
+//!   publisher counts what reached nobody ([`HubStats`]).
 //!
 //! Normal channels are **broadcast**: every instance receiving a channel gets every message
 //! (`single_reader_normal_channels: false`), and there is no ack (`at_least_once: false`:
@@ -67,10 +69,12 @@ mod bridge;
 mod config;
 mod hub;
 mod layer;
+mod origins;
 mod proxy;
 mod publisher;
 mod receiver;
 mod retention;
+mod runs;
 mod sender;
 mod seq;
 pub mod wire;

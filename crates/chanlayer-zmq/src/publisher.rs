@@ -20,8 +20,9 @@ use chanlayer_core::{Error, Result};
 
 use crate::bridge::{context, lock, zmq_err, Control, Item, Mailbox, Outbox, Outgoing};
 use crate::config::ZmqConfig;
-use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload};
+use crate::hub::{Hub, HubCounters, HubStats};
 use crate::receiver::ReceiverSync;
+use crate::runs::{Batch, Payload};
 use crate::BACKEND;
 
 type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
@@ -277,7 +278,7 @@ fn run(
     };
     let _ = ready.send(Ok(()));
     tracing::debug!(%address, "embedded publisher bound");
-    let mut hub = Hub::new(xpub, cfg.retention, counters);
+    let mut hub = Hub::new(xpub, cfg.retention, false, counters);
     let warm_until = Instant::now() + cfg.connect_timeout;
     let mut warm = false;
     let mut batch = VecDeque::new();
@@ -333,11 +334,11 @@ fn execute_all(hub: &mut Hub, items: &mut VecDeque<Item<Control>>, run: &mut Bat
     for item in items.drain(..) {
         match item {
             Item::Data(Outgoing::One { topic, payload }) => {
-                run.add(hub, &topic, Payload::Bytes(payload));
+                run.add(hub, &topic, None, Payload::Bytes(payload));
             }
             Item::Data(Outgoing::Run { topic, body, count }) => {
                 run.flush(hub);
-                hub.publish_batch(&topic, count as u64, body);
+                hub.publish_batch(&topic, count as u64, body, None);
             }
             Item::Control(Control::Mark {
                 reply,

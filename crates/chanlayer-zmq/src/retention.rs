@@ -12,6 +12,8 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::runs::From;
+
 /// Retention settings of a publisher (the proxy or the embedded publisher).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -38,6 +40,8 @@ impl Default for Retention {
 pub(crate) struct Kept {
     /// Its sequence number on its topic.
     pub seq: u64,
+    /// Its origin and its number there, as the sender gave them (dedicated mode).
+    pub from: From,
     /// The envelope.
     pub payload: Vec<u8>,
     /// A subscriber got it (live or by replay).
@@ -101,6 +105,7 @@ impl Store {
         &mut self,
         topic: &Rc<[u8]>,
         seq: u64,
+        from: From,
         payload: Vec<u8>,
         heard: bool,
         now: Instant,
@@ -112,6 +117,7 @@ impl Store {
             let kept = self.topics.entry(topic.clone()).or_default();
             kept.push_back(Kept {
                 seq,
+                from,
                 payload,
                 heard,
             });
@@ -394,7 +400,7 @@ mod tests {
             for step in c.steps {
                 unheard.push(match *step {
                     Keep(t, seq, len, heard, s) => {
-                        store.keep(&topic(t), seq, vec![0; len], heard, at(s))
+                        store.keep(&topic(t), seq, None, vec![0; len], heard, at(s))
                     }
                     Tick(s) => store.evict(at(s)),
                     Replay(t) => {
@@ -437,7 +443,7 @@ mod tests {
         let mut store = Store::new(limits(10, 60, 1000));
         let now = Instant::now();
         for seq in 1..=4 {
-            store.keep(&topic("a"), seq, vec![1], false, now);
+            store.keep(&topic("a"), seq, None, vec![1], false, now);
         }
         let mut n = 0;
         assert_eq!(
@@ -463,7 +469,7 @@ mod tests {
         let mut store = Store::new(limits(1, 3600, usize::MAX));
         let now = Instant::now();
         for seq in 1..=10_000 {
-            store.keep(&topic("a"), seq, vec![1], true, now);
+            store.keep(&topic("a"), seq, None, vec![1], true, now);
         }
         assert_eq!(store.count(), 1);
         assert!(

@@ -6,10 +6,16 @@
 //! proxy is slow or down: libzmq queues up to `sndhwm` messages for a connection that is not
 //! up yet), the thread stops taking from the queue until the socket can take more, so the
 //! queue fills and further sends are `ChannelFull`.
+//!
+//! The thread numbers its messages per topic as the socket takes them (an origin id per
+//! topic and a number from 1, see [`wire::Origin`]): receivers count by these numbers what
+//! never arrived, across a proxy restart too.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
 
 use chanlayer_core::{Error, Result};
 
@@ -81,9 +87,72 @@ fn setup(cfg: &ZmqConfig, pull: &str) -> Result<zmq::Socket> {
     Ok(push)
 }
 
+/// This sender's numbering of its messages, per topic (see [`wire::Origin`]): each topic
+/// gets a random origin id and numbers from 1. The proxy passes them on, and receivers
+/// count by them what never arrived, across a proxy restart too.
+struct Numbering {
+    topics: HashMap<Vec<u8>, Numbered>,
+    /// The time, read once per loop turn.
+    clock: Instant,
+    swept: Instant,
+}
+
+struct Numbered {
+    id: u64,
+    next: u64,
+    used: Instant,
+}
+
+/// A topic this sender has not sent to for this long starts over with a new origin id (its
+/// numbering is forgotten when the map has grown past [`NUMBERED_MAX`]).
+const NUMBERED_FOR: Duration = Duration::from_secs(600);
+const NUMBERED_MAX: usize = 4096;
+
+impl Numbering {
+    fn new() -> Numbering {
+        let now = Instant::now();
+        Numbering {
+            topics: HashMap::new(),
+            clock: now,
+            swept: now,
+        }
+    }
+
+    /// The numbering of `topic`, begun if new.
+    fn of(&mut self, topic: &[u8]) -> &mut Numbered {
+        let clock = self.clock;
+        let n = self.topics.entry_ref(topic).or_insert_with(|| Numbered {
+            id: rand::random::<u64>() | 1,
+            next: 1,
+            used: clock,
+        });
+        n.used = clock;
+        n
+    }
+
+    /// Once per loop turn: reads the clock, and forgets topics long unused when there are
+    /// many.
+    fn turn(&mut self) {
+        self.clock = Instant::now();
+        if self.topics.len() > NUMBERED_MAX
+            && self.clock.duration_since(self.swept) >= Duration::from_secs(60)
+        {
+            self.swept = self.clock;
+            let now = self.clock;
+            self.topics
+                .retain(|_, n| now.saturating_duration_since(n.used) < NUMBERED_FOR);
+        }
+    }
+}
+
 /// Sends one queued item without blocking. `Err(item)` gives it back when the socket is at
-/// its high-water mark (nothing of it was sent).
-fn try_send(push: &zmq::Socket, item: Item<Control>) -> std::result::Result<(), Item<Control>> {
+/// its high-water mark (nothing of it was sent). Data is numbered by `numbering` once the
+/// socket took it.
+fn try_send(
+    push: &zmq::Socket,
+    item: Item<Control>,
+    numbering: &mut Numbering,
+) -> std::result::Result<(), Item<Control>> {
     let first = match &item {
         Item::Data(d) => push.send(d.topic(), zmq::DONTWAIT | zmq::SNDMORE),
         Item::Control(Control::Mark { .. }) => {
@@ -108,13 +177,20 @@ fn try_send(push: &zmq::Socket, item: Item<Control>) -> std::result::Result<(), 
     // The first frame was taken: the rest of the message goes to the same pipe and is never
     // refused for the high-water mark (it counts whole messages).
     let rest = match item {
-        Item::Data(Outgoing::One { payload, .. }) => push.send(payload, 0),
-        Item::Data(Outgoing::Run { body, count, .. }) => push
-            .send(
-                &wire::meta(wire::META_BATCH, 0, count as u64)[..],
-                zmq::SNDMORE,
-            )
-            .and_then(|()| push.send(body, 0)),
+        Item::Data(Outgoing::One { topic, payload }) => {
+            let n = numbering.of(&topic);
+            let meta = wire::meta(wire::META_DATA, n.id, n.next);
+            n.next += 1;
+            push.send(&meta[..], zmq::SNDMORE)
+                .and_then(|()| push.send(payload, 0))
+        }
+        Item::Data(Outgoing::Run { topic, body, count }) => {
+            let n = numbering.of(&topic);
+            let meta = wire::meta(wire::META_BATCH, n.id, n.next);
+            n.next += count as u64;
+            push.send(&meta[..], zmq::SNDMORE)
+                .and_then(|()| push.send(body, 0))
+        }
         Item::Control(Control::Mark {
             reply,
             token,
@@ -153,6 +229,7 @@ fn run(
     };
     let _ = ready.send(Ok(()));
     let mut pending: VecDeque<Item<Control>> = VecDeque::new();
+    let mut numbering = Numbering::new();
     loop {
         let blocked = !pending.is_empty();
         let timeout = if blocked || mailbox.prepare_sleep() {
@@ -177,12 +254,13 @@ fn run(
             }
         }
         mailbox.woke();
+        numbering.turn();
         if mailbox.is_closed() {
             // Hand over what is queued while the socket takes it; what it took goes out
             // within `linger`, the rest is lost with the layer.
             pending.extend(mailbox.take_all());
             while let Some(out) = pending.pop_front() {
-                if try_send(&push, out).is_err() {
+                if try_send(&push, out, &mut numbering).is_err() {
                     tracing::debug!(
                         left = pending.len() + 1,
                         "the layer closed with messages the proxy could not take"
@@ -197,7 +275,7 @@ fn run(
         }
         let worked = !pending.is_empty();
         while let Some(out) = pending.pop_front() {
-            if let Err(back) = try_send(&push, out) {
+            if let Err(back) = try_send(&push, out, &mut numbering) {
                 pending.push_front(back);
                 break;
             }

@@ -12,10 +12,10 @@ use std::time::Instant;
 use chanlayer_core::envelope::now_ms;
 use chanlayer_core::{names, Destination, Envelope};
 
-use super::subs::{Link, State, Sub, SubState};
+use super::subs::{Kept, Link, State, Sub, SubState};
 use super::{Confirm, Route, Shared, HAND_OVER_AT};
 use crate::seq::{settle, Held, Pos, Verdict};
-use crate::wire;
+use crate::wire::{self, Origin};
 
 /// One message's envelope bytes: a whole frame, or an item of a batch frame.
 enum Piece<'a> {
@@ -119,16 +119,20 @@ impl State {
             Dest::Garbage
         };
         let meta = frames.get(1).and_then(|m| wire::parse_meta(m));
+        let origin = frames.get(1).and_then(|m| wire::parse_origin(m));
         match (dest, meta, frames.len()) {
             (Dest::Sub, Some((wire::META_DATA, epoch, seq)), 3) => {
                 if let Some((topic, payload)) = ends(frames) {
-                    self.on_data(&topic, Pos::new(epoch, seq), Piece::Frame(payload), false);
+                    let pos = Pos::new(epoch, seq);
+                    self.on_data(&topic, pos, origin, Piece::Frame(payload), false);
                 }
             }
             (Dest::Sub, Some((wire::META_BATCH, epoch, first)), 3) => {
                 if let Some((topic, body)) = ends(frames) {
                     match wire::batch_items(&body) {
-                        Some(items) => self.on_batch(&topic, epoch, first, &items),
+                        Some(items) => {
+                            self.on_batch(&topic, Pos::new(epoch, first), origin, &items)
+                        }
                         None => self.garbage(&topic, "a malformed batch"),
                     }
                 }
@@ -153,11 +157,19 @@ impl State {
             }
             (Dest::Probe(of), Some((wire::META_DATA, epoch, seq)), 3) => {
                 if let Some((_, payload)) = ends(frames) {
-                    self.on_data(&of, Pos::new(epoch, seq), Piece::Frame(payload), true);
+                    let pos = Pos::new(epoch, seq);
+                    self.on_data(&of, pos, origin, Piece::Frame(payload), true);
                 }
             }
             (Dest::Probe(of), Some((wire::META_WELCOME, epoch, seq)), 2) => {
-                self.release(&of, Some(Pos::new(epoch, seq)));
+                self.release(&of, Some(Pos::new(epoch, seq)), None);
+            }
+            (Dest::Probe(of), Some((wire::META_WELCOME, epoch, seq)), 3) => {
+                // A proxy's welcome: the table of the topic's origins.
+                match frames.get(2).and_then(|t| wire::parse_origin_table(t)) {
+                    Some(table) => self.release(&of, Some(Pos::new(epoch, seq)), Some(table)),
+                    None => self.garbage(head, "a welcome with a malformed origin table"),
+                }
             }
             (Dest::Probe(_), ..) => self.garbage(head, "not a chanlayer probe answer"),
             // A message of a topic unsubscribed a moment ago, still on its way.
@@ -166,25 +178,32 @@ impl State {
         }
     }
 
-    /// A batch frame: the messages `first`, `first + 1`, ... of `topic`. A live topic takes
-    /// them in one go (one lookup, one sequence check); otherwise each goes through
-    /// [`State::on_data`].
-    fn on_batch(&mut self, topic: &[u8], epoch: u64, first: u64, items: &[&[u8]]) {
+    /// A batch frame: the messages `first`, `first + 1`, ... of `topic` (with origin
+    /// numbers `origin.seq`, `origin.seq + 1`, ...). A live topic takes them in one go (one
+    /// lookup, one sequence check); otherwise each goes through [`State::on_data`].
+    fn on_batch(&mut self, topic: &[u8], first: Pos, origin: Option<Origin>, items: &[&[u8]]) {
         if let Some(Sub {
             route,
             state: SubState::Live(tracker),
+            origins,
         }) = self.subs.get_mut(topic)
         {
-            let Some(run) = tracker.check_run(epoch, first, items.len() as u64) else {
+            let count = items.len() as u64;
+            let Some(run) = tracker.check_run(first.epoch, first.seq, count) else {
                 return; // seen already
             };
-            if run.gap > 0 {
-                self.shared
-                    .transport
-                    .lost
-                    .fetch_add(run.gap, Ordering::Relaxed);
-                tracing::debug!(topic = %wire::display(topic), gap = run.gap, "messages lost on the way (a gap in the topic's sequence)");
-            }
+            let lost = match origin {
+                Some(o) => origins.deliver(
+                    Origin {
+                        seq: o.seq.saturating_add(run.skip),
+                        ..o
+                    },
+                    count.saturating_sub(run.skip),
+                    true,
+                ),
+                None => run.gap,
+            };
+            count_lost(&self.shared, topic, lost);
             let skip = usize::try_from(run.skip).map_or(items.len(), |s| s.min(items.len()));
             let now = now_ms();
             for item in &items[skip..] {
@@ -194,15 +213,31 @@ impl State {
             }
             return;
         }
-        for (i, item) in items.iter().enumerate() {
-            let seq = first.saturating_add(i as u64);
-            self.on_data(topic, Pos::new(epoch, seq), Piece::Item(item), false);
+        for (i, item) in (0u64..).zip(items) {
+            let pos = Pos::new(first.epoch, first.seq.saturating_add(i));
+            let origin = origin.map(|o| Origin {
+                seq: o.seq.saturating_add(i),
+                ..o
+            });
+            self.on_data(topic, pos, origin, Piece::Item(item), false);
         }
     }
 
-    fn on_data(&mut self, topic: &[u8], pos: Pos, payload: Piece<'_>, replayed: bool) {
+    fn on_data(
+        &mut self,
+        topic: &[u8],
+        pos: Pos,
+        origin: Option<Origin>,
+        payload: Piece<'_>,
+        replayed: bool,
+    ) {
         let max_held = self.max_held;
-        let Some(Sub { route, state }) = self.subs.get_mut(topic) else {
+        let Some(Sub {
+            route,
+            state,
+            origins,
+        }) = self.subs.get_mut(topic)
+        else {
             return;
         };
         match state {
@@ -210,26 +245,33 @@ impl State {
                 held.push(Held {
                     pos,
                     replayed,
-                    payload: payload.into_message(),
+                    payload: Kept {
+                        msg: payload.into_message(),
+                        origin,
+                    },
                 });
                 if held.len() > max_held {
                     tracing::warn!(topic = %wire::display(topic), "no answer to the subscription probe while {max_held} messages waited; delivering them");
-                    self.release(topic, None);
+                    self.release(topic, None, None);
                 }
             }
             SubState::Live(tracker) => {
                 if replayed {
                     return; // a replay answering a probe we gave up on
                 }
-                match tracker.check(pos.epoch, pos.seq) {
+                let gap = match tracker.check(pos.epoch, pos.seq) {
                     Verdict::Duplicate => return,
-                    Verdict::Deliver { gap } if gap > 0 => {
-                        self.shared.transport.lost.fetch_add(gap, Ordering::Relaxed);
-                        tracing::debug!(topic = %wire::display(topic), gap, "messages lost on the way (a gap in the topic's sequence)");
-                    }
-                    // In order, or a new publisher (a restart): a new sequence starts.
-                    Verdict::Deliver { .. } | Verdict::Restart => {}
-                }
+                    Verdict::Deliver { gap } => gap,
+                    // A new publisher (a restart): a new sequence starts.
+                    Verdict::Restart => 0,
+                };
+                // With an origin, losses are counted by the sender's numbers (which a
+                // restart does not reset), else by the publisher's.
+                let lost = match origin {
+                    Some(o) => origins.deliver(o, 1, true),
+                    None => gap,
+                };
+                count_lost(&self.shared, topic, lost);
                 if let Some(env) = accept(&self.shared, route, topic, payload.as_slice(), now_ms())
                 {
                     self.ready.push(env);
@@ -239,8 +281,14 @@ impl State {
     }
 
     /// Ends the probe of `topic`: delivers what waited, in sequence order, once each, and
-    /// makes the topic live. `welcome` is the publisher's answer (`None`: gave up waiting).
-    pub(super) fn release(&mut self, topic: &[u8], welcome: Option<Pos>) {
+    /// makes the topic live. `welcome` is the publisher's answer (`None`: gave up waiting),
+    /// `table` the origins a proxy listed with it.
+    pub(super) fn release(
+        &mut self,
+        topic: &[u8],
+        welcome: Option<Pos>,
+        table: Option<Vec<(u64, u64)>>,
+    ) {
         let Some(sub) = self.subs.get_mut(topic) else {
             return;
         };
@@ -260,17 +308,30 @@ impl State {
         let settled = settle(&mut held, welcome, floor);
         sub.state = SubState::Live(settled.tracker);
         let route = sub.route.clone();
+        // Losses by origin (a proxy's messages) or by the publisher's sequence.
+        let by_origin = table.is_some() || held.iter().any(|h| h.payload.origin.is_some());
+        if let Some(table) = &table {
+            sub.origins.welcome(table);
+        }
+        let mut lost = if by_origin { 0 } else { settled.lost };
+        for h in &held {
+            if let Some(o) = h.payload.origin {
+                // Published after the welcome: an origin new to this topic began after the
+                // subscription (before it, it only sets where counting starts).
+                let fresh = welcome.is_none_or(|w| h.pos.epoch != w.epoch || h.pos.seq > w.seq);
+                lost += sub.origins.deliver(o, 1, fresh);
+            }
+        }
         // Counted before the messages are handed out: a receiver that has them sees the
         // counts.
-        let t = &self.shared.transport;
-        t.replayed.fetch_add(settled.replayed, Ordering::Relaxed);
-        if settled.lost > 0 {
-            t.lost.fetch_add(settled.lost, Ordering::Relaxed);
-            tracing::debug!(topic = %wire::display(topic), lost = settled.lost, "messages lost while the connection was down");
-        }
+        self.shared
+            .transport
+            .replayed
+            .fetch_add(settled.replayed, Ordering::Relaxed);
+        count_lost(&self.shared, topic, lost);
         let now = now_ms();
         for h in &held {
-            if let Some(env) = accept(&self.shared, &route, topic, &h.payload, now) {
+            if let Some(env) = accept(&self.shared, &route, topic, &h.payload.msg, now) {
                 self.ready.push(env);
             }
         }
@@ -299,6 +360,14 @@ impl State {
         let s = &self.shared;
         s.inbox
             .deliver_all(&mut self.ready, &s.groups, &s.options, &s.stats);
+    }
+}
+
+/// Counts `lost` messages of `topic` in [`crate::TransportStats::lost`].
+fn count_lost(shared: &Shared, topic: &[u8], lost: u64) {
+    if lost > 0 {
+        shared.transport.lost.fetch_add(lost, Ordering::Relaxed);
+        tracing::debug!(topic = %wire::display(topic), lost, "messages lost on the way");
     }
 }
 

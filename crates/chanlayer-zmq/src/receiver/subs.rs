@@ -13,8 +13,10 @@ use tokio::sync::oneshot;
 
 use super::{Cmd, Confirm, Route, Shared};
 use crate::config::ZmqConfig;
+use crate::origins::OriginTracker;
 use crate::seq::{Held, Pos, SeqTracker};
 use crate::wire;
+use crate::wire::Origin;
 
 /// The SUB socket's connection, as its monitor reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +32,7 @@ pub(super) enum SubState {
     Probing {
         /// The probe topic; `None` while disconnected (sent when the connection is back).
         probe: Option<Vec<u8>>,
-        held: Vec<Held<zmq::Message>>,
+        held: Vec<Held<Kept>>,
         deadline: Option<Instant>,
         waiters: Vec<oneshot::Sender<Confirm>>,
         /// After a reconnection: what was delivered already (replays up to it are
@@ -41,10 +43,18 @@ pub(super) enum SubState {
     Live(SeqTracker),
 }
 
+/// A message held back while a probe is outstanding, with its origin (dedicated mode).
+pub(super) struct Kept {
+    pub msg: zmq::Message,
+    pub origin: Option<Origin>,
+}
+
 /// One subscribed topic.
 pub(super) struct Sub {
     pub route: Route,
     pub state: SubState,
+    /// Loss accounting by origin, for topics whose messages carry one (dedicated mode).
+    pub origins: OriginTracker,
 }
 
 /// Everything the receiving thread keeps.
@@ -172,6 +182,7 @@ impl State {
             topic,
             Sub {
                 route,
+                origins: OriginTracker::new(),
                 state: SubState::Probing {
                     probe: Some(probe),
                     held: Vec::new(),
@@ -360,7 +371,7 @@ impl State {
                 "the publisher did not answer the subscription probe within {:?} (is it a chanlayer publisher?); the subscription stays, unconfirmed",
                 self.subscribe_timeout
             );
-            self.release(&t, None);
+            self.release(&t, None, None);
         }
         for probe in self.pending_unsubscribe.drain(..) {
             let _ = sock.set_unsubscribe(&probe);
