@@ -123,7 +123,7 @@ pub(crate) enum Item<C> {
 impl<C> Item<C> {
     /// How many data messages the item holds (what the mailbox's capacity counts; a
     /// command counts for nothing).
-    fn count(&self) -> usize {
+    pub fn count(&self) -> usize {
         match self {
             Item::Data(d) => d.count(),
             Item::Control(_) => 0,

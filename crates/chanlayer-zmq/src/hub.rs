@@ -31,8 +31,9 @@ use crate::wire::{self, TopicKind};
 
 /// Counters of a publisher (the proxy, or the embedded publisher of a process).
 ///
-/// `received = forwarded + dropped + undecodable + flushed + pending`, where `pending` are
-/// retained messages that no subscriber has received yet.
+/// `received = forwarded + dropped + undecodable + flushed + pending + abandoned`, where
+/// `pending` are retained messages that no subscriber has received yet, and `abandoned` the
+/// ones still pending when the publisher stopped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HubStats {
     /// Messages handed to the publisher (from senders, or from `send` in embedded mode).
@@ -60,6 +61,9 @@ pub struct HubStats {
     pub retained_bytes: u64,
     /// Retained messages no subscriber has received yet.
     pub pending: u64,
+    /// Retained messages no subscriber had received when the publisher stopped: the
+    /// embedded publisher after its `close_linger`, the proxy at [`crate::Proxy::stop`].
+    pub abandoned: u64,
 }
 
 /// Live counters, updated by the publisher's thread, read from anywhere.
@@ -76,6 +80,7 @@ pub(crate) struct HubCounters {
     retained: AtomicU64,
     retained_bytes: AtomicU64,
     pending: AtomicU64,
+    abandoned: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -97,6 +102,7 @@ impl HubCounters {
             retained: g(&self.retained),
             retained_bytes: g(&self.retained_bytes),
             pending: g(&self.pending),
+            abandoned: g(&self.abandoned),
         }
     }
 
@@ -357,6 +363,20 @@ impl Hub {
             self.keep(&key, first + i, from, bytes, subscribed);
         }
         add(&self.counters.received, count);
+    }
+
+    /// Retained messages no subscriber has had yet.
+    pub fn pending(&self) -> usize {
+        self.store.pending()
+    }
+
+    /// The publisher stops: lets go of everything retained, and counts the messages no
+    /// subscriber had as abandoned. Returns how many.
+    pub fn abandon(&mut self) -> u64 {
+        let abandoned = self.store.clear();
+        add(&self.counters.abandoned, abandoned);
+        self.show_store();
+        abandoned
     }
 
     /// Counts a message that is not chanlayer's (skipped).

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::bridge::{lock, Control, Outbox, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
-use crate::hub::HubStats;
+use crate::hub::{HubCounters, HubStats};
 use crate::publisher::{self, Endpoint};
 use crate::receiver::{Confirm, Receiver, ReceiverSync, Shared, TransportCounters};
 use crate::sender::PushSender;
@@ -35,6 +35,10 @@ pub struct TransportStats {
     pub replayed: u64,
     /// `true` while the SUB socket is connected to a publisher.
     pub connected: bool,
+    /// Dedicated mode: messages `send` accepted that never left this instance, because the
+    /// proxy did not take them within `close_linger` of `close` (embedded mode counts its
+    /// own in [`HubStats::abandoned`]).
+    pub abandoned: u64,
 }
 
 enum Outbound {
@@ -54,6 +58,9 @@ struct Inner {
     receiver: Receiver,
     outbound: Mutex<Option<Arc<Outbound>>>,
     normal: Mutex<HashSet<String>>,
+    /// Embedded mode: the counters of the publisher this instance used, kept at close (its
+    /// close may still count messages as abandoned).
+    closed_publisher: Mutex<Option<Arc<HubCounters>>>,
 }
 
 /// The ZeroMQ channel layer. See the crate docs.
@@ -122,6 +129,18 @@ fn refused(r: Refused, channel: &str, send_queue: usize) -> Error {
 impl Inner {
     fn outbound(&self) -> Result<Arc<Outbound>> {
         lock(&self.outbound).clone().ok_or(Error::Closed)
+    }
+
+    /// Takes the sending side at close, keeping the embedded publisher's counters for
+    /// [`ZmqLayer::publisher_stats`].
+    fn take_outbound(&self) -> Option<Arc<Outbound>> {
+        let outbound = lock(&self.outbound).take()?;
+        if let Outbound::Embedded { endpoint, .. } = &*outbound {
+            if let Some(p) = endpoint.running() {
+                *lock(&self.closed_publisher) = Some(p.counters());
+            }
+        }
+        Some(outbound)
     }
 
     fn prefix(&self) -> &str {
@@ -324,7 +343,11 @@ impl ZmqLayer {
                     bind: cfg.bind,
                 }
             }
-            Mode::Dedicated { pull, .. } => Outbound::Dedicated(PushSender::start(&cfg, pull)?),
+            Mode::Dedicated { pull, .. } => Outbound::Dedicated(PushSender::start(
+                &cfg,
+                pull,
+                shared.transport.abandoned.clone(),
+            )?),
         };
         let (receiver, inbox_confirmed) = Receiver::start(&cfg, shared.clone())?;
         let inner = Arc::new(Inner {
@@ -335,6 +358,7 @@ impl ZmqLayer {
             receiver,
             outbound: Mutex::new(Some(Arc::new(outbound))),
             normal: Mutex::new(HashSet::new()),
+            closed_publisher: Mutex::new(None),
         });
         let layer = ZmqLayer { inner };
         let timeout = layer.inner.cfg.connect_timeout;
@@ -391,13 +415,20 @@ impl ZmqLayer {
             lost: t.lost.load(o),
             replayed: t.replayed.load(o),
             connected: t.link_up.load(o),
+            abandoned: t.abandoned.load(o),
         }
     }
 
     /// Embedded mode: the counters of this process's publisher on this address, if this
-    /// process has bound it. `None` in dedicated mode (see [`crate::Proxy::stats`]).
+    /// process has bound it (after `close` too: what the publisher's close lingered for and
+    /// abandoned shows here). `None` in dedicated mode (see [`crate::Proxy::stats`]).
     pub fn publisher_stats(&self) -> Option<HubStats> {
-        match &*self.inner.outbound().ok()? {
+        let Ok(outbound) = self.inner.outbound() else {
+            return lock(&self.inner.closed_publisher)
+                .as_ref()
+                .map(|c| c.snapshot());
+        };
+        match &*outbound {
             Outbound::Embedded { endpoint, .. } => endpoint.running().map(|p| p.stats()),
             Outbound::Dedicated(_) => None,
         }
@@ -437,12 +468,14 @@ impl ZmqLayer {
             .sync
             .gone
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let outbound = lock(&inner.outbound).take();
+        let outbound = inner.take_outbound();
         let joining = inner.clone();
         let _ = tokio::task::spawn_blocking(move || {
             joining.receiver.stop_and_join();
             // The last instance on an embedded address stops the publisher (joining its
-            // thread); a dedicated sender hands over what it can and closes.
+            // thread), which lingers up to close_linger for subscribers that have not had
+            // its retained messages yet; a dedicated sender hands over its queue within
+            // close_linger and closes. What is left is counted (abandoned).
             drop(outbound);
         })
         .await;
@@ -463,8 +496,14 @@ impl Drop for ZmqLayer {
             .gone
             .store(true, std::sync::atomic::Ordering::SeqCst);
         inner.receiver.stop();
-        let outbound = lock(&inner.outbound).take();
-        drop(outbound);
+        if let Some(outbound) = inner.take_outbound() {
+            // Releasing the sending side may linger (close_linger): not on the dropping
+            // thread, which may be an async runtime's. If no thread starts, the closure
+            // (and the sending side with it) is dropped here.
+            let _ = std::thread::Builder::new()
+                .name("chanlayer-zmq close".into())
+                .spawn(move || drop(outbound));
+        }
         inner.shared.inbox.clear();
     }
 }

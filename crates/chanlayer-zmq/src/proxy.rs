@@ -161,7 +161,8 @@ impl Proxy {
         self.counters.snapshot()
     }
 
-    /// Stops the proxy (closing both sockets) and returns its final counters.
+    /// Stops the proxy (closing both sockets) and returns its final counters (what it
+    /// retained for subscribers that never came is counted in `abandoned`).
     pub fn stop(self) -> HubStats {
         self.shut_down();
         self.stats()
@@ -272,6 +273,14 @@ fn run(config: ProxyConfig, mailbox: Arc<Mailbox<()>>, counters: Arc<HubCounters
         }
         mailbox.woke();
         if mailbox.is_closed() {
+            // What is retained for subscribers that never came goes with the proxy.
+            let abandoned = hub.abandon();
+            if abandoned > 0 {
+                tracing::warn!(
+                    abandoned,
+                    "the proxy stopped with {abandoned} retained messages that no subscriber had received; counted in HubStats::abandoned"
+                );
+            }
             break;
         }
         hub.drain_subscriptions();

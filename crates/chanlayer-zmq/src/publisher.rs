@@ -10,6 +10,11 @@
 //!   address is connected and has its subscriptions confirmed (bounded by
 //!   `connect_timeout`): their SUB sockets were retrying to connect while nobody listened,
 //!   and a group message published before they are back would be lost to them.
+//! - **Close lingers.** When the last instance of the process on the address closes, the
+//!   publisher publishes what is still queued, then keeps answering subscriptions for up to
+//!   `close_linger` while it retains messages that no subscriber has had yet (a receiver
+//!   still connecting gets them as its replay), and stops as soon as there are none. What
+//!   is left then is counted in [`HubStats::abandoned`] and logged.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -47,6 +52,13 @@ fn registry() -> &'static Mutex<HashMap<String, Weak<Endpoint>>> {
 /// the old listener still closing).
 fn recently_stopped() -> &'static Mutex<HashMap<String, Instant>> {
     static R: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    R.get_or_init(Mutex::default)
+}
+
+/// Publishers of this process that are stopping (lingering at close), per address: a new
+/// publisher on the address waits for them before it binds.
+fn stopping() -> &'static Mutex<HashMap<String, usize>> {
+    static R: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
     R.get_or_init(Mutex::default)
 }
 
@@ -139,11 +151,19 @@ pub(crate) struct Publisher {
 
 impl Drop for Publisher {
     fn drop(&mut self) {
+        *lock(stopping()).entry(self.address.clone()).or_default() += 1;
         self.mailbox.close();
         if let Some(h) = lock(&self.thread).take() {
             let _ = h.join();
         }
         lock(recently_stopped()).insert(self.address.clone(), Instant::now());
+        let mut s = lock(stopping());
+        if let Some(n) = s.get_mut(&self.address) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.remove(&self.address);
+            }
+        }
     }
 }
 
@@ -188,6 +208,11 @@ impl Publisher {
     pub fn stats(&self) -> HubStats {
         self.counters.snapshot()
     }
+
+    /// The publisher's live counters (still read after it stops).
+    pub fn counters(&self) -> Arc<HubCounters> {
+        self.counters.clone()
+    }
 }
 
 /// `true` if a process answers on the Unix socket at `path` (libzmq would take the file over
@@ -213,9 +238,15 @@ fn taken(address: &str) -> Error {
     }
 }
 
-fn bind(xpub: &zmq::Socket, address: &str) -> Result<()> {
-    // Our own publisher on this address may have stopped a moment ago, its listener still
-    // closing: then wait for it, briefly.
+fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
+    // Our own publisher on this address may be stopping (lingering at its close): wait for
+    // it, within its close_linger and linger and a margin.
+    let started = Instant::now();
+    let patience = cfg.close_linger + cfg.linger + Duration::from_secs(2);
+    while lock(stopping()).contains_key(address) && started.elapsed() < patience {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Or it stopped a moment ago, its listener still closing: then wait for it, briefly.
     let recent = lock(recently_stopped())
         .get(address)
         .is_some_and(|t| t.elapsed() < Duration::from_secs(2));
@@ -249,7 +280,7 @@ fn setup(address: &str, cfg: &ZmqConfig) -> Result<zmq::Socket> {
     xpub.set_sndhwm(cfg.sndhwm)
         .map_err(|e| zmq_err("could not set sndhwm", e))?;
     cfg.apply_curve_server(&xpub)?;
-    bind(&xpub, address)?;
+    bind(&xpub, address, cfg)?;
     Ok(xpub)
 }
 
@@ -303,10 +334,12 @@ fn run(
         mailbox.woke();
         if mailbox.is_closed() {
             // Hand what was sent before the close to the socket: it goes out within
-            // `linger` to the subscribers that are there.
+            // `linger` to the subscribers that are there; what is retained for those not
+            // there yet waits for them, within `close_linger`.
             hub.drain_subscriptions();
             batch.extend(mailbox.take_all());
             execute_all(&mut hub, &mut batch, &mut run);
+            linger(&mut hub, cfg.close_linger, &address);
             break;
         }
         hub.drain_subscriptions();
@@ -327,6 +360,36 @@ fn run(
         }
     }
     tracing::debug!(%address, "embedded publisher stopped");
+}
+
+/// The publisher is closing: keeps answering subscriptions (late joiners get their replay)
+/// while it retains messages no subscriber has had, up to `close_linger`; then counts what is
+/// left as abandoned, and says so.
+fn linger(hub: &mut Hub, close_linger: Duration, address: &str) {
+    let until = Instant::now() + close_linger;
+    while hub.pending() > 0 {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
+        if let Err(e) = hub.socket().poll(zmq::POLLIN, wait) {
+            if e != zmq::Error::EINTR {
+                tracing::warn!(error = %e, "the publisher could not poll while closing");
+                break;
+            }
+        }
+        hub.drain_subscriptions();
+        hub.tick();
+    }
+    let abandoned = hub.abandon();
+    if abandoned > 0 {
+        tracing::warn!(
+            %address,
+            abandoned,
+            "the embedded publisher stopped with {abandoned} messages that no subscriber had received (close_linger {close_linger:?} ended); counted in HubStats::abandoned"
+        );
+    }
 }
 
 /// Executes the queued items in order, consecutive messages of a topic as batches.

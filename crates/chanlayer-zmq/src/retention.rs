@@ -212,6 +212,16 @@ impl Store {
         unheard
     }
 
+    /// Lets go of everything (the publisher stops). Returns how many of them no subscriber
+    /// had.
+    pub fn clear(&mut self) -> u64 {
+        let unheard = self.pending as u64;
+        self.topics.clear();
+        self.order.clear();
+        (self.count, self.bytes, self.pending) = (0, 0, 0);
+        unheard
+    }
+
     /// Hands the messages kept for `topic`, oldest first, to `send` until it returns
     /// `false`; each one handed over counts as heard. Returns (handed over, of which heard
     /// for the first time).
@@ -461,6 +471,19 @@ mod tests {
         );
         assert_eq!(store.replay(b"none", |_| true), (0, 0));
         assert_eq!(store.pending(), 0, "every message was heard");
+    }
+
+    #[test]
+    fn clear_counts_the_unheard() {
+        let mut store = Store::new(limits(10, 60, 1000));
+        let now = Instant::now();
+        store.keep(&topic("a"), 1, None, vec![1], true, now);
+        store.keep(&topic("a"), 2, None, vec![1], false, now);
+        store.keep(&topic("b"), 1, None, vec![1], false, now);
+        assert_eq!(store.clear(), 2);
+        assert_eq!((store.count(), store.bytes(), store.pending()), (0, 0, 0));
+        assert!(!store.holds(b"a"));
+        assert_eq!(store.clear(), 0);
     }
 
     #[test]

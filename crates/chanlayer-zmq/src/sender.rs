@@ -12,6 +12,7 @@
 //! never arrived, across a proxy restart too.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,15 +41,16 @@ impl Drop for PushSender {
 }
 
 impl PushSender {
-    /// Connects a PUSH socket to `pull` on a new thread.
-    pub fn start(cfg: &ZmqConfig, pull: &str) -> Result<PushSender> {
+    /// Connects a PUSH socket to `pull` on a new thread. `abandoned` counts the messages
+    /// the thread still holds when its close lingered `close_linger` in vain.
+    pub fn start(cfg: &ZmqConfig, pull: &str, abandoned: Arc<AtomicU64>) -> Result<PushSender> {
         let mailbox = Arc::new(Mailbox::new(cfg.send_queue)?);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
             let (cfg, pull, mailbox) = (cfg.clone(), pull.to_owned(), mailbox.clone());
             std::thread::Builder::new()
                 .name("chanlayer-zmq sender".into())
-                .spawn(move || run(cfg, pull, mailbox, ready_tx))
+                .spawn(move || run(cfg, pull, mailbox, abandoned, ready_tx))
                 .map_err(|e| Error::backend(BACKEND, "could not start the sender thread", e))?
         };
         let started = ready_rx.recv().unwrap_or_else(|_| {
@@ -214,10 +216,51 @@ fn try_send(
     Ok(())
 }
 
+/// The layer is closing: hands what is queued to the socket, waiting up to `close_linger`
+/// while the socket refuses (the proxy is away or slow); what it took goes out within
+/// `linger`. What it never took is counted as abandoned, and said.
+fn close(
+    push: &zmq::Socket,
+    pending: &mut VecDeque<Item<Control>>,
+    numbering: &mut Numbering,
+    close_linger: Duration,
+    abandoned: &AtomicU64,
+) {
+    let until = Instant::now() + close_linger;
+    loop {
+        while let Some(item) = pending.pop_front() {
+            if let Err(back) = try_send(push, item, numbering) {
+                pending.push_front(back);
+                break;
+            }
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if pending.is_empty() || left.is_zero() {
+            break;
+        }
+        let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
+        if let Err(e) = push.poll(zmq::POLLOUT, wait) {
+            if e != zmq::Error::EINTR {
+                tracing::warn!(error = %e, "the sender could not poll while closing");
+                break;
+            }
+        }
+    }
+    let left: usize = pending.iter().map(Item::count).sum();
+    if left > 0 {
+        abandoned.fetch_add(left as u64, Ordering::Relaxed);
+        tracing::warn!(
+            abandoned = left,
+            "the layer closed with {left} messages the proxy did not take within close_linger ({close_linger:?}); counted in TransportStats::abandoned"
+        );
+    }
+}
+
 fn run(
     cfg: ZmqConfig,
     pull: String,
     mailbox: Arc<Outbox>,
+    abandoned: Arc<AtomicU64>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
     let push = match setup(&cfg, &pull) {
@@ -256,18 +299,14 @@ fn run(
         mailbox.woke();
         numbering.turn();
         if mailbox.is_closed() {
-            // Hand over what is queued while the socket takes it; what it took goes out
-            // within `linger`, the rest is lost with the layer.
             pending.extend(mailbox.take_all());
-            while let Some(out) = pending.pop_front() {
-                if try_send(&push, out, &mut numbering).is_err() {
-                    tracing::debug!(
-                        left = pending.len() + 1,
-                        "the layer closed with messages the proxy could not take"
-                    );
-                    break;
-                }
-            }
+            close(
+                &push,
+                &mut pending,
+                &mut numbering,
+                cfg.close_linger,
+                &abandoned,
+            );
             break;
         }
         if pending.is_empty() {

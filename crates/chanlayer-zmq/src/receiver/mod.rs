@@ -78,6 +78,8 @@ pub(crate) struct TransportCounters {
     pub lost: AtomicU64,
     pub replayed: AtomicU64,
     pub link_up: AtomicBool,
+    /// Messages the dedicated sender still held when its close lingered in vain.
+    pub abandoned: Arc<AtomicU64>,
 }
 
 /// What the embedded publisher of this process reads to know that an in-process receiver
