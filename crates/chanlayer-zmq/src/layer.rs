@@ -35,9 +35,9 @@ pub struct TransportStats {
     pub replayed: u64,
     /// `true` while the SUB socket is connected to a publisher.
     pub connected: bool,
-    /// Dedicated mode: messages `send` accepted that never left this instance, because the
-    /// proxy did not take them within `close_linger` of `close` (embedded mode counts its
-    /// own in [`HubStats::abandoned`]).
+    /// Dedicated mode: messages `send` accepted that never left this instance: the proxy
+    /// did not take them within `close_linger` of `close`, or the PUSH socket failed on
+    /// them (embedded mode counts its own in [`HubStats::abandoned`]).
     pub abandoned: u64,
 }
 

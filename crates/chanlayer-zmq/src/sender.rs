@@ -149,11 +149,13 @@ impl Numbering {
 
 /// Sends one queued item without blocking. `Err(item)` gives it back when the socket is at
 /// its high-water mark (nothing of it was sent). Data is numbered by `numbering` once the
-/// socket took it.
+/// socket took it; data the socket fails on (an error other than being full) is counted
+/// in `abandoned`.
 fn try_send(
     push: &zmq::Socket,
     item: Item<Control>,
     numbering: &mut Numbering,
+    abandoned: &AtomicU64,
 ) -> std::result::Result<(), Item<Control>> {
     let first = match &item {
         Item::Data(d) => push.send(d.topic(), zmq::DONTWAIT | zmq::SNDMORE),
@@ -171,7 +173,9 @@ fn try_send(
     match first {
         Err(zmq::Error::EAGAIN) => return Err(item),
         Err(e) => {
-            tracing::warn!(error = %e, "the sender could not send to the proxy; message dropped");
+            let n = item.count();
+            abandoned.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!(error = %e, messages = n, "the sender could not send to the proxy; dropped, counted in TransportStats::abandoned");
             return Ok(());
         }
         Ok(()) => {}
@@ -229,7 +233,7 @@ fn close(
     let until = Instant::now() + close_linger;
     loop {
         while let Some(item) = pending.pop_front() {
-            if let Err(back) = try_send(push, item, numbering) {
+            if let Err(back) = try_send(push, item, numbering, abandoned) {
                 pending.push_front(back);
                 break;
             }
@@ -314,7 +318,7 @@ fn run(
         }
         let worked = !pending.is_empty();
         while let Some(out) = pending.pop_front() {
-            if let Err(back) = try_send(&push, out, &mut numbering) {
+            if let Err(back) = try_send(&push, out, &mut numbering, &abandoned) {
                 pending.push_front(back);
                 break;
             }
