@@ -84,8 +84,8 @@ fn zmq_key(z85: &str) -> std::result::Result<[u8; 32], String> {
 /// One line with every counter, as the proxy prints them.
 pub fn counters_line(s: &HubStats) -> String {
     format!(
-        "forwarded={} dropped={} received={} undecodable={} flushed={} replayed={} batches={} batched={} retained={} retained_bytes={} pending={}",
-        s.forwarded, s.dropped, s.received, s.undecodable, s.flushed, s.replayed, s.batches, s.batched, s.retained, s.retained_bytes, s.pending
+        "forwarded={} dropped={} received={} undecodable={} flushed={} replayed={} batches={} batched={} retained={} retained_bytes={} pending={} abandoned={}",
+        s.forwarded, s.dropped, s.received, s.undecodable, s.flushed, s.replayed, s.batches, s.batched, s.retained, s.retained_bytes, s.pending, s.abandoned
     )
 }
 

@@ -1,5 +1,5 @@
 //! [`Inbound`]: one layer instance's receiving side, shared between core's
-//! [`TransportLayer`](crate::TransportLayer) and its transport. It holds the instance's id,
+//! [`TransportLayer`](crate::toolkit::TransportLayer) and its transport. It holds the instance's id,
 //! options, counters and close signal, its [`LocalInbox`] and its group registries, and it
 //! is the one ingest path: decode → owner check → deliver → counted drops.
 
@@ -25,11 +25,15 @@ pub struct Inbound {
     inbox: Arc<LocalInbox>,
     groups: GroupRegistry,
     normal_groups: GroupRegistry,
+    /// Normal-channel messages arrive in this instance's inbox (the transport's
+    /// `NORMAL_VIA_INBOX`); otherwise one there is misrouted.
+    normal_via_inbox: bool,
 }
 
 impl Inbound {
-    /// A fresh instance with a new id.
-    pub fn new(options: LayerOptions) -> Self {
+    /// A fresh instance with a new id. `normal_via_inbox`: the transport reads normal
+    /// channels from the inbox (its `NORMAL_VIA_INBOX`).
+    pub fn new(options: LayerOptions, normal_via_inbox: bool) -> Self {
         Inbound {
             id: names::new_instance_id(),
             options,
@@ -38,6 +42,7 @@ impl Inbound {
             inbox: Arc::new(LocalInbox::new()),
             groups: GroupRegistry::new(),
             normal_groups: GroupRegistry::new(),
+            normal_via_inbox,
         }
     }
 
@@ -79,11 +84,17 @@ impl Inbound {
     }
 
     /// `true` if this instance may take `envelope`: a message for a process-local channel
-    /// must be for one of this instance's own.
+    /// must be for one of this instance's own; one for a normal channel only where normal
+    /// channels are read from the inbox.
     fn owned(&self, envelope: &Envelope) -> bool {
         envelope.kind == Destination::Group
-            || !names::is_process_local(&envelope.destination)
-            || names::owner_instance(&envelope.destination) == Some(self.id.as_str())
+            || if names::is_process_local(&envelope.destination) {
+                names::owner_instance(&envelope.destination) == Some(self.id.as_str())
+            } else {
+                // A normal channel's message belongs in the inbox only where the transport
+                // reads normal channels from it; elsewhere nothing would ever take it.
+                self.normal_via_inbox
+            }
     }
 
     /// Delivers an envelope that arrived: to its channel, or one copy to each live local

@@ -1,5 +1,5 @@
 //! The transport contract: the narrow interface a backend implements. Core's
-//! [`TransportLayer`](crate::TransportLayer) implements [`ChannelLayer`](crate::ChannelLayer)
+//! [`TransportLayer`](crate::toolkit::TransportLayer) implements [`ChannelLayer`](crate::ChannelLayer)
 //! once over any [`Transport`]: names, closed handling, owner checks, the local/normal split,
 //! statistics, settled local deliveries, group bookkeeping and expiry, and the ingest path
 //! ([`Inbound`]).

@@ -71,7 +71,7 @@ impl<T: Transport> TransportLayer<T> {
     /// Needs a tokio runtime.
     pub async fn connect(config: &LayerConfig) -> Result<Self> {
         config.options.validate()?;
-        let inbound = Arc::new(Inbound::new(config.options.clone()));
+        let inbound = Arc::new(Inbound::new(config.options.clone(), T::NORMAL_VIA_INBOX));
         let transport = Arc::new(T::open(config, inbound.clone()).await?);
         let caps = transport.capabilities();
         let groups = Arc::new(GroupState {

@@ -2,9 +2,14 @@
 //!
 //! libzmq sockets are blocking and not thread-safe, so each socket lives in one thread. That
 //! thread waits in `zmq_poll` on its sockets and on a doorbell (one end of a Unix datagram
-//! pair); callers push commands into a [`Mailbox`] and ring the doorbell only when the thread
-//! may be asleep, so a burst of sends costs one wake-up, and the thread drains the whole
-//! queue in one batch.
+//! pair); callers push into a [`Mailbox`] and ring the doorbell only when the thread may be
+//! asleep, so a burst of sends costs one wake-up, and the thread drains the whole queue in
+//! one batch.
+//!
+//! What a mailbox holds is one type, [`Item`]: data ([`Outgoing`]), which the caller's
+//! thread copies straight into the queued run of its topic when the message before it is
+//! of the same topic (so the socket thread gets batches ready to send), or a command of the
+//! thread's own kind, which travels alone.
 
 use std::collections::VecDeque;
 use std::io::ErrorKind;
@@ -34,25 +39,9 @@ pub(crate) fn zmq_err(what: impl Into<String>, e: zmq::Error) -> Error {
     Error::backend(BACKEND, what, e)
 }
 
-/// What a mailbox holds: an item is one message (or command), unless it merges the ones
-/// pushed after it (consecutive messages of one topic become one batch in the queue, so the
-/// sender's thread does the copying and the socket thread gets a batch ready to send).
-pub(crate) trait Merge: Sized {
-    /// How many messages the item holds (what the mailbox's capacity counts).
-    fn count(&self) -> usize {
-        1
-    }
-
-    /// Takes `next` into `self` when they travel together, or gives it back.
-    fn merge(&mut self, next: Self) -> std::result::Result<(), Self> {
-        Err(next)
-    }
-}
-
-impl Merge for () {}
-
 /// Data messages on their way to a socket thread: one message, or a run of consecutive
-/// messages of one topic that merged in the queue (see [`Merge`]).
+/// messages of one topic that merged in the queue (see [`Outgoing::append`]).
+#[derive(Debug)]
 pub(crate) enum Outgoing {
     /// `[topic, envelope]`.
     One { topic: Vec<u8>, payload: Vec<u8> },
@@ -65,11 +54,18 @@ pub(crate) enum Outgoing {
 }
 
 impl Outgoing {
-    /// `[topic, payload]` as a new item (copies both).
-    pub fn copied(topic: &[u8], payload: &[u8]) -> Outgoing {
-        Outgoing::One {
-            topic: topic.to_vec(),
-            payload: payload.to_vec(),
+    /// How many messages this holds (what the mailbox's capacity counts).
+    pub fn count(&self) -> usize {
+        match self {
+            Outgoing::One { .. } => 1,
+            Outgoing::Run { count, .. } => *count,
+        }
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &[u8] {
+        match self {
+            Outgoing::One { topic, .. } | Outgoing::Run { topic, .. } => topic,
         }
     }
 
@@ -113,83 +109,47 @@ impl Outgoing {
     }
 }
 
-impl Merge for Outgoing {
-    fn count(&self) -> usize {
+/// What a socket thread's mailbox holds: data, which merges with the data queued just
+/// before it into a run of its topic, or a command of the thread's own kind `C`, which
+/// travels alone and counts as one.
+#[derive(Debug)]
+pub(crate) enum Item<C> {
+    /// Data messages.
+    Data(Outgoing),
+    /// A command.
+    Control(C),
+}
+
+impl<C> Item<C> {
+    /// How many data messages the item holds (what the mailbox's capacity counts; a
+    /// command counts for nothing).
+    pub fn count(&self) -> usize {
         match self {
-            Outgoing::One { .. } => 1,
-            Outgoing::Run { count, .. } => *count,
-        }
-    }
-
-    /// A message merges into the message or run before it as [`Outgoing::append`] says.
-    fn merge(&mut self, next: Outgoing) -> std::result::Result<(), Outgoing> {
-        match next {
-            Outgoing::One { topic, payload } if self.append(&topic, &payload) => Ok(()),
-            other => Err(other),
+            Item::Data(d) => d.count(),
+            Item::Control(_) => 0,
         }
     }
 }
 
-/// A mailbox item that can carry a data message given as borrowed bytes: a sender that
-/// encodes into a reused buffer pushes with [`Mailbox::push_data`], which copies the bytes
-/// straight into the queued run of their topic (no owned buffer per message).
-pub(crate) trait Carries: Merge {
-    /// The data message `[topic, payload]` as a new item.
-    fn data(topic: &[u8], payload: &[u8]) -> Self;
-    /// Appends the data message to this item if they travel together (see
-    /// [`Outgoing::append`]); `false` otherwise.
-    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool;
+/// A command for a sending thread: the embedded publisher or the dedicated sender. Both
+/// take the same commands and the same data, so a layer instance talks to either through
+/// one [`Outbox`], whichever mode it runs in.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// A barrier: after everything queued before it, drop the retention of `flush_prefix`
+    /// (when not empty) and publish a MARK with `token` on `reply` (see
+    /// [`wire::mark_control`]).
+    Mark {
+        reply: Vec<u8>,
+        token: u64,
+        flush_prefix: Vec<u8>,
+    },
+    /// Frames sent as they are (tests of what receivers and the proxy do with garbage).
+    Raw(Vec<Vec<u8>>),
 }
 
-/// A socket thread's command, of which one kind carries data messages. [`Merge`] and
-/// [`Carries`] come with it: data merges with the data queued before it as [`Outgoing`]
-/// says, any other command travels alone and counts as one.
-pub(crate) trait Command: Sized {
-    /// The command that carries `data`.
-    fn from_data(data: Outgoing) -> Self;
-    /// The data this command carries, if it is a data command.
-    fn data(&self) -> Option<&Outgoing>;
-    /// [`Command::data`], mutable.
-    fn data_mut(&mut self) -> Option<&mut Outgoing>;
-    /// The data of a data command, or the command back.
-    fn into_data(self) -> std::result::Result<Outgoing, Self>;
-}
-
-impl<T: Command> Merge for T {
-    fn count(&self) -> usize {
-        self.data().map_or(1, Merge::count)
-    }
-
-    fn merge(&mut self, next: T) -> std::result::Result<(), T> {
-        let Some(data) = self.data_mut() else {
-            return Err(next);
-        };
-        match next.into_data() {
-            Ok(n) => data.merge(n).map_err(T::from_data),
-            Err(other) => Err(other),
-        }
-    }
-}
-
-impl<T: Command> Carries for T {
-    fn data(topic: &[u8], payload: &[u8]) -> Self {
-        T::from_data(Outgoing::copied(topic, payload))
-    }
-
-    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool {
-        self.data_mut().is_some_and(|d| d.append(topic, payload))
-    }
-}
-
-impl Carries for Outgoing {
-    fn data(topic: &[u8], payload: &[u8]) -> Self {
-        Outgoing::copied(topic, payload)
-    }
-
-    fn append_data(&mut self, topic: &[u8], payload: &[u8]) -> bool {
-        self.append(topic, payload)
-    }
-}
+/// The queue to a sending thread (see [`Control`]).
+pub(crate) type Outbox = Mailbox<Control>;
 
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,22 +162,24 @@ pub(crate) enum Refused {
 
 struct Queue<T> {
     items: VecDeque<T>,
-    /// Messages in `items` (an item may hold several).
+    /// Data messages in `items` (an item may hold several).
     count: usize,
     closed: bool,
 }
 
-/// A command queue to one socket thread, with its doorbell.
-pub(crate) struct Mailbox<T> {
-    queue: Mutex<Queue<T>>,
+/// The queue to one socket thread ([`Item`]s: data and commands of kind `C`), with its
+/// doorbell.
+pub(crate) struct Mailbox<C> {
+    queue: Mutex<Queue<Item<C>>>,
     capacity: usize,
     sleeping: AtomicBool,
     bell_tx: UnixDatagram,
     bell_rx: UnixDatagram,
 }
 
-impl<T: Merge> Mailbox<T> {
-    /// A mailbox that holds at most `capacity` bounded pushes.
+impl<C> Mailbox<C> {
+    /// A mailbox that holds at most `capacity` data messages (commands are not counted
+    /// against it).
     pub fn new(capacity: usize) -> Result<Self> {
         let (bell_tx, bell_rx) = UnixDatagram::pair()
             .map_err(|e| Error::backend(BACKEND, "could not create a doorbell socket pair", e))?;
@@ -252,7 +214,7 @@ impl<T: Merge> Mailbox<T> {
         &self,
         n: usize,
         bounded: bool,
-        place: impl FnOnce(&mut VecDeque<T>),
+        place: impl FnOnce(&mut VecDeque<Item<C>>),
     ) -> std::result::Result<(), Refused> {
         {
             let mut q = lock(&self.queue);
@@ -269,48 +231,55 @@ impl<T: Merge> Mailbox<T> {
         Ok(())
     }
 
-    /// Appends `item` to `items`, merged into the last one when they travel together.
-    fn enqueue(items: &mut VecDeque<T>, item: T) {
-        let unmerged = match items.back_mut() {
-            Some(last) => last.merge(item).err(),
-            None => Some(item),
-        };
-        if let Some(item) = unmerged {
-            items.push_back(item);
+    /// Appends the data message `[topic, payload]` to `items`: copied into the last item
+    /// when they travel together, else copied into a new item.
+    fn enqueue(items: &mut VecDeque<Item<C>>, topic: &[u8], payload: &[u8]) {
+        if let Some(Item::Data(last)) = items.back_mut() {
+            if last.append(topic, payload) {
+                return;
+            }
         }
+        items.push_back(Item::Data(Outgoing::One {
+            topic: topic.to_vec(),
+            payload: payload.to_vec(),
+        }));
     }
 
-    /// Queues `item`, merged into the last queued item when they travel together.
-    /// `bounded` pushes fail with `Full` when the queue holds `capacity` messages; control
-    /// commands pass `false` so they are never refused for capacity.
-    pub fn push(&self, item: T, bounded: bool) -> std::result::Result<(), Refused> {
-        self.admit(item.count(), bounded, |items| Self::enqueue(items, item))
+    /// Queues the data message `[topic, payload]` (bounded by the capacity), copied into
+    /// the queued run of its topic when there is one: the path of small messages, which
+    /// then allocate nothing of their own.
+    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
+        self.admit(1, true, |items| Self::enqueue(items, topic, payload))
     }
 
-    /// Queues the data message `[topic, payload]` (a bounded push), copied into the last
-    /// queued item when they travel together, else into a new item.
-    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused>
-    where
-        T: Carries,
-    {
-        self.admit(1, true, |items| {
-            let merged = items
-                .back_mut()
-                .is_some_and(|last| last.append_data(topic, payload));
-            if !merged {
-                items.push_back(T::data(topic, payload));
+    /// Queues the data message `[topic, payload]` (bounded), given as owned bytes: a large
+    /// message travels alone and is handed to the socket without a copy.
+    pub fn push_owned(&self, topic: Vec<u8>, payload: Vec<u8>) -> std::result::Result<(), Refused> {
+        self.admit(1, true, |items| Self::enqueue_owned(items, topic, payload))
+    }
+
+    /// [`Mailbox::enqueue`] for owned bytes: a message that travels alone is not copied.
+    fn enqueue_owned(items: &mut VecDeque<Item<C>>, topic: Vec<u8>, payload: Vec<u8>) {
+        if let Some(Item::Data(last)) = items.back_mut() {
+            if last.append(&topic, &payload) {
+                return;
+            }
+        }
+        items.push_back(Item::Data(Outgoing::One { topic, payload }));
+    }
+
+    /// Queues several data messages at once (all or none), as one bounded push.
+    pub fn push_all(&self, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> std::result::Result<(), Refused> {
+        self.admit(msgs.len(), true, |items| {
+            for (topic, payload) in msgs {
+                Self::enqueue_owned(items, topic, payload);
             }
         })
     }
 
-    /// Queues several items at once (all or none), as one bounded push.
-    pub fn push_all(&self, items: Vec<T>) -> std::result::Result<(), Refused> {
-        let n: usize = items.iter().map(Merge::count).sum();
-        self.admit(n, true, |queue| {
-            for item in items {
-                Self::enqueue(queue, item);
-            }
-        })
+    /// Queues a command. Commands are never refused for capacity (only when closed).
+    pub fn push_control(&self, command: C) -> std::result::Result<(), Refused> {
+        self.admit(0, false, |items| items.push_back(Item::Control(command)))
     }
 
     /// Marks the mailbox closed (later pushes are refused) and wakes the thread.
@@ -326,17 +295,17 @@ impl<T: Merge> Mailbox<T> {
     }
 
     /// Takes every queued item.
-    pub fn take_all(&self) -> VecDeque<T> {
+    pub fn take_all(&self) -> VecDeque<Item<C>> {
         let mut q = lock(&self.queue);
         q.count = 0;
         std::mem::take(&mut q.items)
     }
 
     /// Takes up to `max` queued items into `out`.
-    pub fn take_some(&self, max: usize, out: &mut VecDeque<T>) {
+    pub fn take_some(&self, max: usize, out: &mut VecDeque<Item<C>>) {
         let mut q = lock(&self.queue);
         let n = q.items.len().min(max);
-        let taken: usize = q.items.iter().take(n).map(Merge::count).sum();
+        let taken: usize = q.items.iter().take(n).map(Item::count).sum();
         q.count -= taken;
         out.extend(q.items.drain(..n));
     }
@@ -377,175 +346,189 @@ impl<T: Merge> Mailbox<T> {
 mod tests {
     use super::*;
 
-    impl Merge for u32 {}
-
-    /// Pairs of the same value merge (the count is what the capacity counts).
+    /// What is queued, in order: data as (topic, item lengths), commands as their value.
     #[derive(Debug, PartialEq)]
-    struct Run(u32, usize);
-
-    impl Merge for Run {
-        fn count(&self) -> usize {
-            self.1
-        }
-        fn merge(&mut self, next: Run) -> std::result::Result<(), Run> {
-            if next.0 == self.0 {
-                self.1 += next.1;
-                Ok(())
-            } else {
-                Err(next)
-            }
-        }
+    enum Shape {
+        Data(Vec<u8>, Vec<usize>),
+        Control(u32),
     }
 
-    #[test]
-    fn merged_items_count_every_message_against_the_capacity() {
-        let m: Mailbox<Run> = Mailbox::new(3).expect("mailbox");
-        m.push(Run(1, 1), true).expect("room");
-        m.push(Run(1, 1), true).expect("room");
-        m.push(Run(2, 1), true).expect("room");
-        assert_eq!(
-            m.push(Run(2, 1), true),
-            Err(Refused::Full),
-            "3 messages queued"
-        );
-        let mut out = VecDeque::new();
-        m.take_some(1, &mut out);
-        assert_eq!(out.pop_front(), Some(Run(1, 2)), "the first two merged");
-        m.push(Run(2, 1), true).expect("room again");
-        m.push(Run(2, 1), true).expect("room again");
-        assert_eq!(m.push(Run(3, 1), true), Err(Refused::Full));
-        assert_eq!(
-            m.take_all().into_iter().collect::<Vec<_>>(),
-            vec![Run(2, 3)]
-        );
-        m.push(Run(3, 1), true).expect("empty again");
-    }
-
-    fn one(topic: &[u8], len: usize) -> Outgoing {
-        Outgoing::One {
-            topic: topic.to_vec(),
-            payload: vec![7; len],
-        }
-    }
-
-    #[test]
-    fn consecutive_messages_of_a_topic_merge_into_a_run() {
-        let m: Mailbox<Outgoing> = Mailbox::new(100).expect("mailbox");
-        for (topic, len) in [
-            (&b"a"[..], 10),
-            (b"a", 20),
-            (b"a", 30),
-            (b"b", 5),
-            (b"b", wire::BATCH_ITEM_MAX + 1),
-            (b"b", 5),
-        ] {
-            m.push(one(topic, len), true).expect("room");
-        }
-        let items: Vec<Outgoing> = m.take_all().into_iter().collect();
-        assert_eq!(items.len(), 4, "a a a | b | big b | b");
-        match &items[0] {
-            Outgoing::Run { topic, body, count } => {
-                assert_eq!((&topic[..], *count), (&b"a"[..], 3));
-                let lens: Vec<usize> = wire::batch_items(body)
-                    .expect("a batch")
-                    .iter()
-                    .map(|i| i.len())
-                    .collect();
-                assert_eq!(lens, vec![10, 20, 30], "in order");
-            }
-            Outgoing::One { .. } => panic!("the three of topic a did not merge"),
-        }
-        assert!(matches!(&items[1], Outgoing::One { payload, .. } if payload.len() == 5));
-        assert!(
-            matches!(&items[2], Outgoing::One { payload, .. } if payload.len() > wire::BATCH_ITEM_MAX),
-            "too large to merge, and nothing merges into it"
-        );
-        assert!(matches!(&items[3], Outgoing::One { payload, .. } if payload.len() == 5));
-        // A run stops at BATCH_MAX_BYTES.
-        let per = wire::BATCH_ITEM_MAX;
-        let fit = wire::BATCH_MAX_BYTES / (per + 4);
-        for _ in 0..=fit {
-            m.push(one(b"c", per), true).expect("room");
-        }
-        let counts: Vec<usize> = m.take_all().iter().map(Merge::count).collect();
-        assert_eq!(counts, vec![fit, 1]);
-    }
-
-    /// What `push_data` queues, in the order pushed, as (topic, item lengths).
-    fn shape(items: VecDeque<Outgoing>) -> Vec<(Vec<u8>, Vec<usize>)> {
+    fn shape(items: VecDeque<Item<u32>>) -> Vec<Shape> {
         items
             .into_iter()
             .map(|i| match i {
-                Outgoing::One { topic, payload } => (topic, vec![payload.len()]),
-                Outgoing::Run { topic, body, count } => {
+                Item::Data(Outgoing::One { topic, payload }) => {
+                    Shape::Data(topic, vec![payload.len()])
+                }
+                Item::Data(Outgoing::Run { topic, body, count }) => {
                     let lens: Vec<usize> = wire::batch_items(&body)
                         .expect("a batch")
                         .iter()
                         .map(|i| i.len())
                         .collect();
                     assert_eq!(lens.len(), count, "count matches the items");
-                    (topic, lens)
+                    Shape::Data(topic, lens)
                 }
+                Item::Control(c) => Shape::Control(c),
             })
             .collect()
     }
 
-    #[test]
-    fn push_data_merges_like_push_and_counts_against_the_capacity() {
-        let pushes = [
-            (&b"a"[..], 10),
-            (b"a", 20),
-            (b"b", 5),
-            (b"b", wire::BATCH_ITEM_MAX + 1),
-            (b"b", 5),
-            (b"b", 6),
-        ];
-        let owned: Mailbox<Outgoing> = Mailbox::new(100).expect("mailbox");
-        let borrowed: Mailbox<Outgoing> = Mailbox::new(100).expect("mailbox");
-        for (topic, len) in pushes {
-            owned.push(one(topic, len), true).expect("room");
-            borrowed.push_data(topic, &vec![7; len]).expect("room");
-        }
-        let a = shape(borrowed.take_all());
-        assert_eq!(a, shape(owned.take_all()), "the same items as push");
-        assert_eq!(
-            a,
-            vec![
-                (b"a".to_vec(), vec![10, 20]),
-                (b"b".to_vec(), vec![5]),
-                (b"b".to_vec(), vec![wire::BATCH_ITEM_MAX + 1]),
-                (b"b".to_vec(), vec![5, 6]),
-            ]
-        );
-        let m: Mailbox<Outgoing> = Mailbox::new(2).expect("mailbox");
-        m.push_data(b"a", b"1").expect("room");
-        m.push_data(b"a", b"2").expect("room");
-        assert_eq!(
-            m.push_data(b"a", b"3"),
-            Err(Refused::Full),
-            "2 messages queued"
-        );
-        m.close();
-        assert_eq!(m.push_data(b"a", b"4"), Err(Refused::Closed));
+    fn data(topic: &[u8], lens: &[usize]) -> Shape {
+        Shape::Data(topic.to_vec(), lens.to_vec())
     }
 
     #[test]
-    fn bounded_and_control_pushes() {
-        let m: Mailbox<u32> = Mailbox::new(2).expect("mailbox");
-        assert_eq!(m.push(1, true), Ok(()));
-        assert_eq!(m.push(2, true), Ok(()));
-        assert_eq!(m.push(3, true), Err(Refused::Full));
-        assert_eq!(m.push(4, false), Ok(()));
-        assert_eq!(m.take_all().into_iter().collect::<Vec<_>>(), vec![1, 2, 4]);
+    fn consecutive_data_of_a_topic_merges_into_a_run_and_commands_travel_alone() {
+        const BIG: usize = wire::BATCH_ITEM_MAX + 1;
+        // (pushes, what is queued) for each way of pushing data.
+        enum Push {
+            Borrowed(&'static [u8], usize),
+            Owned(&'static [u8], usize),
+            All(&'static [(&'static [u8], usize)]),
+            Control(u32),
+        }
+        use Push::*;
+        let cases: &[(&str, &[Push], Vec<Shape>)] = &[
+            (
+                "borrowed",
+                &[
+                    Borrowed(b"a", 10),
+                    Borrowed(b"a", 20),
+                    Borrowed(b"a", 30),
+                    Borrowed(b"b", 5),
+                    Borrowed(b"b", BIG),
+                    Borrowed(b"b", 5),
+                    Borrowed(b"b", 6),
+                ],
+                vec![
+                    data(b"a", &[10, 20, 30]),
+                    data(b"b", &[5]),
+                    data(b"b", &[BIG]),
+                    data(b"b", &[5, 6]),
+                ],
+            ),
+            (
+                "owned merges the same way",
+                &[
+                    Owned(b"a", 10),
+                    Owned(b"a", 20),
+                    Owned(b"b", 5),
+                    Owned(b"b", BIG),
+                    Owned(b"b", 5),
+                ],
+                vec![
+                    data(b"a", &[10, 20]),
+                    data(b"b", &[5]),
+                    data(b"b", &[BIG]),
+                    data(b"b", &[5]),
+                ],
+            ),
+            (
+                "a command ends a run",
+                &[
+                    Borrowed(b"a", 1),
+                    Control(7),
+                    Borrowed(b"a", 2),
+                    Owned(b"a", 3),
+                    Control(8),
+                    Control(9),
+                ],
+                vec![
+                    data(b"a", &[1]),
+                    Shape::Control(7),
+                    data(b"a", &[2, 3]),
+                    Shape::Control(8),
+                    Shape::Control(9),
+                ],
+            ),
+            (
+                "a batch merges into what is queued and within itself",
+                &[
+                    Borrowed(b"a", 1),
+                    All(&[(b"a", 2), (b"a", 3), (b"b", 4), (b"b", 5)]),
+                ],
+                vec![data(b"a", &[1, 2, 3]), data(b"b", &[4, 5])],
+            ),
+        ];
+        for (name, pushes, want) in cases {
+            let m: Mailbox<u32> = Mailbox::new(100).expect("mailbox");
+            for p in *pushes {
+                match p {
+                    Borrowed(t, n) => m.push_data(t, &vec![7; *n]),
+                    Owned(t, n) => m.push_owned(t.to_vec(), vec![7; *n]),
+                    All(msgs) => m.push_all(
+                        msgs.iter()
+                            .map(|(t, n)| (t.to_vec(), vec![7; *n]))
+                            .collect(),
+                    ),
+                    Control(c) => m.push_control(*c),
+                }
+                .expect("room");
+            }
+            assert_eq!(shape(m.take_all()), *want, "{name}");
+        }
+        // A run stops at BATCH_MAX_BYTES.
+        let m: Mailbox<u32> = Mailbox::new(100).expect("mailbox");
+        let per = wire::BATCH_ITEM_MAX;
+        let fit = wire::BATCH_MAX_BYTES / (per + 4);
+        for _ in 0..=fit {
+            m.push_data(b"c", &vec![1; per]).expect("room");
+        }
+        let counts: Vec<usize> = m.take_all().iter().map(Item::count).collect();
+        assert_eq!(counts, vec![fit, 1]);
+    }
+
+    #[test]
+    fn the_capacity_counts_data_messages_not_items_or_commands() {
+        let m: Mailbox<u32> = Mailbox::new(3).expect("mailbox");
+        m.push_data(b"a", b"1").expect("room");
+        m.push_data(b"a", b"2").expect("room");
+        m.push_owned(b"b".to_vec(), b"3".to_vec()).expect("room");
+        assert_eq!(
+            m.push_data(b"b", b"4"),
+            Err(Refused::Full),
+            "3 messages queued"
+        );
+        assert_eq!(
+            m.push_owned(b"b".to_vec(), b"4".to_vec()),
+            Err(Refused::Full)
+        );
+        assert_eq!(
+            m.push_control(1),
+            Ok(()),
+            "commands are never refused for room"
+        );
+        let mut out = VecDeque::new();
+        m.take_some(1, &mut out);
+        assert_eq!(
+            shape(out),
+            vec![data(b"a", &[1, 1])],
+            "the first two merged"
+        );
+        m.push_data(b"b", b"5").expect("room again");
+        m.push_data(b"b", b"6").expect("room again");
+        assert_eq!(m.push_data(b"c", b"7"), Err(Refused::Full));
+        assert_eq!(
+            m.push_all(vec![(b"c".to_vec(), b"8".to_vec())]),
+            Err(Refused::Full),
+            "all or none"
+        );
+        m.take_all();
+        let big: Vec<(Vec<u8>, Vec<u8>)> = (0..5).map(|_| (b"c".to_vec(), b"9".to_vec())).collect();
+        m.push_all(big)
+            .expect("a batch larger than the capacity fits an empty queue");
+        m.take_all();
         m.close();
-        assert_eq!(m.push(5, false), Err(Refused::Closed));
+        assert_eq!(m.push_data(b"a", b"x"), Err(Refused::Closed));
+        assert_eq!(m.push_control(2), Err(Refused::Closed));
     }
 
     #[test]
     fn a_push_rings_a_sleeping_thread() {
         let m: Mailbox<u32> = Mailbox::new(8).expect("mailbox");
         assert!(m.prepare_sleep());
-        m.push(1, true).expect("push");
+        m.push_control(1).expect("push");
         let mut items = [m.poll_item()];
         assert_eq!(zmq::poll(&mut items, 1000).expect("poll"), 1);
         m.woke();

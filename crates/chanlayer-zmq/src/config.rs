@@ -31,6 +31,7 @@
 //! | `reconnect_interval` | `100ms` | ZMQ_RECONNECT_IVL |
 //! | `reconnect_interval_max` | `0` | ZMQ_RECONNECT_IVL_MAX (`0`: no backoff) |
 //! | `linger` | `1s` | ZMQ_LINGER: how long unsent messages are kept after close |
+//! | `close_linger` | `2s` | how long `close` waits for what it accepted to get out: embedded, retained messages no subscriber has had yet; dedicated, what the PUSH socket has not taken. What is left then is counted (`HubStats::abandoned`, `TransportStats::abandoned`) |
 //! | `retain` | `1000` | embedded publisher: messages kept per topic for late joiners (`0`: none) |
 //! | `retain_for` | `60s` | embedded publisher: how long they are kept |
 //! | `retain_bytes` | `67108864` | embedded publisher: bytes kept in all |
@@ -45,10 +46,10 @@ use std::time::Duration;
 use chanlayer_core::config::{BackendOptions, ConfigDuration, MAX_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result};
 
-use crate::hub::Retention;
+use crate::retention::Retention;
 
 /// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, close_linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
 
 /// The libzmq socket options `zmq.<option>=<integer>` passes through to every socket.
 pub const SOCKET_OPTIONS: &[&str] = &[
@@ -178,6 +179,11 @@ pub struct ZmqConfig {
     pub reconnect_interval_max: Duration,
     /// ZMQ_LINGER.
     pub linger: Duration,
+    /// How long closing the sending side waits for what it accepted to get out: the
+    /// embedded publisher, for subscribers to take the retained messages none has had yet
+    /// (a receiver still connecting); the dedicated sender, for the PUSH socket to take its
+    /// queue (a proxy that is away). What is left then is counted and logged.
+    pub close_linger: Duration,
     /// Retention of the embedded publisher (the proxy has its own flags).
     pub retention: Retention,
     /// ZMQ_IPV6.
@@ -432,6 +438,9 @@ impl ZmqConfig {
             linger: o
                 .take_duration("linger", Duration::ZERO..=MAX_TIMEOUT)?
                 .unwrap_or(Duration::from_secs(1)),
+            close_linger: o
+                .take_duration("close_linger", Duration::ZERO..=MAX_TIMEOUT)?
+                .unwrap_or(Duration::from_secs(2)),
             retention: Retention {
                 per_topic: o
                     .take_int("retain", 0..=usize::MAX)?
@@ -820,7 +829,7 @@ mod tests {
 
     #[test]
     fn options_are_read() {
-        let c = cfg("zmq://127.0.0.1:1?bind=never&sndhwm=5&rcvhwm=6&send_queue=7&subscribe_timeout=250ms&connect_timeout=2&reconnect_interval=20ms&reconnect_interval_max=1s&linger=0&retain=3&retain_for=10s&retain_bytes=1000&ipv6=true&zmq.tcp_keepalive=1&zmq.sndbuf=65536").expect("options");
+        let c = cfg("zmq://127.0.0.1:1?bind=never&sndhwm=5&rcvhwm=6&send_queue=7&subscribe_timeout=250ms&connect_timeout=2&reconnect_interval=20ms&reconnect_interval_max=1s&linger=0&close_linger=300ms&retain=3&retain_for=10s&retain_bytes=1000&ipv6=true&zmq.tcp_keepalive=1&zmq.sndbuf=65536").expect("options");
         assert_eq!(c.bind, BindPolicy::Never);
         assert_eq!((c.sndhwm, c.rcvhwm, c.send_queue), (5, 6, 7));
         assert_eq!(c.subscribe_timeout, Duration::from_millis(250));
@@ -828,6 +837,7 @@ mod tests {
         assert_eq!(c.reconnect_interval, Duration::from_millis(20));
         assert_eq!(c.reconnect_interval_max, Duration::from_secs(1));
         assert_eq!(c.linger, Duration::ZERO);
+        assert_eq!(c.close_linger, Duration::from_millis(300));
         assert_eq!(
             c.retention,
             Retention {

@@ -4,7 +4,7 @@
 //!
 //! - Every data message gets the next sequence number of its topic and is published as
 //!   `[topic, meta, envelope]` (see [`crate::wire`]). Consecutive messages of one topic that
-//!   are queued together are published as one batch frame ([`Batch`]).
+//!   are queued together are published as one batch frame ([`crate::runs::Batch`]).
 //! - Messages of normal channels (`c:`) are **retained** (the last `retain` per topic, at
 //!   most `retain_for`, at most `retain_bytes` in all); messages of inboxes (`i:`) are
 //!   retained only when no subscriber was there to get them. Group messages are never
@@ -14,39 +14,26 @@
 //!   the probe topic, which only the asking subscriber is subscribed to. Because a
 //!   subscriber sends its topic subscription before its probe, on one connection, every
 //!   message published after the welcome reaches it live.
+//! - A proxy's hub (`stamps`) passes on each message's origin (the sender's own numbering,
+//!   see [`wire::Origin`]), follows the origins of each topic, and lists them in its
+//!   welcomes, so receivers count losses end to end, across a proxy restart too.
 
-use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use hashbrown::hash_map::EntryRef;
+use hashbrown::HashMap;
+
+use crate::retention::{Retention, Store};
+use crate::runs::{From, Payload};
 use crate::wire::{self, TopicKind};
-
-/// Retention settings of a publisher (the proxy or the embedded publisher).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
-    /// Messages kept per topic (0 turns retention off: no replay for late joiners).
-    pub per_topic: usize,
-    /// How long a message is kept.
-    pub max_age: Duration,
-    /// Bytes kept in all (oldest messages go first).
-    pub max_bytes: usize,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            per_topic: 1000,
-            max_age: Duration::from_secs(60),
-            max_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
 
 /// Counters of a publisher (the proxy, or the embedded publisher of a process).
 ///
-/// `received = forwarded + dropped + undecodable + flushed + pending`, where `pending` are
-/// retained messages that no subscriber has received yet.
+/// `received = forwarded + dropped + undecodable + flushed + pending + abandoned`, where
+/// `pending` are retained messages that no subscriber has received yet, and `abandoned` the
+/// ones still pending when the publisher stopped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HubStats {
     /// Messages handed to the publisher (from senders, or from `send` in embedded mode).
@@ -74,6 +61,9 @@ pub struct HubStats {
     pub retained_bytes: u64,
     /// Retained messages no subscriber has received yet.
     pub pending: u64,
+    /// Retained messages no subscriber had received when the publisher stopped: the
+    /// embedded publisher after its `close_linger`, the proxy at [`crate::Proxy::stop`].
+    pub abandoned: u64,
 }
 
 /// Live counters, updated by the publisher's thread, read from anywhere.
@@ -90,6 +80,7 @@ pub(crate) struct HubCounters {
     retained: AtomicU64,
     retained_bytes: AtomicU64,
     pending: AtomicU64,
+    abandoned: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -111,6 +102,7 @@ impl HubCounters {
             retained: g(&self.retained),
             retained_bytes: g(&self.retained_bytes),
             pending: g(&self.pending),
+            abandoned: g(&self.abandoned),
         }
     }
 
@@ -119,98 +111,23 @@ impl HubCounters {
     }
 }
 
-struct Retained {
-    seq: u64,
-    payload: Vec<u8>,
-    /// A subscriber got it (live or by replay).
-    heard: bool,
+/// An origin (a sender's numbering on a topic, dedicated mode) the hub follows.
+struct Followed {
+    /// The first number of it the hub published (since it began to follow it).
+    first: u64,
+    /// The last number of it the hub published.
+    last: u64,
+    /// When it last published one (the hub's clock, per loop turn).
+    seen: Instant,
 }
 
 struct TopicState {
-    /// The map's own key, shared with the retention order.
+    /// The map's own key, shared with the retention store.
     key: Rc<[u8]>,
     seq: u64,
     subscribed: bool,
-    retained: VecDeque<Retained>,
-}
-
-/// A message body handed to [`Hub::publish`]: owned bytes, or a frame received from the
-/// proxy's PULL socket (forwarded without a copy when it is not retained).
-pub(crate) enum Payload {
-    Bytes(Vec<u8>),
-    Frame(zmq::Message),
-}
-
-impl Payload {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Payload::Bytes(b) => b,
-            Payload::Frame(m) => m,
-        }
-    }
-    fn into_message(self) -> zmq::Message {
-        match self {
-            Payload::Bytes(b) => zmq::Message::from(b),
-            Payload::Frame(m) => m,
-        }
-    }
-}
-
-/// Consecutive data messages of one topic on their way to [`Hub::publish_batch`]: a
-/// publisher adds every message it takes from its queue and flushes before anything else
-/// (a mark, raw frames) and at the end of the queue, so the order on the wire is the order
-/// of the queue and nothing waits for a batch to fill.
-#[derive(Default)]
-pub(crate) struct Batch {
-    topic: Vec<u8>,
-    body: Vec<u8>,
-    count: u64,
-    /// The first message, kept whole: a batch of one is published as a plain data message.
-    first: Option<Payload>,
-}
-
-impl Batch {
-    /// Adds a message for `topic`, publishing what is batched first when the topic changes
-    /// or the batch is full. A message over [`wire::BATCH_ITEM_MAX`] is published alone.
-    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], payload: Payload) {
-        let len = payload.as_slice().len();
-        if len > wire::BATCH_ITEM_MAX {
-            self.flush(hub);
-            hub.publish(topic, payload);
-            return;
-        }
-        let batched = self.body.len() + self.first.as_ref().map_or(0, |f| 4 + f.as_slice().len());
-        if self.count > 0 && (self.topic != topic || batched + 4 + len > wire::BATCH_MAX_BYTES) {
-            self.flush(hub);
-        }
-        if self.count == 0 {
-            self.topic.clear();
-            self.topic.extend_from_slice(topic);
-            self.first = Some(payload);
-            self.count = 1;
-            return;
-        }
-        if let Some(first) = self.first.take() {
-            self.body.reserve(8 * 1024);
-            wire::batch_push(&mut self.body, first.as_slice());
-        }
-        wire::batch_push(&mut self.body, payload.as_slice());
-        self.count += 1;
-    }
-
-    /// Publishes what is batched.
-    pub fn flush(&mut self, hub: &mut Hub) {
-        match (self.count, self.first.take()) {
-            (0, _) => {}
-            (_, Some(first)) => hub.publish(&self.topic, first),
-            (n, None) => {
-                let body = std::mem::take(&mut self.body);
-                hub.publish_batch(&self.topic, n, body);
-            }
-        }
-        self.count = 0;
-        self.body.clear();
-    }
+    /// The origins of the topic's messages (a proxy's hub only).
+    origins: std::collections::HashMap<u64, Followed>,
 }
 
 /// What [`Hub::claim`] hands out for messages about to be published on a topic.
@@ -219,44 +136,55 @@ struct Claim {
     first: u64,
     /// Whether a subscriber confirmed the topic (the messages go out now).
     subscribed: bool,
-    /// The topic's key in the retention buffers.
+    /// The topic's key in the retention store.
     key: Rc<[u8]>,
     /// Whether the messages are kept for late joiners.
     retain: bool,
+    /// The origin stamp of the first message (a proxy's hub).
+    origin: Option<wire::Origin>,
 }
 
 /// The XPUB side. Owned by one thread.
 pub(crate) struct Hub {
     xpub: zmq::Socket,
     epoch: u64,
-    retention: Retention,
+    /// A proxy's hub: every data message carries an origin stamp, and welcomes the table of
+    /// the topic's origins (see [`crate::wire::Origin`]).
+    stamps: bool,
     topics: HashMap<Rc<[u8]>, TopicState>,
-    /// Retained messages in arrival order: (topic, seq, when). Entries whose message already
-    /// left (per-topic limit, flush) are skipped when they reach the front.
-    order: VecDeque<(Rc<[u8]>, u64, Instant)>,
-    retained_count: usize,
-    retained_bytes: usize,
+    store: Store,
     sweep_at: usize,
+    /// The time, read once per loop turn ([`Hub::tick`]).
+    clock: Instant,
+    /// When origins idle for long were last forgotten.
+    forgot_at: Instant,
     counters: std::sync::Arc<HubCounters>,
 }
 
 const SWEEP_MIN: usize = 4096;
 
+/// An origin that published nothing on a topic for this long (or for the retention's
+/// `max_age`, if longer) is forgotten.
+const FOLLOW_FOR: Duration = Duration::from_secs(600);
+
 impl Hub {
+    /// A hub on `xpub`; `stamps` for a proxy (see [`Hub::stamps`]).
     pub fn new(
         xpub: zmq::Socket,
         retention: Retention,
+        stamps: bool,
         counters: std::sync::Arc<HubCounters>,
     ) -> Hub {
+        let now = Instant::now();
         Hub {
             xpub,
             epoch: rand::random::<u64>(),
-            retention,
+            stamps,
             topics: HashMap::new(),
-            order: VecDeque::new(),
-            retained_count: 0,
-            retained_bytes: 0,
+            store: Store::new(retention),
             sweep_at: SWEEP_MIN,
+            clock: now,
+            forgot_at: now,
             counters,
         }
     }
@@ -277,40 +205,47 @@ impl Hub {
         }
     }
 
-    fn send_two(&self, first: &[u8], second: &[u8]) {
-        let r = self
-            .xpub
-            .send(first, zmq::SNDMORE)
-            .and_then(|()| self.xpub.send(second, 0));
+    fn send_control(&self, frames: &[&[u8]]) {
+        let n = frames.len();
+        let r = frames
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, f)| self.xpub.send(*f, if i + 1 < n { zmq::SNDMORE } else { 0 }));
         if let Err(e) = r {
             tracing::warn!(error = %e, "the publisher could not publish a control message");
         }
     }
 
+    /// The state of `topic`, made if new (and the map swept of dead topics first when it
+    /// has grown).
     fn state_mut(&mut self, topic: &[u8]) -> &mut TopicState {
         if !self.topics.contains_key(topic) {
             self.sweep();
-            let key: Rc<[u8]> = Rc::from(topic);
-            self.topics.insert(
-                key.clone(),
-                TopicState {
-                    key,
-                    seq: 0,
-                    subscribed: false,
-                    retained: VecDeque::new(),
-                },
-            );
         }
-        self.topics
-            .get_mut(topic)
-            .expect("the topic is in the map: it was there or was inserted just above")
+        match self.topics.entry_ref(topic) {
+            EntryRef::Occupied(o) => o.into_mut(),
+            EntryRef::Vacant(v) => {
+                let key: Rc<[u8]> = Rc::from(topic);
+                v.insert_with_key(
+                    key.clone(),
+                    TopicState {
+                        key,
+                        seq: 0,
+                        subscribed: false,
+                        origins: std::collections::HashMap::new(),
+                    },
+                )
+            }
+        }
     }
 
     /// Takes the next `count` sequence numbers of `topic` for messages about to be
-    /// published, and says what happens to them: normal channels are retained for late
-    /// joiners, an inbox only while nobody listens, groups never (retention off: nothing).
-    fn claim(&mut self, topic: &[u8], kind: TopicKind, count: u64) -> Claim {
-        let per_topic = self.retention.per_topic;
+    /// published (from origin `from`, numbered on), and says what happens to them: normal
+    /// channels are retained for late joiners, an inbox only while nobody listens, groups
+    /// never (retention off: nothing).
+    fn claim(&mut self, topic: &[u8], kind: TopicKind, count: u64, from: From) -> Claim {
+        let per_topic = self.store.limits().per_topic;
+        let (stamps, clock) = (self.stamps, self.clock);
         let state = self.state_mut(topic);
         let first = state.seq + 1;
         state.seq += count;
@@ -321,63 +256,90 @@ impl Hub {
                 TopicKind::Inbox => !subscribed,
                 TopicKind::Group => false,
             };
+        let origin = stamps.then(|| match from {
+            Some((id, seq)) if id != 0 => {
+                let f = state.origins.entry(id).or_insert(Followed {
+                    first: seq,
+                    last: 0,
+                    seen: clock,
+                });
+                f.last = seq.saturating_add(count - 1);
+                f.seen = clock;
+                wire::Origin {
+                    id,
+                    seq,
+                    first: f.first.min(seq),
+                }
+            }
+            _ => wire::Origin::default(),
+        });
         Claim {
             first,
             subscribed,
             key: state.key.clone(),
             retain,
+            origin,
+        }
+    }
+
+    /// The meta frame of a message (a stamped one from a proxy's hub).
+    fn meta(&self, kind: u8, seq: u64, origin: Option<wire::Origin>) -> Meta {
+        match origin {
+            Some(o) => Meta::Stamped(wire::meta_stamped(kind, self.epoch, seq, o)),
+            None => Meta::Plain(wire::meta(kind, self.epoch, seq)),
         }
     }
 
     /// Publishes one data message on `topic`.
-    pub fn publish(&mut self, topic: &[u8], payload: Payload) {
-        self.publish_inner(topic, payload);
+    pub fn publish(&mut self, topic: &[u8], from: From, payload: Payload) {
+        self.publish_inner(topic, from, payload);
         // Counted last: once `received` shows a message, the other counters do too.
         add(&self.counters.received, 1);
     }
 
-    fn publish_inner(&mut self, topic: &[u8], payload: Payload) {
+    fn publish_inner(&mut self, topic: &[u8], from: From, payload: Payload) {
         let Some(kind) = wire::data_topic_kind(topic) else {
             self.counters.count_undecodable();
             return;
         };
-        let epoch = self.epoch;
         let Claim {
             first: seq,
             subscribed,
             key,
             retain,
-        } = self.claim(topic, kind, 1);
-        let meta = wire::meta(wire::META_DATA, epoch, seq);
+            origin,
+        } = self.claim(topic, kind, 1, from);
+        let meta = self.meta(wire::META_DATA, seq, origin);
         let kept = retain.then(|| payload.as_slice().to_vec());
         // Counters first: whoever gets the message sees them counted.
         if subscribed {
             add(&self.counters.forwarded, 1);
-            self.send_frames([topic, &meta], payload.into_message());
+            self.send_frames([topic, meta.bytes()], payload.into_message());
         } else if !retain {
             add(&self.counters.dropped, 1);
         }
         if let Some(bytes) = kept {
-            self.retain(key, seq, bytes, subscribed);
+            self.keep(&key, seq, from, bytes, subscribed);
         }
     }
 
     /// Publishes `count` consecutive messages of `topic` as one batch frame; `body` holds
-    /// them as [`wire::batch_push`] wrote them. Each gets its own sequence number, is
-    /// retained on its own, and is counted on its own.
-    pub fn publish_batch(&mut self, topic: &[u8], count: u64, body: Vec<u8>) {
+    /// them as [`wire::batch_push`] wrote them, `from` is the origin of the first (the
+    /// others follow). Each gets its own sequence number, is retained on its own, and is
+    /// counted on its own.
+    pub fn publish_batch(&mut self, topic: &[u8], count: u64, body: Vec<u8>, from: From) {
         let Some(kind) = wire::data_topic_kind(topic) else {
             add(&self.counters.undecodable, count);
             add(&self.counters.received, count);
             return;
         };
-        let epoch = self.epoch;
         let Claim {
             first,
             subscribed,
             key,
             retain,
-        } = self.claim(topic, kind, count);
+            origin,
+        } = self.claim(topic, kind, count, from);
         let kept: Vec<Vec<u8>> = if retain {
             wire::batch_items(&body)
                 .unwrap_or_default()
@@ -391,15 +353,30 @@ impl Hub {
             add(&self.counters.forwarded, count);
             add(&self.counters.batches, 1);
             add(&self.counters.batched, count);
-            let meta = wire::meta(wire::META_BATCH, epoch, first);
-            self.send_frames([topic, &meta], zmq::Message::from(body));
+            let meta = self.meta(wire::META_BATCH, first, origin);
+            self.send_frames([topic, meta.bytes()], zmq::Message::from(body));
         } else if !retain {
             add(&self.counters.dropped, count);
         }
-        for (seq, bytes) in (first..).zip(kept) {
-            self.retain(key.clone(), seq, bytes, subscribed);
+        for (i, bytes) in (0u64..).zip(kept) {
+            let from = from.map(|(id, seq)| (id, seq.saturating_add(i)));
+            self.keep(&key, first + i, from, bytes, subscribed);
         }
         add(&self.counters.received, count);
+    }
+
+    /// Retained messages no subscriber has had yet.
+    pub fn pending(&self) -> usize {
+        self.store.pending()
+    }
+
+    /// The publisher stops: lets go of everything retained, and counts the messages no
+    /// subscriber had as abandoned. Returns how many.
+    pub fn abandon(&mut self) -> u64 {
+        let abandoned = self.store.clear();
+        add(&self.counters.abandoned, abandoned);
+        self.show_store();
+        abandoned
     }
 
     /// Counts a message that is not chanlayer's (skipped).
@@ -420,96 +397,22 @@ impl Hub {
         }
     }
 
-    fn retain(&mut self, key: Rc<[u8]>, seq: u64, payload: Vec<u8>, heard: bool) {
-        let len = payload.len();
-        let per_topic = self.retention.per_topic;
-        let mut evicted = Vec::new();
-        if let Some(state) = self.topics.get_mut(&key) {
-            state.retained.push_back(Retained {
-                seq,
-                payload,
-                heard,
-            });
-            while state.retained.len() > per_topic {
-                if let Some(old) = state.retained.pop_front() {
-                    evicted.push(old);
-                }
-            }
-        }
-        self.retained_count += 1;
-        self.retained_bytes += len;
-        add(&self.counters.retained, 1);
-        add(&self.counters.retained_bytes, len as u64);
-        if !heard {
-            add(&self.counters.pending, 1);
-        }
-        self.order.push_back((key, seq, Instant::now()));
-        for old in evicted {
-            self.forget(&old, false);
-        }
-        self.evict(Instant::now());
-        if self.order.len() > 2 * self.retained_count + 1024 {
-            self.compact_order();
-        }
+    /// Keeps a message for late joiners, and counts what the limits pushed out unheard.
+    fn keep(&mut self, key: &Rc<[u8]>, seq: u64, from: From, payload: Vec<u8>, heard: bool) {
+        let dropped = self.store.keep(key, seq, from, payload, heard, self.clock);
+        add(&self.counters.dropped, dropped);
+        self.show_store();
     }
 
-    /// Accounts for a retained message that leaves.
-    fn forget(&mut self, r: &Retained, flushed: bool) {
-        self.retained_count -= 1;
-        self.retained_bytes -= r.payload.len();
-        self.counters.retained.fetch_sub(1, Ordering::Relaxed);
-        self.counters
-            .retained_bytes
-            .fetch_sub(r.payload.len() as u64, Ordering::Relaxed);
-        if !r.heard {
-            self.counters.pending.fetch_sub(1, Ordering::Relaxed);
-            add(
-                if flushed {
-                    &self.counters.flushed
-                } else {
-                    &self.counters.dropped
-                },
-                1,
-            );
-        }
-    }
-
-    /// Drops retained messages past their age, and the oldest ones while over the byte limit.
-    fn evict(&mut self, now: Instant) {
-        let max_age = self.retention.max_age;
-        while let Some((key, seq, at)) = self.order.front() {
-            let over_bytes = self.retained_bytes > self.retention.max_bytes;
-            let too_old = now.duration_since(*at) >= max_age;
-            let live = self
-                .topics
-                .get(key)
-                .and_then(|s| s.retained.front())
-                .is_some_and(|r| r.seq == *seq);
-            if live && !over_bytes && !too_old {
-                break;
-            }
-            let Some((key, _, _)) = self.order.pop_front() else {
-                break;
-            };
-            if live {
-                let gone = self
-                    .topics
-                    .get_mut(&key)
-                    .and_then(|s| s.retained.pop_front());
-                if let Some(r) = gone {
-                    self.forget(&r, false);
-                }
-            }
-        }
-    }
-
-    fn compact_order(&mut self) {
-        let topics = &self.topics;
-        self.order.retain(|(key, seq, _)| {
-            topics
-                .get(key)
-                .is_some_and(|s| s.retained.binary_search_by_key(seq, |r| r.seq).is_ok())
-        });
+    /// Copies the store's gauges to the counters.
+    fn show_store(&self) {
+        let c = &self.counters;
+        c.retained
+            .store(self.store.count() as u64, Ordering::Relaxed);
+        c.retained_bytes
+            .store(self.store.bytes() as u64, Ordering::Relaxed);
+        c.pending
+            .store(self.store.pending() as u64, Ordering::Relaxed);
     }
 
     /// Forgets the sequence numbers of topics nobody subscribes and nothing is retained for,
@@ -518,14 +421,30 @@ impl Hub {
         if self.topics.len() < self.sweep_at {
             return;
         }
-        self.topics
-            .retain(|_, s| s.subscribed || !s.retained.is_empty());
+        let store = &self.store;
+        self.topics.retain(|k, s| s.subscribed || store.holds(k));
         self.sweep_at = (self.topics.len() * 2).max(SWEEP_MIN);
     }
 
-    /// Time-based work: ages retained messages out.
+    /// Time-based work, once per loop turn: ages retained messages out, and now and then
+    /// forgets origins that went quiet.
     pub fn tick(&mut self) {
-        self.evict(Instant::now());
+        self.clock = Instant::now();
+        if self.store.count() > 0 {
+            let dropped = self.store.evict(self.clock);
+            add(&self.counters.dropped, dropped);
+            self.show_store();
+        }
+        if self.stamps && self.clock.duration_since(self.forgot_at) >= Duration::from_secs(60) {
+            self.forgot_at = self.clock;
+            let idle = FOLLOW_FOR.max(self.store.limits().max_age);
+            let now = self.clock;
+            for state in self.topics.values_mut() {
+                state
+                    .origins
+                    .retain(|_, f| now.saturating_duration_since(f.seen) < idle);
+            }
+        }
     }
 
     /// Reads every subscription message waiting on the XPUB socket and acts on it.
@@ -566,41 +485,49 @@ impl Hub {
             tracing::debug!(probe = %wire::display(probe), "ignored a malformed probe");
             return;
         };
-        let epoch = self.epoch;
-        let mut replayed = 0u64;
-        let mut heard_now = 0u64;
-        let current = match self.topics.get_mut(topic) {
-            None => 0,
-            Some(state) => {
-                for r in state.retained.iter_mut() {
-                    let meta = wire::meta(wire::META_DATA, epoch, r.seq);
-                    let sent = self
-                        .xpub
-                        .send(probe, zmq::SNDMORE)
-                        .and_then(|()| self.xpub.send(&meta[..], zmq::SNDMORE))
-                        .and_then(|()| self.xpub.send(&r.payload[..], 0));
-                    if let Err(e) = sent {
-                        tracing::warn!(error = %e, "could not replay a retained message");
-                        break;
-                    }
-                    replayed += 1;
-                    if !r.heard {
-                        r.heard = true;
-                        heard_now += 1;
-                    }
-                }
-                state.seq
-            }
+        let (epoch, stamps) = (self.epoch, self.stamps);
+        let state = self.topics.get(topic);
+        let first_of = |id: u64, seq: u64| {
+            state
+                .and_then(|s| s.origins.get(&id))
+                .map_or(seq, |f| f.first.min(seq))
         };
+        let xpub = &self.xpub;
+        let (replayed, heard_now) = self.store.replay(topic, |k| {
+            let meta = match (stamps, k.from) {
+                (false, _) => Meta::Plain(wire::meta(wire::META_DATA, epoch, k.seq)),
+                (true, from) => {
+                    let (id, seq) = from.unwrap_or((0, 0));
+                    let origin = wire::Origin {
+                        id,
+                        seq,
+                        first: first_of(id, seq),
+                    };
+                    Meta::Stamped(wire::meta_stamped(wire::META_DATA, epoch, k.seq, origin))
+                }
+            };
+            let sent = xpub
+                .send(probe, zmq::SNDMORE)
+                .and_then(|()| xpub.send(meta.bytes(), zmq::SNDMORE))
+                .and_then(|()| xpub.send(&k.payload[..], 0));
+            if let Err(e) = &sent {
+                tracing::warn!(error = %e, "could not replay a retained message");
+            }
+            sent.is_ok()
+        });
         add(&self.counters.replayed, replayed);
         add(&self.counters.forwarded, heard_now);
-        if heard_now > 0 {
-            self.counters
-                .pending
-                .fetch_sub(heard_now, Ordering::Relaxed);
-        }
+        self.show_store();
+        let current = state.map_or(0, |s| s.seq);
         let meta = wire::meta(wire::META_WELCOME, epoch, current);
-        self.send_two(probe, &meta);
+        if stamps {
+            let table: Vec<(u64, u64)> = state
+                .map(|s| s.origins.iter().map(|(id, f)| (*id, f.last)).collect())
+                .unwrap_or_default();
+            self.send_control(&[probe, &meta, &wire::origin_table(&table)]);
+        } else {
+            self.send_control(&[probe, &meta]);
+        }
     }
 
     /// Drops the retained messages of `prefix` (when not empty), then publishes a MARK with
@@ -608,24 +535,28 @@ impl Hub {
     /// published before it.
     pub fn mark(&mut self, reply_topic: &[u8], token: u64, flush_prefix: &[u8]) {
         if !flush_prefix.is_empty() {
-            let keys: Vec<Rc<[u8]>> = self
-                .topics
-                .keys()
-                .filter(|k| wire::flushable_under(k, flush_prefix))
-                .cloned()
-                .collect();
-            for key in keys {
-                let gone: Vec<Retained> = self
-                    .topics
-                    .get_mut(&key)
-                    .map(|s| s.retained.drain(..).collect())
-                    .unwrap_or_default();
-                for r in &gone {
-                    self.forget(r, true);
-                }
-            }
+            let flushed = self
+                .store
+                .flush(|topic| wire::flushable_under(topic, flush_prefix));
+            add(&self.counters.flushed, flushed);
+            self.show_store();
         }
         let meta = wire::meta(wire::META_MARK, self.epoch, token);
-        self.send_two(reply_topic, &meta);
+        self.send_control(&[reply_topic, &meta]);
+    }
+}
+
+/// A meta frame, plain or stamped, without an allocation.
+enum Meta {
+    Plain([u8; wire::META_LEN]),
+    Stamped([u8; wire::STAMPED_META_LEN]),
+}
+
+impl Meta {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Meta::Plain(m) => m,
+            Meta::Stamped(m) => m,
+        }
     }
 }

@@ -13,12 +13,12 @@ use chanlayer_core::{
 };
 use tokio::sync::oneshot;
 
-use crate::bridge::{lock, Outgoing, Refused};
+use crate::bridge::{lock, Control, Outbox, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
-use crate::hub::HubStats;
-use crate::publisher::{self, Endpoint, PubCmd};
+use crate::hub::{HubCounters, HubStats};
+use crate::publisher::{self, Endpoint};
 use crate::receiver::{Confirm, Receiver, ReceiverSync, Shared, TransportCounters};
-use crate::sender::{Out, PushSender};
+use crate::sender::PushSender;
 use crate::wire;
 use crate::{BACKEND, CAPABILITIES};
 
@@ -28,11 +28,17 @@ pub struct TransportStats {
     /// Messages PUB/SUB dropped on the way to this instance, seen as gaps in a topic's
     /// sequence numbers: the publisher dropped them for this subscriber at its high-water
     /// mark, or they were published while this instance's connection was down and up again.
+    /// In dedicated mode the gaps are in each sender's own numbering, so this also counts
+    /// what a proxy restart lost (when the same sender's next message to the topic arrives).
     pub lost: u64,
     /// Messages that reached this instance through a late-joiner replay.
     pub replayed: u64,
     /// `true` while the SUB socket is connected to a publisher.
     pub connected: bool,
+    /// Dedicated mode: messages `send` accepted that never left this instance: the proxy
+    /// did not take them within `close_linger` of `close`, or the PUSH socket failed on
+    /// them (embedded mode counts its own in [`HubStats::abandoned`]).
+    pub abandoned: u64,
 }
 
 enum Outbound {
@@ -52,6 +58,9 @@ struct Inner {
     receiver: Receiver,
     outbound: Mutex<Option<Arc<Outbound>>>,
     normal: Mutex<HashSet<String>>,
+    /// Embedded mode: the counters of the publisher this instance used, kept at close (its
+    /// close may still count messages as abandoned).
+    closed_publisher: Mutex<Option<Arc<HubCounters>>>,
 }
 
 /// The ZeroMQ channel layer. See the crate docs.
@@ -122,6 +131,18 @@ impl Inner {
         lock(&self.outbound).clone().ok_or(Error::Closed)
     }
 
+    /// Takes the sending side at close, keeping the embedded publisher's counters for
+    /// [`ZmqLayer::publisher_stats`].
+    fn take_outbound(&self) -> Option<Arc<Outbound>> {
+        let outbound = lock(&self.outbound).take()?;
+        if let Outbound::Embedded { endpoint, .. } = &*outbound {
+            if let Some(p) = endpoint.running() {
+                *lock(&self.closed_publisher) = Some(p.counters());
+            }
+        }
+        Some(outbound)
+    }
+
     fn prefix(&self) -> &str {
         &self.shared.options.prefix
     }
@@ -151,6 +172,33 @@ impl Inner {
         true
     }
 
+    /// Runs `push` on the queue of this instance's sending thread: the embedded publisher
+    /// of this process (bound now if it is not yet: the first send binds it) or the
+    /// dedicated sender. `Unsupported` for a receive-only instance (`bind=never`).
+    fn send_through(
+        &self,
+        push: impl FnOnce(&Outbox) -> std::result::Result<(), Refused>,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let outbound = lock(&self.outbound);
+        match outbound.as_deref().ok_or(Error::Closed)? {
+            Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
+                "send",
+                BACKEND,
+                "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
+            )),
+            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
+                Some(p) => Ok(push(p.outbox())),
+                None => {
+                    // The first send binds the publisher: not under the lock `close` takes.
+                    let endpoint = endpoint.clone();
+                    drop(outbound);
+                    Ok(push(endpoint.publisher()?.outbox()))
+                }
+            },
+            Outbound::Dedicated(s) => Ok(push(s.outbox())),
+        }
+    }
+
     /// Queues the data message `[topic, payload]` for the socket thread, copied into the
     /// queued run of its topic (the path of small messages: nothing is allocated per
     /// message once the run exists).
@@ -159,78 +207,21 @@ impl Inner {
         topic: &[u8],
         payload: &[u8],
     ) -> Result<std::result::Result<(), Refused>> {
-        let outbound = lock(&self.outbound);
-        match outbound.as_deref().ok_or(Error::Closed)? {
-            Outbound::Embedded {
-                bind: BindPolicy::Never,
-                ..
-            } => {
-                drop(outbound);
-                self.publish(vec![(topic.to_vec(), payload.to_vec())])
-            }
-            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
-                Some(p) => Ok(p.push_data(topic, payload)),
-                None => {
-                    // The first send binds the publisher: not under the lock `close` takes.
-                    let endpoint = endpoint.clone();
-                    drop(outbound);
-                    Ok(endpoint.publisher()?.push_data(topic, payload))
-                }
-            },
-            Outbound::Dedicated(s) => Ok(s.push_data(topic, payload)),
-        }
+        self.send_through(|o| o.push_data(topic, payload))
     }
 
-    /// Queues one data message for the socket thread (no batch to build: the common case).
+    /// Queues one data message for the socket thread, its bytes handed over.
     fn publish_one(
         &self,
         topic: Vec<u8>,
         payload: Vec<u8>,
     ) -> Result<std::result::Result<(), Refused>> {
-        match &*self.outbound()? {
-            Outbound::Embedded {
-                bind: BindPolicy::Never,
-                ..
-            } => self.publish(vec![(topic, payload)]),
-            Outbound::Embedded { endpoint, .. } => Ok(endpoint
-                .publisher()?
-                .push(PubCmd::Data(Outgoing::One { topic, payload }))),
-            Outbound::Dedicated(s) => Ok(s.push(Out::Data(Outgoing::One { topic, payload }))),
-        }
+        self.send_through(|o| o.push_owned(topic, payload))
     }
 
     /// Queues data messages for the socket thread (all or none).
     fn publish(&self, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<std::result::Result<(), Refused>> {
-        match &*self.outbound()? {
-            Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
-                "send",
-                BACKEND,
-                "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
-            )),
-            Outbound::Embedded { endpoint, .. } => {
-                let p = endpoint.publisher()?;
-                let mut cmds: Vec<PubCmd> = msgs
-                    .into_iter()
-                    .map(|(topic, payload)| PubCmd::Data(Outgoing::One { topic, payload }))
-                    .collect();
-                Ok(if cmds.len() == 1 {
-                    p.push(cmds.remove(0))
-                } else {
-                    p.push_all(cmds)
-                })
-            }
-            Outbound::Dedicated(s) => {
-                let mut outs: Vec<Out> = msgs
-                    .into_iter()
-                    .map(|(topic, payload)| Out::Data(Outgoing::One { topic, payload }))
-                    .collect();
-                Ok(if outs.len() == 1 {
-                    s.push(outs.remove(0))
-                } else {
-                    s.push_all(outs)
-                })
-            }
-        }
+        self.send_through(|o| o.push_all(msgs))
     }
 
     /// Sends a MARK through the publisher (after everything this instance sent before) that
@@ -239,31 +230,27 @@ impl Inner {
     /// publishes).
     fn mark(&self, flush_prefix: &str) -> Result<Option<oneshot::Receiver<()>>> {
         let token = rand::random::<u64>();
-        match &*self.outbound()? {
-            Outbound::Embedded { endpoint, .. } => {
-                let Some(p) = endpoint.running() else {
-                    return Ok(None);
-                };
-                let rx = self.receiver.await_mark(token)?;
-                p.push(PubCmd::Mark {
-                    reply: self.inbox_topic.clone(),
-                    token,
-                    flush_prefix: flush_prefix.as_bytes().to_vec(),
-                })
-                .map_err(|r| refused(r, "(mark)", self.cfg.send_queue))?;
-                Ok(Some(rx))
-            }
-            Outbound::Dedicated(s) => {
-                let rx = self.receiver.await_mark(token)?;
-                s.push(Out::Frames(wire::mark_control(
-                    &self.inbox_topic,
-                    token,
-                    flush_prefix,
-                )))
-                .map_err(|r| refused(r, "(mark)", self.cfg.send_queue))?;
-                Ok(Some(rx))
-            }
-        }
+        let outbound = self.outbound()?;
+        let publisher;
+        let outbox = match &*outbound {
+            Outbound::Embedded { endpoint, .. } => match endpoint.running() {
+                Some(p) => {
+                    publisher = p;
+                    publisher.outbox()
+                }
+                None => return Ok(None),
+            },
+            Outbound::Dedicated(s) => s.outbox(),
+        };
+        let rx = self.receiver.await_mark(token)?;
+        outbox
+            .push_control(Control::Mark {
+                reply: self.inbox_topic.clone(),
+                token,
+                flush_prefix: flush_prefix.as_bytes().to_vec(),
+            })
+            .map_err(|r| refused(r, "(mark)", self.cfg.send_queue))?;
+        Ok(Some(rx))
     }
 
     /// Waits (up to `wait`) until everything this instance sent so far has passed the
@@ -356,7 +343,11 @@ impl ZmqLayer {
                     bind: cfg.bind,
                 }
             }
-            Mode::Dedicated { pull, .. } => Outbound::Dedicated(PushSender::start(&cfg, pull)?),
+            Mode::Dedicated { pull, .. } => Outbound::Dedicated(PushSender::start(
+                &cfg,
+                pull,
+                shared.transport.abandoned.clone(),
+            )?),
         };
         let (receiver, inbox_confirmed) = Receiver::start(&cfg, shared.clone())?;
         let inner = Arc::new(Inner {
@@ -367,6 +358,7 @@ impl ZmqLayer {
             receiver,
             outbound: Mutex::new(Some(Arc::new(outbound))),
             normal: Mutex::new(HashSet::new()),
+            closed_publisher: Mutex::new(None),
         });
         let layer = ZmqLayer { inner };
         let timeout = layer.inner.cfg.connect_timeout;
@@ -423,13 +415,20 @@ impl ZmqLayer {
             lost: t.lost.load(o),
             replayed: t.replayed.load(o),
             connected: t.link_up.load(o),
+            abandoned: t.abandoned.load(o),
         }
     }
 
     /// Embedded mode: the counters of this process's publisher on this address, if this
-    /// process has bound it. `None` in dedicated mode (see [`crate::Proxy::stats`]).
+    /// process has bound it (after `close` too: what the publisher's close lingered for and
+    /// abandoned shows here). `None` in dedicated mode (see [`crate::Proxy::stats`]).
     pub fn publisher_stats(&self) -> Option<HubStats> {
-        match &*self.inner.outbound().ok()? {
+        let Ok(outbound) = self.inner.outbound() else {
+            return lock(&self.inner.closed_publisher)
+                .as_ref()
+                .map(|c| c.snapshot());
+        };
+        match &*outbound {
             Outbound::Embedded { endpoint, .. } => endpoint.running().map(|p| p.stats()),
             Outbound::Dedicated(_) => None,
         }
@@ -454,11 +453,9 @@ impl ZmqLayer {
     pub async fn publish_raw_frames(&self, frames: Vec<Vec<u8>>) -> Result<()> {
         let inner = &self.inner;
         inner.shared.closed.check()?;
-        let pushed = match &*inner.outbound()? {
-            Outbound::Embedded { endpoint, .. } => endpoint.publisher()?.push(PubCmd::Raw(frames)),
-            Outbound::Dedicated(s) => s.push(Out::Frames(frames)),
-        };
-        pushed.map_err(|r| refused(r, "(raw frames)", inner.cfg.send_queue))
+        inner
+            .send_through(|o| o.push_control(Control::Raw(frames)))?
+            .map_err(|r| refused(r, "(raw frames)", inner.cfg.send_queue))
     }
 
     async fn shut_down(&self) -> Result<()> {
@@ -471,12 +468,14 @@ impl ZmqLayer {
             .sync
             .gone
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let outbound = lock(&inner.outbound).take();
+        let outbound = inner.take_outbound();
         let joining = inner.clone();
         let _ = tokio::task::spawn_blocking(move || {
             joining.receiver.stop_and_join();
             // The last instance on an embedded address stops the publisher (joining its
-            // thread); a dedicated sender hands over what it can and closes.
+            // thread), which lingers up to close_linger for subscribers that have not had
+            // its retained messages yet; a dedicated sender hands over its queue within
+            // close_linger and closes. What is left is counted (abandoned).
             drop(outbound);
         })
         .await;
@@ -497,8 +496,14 @@ impl Drop for ZmqLayer {
             .gone
             .store(true, std::sync::atomic::Ordering::SeqCst);
         inner.receiver.stop();
-        let outbound = lock(&inner.outbound).take();
-        drop(outbound);
+        if let Some(outbound) = inner.take_outbound() {
+            // Releasing the sending side may linger (close_linger): not on the dropping
+            // thread, which may be an async runtime's. If no thread starts, the closure
+            // (and the sending side with it) is dropped here.
+            let _ = std::thread::Builder::new()
+                .name("chanlayer-zmq close".into())
+                .spawn(move || drop(outbound));
+        }
         inner.shared.inbox.clear();
     }
 }

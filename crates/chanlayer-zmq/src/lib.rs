@@ -52,7 +52,9 @@
 //!   `receive` subscribes (within `retain` / `retain_for`).
 //! - **Counted losses.** Each topic's messages are numbered; a gap is a message PUB/SUB
 //!   dropped (a subscriber at its high-water mark, a broken connection) and is counted in
-//!   [`TransportStats::lost`]. The publisher counts what reached nobody ([`HubStats`]).
+//!   [`TransportStats::lost`]. In dedicated mode each sender's own numbering travels end to
+//!   end (see [`wire::Origin`]), so what a proxy restart loses is counted too. The
+//!   publisher counts what reached nobody ([`HubStats`]).
 //!
 //! Normal channels are **broadcast**: every instance receiving a channel gets every message
 //! (`single_reader_normal_channels: false`), and there is no ack (`at_least_once: false`:
@@ -67,19 +69,24 @@ mod bridge;
 mod config;
 mod hub;
 mod layer;
+mod origins;
 mod proxy;
 mod publisher;
 mod receiver;
+mod retention;
+mod runs;
 mod sender;
+mod seq;
 pub mod wire;
 
 pub use config::{
     check_endpoint, curve_available, decode_z85_key, BindPolicy, CurveKeys, Mode, SocketOption,
     ZmqConfig, DEFAULT_PORT, DEFAULT_PUB_PORT, DEFAULT_PULL_PORT, KNOWN_OPTIONS, SOCKET_OPTIONS,
 };
-pub use hub::{HubStats, Retention};
+pub use hub::HubStats;
 pub use layer::{TransportStats, ZmqLayer};
 pub use proxy::{Proxy, ProxyConfig};
+pub use retention::Retention;
 
 use chanlayer_core::Capabilities;
 

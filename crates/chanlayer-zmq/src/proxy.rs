@@ -15,7 +15,9 @@ use chanlayer_core::{Error, Result};
 
 use crate::bridge::{context, lock, zmq_err, Mailbox};
 use crate::config::{check_endpoint, curve_available, curve_missing};
-use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload, Retention};
+use crate::hub::{Hub, HubCounters, HubStats};
+use crate::retention::Retention;
+use crate::runs::{Batch, Payload};
 use crate::wire;
 use crate::BACKEND;
 
@@ -159,7 +161,8 @@ impl Proxy {
         self.counters.snapshot()
     }
 
-    /// Stops the proxy (closing both sockets) and returns its final counters.
+    /// Stops the proxy (closing both sockets) and returns its final counters (what it
+    /// retained for subscribers that never came is counted in `abandoned`).
     pub fn stop(self) -> HubStats {
         self.shut_down();
         self.stats()
@@ -251,7 +254,7 @@ fn run(config: ProxyConfig, mailbox: Arc<Mailbox<()>>, counters: Arc<HubCounters
         }
     };
     let _ = ready.send(Ok((p, x)));
-    let mut hub = Hub::new(xpub, config.retention, counters);
+    let mut hub = Hub::new(xpub, config.retention, true, counters);
     let mut frames: VecDeque<zmq::Message> = VecDeque::with_capacity(4);
     let mut run = Batch::default();
     loop {
@@ -270,6 +273,14 @@ fn run(config: ProxyConfig, mailbox: Arc<Mailbox<()>>, counters: Arc<HubCounters
         }
         mailbox.woke();
         if mailbox.is_closed() {
+            // What is retained for subscribers that never came goes with the proxy.
+            let abandoned = hub.abandon();
+            if abandoned > 0 {
+                tracing::warn!(
+                    abandoned,
+                    "the proxy stopped with {abandoned} retained messages that no subscriber had received; counted in HubStats::abandoned"
+                );
+            }
             break;
         }
         hub.drain_subscriptions();
@@ -328,29 +339,41 @@ fn read_one(pull: &zmq::Socket, frames: &mut VecDeque<zmq::Message>) -> bool {
 fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut VecDeque<zmq::Message>) {
     let n = frames.len();
     let first: &[u8] = frames.front().map_or(&[], |f| &f[..]);
-    if n == 2 && wire::data_topic_kind(first).is_some() {
-        let topic = frames.pop_front().expect("two frames");
-        let payload = frames.pop_front().expect("two frames");
-        run.add(hub, &topic, Payload::Frame(payload));
-        return;
-    }
-    if n == 3
-        && wire::data_topic_kind(first).is_some()
-        && matches!(wire::parse_meta(&frames[1]), Some((wire::META_BATCH, _, _)))
-    {
-        match wire::batch_items(&frames[2]) {
-            Some(items) => {
-                for item in items {
-                    run.add(hub, first, Payload::Bytes(item.to_vec()));
+    let data_topic = wire::data_topic_kind(first).is_some();
+    // The sender's meta: its origin id for the topic and its number (of the first item).
+    let meta = frames.get(1).and_then(|m| wire::parse_meta(m));
+    let from = |id: u64, seq: u64| (id != 0).then_some((id, seq));
+    match (n, data_topic, meta) {
+        (2, true, _) => {
+            // [topic, envelope]: a message without an origin.
+            if let (Some(topic), Some(payload)) = (frames.pop_front(), frames.pop_front()) {
+                run.add(hub, &topic, None, Payload::Frame(payload));
+            }
+            return;
+        }
+        (3, true, Some((wire::META_DATA, id, seq))) => {
+            if let (Some(topic), Some(payload)) = (frames.pop_front(), frames.pop_back()) {
+                run.add(hub, &topic, from(id, seq), Payload::Frame(payload));
+            }
+            return;
+        }
+        (3, true, Some((wire::META_BATCH, id, seq))) => {
+            match frames.get(2).and_then(|body| wire::batch_items(body)) {
+                Some(items) => {
+                    for (i, item) in (0u64..).zip(items) {
+                        let origin = from(id, seq.saturating_add(i));
+                        run.add(hub, first, origin, Payload::Bytes(item.to_vec()));
+                    }
+                }
+                None => {
+                    tracing::debug!(topic = %wire::display(first), "the proxy skipped a malformed batch");
+                    run.flush(hub);
+                    hub.reject(); // one message: its items cannot be told apart
                 }
             }
-            None => {
-                tracing::debug!(topic = %wire::display(first), "the proxy skipped a malformed batch");
-                run.flush(hub);
-                hub.reject(); // one message: its items cannot be told apart
-            }
+            return;
         }
-        return;
+        _ => {}
     }
     run.flush(hub);
     if n == 4 && first == wire::MARK_CONTROL {

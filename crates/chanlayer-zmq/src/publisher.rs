@@ -10,6 +10,11 @@
 //!   address is connected and has its subscriptions confirmed (bounded by
 //!   `connect_timeout`): their SUB sockets were retrying to connect while nobody listened,
 //!   and a group message published before they are back would be lost to them.
+//! - **Close lingers.** When the last instance of the process on the address closes, the
+//!   publisher publishes what is still queued, then keeps answering subscriptions for up to
+//!   `close_linger` while it retains messages that no subscriber has had yet (a receiver
+//!   still connecting gets them as its replay), and stops as soon as there are none. What
+//!   is left then is counted in [`HubStats::abandoned`] and logged.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -18,50 +23,12 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Command, Mailbox, Outgoing, Refused};
+use crate::bridge::{context, lock, zmq_err, Control, Item, Mailbox, Outbox, Outgoing};
 use crate::config::ZmqConfig;
-use crate::hub::{Batch, Hub, HubCounters, HubStats, Payload};
+use crate::hub::{Hub, HubCounters, HubStats};
 use crate::receiver::ReceiverSync;
+use crate::runs::{Batch, Payload};
 use crate::BACKEND;
-
-/// A command for the publisher thread.
-pub(crate) enum PubCmd {
-    /// Data messages to publish.
-    Data(Outgoing),
-    Mark {
-        reply: Vec<u8>,
-        token: u64,
-        flush_prefix: Vec<u8>,
-    },
-    Raw(Vec<Vec<u8>>),
-}
-
-impl Command for PubCmd {
-    fn from_data(data: Outgoing) -> Self {
-        PubCmd::Data(data)
-    }
-
-    fn data(&self) -> Option<&Outgoing> {
-        match self {
-            PubCmd::Data(d) => Some(d),
-            _ => None,
-        }
-    }
-
-    fn data_mut(&mut self) -> Option<&mut Outgoing> {
-        match self {
-            PubCmd::Data(d) => Some(d),
-            _ => None,
-        }
-    }
-
-    fn into_data(self) -> std::result::Result<Outgoing, Self> {
-        match self {
-            PubCmd::Data(d) => Ok(d),
-            other => Err(other),
-        }
-    }
-}
 
 type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
 
@@ -85,6 +52,13 @@ fn registry() -> &'static Mutex<HashMap<String, Weak<Endpoint>>> {
 /// the old listener still closing).
 fn recently_stopped() -> &'static Mutex<HashMap<String, Instant>> {
     static R: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    R.get_or_init(Mutex::default)
+}
+
+/// Publishers of this process that are stopping (lingering at close), per address: a new
+/// publisher on the address waits for them before it binds.
+fn stopping() -> &'static Mutex<HashMap<String, usize>> {
+    static R: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
     R.get_or_init(Mutex::default)
 }
 
@@ -169,7 +143,7 @@ impl Endpoint {
 
 /// The handle on a publisher thread.
 pub(crate) struct Publisher {
-    mailbox: Arc<Mailbox<PubCmd>>,
+    mailbox: Arc<Outbox>,
     counters: Arc<HubCounters>,
     address: String,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -177,11 +151,19 @@ pub(crate) struct Publisher {
 
 impl Drop for Publisher {
     fn drop(&mut self) {
+        *lock(stopping()).entry(self.address.clone()).or_default() += 1;
         self.mailbox.close();
         if let Some(h) = lock(&self.thread).take() {
             let _ = h.join();
         }
         lock(recently_stopped()).insert(self.address.clone(), Instant::now());
+        let mut s = lock(stopping());
+        if let Some(n) = s.get_mut(&self.address) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.remove(&self.address);
+            }
+        }
     }
 }
 
@@ -217,26 +199,19 @@ impl Publisher {
         })
     }
 
-    /// Queues a command; data messages are bounded by `send_queue`.
-    pub fn push(&self, cmd: PubCmd) -> std::result::Result<(), Refused> {
-        let bounded = matches!(cmd, PubCmd::Data(_));
-        self.mailbox.push(cmd, bounded)
-    }
-
-    /// Queues the data message `[topic, payload]` (bounded by `send_queue`), copied into
-    /// the queued run of its topic when there is one.
-    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
-        self.mailbox.push_data(topic, payload)
-    }
-
-    /// Queues several data messages at once (all or none).
-    pub fn push_all(&self, cmds: Vec<PubCmd>) -> std::result::Result<(), Refused> {
-        self.mailbox.push_all(cmds)
+    /// The queue to the thread (data bounded by `send_queue`).
+    pub fn outbox(&self) -> &Outbox {
+        &self.mailbox
     }
 
     /// The publisher's counters.
     pub fn stats(&self) -> HubStats {
         self.counters.snapshot()
+    }
+
+    /// The publisher's live counters (still read after it stops).
+    pub fn counters(&self) -> Arc<HubCounters> {
+        self.counters.clone()
     }
 }
 
@@ -263,9 +238,15 @@ fn taken(address: &str) -> Error {
     }
 }
 
-fn bind(xpub: &zmq::Socket, address: &str) -> Result<()> {
-    // Our own publisher on this address may have stopped a moment ago, its listener still
-    // closing: then wait for it, briefly.
+fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
+    // Our own publisher on this address may be stopping (lingering at its close): wait for
+    // it, within its close_linger and linger and a margin.
+    let started = Instant::now();
+    let patience = cfg.close_linger + cfg.linger + Duration::from_secs(2);
+    while lock(stopping()).contains_key(address) && started.elapsed() < patience {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Or it stopped a moment ago, its listener still closing: then wait for it, briefly.
     let recent = lock(recently_stopped())
         .get(address)
         .is_some_and(|t| t.elapsed() < Duration::from_secs(2));
@@ -299,7 +280,7 @@ fn setup(address: &str, cfg: &ZmqConfig) -> Result<zmq::Socket> {
     xpub.set_sndhwm(cfg.sndhwm)
         .map_err(|e| zmq_err("could not set sndhwm", e))?;
     cfg.apply_curve_server(&xpub)?;
-    bind(&xpub, address)?;
+    bind(&xpub, address, cfg)?;
     Ok(xpub)
 }
 
@@ -314,7 +295,7 @@ fn synced(receivers: &Receivers) -> bool {
 fn run(
     address: String,
     cfg: ZmqConfig,
-    mailbox: Arc<Mailbox<PubCmd>>,
+    mailbox: Arc<Outbox>,
     counters: Arc<HubCounters>,
     receivers: Receivers,
     ready: std::sync::mpsc::Sender<Result<()>>,
@@ -328,7 +309,7 @@ fn run(
     };
     let _ = ready.send(Ok(()));
     tracing::debug!(%address, "embedded publisher bound");
-    let mut hub = Hub::new(xpub, cfg.retention, counters);
+    let mut hub = Hub::new(xpub, cfg.retention, false, counters);
     let warm_until = Instant::now() + cfg.connect_timeout;
     let mut warm = false;
     let mut batch = VecDeque::new();
@@ -353,10 +334,12 @@ fn run(
         mailbox.woke();
         if mailbox.is_closed() {
             // Hand what was sent before the close to the socket: it goes out within
-            // `linger` to the subscribers that are there.
+            // `linger` to the subscribers that are there; what is retained for those not
+            // there yet waits for them, within `close_linger`.
             hub.drain_subscriptions();
             batch.extend(mailbox.take_all());
             execute_all(&mut hub, &mut batch, &mut run);
+            linger(&mut hub, cfg.close_linger, &address);
             break;
         }
         hub.drain_subscriptions();
@@ -379,39 +362,60 @@ fn run(
     tracing::debug!(%address, "embedded publisher stopped");
 }
 
-/// Executes the queued commands in order, consecutive messages of a topic as batches.
-fn execute_all(hub: &mut Hub, cmds: &mut VecDeque<PubCmd>, run: &mut Batch) {
-    for cmd in cmds.drain(..) {
-        match cmd {
-            PubCmd::Data(Outgoing::One { topic, payload }) => {
-                run.add(hub, &topic, Payload::Bytes(payload));
+/// The publisher is closing: keeps answering subscriptions (late joiners get their replay)
+/// while it retains messages no subscriber has had, up to `close_linger`; then counts what is
+/// left as abandoned, and says so.
+fn linger(hub: &mut Hub, close_linger: Duration, address: &str) {
+    let until = Instant::now() + close_linger;
+    while hub.pending() > 0 {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
+        if let Err(e) = hub.socket().poll(zmq::POLLIN, wait) {
+            if e != zmq::Error::EINTR {
+                tracing::warn!(error = %e, "the publisher could not poll while closing");
+                break;
             }
-            PubCmd::Data(Outgoing::Run { topic, body, count }) => {
-                run.flush(hub);
-                hub.publish_batch(&topic, count as u64, body);
+        }
+        hub.drain_subscriptions();
+        hub.tick();
+    }
+    let abandoned = hub.abandon();
+    if abandoned > 0 {
+        tracing::warn!(
+            %address,
+            abandoned,
+            "the embedded publisher stopped with {abandoned} messages that no subscriber had received (close_linger {close_linger:?} ended); counted in HubStats::abandoned"
+        );
+    }
+}
+
+/// Executes the queued items in order, consecutive messages of a topic as batches.
+fn execute_all(hub: &mut Hub, items: &mut VecDeque<Item<Control>>, run: &mut Batch) {
+    for item in items.drain(..) {
+        match item {
+            Item::Data(Outgoing::One { topic, payload }) => {
+                run.add(hub, &topic, None, Payload::Bytes(payload));
             }
-            other => {
+            Item::Data(Outgoing::Run { topic, body, count }) => {
                 run.flush(hub);
-                execute(hub, other);
+                hub.publish_batch(&topic, count as u64, body, None);
+            }
+            Item::Control(Control::Mark {
+                reply,
+                token,
+                flush_prefix,
+            }) => {
+                run.flush(hub);
+                hub.mark(&reply, token, &flush_prefix);
+            }
+            Item::Control(Control::Raw(frames)) => {
+                run.flush(hub);
+                hub.publish_raw(&frames);
             }
         }
     }
     run.flush(hub);
-}
-
-fn execute(hub: &mut Hub, cmd: PubCmd) {
-    match cmd {
-        PubCmd::Data(Outgoing::One { topic, payload }) => {
-            hub.publish(&topic, Payload::Bytes(payload));
-        }
-        PubCmd::Data(Outgoing::Run { topic, body, count }) => {
-            hub.publish_batch(&topic, count as u64, body);
-        }
-        PubCmd::Mark {
-            reply,
-            token,
-            flush_prefix,
-        } => hub.mark(&reply, token, &flush_prefix),
-        PubCmd::Raw(frames) => hub.publish_raw(&frames),
-    }
 }

@@ -6,56 +6,28 @@
 //! proxy is slow or down: libzmq queues up to `sndhwm` messages for a connection that is not
 //! up yet), the thread stops taking from the queue until the socket can take more, so the
 //! queue fills and further sends are `ChannelFull`.
+//!
+//! The thread numbers its messages per topic as the socket takes them (an origin id per
+//! topic and a number from 1, see [`wire::Origin`]): receivers count by these numbers what
+//! never arrived, across a proxy restart too.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Command, Mailbox, Outgoing, Refused};
+use crate::bridge::{context, lock, zmq_err, Control, Item, Mailbox, Outbox, Outgoing};
 use crate::config::ZmqConfig;
 use crate::wire;
 use crate::BACKEND;
 
-/// One message for the proxy, as frames.
-pub(crate) enum Out {
-    /// `[topic, envelope]`, or a run as `[topic, meta(BATCH, 0, count), items]`.
-    Data(Outgoing),
-    /// Control or raw frames, sent as they are.
-    Frames(Vec<Vec<u8>>),
-}
-
-impl Command for Out {
-    fn from_data(data: Outgoing) -> Self {
-        Out::Data(data)
-    }
-
-    fn data(&self) -> Option<&Outgoing> {
-        match self {
-            Out::Data(d) => Some(d),
-            Out::Frames(_) => None,
-        }
-    }
-
-    fn data_mut(&mut self) -> Option<&mut Outgoing> {
-        match self {
-            Out::Data(d) => Some(d),
-            Out::Frames(_) => None,
-        }
-    }
-
-    fn into_data(self) -> std::result::Result<Outgoing, Self> {
-        match self {
-            Out::Data(d) => Ok(d),
-            other => Err(other),
-        }
-    }
-}
-
 /// The handle on the PUSH thread.
 pub(crate) struct PushSender {
-    mailbox: Arc<Mailbox<Out>>,
+    mailbox: Arc<Outbox>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -69,15 +41,16 @@ impl Drop for PushSender {
 }
 
 impl PushSender {
-    /// Connects a PUSH socket to `pull` on a new thread.
-    pub fn start(cfg: &ZmqConfig, pull: &str) -> Result<PushSender> {
+    /// Connects a PUSH socket to `pull` on a new thread. `abandoned` counts the messages
+    /// the thread still holds when its close lingered `close_linger` in vain.
+    pub fn start(cfg: &ZmqConfig, pull: &str, abandoned: Arc<AtomicU64>) -> Result<PushSender> {
         let mailbox = Arc::new(Mailbox::new(cfg.send_queue)?);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
             let (cfg, pull, mailbox) = (cfg.clone(), pull.to_owned(), mailbox.clone());
             std::thread::Builder::new()
                 .name("chanlayer-zmq sender".into())
-                .spawn(move || run(cfg, pull, mailbox, ready_tx))
+                .spawn(move || run(cfg, pull, mailbox, abandoned, ready_tx))
                 .map_err(|e| Error::backend(BACKEND, "could not start the sender thread", e))?
         };
         let started = ready_rx.recv().unwrap_or_else(|_| {
@@ -97,21 +70,9 @@ impl PushSender {
         })
     }
 
-    /// Queues a message; data is bounded by `send_queue`, control frames are not.
-    pub fn push(&self, out: Out) -> std::result::Result<(), Refused> {
-        let bounded = matches!(out, Out::Data(_));
-        self.mailbox.push(out, bounded)
-    }
-
-    /// Queues the data message `[topic, payload]` (bounded by `send_queue`), copied into
-    /// the queued run of its topic when there is one.
-    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
-        self.mailbox.push_data(topic, payload)
-    }
-
-    /// Queues several messages at once (all or none).
-    pub fn push_all(&self, outs: Vec<Out>) -> std::result::Result<(), Refused> {
-        self.mailbox.push_all(outs)
+    /// The queue to the thread.
+    pub fn outbox(&self) -> &Outbox {
+        &self.mailbox
     }
 }
 
@@ -128,14 +89,80 @@ fn setup(cfg: &ZmqConfig, pull: &str) -> Result<zmq::Socket> {
     Ok(push)
 }
 
-/// Sends one message without blocking. `Err(out)` gives it back when the socket is at its
-/// high-water mark (nothing of it was sent).
-fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
-    let first = match &out {
-        Out::Data(Outgoing::One { topic, .. } | Outgoing::Run { topic, .. }) => {
-            push.send(&topic[..], zmq::DONTWAIT | zmq::SNDMORE)
+/// This sender's numbering of its messages, per topic (see [`wire::Origin`]): each topic
+/// gets a random origin id and numbers from 1. The proxy passes them on, and receivers
+/// count by them what never arrived, across a proxy restart too.
+struct Numbering {
+    topics: HashMap<Vec<u8>, Numbered>,
+    /// The time, read once per loop turn.
+    clock: Instant,
+    swept: Instant,
+}
+
+struct Numbered {
+    id: u64,
+    next: u64,
+    used: Instant,
+}
+
+/// A topic this sender has not sent to for this long starts over with a new origin id (its
+/// numbering is forgotten when the map has grown past [`NUMBERED_MAX`]).
+const NUMBERED_FOR: Duration = Duration::from_secs(600);
+const NUMBERED_MAX: usize = 4096;
+
+impl Numbering {
+    fn new() -> Numbering {
+        let now = Instant::now();
+        Numbering {
+            topics: HashMap::new(),
+            clock: now,
+            swept: now,
         }
-        Out::Frames(frames) => match frames.split_first() {
+    }
+
+    /// The numbering of `topic`, begun if new.
+    fn of(&mut self, topic: &[u8]) -> &mut Numbered {
+        let clock = self.clock;
+        let n = self.topics.entry_ref(topic).or_insert_with(|| Numbered {
+            id: rand::random::<u64>() | 1,
+            next: 1,
+            used: clock,
+        });
+        n.used = clock;
+        n
+    }
+
+    /// Once per loop turn: reads the clock, and forgets topics long unused when there are
+    /// many.
+    fn turn(&mut self) {
+        self.clock = Instant::now();
+        if self.topics.len() > NUMBERED_MAX
+            && self.clock.duration_since(self.swept) >= Duration::from_secs(60)
+        {
+            self.swept = self.clock;
+            let now = self.clock;
+            self.topics
+                .retain(|_, n| now.saturating_duration_since(n.used) < NUMBERED_FOR);
+        }
+    }
+}
+
+/// Sends one queued item without blocking. `Err(item)` gives it back when the socket is at
+/// its high-water mark (nothing of it was sent). Data is numbered by `numbering` once the
+/// socket took it; data the socket fails on (an error other than being full) is counted
+/// in `abandoned`.
+fn try_send(
+    push: &zmq::Socket,
+    item: Item<Control>,
+    numbering: &mut Numbering,
+    abandoned: &AtomicU64,
+) -> std::result::Result<(), Item<Control>> {
+    let first = match &item {
+        Item::Data(d) => push.send(d.topic(), zmq::DONTWAIT | zmq::SNDMORE),
+        Item::Control(Control::Mark { .. }) => {
+            push.send(wire::MARK_CONTROL, zmq::DONTWAIT | zmq::SNDMORE)
+        }
+        Item::Control(Control::Raw(frames)) => match frames.split_first() {
             None => return Ok(()),
             Some((f, rest)) => {
                 let more = if rest.is_empty() { 0 } else { zmq::SNDMORE };
@@ -144,24 +171,41 @@ fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
         },
     };
     match first {
-        Err(zmq::Error::EAGAIN) => return Err(out),
+        Err(zmq::Error::EAGAIN) => return Err(item),
         Err(e) => {
-            tracing::warn!(error = %e, "the sender could not send to the proxy; message dropped");
+            let n = item.count();
+            abandoned.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!(error = %e, messages = n, "the sender could not send to the proxy; dropped, counted in TransportStats::abandoned");
             return Ok(());
         }
         Ok(()) => {}
     }
     // The first frame was taken: the rest of the message goes to the same pipe and is never
     // refused for the high-water mark (it counts whole messages).
-    let rest = match out {
-        Out::Data(Outgoing::One { payload, .. }) => push.send(payload, 0),
-        Out::Data(Outgoing::Run { body, count, .. }) => push
-            .send(
-                &wire::meta(wire::META_BATCH, 0, count as u64)[..],
-                zmq::SNDMORE,
-            )
-            .and_then(|()| push.send(body, 0)),
-        Out::Frames(frames) => {
+    let rest = match item {
+        Item::Data(Outgoing::One { topic, payload }) => {
+            let n = numbering.of(&topic);
+            let meta = wire::meta(wire::META_DATA, n.id, n.next);
+            n.next += 1;
+            push.send(&meta[..], zmq::SNDMORE)
+                .and_then(|()| push.send(payload, 0))
+        }
+        Item::Data(Outgoing::Run { topic, body, count }) => {
+            let n = numbering.of(&topic);
+            let meta = wire::meta(wire::META_BATCH, n.id, n.next);
+            n.next += count as u64;
+            push.send(&meta[..], zmq::SNDMORE)
+                .and_then(|()| push.send(body, 0))
+        }
+        Item::Control(Control::Mark {
+            reply,
+            token,
+            flush_prefix,
+        }) => push
+            .send(reply, zmq::SNDMORE)
+            .and_then(|()| push.send(&token.to_le_bytes()[..], zmq::SNDMORE))
+            .and_then(|()| push.send(flush_prefix, 0)),
+        Item::Control(Control::Raw(frames)) => {
             let n = frames.len();
             frames
                 .into_iter()
@@ -176,10 +220,51 @@ fn try_send(push: &zmq::Socket, out: Out) -> std::result::Result<(), Out> {
     Ok(())
 }
 
+/// The layer is closing: hands what is queued to the socket, waiting up to `close_linger`
+/// while the socket refuses (the proxy is away or slow); what it took goes out within
+/// `linger`. What it never took is counted as abandoned, and said.
+fn close(
+    push: &zmq::Socket,
+    pending: &mut VecDeque<Item<Control>>,
+    numbering: &mut Numbering,
+    close_linger: Duration,
+    abandoned: &AtomicU64,
+) {
+    let until = Instant::now() + close_linger;
+    loop {
+        while let Some(item) = pending.pop_front() {
+            if let Err(back) = try_send(push, item, numbering, abandoned) {
+                pending.push_front(back);
+                break;
+            }
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if pending.is_empty() || left.is_zero() {
+            break;
+        }
+        let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
+        if let Err(e) = push.poll(zmq::POLLOUT, wait) {
+            if e != zmq::Error::EINTR {
+                tracing::warn!(error = %e, "the sender could not poll while closing");
+                break;
+            }
+        }
+    }
+    let left: usize = pending.iter().map(Item::count).sum();
+    if left > 0 {
+        abandoned.fetch_add(left as u64, Ordering::Relaxed);
+        tracing::warn!(
+            abandoned = left,
+            "the layer closed with {left} messages the proxy did not take within close_linger ({close_linger:?}); counted in TransportStats::abandoned"
+        );
+    }
+}
+
 fn run(
     cfg: ZmqConfig,
     pull: String,
-    mailbox: Arc<Mailbox<Out>>,
+    mailbox: Arc<Outbox>,
+    abandoned: Arc<AtomicU64>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
     let push = match setup(&cfg, &pull) {
@@ -190,7 +275,8 @@ fn run(
         }
     };
     let _ = ready.send(Ok(()));
-    let mut pending: VecDeque<Out> = VecDeque::new();
+    let mut pending: VecDeque<Item<Control>> = VecDeque::new();
+    let mut numbering = Numbering::new();
     loop {
         let blocked = !pending.is_empty();
         let timeout = if blocked || mailbox.prepare_sleep() {
@@ -215,19 +301,16 @@ fn run(
             }
         }
         mailbox.woke();
+        numbering.turn();
         if mailbox.is_closed() {
-            // Hand over what is queued while the socket takes it; what it took goes out
-            // within `linger`, the rest is lost with the layer.
             pending.extend(mailbox.take_all());
-            while let Some(out) = pending.pop_front() {
-                if try_send(&push, out).is_err() {
-                    tracing::debug!(
-                        left = pending.len() + 1,
-                        "the layer closed with messages the proxy could not take"
-                    );
-                    break;
-                }
-            }
+            close(
+                &push,
+                &mut pending,
+                &mut numbering,
+                cfg.close_linger,
+                &abandoned,
+            );
             break;
         }
         if pending.is_empty() {
@@ -235,7 +318,7 @@ fn run(
         }
         let worked = !pending.is_empty();
         while let Some(out) = pending.pop_front() {
-            if let Err(back) = try_send(&push, out) {
+            if let Err(back) = try_send(&push, out, &mut numbering, &abandoned) {
                 pending.push_front(back);
                 break;
             }

@@ -21,6 +21,7 @@
 //! batch:    [topic, meta(BATCH, epoch, seq), items]        consecutive messages of the
 //!                                                          topic, seq, seq+1, ...
 //! welcome:  [probe, meta(WELCOME, epoch, seq)]             seq = the topic's current seq
+//! welcome:  [probe, meta(WELCOME, epoch, seq), origins]    the proxy's (see below)
 //! replay:   [probe, meta(DATA, epoch, seq), envelope]      retained messages, before welcome
 //! mark:     [inbox topic, meta(MARK, epoch, token)]        the answer to a control mark
 //! ```
@@ -28,10 +29,20 @@
 //! Messages from senders to the proxy (dedicated mode):
 //!
 //! ```text
-//! data:     [topic, envelope]
-//! batch:    [topic, meta(BATCH, 0, count), items]
+//! data:     [topic, meta(DATA, origin, oseq), envelope]
+//! batch:    [topic, meta(BATCH, origin, oseq), items]      items oseq, oseq+1, ...
+//! data:     [topic, envelope]                              no origin (not counted)
 //! control:  [b"x:mark\0", reply topic, token (8 bytes LE), flush prefix (may be empty)]
 //! ```
+//!
+//! **Origins** (dedicated mode). Each sender numbers its own messages per topic: `origin` is
+//! a random id the sender picks for the topic, `oseq` counts that sender's messages of the
+//! topic from 1. The proxy passes both on in a longer meta frame ([`meta_stamped`]: the
+//! proxy's `(epoch, seq)`, then the [`Origin`]), and its welcome carries, for each origin
+//! it knows on the topic, the last `oseq` it published ([`origin_table`]). A receiver counts
+//! losses by origin: a gap in an origin's `oseq` is messages of that sender it never got,
+//! wherever they were lost, and the count survives a proxy restart (a new epoch), because
+//! the sender's numbers go on where the proxy's start over.
 //!
 //! `items` is a **batch**: each envelope preceded by its length (u32 little-endian). Under
 //! load a sender or publisher finds several messages of one topic queued one after the
@@ -44,7 +55,9 @@
 //! The meta frame is 17 bytes: a kind byte, the publisher's epoch (random per publisher
 //! start, u64 little-endian) and a sequence number (u64 little-endian). Receivers use
 //! `(epoch, seq)` to put a replay and live messages in order without duplicates, and to count
-//! messages that PUB/SUB dropped (a gap in a topic's sequence).
+//! messages that PUB/SUB dropped (a gap in a topic's sequence). The proxy's meta frames are
+//! [`STAMPED_META_LEN`] bytes: the same, then the message's [`Origin`]; receivers then count
+//! losses by origin instead.
 
 /// Topic kind byte of a normal channel.
 pub const CHANNEL: u8 = b'c';
@@ -68,6 +81,8 @@ pub const META_MARK: u8 = 3;
 pub const META_BATCH: u8 = 4;
 /// Length of the meta frame.
 pub const META_LEN: usize = 17;
+/// Length of the meta frame with an [`Origin`] (from the proxy).
+pub const STAMPED_META_LEN: usize = META_LEN + 24;
 
 /// The kind of a data topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,20 +215,80 @@ pub fn meta(kind: u8, epoch: u64, seq: u64) -> [u8; META_LEN] {
     m
 }
 
-/// Reads a meta frame: `(kind, epoch, seq)`.
+/// Where a message comes from, end to end (dedicated mode): the sender's own numbering of
+/// its messages on the topic, which a proxy restart does not reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Origin {
+    /// The sender's random id for the topic; 0 is no origin (a message the proxy got
+    /// without one), which receivers do not count.
+    pub id: u64,
+    /// The sender's sequence number of the message on the topic, from 1 (of the first
+    /// message of a batch; the others follow).
+    pub seq: u64,
+    /// The first `seq` of this origin the proxy published on the topic since it began to
+    /// follow the origin: what came before it was published before the proxy's time.
+    pub first: u64,
+}
+
+/// A meta frame with an origin ([`STAMPED_META_LEN`] bytes).
+pub fn meta_stamped(kind: u8, epoch: u64, seq: u64, origin: Origin) -> [u8; STAMPED_META_LEN] {
+    let mut m = [0u8; STAMPED_META_LEN];
+    m[..META_LEN].copy_from_slice(&meta(kind, epoch, seq));
+    m[17..25].copy_from_slice(&origin.id.to_le_bytes());
+    m[25..33].copy_from_slice(&origin.seq.to_le_bytes());
+    m[33..41].copy_from_slice(&origin.first.to_le_bytes());
+    m
+}
+
+fn u64_at(frame: &[u8], at: usize) -> Option<u64> {
+    let bytes: [u8; 8] = frame.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// Reads a meta frame, with or without an origin: `(kind, epoch, seq)`.
 pub fn parse_meta(frame: &[u8]) -> Option<(u8, u64, u64)> {
-    if frame.len() != META_LEN {
+    if frame.len() != META_LEN && frame.len() != STAMPED_META_LEN {
         return None;
     }
-    let kind = frame[0];
+    let kind = *frame.first()?;
     if !(META_DATA..=META_BATCH).contains(&kind) {
         return None;
     }
-    let mut e = [0u8; 8];
-    e.copy_from_slice(&frame[1..9]);
-    let mut s = [0u8; 8];
-    s.copy_from_slice(&frame[9..17]);
-    Some((kind, u64::from_le_bytes(e), u64::from_le_bytes(s)))
+    Some((kind, u64_at(frame, 1)?, u64_at(frame, 9)?))
+}
+
+/// The origin of a meta frame that has one ([`meta_stamped`]); `None` for a plain one.
+pub fn parse_origin(frame: &[u8]) -> Option<Origin> {
+    if frame.len() != STAMPED_META_LEN {
+        return None;
+    }
+    Some(Origin {
+        id: u64_at(frame, 17)?,
+        seq: u64_at(frame, 25)?,
+        first: u64_at(frame, 33)?,
+    })
+}
+
+/// The origin table of a proxy's welcome: for each origin id, the last sequence number the
+/// proxy published of it on the topic (16 bytes each, little-endian).
+pub fn origin_table(entries: &[(u64, u64)]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(entries.len() * 16);
+    for (id, last) in entries {
+        t.extend_from_slice(&id.to_le_bytes());
+        t.extend_from_slice(&last.to_le_bytes());
+    }
+    t
+}
+
+/// Reads an origin table; `None` if its length is not a whole number of entries.
+pub fn parse_origin_table(frame: &[u8]) -> Option<Vec<(u64, u64)>> {
+    if frame.len() % 16 != 0 {
+        return None;
+    }
+    frame
+        .chunks_exact(16)
+        .map(|c| Some((u64_at(c, 0)?, u64_at(c, 8)?)))
+        .collect()
 }
 
 /// The largest envelope that goes into a batch; a larger one travels alone (copying it into
@@ -348,6 +423,24 @@ mod tests {
         assert_eq!(parse_probe(b"h:\0c:p:x\0"), None);
         assert_eq!(parse_probe(b"h:a.1\0c:p:x"), None);
         assert!(probe.starts_with(b"h:inst.7\0"));
+    }
+
+    #[test]
+    fn origins_round_trip() {
+        let o = Origin {
+            id: 5,
+            seq: 9,
+            first: 3,
+        };
+        let m = meta_stamped(META_BATCH, 42, 7, o);
+        assert_eq!(parse_meta(&m), Some((META_BATCH, 42, 7)));
+        assert_eq!(parse_origin(&m), Some(o));
+        assert_eq!(parse_origin(&meta(META_DATA, 42, 7)), None, "a plain meta");
+        assert_eq!(parse_meta(&m[..40]), None);
+        let t = origin_table(&[(1, 2), (u64::MAX, 0)]);
+        assert_eq!(parse_origin_table(&t), Some(vec![(1, 2), (u64::MAX, 0)]));
+        assert_eq!(parse_origin_table(&t[..15]), None);
+        assert_eq!(parse_origin_table(b""), Some(vec![]));
     }
 
     #[test]

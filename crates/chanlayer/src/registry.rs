@@ -45,7 +45,7 @@ fn builtin() -> HashMap<String, Backend> {
         Backend::Available(transport_connector::<chanlayer_core::memory::MemoryTransport>()),
     );
     #[cfg(feature = "kafka")]
-    let kafka = Backend::Available(kafka_connector());
+    let kafka = Backend::Available(transport_connector::<chanlayer_kafka::KafkaTransport>());
     #[cfg(not(feature = "kafka"))]
     let kafka = Backend::CompiledOut("kafka");
     m.insert("kafka".to_owned(), kafka);
@@ -61,16 +61,6 @@ fn builtin() -> HashMap<String, Backend> {
     let zmq = Backend::CompiledOut("zmq");
     m.insert("zmq".to_owned(), zmq);
     m
-}
-
-#[cfg(feature = "kafka")]
-fn kafka_connector() -> Connector {
-    Arc::new(|config: LayerConfig| {
-        Box::pin(async move {
-            let layer = chanlayer_kafka::KafkaLayer::connect(&config).await?;
-            Ok(Arc::new(layer) as Arc<dyn ChannelLayer>)
-        }) as Connecting
-    })
 }
 
 #[cfg(feature = "zmq")]

@@ -1,0 +1,419 @@
+//! The receiving thread's read side: messages from the SUB socket, in order and once each,
+//! into the instance's inbox.
+//!
+//! A live topic checks each message's sequence number ([`SeqTracker`]) and counts gaps as
+//! lost; a topic whose probe is outstanding holds its messages back until the answer, and
+//! then [`settle`] orders them. Envelopes are decoded here, on this thread, and handed to the
+//! inbox in bursts.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use chanlayer_core::envelope::now_ms;
+use chanlayer_core::{names, Destination, Envelope};
+
+use super::subs::{Kept, Link, State, Sub, SubState};
+use super::{Confirm, Route, Shared, HAND_OVER_AT};
+use crate::seq::{settle, Held, Pos, Verdict};
+use crate::wire::{self, Origin};
+
+/// One message's envelope bytes: a whole frame, or an item of a batch frame.
+enum Piece<'a> {
+    Frame(zmq::Message),
+    Item(&'a [u8]),
+}
+
+impl Piece<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Piece::Frame(m) => m,
+            Piece::Item(b) => b,
+        }
+    }
+
+    /// Owned, to be held back while a probe is outstanding (rare: copies an item).
+    fn into_message(self) -> zmq::Message {
+        match self {
+            Piece::Frame(m) => m,
+            Piece::Item(b) => zmq::Message::from(b),
+        }
+    }
+}
+
+impl State {
+    pub(super) fn drain_sub(&mut self, sock: &zmq::Socket, max: usize) {
+        let mut frames: Vec<zmq::Message> = Vec::with_capacity(4);
+        for _ in 0..max {
+            frames.clear();
+            let mut extra = 0usize;
+            loop {
+                match sock.recv_msg(zmq::DONTWAIT) {
+                    Ok(m) => {
+                        let more = m.get_more();
+                        if frames.len() < 3 {
+                            frames.push(m);
+                        } else {
+                            extra += 1;
+                        }
+                        if !more {
+                            break;
+                        }
+                    }
+                    Err(zmq::Error::EINTR) => continue,
+                    Err(zmq::Error::EAGAIN) if frames.is_empty() => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "receive failed mid-message");
+                        break;
+                    }
+                }
+            }
+            if frames.is_empty() {
+                return;
+            }
+            if self.link != Link::Up {
+                // Something arrived: there is a connection, whatever the monitor said last.
+                self.set_link(sock, true);
+            }
+            if extra > 0 {
+                self.garbage(
+                    &frames[0],
+                    &format!(
+                        "{} frames; chanlayer messages have 2 or 3",
+                        frames.len() + extra
+                    ),
+                );
+                continue;
+            }
+            let message = std::mem::take(&mut frames);
+            self.on_message(message);
+            if self.ready.len() >= HAND_OVER_AT {
+                // The receiving tasks start on these while this thread decodes the rest.
+                self.hand_over();
+            }
+        }
+    }
+
+    fn garbage(&self, topic: &[u8], why: &str) {
+        self.shared
+            .stats
+            .record_undecodable(&wire::display(topic), &why);
+    }
+
+    fn on_message(&mut self, frames: Vec<zmq::Message>) {
+        enum Dest {
+            Sub,
+            Probe(Vec<u8>),
+            Stale,
+            Garbage,
+        }
+        let Some(head) = frames.first() else {
+            return;
+        };
+        let dest = if self.subs.contains_key(&head[..]) {
+            Dest::Sub
+        } else if let Some(of) = self.probes.get(&head[..]) {
+            Dest::Probe(of.clone())
+        } else if wire::data_topic_kind(head).is_some() || wire::parse_probe(head).is_some() {
+            Dest::Stale
+        } else {
+            Dest::Garbage
+        };
+        let meta = frames.get(1).and_then(|m| wire::parse_meta(m));
+        let origin = frames.get(1).and_then(|m| wire::parse_origin(m));
+        match (dest, meta, frames.len()) {
+            (Dest::Sub, Some((wire::META_DATA, epoch, seq)), 3) => {
+                if let Some((topic, payload)) = ends(frames) {
+                    let pos = Pos::new(epoch, seq);
+                    self.on_data(&topic, pos, origin, Piece::Frame(payload), false);
+                }
+            }
+            (Dest::Sub, Some((wire::META_BATCH, epoch, first)), 3) => {
+                if let Some((topic, body)) = ends(frames) {
+                    match wire::batch_items(&body) {
+                        Some(items) => {
+                            self.on_batch(&topic, Pos::new(epoch, first), origin, &items)
+                        }
+                        None => self.garbage(&topic, "a malformed batch"),
+                    }
+                }
+            }
+            (Dest::Sub, Some((wire::META_MARK, _, token)), 2)
+                if head[..] == self.inbox_topic[..] =>
+            {
+                // What arrived before the mark is in the inbox before its waiter (a
+                // barrier, a flush that then empties the inbox) hears of it.
+                self.hand_over();
+                match self.marks.remove(&token) {
+                    Some((done, _)) => {
+                        let _ = done.send(());
+                    }
+                    None => {
+                        self.early_marks.insert(token, Instant::now());
+                    }
+                }
+            }
+            (Dest::Sub, ..) => {
+                self.garbage(head, "not a chanlayer message (wrong frames or meta)");
+            }
+            (Dest::Probe(of), Some((wire::META_DATA, epoch, seq)), 3) => {
+                if let Some((_, payload)) = ends(frames) {
+                    let pos = Pos::new(epoch, seq);
+                    self.on_data(&of, pos, origin, Piece::Frame(payload), true);
+                }
+            }
+            (Dest::Probe(of), Some((wire::META_WELCOME, epoch, seq)), 2) => {
+                self.release(&of, Some(Pos::new(epoch, seq)), None);
+            }
+            (Dest::Probe(of), Some((wire::META_WELCOME, epoch, seq)), 3) => {
+                // A proxy's welcome: the table of the topic's origins.
+                match frames.get(2).and_then(|t| wire::parse_origin_table(t)) {
+                    Some(table) => self.release(&of, Some(Pos::new(epoch, seq)), Some(table)),
+                    None => self.garbage(head, "a welcome with a malformed origin table"),
+                }
+            }
+            (Dest::Probe(_), ..) => self.garbage(head, "not a chanlayer probe answer"),
+            // A message of a topic unsubscribed a moment ago, still on its way.
+            (Dest::Stale, ..) => {}
+            (Dest::Garbage, ..) => self.garbage(head, "not a chanlayer topic"),
+        }
+    }
+
+    /// A batch frame: the messages `first`, `first + 1`, ... of `topic` (with origin
+    /// numbers `origin.seq`, `origin.seq + 1`, ...). A live topic takes them in one go (one
+    /// lookup, one sequence check); otherwise each goes through [`State::on_data`].
+    fn on_batch(&mut self, topic: &[u8], first: Pos, origin: Option<Origin>, items: &[&[u8]]) {
+        if let Some(Sub {
+            route,
+            state: SubState::Live(tracker),
+            origins,
+        }) = self.subs.get_mut(topic)
+        {
+            let count = items.len() as u64;
+            let Some(run) = tracker.check_run(first.epoch, first.seq, count) else {
+                return; // seen already
+            };
+            let lost = match origin {
+                Some(o) => origins.deliver(
+                    Origin {
+                        seq: o.seq.saturating_add(run.skip),
+                        ..o
+                    },
+                    count.saturating_sub(run.skip),
+                    true,
+                ),
+                None => run.gap,
+            };
+            count_lost(&self.shared, topic, lost);
+            let skip = usize::try_from(run.skip).map_or(items.len(), |s| s.min(items.len()));
+            let now = now_ms();
+            for item in &items[skip..] {
+                if let Some(env) = accept(&self.shared, route, topic, item, now) {
+                    self.ready.push(env);
+                }
+            }
+            return;
+        }
+        for (i, item) in (0u64..).zip(items) {
+            let pos = Pos::new(first.epoch, first.seq.saturating_add(i));
+            let origin = origin.map(|o| Origin {
+                seq: o.seq.saturating_add(i),
+                ..o
+            });
+            self.on_data(topic, pos, origin, Piece::Item(item), false);
+        }
+    }
+
+    fn on_data(
+        &mut self,
+        topic: &[u8],
+        pos: Pos,
+        origin: Option<Origin>,
+        payload: Piece<'_>,
+        replayed: bool,
+    ) {
+        let max_held = self.max_held;
+        let Some(Sub {
+            route,
+            state,
+            origins,
+        }) = self.subs.get_mut(topic)
+        else {
+            return;
+        };
+        match state {
+            SubState::Probing { held, .. } => {
+                held.push(Held {
+                    pos,
+                    replayed,
+                    payload: Kept {
+                        msg: payload.into_message(),
+                        origin,
+                    },
+                });
+                if held.len() > max_held {
+                    tracing::warn!(topic = %wire::display(topic), "no answer to the subscription probe while {max_held} messages waited; delivering them");
+                    self.release(topic, None, None);
+                }
+            }
+            SubState::Live(tracker) => {
+                if replayed {
+                    return; // a replay answering a probe we gave up on
+                }
+                let gap = match tracker.check(pos.epoch, pos.seq) {
+                    Verdict::Duplicate => return,
+                    Verdict::Deliver { gap } => gap,
+                    // A new publisher (a restart): a new sequence starts.
+                    Verdict::Restart => 0,
+                };
+                // With an origin, losses are counted by the sender's numbers (which a
+                // restart does not reset), else by the publisher's.
+                let lost = match origin {
+                    Some(o) => origins.deliver(o, 1, true),
+                    None => gap,
+                };
+                count_lost(&self.shared, topic, lost);
+                if let Some(env) = accept(&self.shared, route, topic, payload.as_slice(), now_ms())
+                {
+                    self.ready.push(env);
+                }
+            }
+        }
+    }
+
+    /// Ends the probe of `topic`: delivers what waited, in sequence order, once each, and
+    /// makes the topic live. `welcome` is the publisher's answer (`None`: gave up waiting),
+    /// `table` the origins a proxy listed with it.
+    pub(super) fn release(
+        &mut self,
+        topic: &[u8],
+        welcome: Option<Pos>,
+        table: Option<Vec<(u64, u64)>>,
+    ) {
+        let Some(sub) = self.subs.get_mut(topic) else {
+            return;
+        };
+        if !matches!(sub.state, SubState::Probing { .. }) {
+            return;
+        }
+        let SubState::Probing {
+            probe,
+            mut held,
+            waiters,
+            floor,
+            ..
+        } = std::mem::replace(&mut sub.state, SubState::Live(Default::default()))
+        else {
+            return;
+        };
+        let settled = settle(&mut held, welcome, floor);
+        sub.state = SubState::Live(settled.tracker);
+        let route = sub.route.clone();
+        // Losses by origin (a proxy's messages) or by the publisher's sequence.
+        let by_origin = table.is_some() || held.iter().any(|h| h.payload.origin.is_some());
+        if let Some(table) = &table {
+            sub.origins.welcome(table);
+        }
+        let mut lost = if by_origin { 0 } else { settled.lost };
+        for h in &held {
+            if let Some(o) = h.payload.origin {
+                // Published after the welcome: an origin new to this topic began after the
+                // subscription (before it, it only sets where counting starts).
+                let fresh = welcome.is_none_or(|w| h.pos.epoch != w.epoch || h.pos.seq > w.seq);
+                lost += sub.origins.deliver(o, 1, fresh);
+            }
+        }
+        // Counted before the messages are handed out: a receiver that has them sees the
+        // counts.
+        self.shared
+            .transport
+            .replayed
+            .fetch_add(settled.replayed, Ordering::Relaxed);
+        count_lost(&self.shared, topic, lost);
+        let now = now_ms();
+        for h in &held {
+            if let Some(env) = accept(&self.shared, &route, topic, &h.payload.msg, now) {
+                self.ready.push(env);
+            }
+        }
+        // In the inbox before anyone waiting for this subscription hears of it.
+        self.hand_over();
+        if let Some(probe) = probe {
+            self.probes.remove(&probe);
+            self.pending_unsubscribe.push(probe);
+        }
+        self.shared.sync.outstanding.fetch_sub(1, Ordering::SeqCst);
+        let answer = if welcome.is_some() {
+            Confirm::Confirmed
+        } else {
+            Confirm::NoAnswer
+        };
+        for w in waiters {
+            let _ = w.send(answer);
+        }
+    }
+
+    /// Hands the accepted envelopes to the inbox (one lock per burst).
+    pub(super) fn hand_over(&mut self) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let s = &self.shared;
+        s.inbox
+            .deliver_all(&mut self.ready, &s.groups, &s.options, &s.stats);
+    }
+}
+
+/// Counts `lost` messages of `topic` in [`crate::TransportStats::lost`].
+fn count_lost(shared: &Shared, topic: &[u8], lost: u64) {
+    if lost > 0 {
+        shared.transport.lost.fetch_add(lost, Ordering::Relaxed);
+        tracing::debug!(topic = %wire::display(topic), lost, "messages lost on the way");
+    }
+}
+
+/// The first and last frames of a three-frame message.
+fn ends(frames: Vec<zmq::Message>) -> Option<(zmq::Message, zmq::Message)> {
+    let [first, _, last] = <[zmq::Message; 3]>::try_from(frames).ok()?;
+    Some((first, last))
+}
+
+/// Decodes one envelope from the wire and checks that it belongs on `topic`, has not
+/// expired, and is for this instance; `None` (counted) if not.
+fn accept(
+    shared: &Shared,
+    route: &Route,
+    topic: &[u8],
+    payload: &[u8],
+    now: u64,
+) -> Option<Envelope> {
+    let env = match Envelope::decode(payload) {
+        Ok(e) => e,
+        Err(e) => {
+            shared.stats.record_undecodable(&wire::display(topic), &e);
+            return None;
+        }
+    };
+    let fits = match route {
+        Route::Inbox => {
+            env.kind == Destination::Channel
+                && names::owner_instance(&env.destination) == Some(shared.id.as_str())
+        }
+        Route::Channel(name) => env.kind == Destination::Channel && env.destination == *name,
+        Route::Group(name) => env.kind == Destination::Group && env.destination == *name,
+    };
+    if !fits {
+        shared.stats.record_undecodable(
+            &wire::display(topic),
+            &format!(
+                "an envelope for {:?} {:?} does not belong on this topic",
+                env.kind, env.destination
+            ),
+        );
+        return None;
+    }
+    if env.is_expired_at(now) {
+        shared.stats.record_expired(1);
+        return None;
+    }
+    Some(env)
+}

@@ -1,0 +1,345 @@
+//! The receiving side of one layer instance: one SUB socket, owned by one thread.
+//!
+//! The thread subscribes the instance's inbox topic at start, the topics of normal channels
+//! it receives, and the topics of groups with a local member. Every subscription is followed
+//! by a **probe** (see [`crate::wire`]): until the publisher answers it, messages of the topic
+//! are held back; the answer brings the retained messages the subscriber missed (the
+//! replay) and the topic's current sequence number (the welcome). The held and replayed
+//! messages are then delivered in sequence order without duplicates, and `group_add` (which
+//! waits for the welcome) returns: every message published after that reaches this instance.
+//!
+//! Afterwards each topic's sequence numbers are checked: a gap is a message PUB/SUB dropped
+//! on the way (a subscriber at its high-water mark, a lost connection), counted in
+//! [`TransportStats::lost`](crate::TransportStats).
+//!
+//! The thread decodes envelopes and hands them straight to the instance's `LocalInbox` and
+//! group registry (both thread-safe): no async hop per message.
+
+mod ingest;
+mod subs;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chanlayer_core::stats::Stats;
+use chanlayer_core::{CloseSignal, Error, GroupRegistry, LayerOptions, LocalInbox, Result};
+use tokio::sync::oneshot;
+
+use crate::bridge::{context, lock, zmq_err, Item, Mailbox};
+use crate::config::ZmqConfig;
+use crate::wire;
+use subs::State;
+
+/// Decoded envelopes handed to the inbox at once while the receiver thread reads a backlog
+/// (in one go at the end of each read otherwise).
+const HAND_OVER_AT: usize = 64;
+
+/// How a subscription request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Confirm {
+    /// The publisher answered the probe: later messages reach this instance.
+    Confirmed,
+    /// There is no connection to a publisher now; the subscription takes effect when one
+    /// comes up.
+    NotConnected,
+    /// Connected, but the publisher did not answer within `subscribe_timeout`.
+    NoAnswer,
+}
+
+/// What a subscribed topic delivers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    Inbox,
+    Channel(String),
+    Group(String),
+}
+
+pub(crate) enum Cmd {
+    Subscribe {
+        topic: Vec<u8>,
+        route: Route,
+        done: Option<oneshot::Sender<Confirm>>,
+    },
+    Reconcile {
+        group: String,
+        done: Option<oneshot::Sender<Confirm>>,
+    },
+    ReconcileAll,
+    AwaitMark {
+        token: u64,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Counters of the transport itself, per instance.
+#[derive(Debug, Default)]
+pub(crate) struct TransportCounters {
+    pub lost: AtomicU64,
+    pub replayed: AtomicU64,
+    pub link_up: AtomicBool,
+    /// Messages the dedicated sender still held when its close lingered in vain.
+    pub abandoned: Arc<AtomicU64>,
+}
+
+/// What the embedded publisher of this process reads to know that an in-process receiver
+/// is connected and has every subscription confirmed.
+#[derive(Debug, Default)]
+pub(crate) struct ReceiverSync {
+    pub outstanding: AtomicUsize,
+    pub gone: AtomicBool,
+}
+
+/// Everything the receiving thread shares with the layer.
+pub(crate) struct Shared {
+    pub id: String,
+    pub options: LayerOptions,
+    pub stats: Arc<Stats>,
+    pub inbox: LocalInbox,
+    pub groups: GroupRegistry,
+    pub closed: Arc<CloseSignal>,
+    pub transport: TransportCounters,
+    pub sync: Arc<ReceiverSync>,
+}
+
+/// The handle on the receiving thread.
+pub(crate) struct Receiver {
+    mailbox: Arc<Mailbox<Cmd>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Receiver {
+    /// Starts the thread, connects the SUB socket and subscribes the inbox topic; the
+    /// returned receiver says when that subscription is confirmed.
+    pub fn start(
+        cfg: &ZmqConfig,
+        shared: Arc<Shared>,
+    ) -> Result<(Receiver, oneshot::Receiver<Confirm>)> {
+        let mailbox = Arc::new(Mailbox::new(usize::MAX)?);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let cfg = cfg.clone();
+            let mailbox = mailbox.clone();
+            std::thread::Builder::new()
+                .name("chanlayer-zmq receiver".into())
+                .spawn(move || run(cfg, shared, mailbox, ready_tx))
+                .map_err(|e| {
+                    Error::backend(crate::BACKEND, "could not start the receiver thread", e)
+                })?
+        };
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::Backend {
+                    backend: crate::BACKEND,
+                    message: "the receiver thread ended while starting".into(),
+                    source: None,
+                });
+            }
+        }
+        let receiver = Receiver {
+            mailbox,
+            thread: Mutex::new(Some(thread)),
+        };
+        let inbox = ready_rx_inbox(&receiver)?;
+        Ok((receiver, inbox))
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<()> {
+        self.mailbox.push_control(cmd).map_err(|_| Error::Closed)
+    }
+
+    /// Subscribes a normal channel (no wait).
+    pub fn subscribe_channel(&self, prefix: &str, channel: &str) -> Result<()> {
+        self.send(Cmd::Subscribe {
+            topic: wire::channel_topic(prefix, channel),
+            route: Route::Channel(channel.to_owned()),
+            done: None,
+        })
+    }
+
+    /// Subscribes or unsubscribes `group` to match the registry; `done` says when.
+    pub fn reconcile(&self, group: &str, done: Option<oneshot::Sender<Confirm>>) -> Result<()> {
+        self.send(Cmd::Reconcile {
+            group: group.to_owned(),
+            done,
+        })
+    }
+
+    /// Unsubscribes every group without members.
+    pub fn reconcile_all(&self) -> Result<()> {
+        self.send(Cmd::ReconcileAll)
+    }
+
+    /// Waits for the MARK with `token` on the inbox topic.
+    pub fn await_mark(&self, token: u64) -> Result<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::AwaitMark { token, done: tx })?;
+        Ok(rx)
+    }
+
+    /// Stops the thread and waits for it (blocking: call from a blocking context).
+    pub fn stop_and_join(&self) {
+        self.mailbox.close();
+        let handle = lock(&self.thread).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    /// Stops the thread without waiting.
+    pub fn stop(&self) {
+        self.mailbox.close();
+    }
+}
+
+fn ready_rx_inbox(receiver: &Receiver) -> Result<oneshot::Receiver<Confirm>> {
+    let (tx, rx) = oneshot::channel();
+    receiver.send(Cmd::Subscribe {
+        topic: Vec::new(), // replaced by the inbox topic in the thread
+        route: Route::Inbox,
+        done: Some(tx),
+    })?;
+    Ok(rx)
+}
+
+static MONITOR_N: AtomicU64 = AtomicU64::new(0);
+
+const MONITOR_EVENTS: [zmq::SocketEvent; 8] = [
+    zmq::SocketEvent::MONITOR_STOPPED,
+    zmq::SocketEvent::HANDSHAKE_SUCCEEDED,
+    zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL,
+    zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL,
+    zmq::SocketEvent::HANDSHAKE_FAILED_AUTH,
+    zmq::SocketEvent::DISCONNECTED,
+    zmq::SocketEvent::CONNECT_RETRIED,
+    zmq::SocketEvent::CONNECTED,
+];
+
+fn setup(cfg: &ZmqConfig, shared: &Shared) -> Result<(zmq::Socket, zmq::Socket)> {
+    let ctx = context();
+    let sub = ctx
+        .socket(zmq::SUB)
+        .map_err(|e| zmq_err("could not create the SUB socket", e))?;
+    cfg.apply_common(&sub)?;
+    // Nothing of a SUB socket's is worth waiting for at close (only subscriptions).
+    sub.set_linger(0)
+        .map_err(|e| zmq_err("could not set linger", e))?;
+    sub.set_rcvhwm(cfg.rcvhwm)
+        .map_err(|e| zmq_err("could not set rcvhwm", e))?;
+    cfg.apply_curve_client(&sub)?;
+    let monitor_endpoint = format!(
+        "inproc://chanlayer-zmq-monitor-{}-{}",
+        shared.id,
+        MONITOR_N.fetch_add(1, Ordering::Relaxed)
+    );
+    let events = MONITOR_EVENTS
+        .iter()
+        .fold(0i32, |acc, e| acc | i32::from(e.to_raw()));
+    sub.monitor(&monitor_endpoint, events)
+        .map_err(|e| zmq_err("could not monitor the SUB socket", e))?;
+    let monitor = ctx
+        .socket(zmq::PAIR)
+        .map_err(|e| zmq_err("could not create the monitor socket", e))?;
+    monitor
+        .connect(&monitor_endpoint)
+        .map_err(|e| zmq_err("could not connect the monitor socket", e))?;
+    let endpoint = cfg.subscribe_endpoint();
+    sub.connect(endpoint)
+        .map_err(|e| zmq_err(format!("could not connect the SUB socket to {endpoint}"), e))?;
+    Ok((sub, monitor))
+}
+
+fn run(
+    cfg: ZmqConfig,
+    shared: Arc<Shared>,
+    mailbox: Arc<Mailbox<Cmd>>,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+) {
+    let (sub, monitor) = match setup(&cfg, &shared) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let mut st = State::new(&cfg, shared);
+    loop {
+        let probing = st.probing();
+        let timeout = if mailbox.prepare_sleep() {
+            if probing {
+                100
+            } else {
+                1000
+            }
+        } else {
+            0
+        };
+        {
+            let mut items = [
+                sub.as_poll_item(zmq::POLLIN),
+                monitor.as_poll_item(zmq::POLLIN),
+                mailbox.poll_item(),
+            ];
+            if let Err(e) = zmq::poll(&mut items, timeout) {
+                if e != zmq::Error::EINTR {
+                    tracing::warn!(error = %e, "the receiver could not poll its sockets");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        mailbox.woke();
+        if mailbox.is_closed() {
+            break;
+        }
+        for item in mailbox.take_all() {
+            // Nothing sends data to a receiver: its mailbox carries commands only.
+            if let Item::Control(cmd) = item {
+                st.command(&sub, cmd);
+            }
+        }
+        st.drain_monitor(&monitor, &sub);
+        st.drain_sub(&sub, 4096);
+        st.timers(&sub);
+        st.hand_over();
+    }
+    st.shared.sync.outstanding.store(0, Ordering::SeqCst);
+    st.shared.sync.gone.store(true, Ordering::SeqCst);
+    st.shared.transport.link_up.store(false, Ordering::Relaxed);
+    drop(sub);
+    drain_until_stopped(&monitor);
+}
+
+/// libzmq sends monitor events with a *blocking* send from its own threads, up to the
+/// moment the monitored socket is destroyed (which happens after `zmq_close` returns). If
+/// the monitor's reading end closed first, that send would block libzmq's I/O thread for
+/// good, and with it every socket of the process. So after closing the SUB socket the
+/// monitor is read until libzmq says it stopped (bounded, in case it never does).
+fn drain_until_stopped(monitor: &zmq::Socket) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stopped = zmq::SocketEvent::MONITOR_STOPPED.to_raw();
+    while Instant::now() < deadline {
+        match monitor.poll(zmq::POLLIN, 100) {
+            Ok(n) if n > 0 => {}
+            Ok(_) | Err(zmq::Error::EINTR) => continue,
+            Err(_) => return,
+        }
+        let Ok(frames) = monitor.recv_multipart(zmq::DONTWAIT) else {
+            continue;
+        };
+        let is_stop = frames
+            .first()
+            .filter(|f| f.len() >= 2)
+            .is_some_and(|f| u16::from_ne_bytes([f[0], f[1]]) == stopped);
+        if is_stop {
+            return;
+        }
+    }
+    tracing::warn!("libzmq did not report the end of a socket monitor within 10s");
+}

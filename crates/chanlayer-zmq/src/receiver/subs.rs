@@ -1,0 +1,390 @@
+//! The receiving thread's subscriptions: what the SUB socket is subscribed to and why,
+//! the probe of each new subscription (and again after a reconnection), the connection's
+//! state as the socket monitor reports it, marks that callers wait for, and the periodic
+//! work (probes that time out, expired group memberships).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chanlayer_core::Envelope;
+use tokio::sync::oneshot;
+
+use super::{Cmd, Confirm, Route, Shared};
+use crate::config::ZmqConfig;
+use crate::origins::OriginTracker;
+use crate::seq::{Held, Pos, SeqTracker};
+use crate::wire;
+use crate::wire::Origin;
+
+/// The SUB socket's connection, as its monitor reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Link {
+    Unknown,
+    Up,
+    Down,
+}
+
+/// Where one subscription stands.
+pub(super) enum SubState {
+    /// Waiting for the publisher's answer; messages are held back meanwhile.
+    Probing {
+        /// The probe topic; `None` while disconnected (sent when the connection is back).
+        probe: Option<Vec<u8>>,
+        held: Vec<Held<Kept>>,
+        deadline: Option<Instant>,
+        waiters: Vec<oneshot::Sender<Confirm>>,
+        /// After a reconnection: what was delivered already (replays up to it are
+        /// duplicates, and the gap after it is counted).
+        floor: Option<Pos>,
+    },
+    /// Delivering as messages arrive, checking their sequence.
+    Live(SeqTracker),
+}
+
+/// A message held back while a probe is outstanding, with its origin (dedicated mode).
+pub(super) struct Kept {
+    pub msg: zmq::Message,
+    pub origin: Option<Origin>,
+}
+
+/// One subscribed topic.
+pub(super) struct Sub {
+    pub route: Route,
+    pub state: SubState,
+    /// Loss accounting by origin, for topics whose messages carry one (dedicated mode).
+    pub origins: OriginTracker,
+}
+
+/// Everything the receiving thread keeps.
+pub(super) struct State {
+    pub shared: Arc<Shared>,
+    pub inbox_topic: Vec<u8>,
+    prefix: String,
+    endpoint: String,
+    subscribe_timeout: Duration,
+    /// Messages one probing topic may hold back before they are delivered anyway.
+    pub max_held: usize,
+    pub subs: HashMap<Vec<u8>, Sub>,
+    /// Probe topic -> the topic it probes.
+    pub probes: HashMap<Vec<u8>, Vec<u8>>,
+    pub marks: HashMap<u64, (oneshot::Sender<()>, Instant)>,
+    /// Marks that arrived before their `AwaitMark` command was read (the command and the
+    /// mark race on different paths).
+    pub early_marks: HashMap<u64, Instant>,
+    pub link: Link,
+    probe_n: u64,
+    last_reconcile: Instant,
+    /// Probes answered (or given up): unsubscribed at the end of the loop turn.
+    pub pending_unsubscribe: Vec<Vec<u8>>,
+    /// Envelopes accepted from the socket, handed to the inbox in one go per loop turn.
+    pub ready: Vec<Envelope>,
+}
+
+impl State {
+    pub fn new(cfg: &ZmqConfig, shared: Arc<Shared>) -> State {
+        State {
+            inbox_topic: wire::inbox_topic(&shared.options.prefix, &shared.id),
+            prefix: shared.options.prefix.clone(),
+            endpoint: cfg.subscribe_endpoint().to_owned(),
+            shared,
+            subscribe_timeout: cfg.subscribe_timeout,
+            max_held: usize::try_from(cfg.rcvhwm)
+                .unwrap_or(0)
+                .max(10_000)
+                .saturating_mul(4),
+            subs: HashMap::new(),
+            probes: HashMap::new(),
+            marks: HashMap::new(),
+            early_marks: HashMap::new(),
+            link: Link::Unknown,
+            probe_n: 0,
+            last_reconcile: Instant::now(),
+            pending_unsubscribe: Vec::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    /// `true` while a probe is outstanding (the thread then wakes more often).
+    pub fn probing(&self) -> bool {
+        self.subs
+            .values()
+            .any(|s| matches!(s.state, SubState::Probing { .. }))
+    }
+}
+
+impl State {
+    pub fn command(&mut self, sock: &zmq::Socket, cmd: Cmd) {
+        match cmd {
+            Cmd::Subscribe { topic, route, done } => {
+                let topic = if route == Route::Inbox {
+                    self.inbox_topic.clone()
+                } else {
+                    topic
+                };
+                self.subscribe(sock, topic, route, done);
+            }
+            Cmd::Reconcile { group, done } => self.reconcile(sock, &group, done),
+            Cmd::ReconcileAll => self.reconcile_all(sock),
+            Cmd::AwaitMark { token, done } => {
+                if self.early_marks.remove(&token).is_some() {
+                    let _ = done.send(());
+                } else {
+                    self.marks.insert(token, (done, Instant::now()));
+                }
+            }
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        sock: &zmq::Socket,
+        topic: Vec<u8>,
+        route: Route,
+        done: Option<oneshot::Sender<Confirm>>,
+    ) {
+        let link = self.link;
+        if let Some(sub) = self.subs.get_mut(&topic) {
+            if let Some(done) = done {
+                match &mut sub.state {
+                    SubState::Live(_) => {
+                        let _ = done.send(Confirm::Confirmed);
+                    }
+                    SubState::Probing { .. } if link == Link::Down => {
+                        let _ = done.send(Confirm::NotConnected);
+                    }
+                    SubState::Probing { waiters, .. } => waiters.push(done),
+                }
+            }
+            return;
+        }
+        self.probe_n += 1;
+        let probe = wire::probe_topic(&self.shared.id, self.probe_n, &topic);
+        if let Err(e) = sock
+            .set_subscribe(&topic)
+            .and_then(|()| sock.set_subscribe(&probe))
+        {
+            tracing::warn!(error = %e, topic = %wire::display(&topic), "could not subscribe");
+        }
+        let mut waiters = Vec::new();
+        if let Some(done) = done {
+            if link == Link::Down {
+                let _ = done.send(Confirm::NotConnected);
+            } else {
+                waiters.push(done);
+            }
+        }
+        let deadline = (link != Link::Down).then(|| Instant::now() + self.subscribe_timeout);
+        let route_is_inbox = route == Route::Inbox;
+        self.probes.insert(probe.clone(), topic.clone());
+        self.subs.insert(
+            topic,
+            Sub {
+                route,
+                origins: OriginTracker::new(),
+                state: SubState::Probing {
+                    probe: Some(probe),
+                    held: Vec::new(),
+                    deadline,
+                    waiters,
+                    floor: None,
+                },
+            },
+        );
+        if route_is_inbox {
+            // Counted from the start (the layer sets 1 before the thread runs).
+        } else {
+            self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn unsubscribe(&mut self, sock: &zmq::Socket, topic: &[u8]) {
+        let Some(sub) = self.subs.remove(topic) else {
+            return;
+        };
+        if let Err(e) = sock.set_unsubscribe(topic) {
+            tracing::debug!(error = %e, "could not unsubscribe");
+        }
+        if let SubState::Probing { probe, waiters, .. } = sub.state {
+            if let Some(probe) = probe {
+                let _ = sock.set_unsubscribe(&probe);
+                self.probes.remove(&probe);
+            }
+            self.shared.sync.outstanding.fetch_sub(1, Ordering::SeqCst);
+            for w in waiters {
+                let _ = w.send(Confirm::Confirmed);
+            }
+        }
+    }
+
+    fn reconcile(
+        &mut self,
+        sock: &zmq::Socket,
+        group: &str,
+        done: Option<oneshot::Sender<Confirm>>,
+    ) {
+        let topic = wire::group_topic(&self.prefix, group);
+        if self.shared.groups.has_members(group) {
+            self.subscribe(sock, topic, Route::Group(group.to_owned()), done);
+        } else {
+            self.unsubscribe(sock, &topic);
+            if let Some(done) = done {
+                let _ = done.send(Confirm::Confirmed);
+            }
+        }
+    }
+
+    fn reconcile_all(&mut self, sock: &zmq::Socket) {
+        let empty: Vec<Vec<u8>> = self
+            .subs
+            .iter()
+            .filter_map(|(t, s)| match &s.route {
+                Route::Group(g) if !self.shared.groups.has_members(g) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        for t in empty {
+            self.unsubscribe(sock, &t);
+        }
+    }
+
+    pub(super) fn set_link(&mut self, sock: &zmq::Socket, up: bool) {
+        let new = if up { Link::Up } else { Link::Down };
+        if self.link == new {
+            return;
+        }
+        let was = self.link;
+        self.link = new;
+        self.shared.transport.link_up.store(up, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut reprobe = Vec::new();
+        for (topic, sub) in self.subs.iter_mut() {
+            match &mut sub.state {
+                SubState::Probing {
+                    deadline,
+                    waiters,
+                    probe,
+                    ..
+                } => {
+                    if up {
+                        *deadline = Some(now + self.subscribe_timeout);
+                        if probe.is_none() {
+                            reprobe.push(topic.clone());
+                        }
+                    } else {
+                        *deadline = None;
+                        for w in waiters.drain(..) {
+                            let _ = w.send(Confirm::NotConnected);
+                        }
+                    }
+                }
+                // The connection broke: what the publisher sends to channels and inboxes
+                // meanwhile is retained there; hold this topic until a new probe's replay
+                // has filled the gap (groups are not retained: nothing to fill).
+                SubState::Live(tracker) if !up && was == Link::Up => {
+                    let floor = tracker.last();
+                    if floor.is_some() && matches!(sub.route, Route::Inbox | Route::Channel(_)) {
+                        sub.state = SubState::Probing {
+                            probe: None,
+                            held: Vec::new(),
+                            deadline: None,
+                            waiters: Vec::new(),
+                            floor,
+                        };
+                        self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                SubState::Live(_) => {}
+            }
+        }
+        for topic in reprobe {
+            self.probe_n += 1;
+            let probe = wire::probe_topic(&self.shared.id, self.probe_n, &topic);
+            if let Err(e) = sock.set_subscribe(&probe) {
+                tracing::warn!(error = %e, "could not send a subscription probe");
+            }
+            self.probes.insert(probe.clone(), topic.clone());
+            if let Some(Sub {
+                state: SubState::Probing { probe: p, .. },
+                ..
+            }) = self.subs.get_mut(&topic)
+            {
+                *p = Some(probe);
+            }
+        }
+        tracing::debug!(endpoint = %self.endpoint, up, "subscriber connection changed");
+    }
+
+    pub fn drain_monitor(&mut self, monitor: &zmq::Socket, sock: &zmq::Socket) {
+        loop {
+            let frames = match monitor.recv_multipart(zmq::DONTWAIT) {
+                Ok(f) => f,
+                Err(zmq::Error::EINTR) => continue,
+                Err(_) => break,
+            };
+            let Some(first) = frames.first() else {
+                continue;
+            };
+            if first.len() < 2 {
+                continue;
+            }
+            let event = u16::from_ne_bytes([first[0], first[1]]);
+            let is = |e: zmq::SocketEvent| event == e.to_raw();
+            if is(zmq::SocketEvent::HANDSHAKE_SUCCEEDED) {
+                self.set_link(sock, true);
+            } else if is(zmq::SocketEvent::DISCONNECTED)
+                || is(zmq::SocketEvent::CONNECT_RETRIED)
+                || is(zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL)
+                || is(zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL)
+                || is(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH)
+            {
+                if is(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH) {
+                    tracing::warn!(endpoint = %self.endpoint, "the publisher refused our CURVE keys");
+                }
+                self.set_link(sock, false);
+            }
+        }
+    }
+
+    pub fn timers(&mut self, sock: &zmq::Socket) {
+        for probe in self.pending_unsubscribe.drain(..) {
+            let _ = sock.set_unsubscribe(&probe);
+        }
+        let now = Instant::now();
+        let overdue: Vec<Vec<u8>> = self
+            .subs
+            .iter()
+            .filter_map(|(t, s)| match &s.state {
+                SubState::Probing {
+                    deadline: Some(d),
+                    probe: Some(_),
+                    ..
+                } if *d <= now && self.link == Link::Up => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        for t in overdue {
+            tracing::warn!(
+                endpoint = %self.endpoint,
+                topic = %wire::display(&t),
+                "the publisher did not answer the subscription probe within {:?} (is it a chanlayer publisher?); the subscription stays, unconfirmed",
+                self.subscribe_timeout
+            );
+            self.release(&t, None, None);
+        }
+        for probe in self.pending_unsubscribe.drain(..) {
+            let _ = sock.set_unsubscribe(&probe);
+        }
+        if now.duration_since(self.last_reconcile) >= Duration::from_secs(1) {
+            self.last_reconcile = now;
+            // Marks whose caller gave up long ago.
+            self.marks
+                .retain(|_, (_, since)| now.duration_since(*since) < Duration::from_secs(600));
+            self.early_marks
+                .retain(|_, since| now.duration_since(*since) < Duration::from_secs(60));
+            self.shared.groups.prune_expired();
+            self.reconcile_all(sock);
+        }
+    }
+}
