@@ -167,7 +167,7 @@ impl Transport for AmqpTransport {
         Ok(Published::Gone)
     }
 
-    async fn publish_group(&self, out: Outgoing<'_>) -> Result<()> {
+    async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
         let group = out.destination();
         let c = shared
@@ -186,7 +186,7 @@ impl Transport for AmqpTransport {
                 .stats()
                 .record_group_member_full(group, "(a member queue at the broker)");
         }
-        Ok(())
+        Ok(Published::Stored)
     }
 
     async fn bind_group(&self, group: &str) -> Result<()> {

@@ -49,13 +49,6 @@ pub use memory::MemoryLayer;
 pub use message::{Headers, Message, MessageType};
 pub use stats::StatsSnapshot;
 
-// The toolkit's old root paths, while the backends move to `toolkit`.
-#[doc(hidden)]
-pub use toolkit::{
-    async_trait, Acknowledger, CloseSignal, Destination, Entry, Envelope, EnvelopeError,
-    GroupRegistry, LocalInbox, Stats,
-};
-
 /// What backends are built from: the [`Transport`](transport::Transport) contract,
 /// [`TransportLayer`](transport_layer::TransportLayer) (the one `ChannelLayer`
 /// implementation), and the shared pieces it uses. Applications do not need this module.

@@ -244,11 +244,11 @@ impl Transport for MemoryTransport {
         Ok(Published::Stored)
     }
 
-    async fn publish_group(&self, out: Outgoing<'_>) -> Result<()> {
+    async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
         let group = out.destination();
         self.broker
             .fan_out(group, out.into_unaddressed(), &self.inbound);
-        Ok(())
+        Ok(Published::Stored)
     }
 
     async fn bind_group(&self, group: &str) -> Result<()> {

@@ -64,6 +64,19 @@ impl<'a> Outgoing<'a> {
         self.destination
     }
 
+    /// The size counted against `max_message_size` (body, type, headers, destination):
+    /// a bound on what the body adds to the encoded envelope.
+    pub fn wire_size(&self) -> usize {
+        let e = &self.envelope;
+        e.body.len()
+            + e.msg_type.len()
+            + self.destination.len()
+            + e.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
     /// The wire bytes (a versioned [`Envelope`]).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.envelope.body.len() + self.destination.len() + 96);
@@ -213,11 +226,13 @@ pub trait Transport: Send + Sync + Sized + 'static {
     }
 
     /// Sends to group `out.destination()`: every instance that bound it, every normal
-    /// channel bound to it. Never `ChannelFull`.
-    fn publish_group(&self, out: Outgoing<'_>) -> impl Future<Output = Result<()>> + Send;
+    /// channel bound to it. Never `ChannelFull`; `Ok(Gone)` for a message the transport had
+    /// to drop (counted `undeliverable` by core).
+    fn publish_group(&self, out: Outgoing<'_>) -> impl Future<Output = Result<Published>> + Send;
 
-    /// This instance's first local member of `group` is about to be registered: make group
-    /// messages reach this instance's inbox (and return once they do).
+    /// `group` has just got its first local member in this instance (registered in
+    /// [`Inbound::groups`]): make group messages reach this instance's inbox, and return
+    /// once they do. On an error core takes the membership back.
     fn bind_group(&self, group: &str) -> impl Future<Output = Result<()>> + Send;
 
     /// This instance's last local member of `group` went: group messages need not come here.

@@ -283,10 +283,14 @@ impl<T: Transport> TransportLayer<T> {
         }
         if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
             let _one = self.groups.bindings.lock().await;
-            if !i.groups().has_members(group) {
-                self.transport.bind_group(group).await?;
+            // Registered first, then bound: what arrives once the group is bound finds its
+            // member. A failed bind takes the new membership back.
+            if i.groups().add(group, channel, expiry) {
+                if let Err(e) = self.transport.bind_group(group).await {
+                    i.groups().discard(group, channel);
+                    return Err(e);
+                }
             }
-            i.groups().add(group, channel, expiry);
         } else {
             let _one = self.groups.bindings.lock().await;
             self.transport.bind_normal(group, channel).await?;
@@ -324,10 +328,11 @@ impl<T: Transport> TransportLayer<T> {
         self.inbound.closed().check()?;
         names::validate_group(group)?;
         let env = self.seal(Destination::Group, group, message)?;
-        self.transport
+        let r = self
+            .transport
             .publish_group(Outgoing::new(env, group))
             .await?;
-        self.inbound.stats().record_sent(1);
+        self.record(group, r, 1);
         Ok(())
     }
 

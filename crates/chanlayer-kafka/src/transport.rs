@@ -283,7 +283,7 @@ impl Transport for KafkaTransport {
         Ok(Published::Stored)
     }
 
-    async fn publish_group(&self, out: Outgoing<'_>) -> Result<()> {
+    async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
         let instance = &self.instance;
         let group = out.destination();
         instance
@@ -304,7 +304,8 @@ impl Transport for KafkaTransport {
                     source: None,
                 },
                 Refused::Failed(e) => e,
-            })
+            })?;
+        Ok(Published::Stored)
     }
 
     /// Nothing to do: every instance reads the whole groups topic, and the receiver keeps

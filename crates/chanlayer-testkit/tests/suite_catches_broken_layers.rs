@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chanlayer_core::toolkit::Acknowledger;
 use chanlayer_core::{
-    AckHandle, Acknowledger, Capabilities, ChannelLayer, Delivery, LayerOptions, Message, Result,
-    StatsSnapshot,
+    AckHandle, Capabilities, ChannelLayer, Delivery, LayerOptions, Message, Result, StatsSnapshot,
 };
 use chanlayer_testkit::{run_test, suite, Ctx, LayerFactory, MemoryFactory, TestLayer};
 

@@ -68,7 +68,6 @@
 mod bridge;
 mod config;
 mod hub;
-mod layer;
 mod origins;
 mod proxy;
 mod publisher;
@@ -77,6 +76,7 @@ mod retention;
 mod runs;
 mod sender;
 mod seq;
+mod transport;
 pub mod wire;
 
 pub use config::{
@@ -84,7 +84,13 @@ pub use config::{
     ZmqConfig, DEFAULT_PORT, DEFAULT_PUB_PORT, DEFAULT_PULL_PORT, KNOWN_OPTIONS, SOCKET_OPTIONS,
 };
 pub use hub::HubStats;
-pub use layer::{TransportStats, ZmqLayer};
+pub use transport::{TransportStats, ZmqTransport};
+
+/// The ZeroMQ channel layer: core's `TransportLayer` over [`ZmqTransport`].
+/// `ZmqLayer::connect(&config)` connects; the transport's own methods
+/// ([`ZmqTransport::transport_stats`], [`ZmqTransport::publisher_stats`], ...) are reachable
+/// on the layer directly.
+pub type ZmqLayer = chanlayer_core::toolkit::TransportLayer<ZmqTransport>;
 pub use proxy::{Proxy, ProxyConfig};
 pub use retention::Retention;
 

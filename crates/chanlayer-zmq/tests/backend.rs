@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use chanlayer_core::{ChannelLayer, Codec, Destination, Envelope, Error, LayerOptions, Message};
+use chanlayer_core::toolkit::{Destination, Envelope};
+use chanlayer_core::{ChannelLayer, Codec, Error, LayerOptions, Message};
 use chanlayer_testkit::eventually;
 use chanlayer_zmq::{wire, Proxy, ProxyConfig, ZmqLayer};
 use common::{connect, free_port, ipc_endpoint, ns, recv, FakePublisher, FAST};
@@ -91,11 +92,12 @@ async fn garbage_from_a_publisher_is_skipped_and_counted() {
         vec![inbox.clone(), data(1), b"x".to_vec(), b"y".to_vec()], // four frames
         vec![inbox.clone(), data(2), b"not an envelope".to_vec()],
         vec![inbox.clone(), data(3), Vec::new()],
+        // Not ours: it decodes, and core's ingest path counts it undeliverable instead.
         vec![
             inbox.clone(),
             data(4),
             envelope(Destination::Channel, other, 0),
-        ], // not ours
+        ],
         vec![
             gtopic.clone(),
             data(1),
@@ -108,8 +110,9 @@ async fn garbage_from_a_publisher_is_skipped_and_counted() {
         ],
         vec![junk_topic, data(5), envelope(Destination::Channel, &me, 0)], // a topic with a tail
     ];
-    let n = garbage.len() as u64;
-    let before = layer.stats().undecodable;
+    // Every piece but the one for another instance is undecodable.
+    let n = garbage.len() as u64 - 1;
+    let before = layer.stats();
     for g in garbage {
         fake.publish(g);
     }
@@ -122,11 +125,19 @@ async fn garbage_from_a_publisher_is_skipped_and_counted() {
         vec![77, 78],
         "the valid messages after the garbage arrive"
     );
-    eventually("every piece of garbage is counted", || {
-        layer.stats().undecodable >= before + n
+    eventually("the envelope for another instance is counted", || {
+        layer.stats().undeliverable > before.undeliverable
     })
     .await;
-    assert_eq!(layer.stats().undecodable, before + n, "and nothing else");
+    eventually("every piece of garbage is counted", || {
+        layer.stats().undecodable >= before.undecodable + n
+    })
+    .await;
+    assert_eq!(
+        layer.stats().undecodable,
+        before.undecodable + n,
+        "and nothing else"
+    );
     quiet(&layer, &me).await;
     // The layer still works.
     fake.data(&inbox, 7, envelope(Destination::Channel, &me, 79));
@@ -309,7 +320,7 @@ async fn a_publisher_that_never_answers_makes_group_add_time_out() {
         .await
         .expect_err("no answer");
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
-    assert!(e.to_string().contains("membership is kept"), "{e}");
+    assert!(e.to_string().contains("membership was not added"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

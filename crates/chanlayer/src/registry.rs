@@ -56,21 +56,11 @@ fn builtin() -> HashMap<String, Backend> {
     m.insert("amqp".to_owned(), amqp.clone());
     m.insert("amqps".to_owned(), amqp);
     #[cfg(feature = "zmq")]
-    let zmq = Backend::Available(zmq_connector());
+    let zmq = Backend::Available(transport_connector::<chanlayer_zmq::ZmqTransport>());
     #[cfg(not(feature = "zmq"))]
     let zmq = Backend::CompiledOut("zmq");
     m.insert("zmq".to_owned(), zmq);
     m
-}
-
-#[cfg(feature = "zmq")]
-fn zmq_connector() -> Connector {
-    Arc::new(|config: LayerConfig| {
-        Box::pin(async move {
-            let layer = chanlayer_zmq::ZmqLayer::connect(&config).await?;
-            Ok(Arc::new(layer) as Arc<dyn ChannelLayer>)
-        }) as Connecting
-    })
 }
 
 static REGISTRY: LazyLock<RwLock<HashMap<String, Backend>>> =

@@ -121,13 +121,13 @@ impl Transport for ToyTransport {
         Ok(Published::Stored)
     }
 
-    async fn publish_group(&self, out: Outgoing<'_>) -> Result<()> {
+    async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
         let ids = lock(&self.bus.groups)
             .get(out.destination())
             .cloned()
             .unwrap_or_default();
         self.bus.deliver(&ids, &out.encode());
-        Ok(())
+        Ok(Published::Stored)
     }
 
     async fn bind_group(&self, group: &str) -> Result<()> {

@@ -9,8 +9,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use chanlayer_core::envelope::now_ms;
-use chanlayer_core::{names, Destination, Envelope};
+use chanlayer_core::toolkit::{now_ms, Destination, Envelope};
 
 use super::subs::{Kept, Link, State, Sub, SubState};
 use super::{Confirm, Route, Shared, HAND_OVER_AT};
@@ -95,7 +94,7 @@ impl State {
 
     fn garbage(&self, topic: &[u8], why: &str) {
         self.shared
-            .stats
+            .stats()
             .record_undecodable(&wire::display(topic), &why);
     }
 
@@ -357,9 +356,8 @@ impl State {
         if self.ready.is_empty() {
             return;
         }
-        let s = &self.shared;
-        s.inbox
-            .deliver_all(&mut self.ready, &s.groups, &s.options, &s.stats);
+        // Core's ingest path: owner check, delivery, counted drops.
+        self.shared.ingest_all(&mut self.ready);
     }
 }
 
@@ -386,23 +384,15 @@ fn accept(
     payload: &[u8],
     now: u64,
 ) -> Option<Envelope> {
-    let env = match Envelope::decode(payload) {
-        Ok(e) => e,
-        Err(e) => {
-            shared.stats.record_undecodable(&wire::display(topic), &e);
-            return None;
-        }
-    };
+    let env = shared.decode(payload, &wire::display(topic))?;
     let fits = match route {
-        Route::Inbox => {
-            env.kind == Destination::Channel
-                && names::owner_instance(&env.destination) == Some(shared.id.as_str())
-        }
+        // Whose channel it is, core's ingest path checks.
+        Route::Inbox => env.kind == Destination::Channel,
         Route::Channel(name) => env.kind == Destination::Channel && env.destination == *name,
         Route::Group(name) => env.kind == Destination::Group && env.destination == *name,
     };
     if !fits {
-        shared.stats.record_undecodable(
+        shared.stats().record_undecodable(
             &wire::display(topic),
             &format!(
                 "an envelope for {:?} {:?} does not belong on this topic",
@@ -412,7 +402,7 @@ fn accept(
         return None;
     }
     if env.is_expired_at(now) {
-        shared.stats.record_expired(1);
+        shared.stats().record_expired(1);
         return None;
     }
     Some(env)

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chanlayer_core::stats::Stats;
-use chanlayer_core::{CloseSignal, Error, GroupRegistry, LayerOptions, LocalInbox, Result};
+use chanlayer_core::toolkit::Inbound;
+use chanlayer_core::{Error, Result};
 use tokio::sync::oneshot;
 
 use crate::bridge::{context, lock, zmq_err, Item, Mailbox};
@@ -91,15 +91,19 @@ pub(crate) struct ReceiverSync {
 }
 
 /// Everything the receiving thread shares with the layer.
+/// Dereferences to the instance's [`Inbound`] (id, options, counters, close signal, local
+/// inbox, group registry, ingest path).
 pub(crate) struct Shared {
-    pub id: String,
-    pub options: LayerOptions,
-    pub stats: Arc<Stats>,
-    pub inbox: LocalInbox,
-    pub groups: GroupRegistry,
-    pub closed: Arc<CloseSignal>,
+    pub inbound: Arc<Inbound>,
     pub transport: TransportCounters,
     pub sync: Arc<ReceiverSync>,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = Inbound;
+    fn deref(&self) -> &Inbound {
+        &self.inbound
+    }
 }
 
 /// The handle on the receiving thread.
@@ -235,7 +239,7 @@ fn setup(cfg: &ZmqConfig, shared: &Shared) -> Result<(zmq::Socket, zmq::Socket)>
     cfg.apply_curve_client(&sub)?;
     let monitor_endpoint = format!(
         "inproc://chanlayer-zmq-monitor-{}-{}",
-        shared.id,
+        shared.id(),
         MONITOR_N.fetch_add(1, Ordering::Relaxed)
     );
     let events = MONITOR_EVENTS

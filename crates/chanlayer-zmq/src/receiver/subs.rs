@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chanlayer_core::Envelope;
+use chanlayer_core::toolkit::Envelope;
 use tokio::sync::oneshot;
 
 use super::{Cmd, Confirm, Route, Shared};
@@ -85,8 +85,8 @@ pub(super) struct State {
 impl State {
     pub fn new(cfg: &ZmqConfig, shared: Arc<Shared>) -> State {
         State {
-            inbox_topic: wire::inbox_topic(&shared.options.prefix, &shared.id),
-            prefix: shared.options.prefix.clone(),
+            inbox_topic: wire::inbox_topic(&shared.options().prefix, shared.id()),
+            prefix: shared.options().prefix.clone(),
             endpoint: cfg.subscribe_endpoint().to_owned(),
             shared,
             subscribe_timeout: cfg.subscribe_timeout,
@@ -160,7 +160,7 @@ impl State {
             return;
         }
         self.probe_n += 1;
-        let probe = wire::probe_topic(&self.shared.id, self.probe_n, &topic);
+        let probe = wire::probe_topic(self.shared.id(), self.probe_n, &topic);
         if let Err(e) = sock
             .set_subscribe(&topic)
             .and_then(|()| sock.set_subscribe(&probe))
@@ -225,7 +225,7 @@ impl State {
         done: Option<oneshot::Sender<Confirm>>,
     ) {
         let topic = wire::group_topic(&self.prefix, group);
-        if self.shared.groups.has_members(group) {
+        if self.shared.groups().has_members(group) {
             self.subscribe(sock, topic, Route::Group(group.to_owned()), done);
         } else {
             self.unsubscribe(sock, &topic);
@@ -240,7 +240,7 @@ impl State {
             .subs
             .iter()
             .filter_map(|(t, s)| match &s.route {
-                Route::Group(g) if !self.shared.groups.has_members(g) => Some(t.clone()),
+                Route::Group(g) if !self.shared.groups().has_members(g) => Some(t.clone()),
                 _ => None,
             })
             .collect();
@@ -300,7 +300,7 @@ impl State {
         }
         for topic in reprobe {
             self.probe_n += 1;
-            let probe = wire::probe_topic(&self.shared.id, self.probe_n, &topic);
+            let probe = wire::probe_topic(self.shared.id(), self.probe_n, &topic);
             if let Err(e) = sock.set_subscribe(&probe) {
                 tracing::warn!(error = %e, "could not send a subscription probe");
             }
@@ -383,7 +383,6 @@ impl State {
                 .retain(|_, (_, since)| now.duration_since(*since) < Duration::from_secs(600));
             self.early_marks
                 .retain(|_, since| now.duration_since(*since) < Duration::from_secs(60));
-            self.shared.groups.prune_expired();
             self.reconcile_all(sock);
         }
     }

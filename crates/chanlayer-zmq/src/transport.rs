@@ -1,0 +1,602 @@
+//! [`ZmqTransport`]: the [`Transport`] over PUB/SUB; core's `TransportLayer` makes it a
+//! channel layer ([`ZmqLayer`](crate::ZmqLayer)). See the crate docs.
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chanlayer_core::toolkit::{Inbound, NormalReader, Outgoing, Published, Transport};
+use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
+use tokio::sync::oneshot;
+
+use crate::bridge::{lock, Control, Outbox, Refused};
+use crate::config::{BindPolicy, Mode, ZmqConfig};
+use crate::hub::{HubCounters, HubStats};
+use crate::publisher::{self, Endpoint};
+use crate::receiver::{Confirm, Receiver, ReceiverSync, Shared, TransportCounters};
+use crate::sender::PushSender;
+use crate::wire;
+use crate::{BACKEND, CAPABILITIES};
+
+/// Counters of the ZeroMQ transport of one layer instance (beyond [`StatsSnapshot`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Messages PUB/SUB dropped on the way to this instance, seen as gaps in a topic's
+    /// sequence numbers: the publisher dropped them for this subscriber at its high-water
+    /// mark, or they were published while this instance's connection was down and up again.
+    /// In dedicated mode the gaps are in each sender's own numbering, so this also counts
+    /// what a proxy restart lost (when the same sender's next message to the topic arrives).
+    pub lost: u64,
+    /// Messages that reached this instance through a late-joiner replay.
+    pub replayed: u64,
+    /// `true` while the SUB socket is connected to a publisher.
+    pub connected: bool,
+    /// Dedicated mode: messages `send` accepted that never left this instance: the proxy
+    /// did not take them within `close_linger` of `close`, or the PUSH socket failed on
+    /// them (embedded mode counts its own in [`HubStats::abandoned`]).
+    pub abandoned: u64,
+}
+
+enum Outbound {
+    Embedded {
+        endpoint: Arc<Endpoint>,
+        bind: BindPolicy,
+    },
+    Dedicated(PushSender),
+}
+
+struct Inner {
+    /// This instance's number in the process (see [`Scratch`]).
+    serial: u64,
+    cfg: ZmqConfig,
+    shared: Arc<Shared>,
+    inbox_topic: Vec<u8>,
+    receiver: Receiver,
+    outbound: Mutex<Option<Arc<Outbound>>>,
+    normal: Mutex<HashSet<String>>,
+    /// Embedded mode: the counters of the publisher this instance used, kept at close (its
+    /// close may still count messages as abandoned).
+    closed_publisher: Mutex<Option<Arc<HubCounters>>>,
+}
+
+/// The ZeroMQ transport of one layer instance. See the crate docs.
+pub struct ZmqTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ZmqTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZmqTransport")
+            .field("mode", &self.inner.cfg.mode)
+            .field("instance", &self.inner.shared.id())
+            .finish()
+    }
+}
+
+/// A thread's reused state for the per-message paths (see [`with_scratch`]).
+#[derive(Default)]
+struct Scratch {
+    /// The encoded envelope of a small message being sent.
+    payload: Vec<u8>,
+    /// The topic of `sent_to`.
+    topic: Vec<u8>,
+    /// The layer instance ([`Inner::serial`]) and channel whose topic `topic` holds; serial
+    /// 0 is nothing.
+    sent_to: (u64, String),
+}
+
+thread_local! {
+    static SCRATCH: Cell<Option<Box<Scratch>>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with this thread's [`Scratch`] and keeps it for the next call (a fresh one if
+/// the thread's storage is gone). No await happens inside `f`, so a task moving between
+/// threads never shares it. A stream of sends to one channel builds its topic once, not
+/// per message.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut scratch = SCRATCH
+        .try_with(Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let r = f(&mut scratch);
+    let _ = SCRATCH.try_with(|c| c.set(Some(scratch)));
+    r
+}
+
+/// Layer instance serials for [`Scratch`]: never 0, never reused in a process.
+static SERIALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A refused push as an error: `ChannelFull` names the channel and, as its capacity, the
+/// instance's `send_queue` (the queue that was full).
+fn refused(r: Refused, channel: &str, send_queue: usize) -> Error {
+    match r {
+        Refused::Full => Error::ChannelFull {
+            channel: channel.to_owned(),
+            capacity: send_queue,
+        },
+        Refused::Closed => Error::Closed,
+    }
+}
+
+impl Inner {
+    fn outbound(&self) -> Result<Arc<Outbound>> {
+        lock(&self.outbound).clone().ok_or(Error::Closed)
+    }
+
+    /// Takes the sending side at close, keeping the embedded publisher's counters for
+    /// [`ZmqLayer::publisher_stats`].
+    fn take_outbound(&self) -> Option<Arc<Outbound>> {
+        let outbound = lock(&self.outbound).take()?;
+        if let Outbound::Embedded { endpoint, .. } = &*outbound {
+            if let Some(p) = endpoint.running() {
+                *lock(&self.closed_publisher) = Some(p.counters());
+            }
+        }
+        Some(outbound)
+    }
+
+    fn prefix(&self) -> &str {
+        &self.shared.options().prefix
+    }
+
+    /// The topic messages for `channel` travel on; `None` for a process-local name that no
+    /// instance can own.
+    fn channel_topic(&self, channel: &str) -> Option<Vec<u8>> {
+        if names::is_process_local(channel) {
+            names::owner_instance(channel).map(|owner| wire::inbox_topic(self.prefix(), owner))
+        } else {
+            Some(wire::channel_topic(self.prefix(), channel))
+        }
+    }
+
+    /// Runs `push` on the queue of this instance's sending thread: the embedded publisher
+    /// of this process (bound now if it is not yet: the first send binds it) or the
+    /// dedicated sender. `Unsupported` for a receive-only instance (`bind=never`).
+    fn send_through(
+        &self,
+        push: impl FnOnce(&Outbox) -> std::result::Result<(), Refused>,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let outbound = lock(&self.outbound);
+        match outbound.as_deref().ok_or(Error::Closed)? {
+            Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
+                "send",
+                BACKEND,
+                "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
+            )),
+            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
+                Some(p) => Ok(push(p.outbox())),
+                None => {
+                    // The first send binds the publisher: not under the lock `close` takes.
+                    let endpoint = endpoint.clone();
+                    drop(outbound);
+                    Ok(push(endpoint.publisher()?.outbox()))
+                }
+            },
+            Outbound::Dedicated(s) => Ok(push(s.outbox())),
+        }
+    }
+
+    /// Queues the data message `[topic, payload]` for the socket thread, copied into the
+    /// queued run of its topic (the path of small messages: nothing is allocated per
+    /// message once the run exists).
+    fn publish_data(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+    ) -> Result<std::result::Result<(), Refused>> {
+        self.send_through(|o| o.push_data(topic, payload))
+    }
+
+    /// Queues one data message for the socket thread, its bytes handed over.
+    fn publish_one(
+        &self,
+        topic: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> Result<std::result::Result<(), Refused>> {
+        self.send_through(|o| o.push_owned(topic, payload))
+    }
+
+    /// Queues data messages for the socket thread (all or none).
+    fn publish(&self, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<std::result::Result<(), Refused>> {
+        self.send_through(|o| o.push_all(msgs))
+    }
+
+    /// Sends a MARK through the publisher (after everything this instance sent before) that
+    /// comes back on the inbox topic; `flush_prefix` also drops the publisher's retention.
+    /// `None` when no publisher can be reached this way (embedded mode, another process
+    /// publishes).
+    fn mark(&self, flush_prefix: &str) -> Result<Option<oneshot::Receiver<()>>> {
+        let token = rand::random::<u64>();
+        let outbound = self.outbound()?;
+        let publisher;
+        let outbox = match &*outbound {
+            Outbound::Embedded { endpoint, .. } => match endpoint.running() {
+                Some(p) => {
+                    publisher = p;
+                    publisher.outbox()
+                }
+                None => return Ok(None),
+            },
+            Outbound::Dedicated(s) => s.outbox(),
+        };
+        let rx = self.receiver.await_mark(token)?;
+        outbox
+            .push_control(Control::Mark {
+                reply: self.inbox_topic.clone(),
+                token,
+                flush_prefix: flush_prefix.as_bytes().to_vec(),
+            })
+            .map_err(|r| refused(r, "(mark)", self.cfg.send_queue))?;
+        Ok(Some(rx))
+    }
+
+    /// Waits (up to `wait`) until everything this instance sent so far has passed the
+    /// publisher. Returns at once when not connected or when no publisher of this process
+    /// is involved.
+    async fn barrier(&self, wait: Duration) {
+        if !self
+            .shared
+            .transport
+            .link_up
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Ok(Some(rx)) = self.mark("") {
+            let _ = tokio::time::timeout(wait, rx).await;
+        }
+    }
+
+    fn ensure_normal(&self, channel: &str) -> Result<()> {
+        let mut set = lock(&self.normal);
+        if set.contains(channel) {
+            return Ok(());
+        }
+        set.insert(channel.to_owned());
+        drop(set);
+        self.receiver.subscribe_channel(self.prefix(), channel)
+    }
+}
+
+impl Inner {
+    /// Stops the receiving thread and releases the sending side (lingering up to
+    /// `close_linger` for what `send` accepted; what is left is counted).
+    async fn shut_down(self: &Arc<Self>) {
+        self.shared
+            .sync
+            .gone
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let outbound = self.take_outbound();
+        let joining = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            joining.receiver.stop_and_join();
+            // The last instance on an embedded address stops the publisher (joining its
+            // thread), which lingers up to close_linger for subscribers that have not had
+            // its retained messages yet; a dedicated sender hands over its queue within
+            // close_linger and closes. What is left is counted (abandoned).
+            drop(outbound);
+        })
+        .await;
+    }
+
+    /// The topic of a channel message: the owner's inbox topic, or the normal channel's.
+    fn topic_of(&self, owner: Option<&str>, channel: &str) -> Vec<u8> {
+        match owner {
+            Some(owner) => wire::inbox_topic(self.prefix(), owner),
+            None => wire::channel_topic(self.prefix(), channel),
+        }
+    }
+
+    /// Queues a channel message for the socket thread. A message small enough to travel in
+    /// a batch is encoded into this thread's reused buffer and copied from there into the
+    /// queued run of its topic (nothing allocated per message once the run exists).
+    fn send_channel(&self, owner: Option<&str>, out: Outgoing<'_>) -> Result<Published> {
+        let channel = out.destination();
+        let pushed = if out.wire_size() <= wire::BATCH_ITEM_MAX {
+            with_scratch(|sc| {
+                if !(sc.sent_to.0 == self.serial && sc.sent_to.1 == channel) {
+                    sc.sent_to.0 = 0;
+                    sc.topic = self.topic_of(owner, channel);
+                    sc.sent_to.1.clear();
+                    sc.sent_to.1.push_str(channel);
+                    sc.sent_to.0 = self.serial;
+                }
+                sc.payload.clear();
+                out.encode_into(&mut sc.payload);
+                self.publish_data(&sc.topic, &sc.payload)
+            })?
+        } else {
+            self.publish_one(self.topic_of(owner, channel), out.encode())?
+        };
+        pushed.map_err(|r| refused(r, channel, self.cfg.send_queue))?;
+        Ok(Published::Stored)
+    }
+}
+
+impl ZmqTransport {
+    /// The settings this instance runs with.
+    pub fn config(&self) -> &ZmqConfig {
+        &self.inner.cfg
+    }
+
+    /// Counters of the transport (messages lost on the way, replayed, connection state).
+    pub fn transport_stats(&self) -> TransportStats {
+        let t = &self.inner.shared.transport;
+        let o = std::sync::atomic::Ordering::Relaxed;
+        TransportStats {
+            lost: t.lost.load(o),
+            replayed: t.replayed.load(o),
+            connected: t.link_up.load(o),
+            abandoned: t.abandoned.load(o),
+        }
+    }
+
+    /// Embedded mode: the counters of this process's publisher on this address, if this
+    /// process has bound it (after `close` too: what the publisher's close lingered for and
+    /// abandoned shows here). `None` in dedicated mode (see [`crate::Proxy::stats`]).
+    pub fn publisher_stats(&self) -> Option<HubStats> {
+        let Ok(outbound) = self.inner.outbound() else {
+            return lock(&self.inner.closed_publisher)
+                .as_ref()
+                .map(|c| c.snapshot());
+        };
+        match &*outbound {
+            Outbound::Embedded { endpoint, .. } => endpoint.running().map(|p| p.stats()),
+            Outbound::Dedicated(_) => None,
+        }
+    }
+
+    /// Publishes `bytes` as the envelope of a message for `channel` (its topic and sequence
+    /// are real; the bytes are not checked): for tests of what receivers do with garbage,
+    /// and for poking a layer by hand.
+    pub async fn publish_raw(&self, channel: &str, bytes: Vec<u8>) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed().check()?;
+        let topic = inner
+            .channel_topic(channel)
+            .ok_or_else(|| Error::InvalidMessage(format!("{channel:?} names no layer instance")))?;
+        inner
+            .publish_one(topic, bytes)?
+            .map_err(|r| refused(r, channel, inner.cfg.send_queue))
+    }
+
+    /// Sends frames exactly as given: in embedded mode straight out of the publisher's XPUB
+    /// socket, in dedicated mode to the proxy's PULL. For tests of garbage handling.
+    pub async fn publish_raw_frames(&self, frames: Vec<Vec<u8>>) -> Result<()> {
+        let inner = &self.inner;
+        inner.shared.closed().check()?;
+        inner
+            .send_through(|o| o.push_control(Control::Raw(frames)))?
+            .map_err(|r| refused(r, "(raw frames)", inner.cfg.send_queue))
+    }
+}
+
+impl Transport for ZmqTransport {
+    /// Normal channels are subscribed topics: their messages arrive in the inbox, each
+    /// reader instance gets every one (at-most-once).
+    const NORMAL_VIA_INBOX: bool = true;
+
+    /// Connects as `config` (a `zmq://` URL) says: starts the receiving thread and SUB
+    /// socket, subscribes the inbox and waits for the publisher to confirm it (up to
+    /// `connect_timeout`).
+    ///
+    /// - Dedicated mode: connects the PUSH socket too, and checks the whole path (a mark
+    ///   sent to the proxy's PULL comes back on the PUB). No proxy within
+    ///   `connect_timeout` is an error that names the endpoints.
+    /// - Embedded mode: with `bind=eager`, binds the publisher now (an address taken by
+    ///   another process is an error); otherwise the first send binds it. No publisher yet
+    ///   is fine: the subscriptions take effect when one binds.
+    async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
+        let cfg = ZmqConfig::from_layer_config(config)?;
+        let sync = Arc::new(ReceiverSync::default());
+        // The inbox subscription is outstanding from the start.
+        sync.outstanding
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let shared = Arc::new(Shared {
+            inbound,
+            transport: TransportCounters::default(),
+            sync,
+        });
+        let inbox_topic = wire::inbox_topic(&shared.options().prefix, shared.id());
+        let outbound = match &cfg.mode {
+            Mode::Embedded { endpoint } => {
+                let ep = publisher::endpoint(endpoint, &cfg);
+                ep.register(&shared.sync);
+                if cfg.bind == BindPolicy::Eager {
+                    ep.publisher()?;
+                }
+                Outbound::Embedded {
+                    endpoint: ep,
+                    bind: cfg.bind,
+                }
+            }
+            Mode::Dedicated { pull, .. } => Outbound::Dedicated(PushSender::start(
+                &cfg,
+                pull,
+                shared.transport.abandoned.clone(),
+            )?),
+        };
+        let (receiver, inbox_confirmed) = Receiver::start(&cfg, shared.clone())?;
+        let inner = Arc::new(Inner {
+            serial: SERIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            cfg,
+            shared,
+            inbox_topic,
+            receiver,
+            outbound: Mutex::new(Some(Arc::new(outbound))),
+            normal: Mutex::new(HashSet::new()),
+            closed_publisher: Mutex::new(None),
+        });
+        let timeout = inner.cfg.connect_timeout;
+        let confirmed = matches!(
+            tokio::time::timeout(timeout, inbox_confirmed).await,
+            Ok(Ok(Confirm::Confirmed))
+        );
+        match &inner.cfg.mode {
+            Mode::Dedicated { pull, publish } => {
+                if !confirmed {
+                    inner.shut_down().await;
+                    return Err(Error::Backend {
+                        backend: BACKEND,
+                        message: format!(
+                            "no chanlayer zmq proxy answered on {publish} within {timeout:?} (is `chanlayer zmq-proxy --pull {pull} --pub {publish}` running?)"
+                        ),
+                        source: None,
+                    });
+                }
+                let came_back = match inner.mark("")? {
+                    Some(rx) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
+                    None => true,
+                };
+                if !came_back {
+                    inner.shut_down().await;
+                    return Err(Error::Backend {
+                        backend: BACKEND,
+                        message: format!(
+                            "the proxy answers on {publish}, but a message sent to {pull} did not come back within {timeout:?}: is {pull} the PULL address of the same proxy?"
+                        ),
+                        source: None,
+                    });
+                }
+            }
+            Mode::Embedded { endpoint } => {
+                if !confirmed {
+                    tracing::debug!(%endpoint, "no publisher is up yet; subscriptions take effect when one binds");
+                }
+            }
+        }
+        Ok(ZmqTransport { inner })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
+        self.inner.send_channel(Some(owner), out)
+    }
+
+    async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
+        self.inner.send_channel(None, out)
+    }
+
+    async fn publish_batch(&self, owner: Option<&str>, outs: Vec<Outgoing<'_>>) -> Result<usize> {
+        let inner = &self.inner;
+        let Some(first) = outs.first() else {
+            return Ok(0);
+        };
+        let channel = first.destination();
+        let topic = inner.topic_of(owner, channel);
+        let n = outs.len();
+        let msgs = outs.iter().map(|o| (topic.clone(), o.encode())).collect();
+        inner
+            .publish(msgs)?
+            .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
+        Ok(n)
+    }
+
+    async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
+        let inner = &self.inner;
+        let group = out.destination();
+        let payload = out.encode();
+        let topic = wire::group_topic(inner.prefix(), group);
+        // group_send never fails for capacity: wait a little for room in the queue, then
+        // drop the message and count it.
+        for attempt in 0..200u32 {
+            match inner.publish(vec![(topic.clone(), payload.clone())])? {
+                Ok(()) => return Ok(Published::Stored),
+                Err(Refused::Closed) => return Err(Error::Closed),
+                Err(Refused::Full) => {
+                    let pause = Duration::from_millis(u64::from(attempt.min(10)) + 1);
+                    tokio::time::sleep(pause).await;
+                    inner.shared.closed().check()?;
+                }
+            }
+        }
+        tracing::warn!(
+            group,
+            "group_send dropped a message: the send queue stayed full"
+        );
+        Ok(Published::Gone)
+    }
+
+    async fn bind_group(&self, group: &str) -> Result<()> {
+        let inner = &self.inner;
+        // The group's topic is about to be subscribed: let what this instance sent before
+        // (a group_send racing ahead on the send path) pass the publisher first, so a
+        // membership never receives a message sent before it began.
+        inner.barrier(inner.cfg.subscribe_timeout).await;
+        let (tx, rx) = oneshot::channel();
+        inner.receiver.reconcile(group, Some(tx))?;
+        let wait = inner.cfg.subscribe_timeout;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(Confirm::Confirmed | Confirm::NotConnected)) => Ok(()),
+            Ok(Ok(Confirm::NoAnswer)) | Err(_) => Err(Error::Timeout {
+                operation: "group_add (waiting for the publisher to confirm the subscription; the membership was not added)",
+                after: wait,
+            }),
+            Ok(Err(_)) => Err(Error::Closed),
+        }
+    }
+
+    async fn unbind_group(&self, group: &str) -> Result<()> {
+        self.inner.receiver.reconcile(group, None)
+    }
+
+    async fn bind_normal(&self, group: &str, _channel: &str) -> Result<()> {
+        // Not called (NORMAL_VIA_INBOX): a normal channel's membership is a local one.
+        self.bind_group(group).await
+    }
+
+    async fn unbind_normal(&self, group: &str, _channel: &str) -> Result<()> {
+        self.unbind_group(group).await
+    }
+
+    async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
+        self.inner.ensure_normal(channel)?;
+        Ok(NormalReader::Inbox)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let inner = &self.inner;
+        inner.receiver.reconcile_all()?;
+        // A barrier through the publisher: what this instance sent before the flush is in
+        // the retention (dropped now) or on its way to us (ahead of the mark).
+        match inner.mark(inner.prefix())? {
+            None => Ok(()),
+            Some(rx) => match tokio::time::timeout(inner.cfg.connect_timeout, rx).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout {
+                    operation: "flush (waiting for the publisher's barrier)",
+                    after: inner.cfg.connect_timeout,
+                }),
+            },
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.shut_down().await;
+        Ok(())
+    }
+
+    fn abandon(&self) {
+        let inner = &self.inner;
+        inner
+            .shared
+            .sync
+            .gone
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        inner.receiver.stop();
+        if let Some(outbound) = inner.take_outbound() {
+            // Releasing the sending side may linger (close_linger): not on the dropping
+            // thread, which may be an async runtime's. If no thread starts, the closure
+            // (and the sending side with it) is dropped here.
+            let _ = std::thread::Builder::new()
+                .name("chanlayer-zmq close".into())
+                .spawn(move || drop(outbound));
+        }
+    }
+}
