@@ -168,7 +168,7 @@ const SWEEP_MIN: usize = 4096;
 const FOLLOW_FOR: Duration = Duration::from_secs(600);
 
 impl Hub {
-    /// A hub on `xpub`; `stamps` for a proxy (see [`Hub::stamps`]).
+    /// A hub on `xpub`; `stamps` for a proxy (its messages carry their origin).
     pub fn new(
         xpub: zmq::Socket,
         retention: Retention,

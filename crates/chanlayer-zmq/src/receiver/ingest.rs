@@ -1,10 +1,11 @@
 //! The receiving thread's read side: messages from the SUB socket, in order and once each,
 //! into the instance's inbox.
 //!
-//! A live topic checks each message's sequence number ([`SeqTracker`]) and counts gaps as
-//! lost; a topic whose probe is outstanding holds its messages back until the answer, and
-//! then [`settle`] orders them. Envelopes are decoded here, on this thread, and handed to the
-//! inbox in bursts.
+//! A live topic checks each message's sequence number ([`crate::seq::SeqTracker`]) and
+//! counts gaps as lost (by the sender's numbers when the message has an origin, see
+//! [`crate::origins`]); a topic whose probe is outstanding holds its messages back until
+//! the answer, and then [`settle`] orders them. Envelopes are decoded here, on this thread,
+//! and handed to the inbox in bursts.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;

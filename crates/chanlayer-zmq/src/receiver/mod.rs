@@ -10,7 +10,12 @@
 //!
 //! Afterwards each topic's sequence numbers are checked: a gap is a message PUB/SUB dropped
 //! on the way (a subscriber at its high-water mark, a lost connection), counted in
-//! [`TransportStats::lost`](crate::TransportStats).
+//! [`TransportStats::lost`](crate::TransportStats). Through a proxy, the gaps counted are
+//! those in each sender's own numbering (see [`crate::origins`]), which a proxy restart
+//! does not reset.
+//!
+//! - `subs.rs`: what is subscribed and why, probes, the connection's state, marks, timers.
+//! - `ingest.rs`: messages from the socket, in order and once each, into the inbox.
 //!
 //! The thread decodes envelopes and hands them straight to the instance's `LocalInbox` and
 //! group registry (both thread-safe): no async hop per message.
