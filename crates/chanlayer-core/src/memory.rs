@@ -211,13 +211,18 @@ impl Transport for MemoryTransport {
     }
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
-        let target = if owner == self.inbound.id() {
-            Some(self.inbound.clone())
+        // Its own channel: no lookup, no reference count touched.
+        let other;
+        let target: &Inbound = if owner == self.inbound.id() {
+            &self.inbound
         } else {
-            self.broker.instance(owner)
-        };
-        let Some(target) = target else {
-            return Ok(Published::Gone);
+            match self.broker.instance(owner) {
+                Some(t) => {
+                    other = t;
+                    &other
+                }
+                None => return Ok(Published::Gone),
+            }
         };
         let channel = out.destination();
         // Capacity is the sender's setting for the channel, checked at once (the broker is

@@ -9,7 +9,7 @@
 //! discarded; a background task unbinds memberships the moment they expire, so an expired
 //! membership receives nothing on any backend.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ use crate::transport::{NormalReader, Outgoing, Published, Transport};
 /// `TransportLayer<AmqpTransport>`); it dereferences to the transport for what only that
 /// backend has.
 pub struct TransportLayer<T: Transport> {
+    /// This instance's number in the process (see [`checked`]).
+    serial: u64,
     inbound: Arc<Inbound>,
     transport: Arc<T>,
     caps: Capabilities,
@@ -85,6 +87,7 @@ impl<T: Transport> TransportLayer<T> {
             groups.clone(),
         ));
         Ok(TransportLayer {
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             inbound,
             transport,
             caps,
@@ -108,7 +111,9 @@ impl<T: Transport> TransportLayer<T> {
 
     fn check_receiver(&self, channel: &str) -> Result<()> {
         self.inbound.closed().check()?;
-        names::check_receiver(channel, self.inbound.id())
+        checked(self.serial, channel, Check::Receive, || {
+            names::check_receiver(channel, self.inbound.id())
+        })
     }
 
     fn unsupported_normal(&self, operation: &'static str) -> Error {
@@ -137,7 +142,9 @@ impl<T: Transport> TransportLayer<T> {
         // A send that never waits still yields now and then (see `LocalInbox::take`).
         tokio::task::consume_budget().await;
         self.inbound.closed().check()?;
-        names::validate_channel(channel)?;
+        checked(self.serial, channel, Check::Send, || {
+            names::validate_channel(channel)
+        })?;
         let env = self.seal(Destination::Channel, channel, message)?;
         let out = Outgoing::new(env, channel);
         let r = if names::is_process_local(channel) {
@@ -352,6 +359,64 @@ impl<T: Transport> TransportLayer<T> {
         i.inbox().clear();
         Ok(())
     }
+}
+
+/// Layer instance serials for [`checked`]: never 0, never reused in a process.
+static SERIALS: AtomicU64 = AtomicU64::new(1);
+
+/// Which name check [`checked`] remembers.
+#[derive(Clone, Copy)]
+enum Check {
+    Send,
+    Receive,
+}
+
+/// The channel each thread last checked for a send and for a receive, and on which layer
+/// instance (serial 0: none).
+#[derive(Default)]
+struct Checked {
+    send: (u64, String),
+    receive: (u64, String),
+}
+
+thread_local! {
+    static CHECKED: std::cell::RefCell<Checked> = std::cell::RefCell::new(Checked::default());
+}
+
+/// Runs the name check `check` unless this thread passed it last time for the same layer
+/// instance and channel: a stream of sends to one channel (or receives from one) checks its
+/// name once, not per message. A check that fails is not remembered.
+fn checked(
+    serial: u64,
+    channel: &str,
+    which: Check,
+    check: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let hit = CHECKED
+        .try_with(|c| {
+            let c = c.borrow();
+            let (s, name) = match which {
+                Check::Send => &c.send,
+                Check::Receive => &c.receive,
+            };
+            *s == serial && name == channel
+        })
+        .unwrap_or(false);
+    if hit {
+        return Ok(());
+    }
+    check()?;
+    let _ = CHECKED.try_with(|c| {
+        let mut c = c.borrow_mut();
+        let slot = match which {
+            Check::Send => &mut c.send,
+            Check::Receive => &mut c.receive,
+        };
+        slot.0 = serial;
+        slot.1.clear();
+        slot.1.push_str(channel);
+    });
+    Ok(())
 }
 
 /// Unbinds memberships as they expire, until the layer closes (or is dropped). Unbinds that
