@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chanlayer_core::toolkit::{
-    async_trait, lock, now_ms, Acknowledger, CloseSignal, Envelope, Incoming, NormalSource, Stats,
+    async_trait, lock, now_ms, Envelope, Incoming, NormalSource, Stats, Unsettled,
 };
-use chanlayer_core::{AckHandle, Error, Result};
+use chanlayer_core::{Error, Result};
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
@@ -293,19 +293,18 @@ impl NormalConsumer {
 
     /// An [`Incoming`] whose ack/nack settle with the broker / the local requeue.
     pub fn incoming(self: &Arc<Self>, p: Pending) -> Incoming {
-        let envelope = p.envelope.clone();
-        let redelivered = p.redelivered;
-        let acker = AmqpAcker {
+        let (envelope, redelivered) = (p.envelope.clone(), p.redelivered);
+        let unacked = Unacked {
             consumer: self.clone(),
-            pending: Some(p),
+            pending: p,
             stats: self.shared.inbound.stats().clone(),
-            closed: self.shared.inbound.closed().clone(),
         };
-        Incoming {
+        Incoming::unsettled(
             envelope,
             redelivered,
-            ack: AckHandle::new(Box::new(acker)),
-        }
+            unacked,
+            self.shared.inbound.closed().clone(),
+        )
     }
 }
 
@@ -355,22 +354,18 @@ impl From<lapin::Error> for StartError {
     }
 }
 
-/// Settles a normal-channel delivery.
-struct AmqpAcker {
+/// A normal-channel delivery not acked yet.
+struct Unacked {
     consumer: Arc<NormalConsumer>,
-    pending: Option<Pending>,
+    pending: Pending,
     stats: Arc<Stats>,
-    closed: Arc<CloseSignal>,
 }
 
 #[async_trait]
-impl Acknowledger for AmqpAcker {
-    async fn ack(&mut self) -> Result<()> {
-        self.closed.check()?;
-        let Some(p) = self.pending.take() else {
-            return Ok(());
-        };
-        p.acker
+impl Unsettled for Unacked {
+    async fn settle(self: Box<Self>) -> Result<()> {
+        self.pending
+            .acker
             .ack(BasicAckOptions::default())
             .await
             .map(|_| ())
@@ -382,18 +377,12 @@ impl Acknowledger for AmqpAcker {
             })
     }
 
-    async fn nack(&mut self) -> Result<()> {
-        if let Some(p) = self.pending.take() {
-            self.consumer.requeue(p, &self.stats);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for AmqpAcker {
-    fn drop(&mut self) {
-        if let Some(p) = self.pending.take() {
-            self.consumer.requeue(p, &self.stats);
-        }
+    fn requeue(self: Box<Self>) {
+        let Unacked {
+            consumer,
+            pending,
+            stats,
+        } = *self;
+        consumer.requeue(pending, &stats);
     }
 }

@@ -31,10 +31,11 @@ use async_trait::async_trait;
 
 use crate::capabilities::Capabilities;
 use crate::config::LayerConfig;
-use crate::delivery::{AckHandle, Delivery, DeliveryInfo};
+use crate::delivery::{AckHandle, Acknowledger, Delivery, DeliveryInfo};
 use crate::envelope::{Destination, Envelope};
 use crate::error::Result;
 use crate::inbound::Inbound;
+use crate::signal::CloseSignal;
 
 /// A message on its way out: validated and sealed by core (type, size, id, expiry), not yet
 /// encoded. The transport encodes it into the form it sends.
@@ -134,7 +135,38 @@ pub struct Incoming {
     pub ack: AckHandle,
 }
 
+/// A delivery a transport took from its broker and has not settled yet, as
+/// [`Incoming::unsettled`] wraps it.
+#[async_trait]
+pub trait Unsettled: Send + Sync + 'static {
+    /// Settles it with the broker (the ack).
+    async fn settle(self: Box<Self>) -> Result<()>;
+
+    /// Hands it back (a nack, or a delivery dropped unsettled): it is delivered again.
+    fn requeue(self: Box<Self>);
+}
+
 impl Incoming {
+    /// An item carrying `envelope` whose ack settles `unsettled` with the broker (`Closed`
+    /// once the layer closed: it then comes back), and whose nack, or a drop without
+    /// either, requeues it.
+    pub fn unsettled(
+        envelope: Envelope,
+        redelivered: bool,
+        unsettled: impl Unsettled,
+        closed: Arc<CloseSignal>,
+    ) -> Incoming {
+        let acker = UnsettledAcker {
+            item: Some(Box::new(unsettled)),
+            closed,
+        };
+        Incoming {
+            envelope,
+            redelivered,
+            ack: AckHandle::new(Box::new(acker)),
+        }
+    }
+
     /// As a [`Delivery`] of `channel`.
     pub fn into_delivery(self, channel: &str) -> Delivery {
         let info = DeliveryInfo {
@@ -144,6 +176,38 @@ impl Incoming {
             sent_at_ms: self.envelope.sent_at_ms,
         };
         Delivery::new(self.envelope.into_message(), info, self.ack)
+    }
+}
+
+/// The [`Acknowledger`] of [`Incoming::unsettled`].
+struct UnsettledAcker {
+    item: Option<Box<dyn Unsettled>>,
+    closed: Arc<CloseSignal>,
+}
+
+#[async_trait]
+impl Acknowledger for UnsettledAcker {
+    async fn ack(&mut self) -> Result<()> {
+        self.closed.check()?;
+        match self.item.take() {
+            Some(item) => item.settle().await,
+            None => Ok(()),
+        }
+    }
+
+    async fn nack(&mut self) -> Result<()> {
+        if let Some(item) = self.item.take() {
+            item.requeue();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UnsettledAcker {
+    fn drop(&mut self) {
+        if let Some(item) = self.item.take() {
+            item.requeue();
+        }
     }
 }
 

@@ -29,9 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chanlayer_core::toolkit::{
-    async_trait, lock, Acknowledger, CloseSignal, Envelope, Inbound, Incoming, NormalSource, Stats,
+    async_trait, lock, Envelope, Inbound, Incoming, NormalSource, Stats, Unsettled,
 };
-use chanlayer_core::{AckHandle, Error, Result};
+use chanlayer_core::{Error, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::capabilities::BACKEND;
@@ -118,7 +118,7 @@ impl NormalConsumer {
     /// Waits for the next message. Cancellation-safe: a message leaves the buffer only in
     /// the step that returns it.
     async fn take(&self) -> Result<Pending> {
-        let closed: &CloseSignal = self.inbound.closed();
+        let closed = self.inbound.closed();
         loop {
             let notified = self.shared.notify.notified();
             tokio::pin!(notified);
@@ -136,19 +136,18 @@ impl NormalConsumer {
 
     /// `p` as an item whose ack settles the offset and whose nack requeues locally.
     fn incoming(&self, p: Pending) -> Incoming {
-        let envelope = p.envelope.clone();
-        let redelivered = p.redelivered;
-        let acker = KafkaAcker {
+        let (envelope, redelivered) = (p.envelope.clone(), p.redelivered);
+        let unsettled = Uncommitted {
             shared: self.shared.clone(),
-            pending: Some(p),
+            pending: p,
             stats: self.inbound.stats().clone(),
-            closed: self.inbound.closed().clone(),
         };
-        Incoming {
+        Incoming::unsettled(
             envelope,
             redelivered,
-            ack: AckHandle::new(Box::new(acker)),
-        }
+            unsettled,
+            self.inbound.closed().clone(),
+        )
     }
 }
 
@@ -181,36 +180,26 @@ impl NormalSource for NormalConsumer {
     }
 }
 
-/// Settles a normal-channel delivery.
-struct KafkaAcker {
+/// A normal-channel delivery whose offset is not settled yet.
+struct Uncommitted {
     shared: Arc<Shared>,
-    pending: Option<Pending>,
+    pending: Pending,
     stats: Arc<Stats>,
-    closed: Arc<CloseSignal>,
 }
 
 #[async_trait]
-impl Acknowledger for KafkaAcker {
-    async fn ack(&mut self) -> Result<()> {
-        self.closed.check()?;
-        if let Some(p) = self.pending.take() {
-            self.shared.settle(&p);
-        }
+impl Unsettled for Uncommitted {
+    async fn settle(self: Box<Self>) -> Result<()> {
+        self.shared.settle(&self.pending);
         Ok(())
     }
 
-    async fn nack(&mut self) -> Result<()> {
-        if let Some(p) = self.pending.take() {
-            self.shared.requeue(p, &self.stats);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for KafkaAcker {
-    fn drop(&mut self) {
-        if let Some(p) = self.pending.take() {
-            self.shared.requeue(p, &self.stats);
-        }
+    fn requeue(self: Box<Self>) {
+        let Uncommitted {
+            shared,
+            pending,
+            stats,
+        } = *self;
+        shared.requeue(pending, &stats);
     }
 }

@@ -52,6 +52,34 @@ pub fn hostile_urls(scheme: &str, password: &str) -> Vec<String> {
     .collect()
 }
 
+/// Parses each of `urls` with `parse` and checks what a user could see: `parse` returns the
+/// parsed configuration's texts (its `Debug`, its address) and the password as the backend
+/// would hand it to its client, or the error's texts. No part of `password` may show in
+/// either; a URL that carried the password percent-encoded must parse and give it back
+/// unchanged. Returns how many URLs parsed.
+pub fn check_redaction(
+    password: &str,
+    urls: Vec<String>,
+    parse: impl Fn(&str) -> Result<(String, Option<String>), String>,
+) -> usize {
+    let mut parsed = 0;
+    let encoded = encode(password);
+    for url in urls {
+        let text = match parse(&url) {
+            Ok((text, given)) => {
+                parsed += 1;
+                if url.contains(&encoded) {
+                    assert_eq!(given.as_deref(), Some(password), "{url}");
+                }
+                text
+            }
+            Err(text) => text,
+        };
+        assert_hidden(&text, password, &url);
+    }
+    parsed
+}
+
 /// `s` percent-encoded for a URL query value or user-info: every byte but ASCII letters and
 /// digits.
 pub fn encode(s: &str) -> String {
