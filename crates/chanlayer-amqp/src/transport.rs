@@ -84,6 +84,14 @@ impl AmqpTransport {
     }
 }
 
+impl AmqpTransport {
+    /// Binds (`bind`) or unbinds `queue` and `group` on the live session.
+    async fn bind_queue(&self, queue: &str, group: &str, bind: bool) -> Result<()> {
+        let session = self.shared.session().await?;
+        binding(&self.shared, &session, queue, group, bind).await
+    }
+}
+
 impl Transport for AmqpTransport {
     /// Connects to the broker `config` names (`amqp://` or `amqps://`), declares this
     /// instance's inbox queue and the groups exchange, and starts the inbox consumer and the
@@ -190,54 +198,24 @@ impl Transport for AmqpTransport {
     }
 
     async fn bind_group(&self, group: &str) -> Result<()> {
-        let session = self.shared.session().await?;
-        binding(
-            &self.shared,
-            &session,
-            &self.shared.names.inbox,
-            group,
-            true,
-        )
-        .await
+        self.bind_queue(&self.shared.names.inbox, group, true).await
     }
 
     async fn unbind_group(&self, group: &str) -> Result<()> {
-        let session = self.shared.session().await?;
-        binding(
-            &self.shared,
-            &session,
-            &self.shared.names.inbox,
-            group,
-            false,
-        )
-        .await
+        self.bind_queue(&self.shared.names.inbox, group, false)
+            .await
     }
 
     async fn bind_normal(&self, group: &str, channel: &str) -> Result<()> {
-        let shared = &self.shared;
-        let session = shared.session().await?;
-        shared.declare_channel_queue(&session, channel).await?;
-        binding(
-            shared,
-            &session,
-            &shared.names.channel_queue(channel),
-            group,
-            true,
-        )
-        .await
+        let session = self.shared.session().await?;
+        self.shared.declare_channel_queue(&session, channel).await?;
+        let queue = self.shared.names.channel_queue(channel);
+        self.bind_queue(&queue, group, true).await
     }
 
     async fn unbind_normal(&self, group: &str, channel: &str) -> Result<()> {
-        let shared = &self.shared;
-        let session = shared.session().await?;
-        binding(
-            shared,
-            &session,
-            &shared.names.channel_queue(channel),
-            group,
-            false,
-        )
-        .await
+        let queue = self.shared.names.channel_queue(channel);
+        self.bind_queue(&queue, group, false).await
     }
 
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {

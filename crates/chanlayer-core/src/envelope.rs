@@ -229,24 +229,11 @@ impl Envelope {
 
     /// Encodes for the wire.
     pub fn encode(&self) -> Vec<u8> {
-        EnvelopeRef {
-            id: self.id,
-            kind: self.kind,
-            destination: &self.destination,
-            sent_at_ms: self.sent_at_ms,
-            expires_at_ms: self.expires_at_ms,
-            msg_type: &self.msg_type,
-            codec: self.codec,
-            headers: &self.headers,
-            body: &self.body,
-        }
-        .encode()
+        self.addressed(&self.destination).encode()
     }
 
-    /// Appends the wire bytes of this envelope addressed to `destination` (whatever its own
-    /// `destination` field holds): what a transport sends for an envelope core sealed
-    /// unaddressed.
-    pub fn encode_to(&self, destination: &str, out: &mut Vec<u8>) {
+    /// This envelope's fields, addressed to `destination`.
+    fn addressed<'a>(&'a self, destination: &'a str) -> EnvelopeRef<'a> {
         EnvelopeRef {
             id: self.id,
             kind: self.kind,
@@ -258,7 +245,13 @@ impl Envelope {
             headers: &self.headers,
             body: &self.body,
         }
-        .encode_into(out);
+    }
+
+    /// Appends the wire bytes of this envelope addressed to `destination` (whatever its own
+    /// `destination` field holds): what a transport sends for an envelope core sealed
+    /// unaddressed.
+    pub fn encode_to(&self, destination: &str, out: &mut Vec<u8>) {
+        self.addressed(destination).encode_into(out);
     }
 
     /// Decodes bytes from the wire.
