@@ -160,6 +160,21 @@ impl MemoryTransport {
         Ok(true)
     }
 
+    /// Pushes `out` onto its channel's queue in `inbox`. Capacity is the sender's setting for
+    /// the channel, checked at once (the broker is in this process): `ChannelFull` reaches
+    /// the sender.
+    fn push(&self, inbox: &LocalInbox, out: Outgoing<'_>) -> Result<Published> {
+        let channel = out.destination();
+        let capacity = self.inbound.options().capacity_for(channel);
+        inbox.push(
+            channel,
+            out.into_unaddressed(),
+            capacity,
+            self.inbound.stats(),
+        )?;
+        Ok(Published::Stored)
+    }
+
     /// Forgets this instance at the broker: its process-local channels become undeliverable.
     fn leave(&self) {
         let id = self.inbound.id();
@@ -224,29 +239,11 @@ impl Transport for MemoryTransport {
                 None => return Ok(Published::Gone),
             }
         };
-        let channel = out.destination();
-        // Capacity is the sender's setting for the channel, checked at once (the broker is
-        // in this process): `ChannelFull` reaches the sender.
-        let capacity = self.inbound.options().capacity_for(channel);
-        target.inbox().push(
-            channel,
-            out.into_unaddressed(),
-            capacity,
-            self.inbound.stats(),
-        )?;
-        Ok(Published::Stored)
+        self.push(target.inbox(), out)
     }
 
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
-        let channel = out.destination();
-        let capacity = self.inbound.options().capacity_for(channel);
-        self.broker.normal.push(
-            channel,
-            out.into_unaddressed(),
-            capacity,
-            self.inbound.stats(),
-        )?;
-        Ok(Published::Stored)
+        self.push(&self.broker.normal, out)
     }
 
     async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
