@@ -88,7 +88,7 @@ async fn setup(
     let admin = open("admin").await?;
     admin
         .exchange_declare(
-            ShortString::from(inner.names.groups_exchange.as_str()),
+            ShortString::from(inner.names.groups.as_str()),
             ExchangeKind::Direct,
             ExchangeDeclareOptions {
                 durable: true,
@@ -101,7 +101,7 @@ async fn setup(
             backend(
                 &format!(
                     "could not declare the groups exchange {:?} (does it exist with another type?)",
-                    inner.names.groups_exchange
+                    inner.names.groups
                 ),
                 e,
             )
@@ -122,7 +122,7 @@ async fn setup(
         admin
             .queue_bind(
                 ShortString::from(inner.names.inbox.as_str()),
-                ShortString::from(inner.names.groups_exchange.as_str()),
+                ShortString::from(inner.names.groups.as_str()),
                 ShortString::from(group.as_str()),
                 QueueBindOptions::default(),
                 FieldTable::default(),

@@ -27,7 +27,7 @@ pub(crate) async fn binding(
     let admin = session.admin().await?;
     let (q, x, key) = (
         ShortString::from(queue),
-        ShortString::from(shared.names.groups_exchange.as_str()),
+        ShortString::from(shared.names.groups.as_str()),
         ShortString::from(group),
     );
     let r = if bind {
@@ -57,7 +57,7 @@ pub(crate) async fn binding(
 pub(crate) async fn rebind_normal(shared: &Shared, session: &Session) -> Result<()> {
     for (g, c) in shared.inbound.normal_groups().pairs() {
         shared.declare_channel_queue(session, &c).await?;
-        binding(shared, session, &shared.names.channel_queue(&c), &g, true).await?;
+        binding(shared, session, &shared.names.channel(&c), &g, true).await?;
     }
     Ok(())
 }

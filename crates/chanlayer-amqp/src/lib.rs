@@ -69,11 +69,6 @@ pub const BACKEND: &str = "amqp";
 /// enforced where they arrive (a message for a full local channel is dropped there and
 /// counted in `dropped_full`).
 pub const CAPABILITIES: Capabilities = Capabilities {
-    backend: BACKEND,
-    single_reader_normal_channels: true,
-    at_least_once: true,
-    at_least_once_local: false,
-    persistent: true,
     broker_side_capacity: true,
-    cross_process: true,
+    ..Capabilities::durable_broker(BACKEND)
 };

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chanlayer_core::toolkit::{
-    async_trait, lock, now_ms, Envelope, Incoming, NormalSource, Stats, Unsettled,
+    async_trait, lock, now_ms, Envelope, Incoming, NormalSource, Settler, Stats,
 };
 use chanlayer_core::{Error, Result};
 use futures::{FutureExt, StreamExt};
@@ -68,14 +68,6 @@ impl NormalConsumer {
             requeue_notify: tokio::sync::Notify::new(),
             epoch: AtomicU64::new(0),
         }
-    }
-
-    /// Puts an unsettled delivery back at the head, in delivery order.
-    pub fn requeue(&self, mut p: Pending, stats: &Stats) {
-        p.redelivered = true;
-        stats.record_redelivered(1);
-        lock(&self.requeued).insert(p.key, p);
-        self.requeue_notify.notify_one();
     }
 
     /// The first requeued delivery whose AMQP channel is still open (the others come back
@@ -294,17 +286,7 @@ impl NormalConsumer {
     /// An [`Incoming`] whose ack/nack settle with the broker / the local requeue.
     pub fn incoming(self: &Arc<Self>, p: Pending) -> Incoming {
         let (envelope, redelivered) = (p.envelope.clone(), p.redelivered);
-        let unacked = Unacked {
-            consumer: self.clone(),
-            pending: p,
-            stats: self.shared.inbound.stats().clone(),
-        };
-        Incoming::unsettled(
-            envelope,
-            redelivered,
-            unacked,
-            self.shared.inbound.closed().clone(),
-        )
+        Incoming::unsettled(envelope, redelivered, self.clone(), p, &self.shared.inbound)
     }
 }
 
@@ -354,18 +336,12 @@ impl From<lapin::Error> for StartError {
     }
 }
 
-/// A normal-channel delivery not acked yet.
-struct Unacked {
-    consumer: Arc<NormalConsumer>,
-    pending: Pending,
-    stats: Arc<Stats>,
-}
-
 #[async_trait]
-impl Unsettled for Unacked {
-    async fn settle(self: Box<Self>) -> Result<()> {
-        self.pending
-            .acker
+impl Settler for NormalConsumer {
+    type Pending = Pending;
+
+    async fn settle(&self, p: Pending) -> Result<()> {
+        p.acker
             .ack(BasicAckOptions::default())
             .await
             .map(|_| ())
@@ -377,12 +353,11 @@ impl Unsettled for Unacked {
             })
     }
 
-    fn requeue(self: Box<Self>) {
-        let Unacked {
-            consumer,
-            pending,
-            stats,
-        } = *self;
-        consumer.requeue(pending, &stats);
+    /// Puts an unsettled delivery back at the head, in delivery order.
+    fn requeue(&self, mut p: Pending, stats: &Stats) {
+        p.redelivered = true;
+        stats.record_redelivered(1);
+        lock(&self.requeued).insert(p.key, p);
+        self.requeue_notify.notify_one();
     }
 }

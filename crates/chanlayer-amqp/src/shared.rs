@@ -104,7 +104,7 @@ impl Shared {
 
     /// Declares the durable queue of normal channel `channel` once per session.
     pub async fn declare_channel_queue(&self, session: &Session, channel: &str) -> Result<()> {
-        let queue = self.names.channel_queue(channel);
+        let queue = self.names.channel(channel);
         let cached = || {
             let d = lock(&self.declared);
             d.0 == session.generation && d.1.contains(&queue)

@@ -21,40 +21,7 @@ use std::time::Duration;
 use chanlayer_core::LayerOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-/// Queue and exchange names for one layer instance.
-#[derive(Debug, Clone)]
-pub struct Names {
-    prefix: String,
-    /// The groups exchange.
-    pub groups_exchange: String,
-    /// This instance's inbox queue.
-    pub inbox: String,
-}
-
-impl Names {
-    /// Names for the instance `instance` with layer prefix `prefix`.
-    pub fn new(prefix: &str, groups_exchange: &str, instance: &str) -> Self {
-        Names {
-            prefix: prefix.to_owned(),
-            groups_exchange: groups_exchange.to_owned(),
-            inbox: inbox_queue(prefix, instance),
-        }
-    }
-
-    /// The inbox queue of the instance owning process-local channels with id `instance`.
-    pub fn inbox_of(&self, instance: &str) -> String {
-        inbox_queue(&self.prefix, instance)
-    }
-
-    /// The durable queue of normal channel `channel`.
-    pub fn channel_queue(&self, channel: &str) -> String {
-        format!("{}.channel.{channel}", self.prefix)
-    }
-}
-
-fn inbox_queue(prefix: &str, instance: &str) -> String {
-    format!("{prefix}.inbox.{instance}")
-}
+pub use chanlayer_core::names::BrokerNames as Names;
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -113,21 +80,4 @@ pub fn broker_ttl(options: &LayerOptions) -> Duration {
 /// The per-message TTL (`expiration` property, milliseconds as text): [`broker_ttl`].
 pub fn expiration(options: &LayerOptions) -> ShortString {
     ShortString::from(millis(broker_ttl(options)).to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefixes_keep_names_apart() {
-        let a = Names::new("app1", "app1.groups", "abc");
-        let b = Names::new("app2", "app2.groups", "abc");
-        assert_ne!(a.inbox, b.inbox);
-        assert_ne!(a.channel_queue("jobs"), b.channel_queue("jobs"));
-        assert_eq!(a.channel_queue("jobs"), "app1.channel.jobs");
-        assert_eq!(a.inbox_of("xyz"), "app1.inbox.xyz");
-        // A channel can't be named like an inbox: channel queues have their own segment.
-        assert_ne!(a.channel_queue("inbox.abc"), a.inbox);
-    }
 }

@@ -5,7 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use chanlayer_core::toolkit::{lock, Inbound, NormalReader, Outgoing, Published, Transport};
+use chanlayer_core::toolkit::{
+    fmt_transport, lock, Inbound, NormalReader, Outgoing, Published, Transport,
+};
 use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
 use lapin::options::QueuePurgeOptions;
 use lapin::types::ShortString;
@@ -28,11 +30,7 @@ pub struct AmqpTransport {
 
 impl std::fmt::Debug for AmqpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpTransport")
-            .field("broker", &self.shared.cfg.display_address())
-            .field("instance", &self.shared.inbound.id())
-            .field("inbox", &self.shared.names.inbox)
-            .finish()
+        fmt_transport(self, "AmqpTransport", f)
     }
 }
 
@@ -49,7 +47,7 @@ impl AmqpTransport {
 
     /// The name of the durable queue that holds normal channel `channel`.
     pub fn channel_queue(&self, channel: &str) -> String {
-        self.shared.names.channel_queue(channel)
+        self.shared.names.channel(channel)
     }
 
     /// Publishes raw bytes, bypassing the envelope, where messages for `channel` travel: the
@@ -68,7 +66,7 @@ impl AmqpTransport {
         } else {
             let session = shared.session().await?;
             shared.declare_channel_queue(&session, channel).await?;
-            shared.names.channel_queue(channel)
+            shared.names.channel(channel)
         };
         let stored = shared
             .publish_to_queue(channel, &queue, bytes, BasicProperties::default(), 0)
@@ -126,6 +124,11 @@ impl Transport for AmqpTransport {
         CAPABILITIES
     }
 
+    fn debug_fields(&self, f: &mut std::fmt::DebugStruct<'_, '_>) {
+        f.field("broker", &self.shared.cfg.display_address())
+            .field("inbox", &self.shared.names.inbox);
+    }
+
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
         let queue = shared.names.inbox_of(owner);
@@ -150,7 +153,7 @@ impl Transport for AmqpTransport {
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
         let channel = out.destination();
-        let queue = shared.names.channel_queue(channel);
+        let queue = shared.names.channel(channel);
         let payload = out.encode();
         for attempt in 0..2 {
             let session = shared.session().await?;
@@ -180,7 +183,7 @@ impl Transport for AmqpTransport {
         let group = out.destination();
         let c = shared
             .publish(
-                &shared.names.groups_exchange,
+                &shared.names.groups,
                 group,
                 &out.encode(),
                 shared.persistent.clone(),
@@ -209,12 +212,12 @@ impl Transport for AmqpTransport {
     async fn bind_normal(&self, group: &str, channel: &str) -> Result<()> {
         let session = self.shared.session().await?;
         self.shared.declare_channel_queue(&session, channel).await?;
-        let queue = self.shared.names.channel_queue(channel);
+        let queue = self.shared.names.channel(channel);
         self.bind_queue(&queue, group, true).await
     }
 
     async fn unbind_normal(&self, group: &str, channel: &str) -> Result<()> {
-        let queue = self.shared.names.channel_queue(channel);
+        let queue = self.shared.names.channel(channel);
         self.bind_queue(&queue, group, false).await
     }
 
@@ -226,7 +229,7 @@ impl Transport for AmqpTransport {
                 Arc::new(Source(Arc::new(NormalConsumer::new(
                     self.shared.clone(),
                     channel,
-                    self.shared.names.channel_queue(channel),
+                    self.shared.names.channel(channel),
                 ))))
             })
             .clone();

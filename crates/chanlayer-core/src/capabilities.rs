@@ -50,4 +50,19 @@ impl Capabilities {
             cross_process: false,
         }
     }
+
+    /// A broker that keeps each normal channel as a durable queue read by competing,
+    /// acknowledging consumers (an AMQP queue, a Kafka topic with its consumer group): single
+    /// reader, at-least-once and persistent normal channels, across processes. Process-local
+    /// channels stay at-most-once and `broker_side_capacity` stays `false`; a backend that
+    /// does more says so with struct update syntax.
+    pub const fn durable_broker(backend: &'static str) -> Self {
+        Capabilities {
+            single_reader_normal_channels: true,
+            at_least_once: true,
+            persistent: true,
+            cross_process: true,
+            ..Capabilities::none(backend)
+        }
+    }
 }

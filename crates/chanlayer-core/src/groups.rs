@@ -109,20 +109,6 @@ impl GroupRegistry {
         emptied
     }
 
-    /// Removes every membership of channels for which `pred` is true; returns the groups
-    /// left without members.
-    pub fn remove_channels(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
-        let mut emptied = Vec::new();
-        self.lock().retain(|g, members| {
-            members.retain(|c, _| !pred(c));
-            if members.is_empty() {
-                emptied.push(g.clone());
-            }
-            !members.is_empty()
-        });
-        emptied
-    }
-
     /// Removes everything; returns the groups that had members.
     pub fn clear(&self) -> Vec<String> {
         self.lock().drain().map(|(g, _)| g).collect()

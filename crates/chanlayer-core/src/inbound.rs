@@ -119,17 +119,6 @@ impl Inbound {
             .deliver(envelope, &self.groups, &self.options, &self.stats)
     }
 
-    /// Delivers a message addressed to channel `channel` whose envelope does not carry the
-    /// name (an in-process transport): as [`offer`](Self::offer).
-    pub fn offer_to(&self, channel: &str, envelope: Envelope) -> Result<()> {
-        self.inbox.push(
-            channel,
-            envelope,
-            self.options.capacity_for(channel),
-            &self.stats,
-        )
-    }
-
     /// Delivers a group message whose envelope does not carry the name to this instance's
     /// live members of `group`.
     pub fn offer_group(&self, group: &str, envelope: Envelope) {

@@ -349,39 +349,6 @@ impl LocalInbox {
         }
     }
 
-    /// [`take`](Self::take) as a [`Delivery`](crate::Delivery) that is already settled:
-    /// what a broker backend's `receive_delivery` returns for a process-local channel
-    /// (nothing to ack at the broker once the message is out of the inbox).
-    pub async fn take_settled(
-        &self,
-        channel: &str,
-        stats: &Stats,
-        closed: &CloseSignal,
-    ) -> Result<crate::Delivery> {
-        Ok(self
-            .take(channel, stats, closed)
-            .await?
-            .into_settled_delivery(channel))
-    }
-
-    /// [`take_batch`](Self::take_batch) as settled deliveries (see
-    /// [`take_settled`](Self::take_settled)).
-    pub async fn take_batch_settled(
-        &self,
-        channel: &str,
-        max: usize,
-        timeout: Duration,
-        stats: &Stats,
-        closed: &CloseSignal,
-    ) -> Result<Vec<crate::Delivery>> {
-        Ok(self
-            .take_batch(channel, max, timeout, stats, closed)
-            .await?
-            .into_iter()
-            .map(|e| e.into_settled_delivery(channel))
-            .collect())
-    }
-
     /// Waits up to `timeout` for the first message, then takes up to `max` in all without
     /// waiting. Empty if nothing came in time. Cancellation-safe.
     pub async fn take_batch(
@@ -427,11 +394,6 @@ impl LocalInbox {
             s.queue.clear();
             s.waiters > 0
         });
-    }
-
-    /// Drops the queues of every channel for which `pred` is true (an instance closing).
-    pub fn remove_where(&self, pred: impl Fn(&str) -> bool) {
-        self.lock().retain(|name, _| !pred(name));
     }
 
     /// Delivers an envelope that arrived from the broker: to its channel, or, for a group

@@ -60,7 +60,8 @@ pub mod toolkit {
     pub use crate::inbox::{CloseSignal, Entry, LocalInbox};
     pub use crate::stats::Stats;
     pub use crate::transport::{
-        Incoming, NormalReader, NormalSource, Outgoing, Published, Transport, Unsettled,
+        fmt_transport, Incoming, NormalReader, NormalSource, Outgoing, Published, Settler,
+        Transport,
     };
     pub use crate::transport_layer::TransportLayer;
     pub use async_trait::async_trait;

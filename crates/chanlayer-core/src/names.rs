@@ -229,9 +229,68 @@ pub fn new_channel_name(prefix: &str, instance: &str) -> Result<String> {
     Ok(name)
 }
 
+/// The names a broker-backed transport gives the objects of one layer instance, the same
+/// on AMQP (queues and the groups exchange) and Kafka (topics): every name starts with the
+/// layer's prefix, so applications with different prefixes on one broker never share one.
+///
+/// ```
+/// use chanlayer_core::names::BrokerNames;
+/// let n = BrokerNames::new("app", "app.groups", "k3j2");
+/// assert_eq!(n.inbox, "app.inbox.k3j2");
+/// assert_eq!(n.inbox_of("x7"), "app.inbox.x7");
+/// assert_eq!(n.channel("jobs"), "app.channel.jobs");
+/// ```
+#[derive(Debug, Clone)]
+pub struct BrokerNames {
+    prefix: String,
+    /// Where group messages go (the groups exchange or topic).
+    pub groups: String,
+    /// This instance's inbox, where its process-local channels' messages arrive.
+    pub inbox: String,
+}
+
+impl BrokerNames {
+    /// The names for instance `instance` of a layer with prefix `prefix`, whose group
+    /// messages go through `groups`.
+    pub fn new(prefix: &str, groups: &str, instance: &str) -> Self {
+        BrokerNames {
+            prefix: prefix.to_owned(),
+            groups: groups.to_owned(),
+            inbox: inbox_name(prefix, instance),
+        }
+    }
+
+    /// The inbox of the instance `instance` (the owner of process-local channels with that id).
+    pub fn inbox_of(&self, instance: &str) -> String {
+        inbox_name(&self.prefix, instance)
+    }
+
+    /// The queue or topic of normal channel `channel` (on Kafka also its consumer group).
+    pub fn channel(&self, channel: &str) -> String {
+        format!("{}.channel.{channel}", self.prefix)
+    }
+}
+
+/// The inbox of instance `instance` of a layer with prefix `prefix`: `{prefix}.inbox.{instance}`.
+pub fn inbox_name(prefix: &str, instance: &str) -> String {
+    format!("{prefix}.inbox.{instance}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_names_of_different_prefixes_stay_apart() {
+        let a = BrokerNames::new("app1", "app1.groups", "abc");
+        let b = BrokerNames::new("app2", "app2.groups", "abc");
+        assert_ne!(a.inbox, b.inbox);
+        assert_ne!(a.channel("jobs"), b.channel("jobs"));
+        assert_eq!(a.channel("jobs"), "app1.channel.jobs");
+        assert_eq!(a.inbox_of("xyz"), "app1.inbox.xyz");
+        // A channel can't be named like an inbox: channel queues have their own segment.
+        assert_ne!(a.channel("inbox.abc"), a.inbox);
+    }
 
     #[test]
     fn rules() {

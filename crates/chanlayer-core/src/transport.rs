@@ -36,6 +36,7 @@ use crate::envelope::{Destination, Envelope};
 use crate::error::Result;
 use crate::inbound::Inbound;
 use crate::signal::CloseSignal;
+use crate::stats::Stats;
 
 /// A message on its way out: validated and sealed by core (type, size, id, expiry), not yet
 /// encoded. The transport encodes it into the form it sends.
@@ -91,13 +92,6 @@ impl<'a> Outgoing<'a> {
         self.envelope.encode_to(self.destination, out);
     }
 
-    /// The envelope with its destination filled in (an in-process transport).
-    pub fn into_envelope(self) -> Envelope {
-        let mut e = self.envelope;
-        e.destination = self.destination.to_owned();
-        e
-    }
-
     /// The envelope with an empty destination: for an in-process transport whose queue is
     /// the address (saves a copy of the name).
     pub fn into_unaddressed(self) -> Envelope {
@@ -135,30 +129,38 @@ pub struct Incoming {
     pub ack: AckHandle,
 }
 
-/// A delivery a transport took from its broker and has not settled yet, as
-/// [`Incoming::unsettled`] wraps it.
+/// How a transport settles the deliveries it took from its broker (an AMQP consumer acks
+/// one, a Kafka consumer marks its offset for commit) and hands one back.
+/// [`Incoming::unsettled`] pairs a [`Pending`](Settler::Pending) with its settler; the
+/// item's ack settles it, its nack or a drop without either requeues it.
 #[async_trait]
-pub trait Unsettled: Send + Sync + 'static {
-    /// Settles it with the broker (the ack).
-    async fn settle(self: Box<Self>) -> Result<()>;
+pub trait Settler: Send + Sync + 'static {
+    /// One delivery taken from the broker and not settled yet.
+    type Pending: Send + Sync + 'static;
 
-    /// Hands it back (a nack, or a delivery dropped unsettled): it is delivered again.
-    fn requeue(self: Box<Self>);
+    /// Settles `pending` with the broker (the ack).
+    async fn settle(&self, pending: Self::Pending) -> Result<()>;
+
+    /// Hands `pending` back (a nack, or a delivery dropped unsettled): it is delivered
+    /// again, and counted in `stats` as redelivered.
+    fn requeue(&self, pending: Self::Pending, stats: &Stats);
 }
 
 impl Incoming {
-    /// An item carrying `envelope` whose ack settles `unsettled` with the broker (`Closed`
-    /// once the layer closed: it then comes back), and whose nack, or a drop without
-    /// either, requeues it.
-    pub fn unsettled(
+    /// An item carrying `envelope` whose ack settles `pending` through `settler` (`Closed`
+    /// once `inbound`'s layer closed: it then comes back), and whose nack, or a drop
+    /// without either, requeues it.
+    pub fn unsettled<S: Settler>(
         envelope: Envelope,
         redelivered: bool,
-        unsettled: impl Unsettled,
-        closed: Arc<CloseSignal>,
+        settler: Arc<S>,
+        pending: S::Pending,
+        inbound: &Inbound,
     ) -> Incoming {
         let acker = UnsettledAcker {
-            item: Some(Box::new(unsettled)),
-            closed,
+            item: Some((settler, pending)),
+            stats: inbound.stats().clone(),
+            closed: inbound.closed().clone(),
         };
         Incoming {
             envelope,
@@ -180,34 +182,39 @@ impl Incoming {
 }
 
 /// The [`Acknowledger`] of [`Incoming::unsettled`].
-struct UnsettledAcker {
-    item: Option<Box<dyn Unsettled>>,
+struct UnsettledAcker<S: Settler> {
+    item: Option<(Arc<S>, S::Pending)>,
+    stats: Arc<Stats>,
     closed: Arc<CloseSignal>,
 }
 
+impl<S: Settler> UnsettledAcker<S> {
+    fn requeue(&mut self) {
+        if let Some((settler, pending)) = self.item.take() {
+            settler.requeue(pending, &self.stats);
+        }
+    }
+}
+
 #[async_trait]
-impl Acknowledger for UnsettledAcker {
+impl<S: Settler> Acknowledger for UnsettledAcker<S> {
     async fn ack(&mut self) -> Result<()> {
         self.closed.check()?;
         match self.item.take() {
-            Some(item) => item.settle().await,
+            Some((settler, pending)) => settler.settle(pending).await,
             None => Ok(()),
         }
     }
 
     async fn nack(&mut self) -> Result<()> {
-        if let Some(item) = self.item.take() {
-            item.requeue();
-        }
+        self.requeue();
         Ok(())
     }
 }
 
-impl Drop for UnsettledAcker {
+impl<S: Settler> Drop for UnsettledAcker<S> {
     fn drop(&mut self) {
-        if let Some(item) = self.item.take() {
-            item.requeue();
-        }
+        self.requeue();
     }
 }
 
@@ -329,4 +336,16 @@ pub trait Transport: Send + Sync + Sized + 'static {
     /// Adds what the layer's `Debug` shows of this transport (the broker address, say;
     /// never credentials) after the backend and the instance id. By default nothing.
     fn debug_fields(&self, _f: &mut std::fmt::DebugStruct<'_, '_>) {}
+}
+
+/// A transport's own `Debug`: `name { .. }` with what its
+/// [`debug_fields`](Transport::debug_fields) adds, the fields the layer's `Debug` shows.
+pub fn fmt_transport<T: Transport>(
+    transport: &T,
+    name: &str,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    let mut d = f.debug_struct(name);
+    transport.debug_fields(&mut d);
+    d.finish()
 }

@@ -11,12 +11,4 @@ pub const BACKEND: &str = "kafka";
 /// arrive (the instance's local inbox for process-local channels, the consumer's `prefetch`
 /// buffer for normal channels), hence `broker_side_capacity: false`. Process-local channels
 /// are at-most-once, as in Django Channels.
-pub const CAPABILITIES: Capabilities = Capabilities {
-    backend: BACKEND,
-    single_reader_normal_channels: true,
-    at_least_once: true,
-    at_least_once_local: false,
-    persistent: true,
-    broker_side_capacity: false,
-    cross_process: true,
-};
+pub const CAPABILITIES: Capabilities = Capabilities::durable_broker(BACKEND);

@@ -407,6 +407,7 @@ fn parse_brokers(address: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chanlayer_testkit::options::check_refused;
 
     fn parse(url: &str) -> Result<KafkaConfig> {
         KafkaConfig::from_layer_config(&LayerConfig::from_url(url)?)
@@ -541,48 +542,47 @@ mod tests {
     /// Every integer option says "too large" or "too small" with its range.
     #[test]
     fn integers_out_of_range_name_the_range() {
-        for (key, value, why) in [
-            (
-                "partitions",
-                "99999999999999999999999",
-                "too large; use a whole number from 1 to 2147483647",
-            ),
-            (
-                "partitions",
-                "2147483648",
-                "too large; use a whole number from 1 to 2147483647",
-            ),
-            (
-                "replication",
-                "40000",
-                "too large; use a whole number from -1 to 32767",
-            ),
-            (
-                "replication",
-                "-2",
-                "too small; use a whole number from -1 to 32767",
-            ),
-            (
-                "prefetch",
-                "99999999999999999999999",
-                "too large; use a whole number from 1 to 18446744073709551615",
-            ),
-            (
-                "prefetch",
-                "0",
-                "too small; use a whole number from 1 to 18446744073709551615",
-            ),
-            (
-                "capacity",
-                "99999999999999999999999",
-                "too large; use a whole number from 1 to 18446744073709551615",
-            ),
-        ] {
-            let e = parse(&format!("kafka://h?{key}={value}"))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(&format!("option {key}={value}: {why}")), "{e}");
-        }
+        check_refused(
+            parse,
+            "kafka://h",
+            [
+                (
+                    "partitions",
+                    "99999999999999999999999",
+                    "too large; use a whole number from 1 to 2147483647",
+                ),
+                (
+                    "partitions",
+                    "2147483648",
+                    "too large; use a whole number from 1 to 2147483647",
+                ),
+                (
+                    "replication",
+                    "40000",
+                    "too large; use a whole number from -1 to 32767",
+                ),
+                (
+                    "replication",
+                    "-2",
+                    "too small; use a whole number from -1 to 32767",
+                ),
+                (
+                    "prefetch",
+                    "99999999999999999999999",
+                    "too large; use a whole number from 1 to 18446744073709551615",
+                ),
+                (
+                    "prefetch",
+                    "0",
+                    "too small; use a whole number from 1 to 18446744073709551615",
+                ),
+                (
+                    "capacity",
+                    "99999999999999999999999",
+                    "too large; use a whole number from 1 to 18446744073709551615",
+                ),
+            ],
+        );
         assert_eq!(
             parse("kafka://h?replication=32767").unwrap().replication,
             32767

@@ -28,9 +28,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chanlayer_core::toolkit::{
-    async_trait, lock, Envelope, Inbound, Incoming, NormalSource, Stats, Unsettled,
-};
+use chanlayer_core::toolkit::{async_trait, lock, Envelope, Inbound, Incoming, NormalSource};
 use chanlayer_core::{Error, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -137,17 +135,7 @@ impl NormalConsumer {
     /// `p` as an item whose ack settles the offset and whose nack requeues locally.
     fn incoming(&self, p: Pending) -> Incoming {
         let (envelope, redelivered) = (p.envelope.clone(), p.redelivered);
-        let unsettled = Uncommitted {
-            shared: self.shared.clone(),
-            pending: p,
-            stats: self.inbound.stats().clone(),
-        };
-        Incoming::unsettled(
-            envelope,
-            redelivered,
-            unsettled,
-            self.inbound.closed().clone(),
-        )
+        Incoming::unsettled(envelope, redelivered, self.shared.clone(), p, &self.inbound)
     }
 }
 
@@ -175,31 +163,7 @@ impl NormalSource for NormalConsumer {
     /// within `commit_interval`, or at the next rebalance or stop).
     async fn next_auto(&self) -> Result<Envelope> {
         let p = self.take().await?;
-        self.shared.settle(&p);
+        self.shared.mark_settled(&p);
         Ok(p.envelope)
-    }
-}
-
-/// A normal-channel delivery whose offset is not settled yet.
-struct Uncommitted {
-    shared: Arc<Shared>,
-    pending: Pending,
-    stats: Arc<Stats>,
-}
-
-#[async_trait]
-impl Unsettled for Uncommitted {
-    async fn settle(self: Box<Self>) -> Result<()> {
-        self.shared.settle(&self.pending);
-        Ok(())
-    }
-
-    fn requeue(self: Box<Self>) {
-        let Uncommitted {
-            shared,
-            pending,
-            stats,
-        } = *self;
-        shared.requeue(pending, &stats);
     }
 }

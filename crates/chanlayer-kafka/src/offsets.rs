@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chanlayer_core::toolkit::{lock, now_ms, Envelope, Inbound, Stats};
+use chanlayer_core::toolkit::{async_trait, lock, now_ms, Envelope, Inbound, Settler, Stats};
 use chanlayer_core::{Error, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -197,7 +197,7 @@ impl Shared {
     }
 
     /// Settles a delivery: its offset no longer holds the commit point back.
-    pub fn settle(&self, p: &Pending) {
+    pub fn mark_settled(&self, p: &Pending) {
         let mut st = lock(&self.state);
         if let Some(t) = st.parts.get_mut(&p.partition) {
             if t.epoch == p.epoch {
@@ -205,10 +205,20 @@ impl Shared {
             }
         }
     }
+}
+
+#[async_trait]
+impl Settler for Shared {
+    type Pending = Pending;
+
+    async fn settle(&self, p: Pending) -> Result<()> {
+        self.mark_settled(&p);
+        Ok(())
+    }
 
     /// Puts an unsettled delivery back at the head, unless its partition moved (then the
     /// new owner reads it from the broker).
-    pub fn requeue(&self, mut p: Pending, stats: &Stats) {
+    fn requeue(&self, mut p: Pending, stats: &Stats) {
         let mut st = lock(&self.state);
         let current = st
             .parts

@@ -200,7 +200,7 @@ impl Reader {
             if !normal.is_empty() {
                 let topics = normal
                     .iter()
-                    .map(|c| self.instance.names.channel_topic(c))
+                    .map(|c| self.instance.names.channel(c))
                     .collect();
                 if self.forward.send((topics, payload.to_vec())).is_err() {
                     for c in &normal {

@@ -27,41 +27,11 @@ use crate::capabilities::BACKEND;
 use crate::cause::{Cause, Watch};
 use crate::config::{KafkaConfig, RECORD_OVERHEAD};
 
-/// Topic names for one layer instance.
-#[derive(Debug, Clone)]
-pub struct Names {
-    prefix: String,
-    /// The groups topic.
-    pub groups: String,
-    /// This instance's inbox topic.
-    pub inbox: String,
-}
+pub use chanlayer_core::names::BrokerNames as Names;
 
-impl Names {
-    /// Names for instance `instance` of a layer with prefix `prefix`.
-    pub fn new(prefix: &str, groups_topic: &str, instance: &str) -> Self {
-        Names {
-            prefix: prefix.to_owned(),
-            groups: groups_topic.to_owned(),
-            inbox: inbox_topic(prefix, instance),
-        }
-    }
-
-    /// The inbox topic of the instance `instance`.
-    pub fn inbox_of(&self, instance: &str) -> String {
-        inbox_topic(&self.prefix, instance)
-    }
-
-    /// The topic (and consumer group) of normal channel `channel`.
-    pub fn channel_topic(&self, channel: &str) -> String {
-        format!("{}.channel.{channel}", self.prefix)
-    }
-}
-
+/// The inbox topic of instance `instance` of a layer with prefix `prefix`:
 /// `{prefix}.inbox.{instance}`.
-pub fn inbox_topic(prefix: &str, instance: &str) -> String {
-    format!("{prefix}.inbox.{instance}")
-}
+pub use chanlayer_core::names::inbox_name as inbox_topic;
 
 /// What a topic is for: its partition count follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use chanlayer_core::toolkit::{lock, Inbound, NormalReader, Outgoing, Published, Transport};
+use chanlayer_core::toolkit::{
+    fmt_transport, lock, Inbound, NormalReader, Outgoing, Published, Transport,
+};
 use chanlayer_core::{Capabilities, Error, LayerConfig, Result};
 
 use crate::capabilities::{BACKEND, CAPABILITIES};
@@ -35,11 +37,7 @@ pub struct KafkaTransport {
 
 impl std::fmt::Debug for KafkaTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaTransport")
-            .field("brokers", &self.instance.cfg.display_address())
-            .field("instance", &self.instance.inbound.id())
-            .field("inbox", &self.instance.names.inbox)
-            .finish()
+        fmt_transport(self, "KafkaTransport", f)
     }
 }
 
@@ -58,7 +56,7 @@ impl KafkaTransport {
 
     /// The topic of normal channel `channel`.
     pub fn channel_topic(&self, channel: &str) -> String {
-        self.instance.names.channel_topic(channel)
+        self.instance.names.channel(channel)
     }
 
     /// The groups topic.
@@ -100,7 +98,7 @@ impl KafkaTransport {
             .or_insert_with(|| {
                 Arc::new(NormalConsumer::new(
                     channel,
-                    self.instance.names.channel_topic(channel),
+                    self.instance.names.channel(channel),
                     self.instance.inbound.clone(),
                 ))
             })
@@ -152,7 +150,7 @@ impl KafkaTransport {
     /// Sends `payload` to the topic of normal channel `channel`, creating it if needed.
     async fn send_normal(&self, channel: &str, payload: &[u8]) -> Result<()> {
         let instance = &self.instance;
-        let topic = instance.names.channel_topic(channel);
+        let topic = instance.names.channel(channel);
         for attempt in 0..2 {
             instance.topics.ensure(&topic, Kind::Shared).await?;
             match instance.sender.send(&topic, None, payload).await {
@@ -322,7 +320,7 @@ impl Transport for KafkaTransport {
     /// Makes sure the channel's topic exists; the receiver forwards the group's messages to
     /// it while the membership lasts (`Inbound::normal_groups`).
     async fn bind_normal(&self, _group: &str, channel: &str) -> Result<()> {
-        let topic = self.instance.names.channel_topic(channel);
+        let topic = self.instance.names.channel(channel);
         self.instance.topics.ensure(&topic, Kind::Shared).await
     }
 

@@ -29,9 +29,7 @@ struct Log {
     send_ok_times: Vec<Instant>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use chanlayer_core::toolkit::lock;
 
 /// Leader and in-sync replicas of partition 0 of each of `topics`.
 fn partitions(bootstrap: &str, topics: &[String]) -> Vec<(String, i32, Vec<i32>)> {

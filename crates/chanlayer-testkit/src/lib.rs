@@ -28,6 +28,7 @@ use chanlayer_core::{
 };
 
 pub mod memory;
+pub mod options;
 pub mod peer;
 pub mod secrets;
 pub mod suite;
@@ -156,12 +157,7 @@ impl Ctx {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use chanlayer_core::toolkit::lock;
 
 fn rand_u64() -> u64 {
     use std::collections::hash_map::RandomState;

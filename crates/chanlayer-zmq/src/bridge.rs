@@ -16,7 +16,7 @@ use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use chanlayer_core::{Error, Result};
 
@@ -30,9 +30,7 @@ pub(crate) fn context() -> &'static zmq::Context {
     CTX.get_or_init(zmq::Context::new)
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+pub(crate) use chanlayer_core::toolkit::lock;
 
 /// A libzmq error as a chanlayer error.
 pub(crate) fn zmq_err(what: impl Into<String>, e: zmq::Error) -> Error {

@@ -107,11 +107,6 @@ pub const BACKEND: &str = "zmq";
 /// enforced where messages arrive (each instance's `LocalInbox`), so a full channel drops
 /// (counted in `stats().dropped_full`) rather than refusing the send.
 pub const CAPABILITIES: Capabilities = Capabilities {
-    backend: BACKEND,
-    single_reader_normal_channels: false,
-    at_least_once: false,
-    at_least_once_local: false,
-    persistent: false,
-    broker_side_capacity: false,
     cross_process: true,
+    ..Capabilities::none(BACKEND)
 };

@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chanlayer_core::toolkit::{Inbound, NormalReader, Outgoing, Published, Transport};
+use chanlayer_core::toolkit::{
+    fmt_transport, Inbound, NormalReader, Outgoing, Published, Transport,
+};
 use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
 use tokio::sync::oneshot;
 
@@ -67,10 +69,7 @@ pub struct ZmqTransport {
 
 impl std::fmt::Debug for ZmqTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ZmqTransport")
-            .field("mode", &self.inner.cfg.mode)
-            .field("instance", &self.inner.shared.id())
-            .finish()
+        fmt_transport(self, "ZmqTransport", f)
     }
 }
 
@@ -472,6 +471,10 @@ impl Transport for ZmqTransport {
 
     fn capabilities(&self) -> Capabilities {
         CAPABILITIES
+    }
+
+    fn debug_fields(&self, f: &mut std::fmt::DebugStruct<'_, '_>) {
+        f.field("mode", &self.inner.cfg.mode);
     }
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
