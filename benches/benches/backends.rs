@@ -47,6 +47,7 @@ use chanlayer_benches::raw_kafka::{self, Counter, Echo, RawKafka};
 use chanlayer_benches::raw_mpsc::{self, FanOut};
 use chanlayer_benches::raw_zmq::{self, Forwarder, RawBroadcast, RawPath, Topology, HWM};
 use chanlayer_benches::{bench_mode, free_port, message, report_latencies, runtime, Mode};
+use chanlayer_core::config::BackendSettings;
 use chanlayer_core::{ChannelLayer, LayerConfig, MemoryLayer};
 use chanlayer_kafka::{KafkaConfig, KafkaLayer};
 use chanlayer_zmq::{Proxy, ProxyConfig, ZmqLayer};

@@ -49,6 +49,7 @@ use chanlayer_benches::raw_kafka::{
     bootstrap, raw_round_trips, raw_send_receive, reachable, Counter, Echo, RawKafka,
 };
 use chanlayer_benches::{bench_mode, report_latencies, runtime, Mode};
+use chanlayer_core::config::BackendSettings;
 use chanlayer_core::{ChannelLayer, LayerConfig};
 use chanlayer_kafka::{KafkaConfig, KafkaLayer};
 use criterion::{

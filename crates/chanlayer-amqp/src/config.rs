@@ -22,8 +22,11 @@
 
 use std::time::Duration;
 
+use chanlayer_core::config::BackendSettings;
 use chanlayer_core::{Error, LayerConfig, Result};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+
+use crate::BACKEND;
 
 /// The AMQP backend's settings, parsed from a [`LayerConfig`].
 #[derive(Debug, Clone, PartialEq)]
@@ -69,20 +72,12 @@ fn decode(s: &str) -> String {
         .into_owned()
 }
 
-impl AmqpConfig {
+impl BackendSettings for AmqpConfig {
     /// Reads the AMQP settings of `config` (scheme `amqp` or `amqps`). Unknown options are a
     /// [`Error::Config`] naming them; errors never contain the password.
-    pub fn from_layer_config(config: &LayerConfig) -> Result<AmqpConfig> {
+    fn from_layer_config(config: &LayerConfig) -> Result<AmqpConfig> {
         let b = &config.backend;
-        let tls = match b.scheme.as_str() {
-            "amqp" => false,
-            "amqps" => true,
-            other => {
-                return Err(Error::Config(format!(
-                    "the amqp backend takes amqp:// or amqps:// URLs, not {other}://"
-                )))
-            }
-        };
+        let tls = b.scheme_of(BACKEND, &["amqp", "amqps"])? == "amqps";
         config.options.validate()?;
         let (authority, path) = match b.address.split_once('/') {
             Some((a, p)) => (a, p),
@@ -139,7 +134,9 @@ impl AmqpConfig {
         }
         Ok(cfg)
     }
+}
 
+impl AmqpConfig {
     /// The broker address without credentials, for messages and logs:
     /// `amqp://host:port/vhost`.
     pub fn display_address(&self) -> String {
@@ -218,13 +215,9 @@ mod tests {
     use super::*;
     use chanlayer_testkit::options::check_refused;
 
-    fn parse(url: &str) -> Result<AmqpConfig> {
-        AmqpConfig::from_layer_config(&LayerConfig::from_url(url)?)
-    }
-
     #[test]
     fn full_url() {
-        let c = parse("amqps://app:s3cret@mq.example:5999/my%2Fvhost?prefix=app&prefetch=7&heartbeat=5&reconnect_timeout=2s&ca_file=/tmp/ca.pem&groups_exchange=g.x&queue_expires=10m&inbox_capacity=50").unwrap();
+        let c = AmqpConfig::from_url("amqps://app:s3cret@mq.example:5999/my%2Fvhost?prefix=app&prefetch=7&heartbeat=5&reconnect_timeout=2s&ca_file=/tmp/ca.pem&groups_exchange=g.x&queue_expires=10m&inbox_capacity=50").unwrap();
         assert!(c.tls);
         assert_eq!((c.host.as_str(), c.port), ("mq.example", 5999));
         assert_eq!(c.vhost, "my/vhost");
@@ -246,7 +239,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = parse("amqp://").unwrap();
+        let c = AmqpConfig::from_url("amqp://").unwrap();
         assert_eq!(
             (c.host.as_str(), c.port, c.vhost.as_str()),
             ("127.0.0.1", 5672, "/")
@@ -254,9 +247,9 @@ mod tests {
         assert_eq!(c.username, "guest");
         assert_eq!(c.groups_exchange, "chanlayer.groups");
         assert_eq!(c.prefetch, 100);
-        let c = parse("amqps://h/%2f").unwrap();
+        let c = AmqpConfig::from_url("amqps://h/%2f").unwrap();
         assert_eq!((c.port, c.vhost.as_str()), (5671, "/"));
-        let c = parse("amqp://[::1]:5673/v").unwrap();
+        let c = AmqpConfig::from_url("amqp://[::1]:5673/v").unwrap();
         assert_eq!(
             (c.host.as_str(), c.port, c.vhost.as_str()),
             ("::1", 5673, "v")
@@ -305,7 +298,7 @@ mod tests {
             ("max_message_size", "1 to 18446744073709551615"),
         ];
         check_refused(
-            parse,
+            AmqpConfig::from_url,
             "amqp://h",
             ranges.iter().flat_map(|(key, range)| {
                 [
@@ -318,18 +311,28 @@ mod tests {
                 ]
             }),
         );
-        assert_eq!(parse("amqp://h?heartbeat=0").unwrap().heartbeat, 0);
-        assert_eq!(parse("amqp://h?prefetch=65535").unwrap().prefetch, 65535);
+        assert_eq!(
+            AmqpConfig::from_url("amqp://h?heartbeat=0")
+                .unwrap()
+                .heartbeat,
+            0
+        );
+        assert_eq!(
+            AmqpConfig::from_url("amqp://h?prefetch=65535")
+                .unwrap()
+                .prefetch,
+            65535
+        );
     }
 
-    /// Timeouts must be positive: zero is refused at parse time, naming the option and the
+    /// Timeouts must be positive: zero is refused at AmqpConfig::from_url time, naming the option and the
     /// rule, instead of every connect failing "after 0ns".
     #[test]
     fn zero_timeouts_are_refused() {
         let keys = ["connection_timeout", "reconnect_timeout", "queue_expires"];
         let zero = "must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms";
         check_refused(
-            parse,
+            AmqpConfig::from_url,
             "amqp://h",
             keys.iter().flat_map(|key| {
                 ["0", "0s", "0ms", "0.0001", "30d"].map(|v| {
@@ -339,27 +342,37 @@ mod tests {
             }),
         );
         for key in keys {
-            assert!(parse(&format!("amqp://h?{key}=1ms")).is_ok());
+            assert!(AmqpConfig::from_url(&format!("amqp://h?{key}=1ms")).is_ok());
         }
     }
 
     #[test]
     fn bad_options_are_clear() {
-        let e = parse("amqp://u:pw@h?prefetsh=3").unwrap_err().to_string();
+        let e = AmqpConfig::from_url("amqp://u:pw@h?prefetsh=3")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("prefetsh") && e.contains("prefetch"), "{e}");
         assert!(!e.contains("pw"), "{e}");
-        let e = parse("amqp://h:notaport").unwrap_err().to_string();
+        let e = AmqpConfig::from_url("amqp://h:notaport")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("notaport"), "{e}");
-        let e = parse("amqp://h?prefetch=0").unwrap_err().to_string();
+        let e = AmqpConfig::from_url("amqp://h?prefetch=0")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("prefetch=0: too small; use a whole number from 1 to 65535"),
             "{e}"
         );
-        let e = parse("amqp://h?ca_file=/x").unwrap_err().to_string();
+        let e = AmqpConfig::from_url("amqp://h?ca_file=/x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("amqps"), "{e}");
-        let e = parse("amqp://h1,h2").unwrap_err().to_string();
+        let e = AmqpConfig::from_url("amqp://h1,h2")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("one broker"), "{e}");
-        let e = parse("amqp://h?groups_exchange=amq.direct")
+        let e = AmqpConfig::from_url("amqp://h?groups_exchange=amq.direct")
             .unwrap_err()
             .to_string();
         assert!(e.contains("amq."), "{e}");

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use chanlayer_core::config::BackendSettings;
 use chanlayer_core::toolkit::{
     fmt_transport, lock, Inbound, NormalReader, Outgoing, Published, Transport,
 };

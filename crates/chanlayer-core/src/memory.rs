@@ -187,12 +187,7 @@ impl MemoryTransport {
 
 impl Transport for MemoryTransport {
     async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
-        if config.backend.scheme != BACKEND {
-            return Err(Error::Config(format!(
-                "the memory backend takes memory:// URLs, not {}://",
-                config.backend.scheme
-            )));
-        }
+        config.backend.scheme_of(BACKEND, &[BACKEND])?;
         if config.backend.credentials.is_some() {
             return Err(Error::Config(
                 "memory:// URLs take no user or password".into(),

@@ -120,6 +120,7 @@ impl ClientContext for Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chanlayer_core::config::BackendSettings;
     use chanlayer_core::LayerConfig;
 
     fn cause(url: &str) -> Cause {

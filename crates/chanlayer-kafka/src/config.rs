@@ -30,9 +30,12 @@
 
 use std::time::Duration;
 
+use chanlayer_core::config::BackendSettings;
 use chanlayer_core::config::{BackendOptions, MIN_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result, Secret};
 use rdkafka::ClientConfig;
+
+use crate::capabilities::BACKEND;
 
 /// The Kafka backend's settings, parsed from a [`LayerConfig`].
 #[derive(Debug, Clone, PartialEq)]
@@ -112,17 +115,12 @@ fn librdkafka_range(e: Error, property: &str, range: &str) -> Error {
     }
 }
 
-impl KafkaConfig {
+impl BackendSettings for KafkaConfig {
     /// Reads the Kafka settings of `config` (scheme `kafka`). Unknown options are an
     /// [`Error::Config`] naming them; errors never contain a password.
-    pub fn from_layer_config(config: &LayerConfig) -> Result<KafkaConfig> {
+    fn from_layer_config(config: &LayerConfig) -> Result<KafkaConfig> {
         let b = &config.backend;
-        if b.scheme != "kafka" {
-            return Err(Error::Config(format!(
-                "the kafka backend takes kafka:// URLs, not {}://",
-                b.scheme
-            )));
-        }
+        b.scheme_of(BACKEND, &[BACKEND])?;
         config.options.validate()?;
         let max = config.options.max_message_size;
         if max > MAX_MESSAGE_SIZE {
@@ -189,7 +187,9 @@ impl KafkaConfig {
         cfg.check()?;
         Ok(cfg)
     }
+}
 
+impl KafkaConfig {
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.replication == 0 {
@@ -409,26 +409,22 @@ mod tests {
     use super::*;
     use chanlayer_testkit::options::check_refused;
 
-    fn parse(url: &str) -> Result<KafkaConfig> {
-        KafkaConfig::from_layer_config(&LayerConfig::from_url(url)?)
-    }
-
     #[test]
     fn defaults() {
-        let c = parse("kafka://").unwrap();
+        let c = KafkaConfig::from_url("kafka://").unwrap();
         assert_eq!(c.brokers, "127.0.0.1:9092");
         assert_eq!((c.partitions, c.replication), (1, -1));
         assert_eq!(c.groups_topic, "chanlayer.groups");
         assert!(c.create_topics);
         assert_eq!(c.effective_protocol(), "plaintext");
-        let c = parse("kafka://a:1,b,[::1]:3?prefix=app").unwrap();
+        let c = KafkaConfig::from_url("kafka://a:1,b,[::1]:3?prefix=app").unwrap();
         assert_eq!(c.brokers, "a:1,b:9092,[::1]:3");
         assert_eq!(c.groups_topic, "app.groups");
     }
 
     #[test]
     fn options_and_pass_through() {
-        let c = parse("kafka://h:9092?partitions=3&replication=2&retention=2h&create_topics=false&prefetch=7&linger=5ms&kafka.compression.type=lz4&kafka.sasl.password=zzz").unwrap();
+        let c = KafkaConfig::from_url("kafka://h:9092?partitions=3&replication=2&retention=2h&create_topics=false&prefetch=7&linger=5ms&kafka.compression.type=lz4&kafka.sasl.password=zzz").unwrap();
         assert_eq!((c.partitions, c.replication, c.prefetch), (3, 2, 7));
         assert_eq!(c.retention, Duration::from_secs(7200));
         assert!(!c.create_topics);
@@ -439,23 +435,27 @@ mod tests {
         assert_eq!(p.get("acks"), Some("all"));
         assert!(!format!("{c:?}").contains("zzz"), "{c:?}");
         // The pass-through wins over chanlayer's defaults.
-        let c = parse("kafka://h?kafka.acks=1&kafka.enable.auto.commit=true").unwrap();
+        let c =
+            KafkaConfig::from_url("kafka://h?kafka.acks=1&kafka.enable.auto.commit=true").unwrap();
         assert_eq!(c.producer_config("me", 1).get("acks"), Some("1"));
         assert_eq!(
             c.consumer_config("me", Some("g")).get("enable.auto.commit"),
             Some("true")
         );
         // Topic configs for the topics it creates.
-        let c = parse("kafka://h?topic.min.insync.replicas=2&topic.cleanup.policy=delete").unwrap();
+        let c = KafkaConfig::from_url(
+            "kafka://h?topic.min.insync.replicas=2&topic.cleanup.policy=delete",
+        )
+        .unwrap();
         assert_eq!(c.topic_properties.get("min.insync.replicas"), Some("2"));
         assert_eq!(c.topic_properties.get("cleanup.policy"), Some("delete"));
-        assert!(parse("kafka://h?topic.=1").is_err());
+        assert!(KafkaConfig::from_url("kafka://h?topic.=1").is_err());
     }
 
     /// SASL/SSL options reach librdkafka's configuration.
     #[test]
     fn sasl_and_ssl_reach_the_client_config() {
-        let c = parse("kafka://app:s3cret@k1:9093,k2:9093?security.protocol=SASL_SSL&sasl.mechanism=scram-sha-512&ca_file=/etc/ca.pem").unwrap();
+        let c = KafkaConfig::from_url("kafka://app:s3cret@k1:9093,k2:9093?security.protocol=SASL_SSL&sasl.mechanism=scram-sha-512&ca_file=/etc/ca.pem").unwrap();
         for cc in [
             c.client_config("x"),
             c.producer_config("x", 10),
@@ -469,13 +469,13 @@ mod tests {
             assert_eq!(cc.get("ssl.ca.location"), Some("/etc/ca.pem"));
         }
         // Credentials as options; the protocol follows from them.
-        let c = parse("kafka://h?username=u&password=p").unwrap();
+        let c = KafkaConfig::from_url("kafka://h?username=u&password=p").unwrap();
         let cc = c.client_config("x");
         assert_eq!(cc.get("security.protocol"), Some("sasl_plaintext"));
         assert_eq!(cc.get("sasl.mechanism"), Some("PLAIN"));
-        let c = parse("kafka://h?ca_file=/ca.pem").unwrap();
+        let c = KafkaConfig::from_url("kafka://h?ca_file=/ca.pem").unwrap();
         assert_eq!(c.client_config("x").get("security.protocol"), Some("ssl"));
-        let c = parse("kafka://u:p@h?sasl.mechanism=SCRAM-SHA-256").unwrap();
+        let c = KafkaConfig::from_url("kafka://u:p@h?sasl.mechanism=SCRAM-SHA-256").unwrap();
         assert_eq!(
             c.client_config("x").get("sasl.mechanism"),
             Some("SCRAM-SHA-256")
@@ -493,7 +493,7 @@ mod tests {
             !shown.contains("s3cret") && !shown.contains("other"),
             "{shown}"
         );
-        let e = parse("kafka://u:s3cret@h?partitons=2")
+        let e = KafkaConfig::from_url("kafka://u:s3cret@h?partitons=2")
             .unwrap_err()
             .to_string();
         assert!(e.contains("partitons") && !e.contains("s3cret"), "{e}");
@@ -543,7 +543,7 @@ mod tests {
     #[test]
     fn integers_out_of_range_name_the_range() {
         check_refused(
-            parse,
+            KafkaConfig::from_url,
             "kafka://h",
             [
                 (
@@ -584,7 +584,9 @@ mod tests {
             ],
         );
         assert_eq!(
-            parse("kafka://h?replication=32767").unwrap().replication,
+            KafkaConfig::from_url("kafka://h?replication=32767")
+                .unwrap()
+                .replication,
             32767
         );
     }
@@ -598,7 +600,7 @@ mod tests {
             "session_timeout",
             "commit_interval",
         ] {
-            let e = parse(&format!("kafka://h?{key}=0"))
+            let e = KafkaConfig::from_url(&format!("kafka://h?{key}=0"))
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -607,7 +609,10 @@ mod tests {
                 )),
                 "{e}"
             );
-            assert!(parse(&format!("kafka://h?{key}=1ms")).is_ok(), "{key}");
+            assert!(
+                KafkaConfig::from_url(&format!("kafka://h?{key}=1ms")).is_ok(),
+                "{key}"
+            );
         }
     }
 
@@ -636,10 +641,10 @@ mod tests {
             ("kafka://h?connection_timeout=25d", "option connection_timeout=25d: too long"),
             ("kafka://h?retention=300000000y", "option retention=300000000y: too long"),
         ] {
-            let e = parse(url).expect_err(url).to_string();
+            let e = KafkaConfig::from_url(url).expect_err(url).to_string();
             assert!(e.contains(needle), "{url}: {e}");
         }
-        let c = parse("kafka://h?max_message_size=999934464&session_timeout=1h&linger=15m&delivery_timeout=24d&connection_timeout=24d").unwrap();
+        let c = KafkaConfig::from_url("kafka://h?max_message_size=999934464&session_timeout=1h&linger=15m&delivery_timeout=24d&connection_timeout=24d").unwrap();
         let p = c.producer_config("x", 999_934_464);
         assert_eq!(p.get("message.max.bytes"), Some("1000000000"));
         if let Err(e) = p.create::<BaseProducer>() {
@@ -648,7 +653,7 @@ mod tests {
         if let Err(e) = c.consumer_config("x", Some("g")).create::<BaseConsumer>() {
             panic!("librdkafka refuses the consumer at the bounds: {e}");
         }
-        let low = parse(
+        let low = KafkaConfig::from_url(
             "kafka://h?session_timeout=1ms&linger=0&delivery_timeout=1ms&connection_timeout=1ms",
         )
         .unwrap();
@@ -658,7 +663,7 @@ mod tests {
         if let Err(e) = low.consumer_config("x", Some("g")).create::<BaseConsumer>() {
             panic!("librdkafka refuses the consumer at the lower bounds: {e}");
         }
-        // One past the bound is librdkafka's error, which parse time now prevents.
+        // One past the bound is librdkafka's error, which KafkaConfig::from_url time now prevents.
         assert!(c
             .producer_config("x", 999_934_465)
             .create::<BaseProducer>()

@@ -143,6 +143,7 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chanlayer_core::config::BackendSettings;
     use chanlayer_core::LayerConfig;
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};

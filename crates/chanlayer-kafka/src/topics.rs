@@ -17,6 +17,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use chanlayer_core::config::BackendSettings;
 use chanlayer_core::toolkit::lock;
 use chanlayer_core::{Error, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use chanlayer_core::config::BackendSettings;
 use chanlayer_core::toolkit::{
     fmt_transport, lock, Inbound, NormalReader, Outgoing, Published, Transport,
 };

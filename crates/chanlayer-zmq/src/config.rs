@@ -43,10 +43,12 @@
 
 use std::time::Duration;
 
+use chanlayer_core::config::BackendSettings;
 use chanlayer_core::config::{BackendOptions, ConfigDuration, MAX_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result};
 
 use crate::retention::Retention;
+use crate::BACKEND;
 
 /// Every option this backend reads, for the "unknown option" error.
 pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, close_linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
@@ -309,17 +311,12 @@ pub(crate) fn curve_missing() -> Error {
     )
 }
 
-impl ZmqConfig {
+impl BackendSettings for ZmqConfig {
     /// Reads the ZeroMQ settings of `config` (scheme `zmq`). Unknown options are an
     /// [`Error::Config`] naming them; errors never contain a secret key.
-    pub fn from_layer_config(config: &LayerConfig) -> Result<ZmqConfig> {
+    fn from_layer_config(config: &LayerConfig) -> Result<ZmqConfig> {
         let b = &config.backend;
-        if b.scheme != "zmq" {
-            return Err(Error::Config(format!(
-                "the zmq backend takes zmq:// URLs, not {}://",
-                b.scheme
-            )));
-        }
+        b.scheme_of(BACKEND, &[BACKEND])?;
         if b.credentials.is_some() {
             return Err(Error::Config(
                 "zmq:// URLs take no user or password; secure a ZeroMQ layer with CURVE keys (curve_serverkey, ...)".into(),
@@ -458,7 +455,9 @@ impl ZmqConfig {
         cfg.check()?;
         Ok(cfg)
     }
+}
 
+impl ZmqConfig {
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if let (Mode::Dedicated { .. }, BindPolicy::Eager | BindPolicy::Never) =
@@ -562,9 +561,8 @@ fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
                 z85_key("curve_secretkey", &s)?,
             ),
             (None, None) => {
-                let pair = zmq::CurveKeyPair::new().map_err(|e| {
-                    Error::backend(crate::BACKEND, "could not make a CURVE key pair", e)
-                })?;
+                let pair = zmq::CurveKeyPair::new()
+                    .map_err(|e| Error::backend(BACKEND, "could not make a CURVE key pair", e))?;
                 (pair.public_key, pair.secret_key)
             }
             _ => return Err(Error::Config(
@@ -623,19 +621,15 @@ mod tests {
     use super::*;
     use chanlayer_testkit::options::check_refused;
 
-    fn cfg(url: &str) -> Result<ZmqConfig> {
-        ZmqConfig::from_layer_config(&LayerConfig::from_url(url)?)
-    }
-
     fn embedded(url: &str) -> String {
-        match cfg(url).expect(url).mode {
+        match ZmqConfig::from_url(url).expect(url).mode {
             Mode::Embedded { endpoint } => endpoint,
             m => panic!("{url}: {m:?}"),
         }
     }
 
     fn dedicated(url: &str) -> (String, String) {
-        match cfg(url).expect(url).mode {
+        match ZmqConfig::from_url(url).expect(url).mode {
             Mode::Dedicated { pull, publish } => (pull, publish),
             m => panic!("{url}: {m:?}"),
         }
@@ -647,8 +641,12 @@ mod tests {
         assert_eq!(embedded("zmq://localhost"), "tcp://localhost:5556");
         assert_eq!(embedded("zmq://"), "tcp://127.0.0.1:5556");
         assert_eq!(embedded("zmq://[::1]:7000"), "tcp://[::1]:7000");
-        assert!(cfg("zmq://[::1]:7000").expect("v6").ipv6);
-        assert!(!cfg("zmq://127.0.0.1:7000").expect("v4").ipv6);
+        assert!(ZmqConfig::from_url("zmq://[::1]:7000").expect("v6").ipv6);
+        assert!(
+            !ZmqConfig::from_url("zmq://127.0.0.1:7000")
+                .expect("v4")
+                .ipv6
+        );
         assert_eq!(embedded("zmq://[::1]"), "tcp://[::1]:5556");
         assert_eq!(
             embedded("zmq://tcp://10.0.0.1:6000?prefix=app"),
@@ -726,7 +724,7 @@ mod tests {
             ("zmq://?mode=dedicated&bind=eager", "embedded mode"),
             ("zmq://h1:1,h2:2", "one host"),
         ] {
-            let e = cfg(url).expect_err(url).to_string();
+            let e = ZmqConfig::from_url(url).expect_err(url).to_string();
             assert!(e.contains(words), "{url}: {e}");
             assert!(!e.contains("secret@"), "{url}: {e}");
         }
@@ -741,7 +739,7 @@ mod tests {
             let mut urls = hostile_urls("zmq", password);
             urls.push(format!("zmq://u:{}@127.0.0.1:5556", encode(password)));
             for url in urls {
-                let e = cfg(&url).expect_err(&url);
+                let e = ZmqConfig::from_url(&url).expect_err(&url);
                 assert_hidden(&format!("{e} {e:?}"), password, &url);
             }
         }
@@ -752,7 +750,7 @@ mod tests {
     #[test]
     fn integers_out_of_range_name_the_range() {
         check_refused(
-            cfg,
+            ZmqConfig::from_url,
             "zmq://h:1",
             [
                 (
@@ -797,7 +795,8 @@ mod tests {
                 ),
             ],
         );
-        let c = cfg("zmq://h:1?zmq.maxmsgsize=4294967296").expect("an int64 option");
+        let c =
+            ZmqConfig::from_url("zmq://h:1?zmq.maxmsgsize=4294967296").expect("an int64 option");
         assert_eq!(c.socket_options[0].value, 4_294_967_296);
     }
 
@@ -808,7 +807,7 @@ mod tests {
         let zero = "must be more than zero; use a duration from 1ms to 24days 20h 31m 23s 647ms";
         let long = "too long; use a duration from 0s to 24days 20h 31m 23s 647ms";
         check_refused(
-            cfg,
+            ZmqConfig::from_url,
             "zmq://h:1",
             [
                 ("subscribe_timeout", "0", zero),
@@ -820,7 +819,7 @@ mod tests {
         );
         for key in ["reconnect_interval_max", "linger"] {
             assert!(
-                cfg(&format!("zmq://h:1?{key}=0")).is_ok(),
+                ZmqConfig::from_url(&format!("zmq://h:1?{key}=0")).is_ok(),
                 "{key}=0 is allowed"
             );
         }
@@ -828,7 +827,7 @@ mod tests {
 
     #[test]
     fn options_are_read() {
-        let c = cfg("zmq://127.0.0.1:1?bind=never&sndhwm=5&rcvhwm=6&send_queue=7&subscribe_timeout=250ms&connect_timeout=2&reconnect_interval=20ms&reconnect_interval_max=1s&linger=0&close_linger=300ms&retain=3&retain_for=10s&retain_bytes=1000&ipv6=true&zmq.tcp_keepalive=1&zmq.sndbuf=65536").expect("options");
+        let c = ZmqConfig::from_url("zmq://127.0.0.1:1?bind=never&sndhwm=5&rcvhwm=6&send_queue=7&subscribe_timeout=250ms&connect_timeout=2&reconnect_interval=20ms&reconnect_interval_max=1s&linger=0&close_linger=300ms&retain=3&retain_for=10s&retain_bytes=1000&ipv6=true&zmq.tcp_keepalive=1&zmq.sndbuf=65536").expect("options");
         assert_eq!(c.bind, BindPolicy::Never);
         assert_eq!((c.sndhwm, c.rcvhwm, c.send_queue), (5, 6, 7));
         assert_eq!(c.subscribe_timeout, Duration::from_millis(250));
@@ -861,7 +860,7 @@ mod tests {
         if curve_available() {
             return;
         }
-        let e = cfg(&format!(
+        let e = ZmqConfig::from_url(&format!(
             "zmq://127.0.0.1:1?curve_serverkey={}",
             "x".repeat(40)
         ))

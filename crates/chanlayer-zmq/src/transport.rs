@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chanlayer_core::config::BackendSettings;
 use chanlayer_core::toolkit::{
     fmt_transport, Inbound, NormalReader, Outgoing, Published, Transport,
 };

@@ -160,6 +160,27 @@ pub struct BackendConfig {
 }
 
 impl BackendConfig {
+    /// The URL's scheme if it is one of `schemes` (backend `backend`'s own); otherwise a
+    /// [`Error::Config`] saying which URLs the backend takes.
+    ///
+    /// ```
+    /// let c = chanlayer_core::LayerConfig::from_url("amqps://h").unwrap();
+    /// assert_eq!(c.backend.scheme_of("amqp", &["amqp", "amqps"]).unwrap(), "amqps");
+    /// let e = c.backend.scheme_of("kafka", &["kafka"]).unwrap_err().to_string();
+    /// assert!(e.contains("the kafka backend takes kafka:// URLs, not amqps://"), "{e}");
+    /// ```
+    pub fn scheme_of(&self, backend: &str, schemes: &[&str]) -> Result<&str> {
+        if schemes.contains(&self.scheme.as_str()) {
+            return Ok(&self.scheme);
+        }
+        let takes: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+        Err(Error::Config(format!(
+            "the {backend} backend takes {} URLs, not {}://",
+            takes.join(" or "),
+            self.scheme
+        )))
+    }
+
     /// The URL with the password and secret options replaced by `***`.
     pub fn redacted_url(&self) -> String {
         let mut out = format!("{}://", self.scheme);

@@ -276,6 +276,20 @@ mod url;
 mod values;
 
 pub use backend::{is_secret_key, BackendConfig, BackendOptions, Credentials, Secret};
+
+/// A backend's own settings, read from a [`LayerConfig`]: its scheme, address and the
+/// options only it knows (`AmqpConfig`, `KafkaConfig`, `ZmqConfig`).
+pub trait BackendSettings: Sized {
+    /// Reads the settings of `config`. An unknown option, a value out of its range or a URL
+    /// of another backend's scheme is an [`Error::Config`] naming it; no error contains a
+    /// password or a secret key.
+    fn from_layer_config(config: &LayerConfig) -> Result<Self>;
+
+    /// [`LayerConfig::from_url`], then [`from_layer_config`](Self::from_layer_config).
+    fn from_url(url: &str) -> Result<Self> {
+        Self::from_layer_config(&LayerConfig::from_url(url)?)
+    }
+}
 pub use url::LayerConfig;
 pub use values::{check_duration, parse_int, ConfigInt};
 use values::{duration_outside, option_error};
