@@ -120,9 +120,37 @@ pub enum Error {
         /// How long it was given.
         after: Duration,
     },
+    /// A `send_batch` sent its first `sent` messages, then one failed with `cause`: the
+    /// messages from there on were not sent. (When the first message fails, the error is
+    /// `cause` itself: nothing was sent.) To retry without duplicates, send the batch again
+    /// from message `sent`.
+    #[error("send_batch sent {sent} of {total} messages, then: {cause}; the other {} were not sent", total - sent)]
+    PartlySent {
+        /// How many messages, from the first, were sent.
+        sent: usize,
+        /// How many the batch held.
+        total: usize,
+        /// Why the next one was not sent (`ChannelFull`, say).
+        #[source]
+        cause: Box<Error>,
+    },
 }
 
 impl Error {
+    /// The failure of a batch of `total` messages whose first `sent` went out: `cause` itself
+    /// when none did, [`Error::PartlySent`] otherwise.
+    pub fn partly_sent(sent: usize, total: usize, cause: Error) -> Self {
+        if sent == 0 {
+            cause
+        } else {
+            Error::PartlySent {
+                sent,
+                total,
+                cause: Box::new(cause),
+            }
+        }
+    }
+
     /// A [`Error::Backend`] with a client library error as its source.
     pub fn backend<E>(backend: &'static str, message: impl Into<String>, source: E) -> Self
     where

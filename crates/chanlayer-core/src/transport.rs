@@ -33,7 +33,7 @@ use crate::capabilities::Capabilities;
 use crate::config::LayerConfig;
 use crate::delivery::{AckHandle, Acknowledger, Delivery, DeliveryInfo};
 use crate::envelope::{Destination, Envelope};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::inbound::Inbound;
 use crate::signal::CloseSignal;
 use crate::stats::Stats;
@@ -274,23 +274,28 @@ pub trait Transport: Send + Sync + Sized + 'static {
     fn publish_normal(&self, out: Outgoing<'_>) -> impl Future<Output = Result<Published>> + Send;
 
     /// Sends several messages to one channel, in order (`owner` is `Some` for a
-    /// process-local channel). By default one by one; on a failure the ones before it were
-    /// sent. Returns how many were stored (the rest were `Gone`).
+    /// process-local channel). By default one by one. A failure after some were sent is
+    /// [`Error::PartlySent`] with how many ([`Error::partly_sent`]); a transport that sends
+    /// all or none returns the error itself. Returns how many were stored (the rest were
+    /// `Gone`).
     fn publish_batch(
         &self,
         owner: Option<&str>,
         outs: Vec<Outgoing<'_>>,
     ) -> impl Future<Output = Result<usize>> + Send {
         async move {
-            let mut stored = 0;
+            let total = outs.len();
+            let (mut done, mut stored) = (0, 0);
             for out in outs {
                 let r = match owner {
-                    Some(o) => self.publish_local(o, out).await?,
-                    None => self.publish_normal(out).await?,
+                    Some(o) => self.publish_local(o, out).await,
+                    None => self.publish_normal(out).await,
                 };
-                if r == Published::Stored {
-                    stored += 1;
+                match r.map_err(|e| Error::partly_sent(done, total, e))? {
+                    Published::Stored => stored += 1,
+                    Published::Gone => {}
                 }
+                done += 1;
             }
             Ok(stored)
         }

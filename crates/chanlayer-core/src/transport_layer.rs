@@ -184,7 +184,15 @@ impl<T: Transport> TransportLayer<T> {
         } else {
             None
         };
-        let stored = self.transport.publish_batch(owner, outs).await?;
+        let stored = match self.transport.publish_batch(owner, outs).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                if let Error::PartlySent { sent, .. } = &e {
+                    self.record(channel, Published::Stored, *sent as u64);
+                }
+                return Err(e);
+            }
+        };
         self.record(channel, Published::Stored, stored as u64);
         self.record(channel, Published::Gone, (n - stored) as u64);
         Ok(())

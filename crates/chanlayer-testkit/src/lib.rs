@@ -240,6 +240,7 @@ macro_rules! conformance_tests {
             too_large_fails_before_sending,
             invalid_type_fails,
             capacity_full_then_drains,
+            send_batch_partly_refused_says_how_many_were_sent,
             capacity_across_instances,
             channel_capacity_glob_override,
             group_send_full_member_skipped_and_counted,

@@ -176,6 +176,57 @@ pub async fn capacity_full_then_drains(ctx: Ctx) {
     assert_eq!(seq_of(&recv(&l, &local).await), 10);
 }
 
+/// A `send_batch` of 5 to a normal channel of capacity 3. Where the backend keeps the
+/// capacity at the broker, the first 3 are sent and the call says so: `PartlySent { sent: 3,
+/// total: 5 }` caused by `ChannelFull`, and resending from message 3 once there is room
+/// duplicates nothing; a batch refused at its first message is `ChannelFull` itself.
+/// Otherwise the batch is accepted, and each message received or counted as dropped.
+pub async fn send_batch_partly_refused_says_how_many_were_sent(ctx: Ctx) {
+    let l = ctx
+        .layer_with(LayerOptions {
+            capacity: 3,
+            ..ctx.options()
+        })
+        .await;
+    let ch = ctx.name("batch-cap");
+    let batch = |from: u64, to: u64| (from..to).map(|i| seq_msg(i, Codec::Bincode)).collect();
+    let dropped_before = ctx.stats_sum().dropped_full;
+    let sent_before = l.stats().sent;
+    let r = l.send_batch(&ch, batch(0, 5)).await;
+    if !caps(&l).broker_side_capacity {
+        r.expect("without broker_side_capacity, the batch is accepted");
+        let got = received_or_counted(&ctx, &l, &ch, 5, dropped_before).await;
+        assert_first_fit(&got, 3, &ch);
+        return;
+    }
+    let e = assert_err(
+        r,
+        "send_batch of 5 at capacity 3",
+        |e| matches!(e, Error::PartlySent { sent: 3, total: 5, cause } if is_full(cause)),
+    );
+    assert!(e.to_string().contains("sent 3 of 5"), "{e}");
+    assert_eq!(
+        l.stats().sent - sent_before,
+        3,
+        "the 3 sent are counted sent"
+    );
+    assert_err(
+        l.send_batch(&ch, batch(3, 5)).await,
+        "send_batch to a full channel",
+        is_full,
+    );
+    for i in 0..3 {
+        assert_eq!(seq_of(&recv(&l, &ch).await), i, "the first three, in order");
+    }
+    l.send_batch(&ch, batch(3, 5))
+        .await
+        .expect("the rest, once there is room");
+    for i in 3..5 {
+        assert_eq!(seq_of(&recv(&l, &ch).await), i, "then the rest, once each");
+    }
+    assert_quiet(&l, &ch).await;
+}
+
 /// `broker_side_capacity`, both ways, across instances. Instance `a` fills a normal channel
 /// (capacity 3) and instance `b` sends to it: where the backend claims the capacity is kept
 /// at the broker, `b` gets `ChannelFull` and nothing of it is stored; where it does not,
