@@ -50,11 +50,12 @@ pub(crate) struct NormalConsumer {
 
 impl NormalConsumer {
     /// The consumer of `channel`, whose topic is `topic`, for the instance of `inbound`
-    /// (not started).
-    pub fn new(channel: &str, topic: String, inbound: Arc<Inbound>) -> Self {
+    /// (not started). A rebalance waits up to `revoke_wait` for the deliveries in hand from
+    /// the partitions it takes away (see [`Shared::new`]).
+    pub fn new(channel: &str, topic: String, inbound: Arc<Inbound>, revoke_wait: Duration) -> Self {
         NormalConsumer {
             channel: channel.to_owned(),
-            shared: Arc::new(Shared::new(topic)),
+            shared: Arc::new(Shared::new(topic, revoke_wait)),
             inbound,
             thread: Mutex::new(None),
             starting: tokio::sync::Mutex::new(false),

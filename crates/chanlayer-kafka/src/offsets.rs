@@ -38,6 +38,21 @@ struct Track {
     /// Offsets below this may have been delivered to an earlier owner of the partition:
     /// they come marked `redelivered` (see [`Shared::assign`]).
     fetched_before: i64,
+    /// Set while a rebalance takes the partition away: deliveries given back now are not
+    /// requeued here (the new owner reads them).
+    revoking: bool,
+    /// While revoking: outstanding offsets that are not in a receiver's hands (dropped from
+    /// the buffer, or given back), so nothing waits for them.
+    not_in_hand: BTreeSet<i64>,
+}
+
+impl Track {
+    /// Whether a receiver still holds a delivery of this partition, unsettled.
+    fn in_hand(&self) -> bool {
+        self.outstanding
+            .iter()
+            .any(|o| !self.not_in_hand.contains(o))
+    }
 }
 
 impl Track {
@@ -98,17 +113,26 @@ pub(crate) struct Shared {
     pub notify: tokio::sync::Notify,
     /// Wakes the consumer thread: a receiver made room in a full buffer.
     room: std::sync::Condvar,
+    /// Wakes a rebalance waiting for deliveries in hand: one was settled or given back.
+    settled: std::sync::Condvar,
+    /// How long a rebalance waits for them.
+    revoke_wait: Duration,
     stop: AtomicBool,
 }
 
 impl Shared {
-    /// An empty buffer for `topic`.
-    pub fn new(topic: String) -> Self {
+    /// An empty buffer for `topic`. When a rebalance takes partitions away, it waits up to
+    /// `revoke_wait` for the deliveries receivers hold from them to be acked or nacked, and
+    /// commits what was acked: a worker that finishes its message during a rebalance does
+    /// not see it done again by the partition's next owner.
+    pub fn new(topic: String, revoke_wait: Duration) -> Self {
         Shared {
             topic,
             state: Mutex::new(State::default()),
             notify: tokio::sync::Notify::new(),
             room: std::sync::Condvar::new(),
+            settled: std::sync::Condvar::new(),
+            revoke_wait,
             stop: AtomicBool::new(false),
         }
     }
@@ -152,15 +176,51 @@ impl Shared {
         self.room.notify_one();
     }
 
-    /// The rebalance took `tpl` away: forget what is buffered from it and return its final
-    /// commit points.
+    /// The rebalance takes `tpl` away: forget what is buffered from it, wait (up to
+    /// `revoke_wait`, not when stopping) for the deliveries receivers hold from it to be
+    /// acked or given back, and return its final commit points. What is still in hand then,
+    /// or was given back, is read again by the new owner.
     fn revoke(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
         let mut st = lock(&self.state);
+        let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let State {
+            ready,
+            requeued,
+            parts,
+            ..
+        } = &mut *st;
+        for p in &revoked {
+            let Some(t) = parts.get_mut(p) else { continue };
+            t.revoking = true;
+            for m in ready.iter().filter(|m| m.partition == *p) {
+                t.not_in_hand.insert(m.offset);
+            }
+            for (_, o) in requeued.keys().filter(|(mp, _)| mp == p) {
+                t.not_in_hand.insert(*o);
+            }
+        }
+        ready.retain(|m| !revoked.contains(&m.partition));
+        requeued.retain(|(mp, _), _| !revoked.contains(mp));
+        let deadline = Instant::now() + self.revoke_wait;
+        let in_hand = |st: &State| {
+            revoked
+                .iter()
+                .any(|p| st.parts.get(p).is_some_and(Track::in_hand))
+        };
+        while in_hand(&st) && !self.stop.load(Ordering::Relaxed) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(topic = %self.topic, "a rebalance took partitions while deliveries from them were still unacked after {:?}; the new owner delivers those again", self.revoke_wait);
+                break;
+            }
+            st = self
+                .settled
+                .wait_timeout(st, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
         let mut out = TopicPartitionList::new();
-        for e in tpl.elements() {
-            let p = e.partition();
-            st.ready.retain(|m| m.partition != p);
-            st.requeued.retain(|(mp, _), _| *mp != p);
+        for p in revoked {
             if let Some(t) = st.parts.remove(&p) {
                 if let Some(point) = t.commit_point() {
                     if t.committed.is_none_or(|c| point > c) {
@@ -191,6 +251,8 @@ impl Shared {
                     next: None,
                     committed: None,
                     fetched_before,
+                    revoking: false,
+                    not_in_hand: BTreeSet::new(),
                 },
             );
         }
@@ -202,6 +264,9 @@ impl Shared {
         if let Some(t) = st.parts.get_mut(&p.partition) {
             if t.epoch == p.epoch {
                 t.outstanding.remove(&p.offset);
+                if t.revoking {
+                    self.settled.notify_all();
+                }
             }
         }
     }
@@ -220,10 +285,16 @@ impl Settler for Shared {
     /// new owner reads it from the broker).
     fn requeue(&self, mut p: Pending, stats: &Stats) {
         let mut st = lock(&self.state);
-        let current = st
-            .parts
-            .get(&p.partition)
-            .is_some_and(|t| t.epoch == p.epoch);
+        let current = match st.parts.get_mut(&p.partition) {
+            Some(t) if t.epoch == p.epoch && t.revoking => {
+                // The partition is going: its next owner delivers it again.
+                t.not_in_hand.insert(p.offset);
+                self.settled.notify_all();
+                false
+            }
+            Some(t) => t.epoch == p.epoch,
+            None => false,
+        };
         if current {
             p.redelivered = true;
             stats.record_redelivered(1);

@@ -101,6 +101,7 @@ impl KafkaTransport {
                     channel,
                     self.instance.names.channel(channel),
                     self.instance.inbound.clone(),
+                    self.instance.cfg.session_timeout,
                 ))
             })
             .clone()
