@@ -135,11 +135,10 @@ pub fn group_of(room: &str) -> String {
 fn clean_name(name: Option<&str>) -> String {
     let name: String = name
         .unwrap_or_default()
-        .trim()
         .chars()
         .filter(|c| !c.is_control())
-        .take(MAX_NAME_CHARS)
         .collect();
+    let name: String = name.trim().chars().take(MAX_NAME_CHARS).collect();
     if name.is_empty() {
         "anonymous".to_owned()
     } else {
