@@ -1,6 +1,15 @@
 //! One websocket connection: one channel of the layer (`new_channel`), its rooms (groups),
-//! a task that receives from the channel into the connection's bounded outbox, and the loop
-//! that reads requests and writes frames.
+//! and three tasks that never wait on each other's work:
+//! - the **receiver** takes chat lines from the channel and offers them to the bounded
+//!   outbox (never waiting: a full outbox drops and counts, see `outbox.rs`);
+//! - the **writer** writes the outbox, replies and pings to the socket, each frame within
+//!   `write_timeout`;
+//! - the **reader** (the connection's own task) reads requests and does them (`group_add`,
+//!   `group_discard`, `group_send`); its replies wait for the writer (a client that sends
+//!   faster than it reads is held back, not buffered without bound).
+//!
+//! A client that sends a lot is thus never slowed in receiving, and a client that reads
+//! slowly only loses its own lines.
 //!
 //! How a connection ends, and what happens then:
 //! - the browser closes it, or its socket fails: its rooms are left (`group_discard` of
@@ -31,6 +40,7 @@ use tokio::time::Instant;
 use crate::outbox::{self, Offer, Outbox, OutboxReader};
 use crate::protocol::{group_of, ChatMessage, Event, Request, CHAT_MESSAGE_TYPE};
 use crate::server::App;
+use tokio::sync::mpsc;
 
 /// How long leaving each room may take when a connection ends.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,48 +66,62 @@ struct Connection {
     app: Arc<App>,
     channel: String,
     rooms: BTreeSet<String>,
-    sink: SplitSink<WebSocket, Frame>,
+    /// Frames for the writer that must not be dropped (replies, the farewell close frame).
+    replies: mpsc::Sender<Frame>,
 }
+
+/// Replies queued for the writer before the reader waits.
+const REPLIES: usize = 16;
 
 /// Serves one upgraded websocket until it ends (see the module docs).
 pub async fn serve(app: Arc<App>, socket: WebSocket) {
     let _counted = app.enter();
-    let (sink, mut stream) = socket.split();
+    let (mut sink, mut stream) = socket.split();
     let channel = match app.layer.new_channel("chat").await {
         Ok(channel) => channel,
         Err(e) => {
             tracing::warn!("new_channel failed: {e}");
-            let mut sink = sink;
             let _ = sink.send(close(1011, "channel layer unavailable")).await;
             return;
         }
     };
-    let (outbox, mut reader) =
-        outbox::bounded(app.settings.buffer, app.counters.dropped_slow.clone());
+    let write_timeout = app.settings.write_timeout;
+    let (outbox, lines) = outbox::bounded(app.settings.buffer, app.counters.dropped_slow.clone());
     let mut receiving = tokio::spawn(receive(app.clone(), channel.clone(), outbox));
+    let (replies, replies_rx) = mpsc::channel(REPLIES);
+    let mut writing = tokio::spawn(write(app.clone(), sink, replies_rx, lines));
     let mut conn = Connection {
         app,
         channel,
         rooms: BTreeSet::new(),
-        sink,
+        replies,
     };
     tracing::debug!(channel = %conn.channel, "connected");
-    let end = conn.run(&mut stream, &mut reader, &mut receiving).await;
+    let end = conn.run(&mut stream, &mut receiving, &mut writing).await;
     receiving.abort();
     let left = conn.leave_all().await;
     tracing::debug!(channel = %conn.channel, ?end, rooms = left, "disconnected");
+    if let End::LayerFailed(why) = &end {
+        tracing::warn!(channel = %conn.channel, "receive failed, connection closed: {why}");
+    }
     let farewell = match &end {
         End::Stopping => Some(close(1001, "server shutting down")),
         End::Idle => Some(close(1001, "idle")),
         End::LayerFailed(_) => Some(close(1011, "channel layer error")),
         End::ClientClosed | End::ClientGone | End::Stalled => None,
     };
-    if let End::LayerFailed(why) = &end {
-        tracing::warn!(channel = %conn.channel, "receive failed, connection closed: {why}");
-    }
     if let Some(frame) = farewell {
-        let write_timeout = conn.app.settings.write_timeout;
-        let _ = tokio::time::timeout(write_timeout, conn.sink.send(frame)).await;
+        let _ = conn.replies.try_send(frame);
+    }
+    // The writer ends after the close frame, or when its socket fails or stalls.
+    drop(conn);
+    // (A finished writer was already awaited by `run`: a JoinHandle is polled only once.)
+    if !writing.is_finished()
+        && tokio::time::timeout(write_timeout, &mut writing)
+            .await
+            .is_err()
+    {
+        writing.abort();
     }
 }
 
@@ -146,12 +170,96 @@ async fn receive(app: Arc<App>, channel: String, outbox: Outbox<Frame>) -> chanl
     }
 }
 
+/// Frames written before one flush.
+const WRITE_BATCH: usize = 64;
+
+/// Writes the connection's frames: replies first, then chat lines (and, after lines, a
+/// notice of how many were dropped since the last), and a ping every `ping_every`. What is
+/// waiting is written as one batch (up to [`WRITE_BATCH`] frames, one flush), which must be
+/// taken within `write_timeout`. Ends after a close frame, when the reader is gone and
+/// nothing is left to say, or when the socket fails or stalls.
+async fn write(
+    app: Arc<App>,
+    mut sink: SplitSink<WebSocket, Frame>,
+    mut replies: mpsc::Receiver<Frame>,
+    mut lines: OutboxReader<Frame>,
+) -> End {
+    let settings = &app.settings;
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + settings.ping_every, settings.ping_every);
+    let mut lines_open = true;
+    let mut batch = Vec::with_capacity(WRITE_BATCH + 1);
+    loop {
+        let first = tokio::select! {
+            biased;
+            reply = replies.recv() => match reply {
+                Some(frame) => frame,
+                None => return End::ClientClosed,
+            },
+            line = lines.recv(), if lines_open => match line {
+                Some(frame) => frame,
+                // The receiver is gone (the connection is ending): the reader's farewell
+                // comes through `replies`.
+                None => {
+                    lines_open = false;
+                    continue;
+                }
+            },
+            _ = ping.tick() => Frame::Ping(Default::default()),
+        };
+        batch.push(first);
+        while batch.len() < WRITE_BATCH && !matches!(batch.last(), Some(Frame::Close(_))) {
+            if let Ok(reply) = replies.try_recv() {
+                batch.push(reply);
+            } else if let Some(line) = lines.try_recv() {
+                batch.push(line);
+            } else {
+                break;
+            }
+        }
+        let dropped = lines.take_dropped();
+        if dropped > 0 {
+            let notice = Event::Dropped { count: dropped }.to_json();
+            batch.push(Frame::Text(notice.into()));
+        }
+        let last = batch.iter().any(|f| matches!(f, Frame::Close(_)));
+        if let Err(end) = put(&app, &mut sink, &mut batch).await {
+            return end;
+        }
+        if last {
+            return End::ClientClosed;
+        }
+    }
+}
+
+/// Writes `batch` (emptying it) and flushes, within `write_timeout`.
+async fn put(
+    app: &App,
+    sink: &mut SplitSink<WebSocket, Frame>,
+    batch: &mut Vec<Frame>,
+) -> Result<(), End> {
+    let write = async {
+        for frame in batch.drain(..) {
+            sink.feed(frame).await?;
+        }
+        sink.flush().await
+    };
+    match tokio::time::timeout(app.settings.write_timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::ClientGone),
+        Err(_) => {
+            app.counters.closed_stalled.fetch_add(1, Ordering::Relaxed);
+            Err(End::Stalled)
+        }
+    }
+}
+
 impl Connection {
     async fn run(
         &mut self,
         stream: &mut SplitStream<WebSocket>,
-        reader: &mut OutboxReader<Frame>,
         receiving: &mut JoinHandle<chanlayer::Error>,
+        writing: &mut JoinHandle<End>,
     ) -> End {
         let settings = self.app.settings.clone();
         let hello = Event::Hello {
@@ -159,11 +267,11 @@ impl Connection {
             backend: self.app.layer.capabilities().backend,
         }
         .to_json();
-        if let Err(end) = self.write(Frame::Text(hello.into())).await {
-            return end;
+        if self.reply(hello).await.is_err() {
+            return End::ClientGone;
         }
         let mut stopping = self.app.stopping.clone();
-        let mut ping =
+        let mut idle_check =
             tokio::time::interval_at(Instant::now() + settings.ping_every, settings.ping_every);
         // Memberships expire after group_expiry unless refreshed by group_add.
         let refresh_every = (self.app.layer.options().group_expiry / 2).max(Duration::from_secs(1));
@@ -178,20 +286,8 @@ impl Connection {
                         Err(e) => format!("receiver task: {e}"),
                     });
                 }
-                frame = reader.recv() => {
-                    let Some(frame) = frame else {
-                        return End::LayerFailed("receiver ended".into());
-                    };
-                    if let Err(end) = self.write(frame).await {
-                        return end;
-                    }
-                    let dropped = reader.take_dropped();
-                    if dropped > 0 {
-                        let notice = Event::Dropped { count: dropped }.to_json();
-                        if let Err(end) = self.write(Frame::Text(notice.into())).await {
-                            return end;
-                        }
-                    }
+                ended = &mut *writing => {
+                    return ended.unwrap_or_else(|e| End::LayerFailed(format!("writer task: {e}")));
                 }
                 incoming = stream.next() => match incoming {
                     None | Some(Err(_)) => return End::ClientGone,
@@ -199,27 +295,28 @@ impl Connection {
                     Some(Ok(Frame::Text(text))) => {
                         last_heard = Instant::now();
                         if let Some(reply) = self.handle(text.as_str()).await {
-                            if let Err(end) = self.write(Frame::Text(reply.into())).await {
-                                return end;
+                            if self.reply(reply).await.is_err() {
+                                return End::ClientGone;
                             }
                         }
+                        // A client that pipelines many requests would otherwise keep this
+                        // task running (a local group_send is ready at once) while the
+                        // receivers it feeds wait: let them run between requests.
+                        tokio::task::yield_now().await;
                     }
                     Some(Ok(Frame::Binary(_))) => {
                         last_heard = Instant::now();
                         let reply = self.refuse("send requests as JSON text frames");
-                        if let Err(end) = self.write(Frame::Text(reply.into())).await {
-                            return end;
+                        if self.reply(reply).await.is_err() {
+                            return End::ClientGone;
                         }
                     }
                     Some(Ok(Frame::Ping(_) | Frame::Pong(_))) => last_heard = Instant::now(),
                 },
-                _ = ping.tick() => {
+                _ = idle_check.tick() => {
                     if last_heard.elapsed() >= settings.idle_timeout {
                         self.app.counters.closed_stalled.fetch_add(1, Ordering::Relaxed);
                         return End::Idle;
-                    }
-                    if let Err(end) = self.write(Frame::Ping(Default::default())).await {
-                        return end;
                     }
                 }
                 _ = refresh.tick() => self.refresh().await,
@@ -227,19 +324,12 @@ impl Connection {
         }
     }
 
-    /// Writes one frame, within `write_timeout`.
-    async fn write(&mut self, frame: Frame) -> Result<(), End> {
-        match tokio::time::timeout(self.app.settings.write_timeout, self.sink.send(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::ClientGone),
-            Err(_) => {
-                self.app
-                    .counters
-                    .closed_stalled
-                    .fetch_add(1, Ordering::Relaxed);
-                Err(End::Stalled)
-            }
-        }
+    /// Hands a reply to the writer (waits while it is behind; fails once it has ended).
+    async fn reply(&self, json: String) -> Result<(), ()> {
+        self.replies
+            .send(Frame::Text(json.into()))
+            .await
+            .map_err(|_| ())
     }
 
     /// Does what a request asks; returns the event to answer with (JSON), if any.

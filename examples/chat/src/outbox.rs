@@ -76,6 +76,11 @@ impl<T> OutboxReader<T> {
         self.rx.recv().await
     }
 
+    /// The next frame if one is waiting.
+    pub fn try_recv(&mut self) -> Option<T> {
+        self.rx.try_recv().ok()
+    }
+
     /// Frames dropped since the last call (and resets the count).
     pub fn take_dropped(&self) -> u64 {
         self.dropped.swap(0, Ordering::Relaxed)
