@@ -2,8 +2,8 @@
 //! and three tasks that never wait on each other's work:
 //! - the **receiver** takes chat lines from the channel and offers them to the bounded
 //!   outbox (never waiting: a full outbox drops and counts, see `outbox.rs`);
-//! - the **writer** writes the outbox, replies and pings to the socket, each frame within
-//!   `write_timeout`;
+//! - the **writer** writes replies, the outbox's lines and pings to the socket, what is
+//!   waiting as one batch and one flush, each batch within `write_timeout`;
 //! - the **reader** (the connection's own task) reads requests and does them (`group_add`,
 //!   `group_discard`, `group_send`); its replies wait for the writer (a client that sends
 //!   faster than it reads is held back, not buffered without bound).
@@ -22,9 +22,11 @@
 //! - the server stops: each connection is closed with 1001 "going away" after leaving its
 //!   rooms.
 //!
-//! If the process dies without any of this (SIGKILL, a crash), its memberships stay in the
-//! layer's group bookkeeping until they expire (`group_expiry`); group sends to them go
-//! nowhere (counted by the backends as undeliverable where they can tell).
+//! If the process dies without any of this (SIGKILL, a crash), its memberships end with
+//! it: each layer instance keeps the memberships of its own channels, and the broker side
+//! goes with its connection (see the example's README for each backend). Memberships a
+//! live process never discarded end after `group_expiry`; a live connection re-adds its
+//! rooms every `group_expiry / 2`.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -34,13 +36,13 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message as Frame, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::outbox::{self, Offer, Outbox, OutboxReader};
 use crate::protocol::{group_of, ChatMessage, Event, Request, CHAT_MESSAGE_TYPE};
 use crate::server::App;
-use tokio::sync::mpsc;
 
 /// How long leaving each room may take when a connection ends.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
