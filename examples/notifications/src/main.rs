@@ -200,7 +200,9 @@ async fn consume(layer: &Layer, name: &str, work_ms: u64) -> chanlayer::Result<(
         match delivery.decode::<Notification>() {
             Err(e) => {
                 // Not a notification: logged and acked (it would otherwise come back forever).
-                eprintln!("notifications: {name}: skipping a message that is not a notification: {e}");
+                eprintln!(
+                    "notifications: {name}: skipping a message that is not a notification: {e}"
+                );
                 delivery.ack().await?;
             }
             Ok(n) => match process(name, &delivery, &n, &mut failed_before, work_ms).await {

@@ -110,7 +110,11 @@ impl Proc {
     /// Polls until the process printed `line` on stdout; panics at the deadline or if it
     /// exited.
     fn wait_for(&mut self, line: &str, deadline: Instant) {
-        while !self.seen.iter().any(|l| matches!(l, Line::Out(s) if s == line)) {
+        while !self
+            .seen
+            .iter()
+            .any(|l| matches!(l, Line::Out(s) if s == line))
+        {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("{} exited early ({status}): {:?}", self.name, self.seen);
             }
@@ -228,13 +232,7 @@ fn every_notification_once(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut consumers: Vec<Proc> = ["c1", "c2"]
         .iter()
-        .map(|name| {
-            Proc::start(
-                url,
-                name,
-                &["consume", "--name", name, "--work-ms", "2"],
-            )
-        })
+        .map(|name| Proc::start(url, name, &["consume", "--name", name, "--work-ms", "2"]))
         .collect();
     for c in &mut consumers {
         let ready = format!("consumer {} ready", c.name);
@@ -285,7 +283,12 @@ fn every_notification_once(url: &str) {
     let mut per_consumer = Vec::new();
     for (c, taken) in consumers.iter_mut().zip(&mut taken) {
         let status = c.wait_exit(deadline);
-        assert!(status.success(), "{} exited with {status}: {:?}", c.name, c.seen);
+        assert!(
+            status.success(),
+            "{} exited with {status}: {:?}",
+            c.name,
+            c.seen
+        );
         for line in &c.seen[*taken..] {
             outcome.take(line);
         }
@@ -372,9 +375,11 @@ fn kafka_missing_topic_is_a_clear_error_with_create_topics_false() {
         .collect();
     let topic = format!("{prefix}.channel.notifications");
     assert!(
-        stderr.iter().any(|l| l.contains("cannot publish to channel \"notifications\"")
-            && l.contains(&format!("topic \"{topic}\" does not exist"))
-            && l.contains("create_topics=false")),
+        stderr.iter().any(
+            |l| l.contains("cannot publish to channel \"notifications\"")
+                && l.contains(&format!("topic \"{topic}\" does not exist"))
+                && l.contains("create_topics=false")
+        ),
         "no clear error naming {topic}: {stderr:?}"
     );
     assert!(
