@@ -232,7 +232,7 @@ fn every_notification_once(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut consumers: Vec<Proc> = ["c1", "c2"]
         .iter()
-        .map(|name| Proc::start(url, name, &["consume", "--name", name, "--work-ms", "2"]))
+        .map(|name| Proc::start(url, name, &["consume", "--name", name, "--work-ms", "10"]))
         .collect();
     for c in &mut consumers {
         let ready = format!("consumer {} ready", c.name);
