@@ -6,6 +6,7 @@
 #   scripts/bench/chat-load.sh amqp|kafka|zmq|memory [CLIENTS] [ROOMS] [ROUNDS] [INTERVAL_MS]
 #
 # memory runs one server process (the in-memory layer does not cross processes).
+# CHAT_LOAD_OPTIONS adds URL options (e.g. CHAT_LOAD_OPTIONS='kafka.fetch.wait.max.ms=10').
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 backend=${1:?usage: scripts/bench/chat-load.sh amqp|kafka|zmq|memory [CLIENTS] [ROOMS] [ROUNDS] [INTERVAL_MS]}
@@ -33,6 +34,10 @@ case $backend in
   memory) url="memory://" ;;
   *) echo "unknown backend $backend" >&2; exit 2 ;;
 esac
+
+if [ -n "${CHAT_LOAD_OPTIONS:-}" ]; then
+  case $url in *\?*) url="$url&$CHAT_LOAD_OPTIONS" ;; *) url="$url?$CHAT_LOAD_OPTIONS" ;; esac
+fi
 
 ports=(8701 8702)
 [ "$backend" = memory ] && ports=(8701)
