@@ -19,7 +19,19 @@ fn credentials_are_parsed_and_redacted() {
     }
     assert_eq!(
         cfg.to_string(),
-        "amqp://guest:***@127.0.0.1:5672/%2f?heartbeat=10&sasl.password=***"
+        "amqp://guest:***@127.0.0.1:5672/%2f?heartbeat=10&sasl.password=***&prefix=app"
+    );
+    let cfg = LayerConfig::from_url(
+        "kafka://h:9092?capacity=7&expiry=2s&group_expiry=1h&codec=json&max_message_size=1000&channel_capacity.jobs*=9",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.to_string(),
+        "kafka://h:9092?capacity=7&channel_capacity.jobs*=9&expiry=2000ms&group_expiry=3600000ms&codec=json&max_message_size=1000"
+    );
+    assert_eq!(
+        LayerConfig::from_url("memory://").unwrap().to_string(),
+        "memory://"
     );
 }
 

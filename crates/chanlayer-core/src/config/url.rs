@@ -12,9 +12,41 @@ pub struct LayerConfig {
     pub backend: BackendConfig,
 }
 
+/// The URL with secrets replaced by `***`, and the shared options that differ from their
+/// defaults after the backend's own (`prefix`, `capacity`, `channel_capacity.<glob>`,
+/// `expiry`, `group_expiry`, `codec`, `max_message_size`): what a log line should show of
+/// the configuration a process runs with.
 impl std::fmt::Display for LayerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.backend.redacted_url())
+        let (o, d) = (&self.options, LayerOptions::default());
+        let mut shared = Vec::new();
+        if o.prefix != d.prefix {
+            shared.push(format!("prefix={}", o.prefix));
+        }
+        if o.capacity != d.capacity {
+            shared.push(format!("capacity={}", o.capacity));
+        }
+        for c in &o.channel_capacity {
+            shared.push(format!("channel_capacity.{}={}", c.pattern, c.capacity));
+        }
+        if o.expiry != d.expiry {
+            shared.push(format!("expiry={}ms", o.expiry.as_millis()));
+        }
+        if o.group_expiry != d.group_expiry {
+            shared.push(format!("group_expiry={}ms", o.group_expiry.as_millis()));
+        }
+        if o.codec != d.codec {
+            shared.push(format!("codec={}", o.codec.name()));
+        }
+        if o.max_message_size != d.max_message_size {
+            shared.push(format!("max_message_size={}", o.max_message_size));
+        }
+        let url = self.backend.redacted_url();
+        if shared.is_empty() {
+            return f.write_str(&url);
+        }
+        let join = if url.contains('?') { '&' } else { '?' };
+        write!(f, "{url}{join}{}", shared.join("&"))
     }
 }
 
