@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use chanlayer::{BatchError, Layer, LayerConfig, Message, MessageType};
 use clap::{Parser, Subcommand};
+use example_support::{run_main, stop_signal};
 use serde::{Deserialize, Serialize};
 
 /// The normal channel inputs come from.
@@ -219,24 +220,6 @@ async fn handle(layer: &Layer, w: &Worker, k: u64, batch: Vec<Message>) -> Resul
     Ok(sent)
 }
 
-/// Waits for SIGTERM or Ctrl-C, then sets `stop`.
-async fn stop_on_signal(stop: Arc<AtomicBool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            eprintln!("batch_worker: no SIGTERM handler ({e}); stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-}
-
 /// Handles batches until stopped; returns how many batches were committed and how many
 /// results they sent.
 async fn work(
@@ -246,7 +229,13 @@ async fn work(
     timeout: Duration,
 ) -> chanlayer::Result<(u64, usize)> {
     let stop = Arc::new(AtomicBool::new(false));
-    tokio::spawn(stop_on_signal(stop.clone()));
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop_signal().await;
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
     let (mut batches, mut committed, mut results) = (0u64, 0u64, 0usize);
     println!("worker {} ready", w.name);
     // The stop flag is read between batches: a batch in hand is finished first. A batch
@@ -320,18 +309,5 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("batch_worker: could not start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("batch_worker: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("batch_worker", run(cli))
 }

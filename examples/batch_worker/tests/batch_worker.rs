@@ -6,11 +6,9 @@
 //! (`./scripts/test` starts them) and fails loudly when it is not.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use example_support::testing::{amqp_url, kafka_url, unique_prefix, Proc};
 use serde::Deserialize;
 
 /// Inputs produced.
@@ -30,136 +28,42 @@ struct Output {
     worker: String,
 }
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_owned())
-}
-
 fn prefix() -> String {
-    format!("bw{:012x}", rand::random::<u64>() >> 16)
+    unique_prefix("bw")
 }
 
-/// A `batch_worker` process whose output is read line by line (stderr included); killed if
-/// the test ends without stopping it.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    /// The lines read so far.
-    seen: Vec<String>,
+/// A `batch_worker` process with `args`, its output (stderr included) read line by line;
+/// killed if the test ends without stopping it.
+fn start(url: &str, name: &str, args: &[&str]) -> Proc {
+    Proc::start(
+        env!("CARGO_BIN_EXE_batch_worker"),
+        "BATCH_URL",
+        url,
+        name,
+        args,
+    )
 }
 
-fn forward<R: Read + Send + 'static>(from: R, tx: mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+/// The ids worker `p` printed for its batch `k` (the last time it printed one).
+fn batch(p: &Proc, k: u64) -> BTreeSet<String> {
+    let head = format!("worker {} batch {k} received ", p.name);
+    p.seen
+        .iter()
+        .rev()
+        .find_map(|l| l.text().strip_prefix(&head))
+        .map(|ids| ids.split(' ').map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
-impl Proc {
-    fn start(url: &str, name: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_batch_worker"))
-            .args(args)
-            .env("BATCH_URL", url)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start batch_worker");
-        let (tx, lines) = mpsc::channel();
-        forward(child.stdout.take().expect("stdout"), tx.clone());
-        forward(child.stderr.take().expect("stderr"), tx);
-        Proc {
-            name: name.to_owned(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Reads what the process printed so far, without waiting; panics if it exited.
-    fn read(&mut self) {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("{} exited early ({status}): {:?}", self.name, self.seen);
-        }
-    }
-
-    /// Polls until the process printed `line`; panics at the deadline or if it exited.
-    fn wait_for(&mut self, line: &str, deadline: Instant) {
-        loop {
-            self.read();
-            if self.seen.iter().any(|l| l == line) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not say {line:?} in time: {:?}",
-                self.name,
-                self.seen
-            );
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                self.seen.push(line);
-            }
-        }
-    }
-
-    /// Waits for the process to exit, its output read to the end; panics at the deadline.
-    fn wait_exit(&mut self, deadline: Instant) -> std::process::ExitStatus {
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                while let Ok(line) = self
-                    .lines
-                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                {
-                    self.seen.push(line);
-                }
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit in time: {:?}",
-                self.name,
-                self.seen
-            );
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                self.seen.push(line);
-            }
-        }
-    }
-
-    /// The ids the worker printed for its batch `k` (the last time it printed one).
-    fn batch(&self, k: u64) -> BTreeSet<String> {
-        let head = format!("worker {} batch {k} received ", self.name);
-        self.seen
-            .iter()
-            .rev()
-            .find_map(|l| l.strip_prefix(&head))
-            .map(|ids| ids.split(' ').map(str::to_owned).collect())
-            .unwrap_or_default()
-    }
-
-    /// How many results the worker printed it sent, over all its batches.
-    fn results_sent(&self) -> usize {
-        let head = format!("worker {} batch ", self.name);
-        self.seen
-            .iter()
-            .filter_map(|l| l.strip_prefix(&head))
-            .filter_map(|rest| rest.split_once(" sent "))
-            .filter_map(|(_, n)| n.strip_suffix(" results"))
-            .map(|n| n.parse::<usize>().expect("a count"))
-            .sum()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// How many results worker `p` printed it sent, over all its batches.
+fn results_sent(p: &Proc) -> usize {
+    let head = format!("worker {} batch ", p.name);
+    p.lines()
+        .filter_map(|l| l.strip_prefix(&head))
+        .filter_map(|rest| rest.split_once(" sent "))
+        .filter_map(|(_, n)| n.strip_suffix(" results"))
+        .map(|n| n.parse::<usize>().expect("a count"))
+        .sum()
 }
 
 /// Produces [`INPUTS`]; worker A fails its batch [`FAIL_BATCH`] and stalls on its batch
@@ -175,7 +79,7 @@ fn nothing_lost(url: &str, duplicates_are_exactly_the_killed_batch: bool) {
         .block_on(chanlayer::connect(url))
         .unwrap_or_else(|e| panic!("is the broker running? ./scripts/test starts it: {e}"));
 
-    let mut producer = Proc::start(
+    let mut producer = start(
         url,
         "producer",
         &["produce", "--count", &INPUTS.to_string()],
@@ -195,7 +99,7 @@ fn nothing_lost(url: &str, duplicates_are_exactly_the_killed_batch: bool) {
             "200",
         ];
         args.extend_from_slice(extra);
-        Proc::start(url, name, &args)
+        start(url, name, &args)
     };
     let mut a = worker("A", &["--fail-batch", &fail, "--stall-after", &stall]);
     a.wait_for(
@@ -203,16 +107,12 @@ fn nothing_lost(url: &str, duplicates_are_exactly_the_killed_batch: bool) {
         deadline,
     );
     let killed_at = Instant::now();
-    a.child.kill().expect("SIGKILL worker A");
-    a.child.wait().expect("wait for worker A");
-    while let Ok(line) = a.lines.recv_timeout(Duration::from_secs(5)) {
-        a.seen.push(line);
-    }
-    let failed = a.batch(FAIL_BATCH);
-    let killed = a.batch(STALL_BATCH);
+    a.kill();
+    let failed = batch(&a, FAIL_BATCH);
+    let killed = batch(&a, STALL_BATCH);
     assert!(!failed.is_empty() && !killed.is_empty(), "{:?}", a.seen);
     assert!(
-        a.seen.iter().any(|l| l.contains(&format!(
+        a.lines().any(|l| l.contains(&format!(
             "batch {FAIL_BATCH} failed: simulated failure of batch {FAIL_BATCH}; nacked"
         ))),
         "{:?}",
@@ -220,10 +120,10 @@ fn nothing_lost(url: &str, duplicates_are_exactly_the_killed_batch: bool) {
     );
     // The failed batch came back whole: A received each of its inputs again.
     let again: BTreeSet<String> = (FAIL_BATCH + 1..=STALL_BATCH)
-        .flat_map(|k| a.batch(k))
+        .flat_map(|k| batch(&a, k))
         .collect();
-    let a_done: BTreeSet<String> = (1..=STALL_BATCH).flat_map(|k| a.batch(k)).collect();
-    let sent_by_a = a.results_sent();
+    let a_done: BTreeSet<String> = (1..=STALL_BATCH).flat_map(|k| batch(&a, k)).collect();
+    let sent_by_a = results_sent(&a);
 
     let mut b = worker("B", &[]);
     let mut seen: HashMap<String, u32> = HashMap::new();
@@ -259,20 +159,15 @@ fn nothing_lost(url: &str, duplicates_are_exactly_the_killed_batch: bool) {
             "only {} of {INPUTS} inputs have a result in time",
             seen.len()
         );
-        b.read();
+        b.poll();
         if let Some(o) = receive(Duration::from_millis(200)) {
             received += 1;
             take(o, &mut seen);
         }
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &b.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let status = b.wait_exit(deadline);
+    let status = b.stop(deadline);
     assert!(status.success(), "worker B: {status}: {:?}", b.seen);
-    let sent = sent_by_a + b.results_sent();
+    let sent = sent_by_a + results_sent(&b);
     // Results sent and not yet read: wait for as many as the workers say they sent.
     while received < sent {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -308,7 +203,7 @@ fn nothing_lost(url: &str, duplicates_are_exactly_the_killed_batch: bool) {
     // Which of A's committed batches the other duplicates were in.
     let extra_by_batch: Vec<String> = (1..STALL_BATCH)
         .filter(|k| *k != FAIL_BATCH)
-        .map(|k| (k, a.batch(k)))
+        .map(|k| (k, batch(&a, k)))
         .filter(|(_, ids)| extra.iter().any(|id| ids.contains(*id)))
         .map(|(k, ids)| {
             let n = extra.iter().filter(|id| ids.contains(**id)).count();
@@ -336,24 +231,13 @@ fn nothing_lost(url: &str, duplicates_are_exactly_the_killed_batch: bool) {
 fn kafka_a_worker_killed_mid_batch_loses_nothing() {
     // session_timeout=6s (the broker's minimum): how soon the killed worker's partitions
     // move to B. Two partitions: one per worker.
-    let url = format!(
-        "kafka://{}?codec=json&partitions=2&session_timeout=6s&prefix={}",
-        env_or("CHANLAYER_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-        prefix()
-    );
+    let url = kafka_url(&prefix(), "&codec=json&partitions=2&session_timeout=6s");
     nothing_lost(&url, false);
 }
 
 #[test]
 fn amqp_a_worker_killed_mid_batch_loses_nothing() {
-    // Test queues expire ten minutes after their last use; room for every input at once.
-    let url = format!(
-        "{}?codec=json&capacity=1000&queue_expires=600s&prefix={}",
-        env_or(
-            "CHANLAYER_AMQP_URL",
-            "amqp://guest:guest@127.0.0.1:5672/%2f"
-        ),
-        prefix()
-    );
+    // Room for every input at once.
+    let url = format!("{}&codec=json&capacity=1000", amqp_url(&prefix()));
     nothing_lost(&url, true);
 }

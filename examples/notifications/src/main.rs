@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use chanlayer::{Delivery, Layer, LayerConfig, MessageType};
 use clap::{Parser, Subcommand};
+use example_support::{run_main, stop_signal, with_backpressure};
 use serde::{Deserialize, Serialize};
 
 /// The normal channel notifications go through (on Kafka, the topic
@@ -109,55 +110,30 @@ fn notification(id: u64, fail_once_every: u64) -> Notification {
 
 /// Publishes one by one. A full channel is back-pressure: wait and try again. Any other
 /// failure is logged and ends the run (the caller exits non-zero).
-async fn publish(layer: &Layer, first: u64, count: u64, fail_once_every: u64) -> Result<(), ()> {
+async fn publish(
+    layer: &Layer,
+    first: u64,
+    count: u64,
+    fail_once_every: u64,
+) -> Result<(), String> {
     let mut published = 0u64;
     for id in first..first + count {
         let n = notification(id, fail_once_every);
-        let mut waits = 0u64;
-        loop {
-            match layer.send(CHANNEL, &n).await {
-                Ok(()) => break,
-                Err(e @ chanlayer::Error::ChannelFull { .. }) => {
-                    if waits == 0 {
-                        eprintln!("notifications: {e}; waiting for room");
-                    }
-                    waits = (waits + 1).min(50);
-                    tokio::time::sleep(Duration::from_millis(waits * 10)).await;
-                }
-                Err(e) => {
-                    if published == 0 {
-                        // The first send is the one that ensures the topic (Kafka) or the
-                        // queue (AMQP): say so.
-                        eprintln!("notifications: cannot publish to channel {CHANNEL:?}: {e}");
-                    } else {
-                        eprintln!("notifications: publishing notification {id} failed: {e}");
-                    }
-                    eprintln!("notifications: published {published} of {count}");
-                    return Err(());
-                }
+        if let Err(e) = with_backpressure("notifications", || layer.send(CHANNEL, &n), |_| {}).await
+        {
+            if published == 0 {
+                // The first send is the one that ensures the topic (Kafka) or the queue
+                // (AMQP): say so.
+                eprintln!("notifications: cannot publish to channel {CHANNEL:?}: {e}");
+            } else {
+                eprintln!("notifications: publishing notification {id} failed: {e}");
             }
+            return Err(format!("published {published} of {count}"));
         }
         published += 1;
     }
     println!("published {published} notifications from id {first}");
     Ok(())
-}
-
-/// Waits for SIGTERM or Ctrl-C.
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            eprintln!("notifications: no SIGTERM handler ({e}); stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// What the consumer does with a notification: here, prints it for its user. A `fail-once`
@@ -230,13 +206,13 @@ async fn consume(layer: &Layer, name: &str, work_ms: u64) -> chanlayer::Result<(
     Ok((ok, failed))
 }
 
-async fn run(cli: Cli) -> Result<(), ()> {
-    let config = LayerConfig::from_url(&cli.url).map_err(|e| eprintln!("notifications: {e}"))?;
+async fn run(cli: Cli) -> Result<(), String> {
+    let config = LayerConfig::from_url(&cli.url).map_err(|e| e.to_string())?;
     // Display redacts the password.
     eprintln!("notifications: connecting to {config}");
     let layer = chanlayer::connect_config(config)
         .await
-        .map_err(|e| eprintln!("notifications: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let outcome = match &cli.command {
         Command::Publish {
             count,
@@ -248,30 +224,14 @@ async fn run(cli: Cli) -> Result<(), ()> {
                 println!("consumer {name} stopped: {ok} processed, {failed} failed");
                 Ok(())
             }
-            Err(e) => {
-                eprintln!("notifications: {name}: {e}");
-                Err(())
-            }
+            Err(e) => Err(format!("{name}: {e}")),
         },
     };
-    let closed = layer
-        .close()
-        .await
-        .map_err(|e| eprintln!("notifications: close: {e}"));
+    let closed = layer.close().await.map_err(|e| format!("close: {e}"));
     outcome.and(closed)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("notifications: could not start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(()) => ExitCode::FAILURE,
-    }
+    run_main("notifications", run(cli))
 }

@@ -6,11 +6,9 @@
 //! is not.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use example_support::testing::{self, unique_prefix, Line, Proc};
 use serde::Deserialize;
 
 const COUNT: u64 = 300;
@@ -24,150 +22,33 @@ struct Notification {
     kind: String,
 }
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_owned())
-}
-
 fn prefix() -> String {
-    format!("nt{:012x}", rand::random::<u64>() >> 16)
+    unique_prefix("nt")
 }
 
+/// Kafka with JSON bodies, two partitions and the broker's minimum session timeout (how
+/// soon a stopped consumer's partitions move), then `extra`.
 fn kafka_url(prefix: &str, extra: &str) -> String {
-    format!(
-        "kafka://{}?codec=json&partitions=2&session_timeout=6s&prefix={prefix}{extra}",
-        env_or("CHANLAYER_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    testing::kafka_url(
+        prefix,
+        &format!("&codec=json&partitions=2&session_timeout=6s{extra}"),
     )
 }
 
+/// RabbitMQ with JSON bodies.
 fn amqp_url(prefix: &str) -> String {
-    // Test queues expire ten minutes after their last use.
-    format!(
-        "{}?codec=json&queue_expires=600s&prefix={prefix}",
-        env_or(
-            "CHANLAYER_AMQP_URL",
-            "amqp://guest:guest@127.0.0.1:5672/%2f"
-        )
+    format!("{}&codec=json", testing::amqp_url(prefix))
+}
+
+/// A `notifications` process with `args`, its output read line by line.
+fn start(url: &str, name: &str, args: &[&str]) -> Proc {
+    Proc::start(
+        env!("CARGO_BIN_EXE_notifications"),
+        "NOTIFICATIONS_URL",
+        url,
+        name,
+        args,
     )
-}
-
-/// A line a process printed, on stdout or stderr.
-#[derive(Debug, Clone)]
-enum Line {
-    Out(String),
-    Err(String),
-}
-
-/// A `notifications` process whose output is read line by line; killed if the test ends
-/// without stopping it.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: mpsc::Receiver<Line>,
-    /// The lines read so far.
-    seen: Vec<Line>,
-}
-
-fn forward<R: Read + Send + 'static>(from: R, tx: mpsc::Sender<Line>, wrap: fn(String) -> Line) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines().map_while(Result::ok) {
-            if tx.send(wrap(line)).is_err() {
-                break;
-            }
-        }
-    });
-}
-
-impl Proc {
-    fn start(url: &str, name: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_notifications"))
-            .args(args)
-            .env("NOTIFICATIONS_URL", url)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start notifications");
-        let (tx, lines) = mpsc::channel();
-        forward(child.stdout.take().expect("stdout"), tx.clone(), Line::Out);
-        forward(child.stderr.take().expect("stderr"), tx, Line::Err);
-        Proc {
-            name: name.to_owned(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Reads what the process printed, waiting up to `wait` for a first line.
-    fn read(&mut self, wait: Duration) {
-        if let Ok(line) = self.lines.recv_timeout(wait) {
-            self.seen.push(line);
-        }
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-    }
-
-    /// Polls until the process printed `line` on stdout; panics at the deadline or if it
-    /// exited.
-    fn wait_for(&mut self, line: &str, deadline: Instant) {
-        while !self
-            .seen
-            .iter()
-            .any(|l| matches!(l, Line::Out(s) if s == line))
-        {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited early ({status}): {:?}", self.name, self.seen);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not say {line:?} in time: {:?}",
-                self.name,
-                self.seen
-            );
-            self.read(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits for the process to exit (its output read to the end); panics at the deadline.
-    fn wait_exit(&mut self, deadline: Instant) -> std::process::ExitStatus {
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // The pipes close when it exits: read what is left.
-                loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match self.lines.recv_timeout(left) {
-                        Ok(line) => self.seen.push(line),
-                        Err(_) => break,
-                    }
-                }
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit in time: {:?}",
-                self.name,
-                self.seen
-            );
-            self.read(Duration::from_millis(100));
-        }
-    }
-
-    /// SIGTERM: a consumer stops taking notifications, closes and prints its counts.
-    fn terminate(&self) {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -TERM {pid}");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What the consumers printed: successes by id (with `redelivered`), failures by id.
@@ -232,13 +113,13 @@ fn every_notification_once(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut consumers: Vec<Proc> = ["c1", "c2"]
         .iter()
-        .map(|name| Proc::start(url, name, &["consume", "--name", name, "--work-ms", "10"]))
+        .map(|name| start(url, name, &["consume", "--name", name, "--work-ms", "10"]))
         .collect();
     for c in &mut consumers {
         let ready = format!("consumer {} ready", c.name);
         c.wait_for(&ready, deadline);
     }
-    let mut publisher = Proc::start(
+    let mut publisher = start(
         url,
         "publisher",
         &[
@@ -267,9 +148,7 @@ fn every_notification_once(url: &str) {
         );
         for (c, taken) in consumers.iter_mut().zip(&mut taken) {
             c.read(Duration::from_millis(50));
-            if let Ok(Some(status)) = c.child.try_wait() {
-                panic!("{} exited early ({status}): {:?}", c.name, c.seen);
-            }
+            c.poll();
             for line in &c.seen[*taken..] {
                 outcome.take(line);
             }
@@ -362,7 +241,7 @@ fn kafka_missing_topic_is_a_clear_error_with_create_topics_false() {
     let strict = kafka_url(&prefix, "&create_topics=false");
     let publish = ["publish", "--count", "5"];
 
-    let mut refused = Proc::start(&strict, "publisher (create_topics=false)", &publish);
+    let mut refused = start(&strict, "publisher (create_topics=false)", &publish);
     let status = refused.wait_exit(deadline);
     assert!(!status.success(), "publish succeeded: {:?}", refused.seen);
     let stderr: Vec<&str> = refused
@@ -388,10 +267,10 @@ fn kafka_missing_topic_is_a_clear_error_with_create_topics_false() {
     );
     println!("create_topics=false: {}", stderr.join(" | "));
 
-    let mut ensuring = Proc::start(&kafka_url(&prefix, ""), "publisher", &publish);
+    let mut ensuring = start(&kafka_url(&prefix, ""), "publisher", &publish);
     let status = ensuring.wait_exit(deadline);
     assert!(status.success(), "{:?}", ensuring.seen);
-    let mut strict_again = Proc::start(&strict, "publisher (create_topics=false)", &publish);
+    let mut strict_again = start(&strict, "publisher (create_topics=false)", &publish);
     let status = strict_again.wait_exit(deadline);
     assert!(
         status.success(),

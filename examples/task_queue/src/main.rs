@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use chanlayer::{Layer, LayerConfig, MessageType};
 use clap::{Parser, Subcommand};
+use example_support::{run_main, stop_signal, with_backpressure};
 use serde::{Deserialize, Serialize};
 
 /// The normal channel tasks go through.
@@ -104,39 +105,6 @@ fn work(task: &Task) -> u64 {
     })
 }
 
-/// Runs `send` until the channel has room: a full channel (RabbitMQ keeps `capacity` at the
-/// broker) is back-pressure, so wait a little and try again rather than fail. When a batch
-/// was refused partway (`PartlySent`), `progress` learns how many of it went before the
-/// next try.
-async fn with_backpressure<F, Fut>(
-    mut send: F,
-    mut progress: impl FnMut(usize),
-) -> chanlayer::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = chanlayer::Result<()>>,
-{
-    let mut tries = 0u64;
-    loop {
-        let full = match send().await {
-            Err(e @ chanlayer::Error::ChannelFull { .. }) => e,
-            Err(chanlayer::Error::PartlySent { sent, cause, .. })
-                if matches!(*cause, chanlayer::Error::ChannelFull { .. }) =>
-            {
-                progress(sent);
-                *cause
-            }
-            other => return other,
-        };
-        if tries == 0 {
-            eprintln!("task_queue: {full}; waiting for room");
-        }
-        // 10 ms more per try, up to half a second, while the readers catch up.
-        tries = (tries + 1).min(50);
-        tokio::time::sleep(Duration::from_millis(tries * 10)).await;
-    }
-}
-
 /// Sends the tasks in batches of 100. A batch that meets a full channel partway was sent
 /// up to `sent` (`PartlySent`): the rest is sent again once there is room, never the part
 /// that went.
@@ -155,6 +123,7 @@ async fn submit(layer: &Layer, first: u64, count: u64) -> chanlayer::Result<()> 
             .collect::<chanlayer::Result<Vec<_>>>()?;
         let from = std::cell::Cell::new(0);
         with_backpressure(
+            "task_queue",
             || layer.send_batch(TASKS, batch[from.get()..].to_vec()),
             |sent| from.set(from.get() + sent),
         )
@@ -163,30 +132,6 @@ async fn submit(layer: &Layer, first: u64, count: u64) -> chanlayer::Result<()> 
     }
     println!("submitted {count} tasks from id {first}");
     Ok(())
-}
-
-/// Waits for SIGTERM or Ctrl-C.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(e) => {
-                eprintln!("task_queue: no SIGTERM handler ({e}); stopping on Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 async fn worker(layer: &Layer, name: &str, task_ms: u64) -> chanlayer::Result<u64> {
@@ -226,7 +171,12 @@ async fn worker(layer: &Layer, name: &str, task_ms: u64) -> chanlayer::Result<u6
         // The result is sent before the task is acked: a worker that dies in between
         // leaves the task to another (at-least-once), never a task without its result.
         let result = layer.message(&result)?;
-        with_backpressure(|| layer.send_message(RESULTS, result.clone()), |_| {}).await?;
+        with_backpressure(
+            "task_queue",
+            || layer.send_message(RESULTS, result.clone()),
+            |_| {},
+        )
+        .await?;
         delivery.ack().await?;
         done += 1;
         next = Box::pin(layer.receive_delivery(TASKS));
@@ -257,18 +207,5 @@ async fn run(cli: Cli) -> chanlayer::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("task_queue: could not start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("task_queue: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("task_queue", run(cli))
 }

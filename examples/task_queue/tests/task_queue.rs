@@ -6,11 +6,10 @@
 //! when it is not.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use example_support::testing::{amqp_url, kafka_sasl_url, unique_prefix, Line, Proc};
 use serde::Deserialize;
 
 const TASKS: u64 = 2000;
@@ -25,121 +24,45 @@ struct Done {
     checksum: u64,
 }
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_owned())
-}
-
-/// Percent-encodes a query value.
-fn enc(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn prefix() -> String {
-    format!("tq{:012x}", rand::random::<u64>() >> 16)
-}
-
 /// How long each task takes in the tests: long enough that joining and leaving happen
 /// while tasks are left.
 const TASK_MS: &str = "10";
 
-/// A worker process, killed if the test ends without stopping it.
-struct Worker {
-    name: String,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    /// The lines read so far.
-    seen: Vec<String>,
+/// A worker process (`worker NAME`), killed if the test ends without stopping it.
+fn start_worker(url: &str, name: &str) -> Proc {
+    Proc::start(
+        env!("CARGO_BIN_EXE_task_queue"),
+        "TASKS_URL",
+        url,
+        name,
+        &["worker", "--name", name, "--task-ms", TASK_MS],
+    )
 }
 
-impl Worker {
-    fn start(url: &str, name: &str) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_task_queue"))
-            .args(["worker", "--name", name, "--task-ms", TASK_MS])
-            .env("TASKS_URL", url)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start a worker");
-        let stdout = child.stdout.take().expect("worker stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Worker {
-            name: name.to_owned(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
+/// Whether worker `w` said `worker NAME what` yet (without waiting); panics if it exited.
+fn said(w: &mut Proc, what: &str) -> bool {
+    let line = format!("worker {} {what}", w.name);
+    w.said(&line)
+}
 
-    /// Whether the worker said `what` yet (reads what it printed without waiting); panics
-    /// if it exited.
-    fn said(&mut self, what: &str) -> bool {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "worker {} exited early ({status}): {:?}",
-                self.name, self.seen
-            );
-        }
-        let line = format!("worker {} {what}", self.name);
-        self.seen.contains(&line)
-    }
-
-    /// SIGTERM, then waits (in a thread of its own) for the worker to finish its task, close
-    /// and exit; the thread returns how many tasks the worker says it did.
-    fn stop(mut self) -> std::thread::JoinHandle<u64> {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -TERM {pid}");
-        std::thread::spawn(move || {
-            let prefix = format!("worker {} stopped after ", self.name);
-            let count = |l: &String| {
+/// SIGTERM, then waits (in a thread of its own) for the worker to finish its task, close
+/// and exit; the thread returns how many tasks the worker says it did.
+fn stop(mut w: Proc) -> std::thread::JoinHandle<u64> {
+    w.terminate();
+    std::thread::spawn(move || {
+        let status = w.wait_exit(Instant::now() + Duration::from_secs(60));
+        assert!(status.success(), "worker {} exited with {status}", w.name);
+        let prefix = format!("worker {} stopped after ", w.name);
+        w.seen
+            .iter()
+            .filter_map(Line::out)
+            .find_map(|l| {
                 l.strip_prefix(&prefix)
                     .and_then(|rest| rest.strip_suffix(" tasks"))
                     .and_then(|n| n.parse::<u64>().ok())
-            };
-            let mut done = self.seen.iter().find_map(count);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while done.is_none() && Instant::now() < deadline {
-                match self.lines.recv_timeout(Duration::from_millis(200)) {
-                    Ok(line) => done = count(&line),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            }
-            let status = self.child.wait().expect("wait for the worker");
-            assert!(
-                status.success(),
-                "worker {} exited with {status}",
-                self.name
-            );
-            done.unwrap_or_else(|| panic!("worker {} did not report its count", self.name))
-        })
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            })
+            .unwrap_or_else(|| panic!("worker {} did not report its count: {:?}", w.name, w.seen))
+    })
 }
 
 /// The submitter, as a process of its own: it waits for room when RabbitMQ's channel is
@@ -173,7 +96,7 @@ fn every_task_once(url: &str) {
         let layer = chanlayer::connect(url)
             .await
             .unwrap_or_else(|e| panic!("is the broker running? ./scripts/test starts it: {e}"));
-        let mut running = vec![Worker::start(url, "w1"), Worker::start(url, "w2")];
+        let mut running = vec![start_worker(url, "w1"), start_worker(url, "w2")];
         let mut submitter = submit(url, TASKS);
         let mut stopping = Vec::new();
         let mut stage = Stage::Two;
@@ -188,17 +111,17 @@ fn every_task_once(url: &str) {
                 seen.len()
             );
             match stage {
-                Stage::Two if running.iter_mut().all(|w| w.said("took its first task")) => {
-                    running.push(Worker::start(url, "w3"));
+                Stage::Two if running.iter_mut().all(|w| said(w, "took its first task")) => {
+                    running.push(start_worker(url, "w3"));
                     stage = Stage::Joining;
                 }
-                Stage::Joining if running[2].said("took its first task") => {
-                    stopping.push(running.remove(0).stop());
+                Stage::Joining if said(&mut running[2], "took its first task") => {
+                    stopping.push(stop(running.remove(0)));
                     stage = Stage::Left;
                 }
                 _ => {
                     for w in &mut running {
-                        w.said("");
+                        w.poll();
                     }
                 }
             }
@@ -220,7 +143,7 @@ fn every_task_once(url: &str) {
         }
         assert_eq!(stage, Stage::Left, "all tasks were done before w1 left");
         assert!(submitter.wait().expect("submitter").success());
-        stopping.extend(running.drain(..).map(Worker::stop));
+        stopping.extend(running.drain(..).map(stop));
         let counts: Vec<u64> = stopping
             .into_iter()
             .map(|h| h.join().expect("a worker stopped"))
@@ -248,34 +171,10 @@ fn every_task_once(url: &str) {
 
 #[test]
 fn kafka_sasl_ssl_workers_join_and_leave_and_every_task_is_done_once() {
-    let ca = env_or(
-        "KAFKA_CA_FILE",
-        &format!(
-            "{}/ca_certificate.pem",
-            env_or("CHANLAYER_TLS_DIR", "/var/lib/chanlayer-tests/tls")
-        ),
-    );
-    let url = format!(
-        "kafka://{}?security.protocol=SASL_SSL&sasl.mechanism=SCRAM-SHA-512&username={}&password={}&ca_file={}&partitions=4&prefix={}",
-        env_or("KAFKA_SASL_BOOTSTRAP", "127.0.0.1:9094"),
-        enc(&env_or("KAFKA_SASL_USERNAME", "chanlayer")),
-        enc(&env_or("KAFKA_SASL_PASSWORD", "chanlayer-test-secret")),
-        enc(&ca),
-        prefix()
-    );
-    every_task_once(&url);
+    every_task_once(&kafka_sasl_url(&unique_prefix("tq"), "&partitions=4"));
 }
 
 #[test]
 fn amqp_workers_join_and_leave_and_every_task_is_done_once() {
-    // Test queues expire ten minutes after their last use.
-    let url = format!(
-        "{}?queue_expires=600s&prefix={}",
-        env_or(
-            "CHANLAYER_AMQP_URL",
-            "amqp://guest:guest@127.0.0.1:5672/%2f"
-        ),
-        prefix()
-    );
-    every_task_once(&url);
+    every_task_once(&amqp_url(&unique_prefix("tq")));
 }
