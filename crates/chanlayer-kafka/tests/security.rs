@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{ChannelLayer, Codec, LayerConfig, Message};
 use chanlayer_kafka::KafkaLayer;
+use chanlayer_testkit::secrets::encode as enc;
 
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
@@ -22,18 +23,6 @@ fn ca_file() -> String {
         let dir = env_or("CHANLAYER_TLS_DIR", "/var/lib/chanlayer-tests/tls");
         format!("{dir}/ca_certificate.pem")
     })
-}
-
-/// Percent-encodes a query value.
-fn enc(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn prefix() -> String {
