@@ -124,8 +124,9 @@ pub fn require_broker(name: &str, port: u16, script: &str) {
     );
 }
 
-/// `GET path` on 127.0.0.1:port; the status code, or None when the server does not answer.
-pub fn http_status(base: &str, path: &str) -> Option<u16> {
+/// `GET path` on 127.0.0.1:port: the whole response, or None when the server does not
+/// answer.
+fn http_get(base: &str, path: &str) -> Option<String> {
     let host = base.strip_prefix("http://")?;
     let mut stream = TcpStream::connect(host).ok()?;
     stream
@@ -138,7 +139,16 @@ pub fn http_status(base: &str, path: &str) -> Option<u16> {
     .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    Some(response)
+}
+
+/// `GET path`'s status code, or None when the server does not answer.
+pub fn http_status(base: &str, path: &str) -> Option<u16> {
+    http_get(base, path)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 pub fn start_server(url: &str, label: &str, backend: &str) -> Server {
@@ -208,19 +218,7 @@ pub fn wait_healthy(server: &Server, label: &str) {
 
 /// `GET path`'s body, or None when the server does not answer.
 pub fn http_body(base: &str, path: &str) -> Option<String> {
-    let host = base.strip_prefix("http://")?;
-    let mut stream = TcpStream::connect(host).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response.split_once("\r\n\r\n")?.1.to_owned())
+    Some(http_get(base, path)?.split_once("\r\n\r\n")?.1.to_owned())
 }
 
 /// The server's `/stats` counters.
