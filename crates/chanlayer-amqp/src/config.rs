@@ -11,8 +11,9 @@
 //! | option | default | meaning |
 //! |---|---|---|
 //! | `prefetch` | 100 | unacked deliveries a normal-channel consumer may hold |
-//! | `groups_exchange` | `{prefix}.groups` | the direct exchange group messages go through |
-//! | `inbox_capacity` | 10000 | `x-max-length` of the instance's inbox queue |
+//! | `wire` | `chanlayer` | `channels_rabbitmq`: speak Django `channels_rabbitmq`'s wire ([`Wire`]) |
+//! | `groups_exchange` | `{prefix}.groups` (`groups` with `wire=channels_rabbitmq`) | the direct exchange group messages go through |
+//! | `inbox_capacity` | 10000 (100 with `wire=channels_rabbitmq`) | `x-max-length` of the instance's inbox queue |
 //! | `queue_expires` | none | `x-expires` of normal-channel queues (deleted when unused that long) |
 //! | `connection_timeout` | 10s | how long one connection attempt may take |
 //! | `heartbeat` | 30 | AMQP heartbeat, in seconds (0 turns it off) |
@@ -27,6 +28,35 @@ use chanlayer_core::{Error, LayerConfig, Result};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 
 use crate::BACKEND;
+
+/// What an AMQP layer puts on the wire (option `wire`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wire {
+    /// chanlayer's own (`wire=chanlayer`): versioned envelopes with ids, times and headers,
+    /// queues and the groups exchange named after the layer's prefix, normal channels.
+    #[default]
+    Chanlayer,
+    /// Django `channels_rabbitmq` 4.x's (`wire=channels_rabbitmq`): an instance is
+    /// indistinguishable from a `channels_rabbitmq` process on the broker. Its queue is
+    /// `channels_` and 12 letters (exclusive; `x-max-length` = `inbox_capacity`, default
+    /// 100, with reject-publish; `x-message-ttl` = `expiry`), its channels
+    /// `{queue}!{12 letters}`, group messages go through the non-durable direct exchange
+    /// `groups`, and a body is a MessagePack message dict
+    /// ([`chanlayer_core::asgi`]) with no properties. There are no normal channels
+    /// (`Unsupported`, as in `channels_rabbitmq`); bodies must use the `msgpack` or `json`
+    /// codec.
+    ChannelsRabbitmq,
+}
+
+impl Wire {
+    /// How instances on this wire name their channels.
+    pub fn naming(self) -> chanlayer_core::names::Naming {
+        match self {
+            Wire::Chanlayer => chanlayer_core::names::Naming::Layer,
+            Wire::ChannelsRabbitmq => chanlayer_core::names::Naming::ChannelsRabbitmq,
+        }
+    }
+}
 
 /// The AMQP backend's settings, parsed from a [`LayerConfig`].
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +73,8 @@ pub struct AmqpConfig {
     pub username: String,
     /// Password (redacted in `Debug`).
     pub password: chanlayer_core::Secret,
+    /// What goes on the wire.
+    pub wire: Wire,
     /// Unacked deliveries a normal-channel consumer may hold.
     pub prefetch: u16,
     /// The groups exchange.
@@ -64,7 +96,7 @@ pub struct AmqpConfig {
 }
 
 /// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, prefetch, groups_exchange, inbox_capacity, queue_expires, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, wire, prefetch, groups_exchange, inbox_capacity, queue_expires, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
 
 fn decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
@@ -95,7 +127,23 @@ impl BackendSettings for AmqpConfig {
             None => ("guest".to_owned(), chanlayer_core::Secret::new("guest")),
         };
         let mut o = b.options.clone();
+        let wire = match o.take("wire").as_deref() {
+            None | Some("chanlayer") => Wire::Chanlayer,
+            Some("channels_rabbitmq") => Wire::ChannelsRabbitmq,
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "option wire={other:?}: the amqp backend speaks wire=chanlayer (its own, the default) or wire=channels_rabbitmq (Django channels_rabbitmq's)"
+                )))
+            }
+        };
+        let django = wire == Wire::ChannelsRabbitmq;
+        if django && config.options.codec == chanlayer_core::Codec::Bincode {
+            return Err(Error::Config(
+                "option wire=channels_rabbitmq carries MessagePack message dicts: bodies must be maps encoded with codec=msgpack (or json); add codec=msgpack to the URL".into(),
+            ));
+        }
         let cfg = AmqpConfig {
+            wire,
             tls,
             host,
             port,
@@ -103,12 +151,16 @@ impl BackendSettings for AmqpConfig {
             username,
             password,
             prefetch: o.take_int("prefetch", 1..=u16::MAX)?.unwrap_or(100),
-            groups_exchange: o
-                .take("groups_exchange")
-                .unwrap_or_else(|| format!("{}.groups", config.options.prefix)),
+            groups_exchange: o.take("groups_exchange").unwrap_or_else(|| {
+                if django {
+                    "groups".to_owned()
+                } else {
+                    format!("{}.groups", config.options.prefix)
+                }
+            }),
             inbox_capacity: o
                 .take_int("inbox_capacity", 1..=u32::MAX)?
-                .unwrap_or(10_000),
+                .unwrap_or(if django { 100 } else { 10_000 }),
             queue_expires: o.take_timeout("queue_expires")?,
             connection_timeout: o
                 .take_timeout("connection_timeout")?

@@ -21,6 +21,7 @@ use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Notify;
 
+use crate::config::Wire;
 use crate::session::{backend, Session};
 use crate::shared::Shared;
 use crate::topology;
@@ -91,7 +92,9 @@ async fn setup(
             ShortString::from(inner.names.groups.as_str()),
             ExchangeKind::Direct,
             ExchangeDeclareOptions {
-                durable: true,
+                // channels_rabbitmq declares `groups` non-durable; a peer must declare it
+                // with the same arguments or the broker refuses (406).
+                durable: inner.cfg.wire == Wire::Chanlayer,
                 ..ExchangeDeclareOptions::default()
             },
             FieldTable::default(),
@@ -113,7 +116,11 @@ async fn setup(
                 exclusive: true,
                 ..QueueDeclareOptions::default()
             },
-            topology::inbox_arguments(inner.cfg.inbox_capacity, inner.inbound.options()),
+            topology::inbox_arguments(
+                inner.cfg.inbox_capacity,
+                inner.inbound.options(),
+                inner.cfg.wire,
+            ),
         )
         .await
         .map_err(|e| backend("could not declare this instance's inbox queue", e))?;

@@ -46,7 +46,7 @@ mod shared;
 mod topology;
 mod transport;
 
-pub use config::{AmqpConfig, KNOWN_OPTIONS};
+pub use config::{AmqpConfig, Wire, KNOWN_OPTIONS};
 pub use transport::AmqpTransport;
 
 /// The AMQP channel layer: core's `TransportLayer` over [`AmqpTransport`].
@@ -71,4 +71,13 @@ pub const BACKEND: &str = "amqp";
 pub const CAPABILITIES: Capabilities = Capabilities {
     broker_side_capacity: true,
     ..Capabilities::durable_broker(BACKEND)
+};
+
+/// What the AMQP backend guarantees with `wire=channels_rabbitmq`: process-local channels
+/// and groups across processes, at-most-once, and no normal channels (as in Django's
+/// `channels_rabbitmq`).
+pub const CHANNELS_RABBITMQ_CAPABILITIES: Capabilities = Capabilities {
+    cross_process: true,
+    normal_channels: false,
+    ..Capabilities::none(BACKEND)
 };

@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use chanlayer_core::toolkit::{lock, Inbound};
+use chanlayer_core::asgi;
+use chanlayer_core::toolkit::{lock, Inbound, Outgoing};
 use chanlayer_core::{Error, LayerOptions, Result};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::tcp::OwnedTLSConfig;
@@ -15,7 +16,7 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation};
 use tokio::sync::watch;
 
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, Wire};
 use crate::session::{backend, is_connection_error, Session};
 use crate::topology::{self, Names};
 use crate::BACKEND;
@@ -45,6 +46,38 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The inbox queue of instance `owner` (the owner of a process-local channel): the
+    /// instance id itself on `channels_rabbitmq`'s wire.
+    pub fn inbox_of(&self, owner: &str) -> String {
+        match self.cfg.wire {
+            Wire::Chanlayer => self.names.inbox_of(owner),
+            Wire::ChannelsRabbitmq => owner.to_owned(),
+        }
+    }
+
+    /// The bytes of `out` on this instance's wire.
+    pub fn encode(&self, out: &Outgoing<'_>) -> Result<Vec<u8>> {
+        match self.cfg.wire {
+            Wire::Chanlayer => Ok(out.encode()),
+            Wire::ChannelsRabbitmq => asgi::encode(out.envelope(), out.destination()),
+        }
+    }
+
+    /// Hands bytes that arrived at the inbox to core: decoded on this instance's wire; what
+    /// is not a message is counted `undecodable` (with `source`) and skipped.
+    pub fn ingest(&self, bytes: &[u8], source: &str) {
+        let inbound = &self.inbound;
+        match self.cfg.wire {
+            Wire::Chanlayer => {
+                inbound.ingest_bytes(bytes, source);
+            }
+            Wire::ChannelsRabbitmq => match asgi::decode(bytes, inbound.options().expiry) {
+                Ok(env) => inbound.ingest(env),
+                Err(why) => inbound.stats().record_undecodable(source, &why),
+            },
+        }
+    }
+
     pub fn set_session(&self, s: Option<Arc<Session>>) {
         if s.is_some() {
             lock(&self.declared).1.clear();
@@ -223,8 +256,11 @@ impl Shared {
 }
 
 /// Properties of every chanlayer message: its expiry as the per-message TTL; persistent on
-/// normal channels.
-pub(crate) fn properties(options: &LayerOptions, persistent: bool) -> BasicProperties {
+/// normal channels. None on `channels_rabbitmq`'s wire (it sets none).
+pub(crate) fn properties(options: &LayerOptions, persistent: bool, wire: Wire) -> BasicProperties {
+    if wire == Wire::ChannelsRabbitmq {
+        return BasicProperties::default();
+    }
     BasicProperties::default()
         .with_expiration(topology::expiration(options))
         .with_delivery_mode(if persistent { 2 } else { 1 })

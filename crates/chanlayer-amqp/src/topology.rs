@@ -21,6 +21,8 @@ use std::time::Duration;
 use chanlayer_core::LayerOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
+use crate::config::Wire;
+
 pub use chanlayer_core::names::BrokerNames as Names;
 
 fn millis(d: Duration) -> i64 {
@@ -36,8 +38,8 @@ fn text(s: &str) -> AMQPValue {
 }
 
 /// Arguments of an inbox queue: length limit with reject-publish, and the message TTL
-/// ([`broker_ttl`]).
-pub fn inbox_arguments(inbox_capacity: u32, options: &LayerOptions) -> FieldTable {
+/// ([`broker_ttl`]; exactly `expiry` on `channels_rabbitmq`'s wire, as it declares).
+pub fn inbox_arguments(inbox_capacity: u32, options: &LayerOptions, wire: Wire) -> FieldTable {
     let mut t = FieldTable::default();
     t.insert(
         ShortString::from("x-max-length"),
@@ -46,7 +48,10 @@ pub fn inbox_arguments(inbox_capacity: u32, options: &LayerOptions) -> FieldTabl
     t.insert(ShortString::from("x-overflow"), text("reject-publish"));
     t.insert(
         ShortString::from("x-message-ttl"),
-        long(millis(broker_ttl(options))),
+        long(millis(match wire {
+            Wire::Chanlayer => broker_ttl(options),
+            Wire::ChannelsRabbitmq => options.expiry,
+        })),
     );
     t
 }

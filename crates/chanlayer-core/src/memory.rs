@@ -50,6 +50,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     persistent: false,
     broker_side_capacity: true,
     cross_process: false,
+    normal_channels: true,
 };
 
 /// The in-memory channel layer. See the module docs.

@@ -73,7 +73,12 @@ impl<T: Transport> TransportLayer<T> {
     /// Needs a tokio runtime.
     pub async fn connect(config: &LayerConfig) -> Result<Self> {
         config.options.validate()?;
-        let inbound = Arc::new(Inbound::new(config.options.clone(), T::NORMAL_VIA_INBOX));
+        let naming = T::naming(config)?;
+        let inbound = Arc::new(Inbound::new(
+            config.options.clone(),
+            T::NORMAL_VIA_INBOX,
+            naming,
+        ));
         let transport = Arc::new(T::open(config, inbound.clone()).await?);
         let caps = transport.capabilities();
         let groups = Arc::new(GroupState {
@@ -112,7 +117,9 @@ impl<T: Transport> TransportLayer<T> {
     fn check_receiver(&self, channel: &str) -> Result<()> {
         self.inbound.closed().check()?;
         checked(self.serial, channel, Check::Receive, || {
-            names::check_receiver(channel, self.inbound.id())
+            self.inbound
+                .naming()
+                .check_receiver(channel, self.inbound.id())
         })
     }
 
@@ -125,6 +132,21 @@ impl<T: Transport> TransportLayer<T> {
                 self.caps.backend
             ),
         )
+    }
+
+    /// `Unsupported` for a normal channel where this layer has none
+    /// ([`Capabilities::normal_channels`]).
+    fn check_kind(&self, operation: &'static str, channel: &str) -> Result<()> {
+        if self.caps.normal_channels || names::is_process_local(channel) {
+            return Ok(());
+        }
+        Err(Error::unsupported(
+            operation,
+            self.caps.backend,
+            format!(
+                "{channel:?} is a normal channel (no '!'), and this layer has none (its capabilities say normal_channels: false; AMQP's wire=channels_rabbitmq has only process-local channels and groups, as Django's channels_rabbitmq); use a channel from new_channel, or a group"
+            ),
+        ))
     }
 
     fn record(&self, channel: &str, r: Published, n: u64) {
@@ -145,10 +167,11 @@ impl<T: Transport> TransportLayer<T> {
         checked(self.serial, channel, Check::Send, || {
             names::validate_channel(channel)
         })?;
+        self.check_kind("send", channel)?;
         let env = self.seal(Destination::Channel, channel, message)?;
         let out = Outgoing::new(env, channel);
         let r = if names::is_process_local(channel) {
-            match names::owner_instance(channel) {
+            match self.inbound.naming().owner(channel) {
                 Some(owner) => self.transport.publish_local(owner, out).await?,
                 None => Published::Gone,
             }
@@ -162,6 +185,7 @@ impl<T: Transport> TransportLayer<T> {
     async fn send_batch_op(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
         self.inbound.closed().check()?;
         names::validate_channel(channel)?;
+        self.check_kind("send_batch", channel)?;
         let n = messages.len();
         let mut outs = Vec::with_capacity(n);
         for m in messages {
@@ -174,7 +198,7 @@ impl<T: Transport> TransportLayer<T> {
             return Ok(());
         }
         let owner = if names::is_process_local(channel) {
-            match names::owner_instance(channel) {
+            match self.inbound.naming().owner(channel) {
                 Some(o) => Some(o),
                 None => {
                     self.record(channel, Published::Gone, n as u64);
@@ -200,6 +224,7 @@ impl<T: Transport> TransportLayer<T> {
 
     async fn receive_op(&self, channel: &str) -> Result<Message> {
         self.check_receiver(channel)?;
+        self.check_kind("receive", channel)?;
         let i = &self.inbound;
         let env = if names::is_process_local(channel) {
             i.inbox()
@@ -240,6 +265,7 @@ impl<T: Transport> TransportLayer<T> {
 
     async fn receive_delivery_op(&self, channel: &str) -> Result<Delivery> {
         self.check_receiver(channel)?;
+        self.check_kind("receive_delivery", channel)?;
         let i = &self.inbound;
         let d = if names::is_process_local(channel) {
             let e = i.inbox().take(channel, i.stats(), i.closed()).await?;
@@ -261,6 +287,7 @@ impl<T: Transport> TransportLayer<T> {
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
         self.check_receiver(channel)?;
+        self.check_kind("receive_batch", channel)?;
         let i = &self.inbound;
         let out: Vec<Delivery> = if names::is_process_local(channel) {
             i.inbox()
@@ -289,9 +316,11 @@ impl<T: Transport> TransportLayer<T> {
         i.closed().check()?;
         names::validate_group(group)?;
         names::validate_channel(channel)?;
+        self.check_kind("group_add", channel)?;
         let expiry = i.options().group_expiry;
         // Memberships live where the messages arrive: only the owner adds its channel.
-        if names::is_process_local(channel) && names::owner_instance(channel) != Some(i.id()) {
+        if names::is_process_local(channel) && self.inbound.naming().owner(channel) != Some(i.id())
+        {
             return Err(Error::NotOwner {
                 channel: channel.to_owned(),
             });
@@ -324,6 +353,7 @@ impl<T: Transport> TransportLayer<T> {
         i.closed().check()?;
         names::validate_group(group)?;
         names::validate_channel(channel)?;
+        self.check_kind("group_discard", channel)?;
         let _one = self.groups.bindings.lock().await;
         if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
             if i.groups().discard(group, channel) {
@@ -559,7 +589,7 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
 
     async fn new_channel(&self, prefix: &str) -> Result<String> {
         self.inbound.closed().check()?;
-        names::new_channel_name(prefix, self.inbound.id())
+        self.inbound.naming().new_channel(prefix, self.inbound.id())
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
