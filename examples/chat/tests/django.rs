@@ -70,7 +70,8 @@ fn require_venv() -> PathBuf {
     );
     let stdout = String::from_utf8_lossy(&check.stdout);
     let (want, version) = stdout.trim().split_once(' ').expect("sha256 and version");
-    let stamp = std::fs::read_to_string(venv.join(".chanlayer-requirements.sha256")).unwrap_or_default();
+    let stamp =
+        std::fs::read_to_string(venv.join(".chanlayer-requirements.sha256")).unwrap_or_default();
     assert_eq!(
         stamp.trim(),
         want,
@@ -90,7 +91,10 @@ fn start_django(python: &Path, exchange: &str, id: &str) -> Server {
         .args(["-m", "daphne", "-b", "127.0.0.1", "-p", "0"])
         .arg("chatsite.asgi:application")
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("django"))
-        .env("CHAT_DJANGO_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+        .env(
+            "CHAT_DJANGO_AMQP_URL",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+        )
         .env("CHAT_DJANGO_GROUPS_EXCHANGE", exchange)
         .env("CHAT_SERVER_ID", id)
         .env("PYTHONUNBUFFERED", "1")
@@ -115,7 +119,10 @@ fn start_django(python: &Path, exchange: &str, id: &str) -> Server {
             break port.trim().to_owned();
         }
         if let Ok(Some(status)) = process.child.try_wait() {
-            panic!("Daphne exited ({status}) before listening; its log ({}):\n{text}", log.display());
+            panic!(
+                "Daphne exited ({status}) before listening; its log ({}):\n{text}",
+                log.display()
+            );
         }
         assert!(
             Instant::now() < deadline,

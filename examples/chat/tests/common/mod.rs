@@ -224,7 +224,11 @@ pub fn http_body(base: &str, path: &str) -> Option<String> {
 /// Runs `node SCRIPT ARGS...` in the browser folder, its output (stdout and stderr) into
 /// `artifacts()/LOG`, for at most [`BROWSER_WITHIN`]; returns its exit status (None when it
 /// did not finish in time: it is then killed) and its output, which is also printed.
-pub fn run_node(script: &str, args: &[String], log: &str) -> (Option<std::process::ExitStatus>, String) {
+pub fn run_node(
+    script: &str,
+    args: &[String],
+    log: &str,
+) -> (Option<std::process::ExitStatus>, String) {
     let started = Instant::now();
     let out_path = artifacts().join(log);
     let out = std::fs::File::create(&out_path).expect("create the browser log");
