@@ -80,8 +80,18 @@ async fn steps(layer: &Layer, wait: Duration) -> Result<(), CliError> {
         .new_channel("check")
         .await
         .map_err(step("new_channel:"))?;
-    let probe = Message::encode_as("chanlayer.check", &"ping", layer.options().codec)
-        .map_err(step("encode:"))?;
+    // A struct with a named field: a map in msgpack and json, so it also travels where a
+    // body must be one (AMQP's wire=channels_rabbitmq).
+    #[derive(serde::Serialize)]
+    struct Probe {
+        check: &'static str,
+    }
+    let probe = Message::encode_as(
+        "chanlayer.check",
+        &Probe { check: "ping" },
+        layer.options().codec,
+    )
+    .map_err(step("encode:"))?;
 
     let t = Instant::now();
     layer
