@@ -415,6 +415,7 @@ async fn a_full_python_queue_is_channel_full_in_rust() {
         matches!(&err, Error::ChannelFull { channel, .. } if channel == &theirs),
         "{err:?}"
     );
+    println!("{sent} sends accepted, then {err}");
     // 5 wait in the queue, at most one more in the consumer's prefetch window.
     assert!((5..=6).contains(&sent), "sent {sent} before ChannelFull");
     assert_eq!(
