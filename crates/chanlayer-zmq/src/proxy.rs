@@ -8,14 +8,13 @@
 //! [`crate::wire`] for the frames.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Mailbox};
+use crate::bridge::{context, lock, poll, spawn, zmq_err, Mailbox, Worker};
 use crate::config::{check_endpoint, curve_available, curve_missing};
-use crate::hub::{Hub, HubCounters, HubStats};
+use crate::hub::{Counters, Hub, HubStats};
 use crate::retention::Retention;
 use crate::runs::{Batch, Payload};
 use crate::wire;
@@ -81,11 +80,10 @@ impl ProxyConfig {
 /// assert_eq!(stats.forwarded, 0);
 /// ```
 pub struct Proxy {
-    mailbox: Arc<Mailbox<()>>,
-    counters: Arc<HubCounters>,
+    worker: Worker<Mailbox<()>>,
+    counters: Counters,
     pull: String,
     publish: String,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -107,37 +105,24 @@ impl Proxy {
         if config.curve_secret_key.is_some() && !curve_available() {
             return Err(curve_missing());
         }
-        let mailbox = Arc::new(Mailbox::new(1)?);
-        let counters = Arc::new(HubCounters::default());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (mailbox, counters) = (mailbox.clone(), counters.clone());
-            std::thread::Builder::new()
-                .name("chanlayer-zmq proxy".into())
-                .spawn(move || run(config, mailbox, counters, ready_tx))
-                .map_err(|e| Error::backend(BACKEND, "could not start the proxy thread", e))?
-        };
-        match ready_rx.recv() {
-            Ok(Ok((pull, publish))) => Ok(Proxy {
-                mailbox,
-                counters,
-                pull,
-                publish,
-                thread: Mutex::new(Some(thread)),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(Error::Backend {
-                    backend: BACKEND,
-                    message: "the proxy thread ended while binding".into(),
-                    source: None,
-                })
-            }
-        }
+        let counters = Counters::default();
+        let c = counters.clone();
+        let (thread, (mailbox, pull, publish)) = spawn(
+            "proxy",
+            move || {
+                let (pull, xpub, p, x) = setup(&config)?;
+                let mailbox = Arc::new(Mailbox::new(1)?);
+                let hub = Hub::new(xpub, config.retention, true, c);
+                Ok(((pull, hub, mailbox.clone()), (mailbox, p, x)))
+            },
+            run,
+        )?;
+        Ok(Proxy {
+            worker: Worker::new(mailbox, thread),
+            counters,
+            pull,
+            publish,
+        })
     }
 
     /// The PULL endpoint as bound (a `*` or `0` port resolved).
@@ -158,27 +143,14 @@ impl Proxy {
 
     /// The proxy's counters now.
     pub fn stats(&self) -> HubStats {
-        self.counters.snapshot()
+        *lock(&self.counters)
     }
 
     /// Stops the proxy (closing both sockets) and returns its final counters (what it
     /// retained for subscribers that never came is counted in `abandoned`).
     pub fn stop(self) -> HubStats {
-        self.shut_down();
+        self.worker.stop();
         self.stats()
-    }
-
-    fn shut_down(&self) {
-        self.mailbox.close();
-        if let Some(h) = lock(&self.thread).take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.shut_down();
     }
 }
 
@@ -243,34 +215,16 @@ const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'?')
     .add(b'+');
 
-type Ready = std::sync::mpsc::Sender<Result<(String, String)>>;
-
-fn run(config: ProxyConfig, mailbox: Arc<Mailbox<()>>, counters: Arc<HubCounters>, ready: Ready) {
-    let (pull, xpub, p, x) = match setup(&config) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let _ = ready.send(Ok((p, x)));
-    let mut hub = Hub::new(xpub, config.retention, true, counters);
+fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
     let mut frames: VecDeque<zmq::Message> = VecDeque::with_capacity(4);
     let mut run = Batch::default();
     loop {
-        {
-            let mut items = [
-                hub.socket().as_poll_item(zmq::POLLIN),
-                pull.as_poll_item(zmq::POLLIN),
-                mailbox.poll_item(),
-            ];
-            if let Err(e) = zmq::poll(&mut items, 500) {
-                if e != zmq::Error::EINTR {
-                    tracing::warn!(error = %e, "the proxy could not poll");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        let mut items = [
+            hub.socket().as_poll_item(zmq::POLLIN),
+            pull.as_poll_item(zmq::POLLIN),
+            mailbox.poll_item(),
+        ];
+        poll(&mut items, 500, "proxy");
         mailbox.woke();
         if mailbox.is_closed() {
             // What is retained for subscribers that never came goes with the proxy.
