@@ -4,7 +4,7 @@
 //!
 //! - Every data message gets the next sequence number of its topic and is published as
 //!   `[topic, meta, envelope]` (see [`crate::wire`]). Consecutive messages of one topic that
-//!   are queued together are published as one batch frame ([`crate::runs::Batch`]).
+//!   are queued together are published as one batch frame (the proxy's `Batch`).
 //! - Messages of normal channels (`c:`) are **retained** (the last `retain` per topic, at
 //!   most `retain_for`, at most `retain_bytes` in all); messages of inboxes (`i:`) are
 //!   retained only when no subscriber was there to get them. Group messages are never
@@ -26,8 +26,34 @@ use hashbrown::HashMap;
 
 use crate::bridge::{idle_since, lock, Control, Item, Outgoing, Sink};
 use crate::retention::{Retention, Store};
-use crate::runs::{From, Payload};
 use crate::wire::{self, TopicKind};
+
+/// A message body handed to the hub: owned bytes, or a frame received from the proxy's
+/// PULL socket (forwarded without a copy when it is not retained).
+pub(crate) enum Payload {
+    Bytes(Vec<u8>),
+    Frame(zmq::Message),
+}
+
+impl Payload {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Bytes(b) => b,
+            Payload::Frame(m) => m,
+        }
+    }
+
+    pub fn into_message(self) -> zmq::Message {
+        match self {
+            Payload::Bytes(b) => zmq::Message::from(b),
+            Payload::Frame(m) => m,
+        }
+    }
+}
+
+/// Where a message comes from, as the sender gave it (dedicated mode): its origin id and
+/// its number on the topic. `None` for the embedded publisher's own messages.
+pub(crate) type From = Option<(u64, u64)>;
 
 /// Counters of a publisher (the proxy, or the embedded publisher of a process).
 ///
@@ -236,14 +262,6 @@ impl Hub {
         }
     }
 
-    /// The meta frame of a message (a stamped one from a proxy's hub).
-    fn meta(&self, kind: u8, seq: u64, origin: Option<wire::Origin>) -> Meta {
-        match origin {
-            Some(o) => Meta::Stamped(wire::meta_stamped(kind, self.epoch, seq, o)),
-            None => Meta::Plain(wire::meta(kind, self.epoch, seq)),
-        }
-    }
-
     /// Publishes one data message on `topic`.
     pub fn publish(&mut self, topic: &[u8], from: From, payload: Payload) {
         self.put_out(topic, from, 1, payload, false);
@@ -300,8 +318,8 @@ impl Hub {
             } else {
                 wire::META_DATA
             };
-            let meta = self.meta(meta_kind, first, origin);
-            self.send([topic.into(), meta.bytes().into(), payload.into_message()]);
+            let meta = meta(meta_kind, self.epoch, first, origin);
+            self.send([topic.into(), meta, payload.into_message()]);
         }
         let mut dropped = 0;
         for (i, bytes) in (0u64..).zip(kept) {
@@ -416,19 +434,13 @@ impl Hub {
         };
         let xpub = &self.xpub;
         let (replayed, heard_now) = self.store.replay(topic, |k| {
-            let meta = match (stamps, k.from) {
-                (false, _) => Meta::Plain(wire::meta(wire::META_DATA, epoch, k.seq)),
-                (true, from) => {
-                    let (id, seq) = from.unwrap_or((0, 0));
-                    let origin = wire::Origin {
-                        id,
-                        seq,
-                        first: first_of(id, seq),
-                    };
-                    Meta::Stamped(wire::meta_stamped(wire::META_DATA, epoch, k.seq, origin))
-                }
-            };
-            let sent = xpub.send_multipart([probe, meta.bytes(), &k.payload[..]], 0);
+            let origin = stamps.then(|| {
+                let (id, seq) = k.from.unwrap_or((0, 0));
+                let first = first_of(id, seq);
+                wire::Origin { id, seq, first }
+            });
+            let meta = meta(wire::META_DATA, epoch, k.seq, origin);
+            let sent = xpub.send_multipart([probe.into(), meta, k.payload[..].into()], 0);
             if let Err(e) = &sent {
                 tracing::warn!(error = %e, "could not replay a retained message");
             }
@@ -495,17 +507,10 @@ impl Sink for Hub {
     }
 }
 
-/// A meta frame, plain or stamped, without an allocation.
-enum Meta {
-    Plain([u8; wire::META_LEN]),
-    Stamped([u8; wire::STAMPED_META_LEN]),
-}
-
-impl Meta {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Meta::Plain(m) => m,
-            Meta::Stamped(m) => m,
-        }
+/// A meta frame: stamped with the message's origin (a proxy's hub) or plain.
+fn meta(kind: u8, epoch: u64, seq: u64, origin: Option<wire::Origin>) -> zmq::Message {
+    match origin {
+        Some(o) => wire::meta_stamped(kind, epoch, seq, o)[..].into(),
+        None => wire::meta(kind, epoch, seq)[..].into(),
     }
 }

@@ -14,9 +14,8 @@ use chanlayer_core::{Error, Result};
 
 use crate::bridge::{context, lock, poll, spawn, zmq_err, Mailbox, Worker};
 use crate::config::{check_endpoint, curve_available, curve_missing};
-use crate::hub::{Counters, Hub, HubStats};
+use crate::hub::{Counters, From, Hub, HubStats, Payload};
 use crate::retention::Retention;
-use crate::runs::{Batch, Payload};
 use crate::wire;
 use crate::BACKEND;
 
@@ -340,4 +339,75 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut VecDeque<zmq::Message>)
     }
     tracing::debug!(frames = n, first = %wire::display(first), "the proxy skipped a message that is not chanlayer's");
     hub.reject();
+}
+
+/// A run: consecutive data messages of one topic (and one origin) that the proxy
+/// publishes as one batch frame (see [`crate::wire`]). It flushes before anything else (a
+/// mark) and at the end of what it read, so the order on the wire is the order they came
+/// in and nothing waits for a batch to fill.
+#[derive(Default)]
+pub(crate) struct Batch {
+    topic: Vec<u8>,
+    body: Vec<u8>,
+    count: u64,
+    /// The origin of the first message: every message of a run has the same origin and the
+    /// next number (a batch frame carries one origin stamp).
+    from: From,
+    /// The first message, kept whole: a batch of one is published as a plain data message.
+    first: Option<Payload>,
+}
+
+impl Batch {
+    /// Adds a message for `topic`, publishing what is batched first when the topic or the
+    /// origin changes or the batch is full. A message over [`wire::BATCH_ITEM_MAX`] is
+    /// published alone.
+    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: Payload) {
+        let len = payload.as_slice().len();
+        if len > wire::BATCH_ITEM_MAX {
+            self.flush(hub);
+            hub.publish(topic, from, payload);
+            return;
+        }
+        let follows = match (self.from, from) {
+            (None, None) => true,
+            (Some((id, first)), Some((next_id, next))) => {
+                id == next_id && first.checked_add(self.count) == Some(next)
+            }
+            _ => false,
+        };
+        let batched = self.body.len() + self.first.as_ref().map_or(0, |f| 4 + f.as_slice().len());
+        if self.count > 0
+            && (self.topic != topic || !follows || batched + 4 + len > wire::BATCH_MAX_BYTES)
+        {
+            self.flush(hub);
+        }
+        if self.count == 0 {
+            self.topic.clear();
+            self.topic.extend_from_slice(topic);
+            self.from = from;
+            self.first = Some(payload);
+            self.count = 1;
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.body.reserve(8 * 1024);
+            wire::batch_push(&mut self.body, first.as_slice());
+        }
+        wire::batch_push(&mut self.body, payload.as_slice());
+        self.count += 1;
+    }
+
+    /// Publishes what is batched.
+    pub fn flush(&mut self, hub: &mut Hub) {
+        match (self.count, self.first.take()) {
+            (0, _) => {}
+            (_, Some(first)) => hub.publish(&self.topic, self.from, first),
+            (n, None) => {
+                let body = std::mem::take(&mut self.body);
+                hub.publish_batch(&self.topic, n, body, self.from);
+            }
+        }
+        self.count = 0;
+        self.body.clear();
+    }
 }

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::runs::From;
+use crate::hub::From;
 
 /// Retention settings of a publisher (the proxy or the embedded publisher).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
