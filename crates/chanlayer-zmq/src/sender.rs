@@ -160,8 +160,9 @@ impl Sink for Push {
     }
 
     fn idle(&mut self) -> bool {
+        // Nothing held back for the socket: else the send queues (bounded by send_queue).
         self.numbering.turn();
-        idle_since(&mut self.last)
+        self.pending.is_empty() && idle_since(&mut self.last)
     }
 }
 

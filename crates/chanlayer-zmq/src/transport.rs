@@ -372,38 +372,33 @@ impl Transport for ZmqTransport {
             tokio::time::timeout(timeout, inbox_confirmed).await,
             Ok(Ok(Confirm::Confirmed))
         );
-        match &inner.cfg.mode {
-            Mode::Dedicated { pull, publish } => {
-                if !confirmed {
-                    inner.shut_down().await;
-                    return Err(Error::Backend {
-                        backend: BACKEND,
-                        message: format!(
-                            "no chanlayer zmq proxy answered on {publish} within {timeout:?} (is `chanlayer zmq-proxy --pull {pull} --pub {publish}` running?)"
-                        ),
-                        source: None,
-                    });
-                }
-                let came_back = match inner.mark("")? {
-                    Some(rx) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
-                    None => true,
-                };
-                if !came_back {
-                    inner.shut_down().await;
-                    return Err(Error::Backend {
-                        backend: BACKEND,
-                        message: format!(
-                            "the proxy answers on {publish}, but a message sent to {pull} did not come back within {timeout:?}: is {pull} the PULL address of the same proxy?"
-                        ),
-                        source: None,
-                    });
-                }
-            }
+        let failed = match &inner.cfg.mode {
             Mode::Embedded { endpoint } => {
                 if !confirmed {
                     tracing::debug!(%endpoint, "no publisher is up yet; subscriptions take effect when one binds");
                 }
+                None
             }
+            Mode::Dedicated { pull, publish } if !confirmed => Some(format!(
+                "no chanlayer zmq proxy answered on {publish} within {timeout:?} (is `chanlayer zmq-proxy --pull {pull} --pub {publish}` running?)"
+            )),
+            Mode::Dedicated { pull, publish } => {
+                let came_back = match inner.mark("")? {
+                    Some(rx) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
+                    None => true,
+                };
+                (!came_back).then(|| format!(
+                    "the proxy answers on {publish}, but a message sent to {pull} did not come back within {timeout:?}: is {pull} the PULL address of the same proxy?"
+                ))
+            }
+        };
+        if let Some(message) = failed {
+            inner.shut_down().await;
+            return Err(Error::Backend {
+                backend: BACKEND,
+                message,
+                source: None,
+            });
         }
         Ok(ZmqTransport { inner })
     }
