@@ -117,22 +117,27 @@ start() {
     say "up: $(node a) 127.0.0.1:5681, $(node b) 127.0.0.1:5682, $(node c) 127.0.0.1:5683"
     return 0
   fi
-  # 1. Erlang VMs: start every node that is down, all at once (a stopped cluster's nodes
-  #    wait for each other at boot).
+  # 1. Erlang VMs: start every node that is down (never started, stopped, or killed), all
+  #    at once (a stopped cluster's nodes wait for each other at boot).
+  local launched=""
   for n in "${NODES[@]}"; do
     if ! erlang_up "$n"; then
       prepare "$n"
       say "starting $(node "$n")"
       launch "$n"
+      launched="$launched $n"
     fi
   done
   for n in "${NODES[@]}"; do
     wait_for "$(node "$n") to answer" erlang_up "$n"
   done
-  # 2. RabbitMQ on each (a node may have been left stopped by stop_app).
+  # 2. RabbitMQ on each: a node that was up with RabbitMQ stopped (rabbitmqctl stop_app)
+  #    is started again; one launched above boots by itself.
   for n in "${NODES[@]}"; do
+    case " $launched " in *" $n "*) continue ;; esac
     if ! app_up "$n"; then
-      ctl "$n" await_startup --timeout 5 >/dev/null 2>&1 || ctl "$n" start_app >/dev/null 2>&1 || true
+      say "starting RabbitMQ on $(node "$n") (start_app)"
+      ctl "$n" start_app >/dev/null || die "rabbitmqctl -n $(node "$n") start_app failed"
     fi
   done
   for n in "${NODES[@]}"; do
@@ -142,10 +147,12 @@ start() {
   for n in b c; do
     if ! members | grep -qx "$(node "$n")"; then
       say "joining $(node "$n") to $(node a)"
-      ctl "$n" stop_app
-      ctl "$n" reset
-      ctl "$n" join_cluster "$(node a)"
-      ctl "$n" start_app
+      {
+        ctl "$n" stop_app &&
+          ctl "$n" reset &&
+          ctl "$n" join_cluster "$(node a)" &&
+          ctl "$n" start_app
+      } >>"$DIR/log/$n/join.log" 2>&1 || die "could not join $(node "$n") to $(node a) (see $DIR/log/$n/join.log)"
       wait_for "RabbitMQ on $(node "$n") after joining" app_up "$n"
     fi
   done
