@@ -392,8 +392,9 @@ async fn run(victim: Victim) {
     restart.0 = false;
     let restarted_in = restarting.elapsed();
 
+    // On a line of its own: the test harness may have started one ("test ... ").
     println!(
-        "cluster {victim:?}: took down {stopped} with {} (sender on {sender_node}, then {sender_after}; queue leader {first_leader}, then {new_leader}); sent Ok {}, send errors {send_errors}, received {received} ({} distinct), lost {}, duplicates {duplicates}, received unconfirmed {unconfirmed_received}, ack/receive errors {}, seconds to resume: sends {:.2}, receives {:.2}; node back in {:.1}s; test took {:.1}s",
+        "\ncluster {victim:?}: took down {stopped} with {} (sender on {sender_node}, then {sender_after}; queue leader {first_leader}, then {new_leader}); sent Ok {}, send errors {send_errors}, received {received} ({} distinct), lost {}, duplicates {duplicates}, received unconfirmed {unconfirmed_received}, ack/receive errors {}, seconds to resume: sends {:.2}, receives {:.2}; node back in {:.1}s; test took {:.1}s",
         match victim {
             Victim::ConnectedNode => "stop_app",
             Victim::QueueLeader => "kill -9",
