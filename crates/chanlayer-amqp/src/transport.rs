@@ -42,6 +42,15 @@ impl AmqpTransport {
         self.shared.reconnects.load(Ordering::Relaxed)
     }
 
+    /// The broker this instance is connected to now, without credentials
+    /// (`amqp://host:port/vhost`: one of the URL's hosts), or `None` while it reconnects.
+    pub fn connected_broker(&self) -> Option<String> {
+        let session = self.shared.session.borrow();
+        session
+            .as_ref()
+            .map(|s| self.shared.cfg.host_address(s.host))
+    }
+
     /// The name of this instance's inbox queue.
     pub fn inbox_queue(&self) -> &str {
         &self.shared.names.inbox
@@ -122,7 +131,7 @@ impl Transport for AmqpTransport {
             persistent: properties(inbound.options(), true, wire),
             inbound,
         });
-        let first = crate::connection::open(&shared, 1).await?;
+        let first = crate::connection::open(&shared, 1, 0).await?;
         shared.set_session(Some(first.clone()));
         tokio::spawn(crate::connection::supervise(shared.clone(), first));
         Ok(AmqpTransport {
