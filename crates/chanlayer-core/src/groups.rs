@@ -28,10 +28,7 @@ impl GroupRegistry {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Members>> {
-        match self.groups.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::toolkit::lock(&self.groups)
     }
 
     /// Adds or refreshes a membership that lasts `expiry`. Returns `true` if the group had no

@@ -39,17 +39,14 @@ impl Entry {
     /// already left its queue, so `ack` does nothing and `nack` is an error. What network
     /// backends hand out for process-local channels.
     pub fn into_settled_delivery(self, channel: &str) -> crate::Delivery {
-        let info = crate::DeliveryInfo {
-            id: self.envelope.id,
-            channel: channel.to_owned(),
-            redelivered: self.redelivered,
-            sent_at_ms: self.envelope.sent_at_ms,
-        };
-        crate::Delivery::new(
-            self.envelope.into_message(),
-            info,
-            crate::AckHandle::settled(),
-        )
+        let ack = crate::AckHandle::settled();
+        let (envelope, redelivered) = (self.envelope, self.redelivered);
+        crate::transport::Incoming {
+            envelope,
+            redelivered,
+            ack,
+        }
+        .into_delivery(channel)
     }
 }
 
@@ -117,19 +114,6 @@ impl Channels {
     }
 }
 
-impl std::ops::Deref for Channels {
-    type Target = HashMap<String, Slot>;
-    fn deref(&self) -> &Self::Target {
-        &self.map
-    }
-}
-
-impl std::ops::DerefMut for Channels {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.map
-    }
-}
-
 /// Per-channel bounded queues with waiting receivers. See the module docs.
 #[derive(Default)]
 pub struct LocalInbox {
@@ -139,7 +123,7 @@ pub struct LocalInbox {
 impl std::fmt::Debug for LocalInbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalInbox")
-            .field("channels", &self.lock().len())
+            .field("channels", &self.lock().map.len())
             .finish()
     }
 }
@@ -153,18 +137,25 @@ struct Waiter<'a> {
     armed: bool,
 }
 
+impl Waiter<'_> {
+    /// Uncounts this waiter, once. The slot may have been removed and recreated (close,
+    /// flush); only the one it registered with counts it.
+    fn unregister(&mut self, map: &mut Channels) {
+        if std::mem::take(&mut self.armed) {
+            if let Some(slot) = map.map.get_mut(self.channel) {
+                if Arc::ptr_eq(&slot.notify, &self.notify) {
+                    slot.waiters -= 1;
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let mut map = self.inbox.lock();
-        if let Some(slot) = map.get_mut(self.channel) {
-            // The slot may have been removed and recreated (close, flush); only the one we
-            // registered with counts us.
-            if Arc::ptr_eq(&slot.notify, &self.notify) {
-                slot.waiters -= 1;
-            }
+        if self.armed {
+            let inbox = self.inbox;
+            self.unregister(&mut inbox.lock());
         }
     }
 }
@@ -176,12 +167,7 @@ impl LocalInbox {
     }
 
     fn lock(&self) -> MutexGuard<'_, Channels> {
-        // Critical sections never panic midway, so a poisoned lock still holds
-        // consistent data.
-        match self.channels.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::toolkit::lock(&self.channels)
     }
 
     /// Appends to `channel` unless it already holds `capacity` live messages
@@ -284,66 +270,41 @@ impl LocalInbox {
     pub async fn take(&self, channel: &str, stats: &Stats, closed: &CloseSignal) -> Result<Entry> {
         tokio::task::consume_budget().await;
         closed.check()?;
-        let mut expired = 0;
-        // One lock: take a message, or register as a waiter. `notify_waiters` wakes every
-        // `Notified` created before it is called, and pushes call it under this lock, so a
-        // `Notified` created under the lock cannot miss a later push.
-        let notify: Arc<Notify>;
-        let first;
-        {
-            let now = recent_ms();
-            let mut map = self.lock();
-            let found = map.pop_live(channel, now, &mut expired);
-            if let Some(e) = found {
-                drop(map);
-                stats.record_expired(expired);
-                return Ok(e);
-            }
-            let slot = map.slot(channel);
-            slot.waiters += 1;
-            notify = slot.notify.clone();
-            first = notify.notified();
-        }
-        stats.record_expired(expired);
-        let mut waiter = Waiter {
-            inbox: self,
-            channel,
-            notify: notify.clone(),
-            armed: true,
-        };
         let close = closed.closed();
         tokio::pin!(close);
-        tokio::pin!(first);
-        tokio::select! {
-            _ = &mut first => {}
-            _ = &mut close => return Err(Error::Closed),
-        }
+        let mut waiter: Option<Waiter<'_>> = None;
         loop {
-            // Created before the check, so a push after the check wakes it.
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            {
-                let now = recent_ms();
+            // One lock: take a message, or register as a waiter and create the `Notified` to
+            // wait on. Pushes call `notify_waiters` under this lock, and it wakes every
+            // `Notified` created before the call, so one created here misses no later push.
+            let mut expired = 0;
+            let now = recent_ms();
+            let notified = {
                 let mut map = self.lock();
-                let mut expired = 0;
-                let found = map.pop_live(channel, now, &mut expired);
-                if let Some(e) = found {
-                    if let Some(slot) = map.get_mut(channel) {
-                        if Arc::ptr_eq(&slot.notify, &waiter.notify) {
-                            slot.waiters -= 1;
-                        }
+                if let Some(e) = map.pop_live(channel, now, &mut expired) {
+                    if let Some(w) = waiter.as_mut() {
+                        w.unregister(&mut map);
                     }
-                    waiter.armed = false;
                     drop(map);
                     stats.record_expired(expired);
                     return Ok(e);
                 }
-                drop(map);
-                stats.record_expired(expired);
-            }
+                let w = waiter.get_or_insert_with(|| {
+                    let slot = map.slot(channel);
+                    slot.waiters += 1;
+                    Waiter {
+                        inbox: self,
+                        channel,
+                        notify: slot.notify.clone(),
+                        armed: true,
+                    }
+                });
+                w.notify.notified()
+            };
+            stats.record_expired(expired);
             closed.check()?;
             tokio::select! {
-                _ = &mut notified => {}
+                _ = notified => {}
                 _ = &mut close => return Err(Error::Closed),
             }
         }
@@ -379,18 +340,17 @@ impl LocalInbox {
 
     /// Messages queued on `channel` (expired ones included until they are purged).
     pub fn len(&self, channel: &str) -> usize {
-        self.lock().get(channel).map_or(0, |s| s.queue.len())
+        self.lock().map.get(channel).map_or(0, |s| s.queue.len())
     }
 
     /// `true` if no channel holds a message.
     pub fn is_empty(&self) -> bool {
-        self.lock().values().all(|s| s.queue.is_empty())
+        self.lock().map.values().all(|s| s.queue.is_empty())
     }
 
     /// Drops every queued message (flush). Waiting receivers keep waiting.
     pub fn clear(&self) {
-        let mut map = self.lock();
-        map.retain(|_, s| {
+        self.lock().map.retain(|_, s| {
             s.queue.clear();
             s.waiters > 0
         });

@@ -105,16 +105,8 @@ impl LayerConfig {
                     .to_string(),
             ));
         }
-        let scheme = scheme.to_ascii_lowercase();
         // Which schemes exist is the facade's registry's business; here only the syntax.
-        let mut chars = scheme.chars();
-        let syntax_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-            && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-        if !syntax_ok {
-            return Err(Error::Config(
-                "a layer URL starts with a scheme of letters, digits, '+', '-' or '.' (for example memory:// or amqp://)".to_string(),
-            ));
-        }
+        let scheme = scheme.to_ascii_lowercase();
         // The user-info, address and path end at the first '?' or '#'. A password with an
         // unencoded '?' or '#' would end there too and spill into the query or fragment; an
         // '@' after that point is the sign, and such a URL cannot be split safely.
