@@ -105,6 +105,11 @@ impl<T: Transport> TransportLayer<T> {
         &self.inbound
     }
 
+    /// `r`, or `Closed` if it failed because the layer closed ([`CloseSignal::closed_wins`](crate::toolkit::CloseSignal::closed_wins)).
+    fn wins<R>(&self, r: Result<R>) -> Result<R> {
+        self.inbound.closed().closed_wins(r)
+    }
+
     fn seal(&self, kind: Destination, name: &str, message: Message) -> Result<Envelope> {
         Envelope::seal_unaddressed(kind, name, message, self.inbound.options())
     }
@@ -514,27 +519,19 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
-        self.inbound
-            .closed()
-            .closed_wins(self.send_op(channel, message).await)
+        self.wins(self.send_op(channel, message).await)
     }
 
     async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
-        self.inbound
-            .closed()
-            .closed_wins(self.send_batch_op(channel, messages).await)
+        self.wins(self.send_batch_op(channel, messages).await)
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        self.inbound
-            .closed()
-            .closed_wins(self.receive_op(channel).await)
+        self.wins(self.receive_op(channel).await)
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        self.inbound
-            .closed()
-            .closed_wins(self.receive_delivery_op(channel).await)
+        self.wins(self.receive_delivery_op(channel).await)
     }
 
     async fn receive_batch(
@@ -543,9 +540,7 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        self.inbound
-            .closed()
-            .closed_wins(self.receive_batch_op(channel, max, timeout).await)
+        self.wins(self.receive_batch_op(channel, max, timeout).await)
     }
 
     async fn new_channel(&self, prefix: &str) -> Result<String> {
@@ -554,21 +549,15 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
-        self.inbound
-            .closed()
-            .closed_wins(self.group_add_op(group, channel).await)
+        self.wins(self.group_add_op(group, channel).await)
     }
 
     async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
-        self.inbound
-            .closed()
-            .closed_wins(self.group_discard_op(group, channel).await)
+        self.wins(self.group_discard_op(group, channel).await)
     }
 
     async fn group_send(&self, group: &str, message: Message) -> Result<()> {
-        self.inbound
-            .closed()
-            .closed_wins(self.group_send_op(group, message).await)
+        self.wins(self.group_send_op(group, message).await)
     }
 
     async fn flush(&self) -> Result<()> {

@@ -130,16 +130,13 @@ impl BackendSettings for KafkaConfig {
         }
         let brokers = parse_brokers(&b.address)?;
         let mut o = b.options.clone();
-        let (mut username, mut password) = match &b.credentials {
-            Some(c) => (Some(c.username.clone()), c.password.clone()),
-            None => (None, None),
-        };
-        if let Some(u) = o.take("username") {
-            username = Some(u);
-        }
-        if let Some(p) = o.take("password") {
-            password = Some(Secret::new(p));
-        }
+        // The options win over the URL's user-info.
+        let url = b.credentials.as_ref();
+        let username = o
+            .take("username")
+            .or_else(|| url.map(|c| c.username.clone()));
+        let password =
+            (o.take("password").map(Secret::new)).or_else(|| url.and_then(|c| c.password.clone()));
         let client_properties = take_prefixed(&mut o, "kafka.", "librdkafka property")?;
         let topic_properties = take_prefixed(&mut o, "topic.", "topic config")?;
         let security_protocol = o.take("security.protocol").map(|p| p.to_ascii_lowercase());
@@ -279,54 +276,48 @@ impl KafkaConfig {
 
     /// The producer's settings: idempotent, `acks=all`, delivery reports awaited by `send`.
     pub fn producer_config(&self, client_id: &str, max_message_size: usize) -> ClientConfig {
-        let mut c = self.client_config(client_id);
-        set_default(&mut c, "enable.idempotence", "true");
-        set_default(&mut c, "acks", "all");
-        set_default(&mut c, "linger.ms", &millis(self.linger).to_string());
-        set_default(
-            &mut c,
-            "message.timeout.ms",
-            &millis(self.delivery_timeout).max(1).to_string(),
-        );
-        set_default(
-            &mut c,
-            "message.max.bytes",
-            &max_message_size.saturating_add(RECORD_OVERHEAD).to_string(),
-        );
-        // A send to a topic that does not exist (an instance that closed) must not create it.
-        set_default(&mut c, "allow.auto.create.topics", "false");
-        c
+        let max_bytes = max_message_size.saturating_add(RECORD_OVERHEAD);
+        defaults(
+            self.client_config(client_id),
+            [
+                ("enable.idempotence", "true".into()),
+                ("acks", "all".into()),
+                ("linger.ms", millis(self.linger).to_string()),
+                (
+                    "message.timeout.ms",
+                    millis(self.delivery_timeout).max(1).to_string(),
+                ),
+                ("message.max.bytes", max_bytes.to_string()),
+                // A send to a topic that does not exist (an instance that closed) must not
+                // create it.
+                ("allow.auto.create.topics", "false".into()),
+            ],
+        )
     }
 
     /// A consumer's settings: manual commits only, no offset store, no topic creation.
-    /// `group` is the consumer group (normal channels) or `None` (assigned partitions only).
+    /// `group` is the consumer group (normal channels) or `None` (assigned partitions only:
+    /// librdkafka wants a group id for a consumer, and nothing joins or commits with it).
     pub fn consumer_config(&self, client_id: &str, group: Option<&str>) -> ClientConfig {
         let mut c = self.client_config(client_id);
-        if let Some(g) = group {
-            c.set("group.id", g);
-        } else {
-            // librdkafka wants a group id for a consumer; nothing joins or commits with it.
-            c.set("group.id", client_id);
-        }
-        set_default(&mut c, "enable.auto.commit", "false");
-        set_default(&mut c, "enable.auto.offset.store", "false");
-        set_default(&mut c, "auto.offset.reset", "earliest");
-        set_default(&mut c, "enable.partition.eof", "false");
-        set_default(&mut c, "allow.auto.create.topics", "false");
-        set_default(
-            &mut c,
-            "session.timeout.ms",
-            &millis(self.session_timeout).to_string(),
-        );
-        // librdkafka refuses a session.timeout.ms above max.poll.interval.ms (default 5 min).
-        set_default(
-            &mut c,
-            "max.poll.interval.ms",
-            &millis(self.session_timeout).max(300_000).to_string(),
-        );
-        // Latency: answer a fetch as soon as anything is there, or after 100 ms.
-        set_default(&mut c, "fetch.wait.max.ms", "100");
-        c
+        c.set("group.id", group.unwrap_or(client_id));
+        let session = millis(self.session_timeout);
+        defaults(
+            c,
+            [
+                ("enable.auto.commit", "false".into()),
+                ("enable.auto.offset.store", "false".into()),
+                ("auto.offset.reset", "earliest".into()),
+                ("enable.partition.eof", "false".into()),
+                ("allow.auto.create.topics", "false".into()),
+                ("session.timeout.ms", session.to_string()),
+                // librdkafka refuses a session.timeout.ms above max.poll.interval.ms
+                // (default 5 min).
+                ("max.poll.interval.ms", session.max(300_000).to_string()),
+                // Latency: answer a fetch as soon as anything is there, or after 100 ms.
+                ("fetch.wait.max.ms", "100".into()),
+            ],
+        )
     }
 }
 
@@ -353,11 +344,14 @@ fn take_prefixed(o: &mut BackendOptions, head: &str, what: &str) -> Result<Backe
     Ok(out)
 }
 
-/// Sets `key` unless the `kafka.*` pass-through already did.
-fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
-    if c.get(key).is_none() {
-        c.set(key, value);
+/// Sets each key of `values` unless the `kafka.*` pass-through already did.
+fn defaults<const N: usize>(mut c: ClientConfig, values: [(&str, String); N]) -> ClientConfig {
+    for (key, value) in values {
+        if c.get(key).is_none() {
+            c.set(key, value);
+        }
     }
+    c
 }
 
 fn millis(d: Duration) -> u64 {

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chanlayer_core::toolkit::{async_trait, lock, now_ms, Envelope, Inbound, Settler, Stats};
-use chanlayer_core::{Error, Result};
+use chanlayer_core::Result;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
-use crate::capabilities::BACKEND;
+use crate::topics::failure;
 
 /// A message taken from the topic and not settled yet.
 pub(crate) struct Pending {
@@ -26,6 +26,7 @@ pub(crate) struct Pending {
 }
 
 /// One assigned partition.
+#[derive(Default)]
 struct Track {
     /// Which assignment this is: a delivery from an earlier one cannot settle here.
     epoch: u64,
@@ -53,11 +54,12 @@ impl Track {
             .iter()
             .any(|o| !self.not_in_hand.contains(o))
     }
-}
 
-impl Track {
-    fn commit_point(&self) -> Option<i64> {
-        self.outstanding.first().copied().or(self.next)
+    /// The commit point (the lowest outstanding offset, else the next to fetch) if it moved
+    /// past the last one committed.
+    fn due(&self) -> Option<i64> {
+        let point = self.outstanding.first().copied().or(self.next)?;
+        self.committed.is_none_or(|c| point > c).then_some(point)
     }
 }
 
@@ -94,11 +96,9 @@ impl State {
     fn due_commits(&mut self, topic: &str) -> Option<TopicPartitionList> {
         let mut tpl = TopicPartitionList::new();
         for (p, t) in &mut self.parts {
-            if let Some(point) = t.commit_point() {
-                if t.committed.is_none_or(|c| point > c) {
-                    add_commit(&mut tpl, topic, *p, point);
-                    t.committed = Some(point);
-                }
+            if let Some(point) = t.due() {
+                add_commit(&mut tpl, topic, *p, point);
+                t.committed = Some(point);
             }
         }
         (tpl.count() > 0).then_some(tpl)
@@ -155,11 +155,10 @@ impl Shared {
             return Ok(Some(p));
         }
         if let Some(why) = &st.failed {
-            return Err(Error::Backend {
-                backend: BACKEND,
-                message: format!("the consumer of {:?} stopped: {why}", self.topic),
-                source: None,
-            });
+            return Err(failure(format!(
+                "the consumer of {:?} stopped: {why}",
+                self.topic
+            )));
         }
         Ok(None)
     }
@@ -221,12 +220,8 @@ impl Shared {
         }
         let mut out = TopicPartitionList::new();
         for p in revoked {
-            if let Some(t) = st.parts.remove(&p) {
-                if let Some(point) = t.commit_point() {
-                    if t.committed.is_none_or(|c| point > c) {
-                        add_commit(&mut out, &self.topic, p, point);
-                    }
-                }
+            if let Some(point) = st.parts.remove(&p).and_then(|t| t.due()) {
+                add_commit(&mut out, &self.topic, p, point);
             }
         }
         out
@@ -243,18 +238,12 @@ impl Shared {
             st.epochs += 1;
             let epoch = st.epochs;
             let fetched_before = fetched_before.get(&e.partition()).copied().unwrap_or(0);
-            st.parts.insert(
-                e.partition(),
-                Track {
-                    epoch,
-                    outstanding: BTreeSet::new(),
-                    next: None,
-                    committed: None,
-                    fetched_before,
-                    revoking: false,
-                    not_in_hand: BTreeSet::new(),
-                },
-            );
+            let track = Track {
+                epoch,
+                fetched_before,
+                ..Track::default()
+            };
+            st.parts.insert(e.partition(), track);
         }
     }
 
@@ -343,16 +332,14 @@ impl ConsumerContext for Context {
                 Ok(committed) => {
                     for e in committed.elements() {
                         // A committed offset: the partition had an owner before.
-                        if let Offset::Offset(c) = e.offset() {
-                            if c >= 0 {
-                                if let Ok((_, high)) = consumer.fetch_watermarks(
-                                    &self.shared.topic,
-                                    e.partition(),
-                                    Duration::from_secs(5),
-                                ) {
-                                    fetched_before.insert(e.partition(), high);
-                                }
-                            }
+                        if !matches!(e.offset(), Offset::Offset(c) if c >= 0) {
+                            continue;
+                        }
+                        let (topic, p) = (&self.shared.topic, e.partition());
+                        if let Ok((_, high)) =
+                            consumer.fetch_watermarks(topic, p, Duration::from_secs(5))
+                        {
+                            fetched_before.insert(p, high);
                         }
                     }
                 }
@@ -377,6 +364,14 @@ pub(crate) fn run(
 ) {
     let stats = inbound.stats();
     let source = format!("kafka topic {}", shared.topic);
+    let commit = |mode| {
+        let due = lock(&shared.state).due_commits(&shared.topic);
+        if let Some(tpl) = due {
+            if let Err(e) = consumer.commit(&tpl, mode) {
+                tracing::debug!(topic = %shared.topic, error = %e, "offset commit failed; a later one covers it");
+            }
+        }
+    };
     let mut last_commit = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
         // Flow control: with `prefetch` messages held, take no more from librdkafka (its
@@ -455,21 +450,11 @@ pub(crate) fn run(
         }
         if last_commit.elapsed() >= interval {
             last_commit = Instant::now();
-            let due = lock(&shared.state).due_commits(&shared.topic);
-            if let Some(tpl) = due {
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                    tracing::debug!(topic = %shared.topic, error = %e, "offset commit failed; a later one covers it");
-                }
-            }
+            commit(CommitMode::Async);
         }
     }
     // Stopping: commit what is settled, leave the group (the revoke callback commits too).
-    let due = lock(&shared.state).due_commits(&shared.topic);
-    if let Some(tpl) = due {
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::debug!(topic = %shared.topic, error = %e, "final offset commit failed");
-        }
-    }
+    commit(CommitMode::Sync);
     consumer.unsubscribe();
     drop(consumer);
     let mut st = lock(&shared.state);

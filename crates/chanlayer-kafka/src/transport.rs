@@ -24,7 +24,7 @@ use crate::config::KafkaConfig;
 use crate::normal::NormalConsumer;
 use crate::producer::{Refused, Sender};
 use crate::state::{ClosedInstances, Instance, CLOSED_KEY};
-use crate::topics::{Kind, Names, Topics};
+use crate::topics::{failure, Kind, Names, Topics};
 use crate::worker::Worker;
 
 /// The Kafka transport: one layer instance's clients, topics, threads and tasks. Use it as
@@ -80,14 +80,7 @@ impl KafkaTransport {
             .sender
             .send(topic, key, bytes)
             .await
-            .map_err(|r| match r {
-                Refused::UnknownTopic => Error::Backend {
-                    backend: BACKEND,
-                    message: format!("no topic {topic:?}"),
-                    source: None,
-                },
-                Refused::Failed(e) => e,
-            })
+            .map_err(|r| r.or_gone(|| format!("no topic {topic:?}")))
     }
 
     fn consumer(&self, channel: &str) -> Arc<NormalConsumer> {
@@ -159,14 +152,11 @@ impl KafkaTransport {
                 Ok(()) => return Ok(()),
                 // Deleted behind our back: create it again, once.
                 Err(Refused::UnknownTopic) if attempt == 0 => instance.topics.forget(&topic),
-                Err(Refused::UnknownTopic) => {
-                    return Err(Error::Backend {
-                        backend: BACKEND,
-                        message: format!("topic {topic:?} vanished right after it was created"),
-                        source: None,
-                    })
+                Err(r) => {
+                    return Err(r.or_gone(|| {
+                        format!("topic {topic:?} vanished right after it was created")
+                    }))
                 }
-                Err(Refused::Failed(e)) => return Err(e),
             }
         }
         Ok(())
@@ -211,13 +201,9 @@ async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransp
         },
         e => e,
     };
-    let refused = |cause: String| Error::Backend {
-        backend: BACKEND,
-        message: format!(
-            "could not connect to {}: {cause}",
-            instance.cfg.display_address()
-        ),
-        source: None,
+    let refused = |cause: String| {
+        let at = instance.cfg.display_address();
+        failure(format!("could not connect to {at}: {cause}"))
     };
     let names = &instance.names;
     // The first request fails at once when authentication or TLS does.
@@ -235,13 +221,11 @@ async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransp
         .partition_count(&names.groups)
         .await
         .map_err(reach)?
-        .ok_or_else(|| Error::Backend {
-            backend: BACKEND,
-            message: format!(
-                "the groups topic {:?} is not in the cluster's metadata",
-                names.groups
-            ),
-            source: None,
+        .ok_or_else(|| {
+            let groups = &names.groups;
+            failure(format!(
+                "the groups topic {groups:?} is not in the cluster's metadata"
+            ))
         })?;
     let consumer = {
         let instance = instance.clone();
@@ -294,16 +278,11 @@ impl Transport for KafkaTransport {
                 &out.encode(),
             )
             .await
-            .map_err(|r| match r {
-                Refused::UnknownTopic => Error::Backend {
-                    backend: BACKEND,
-                    message: format!(
-                        "the groups topic {:?} is gone (deleted while the layer runs?)",
-                        instance.names.groups
-                    ),
-                    source: None,
-                },
-                Refused::Failed(e) => e,
+            .map_err(|r| {
+                let groups = &instance.names.groups;
+                r.or_gone(|| {
+                    format!("the groups topic {groups:?} is gone (deleted while the layer runs?)")
+                })
             })?;
         Ok(Published::Stored)
     }
