@@ -6,14 +6,14 @@
 use std::sync::Arc;
 
 use crate::config::LayerOptions;
-use crate::delivery::{AckHandle, Acknowledger, Delivery};
+use crate::delivery::Delivery;
 use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
 use crate::groups::GroupRegistry;
 use crate::inbox::{CloseSignal, Entry, LocalInbox};
 use crate::names;
 use crate::stats::Stats;
-use crate::transport::Incoming;
+use crate::transport::{Incoming, Settler};
 
 /// One instance's receiving side. See the module docs.
 #[derive(Debug)]
@@ -195,28 +195,17 @@ impl Inbound {
 }
 
 /// An [`Incoming`] of `entry`, taken from `inbox`'s `channel`, that goes back to the head of
-/// that channel on nack or when dropped unsettled (at-least-once over a [`LocalInbox`]).
+/// that channel on nack or when dropped unsettled (at-least-once over a [`LocalInbox`]);
+/// `inbound` is the receiving instance (its counters, its close signal).
 pub fn requeuing_incoming(
     inbox: Arc<LocalInbox>,
     channel: &str,
     entry: Entry,
-    stats: Arc<Stats>,
-    closed: Arc<CloseSignal>,
+    inbound: &Inbound,
 ) -> Incoming {
-    let envelope = entry.envelope.clone();
-    let redelivered = entry.redelivered;
-    let acker = InboxAcker {
-        inbox,
-        channel: channel.to_owned(),
-        entry: Some(entry),
-        closed,
-        stats,
-    };
-    Incoming {
-        envelope,
-        redelivered,
-        ack: AckHandle::new(Box::new(acker)),
-    }
+    let (envelope, redelivered) = (entry.envelope.clone(), entry.redelivered);
+    let pending = (channel.to_owned(), entry, inbound.closed().clone());
+    Incoming::unsettled(envelope, redelivered, inbox, pending, inbound)
 }
 
 /// [`requeuing_incoming`] as a [`Delivery`].
@@ -224,54 +213,30 @@ pub fn requeuing_delivery(
     inbox: Arc<LocalInbox>,
     channel: &str,
     entry: Entry,
-    stats: Arc<Stats>,
-    closed: Arc<CloseSignal>,
+    inbound: &Inbound,
 ) -> Delivery {
-    requeuing_incoming(inbox, channel, entry, stats, closed).into_delivery(channel)
+    requeuing_incoming(inbox, channel, entry, inbound).into_delivery(channel)
 }
 
-/// Settles a delivery taken from a [`LocalInbox`]: ack forgets it; nack, or a drop without
-/// either, puts it back at the head of its channel.
-struct InboxAcker {
-    inbox: Arc<LocalInbox>,
-    channel: String,
-    entry: Option<Entry>,
-    closed: Arc<CloseSignal>,
-    stats: Arc<Stats>,
-}
-
-impl InboxAcker {
-    fn requeue(&mut self) {
-        if let Some(entry) = self.entry.take() {
-            if self.closed.is_closed() && names::is_process_local(&self.channel) {
-                // Its instance is gone: nobody can receive it any more. (A normal channel's
-                // message goes back for the other readers.)
-                self.stats.record_undeliverable(&self.channel);
-                return;
-            }
-            self.stats.record_redelivered(1);
-            self.inbox.requeue_front(&self.channel, entry);
-        }
-    }
-}
-
+/// A [`LocalInbox`] settles what was taken from it: an ack forgets it; a nack, or a drop
+/// without either, puts it back at the head of its channel.
 #[async_trait::async_trait]
-impl Acknowledger for InboxAcker {
-    async fn ack(&mut self) -> Result<()> {
-        // After close the ack cannot count; the message comes back when this is dropped.
-        self.closed.check()?;
-        self.entry = None;
+impl Settler for LocalInbox {
+    /// The channel, the entry, and the receiving instance's close signal.
+    type Pending = (String, Entry, Arc<CloseSignal>);
+
+    async fn settle(&self, _taken: Self::Pending) -> Result<()> {
         Ok(())
     }
 
-    async fn nack(&mut self) -> Result<()> {
-        self.requeue();
-        Ok(())
-    }
-}
-
-impl Drop for InboxAcker {
-    fn drop(&mut self) {
-        self.requeue();
+    fn requeue(&self, (channel, entry, closed): Self::Pending, stats: &Stats) {
+        if closed.is_closed() && names::is_process_local(&channel) {
+            // Its instance is gone: nobody can receive it any more. (A normal channel's
+            // message goes back for the other readers.)
+            stats.record_undeliverable(&channel);
+            return;
+        }
+        stats.record_redelivered(1);
+        self.requeue_front(&channel, entry);
     }
 }

@@ -9,6 +9,7 @@
 //! discarded; a background task unbinds memberships the moment they expire, so an expired
 //! membership receives nothing on any backend.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -225,13 +226,7 @@ impl<T: Transport> TransportLayer<T> {
     fn local_delivery(&self, channel: &str, entry: crate::inbox::Entry) -> Delivery {
         let i = &self.inbound;
         if self.caps.at_least_once_local {
-            requeuing_delivery(
-                i.inbox().clone(),
-                channel,
-                entry,
-                i.stats().clone(),
-                i.closed().clone(),
-            )
+            requeuing_delivery(i.inbox().clone(), channel, entry, i)
         } else {
             entry.into_settled_delivery(channel)
         }
@@ -343,10 +338,11 @@ impl<T: Transport> TransportLayer<T> {
         i.closed().check()?;
         {
             let _one = self.groups.bindings.lock().await;
-            for g in i.groups().clear() {
+            let groups: BTreeSet<String> = i.groups().clear().into_iter().map(|(g, _)| g).collect();
+            for g in groups {
                 self.transport.unbind_group(&g).await?;
             }
-            for (g, c) in i.normal_groups().clear_pairs() {
+            for (g, c) in i.normal_groups().clear() {
                 self.transport.unbind_normal(&g, &c).await?;
             }
         }
@@ -470,9 +466,11 @@ async fn expiry_task<T: Transport>(
             return;
         }
         let groups = inbound.groups().prune_expired().into_iter();
-        failed.extend(groups.map(|g| (g, None)));
-        let pairs = inbound.normal_groups().prune_expired_pairs().into_iter();
+        failed.extend(groups.map(|(g, _)| (g, None)));
+        let pairs = inbound.normal_groups().prune_expired().into_iter();
         failed.extend(pairs.map(|(g, c)| (g, Some(c))));
+        failed.sort_unstable();
+        failed.dedup();
         let mut still = Vec::new();
         for (g, c) in failed.drain(..) {
             // Re-added meanwhile: bound again, nothing to undo.
