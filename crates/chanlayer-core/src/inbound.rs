@@ -116,13 +116,24 @@ impl Inbound {
     /// [`ingest`](Self::ingest), except that a full channel is returned as
     /// `Err(ChannelFull)` instead of counted: for an in-process transport whose sender can
     /// be told at once.
-    pub fn offer(&self, envelope: Envelope) -> Result<()> {
+    pub fn offer(&self, mut envelope: Envelope) -> Result<()> {
         if !self.owned(&envelope) {
             self.stats.record_undeliverable(&envelope.destination);
             return Ok(());
         }
-        self.inbox
-            .deliver(envelope, &self.groups, &self.options, &self.stats)
+        // The queue a message goes to is its address: the name moves out of the envelope
+        // (no copy per message, none per group member).
+        let name = std::mem::take(&mut envelope.destination);
+        match envelope.kind {
+            Destination::Channel => {
+                let capacity = self.options.capacity_for(&name);
+                self.inbox.push(&name, envelope, capacity, &self.stats)
+            }
+            Destination::Group => {
+                self.offer_group(&name, envelope);
+                Ok(())
+            }
+        }
     }
 
     /// Delivers a group message whose envelope does not carry the name to this instance's

@@ -356,32 +356,8 @@ impl LocalInbox {
         });
     }
 
-    /// Delivers an envelope that arrived from the broker: to its channel, or, for a group
-    /// envelope, one copy to each live local member in `groups` (full members are skipped and
-    /// counted). A channel message for a full channel is `Err(ChannelFull)`.
-    pub fn deliver(
-        &self,
-        mut envelope: Envelope,
-        groups: &GroupRegistry,
-        options: &LayerOptions,
-        stats: &Stats,
-    ) -> Result<()> {
-        // The queue a message goes to is its address: the name moves out of the envelope
-        // (no copy per message, none per group member).
-        match envelope.kind {
-            Destination::Channel => {
-                let channel = std::mem::take(&mut envelope.destination);
-                self.push(&channel, envelope, options.capacity_for(&channel), stats)
-            }
-            Destination::Group => {
-                let group = std::mem::take(&mut envelope.destination);
-                self.fan_out(&group, envelope, groups.members(&group), options, stats);
-                Ok(())
-            }
-        }
-    }
-
-    /// [`deliver`](Self::deliver)s every envelope of `envelopes` in order, taking the lock
+    /// Delivers every envelope of `envelopes` in order (to its channel, or for a group
+    /// envelope, one copy to each live local member in `groups`), taking the lock
     /// once for each run of channel envelopes (a transport thread that read a burst hands
     /// it over in one go). A full channel drops its message and counts it in
     /// `dropped_full`; a full group member is counted as in [`fan_out`](Self::fan_out).

@@ -365,23 +365,17 @@ fn route(channel: &str) -> Option<Option<&str>> {
 /// Layer instance serials for [`checked`]: never 0, never reused in a process.
 static SERIALS: AtomicU64 = AtomicU64::new(1);
 
-/// Which name check [`checked`] remembers.
+/// Which name check [`checked`] remembers: its slot in [`CHECKED`].
 #[derive(Clone, Copy)]
 enum Check {
-    Send,
-    Receive,
-}
-
-/// The channel each thread last checked for a send and for a receive, and on which layer
-/// instance (serial 0: none).
-#[derive(Default)]
-struct Checked {
-    send: (u64, String),
-    receive: (u64, String),
+    Send = 0,
+    Receive = 1,
 }
 
 thread_local! {
-    static CHECKED: std::cell::RefCell<Checked> = std::cell::RefCell::new(Checked::default());
+    /// The channel each thread last checked for a send and for a receive, and on which
+    /// layer instance (serial 0: none).
+    static CHECKED: std::cell::RefCell<[(u64, String); 2]> = Default::default();
 }
 
 /// Runs the name check `check` unless this thread passed it last time for the same layer
@@ -393,13 +387,10 @@ fn checked(
     which: Check,
     check: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
+    let slot = which as usize;
     let hit = CHECKED
         .try_with(|c| {
-            let c = c.borrow();
-            let (s, name) = match which {
-                Check::Send => &c.send,
-                Check::Receive => &c.receive,
-            };
+            let (s, name) = &c.borrow()[slot];
             *s == serial && name == channel
         })
         .unwrap_or(false);
@@ -408,14 +399,10 @@ fn checked(
     }
     check()?;
     let _ = CHECKED.try_with(|c| {
-        let mut c = c.borrow_mut();
-        let slot = match which {
-            Check::Send => &mut c.send,
-            Check::Receive => &mut c.receive,
-        };
-        slot.0 = serial;
-        slot.1.clear();
-        slot.1.push_str(channel);
+        let (s, name) = &mut c.borrow_mut()[slot];
+        *s = serial;
+        name.clear();
+        name.push_str(channel);
     });
     Ok(())
 }

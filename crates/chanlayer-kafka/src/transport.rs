@@ -188,17 +188,18 @@ async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransp
     let reach = |e: Error| match e {
         Error::Backend {
             message, source, ..
-        } => Error::Backend {
-            backend: BACKEND,
-            message: match instance.topics.cause.last() {
-                Some(cause) => format!("{message} on {}: {cause}", instance.cfg.display_address()),
-                None => format!(
-                    "{message} (is a Kafka broker running at {}?)",
-                    instance.cfg.display_address()
-                ),
-            },
-            source,
-        },
+        } => {
+            let at = instance.cfg.display_address();
+            let message = match instance.topics.cause.last() {
+                Some(cause) => format!("{message} on {at}: {cause}"),
+                None => format!("{message} (is a Kafka broker running at {at}?)"),
+            };
+            Error::Backend {
+                backend: BACKEND,
+                message,
+                source,
+            }
+        }
         e => e,
     };
     let refused = |cause: String| {

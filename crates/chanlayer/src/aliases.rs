@@ -63,6 +63,8 @@ impl std::fmt::Debug for Layers {
     }
 }
 
+/// The variable that names `alias`'s URL: `CHANLAYER_<ALIAS>_URL`, `CHANLAYER_URL` for
+/// `default`.
 fn env_key(alias: &str) -> String {
     if alias == "default" {
         return crate::connect::ENV_URL.to_owned();
@@ -73,19 +75,13 @@ fn env_key(alias: &str) -> String {
     )
 }
 
-/// The URL the environment gives `alias`: `CHANLAYER_<ALIAS>_URL`, and for `default` also
+/// The URL the environment gives `alias`: `CHANLAYER_<ALIAS>_URL`, and for `default`
 /// `CHANLAYER_URL`, which wins over `CHANLAYER_DEFAULT_URL`. Non-UTF-8 values are ignored.
 fn env_url(alias: &str) -> Option<String> {
-    let own = format!(
-        "CHANLAYER_{}_URL",
-        alias.to_ascii_uppercase().replace('-', "_")
-    );
-    if alias == "default" {
-        if let Ok(u) = std::env::var(crate::connect::ENV_URL) {
-            return Some(u);
-        }
-    }
-    std::env::var(own).ok()
+    let own = || std::env::var(format!("CHANLAYER_{}_URL", alias.to_ascii_uppercase())).ok();
+    std::env::var(env_key(alias))
+        .ok()
+        .or_else(|| (alias == "default").then(own).flatten())
 }
 
 fn in_alias(alias: &str, e: Error) -> Error {
@@ -149,18 +145,16 @@ impl Layers {
                 }
                 None => return Err(Error::Config(format!("[layers.{alias}] has no url"))),
             };
-            let mut backend = BTreeMap::new();
-            if let Some(b) = section.remove("backend") {
-                let toml::Value::Table(b) = b else {
-                    return Err(Error::Config(format!(
-                        "[layers.{alias}.backend] must be a table"
-                    )));
-                };
-                for (k, v) in b {
-                    let v = scalar_to_string(&k, v)?;
-                    backend.insert(k, v);
+            let backend = match section.remove("backend") {
+                None => BTreeMap::new(),
+                Some(toml::Value::Table(b)) => (b.into_iter())
+                    .map(|(k, v)| Ok((k.clone(), scalar_to_string(&k, v)?)))
+                    .collect::<Result<_>>()?,
+                Some(_) => {
+                    let e = format!("[layers.{alias}.backend] must be a table");
+                    return Err(Error::Config(e));
                 }
-            }
+            };
             let partial: PartialOptions = toml::Value::Table(section)
                 .try_into()
                 .map_err(|e| Error::Config(format!("[layers.{alias}]: {e}")))?;
