@@ -329,12 +329,7 @@ impl LocalInbox {
         };
         let mut out = Vec::with_capacity(max.min(1024));
         out.push(first);
-        while out.len() < max {
-            match self.try_take(channel, stats) {
-                Some(e) => out.push(e),
-                None => break,
-            }
-        }
+        out.extend(std::iter::from_fn(|| self.try_take(channel, stats)).take(max - 1));
         Ok(out)
     }
 
@@ -357,10 +352,10 @@ impl LocalInbox {
     }
 
     /// Delivers every envelope of `envelopes` in order (to its channel, or for a group
-    /// envelope, one copy to each live local member in `groups`), taking the lock
-    /// once for each run of channel envelopes (a transport thread that read a burst hands
-    /// it over in one go). A full channel drops its message and counts it in
-    /// `dropped_full`; a full group member is counted as in [`fan_out`](Self::fan_out).
+    /// envelope, one copy to each live local member in `groups`), taking the lock once for
+    /// each run of envelopes for one channel (a transport thread that read a burst hands it
+    /// over in one go). A full channel drops its message and counts it in `dropped_full`; a
+    /// full group member is counted as in [`fan_out`](Self::fan_out).
     pub fn deliver_all(
         &self,
         envelopes: &mut Vec<Envelope>,
@@ -368,49 +363,37 @@ impl LocalInbox {
         options: &LayerOptions,
         stats: &Stats,
     ) {
-        let mut full: Vec<(String, u64)> = Vec::new();
         let mut it = envelopes.drain(..).peekable();
-        while let Some(mut envelope) = it.next() {
-            if envelope.kind == Destination::Group {
-                let group = std::mem::take(&mut envelope.destination);
-                self.fan_out(&group, envelope, groups.members(&group), options, stats);
+        while let Some(mut first) = it.next() {
+            // The queue a message goes to is its address: the name moves out of the envelope.
+            let name = std::mem::take(&mut first.destination);
+            if first.kind == Destination::Group {
+                self.fan_out(&name, first, groups.members(&name), options, stats);
                 continue;
             }
+            // A run of envelopes for one channel: one lock, one lookup, one wake-up.
+            let capacity = options.capacity_for(&name);
             let mut map = self.lock();
-            let mut next = Some(envelope);
-            while let Some(mut first) = next.take() {
-                // A run of envelopes for one channel: one lookup, one wake-up.
-                let channel = std::mem::take(&mut first.destination);
-                let capacity = options.capacity_for(&channel);
-                let mut seq = map.next_seq;
-                let slot = map.slot(&channel);
-                let mut dropped = 0u64;
-                let mut pending = Some(first);
-                while let Some(envelope) = pending.take() {
-                    if !Self::push_slot(slot, envelope, seq, capacity, stats) {
-                        dropped += 1;
-                    }
-                    seq += 1;
-                    pending = it
-                        .next_if(|e| e.kind == Destination::Channel && e.destination == channel)
-                        .map(|mut e| {
-                            e.destination = String::new();
-                            e
-                        });
-                }
-                if slot.waiters > 0 {
-                    slot.notify.notify_waiters();
-                }
-                map.next_seq = seq;
-                if dropped > 0 {
-                    full.push((channel, dropped));
-                }
-                next = it.next_if(|e| e.kind == Destination::Channel);
+            let mut seq = map.next_seq;
+            let slot = map.slot(&name);
+            let mut dropped = 0;
+            let mut next = Some(first);
+            while let Some(envelope) = next {
+                dropped += u64::from(!Self::push_slot(slot, envelope, seq, capacity, stats));
+                seq += 1;
+                next = (it.next_if(|e| e.kind == Destination::Channel && e.destination == name))
+                    .map(|mut e| {
+                        e.destination = String::new();
+                        e
+                    });
             }
-        }
-        for (channel, dropped) in full {
+            if slot.waiters > 0 {
+                slot.notify.notify_waiters();
+            }
+            map.next_seq = seq;
+            drop(map);
             for _ in 0..dropped {
-                stats.record_dropped_full(&channel);
+                stats.record_dropped_full(&name);
             }
         }
     }

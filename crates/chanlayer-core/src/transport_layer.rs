@@ -42,13 +42,15 @@ pub struct TransportLayer<T: Transport> {
 }
 
 /// Group bookkeeping shared with the expiry task.
+#[derive(Default)]
 struct GroupState {
     /// Serialises binding changes, so a first-member bind and a last-member unbind of one
     /// group cannot cross.
     bindings: tokio::sync::Mutex<()>,
     /// Wakes the expiry task when a membership appears while it has none to wait for.
     wake: Notify,
-    /// `true` while the expiry task has no membership to wait for.
+    /// `true` while the expiry task has no membership to wait for (set by the task before
+    /// it looks).
     idle: AtomicBool,
 }
 
@@ -77,11 +79,7 @@ impl<T: Transport> TransportLayer<T> {
         let inbound = Arc::new(Inbound::new(config.options.clone(), T::NORMAL_VIA_INBOX));
         let transport = Arc::new(T::open(config, inbound.clone()).await?);
         let caps = transport.capabilities();
-        let groups = Arc::new(GroupState {
-            bindings: tokio::sync::Mutex::new(()),
-            wake: Notify::new(),
-            idle: AtomicBool::new(true),
-        });
+        let groups = Arc::new(GroupState::default());
         tokio::spawn(expiry_task(
             Arc::downgrade(&transport),
             inbound.clone(),

@@ -367,35 +367,29 @@ fn parse_brokers(address: &str) -> Result<String> {
     if address.is_empty() {
         return Ok("127.0.0.1:9092".to_owned());
     }
+    let bad = |m: String| Err(Error::Config(m));
     if address.contains('/') {
-        return Err(Error::Config(format!(
+        return bad(format!(
             "{address:?}: a kafka:// URL has no path; it is kafka://host:port[,host:port...]?options"
-        )));
+        ));
     }
-    let mut out = Vec::new();
-    for hp in address.split(',') {
+    let broker = |hp: &str| {
         let hp = hp.trim();
-        if hp.is_empty() {
-            return Err(Error::Config(format!(
-                "{address:?}: an empty broker address between commas"
-            )));
-        }
-        let port = if hp.starts_with('[') {
-            hp.split_once("]:").map(|(_, p)| p)
-        } else {
-            hp.rsplit_once(':').map(|(_, p)| p)
+        let port = match hp.strip_prefix('[') {
+            Some(v6) => v6.split_once("]:").map(|(_, p)| p),
+            None => hp.rsplit_once(':').map(|(_, p)| p),
         };
         match port {
-            None => out.push(format!("{hp}:9092")),
-            Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => out.push(hp.to_owned()),
-            Some(p) => {
-                return Err(Error::Config(format!(
-                    "{p:?} is not a port number (1-65535) in {hp:?}"
-                )))
-            }
+            _ if hp.is_empty() => bad(format!(
+                "{address:?}: an empty broker address between commas"
+            )),
+            None => Ok(format!("{hp}:9092")),
+            Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(hp.to_owned()),
+            Some(p) => bad(format!("{p:?} is not a port number (1-65535) in {hp:?}")),
         }
-    }
-    Ok(out.join(","))
+    };
+    let brokers = address.split(',').map(broker).collect::<Result<Vec<_>>>()?;
+    Ok(brokers.join(","))
 }
 
 #[cfg(test)]

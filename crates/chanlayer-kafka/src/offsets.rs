@@ -166,12 +166,8 @@ impl Shared {
     /// Moves buffered messages to `out` until it holds `max`.
     pub fn take_more(&self, out: &mut Vec<Pending>, max: usize) {
         let mut st = lock(&self.state);
-        while out.len() < max {
-            match st.take() {
-                Some(p) => out.push(p),
-                None => break,
-            }
-        }
+        let room = max.saturating_sub(out.len());
+        out.extend(std::iter::from_fn(|| st.take()).take(room));
         self.room.notify_one();
     }
 
@@ -395,58 +391,45 @@ pub(crate) fn run(
                 false
             }
         };
-        let polled = consumer.poll(if full {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(50)
-        });
-        let mut woke = false;
-        if let Some(r) = polled {
-            match r {
-                Ok(m) => {
-                    let (p, offset) = (m.partition(), m.offset());
-                    let decoded = match inbound.decode(m.payload().unwrap_or_default(), &source) {
-                        Some(env) if env.is_expired_at(now_ms()) => {
-                            stats.record_expired(1);
-                            None
-                        }
-                        decoded => decoded,
-                    };
-                    let mut st = lock(&shared.state);
-                    let (epoch, redelivered) = match st.parts.get_mut(&p) {
-                        Some(t) => {
-                            t.next = Some(offset + 1);
-                            if decoded.is_some() {
-                                t.outstanding.insert(offset);
-                            }
-                            (t.epoch, offset < t.fetched_before)
-                        }
-                        // Not (or no longer) ours: the owner reads it.
-                        None => continue,
-                    };
-                    if let Some(envelope) = decoded {
-                        st.ready.push_back(Pending {
-                            envelope,
-                            partition: p,
-                            offset,
-                            epoch,
-                            redelivered,
-                        });
-                        woke = true;
+        match consumer.poll(Duration::from_millis(if full { 0 } else { 50 })) {
+            Some(Ok(m)) => {
+                let (p, offset) = (m.partition(), m.offset());
+                let decoded = match inbound.decode(m.payload().unwrap_or_default(), &source) {
+                    Some(env) if env.is_expired_at(now_ms()) => {
+                        stats.record_expired(1);
+                        None
                     }
-                }
-                Err(e) if crate::topics::is_fatal(&e) => {
-                    tracing::warn!(topic = %shared.topic, error = %e, "consumer refused");
-                    lock(&shared.state).failed = Some(e.to_string());
+                    decoded => decoded,
+                };
+                let mut st = lock(&shared.state);
+                // Not (or no longer) ours: the owner reads it.
+                let Some(t) = st.parts.get_mut(&p) else {
+                    continue;
+                };
+                t.next = Some(offset + 1);
+                if let Some(envelope) = decoded {
+                    t.outstanding.insert(offset);
+                    let (epoch, redelivered) = (t.epoch, offset < t.fetched_before);
+                    st.ready.push_back(Pending {
+                        envelope,
+                        partition: p,
+                        offset,
+                        epoch,
+                        redelivered,
+                    });
+                    drop(st);
                     shared.notify.notify_waiters();
                 }
-                Err(e) => {
-                    tracing::debug!(topic = %shared.topic, error = %e, "consumer error (librdkafka retries)");
-                }
             }
-        }
-        if woke {
-            shared.notify.notify_waiters();
+            Some(Err(e)) if crate::topics::is_fatal(&e) => {
+                tracing::warn!(topic = %shared.topic, error = %e, "consumer refused");
+                lock(&shared.state).failed = Some(e.to_string());
+                shared.notify.notify_waiters();
+            }
+            Some(Err(e)) => {
+                tracing::debug!(topic = %shared.topic, error = %e, "consumer error (librdkafka retries)");
+            }
+            None => {}
         }
         if last_commit.elapsed() >= interval {
             last_commit = Instant::now();
