@@ -101,12 +101,8 @@ impl NormalConsumer {
     /// leave can take long; the thread then finishes in the background.
     pub async fn stop(&self, bound: Duration) {
         self.shared.signal_stop();
-        let handle = lock(&self.thread).take();
-        if let Some(h) = handle {
-            if !h.join_within(bound).await {
-                tracing::warn!(topic = %self.shared.topic(), "the consumer did not stop within {bound:?} (broker away?); it finishes in the background");
-            }
-        }
+        let what = format!("the consumer of {:?}", self.shared.topic());
+        Worker::stop(&self.thread, bound, &what).await;
     }
 
     /// Stops without waiting (a layer dropped without `close`).

@@ -125,21 +125,18 @@ impl KafkaTransport {
             instance.topics.remember(&topic);
         }
         match instance.sender.send(&topic, None, payload).await {
-            Ok(()) => Ok(Published::Stored),
-            Err(Refused::UnknownTopic) => {
-                instance.topics.forget(&topic);
-                Ok(Published::Gone)
-            }
+            Ok(()) => return Ok(Published::Stored),
+            Err(Refused::UnknownTopic) => {}
             // librdkafka holds a message for a topic that vanished until delivery_timeout;
             // if the inbox is gone, the owner closed: undeliverable, not an error.
-            Err(Refused::Failed(e)) => match instance.topics.exists(&topic).await {
-                Ok(false) => {
-                    instance.topics.forget(&topic);
-                    Ok(Published::Gone)
+            Err(Refused::Failed(e)) => {
+                if !matches!(instance.topics.exists(&topic).await, Ok(false)) {
+                    return Err(e);
                 }
-                _ => Err(e),
-            },
+            }
         }
+        instance.topics.forget(&topic);
+        Ok(Published::Gone)
     }
 
     /// Sends `payload` to the topic of normal channel `channel`, creating it if needed.
@@ -351,12 +348,7 @@ impl Transport for KafkaTransport {
         let instance = &self.instance;
         let bound = instance.cfg.connection_timeout;
         self.stop_consumers().await;
-        let receiver = lock(&self.receiver).take();
-        if let Some(h) = receiver {
-            if !h.join_within(bound).await {
-                tracing::warn!("the receiver thread did not stop within {bound:?}; it finishes in the background");
-            }
-        }
+        Worker::stop(&self.receiver, bound, "the receiver thread").await;
         // Tell the other instances (they read the groups topic) that our process-local
         // channels are gone, so their sends stop at once instead of reaching a dead topic.
         // Bounded: with the broker away, nobody would read it anyway.
