@@ -43,13 +43,11 @@ const BACKEND: &str = "memory";
 
 /// The memory backend's capabilities.
 pub const CAPABILITIES: Capabilities = Capabilities {
-    backend: BACKEND,
     single_reader_normal_channels: true,
     at_least_once: true,
     at_least_once_local: true,
-    persistent: false,
     broker_side_capacity: true,
-    cross_process: false,
+    ..Capabilities::none(BACKEND)
 };
 
 /// The in-memory channel layer. See the module docs.

@@ -140,7 +140,10 @@ impl BackendSettings for KafkaConfig {
         let client_properties = take_prefixed(&mut o, "kafka.", "librdkafka property")?;
         let topic_properties = take_prefixed(&mut o, "topic.", "topic config")?;
         let security_protocol = o.take("security.protocol").map(|p| p.to_ascii_lowercase());
+        one_of("security.protocol", &security_protocol, &PROTOCOLS, "")?;
         let sasl_mechanism = o.take("sasl.mechanism").map(|m| m.to_ascii_uppercase());
+        let others = " (others through kafka.sasl.mechanism)";
+        one_of("sasl.mechanism", &sasl_mechanism, &MECHANISMS, others)?;
         let cfg = KafkaConfig {
             brokers,
             partitions: o.take_int("partitions", 1..=i32::MAX)?.unwrap_or(1),
@@ -194,22 +197,6 @@ impl KafkaConfig {
                 "option replication={}: use a replication factor of at least 1, or -1 for the broker's default",
                 self.replication
             ));
-        }
-        if let Some(p) = &self.security_protocol {
-            if !PROTOCOLS.contains(&p.as_str()) {
-                return bad(format!(
-                    "option security.protocol={p}: use one of {}",
-                    PROTOCOLS.join(", ")
-                ));
-            }
-        }
-        if let Some(m) = &self.sasl_mechanism {
-            if !MECHANISMS.contains(&m.as_str()) {
-                return bad(format!(
-                    "option sasl.mechanism={m}: use one of {} (others through kafka.sasl.mechanism)",
-                    MECHANISMS.join(", ")
-                ));
-            }
         }
         if self.password.is_some() && self.username.is_none() {
             return bad("a SASL password was given without a username".into());
@@ -318,6 +305,17 @@ impl KafkaConfig {
                 ("fetch.wait.max.ms", "100".into()),
             ],
         )
+    }
+}
+
+/// Checks that option `key`, if given, is one of `choices` (`more` adds to the error).
+fn one_of(key: &str, value: &Option<String>, choices: &[&str], more: &str) -> Result<()> {
+    match value {
+        Some(v) if !choices.contains(&v.as_str()) => Err(Error::Config(format!(
+            "option {key}={v}: use one of {}{more}",
+            choices.join(", ")
+        ))),
+        _ => Ok(()),
     }
 }
 

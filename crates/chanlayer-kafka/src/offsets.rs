@@ -82,10 +82,8 @@ struct State {
 
 impl State {
     fn take(&mut self) -> Option<Pending> {
-        if let Some((_, p)) = self.requeued.pop_first() {
-            return Some(p);
-        }
-        self.ready.pop_front()
+        let requeued = self.requeued.pop_first().map(|(_, p)| p);
+        requeued.or_else(|| self.ready.pop_front())
     }
 
     fn held(&self) -> usize {
