@@ -269,14 +269,9 @@ impl<T: Transport> TransportLayer<T> {
         let i = &self.inbound;
         i.closed().check()?;
         names::validate_group(group)?;
-        names::validate_channel(channel)?;
-        let expiry = i.options().group_expiry;
         // Memberships live where the messages arrive: only the owner adds its channel.
-        if names::is_process_local(channel) && names::owner_instance(channel) != Some(i.id()) {
-            return Err(Error::NotOwner {
-                channel: channel.to_owned(),
-            });
-        }
+        names::check_receiver(channel, i.id())?;
+        let expiry = i.options().group_expiry;
         let _one = self.groups.bindings.lock().await;
         if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
             // Registered first, then bound: what arrives once the group is bound finds its
