@@ -333,16 +333,6 @@ impl LocalInbox {
         Ok(out)
     }
 
-    /// Messages queued on `channel` (expired ones included until they are purged).
-    pub fn len(&self, channel: &str) -> usize {
-        self.lock().map.get(channel).map_or(0, |s| s.queue.len())
-    }
-
-    /// `true` if no channel holds a message.
-    pub fn is_empty(&self) -> bool {
-        self.lock().map.values().all(|s| s.queue.is_empty())
-    }
-
     /// Drops every queued message (flush). Waiting receivers keep waiting.
     pub fn clear(&self) {
         self.lock().map.retain(|_, s| {

@@ -138,12 +138,14 @@ impl Layers {
             };
             let url = match section.remove("url") {
                 Some(toml::Value::String(u)) => u,
-                Some(_) => {
-                    return Err(Error::Config(format!(
-                        "[layers.{alias}] url must be a string"
-                    )))
+                other => {
+                    let why = if other.is_some() {
+                        "url must be a string"
+                    } else {
+                        "has no url"
+                    };
+                    return Err(Error::Config(format!("[layers.{alias}] {why}")));
                 }
-                None => return Err(Error::Config(format!("[layers.{alias}] has no url"))),
             };
             let backend = match section.remove("backend") {
                 None => BTreeMap::new(),
