@@ -203,28 +203,22 @@ async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransp
         let at = instance.cfg.display_address();
         failure(format!("could not connect to {at}: {cause}"))
     };
-    let names = &instance.names;
+    let (topics, names) = (&instance.topics, &instance.names);
     // The first request fails at once when authentication or TLS does.
     tokio::select! {
-        r = instance.topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
-        cause = instance.topics.cause.fatal() => return Err(refused(cause)),
+        r = topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
+        cause = topics.cause.fatal() => return Err(refused(cause)),
     }
-    instance
-        .topics
+    topics
         .ensure(&names.inbox, Kind::Inbox)
         .await
         .map_err(reach)?;
-    let partitions = instance
-        .topics
-        .partition_count(&names.groups)
-        .await
-        .map_err(reach)?
-        .ok_or_else(|| {
-            let groups = &names.groups;
-            failure(format!(
-                "the groups topic {groups:?} is not in the cluster's metadata"
-            ))
-        })?;
+    let groups = &names.groups;
+    let partitions = (topics.partition_count(groups).await.map_err(reach)?).ok_or_else(|| {
+        failure(format!(
+            "the groups topic {groups:?} is not in the cluster's metadata"
+        ))
+    })?;
     let consumer = {
         let instance = instance.clone();
         tokio::task::spawn_blocking(move || crate::receiver::assign(&instance, partitions))
