@@ -184,10 +184,9 @@ impl Layers {
         let mut configs = BTreeMap::new();
         for (alias, (url, partial, backend)) in &file {
             let url = env_url(alias).unwrap_or_else(|| url.clone());
-            configs.insert(
-                alias.clone(),
-                build(&url, partial, backend).map_err(|e| in_alias(alias, e)),
-            );
+            // A file alias with a bad URL or option is an error now.
+            let config = build(&url, partial, backend).map_err(|e| in_alias(alias, e))?;
+            configs.insert(alias.clone(), Ok(config));
         }
         // Aliases that only the environment defines. Their errors wait until they are asked
         // for, so an unrelated bad variable does not break every other alias. Variables that
@@ -210,18 +209,10 @@ impl Layers {
             }
             if let Some(url) = env_url(&alias) {
                 let built = build(&url, &PartialOptions::default(), &BTreeMap::new())
-                    .map_err(|e| in_alias(&alias, e));
+                    .map_err(|e| in_alias(&alias, e).to_string());
                 configs.insert(alias, built);
             }
         }
-        // A file alias with a bad URL or option is an error now.
-        let configs = configs
-            .into_iter()
-            .map(|(alias, built)| match built {
-                Err(e) if file.contains_key(&alias) => Err(e),
-                other => Ok((alias, other.map_err(|e| e.to_string()))),
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Layers {
             configs,
             connected: Mutex::new(BTreeMap::new()),
