@@ -91,16 +91,20 @@ impl Inbound {
 
     /// `true` if this instance may take `envelope`: a message for a process-local channel
     /// must be for one of this instance's own; one for a normal channel only where normal
-    /// channels are read from the inbox.
-    fn owned(&self, envelope: &Envelope) -> bool {
-        envelope.kind == Destination::Group
+    /// channels are read from the inbox. One it may not take is counted `undeliverable`.
+    fn admit(&self, envelope: &Envelope) -> bool {
+        let owned = envelope.kind == Destination::Group
             || if names::is_process_local(&envelope.destination) {
                 names::owner_instance(&envelope.destination) == Some(self.id.as_str())
             } else {
                 // A normal channel's message belongs in the inbox only where the transport
                 // reads normal channels from it; elsewhere nothing would ever take it.
                 self.normal_via_inbox
-            }
+            };
+        if !owned {
+            self.stats.record_undeliverable(&envelope.destination);
+        }
+        owned
     }
 
     /// Delivers an envelope that arrived: to its channel, or one copy to each live local
@@ -117,8 +121,7 @@ impl Inbound {
     /// `Err(ChannelFull)` instead of counted: for an in-process transport whose sender can
     /// be told at once.
     pub fn offer(&self, mut envelope: Envelope) -> Result<()> {
-        if !self.owned(&envelope) {
-            self.stats.record_undeliverable(&envelope.destination);
+        if !self.admit(&envelope) {
             return Ok(());
         }
         // The queue a message goes to is its address: the name moves out of the envelope
@@ -150,13 +153,7 @@ impl Inbound {
 
     /// [`ingest`](Self::ingest)s a burst in order (one lock per run of one channel).
     pub fn ingest_all(&self, envelopes: &mut Vec<Envelope>) {
-        envelopes.retain(|e| {
-            let ok = self.owned(e);
-            if !ok {
-                self.stats.record_undeliverable(&e.destination);
-            }
-            ok
-        });
+        envelopes.retain(|e| self.admit(e));
         self.inbox
             .deliver_all(envelopes, &self.groups, &self.options, &self.stats);
     }

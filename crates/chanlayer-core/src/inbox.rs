@@ -254,9 +254,7 @@ impl LocalInbox {
         let mut expired = 0;
         let now = recent_ms();
         let found = self.lock().pop_live(channel, now, &mut expired);
-        if expired > 0 {
-            stats.record_expired(expired);
-        }
+        stats.record_expired(expired);
         found
     }
 
@@ -323,12 +321,12 @@ impl LocalInbox {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let first = match tokio::time::timeout(timeout, self.take(channel, stats, closed)).await {
-            Ok(r) => r?,
-            Err(_) => return Ok(Vec::new()),
+        let taking = tokio::time::timeout(timeout, self.take(channel, stats, closed));
+        let Ok(first) = taking.await else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::with_capacity(max.min(1024));
-        out.push(first);
+        out.push(first?);
         out.extend(std::iter::from_fn(|| self.try_take(channel, stats)).take(max - 1));
         Ok(out)
     }

@@ -147,11 +147,10 @@ impl NormalSource for NormalConsumer {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let first = match tokio::time::timeout(timeout, self.take()).await {
-            Ok(r) => r?,
-            Err(_) => return Ok(Vec::new()),
+        let Ok(first) = tokio::time::timeout(timeout, self.take()).await else {
+            return Ok(Vec::new());
         };
-        let mut taken = vec![first];
+        let mut taken = vec![first?];
         self.shared.take_more(&mut taken, max);
         Ok(taken.into_iter().map(|p| self.incoming(p)).collect())
     }
