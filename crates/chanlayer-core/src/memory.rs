@@ -237,19 +237,13 @@ impl Transport for MemoryTransport {
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         // Its own channel: no lookup, no reference count touched.
-        let other;
-        let target: &Inbound = if owner == self.inbound.id() {
-            &self.inbound
-        } else {
-            match self.broker.instance(owner) {
-                Some(t) => {
-                    other = t;
-                    &other
-                }
-                None => return Ok(Published::Gone),
-            }
-        };
-        self.push(target.inbox(), out)
+        if owner == self.inbound.id() {
+            return self.push(self.inbound.inbox(), out);
+        }
+        match self.broker.instance(owner) {
+            Some(target) => self.push(target.inbox(), out),
+            None => Ok(Published::Gone),
+        }
     }
 
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {

@@ -122,20 +122,13 @@ impl LayerConfig {
         };
         // The user-info ends at the last '@' (so an unencoded '/', ':' or '@' in a password
         // still counts as password, never as address); the user ends at the first ':'.
-        let (credentials, address) = match authority_path.rfind('@') {
-            Some(at) => {
-                let info = &authority_path[..at];
-                let (user, pass) = match info.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => (info, None),
-                };
-                (
-                    Some(Credentials {
-                        username: decode_component(user),
-                        password: pass.map(|p| Secret::new(decode_component(p))),
-                    }),
-                    &authority_path[at + 1..],
-                )
+        let (credentials, address) = match authority_path.rsplit_once('@') {
+            Some((info, address)) => {
+                let (user, pass) =
+                    (info.split_once(':')).map_or((info, None), |(u, p)| (u, Some(p)));
+                let username = decode_component(user);
+                let password = pass.map(|p| Secret::new(decode_component(p)));
+                (Some(Credentials { username, password }), address)
             }
             None => (None, authority_path),
         };
