@@ -50,6 +50,7 @@ impl Entry {
     }
 }
 
+#[derive(Default)]
 struct Slot {
     queue: VecDeque<Entry>,
     notify: Arc<Notify>,
@@ -57,11 +58,10 @@ struct Slot {
 }
 
 impl Slot {
-    fn new() -> Self {
-        Slot {
-            queue: VecDeque::new(),
-            notify: Arc::new(Notify::new()),
-            waiters: 0,
+    /// Wakes the receivers waiting on this channel (the caller holds the inbox lock).
+    fn wake(&self) {
+        if self.waiters > 0 {
+            self.notify.notify_waiters();
         }
     }
 }
@@ -96,7 +96,7 @@ impl Channels {
             self.sweep_at = (self.map.len() * 2).max(SWEEP_MIN);
         }
         // One hash and lookup; the name is copied only when the slot is new.
-        self.map.entry_ref(channel).or_insert_with(Slot::new)
+        self.map.entry_ref(channel).or_insert_with(Slot::default)
     }
 
     /// Pops the next live entry of `channel`, counting expired ones it skips.
@@ -199,9 +199,7 @@ impl LocalInbox {
                 capacity,
             });
         }
-        if slot.waiters > 0 {
-            slot.notify.notify_waiters();
-        }
+        slot.wake();
         Ok(())
     }
 
@@ -244,9 +242,7 @@ impl LocalInbox {
             .take_while(|e| e.redelivered && e.seq < entry.seq)
             .count();
         slot.queue.insert(pos, entry);
-        if slot.waiters > 0 {
-            slot.notify.notify_waiters();
-        }
+        slot.wake();
     }
 
     /// Takes the next live message from `channel` without waiting.
@@ -375,9 +371,7 @@ impl LocalInbox {
                         e
                     });
             }
-            if slot.waiters > 0 {
-                slot.notify.notify_waiters();
-            }
+            slot.wake();
             map.next_seq = seq;
             drop(map);
             for _ in 0..dropped {
