@@ -96,7 +96,7 @@ impl Channels {
             self.sweep_at = (self.map.len() * 2).max(SWEEP_MIN);
         }
         // One hash and lookup; the name is copied only when the slot is new.
-        self.map.entry_ref(channel).or_insert_with(Slot::default)
+        self.map.entry_ref(channel).or_default()
     }
 
     /// Pops the next live entry of `channel`, counting expired ones it skips.

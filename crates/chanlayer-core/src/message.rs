@@ -142,10 +142,8 @@ impl Message {
     /// Checks the type and headers.
     pub fn validate(&self) -> Result<()> {
         validate_type(&self.msg_type)?;
-        for key in self.headers.keys() {
-            if key.is_empty() {
-                return Err(Error::InvalidMessage("a header key is empty".into()));
-            }
+        if self.headers.keys().any(String::is_empty) {
+            return Err(Error::InvalidMessage("a header key is empty".into()));
         }
         Ok(())
     }
