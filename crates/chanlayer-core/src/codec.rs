@@ -61,12 +61,7 @@ impl Codec {
 
     /// The codec with this wire id.
     pub fn from_id(id: u8) -> Option<Codec> {
-        match id {
-            1 => Some(Codec::Bincode),
-            2 => Some(Codec::Msgpack),
-            3 => Some(Codec::Json),
-            _ => None,
-        }
+        Codec::ALL.into_iter().find(|c| c.id() == id)
     }
 
     /// The codec's name as used in configuration.

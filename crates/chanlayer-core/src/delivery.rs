@@ -163,13 +163,12 @@ where
         return Ok(0);
     }
     let n = batch.len();
-    let mut messages = Vec::with_capacity(n);
-    let mut handles = Vec::with_capacity(n);
-    for d in batch {
-        let (m, _, h) = d.into_parts();
-        messages.push(m);
-        handles.push(h);
-    }
+    let (messages, handles): (Vec<_>, Vec<_>) = (batch.into_iter())
+        .map(|d| {
+            let (m, _, h) = d.into_parts();
+            (m, h)
+        })
+        .unzip();
     match handler(messages).await {
         Ok(()) => {
             for h in handles {

@@ -172,47 +172,6 @@ impl Envelope {
         })
     }
 
-    /// [`Envelope::seal`] and [`Envelope::encode`] in one step, for a sender that needs only
-    /// the bytes: the same checks and the same bytes, without copying `destination` into
-    /// an owned envelope first.
-    pub fn seal_encoded(
-        kind: Destination,
-        destination: &str,
-        message: Message,
-        options: &LayerOptions,
-    ) -> Result<Vec<u8>> {
-        let mut out =
-            Vec::with_capacity(message.wire_size(destination) + 64 + 4 * message.headers().len());
-        Self::seal_encode_into(kind, destination, message, options, &mut out)?;
-        Ok(out)
-    }
-
-    /// [`Envelope::seal_encoded`], appending the bytes to `out` instead of returning a new
-    /// buffer: a sender that reuses one buffer for every message allocates nothing per
-    /// message. On error `out` is left as it was.
-    pub fn seal_encode_into(
-        kind: Destination,
-        destination: &str,
-        message: Message,
-        options: &LayerOptions,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
-        let env = Self::seal_unaddressed(kind, destination, message, options)?;
-        EnvelopeRef {
-            id: env.id,
-            kind: env.kind,
-            destination,
-            sent_at_ms: env.sent_at_ms,
-            expires_at_ms: env.expires_at_ms,
-            msg_type: &env.msg_type,
-            codec: env.codec,
-            headers: &env.headers,
-            body: &env.body,
-        }
-        .encode_into(out);
-        Ok(())
-    }
-
     /// `true` once `now_ms` is at or past the expiry.
     pub fn is_expired_at(&self, now_ms: u64) -> bool {
         now_ms >= self.expires_at_ms
@@ -229,7 +188,9 @@ impl Envelope {
 
     /// Encodes for the wire.
     pub fn encode(&self) -> Vec<u8> {
-        self.addressed(&self.destination).encode()
+        let mut out = Vec::with_capacity(self.body.len() + self.destination.len() + 96);
+        self.encode_to(&self.destination, &mut out);
+        out
     }
 
     /// This envelope's fields, addressed to `destination`.
@@ -314,13 +275,6 @@ struct EnvelopeRef<'a> {
 }
 
 impl EnvelopeRef<'_> {
-    fn encode(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(self.body.len() + self.destination.len() + self.msg_type.len() + 64);
-        self.encode_into(&mut out);
-        out
-    }
-
     /// Appends the encoded envelope to `out`.
     fn encode_into(&self, out: &mut Vec<u8>) {
         let start = out.len();
@@ -393,62 +347,35 @@ mod tests {
     }
 
     #[test]
-    fn seal_encoded_is_seal_then_encode() {
+    fn unaddressed_seal_encodes_to_its_destination() {
         let msg = Message::encode_as("t.x", &"hello", Codec::Json)
             .unwrap()
             .with_header("traceparent", "00-abc");
-        let bytes = Envelope::seal_encoded(
+        let env = Envelope::seal_unaddressed(
             Destination::Group,
             "room",
             msg.clone(),
             &LayerOptions::default(),
         )
         .unwrap();
-        let env = Envelope::decode(&bytes).unwrap();
-        assert_eq!(env.destination, "room");
-        assert_eq!(env.kind, Destination::Group);
-        assert_eq!(env.encode(), bytes, "the same bytes as encode");
-        assert_eq!(env.into_message(), msg);
+        assert_eq!(env.destination, "");
+        let mut out = b"kept".to_vec();
+        env.encode_to("room", &mut out);
+        assert_eq!(&out[..4], b"kept", "appended");
+        let back = Envelope::decode(&out[4..]).unwrap();
+        assert_eq!(back.destination, "room");
+        assert_eq!(back.kind, Destination::Group);
+        assert_eq!(back.encode(), &out[4..], "the same bytes as encode");
+        assert_eq!(back.into_message(), msg);
         let too_big = Message::new("t", Codec::Bincode, vec![0; 100]);
         let small = LayerOptions {
             max_message_size: 50,
             ..LayerOptions::default()
         };
         assert!(matches!(
-            Envelope::seal_encoded(Destination::Channel, "c", too_big, &small),
+            Envelope::seal_unaddressed(Destination::Channel, "c", too_big, &small),
             Err(Error::MessageTooLarge { .. })
         ));
-    }
-
-    #[test]
-    fn seal_encode_into_appends_the_same_bytes_and_leaves_out_alone_on_error() {
-        let msg = Message::encode_as("t.x", &"hello", Codec::Json)
-            .unwrap()
-            .with_header("k", "v");
-        let mut out = b"kept".to_vec();
-        Envelope::seal_encode_into(
-            Destination::Channel,
-            "ch",
-            msg.clone(),
-            &LayerOptions::default(),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(&out[..4], b"kept");
-        let env = Envelope::decode(&out[4..]).unwrap();
-        assert_eq!(env.destination, "ch");
-        assert_eq!(env.encode(), &out[4..], "the same bytes as encode");
-        assert_eq!(env.into_message(), msg);
-        let small = LayerOptions {
-            max_message_size: 10,
-            ..LayerOptions::default()
-        };
-        let before = out.clone();
-        assert!(matches!(
-            Envelope::seal_encode_into(Destination::Channel, "ch", msg, &small, &mut out),
-            Err(Error::MessageTooLarge { .. })
-        ));
-        assert_eq!(out, before, "nothing appended on error");
     }
 
     #[test]

@@ -28,10 +28,7 @@ impl GroupRegistry {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Members>> {
-        match self.groups.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::toolkit::lock(&self.groups)
     }
 
     /// Adds or refreshes a membership that lasts `expiry`. Returns `true` if the group had no
@@ -95,27 +92,8 @@ impl GroupRegistry {
         members.keys().cloned().collect()
     }
 
-    /// Removes expired memberships; returns the groups left without members.
-    pub fn prune_expired(&self) -> Vec<String> {
-        let now = Instant::now();
-        let mut emptied = Vec::new();
-        self.lock().retain(|g, members| {
-            members.retain(|_, t| *t > now);
-            if members.is_empty() {
-                emptied.push(g.clone());
-            }
-            !members.is_empty()
-        });
-        emptied
-    }
-
-    /// Removes everything; returns the groups that had members.
-    pub fn clear(&self) -> Vec<String> {
-        self.lock().drain().map(|(g, _)| g).collect()
-    }
-
     /// Removes expired memberships; returns each `(group, channel)` that expired.
-    pub fn prune_expired_pairs(&self) -> Vec<(String, String)> {
+    pub fn prune_expired(&self) -> Vec<(String, String)> {
         let now = Instant::now();
         let mut expired = Vec::new();
         self.lock().retain(|g, members| {
@@ -132,7 +110,7 @@ impl GroupRegistry {
     }
 
     /// Removes everything; returns every `(group, channel)` membership it held.
-    pub fn clear_pairs(&self) -> Vec<(String, String)> {
+    pub fn clear(&self) -> Vec<(String, String)> {
         self.lock()
             .drain()
             .flat_map(|(g, members)| {
@@ -209,7 +187,7 @@ mod tests {
         r.add("g", "a", Duration::ZERO);
         assert!(r.members("g").is_empty());
         r.add("g", "b", Duration::ZERO);
-        assert_eq!(r.prune_expired(), vec!["g".to_string()]);
+        assert_eq!(r.prune_expired(), vec![("g".to_string(), "b".to_string())]);
     }
 
     #[test]
@@ -220,7 +198,7 @@ mod tests {
         r.add("h", "long", Duration::from_secs(60));
         assert!(r.next_expiry().is_some_and(|t| t <= Instant::now()));
         assert_eq!(
-            r.prune_expired_pairs(),
+            r.prune_expired(),
             vec![("s".to_string(), "short".to_string())]
         );
         assert!(r.is_member("g", "long"));
@@ -234,7 +212,7 @@ mod tests {
                 ("h".to_string(), "long".to_string())
             ]
         );
-        let mut cleared = r.clear_pairs();
+        let mut cleared = r.clear();
         cleared.sort();
         assert_eq!(cleared, pairs);
         assert!(r.next_expiry().is_none());

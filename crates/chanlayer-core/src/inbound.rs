@@ -6,14 +6,14 @@
 use std::sync::Arc;
 
 use crate::config::LayerOptions;
-use crate::delivery::{AckHandle, Acknowledger, Delivery};
+use crate::delivery::Delivery;
 use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
 use crate::groups::GroupRegistry;
 use crate::inbox::{CloseSignal, Entry, LocalInbox};
 use crate::names;
 use crate::stats::Stats;
-use crate::transport::Incoming;
+use crate::transport::{Incoming, Settler};
 
 /// One instance's receiving side. See the module docs.
 #[derive(Debug)]
@@ -78,6 +78,12 @@ impl Inbound {
         &self.inbox
     }
 
+    /// Waits for the next message of `channel` in the local inbox ([`LocalInbox::take`]:
+    /// cancellation-safe, `Err(Closed)` once this instance closes).
+    pub async fn take(&self, channel: &str) -> Result<Entry> {
+        self.inbox.take(channel, &self.stats, &self.closed).await
+    }
+
     /// Groups with local members (process-local channels, and normal channels of
     /// inbox-read transports).
     pub fn groups(&self) -> &GroupRegistry {
@@ -92,16 +98,20 @@ impl Inbound {
 
     /// `true` if this instance may take `envelope`: a message for a process-local channel
     /// must be for one of this instance's own; one for a normal channel only where normal
-    /// channels are read from the inbox.
-    fn owned(&self, envelope: &Envelope) -> bool {
-        envelope.kind == Destination::Group
+    /// channels are read from the inbox. One it may not take is counted `undeliverable`.
+    fn admit(&self, envelope: &Envelope) -> bool {
+        let owned = envelope.kind == Destination::Group
             || if names::is_process_local(&envelope.destination) {
                 self.naming.owner(&envelope.destination) == Some(self.id.as_str())
             } else {
                 // A normal channel's message belongs in the inbox only where the transport
                 // reads normal channels from it; elsewhere nothing would ever take it.
                 self.normal_via_inbox
-            }
+            };
+        if !owned {
+            self.stats.record_undeliverable(&envelope.destination);
+        }
+        owned
     }
 
     /// Delivers an envelope that arrived: to its channel, or one copy to each live local
@@ -117,13 +127,23 @@ impl Inbound {
     /// [`ingest`](Self::ingest), except that a full channel is returned as
     /// `Err(ChannelFull)` instead of counted: for an in-process transport whose sender can
     /// be told at once.
-    pub fn offer(&self, envelope: Envelope) -> Result<()> {
-        if !self.owned(&envelope) {
-            self.stats.record_undeliverable(&envelope.destination);
+    pub fn offer(&self, mut envelope: Envelope) -> Result<()> {
+        if !self.admit(&envelope) {
             return Ok(());
         }
-        self.inbox
-            .deliver(envelope, &self.groups, &self.options, &self.stats)
+        // The queue a message goes to is its address: the name moves out of the envelope
+        // (no copy per message, none per group member).
+        let name = std::mem::take(&mut envelope.destination);
+        match envelope.kind {
+            Destination::Channel => {
+                let capacity = self.options.capacity_for(&name);
+                self.inbox.push(&name, envelope, capacity, &self.stats)
+            }
+            Destination::Group => {
+                self.offer_group(&name, envelope);
+                Ok(())
+            }
+        }
     }
 
     /// Delivers a group message whose envelope does not carry the name to this instance's
@@ -140,13 +160,7 @@ impl Inbound {
 
     /// [`ingest`](Self::ingest)s a burst in order (one lock per run of one channel).
     pub fn ingest_all(&self, envelopes: &mut Vec<Envelope>) {
-        envelopes.retain(|e| {
-            let ok = self.owned(e);
-            if !ok {
-                self.stats.record_undeliverable(&e.destination);
-            }
-            ok
-        });
+        envelopes.retain(|e| self.admit(e));
         self.inbox
             .deliver_all(envelopes, &self.groups, &self.options, &self.stats);
     }
@@ -196,28 +210,17 @@ impl Inbound {
 }
 
 /// An [`Incoming`] of `entry`, taken from `inbox`'s `channel`, that goes back to the head of
-/// that channel on nack or when dropped unsettled (at-least-once over a [`LocalInbox`]).
+/// that channel on nack or when dropped unsettled (at-least-once over a [`LocalInbox`]);
+/// `inbound` is the receiving instance (its counters, its close signal).
 pub fn requeuing_incoming(
     inbox: Arc<LocalInbox>,
     channel: &str,
     entry: Entry,
-    stats: Arc<Stats>,
-    closed: Arc<CloseSignal>,
+    inbound: &Inbound,
 ) -> Incoming {
-    let envelope = entry.envelope.clone();
-    let redelivered = entry.redelivered;
-    let acker = InboxAcker {
-        inbox,
-        channel: channel.to_owned(),
-        entry: Some(entry),
-        closed,
-        stats,
-    };
-    Incoming {
-        envelope,
-        redelivered,
-        ack: AckHandle::new(Box::new(acker)),
-    }
+    let (envelope, redelivered) = (entry.envelope.clone(), entry.redelivered);
+    let pending = (channel.to_owned(), entry, inbound.closed().clone());
+    Incoming::unsettled(envelope, redelivered, inbox, pending, inbound)
 }
 
 /// [`requeuing_incoming`] as a [`Delivery`].
@@ -225,54 +228,30 @@ pub fn requeuing_delivery(
     inbox: Arc<LocalInbox>,
     channel: &str,
     entry: Entry,
-    stats: Arc<Stats>,
-    closed: Arc<CloseSignal>,
+    inbound: &Inbound,
 ) -> Delivery {
-    requeuing_incoming(inbox, channel, entry, stats, closed).into_delivery(channel)
+    requeuing_incoming(inbox, channel, entry, inbound).into_delivery(channel)
 }
 
-/// Settles a delivery taken from a [`LocalInbox`]: ack forgets it; nack, or a drop without
-/// either, puts it back at the head of its channel.
-struct InboxAcker {
-    inbox: Arc<LocalInbox>,
-    channel: String,
-    entry: Option<Entry>,
-    closed: Arc<CloseSignal>,
-    stats: Arc<Stats>,
-}
-
-impl InboxAcker {
-    fn requeue(&mut self) {
-        if let Some(entry) = self.entry.take() {
-            if self.closed.is_closed() && names::is_process_local(&self.channel) {
-                // Its instance is gone: nobody can receive it any more. (A normal channel's
-                // message goes back for the other readers.)
-                self.stats.record_undeliverable(&self.channel);
-                return;
-            }
-            self.stats.record_redelivered(1);
-            self.inbox.requeue_front(&self.channel, entry);
-        }
-    }
-}
-
+/// A [`LocalInbox`] settles what was taken from it: an ack forgets it; a nack, or a drop
+/// without either, puts it back at the head of its channel.
 #[async_trait::async_trait]
-impl Acknowledger for InboxAcker {
-    async fn ack(&mut self) -> Result<()> {
-        // After close the ack cannot count; the message comes back when this is dropped.
-        self.closed.check()?;
-        self.entry = None;
+impl Settler for LocalInbox {
+    /// The channel, the entry, and the receiving instance's close signal.
+    type Pending = (String, Entry, Arc<CloseSignal>);
+
+    async fn settle(&self, _taken: Self::Pending) -> Result<()> {
         Ok(())
     }
 
-    async fn nack(&mut self) -> Result<()> {
-        self.requeue();
-        Ok(())
-    }
-}
-
-impl Drop for InboxAcker {
-    fn drop(&mut self) {
-        self.requeue();
+    fn requeue(&self, (channel, entry, closed): Self::Pending, stats: &Stats) {
+        if closed.is_closed() && names::is_process_local(&channel) {
+            // Its instance is gone: nobody can receive it any more. (A normal channel's
+            // message goes back for the other readers.)
+            stats.record_undeliverable(&channel);
+            return;
+        }
+        stats.record_redelivered(1);
+        self.requeue_front(&channel, entry);
     }
 }

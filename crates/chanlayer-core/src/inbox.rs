@@ -39,20 +39,18 @@ impl Entry {
     /// already left its queue, so `ack` does nothing and `nack` is an error. What network
     /// backends hand out for process-local channels.
     pub fn into_settled_delivery(self, channel: &str) -> crate::Delivery {
-        let info = crate::DeliveryInfo {
-            id: self.envelope.id,
-            channel: channel.to_owned(),
-            redelivered: self.redelivered,
-            sent_at_ms: self.envelope.sent_at_ms,
-        };
-        crate::Delivery::new(
-            self.envelope.into_message(),
-            info,
-            crate::AckHandle::settled(),
-        )
+        let ack = crate::AckHandle::settled();
+        let (envelope, redelivered) = (self.envelope, self.redelivered);
+        crate::transport::Incoming {
+            envelope,
+            redelivered,
+            ack,
+        }
+        .into_delivery(channel)
     }
 }
 
+#[derive(Default)]
 struct Slot {
     queue: VecDeque<Entry>,
     notify: Arc<Notify>,
@@ -60,11 +58,10 @@ struct Slot {
 }
 
 impl Slot {
-    fn new() -> Self {
-        Slot {
-            queue: VecDeque::new(),
-            notify: Arc::new(Notify::new()),
-            waiters: 0,
+    /// Wakes the receivers waiting on this channel (the caller holds the inbox lock).
+    fn wake(&self) {
+        if self.waiters > 0 {
+            self.notify.notify_waiters();
         }
     }
 }
@@ -99,7 +96,7 @@ impl Channels {
             self.sweep_at = (self.map.len() * 2).max(SWEEP_MIN);
         }
         // One hash and lookup; the name is copied only when the slot is new.
-        self.map.entry_ref(channel).or_insert_with(Slot::new)
+        self.map.entry_ref(channel).or_default()
     }
 
     /// Pops the next live entry of `channel`, counting expired ones it skips.
@@ -117,19 +114,6 @@ impl Channels {
     }
 }
 
-impl std::ops::Deref for Channels {
-    type Target = HashMap<String, Slot>;
-    fn deref(&self) -> &Self::Target {
-        &self.map
-    }
-}
-
-impl std::ops::DerefMut for Channels {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.map
-    }
-}
-
 /// Per-channel bounded queues with waiting receivers. See the module docs.
 #[derive(Default)]
 pub struct LocalInbox {
@@ -139,7 +123,7 @@ pub struct LocalInbox {
 impl std::fmt::Debug for LocalInbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalInbox")
-            .field("channels", &self.lock().len())
+            .field("channels", &self.lock().map.len())
             .finish()
     }
 }
@@ -153,18 +137,25 @@ struct Waiter<'a> {
     armed: bool,
 }
 
+impl Waiter<'_> {
+    /// Uncounts this waiter, once. The slot may have been removed and recreated (close,
+    /// flush); only the one it registered with counts it.
+    fn unregister(&mut self, map: &mut Channels) {
+        if std::mem::take(&mut self.armed) {
+            if let Some(slot) = map.map.get_mut(self.channel) {
+                if Arc::ptr_eq(&slot.notify, &self.notify) {
+                    slot.waiters -= 1;
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let mut map = self.inbox.lock();
-        if let Some(slot) = map.get_mut(self.channel) {
-            // The slot may have been removed and recreated (close, flush); only the one we
-            // registered with counts us.
-            if Arc::ptr_eq(&slot.notify, &self.notify) {
-                slot.waiters -= 1;
-            }
+        if self.armed {
+            let inbox = self.inbox;
+            self.unregister(&mut inbox.lock());
         }
     }
 }
@@ -176,12 +167,7 @@ impl LocalInbox {
     }
 
     fn lock(&self) -> MutexGuard<'_, Channels> {
-        // Critical sections never panic midway, so a poisoned lock still holds
-        // consistent data.
-        match self.channels.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::toolkit::lock(&self.channels)
     }
 
     /// Appends to `channel` unless it already holds `capacity` live messages
@@ -213,9 +199,7 @@ impl LocalInbox {
                 capacity,
             });
         }
-        if slot.waiters > 0 {
-            slot.notify.notify_waiters();
-        }
+        slot.wake();
         Ok(())
     }
 
@@ -258,9 +242,7 @@ impl LocalInbox {
             .take_while(|e| e.redelivered && e.seq < entry.seq)
             .count();
         slot.queue.insert(pos, entry);
-        if slot.waiters > 0 {
-            slot.notify.notify_waiters();
-        }
+        slot.wake();
     }
 
     /// Takes the next live message from `channel` without waiting.
@@ -268,9 +250,7 @@ impl LocalInbox {
         let mut expired = 0;
         let now = recent_ms();
         let found = self.lock().pop_live(channel, now, &mut expired);
-        if expired > 0 {
-            stats.record_expired(expired);
-        }
+        stats.record_expired(expired);
         found
     }
 
@@ -284,66 +264,41 @@ impl LocalInbox {
     pub async fn take(&self, channel: &str, stats: &Stats, closed: &CloseSignal) -> Result<Entry> {
         tokio::task::consume_budget().await;
         closed.check()?;
-        let mut expired = 0;
-        // One lock: take a message, or register as a waiter. `notify_waiters` wakes every
-        // `Notified` created before it is called, and pushes call it under this lock, so a
-        // `Notified` created under the lock cannot miss a later push.
-        let notify: Arc<Notify>;
-        let first;
-        {
-            let now = recent_ms();
-            let mut map = self.lock();
-            let found = map.pop_live(channel, now, &mut expired);
-            if let Some(e) = found {
-                drop(map);
-                stats.record_expired(expired);
-                return Ok(e);
-            }
-            let slot = map.slot(channel);
-            slot.waiters += 1;
-            notify = slot.notify.clone();
-            first = notify.notified();
-        }
-        stats.record_expired(expired);
-        let mut waiter = Waiter {
-            inbox: self,
-            channel,
-            notify: notify.clone(),
-            armed: true,
-        };
         let close = closed.closed();
         tokio::pin!(close);
-        tokio::pin!(first);
-        tokio::select! {
-            _ = &mut first => {}
-            _ = &mut close => return Err(Error::Closed),
-        }
+        let mut waiter: Option<Waiter<'_>> = None;
         loop {
-            // Created before the check, so a push after the check wakes it.
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            {
-                let now = recent_ms();
+            // One lock: take a message, or register as a waiter and create the `Notified` to
+            // wait on. Pushes call `notify_waiters` under this lock, and it wakes every
+            // `Notified` created before the call, so one created here misses no later push.
+            let mut expired = 0;
+            let now = recent_ms();
+            let notified = {
                 let mut map = self.lock();
-                let mut expired = 0;
-                let found = map.pop_live(channel, now, &mut expired);
-                if let Some(e) = found {
-                    if let Some(slot) = map.get_mut(channel) {
-                        if Arc::ptr_eq(&slot.notify, &waiter.notify) {
-                            slot.waiters -= 1;
-                        }
+                if let Some(e) = map.pop_live(channel, now, &mut expired) {
+                    if let Some(w) = waiter.as_mut() {
+                        w.unregister(&mut map);
                     }
-                    waiter.armed = false;
                     drop(map);
                     stats.record_expired(expired);
                     return Ok(e);
                 }
-                drop(map);
-                stats.record_expired(expired);
-            }
+                let w = waiter.get_or_insert_with(|| {
+                    let slot = map.slot(channel);
+                    slot.waiters += 1;
+                    Waiter {
+                        inbox: self,
+                        channel,
+                        notify: slot.notify.clone(),
+                        armed: true,
+                    }
+                });
+                w.notify.notified()
+            };
+            stats.record_expired(expired);
             closed.check()?;
             tokio::select! {
-                _ = &mut notified => {}
+                _ = notified => {}
                 _ = &mut close => return Err(Error::Closed),
             }
         }
@@ -362,69 +317,29 @@ impl LocalInbox {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let first = match tokio::time::timeout(timeout, self.take(channel, stats, closed)).await {
-            Ok(r) => r?,
-            Err(_) => return Ok(Vec::new()),
+        let taking = tokio::time::timeout(timeout, self.take(channel, stats, closed));
+        let Ok(first) = taking.await else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::with_capacity(max.min(1024));
-        out.push(first);
-        while out.len() < max {
-            match self.try_take(channel, stats) {
-                Some(e) => out.push(e),
-                None => break,
-            }
-        }
+        out.push(first?);
+        out.extend(std::iter::from_fn(|| self.try_take(channel, stats)).take(max - 1));
         Ok(out)
-    }
-
-    /// Messages queued on `channel` (expired ones included until they are purged).
-    pub fn len(&self, channel: &str) -> usize {
-        self.lock().get(channel).map_or(0, |s| s.queue.len())
-    }
-
-    /// `true` if no channel holds a message.
-    pub fn is_empty(&self) -> bool {
-        self.lock().values().all(|s| s.queue.is_empty())
     }
 
     /// Drops every queued message (flush). Waiting receivers keep waiting.
     pub fn clear(&self) {
-        let mut map = self.lock();
-        map.retain(|_, s| {
+        self.lock().map.retain(|_, s| {
             s.queue.clear();
             s.waiters > 0
         });
     }
 
-    /// Delivers an envelope that arrived from the broker: to its channel, or, for a group
-    /// envelope, one copy to each live local member in `groups` (full members are skipped and
-    /// counted). A channel message for a full channel is `Err(ChannelFull)`.
-    pub fn deliver(
-        &self,
-        mut envelope: Envelope,
-        groups: &GroupRegistry,
-        options: &LayerOptions,
-        stats: &Stats,
-    ) -> Result<()> {
-        // The queue a message goes to is its address: the name moves out of the envelope
-        // (no copy per message, none per group member).
-        match envelope.kind {
-            Destination::Channel => {
-                let channel = std::mem::take(&mut envelope.destination);
-                self.push(&channel, envelope, options.capacity_for(&channel), stats)
-            }
-            Destination::Group => {
-                let group = std::mem::take(&mut envelope.destination);
-                self.fan_out(&group, envelope, groups.members(&group), options, stats);
-                Ok(())
-            }
-        }
-    }
-
-    /// [`deliver`](Self::deliver)s every envelope of `envelopes` in order, taking the lock
-    /// once for each run of channel envelopes (a transport thread that read a burst hands
-    /// it over in one go). A full channel drops its message and counts it in
-    /// `dropped_full`; a full group member is counted as in [`fan_out`](Self::fan_out).
+    /// Delivers every envelope of `envelopes` in order (to its channel, or for a group
+    /// envelope, one copy to each live local member in `groups`), taking the lock once for
+    /// each run of envelopes for one channel (a transport thread that read a burst hands it
+    /// over in one go). A full channel drops its message and counts it in `dropped_full`; a
+    /// full group member is counted as in [`fan_out`](Self::fan_out).
     pub fn deliver_all(
         &self,
         envelopes: &mut Vec<Envelope>,
@@ -432,49 +347,35 @@ impl LocalInbox {
         options: &LayerOptions,
         stats: &Stats,
     ) {
-        let mut full: Vec<(String, u64)> = Vec::new();
         let mut it = envelopes.drain(..).peekable();
-        while let Some(mut envelope) = it.next() {
-            if envelope.kind == Destination::Group {
-                let group = std::mem::take(&mut envelope.destination);
-                self.fan_out(&group, envelope, groups.members(&group), options, stats);
+        while let Some(mut first) = it.next() {
+            // The queue a message goes to is its address: the name moves out of the envelope.
+            let name = std::mem::take(&mut first.destination);
+            if first.kind == Destination::Group {
+                self.fan_out(&name, first, groups.members(&name), options, stats);
                 continue;
             }
+            // A run of envelopes for one channel: one lock, one lookup, one wake-up.
+            let capacity = options.capacity_for(&name);
             let mut map = self.lock();
-            let mut next = Some(envelope);
-            while let Some(mut first) = next.take() {
-                // A run of envelopes for one channel: one lookup, one wake-up.
-                let channel = std::mem::take(&mut first.destination);
-                let capacity = options.capacity_for(&channel);
-                let mut seq = map.next_seq;
-                let slot = map.slot(&channel);
-                let mut dropped = 0u64;
-                let mut pending = Some(first);
-                while let Some(envelope) = pending.take() {
-                    if !Self::push_slot(slot, envelope, seq, capacity, stats) {
-                        dropped += 1;
-                    }
-                    seq += 1;
-                    pending = it
-                        .next_if(|e| e.kind == Destination::Channel && e.destination == channel)
-                        .map(|mut e| {
-                            e.destination = String::new();
-                            e
-                        });
-                }
-                if slot.waiters > 0 {
-                    slot.notify.notify_waiters();
-                }
-                map.next_seq = seq;
-                if dropped > 0 {
-                    full.push((channel, dropped));
-                }
-                next = it.next_if(|e| e.kind == Destination::Channel);
+            let mut seq = map.next_seq;
+            let slot = map.slot(&name);
+            let mut dropped = 0;
+            let mut next = Some(first);
+            while let Some(envelope) = next {
+                dropped += u64::from(!Self::push_slot(slot, envelope, seq, capacity, stats));
+                seq += 1;
+                next = (it.next_if(|e| e.kind == Destination::Channel && e.destination == name))
+                    .map(|mut e| {
+                        e.destination = String::new();
+                        e
+                    });
             }
-        }
-        for (channel, dropped) in full {
+            slot.wake();
+            map.next_seq = seq;
+            drop(map);
             for _ in 0..dropped {
-                stats.record_dropped_full(&channel);
+                stats.record_dropped_full(&name);
             }
         }
     }

@@ -55,7 +55,7 @@ fn deliver_all_runs_of_a_channel_keep_order_and_wake_a_waiting_take() {
             tokio::spawn(async move { inbox.take("c", &stats, &closed).await })
         };
         // Let the take register as a waiter before anything arrives.
-        while inbox.lock().get("c").is_none_or(|s| s.waiters == 0) {
+        while inbox.lock().map.get("c").is_none_or(|s| s.waiters == 0) {
             tokio::task::yield_now().await;
         }
         let to = |ch: &str, i: u64| {
@@ -118,7 +118,7 @@ fn empty_slots_are_swept() {
         inbox.push(&ch, env(i), 10, &stats).expect("push");
         inbox.try_take(&ch, &stats).expect("take");
     }
-    let slots = inbox.lock().len();
+    let slots = inbox.lock().map.len();
     assert!(
         slots <= 2 * SWEEP_MIN,
         "{slots} slots kept for 0 live channels"

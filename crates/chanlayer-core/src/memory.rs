@@ -43,14 +43,11 @@ const BACKEND: &str = "memory";
 
 /// The memory backend's capabilities.
 pub const CAPABILITIES: Capabilities = Capabilities {
-    backend: BACKEND,
     single_reader_normal_channels: true,
     at_least_once: true,
     at_least_once_local: true,
-    persistent: false,
     broker_side_capacity: true,
-    cross_process: false,
-    normal_channels: true,
+    ..Capabilities::none(BACKEND)
 };
 
 /// The in-memory channel layer. See the module docs.
@@ -62,11 +59,40 @@ pub type MemoryLayer = TransportLayer<MemoryTransport>;
 struct Broker {
     instances: Mutex<HashMap<String, Weak<Inbound>>>,
     /// group → instances with a local member.
-    bound: Mutex<HashMap<String, HashSet<String>>>,
+    bound: Bindings,
     /// group → normal channels that are members.
-    normal_bound: Mutex<HashMap<String, HashSet<String>>>,
+    normal_bound: Bindings,
     /// The normal channels.
     normal: Arc<LocalInbox>,
+}
+
+/// group → members (instances or normal channels).
+type Bindings = Mutex<HashMap<String, HashSet<String>>>;
+
+/// Adds `member` to `group`'s members in `map`.
+fn bind(map: &Bindings, group: &str, member: &str) {
+    let mut map = lock(map);
+    map.entry(group.to_owned())
+        .or_default()
+        .insert(member.to_owned());
+}
+
+/// Removes `member` from `group`'s members in `map` (and the group with its last).
+fn unbind(map: &Bindings, group: &str, member: &str) {
+    let mut map = lock(map);
+    if let Some(members) = map.get_mut(group) {
+        members.remove(member);
+        if members.is_empty() {
+            map.remove(group);
+        }
+    }
+}
+
+/// `group`'s members in `map`.
+fn members(map: &Bindings, group: &str) -> Vec<String> {
+    lock(map)
+        .get(group)
+        .map_or_else(Vec::new, |s| s.iter().cloned().collect())
 }
 
 impl Broker {
@@ -76,21 +102,13 @@ impl Broker {
 
     /// One copy of a group message for every instance and normal channel bound to `group`.
     fn fan_out(&self, group: &str, env: Envelope, sender: &Inbound) {
-        let ids: Vec<String> = lock(&self.bound)
-            .get(group)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default();
-        for id in ids {
+        for id in members(&self.bound, group) {
             match self.instance(&id) {
                 Some(inbound) => inbound.offer_group(group, env.clone()),
                 None => sender.stats().record_undeliverable(group),
             }
         }
-        let channels: Vec<String> = lock(&self.normal_bound)
-            .get(group)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default();
-        for ch in channels {
+        for ch in members(&self.normal_bound, group) {
             let capacity = sender.options().capacity_for(&ch);
             if self
                 .normal
@@ -132,12 +150,8 @@ impl MemoryTransport {
     pub fn inject_raw(&self, bytes: &[u8]) -> Result<bool> {
         let i = &self.inbound;
         i.closed().check()?;
-        let env = match Envelope::decode(bytes) {
-            Ok(env) => env,
-            Err(e) => {
-                i.stats().record_undecodable("memory inject_raw", &e);
-                return Ok(false);
-            }
+        let Some(env) = i.decode(bytes, "memory inject_raw") else {
+            return Ok(false);
         };
         match env.kind {
             Destination::Group => {
@@ -223,19 +237,13 @@ impl Transport for MemoryTransport {
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         // Its own channel: no lookup, no reference count touched.
-        let other;
-        let target: &Inbound = if owner == self.inbound.id() {
-            &self.inbound
-        } else {
-            match self.broker.instance(owner) {
-                Some(t) => {
-                    other = t;
-                    &other
-                }
-                None => return Ok(Published::Gone),
-            }
-        };
-        self.push(target.inbox(), out)
+        if owner == self.inbound.id() {
+            return self.push(self.inbound.inbox(), out);
+        }
+        match self.broker.instance(owner) {
+            Some(target) => self.push(target.inbox(), out),
+            None => Ok(Published::Gone),
+        }
     }
 
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
@@ -250,55 +258,35 @@ impl Transport for MemoryTransport {
     }
 
     async fn bind_group(&self, group: &str) -> Result<()> {
-        lock(&self.broker.bound)
-            .entry(group.to_owned())
-            .or_default()
-            .insert(self.inbound.id().to_owned());
+        bind(&self.broker.bound, group, self.inbound.id());
         Ok(())
     }
 
     async fn unbind_group(&self, group: &str) -> Result<()> {
-        let mut bound = lock(&self.broker.bound);
-        if let Some(ids) = bound.get_mut(group) {
-            ids.remove(self.inbound.id());
-            if ids.is_empty() {
-                bound.remove(group);
-            }
-        }
+        unbind(&self.broker.bound, group, self.inbound.id());
         Ok(())
     }
 
     async fn bind_normal(&self, group: &str, channel: &str) -> Result<()> {
-        lock(&self.broker.normal_bound)
-            .entry(group.to_owned())
-            .or_default()
-            .insert(channel.to_owned());
+        bind(&self.broker.normal_bound, group, channel);
         Ok(())
     }
 
     async fn unbind_normal(&self, group: &str, channel: &str) -> Result<()> {
-        let mut bound = lock(&self.broker.normal_bound);
-        if let Some(chs) = bound.get_mut(group) {
-            chs.remove(channel);
-            if chs.is_empty() {
-                bound.remove(group);
-            }
-        }
+        unbind(&self.broker.normal_bound, group, channel);
         Ok(())
     }
 
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
         let mut sources = lock(&self.sources);
-        if let Some(s) = sources.get(channel) {
-            return Ok(NormalReader::Source(s.clone()));
-        }
-        let s = Arc::new(MemorySource {
-            normal: self.broker.normal.clone(),
-            channel: channel.to_owned(),
-            inbound: self.inbound.clone(),
+        let s = sources.entry(channel.to_owned()).or_insert_with(|| {
+            Arc::new(MemorySource {
+                normal: self.broker.normal.clone(),
+                channel: channel.to_owned(),
+                inbound: self.inbound.clone(),
+            })
         });
-        sources.insert(channel.to_owned(), s.clone());
-        Ok(NormalReader::Source(s))
+        Ok(NormalReader::Source(s.clone()))
     }
 
     async fn flush(&self) -> Result<()> {
@@ -327,13 +315,7 @@ struct MemorySource {
 
 impl MemorySource {
     fn incoming(&self, entry: crate::inbox::Entry) -> Incoming {
-        requeuing_incoming(
-            self.normal.clone(),
-            &self.channel,
-            entry,
-            self.inbound.stats().clone(),
-            self.inbound.closed().clone(),
-        )
+        requeuing_incoming(self.normal.clone(), &self.channel, entry, &self.inbound)
     }
 }
 

@@ -136,26 +136,28 @@ impl Message {
     /// The size chanlayer counts against `max_message_size`: body, type and headers, plus
     /// the destination name.
     pub fn wire_size(&self, destination: &str) -> usize {
-        self.body.len()
-            + self.msg_type.len()
-            + destination.len()
-            + self
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
+        wire_size(&self.body, &self.msg_type, destination, &self.headers)
     }
 
     /// Checks the type and headers.
     pub fn validate(&self) -> Result<()> {
         validate_type(&self.msg_type)?;
-        for key in self.headers.keys() {
-            if key.is_empty() {
-                return Err(Error::InvalidMessage("a header key is empty".into()));
-            }
+        if self.headers.keys().any(String::is_empty) {
+            return Err(Error::InvalidMessage("a header key is empty".into()));
         }
         Ok(())
     }
+}
+
+/// The size counted against `max_message_size`: body, type, destination and headers.
+pub(crate) fn wire_size(
+    body: &[u8],
+    msg_type: &str,
+    destination: &str,
+    headers: &Headers,
+) -> usize {
+    let headers: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    body.len() + msg_type.len() + destination.len() + headers
 }
 
 /// How many distinct message types [`intern_type`] keeps for the life of the process.

@@ -20,7 +20,7 @@ use crate::error::{Error, NameKind, Result};
 pub const MAX_NAME_LEN: usize = 99;
 
 fn allowed(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-'
+    c.is_ascii() && ALLOWED[c as usize]
 }
 
 fn invalid(kind: NameKind, name: &str, rule: impl Into<String>) -> Error {
@@ -63,74 +63,48 @@ fn check(kind: NameKind, name: &str, bang_allowed: bool) -> Result<()> {
     if quick_ok(name, bang_allowed) {
         return Ok(());
     }
-    if name.is_empty() {
-        return Err(invalid(
-            kind,
-            name,
-            "the name is empty; names are 1 to 99 characters",
-        ));
-    }
     let chars = name.chars().count();
-    if chars > MAX_NAME_LEN {
-        return Err(invalid(
-            kind,
-            name,
-            format!("the name is {chars} characters long; the limit is {MAX_NAME_LEN}"),
-        ));
-    }
     let mut bangs = 0;
-    for (pos, c) in name.chars().enumerate() {
-        if allowed(c) {
-            continue;
-        }
-        if c == '!' {
-            if !bang_allowed {
-                return Err(invalid(
-                    kind,
-                    name,
-                    format!(
-                        "{kind} names cannot contain '!' (only process-local channel names do); found at position {pos}"
-                    ),
-                ));
+    let why = if name.is_empty() {
+        "the name is empty; names are 1 to 99 characters".to_owned()
+    } else if chars > MAX_NAME_LEN {
+        format!("the name is {chars} characters long; the limit is {MAX_NAME_LEN}")
+    } else {
+        let broken = name.chars().enumerate().find_map(|(pos, c)| match c {
+            c if allowed(c) => None,
+            '!' if !bang_allowed => Some(format!(
+                "{kind} names cannot contain '!' (only process-local channel names do); found at position {pos}"
+            )),
+            '!' if pos == 0 => Some(
+                "the name starts with '!'; a process-local channel name needs a prefix before '!'"
+                    .to_owned(),
+            ),
+            '!' => {
+                bangs += 1;
+                (bangs > 1).then(|| format!("the name contains more than one '!' (second at position {pos}); a channel name may have at most one '!'"))
             }
-            if pos == 0 {
-                return Err(invalid(
-                    kind,
-                    name,
-                    "the name starts with '!'; a process-local channel name needs a prefix before '!'",
-                ));
-            }
-            bangs += 1;
-            if bangs > 1 {
-                return Err(invalid(
-                    kind,
-                    name,
-                    format!("the name contains more than one '!' (second at position {pos}); a channel name may have at most one '!'"),
-                ));
-            }
-            continue;
-        }
-        let what = if !c.is_ascii() {
-            format!("a non-ASCII character {c:?} at position {pos}; names are ASCII only")
-        } else if c.is_ascii_control() {
-            format!("a control character {c:?} at position {pos}")
-        } else {
-            format!("the character {c:?} at position {pos}")
-        };
-        return Err(invalid(
-            kind,
-            name,
-            format!(
-                "the name contains {what}; allowed are ASCII letters, digits, '.', '_' and '-'{}",
-                if bang_allowed {
+            c => {
+                let what = if !c.is_ascii() {
+                    format!("a non-ASCII character {c:?} at position {pos}; names are ASCII only")
+                } else if c.is_ascii_control() {
+                    format!("a control character {c:?} at position {pos}")
+                } else {
+                    format!("the character {c:?} at position {pos}")
+                };
+                let bang = if bang_allowed {
                     " (and one '!' in a process-local channel name)"
                 } else {
                     ""
-                }
-            ),
-        ));
-    }
-    Ok(())
+                };
+                Some(format!("the name contains {what}; allowed are ASCII letters, digits, '.', '_' and '-'{bang}"))
+            }
+        });
+        match broken {
+            Some(why) => why,
+            None => return Ok(()),
+        }
+    };
+    Err(invalid(kind, name, why))
 }
 
 /// Checks a channel name; the error names the rule it broke.

@@ -121,10 +121,7 @@ impl Stats {
     pub fn record_undecodable(&self, source: &str, error: &dyn std::fmt::Display) {
         let total = self.undecodable.fetch_add(1, Ordering::Relaxed) + 1;
         let now = Instant::now();
-        let mut last = match self.last_undecodable_log.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut last = crate::toolkit::lock(&self.last_undecodable_log);
         if last.is_none_or(|t| now.duration_since(t) >= BURST) {
             *last = Some(now);
             tracing::warn!(

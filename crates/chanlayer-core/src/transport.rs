@@ -70,13 +70,7 @@ impl<'a> Outgoing<'a> {
     /// a bound on what the body adds to the encoded envelope.
     pub fn wire_size(&self) -> usize {
         let e = &self.envelope;
-        e.body.len()
-            + e.msg_type.len()
-            + self.destination.len()
-            + e.headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
+        crate::message::wire_size(&e.body, &e.msg_type, self.destination, &e.headers)
     }
 
     /// The wire bytes (a versioned [`Envelope`]).

@@ -9,6 +9,7 @@
 //! discarded; a background task unbinds memberships the moment they expire, so an expired
 //! membership receives nothing on any backend.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use crate::layer::ChannelLayer;
 use crate::message::Message;
 use crate::names;
 use crate::stats::StatsSnapshot;
-use crate::transport::{NormalReader, Outgoing, Published, Transport};
+use crate::transport::{NormalReader, NormalSource, Outgoing, Published, Transport};
 
 /// A [`ChannelLayer`] over transport `T`. Backends name it (`AmqpLayer` is
 /// `TransportLayer<AmqpTransport>`); it dereferences to the transport for what only that
@@ -41,13 +42,15 @@ pub struct TransportLayer<T: Transport> {
 }
 
 /// Group bookkeeping shared with the expiry task.
+#[derive(Default)]
 struct GroupState {
     /// Serialises binding changes, so a first-member bind and a last-member unbind of one
     /// group cannot cross.
     bindings: tokio::sync::Mutex<()>,
     /// Wakes the expiry task when a membership appears while it has none to wait for.
     wake: Notify,
-    /// `true` while the expiry task has no membership to wait for.
+    /// `true` while the expiry task has no membership to wait for (set by the task before
+    /// it looks).
     idle: AtomicBool,
 }
 
@@ -81,11 +84,7 @@ impl<T: Transport> TransportLayer<T> {
         ));
         let transport = Arc::new(T::open(config, inbound.clone()).await?);
         let caps = transport.capabilities();
-        let groups = Arc::new(GroupState {
-            bindings: tokio::sync::Mutex::new(()),
-            wake: Notify::new(),
-            idle: AtomicBool::new(true),
-        });
+        let groups = Arc::new(GroupState::default());
         tokio::spawn(expiry_task(
             Arc::downgrade(&transport),
             inbound.clone(),
@@ -110,6 +109,11 @@ impl<T: Transport> TransportLayer<T> {
         &self.inbound
     }
 
+    /// `r`, or `Closed` if it failed because the layer closed ([`CloseSignal::closed_wins`](crate::toolkit::CloseSignal::closed_wins)).
+    fn wins<R>(&self, r: Result<R>) -> Result<R> {
+        self.inbound.closed().closed_wins(r)
+    }
+
     fn seal(&self, kind: Destination, name: &str, message: Message) -> Result<Envelope> {
         Envelope::seal_unaddressed(kind, name, message, self.inbound.options())
     }
@@ -123,15 +127,32 @@ impl<T: Transport> TransportLayer<T> {
         })
     }
 
-    fn unsupported_normal(&self, operation: &'static str) -> Error {
-        Error::unsupported(
-            operation,
-            self.caps.backend,
-            format!(
-                "normal channels on {} are at-most-once (there is nothing to ack or redeliver); use receive, or a backend with at-least-once normal channels (kafka, amqp)",
-                self.caps.backend
-            ),
-        )
+    /// Where `channel` is read: `None` from this instance's inbox (a process-local channel,
+    /// or a normal one of a transport that reads normal channels from the inbox), else the
+    /// transport's source. `acking` names an operation that settles what it takes: on an
+    /// inbox-read normal channel there is nothing to settle, and it is `Unsupported`.
+    async fn source(
+        &self,
+        channel: &str,
+        acking: Option<&'static str>,
+    ) -> Result<Option<Arc<dyn NormalSource>>> {
+        self.check_receiver(channel)?;
+        self.check_kind(acking.unwrap_or("receive"), channel)?;
+        if names::is_process_local(channel) {
+            return Ok(None);
+        }
+        match (self.transport.normal_reader(channel).await?, acking) {
+            (NormalReader::Source(s), _) => Ok(Some(s)),
+            (NormalReader::Inbox, None) => Ok(None),
+            (NormalReader::Inbox, Some(operation)) => Err(Error::unsupported(
+                operation,
+                self.caps.backend,
+                format!(
+                    "normal channels on {} are at-most-once (there is nothing to ack or redeliver); use receive, or a backend with at-least-once normal channels (kafka, amqp)",
+                    self.caps.backend
+                ),
+            )),
+        }
     }
 
     /// `Unsupported` for a normal channel where this layer has none
@@ -170,13 +191,10 @@ impl<T: Transport> TransportLayer<T> {
         self.check_kind("send", channel)?;
         let env = self.seal(Destination::Channel, channel, message)?;
         let out = Outgoing::new(env, channel);
-        let r = if names::is_process_local(channel) {
-            match self.inbound.naming().owner(channel) {
-                Some(owner) => self.transport.publish_local(owner, out).await?,
-                None => Published::Gone,
-            }
-        } else {
-            self.transport.publish_normal(out).await?
+        let r = match route(self.inbound.naming(), channel) {
+            Some(Some(owner)) => self.transport.publish_local(owner, out).await?,
+            Some(None) => self.transport.publish_normal(out).await?,
+            None => Published::Gone,
         };
         self.record(channel, r, 1);
         Ok(())
@@ -187,62 +205,42 @@ impl<T: Transport> TransportLayer<T> {
         names::validate_channel(channel)?;
         self.check_kind("send_batch", channel)?;
         let n = messages.len();
-        let mut outs = Vec::with_capacity(n);
-        for m in messages {
-            outs.push(Outgoing::new(
-                self.seal(Destination::Channel, channel, m)?,
-                channel,
-            ));
-        }
+        let outs = messages
+            .into_iter()
+            .map(|m| {
+                Ok(Outgoing::new(
+                    self.seal(Destination::Channel, channel, m)?,
+                    channel,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         if n == 0 {
             return Ok(());
         }
-        let owner = if names::is_process_local(channel) {
-            match self.inbound.naming().owner(channel) {
-                Some(o) => Some(o),
-                None => {
-                    self.record(channel, Published::Gone, n as u64);
-                    return Ok(());
-                }
-            }
-        } else {
-            None
+        let Some(owner) = route(self.inbound.naming(), channel) else {
+            self.record(channel, Published::Gone, n as u64);
+            return Ok(());
         };
-        let stored = match self.transport.publish_batch(owner, outs).await {
-            Ok(stored) => stored,
-            Err(e) => {
-                if let Error::PartlySent { sent, .. } = &e {
+        let stored = self
+            .transport
+            .publish_batch(owner, outs)
+            .await
+            .inspect_err(|e| {
+                if let Error::PartlySent { sent, .. } = e {
                     self.record(channel, Published::Stored, *sent as u64);
                 }
-                return Err(e);
-            }
-        };
+            })?;
         self.record(channel, Published::Stored, stored as u64);
         self.record(channel, Published::Gone, (n - stored) as u64);
         Ok(())
     }
 
     async fn receive_op(&self, channel: &str) -> Result<Message> {
-        self.check_receiver(channel)?;
-        self.check_kind("receive", channel)?;
-        let i = &self.inbound;
-        let env = if names::is_process_local(channel) {
-            i.inbox()
-                .take(channel, i.stats(), i.closed())
-                .await?
-                .envelope
-        } else {
-            match self.transport.normal_reader(channel).await? {
-                NormalReader::Source(s) => s.next_auto().await?,
-                NormalReader::Inbox => {
-                    i.inbox()
-                        .take(channel, i.stats(), i.closed())
-                        .await?
-                        .envelope
-                }
-            }
+        let env = match self.source(channel, None).await? {
+            Some(s) => s.next_auto().await?,
+            None => self.inbound.take(channel).await?.envelope,
         };
-        i.stats().record_received(1);
+        self.inbound.stats().record_received(1);
         Ok(env.into_message())
     }
 
@@ -251,32 +249,18 @@ impl<T: Transport> TransportLayer<T> {
     fn local_delivery(&self, channel: &str, entry: crate::inbox::Entry) -> Delivery {
         let i = &self.inbound;
         if self.caps.at_least_once_local {
-            requeuing_delivery(
-                i.inbox().clone(),
-                channel,
-                entry,
-                i.stats().clone(),
-                i.closed().clone(),
-            )
+            requeuing_delivery(i.inbox().clone(), channel, entry, i)
         } else {
             entry.into_settled_delivery(channel)
         }
     }
 
     async fn receive_delivery_op(&self, channel: &str) -> Result<Delivery> {
-        self.check_receiver(channel)?;
-        self.check_kind("receive_delivery", channel)?;
-        let i = &self.inbound;
-        let d = if names::is_process_local(channel) {
-            let e = i.inbox().take(channel, i.stats(), i.closed()).await?;
-            self.local_delivery(channel, e)
-        } else {
-            match self.transport.normal_reader(channel).await? {
-                NormalReader::Source(s) => s.next().await?.into_delivery(channel),
-                NormalReader::Inbox => return Err(self.unsupported_normal("receive_delivery")),
-            }
+        let d = match self.source(channel, Some("receive_delivery")).await? {
+            Some(s) => s.next().await?.into_delivery(channel),
+            None => self.local_delivery(channel, self.inbound.take(channel).await?),
         };
-        i.stats().record_received(1);
+        self.inbound.stats().record_received(1);
         Ok(d)
     }
 
@@ -286,26 +270,21 @@ impl<T: Transport> TransportLayer<T> {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        self.check_receiver(channel)?;
-        self.check_kind("receive_batch", channel)?;
         let i = &self.inbound;
-        let out: Vec<Delivery> = if names::is_process_local(channel) {
-            i.inbox()
+        let out: Vec<Delivery> = match self.source(channel, Some("receive_batch")).await? {
+            Some(s) => s
+                .next_batch(max, timeout)
+                .await?
+                .into_iter()
+                .map(|item| item.into_delivery(channel))
+                .collect(),
+            None => i
+                .inbox()
                 .take_batch(channel, max, timeout, i.stats(), i.closed())
                 .await?
                 .into_iter()
                 .map(|e| self.local_delivery(channel, e))
-                .collect()
-        } else {
-            match self.transport.normal_reader(channel).await? {
-                NormalReader::Source(s) => s
-                    .next_batch(max, timeout)
-                    .await?
-                    .into_iter()
-                    .map(|item| item.into_delivery(channel))
-                    .collect(),
-                NormalReader::Inbox => return Err(self.unsupported_normal("receive_batch")),
-            }
+                .collect(),
         };
         i.stats().record_received(out.len() as u64);
         Ok(out)
@@ -315,18 +294,12 @@ impl<T: Transport> TransportLayer<T> {
         let i = &self.inbound;
         i.closed().check()?;
         names::validate_group(group)?;
-        names::validate_channel(channel)?;
+        // Memberships live where the messages arrive: only the owner adds its channel.
+        i.naming().check_receiver(channel, i.id())?;
         self.check_kind("group_add", channel)?;
         let expiry = i.options().group_expiry;
-        // Memberships live where the messages arrive: only the owner adds its channel.
-        if names::is_process_local(channel) && self.inbound.naming().owner(channel) != Some(i.id())
-        {
-            return Err(Error::NotOwner {
-                channel: channel.to_owned(),
-            });
-        }
+        let _one = self.groups.bindings.lock().await;
         if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
-            let _one = self.groups.bindings.lock().await;
             // Registered first, then bound: what arrives once the group is bound finds its
             // member. A failed bind takes the new membership back.
             if i.groups().add(group, channel, expiry) {
@@ -336,7 +309,6 @@ impl<T: Transport> TransportLayer<T> {
                 }
             }
         } else {
-            let _one = self.groups.bindings.lock().await;
             self.transport.bind_normal(group, channel).await?;
             i.normal_groups().add(group, channel, expiry);
         }
@@ -386,10 +358,11 @@ impl<T: Transport> TransportLayer<T> {
         i.closed().check()?;
         {
             let _one = self.groups.bindings.lock().await;
-            for g in i.groups().clear() {
+            let groups: BTreeSet<String> = i.groups().clear().into_iter().map(|(g, _)| g).collect();
+            for g in groups {
                 self.transport.unbind_group(&g).await?;
             }
-            for (g, c) in i.normal_groups().clear_pairs() {
+            for (g, c) in i.normal_groups().clear() {
                 self.transport.unbind_normal(&g, &c).await?;
             }
         }
@@ -399,26 +372,30 @@ impl<T: Transport> TransportLayer<T> {
     }
 }
 
+/// Where a send to `channel` goes: `Some(None)` to a normal channel, `Some(Some(owner))` to
+/// the inbox of instance `owner`, `None` nowhere (a `!` name without an owner).
+fn route(naming: names::Naming, channel: &str) -> Option<Option<&str>> {
+    if names::is_process_local(channel) {
+        naming.owner(channel).map(Some)
+    } else {
+        Some(None)
+    }
+}
+
 /// Layer instance serials for [`checked`]: never 0, never reused in a process.
 static SERIALS: AtomicU64 = AtomicU64::new(1);
 
-/// Which name check [`checked`] remembers.
+/// Which name check [`checked`] remembers: its slot in [`CHECKED`].
 #[derive(Clone, Copy)]
 enum Check {
-    Send,
-    Receive,
-}
-
-/// The channel each thread last checked for a send and for a receive, and on which layer
-/// instance (serial 0: none).
-#[derive(Default)]
-struct Checked {
-    send: (u64, String),
-    receive: (u64, String),
+    Send = 0,
+    Receive = 1,
 }
 
 thread_local! {
-    static CHECKED: std::cell::RefCell<Checked> = std::cell::RefCell::new(Checked::default());
+    /// The channel each thread last checked for a send and for a receive, and on which
+    /// layer instance (serial 0: none).
+    static CHECKED: std::cell::RefCell<[(u64, String); 2]> = Default::default();
 }
 
 /// Runs the name check `check` unless this thread passed it last time for the same layer
@@ -430,13 +407,10 @@ fn checked(
     which: Check,
     check: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
+    let slot = which as usize;
     let hit = CHECKED
         .try_with(|c| {
-            let c = c.borrow();
-            let (s, name) = match which {
-                Check::Send => &c.send,
-                Check::Receive => &c.receive,
-            };
+            let (s, name) = &c.borrow()[slot];
             *s == serial && name == channel
         })
         .unwrap_or(false);
@@ -445,14 +419,10 @@ fn checked(
     }
     check()?;
     let _ = CHECKED.try_with(|c| {
-        let mut c = c.borrow_mut();
-        let slot = match which {
-            Check::Send => &mut c.send,
-            Check::Receive => &mut c.receive,
-        };
-        slot.0 = serial;
-        slot.1.clear();
-        slot.1.push_str(channel);
+        let (s, name) = &mut c.borrow_mut()[slot];
+        *s = serial;
+        name.clear();
+        name.push_str(channel);
     });
     Ok(())
 }
@@ -466,8 +436,9 @@ async fn expiry_task<T: Transport>(
 ) {
     /// How soon a failed unbind is tried again.
     const RETRY: Duration = Duration::from_secs(1);
-    let mut failed_groups: Vec<String> = Vec::new();
-    let mut failed_pairs: Vec<(String, String)> = Vec::new();
+    // Unbinds to try again: (group, None) for a group without local members left,
+    // (group, Some(channel)) for a normal channel's membership.
+    let mut failed: Vec<(String, Option<String>)> = Vec::new();
     loop {
         // Set before looking, so a membership added after the look sees it and wakes us.
         groups.idle.store(true, Ordering::SeqCst);
@@ -478,8 +449,7 @@ async fn expiry_task<T: Transport>(
         .into_iter()
         .flatten()
         .min();
-        let retry = (!failed_groups.is_empty() || !failed_pairs.is_empty())
-            .then(|| std::time::Instant::now() + RETRY);
+        let retry = (!failed.is_empty()).then(|| std::time::Instant::now() + RETRY);
         let wake_at = [next, retry].into_iter().flatten().min();
         if wake_at.is_some() {
             groups.idle.store(false, Ordering::SeqCst);
@@ -502,31 +472,27 @@ async fn expiry_task<T: Transport>(
         if inbound.closed().is_closed() {
             return;
         }
-        failed_groups.extend(inbound.groups().prune_expired());
-        failed_pairs.extend(inbound.normal_groups().prune_expired_pairs());
+        let groups = inbound.groups().prune_expired().into_iter();
+        failed.extend(groups.map(|(g, _)| (g, None)));
+        let pairs = inbound.normal_groups().prune_expired().into_iter();
+        failed.extend(pairs.map(|(g, c)| (g, Some(c))));
+        failed.sort_unstable();
+        failed.dedup();
         let mut still = Vec::new();
-        for g in failed_groups.drain(..) {
+        for (g, c) in failed.drain(..) {
             // Re-added meanwhile: bound again, nothing to undo.
-            if inbound.groups().has_members(&g) {
-                continue;
-            }
-            if let Err(e) = transport.unbind_group(&g).await {
-                tracing::debug!(group = %g, error = %e, "unbinding an expired group failed; trying again");
-                still.push(g);
-            }
-        }
-        failed_groups = still;
-        let mut still = Vec::new();
-        for (g, c) in failed_pairs.drain(..) {
-            if inbound.normal_groups().is_member(&g, &c) {
-                continue;
-            }
-            if let Err(e) = transport.unbind_normal(&g, &c).await {
-                tracing::debug!(group = %g, channel = %c, error = %e, "unbinding an expired membership failed; trying again");
+            let r = match &c {
+                None if inbound.groups().has_members(&g) => continue,
+                Some(c) if inbound.normal_groups().is_member(&g, c) => continue,
+                None => transport.unbind_group(&g).await,
+                Some(c) => transport.unbind_normal(&g, c).await,
+            };
+            if let Err(e) = r {
+                tracing::debug!(group = %g, channel = ?c, error = %e, "unbinding an expired membership failed; trying again");
                 still.push((g, c));
             }
         }
-        failed_pairs = still;
+        failed = still;
     }
 }
 
@@ -558,23 +524,19 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
-        let r = self.send_op(channel, message).await;
-        self.inbound.closed().closed_wins(r)
+        self.wins(self.send_op(channel, message).await)
     }
 
     async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
-        let r = self.send_batch_op(channel, messages).await;
-        self.inbound.closed().closed_wins(r)
+        self.wins(self.send_batch_op(channel, messages).await)
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        let r = self.receive_op(channel).await;
-        self.inbound.closed().closed_wins(r)
+        self.wins(self.receive_op(channel).await)
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        let r = self.receive_delivery_op(channel).await;
-        self.inbound.closed().closed_wins(r)
+        self.wins(self.receive_delivery_op(channel).await)
     }
 
     async fn receive_batch(
@@ -583,8 +545,7 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        let r = self.receive_batch_op(channel, max, timeout).await;
-        self.inbound.closed().closed_wins(r)
+        self.wins(self.receive_batch_op(channel, max, timeout).await)
     }
 
     async fn new_channel(&self, prefix: &str) -> Result<String> {
@@ -593,23 +554,19 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
-        let r = self.group_add_op(group, channel).await;
-        self.inbound.closed().closed_wins(r)
+        self.wins(self.group_add_op(group, channel).await)
     }
 
     async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
-        let r = self.group_discard_op(group, channel).await;
-        self.inbound.closed().closed_wins(r)
+        self.wins(self.group_discard_op(group, channel).await)
     }
 
     async fn group_send(&self, group: &str, message: Message) -> Result<()> {
-        let r = self.group_send_op(group, message).await;
-        self.inbound.closed().closed_wins(r)
+        self.wins(self.group_send_op(group, message).await)
     }
 
     async fn flush(&self) -> Result<()> {
-        let r = self.flush_op().await;
-        self.inbound.closed().closed_wins(r)
+        self.inbound.closed().closed_wins(self.flush_op().await)
     }
 
     async fn close(&self) -> Result<()> {

@@ -130,20 +130,20 @@ impl BackendSettings for KafkaConfig {
         }
         let brokers = parse_brokers(&b.address)?;
         let mut o = b.options.clone();
-        let (mut username, mut password) = match &b.credentials {
-            Some(c) => (Some(c.username.clone()), c.password.clone()),
-            None => (None, None),
-        };
-        if let Some(u) = o.take("username") {
-            username = Some(u);
-        }
-        if let Some(p) = o.take("password") {
-            password = Some(Secret::new(p));
-        }
+        // The options win over the URL's user-info.
+        let url = b.credentials.as_ref();
+        let username = o
+            .take("username")
+            .or_else(|| url.map(|c| c.username.clone()));
+        let password =
+            (o.take("password").map(Secret::new)).or_else(|| url.and_then(|c| c.password.clone()));
         let client_properties = take_prefixed(&mut o, "kafka.", "librdkafka property")?;
         let topic_properties = take_prefixed(&mut o, "topic.", "topic config")?;
         let security_protocol = o.take("security.protocol").map(|p| p.to_ascii_lowercase());
+        one_of("security.protocol", &security_protocol, &PROTOCOLS, "")?;
         let sasl_mechanism = o.take("sasl.mechanism").map(|m| m.to_ascii_uppercase());
+        let others = " (others through kafka.sasl.mechanism)";
+        one_of("sasl.mechanism", &sasl_mechanism, &MECHANISMS, others)?;
         let cfg = KafkaConfig {
             brokers,
             partitions: o.take_int("partitions", 1..=i32::MAX)?.unwrap_or(1),
@@ -197,22 +197,6 @@ impl KafkaConfig {
                 "option replication={}: use a replication factor of at least 1, or -1 for the broker's default",
                 self.replication
             ));
-        }
-        if let Some(p) = &self.security_protocol {
-            if !PROTOCOLS.contains(&p.as_str()) {
-                return bad(format!(
-                    "option security.protocol={p}: use one of {}",
-                    PROTOCOLS.join(", ")
-                ));
-            }
-        }
-        if let Some(m) = &self.sasl_mechanism {
-            if !MECHANISMS.contains(&m.as_str()) {
-                return bad(format!(
-                    "option sasl.mechanism={m}: use one of {} (others through kafka.sasl.mechanism)",
-                    MECHANISMS.join(", ")
-                ));
-            }
         }
         if self.password.is_some() && self.username.is_none() {
             return bad("a SASL password was given without a username".into());
@@ -279,54 +263,59 @@ impl KafkaConfig {
 
     /// The producer's settings: idempotent, `acks=all`, delivery reports awaited by `send`.
     pub fn producer_config(&self, client_id: &str, max_message_size: usize) -> ClientConfig {
-        let mut c = self.client_config(client_id);
-        set_default(&mut c, "enable.idempotence", "true");
-        set_default(&mut c, "acks", "all");
-        set_default(&mut c, "linger.ms", &millis(self.linger).to_string());
-        set_default(
-            &mut c,
-            "message.timeout.ms",
-            &millis(self.delivery_timeout).max(1).to_string(),
-        );
-        set_default(
-            &mut c,
-            "message.max.bytes",
-            &max_message_size.saturating_add(RECORD_OVERHEAD).to_string(),
-        );
-        // A send to a topic that does not exist (an instance that closed) must not create it.
-        set_default(&mut c, "allow.auto.create.topics", "false");
-        c
+        let max_bytes = max_message_size.saturating_add(RECORD_OVERHEAD);
+        defaults(
+            self.client_config(client_id),
+            [
+                ("enable.idempotence", "true".into()),
+                ("acks", "all".into()),
+                ("linger.ms", millis(self.linger).to_string()),
+                (
+                    "message.timeout.ms",
+                    millis(self.delivery_timeout).max(1).to_string(),
+                ),
+                ("message.max.bytes", max_bytes.to_string()),
+                // A send to a topic that does not exist (an instance that closed) must not
+                // create it.
+                ("allow.auto.create.topics", "false".into()),
+            ],
+        )
     }
 
     /// A consumer's settings: manual commits only, no offset store, no topic creation.
-    /// `group` is the consumer group (normal channels) or `None` (assigned partitions only).
+    /// `group` is the consumer group (normal channels) or `None` (assigned partitions only:
+    /// librdkafka wants a group id for a consumer, and nothing joins or commits with it).
     pub fn consumer_config(&self, client_id: &str, group: Option<&str>) -> ClientConfig {
         let mut c = self.client_config(client_id);
-        if let Some(g) = group {
-            c.set("group.id", g);
-        } else {
-            // librdkafka wants a group id for a consumer; nothing joins or commits with it.
-            c.set("group.id", client_id);
-        }
-        set_default(&mut c, "enable.auto.commit", "false");
-        set_default(&mut c, "enable.auto.offset.store", "false");
-        set_default(&mut c, "auto.offset.reset", "earliest");
-        set_default(&mut c, "enable.partition.eof", "false");
-        set_default(&mut c, "allow.auto.create.topics", "false");
-        set_default(
-            &mut c,
-            "session.timeout.ms",
-            &millis(self.session_timeout).to_string(),
-        );
-        // librdkafka refuses a session.timeout.ms above max.poll.interval.ms (default 5 min).
-        set_default(
-            &mut c,
-            "max.poll.interval.ms",
-            &millis(self.session_timeout).max(300_000).to_string(),
-        );
-        // Latency: answer a fetch as soon as anything is there, or after 100 ms.
-        set_default(&mut c, "fetch.wait.max.ms", "100");
-        c
+        c.set("group.id", group.unwrap_or(client_id));
+        let session = millis(self.session_timeout);
+        defaults(
+            c,
+            [
+                ("enable.auto.commit", "false".into()),
+                ("enable.auto.offset.store", "false".into()),
+                ("auto.offset.reset", "earliest".into()),
+                ("enable.partition.eof", "false".into()),
+                ("allow.auto.create.topics", "false".into()),
+                ("session.timeout.ms", session.to_string()),
+                // librdkafka refuses a session.timeout.ms above max.poll.interval.ms
+                // (default 5 min).
+                ("max.poll.interval.ms", session.max(300_000).to_string()),
+                // Latency: answer a fetch as soon as anything is there, or after 100 ms.
+                ("fetch.wait.max.ms", "100".into()),
+            ],
+        )
+    }
+}
+
+/// Checks that option `key`, if given, is one of `choices` (`more` adds to the error).
+fn one_of(key: &str, value: &Option<String>, choices: &[&str], more: &str) -> Result<()> {
+    match value {
+        Some(v) if !choices.contains(&v.as_str()) => Err(Error::Config(format!(
+            "option {key}={v}: use one of {}{more}",
+            choices.join(", ")
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -353,11 +342,14 @@ fn take_prefixed(o: &mut BackendOptions, head: &str, what: &str) -> Result<Backe
     Ok(out)
 }
 
-/// Sets `key` unless the `kafka.*` pass-through already did.
-fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
-    if c.get(key).is_none() {
-        c.set(key, value);
+/// Sets each key of `values` unless the `kafka.*` pass-through already did.
+fn defaults<const N: usize>(mut c: ClientConfig, values: [(&str, String); N]) -> ClientConfig {
+    for (key, value) in values {
+        if c.get(key).is_none() {
+            c.set(key, value);
+        }
     }
+    c
 }
 
 fn millis(d: Duration) -> u64 {
@@ -373,35 +365,29 @@ fn parse_brokers(address: &str) -> Result<String> {
     if address.is_empty() {
         return Ok("127.0.0.1:9092".to_owned());
     }
+    let bad = |m: String| Err(Error::Config(m));
     if address.contains('/') {
-        return Err(Error::Config(format!(
+        return bad(format!(
             "{address:?}: a kafka:// URL has no path; it is kafka://host:port[,host:port...]?options"
-        )));
+        ));
     }
-    let mut out = Vec::new();
-    for hp in address.split(',') {
+    let broker = |hp: &str| {
         let hp = hp.trim();
-        if hp.is_empty() {
-            return Err(Error::Config(format!(
-                "{address:?}: an empty broker address between commas"
-            )));
-        }
-        let port = if hp.starts_with('[') {
-            hp.split_once("]:").map(|(_, p)| p)
-        } else {
-            hp.rsplit_once(':').map(|(_, p)| p)
+        let port = match hp.strip_prefix('[') {
+            Some(v6) => v6.split_once("]:").map(|(_, p)| p),
+            None => hp.rsplit_once(':').map(|(_, p)| p),
         };
         match port {
-            None => out.push(format!("{hp}:9092")),
-            Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => out.push(hp.to_owned()),
-            Some(p) => {
-                return Err(Error::Config(format!(
-                    "{p:?} is not a port number (1-65535) in {hp:?}"
-                )))
-            }
+            _ if hp.is_empty() => bad(format!(
+                "{address:?}: an empty broker address between commas"
+            )),
+            None => Ok(format!("{hp}:9092")),
+            Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(hp.to_owned()),
+            Some(p) => bad(format!("{p:?} is not a port number (1-65535) in {hp:?}")),
         }
-    }
-    Ok(out.join(","))
+    };
+    let brokers = address.split(',').map(broker).collect::<Result<Vec<_>>>()?;
+    Ok(brokers.join(","))
 }
 
 #[cfg(test)]

@@ -101,12 +101,8 @@ impl NormalConsumer {
     /// leave can take long; the thread then finishes in the background.
     pub async fn stop(&self, bound: Duration) {
         self.shared.signal_stop();
-        let handle = lock(&self.thread).take();
-        if let Some(h) = handle {
-            if !h.join_within(bound).await {
-                tracing::warn!(topic = %self.shared.topic(), "the consumer did not stop within {bound:?} (broker away?); it finishes in the background");
-            }
-        }
+        let what = format!("the consumer of {:?}", self.shared.topic());
+        Worker::stop(&self.thread, bound, &what).await;
     }
 
     /// Stops without waiting (a layer dropped without `close`).
@@ -151,11 +147,10 @@ impl NormalSource for NormalConsumer {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let first = match tokio::time::timeout(timeout, self.take()).await {
-            Ok(r) => r?,
-            Err(_) => return Ok(Vec::new()),
+        let Ok(first) = tokio::time::timeout(timeout, self.take()).await else {
+            return Ok(Vec::new());
         };
-        let mut taken = vec![first];
+        let mut taken = vec![first?];
         self.shared.take_more(&mut taken, max);
         Ok(taken.into_iter().map(|p| self.incoming(p)).collect())
     }

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chanlayer_core::toolkit::{async_trait, lock, now_ms, Envelope, Inbound, Settler, Stats};
-use chanlayer_core::{Error, Result};
+use chanlayer_core::Result;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
-use crate::capabilities::BACKEND;
+use crate::topics::failure;
 
 /// A message taken from the topic and not settled yet.
 pub(crate) struct Pending {
@@ -26,6 +26,7 @@ pub(crate) struct Pending {
 }
 
 /// One assigned partition.
+#[derive(Default)]
 struct Track {
     /// Which assignment this is: a delivery from an earlier one cannot settle here.
     epoch: u64,
@@ -53,11 +54,12 @@ impl Track {
             .iter()
             .any(|o| !self.not_in_hand.contains(o))
     }
-}
 
-impl Track {
-    fn commit_point(&self) -> Option<i64> {
-        self.outstanding.first().copied().or(self.next)
+    /// The commit point (the lowest outstanding offset, else the next to fetch) if it moved
+    /// past the last one committed.
+    fn due(&self) -> Option<i64> {
+        let point = self.outstanding.first().copied().or(self.next)?;
+        self.committed.is_none_or(|c| point > c).then_some(point)
     }
 }
 
@@ -80,10 +82,8 @@ struct State {
 
 impl State {
     fn take(&mut self) -> Option<Pending> {
-        if let Some((_, p)) = self.requeued.pop_first() {
-            return Some(p);
-        }
-        self.ready.pop_front()
+        let requeued = self.requeued.pop_first().map(|(_, p)| p);
+        requeued.or_else(|| self.ready.pop_front())
     }
 
     fn held(&self) -> usize {
@@ -94,11 +94,9 @@ impl State {
     fn due_commits(&mut self, topic: &str) -> Option<TopicPartitionList> {
         let mut tpl = TopicPartitionList::new();
         for (p, t) in &mut self.parts {
-            if let Some(point) = t.commit_point() {
-                if t.committed.is_none_or(|c| point > c) {
-                    add_commit(&mut tpl, topic, *p, point);
-                    t.committed = Some(point);
-                }
+            if let Some(point) = t.due() {
+                add_commit(&mut tpl, topic, *p, point);
+                t.committed = Some(point);
             }
         }
         (tpl.count() > 0).then_some(tpl)
@@ -155,11 +153,10 @@ impl Shared {
             return Ok(Some(p));
         }
         if let Some(why) = &st.failed {
-            return Err(Error::Backend {
-                backend: BACKEND,
-                message: format!("the consumer of {:?} stopped: {why}", self.topic),
-                source: None,
-            });
+            return Err(failure(format!(
+                "the consumer of {:?} stopped: {why}",
+                self.topic
+            )));
         }
         Ok(None)
     }
@@ -167,12 +164,8 @@ impl Shared {
     /// Moves buffered messages to `out` until it holds `max`.
     pub fn take_more(&self, out: &mut Vec<Pending>, max: usize) {
         let mut st = lock(&self.state);
-        while out.len() < max {
-            match st.take() {
-                Some(p) => out.push(p),
-                None => break,
-            }
-        }
+        let room = max.saturating_sub(out.len());
+        out.extend(std::iter::from_fn(|| st.take()).take(room));
         self.room.notify_one();
     }
 
@@ -221,12 +214,8 @@ impl Shared {
         }
         let mut out = TopicPartitionList::new();
         for p in revoked {
-            if let Some(t) = st.parts.remove(&p) {
-                if let Some(point) = t.commit_point() {
-                    if t.committed.is_none_or(|c| point > c) {
-                        add_commit(&mut out, &self.topic, p, point);
-                    }
-                }
+            if let Some(point) = st.parts.remove(&p).and_then(|t| t.due()) {
+                add_commit(&mut out, &self.topic, p, point);
             }
         }
         out
@@ -243,18 +232,12 @@ impl Shared {
             st.epochs += 1;
             let epoch = st.epochs;
             let fetched_before = fetched_before.get(&e.partition()).copied().unwrap_or(0);
-            st.parts.insert(
-                e.partition(),
-                Track {
-                    epoch,
-                    outstanding: BTreeSet::new(),
-                    next: None,
-                    committed: None,
-                    fetched_before,
-                    revoking: false,
-                    not_in_hand: BTreeSet::new(),
-                },
-            );
+            let track = Track {
+                epoch,
+                fetched_before,
+                ..Track::default()
+            };
+            st.parts.insert(e.partition(), track);
         }
     }
 
@@ -343,16 +326,14 @@ impl ConsumerContext for Context {
                 Ok(committed) => {
                     for e in committed.elements() {
                         // A committed offset: the partition had an owner before.
-                        if let Offset::Offset(c) = e.offset() {
-                            if c >= 0 {
-                                if let Ok((_, high)) = consumer.fetch_watermarks(
-                                    &self.shared.topic,
-                                    e.partition(),
-                                    Duration::from_secs(5),
-                                ) {
-                                    fetched_before.insert(e.partition(), high);
-                                }
-                            }
+                        if !matches!(e.offset(), Offset::Offset(c) if c >= 0) {
+                            continue;
+                        }
+                        let (topic, p) = (&self.shared.topic, e.partition());
+                        if let Ok((_, high)) =
+                            consumer.fetch_watermarks(topic, p, Duration::from_secs(5))
+                        {
+                            fetched_before.insert(p, high);
                         }
                     }
                 }
@@ -377,6 +358,14 @@ pub(crate) fn run(
 ) {
     let stats = inbound.stats();
     let source = format!("kafka topic {}", shared.topic);
+    let commit = |mode| {
+        let due = lock(&shared.state).due_commits(&shared.topic);
+        if let Some(tpl) = due {
+            if let Err(e) = consumer.commit(&tpl, mode) {
+                tracing::debug!(topic = %shared.topic, error = %e, "offset commit failed; a later one covers it");
+            }
+        }
+    };
     let mut last_commit = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
         // Flow control: with `prefetch` messages held, take no more from librdkafka (its
@@ -400,76 +389,53 @@ pub(crate) fn run(
                 false
             }
         };
-        let polled = consumer.poll(if full {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(50)
-        });
-        let mut woke = false;
-        if let Some(r) = polled {
-            match r {
-                Ok(m) => {
-                    let (p, offset) = (m.partition(), m.offset());
-                    let decoded = match inbound.decode(m.payload().unwrap_or_default(), &source) {
-                        Some(env) if env.is_expired_at(now_ms()) => {
-                            stats.record_expired(1);
-                            None
-                        }
-                        decoded => decoded,
-                    };
-                    let mut st = lock(&shared.state);
-                    let (epoch, redelivered) = match st.parts.get_mut(&p) {
-                        Some(t) => {
-                            t.next = Some(offset + 1);
-                            if decoded.is_some() {
-                                t.outstanding.insert(offset);
-                            }
-                            (t.epoch, offset < t.fetched_before)
-                        }
-                        // Not (or no longer) ours: the owner reads it.
-                        None => continue,
-                    };
-                    if let Some(envelope) = decoded {
-                        st.ready.push_back(Pending {
-                            envelope,
-                            partition: p,
-                            offset,
-                            epoch,
-                            redelivered,
-                        });
-                        woke = true;
+        match consumer.poll(Duration::from_millis(if full { 0 } else { 50 })) {
+            Some(Ok(m)) => {
+                let (p, offset) = (m.partition(), m.offset());
+                let decoded = match inbound.decode(m.payload().unwrap_or_default(), &source) {
+                    Some(env) if env.is_expired_at(now_ms()) => {
+                        stats.record_expired(1);
+                        None
                     }
-                }
-                Err(e) if crate::topics::is_fatal(&e) => {
-                    tracing::warn!(topic = %shared.topic, error = %e, "consumer refused");
-                    lock(&shared.state).failed = Some(e.to_string());
+                    decoded => decoded,
+                };
+                let mut st = lock(&shared.state);
+                // Not (or no longer) ours: the owner reads it.
+                let Some(t) = st.parts.get_mut(&p) else {
+                    continue;
+                };
+                t.next = Some(offset + 1);
+                if let Some(envelope) = decoded {
+                    t.outstanding.insert(offset);
+                    let (epoch, redelivered) = (t.epoch, offset < t.fetched_before);
+                    st.ready.push_back(Pending {
+                        envelope,
+                        partition: p,
+                        offset,
+                        epoch,
+                        redelivered,
+                    });
+                    drop(st);
                     shared.notify.notify_waiters();
                 }
-                Err(e) => {
-                    tracing::debug!(topic = %shared.topic, error = %e, "consumer error (librdkafka retries)");
-                }
             }
-        }
-        if woke {
-            shared.notify.notify_waiters();
+            Some(Err(e)) if crate::topics::is_fatal(&e) => {
+                tracing::warn!(topic = %shared.topic, error = %e, "consumer refused");
+                lock(&shared.state).failed = Some(e.to_string());
+                shared.notify.notify_waiters();
+            }
+            Some(Err(e)) => {
+                tracing::debug!(topic = %shared.topic, error = %e, "consumer error (librdkafka retries)");
+            }
+            None => {}
         }
         if last_commit.elapsed() >= interval {
             last_commit = Instant::now();
-            let due = lock(&shared.state).due_commits(&shared.topic);
-            if let Some(tpl) = due {
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                    tracing::debug!(topic = %shared.topic, error = %e, "offset commit failed; a later one covers it");
-                }
-            }
+            commit(CommitMode::Async);
         }
     }
     // Stopping: commit what is settled, leave the group (the revoke callback commits too).
-    let due = lock(&shared.state).due_commits(&shared.topic);
-    if let Some(tpl) = due {
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::debug!(topic = %shared.topic, error = %e, "final offset commit failed");
-        }
-    }
+    commit(CommitMode::Sync);
     consumer.unsubscribe();
     drop(consumer);
     let mut st = lock(&shared.state);

@@ -32,7 +32,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::forward::Forward;
 use crate::state::{Instance, CLOSED_KEY};
-use crate::topics::backend_err;
+use crate::topics::{add_ends, backend_err};
 
 /// Inbox messages decoded and not handed over yet, at most.
 const BURST: usize = 256;
@@ -51,22 +51,14 @@ pub(crate) fn assign(instance: &Instance, groups_partitions: usize) -> Result<Ba
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&names.inbox, 0, Offset::Beginning)
         .map_err(|e| backend_err("could not assign the inbox topic", e))?;
-    for p in 0..groups_partitions {
-        let p = i32::try_from(p).unwrap_or(i32::MAX);
-        let (_, high) = consumer
-            .fetch_watermarks(&names.groups, p, instance.cfg.connection_timeout)
-            .map_err(|e| {
-                backend_err(
-                    &format!(
-                        "could not read the end of the groups topic {:?}",
-                        names.groups
-                    ),
-                    e,
-                )
-            })?;
-        tpl.add_partition_offset(&names.groups, p, Offset::Offset(high))
-            .map_err(|e| backend_err("could not assign the groups topic", e))?;
-    }
+    let timeout = instance.cfg.connection_timeout;
+    add_ends(
+        &mut tpl,
+        &consumer,
+        &names.groups,
+        groups_partitions,
+        timeout,
+    )?;
     consumer
         .assign(&tpl)
         .map_err(|e| backend_err("could not assign the inbox and groups topics", e))?;

@@ -16,13 +16,16 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chanlayer_core::config::BackendSettings;
 use chanlayer_core::toolkit::lock;
 use chanlayer_core::{Error, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::capabilities::BACKEND;
 use crate::cause::{Cause, Watch};
@@ -45,6 +48,15 @@ pub(crate) enum Kind {
 
 pub(crate) fn backend_err(what: &str, e: KafkaError) -> Error {
     Error::backend(BACKEND, what, e)
+}
+
+/// A backend error without a client library error behind it.
+pub(crate) fn failure(message: String) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message,
+        source: None,
+    }
 }
 
 /// Creates topics when missing (or checks they exist, with `create_topics=false`); remembers
@@ -109,17 +121,18 @@ impl Topics {
             Kind::Shared => self.cfg.partitions,
         };
         let replication = TopicReplication::Fixed(self.cfg.replication);
-        let retention = self.cfg.retention.as_millis().to_string();
-        let max_bytes = self
-            .max_message_size
-            .saturating_add(RECORD_OVERHEAD)
-            .to_string();
+        let defaults = [
+            ("retention.ms", self.cfg.retention.as_millis().to_string()),
+            (
+                "max.message.bytes",
+                (self.max_message_size.saturating_add(RECORD_OVERHEAD)).to_string(),
+            ),
+        ];
         let mut new = NewTopic::new(topic, partitions, replication);
-        if self.cfg.topic_properties.get("retention.ms").is_none() {
-            new = new.set("retention.ms", &retention);
-        }
-        if self.cfg.topic_properties.get("max.message.bytes").is_none() {
-            new = new.set("max.message.bytes", &max_bytes);
+        for (k, v) in &defaults {
+            if self.cfg.topic_properties.get(k).is_none() {
+                new = new.set(k, v);
+            }
         }
         for (k, v) in &self.cfg.topic_properties.0 {
             new = new.set(k, v);
@@ -133,11 +146,7 @@ impl Topics {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) => {
-                    return Err(Error::Backend {
-                        backend: BACKEND,
-                        message: format!("could not create topic {t:?}: {code}"),
-                        source: None,
-                    })
+                    return Err(failure(format!("could not create topic {t:?}: {code}")))
                 }
             }
         }
@@ -222,11 +231,7 @@ impl Topics {
                     known.remove(&t);
                 }
                 Err((t, code)) => {
-                    return Err(Error::Backend {
-                        backend: BACKEND,
-                        message: format!("could not delete topic {t:?}: {code}"),
-                        source: None,
-                    })
+                    return Err(failure(format!("could not delete topic {t:?}: {code}")))
                 }
             }
         }
@@ -238,8 +243,6 @@ impl Topics {
 /// the end of every partition: what was there is skipped by every reader. Blocking. The
 /// group must have no running member (a broker refuses commits from outside a live group).
 pub(crate) fn skip_to_end(cfg: &KafkaConfig, client_id: &str, topic: &str) -> Result<()> {
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-    use rdkafka::{Offset, TopicPartitionList};
     let consumer: BaseConsumer = cfg
         .consumer_config(client_id, Some(topic))
         .create()
@@ -253,14 +256,13 @@ pub(crate) fn skip_to_end(cfg: &KafkaConfig, client_id: &str, topic: &str) -> Re
         .find(|t| t.name() == topic)
         .map_or(0, |t| t.partitions().len());
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        let p = i32::try_from(p).unwrap_or(i32::MAX);
-        let (_, high) = consumer
-            .fetch_watermarks(topic, p, cfg.connection_timeout)
-            .map_err(|e| backend_err(&format!("could not read the end of {topic:?}"), e))?;
-        tpl.add_partition_offset(topic, p, Offset::Offset(high))
-            .map_err(|e| backend_err("could not build the flush offsets", e))?;
-    }
+    add_ends(
+        &mut tpl,
+        &consumer,
+        topic,
+        partitions,
+        cfg.connection_timeout,
+    )?;
     if tpl.count() == 0 {
         return Ok(());
     }
@@ -270,6 +272,26 @@ pub(crate) fn skip_to_end(cfg: &KafkaConfig, client_id: &str, topic: &str) -> Re
             e,
         )
     })
+}
+
+/// Adds partitions `0..partitions` of `topic` to `tpl` at their current ends (high
+/// watermarks). Blocking.
+pub(crate) fn add_ends<C: ConsumerContext>(
+    tpl: &mut TopicPartitionList,
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: usize,
+    timeout: Duration,
+) -> Result<()> {
+    for p in 0..partitions {
+        let p = i32::try_from(p).unwrap_or(i32::MAX);
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(|e| backend_err(&format!("could not read the end of {topic:?}"), e))?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(high))
+            .map_err(|e| backend_err(&format!("could not assign {topic:?}"), e))?;
+    }
+    Ok(())
 }
 
 /// An inbox topic found by [`list_inboxes`].

@@ -24,7 +24,7 @@ use crate::config::KafkaConfig;
 use crate::normal::NormalConsumer;
 use crate::producer::{Refused, Sender};
 use crate::state::{ClosedInstances, Instance, CLOSED_KEY};
-use crate::topics::{Kind, Names, Topics};
+use crate::topics::{failure, Kind, Names, Topics};
 use crate::worker::Worker;
 
 /// The Kafka transport: one layer instance's clients, topics, threads and tasks. Use it as
@@ -80,14 +80,7 @@ impl KafkaTransport {
             .sender
             .send(topic, key, bytes)
             .await
-            .map_err(|r| match r {
-                Refused::UnknownTopic => Error::Backend {
-                    backend: BACKEND,
-                    message: format!("no topic {topic:?}"),
-                    source: None,
-                },
-                Refused::Failed(e) => e,
-            })
+            .map_err(|r| r.or_gone(|| format!("no topic {topic:?}")))
     }
 
     fn consumer(&self, channel: &str) -> Arc<NormalConsumer> {
@@ -132,21 +125,18 @@ impl KafkaTransport {
             instance.topics.remember(&topic);
         }
         match instance.sender.send(&topic, None, payload).await {
-            Ok(()) => Ok(Published::Stored),
-            Err(Refused::UnknownTopic) => {
-                instance.topics.forget(&topic);
-                Ok(Published::Gone)
-            }
+            Ok(()) => return Ok(Published::Stored),
+            Err(Refused::UnknownTopic) => {}
             // librdkafka holds a message for a topic that vanished until delivery_timeout;
             // if the inbox is gone, the owner closed: undeliverable, not an error.
-            Err(Refused::Failed(e)) => match instance.topics.exists(&topic).await {
-                Ok(false) => {
-                    instance.topics.forget(&topic);
-                    Ok(Published::Gone)
+            Err(Refused::Failed(e)) => {
+                if !matches!(instance.topics.exists(&topic).await, Ok(false)) {
+                    return Err(e);
                 }
-                _ => Err(e),
-            },
+            }
         }
+        instance.topics.forget(&topic);
+        Ok(Published::Gone)
     }
 
     /// Sends `payload` to the topic of normal channel `channel`, creating it if needed.
@@ -159,14 +149,11 @@ impl KafkaTransport {
                 Ok(()) => return Ok(()),
                 // Deleted behind our back: create it again, once.
                 Err(Refused::UnknownTopic) if attempt == 0 => instance.topics.forget(&topic),
-                Err(Refused::UnknownTopic) => {
-                    return Err(Error::Backend {
-                        backend: BACKEND,
-                        message: format!("topic {topic:?} vanished right after it was created"),
-                        source: None,
-                    })
+                Err(r) => {
+                    return Err(r.or_gone(|| {
+                        format!("topic {topic:?} vanished right after it was created")
+                    }))
                 }
-                Err(Refused::Failed(e)) => return Err(e),
             }
         }
         Ok(())
@@ -198,51 +185,40 @@ async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransp
     let reach = |e: Error| match e {
         Error::Backend {
             message, source, ..
-        } => Error::Backend {
-            backend: BACKEND,
-            message: match instance.topics.cause.last() {
-                Some(cause) => format!("{message} on {}: {cause}", instance.cfg.display_address()),
-                None => format!(
-                    "{message} (is a Kafka broker running at {}?)",
-                    instance.cfg.display_address()
-                ),
-            },
-            source,
-        },
+        } => {
+            let at = instance.cfg.display_address();
+            let message = match instance.topics.cause.last() {
+                Some(cause) => format!("{message} on {at}: {cause}"),
+                None => format!("{message} (is a Kafka broker running at {at}?)"),
+            };
+            Error::Backend {
+                backend: BACKEND,
+                message,
+                source,
+            }
+        }
         e => e,
     };
-    let refused = |cause: String| Error::Backend {
-        backend: BACKEND,
-        message: format!(
-            "could not connect to {}: {cause}",
-            instance.cfg.display_address()
-        ),
-        source: None,
+    let refused = |cause: String| {
+        let at = instance.cfg.display_address();
+        failure(format!("could not connect to {at}: {cause}"))
     };
-    let names = &instance.names;
+    let (topics, names) = (&instance.topics, &instance.names);
     // The first request fails at once when authentication or TLS does.
     tokio::select! {
-        r = instance.topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
-        cause = instance.topics.cause.fatal() => return Err(refused(cause)),
+        r = topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
+        cause = topics.cause.fatal() => return Err(refused(cause)),
     }
-    instance
-        .topics
+    topics
         .ensure(&names.inbox, Kind::Inbox)
         .await
         .map_err(reach)?;
-    let partitions = instance
-        .topics
-        .partition_count(&names.groups)
-        .await
-        .map_err(reach)?
-        .ok_or_else(|| Error::Backend {
-            backend: BACKEND,
-            message: format!(
-                "the groups topic {:?} is not in the cluster's metadata",
-                names.groups
-            ),
-            source: None,
-        })?;
+    let groups = &names.groups;
+    let partitions = (topics.partition_count(groups).await.map_err(reach)?).ok_or_else(|| {
+        failure(format!(
+            "the groups topic {groups:?} is not in the cluster's metadata"
+        ))
+    })?;
     let consumer = {
         let instance = instance.clone();
         tokio::task::spawn_blocking(move || crate::receiver::assign(&instance, partitions))
@@ -294,16 +270,11 @@ impl Transport for KafkaTransport {
                 &out.encode(),
             )
             .await
-            .map_err(|r| match r {
-                Refused::UnknownTopic => Error::Backend {
-                    backend: BACKEND,
-                    message: format!(
-                        "the groups topic {:?} is gone (deleted while the layer runs?)",
-                        instance.names.groups
-                    ),
-                    source: None,
-                },
-                Refused::Failed(e) => e,
+            .map_err(|r| {
+                let groups = &instance.names.groups;
+                r.or_gone(|| {
+                    format!("the groups topic {groups:?} is gone (deleted while the layer runs?)")
+                })
             })?;
         Ok(Published::Stored)
     }
@@ -371,12 +342,7 @@ impl Transport for KafkaTransport {
         let instance = &self.instance;
         let bound = instance.cfg.connection_timeout;
         self.stop_consumers().await;
-        let receiver = lock(&self.receiver).take();
-        if let Some(h) = receiver {
-            if !h.join_within(bound).await {
-                tracing::warn!("the receiver thread did not stop within {bound:?}; it finishes in the background");
-            }
-        }
+        Worker::stop(&self.receiver, bound, "the receiver thread").await;
         // Tell the other instances (they read the groups topic) that our process-local
         // channels are gone, so their sends stop at once instead of reaching a dead topic.
         // Bounded: with the broker away, nobody would read it anyway.

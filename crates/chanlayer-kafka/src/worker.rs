@@ -3,7 +3,10 @@
 //! pool on `join` (a thread stuck in librdkafka with the broker away would then hold the
 //! runtime's shutdown forever).
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use chanlayer_core::toolkit::lock;
 
 /// A running thread and the signal of its end.
 pub(crate) struct Worker {
@@ -33,6 +36,17 @@ impl Worker {
         // It has left `f`: join returns at once.
         let _ = handle.join();
         true
+    }
+
+    /// Takes the thread out of `slot` and waits up to `bound` for it to end; if it still runs
+    /// (the broker away), warns that `what` finishes in the background.
+    pub async fn stop(slot: &Mutex<Option<Worker>>, bound: Duration, what: &str) {
+        let worker = lock(slot).take();
+        if let Some(w) = worker {
+            if !w.join_within(bound).await {
+                tracing::warn!("{what} did not stop within {bound:?} (broker away?); it finishes in the background");
+            }
+        }
     }
 }
 

@@ -63,6 +63,8 @@ impl std::fmt::Debug for Layers {
     }
 }
 
+/// The variable that names `alias`'s URL: `CHANLAYER_<ALIAS>_URL`, `CHANLAYER_URL` for
+/// `default`.
 fn env_key(alias: &str) -> String {
     if alias == "default" {
         return crate::connect::ENV_URL.to_owned();
@@ -73,19 +75,13 @@ fn env_key(alias: &str) -> String {
     )
 }
 
-/// The URL the environment gives `alias`: `CHANLAYER_<ALIAS>_URL`, and for `default` also
+/// The URL the environment gives `alias`: `CHANLAYER_<ALIAS>_URL`, and for `default`
 /// `CHANLAYER_URL`, which wins over `CHANLAYER_DEFAULT_URL`. Non-UTF-8 values are ignored.
 fn env_url(alias: &str) -> Option<String> {
-    let own = format!(
-        "CHANLAYER_{}_URL",
-        alias.to_ascii_uppercase().replace('-', "_")
-    );
-    if alias == "default" {
-        if let Ok(u) = std::env::var(crate::connect::ENV_URL) {
-            return Some(u);
-        }
-    }
-    std::env::var(own).ok()
+    let own = || std::env::var(format!("CHANLAYER_{}_URL", alias.to_ascii_uppercase())).ok();
+    std::env::var(env_key(alias))
+        .ok()
+        .or_else(|| (alias == "default").then(own).flatten())
 }
 
 fn in_alias(alias: &str, e: Error) -> Error {
@@ -142,25 +138,25 @@ impl Layers {
             };
             let url = match section.remove("url") {
                 Some(toml::Value::String(u)) => u,
-                Some(_) => {
-                    return Err(Error::Config(format!(
-                        "[layers.{alias}] url must be a string"
-                    )))
+                other => {
+                    let why = if other.is_some() {
+                        "url must be a string"
+                    } else {
+                        "has no url"
+                    };
+                    return Err(Error::Config(format!("[layers.{alias}] {why}")));
                 }
-                None => return Err(Error::Config(format!("[layers.{alias}] has no url"))),
             };
-            let mut backend = BTreeMap::new();
-            if let Some(b) = section.remove("backend") {
-                let toml::Value::Table(b) = b else {
-                    return Err(Error::Config(format!(
-                        "[layers.{alias}.backend] must be a table"
-                    )));
-                };
-                for (k, v) in b {
-                    let v = scalar_to_string(&k, v)?;
-                    backend.insert(k, v);
+            let backend = match section.remove("backend") {
+                None => BTreeMap::new(),
+                Some(toml::Value::Table(b)) => (b.into_iter())
+                    .map(|(k, v)| Ok((k.clone(), scalar_to_string(&k, v)?)))
+                    .collect::<Result<_>>()?,
+                Some(_) => {
+                    let e = format!("[layers.{alias}.backend] must be a table");
+                    return Err(Error::Config(e));
                 }
-            }
+            };
             let partial: PartialOptions = toml::Value::Table(section)
                 .try_into()
                 .map_err(|e| Error::Config(format!("[layers.{alias}]: {e}")))?;
@@ -188,10 +184,9 @@ impl Layers {
         let mut configs = BTreeMap::new();
         for (alias, (url, partial, backend)) in &file {
             let url = env_url(alias).unwrap_or_else(|| url.clone());
-            configs.insert(
-                alias.clone(),
-                build(&url, partial, backend).map_err(|e| in_alias(alias, e)),
-            );
+            // A file alias with a bad URL or option is an error now.
+            let config = build(&url, partial, backend).map_err(|e| in_alias(alias, e))?;
+            configs.insert(alias.clone(), Ok(config));
         }
         // Aliases that only the environment defines. Their errors wait until they are asked
         // for, so an unrelated bad variable does not break every other alias. Variables that
@@ -214,18 +209,10 @@ impl Layers {
             }
             if let Some(url) = env_url(&alias) {
                 let built = build(&url, &PartialOptions::default(), &BTreeMap::new())
-                    .map_err(|e| in_alias(&alias, e));
+                    .map_err(|e| in_alias(&alias, e).to_string());
                 configs.insert(alias, built);
             }
         }
-        // A file alias with a bad URL or option is an error now.
-        let configs = configs
-            .into_iter()
-            .map(|(alias, built)| match built {
-                Err(e) if file.contains_key(&alias) => Err(e),
-                other => Ok((alias, other.map_err(|e| e.to_string()))),
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Layers {
             configs,
             connected: Mutex::new(BTreeMap::new()),

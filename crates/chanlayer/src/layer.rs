@@ -5,14 +5,12 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chanlayer_core::{
-    BatchError, Capabilities, ChannelLayer, Delivery, LayerOptions, Message, MessageType, Result,
-    StatsSnapshot,
-};
+use chanlayer_core::{BatchError, ChannelLayer, Message, MessageType, Result};
 use serde::{de::DeserializeOwned, Serialize};
 
 /// A connected channel layer. Cheap to clone (an `Arc`); every clone is the same instance
-/// (same process-local channels, same counters).
+/// (same process-local channels, same counters). It dereferences to the
+/// [`ChannelLayer`], whose operations it adds typed conveniences to.
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -43,6 +41,18 @@ impl std::fmt::Debug for Layer {
     }
 }
 
+/// Every [`ChannelLayer`] operation is called on the handle itself: `receive`,
+/// `receive_delivery`, `receive_batch`, `send_batch`, `new_channel`, `group_add`,
+/// `group_discard`, `flush`, `close`, `stats`, `options`, `capabilities`, `instance_id`.
+/// `send` and `group_send` are the typed ones of [`Layer`]; the raw forms are
+/// [`send_message`](Layer::send_message) and [`group_send_message`](Layer::group_send_message).
+impl std::ops::Deref for Layer {
+    type Target = dyn ChannelLayer;
+    fn deref(&self) -> &Self::Target {
+        self.inner.as_ref()
+    }
+}
+
 impl From<Arc<dyn ChannelLayer>> for Layer {
     fn from(inner: Arc<dyn ChannelLayer>) -> Self {
         Layer { inner }
@@ -58,26 +68,6 @@ impl Layer {
     /// The backend behind this handle.
     pub fn inner(&self) -> &Arc<dyn ChannelLayer> {
         &self.inner
-    }
-
-    /// What the backend guarantees.
-    pub fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    /// The shared options in effect.
-    pub fn options(&self) -> &LayerOptions {
-        self.inner.options()
-    }
-
-    /// This instance's id (the routing part of its `new_channel` names).
-    pub fn instance_id(&self) -> &str {
-        self.inner.instance_id()
-    }
-
-    /// This instance's counters.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.inner.stats()
     }
 
     /// Encodes `value` in this layer's codec, with its [`MessageType`].
@@ -120,34 +110,9 @@ impl Layer {
         self.inner.send(channel, message).await
     }
 
-    /// Sends several messages in order (all are checked before any is sent).
-    pub async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
-        self.inner.send_batch(channel, messages).await
-    }
-
-    /// Waits for the next message.
-    pub async fn receive(&self, channel: &str) -> Result<Message> {
-        self.inner.receive(channel).await
-    }
-
     /// Waits for the next message and decodes its body as `T`.
     pub async fn receive_as<T: DeserializeOwned>(&self, channel: &str) -> Result<T> {
         self.inner.receive(channel).await?.decode()
-    }
-
-    /// Waits for the next message as a [`Delivery`] to ack or nack (at-least-once).
-    pub async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        self.inner.receive_delivery(channel).await
-    }
-
-    /// Waits up to `timeout` for a first message, then takes up to `max` without waiting.
-    pub async fn receive_batch(
-        &self,
-        channel: &str,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Delivery>> {
-        self.inner.receive_batch(channel, max, timeout).await
     }
 
     /// Runs `handler` on a batch and acks it only if the handler succeeds (see
@@ -164,21 +129,6 @@ impl Layer {
         Fut: std::future::Future<Output = Result<(), E>>,
     {
         chanlayer_core::handle_batch(self.inner.as_ref(), channel, max, timeout, handler).await
-    }
-
-    /// A fresh process-local channel owned by this instance.
-    pub async fn new_channel(&self, prefix: &str) -> Result<String> {
-        self.inner.new_channel(prefix).await
-    }
-
-    /// Adds `channel` to `group` (idempotent; refreshes expiry).
-    pub async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
-        self.inner.group_add(group, channel).await
-    }
-
-    /// Removes `channel` from `group` (idempotent).
-    pub async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
-        self.inner.group_discard(group, channel).await
     }
 
     /// Sends a typed value to every member of `group`.
@@ -205,16 +155,5 @@ impl Layer {
     /// Sends a raw [`Message`] to every member of `group`.
     pub async fn group_send_message(&self, group: &str, message: Message) -> Result<()> {
         self.inner.group_send(group, message).await
-    }
-
-    /// Empties every message and group this layer can see.
-    pub async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
-    }
-
-    /// Closes the instance (every clone of this handle): pending and later calls get
-    /// `Error::Closed`.
-    pub async fn close(&self) -> Result<()> {
-        self.inner.close().await
     }
 }

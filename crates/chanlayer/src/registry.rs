@@ -44,22 +44,19 @@ fn builtin() -> HashMap<String, Backend> {
         "memory".to_owned(),
         Backend::Available(transport_connector::<chanlayer_core::memory::MemoryTransport>()),
     );
-    #[cfg(feature = "kafka")]
-    let kafka = Backend::Available(transport_connector::<chanlayer_kafka::KafkaTransport>());
-    #[cfg(not(feature = "kafka"))]
-    let kafka = Backend::CompiledOut("kafka");
-    m.insert("kafka".to_owned(), kafka);
-    #[cfg(feature = "amqp")]
-    let amqp = Backend::Available(transport_connector::<chanlayer_amqp::AmqpTransport>());
-    #[cfg(not(feature = "amqp"))]
-    let amqp = Backend::CompiledOut("amqp");
-    m.insert("amqp".to_owned(), amqp.clone());
-    m.insert("amqps".to_owned(), amqp);
-    #[cfg(feature = "zmq")]
-    let zmq = Backend::Available(transport_connector::<chanlayer_zmq::ZmqTransport>());
-    #[cfg(not(feature = "zmq"))]
-    let zmq = Backend::CompiledOut("zmq");
-    m.insert("zmq".to_owned(), zmq);
+    // A backend behind its cargo feature: its transport, or the feature that would add it.
+    macro_rules! backend {
+        ($feature:literal, $transport:path, [$($scheme:literal),+]) => {
+            #[cfg(feature = $feature)]
+            let b = Backend::Available(transport_connector::<$transport>());
+            #[cfg(not(feature = $feature))]
+            let b = Backend::CompiledOut($feature);
+            $(m.insert($scheme.to_owned(), b.clone());)+
+        };
+    }
+    backend!("kafka", chanlayer_kafka::KafkaTransport, ["kafka"]);
+    backend!("amqp", chanlayer_amqp::AmqpTransport, ["amqp", "amqps"]);
+    backend!("zmq", chanlayer_zmq::ZmqTransport, ["zmq"]);
     m
 }
 

@@ -183,24 +183,19 @@ impl BackendConfig {
 
     /// The URL with the password and secret options replaced by `***`.
     pub fn redacted_url(&self) -> String {
-        let mut out = format!("{}://", self.scheme);
-        if let Some(c) = &self.credentials {
-            out.push_str(&c.username);
-            if c.password.is_some() {
-                out.push_str(":***");
-            }
-            out.push('@');
-        }
-        out.push_str(&self.address);
-        let mut sep = '?';
-        for (k, v) in &self.options.0 {
-            let v = if is_secret_key(k) { "***" } else { v.as_str() };
-            out.push(sep);
-            out.push_str(k);
-            out.push('=');
-            out.push_str(v);
-            sep = '&';
-        }
-        out
+        let user = match &self.credentials {
+            Some(c) if c.password.is_some() => format!("{}:***@", c.username),
+            Some(c) => format!("{}@", c.username),
+            None => String::new(),
+        };
+        let query: Vec<String> = (self.options.0.iter())
+            .map(|(k, v)| format!("{k}={}", if is_secret_key(k) { "***" } else { v }))
+            .collect();
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", query.join("&"))
+        };
+        format!("{}://{user}{}{query}", self.scheme, self.address)
     }
 }

@@ -116,32 +116,21 @@ impl LayerOptions {
 
     /// Applies the values set in `partial` on top of these.
     pub fn apply(&mut self, partial: PartialOptions) -> Result<()> {
+        // A later source (the file over the URL) takes precedence: its patterns go first,
+        // in their own order.
+        let mut newer = (partial.channel_capacity.iter())
+            .map(|(pattern, capacity)| CapacityOverride::new(pattern, *capacity))
+            .collect::<Result<Vec<_>>>()?;
+        newer.append(&mut self.channel_capacity);
+        self.channel_capacity = newer;
         if let Some(v) = partial.prefix {
             self.prefix = v;
         }
-        if let Some(v) = partial.capacity {
-            self.capacity = v;
-        }
-        // A later source (the file over the URL) takes precedence: its patterns go first,
-        // in their own order.
-        let mut newer = Vec::with_capacity(partial.channel_capacity.len());
-        for (pattern, capacity) in partial.channel_capacity {
-            newer.push(CapacityOverride::new(&pattern, capacity)?);
-        }
-        newer.append(&mut self.channel_capacity);
-        self.channel_capacity = newer;
-        if let Some(v) = partial.expiry {
-            self.expiry = v.0;
-        }
-        if let Some(v) = partial.group_expiry {
-            self.group_expiry = v.0;
-        }
-        if let Some(v) = partial.codec {
-            self.codec = v;
-        }
-        if let Some(v) = partial.max_message_size {
-            self.max_message_size = v;
-        }
+        self.capacity = partial.capacity.unwrap_or(self.capacity);
+        self.expiry = partial.expiry.map_or(self.expiry, |d| d.0);
+        self.group_expiry = partial.group_expiry.map_or(self.group_expiry, |d| d.0);
+        self.codec = partial.codec.unwrap_or(self.codec);
+        self.max_message_size = partial.max_message_size.unwrap_or(self.max_message_size);
         self.validate()
     }
 

@@ -19,28 +19,34 @@ pub struct LayerConfig {
 impl std::fmt::Display for LayerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (o, d) = (&self.options, LayerOptions::default());
-        let mut shared = Vec::new();
-        if o.prefix != d.prefix {
-            shared.push(format!("prefix={}", o.prefix));
-        }
-        if o.capacity != d.capacity {
-            shared.push(format!("capacity={}", o.capacity));
-        }
-        for c in &o.channel_capacity {
-            shared.push(format!("channel_capacity.{}={}", c.pattern, c.capacity));
-        }
-        if o.expiry != d.expiry {
-            shared.push(format!("expiry={}ms", o.expiry.as_millis()));
-        }
-        if o.group_expiry != d.group_expiry {
-            shared.push(format!("group_expiry={}ms", o.group_expiry.as_millis()));
-        }
-        if o.codec != d.codec {
-            shared.push(format!("codec={}", o.codec.name()));
-        }
-        if o.max_message_size != d.max_message_size {
-            shared.push(format!("max_message_size={}", o.max_message_size));
-        }
+        let pick = |differs: bool, kv: String| differs.then_some(kv);
+        let first = [
+            pick(o.prefix != d.prefix, format!("prefix={}", o.prefix)),
+            pick(o.capacity != d.capacity, format!("capacity={}", o.capacity)),
+        ];
+        let overrides = (o.channel_capacity.iter())
+            .map(|c| Some(format!("channel_capacity.{}={}", c.pattern, c.capacity)));
+        let rest = [
+            pick(
+                o.expiry != d.expiry,
+                format!("expiry={}ms", o.expiry.as_millis()),
+            ),
+            pick(
+                o.group_expiry != d.group_expiry,
+                format!("group_expiry={}ms", o.group_expiry.as_millis()),
+            ),
+            pick(o.codec != d.codec, format!("codec={}", o.codec.name())),
+            pick(
+                o.max_message_size != d.max_message_size,
+                format!("max_message_size={}", o.max_message_size),
+            ),
+        ];
+        let shared: Vec<String> = first
+            .into_iter()
+            .chain(overrides)
+            .chain(rest)
+            .flatten()
+            .collect();
         let url = self.backend.redacted_url();
         if shared.is_empty() {
             return f.write_str(&url);
@@ -62,17 +68,6 @@ pub(super) fn is_scheme(s: &str) -> bool {
     let mut bytes = s.bytes();
     bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
-}
-
-/// The error for a URL whose user-info cannot be told apart from its query or fragment.
-/// It does not quote the URL: the part in doubt may be a password.
-pub(super) fn ambiguous_userinfo(scheme: &str) -> Error {
-    Error::Config(format!(
-        "this {scheme}:// URL has an '@' after a '?' or '#', so where its user-info (user:password@) \
-         ends and its query or fragment begins is ambiguous; the URL is refused and not shown, since \
-         it may hold a password; percent-encode reserved characters in a password \
-         (? as %3F, # as %23, @ as %40, % as %25) and an '@' in an option value as %40"
-    ))
 }
 
 impl LayerConfig {
@@ -105,23 +100,21 @@ impl LayerConfig {
                     .to_string(),
             ));
         }
-        let scheme = scheme.to_ascii_lowercase();
         // Which schemes exist is the facade's registry's business; here only the syntax.
-        let mut chars = scheme.chars();
-        let syntax_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-            && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-        if !syntax_ok {
-            return Err(Error::Config(
-                "a layer URL starts with a scheme of letters, digits, '+', '-' or '.' (for example memory:// or amqp://)".to_string(),
-            ));
-        }
+        let scheme = scheme.to_ascii_lowercase();
         // The user-info, address and path end at the first '?' or '#'. A password with an
         // unencoded '?' or '#' would end there too and spill into the query or fragment; an
         // '@' after that point is the sign, and such a URL cannot be split safely.
         let end = rest.find(['?', '#']).unwrap_or(rest.len());
         let (authority_path, tail) = rest.split_at(end);
         if tail.contains('@') {
-            return Err(ambiguous_userinfo(&scheme));
+            // Not quoted: the part in doubt may be a password.
+            return Err(Error::Config(format!(
+                "this {scheme}:// URL has an '@' after a '?' or '#', so where its user-info (user:password@) \
+                 ends and its query or fragment begins is ambiguous; the URL is refused and not shown, since \
+                 it may hold a password; percent-encode reserved characters in a password \
+                 (? as %3F, # as %23, @ as %40, % as %25) and an '@' in an option value as %40"
+            )));
         }
         let query = match tail.strip_prefix('?') {
             Some(q) => q.split('#').next().unwrap_or_default(),
@@ -129,20 +122,13 @@ impl LayerConfig {
         };
         // The user-info ends at the last '@' (so an unencoded '/', ':' or '@' in a password
         // still counts as password, never as address); the user ends at the first ':'.
-        let (credentials, address) = match authority_path.rfind('@') {
-            Some(at) => {
-                let info = &authority_path[..at];
-                let (user, pass) = match info.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => (info, None),
-                };
-                (
-                    Some(Credentials {
-                        username: decode_component(user),
-                        password: pass.map(|p| Secret::new(decode_component(p))),
-                    }),
-                    &authority_path[at + 1..],
-                )
+        let (credentials, address) = match authority_path.rsplit_once('@') {
+            Some((info, address)) => {
+                let (user, pass) =
+                    (info.split_once(':')).map_or((info, None), |(u, p)| (u, Some(p)));
+                let username = decode_component(user);
+                let password = pass.map(|p| Secret::new(decode_component(p)));
+                (Some(Credentials { username, password }), address)
             }
             None => (None, authority_path),
         };
