@@ -118,6 +118,8 @@ impl Channels {
 #[derive(Default)]
 pub struct LocalInbox {
     channels: Mutex<Channels>,
+    /// The `chanlayer_inbox_messages` gauge, once exported ([`LocalInbox::export`]).
+    depth: std::sync::OnceLock<metrics::Gauge>,
 }
 
 impl std::fmt::Debug for LocalInbox {
@@ -170,6 +172,23 @@ impl LocalInbox {
         crate::toolkit::lock(&self.channels)
     }
 
+    /// From now on the number of messages waiting here moves the
+    /// `chanlayer_inbox_messages` gauge of `backend` (see [`telemetry`](crate::telemetry)).
+    pub fn export(&self, backend: &'static str) {
+        let _ = self
+            .depth
+            .get_or_init(|| metrics::gauge!("chanlayer_inbox_messages", "backend" => backend));
+    }
+
+    /// `delta` messages more (or fewer) wait here.
+    fn moved(&self, delta: i64) {
+        if delta != 0 {
+            if let Some(g) = self.depth.get() {
+                g.increment(delta as f64);
+            }
+        }
+    }
+
     /// Appends to `channel` unless it already holds `capacity` live messages
     /// (`Err(ChannelFull)`; expired ones are purged first and counted as expired).
     pub fn push(
@@ -179,7 +198,17 @@ impl LocalInbox {
         capacity: usize,
         stats: &Stats,
     ) -> Result<()> {
-        Self::push_locked(&mut self.lock(), channel, envelope, capacity, stats)
+        let mut moved = 0;
+        let r = Self::push_locked(
+            &mut self.lock(),
+            channel,
+            envelope,
+            capacity,
+            stats,
+            &mut moved,
+        );
+        self.moved(moved);
+        r
     }
 
     /// [`push`](Self::push) with the lock held.
@@ -189,11 +218,12 @@ impl LocalInbox {
         envelope: Envelope,
         capacity: usize,
         stats: &Stats,
+        moved: &mut i64,
     ) -> Result<()> {
         let seq = map.next_seq;
         map.next_seq += 1;
         let slot = map.slot(channel);
-        if !Self::push_slot(slot, envelope, seq, capacity, stats) {
+        if !Self::push_slot(slot, envelope, seq, capacity, stats, moved) {
             return Err(Error::ChannelFull {
                 channel: channel.to_owned(),
                 capacity,
@@ -204,23 +234,28 @@ impl LocalInbox {
     }
 
     /// Appends to `slot` unless it holds `capacity` live entries (expired ones are purged
-    /// first); `false` when full. Wakes nobody: the caller does, under the same lock.
+    /// first); `false` when full. Adds the change in the slot's length to `moved`. Wakes
+    /// nobody: the caller does, under the same lock.
     fn push_slot(
         slot: &mut Slot,
         envelope: Envelope,
         seq: u64,
         capacity: usize,
         stats: &Stats,
+        moved: &mut i64,
     ) -> bool {
         if slot.queue.len() >= capacity {
             let now = now_ms();
             let before = slot.queue.len();
             slot.queue.retain(|e| !e.envelope.is_expired_at(now));
-            stats.record_expired((before - slot.queue.len()) as u64);
+            let purged = before - slot.queue.len();
+            *moved -= purged as i64;
+            stats.record_expired(purged as u64);
             if slot.queue.len() >= capacity {
                 return false;
             }
         }
+        *moved += 1;
         slot.queue.push_back(Entry {
             envelope,
             redelivered: false,
@@ -243,6 +278,8 @@ impl LocalInbox {
             .count();
         slot.queue.insert(pos, entry);
         slot.wake();
+        drop(map);
+        self.moved(1);
     }
 
     /// Takes the next live message from `channel` without waiting.
@@ -251,6 +288,7 @@ impl LocalInbox {
         let now = recent_ms();
         let found = self.lock().pop_live(channel, now, &mut expired);
         stats.record_expired(expired);
+        self.moved(-(expired as i64) - i64::from(found.is_some()));
         found
     }
 
@@ -281,6 +319,7 @@ impl LocalInbox {
                     }
                     drop(map);
                     stats.record_expired(expired);
+                    self.moved(-(expired as i64) - 1);
                     return Ok(e);
                 }
                 let w = waiter.get_or_insert_with(|| {
@@ -296,6 +335,7 @@ impl LocalInbox {
                 w.notify.notified()
             };
             stats.record_expired(expired);
+            self.moved(-(expired as i64));
             closed.check()?;
             tokio::select! {
                 _ = notified => {}
@@ -329,10 +369,13 @@ impl LocalInbox {
 
     /// Drops every queued message (flush). Waiting receivers keep waiting.
     pub fn clear(&self) {
+        let mut dropped = 0;
         self.lock().map.retain(|_, s| {
+            dropped += s.queue.len() as i64;
             s.queue.clear();
             s.waiters > 0
         });
+        self.moved(-dropped);
     }
 
     /// Delivers every envelope of `envelopes` in order (to its channel, or for a group
@@ -361,9 +404,12 @@ impl LocalInbox {
             let mut seq = map.next_seq;
             let slot = map.slot(&name);
             let mut dropped = 0;
+            let mut moved = 0;
             let mut next = Some(first);
             while let Some(envelope) = next {
-                dropped += u64::from(!Self::push_slot(slot, envelope, seq, capacity, stats));
+                dropped += u64::from(!Self::push_slot(
+                    slot, envelope, seq, capacity, stats, &mut moved,
+                ));
                 seq += 1;
                 next = (it.next_if(|e| e.kind == Destination::Channel && e.destination == name))
                     .map(|mut e| {
@@ -374,6 +420,7 @@ impl LocalInbox {
             slot.wake();
             map.next_seq = seq;
             drop(map);
+            self.moved(moved);
             for _ in 0..dropped {
                 stats.record_dropped_full(&name);
             }
@@ -400,16 +447,18 @@ impl LocalInbox {
         }
         copies.push((options.capacity_for(&members[last]), envelope));
         let mut full = Vec::new();
+        let mut moved = 0;
         {
             let mut map = self.lock();
             for (member, (capacity, copy)) in members.iter().zip(copies) {
                 if let Err(Error::ChannelFull { .. }) =
-                    Self::push_locked(&mut map, member, copy, capacity, stats)
+                    Self::push_locked(&mut map, member, copy, capacity, stats, &mut moved)
                 {
                     full.push(member);
                 }
             }
         }
+        self.moved(moved);
         for member in full {
             stats.record_group_member_full(group, member);
         }

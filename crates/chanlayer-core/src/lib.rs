@@ -36,6 +36,7 @@ pub mod message;
 pub mod names;
 pub mod signal;
 pub mod stats;
+pub mod telemetry;
 pub mod transport;
 pub mod transport_layer;
 

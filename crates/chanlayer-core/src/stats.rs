@@ -1,8 +1,10 @@
 //! Counters every layer keeps: what was sent, received, dropped and skipped, and why.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use crate::telemetry::{Handles, Kind};
 
 /// How long a burst of undecodable messages is reported by one log line.
 const BURST: Duration = Duration::from_secs(5);
@@ -32,6 +34,8 @@ pub struct Stats {
     redelivered: Counter,
     dropped_full: Counter,
     last_undecodable_log: Mutex<Option<Instant>>,
+    /// The `metrics` handles, once the layer knows its backend ([`Stats::export`]).
+    export: OnceLock<Handles>,
 }
 
 /// A copy of the counters at one moment.
@@ -79,33 +83,67 @@ fn bump(c: &AtomicU64, n: u64) {
 }
 
 impl Stats {
-    /// Counts sent messages.
-    pub fn record_sent(&self, n: u64) {
-        bump(&self.sent, n);
+    /// From now on, every count is also exported through the `metrics` facade with label
+    /// `backend` (see [`telemetry`](crate::telemetry)). Called once, when the layer connects;
+    /// later calls change nothing.
+    pub fn export(&self, backend: &'static str) {
+        let _ = self.export.get_or_init(|| Handles::new(backend));
     }
-    /// Counts received messages.
-    pub fn record_received(&self, n: u64) {
+
+    fn metrics(&self) -> Option<&Handles> {
+        self.export.get()
+    }
+
+    /// Counts sent messages to an address of `kind`.
+    pub fn record_sent(&self, kind: Kind, n: u64) {
+        bump(&self.sent, n);
+        if let Some(m) = self.metrics() {
+            m.sent[kind as usize].increment(n);
+        }
+    }
+    /// Counts messages received from a channel of `kind`.
+    pub fn record_received(&self, kind: Kind, n: u64) {
         bump(&self.received, n);
+        if let Some(m) = self.metrics() {
+            m.received[kind as usize].increment(n);
+        }
     }
     /// Counts expired messages dropped on receive.
     pub fn record_expired(&self, n: u64) {
         if n > 0 {
             bump(&self.expired, n);
+            if let Some(m) = self.metrics() {
+                m.expired.increment(n);
+            }
         }
     }
     /// Counts a group copy dropped because its member was full.
     pub fn record_group_member_full(&self, group: &str, channel: &str) {
         bump(&self.group_member_full, 1);
+        if let Some(m) = self.metrics() {
+            m.group_member_full.increment(1);
+        }
         tracing::debug!(group, channel, "group_send skipped a full member");
     }
-    /// Counts a message nobody can receive.
-    pub fn record_undeliverable(&self, channel: &str) {
+    /// Counts a message for channel (or group) `name` that nobody can receive.
+    pub fn record_undeliverable(&self, name: &str) {
+        self.record_undeliverable_to(Kind::of_channel(name), name);
+    }
+    /// [`record_undeliverable`](Self::record_undeliverable) with the kind given (a group's
+    /// name does not say it is one).
+    pub fn record_undeliverable_to(&self, kind: Kind, name: &str) {
         bump(&self.undeliverable, 1);
-        tracing::debug!(channel, "message dropped: no instance owns this channel");
+        if let Some(m) = self.metrics() {
+            m.undeliverable[kind as usize].increment(1);
+        }
+        tracing::debug!(name, "message dropped: nobody can receive it");
     }
     /// Counts a message dropped on arrival because its process-local channel was full.
     pub fn record_dropped_full(&self, channel: &str) {
         bump(&self.dropped_full, 1);
+        if let Some(m) = self.metrics() {
+            m.dropped_full.increment(1);
+        }
         tracing::debug!(
             channel,
             "message dropped on arrival: the channel is at capacity"
@@ -114,12 +152,49 @@ impl Stats {
     /// Counts a redelivery.
     pub fn record_redelivered(&self, n: u64) {
         bump(&self.redelivered, n);
+        if let Some(m) = self.metrics() {
+            m.redelivered.increment(n);
+        }
+    }
+    /// Exports messages a transport counted as lost (ZeroMQ's sequence gaps; the transport
+    /// keeps the count itself).
+    pub fn export_lost(&self, n: u64) {
+        if let Some(m) = self.metrics() {
+            m.lost.increment(n);
+        }
+    }
+    /// Exports a connection lost and restored (the transport keeps the count itself).
+    pub fn export_reconnect(&self) {
+        if let Some(m) = self.metrics() {
+            m.reconnects.increment(1);
+        }
+    }
+    /// Moves the inbox gauge by `delta` messages.
+    pub fn export_inbox(&self, delta: f64) {
+        if let Some(m) = self.metrics() {
+            m.inbox.increment(delta);
+        }
+    }
+    /// Moves the unsettled-deliveries gauge by `delta`.
+    pub fn export_unsettled(&self, delta: f64) {
+        if let Some(m) = self.metrics() {
+            m.unsettled.increment(delta);
+        }
+    }
+    /// Records one sampled send latency (see [`telemetry::SEND_SAMPLE`](crate::telemetry::SEND_SAMPLE)).
+    pub fn export_send_latency(&self, kind: Kind, elapsed: Duration) {
+        if let Some(m) = self.metrics() {
+            m.send_seconds[kind as usize].record(elapsed.as_secs_f64());
+        }
     }
 
     /// Counts bytes that did not decode, and logs once per burst (at most one warning every
     /// few seconds, with the running count) so a flood of garbage cannot flood the log.
     pub fn record_undecodable(&self, source: &str, error: &dyn std::fmt::Display) {
         let total = self.undecodable.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(m) = self.metrics() {
+            m.undecodable.increment(1);
+        }
         let now = Instant::now();
         let mut last = crate::toolkit::lock(&self.last_undecodable_log);
         if last.is_none_or(|t| now.duration_since(t) >= BURST) {

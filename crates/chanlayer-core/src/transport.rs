@@ -157,6 +157,7 @@ impl Incoming {
         pending: S::Pending,
         inbound: &Inbound,
     ) -> Incoming {
+        inbound.stats().export_unsettled(1.0);
         let acker = UnsettledAcker {
             item: Some((settler, pending)),
             stats: inbound.stats().clone(),
@@ -191,6 +192,7 @@ struct UnsettledAcker<S: Settler> {
 impl<S: Settler> UnsettledAcker<S> {
     fn requeue(&mut self) {
         if let Some((settler, pending)) = self.item.take() {
+            self.stats.export_unsettled(-1.0);
             settler.requeue(pending, &self.stats);
         }
     }
@@ -201,7 +203,10 @@ impl<S: Settler> Acknowledger for UnsettledAcker<S> {
     async fn ack(&mut self) -> Result<()> {
         self.closed.check()?;
         match self.item.take() {
-            Some((settler, pending)) => settler.settle(pending).await,
+            Some((settler, pending)) => {
+                self.stats.export_unsettled(-1.0);
+                settler.settle(pending).await
+            }
             None => Ok(()),
         }
     }

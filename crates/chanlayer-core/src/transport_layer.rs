@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
@@ -27,6 +27,7 @@ use crate::layer::ChannelLayer;
 use crate::message::Message;
 use crate::names;
 use crate::stats::StatsSnapshot;
+use crate::telemetry::{self, Kind};
 use crate::transport::{NormalReader, NormalSource, Outgoing, Published, Transport};
 
 /// A [`ChannelLayer`] over transport `T`. Backends name it (`AmqpLayer` is
@@ -84,6 +85,8 @@ impl<T: Transport> TransportLayer<T> {
         ));
         let transport = Arc::new(T::open(config, inbound.clone()).await?);
         let caps = transport.capabilities();
+        inbound.stats().export(caps.backend);
+        inbound.inbox().export(caps.backend);
         let groups = Arc::new(GroupState::default());
         tokio::spawn(expiry_task(
             Arc::downgrade(&transport),
@@ -170,12 +173,12 @@ impl<T: Transport> TransportLayer<T> {
         ))
     }
 
-    fn record(&self, channel: &str, r: Published, n: u64) {
+    fn record(&self, kind: Kind, name: &str, r: Published, n: u64) {
         match r {
-            Published::Stored => self.inbound.stats().record_sent(n),
+            Published::Stored => self.inbound.stats().record_sent(kind, n),
             Published::Gone => {
                 for _ in 0..n {
-                    self.inbound.stats().record_undeliverable(channel);
+                    self.inbound.stats().record_undeliverable_to(kind, name);
                 }
             }
         }
@@ -191,12 +194,17 @@ impl<T: Transport> TransportLayer<T> {
         self.check_kind("send", channel)?;
         let env = self.seal(Destination::Channel, channel, message)?;
         let out = Outgoing::new(env, channel);
+        let kind = Kind::of_channel(channel);
+        let timer = telemetry::sample_send().then(Instant::now);
         let r = match route(self.inbound.naming(), channel) {
             Some(Some(owner)) => self.transport.publish_local(owner, out).await?,
             Some(None) => self.transport.publish_normal(out).await?,
             None => Published::Gone,
         };
-        self.record(channel, r, 1);
+        if let Some(t) = timer {
+            self.inbound.stats().export_send_latency(kind, t.elapsed());
+        }
+        self.record(kind, channel, r, 1);
         Ok(())
     }
 
@@ -218,7 +226,12 @@ impl<T: Transport> TransportLayer<T> {
             return Ok(());
         }
         let Some(owner) = route(self.inbound.naming(), channel) else {
-            self.record(channel, Published::Gone, n as u64);
+            self.record(
+                Kind::of_channel(channel),
+                channel,
+                Published::Gone,
+                n as u64,
+            );
             return Ok(());
         };
         let stored = self
@@ -227,11 +240,26 @@ impl<T: Transport> TransportLayer<T> {
             .await
             .inspect_err(|e| {
                 if let Error::PartlySent { sent, .. } = e {
-                    self.record(channel, Published::Stored, *sent as u64);
+                    self.record(
+                        Kind::of_channel(channel),
+                        channel,
+                        Published::Stored,
+                        *sent as u64,
+                    );
                 }
             })?;
-        self.record(channel, Published::Stored, stored as u64);
-        self.record(channel, Published::Gone, (n - stored) as u64);
+        self.record(
+            Kind::of_channel(channel),
+            channel,
+            Published::Stored,
+            stored as u64,
+        );
+        self.record(
+            Kind::of_channel(channel),
+            channel,
+            Published::Gone,
+            (n - stored) as u64,
+        );
         Ok(())
     }
 
@@ -240,7 +268,9 @@ impl<T: Transport> TransportLayer<T> {
             Some(s) => s.next_auto().await?,
             None => self.inbound.take(channel).await?.envelope,
         };
-        self.inbound.stats().record_received(1);
+        self.inbound
+            .stats()
+            .record_received(Kind::of_channel(channel), 1);
         Ok(env.into_message())
     }
 
@@ -260,7 +290,9 @@ impl<T: Transport> TransportLayer<T> {
             Some(s) => s.next().await?.into_delivery(channel),
             None => self.local_delivery(channel, self.inbound.take(channel).await?),
         };
-        self.inbound.stats().record_received(1);
+        self.inbound
+            .stats()
+            .record_received(Kind::of_channel(channel), 1);
         Ok(d)
     }
 
@@ -286,7 +318,8 @@ impl<T: Transport> TransportLayer<T> {
                 .map(|e| self.local_delivery(channel, e))
                 .collect(),
         };
-        i.stats().record_received(out.len() as u64);
+        i.stats()
+            .record_received(Kind::of_channel(channel), out.len() as u64);
         Ok(out)
     }
 
@@ -345,11 +378,17 @@ impl<T: Transport> TransportLayer<T> {
         self.inbound.closed().check()?;
         names::validate_group(group)?;
         let env = self.seal(Destination::Group, group, message)?;
+        let timer = telemetry::sample_send().then(Instant::now);
         let r = self
             .transport
             .publish_group(Outgoing::new(env, group))
             .await?;
-        self.record(group, r, 1);
+        if let Some(t) = timer {
+            self.inbound
+                .stats()
+                .export_send_latency(Kind::Group, t.elapsed());
+        }
+        self.record(Kind::Group, group, r, 1);
         Ok(())
     }
 

@@ -106,6 +106,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    // Installed before the layer connects: a layer takes its metric handles when it
+    // connects. `/metrics` renders them.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("could not install the metrics recorder: {e}"))?;
     // Errors from connect never contain the password (chanlayer redacts them).
     let layer = chanlayer::connect(&args.url)
         .await
@@ -126,7 +131,7 @@ async fn run(args: Args) -> Result<(), String> {
         max_rooms: args.max_rooms,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app = server::App::new(layer.clone(), settings, stop_rx.clone());
+    let app = server::App::new(layer.clone(), settings, stop_rx.clone(), Some(metrics));
     let mut stopped = stop_rx.clone();
     let serving = axum::serve(listener, server::router(app.clone()))
         .with_graceful_shutdown(async move {

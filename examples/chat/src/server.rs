@@ -1,6 +1,7 @@
 //! The HTTP side: routes (`/`, `/ws`, `/healthz`, `/stats`), the state every connection
 //! shares, and the bookkeeping that lets shutdown wait for connections to leave their rooms.
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,12 +87,22 @@ pub struct App {
     /// take turns; chat traffic never touches it).
     health: Mutex<Option<String>>,
     healthy_once: AtomicBool,
+    /// Renders the process's metrics (chanlayer's among them) for `/metrics`.
+    metrics: Option<PrometheusHandle>,
 }
 
 impl App {
     /// The shared state of a server on `layer`.
-    pub fn new(layer: Layer, settings: Settings, stopping: watch::Receiver<bool>) -> Arc<App> {
+    /// `metrics`: the Prometheus recorder's handle, when one is installed (`/metrics` is
+    /// 404 without it).
+    pub fn new(
+        layer: Layer,
+        settings: Settings,
+        stopping: watch::Receiver<bool>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Arc<App> {
         Arc::new(App {
+            metrics,
             layer,
             settings,
             counters: Counters::default(),
@@ -193,6 +204,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .with_state(app)
 }
 
@@ -216,6 +228,19 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     match app.check_health(Duration::from_secs(5)).await {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
+/// The Prometheus text format: chanlayer's counters, gauges and send-latency histogram
+/// (`chanlayer_*`, labels `backend` and `kind`; see `chanlayer::telemetry`).
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    match &app.metrics {
+        Some(handle) => (
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no metrics recorder\n").into_response(),
     }
 }
 
