@@ -1203,6 +1203,7 @@ fn run(c: &mut Criterion, rt: &Runtime, s: &mut Subject, full: bool) {
 }
 
 fn backends(c: &mut Criterion) {
+    chanlayer_benches::install_recorder_if_asked();
     let rt = runtime();
     let full = bench_mode();
     type Setup = fn(&Runtime) -> Result<Subject, String>;

@@ -27,6 +27,25 @@ pub mod raw_zmq;
 pub const DEPTH: usize = 64;
 
 /// A two-worker tokio runtime (the machines these run on have two cores).
+/// With `CHANLAYER_BENCH_RECORDER=prometheus` in the environment, installs the Prometheus
+/// metrics recorder (once, before any layer connects), so a run measures the layer with its
+/// metrics recorded; without it, no recorder: the two runs side by side are the recorder's
+/// cost.
+pub fn install_recorder_if_asked() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var("CHANLAYER_BENCH_RECORDER").as_deref() == Ok("prometheus") {
+            match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+                Ok(handle) => {
+                    eprintln!("bench: Prometheus metrics recorder installed");
+                    std::mem::forget(handle);
+                }
+                Err(e) => eprintln!("bench: could not install the metrics recorder: {e}"),
+            }
+        }
+    });
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
