@@ -169,7 +169,14 @@ where
             (m, h)
         })
         .unzip();
-    match handler(messages).await {
+    let span = tracing::debug_span!(
+        "chanlayer",
+        op = "batch_handler",
+        backend = layer.capabilities().backend,
+        kind = crate::telemetry::Kind::of_channel(channel).label(),
+        messages = n
+    );
+    match tracing::Instrument::instrument(handler(messages), span).await {
         Ok(()) => {
             for h in handles {
                 h.ack().await?;

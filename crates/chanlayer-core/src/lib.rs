@@ -27,6 +27,7 @@ pub mod config;
 pub mod delivery;
 pub mod envelope;
 pub mod error;
+mod expiry;
 pub mod groups;
 pub mod inbound;
 pub mod inbox;

@@ -10,18 +10,19 @@
 //! membership receives nothing on any backend.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::capabilities::Capabilities;
 use crate::config::{LayerConfig, LayerOptions};
 use crate::delivery::Delivery;
 use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
+use crate::expiry::{expiry_task, GroupState};
 use crate::inbound::{requeuing_delivery, Inbound};
 use crate::layer::ChannelLayer;
 use crate::message::Message;
@@ -40,19 +41,6 @@ pub struct TransportLayer<T: Transport> {
     transport: Arc<T>,
     caps: Capabilities,
     groups: Arc<GroupState>,
-}
-
-/// Group bookkeeping shared with the expiry task.
-#[derive(Default)]
-struct GroupState {
-    /// Serialises binding changes, so a first-member bind and a last-member unbind of one
-    /// group cannot cross.
-    bindings: tokio::sync::Mutex<()>,
-    /// Wakes the expiry task when a membership appears while it has none to wait for.
-    wake: Notify,
-    /// `true` while the expiry task has no membership to wait for (set by the task before
-    /// it looks).
-    idle: AtomicBool,
 }
 
 impl<T: Transport> std::fmt::Debug for TransportLayer<T> {
@@ -171,6 +159,17 @@ impl<T: Transport> TransportLayer<T> {
                 "{channel:?} is a normal channel (no '!'), and this layer has none (its capabilities say normal_channels: false; AMQP's wire=channels_rabbitmq has only process-local channels and groups, as Django's channels_rabbitmq); use a channel from new_channel, or a group"
             ),
         ))
+    }
+
+    /// The `tracing` span of one operation (level debug: free when nobody listens), with
+    /// the backend and the address's kind (never its name: see `telemetry`).
+    fn span(&self, op: &'static str, kind: Kind) -> tracing::Span {
+        tracing::debug_span!(
+            "chanlayer",
+            op,
+            backend = self.caps.backend,
+            kind = kind.label()
+        )
     }
 
     fn record(&self, kind: Kind, name: &str, r: Published, n: u64) {
@@ -466,75 +465,6 @@ fn checked(
     Ok(())
 }
 
-/// Unbinds memberships as they expire, until the layer closes (or is dropped). Unbinds that
-/// fail (the broker is away) are tried again on the next pass.
-async fn expiry_task<T: Transport>(
-    transport: Weak<T>,
-    inbound: Arc<Inbound>,
-    groups: Arc<GroupState>,
-) {
-    /// How soon a failed unbind is tried again.
-    const RETRY: Duration = Duration::from_secs(1);
-    // Unbinds to try again: (group, None) for a group without local members left,
-    // (group, Some(channel)) for a normal channel's membership.
-    let mut failed: Vec<(String, Option<String>)> = Vec::new();
-    loop {
-        // Set before looking, so a membership added after the look sees it and wakes us.
-        groups.idle.store(true, Ordering::SeqCst);
-        let next = [
-            inbound.groups().next_expiry(),
-            inbound.normal_groups().next_expiry(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        let retry = (!failed.is_empty()).then(|| std::time::Instant::now() + RETRY);
-        let wake_at = [next, retry].into_iter().flatten().min();
-        if wake_at.is_some() {
-            groups.idle.store(false, Ordering::SeqCst);
-        }
-        let sleep = async {
-            match wake_at {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = inbound.closed().closed() => return,
-            _ = groups.wake.notified() => continue,
-            _ = sleep => {}
-        }
-        let Some(transport) = transport.upgrade() else {
-            return;
-        };
-        let _one = groups.bindings.lock().await;
-        if inbound.closed().is_closed() {
-            return;
-        }
-        let groups = inbound.groups().prune_expired().into_iter();
-        failed.extend(groups.map(|(g, _)| (g, None)));
-        let pairs = inbound.normal_groups().prune_expired().into_iter();
-        failed.extend(pairs.map(|(g, c)| (g, Some(c))));
-        failed.sort_unstable();
-        failed.dedup();
-        let mut still = Vec::new();
-        for (g, c) in failed.drain(..) {
-            // Re-added meanwhile: bound again, nothing to undo.
-            let r = match &c {
-                None if inbound.groups().has_members(&g) => continue,
-                Some(c) if inbound.normal_groups().is_member(&g, c) => continue,
-                None => transport.unbind_group(&g).await,
-                Some(c) => transport.unbind_normal(&g, c).await,
-            };
-            if let Err(e) = r {
-                tracing::debug!(group = %g, channel = ?c, error = %e, "unbinding an expired membership failed; trying again");
-                still.push((g, c));
-            }
-        }
-        failed = still;
-    }
-}
-
 impl<T: Transport> Drop for TransportLayer<T> {
     fn drop(&mut self) {
         if self.inbound.closed().close() {
@@ -563,19 +493,35 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
-        self.wins(self.send_op(channel, message).await)
+        self.wins(
+            self.send_op(channel, message)
+                .instrument(self.span("send", Kind::of_channel(channel)))
+                .await,
+        )
     }
 
     async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
-        self.wins(self.send_batch_op(channel, messages).await)
+        self.wins(
+            self.send_batch_op(channel, messages)
+                .instrument(self.span("send_batch", Kind::of_channel(channel)))
+                .await,
+        )
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        self.wins(self.receive_op(channel).await)
+        self.wins(
+            self.receive_op(channel)
+                .instrument(self.span("receive", Kind::of_channel(channel)))
+                .await,
+        )
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        self.wins(self.receive_delivery_op(channel).await)
+        self.wins(
+            self.receive_delivery_op(channel)
+                .instrument(self.span("receive_delivery", Kind::of_channel(channel)))
+                .await,
+        )
     }
 
     async fn receive_batch(
@@ -584,7 +530,11 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        self.wins(self.receive_batch_op(channel, max, timeout).await)
+        self.wins(
+            self.receive_batch_op(channel, max, timeout)
+                .instrument(self.span("receive_batch", Kind::of_channel(channel)))
+                .await,
+        )
     }
 
     async fn new_channel(&self, prefix: &str) -> Result<String> {
@@ -593,15 +543,27 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
-        self.wins(self.group_add_op(group, channel).await)
+        self.wins(
+            self.group_add_op(group, channel)
+                .instrument(self.span("group_add", Kind::of_channel(channel)))
+                .await,
+        )
     }
 
     async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
-        self.wins(self.group_discard_op(group, channel).await)
+        self.wins(
+            self.group_discard_op(group, channel)
+                .instrument(self.span("group_discard", Kind::of_channel(channel)))
+                .await,
+        )
     }
 
     async fn group_send(&self, group: &str, message: Message) -> Result<()> {
-        self.wins(self.group_send_op(group, message).await)
+        self.wins(
+            self.group_send_op(group, message)
+                .instrument(self.span("group_send", Kind::Group))
+                .await,
+        )
     }
 
     async fn flush(&self) -> Result<()> {
