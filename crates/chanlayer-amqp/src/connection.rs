@@ -1,6 +1,10 @@
 //! The connection's lifecycle: connect, set up the topology, notice a lost connection,
 //! reconnect with backoff, and set everything up again.
 //!
+//! With several hosts in the URL (the nodes of one cluster), a connection goes to the first
+//! that answers, trying them in the URL's order; a reconnection starts with the host after
+//! the one whose connection was lost, so a node that just failed is tried last.
+//!
 //! The layer publishes the current [`Session`] through a watch channel (`None` while the
 //! broker is away); operations wait for a session up to `reconnect_timeout`. After a
 //! reconnection the inbox queue is declared again under the same name (so this instance's
@@ -21,11 +25,53 @@ use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Notify;
 
+use crate::config::Wire;
 use crate::session::{backend, Session};
 use crate::shared::Shared;
 use crate::topology;
-/// Connects once and sets up the whole topology for `generation`.
-pub(crate) async fn open(inner: &Arc<Shared>, generation: u64) -> Result<Arc<Session>> {
+
+/// Connects to the first of the URL's hosts that answers, starting with host number `first`
+/// and going round, and sets up the whole topology for `generation`. One pass: every host
+/// is tried once; the error of a single host is its own, that of several lists each host's.
+pub(crate) async fn open(
+    inner: &Arc<Shared>,
+    generation: u64,
+    first: usize,
+) -> Result<Arc<Session>> {
+    let cfg = &inner.cfg;
+    let n = cfg.hosts.len().max(1);
+    let mut failures = Vec::new();
+    for k in 0..n {
+        let index = (first + k) % n;
+        match open_host(inner, generation, index).await {
+            Ok(s) => return Ok(s),
+            Err(e) if n == 1 => return Err(e),
+            Err(e) => {
+                let address = cfg.host_address(index);
+                tracing::debug!(broker = %address, error = %e, "could not connect to this AMQP host; trying the next");
+                let text = e.to_string();
+                // Errors of the connection itself name the host already; setup errors don't.
+                failures.push(if text.contains(&address) {
+                    text
+                } else {
+                    format!("{address}: {text}")
+                });
+            }
+        }
+    }
+    Err(Error::Backend {
+        backend: crate::BACKEND,
+        message: format!(
+            "could not connect to any of the {n} hosts of {}: {}",
+            cfg.display_address(),
+            failures.join("; ")
+        ),
+        source: None,
+    })
+}
+
+/// Connects to host number `index` and sets up the whole topology for `generation`.
+async fn open_host(inner: &Arc<Shared>, generation: u64, index: usize) -> Result<Arc<Session>> {
     let cfg = &inner.cfg;
     let name = cfg
         .connection_name
@@ -34,13 +80,17 @@ pub(crate) async fn open(inner: &Arc<Shared>, generation: u64) -> Result<Arc<Ses
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
     let runtime = lapin::runtime::default_runtime()
         .map_err(|e| backend("no tokio runtime to run the AMQP connection on", e))?;
-    let attempt =
-        Connection::connect_uri_with_config(cfg.lapin_uri(), props, inner.tls.clone(), runtime);
+    let attempt = Connection::connect_uri_with_config(
+        cfg.lapin_uri(index),
+        props,
+        inner.tls.clone(),
+        runtime,
+    );
     let conn = match tokio::time::timeout(cfg.connection_timeout, attempt).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             return Err(backend(
-                &format!("could not connect to {}", cfg.display_address()),
+                &format!("could not connect to {}", cfg.host_address(index)),
                 e,
             ))
         }
@@ -58,6 +108,7 @@ pub(crate) async fn open(inner: &Arc<Shared>, generation: u64) -> Result<Arc<Ses
                 publish,
                 admin: Mutex::new(admin),
                 generation,
+                host: index,
                 broken: Notify::new(),
             });
             tokio::spawn(crate::inbox::run(inner.clone(), consumer, inbox_channel));
@@ -91,7 +142,9 @@ async fn setup(
             ShortString::from(inner.names.groups.as_str()),
             ExchangeKind::Direct,
             ExchangeDeclareOptions {
-                durable: true,
+                // channels_rabbitmq declares `groups` non-durable; a peer must declare it
+                // with the same arguments or the broker refuses (406).
+                durable: inner.cfg.wire == Wire::Chanlayer,
                 ..ExchangeDeclareOptions::default()
             },
             FieldTable::default(),
@@ -113,7 +166,11 @@ async fn setup(
                 exclusive: true,
                 ..QueueDeclareOptions::default()
             },
-            topology::inbox_arguments(inner.cfg.inbox_capacity, inner.inbound.options()),
+            topology::inbox_arguments(
+                inner.cfg.inbox_capacity,
+                inner.inbound.options(),
+                inner.cfg.wire,
+            ),
         )
         .await
         .map_err(|e| backend("could not declare this instance's inbox queue", e))?;
@@ -148,7 +205,8 @@ async fn setup(
 }
 
 /// Watches the session: when its connection is lost, reconnects with backoff (100 ms doubling
-/// to 5 s) until it succeeds or the layer closes; then binds this instance's live
+/// to 5 s between passes over the hosts, starting with the host after the lost one) until it
+/// succeeds or the layer closes; then binds this instance's live
 /// normal-channel memberships again (`groups::rebind_normal`: a broker that lost its
 /// definitions has none).
 pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
@@ -191,13 +249,14 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         )
         .await;
         tracing::warn!(
-            broker = %inner.cfg.display_address(),
+            broker = %inner.cfg.host_address(session.host),
             "AMQP connection lost; reconnecting"
         );
         let mut delay = Duration::from_millis(100);
         let generation = session.generation + 1;
+        let first = session.host + 1;
         session = loop {
-            match open(&inner, generation).await {
+            match open(&inner, generation, first).await {
                 Ok(s) => break s,
                 Err(e) => {
                     tracing::debug!(error = %e, "AMQP reconnect attempt failed; retrying in {delay:?}");
@@ -214,7 +273,7 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         }
         inner.record_reconnect();
         tracing::info!(
-            broker = %inner.cfg.display_address(),
+            broker = %inner.cfg.host_address(session.host),
             generation,
             "AMQP connection restored"
         );

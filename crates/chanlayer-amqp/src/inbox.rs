@@ -30,7 +30,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut consumer: Consumer, channel: Ch
             // Decoded, checked (only this instance's own process-local channels live in its
             // inbox), delivered; what cannot be is counted.
             Some(Ok(delivery)) => {
-                inbound.ingest_bytes(&delivery.data, &source);
+                shared.ingest(&delivery.data, &source);
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "inbox consumer stopped");

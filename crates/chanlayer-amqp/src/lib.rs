@@ -23,14 +23,17 @@
 //!   Django Channels).
 //! - **Normal channels** are durable queues `{prefix}.channel.{name}` (`x-max-length` = the
 //!   channel's capacity, `reject-publish`), read by competing consumers with manual acks and a
-//!   prefetch window: at-least-once with `receive_delivery` / `ack` / `nack`.
+//!   prefetch window: at-least-once with `receive_delivery` / `ack` / `nack`. Classic queues,
+//!   or with `queue_type=quorum` quorum queues, replicated across a RabbitMQ cluster.
 //! - **Groups** go through a durable direct exchange `{prefix}.groups`; an instance binds its
 //!   inbox with the group as routing key on the first local member and unbinds on the last.
 //! - Every publish waits for the broker's **publisher confirm**: a broker nack (a full queue)
 //!   is `ChannelFull` for `send` and a counted skip for `group_send`.
 //! - A lost connection is restored in the background with backoff: the inbox is declared
 //!   again under the same name, groups are bound again, consumers resume. Operations wait up to
-//!   `reconnect_timeout` for it.
+//!   `reconnect_timeout` for it. With several hosts in the URL
+//!   (`amqp://u:p@h1:5672,h2:5672,h3:5672/%2f`), the nodes of a cluster, the layer tries them
+//!   in turn, starting with the one after the node it lost.
 //!
 //! See `docs/backends/amqp.md` for the diagram, every option and the guarantees.
 //!
@@ -46,7 +49,7 @@ mod shared;
 mod topology;
 mod transport;
 
-pub use config::{AmqpConfig, KNOWN_OPTIONS};
+pub use config::{AmqpConfig, Host, QueueType, Wire, KNOWN_OPTIONS};
 pub use transport::AmqpTransport;
 
 /// The AMQP channel layer: core's `TransportLayer` over [`AmqpTransport`].
@@ -71,4 +74,13 @@ pub const BACKEND: &str = "amqp";
 pub const CAPABILITIES: Capabilities = Capabilities {
     broker_side_capacity: true,
     ..Capabilities::durable_broker(BACKEND)
+};
+
+/// What the AMQP backend guarantees with `wire=channels_rabbitmq`: process-local channels
+/// and groups across processes, at-most-once, and no normal channels (as in Django's
+/// `channels_rabbitmq`).
+pub const CHANNELS_RABBITMQ_CAPABILITIES: Capabilities = Capabilities {
+    cross_process: true,
+    normal_channels: false,
+    ..Capabilities::none(BACKEND)
 };

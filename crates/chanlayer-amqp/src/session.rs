@@ -21,6 +21,8 @@ pub(crate) struct Session {
     pub admin: Mutex<Channel>,
     /// Counts up with every reconnection.
     pub generation: u64,
+    /// Which of the URL's hosts it is connected to (an index into `AmqpConfig::hosts`).
+    pub host: usize,
     /// Poked by operations that saw the connection fail, so the supervisor looks at once.
     pub broken: Notify,
 }

@@ -7,15 +7,16 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use chanlayer_core::toolkit::{lock, Inbound};
+use chanlayer_core::asgi;
+use chanlayer_core::toolkit::{lock, Inbound, Outgoing};
 use chanlayer_core::{Error, LayerOptions, Result};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::ShortString;
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation};
 use tokio::sync::watch;
 
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, Wire};
 use crate::session::{backend, is_connection_error, Session};
 use crate::topology::{self, Names};
 use crate::BACKEND;
@@ -45,6 +46,38 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The inbox queue of instance `owner` (the owner of a process-local channel): the
+    /// instance id itself on `channels_rabbitmq`'s wire.
+    pub fn inbox_of(&self, owner: &str) -> String {
+        match self.cfg.wire {
+            Wire::Chanlayer => self.names.inbox_of(owner),
+            Wire::ChannelsRabbitmq => owner.to_owned(),
+        }
+    }
+
+    /// The bytes of `out` on this instance's wire.
+    pub fn encode(&self, out: &Outgoing<'_>) -> Result<Vec<u8>> {
+        match self.cfg.wire {
+            Wire::Chanlayer => Ok(out.encode()),
+            Wire::ChannelsRabbitmq => asgi::encode(out.envelope(), out.destination()),
+        }
+    }
+
+    /// Hands bytes that arrived at the inbox to core: decoded on this instance's wire; what
+    /// is not a message is counted `undecodable` (with `source`) and skipped.
+    pub fn ingest(&self, bytes: &[u8], source: &str) {
+        let inbound = &self.inbound;
+        match self.cfg.wire {
+            Wire::Chanlayer => {
+                inbound.ingest_bytes(bytes, source);
+            }
+            Wire::ChannelsRabbitmq => match asgi::decode(bytes, inbound.options().expiry) {
+                Ok(env) => inbound.ingest(env),
+                Err(why) => inbound.stats().record_undecodable(source, &why),
+            },
+        }
+    }
+
     pub fn set_session(&self, s: Option<Arc<Session>>) {
         if s.is_some() {
             lock(&self.declared).1.clear();
@@ -120,7 +153,7 @@ impl Shared {
         }
         let capacity = self.inbound.options().capacity_for(channel);
         let q = queue.as_str();
-        let declare = |passive: bool| async move {
+        let declare = |passive: bool, args: FieldTable| async move {
             session
                 .admin()
                 .await?
@@ -131,19 +164,46 @@ impl Shared {
                         passive,
                         ..QueueDeclareOptions::default()
                     },
-                    topology::channel_arguments(capacity, self.cfg.queue_expires),
+                    args,
                 )
                 .await
                 .map(|_| ())
-                .map_err(|e| backend(&format!("could not declare queue {q:?}"), e))
+                .map_err(DeclareError::Lapin)
         };
-        // A queue that exists is used as it is: its capacity is the one it was created with
-        // (RabbitMQ refuses to redeclare a queue with other arguments). A missing one is
-        // created with this layer's capacity; if another instance created it in between, the
-        // passive check then finds it. A refused declaration closes the admin channel; the
-        // next admin() opens a new one.
-        if declare(true).await.is_err() && declare(false).await.is_err() {
-            declare(true).await?;
+        // Declared with this layer's arguments: a missing queue is created (atomically, if
+        // other instances declare it at the same time). A queue that exists with other
+        // arguments is used as it is (RabbitMQ refuses to redeclare a queue with other
+        // arguments): its capacity and expiry are the ones it was created with, taken from
+        // the broker's 406 answer one argument at a time, so the type is still checked; a
+        // queue of another type is an error. What cannot be declared (no configure
+        // permission, an argument chanlayer does not set) is checked passively and used as
+        // it is. A refused declaration closes the admin channel; the next admin() opens a
+        // new one.
+        let mut args =
+            topology::channel_arguments(capacity, self.cfg.queue_expires, self.cfg.queue_type);
+        let mut declared = false;
+        for _ in 0..4 {
+            let err = match declare(false, args.clone()).await {
+                Ok(()) => {
+                    declared = true;
+                    break;
+                }
+                Err(DeclareError::Layer(e)) => return Err(e),
+                Err(DeclareError::Lapin(e)) => e,
+            };
+            let found = precondition_failed(&err).and_then(topology::inequivalent);
+            match found {
+                Some(f) if f.arg == topology::QUEUE_TYPE => {
+                    return Err(self.other_queue_type(channel, q, f.current.as_deref()))
+                }
+                Some(f) if topology::adopt(&mut args, &f) => continue,
+                _ => break,
+            }
+        }
+        if !declared {
+            declare(true, FieldTable::default())
+                .await
+                .map_err(|e| e.into_error(q))?;
         }
         let mut d = lock(&self.declared);
         if d.0 != session.generation {
@@ -153,6 +213,16 @@ impl Shared {
         drop(d);
         lock(&self.known_queues).insert(queue);
         Ok(())
+    }
+
+    /// The error for a normal channel whose queue exists with another type than this layer's
+    /// `queue_type` (`current`: the queue's `x-queue-type`, none for a classic queue).
+    fn other_queue_type(&self, channel: &str, queue: &str, current: Option<&str>) -> Error {
+        let theirs = current.unwrap_or("classic");
+        let ours = self.cfg.queue_type.as_str();
+        Error::Config(format!(
+            "the queue {queue:?} of normal channel {channel:?} exists at the broker as a {theirs} queue, and this layer has queue_type={ours} (RabbitMQ: 406 PRECONDITION_FAILED, inequivalent arg 'x-queue-type'). Use the same queue_type in every instance that uses the channel, or delete the queue (rabbitmqctl delete_queue {queue}; its messages go with it) so that it is declared again as a {ours} queue"
+        ))
     }
 
     /// Publishes one encoded envelope and waits for the broker's confirm. Across a lost
@@ -222,9 +292,43 @@ impl Shared {
     }
 }
 
+/// A failed queue declaration: by the broker (or the connection), or before reaching it.
+enum DeclareError {
+    Lapin(lapin::Error),
+    Layer(Error),
+}
+
+impl From<Error> for DeclareError {
+    fn from(e: Error) -> Self {
+        DeclareError::Layer(e)
+    }
+}
+
+impl DeclareError {
+    fn into_error(self, queue: &str) -> Error {
+        match self {
+            DeclareError::Lapin(e) => backend(&format!("could not declare queue {queue:?}"), e),
+            DeclareError::Layer(e) => e,
+        }
+    }
+}
+
+/// The reply text of a 406 PRECONDITION_FAILED.
+fn precondition_failed(e: &lapin::Error) -> Option<&str> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406 => {
+            Some(amqp.get_message().as_str())
+        }
+        _ => None,
+    }
+}
+
 /// Properties of every chanlayer message: its expiry as the per-message TTL; persistent on
-/// normal channels.
-pub(crate) fn properties(options: &LayerOptions, persistent: bool) -> BasicProperties {
+/// normal channels. None on `channels_rabbitmq`'s wire (it sets none).
+pub(crate) fn properties(options: &LayerOptions, persistent: bool, wire: Wire) -> BasicProperties {
+    if wire == Wire::ChannelsRabbitmq {
+        return BasicProperties::default();
+    }
     BasicProperties::default()
         .with_expiration(topology::expiration(options))
         .with_delivery_mode(if persistent { 2 } else { 1 })

@@ -6,22 +6,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chanlayer_core::config::BackendSettings;
+use chanlayer_core::names::{self, Naming};
 use chanlayer_core::toolkit::{
     fmt_transport, lock, Inbound, NormalReader, Outgoing, Published, Transport,
 };
-use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
+use chanlayer_core::{Capabilities, Error, LayerConfig, Result};
 use lapin::options::QueuePurgeOptions;
 use lapin::types::ShortString;
 use lapin::BasicProperties;
 use tokio::sync::watch;
 
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, Wire};
 use crate::groups::binding;
 use crate::normal::{NormalConsumer, Source};
 use crate::session::{self, backend};
 use crate::shared::{properties, Shared};
 use crate::topology::Names;
-use crate::{BACKEND, CAPABILITIES};
+use crate::{BACKEND, CAPABILITIES, CHANNELS_RABBITMQ_CAPABILITIES};
 
 /// The AMQP transport of one layer instance. See the crate docs.
 pub struct AmqpTransport {
@@ -39,6 +40,15 @@ impl AmqpTransport {
     /// How many times the connection was lost and restored.
     pub fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The broker this instance is connected to now, without credentials
+    /// (`amqp://host:port/vhost`: one of the URL's hosts), or `None` while it reconnects.
+    pub fn connected_broker(&self) -> Option<String> {
+        let session = self.shared.session.borrow();
+        session
+            .as_ref()
+            .map(|s| self.shared.cfg.host_address(s.host))
     }
 
     /// The name of this instance's inbox queue.
@@ -60,10 +70,14 @@ impl AmqpTransport {
         shared.inbound.closed().check()?;
         names::validate_channel(channel)?;
         let queue = if names::is_process_local(channel) {
-            let owner = names::owner_instance(channel).ok_or_else(|| Error::NotOwner {
-                channel: channel.to_owned(),
-            })?;
-            shared.names.inbox_of(owner)
+            let owner = shared
+                .inbound
+                .naming()
+                .owner(channel)
+                .ok_or_else(|| Error::NotOwner {
+                    channel: channel.to_owned(),
+                })?;
+            shared.inbox_of(owner)
         } else {
             let session = shared.session().await?;
             shared.declare_channel_queue(&session, channel).await?;
@@ -98,7 +112,12 @@ impl Transport for AmqpTransport {
     async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
         let cfg = AmqpConfig::from_layer_config(config)?;
         let tls = session::tls_config(&cfg)?;
-        let names = Names::new(&config.options.prefix, &cfg.groups_exchange, inbound.id());
+        let mut names = Names::new(&config.options.prefix, &cfg.groups_exchange, inbound.id());
+        if cfg.wire == Wire::ChannelsRabbitmq {
+            // Its queue is its id (`channels_` and 12 letters), as channels_rabbitmq's.
+            names.inbox = inbound.id().to_owned();
+        }
+        let wire = cfg.wire;
         let shared = Arc::new(Shared {
             cfg,
             names,
@@ -108,11 +127,11 @@ impl Transport for AmqpTransport {
             admin_ops: tokio::sync::Mutex::new(()),
             known_queues: Mutex::new(HashSet::new()),
             reconnects: AtomicU64::new(0),
-            transient: properties(inbound.options(), false),
-            persistent: properties(inbound.options(), true),
+            transient: properties(inbound.options(), false, wire),
+            persistent: properties(inbound.options(), true, wire),
             inbound,
         });
-        let first = crate::connection::open(&shared, 1).await?;
+        let first = crate::connection::open(&shared, 1, 0).await?;
         shared.set_session(Some(first.clone()));
         tokio::spawn(crate::connection::supervise(shared.clone(), first));
         Ok(AmqpTransport {
@@ -121,8 +140,15 @@ impl Transport for AmqpTransport {
         })
     }
 
+    fn naming(config: &LayerConfig) -> Result<Naming> {
+        Ok(AmqpConfig::from_layer_config(config)?.wire.naming())
+    }
+
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        match self.shared.cfg.wire {
+            Wire::Chanlayer => CAPABILITIES,
+            Wire::ChannelsRabbitmq => CHANNELS_RABBITMQ_CAPABILITIES,
+        }
     }
 
     fn debug_fields(&self, f: &mut std::fmt::DebugStruct<'_, '_>) {
@@ -132,13 +158,13 @@ impl Transport for AmqpTransport {
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
-        let queue = shared.names.inbox_of(owner);
+        let queue = shared.inbox_of(owner);
         // capacity 0: the limit that refused it is the owner's inbox_capacity.
         let stored = shared
             .publish_to_queue(
                 out.destination(),
                 &queue,
-                &out.encode(),
+                &shared.encode(&out)?,
                 shared.transient.clone(),
                 0,
             )
@@ -155,7 +181,7 @@ impl Transport for AmqpTransport {
         let shared = &self.shared;
         let channel = out.destination();
         let queue = shared.names.channel(channel);
-        let payload = out.encode();
+        let payload = shared.encode(&out)?;
         for attempt in 0..2 {
             let session = shared.session().await?;
             shared.declare_channel_queue(&session, channel).await?;
@@ -186,7 +212,7 @@ impl Transport for AmqpTransport {
             .publish(
                 &shared.names.groups,
                 group,
-                &out.encode(),
+                &shared.encode(&out)?,
                 shared.persistent.clone(),
                 false,
             )

@@ -207,7 +207,13 @@ async fn credentials_never_show() {
 async fn hostile_passwords_never_show_in_connect_errors() {
     use chanlayer_testkit::secrets::{assert_hidden, encode, HOSTILE_PASSWORDS};
     for password in HOSTILE_PASSWORDS {
-        for address in ["127.0.0.1:5672", "127.0.0.1:1"] {
+        // One broker that refuses the login, one that is not there, and several hosts: a
+        // dead one and one that refuses the login.
+        for address in [
+            "127.0.0.1:5672",
+            "127.0.0.1:1",
+            "127.0.0.1:1,127.0.0.1:5672",
+        ] {
             let url = format!(
                 "amqp://guest:{}@{address}/%2f?connection_timeout=5s",
                 encode(password)
@@ -250,4 +256,128 @@ async fn another_instances_local_channel_cannot_join_a_group_here() {
     assert!(matches!(err, Error::NotOwner { .. }), "{err:?}");
     a.close().await.expect("close");
     b.close().await.expect("close");
+}
+
+/// Several hosts in the URL: a dead host is skipped and the layer connects to the next; when
+/// none answers, the error names every host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_hosts_are_tried_in_turn() {
+    let url = "amqp://guest:guest@127.0.0.1:1,127.0.0.1:5672/%2f?connection_timeout=5s";
+    let l = AmqpLayer::connect(&LayerConfig::from_url(url).expect("parse"))
+        .await
+        .expect("the second host answers");
+    assert_eq!(
+        l.connected_broker().as_deref(),
+        Some("amqp://127.0.0.1:5672/%2F")
+    );
+    let me = l.new_channel("x").await.expect("new_channel");
+    l.send(&me, seq(1)).await.expect("send");
+    assert_eq!(recv(&l, &me).await.decode::<u64>().expect("decode"), 1);
+    l.close().await.expect("close");
+
+    let url = "amqp://guest:guest@127.0.0.1:1,127.0.0.1:2/%2f?connection_timeout=3s";
+    let err = AmqpLayer::connect(&LayerConfig::from_url(url).expect("parse"))
+        .await
+        .expect_err("nothing listens on ports 1 and 2");
+    let text = err.to_string();
+    assert!(
+        text.contains("any of the 2 hosts")
+            && text.contains("amqp://127.0.0.1:1/")
+            && text.contains("amqp://127.0.0.1:2/"),
+        "{text}"
+    );
+}
+
+/// `queue_type=quorum`: a normal channel is a quorum queue (a single node has them too). A
+/// layer of the other type that finds the queue refuses it clearly, whichever way round and
+/// whatever capacity it has; one of the same type with another capacity uses it as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_and_a_queue_of_another_type_is_a_clear_error() {
+    let prefix = ns("quorum");
+    let options = |capacity| LayerOptions {
+        capacity,
+        ..LayerOptions::default()
+    };
+    let quorum = layer(&prefix, options(50), "queue_type=quorum").await;
+    let classic = layer(&prefix, options(50), "").await;
+    let jobs = format!("{prefix}.jobs");
+    for i in 0..3 {
+        quorum
+            .send(&jobs, seq(i))
+            .await
+            .expect("send to a quorum queue");
+    }
+    for i in 0..3 {
+        let d = tokio::time::timeout(DEADLINE, quorum.receive_delivery(&jobs))
+            .await
+            .expect("arrives")
+            .expect("receive_delivery");
+        assert_eq!(d.message().decode::<u64>().expect("decode"), i);
+        d.ack().await.expect("ack");
+    }
+    // The same type with another capacity: the queue is used as it was created.
+    let quorum7 = layer(&prefix, options(7), "queue_type=quorum").await;
+    quorum7.send(&jobs, seq(3)).await.expect("send");
+    assert_eq!(
+        recv(&quorum, &jobs).await.decode::<u64>().expect("decode"),
+        3
+    );
+
+    let check = |err: Error, theirs: &str, ours: &str| {
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        for want in [
+            format!("as a {theirs} queue"),
+            format!("queue_type={ours}"),
+            "same queue_type".to_owned(),
+            "delete".to_owned(),
+            "406 PRECONDITION_FAILED".to_owned(),
+        ] {
+            assert!(text.contains(&want), "{want:?} in {text}");
+        }
+    };
+    // A classic layer finds the quorum queue: whatever its capacity.
+    check(
+        classic.send(&jobs, seq(9)).await.expect_err("another type"),
+        "quorum",
+        "classic",
+    );
+    let classic7 = layer(&prefix, options(7), "").await;
+    check(
+        classic7
+            .send(&jobs, seq(9))
+            .await
+            .expect_err("another type"),
+        "quorum",
+        "classic",
+    );
+    // A quorum layer finds a classic queue: on send and on receive.
+    let plain = format!("{prefix}.plain");
+    classic
+        .send(&plain, seq(1))
+        .await
+        .expect("send to a classic queue");
+    check(
+        quorum.send(&plain, seq(2)).await.expect_err("another type"),
+        "classic",
+        "quorum",
+    );
+    check(
+        tokio::time::timeout(DEADLINE, quorum.receive(&plain))
+            .await
+            .expect("fails at once")
+            .expect_err("another type"),
+        "classic",
+        "quorum",
+    );
+    assert_eq!(
+        recv(&classic, &plain)
+            .await
+            .decode::<u64>()
+            .expect("decode"),
+        1
+    );
+    for l in [quorum, quorum7, classic, classic7] {
+        l.close().await.expect("close");
+    }
 }

@@ -43,13 +43,14 @@ pub async fn run(url: &str, args: CheckArgs) -> Result<(), CliError> {
         let c = layer.capabilities();
         println!("backend:      {}", c.backend);
         println!(
-            "capabilities: single_reader_normal_channels={} at_least_once={} at_least_once_local={} persistent={} broker_side_capacity={} cross_process={}",
+            "capabilities: single_reader_normal_channels={} at_least_once={} at_least_once_local={} persistent={} broker_side_capacity={} cross_process={} normal_channels={}",
             c.single_reader_normal_channels,
             c.at_least_once,
             c.at_least_once_local,
             c.persistent,
             c.broker_side_capacity,
-            c.cross_process
+            c.cross_process,
+            c.normal_channels
         );
         let o = layer.options();
         println!(
@@ -79,8 +80,18 @@ async fn steps(layer: &Layer, wait: Duration) -> Result<(), CliError> {
         .new_channel("check")
         .await
         .map_err(step("new_channel:"))?;
-    let probe = Message::encode_as("chanlayer.check", &"ping", layer.options().codec)
-        .map_err(step("encode:"))?;
+    // A struct with a named field: a map in msgpack and json, so it also travels where a
+    // body must be one (AMQP's wire=channels_rabbitmq).
+    #[derive(serde::Serialize)]
+    struct Probe {
+        check: &'static str,
+    }
+    let probe = Message::encode_as(
+        "chanlayer.check",
+        &Probe { check: "ping" },
+        layer.options().codec,
+    )
+    .map_err(step("encode:"))?;
 
     let t = Instant::now();
     layer

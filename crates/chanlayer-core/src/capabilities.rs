@@ -35,10 +35,16 @@ pub struct Capabilities {
     pub broker_side_capacity: bool,
     /// Instances in different OS processes can talk to each other.
     pub cross_process: bool,
+    /// Normal channels (names without `!`) exist. When `false` (AMQP with
+    /// `wire=channels_rabbitmq`, as in Django's `channels_rabbitmq`), sending to, receiving
+    /// from or adding to a group a normal channel is [`Unsupported`](crate::Error::Unsupported);
+    /// process-local channels and groups work as usual.
+    pub normal_channels: bool,
 }
 
 impl Capabilities {
-    /// Everything `false`: a starting point for backends to switch on what they do.
+    /// The least a backend does: normal channels exist (`normal_channels`), every guarantee
+    /// `false`; a starting point for backends to switch on what they do.
     pub const fn none(backend: &'static str) -> Self {
         Capabilities {
             backend,
@@ -48,6 +54,7 @@ impl Capabilities {
             persistent: false,
             broker_side_capacity: false,
             cross_process: false,
+            normal_channels: true,
         }
     }
 

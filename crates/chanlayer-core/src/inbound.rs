@@ -28,14 +28,16 @@ pub struct Inbound {
     /// Normal-channel messages arrive in this instance's inbox (the transport's
     /// `NORMAL_VIA_INBOX`); otherwise one there is misrouted.
     normal_via_inbox: bool,
+    naming: names::Naming,
 }
 
 impl Inbound {
-    /// A fresh instance with a new id. `normal_via_inbox`: the transport reads normal
-    /// channels from the inbox (its `NORMAL_VIA_INBOX`).
-    pub fn new(options: LayerOptions, normal_via_inbox: bool) -> Self {
+    /// A fresh instance with a new id made by `naming`. `normal_via_inbox`: the transport
+    /// reads normal channels from the inbox (its `NORMAL_VIA_INBOX`).
+    pub fn new(options: LayerOptions, normal_via_inbox: bool, naming: names::Naming) -> Self {
         Inbound {
-            id: names::new_instance_id(),
+            id: naming.new_instance_id(),
+            naming,
             options,
             stats: Arc::new(Stats::default()),
             closed: Arc::new(CloseSignal::default()),
@@ -49,6 +51,11 @@ impl Inbound {
     /// This instance's id (what its process-local channel names carry).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// How this instance names its process-local channels and routes channel names.
+    pub fn naming(&self) -> names::Naming {
+        self.naming
     }
 
     /// The shared options.
@@ -95,7 +102,7 @@ impl Inbound {
     fn admit(&self, envelope: &Envelope) -> bool {
         let owned = envelope.kind == Destination::Group
             || if names::is_process_local(&envelope.destination) {
-                names::owner_instance(&envelope.destination) == Some(self.id.as_str())
+                self.naming.owner(&envelope.destination) == Some(self.id.as_str())
             } else {
                 // A normal channel's message belongs in the inbox only where the transport
                 // reads normal channels from it; elsewhere nothing would ever take it.

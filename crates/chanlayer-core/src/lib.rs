@@ -19,6 +19,7 @@
 //!
 //! Most applications use the `chanlayer` facade crate instead of this one.
 
+pub mod asgi;
 pub mod capabilities;
 pub mod clock;
 pub mod codec;

@@ -122,18 +122,6 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
     check(NameKind::Prefix, prefix, false)
 }
 
-/// Checks that the layer instance `instance` may receive from `channel`: a valid name, and
-/// for a process-local channel, one this instance owns (`Error::NotOwner` otherwise).
-pub fn check_receiver(channel: &str, instance: &str) -> Result<()> {
-    validate_channel(channel)?;
-    if is_process_local(channel) && owner_instance(channel) != Some(instance) {
-        return Err(crate::Error::NotOwner {
-            channel: channel.to_owned(),
-        });
-    }
-    Ok(())
-}
-
 /// `true` if the channel is process-local (contains `!`).
 pub fn is_process_local(channel: &str) -> bool {
     channel.contains('!')
@@ -201,6 +189,88 @@ pub fn new_channel_name(prefix: &str, instance: &str) -> Result<String> {
         ));
     }
     Ok(name)
+}
+
+/// How a layer instance names its process-local channels, and how a channel name routes to
+/// the instance that owns it. A transport chooses one ([`Transport::naming`]); every
+/// instance of one deployment must use the same.
+///
+/// ```
+/// use chanlayer_core::names::Naming;
+/// let n = Naming::ChannelsRabbitmq;
+/// let id = n.new_instance_id();
+/// assert!(id.starts_with("channels_") && id.len() == 21);
+/// let ch = n.new_channel("ignored", &id).unwrap();
+/// assert_eq!(n.owner(&ch), Some(id.as_str()));
+/// assert_eq!(Naming::Layer.owner("ws.k3j2!x7"), Some("k3j2"));
+/// ```
+///
+/// [`Transport::naming`]: crate::toolkit::Transport::naming
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Naming {
+    /// chanlayer's own: `{prefix}.{instance}!{random}`, the instance a 13-character base32
+    /// id, the random part 128 bits ([`new_channel_name`], [`owner_instance`]).
+    #[default]
+    Layer,
+    /// Django `channels_rabbitmq`'s: `{instance}!{12 letters}`, the instance (which is also
+    /// its queue's name) `channels_` and 12 random ASCII letters. The prefix given to
+    /// `new_channel` is not part of the name, as there.
+    ChannelsRabbitmq,
+}
+
+impl Naming {
+    /// A fresh instance id.
+    pub fn new_instance_id(self) -> String {
+        match self {
+            Naming::Layer => new_instance_id(),
+            Naming::ChannelsRabbitmq => format!("channels_{}", random_letters(12)),
+        }
+    }
+
+    /// A new process-local channel name of instance `instance`. `prefix` is checked either
+    /// way (an invalid one is an error on every wire).
+    pub fn new_channel(self, prefix: &str, instance: &str) -> Result<String> {
+        match self {
+            Naming::Layer => new_channel_name(prefix, instance),
+            Naming::ChannelsRabbitmq => {
+                validate_prefix(prefix)?;
+                Ok(format!("{instance}!{}", random_letters(12)))
+            }
+        }
+    }
+
+    /// The instance that owns process-local channel `channel`; `None` for a normal channel
+    /// or a `!` name this naming cannot route.
+    pub fn owner(self, channel: &str) -> Option<&str> {
+        match self {
+            Naming::Layer => owner_instance(channel),
+            Naming::ChannelsRabbitmq => {
+                let head = routing_prefix(channel)?;
+                let head = &head[..head.len() - 1];
+                (!head.is_empty()).then_some(head)
+            }
+        }
+    }
+
+    /// Checks that instance `instance` may receive from `channel`: a valid name, and for a
+    /// process-local channel, one this instance owns (`Error::NotOwner` otherwise).
+    pub fn check_receiver(self, channel: &str, instance: &str) -> Result<()> {
+        validate_channel(channel)?;
+        if is_process_local(channel) && self.owner(channel) != Some(instance) {
+            return Err(crate::Error::NotOwner {
+                channel: channel.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `n` random ASCII letters (`A-Za-z`), as Python's `random.choice(string.ascii_letters)`.
+fn random_letters(n: usize) -> String {
+    const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    (0..n)
+        .map(|_| LETTERS[rand::random_range(0..LETTERS.len())] as char)
+        .collect()
 }
 
 /// The names a broker-backed transport gives the objects of one layer instance, the same

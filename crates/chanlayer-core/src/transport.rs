@@ -86,6 +86,12 @@ impl<'a> Outgoing<'a> {
         self.envelope.encode_to(self.destination, out);
     }
 
+    /// The sealed envelope (for a transport with a wire of its own, such as
+    /// [`asgi`](crate::asgi)).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
     /// The envelope with an empty destination: for an in-process transport whose queue is
     /// the address (saves a copy of the name).
     pub fn into_unaddressed(self) -> Envelope {
@@ -243,6 +249,13 @@ pub trait Transport: Send + Sync + Sized + 'static {
     /// to this instance's readers of that channel. `bind_normal` / `unbind_normal` are not
     /// called.
     const NORMAL_VIA_INBOX: bool = false;
+
+    /// How instances on this transport name their process-local channels (read before
+    /// [`open`](Self::open), which gets an [`Inbound`] whose id this naming made). By
+    /// default chanlayer's own [`Naming::Layer`](crate::names::Naming::Layer).
+    fn naming(_config: &LayerConfig) -> Result<crate::names::Naming> {
+        Ok(crate::names::Naming::Layer)
+    }
 
     /// Connects as `config` says. `inbound` is where this instance's inbox traffic goes
     /// (and holds its id, options, counters and close signal).

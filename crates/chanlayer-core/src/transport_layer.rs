@@ -76,7 +76,12 @@ impl<T: Transport> TransportLayer<T> {
     /// Needs a tokio runtime.
     pub async fn connect(config: &LayerConfig) -> Result<Self> {
         config.options.validate()?;
-        let inbound = Arc::new(Inbound::new(config.options.clone(), T::NORMAL_VIA_INBOX));
+        let naming = T::naming(config)?;
+        let inbound = Arc::new(Inbound::new(
+            config.options.clone(),
+            T::NORMAL_VIA_INBOX,
+            naming,
+        ));
         let transport = Arc::new(T::open(config, inbound.clone()).await?);
         let caps = transport.capabilities();
         let groups = Arc::new(GroupState::default());
@@ -116,7 +121,9 @@ impl<T: Transport> TransportLayer<T> {
     fn check_receiver(&self, channel: &str) -> Result<()> {
         self.inbound.closed().check()?;
         checked(self.serial, channel, Check::Receive, || {
-            names::check_receiver(channel, self.inbound.id())
+            self.inbound
+                .naming()
+                .check_receiver(channel, self.inbound.id())
         })
     }
 
@@ -130,6 +137,7 @@ impl<T: Transport> TransportLayer<T> {
         acking: Option<&'static str>,
     ) -> Result<Option<Arc<dyn NormalSource>>> {
         self.check_receiver(channel)?;
+        self.check_kind(acking.unwrap_or("receive"), channel)?;
         if names::is_process_local(channel) {
             return Ok(None);
         }
@@ -145,6 +153,21 @@ impl<T: Transport> TransportLayer<T> {
                 ),
             )),
         }
+    }
+
+    /// `Unsupported` for a normal channel where this layer has none
+    /// ([`Capabilities::normal_channels`]).
+    fn check_kind(&self, operation: &'static str, channel: &str) -> Result<()> {
+        if self.caps.normal_channels || names::is_process_local(channel) {
+            return Ok(());
+        }
+        Err(Error::unsupported(
+            operation,
+            self.caps.backend,
+            format!(
+                "{channel:?} is a normal channel (no '!'), and this layer has none (its capabilities say normal_channels: false; AMQP's wire=channels_rabbitmq has only process-local channels and groups, as Django's channels_rabbitmq); use a channel from new_channel, or a group"
+            ),
+        ))
     }
 
     fn record(&self, channel: &str, r: Published, n: u64) {
@@ -165,9 +188,10 @@ impl<T: Transport> TransportLayer<T> {
         checked(self.serial, channel, Check::Send, || {
             names::validate_channel(channel)
         })?;
+        self.check_kind("send", channel)?;
         let env = self.seal(Destination::Channel, channel, message)?;
         let out = Outgoing::new(env, channel);
-        let r = match route(channel) {
+        let r = match route(self.inbound.naming(), channel) {
             Some(Some(owner)) => self.transport.publish_local(owner, out).await?,
             Some(None) => self.transport.publish_normal(out).await?,
             None => Published::Gone,
@@ -179,6 +203,7 @@ impl<T: Transport> TransportLayer<T> {
     async fn send_batch_op(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
         self.inbound.closed().check()?;
         names::validate_channel(channel)?;
+        self.check_kind("send_batch", channel)?;
         let n = messages.len();
         let outs = messages
             .into_iter()
@@ -192,7 +217,7 @@ impl<T: Transport> TransportLayer<T> {
         if n == 0 {
             return Ok(());
         }
-        let Some(owner) = route(channel) else {
+        let Some(owner) = route(self.inbound.naming(), channel) else {
             self.record(channel, Published::Gone, n as u64);
             return Ok(());
         };
@@ -270,7 +295,8 @@ impl<T: Transport> TransportLayer<T> {
         i.closed().check()?;
         names::validate_group(group)?;
         // Memberships live where the messages arrive: only the owner adds its channel.
-        names::check_receiver(channel, i.id())?;
+        i.naming().check_receiver(channel, i.id())?;
+        self.check_kind("group_add", channel)?;
         let expiry = i.options().group_expiry;
         let _one = self.groups.bindings.lock().await;
         if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
@@ -299,6 +325,7 @@ impl<T: Transport> TransportLayer<T> {
         i.closed().check()?;
         names::validate_group(group)?;
         names::validate_channel(channel)?;
+        self.check_kind("group_discard", channel)?;
         let _one = self.groups.bindings.lock().await;
         if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
             if i.groups().discard(group, channel) {
@@ -347,9 +374,9 @@ impl<T: Transport> TransportLayer<T> {
 
 /// Where a send to `channel` goes: `Some(None)` to a normal channel, `Some(Some(owner))` to
 /// the inbox of instance `owner`, `None` nowhere (a `!` name without an owner).
-fn route(channel: &str) -> Option<Option<&str>> {
+fn route(naming: names::Naming, channel: &str) -> Option<Option<&str>> {
     if names::is_process_local(channel) {
-        names::owner_instance(channel).map(Some)
+        naming.owner(channel).map(Some)
     } else {
         Some(None)
     }
@@ -523,7 +550,7 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
 
     async fn new_channel(&self, prefix: &str) -> Result<String> {
         self.inbound.closed().check()?;
-        names::new_channel_name(prefix, self.inbound.id())
+        self.inbound.naming().new_channel(prefix, self.inbound.id())
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<()> {

@@ -234,6 +234,7 @@ macro_rules! conformance_tests {
             receive_other_instance_local_is_not_owner,
             send_to_other_instance_local,
             normal_channel_two_readers,
+            normal_channels_follow_the_capability,
             cancelled_receives_lose_nothing,
             concurrent_receivers_get_distinct,
             one_mib_round_trip,

@@ -1,22 +1,29 @@
 //! The bridge between async callers and the threads that own the libzmq sockets.
 //!
-//! libzmq sockets are blocking and not thread-safe, so each socket lives in one thread. That
-//! thread waits in `zmq_poll` on its sockets and on a doorbell (one end of a Unix datagram
-//! pair); callers push into a [`Mailbox`] and ring the doorbell only when the thread may be
-//! asleep, so a burst of sends costs one wake-up, and the thread drains the whole queue in
-//! one batch.
+//! libzmq sockets are blocking and not thread-safe, so each socket belongs to one thread
+//! ([`Worker`]). That thread waits in `zmq_poll` on its sockets and on a doorbell (one end
+//! of a Unix datagram pair); callers push into a [`Mailbox`] and ring the doorbell only when
+//! the thread may be asleep, so a burst of sends costs one wake-up, and the thread drains
+//! the whole queue in one batch.
 //!
 //! What a mailbox holds is one type, [`Item`]: data ([`Outgoing`]), which the caller's
 //! thread copies straight into the queued run of its topic when the message before it is
 //! of the same topic (so the socket thread gets batches ready to send), or a command of the
 //! thread's own kind, which travels alone.
+//!
+//! A sending thread's socket side sits behind a lock ([`Outbox`]): a send that finds
+//! nothing queued and the socket idle takes the lock and puts its message out itself, with
+//! no hop to the thread (a round trip's messages); a stream of sends queues and batches.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
@@ -35,6 +42,195 @@ pub(crate) use chanlayer_core::toolkit::lock;
 /// A libzmq error as a chanlayer error.
 pub(crate) fn zmq_err(what: impl Into<String>, e: zmq::Error) -> Error {
     Error::backend(BACKEND, what, e)
+}
+
+/// Starts the socket thread `name`: `setup` makes its sockets on the thread and gives the
+/// caller a value (or the error, after which the thread ends), then `run` runs there.
+/// Returns once `setup` is done.
+pub(crate) fn spawn<S, T: Send + 'static>(
+    name: &'static str,
+    setup: impl FnOnce() -> Result<(S, T)> + Send + 'static,
+    run: impl FnOnce(S) + Send + 'static,
+) -> Result<(JoinHandle<()>, T)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("chanlayer-zmq {name}"))
+        .spawn(move || match setup() {
+            Ok((state, value)) => {
+                let _ = tx.send(Ok(value));
+                run(state);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        })
+        .map_err(|e| Error::backend(BACKEND, format!("could not start the {name} thread"), e))?;
+    let ended = || Error::Backend {
+        backend: BACKEND,
+        message: format!("the {name} thread ended while starting"),
+        source: None,
+    };
+    match rx.recv().unwrap_or_else(|_| Err(ended())) {
+        Ok(value) => Ok((thread, value)),
+        Err(e) => {
+            let _ = thread.join();
+            Err(e)
+        }
+    }
+}
+
+/// What a [`Worker`] closes to stop its thread: its mailbox.
+pub(crate) trait Closes: Send + Sync {
+    fn close(&self);
+}
+
+impl<C: Send> Closes for Mailbox<C> {
+    fn close(&self) {
+        Mailbox::close(self);
+    }
+}
+
+impl<S: Sink> Closes for Outbox<S> {
+    fn close(&self) {
+        self.mailbox.close();
+    }
+}
+
+/// A socket thread and what feeds it (`T`: its mailbox, or an [`Outbox`]);
+/// [`Worker::stop`] (or a drop) closes that and joins the thread.
+pub(crate) struct Worker<T: Closes> {
+    pub shared: Arc<T>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<T: Closes> Worker<T> {
+    pub fn new(shared: Arc<T>, thread: JoinHandle<()>) -> Self {
+        Worker {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    /// Stops the thread and waits for it (blocking).
+    pub fn stop(&self) {
+        self.shared.close();
+        if let Some(h) = lock(&self.thread).take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Stops the thread without waiting for it.
+    pub fn detach(&self) {
+        self.shared.close();
+        lock(&self.thread).take();
+    }
+}
+
+impl<T: Closes> Drop for Worker<T> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `zmq::poll`, a failure logged (and a short pause, so a broken poll cannot spin).
+pub(crate) fn poll(items: &mut [zmq::PollItem<'_>], timeout_ms: i64, who: &str) {
+    if let Err(e) = zmq::poll(items, timeout_ms) {
+        if e != zmq::Error::EINTR {
+            tracing::warn!(error = %e, "the {who} could not poll");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A poll item for a socket's ZMQ_FD: the thread waits on it without touching the socket,
+/// which a direct send may be using (see [`Outbox`]). It signals that the socket's state
+/// may have changed; whoever used the socket last read it until `EAGAIN`.
+pub(crate) fn fd_item(fd: std::os::fd::RawFd) -> zmq::PollItem<'static> {
+    zmq::PollItem::from_fd(fd, zmq::POLLIN)
+}
+
+/// How long a sending socket must have been idle before a send skips the queue. Shorter
+/// than a round trip's turn, longer than the gap between the sends of a stream (which then
+/// queue and batch).
+pub(crate) const DIRECT_AFTER: Duration = Duration::from_micros(20);
+
+/// The socket side of a sending thread (the embedded publisher's hub, the dedicated PUSH
+/// socket), behind the lock of its [`Outbox`].
+pub(crate) trait Sink: Send {
+    /// Puts `item` out after everything before it. `true` if some of it is left for the
+    /// thread (the socket refused it for now).
+    fn put(&mut self, item: Item<Control>) -> bool;
+    /// A direct send is done: leave the socket as the thread expects it (read until
+    /// `EAGAIN`).
+    fn settle(&mut self) {}
+    /// `true` if the side serves sends now and its socket was idle for [`DIRECT_AFTER`]
+    /// (`last` is when it last put something out; a direct send moves it).
+    fn idle(&mut self) -> bool;
+}
+
+/// `true` if `last` is [`DIRECT_AFTER`] ago or more; moves it to now.
+pub(crate) fn idle_since(last: &mut Instant) -> bool {
+    let now = Instant::now();
+    let idle = now.saturating_duration_since(*last) >= DIRECT_AFTER;
+    *last = now;
+    idle
+}
+
+/// The way into a sending thread: its mailbox, and its [`Sink`] behind a lock that the
+/// thread holds while it works. A send takes the lock only when it is free and nothing is
+/// queued, so the order of what was sent holds.
+pub(crate) struct Outbox<S> {
+    pub mailbox: Mailbox<Control>,
+    pub sink: Mutex<S>,
+}
+
+impl<S: Sink> Outbox<S> {
+    pub fn new(capacity: usize, sink: S) -> Result<Self> {
+        Ok(Outbox {
+            mailbox: Mailbox::new(capacity)?,
+            sink: Mutex::new(sink),
+        })
+    }
+}
+
+/// A layer instance's sending side, whichever thread is behind it.
+pub(crate) trait Outlet: Send + Sync {
+    /// Sends the data message `[topic, payload]`: straight out when the socket is idle and
+    /// nothing is queued, else queued (bounded by the capacity) for the thread.
+    fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused>;
+    /// The thread's queue (batches, commands).
+    fn queue(&self) -> &Mailbox<Control>;
+}
+
+impl<S: Sink> Outlet for Outbox<S> {
+    fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused> {
+        let sink = match self.sink.try_lock() {
+            Ok(s) => Some(s),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut sink) = sink {
+            if self.mailbox.is_empty()? && sink.idle() {
+                let item = Item::Data(Outgoing::One {
+                    topic: topic.to_vec(),
+                    payload: payload.into_owned(),
+                });
+                if sink.put(item) {
+                    self.mailbox.wake();
+                }
+                sink.settle();
+                return Ok(());
+            }
+        }
+        match payload {
+            Cow::Borrowed(p) => self.mailbox.push_data(topic, p),
+            Cow::Owned(p) => self.mailbox.push_owned(topic.to_vec(), p),
+        }
+    }
+
+    fn queue(&self) -> &Mailbox<Control> {
+        &self.mailbox
+    }
 }
 
 /// Data messages on their way to a socket thread: one message, or a run of consecutive
@@ -146,9 +342,6 @@ pub(crate) enum Control {
     Raw(Vec<Vec<u8>>),
 }
 
-/// The queue to a sending thread (see [`Control`]).
-pub(crate) type Outbox = Mailbox<Control>;
-
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
@@ -230,16 +423,17 @@ impl<C> Mailbox<C> {
     }
 
     /// Appends the data message `[topic, payload]` to `items`: copied into the last item
-    /// when they travel together, else copied into a new item.
-    fn enqueue(items: &mut VecDeque<Item<C>>, topic: &[u8], payload: &[u8]) {
+    /// when they travel together, else a new item (owned bytes are not copied then: a large
+    /// message is handed to the socket as it is).
+    fn enqueue(items: &mut VecDeque<Item<C>>, topic: Cow<'_, [u8]>, payload: Cow<'_, [u8]>) {
         if let Some(Item::Data(last)) = items.back_mut() {
-            if last.append(topic, payload) {
+            if last.append(&topic, &payload) {
                 return;
             }
         }
         items.push_back(Item::Data(Outgoing::One {
-            topic: topic.to_vec(),
-            payload: payload.to_vec(),
+            topic: topic.into_owned(),
+            payload: payload.into_owned(),
         }));
     }
 
@@ -247,30 +441,24 @@ impl<C> Mailbox<C> {
     /// the queued run of its topic when there is one: the path of small messages, which
     /// then allocate nothing of their own.
     pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
-        self.admit(1, true, |items| Self::enqueue(items, topic, payload))
+        self.admit(1, true, |items| {
+            Self::enqueue(items, topic.into(), payload.into())
+        })
     }
 
     /// Queues the data message `[topic, payload]` (bounded), given as owned bytes: a large
     /// message travels alone and is handed to the socket without a copy.
     pub fn push_owned(&self, topic: Vec<u8>, payload: Vec<u8>) -> std::result::Result<(), Refused> {
-        self.admit(1, true, |items| Self::enqueue_owned(items, topic, payload))
-    }
-
-    /// [`Mailbox::enqueue`] for owned bytes: a message that travels alone is not copied.
-    fn enqueue_owned(items: &mut VecDeque<Item<C>>, topic: Vec<u8>, payload: Vec<u8>) {
-        if let Some(Item::Data(last)) = items.back_mut() {
-            if last.append(&topic, &payload) {
-                return;
-            }
-        }
-        items.push_back(Item::Data(Outgoing::One { topic, payload }));
+        self.admit(1, true, |items| {
+            Self::enqueue(items, topic.into(), payload.into())
+        })
     }
 
     /// Queues several data messages at once (all or none), as one bounded push.
     pub fn push_all(&self, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> std::result::Result<(), Refused> {
         self.admit(msgs.len(), true, |items| {
             for (topic, payload) in msgs {
-                Self::enqueue_owned(items, topic, payload);
+                Self::enqueue(items, topic.into(), payload.into());
             }
         })
     }
@@ -283,8 +471,22 @@ impl<C> Mailbox<C> {
     /// Marks the mailbox closed (later pushes are refused) and wakes the thread.
     pub fn close(&self) {
         lock(&self.queue).closed = true;
+        self.wake();
+    }
+
+    /// Wakes the thread (asleep or not).
+    pub fn wake(&self) {
         self.sleeping.store(true, Ordering::SeqCst);
         self.ring();
+    }
+
+    /// `true` if nothing is queued; `Closed` once closed.
+    pub fn is_empty(&self) -> std::result::Result<bool, Refused> {
+        let q = lock(&self.queue);
+        if q.closed {
+            return Err(Refused::Closed);
+        }
+        Ok(q.items.is_empty())
     }
 
     /// `true` once [`Mailbox::close`] was called.

@@ -16,30 +16,7 @@
 //! `ENDPOINT` is a libzmq endpoint: `tcp://HOST:PORT` or `ipc://PATH`. In a URL, `?`, `&`,
 //! `#` and `%` inside an endpoint must be percent-encoded.
 //!
-//! Options besides the shared ones (`prefix`, `capacity`, ...):
-//!
-//! | option | default | meaning |
-//! |---|---|---|
-//! | `mode` | `embedded`, or `dedicated` when `pull`/`pub` are given | which topology |
-//! | `pull`, `pub` | | dedicated mode: the proxy's PULL and PUB endpoints (both or neither) |
-//! | `bind` | `lazy` | embedded mode: `lazy` binds the publisher on the first send, `eager` at connect (fails fast when another process has the address), `never` makes a receive-only instance (`send` is `Unsupported`) |
-//! | `sndhwm` | `10000` | ZMQ_SNDHWM of the sockets that send (PUSH, the embedded XPUB) |
-//! | `rcvhwm` | `10000` | ZMQ_RCVHWM of the SUB socket |
-//! | `send_queue` | `10000` | messages queued for the socket thread before `send` is `ChannelFull` |
-//! | `subscribe_timeout` | `5s` | how long `group_add` waits for its subscription to be confirmed |
-//! | `connect_timeout` | `5s` | how long `connect` waits for the publisher (dedicated: the proxy) |
-//! | `reconnect_interval` | `100ms` | ZMQ_RECONNECT_IVL |
-//! | `reconnect_interval_max` | `0` | ZMQ_RECONNECT_IVL_MAX (`0`: no backoff) |
-//! | `linger` | `1s` | ZMQ_LINGER: how long unsent messages are kept after close |
-//! | `close_linger` | `2s` | how long `close` waits for what it accepted to get out: embedded, retained messages no subscriber has had yet; dedicated, what the PUSH socket has not taken. What is left then is counted (`HubStats::abandoned`, `TransportStats::abandoned`) |
-//! | `retain` | `1000` | embedded publisher: messages kept per topic for late joiners (`0`: none) |
-//! | `retain_for` | `60s` | embedded publisher: how long they are kept |
-//! | `retain_bytes` | `67108864` | embedded publisher: bytes kept in all |
-//! | `ipv6` | `true` for `[...]` hosts | ZMQ_IPV6 |
-//! | `curve_serverkey` | | CURVE: the Z85 public key of the publisher / proxy; switches CURVE on |
-//! | `curve_publickey`, `curve_secretkey` | a fresh pair | CURVE: this instance's Z85 key pair |
-//! | `curve_server_secretkey` | | CURVE, embedded mode: the publisher's Z85 secret key (the process that binds) |
-//! | `zmq.<option>` | | a libzmq socket option for every socket: see [`SOCKET_OPTIONS`] |
+//! Every option, its default and its meaning: `docs/backends/zmq.md` ("URL and options").
 
 use std::time::Duration;
 
@@ -146,15 +123,8 @@ pub struct CurveKeys {
 
 impl std::fmt::Debug for CurveKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CurveKeys")
-            .field("server_public", &"<set>")
-            .field("public", &"<set>")
-            .field("secret", &"***")
-            .field(
-                "server_secret",
-                &self.server_secret.map(|_| "***").unwrap_or("<unset>"),
-            )
-            .finish()
+        let server_secret = self.server_secret.map_or("<unset>", |_| "***");
+        write!(f, "CurveKeys {{ server_public: <set>, public: <set>, secret: ***, server_secret: {server_secret} }}")
     }
 }
 
@@ -281,14 +251,9 @@ fn decode(s: &str) -> String {
 }
 
 fn z85_key(name: &str, value: &str) -> Result<[u8; 32]> {
-    let bytes = zmq::z85_decode(value).map_err(|_| {
+    decode_z85_key(value).ok_or_else(|| {
         Error::Config(format!(
-            "option {name}: not a Z85 key (40 characters, as zmq_curve_keypair prints)"
-        ))
-    })?;
-    bytes.try_into().map_err(|_| {
-        Error::Config(format!(
-            "option {name}: a CURVE key is 40 Z85 characters (32 bytes)"
+            "option {name}: not a Z85 CURVE key (40 characters, 32 bytes, as zmq_curve_keypair prints)"
         ))
     })
 }
@@ -390,12 +355,12 @@ impl BackendSettings for ZmqConfig {
             }
         };
         let curve = curve_keys(&mut o)?;
-        let mut socket_options = Vec::new();
         let pass: Vec<String> =
             o.0.keys()
                 .filter(|k| k.starts_with("zmq."))
                 .cloned()
                 .collect();
+        let mut socket_options = Vec::new();
         for k in pass {
             let name = k["zmq.".len()..].to_owned();
             if !SOCKET_OPTIONS.contains(&name.as_str()) {
@@ -405,12 +370,17 @@ impl BackendSettings for ZmqConfig {
                 )));
             }
             // libzmq takes an int for every option but maxmsgsize (int64).
-            let range = if name == "maxmsgsize" {
-                -1..=i64::MAX
+            let min = if name == "maxmsgsize" {
+                -1
             } else {
-                i64::from(i32::MIN)..=i64::from(i32::MAX)
+                i32::MIN.into()
             };
-            let value: i64 = o.take_int(&k, range)?.unwrap_or_default();
+            let max = if name == "maxmsgsize" {
+                i64::MAX
+            } else {
+                i32::MAX.into()
+            };
+            let value = o.take_int(&k, min..=max)?.unwrap_or_default();
             socket_options.push(SocketOption { name, value });
         }
         let cfg = ZmqConfig {

@@ -4,7 +4,7 @@
 //!
 //! - Every data message gets the next sequence number of its topic and is published as
 //!   `[topic, meta, envelope]` (see [`crate::wire`]). Consecutive messages of one topic that
-//!   are queued together are published as one batch frame ([`crate::runs::Batch`]).
+//!   are queued together are published as one batch frame (the proxy's `Batch`).
 //! - Messages of normal channels (`c:`) are **retained** (the last `retain` per topic, at
 //!   most `retain_for`, at most `retain_bytes` in all); messages of inboxes (`i:`) are
 //!   retained only when no subscriber was there to get them. Group messages are never
@@ -18,16 +18,42 @@
 //!   see [`wire::Origin`]), follows the origins of each topic, and lists them in its
 //!   welcomes, so receivers count losses end to end, across a proxy restart too.
 
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hashbrown::hash_map::EntryRef;
 use hashbrown::HashMap;
 
+use crate::bridge::{idle_since, lock, Control, Item, Outgoing, Sink};
 use crate::retention::{Retention, Store};
-use crate::runs::{From, Payload};
 use crate::wire::{self, TopicKind};
+
+/// A message body handed to the hub: owned bytes, or a frame received from the proxy's
+/// PULL socket (forwarded without a copy when it is not retained).
+pub(crate) enum Payload {
+    Bytes(Vec<u8>),
+    Frame(zmq::Message),
+}
+
+impl Payload {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Bytes(b) => b,
+            Payload::Frame(m) => m,
+        }
+    }
+
+    pub fn into_message(self) -> zmq::Message {
+        match self {
+            Payload::Bytes(b) => zmq::Message::from(b),
+            Payload::Frame(m) => m,
+        }
+    }
+}
+
+/// Where a message comes from, as the sender gave it (dedicated mode): its origin id and
+/// its number on the topic. `None` for the embedded publisher's own messages.
+pub(crate) type From = Option<(u64, u64)>;
 
 /// Counters of a publisher (the proxy, or the embedded publisher of a process).
 ///
@@ -66,50 +92,8 @@ pub struct HubStats {
     pub abandoned: u64,
 }
 
-/// Live counters, updated by the publisher's thread, read from anywhere.
-#[derive(Debug, Default)]
-pub(crate) struct HubCounters {
-    received: AtomicU64,
-    forwarded: AtomicU64,
-    dropped: AtomicU64,
-    undecodable: AtomicU64,
-    flushed: AtomicU64,
-    replayed: AtomicU64,
-    batches: AtomicU64,
-    batched: AtomicU64,
-    retained: AtomicU64,
-    retained_bytes: AtomicU64,
-    pending: AtomicU64,
-    abandoned: AtomicU64,
-}
-
-fn add(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
-impl HubCounters {
-    pub fn snapshot(&self) -> HubStats {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        HubStats {
-            received: g(&self.received),
-            forwarded: g(&self.forwarded),
-            dropped: g(&self.dropped),
-            undecodable: g(&self.undecodable),
-            flushed: g(&self.flushed),
-            replayed: g(&self.replayed),
-            batches: g(&self.batches),
-            batched: g(&self.batched),
-            retained: g(&self.retained),
-            retained_bytes: g(&self.retained_bytes),
-            pending: g(&self.pending),
-            abandoned: g(&self.abandoned),
-        }
-    }
-
-    pub fn count_undecodable(&self) {
-        add(&self.undecodable, 1);
-    }
-}
+/// A publisher's live counters: its thread counts, anyone reads (a copy).
+pub(crate) type Counters = Arc<Mutex<HubStats>>;
 
 /// An origin (a sender's numbering on a topic, dedicated mode) the hub follows.
 struct Followed {
@@ -123,7 +107,7 @@ struct Followed {
 
 struct TopicState {
     /// The map's own key, shared with the retention store.
-    key: Rc<[u8]>,
+    key: Arc<[u8]>,
     seq: u64,
     subscribed: bool,
     /// The origins of the topic's messages (a proxy's hub only).
@@ -137,7 +121,7 @@ struct Claim {
     /// Whether a subscriber confirmed the topic (the messages go out now).
     subscribed: bool,
     /// The topic's key in the retention store.
-    key: Rc<[u8]>,
+    key: Arc<[u8]>,
     /// Whether the messages are kept for late joiners.
     retain: bool,
     /// The origin stamp of the first message (a proxy's hub).
@@ -151,14 +135,19 @@ pub(crate) struct Hub {
     /// A proxy's hub: every data message carries an origin stamp, and welcomes the table of
     /// the topic's origins (see [`crate::wire::Origin`]).
     stamps: bool,
-    topics: HashMap<Rc<[u8]>, TopicState>,
+    topics: HashMap<Arc<[u8]>, TopicState>,
     store: Store,
     sweep_at: usize,
     /// The time, read once per loop turn ([`Hub::tick`]).
     clock: Instant,
     /// When origins idle for long were last forgotten.
     forgot_at: Instant,
-    counters: std::sync::Arc<HubCounters>,
+    counters: Counters,
+    /// The embedded publisher serves sends (its in-process subscribers are back after the
+    /// bind); see [`Sink::idle`].
+    pub warm: bool,
+    /// When it last published something (see [`Sink::idle`]).
+    pub last: Instant,
 }
 
 const SWEEP_MIN: usize = 4096;
@@ -169,12 +158,7 @@ const FOLLOW_FOR: Duration = Duration::from_secs(600);
 
 impl Hub {
     /// A hub on `xpub`; `stamps` for a proxy (its messages carry their origin).
-    pub fn new(
-        xpub: zmq::Socket,
-        retention: Retention,
-        stamps: bool,
-        counters: std::sync::Arc<HubCounters>,
-    ) -> Hub {
+    pub fn new(xpub: zmq::Socket, retention: Retention, stamps: bool, counters: Counters) -> Hub {
         let now = Instant::now();
         Hub {
             xpub,
@@ -186,7 +170,18 @@ impl Hub {
             clock: now,
             forgot_at: now,
             counters,
+            warm: false,
+            last: now,
         }
+    }
+
+    /// Updates the counters (and the store's gauges with them).
+    fn count(&self, f: impl FnOnce(&mut HubStats)) {
+        let mut c = lock(&self.counters);
+        f(&mut c);
+        c.retained = self.store.count() as u64;
+        c.retained_bytes = self.store.bytes() as u64;
+        c.pending = self.store.pending() as u64;
     }
 
     /// The XPUB socket (for polling).
@@ -194,25 +189,10 @@ impl Hub {
         &self.xpub
     }
 
-    fn send_frames(&self, frames: [&[u8]; 2], last: zmq::Message) {
-        let r = self
-            .xpub
-            .send(frames[0], zmq::SNDMORE)
-            .and_then(|()| self.xpub.send(frames[1], zmq::SNDMORE))
-            .and_then(|()| self.xpub.send(last, 0));
-        if let Err(e) = r {
+    /// Sends one message (a failure is logged: PUB/SUB has no one to tell).
+    fn send<T: Into<zmq::Message>>(&self, frames: impl IntoIterator<Item = T>) {
+        if let Err(e) = self.xpub.send_multipart(frames, 0) {
             tracing::warn!(error = %e, "the publisher could not publish a message");
-        }
-    }
-
-    fn send_control(&self, frames: &[&[u8]]) {
-        let n = frames.len();
-        let r = frames
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, f)| self.xpub.send(*f, if i + 1 < n { zmq::SNDMORE } else { 0 }));
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "the publisher could not publish a control message");
         }
     }
 
@@ -225,7 +205,7 @@ impl Hub {
         match self.topics.entry_ref(topic) {
             EntryRef::Occupied(o) => o.into_mut(),
             EntryRef::Vacant(v) => {
-                let key: Rc<[u8]> = Rc::from(topic);
+                let key: Arc<[u8]> = Arc::from(topic);
                 v.insert_with_key(
                     key.clone(),
                     TopicState {
@@ -282,55 +262,26 @@ impl Hub {
         }
     }
 
-    /// The meta frame of a message (a stamped one from a proxy's hub).
-    fn meta(&self, kind: u8, seq: u64, origin: Option<wire::Origin>) -> Meta {
-        match origin {
-            Some(o) => Meta::Stamped(wire::meta_stamped(kind, self.epoch, seq, o)),
-            None => Meta::Plain(wire::meta(kind, self.epoch, seq)),
-        }
-    }
-
     /// Publishes one data message on `topic`.
     pub fn publish(&mut self, topic: &[u8], from: From, payload: Payload) {
-        self.publish_inner(topic, from, payload);
-        // Counted last: once `received` shows a message, the other counters do too.
-        add(&self.counters.received, 1);
-    }
-
-    fn publish_inner(&mut self, topic: &[u8], from: From, payload: Payload) {
-        let Some(kind) = wire::data_topic_kind(topic) else {
-            self.counters.count_undecodable();
-            return;
-        };
-        let Claim {
-            first: seq,
-            subscribed,
-            key,
-            retain,
-            origin,
-        } = self.claim(topic, kind, 1, from);
-        let meta = self.meta(wire::META_DATA, seq, origin);
-        let kept = retain.then(|| payload.as_slice().to_vec());
-        // Counters first: whoever gets the message sees them counted.
-        if subscribed {
-            add(&self.counters.forwarded, 1);
-            self.send_frames([topic, meta.bytes()], payload.into_message());
-        } else if !retain {
-            add(&self.counters.dropped, 1);
-        }
-        if let Some(bytes) = kept {
-            self.keep(&key, seq, from, bytes, subscribed);
-        }
+        self.put_out(topic, from, 1, payload, false);
     }
 
     /// Publishes `count` consecutive messages of `topic` as one batch frame; `body` holds
     /// them as [`wire::batch_push`] wrote them, `from` is the origin of the first (the
-    /// others follow). Each gets its own sequence number, is retained on its own, and is
-    /// counted on its own.
+    /// others follow).
     pub fn publish_batch(&mut self, topic: &[u8], count: u64, body: Vec<u8>, from: From) {
+        self.put_out(topic, from, count, Payload::Bytes(body), true);
+    }
+
+    /// Publishes `count` messages of `topic` as one frame (one envelope, or a batch body):
+    /// each gets its own sequence number, is retained on its own and counted on its own.
+    fn put_out(&mut self, topic: &[u8], from: From, count: u64, payload: Payload, batch: bool) {
         let Some(kind) = wire::data_topic_kind(topic) else {
-            add(&self.counters.undecodable, count);
-            add(&self.counters.received, count);
+            self.count(|c| {
+                c.undecodable += count;
+                c.received += count;
+            });
             return;
         };
         let Claim {
@@ -340,29 +291,48 @@ impl Hub {
             retain,
             origin,
         } = self.claim(topic, kind, count, from);
-        let kept: Vec<Vec<u8>> = if retain {
-            wire::batch_items(&body)
+        let kept: Vec<Vec<u8>> = match (retain, batch) {
+            (false, _) => Vec::new(),
+            (true, false) => vec![payload.as_slice().to_vec()],
+            (true, true) => wire::batch_items(payload.as_slice())
                 .unwrap_or_default()
                 .into_iter()
                 .map(<[u8]>::to_vec)
-                .collect()
-        } else {
-            Vec::new()
+                .collect(),
         };
+        // Counters first: whoever gets the message sees them counted.
+        self.count(|c| match (subscribed, retain) {
+            (true, _) => {
+                c.forwarded += count;
+                if batch {
+                    c.batches += 1;
+                    c.batched += count;
+                }
+            }
+            (false, false) => c.dropped += count,
+            (false, true) => {}
+        });
         if subscribed {
-            add(&self.counters.forwarded, count);
-            add(&self.counters.batches, 1);
-            add(&self.counters.batched, count);
-            let meta = self.meta(wire::META_BATCH, first, origin);
-            self.send_frames([topic, meta.bytes()], zmq::Message::from(body));
-        } else if !retain {
-            add(&self.counters.dropped, count);
+            let meta_kind = if batch {
+                wire::META_BATCH
+            } else {
+                wire::META_DATA
+            };
+            let meta = meta(meta_kind, self.epoch, first, origin);
+            self.send([topic.into(), meta, payload.into_message()]);
         }
+        let mut dropped = 0;
         for (i, bytes) in (0u64..).zip(kept) {
             let from = from.map(|(id, seq)| (id, seq.saturating_add(i)));
-            self.keep(&key, first + i, from, bytes, subscribed);
+            dropped += self
+                .store
+                .keep(&key, first + i, from, bytes, subscribed, self.clock);
         }
-        add(&self.counters.received, count);
+        // Counted last: once `received` shows a message, the other counters do too.
+        self.count(|c| {
+            c.dropped += dropped;
+            c.received += count;
+        });
     }
 
     /// Retained messages no subscriber has had yet.
@@ -374,45 +344,16 @@ impl Hub {
     /// subscriber had as abandoned. Returns how many.
     pub fn abandon(&mut self) -> u64 {
         let abandoned = self.store.clear();
-        add(&self.counters.abandoned, abandoned);
-        self.show_store();
+        self.count(|c| c.abandoned += abandoned);
         abandoned
     }
 
     /// Counts a message that is not chanlayer's (skipped).
     pub fn reject(&mut self) {
-        self.counters.count_undecodable();
-        add(&self.counters.received, 1);
-    }
-
-    /// Publishes frames as they are (tests of what receivers do with garbage).
-    pub fn publish_raw(&mut self, frames: &[Vec<u8>]) {
-        let n = frames.len();
-        for (i, f) in frames.iter().enumerate() {
-            let flags = if i + 1 < n { zmq::SNDMORE } else { 0 };
-            if let Err(e) = self.xpub.send(&f[..], flags) {
-                tracing::warn!(error = %e, "could not publish raw frames");
-                return;
-            }
-        }
-    }
-
-    /// Keeps a message for late joiners, and counts what the limits pushed out unheard.
-    fn keep(&mut self, key: &Rc<[u8]>, seq: u64, from: From, payload: Vec<u8>, heard: bool) {
-        let dropped = self.store.keep(key, seq, from, payload, heard, self.clock);
-        add(&self.counters.dropped, dropped);
-        self.show_store();
-    }
-
-    /// Copies the store's gauges to the counters.
-    fn show_store(&self) {
-        let c = &self.counters;
-        c.retained
-            .store(self.store.count() as u64, Ordering::Relaxed);
-        c.retained_bytes
-            .store(self.store.bytes() as u64, Ordering::Relaxed);
-        c.pending
-            .store(self.store.pending() as u64, Ordering::Relaxed);
+        self.count(|c| {
+            c.undecodable += 1;
+            c.received += 1;
+        });
     }
 
     /// Forgets the sequence numbers of topics nobody subscribes and nothing is retained for,
@@ -432,8 +373,7 @@ impl Hub {
         self.clock = Instant::now();
         if self.store.count() > 0 {
             let dropped = self.store.evict(self.clock);
-            add(&self.counters.dropped, dropped);
-            self.show_store();
+            self.count(|c| c.dropped += dropped);
         }
         if self.stamps && self.clock.duration_since(self.forgot_at) >= Duration::from_secs(60) {
             self.forgot_at = self.clock;
@@ -494,39 +434,31 @@ impl Hub {
         };
         let xpub = &self.xpub;
         let (replayed, heard_now) = self.store.replay(topic, |k| {
-            let meta = match (stamps, k.from) {
-                (false, _) => Meta::Plain(wire::meta(wire::META_DATA, epoch, k.seq)),
-                (true, from) => {
-                    let (id, seq) = from.unwrap_or((0, 0));
-                    let origin = wire::Origin {
-                        id,
-                        seq,
-                        first: first_of(id, seq),
-                    };
-                    Meta::Stamped(wire::meta_stamped(wire::META_DATA, epoch, k.seq, origin))
-                }
-            };
-            let sent = xpub
-                .send(probe, zmq::SNDMORE)
-                .and_then(|()| xpub.send(meta.bytes(), zmq::SNDMORE))
-                .and_then(|()| xpub.send(&k.payload[..], 0));
+            let origin = stamps.then(|| {
+                let (id, seq) = k.from.unwrap_or((0, 0));
+                let first = first_of(id, seq);
+                wire::Origin { id, seq, first }
+            });
+            let meta = meta(wire::META_DATA, epoch, k.seq, origin);
+            let sent = xpub.send_multipart([probe.into(), meta, k.payload[..].into()], 0);
             if let Err(e) = &sent {
                 tracing::warn!(error = %e, "could not replay a retained message");
             }
             sent.is_ok()
         });
-        add(&self.counters.replayed, replayed);
-        add(&self.counters.forwarded, heard_now);
-        self.show_store();
+        self.count(|c| {
+            c.replayed += replayed;
+            c.forwarded += heard_now;
+        });
         let current = state.map_or(0, |s| s.seq);
         let meta = wire::meta(wire::META_WELCOME, epoch, current);
         if stamps {
             let table: Vec<(u64, u64)> = state
                 .map(|s| s.origins.iter().map(|(id, f)| (*id, f.last)).collect())
                 .unwrap_or_default();
-            self.send_control(&[probe, &meta, &wire::origin_table(&table)]);
+            self.send([probe, &meta[..], &wire::origin_table(&table)]);
         } else {
-            self.send_control(&[probe, &meta]);
+            self.send([probe, &meta[..]]);
         }
     }
 
@@ -538,25 +470,47 @@ impl Hub {
             let flushed = self
                 .store
                 .flush(|topic| wire::flushable_under(topic, flush_prefix));
-            add(&self.counters.flushed, flushed);
-            self.show_store();
+            self.count(|c| c.flushed += flushed);
         }
         let meta = wire::meta(wire::META_MARK, self.epoch, token);
-        self.send_control(&[reply_topic, &meta]);
+        self.send([reply_topic, &meta[..]]);
     }
 }
 
-/// A meta frame, plain or stamped, without an allocation.
-enum Meta {
-    Plain([u8; wire::META_LEN]),
-    Stamped([u8; wire::STAMPED_META_LEN]),
+/// The embedded publisher's hub takes what its queue holds, and a direct send.
+impl Sink for Hub {
+    fn put(&mut self, item: Item<Control>) -> bool {
+        match item {
+            Item::Data(Outgoing::One { topic, payload }) => {
+                self.publish(&topic, None, Payload::Bytes(payload));
+            }
+            Item::Data(Outgoing::Run { topic, body, count }) => {
+                self.publish_batch(&topic, count as u64, body, None);
+            }
+            Item::Control(Control::Mark {
+                reply,
+                token,
+                flush_prefix,
+            }) => self.mark(&reply, token, &flush_prefix),
+            // Frames as they are (tests of what receivers do with garbage).
+            Item::Control(Control::Raw(frames)) => self.send(frames),
+        }
+        false
+    }
+
+    fn settle(&mut self) {
+        self.drain_subscriptions();
+    }
+
+    fn idle(&mut self) -> bool {
+        self.warm && idle_since(&mut self.last)
+    }
 }
 
-impl Meta {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Meta::Plain(m) => m,
-            Meta::Stamped(m) => m,
-        }
+/// A meta frame: stamped with the message's origin (a proxy's hub) or plain.
+fn meta(kind: u8, epoch: u64, seq: u64, origin: Option<wire::Origin>) -> zmq::Message {
+    match origin {
+        Some(o) => wire::meta_stamped(kind, epoch, seq, o)[..].into(),
+        None => wire::meta(kind, epoch, seq)[..].into(),
     }
 }

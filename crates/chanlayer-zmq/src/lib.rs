@@ -73,7 +73,6 @@ mod proxy;
 mod publisher;
 mod receiver;
 mod retention;
-mod runs;
 mod sender;
 mod seq;
 mod transport;

@@ -8,16 +8,14 @@
 //! [`crate::wire`] for the frames.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Mailbox};
+use crate::bridge::{context, lock, poll, spawn, zmq_err, Mailbox, Worker};
 use crate::config::{check_endpoint, curve_available, curve_missing};
-use crate::hub::{Hub, HubCounters, HubStats};
+use crate::hub::{Counters, From, Hub, HubStats, Payload};
 use crate::retention::Retention;
-use crate::runs::{Batch, Payload};
 use crate::wire;
 use crate::BACKEND;
 
@@ -81,11 +79,10 @@ impl ProxyConfig {
 /// assert_eq!(stats.forwarded, 0);
 /// ```
 pub struct Proxy {
-    mailbox: Arc<Mailbox<()>>,
-    counters: Arc<HubCounters>,
+    worker: Worker<Mailbox<()>>,
+    counters: Counters,
     pull: String,
     publish: String,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -107,37 +104,24 @@ impl Proxy {
         if config.curve_secret_key.is_some() && !curve_available() {
             return Err(curve_missing());
         }
-        let mailbox = Arc::new(Mailbox::new(1)?);
-        let counters = Arc::new(HubCounters::default());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (mailbox, counters) = (mailbox.clone(), counters.clone());
-            std::thread::Builder::new()
-                .name("chanlayer-zmq proxy".into())
-                .spawn(move || run(config, mailbox, counters, ready_tx))
-                .map_err(|e| Error::backend(BACKEND, "could not start the proxy thread", e))?
-        };
-        match ready_rx.recv() {
-            Ok(Ok((pull, publish))) => Ok(Proxy {
-                mailbox,
-                counters,
-                pull,
-                publish,
-                thread: Mutex::new(Some(thread)),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(Error::Backend {
-                    backend: BACKEND,
-                    message: "the proxy thread ended while binding".into(),
-                    source: None,
-                })
-            }
-        }
+        let counters = Counters::default();
+        let c = counters.clone();
+        let (thread, (mailbox, pull, publish)) = spawn(
+            "proxy",
+            move || {
+                let (pull, xpub, p, x) = setup(&config)?;
+                let mailbox = Arc::new(Mailbox::new(1)?);
+                let hub = Hub::new(xpub, config.retention, true, c);
+                Ok(((pull, hub, mailbox.clone()), (mailbox, p, x)))
+            },
+            run,
+        )?;
+        Ok(Proxy {
+            worker: Worker::new(mailbox, thread),
+            counters,
+            pull,
+            publish,
+        })
     }
 
     /// The PULL endpoint as bound (a `*` or `0` port resolved).
@@ -158,27 +142,14 @@ impl Proxy {
 
     /// The proxy's counters now.
     pub fn stats(&self) -> HubStats {
-        self.counters.snapshot()
+        *lock(&self.counters)
     }
 
     /// Stops the proxy (closing both sockets) and returns its final counters (what it
     /// retained for subscribers that never came is counted in `abandoned`).
     pub fn stop(self) -> HubStats {
-        self.shut_down();
+        self.worker.stop();
         self.stats()
-    }
-
-    fn shut_down(&self) {
-        self.mailbox.close();
-        if let Some(h) = lock(&self.thread).take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.shut_down();
     }
 }
 
@@ -243,34 +214,16 @@ const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'?')
     .add(b'+');
 
-type Ready = std::sync::mpsc::Sender<Result<(String, String)>>;
-
-fn run(config: ProxyConfig, mailbox: Arc<Mailbox<()>>, counters: Arc<HubCounters>, ready: Ready) {
-    let (pull, xpub, p, x) = match setup(&config) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let _ = ready.send(Ok((p, x)));
-    let mut hub = Hub::new(xpub, config.retention, true, counters);
+fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
     let mut frames: VecDeque<zmq::Message> = VecDeque::with_capacity(4);
     let mut run = Batch::default();
     loop {
-        {
-            let mut items = [
-                hub.socket().as_poll_item(zmq::POLLIN),
-                pull.as_poll_item(zmq::POLLIN),
-                mailbox.poll_item(),
-            ];
-            if let Err(e) = zmq::poll(&mut items, 500) {
-                if e != zmq::Error::EINTR {
-                    tracing::warn!(error = %e, "the proxy could not poll");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        let mut items = [
+            hub.socket().as_poll_item(zmq::POLLIN),
+            pull.as_poll_item(zmq::POLLIN),
+            mailbox.poll_item(),
+        ];
+        poll(&mut items, 500, "proxy");
         mailbox.woke();
         if mailbox.is_closed() {
             // What is retained for subscribers that never came goes with the proxy.
@@ -386,4 +339,75 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut VecDeque<zmq::Message>)
     }
     tracing::debug!(frames = n, first = %wire::display(first), "the proxy skipped a message that is not chanlayer's");
     hub.reject();
+}
+
+/// A run: consecutive data messages of one topic (and one origin) that the proxy
+/// publishes as one batch frame (see [`crate::wire`]). It flushes before anything else (a
+/// mark) and at the end of what it read, so the order on the wire is the order they came
+/// in and nothing waits for a batch to fill.
+#[derive(Default)]
+pub(crate) struct Batch {
+    topic: Vec<u8>,
+    body: Vec<u8>,
+    count: u64,
+    /// The origin of the first message: every message of a run has the same origin and the
+    /// next number (a batch frame carries one origin stamp).
+    from: From,
+    /// The first message, kept whole: a batch of one is published as a plain data message.
+    first: Option<Payload>,
+}
+
+impl Batch {
+    /// Adds a message for `topic`, publishing what is batched first when the topic or the
+    /// origin changes or the batch is full. A message over [`wire::BATCH_ITEM_MAX`] is
+    /// published alone.
+    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: Payload) {
+        let len = payload.as_slice().len();
+        if len > wire::BATCH_ITEM_MAX {
+            self.flush(hub);
+            hub.publish(topic, from, payload);
+            return;
+        }
+        let follows = match (self.from, from) {
+            (None, None) => true,
+            (Some((id, first)), Some((next_id, next))) => {
+                id == next_id && first.checked_add(self.count) == Some(next)
+            }
+            _ => false,
+        };
+        let batched = self.body.len() + self.first.as_ref().map_or(0, |f| 4 + f.as_slice().len());
+        if self.count > 0
+            && (self.topic != topic || !follows || batched + 4 + len > wire::BATCH_MAX_BYTES)
+        {
+            self.flush(hub);
+        }
+        if self.count == 0 {
+            self.topic.clear();
+            self.topic.extend_from_slice(topic);
+            self.from = from;
+            self.first = Some(payload);
+            self.count = 1;
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.body.reserve(8 * 1024);
+            wire::batch_push(&mut self.body, first.as_slice());
+        }
+        wire::batch_push(&mut self.body, payload.as_slice());
+        self.count += 1;
+    }
+
+    /// Publishes what is batched.
+    pub fn flush(&mut self, hub: &mut Hub) {
+        match (self.count, self.first.take()) {
+            (0, _) => {}
+            (_, Some(first)) => hub.publish(&self.topic, self.from, first),
+            (n, None) => {
+                let body = std::mem::take(&mut self.body);
+                hub.publish_batch(&self.topic, n, body, self.from);
+            }
+        }
+        self.count = 0;
+        self.body.clear();
+    }
 }

@@ -17,17 +17,17 @@
 //!   is left then is counted in [`HubStats::abandoned`] and logged.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, zmq_err, Control, Item, Mailbox, Outbox, Outgoing};
+use crate::bridge::{context, fd_item, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
 use crate::config::ZmqConfig;
-use crate::hub::{Hub, HubCounters, HubStats};
+use crate::hub::{Counters, Hub, HubStats};
 use crate::receiver::ReceiverSync;
-use crate::runs::{Batch, Payload};
 use crate::BACKEND;
 
 type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
@@ -48,18 +48,24 @@ fn registry() -> &'static Mutex<HashMap<String, Weak<Endpoint>>> {
     R.get_or_init(Mutex::default)
 }
 
-/// When this process last stopped a publisher on an address (a rebind right after may find
-/// the old listener still closing).
-fn recently_stopped() -> &'static Mutex<HashMap<String, Instant>> {
-    static R: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+/// Per address: how many publishers of this process are stopping (lingering at close), and
+/// when one last stopped. A new publisher on the address waits for them before it binds (a
+/// rebind right after a stop may find the old listener still closing).
+fn stops() -> &'static Mutex<HashMap<String, (usize, Instant)>> {
+    static R: OnceLock<Mutex<HashMap<String, (usize, Instant)>>> = OnceLock::new();
     R.get_or_init(Mutex::default)
 }
 
-/// Publishers of this process that are stopping (lingering at close), per address: a new
-/// publisher on the address waits for them before it binds.
-fn stopping() -> &'static Mutex<HashMap<String, usize>> {
-    static R: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
-    R.get_or_init(Mutex::default)
+/// The settings of the publisher that an instance's settings decide (see [`endpoint`]).
+fn publisher_settings(c: &ZmqConfig) -> impl PartialEq + '_ {
+    (
+        c.send_queue,
+        c.sndhwm,
+        c.linger,
+        c.retention,
+        &c.curve,
+        &c.socket_options,
+    )
 }
 
 /// The endpoint state for `address` in this process (shared by every instance using it; the
@@ -69,22 +75,7 @@ pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
     if let Some(e) = map.get(address).and_then(Weak::upgrade) {
         // The process's publisher on this address is shared: its settings are those of the
         // first instance that connected. Say so when a later instance asks for others.
-        let (a, b) = (&e.cfg, cfg);
-        if (
-            a.send_queue,
-            a.sndhwm,
-            a.linger,
-            a.retention,
-            &a.curve,
-            &a.socket_options,
-        ) != (
-            b.send_queue,
-            b.sndhwm,
-            b.linger,
-            b.retention,
-            &b.curve,
-            &b.socket_options,
-        ) {
+        if publisher_settings(&e.cfg) != publisher_settings(cfg) {
             tracing::warn!(
                 address,
                 "this process's publisher on this address was set up by an earlier instance; its send_queue, sndhwm, linger, retain*, CURVE and zmq.* settings apply, not this instance's"
@@ -113,12 +104,7 @@ impl Endpoint {
         r.push(Arc::downgrade(sync));
     }
 
-    /// The publisher, if this process runs one on this address.
-    pub fn running(&self) -> Option<Arc<Publisher>> {
-        self.publisher.get().cloned()
-    }
-
-    /// The publisher, if it is bound already (no lock, no clone: the send path).
+    /// The publisher, if this process runs one on this address (no lock: the send path).
     pub fn started(&self) -> Option<&Arc<Publisher>> {
         self.publisher.get()
     }
@@ -143,78 +129,81 @@ impl Endpoint {
 
 /// The handle on a publisher thread.
 pub(crate) struct Publisher {
-    mailbox: Arc<Outbox>,
-    counters: Arc<HubCounters>,
+    worker: Worker<Outbox<Hub>>,
+    counters: Counters,
     address: String,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        *lock(stopping()).entry(self.address.clone()).or_default() += 1;
-        self.mailbox.close();
-        if let Some(h) = lock(&self.thread).take() {
-            let _ = h.join();
-        }
-        lock(recently_stopped()).insert(self.address.clone(), Instant::now());
-        let mut s = lock(stopping());
-        if let Some(n) = s.get_mut(&self.address) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                s.remove(&self.address);
-            }
-        }
+        let now = Instant::now();
+        lock(stops())
+            .entry(self.address.clone())
+            .or_insert((0, now))
+            .0 += 1;
+        self.worker.stop();
+        let mut s = lock(stops());
+        let e = s.entry(self.address.clone()).or_insert((1, now));
+        *e = (e.0.saturating_sub(1), Instant::now());
     }
+}
+
+/// What the publisher thread runs with.
+struct Thread {
+    outbox: Arc<Outbox<Hub>>,
+    fd: RawFd,
+    address: String,
+    cfg: ZmqConfig,
+    receivers: Receivers,
 }
 
 impl Publisher {
     fn start(address: &str, cfg: &ZmqConfig, receivers: Receivers) -> Result<Publisher> {
-        let mailbox = Arc::new(Mailbox::new(cfg.send_queue)?);
-        let counters = Arc::new(HubCounters::default());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (cfg, address) = (cfg.clone(), address.to_owned());
-            let (mailbox, counters) = (mailbox.clone(), counters.clone());
-            std::thread::Builder::new()
-                .name("chanlayer-zmq publisher".into())
-                .spawn(move || run(address, cfg, mailbox, counters, receivers, ready_tx))
-                .map_err(|e| Error::backend(BACKEND, "could not start the publisher thread", e))?
-        };
-        let bound = ready_rx.recv().unwrap_or_else(|_| {
-            Err(Error::Backend {
-                backend: BACKEND,
-                message: "the publisher thread ended while binding".into(),
-                source: None,
-            })
-        });
-        if let Err(e) = bound {
-            let _ = thread.join();
-            return Err(e);
-        }
+        let counters = Counters::default();
+        let key = address.to_owned();
+        let (address, cfg, c) = (address.to_owned(), cfg.clone(), counters.clone());
+        let (thread, outbox) = spawn(
+            "publisher",
+            move || {
+                let xpub = setup(&address, &cfg)?;
+                let fd = xpub
+                    .get_fd()
+                    .map_err(|e| zmq_err("could not read the publisher's ZMQ_FD", e))?;
+                let hub = Hub::new(xpub, cfg.retention, false, c);
+                let outbox = Arc::new(Outbox::new(cfg.send_queue, hub)?);
+                let t = Thread {
+                    outbox: outbox.clone(),
+                    fd,
+                    address,
+                    cfg,
+                    receivers,
+                };
+                Ok((t, outbox))
+            },
+            run,
+        )?;
         Ok(Publisher {
-            mailbox,
+            worker: Worker::new(outbox, thread),
             counters,
-            address: address.to_owned(),
-            thread: Mutex::new(Some(thread)),
+            address: key,
         })
     }
 
-    /// The queue to the thread (data bounded by `send_queue`).
-    pub fn outbox(&self) -> &Outbox {
-        &self.mailbox
+    /// The way to the thread (data bounded by `send_queue`).
+    pub fn outbox(&self) -> &Outbox<Hub> {
+        &self.worker.shared
     }
 
     /// The publisher's counters.
     pub fn stats(&self) -> HubStats {
-        self.counters.snapshot()
+        *lock(&self.counters)
     }
 
     /// The publisher's live counters (still read after it stops).
-    pub fn counters(&self) -> Arc<HubCounters> {
+    pub fn counters(&self) -> Counters {
         self.counters.clone()
     }
 }
-
 /// `true` if a process answers on the Unix socket at `path` (libzmq would take the file over
 /// without a word, so this is checked before binding an `ipc://` address).
 fn ipc_in_use(path: &str) -> bool {
@@ -243,13 +232,12 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
     // it, within its close_linger and linger and a margin.
     let started = Instant::now();
     let patience = cfg.close_linger + cfg.linger + Duration::from_secs(2);
-    while lock(stopping()).contains_key(address) && started.elapsed() < patience {
+    let stop = || lock(stops()).get(address).copied();
+    while stop().is_some_and(|(n, _)| n > 0) && started.elapsed() < patience {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Or it stopped a moment ago, its listener still closing: then wait for it, briefly.
-    let recent = lock(recently_stopped())
-        .get(address)
-        .is_some_and(|t| t.elapsed() < Duration::from_secs(2));
+    let recent = stop().is_some_and(|(_, t)| t.elapsed() < Duration::from_secs(2));
     let deadline = Instant::now() + Duration::from_secs(if recent { 2 } else { 0 });
     loop {
         let attempt = match address.strip_prefix("ipc://") {
@@ -292,28 +280,19 @@ fn synced(receivers: &Receivers) -> bool {
         .all(|s| s.gone.load(Ordering::SeqCst) || s.outstanding.load(Ordering::SeqCst) == 0)
 }
 
-fn run(
-    address: String,
-    cfg: ZmqConfig,
-    mailbox: Arc<Outbox>,
-    counters: Arc<HubCounters>,
-    receivers: Receivers,
-    ready: std::sync::mpsc::Sender<Result<()>>,
-) {
-    let xpub = match setup(&address, &cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let _ = ready.send(Ok(()));
+fn run(t: Thread) {
+    let Thread {
+        outbox,
+        fd,
+        address,
+        cfg,
+        receivers,
+    } = t;
     tracing::debug!(%address, "embedded publisher bound");
-    let mut hub = Hub::new(xpub, cfg.retention, false, counters);
+    let mailbox = &outbox.mailbox;
     let warm_until = Instant::now() + cfg.connect_timeout;
     let mut warm = false;
     let mut batch = VecDeque::new();
-    let mut run = Batch::default();
     loop {
         let timeout = if !warm {
             5
@@ -322,37 +301,44 @@ fn run(
         } else {
             0
         };
-        {
-            let mut items = [hub.socket().as_poll_item(zmq::POLLIN), mailbox.poll_item()];
-            if let Err(e) = zmq::poll(&mut items, timeout) {
-                if e != zmq::Error::EINTR {
-                    tracing::warn!(error = %e, "the publisher could not poll");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        // The socket's fd, not the socket: a direct send may be using it.
+        poll(
+            &mut [fd_item(fd), mailbox.poll_item()],
+            timeout,
+            "publisher",
+        );
         mailbox.woke();
+        let mut hub = lock(&outbox.sink);
+        hub.drain_subscriptions();
         if mailbox.is_closed() {
             // Hand what was sent before the close to the socket: it goes out within
             // `linger` to the subscribers that are there; what is retained for those not
             // there yet waits for them, within `close_linger`.
-            hub.drain_subscriptions();
-            batch.extend(mailbox.take_all());
-            execute_all(&mut hub, &mut batch, &mut run);
+            for item in mailbox.take_all() {
+                hub.put(item);
+            }
             linger(&mut hub, cfg.close_linger, &address);
             break;
         }
-        hub.drain_subscriptions();
         if !warm {
             warm = synced(&receivers) || Instant::now() >= warm_until;
+            hub.warm = warm;
             if !warm {
                 continue;
             }
         }
+        // Taken under the hub's lock: a direct send never passes what is queued.
         mailbox.take_some(1024, &mut batch);
         let worked = !batch.is_empty();
-        execute_all(&mut hub, &mut batch, &mut run);
+        for item in batch.drain(..) {
+            hub.put(item);
+        }
         hub.tick();
+        if worked {
+            hub.last = Instant::now();
+        }
+        hub.settle();
+        drop(hub);
         if worked {
             // Let the senders queue more before this thread looks again: fewer, larger
             // batches and fewer doorbells under load; nothing waits when the queue is idle.
@@ -390,32 +376,4 @@ fn linger(hub: &mut Hub, close_linger: Duration, address: &str) {
             "the embedded publisher stopped with {abandoned} messages that no subscriber had received (close_linger {close_linger:?} ended); counted in HubStats::abandoned"
         );
     }
-}
-
-/// Executes the queued items in order, consecutive messages of a topic as batches.
-fn execute_all(hub: &mut Hub, items: &mut VecDeque<Item<Control>>, run: &mut Batch) {
-    for item in items.drain(..) {
-        match item {
-            Item::Data(Outgoing::One { topic, payload }) => {
-                run.add(hub, &topic, None, Payload::Bytes(payload));
-            }
-            Item::Data(Outgoing::Run { topic, body, count }) => {
-                run.flush(hub);
-                hub.publish_batch(&topic, count as u64, body, None);
-            }
-            Item::Control(Control::Mark {
-                reply,
-                token,
-                flush_prefix,
-            }) => {
-                run.flush(hub);
-                hub.mark(&reply, token, &flush_prefix);
-            }
-            Item::Control(Control::Raw(frames)) => {
-                run.flush(hub);
-                hub.publish_raw(&frames);
-            }
-        }
-    }
-    run.flush(hub);
 }

@@ -9,10 +9,10 @@
 //! `flushed`), and `pending` is what is kept and unheard now.
 
 use std::collections::{HashMap, VecDeque};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::runs::From;
+use crate::hub::From;
 
 /// Retention settings of a publisher (the proxy or the embedded publisher).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,10 +52,10 @@ pub(crate) struct Kept {
 #[derive(Debug)]
 pub(crate) struct Store {
     limits: Retention,
-    topics: HashMap<Rc<[u8]>, VecDeque<Kept>>,
+    topics: HashMap<Arc<[u8]>, VecDeque<Kept>>,
     /// Kept messages in arrival order: (topic, seq, when). Entries whose message left
     /// already (per-topic limit, flush) are skipped when they reach the front.
-    order: VecDeque<(Rc<[u8]>, u64, Instant)>,
+    order: VecDeque<(Arc<[u8]>, u64, Instant)>,
     count: usize,
     bytes: usize,
     pending: usize,
@@ -103,7 +103,7 @@ impl Store {
     /// limits. Returns how many messages that no subscriber had left because of it.
     pub fn keep(
         &mut self,
-        topic: &Rc<[u8]>,
+        topic: &Arc<[u8]>,
         seq: u64,
         from: From,
         payload: Vec<u8>,
@@ -202,7 +202,7 @@ impl Store {
     /// Lets go of everything kept for the topics `which` selects. Returns how many of them
     /// no subscriber had.
     pub fn flush(&mut self, which: impl Fn(&[u8]) -> bool) -> u64 {
-        let keys: Vec<Rc<[u8]>> = self.topics.keys().filter(|k| which(k)).cloned().collect();
+        let keys: Vec<Arc<[u8]>> = self.topics.keys().filter(|k| which(k)).cloned().collect();
         let mut unheard = 0;
         for key in keys {
             if let Some(gone) = self.topics.remove(&key) {
@@ -257,8 +257,8 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn topic(name: &str) -> Rc<[u8]> {
-        Rc::from(name.as_bytes())
+    fn topic(name: &str) -> Arc<[u8]> {
+        Arc::from(name.as_bytes())
     }
 
     /// One step of a retention scenario.

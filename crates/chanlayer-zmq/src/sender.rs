@@ -12,67 +12,59 @@
 //! never arrived, across a proxy restart too.
 
 use std::collections::VecDeque;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 
-use chanlayer_core::{Error, Result};
+use chanlayer_core::Result;
 
-use crate::bridge::{context, lock, zmq_err, Control, Item, Mailbox, Outbox, Outgoing};
+use crate::bridge::{
+    context, fd_item, idle_since, lock, poll, spawn, zmq_err, Control, Item, Outbox, Outgoing,
+    Sink, Worker,
+};
 use crate::config::ZmqConfig;
 use crate::wire;
-use crate::BACKEND;
 
 /// The handle on the PUSH thread.
 pub(crate) struct PushSender {
-    mailbox: Arc<Outbox>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Drop for PushSender {
-    fn drop(&mut self) {
-        self.mailbox.close();
-        if let Some(h) = lock(&self.thread).take() {
-            let _ = h.join();
-        }
-    }
+    worker: Worker<Outbox<Push>>,
 }
 
 impl PushSender {
     /// Connects a PUSH socket to `pull` on a new thread. `abandoned` counts the messages
     /// the thread still holds when its close lingered `close_linger` in vain.
     pub fn start(cfg: &ZmqConfig, pull: &str, abandoned: Arc<AtomicU64>) -> Result<PushSender> {
-        let mailbox = Arc::new(Mailbox::new(cfg.send_queue)?);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (cfg, pull, mailbox) = (cfg.clone(), pull.to_owned(), mailbox.clone());
-            std::thread::Builder::new()
-                .name("chanlayer-zmq sender".into())
-                .spawn(move || run(cfg, pull, mailbox, abandoned, ready_tx))
-                .map_err(|e| Error::backend(BACKEND, "could not start the sender thread", e))?
-        };
-        let started = ready_rx.recv().unwrap_or_else(|_| {
-            Err(Error::Backend {
-                backend: BACKEND,
-                message: "the sender thread ended while starting".into(),
-                source: None,
-            })
-        });
-        if let Err(e) = started {
-            let _ = thread.join();
-            return Err(e);
-        }
+        let (cfg, pull) = (cfg.clone(), pull.to_owned());
+        let (thread, outbox) = spawn(
+            "sender",
+            move || {
+                let push = setup(&cfg, &pull)?;
+                let fd = push
+                    .get_fd()
+                    .map_err(|e| zmq_err("could not read the PUSH socket's ZMQ_FD", e))?;
+                let sink = Push {
+                    push,
+                    numbering: Numbering::new(),
+                    pending: VecDeque::new(),
+                    abandoned,
+                    last: Instant::now(),
+                };
+                let outbox = Arc::new(Outbox::new(cfg.send_queue, sink)?);
+                Ok(((outbox.clone(), fd, cfg.close_linger), outbox))
+            },
+            run,
+        )?;
         Ok(PushSender {
-            mailbox,
-            thread: Mutex::new(Some(thread)),
+            worker: Worker::new(outbox, thread),
         })
     }
 
-    /// The queue to the thread.
-    pub fn outbox(&self) -> &Outbox {
-        &self.mailbox
+    /// The way to the thread.
+    pub fn outbox(&self) -> &Outbox<Push> {
+        &self.worker.shared
     }
 }
 
@@ -120,8 +112,9 @@ impl Numbering {
         }
     }
 
-    /// The numbering of `topic`, begun if new.
-    fn of(&mut self, topic: &[u8]) -> &mut Numbered {
+    /// The meta frame of the next `count` messages of `topic` (its numbering begun if
+    /// new): its origin id and the number of the first.
+    fn next(&mut self, topic: &[u8], kind: u8, count: u64) -> [u8; wire::META_LEN] {
         let clock = self.clock;
         let n = self.topics.entry_ref(topic).or_insert_with(|| Numbered {
             id: rand::random::<u64>() | 1,
@@ -129,7 +122,8 @@ impl Numbering {
             used: clock,
         });
         n.used = clock;
-        n
+        n.next += count;
+        wire::meta(kind, n.id, n.next - count)
     }
 
     /// Once per loop turn: reads the clock, and forgets topics long unused when there are
@@ -147,182 +141,169 @@ impl Numbering {
     }
 }
 
-/// Sends one queued item without blocking. `Err(item)` gives it back when the socket is at
-/// its high-water mark (nothing of it was sent). Data is numbered by `numbering` once the
-/// socket took it; data the socket fails on (an error other than being full) is counted
-/// in `abandoned`.
-fn try_send(
-    push: &zmq::Socket,
-    item: Item<Control>,
-    numbering: &mut Numbering,
-    abandoned: &AtomicU64,
-) -> std::result::Result<(), Item<Control>> {
-    let first = match &item {
-        Item::Data(d) => push.send(d.topic(), zmq::DONTWAIT | zmq::SNDMORE),
-        Item::Control(Control::Mark { .. }) => {
-            push.send(wire::MARK_CONTROL, zmq::DONTWAIT | zmq::SNDMORE)
-        }
-        Item::Control(Control::Raw(frames)) => match frames.split_first() {
-            None => return Ok(()),
-            Some((f, rest)) => {
-                let more = if rest.is_empty() { 0 } else { zmq::SNDMORE };
-                push.send(&f[..], zmq::DONTWAIT | more)
-            }
-        },
-    };
-    match first {
-        Err(zmq::Error::EAGAIN) => return Err(item),
-        Err(e) => {
-            let n = item.count();
-            abandoned.fetch_add(n as u64, Ordering::Relaxed);
-            tracing::warn!(error = %e, messages = n, "the sender could not send to the proxy; dropped, counted in TransportStats::abandoned");
-            return Ok(());
-        }
-        Ok(()) => {}
-    }
-    // The first frame was taken: the rest of the message goes to the same pipe and is never
-    // refused for the high-water mark (it counts whole messages).
-    let rest = match item {
-        Item::Data(Outgoing::One { topic, payload }) => {
-            let n = numbering.of(&topic);
-            let meta = wire::meta(wire::META_DATA, n.id, n.next);
-            n.next += 1;
-            push.send(&meta[..], zmq::SNDMORE)
-                .and_then(|()| push.send(payload, 0))
-        }
-        Item::Data(Outgoing::Run { topic, body, count }) => {
-            let n = numbering.of(&topic);
-            let meta = wire::meta(wire::META_BATCH, n.id, n.next);
-            n.next += count as u64;
-            push.send(&meta[..], zmq::SNDMORE)
-                .and_then(|()| push.send(body, 0))
-        }
-        Item::Control(Control::Mark {
-            reply,
-            token,
-            flush_prefix,
-        }) => push
-            .send(reply, zmq::SNDMORE)
-            .and_then(|()| push.send(&token.to_le_bytes()[..], zmq::SNDMORE))
-            .and_then(|()| push.send(flush_prefix, 0)),
-        Item::Control(Control::Raw(frames)) => {
-            let n = frames.len();
-            frames
-                .into_iter()
-                .enumerate()
-                .skip(1)
-                .try_for_each(|(i, f)| push.send(f, if i + 1 < n { zmq::SNDMORE } else { 0 }))
-        }
-    };
-    if let Err(e) = rest {
-        tracing::warn!(error = %e, "the sender could not finish a message to the proxy");
-    }
-    Ok(())
-}
-
-/// The layer is closing: hands what is queued to the socket, waiting up to `close_linger`
-/// while the socket refuses (the proxy is away or slow); what it took goes out within
-/// `linger`. What it never took is counted as abandoned, and said.
-fn close(
-    push: &zmq::Socket,
-    pending: &mut VecDeque<Item<Control>>,
-    numbering: &mut Numbering,
-    close_linger: Duration,
-    abandoned: &AtomicU64,
-) {
-    let until = Instant::now() + close_linger;
-    loop {
-        while let Some(item) = pending.pop_front() {
-            if let Err(back) = try_send(push, item, numbering, abandoned) {
-                pending.push_front(back);
-                break;
-            }
-        }
-        let left = until.saturating_duration_since(Instant::now());
-        if pending.is_empty() || left.is_zero() {
-            break;
-        }
-        let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
-        if let Err(e) = push.poll(zmq::POLLOUT, wait) {
-            if e != zmq::Error::EINTR {
-                tracing::warn!(error = %e, "the sender could not poll while closing");
-                break;
-            }
-        }
-    }
-    let left: usize = pending.iter().map(Item::count).sum();
-    if left > 0 {
-        abandoned.fetch_add(left as u64, Ordering::Relaxed);
-        tracing::warn!(
-            abandoned = left,
-            "the layer closed with {left} messages the proxy did not take within close_linger ({close_linger:?}); counted in TransportStats::abandoned"
-        );
-    }
-}
-
-fn run(
-    cfg: ZmqConfig,
-    pull: String,
-    mailbox: Arc<Outbox>,
+/// The PUSH socket and what goes with it, behind the [`Outbox`]'s lock.
+pub(crate) struct Push {
+    push: zmq::Socket,
+    numbering: Numbering,
+    /// Taken from the queue, not yet taken by the socket (it is at its high-water mark).
+    pending: VecDeque<Item<Control>>,
     abandoned: Arc<AtomicU64>,
-    ready: std::sync::mpsc::Sender<Result<()>>,
-) {
-    let push = match setup(&cfg, &pull) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
+    /// When the socket last took something (see [`Sink::idle`]).
+    last: Instant,
+}
+
+impl Sink for Push {
+    fn put(&mut self, item: Item<Control>) -> bool {
+        self.pending.push_back(item);
+        self.flush();
+        !self.pending.is_empty()
+    }
+
+    fn idle(&mut self) -> bool {
+        // Nothing held back for the socket: else the send queues (bounded by send_queue).
+        self.numbering.turn();
+        self.pending.is_empty() && idle_since(&mut self.last)
+    }
+}
+
+impl Push {
+    /// Hands what is pending to the socket, in order, until it refuses.
+    fn flush(&mut self) {
+        while let Some(item) = self.pending.pop_front() {
+            if let Err(back) = self.try_send(item) {
+                self.pending.push_front(back);
+                break;
+            }
         }
-    };
-    let _ = ready.send(Ok(()));
-    let mut pending: VecDeque<Item<Control>> = VecDeque::new();
-    let mut numbering = Numbering::new();
+    }
+
+    /// Sends one item without blocking. `Err(item)` gives it back when the socket is at its
+    /// high-water mark (nothing of it was sent). Data is numbered once the socket took it;
+    /// data the socket fails on (an error other than being full) is counted as abandoned.
+    fn try_send(&mut self, item: Item<Control>) -> std::result::Result<(), Item<Control>> {
+        let (first, more): (&[u8], bool) = match &item {
+            Item::Data(d) => (d.topic(), true),
+            Item::Control(Control::Mark { .. }) => (wire::MARK_CONTROL, true),
+            Item::Control(Control::Raw(frames)) => match frames.first() {
+                None => return Ok(()),
+                Some(f) => (f, frames.len() > 1),
+            },
+        };
+        let more = if more { zmq::SNDMORE } else { 0 };
+        match self.push.send(first, zmq::DONTWAIT | more) {
+            Err(zmq::Error::EAGAIN) => return Err(item),
+            Err(e) => {
+                let n = item.count();
+                self.abandoned.fetch_add(n as u64, Ordering::Relaxed);
+                tracing::warn!(error = %e, messages = n, "the sender could not send to the proxy; dropped, counted in TransportStats::abandoned");
+                return Ok(());
+            }
+            Ok(()) => {}
+        }
+        // The first frame was taken: the rest of the message goes to the same pipe and is
+        // never refused for the high-water mark (it counts whole messages).
+        let rest = match item {
+            Item::Data(Outgoing::One { topic, payload }) => {
+                let meta = self.numbering.next(&topic, wire::META_DATA, 1);
+                self.send_rest([zmq::Message::from(&meta[..]), payload.into()])
+            }
+            Item::Data(Outgoing::Run { topic, body, count }) => {
+                let meta = self.numbering.next(&topic, wire::META_BATCH, count as u64);
+                self.send_rest([zmq::Message::from(&meta[..]), body.into()])
+            }
+            Item::Control(Control::Mark {
+                reply,
+                token,
+                flush_prefix,
+            }) => self.send_rest([reply, token.to_le_bytes().to_vec(), flush_prefix]),
+            Item::Control(Control::Raw(frames)) => self.send_rest(frames.into_iter().skip(1)),
+        };
+        if let Err(e) = rest {
+            tracing::warn!(error = %e, "the sender could not finish a message to the proxy");
+        }
+        Ok(())
+    }
+
+    fn send_rest<T: Into<zmq::Message>>(
+        &self,
+        frames: impl IntoIterator<Item = T>,
+    ) -> zmq::Result<()> {
+        let mut frames = frames.into_iter().peekable();
+        while let Some(f) = frames.next() {
+            let more = if frames.peek().is_some() {
+                zmq::SNDMORE
+            } else {
+                0
+            };
+            self.push.send(f, more)?;
+        }
+        Ok(())
+    }
+
+    /// The layer is closing: hands what is pending to the socket, waiting up to
+    /// `close_linger` while the socket refuses (the proxy is away or slow); what it took
+    /// goes out within `linger`. What it never took is counted as abandoned, and said.
+    fn close(&mut self, close_linger: Duration) {
+        let until = Instant::now() + close_linger;
+        loop {
+            self.flush();
+            let left = until.saturating_duration_since(Instant::now());
+            if self.pending.is_empty() || left.is_zero() {
+                break;
+            }
+            let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
+            if let Err(e) = self.push.poll(zmq::POLLOUT, wait) {
+                if e != zmq::Error::EINTR {
+                    tracing::warn!(error = %e, "the sender could not poll while closing");
+                    break;
+                }
+            }
+        }
+        let left: usize = self.pending.iter().map(Item::count).sum();
+        if left > 0 {
+            self.abandoned.fetch_add(left as u64, Ordering::Relaxed);
+            tracing::warn!(
+                abandoned = left,
+                "the layer closed with {left} messages the proxy did not take within close_linger ({close_linger:?}); counted in TransportStats::abandoned"
+            );
+        }
+    }
+}
+
+fn run((outbox, fd, close_linger): (Arc<Outbox<Push>>, RawFd, Duration)) {
+    let mailbox = &outbox.mailbox;
     loop {
-        let blocked = !pending.is_empty();
-        let timeout = if blocked || mailbox.prepare_sleep() {
+        let blocked = !lock(&outbox.sink).pending.is_empty();
+        let timeout = if blocked {
+            100
+        } else if mailbox.prepare_sleep() {
             1000
         } else {
             0
         };
-        {
-            let mut items = [
-                mailbox.poll_item(),
-                push.as_poll_item(if blocked {
-                    zmq::POLLOUT
-                } else {
-                    zmq::PollEvents::empty()
-                }),
-            ];
-            if let Err(e) = zmq::poll(&mut items, timeout) {
-                if e != zmq::Error::EINTR {
-                    tracing::warn!(error = %e, "the sender could not poll");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        // Blocked: wait for the socket to take more (its fd; a direct send may be using it).
+        let mut items = [mailbox.poll_item(), fd_item(fd)];
+        let n = if blocked { 2 } else { 1 };
+        poll(&mut items[..n], timeout, "sender");
         mailbox.woke();
-        numbering.turn();
+        let mut push = lock(&outbox.sink);
+        push.numbering.turn();
         if mailbox.is_closed() {
-            pending.extend(mailbox.take_all());
-            close(
-                &push,
-                &mut pending,
-                &mut numbering,
-                cfg.close_linger,
-                &abandoned,
-            );
+            push.pending.extend(mailbox.take_all());
+            push.close(close_linger);
             break;
         }
-        if pending.is_empty() {
-            mailbox.take_some(1024, &mut pending);
+        // Taken under the lock: a direct send never passes what is queued.
+        let mut worked = false;
+        if push.pending.is_empty() {
+            mailbox.take_some(1024, &mut push.pending);
+            worked = !push.pending.is_empty();
         }
-        let worked = !pending.is_empty();
-        while let Some(out) = pending.pop_front() {
-            if let Err(back) = try_send(&push, out, &mut numbering, &abandoned) {
-                pending.push_front(back);
-                break;
-            }
+        push.flush();
+        if worked {
+            push.last = Instant::now();
         }
+        drop(push);
         if worked {
             // As the embedded publisher does: more merges in the queue, fewer doorbells.
             std::thread::yield_now();

@@ -1,8 +1,10 @@
 //! [`ZmqTransport`]: the [`Transport`] over PUB/SUB; core's `TransportLayer` makes it a
 //! channel layer ([`ZmqLayer`](crate::ZmqLayer)). See the crate docs.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,9 +15,9 @@ use chanlayer_core::toolkit::{
 use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{lock, Control, Outbox, Refused};
+use crate::bridge::{lock, Control, Outlet, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
-use crate::hub::{HubCounters, HubStats};
+use crate::hub::{Counters, HubStats};
 use crate::publisher::{self, Endpoint};
 use crate::receiver::{Confirm, Receiver, ReceiverSync, Shared, TransportCounters};
 use crate::sender::PushSender;
@@ -50,8 +52,6 @@ enum Outbound {
 }
 
 struct Inner {
-    /// This instance's number in the process (see [`Scratch`]).
-    serial: u64,
     cfg: ZmqConfig,
     shared: Arc<Shared>,
     inbox_topic: Vec<u8>,
@@ -60,7 +60,7 @@ struct Inner {
     normal: Mutex<HashSet<String>>,
     /// Embedded mode: the counters of the publisher this instance used, kept at close (its
     /// close may still count messages as abandoned).
-    closed_publisher: Mutex<Option<Arc<HubCounters>>>,
+    closed_publisher: Mutex<Option<Counters>>,
 }
 
 /// The ZeroMQ transport of one layer instance. See the crate docs.
@@ -74,16 +74,12 @@ impl std::fmt::Debug for ZmqTransport {
     }
 }
 
-/// A thread's reused state for the per-message paths (see [`with_scratch`]).
+/// A thread's reused buffers for the per-message path (see [`with_scratch`]): the topic and
+/// the encoded envelope of a small message being sent.
 #[derive(Default)]
 struct Scratch {
-    /// The encoded envelope of a small message being sent.
-    payload: Vec<u8>,
-    /// The topic of `sent_to`.
     topic: Vec<u8>,
-    /// The layer instance ([`Inner::serial`]) and channel whose topic `topic` holds; serial
-    /// 0 is nothing.
-    sent_to: (u64, String),
+    payload: Vec<u8>,
 }
 
 thread_local! {
@@ -92,8 +88,7 @@ thread_local! {
 
 /// Runs `f` with this thread's [`Scratch`] and keeps it for the next call (a fresh one if
 /// the thread's storage is gone). No await happens inside `f`, so a task moving between
-/// threads never shares it. A stream of sends to one channel builds its topic once, not
-/// per message.
+/// threads never shares it, and a send allocates nothing of its own.
 fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     let mut scratch = SCRATCH
         .try_with(Cell::take)
@@ -104,9 +99,6 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     let _ = SCRATCH.try_with(|c| c.set(Some(scratch)));
     r
 }
-
-/// Layer instance serials for [`Scratch`]: never 0, never reused in a process.
-static SERIALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A refused push as an error: `ChannelFull` names the channel and, as its capacity, the
 /// instance's `send_queue` (the queue that was full).
@@ -130,7 +122,7 @@ impl Inner {
     fn take_outbound(&self) -> Option<Arc<Outbound>> {
         let outbound = lock(&self.outbound).take()?;
         if let Outbound::Embedded { endpoint, .. } = &*outbound {
-            if let Some(p) = endpoint.running() {
+            if let Some(p) = endpoint.started() {
                 *lock(&self.closed_publisher) = Some(p.counters());
             }
         }
@@ -141,23 +133,18 @@ impl Inner {
         &self.shared.options().prefix
     }
 
-    /// The topic messages for `channel` travel on; `None` for a process-local name that no
-    /// instance can own.
-    fn channel_topic(&self, channel: &str) -> Option<Vec<u8>> {
-        if names::is_process_local(channel) {
-            names::owner_instance(channel).map(|owner| wire::inbox_topic(self.prefix(), owner))
-        } else {
-            Some(wire::channel_topic(self.prefix(), channel))
+    /// The topic of a channel message: the owner's inbox topic, or the normal channel's.
+    fn topic_into(&self, out: &mut Vec<u8>, owner: Option<&str>, channel: &str) {
+        match owner {
+            Some(owner) => wire::inbox_topic_into(out, self.prefix(), owner),
+            None => wire::channel_topic_into(out, self.prefix(), channel),
         }
     }
 
-    /// Runs `push` on the queue of this instance's sending thread: the embedded publisher
-    /// of this process (bound now if it is not yet: the first send binds it) or the
-    /// dedicated sender. `Unsupported` for a receive-only instance (`bind=never`).
-    fn send_through(
-        &self,
-        push: impl FnOnce(&Outbox) -> std::result::Result<(), Refused>,
-    ) -> Result<std::result::Result<(), Refused>> {
+    /// Runs `f` on this instance's sending side: the embedded publisher of this process
+    /// (bound now if it is not yet: the first send binds it) or the dedicated sender.
+    /// `Unsupported` for a receive-only instance (`bind=never`).
+    fn outlet<R>(&self, f: impl FnOnce(&dyn Outlet) -> R) -> Result<R> {
         let outbound = lock(&self.outbound);
         match outbound.as_deref().ok_or(Error::Closed)? {
             Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
@@ -166,41 +153,22 @@ impl Inner {
                 "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
             )),
             Outbound::Embedded { endpoint, .. } => match endpoint.started() {
-                Some(p) => Ok(push(p.outbox())),
+                Some(p) => Ok(f(p.outbox())),
                 None => {
                     // The first send binds the publisher: not under the lock `close` takes.
                     let endpoint = endpoint.clone();
                     drop(outbound);
-                    Ok(push(endpoint.publisher()?.outbox()))
+                    Ok(f(endpoint.publisher()?.outbox()))
                 }
             },
-            Outbound::Dedicated(s) => Ok(push(s.outbox())),
+            Outbound::Dedicated(s) => Ok(f(s.outbox())),
         }
     }
 
-    /// Queues the data message `[topic, payload]` for the socket thread, copied into the
-    /// queued run of its topic (the path of small messages: nothing is allocated per
-    /// message once the run exists).
-    fn publish_data(
-        &self,
-        topic: &[u8],
-        payload: &[u8],
-    ) -> Result<std::result::Result<(), Refused>> {
-        self.send_through(|o| o.push_data(topic, payload))
-    }
-
-    /// Queues one data message for the socket thread, its bytes handed over.
-    fn publish_one(
-        &self,
-        topic: Vec<u8>,
-        payload: Vec<u8>,
-    ) -> Result<std::result::Result<(), Refused>> {
-        self.send_through(|o| o.push_owned(topic, payload))
-    }
-
-    /// Queues data messages for the socket thread (all or none).
-    fn publish(&self, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<std::result::Result<(), Refused>> {
-        self.send_through(|o| o.push_all(msgs))
+    /// Sends the data message `[topic, payload]` for `channel` (see [`Outlet::send`]).
+    fn send(&self, channel: &str, topic: &[u8], payload: Cow<'_, [u8]>) -> Result<()> {
+        self.outlet(|o| o.send(topic, payload))?
+            .map_err(|r| refused(r, channel, self.cfg.send_queue))
     }
 
     /// Sends a MARK through the publisher (after everything this instance sent before) that
@@ -210,19 +178,16 @@ impl Inner {
     fn mark(&self, flush_prefix: &str) -> Result<Option<oneshot::Receiver<()>>> {
         let token = rand::random::<u64>();
         let outbound = self.outbound()?;
-        let publisher;
-        let outbox = match &*outbound {
-            Outbound::Embedded { endpoint, .. } => match endpoint.running() {
-                Some(p) => {
-                    publisher = p;
-                    publisher.outbox()
-                }
+        let outlet: &dyn Outlet = match &*outbound {
+            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
+                Some(p) => p.outbox(),
                 None => return Ok(None),
             },
             Outbound::Dedicated(s) => s.outbox(),
         };
         let rx = self.receiver.await_mark(token)?;
-        outbox
+        outlet
+            .queue()
             .push_control(Control::Mark {
                 reply: self.inbox_topic.clone(),
                 token,
@@ -236,12 +201,7 @@ impl Inner {
     /// publisher. Returns at once when not connected or when no publisher of this process
     /// is involved.
     async fn barrier(&self, wait: Duration) {
-        if !self
-            .shared
-            .transport
-            .link_up
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if !self.shared.transport.link_up.load(Ordering::Relaxed) {
             return;
         }
         if let Ok(Some(rx)) = self.mark("") {
@@ -250,24 +210,16 @@ impl Inner {
     }
 
     fn ensure_normal(&self, channel: &str) -> Result<()> {
-        let mut set = lock(&self.normal);
-        if set.contains(channel) {
+        if !lock(&self.normal).insert(channel.to_owned()) {
             return Ok(());
         }
-        set.insert(channel.to_owned());
-        drop(set);
         self.receiver.subscribe_channel(self.prefix(), channel)
     }
-}
 
-impl Inner {
     /// Stops the receiving thread and releases the sending side (lingering up to
     /// `close_linger` for what `send` accepted; what is left is counted).
     async fn shut_down(self: &Arc<Self>) {
-        self.shared
-            .sync
-            .gone
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.sync.gone.store(true, Ordering::SeqCst);
         let outbound = self.take_outbound();
         let joining = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -281,36 +233,21 @@ impl Inner {
         .await;
     }
 
-    /// The topic of a channel message: the owner's inbox topic, or the normal channel's.
-    fn topic_of(&self, owner: Option<&str>, channel: &str) -> Vec<u8> {
-        match owner {
-            Some(owner) => wire::inbox_topic(self.prefix(), owner),
-            None => wire::channel_topic(self.prefix(), channel),
-        }
-    }
-
-    /// Queues a channel message for the socket thread. A message small enough to travel in
-    /// a batch is encoded into this thread's reused buffer and copied from there into the
-    /// queued run of its topic (nothing allocated per message once the run exists).
+    /// Sends a channel message. A message small enough to travel in a batch is encoded
+    /// into this thread's reused buffers (nothing allocated per message).
     fn send_channel(&self, owner: Option<&str>, out: Outgoing<'_>) -> Result<Published> {
         let channel = out.destination();
-        let pushed = if out.wire_size() <= wire::BATCH_ITEM_MAX {
-            with_scratch(|sc| {
-                if !(sc.sent_to.0 == self.serial && sc.sent_to.1 == channel) {
-                    sc.sent_to.0 = 0;
-                    sc.topic = self.topic_of(owner, channel);
-                    sc.sent_to.1.clear();
-                    sc.sent_to.1.push_str(channel);
-                    sc.sent_to.0 = self.serial;
-                }
+        with_scratch(|sc| {
+            sc.topic.clear();
+            self.topic_into(&mut sc.topic, owner, channel);
+            if out.wire_size() <= wire::BATCH_ITEM_MAX {
                 sc.payload.clear();
                 out.encode_into(&mut sc.payload);
-                self.publish_data(&sc.topic, &sc.payload)
-            })?
-        } else {
-            self.publish_one(self.topic_of(owner, channel), out.encode())?
-        };
-        pushed.map_err(|r| refused(r, channel, self.cfg.send_queue))?;
+                self.send(channel, &sc.topic, Cow::Borrowed(&sc.payload))
+            } else {
+                self.send(channel, &sc.topic, Cow::Owned(out.encode()))
+            }
+        })?;
         Ok(Published::Stored)
     }
 }
@@ -324,7 +261,7 @@ impl ZmqTransport {
     /// Counters of the transport (messages lost on the way, replayed, connection state).
     pub fn transport_stats(&self) -> TransportStats {
         let t = &self.inner.shared.transport;
-        let o = std::sync::atomic::Ordering::Relaxed;
+        let o = Ordering::Relaxed;
         TransportStats {
             lost: t.lost.load(o),
             replayed: t.replayed.load(o),
@@ -340,10 +277,10 @@ impl ZmqTransport {
         let Ok(outbound) = self.inner.outbound() else {
             return lock(&self.inner.closed_publisher)
                 .as_ref()
-                .map(|c| c.snapshot());
+                .map(|c| *lock(c));
         };
         match &*outbound {
-            Outbound::Embedded { endpoint, .. } => endpoint.running().map(|p| p.stats()),
+            Outbound::Embedded { endpoint, .. } => endpoint.started().map(|p| p.stats()),
             Outbound::Dedicated(_) => None,
         }
     }
@@ -354,12 +291,15 @@ impl ZmqTransport {
     pub async fn publish_raw(&self, channel: &str, bytes: Vec<u8>) -> Result<()> {
         let inner = &self.inner;
         inner.shared.closed().check()?;
-        let topic = inner
-            .channel_topic(channel)
-            .ok_or_else(|| Error::InvalidMessage(format!("{channel:?} names no layer instance")))?;
-        inner
-            .publish_one(topic, bytes)?
-            .map_err(|r| refused(r, channel, inner.cfg.send_queue))
+        let owner = names::owner_instance(channel);
+        if names::is_process_local(channel) && owner.is_none() {
+            return Err(Error::InvalidMessage(format!(
+                "{channel:?} names no layer instance"
+            )));
+        }
+        let mut topic = Vec::new();
+        inner.topic_into(&mut topic, owner, channel);
+        inner.send(channel, &topic, Cow::Owned(bytes))
     }
 
     /// Sends frames exactly as given: in embedded mode straight out of the publisher's XPUB
@@ -368,7 +308,7 @@ impl ZmqTransport {
         let inner = &self.inner;
         inner.shared.closed().check()?;
         inner
-            .send_through(|o| o.push_control(Control::Raw(frames)))?
+            .outlet(|o| o.queue().push_control(Control::Raw(frames)))?
             .map_err(|r| refused(r, "(raw frames)", inner.cfg.send_queue))
     }
 }
@@ -392,8 +332,7 @@ impl Transport for ZmqTransport {
         let cfg = ZmqConfig::from_layer_config(config)?;
         let sync = Arc::new(ReceiverSync::default());
         // The inbox subscription is outstanding from the start.
-        sync.outstanding
-            .store(1, std::sync::atomic::Ordering::SeqCst);
+        sync.outstanding.store(1, Ordering::SeqCst);
         let shared = Arc::new(Shared {
             inbound,
             transport: TransportCounters::default(),
@@ -420,7 +359,6 @@ impl Transport for ZmqTransport {
         };
         let (receiver, inbox_confirmed) = Receiver::start(&cfg, shared.clone())?;
         let inner = Arc::new(Inner {
-            serial: SERIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cfg,
             shared,
             inbox_topic,
@@ -434,38 +372,33 @@ impl Transport for ZmqTransport {
             tokio::time::timeout(timeout, inbox_confirmed).await,
             Ok(Ok(Confirm::Confirmed))
         );
-        match &inner.cfg.mode {
-            Mode::Dedicated { pull, publish } => {
-                if !confirmed {
-                    inner.shut_down().await;
-                    return Err(Error::Backend {
-                        backend: BACKEND,
-                        message: format!(
-                            "no chanlayer zmq proxy answered on {publish} within {timeout:?} (is `chanlayer zmq-proxy --pull {pull} --pub {publish}` running?)"
-                        ),
-                        source: None,
-                    });
-                }
-                let came_back = match inner.mark("")? {
-                    Some(rx) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
-                    None => true,
-                };
-                if !came_back {
-                    inner.shut_down().await;
-                    return Err(Error::Backend {
-                        backend: BACKEND,
-                        message: format!(
-                            "the proxy answers on {publish}, but a message sent to {pull} did not come back within {timeout:?}: is {pull} the PULL address of the same proxy?"
-                        ),
-                        source: None,
-                    });
-                }
-            }
+        let failed = match &inner.cfg.mode {
             Mode::Embedded { endpoint } => {
                 if !confirmed {
                     tracing::debug!(%endpoint, "no publisher is up yet; subscriptions take effect when one binds");
                 }
+                None
             }
+            Mode::Dedicated { pull, publish } if !confirmed => Some(format!(
+                "no chanlayer zmq proxy answered on {publish} within {timeout:?} (is `chanlayer zmq-proxy --pull {pull} --pub {publish}` running?)"
+            )),
+            Mode::Dedicated { pull, publish } => {
+                let came_back = match inner.mark("")? {
+                    Some(rx) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
+                    None => true,
+                };
+                (!came_back).then(|| format!(
+                    "the proxy answers on {publish}, but a message sent to {pull} did not come back within {timeout:?}: is {pull} the PULL address of the same proxy?"
+                ))
+            }
+        };
+        if let Some(message) = failed {
+            inner.shut_down().await;
+            return Err(Error::Backend {
+                backend: BACKEND,
+                message,
+                source: None,
+            });
         }
         Ok(ZmqTransport { inner })
     }
@@ -492,11 +425,12 @@ impl Transport for ZmqTransport {
             return Ok(0);
         };
         let channel = first.destination();
-        let topic = inner.topic_of(owner, channel);
+        let mut topic = Vec::new();
+        inner.topic_into(&mut topic, owner, channel);
         let n = outs.len();
         let msgs = outs.iter().map(|o| (topic.clone(), o.encode())).collect();
         inner
-            .publish(msgs)?
+            .outlet(|o| o.queue().push_all(msgs))?
             .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
         Ok(n)
     }
@@ -509,7 +443,7 @@ impl Transport for ZmqTransport {
         // group_send never fails for capacity: wait a little for room in the queue, then
         // drop the message and count it.
         for attempt in 0..200u32 {
-            match inner.publish(vec![(topic.clone(), payload.clone())])? {
+            match inner.outlet(|o| o.send(&topic, Cow::Borrowed(&payload)))? {
                 Ok(()) => return Ok(Published::Stored),
                 Err(Refused::Closed) => return Err(Error::Closed),
                 Err(Refused::Full) => {
@@ -588,11 +522,7 @@ impl Transport for ZmqTransport {
 
     fn abandon(&self) {
         let inner = &self.inner;
-        inner
-            .shared
-            .sync
-            .gone
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        inner.shared.sync.gone.store(true, Ordering::SeqCst);
         inner.receiver.stop();
         if let Some(outbound) = inner.take_outbound() {
             // Releasing the sending side may linger (close_linger): not on the dropping

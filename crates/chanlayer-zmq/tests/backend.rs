@@ -254,9 +254,17 @@ async fn a_burst_travels_in_batches_embedded() {
     let layer = connect(&url, &prefix).await.expect("connect");
     let me = layer.new_channel("me").await.expect("new_channel");
     burst(&layer, &layer, &me, 500).await;
-    let stats = layer
-        .publisher_stats()
-        .expect("this process binds the publisher");
+    // `received` is counted last (HubStats' order): poll until it shows the burst.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = layer
+            .publisher_stats()
+            .expect("this process binds the publisher");
+        if stats.received >= 500 || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert!(
         stats.batches >= 1,
         "no batch frame was published: {stats:?}"
@@ -291,7 +299,16 @@ async fn a_burst_travels_in_batches_through_the_proxy() {
     assert_eq!(seq(&recv(&receiver, &ch).await), 1);
     assert_eq!(recv(&receiver, &ch).await.body(), big.body());
     assert_eq!(seq(&recv(&receiver, &ch).await), 2);
-    let stats = proxy.stats();
+    // The proxy counts `received` last (HubStats' order): a message can reach the receiver
+    // a moment before it shows there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = proxy.stats();
+        if stats.received >= 503 || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert!(
         stats.batches >= 1,
         "no batch frame was published: {stats:?}"

@@ -20,6 +20,14 @@ pub const PAGE: &str = include_str!("page.html");
 /// Largest websocket frame a client may send (a request is small JSON).
 const MAX_FRAME: usize = 16 * 1024;
 
+/// The health check's message: a struct with a named field, so that it is a map on every
+/// codec and wire (`wire=channels_rabbitmq` sends a message as a MessagePack map, which a
+/// bare number is not).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HealthToken {
+    token: u64,
+}
+
 /// How the server treats its connections.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -136,11 +144,13 @@ impl App {
                 }
             };
             let token = crate::now_ms();
-            self.layer.send_as(&ch, "chat.health", &token).await?;
+            self.layer
+                .send_as(&ch, "chat.health", &HealthToken { token })
+                .await?;
             // Earlier checks that timed out may have left their token behind: skip them.
             loop {
                 let msg = self.layer.receive(&ch).await?;
-                if msg.decode::<u64>().ok() == Some(token) {
+                if msg.decode::<HealthToken>().ok().map(|h| h.token) == Some(token) {
                     return Ok::<(), chanlayer::Error>(());
                 }
             }

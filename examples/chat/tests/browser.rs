@@ -17,12 +17,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    artifacts, browser_dir, require_broker, require_browser, run_prefix, start_server, KillOnDrop,
-    Server, BROWSER_WITHIN,
+    artifacts, require_broker, require_browser, run_node, run_prefix, start_server, Server,
+    BROWSER_WITHIN,
 };
 
 /// Runs the browser script against `a` (and `b`, which it kills); panics unless it passes.
@@ -30,7 +29,6 @@ use common::{
 fn run_browser(backend: &str, a: &mut Server, b: Option<&Server>) {
     let chromium = require_browser();
     let mut args: Vec<String> = vec![
-        "chat.test.mjs".into(),
         "--backend".into(),
         backend.into(),
         "--a".into(),
@@ -51,29 +49,7 @@ fn run_browser(backend: &str, a: &mut Server, b: Option<&Server>) {
         ]);
     }
     let started = Instant::now();
-    let out_path = artifacts().join(format!("{backend}-browser.log"));
-    let out = std::fs::File::create(&out_path).expect("create the browser log");
-    let mut node = KillOnDrop {
-        child: Command::new("node")
-            .args(&args)
-            .current_dir(browser_dir())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log handle"))
-            .stderr(out)
-            .spawn()
-            .expect("start node"),
-    };
-    let status = loop {
-        if let Some(status) = node.child.try_wait().expect("wait for node") {
-            break Some(status);
-        }
-        if started.elapsed() > BROWSER_WITHIN {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    println!("{output}");
+    let (status, output) = run_node("chat.test.mjs", &args, &format!("{backend}-browser.log"));
     let servers = match b {
         Some(b) => format!("{}, {}", a.log.display(), b.log.display()),
         None => a.log.display().to_string(),

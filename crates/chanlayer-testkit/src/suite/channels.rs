@@ -339,3 +339,42 @@ pub async fn concurrent_100_sends(ctx: Ctx) {
         assert_eq!(seen.len(), 100);
     }
 }
+
+/// `Capabilities::normal_channels`, both ways: where it is `true`, a normal channel takes a
+/// send, gives it back on receive and joins a group; where it is `false`, each of those is
+/// `Unsupported` (and process-local channels still work).
+pub async fn normal_channels_follow_the_capability(ctx: Ctx) {
+    let l = ctx.layer().await;
+    let normal = ctx.name("normal");
+    let group = ctx.name("g");
+    if caps(&l).normal_channels {
+        l.send(&normal, seq_msg(1, Codec::Bincode))
+            .await
+            .expect("send to a normal channel");
+        assert_eq!(seq_of(&recv(&l, &normal).await), 1);
+        l.group_add(&group, &normal)
+            .await
+            .expect("a normal channel joins a group");
+    } else {
+        let send = l.send(&normal, seq_msg(1, Codec::Bincode)).await;
+        assert!(
+            matches!(send, Err(Error::Unsupported { .. })),
+            "send: {send:?}"
+        );
+        let receive = tokio::time::timeout(Duration::from_secs(5), l.receive(&normal)).await;
+        assert!(
+            matches!(receive, Ok(Err(Error::Unsupported { .. }))),
+            "receive: {receive:?}"
+        );
+        let add = l.group_add(&group, &normal).await;
+        assert!(
+            matches!(add, Err(Error::Unsupported { .. })),
+            "group_add: {add:?}"
+        );
+    }
+    let local = l.new_channel("p").await.expect("new_channel");
+    l.send(&local, seq_msg(2, Codec::Bincode))
+        .await
+        .expect("send to a process-local channel");
+    assert_eq!(seq_of(&recv(&l, &local).await), 2);
+}

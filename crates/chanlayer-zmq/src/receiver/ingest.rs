@@ -17,29 +17,6 @@ use super::{Confirm, Route, Shared, HAND_OVER_AT};
 use crate::seq::{settle, Held, Pos, Verdict};
 use crate::wire::{self, Origin};
 
-/// One message's envelope bytes: a whole frame, or an item of a batch frame.
-enum Piece<'a> {
-    Frame(zmq::Message),
-    Item(&'a [u8]),
-}
-
-impl Piece<'_> {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Piece::Frame(m) => m,
-            Piece::Item(b) => b,
-        }
-    }
-
-    /// Owned, to be held back while a probe is outstanding (rare: copies an item).
-    fn into_message(self) -> zmq::Message {
-        match self {
-            Piece::Frame(m) => m,
-            Piece::Item(b) => zmq::Message::from(b),
-        }
-    }
-}
-
 impl State {
     pub(super) fn drain_sub(&mut self, sock: &zmq::Socket, max: usize) {
         let mut frames: Vec<zmq::Message> = Vec::with_capacity(4);
@@ -124,7 +101,7 @@ impl State {
             (Dest::Sub, Some((wire::META_DATA, epoch, seq)), 3) => {
                 if let Some((topic, payload)) = ends(frames) {
                     let pos = Pos::new(epoch, seq);
-                    self.on_data(&topic, pos, origin, Piece::Frame(payload), false);
+                    self.on_data(&topic, pos, origin, &payload, false);
                 }
             }
             (Dest::Sub, Some((wire::META_BATCH, epoch, first)), 3) => {
@@ -158,7 +135,7 @@ impl State {
             (Dest::Probe(of), Some((wire::META_DATA, epoch, seq)), 3) => {
                 if let Some((_, payload)) = ends(frames) {
                     let pos = Pos::new(epoch, seq);
-                    self.on_data(&of, pos, origin, Piece::Frame(payload), true);
+                    self.on_data(&of, pos, origin, &payload, true);
                 }
             }
             (Dest::Probe(of), Some((wire::META_WELCOME, epoch, seq)), 2) => {
@@ -219,7 +196,7 @@ impl State {
                 seq: o.seq.saturating_add(i),
                 ..o
             });
-            self.on_data(topic, pos, origin, Piece::Item(item), false);
+            self.on_data(topic, pos, origin, item, false);
         }
     }
 
@@ -228,7 +205,7 @@ impl State {
         topic: &[u8],
         pos: Pos,
         origin: Option<Origin>,
-        payload: Piece<'_>,
+        payload: &[u8],
         replayed: bool,
     ) {
         let max_held = self.max_held;
@@ -245,8 +222,9 @@ impl State {
                 held.push(Held {
                     pos,
                     replayed,
+                    // Owned while held back (rare: only while a probe is outstanding).
                     payload: Kept {
-                        msg: payload.into_message(),
+                        msg: payload.to_vec(),
                         origin,
                     },
                 });
@@ -272,8 +250,7 @@ impl State {
                     None => gap,
                 };
                 count_lost(&self.shared, topic, lost);
-                if let Some(env) = accept(&self.shared, route, topic, payload.as_slice(), now_ms())
-                {
+                if let Some(env) = accept(&self.shared, route, topic, payload, now_ms()) {
                     self.ready.push(env);
                 }
             }

@@ -24,14 +24,14 @@ mod ingest;
 mod subs;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chanlayer_core::toolkit::Inbound;
 use chanlayer_core::{Error, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{context, lock, zmq_err, Item, Mailbox};
+use crate::bridge::{context, poll, spawn, zmq_err, Item, Mailbox, Worker};
 use crate::config::ZmqConfig;
 use crate::wire;
 use subs::State;
@@ -113,8 +113,7 @@ impl std::ops::Deref for Shared {
 
 /// The handle on the receiving thread.
 pub(crate) struct Receiver {
-    mailbox: Arc<Mailbox<Cmd>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    worker: Worker<Mailbox<Cmd>>,
 }
 
 impl Receiver {
@@ -124,43 +123,33 @@ impl Receiver {
         cfg: &ZmqConfig,
         shared: Arc<Shared>,
     ) -> Result<(Receiver, oneshot::Receiver<Confirm>)> {
-        let mailbox = Arc::new(Mailbox::new(usize::MAX)?);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let cfg = cfg.clone();
-            let mailbox = mailbox.clone();
-            std::thread::Builder::new()
-                .name("chanlayer-zmq receiver".into())
-                .spawn(move || run(cfg, shared, mailbox, ready_tx))
-                .map_err(|e| {
-                    Error::backend(crate::BACKEND, "could not start the receiver thread", e)
-                })?
-        };
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(e);
-            }
-            Err(_) => {
-                let _ = thread.join();
-                return Err(Error::Backend {
-                    backend: crate::BACKEND,
-                    message: "the receiver thread ended while starting".into(),
-                    source: None,
-                });
-            }
-        }
+        let cfg = cfg.clone();
+        let (thread, mailbox) = spawn(
+            "receiver",
+            move || {
+                let sockets = setup(&cfg, &shared)?;
+                let mailbox = Arc::new(Mailbox::new(usize::MAX)?);
+                Ok(((cfg, shared, mailbox.clone(), sockets), mailbox))
+            },
+            run,
+        )?;
         let receiver = Receiver {
-            mailbox,
-            thread: Mutex::new(Some(thread)),
+            worker: Worker::new(mailbox, thread),
         };
-        let inbox = ready_rx_inbox(&receiver)?;
-        Ok((receiver, inbox))
+        let (tx, rx) = oneshot::channel();
+        receiver.send(Cmd::Subscribe {
+            topic: Vec::new(), // the thread's inbox topic
+            route: Route::Inbox,
+            done: Some(tx),
+        })?;
+        Ok((receiver, rx))
     }
 
     fn send(&self, cmd: Cmd) -> Result<()> {
-        self.mailbox.push_control(cmd).map_err(|_| Error::Closed)
+        self.worker
+            .shared
+            .push_control(cmd)
+            .map_err(|_| Error::Closed)
     }
 
     /// Subscribes a normal channel (no wait).
@@ -194,27 +183,13 @@ impl Receiver {
 
     /// Stops the thread and waits for it (blocking: call from a blocking context).
     pub fn stop_and_join(&self) {
-        self.mailbox.close();
-        let handle = lock(&self.thread).take();
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
+        self.worker.stop();
     }
 
     /// Stops the thread without waiting.
     pub fn stop(&self) {
-        self.mailbox.close();
+        self.worker.detach();
     }
-}
-
-fn ready_rx_inbox(receiver: &Receiver) -> Result<oneshot::Receiver<Confirm>> {
-    let (tx, rx) = oneshot::channel();
-    receiver.send(Cmd::Subscribe {
-        topic: Vec::new(), // replaced by the inbox topic in the thread
-        route: Route::Inbox,
-        done: Some(tx),
-    })?;
-    Ok(rx)
 }
 
 static MONITOR_N: AtomicU64 = AtomicU64::new(0);
@@ -264,45 +239,27 @@ fn setup(cfg: &ZmqConfig, shared: &Shared) -> Result<(zmq::Socket, zmq::Socket)>
     Ok((sub, monitor))
 }
 
-fn run(
-    cfg: ZmqConfig,
-    shared: Arc<Shared>,
-    mailbox: Arc<Mailbox<Cmd>>,
-    ready: std::sync::mpsc::Sender<Result<()>>,
-) {
-    let (sub, monitor) = match setup(&cfg, &shared) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let _ = ready.send(Ok(()));
+type Thread = (
+    ZmqConfig,
+    Arc<Shared>,
+    Arc<Mailbox<Cmd>>,
+    (zmq::Socket, zmq::Socket),
+);
+
+fn run((cfg, shared, mailbox, (sub, monitor)): Thread) {
     let mut st = State::new(&cfg, shared);
     loop {
-        let probing = st.probing();
-        let timeout = if mailbox.prepare_sleep() {
-            if probing {
-                100
-            } else {
-                1000
-            }
-        } else {
-            0
+        let timeout = match (mailbox.prepare_sleep(), st.probing()) {
+            (false, _) => 0,
+            (true, true) => 100,
+            (true, false) => 1000,
         };
-        {
-            let mut items = [
-                sub.as_poll_item(zmq::POLLIN),
-                monitor.as_poll_item(zmq::POLLIN),
-                mailbox.poll_item(),
-            ];
-            if let Err(e) = zmq::poll(&mut items, timeout) {
-                if e != zmq::Error::EINTR {
-                    tracing::warn!(error = %e, "the receiver could not poll its sockets");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        let mut items = [
+            sub.as_poll_item(zmq::POLLIN),
+            monitor.as_poll_item(zmq::POLLIN),
+            mailbox.poll_item(),
+        ];
+        poll(&mut items, timeout, "receiver");
         mailbox.woke();
         if mailbox.is_closed() {
             break;

@@ -45,7 +45,7 @@ pub(super) enum SubState {
 
 /// A message held back while a probe is outstanding, with its origin (dedicated mode).
 pub(super) struct Kept {
-    pub msg: zmq::Message,
+    pub msg: Vec<u8>,
     pub origin: Option<Origin>,
 }
 
@@ -159,14 +159,10 @@ impl State {
             }
             return;
         }
-        self.probe_n += 1;
-        let probe = wire::probe_topic(self.shared.id(), self.probe_n, &topic);
-        if let Err(e) = sock
-            .set_subscribe(&topic)
-            .and_then(|()| sock.set_subscribe(&probe))
-        {
+        if let Err(e) = sock.set_subscribe(&topic) {
             tracing::warn!(error = %e, topic = %wire::display(&topic), "could not subscribe");
         }
+        let probe = self.probe(sock, &topic);
         let mut waiters = Vec::new();
         if let Some(done) = done {
             if link == Link::Down {
@@ -177,7 +173,6 @@ impl State {
         }
         let deadline = (link != Link::Down).then(|| Instant::now() + self.subscribe_timeout);
         let route_is_inbox = route == Route::Inbox;
-        self.probes.insert(probe.clone(), topic.clone());
         self.subs.insert(
             topic,
             Sub {
@@ -197,6 +192,17 @@ impl State {
         } else {
             self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// Subscribes a new probe of `topic` (after the topic itself, on the same connection).
+    fn probe(&mut self, sock: &zmq::Socket, topic: &[u8]) -> Vec<u8> {
+        self.probe_n += 1;
+        let probe = wire::probe_topic(self.shared.id(), self.probe_n, topic);
+        if let Err(e) = sock.set_subscribe(&probe) {
+            tracing::warn!(error = %e, "could not send a subscription probe");
+        }
+        self.probes.insert(probe.clone(), topic.to_vec());
+        probe
     }
 
     fn unsubscribe(&mut self, sock: &zmq::Socket, topic: &[u8]) {
@@ -299,12 +305,7 @@ impl State {
             }
         }
         for topic in reprobe {
-            self.probe_n += 1;
-            let probe = wire::probe_topic(self.shared.id(), self.probe_n, &topic);
-            if let Err(e) = sock.set_subscribe(&probe) {
-                tracing::warn!(error = %e, "could not send a subscription probe");
-            }
-            self.probes.insert(probe.clone(), topic.clone());
+            let probe = self.probe(sock, &topic);
             if let Some(Sub {
                 state: SubState::Probing { probe: p, .. },
                 ..
@@ -348,9 +349,6 @@ impl State {
     }
 
     pub fn timers(&mut self, sock: &zmq::Socket) {
-        for probe in self.pending_unsubscribe.drain(..) {
-            let _ = sock.set_unsubscribe(&probe);
-        }
         let now = Instant::now();
         let overdue: Vec<Vec<u8>> = self
             .subs

@@ -221,6 +221,42 @@ pub fn http_body(base: &str, path: &str) -> Option<String> {
     Some(http_get(base, path)?.split_once("\r\n\r\n")?.1.to_owned())
 }
 
+/// Runs `node SCRIPT ARGS...` in the browser folder, its output (stdout and stderr) into
+/// `artifacts()/LOG`, for at most [`BROWSER_WITHIN`]; returns its exit status (None when it
+/// did not finish in time: it is then killed) and its output, which is also printed.
+pub fn run_node(
+    script: &str,
+    args: &[String],
+    log: &str,
+) -> (Option<std::process::ExitStatus>, String) {
+    let started = Instant::now();
+    let out_path = artifacts().join(log);
+    let out = std::fs::File::create(&out_path).expect("create the browser log");
+    let mut node = KillOnDrop {
+        child: Command::new("node")
+            .arg(script)
+            .args(args)
+            .current_dir(browser_dir())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("start node"),
+    };
+    let status = loop {
+        if let Some(status) = node.child.try_wait().expect("wait for node") {
+            break Some(status);
+        }
+        if started.elapsed() > BROWSER_WITHIN {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+    println!("{output}");
+    (status, output)
+}
+
 /// The server's `/stats` counters.
 pub fn stats(server: &Server) -> serde_json::Value {
     let body = http_body(&server.base, "/stats").expect("GET /stats");
