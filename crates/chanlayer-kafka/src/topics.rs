@@ -14,7 +14,7 @@
 //! Every name starts with the layer's `prefix`, so two applications on one cluster with
 //! different prefixes never share a topic.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -121,34 +121,28 @@ impl Topics {
             Kind::Shared => self.cfg.partitions,
         };
         let replication = TopicReplication::Fixed(self.cfg.replication);
-        let defaults = [
-            ("retention.ms", self.cfg.retention.as_millis().to_string()),
+        let max_bytes = self.max_message_size.saturating_add(RECORD_OVERHEAD);
+        // The `topic.*` configs win over these.
+        let mut configs = BTreeMap::from([
             (
-                "max.message.bytes",
-                (self.max_message_size.saturating_add(RECORD_OVERHEAD)).to_string(),
+                "retention.ms".to_owned(),
+                self.cfg.retention.as_millis().to_string(),
             ),
-        ];
-        let mut new = NewTopic::new(topic, partitions, replication);
-        for (k, v) in &defaults {
-            if self.cfg.topic_properties.get(k).is_none() {
-                new = new.set(k, v);
-            }
-        }
-        for (k, v) in &self.cfg.topic_properties.0 {
-            new = new.set(k, v);
-        }
+            ("max.message.bytes".to_owned(), max_bytes.to_string()),
+        ]);
+        configs.extend(self.cfg.topic_properties.0.clone());
+        let new = (configs.iter()).fold(
+            NewTopic::new(topic, partitions, replication),
+            |n, (k, v)| n.set(k, v),
+        );
         let results = self
             .admin
             .create_topics([&new], &self.options())
             .await
             .map_err(|e| backend_err(&format!("could not create topic {topic:?}"), e))?;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => {
-                    return Err(failure(format!("could not create topic {t:?}: {code}")))
-                }
-            }
+        let mut failed = results.into_iter().filter_map(Result::err);
+        if let Some((t, code)) = failed.find(|(_, c)| *c != RDKafkaErrorCode::TopicAlreadyExists) {
+            return Err(failure(format!("could not create topic {t:?}: {code}")));
         }
         lock(&self.known).insert(topic.to_owned());
         Ok(())
