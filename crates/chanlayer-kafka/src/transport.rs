@@ -214,11 +214,23 @@ async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransp
         .await
         .map_err(reach)?;
     let groups = &names.groups;
-    let partitions = (topics.partition_count(groups).await.map_err(reach)?).ok_or_else(|| {
-        failure(format!(
-            "the groups topic {groups:?} is not in the cluster's metadata"
-        ))
-    })?;
+    // A topic just created can take a moment to show in the metadata a broker answers
+    // with: poll, up to connection_timeout.
+    let deadline = std::time::Instant::now() + instance.cfg.connection_timeout;
+    let partitions = loop {
+        match topics.partition_count(groups).await.map_err(reach)? {
+            Some(n) => break n,
+            None if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            None => {
+                return Err(failure(format!(
+                    "the groups topic {groups:?} is not in the cluster's metadata (waited {:?})",
+                    instance.cfg.connection_timeout
+                )))
+            }
+        }
+    };
     let consumer = {
         let instance = instance.clone();
         tokio::task::spawn_blocking(move || crate::receiver::assign(&instance, partitions))
