@@ -35,6 +35,7 @@ pub mod layer;
 pub mod memory;
 pub mod message;
 pub mod names;
+pub mod poison;
 pub mod signal;
 pub mod stats;
 pub mod telemetry;

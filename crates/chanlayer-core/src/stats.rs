@@ -33,6 +33,7 @@ pub struct Stats {
     undeliverable: Counter,
     redelivered: Counter,
     dropped_full: Counter,
+    dead_lettered: Counter,
     last_undecodable_log: Mutex<Option<Instant>>,
     /// The `metrics` handles, once the layer knows its backend ([`Stats::export`]).
     export: OnceLock<Handles>,
@@ -60,6 +61,9 @@ pub struct StatsSnapshot {
     /// was at capacity, dropped there (backends that enforce local capacity at the receiver,
     /// where the sender could not be told `ChannelFull`).
     pub dropped_full: u64,
+    /// Messages of normal channels moved to their dead-letter channel after
+    /// `max_deliveries` deliveries that were nacked.
+    pub dead_lettered: u64,
 }
 
 impl StatsSnapshot {
@@ -74,6 +78,7 @@ impl StatsSnapshot {
             undeliverable: self.undeliverable + other.undeliverable,
             redelivered: self.redelivered + other.redelivered,
             dropped_full: self.dropped_full + other.dropped_full,
+            dead_lettered: self.dead_lettered + other.dead_lettered,
         }
     }
 }
@@ -156,6 +161,19 @@ impl Stats {
             m.redelivered.increment(n);
         }
     }
+    /// Counts a message moved to its dead-letter channel.
+    pub fn record_dead_lettered(&self, channel: &str, dead: &str, deliveries: u32) {
+        bump(&self.dead_lettered, 1);
+        if let Some(m) = self.metrics() {
+            m.dead_lettered.increment(1);
+        }
+        tracing::warn!(
+            channel,
+            dead_letter = dead,
+            deliveries,
+            "a message was nacked max_deliveries times; moved to the dead-letter channel"
+        );
+    }
     /// Exports messages a transport counted as lost (ZeroMQ's sequence gaps; the transport
     /// keeps the count itself).
     pub fn export_lost(&self, n: u64) {
@@ -219,6 +237,7 @@ impl Stats {
             undeliverable: get(&self.undeliverable),
             redelivered: get(&self.redelivered),
             dropped_full: get(&self.dropped_full),
+            dead_lettered: get(&self.dead_lettered),
         }
     }
 }

@@ -14,6 +14,7 @@
 //! | `chanlayer_group_member_full_total` | counter | backend | group copies skipped for a full member |
 //! | `chanlayer_undeliverable_total` | counter | backend, kind | nobody could ever receive them |
 //! | `chanlayer_redelivered_total` | counter | backend | handed out again after a nack or a drop |
+//! | `chanlayer_dead_lettered_total` | counter | backend | moved to a dead-letter channel after `max_deliveries` |
 //! | `chanlayer_lost_total` | counter | backend | counted missing by sequence gaps (ZeroMQ) |
 //! | `chanlayer_reconnects_total` | counter | backend | connections lost and restored |
 //! | `chanlayer_inbox_messages` | gauge | backend | messages waiting in this process's local inboxes |
@@ -74,6 +75,7 @@ pub(crate) struct Handles {
     pub dropped_full: Counter,
     pub group_member_full: Counter,
     pub redelivered: Counter,
+    pub dead_lettered: Counter,
     pub lost: Counter,
     pub reconnects: Counter,
     pub inbox: Gauge,
@@ -104,6 +106,7 @@ impl Handles {
             dropped_full: one("chanlayer_dropped_full_total"),
             group_member_full: one("chanlayer_group_member_full_total"),
             redelivered: one("chanlayer_redelivered_total"),
+            dead_lettered: one("chanlayer_dead_lettered_total"),
             lost: one("chanlayer_lost_total"),
             reconnects: one("chanlayer_reconnects_total"),
             inbox: metrics::gauge!("chanlayer_inbox_messages", "backend" => backend),

@@ -29,7 +29,7 @@ use crate::message::Message;
 use crate::names;
 use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, Kind};
-use crate::transport::{NormalReader, NormalSource, Outgoing, Published, Transport};
+use crate::transport::{Incoming, NormalReader, NormalSource, Outgoing, Published, Transport};
 
 /// A [`ChannelLayer`] over transport `T`. Backends name it (`AmqpLayer` is
 /// `TransportLayer<AmqpTransport>`); it dereferences to the transport for what only that
@@ -172,6 +172,24 @@ impl<T: Transport> TransportLayer<T> {
         )
     }
 
+    /// A delivery of a normal channel's item; with `max_deliveries`, one whose nack moves
+    /// it (see [`poison`](crate::poison)).
+    fn delivery(&self, item: Incoming, channel: &str) -> Delivery {
+        let o = self.inbound.options();
+        match o.max_deliveries {
+            Some(max) => crate::poison::guard(
+                item,
+                channel,
+                max,
+                o.dead_letter.as_deref(),
+                self.transport.clone(),
+                self.inbound.stats().clone(),
+            )
+            .into_delivery(channel),
+            None => item.into_delivery(channel),
+        }
+    }
+
     fn record(&self, kind: Kind, name: &str, r: Published, n: u64) {
         match r {
             Published::Stored => self.inbound.stats().record_sent(kind, n),
@@ -286,7 +304,7 @@ impl<T: Transport> TransportLayer<T> {
 
     async fn receive_delivery_op(&self, channel: &str) -> Result<Delivery> {
         let d = match self.source(channel, Some("receive_delivery")).await? {
-            Some(s) => s.next().await?.into_delivery(channel),
+            Some(s) => self.delivery(s.next().await?, channel),
             None => self.local_delivery(channel, self.inbound.take(channel).await?),
         };
         self.inbound
@@ -307,7 +325,7 @@ impl<T: Transport> TransportLayer<T> {
                 .next_batch(max, timeout)
                 .await?
                 .into_iter()
-                .map(|item| item.into_delivery(channel))
+                .map(|item| self.delivery(item, channel))
                 .collect(),
             None => i
                 .inbox()

@@ -268,6 +268,7 @@ macro_rules! conformance_tests {
             codec_tagged_enum,
             unacked_delivery_comes_back,
             nack_redelivers,
+            poison_message_goes_to_the_dead_letter_channel,
             failing_batch_handler_gets_batch_again,
             succeeding_batch_handler_commits,
             local_delivery_follows_at_least_once_local,

@@ -89,6 +89,12 @@ pub struct LayerOptions {
     pub codec: Codec,
     /// Largest message `send` accepts, counting body, type, headers and destination.
     pub max_message_size: usize,
+    /// How many times a message of a normal channel may be delivered and nacked before it
+    /// goes to the dead-letter channel instead of coming back (default: no limit).
+    pub max_deliveries: Option<u32>,
+    /// Where such a message goes: this channel for every channel, or (`None`, the default)
+    /// `{channel}.dead`.
+    pub dead_letter: Option<String>,
 }
 
 impl Default for LayerOptions {
@@ -101,6 +107,8 @@ impl Default for LayerOptions {
             group_expiry: DEFAULT_GROUP_EXPIRY,
             codec: Codec::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_deliveries: None,
+            dead_letter: None,
         }
     }
 }
@@ -131,6 +139,8 @@ impl LayerOptions {
         self.group_expiry = partial.group_expiry.map_or(self.group_expiry, |d| d.0);
         self.codec = partial.codec.unwrap_or(self.codec);
         self.max_message_size = partial.max_message_size.unwrap_or(self.max_message_size);
+        self.max_deliveries = partial.max_deliveries.or(self.max_deliveries);
+        self.dead_letter = partial.dead_letter.or(self.dead_letter.take());
         self.validate()
     }
 
@@ -157,6 +167,20 @@ impl LayerOptions {
             return Err(Error::Config(
                 "option max_message_size must be at least 1".into(),
             ));
+        }
+        if self.max_deliveries == Some(0) {
+            return Err(Error::Config(
+                "option max_deliveries must be at least 1 (leave it out for no limit)".into(),
+            ));
+        }
+        if let Some(d) = &self.dead_letter {
+            names::validate_channel(d)
+                .map_err(|e| Error::Config(format!("option dead_letter: {e}")))?;
+            if names::is_process_local(d) {
+                return Err(Error::Config(format!(
+                    "option dead_letter={d:?}: the dead-letter channel must be a normal channel (no '!')"
+                )));
+            }
         }
         Ok(())
     }
@@ -230,6 +254,10 @@ pub struct PartialOptions {
     pub codec: Option<Codec>,
     /// See [`LayerOptions::max_message_size`].
     pub max_message_size: Option<usize>,
+    /// See [`LayerOptions::max_deliveries`].
+    pub max_deliveries: Option<u32>,
+    /// See [`LayerOptions::dead_letter`].
+    pub dead_letter: Option<String>,
 }
 
 /// A table of `pattern = capacity`, kept in the order written.

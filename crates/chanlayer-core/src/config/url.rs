@@ -40,6 +40,8 @@ impl std::fmt::Display for LayerConfig {
                 o.max_message_size != d.max_message_size,
                 format!("max_message_size={}", o.max_message_size),
             ),
+            o.max_deliveries.map(|n| format!("max_deliveries={n}")),
+            o.dead_letter.as_ref().map(|c| format!("dead_letter={c}")),
         ];
         let shared: Vec<String> = first
             .into_iter()
@@ -147,6 +149,11 @@ impl LayerConfig {
                 "group_expiry" => partial.group_expiry = Some(value.parse().map_err(bad)?),
                 "codec" => partial.codec = Some(value.parse().map_err(bad)?),
                 "max_message_size" => partial.max_message_size = Some(int(&value).map_err(bad)?),
+                "max_deliveries" => {
+                    partial.max_deliveries =
+                        Some(parse_int::<u32>(&value, 1..=u32::MAX).map_err(bad)?)
+                }
+                "dead_letter" => partial.dead_letter = Some(value),
                 _ => {
                     if let Some(pattern) = key.strip_prefix("channel_capacity.") {
                         let cap = int(&value).map_err(bad)?;

@@ -238,3 +238,70 @@ pub async fn local_delivery_follows_at_least_once_local(ctx: Ctx) {
     }
     assert_quiet(&l, &ch).await;
 }
+
+/// `max_deliveries=3`: a consumer that always fails (nacks, and once a batch handler that
+/// fails) sees the message three times, each time marked redelivered after the first; the
+/// third nack moves it to `{channel}.dead` with headers saying why, from where and how
+/// often, and counts it; the channel is then empty, and a later message on it is
+/// delivered as usual.
+pub async fn poison_message_goes_to_the_dead_letter_channel(ctx: Ctx) {
+    use chanlayer_core::poison;
+    let l = ctx
+        .layer_with(LayerOptions {
+            max_deliveries: Some(3),
+            ..ctx.options()
+        })
+        .await;
+    let ch = ctx.name("poison");
+    if !at_least_once_or_unsupported(&l, &ch).await {
+        return;
+    }
+    l.send(&ch, seq_msg(7, Codec::Bincode)).await.expect("send");
+    for n in 1..=2u32 {
+        let d = delivery(&l, &ch).await;
+        assert_eq!(seq_of(d.message()), 7);
+        assert_eq!(d.info().redelivered, n > 1, "delivery {n}");
+        d.nack().await.expect("nack");
+    }
+    // The third delivery fails in a batch handler.
+    let r = handle_batch(
+        l.as_ref(),
+        &ch,
+        10,
+        ARRIVAL_DEADLINE,
+        |msgs: Vec<Message>| {
+            assert_eq!(msgs.iter().map(seq_of).collect::<Vec<_>>(), vec![7]);
+            async { Err::<(), &str>("always fails") }
+        },
+    )
+    .await;
+    assert!(
+        matches!(r, Err(BatchError::Handler("always fails"))),
+        "{r:?}"
+    );
+    let dead = poison::dead_letter_of(&ch, None);
+    let d = delivery(&l, &dead).await;
+    assert_eq!(seq_of(d.message()), 7);
+    let h = d.message().headers();
+    assert_eq!(
+        h.get(poison::DEAD_CHANNEL).map(String::as_str),
+        Some(ch.as_str())
+    );
+    assert_eq!(
+        h.get(poison::DEAD_DELIVERIES).map(String::as_str),
+        Some("3")
+    );
+    assert!(
+        h.get(poison::DEAD_REASON)
+            .is_some_and(|r| r.contains("max_deliveries=3")),
+        "{h:?}"
+    );
+    d.ack().await.expect("ack the dead letter");
+    assert_eq!(l.stats().dead_lettered, 1);
+    assert_quiet(&l, &ch).await;
+    l.send(&ch, seq_msg(8, Codec::Bincode)).await.expect("send");
+    let d = delivery(&l, &ch).await;
+    assert_eq!(seq_of(d.message()), 8);
+    assert!(!d.info().redelivered);
+    d.ack().await.expect("ack");
+}
