@@ -40,6 +40,10 @@ pub struct Capabilities {
     /// from or adding to a group a normal channel is [`Unsupported`](crate::Error::Unsupported);
     /// process-local channels and groups work as usual.
     pub normal_channels: bool,
+    /// `group_members` lists every instance's members (the memory backend, whose instances
+    /// share one process). When `false`, it lists this instance's own: a broker does not
+    /// tell who else is a member.
+    pub all_group_members: bool,
 }
 
 impl Capabilities {
@@ -55,6 +59,7 @@ impl Capabilities {
             broker_side_capacity: false,
             cross_process: false,
             normal_channels: true,
+            all_group_members: false,
         }
     }
 

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use crate::capabilities::Capabilities;
 use crate::config::LayerOptions;
 use crate::delivery::Delivery;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::stats::StatsSnapshot;
 
@@ -98,6 +98,19 @@ pub trait ChannelLayer: Send + Sync + 'static {
     /// Sends one copy to every member of `group`. Never `ChannelFull`: a full member is
     /// skipped and counted.
     async fn group_send(&self, group: &str, message: Message) -> Result<()>;
+
+    /// The live members of `group` (channel names, sorted): on a backend whose
+    /// capabilities say `all_group_members` (memory), every instance's; elsewhere this
+    /// instance's own (its process-local channels, and the normal channels it added). By
+    /// default `Unsupported`.
+    async fn group_members(&self, group: &str) -> Result<Vec<String>> {
+        let _ = group;
+        Err(Error::unsupported(
+            "group_members",
+            self.capabilities().backend,
+            "this layer does not list group members",
+        ))
+    }
 
     /// Empties everything this layer can see: messages and groups.
     async fn flush(&self) -> Result<()>;

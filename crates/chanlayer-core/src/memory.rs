@@ -47,6 +47,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     at_least_once: true,
     at_least_once_local: true,
     broker_side_capacity: true,
+    all_group_members: true,
     ..Capabilities::none(BACKEND)
 };
 
@@ -210,7 +211,7 @@ impl Transport for MemoryTransport {
         }
         config.backend.options.reject_unknown(
             BACKEND,
-            "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size",
+            "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter",
         )?;
         let name = config.backend.address.trim_end_matches('/');
         if name.contains('/') {
@@ -287,6 +288,17 @@ impl Transport for MemoryTransport {
             })
         });
         Ok(NormalReader::Source(s.clone()))
+    }
+
+    fn group_members(&self, group: &str) -> Option<Vec<String>> {
+        let broker = &self.broker;
+        let mut all: Vec<String> = (members(&broker.bound, group).iter())
+            .filter_map(|id| broker.instance(id))
+            .flat_map(|inbound| inbound.groups().members(group))
+            .map(|m| m.to_string())
+            .collect();
+        all.extend(members(&broker.normal_bound, group));
+        Some(all)
     }
 
     async fn flush(&self) -> Result<()> {

@@ -337,6 +337,14 @@ pub trait Transport: Send + Sync + Sized + 'static {
     /// subscription the first time).
     fn normal_reader(&self, channel: &str) -> impl Future<Output = Result<NormalReader>> + Send;
 
+    /// Every member of `group` this transport can see across instances (sorted or not; core
+    /// sorts), or `None` when it sees only this instance's (core then lists those). By
+    /// default `None`.
+    fn group_members(&self, group: &str) -> Option<Vec<String>> {
+        let _ = group;
+        None
+    }
+
     /// Empties what the broker holds for this instance: queued messages of its inbox and of
     /// the normal channels it used. Core has already unbound its groups and clears the local
     /// inbox afterwards.

@@ -584,6 +584,22 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         )
     }
 
+    async fn group_members(&self, group: &str) -> Result<Vec<String>> {
+        let i = &self.inbound;
+        i.closed().check()?;
+        names::validate_group(group)?;
+        let mut members = match self.transport.group_members(group) {
+            Some(all) => all,
+            None => (i.groups().members(group).into_iter())
+                .chain(i.normal_groups().members(group))
+                .map(|m| m.to_string())
+                .collect(),
+        };
+        members.sort_unstable();
+        members.dedup();
+        Ok(members)
+    }
+
     async fn flush(&self) -> Result<()> {
         self.inbound.closed().closed_wins(self.flush_op().await)
     }

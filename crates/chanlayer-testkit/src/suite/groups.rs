@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chanlayer_core::{Codec, LayerOptions};
 
-use crate::{assert_quiet, let_time_pass, recv, seq_msg, seq_of, Ctx};
+use crate::{assert_quiet, caps, let_time_pass, recv, seq_msg, seq_of, Ctx};
 
 /// Add 3, discard 1: the 2 get the group message, the discarded one does not.
 pub async fn group_discard_excludes(ctx: Ctx) {
@@ -242,4 +242,51 @@ pub async fn concurrent_100_group_sends(ctx: Ctx) {
             "{ch} got all 100, once each"
         );
     }
+}
+
+/// `group_members` lists the live members: every instance's where the backend claims
+/// `all_group_members`, this instance's own (its process-local channels and the normal
+/// channels it added) otherwise; a discarded member is gone from the list.
+pub async fn group_members_lists_the_members(ctx: Ctx) {
+    let a = ctx.layer().await;
+    let b = ctx.layer().await;
+    let group = ctx.name("members");
+    let a1 = a.new_channel("m").await.expect("new_channel");
+    let a2 = a.new_channel("m").await.expect("new_channel");
+    let b1 = b.new_channel("m").await.expect("new_channel");
+    for ch in [&a1, &a2] {
+        a.group_add(&group, ch).await.expect("group_add");
+    }
+    b.group_add(&group, &b1).await.expect("group_add");
+    let normal = ctx.name("members-normal");
+    let caps = caps(&a);
+    let mut own = vec![a1.clone(), a2.clone()];
+    if caps.normal_channels {
+        a.group_add(&group, &normal)
+            .await
+            .expect("group_add a normal channel");
+        own.push(normal.clone());
+    }
+    let mut all = own.clone();
+    all.push(b1.clone());
+    own.sort();
+    all.sort();
+    let listed = a.group_members(&group).await.expect("group_members");
+    if caps.all_group_members {
+        assert_eq!(listed, all, "every instance's members");
+    } else {
+        assert_eq!(listed, own, "this instance's own members");
+        assert_eq!(
+            b.group_members(&group).await.expect("group_members"),
+            vec![b1.clone()]
+        );
+    }
+    a.group_discard(&group, &a1).await.expect("group_discard");
+    let listed = a.group_members(&group).await.expect("group_members");
+    assert!(!listed.contains(&a1), "{listed:?}");
+    assert!(listed.contains(&a2), "{listed:?}");
+    assert!(
+        a.group_members("bad!group").await.is_err(),
+        "an invalid group name is an error"
+    );
 }
