@@ -79,41 +79,27 @@ pub(crate) fn spawn<S, T: Send + 'static>(
     }
 }
 
-/// What a [`Worker`] closes to stop its thread: its mailbox.
-pub(crate) trait Closes: Send + Sync {
-    fn close(&self);
-}
-
-impl<C: Send> Closes for Mailbox<C> {
-    fn close(&self) {
-        Mailbox::close(self);
-    }
-}
-
-impl<S: Sink> Closes for Outbox<S> {
-    fn close(&self) {
-        self.mailbox.close();
-    }
-}
-
 /// A socket thread and what feeds it (`T`: its mailbox, or an [`Outbox`]);
-/// [`Worker::stop`] (or a drop) closes that and joins the thread.
-pub(crate) struct Worker<T: Closes> {
+/// [`Worker::stop`] (or a drop) closes that (`close`) and joins the thread.
+pub(crate) struct Worker<T> {
     pub shared: Arc<T>,
+    close: fn(&T),
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<T: Closes> Worker<T> {
-    pub fn new(shared: Arc<T>, thread: JoinHandle<()>) -> Self {
+impl<T> Worker<T> {
+    pub fn new(shared: Arc<T>, thread: JoinHandle<()>, close: fn(&T)) -> Self {
+        let thread = Mutex::new(Some(thread));
         Worker {
             shared,
-            thread: Mutex::new(Some(thread)),
+            close,
+            thread,
         }
     }
 
     /// Stops the thread and waits for it (blocking).
     pub fn stop(&self) {
-        self.shared.close();
+        (self.close)(&self.shared);
         if let Some(h) = lock(&self.thread).take() {
             let _ = h.join();
         }
@@ -121,14 +107,46 @@ impl<T: Closes> Worker<T> {
 
     /// Stops the thread without waiting for it.
     pub fn detach(&self) {
-        self.shared.close();
+        (self.close)(&self.shared);
         lock(&self.thread).take();
     }
 }
 
-impl<T: Closes> Drop for Worker<T> {
+impl<T> Drop for Worker<T> {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Reads one message without waiting: its first `keep` frames into `frames` (emptied
+/// first). Returns how many frames past those it had, `None` when nothing is waiting.
+pub(crate) fn recv_message(
+    sock: &zmq::Socket,
+    keep: usize,
+    frames: &mut Vec<zmq::Message>,
+) -> Option<usize> {
+    frames.clear();
+    let mut extra = 0;
+    loop {
+        match sock.recv_msg(zmq::DONTWAIT) {
+            Ok(m) => {
+                let more = m.get_more();
+                if frames.len() < keep {
+                    frames.push(m);
+                } else {
+                    extra += 1;
+                }
+                if !more {
+                    return Some(extra);
+                }
+            }
+            Err(zmq::Error::EINTR) => continue,
+            Err(_) if frames.is_empty() => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "the rest of a message was lost");
+                return Some(extra);
+            }
+        }
     }
 }
 
@@ -222,10 +240,7 @@ impl<S: Sink> Outlet for Outbox<S> {
                 return Ok(());
             }
         }
-        match payload {
-            Cow::Borrowed(p) => self.mailbox.push_data(topic, p),
-            Cow::Owned(p) => self.mailbox.push_owned(topic.to_vec(), p),
-        }
+        self.mailbox.push(topic.into(), payload)
     }
 
     fn queue(&self) -> &Mailbox<Control> {
@@ -439,19 +454,14 @@ impl<C> Mailbox<C> {
 
     /// Queues the data message `[topic, payload]` (bounded by the capacity), copied into
     /// the queued run of its topic when there is one: the path of small messages, which
-    /// then allocate nothing of their own.
-    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
-        self.admit(1, true, |items| {
-            Self::enqueue(items, topic.into(), payload.into())
-        })
-    }
-
-    /// Queues the data message `[topic, payload]` (bounded), given as owned bytes: a large
-    /// message travels alone and is handed to the socket without a copy.
-    pub fn push_owned(&self, topic: Vec<u8>, payload: Vec<u8>) -> std::result::Result<(), Refused> {
-        self.admit(1, true, |items| {
-            Self::enqueue(items, topic.into(), payload.into())
-        })
+    /// then allocate nothing of their own. Owned bytes that travel alone (a large message)
+    /// are handed to the socket without a copy.
+    pub fn push(
+        &self,
+        topic: Cow<'_, [u8]>,
+        payload: Cow<'_, [u8]>,
+    ) -> std::result::Result<(), Refused> {
+        self.admit(1, true, |items| Self::enqueue(items, topic, payload))
     }
 
     /// Queues several data messages at once (all or none), as one bounded push.
@@ -655,8 +665,8 @@ mod tests {
             let m: Mailbox<u32> = Mailbox::new(100).expect("mailbox");
             for p in *pushes {
                 match p {
-                    Borrowed(t, n) => m.push_data(t, &vec![7; *n]),
-                    Owned(t, n) => m.push_owned(t.to_vec(), vec![7; *n]),
+                    Borrowed(t, n) => m.push(Cow::Borrowed(t), vec![7; *n].as_slice().into()),
+                    Owned(t, n) => m.push(t.to_vec().into(), vec![7; *n].into()),
                     All(msgs) => m.push_all(
                         msgs.iter()
                             .map(|(t, n)| (t.to_vec(), vec![7; *n]))
@@ -673,7 +683,8 @@ mod tests {
         let per = wire::BATCH_ITEM_MAX;
         let fit = wire::BATCH_MAX_BYTES / (per + 4);
         for _ in 0..=fit {
-            m.push_data(b"c", &vec![1; per]).expect("room");
+            m.push(Cow::Borrowed(b"c"), Cow::Borrowed(&vec![1; per]))
+                .expect("room");
         }
         let counts: Vec<usize> = m.take_all().iter().map(Item::count).collect();
         assert_eq!(counts, vec![fit, 1]);
@@ -682,16 +693,19 @@ mod tests {
     #[test]
     fn the_capacity_counts_data_messages_not_items_or_commands() {
         let m: Mailbox<u32> = Mailbox::new(3).expect("mailbox");
-        m.push_data(b"a", b"1").expect("room");
-        m.push_data(b"a", b"2").expect("room");
-        m.push_owned(b"b".to_vec(), b"3".to_vec()).expect("room");
+        m.push(Cow::Borrowed(b"a"), Cow::Borrowed(b"1"))
+            .expect("room");
+        m.push(Cow::Borrowed(b"a"), Cow::Borrowed(b"2"))
+            .expect("room");
+        m.push(b"b".to_vec().into(), b"3".to_vec().into())
+            .expect("room");
         assert_eq!(
-            m.push_data(b"b", b"4"),
+            m.push(Cow::Borrowed(b"b"), Cow::Borrowed(b"4")),
             Err(Refused::Full),
             "3 messages queued"
         );
         assert_eq!(
-            m.push_owned(b"b".to_vec(), b"4".to_vec()),
+            m.push(b"b".to_vec().into(), b"4".to_vec().into()),
             Err(Refused::Full)
         );
         assert_eq!(
@@ -706,9 +720,14 @@ mod tests {
             vec![data(b"a", &[1, 1])],
             "the first two merged"
         );
-        m.push_data(b"b", b"5").expect("room again");
-        m.push_data(b"b", b"6").expect("room again");
-        assert_eq!(m.push_data(b"c", b"7"), Err(Refused::Full));
+        m.push(Cow::Borrowed(b"b"), Cow::Borrowed(b"5"))
+            .expect("room again");
+        m.push(Cow::Borrowed(b"b"), Cow::Borrowed(b"6"))
+            .expect("room again");
+        assert_eq!(
+            m.push(Cow::Borrowed(b"c"), Cow::Borrowed(b"7")),
+            Err(Refused::Full)
+        );
         assert_eq!(
             m.push_all(vec![(b"c".to_vec(), b"8".to_vec())]),
             Err(Refused::Full),
@@ -720,7 +739,10 @@ mod tests {
             .expect("a batch larger than the capacity fits an empty queue");
         m.take_all();
         m.close();
-        assert_eq!(m.push_data(b"a", b"x"), Err(Refused::Closed));
+        assert_eq!(
+            m.push(Cow::Borrowed(b"a"), Cow::Borrowed(b"x")),
+            Err(Refused::Closed)
+        );
         assert_eq!(m.push_control(2), Err(Refused::Closed));
     }
 

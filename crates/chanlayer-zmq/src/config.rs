@@ -21,9 +21,10 @@
 use std::time::Duration;
 
 use chanlayer_core::config::BackendSettings;
-use chanlayer_core::config::{BackendOptions, ConfigDuration, MAX_TIMEOUT};
+use chanlayer_core::config::{BackendOptions, ConfigDuration, MAX_TIMEOUT, MIN_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result};
 
+use crate::bridge::{context, zmq_err};
 use crate::retention::Retention;
 use crate::BACKEND;
 
@@ -164,10 +165,6 @@ pub struct ZmqConfig {
     pub curve: Option<CurveKeys>,
     /// `zmq.<option>` pass-through.
     pub socket_options: Vec<SocketOption>,
-}
-
-fn millis_i32(d: Duration) -> i32 {
-    i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
 }
 
 /// Checks a libzmq endpoint: `tcp://HOST:PORT` (PORT may be `*` or `0` when `bind_any` is
@@ -346,8 +343,6 @@ impl BackendSettings for ZmqConfig {
                 )))
             }
         };
-        let dur = |v: Option<ConfigDuration>| v.map(|d| d.0);
-        let defaults = Retention::default();
         let ipv6_default = match &mode {
             Mode::Embedded { endpoint } => endpoint.starts_with("tcp://["),
             Mode::Dedicated { pull, publish } => {
@@ -370,52 +365,49 @@ impl BackendSettings for ZmqConfig {
                 )));
             }
             // libzmq takes an int for every option but maxmsgsize (int64).
-            let min = if name == "maxmsgsize" {
-                -1
-            } else {
-                i32::MIN.into()
+            let range = match name.as_str() {
+                "maxmsgsize" => -1..=i64::MAX,
+                _ => i32::MIN.into()..=i32::MAX.into(),
             };
-            let max = if name == "maxmsgsize" {
-                i64::MAX
-            } else {
-                i32::MAX.into()
-            };
-            let value = o.take_int(&k, min..=max)?.unwrap_or_default();
+            let value = o.take_int(&k, range)?.unwrap_or_default();
             socket_options.push(SocketOption { name, value });
         }
+        // Durations: (option, least value, default). ZMQ_RECONNECT_IVL, _MAX and ZMQ_LINGER
+        // are C ints of milliseconds: MAX_TIMEOUT is their bound.
+        let mut dur = |key: &str, least: Duration, default: Duration| {
+            Ok::<_, Error>(
+                o.take_duration(key, least..=MAX_TIMEOUT)?
+                    .unwrap_or(default),
+            )
+        };
+        let (s, ms) = (Duration::from_secs, Duration::from_millis);
+        let subscribe_timeout = dur("subscribe_timeout", MIN_TIMEOUT, s(5))?;
+        let connect_timeout = dur("connect_timeout", MIN_TIMEOUT, s(5))?;
+        let reconnect_interval = dur("reconnect_interval", MIN_TIMEOUT, ms(100))?;
+        let reconnect_interval_max = dur("reconnect_interval_max", Duration::ZERO, Duration::ZERO)?;
+        let linger = dur("linger", Duration::ZERO, s(1))?;
+        let close_linger = dur("close_linger", Duration::ZERO, s(2))?;
+        let d = Retention::default();
         let cfg = ZmqConfig {
             mode,
             bind: o.take_parsed("bind")?.unwrap_or(BindPolicy::Lazy),
             sndhwm: o.take_int("sndhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             rcvhwm: o.take_int("rcvhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             send_queue: o.take_int("send_queue", 1..=usize::MAX)?.unwrap_or(10_000),
-            subscribe_timeout: o
-                .take_timeout("subscribe_timeout")?
-                .unwrap_or(Duration::from_secs(5)),
-            connect_timeout: o
-                .take_timeout("connect_timeout")?
-                .unwrap_or(Duration::from_secs(5)),
-            // ZMQ_RECONNECT_IVL, _MAX and ZMQ_LINGER are C ints of milliseconds.
-            reconnect_interval: o
-                .take_timeout("reconnect_interval")?
-                .unwrap_or(Duration::from_millis(100)),
-            reconnect_interval_max: o
-                .take_duration("reconnect_interval_max", Duration::ZERO..=MAX_TIMEOUT)?
-                .unwrap_or(Duration::ZERO),
-            linger: o
-                .take_duration("linger", Duration::ZERO..=MAX_TIMEOUT)?
-                .unwrap_or(Duration::from_secs(1)),
-            close_linger: o
-                .take_duration("close_linger", Duration::ZERO..=MAX_TIMEOUT)?
-                .unwrap_or(Duration::from_secs(2)),
+            subscribe_timeout,
+            connect_timeout,
+            reconnect_interval,
+            reconnect_interval_max,
+            linger,
+            close_linger,
             retention: Retention {
-                per_topic: o
-                    .take_int("retain", 0..=usize::MAX)?
-                    .unwrap_or(defaults.per_topic),
-                max_age: dur(o.take_parsed("retain_for")?).unwrap_or(defaults.max_age),
+                per_topic: o.take_int("retain", 0..=usize::MAX)?.unwrap_or(d.per_topic),
+                max_age: o
+                    .take_parsed("retain_for")?
+                    .map_or(d.max_age, |c: ConfigDuration| c.0),
                 max_bytes: o
                     .take_int("retain_bytes", 0..=usize::MAX)?
-                    .unwrap_or(defaults.max_bytes),
+                    .unwrap_or(d.max_bytes),
             },
             ipv6: o.take_parsed("ipv6")?.unwrap_or(ipv6_default),
             curve,
@@ -448,47 +440,50 @@ impl ZmqConfig {
         Ok(())
     }
 
-    /// Settings every socket of this layer gets: reconnection, linger, IPv6, pass-through
-    /// options.
-    pub(crate) fn apply_common(&self, s: &zmq::Socket) -> Result<()> {
-        let e = |what: &str, err: zmq::Error| Error::Config(format!("socket option {what}: {err}"));
-        s.set_linger(millis_i32(self.linger))
-            .map_err(|x| e("linger", x))?;
-        s.set_reconnect_ivl(millis_i32(self.reconnect_interval))
-            .map_err(|x| e("reconnect_interval", x))?;
-        s.set_reconnect_ivl_max(millis_i32(self.reconnect_interval_max))
-            .map_err(|x| e("reconnect_interval_max", x))?;
-        s.set_ipv6(self.ipv6).map_err(|x| e("ipv6", x))?;
-        apply_socket_options(s, &self.socket_options)
-    }
-
-    /// CURVE client settings (SUB, PUSH).
-    pub(crate) fn apply_curve_client(&self, s: &zmq::Socket) -> Result<()> {
+    /// A socket of this layer (SUB, PUSH, the embedded XPUB) with every setting it gets:
+    /// reconnection, linger (0 for a SUB, which holds nothing worth waiting for), IPv6, the
+    /// high-water mark of its direction, the pass-through options, and CURVE (the server
+    /// side for the XPUB, the client side otherwise).
+    pub(crate) fn socket(&self, kind: zmq::SocketType) -> Result<zmq::Socket> {
+        let s = context()
+            .socket(kind)
+            .map_err(|e| zmq_err(format!("could not create the {kind:?} socket"), e))?;
+        let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+        let opt = |what: &'static str| {
+            move |err: zmq::Error| Error::Config(format!("socket option {what}: {err}"))
+        };
+        let linger = if kind == zmq::SUB { 0 } else { ms(self.linger) };
+        s.set_linger(linger).map_err(opt("linger"))?;
+        s.set_reconnect_ivl(ms(self.reconnect_interval))
+            .map_err(opt("reconnect_interval"))?;
+        s.set_reconnect_ivl_max(ms(self.reconnect_interval_max))
+            .map_err(opt("reconnect_interval_max"))?;
+        s.set_ipv6(self.ipv6).map_err(opt("ipv6"))?;
+        apply_socket_options(&s, &self.socket_options)?;
+        let (hwm, set) = match kind {
+            zmq::SUB => ("rcvhwm", s.set_rcvhwm(self.rcvhwm)),
+            _ => ("sndhwm", s.set_sndhwm(self.sndhwm)),
+        };
+        set.map_err(|e| zmq_err(format!("could not set {hwm}"), e))?;
         let Some(c) = &self.curve else {
-            return Ok(());
+            return Ok(s);
         };
-        let e = |err: zmq::Error| Error::Config(format!("CURVE client keys: {err}"));
-        s.set_curve_serverkey(&c.server_public).map_err(e)?;
-        s.set_curve_publickey(&c.public).map_err(e)?;
-        s.set_curve_secretkey(&c.secret).map_err(e)?;
-        Ok(())
-    }
-
-    /// CURVE server settings (the embedded publisher).
-    pub(crate) fn apply_curve_server(&self, s: &zmq::Socket) -> Result<()> {
-        let Some(c) = &self.curve else {
-            return Ok(());
-        };
-        let Some(secret) = &c.server_secret else {
-            return Err(Error::Config(
-                "CURVE: this instance would bind the publisher but has no curve_server_secretkey"
-                    .into(),
-            ));
-        };
-        let e = |err: zmq::Error| Error::Config(format!("CURVE server key: {err}"));
-        s.set_curve_server(true).map_err(e)?;
-        s.set_curve_secretkey(secret).map_err(e)?;
-        Ok(())
+        if kind == zmq::XPUB {
+            let Some(secret) = &c.server_secret else {
+                return Err(Error::Config(
+                    "CURVE: this instance would bind the publisher but has no curve_server_secretkey".into(),
+                ));
+            };
+            s.set_curve_server(true)
+                .and_then(|()| s.set_curve_secretkey(secret))
+                .map_err(|e| Error::Config(format!("CURVE server key: {e}")))?;
+        } else {
+            s.set_curve_serverkey(&c.server_public)
+                .and_then(|()| s.set_curve_publickey(&c.public))
+                .and_then(|()| s.set_curve_secretkey(&c.secret))
+                .map_err(|e| Error::Config(format!("CURVE client keys: {e}")))?;
+        }
+        Ok(s)
     }
 
     /// The endpoint subscribers connect to.
@@ -816,13 +811,8 @@ mod tests {
         );
         assert!(c.ipv6);
         assert_eq!(c.socket_options.len(), 2);
-        let s = bridge_socket();
-        c.apply_common(&s).expect("apply");
+        let s = c.socket(zmq::SUB).expect("a socket");
         assert_eq!(s.get_sndbuf().expect("sndbuf"), 65536);
-    }
-
-    fn bridge_socket() -> zmq::Socket {
-        crate::bridge::context().socket(zmq::SUB).expect("a socket")
     }
 
     #[test]

@@ -7,12 +7,11 @@
 //! to late joiners, answers subscription probes, and executes marks (flush barriers). See
 //! [`crate::wire`] for the frames.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, poll, spawn, zmq_err, Mailbox, Worker};
+use crate::bridge::{context, lock, poll, recv_message, spawn, zmq_err, Mailbox, Worker};
 use crate::config::{check_endpoint, curve_available, curve_missing};
 use crate::hub::{Counters, From, Hub, HubStats, Payload};
 use crate::retention::Retention;
@@ -117,7 +116,7 @@ impl Proxy {
             run,
         )?;
         Ok(Proxy {
-            worker: Worker::new(mailbox, thread),
+            worker: Worker::new(mailbox, thread, Mailbox::close),
             counters,
             pull,
             publish,
@@ -215,7 +214,7 @@ const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'+');
 
 fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
-    let mut frames: VecDeque<zmq::Message> = VecDeque::with_capacity(4);
+    let mut frames = Vec::with_capacity(4);
     let mut run = Batch::default();
     loop {
         let mut items = [
@@ -239,12 +238,11 @@ fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
         hub.drain_subscriptions();
         let mut worked = false;
         for _ in 0..1024 {
-            if !read_one(&pull, &mut frames) {
+            let Some(extra) = recv_message(&pull, 5, &mut frames) else {
                 break;
-            }
+            };
             worked = true;
-            dispatch(&mut hub, &mut run, &mut frames);
-            frames.clear();
+            dispatch(&mut hub, &mut run, &mut frames, extra);
         }
         run.flush(&mut hub);
         hub.tick();
@@ -256,60 +254,19 @@ fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
     }
 }
 
-/// Reads one message (at most 5 frames kept; `frames` gets a 6th empty marker frame if there
-/// were more). `false` when nothing is waiting.
-fn read_one(pull: &zmq::Socket, frames: &mut VecDeque<zmq::Message>) -> bool {
-    let mut extra = false;
-    loop {
-        match pull.recv_msg(zmq::DONTWAIT) {
-            Ok(m) => {
-                let more = m.get_more();
-                if frames.len() < 5 {
-                    frames.push_back(m);
-                } else {
-                    extra = true;
-                }
-                if !more {
-                    break;
-                }
-            }
-            Err(zmq::Error::EINTR) => continue,
-            Err(_) if frames.is_empty() => return false,
-            Err(e) => {
-                tracing::debug!(error = %e, "the proxy lost the rest of a message");
-                break;
-            }
-        }
-    }
-    if extra {
-        frames.push_back(zmq::Message::new());
-    }
-    true
-}
-
-/// Publishes one message from a sender: data (alone or a batch) joins the run of its topic;
-/// anything else first publishes the run, so the order of what a sender sent is kept.
-fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut VecDeque<zmq::Message>) {
-    let n = frames.len();
-    let first: &[u8] = frames.front().map_or(&[], |f| &f[..]);
+/// Publishes one message from a sender (`extra` frames past those read make it garbage):
+/// data (alone or a batch) joins the run of its topic; anything else first publishes the
+/// run, so the order of what a sender sent is kept.
+fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extra: usize) {
+    let n = frames.len() + extra;
+    let first: &[u8] = frames.first().map_or(&[], |f| &f[..]);
     let data_topic = wire::data_topic_kind(first).is_some();
     // The sender's meta: its origin id for the topic and its number (of the first item).
     let meta = frames.get(1).and_then(|m| wire::parse_meta(m));
     let from = |id: u64, seq: u64| (id != 0).then_some((id, seq));
-    match (n, data_topic, meta) {
-        (2, true, _) => {
-            // [topic, envelope]: a message without an origin.
-            if let (Some(topic), Some(payload)) = (frames.pop_front(), frames.pop_front()) {
-                run.add(hub, &topic, None, Payload::Frame(payload));
-            }
-            return;
-        }
-        (3, true, Some((wire::META_DATA, id, seq))) => {
-            if let (Some(topic), Some(payload)) = (frames.pop_front(), frames.pop_back()) {
-                run.add(hub, &topic, from(id, seq), Payload::Frame(payload));
-            }
-            return;
-        }
+    let from = match (n, data_topic, meta) {
+        (2, true, _) => Some(None), // [topic, envelope]: a message without an origin
+        (3, true, Some((wire::META_DATA, id, seq))) => Some(from(id, seq)),
         (3, true, Some((wire::META_BATCH, id, seq))) => {
             match frames.get(2).and_then(|body| wire::batch_items(body)) {
                 Some(items) => {
@@ -326,10 +283,16 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut VecDeque<zmq::Message>)
             }
             return;
         }
-        _ => {}
+        _ => None,
+    };
+    if let Some(from) = from {
+        if let Some(payload) = frames.pop() {
+            run.add(hub, &frames[0], from, Payload::Frame(payload));
+        }
+        return;
     }
     run.flush(hub);
-    if n == 4 && first == wire::MARK_CONTROL {
+    if n == 4 && frames[0][..] == *wire::MARK_CONTROL {
         let rest: Vec<&[u8]> = frames.iter().skip(1).map(|f| &f[..]).collect();
         if let Some((reply, token, prefix)) = wire::parse_mark_control(&rest) {
             let (reply, prefix) = (reply.to_vec(), prefix.to_vec());

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, fd_item, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
+use crate::bridge::{fd_item, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
 use crate::config::ZmqConfig;
 use crate::hub::{Counters, Hub, HubStats};
 use crate::receiver::ReceiverSync;
@@ -183,7 +183,7 @@ impl Publisher {
             run,
         )?;
         Ok(Publisher {
-            worker: Worker::new(outbox, thread),
+            worker: Worker::new(outbox, thread, |o| o.mailbox.close()),
             counters,
             address: key,
         })
@@ -261,13 +261,7 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
 }
 
 fn setup(address: &str, cfg: &ZmqConfig) -> Result<zmq::Socket> {
-    let xpub = context()
-        .socket(zmq::XPUB)
-        .map_err(|e| zmq_err("could not create the XPUB socket", e))?;
-    cfg.apply_common(&xpub)?;
-    xpub.set_sndhwm(cfg.sndhwm)
-        .map_err(|e| zmq_err("could not set sndhwm", e))?;
-    cfg.apply_curve_server(&xpub)?;
+    let xpub = cfg.socket(zmq::XPUB)?;
     bind(&xpub, address, cfg)?;
     Ok(xpub)
 }

@@ -22,60 +22,42 @@ use hashbrown::HashMap;
 use chanlayer_core::Result;
 
 use crate::bridge::{
-    context, fd_item, idle_since, lock, poll, spawn, zmq_err, Control, Item, Outbox, Outgoing,
-    Sink, Worker,
+    fd_item, idle_since, lock, poll, spawn, zmq_err, Control, Item, Outbox, Outgoing, Sink, Worker,
 };
 use crate::config::ZmqConfig;
 use crate::wire;
 
 /// The handle on the PUSH thread.
-pub(crate) struct PushSender {
-    worker: Worker<Outbox<Push>>,
-}
+pub(crate) type PushSender = Worker<Outbox<Push>>;
 
-impl PushSender {
-    /// Connects a PUSH socket to `pull` on a new thread. `abandoned` counts the messages
-    /// the thread still holds when its close lingered `close_linger` in vain.
-    pub fn start(cfg: &ZmqConfig, pull: &str, abandoned: Arc<AtomicU64>) -> Result<PushSender> {
-        let (cfg, pull) = (cfg.clone(), pull.to_owned());
-        let (thread, outbox) = spawn(
-            "sender",
-            move || {
-                let push = setup(&cfg, &pull)?;
-                let fd = push
-                    .get_fd()
-                    .map_err(|e| zmq_err("could not read the PUSH socket's ZMQ_FD", e))?;
-                let sink = Push {
-                    push,
-                    numbering: Numbering::new(),
-                    pending: VecDeque::new(),
-                    abandoned,
-                    last: Instant::now(),
-                };
-                let outbox = Arc::new(Outbox::new(cfg.send_queue, sink)?);
-                Ok(((outbox.clone(), fd, cfg.close_linger), outbox))
-            },
-            run,
-        )?;
-        Ok(PushSender {
-            worker: Worker::new(outbox, thread),
-        })
-    }
-
-    /// The way to the thread.
-    pub fn outbox(&self) -> &Outbox<Push> {
-        &self.worker.shared
-    }
+/// Connects a PUSH socket to `pull` on a new thread. `abandoned` counts the messages the
+/// thread still holds when its close lingered `close_linger` in vain.
+pub(crate) fn start(cfg: &ZmqConfig, pull: &str, abandoned: Arc<AtomicU64>) -> Result<PushSender> {
+    let (cfg, pull) = (cfg.clone(), pull.to_owned());
+    let (thread, outbox) = spawn(
+        "sender",
+        move || {
+            let push = setup(&cfg, &pull)?;
+            let fd = push
+                .get_fd()
+                .map_err(|e| zmq_err("could not read the PUSH socket's ZMQ_FD", e))?;
+            let sink = Push {
+                push,
+                numbering: Numbering::new(),
+                pending: VecDeque::new(),
+                abandoned,
+                last: Instant::now(),
+            };
+            let outbox = Arc::new(Outbox::new(cfg.send_queue, sink)?);
+            Ok(((outbox.clone(), fd, cfg.close_linger), outbox))
+        },
+        run,
+    )?;
+    Ok(Worker::new(outbox, thread, |o| o.mailbox.close()))
 }
 
 fn setup(cfg: &ZmqConfig, pull: &str) -> Result<zmq::Socket> {
-    let push = context()
-        .socket(zmq::PUSH)
-        .map_err(|e| zmq_err("could not create the PUSH socket", e))?;
-    cfg.apply_common(&push)?;
-    push.set_sndhwm(cfg.sndhwm)
-        .map_err(|e| zmq_err("could not set sndhwm", e))?;
-    cfg.apply_curve_client(&push)?;
+    let push = cfg.socket(zmq::PUSH)?;
     push.connect(pull)
         .map_err(|e| zmq_err(format!("could not connect the PUSH socket to {pull}"), e))?;
     Ok(push)

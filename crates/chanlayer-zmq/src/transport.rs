@@ -20,7 +20,7 @@ use crate::config::{BindPolicy, Mode, ZmqConfig};
 use crate::hub::{Counters, HubStats};
 use crate::publisher::{self, Endpoint};
 use crate::receiver::{Confirm, Receiver, ReceiverSync, Shared, TransportCounters};
-use crate::sender::PushSender;
+use crate::sender::{self, PushSender};
 use crate::wire;
 use crate::{BACKEND, CAPABILITIES};
 
@@ -161,7 +161,7 @@ impl Inner {
                     Ok(f(endpoint.publisher()?.outbox()))
                 }
             },
-            Outbound::Dedicated(s) => Ok(f(s.outbox())),
+            Outbound::Dedicated(s) => Ok(f(&*s.shared)),
         }
     }
 
@@ -183,7 +183,7 @@ impl Inner {
                 Some(p) => p.outbox(),
                 None => return Ok(None),
             },
-            Outbound::Dedicated(s) => s.outbox(),
+            Outbound::Dedicated(s) => &*s.shared,
         };
         let rx = self.receiver.await_mark(token)?;
         outlet
@@ -223,7 +223,7 @@ impl Inner {
         let outbound = self.take_outbound();
         let joining = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            joining.receiver.stop_and_join();
+            joining.receiver.stop();
             // The last instance on an embedded address stops the publisher (joining its
             // thread), which lingers up to close_linger for subscribers that have not had
             // its retained messages yet; a dedicated sender hands over its queue within
@@ -351,7 +351,7 @@ impl Transport for ZmqTransport {
                     bind: cfg.bind,
                 }
             }
-            Mode::Dedicated { pull, .. } => Outbound::Dedicated(PushSender::start(
+            Mode::Dedicated { pull, .. } => Outbound::Dedicated(sender::start(
                 &cfg,
                 pull,
                 shared.transport.abandoned.clone(),
@@ -523,7 +523,7 @@ impl Transport for ZmqTransport {
     fn abandon(&self) {
         let inner = &self.inner;
         inner.shared.sync.gone.store(true, Ordering::SeqCst);
-        inner.receiver.stop();
+        inner.receiver.detach();
         if let Some(outbound) = inner.take_outbound() {
             // Releasing the sending side may linger (close_linger): not on the dropping
             // thread, which may be an async runtime's. If no thread starts, the closure

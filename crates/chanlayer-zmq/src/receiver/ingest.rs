@@ -14,55 +14,27 @@ use chanlayer_core::toolkit::{now_ms, Destination, Envelope};
 
 use super::subs::{Kept, Link, State, Sub, SubState};
 use super::{Confirm, Route, Shared, HAND_OVER_AT};
+use crate::bridge::recv_message;
 use crate::seq::{settle, Held, Pos, Verdict};
 use crate::wire::{self, Origin};
 
 impl State {
     pub(super) fn drain_sub(&mut self, sock: &zmq::Socket, max: usize) {
-        let mut frames: Vec<zmq::Message> = Vec::with_capacity(4);
+        let mut frames = Vec::with_capacity(4);
         for _ in 0..max {
-            frames.clear();
-            let mut extra = 0usize;
-            loop {
-                match sock.recv_msg(zmq::DONTWAIT) {
-                    Ok(m) => {
-                        let more = m.get_more();
-                        if frames.len() < 3 {
-                            frames.push(m);
-                        } else {
-                            extra += 1;
-                        }
-                        if !more {
-                            break;
-                        }
-                    }
-                    Err(zmq::Error::EINTR) => continue,
-                    Err(zmq::Error::EAGAIN) if frames.is_empty() => return,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "receive failed mid-message");
-                        break;
-                    }
-                }
-            }
-            if frames.is_empty() {
+            let Some(extra) = recv_message(sock, 3, &mut frames) else {
                 return;
-            }
+            };
             if self.link != Link::Up {
                 // Something arrived: there is a connection, whatever the monitor said last.
                 self.set_link(sock, true);
             }
             if extra > 0 {
-                self.garbage(
-                    &frames[0],
-                    &format!(
-                        "{} frames; chanlayer messages have 2 or 3",
-                        frames.len() + extra
-                    ),
-                );
+                let why = format!("{} frames; chanlayer messages have 2 or 3", 3 + extra);
+                self.garbage(&frames[0], &why);
                 continue;
             }
-            let message = std::mem::take(&mut frames);
-            self.on_message(message);
+            self.on_message(std::mem::take(&mut frames));
             if self.ready.len() >= HAND_OVER_AT {
                 // The receiving tasks start on these while this thread decodes the rest.
                 self.hand_over();

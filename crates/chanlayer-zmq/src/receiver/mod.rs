@@ -112,9 +112,7 @@ impl std::ops::Deref for Shared {
 }
 
 /// The handle on the receiving thread.
-pub(crate) struct Receiver {
-    worker: Worker<Mailbox<Cmd>>,
-}
+pub(crate) type Receiver = Worker<Mailbox<Cmd>>;
 
 impl Receiver {
     /// Starts the thread, connects the SUB socket and subscribes the inbox topic; the
@@ -133,9 +131,7 @@ impl Receiver {
             },
             run,
         )?;
-        let receiver = Receiver {
-            worker: Worker::new(mailbox, thread),
-        };
+        let receiver = Worker::new(mailbox, thread, Mailbox::close);
         let (tx, rx) = oneshot::channel();
         receiver.send(Cmd::Subscribe {
             topic: Vec::new(), // the thread's inbox topic
@@ -146,10 +142,7 @@ impl Receiver {
     }
 
     fn send(&self, cmd: Cmd) -> Result<()> {
-        self.worker
-            .shared
-            .push_control(cmd)
-            .map_err(|_| Error::Closed)
+        self.shared.push_control(cmd).map_err(|_| Error::Closed)
     }
 
     /// Subscribes a normal channel (no wait).
@@ -180,16 +173,6 @@ impl Receiver {
         self.send(Cmd::AwaitMark { token, done: tx })?;
         Ok(rx)
     }
-
-    /// Stops the thread and waits for it (blocking: call from a blocking context).
-    pub fn stop_and_join(&self) {
-        self.worker.stop();
-    }
-
-    /// Stops the thread without waiting.
-    pub fn stop(&self) {
-        self.worker.detach();
-    }
 }
 
 static MONITOR_N: AtomicU64 = AtomicU64::new(0);
@@ -206,17 +189,7 @@ const MONITOR_EVENTS: [zmq::SocketEvent; 8] = [
 ];
 
 fn setup(cfg: &ZmqConfig, shared: &Shared) -> Result<(zmq::Socket, zmq::Socket)> {
-    let ctx = context();
-    let sub = ctx
-        .socket(zmq::SUB)
-        .map_err(|e| zmq_err("could not create the SUB socket", e))?;
-    cfg.apply_common(&sub)?;
-    // Nothing of a SUB socket's is worth waiting for at close (only subscriptions).
-    sub.set_linger(0)
-        .map_err(|e| zmq_err("could not set linger", e))?;
-    sub.set_rcvhwm(cfg.rcvhwm)
-        .map_err(|e| zmq_err("could not set rcvhwm", e))?;
-    cfg.apply_curve_client(&sub)?;
+    let sub = cfg.socket(zmq::SUB)?;
     let monitor_endpoint = format!(
         "inproc://chanlayer-zmq-monitor-{}-{}",
         shared.id(),
@@ -227,7 +200,7 @@ fn setup(cfg: &ZmqConfig, shared: &Shared) -> Result<(zmq::Socket, zmq::Socket)>
         .fold(0i32, |acc, e| acc | i32::from(e.to_raw()));
     sub.monitor(&monitor_endpoint, events)
         .map_err(|e| zmq_err("could not monitor the SUB socket", e))?;
-    let monitor = ctx
+    let monitor = context()
         .socket(zmq::PAIR)
         .map_err(|e| zmq_err("could not create the monitor socket", e))?;
     monitor
