@@ -226,7 +226,7 @@ fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
         mailbox.woke();
         if mailbox.is_closed() {
             // What is retained for subscribers that never came goes with the proxy.
-            let abandoned = hub.abandon();
+            let abandoned = hub.linger(std::time::Duration::ZERO);
             if abandoned > 0 {
                 tracing::warn!(
                     abandoned,
@@ -328,7 +328,7 @@ impl Batch {
         let len = payload.as_slice().len();
         if len > wire::BATCH_ITEM_MAX {
             self.flush(hub);
-            hub.publish(topic, from, payload);
+            hub.publish(topic, from, 1, payload, false);
             return;
         }
         let follows = match (self.from, from) {
@@ -364,10 +364,10 @@ impl Batch {
     pub fn flush(&mut self, hub: &mut Hub) {
         match (self.count, self.first.take()) {
             (0, _) => {}
-            (_, Some(first)) => hub.publish(&self.topic, self.from, first),
+            (_, Some(first)) => hub.publish(&self.topic, self.from, 1, first, false),
             (n, None) => {
                 let body = std::mem::take(&mut self.body);
-                hub.publish_batch(&self.topic, n, body, self.from);
+                hub.publish(&self.topic, self.from, n, Payload::Bytes(body), true);
             }
         }
         self.count = 0;

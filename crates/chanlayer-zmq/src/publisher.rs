@@ -148,15 +148,6 @@ impl Drop for Publisher {
     }
 }
 
-/// What the publisher thread runs with.
-struct Thread {
-    outbox: Arc<Outbox<Hub>>,
-    fd: RawFd,
-    address: String,
-    cfg: ZmqConfig,
-    receivers: Receivers,
-}
-
 impl Publisher {
     fn start(address: &str, cfg: &ZmqConfig, receivers: Receivers) -> Result<Publisher> {
         let counters = Counters::default();
@@ -171,14 +162,7 @@ impl Publisher {
                     .map_err(|e| zmq_err("could not read the publisher's ZMQ_FD", e))?;
                 let hub = Hub::new(xpub, cfg.retention, false, c);
                 let outbox = Arc::new(Outbox::new(cfg.send_queue, hub)?);
-                let t = Thread {
-                    outbox: outbox.clone(),
-                    fd,
-                    address,
-                    cfg,
-                    receivers,
-                };
-                Ok((t, outbox))
+                Ok(((outbox.clone(), fd, address, cfg, receivers), outbox))
             },
             run,
         )?;
@@ -274,14 +258,9 @@ fn synced(receivers: &Receivers) -> bool {
         .all(|s| s.gone.load(Ordering::SeqCst) || s.outstanding.load(Ordering::SeqCst) == 0)
 }
 
-fn run(t: Thread) {
-    let Thread {
-        outbox,
-        fd,
-        address,
-        cfg,
-        receivers,
-    } = t;
+type Thread = (Arc<Outbox<Hub>>, RawFd, String, ZmqConfig, Receivers);
+
+fn run((outbox, fd, address, cfg, receivers): Thread) {
     tracing::debug!(%address, "embedded publisher bound");
     let mailbox = &outbox.mailbox;
     let warm_until = Instant::now() + cfg.connect_timeout;
@@ -311,7 +290,14 @@ fn run(t: Thread) {
             for item in mailbox.take_all() {
                 hub.put(item);
             }
-            linger(&mut hub, cfg.close_linger, &address);
+            let abandoned = hub.linger(cfg.close_linger);
+            if abandoned > 0 {
+                tracing::warn!(
+                    %address,
+                    abandoned,
+                    "the embedded publisher stopped with {abandoned} messages that no subscriber had received (close_linger {:?} ended); counted in HubStats::abandoned", cfg.close_linger
+                );
+            }
             break;
         }
         if !warm {
@@ -340,34 +326,4 @@ fn run(t: Thread) {
         }
     }
     tracing::debug!(%address, "embedded publisher stopped");
-}
-
-/// The publisher is closing: keeps answering subscriptions (late joiners get their replay)
-/// while it retains messages no subscriber has had, up to `close_linger`; then counts what is
-/// left as abandoned, and says so.
-fn linger(hub: &mut Hub, close_linger: Duration, address: &str) {
-    let until = Instant::now() + close_linger;
-    while hub.pending() > 0 {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
-        if let Err(e) = hub.socket().poll(zmq::POLLIN, wait) {
-            if e != zmq::Error::EINTR {
-                tracing::warn!(error = %e, "the publisher could not poll while closing");
-                break;
-            }
-        }
-        hub.drain_subscriptions();
-        hub.tick();
-    }
-    let abandoned = hub.abandon();
-    if abandoned > 0 {
-        tracing::warn!(
-            %address,
-            abandoned,
-            "the embedded publisher stopped with {abandoned} messages that no subscriber had received (close_linger {close_linger:?} ended); counted in HubStats::abandoned"
-        );
-    }
 }

@@ -51,14 +51,17 @@ pub(crate) struct Kept {
 /// The kept messages of every topic of one publisher. Owned by the publisher's thread.
 #[derive(Debug)]
 pub(crate) struct Store {
-    limits: Retention,
+    pub limits: Retention,
     topics: HashMap<Arc<[u8]>, VecDeque<Kept>>,
     /// Kept messages in arrival order: (topic, seq, when). Entries whose message left
     /// already (per-topic limit, flush) are skipped when they reach the front.
     order: VecDeque<(Arc<[u8]>, u64, Instant)>,
-    count: usize,
-    bytes: usize,
-    pending: usize,
+    /// Messages kept now.
+    pub count: usize,
+    /// Bytes kept now (envelopes).
+    pub bytes: usize,
+    /// Kept messages that no subscriber has had yet.
+    pub pending: usize,
 }
 
 impl Store {
@@ -72,26 +75,6 @@ impl Store {
             bytes: 0,
             pending: 0,
         }
-    }
-
-    /// The limits.
-    pub fn limits(&self) -> Retention {
-        self.limits
-    }
-
-    /// Messages kept now.
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
-    /// Bytes kept now (envelopes).
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Kept messages that no subscriber has had yet.
-    pub fn pending(&self) -> usize {
-        self.pending
     }
 
     /// `true` if something is kept for `topic`.
@@ -414,9 +397,9 @@ mod tests {
                     }
                     Tick(s) => store.evict(at(s)),
                     Replay(t) => {
-                        let before = store.pending();
+                        let before = store.pending;
                         let (sent, first) = store.replay(t.as_bytes(), |_| true);
-                        assert_eq!(before - store.pending(), first as usize, "{}", c.name);
+                        assert_eq!(before - store.pending, first as usize, "{}", c.name);
                         assert!(sent >= first, "{}", c.name);
                         0
                     }
@@ -440,7 +423,7 @@ mod tests {
                 c.name
             );
             assert_eq!(
-                (store.count(), store.bytes(), store.pending()),
+                (store.count, store.bytes, store.pending),
                 c.totals,
                 "{}: count, bytes, pending",
                 c.name
@@ -463,14 +446,14 @@ mod tests {
             }),
             (2, 2)
         );
-        assert_eq!(store.pending(), 2);
+        assert_eq!(store.pending, 2);
         assert_eq!(
             store.replay(b"a", |_| true),
             (4, 2),
             "all four, two heard now"
         );
         assert_eq!(store.replay(b"none", |_| true), (0, 0));
-        assert_eq!(store.pending(), 0, "every message was heard");
+        assert_eq!(store.pending, 0, "every message was heard");
     }
 
     #[test]
@@ -481,7 +464,7 @@ mod tests {
         store.keep(&topic("a"), 2, None, vec![1], false, now);
         store.keep(&topic("b"), 1, None, vec![1], false, now);
         assert_eq!(store.clear(), 2);
-        assert_eq!((store.count(), store.bytes(), store.pending()), (0, 0, 0));
+        assert_eq!((store.count, store.bytes, store.pending), (0, 0, 0));
         assert!(!store.holds(b"a"));
         assert_eq!(store.clear(), 0);
     }
@@ -494,9 +477,9 @@ mod tests {
         for seq in 1..=10_000 {
             store.keep(&topic("a"), seq, None, vec![1], true, now);
         }
-        assert_eq!(store.count(), 1);
+        assert_eq!(store.count, 1);
         assert!(
-            store.order.len() <= 2 * store.count() + 1024 + 1,
+            store.order.len() <= 2 * store.count + 1024 + 1,
             "{}",
             store.order.len()
         );

@@ -51,21 +51,17 @@ enum Outbound {
     Dedicated(PushSender),
 }
 
-struct Inner {
+/// The ZeroMQ transport of one layer instance. See the crate docs.
+pub struct ZmqTransport {
     cfg: ZmqConfig,
     shared: Arc<Shared>,
     inbox_topic: Vec<u8>,
-    receiver: Receiver,
+    receiver: Arc<Receiver>,
     outbound: Mutex<Option<Arc<Outbound>>>,
     normal: Mutex<HashSet<String>>,
     /// Embedded mode: the counters of the publisher this instance used, kept at close (its
     /// close may still count messages as abandoned).
     closed_publisher: Mutex<Option<Counters>>,
-}
-
-/// The ZeroMQ transport of one layer instance. See the crate docs.
-pub struct ZmqTransport {
-    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for ZmqTransport {
@@ -112,7 +108,7 @@ fn refused(r: Refused, channel: &str, send_queue: usize) -> Error {
     }
 }
 
-impl Inner {
+impl ZmqTransport {
     fn outbound(&self) -> Result<Arc<Outbound>> {
         lock(&self.outbound).clone().ok_or(Error::Closed)
     }
@@ -218,12 +214,12 @@ impl Inner {
 
     /// Stops the receiving thread and releases the sending side (lingering up to
     /// `close_linger` for what `send` accepted; what is left is counted).
-    async fn shut_down(self: &Arc<Self>) {
+    async fn shut_down(&self) {
         self.shared.sync.gone.store(true, Ordering::SeqCst);
         let outbound = self.take_outbound();
-        let joining = self.clone();
+        let receiver = self.receiver.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            joining.receiver.stop();
+            receiver.stop();
             // The last instance on an embedded address stops the publisher (joining its
             // thread), which lingers up to close_linger for subscribers that have not had
             // its retained messages yet; a dedicated sender hands over its queue within
@@ -250,17 +246,15 @@ impl Inner {
         })?;
         Ok(Published::Stored)
     }
-}
 
-impl ZmqTransport {
     /// The settings this instance runs with.
     pub fn config(&self) -> &ZmqConfig {
-        &self.inner.cfg
+        &self.cfg
     }
 
     /// Counters of the transport (messages lost on the way, replayed, connection state).
     pub fn transport_stats(&self) -> TransportStats {
-        let t = &self.inner.shared.transport;
+        let t = &self.shared.transport;
         let o = Ordering::Relaxed;
         TransportStats {
             lost: t.lost.load(o),
@@ -274,10 +268,8 @@ impl ZmqTransport {
     /// process has bound it (after `close` too: what the publisher's close lingered for and
     /// abandoned shows here). `None` in dedicated mode (see [`crate::Proxy::stats`]).
     pub fn publisher_stats(&self) -> Option<HubStats> {
-        let Ok(outbound) = self.inner.outbound() else {
-            return lock(&self.inner.closed_publisher)
-                .as_ref()
-                .map(|c| *lock(c));
+        let Ok(outbound) = self.outbound() else {
+            return lock(&self.closed_publisher).as_ref().map(|c| *lock(c));
         };
         match &*outbound {
             Outbound::Embedded { endpoint, .. } => endpoint.started().map(|p| p.stats()),
@@ -289,8 +281,7 @@ impl ZmqTransport {
     /// are real; the bytes are not checked): for tests of what receivers do with garbage,
     /// and for poking a layer by hand.
     pub async fn publish_raw(&self, channel: &str, bytes: Vec<u8>) -> Result<()> {
-        let inner = &self.inner;
-        inner.shared.closed().check()?;
+        self.shared.closed().check()?;
         let owner = names::owner_instance(channel);
         if names::is_process_local(channel) && owner.is_none() {
             return Err(Error::InvalidMessage(format!(
@@ -298,18 +289,16 @@ impl ZmqTransport {
             )));
         }
         let mut topic = Vec::new();
-        inner.topic_into(&mut topic, owner, channel);
-        inner.send(channel, &topic, Cow::Owned(bytes))
+        self.topic_into(&mut topic, owner, channel);
+        self.send(channel, &topic, Cow::Owned(bytes))
     }
 
     /// Sends frames exactly as given: in embedded mode straight out of the publisher's XPUB
     /// socket, in dedicated mode to the proxy's PULL. For tests of garbage handling.
     pub async fn publish_raw_frames(&self, frames: Vec<Vec<u8>>) -> Result<()> {
-        let inner = &self.inner;
-        inner.shared.closed().check()?;
-        inner
-            .outlet(|o| o.queue().push_control(Control::Raw(frames)))?
-            .map_err(|r| refused(r, "(raw frames)", inner.cfg.send_queue))
+        self.shared.closed().check()?;
+        self.outlet(|o| o.queue().push_control(Control::Raw(frames)))?
+            .map_err(|r| refused(r, "(raw frames)", self.cfg.send_queue))
     }
 }
 
@@ -358,21 +347,21 @@ impl Transport for ZmqTransport {
             )?),
         };
         let (receiver, inbox_confirmed) = Receiver::start(&cfg, shared.clone())?;
-        let inner = Arc::new(Inner {
+        let t = ZmqTransport {
             cfg,
             shared,
             inbox_topic,
-            receiver,
+            receiver: Arc::new(receiver),
             outbound: Mutex::new(Some(Arc::new(outbound))),
             normal: Mutex::new(HashSet::new()),
             closed_publisher: Mutex::new(None),
-        });
-        let timeout = inner.cfg.connect_timeout;
+        };
+        let timeout = t.cfg.connect_timeout;
         let confirmed = matches!(
             tokio::time::timeout(timeout, inbox_confirmed).await,
             Ok(Ok(Confirm::Confirmed))
         );
-        let failed = match &inner.cfg.mode {
+        let failed = match &t.cfg.mode {
             Mode::Embedded { endpoint } => {
                 if !confirmed {
                     tracing::debug!(%endpoint, "no publisher is up yet; subscriptions take effect when one binds");
@@ -383,7 +372,7 @@ impl Transport for ZmqTransport {
                 "no chanlayer zmq proxy answered on {publish} within {timeout:?} (is `chanlayer zmq-proxy --pull {pull} --pub {publish}` running?)"
             )),
             Mode::Dedicated { pull, publish } => {
-                let came_back = match inner.mark("")? {
+                let came_back = match t.mark("")? {
                     Some(rx) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
                     None => true,
                 };
@@ -393,14 +382,14 @@ impl Transport for ZmqTransport {
             }
         };
         if let Some(message) = failed {
-            inner.shut_down().await;
+            t.shut_down().await;
             return Err(Error::Backend {
                 backend: BACKEND,
                 message,
                 source: None,
             });
         }
-        Ok(ZmqTransport { inner })
+        Ok(t)
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -408,48 +397,45 @@ impl Transport for ZmqTransport {
     }
 
     fn debug_fields(&self, f: &mut std::fmt::DebugStruct<'_, '_>) {
-        f.field("mode", &self.inner.cfg.mode);
+        f.field("mode", &self.cfg.mode);
     }
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
-        self.inner.send_channel(Some(owner), out)
+        self.send_channel(Some(owner), out)
     }
 
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
-        self.inner.send_channel(None, out)
+        self.send_channel(None, out)
     }
 
     async fn publish_batch(&self, owner: Option<&str>, outs: Vec<Outgoing<'_>>) -> Result<usize> {
-        let inner = &self.inner;
         let Some(first) = outs.first() else {
             return Ok(0);
         };
         let channel = first.destination();
         let mut topic = Vec::new();
-        inner.topic_into(&mut topic, owner, channel);
+        self.topic_into(&mut topic, owner, channel);
         let n = outs.len();
         let msgs = outs.iter().map(|o| (topic.clone(), o.encode())).collect();
-        inner
-            .outlet(|o| o.queue().push_all(msgs))?
-            .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
+        self.outlet(|o| o.queue().push_all(msgs))?
+            .map_err(|r| refused(r, channel, self.cfg.send_queue))?;
         Ok(n)
     }
 
     async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
-        let inner = &self.inner;
         let group = out.destination();
         let payload = out.encode();
-        let topic = wire::group_topic(inner.prefix(), group);
+        let topic = wire::group_topic(self.prefix(), group);
         // group_send never fails for capacity: wait a little for room in the queue, then
         // drop the message and count it.
         for attempt in 0..200u32 {
-            match inner.outlet(|o| o.send(&topic, Cow::Borrowed(&payload)))? {
+            match self.outlet(|o| o.send(&topic, Cow::Borrowed(&payload)))? {
                 Ok(()) => return Ok(Published::Stored),
                 Err(Refused::Closed) => return Err(Error::Closed),
                 Err(Refused::Full) => {
                     let pause = Duration::from_millis(u64::from(attempt.min(10)) + 1);
                     tokio::time::sleep(pause).await;
-                    inner.shared.closed().check()?;
+                    self.shared.closed().check()?;
                 }
             }
         }
@@ -461,14 +447,13 @@ impl Transport for ZmqTransport {
     }
 
     async fn bind_group(&self, group: &str) -> Result<()> {
-        let inner = &self.inner;
         // The group's topic is about to be subscribed: let what this instance sent before
         // (a group_send racing ahead on the send path) pass the publisher first, so a
         // membership never receives a message sent before it began.
-        inner.barrier(inner.cfg.subscribe_timeout).await;
+        self.barrier(self.cfg.subscribe_timeout).await;
         let (tx, rx) = oneshot::channel();
-        inner.receiver.reconcile(group, Some(tx))?;
-        let wait = inner.cfg.subscribe_timeout;
+        self.receiver.reconcile(group, Some(tx))?;
+        let wait = self.cfg.subscribe_timeout;
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Confirm::Confirmed | Confirm::NotConnected)) => Ok(()),
             Ok(Ok(Confirm::NoAnswer)) | Err(_) => Err(Error::Timeout {
@@ -480,7 +465,7 @@ impl Transport for ZmqTransport {
     }
 
     async fn unbind_group(&self, group: &str) -> Result<()> {
-        self.inner.receiver.reconcile(group, None)
+        self.receiver.reconcile(group, None)
     }
 
     async fn bind_normal(&self, group: &str, _channel: &str) -> Result<()> {
@@ -493,38 +478,36 @@ impl Transport for ZmqTransport {
     }
 
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
-        self.inner.ensure_normal(channel)?;
+        self.ensure_normal(channel)?;
         Ok(NormalReader::Inbox)
     }
 
     async fn flush(&self) -> Result<()> {
-        let inner = &self.inner;
-        inner.receiver.reconcile_all()?;
+        self.receiver.reconcile_all()?;
         // A barrier through the publisher: what this instance sent before the flush is in
         // the retention (dropped now) or on its way to us (ahead of the mark).
-        match inner.mark(inner.prefix())? {
+        match self.mark(self.prefix())? {
             None => Ok(()),
-            Some(rx) => match tokio::time::timeout(inner.cfg.connect_timeout, rx).await {
+            Some(rx) => match tokio::time::timeout(self.cfg.connect_timeout, rx).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Error::Closed),
                 Err(_) => Err(Error::Timeout {
                     operation: "flush (waiting for the publisher's barrier)",
-                    after: inner.cfg.connect_timeout,
+                    after: self.cfg.connect_timeout,
                 }),
             },
         }
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.shut_down().await;
+        self.shut_down().await;
         Ok(())
     }
 
     fn abandon(&self) {
-        let inner = &self.inner;
-        inner.shared.sync.gone.store(true, Ordering::SeqCst);
-        inner.receiver.detach();
-        if let Some(outbound) = inner.take_outbound() {
+        self.shared.sync.gone.store(true, Ordering::SeqCst);
+        self.receiver.detach();
+        if let Some(outbound) = self.take_outbound() {
             // Releasing the sending side may linger (close_linger): not on the dropping
             // thread, which may be an async runtime's. If no thread starts, the closure
             // (and the sending side with it) is dropped here.
