@@ -34,18 +34,6 @@ impl Pos {
     }
 }
 
-/// What [`SeqTracker::check`] says of one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Deliver it; `gap` messages before it never arrived (0: in order).
-    Deliver { gap: u64 },
-    /// At or below the last message delivered: skip it.
-    Duplicate,
-    /// The first message seen, or the first of a new epoch (a restarted publisher): deliver
-    /// it; nothing is known of what came before.
-    Restart,
-}
-
 /// What [`SeqTracker::check_run`] says of a run of consecutive messages (a batch frame).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RunVerdict {
@@ -77,23 +65,6 @@ impl SeqTracker {
     /// The last message delivered.
     pub fn last(&self) -> Option<Pos> {
         self.last
-    }
-
-    /// Checks one message, and moves the tracker past it unless it is a duplicate.
-    pub fn check(&mut self, epoch: u64, seq: u64) -> Verdict {
-        let verdict = match self.last {
-            Some(last) if last.epoch == epoch => {
-                if seq <= last.seq {
-                    return Verdict::Duplicate;
-                }
-                Verdict::Deliver {
-                    gap: seq - last.seq - 1,
-                }
-            }
-            _ => Verdict::Restart,
-        };
-        self.last = Some(Pos::new(epoch, seq));
-        verdict
     }
 
     /// Checks the run `first, first + 1, ... first + count - 1` (`count` at least 1), and
@@ -251,9 +222,22 @@ mod tests {
     const E: u64 = 7;
     const E2: u64 = 8;
 
+    /// What [`SeqTracker::check_run`] says of a run of one message.
+    #[derive(Debug, PartialEq)]
+    enum Verdict {
+        Deliver { gap: u64 },
+        Duplicate,
+        Restart,
+    }
+
     #[test]
     fn check_one_message_at_a_time() {
         use Verdict::*;
+        let check = |t: &mut SeqTracker, epoch, seq| match t.check_run(epoch, seq, 1) {
+            None => Duplicate,
+            Some(RunVerdict { restart: true, .. }) => Restart,
+            Some(RunVerdict { gap, .. }) => Deliver { gap },
+        };
         // (epoch, seq) in arrival order, with what the tracker says of each.
         /// A scenario: its name, and (epoch, seq) in arrival order with the verdict of each.
         type Steps = &'static [((u64, u64), Verdict)];
@@ -313,7 +297,7 @@ mod tests {
         for (name, steps) in cases {
             let mut t = SeqTracker::new();
             for (i, ((epoch, seq), want)) in steps.iter().enumerate() {
-                assert_eq!(t.check(*epoch, *seq), *want, "{name}, step {i}");
+                assert_eq!(check(&mut t, *epoch, *seq), *want, "{name}, step {i}");
             }
         }
     }

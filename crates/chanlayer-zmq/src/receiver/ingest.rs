@@ -15,7 +15,7 @@ use chanlayer_core::toolkit::{now_ms, Destination, Envelope};
 use super::subs::{Kept, Link, State, Sub, SubState};
 use super::{Confirm, Route, Shared, HAND_OVER_AT};
 use crate::bridge::recv_message;
-use crate::seq::{settle, Held, Pos, Verdict};
+use crate::seq::{settle, Held, Pos};
 use crate::wire::{self, Origin};
 
 impl State {
@@ -131,35 +131,7 @@ impl State {
     /// numbers `origin.seq`, `origin.seq + 1`, ...). A live topic takes them in one go (one
     /// lookup, one sequence check); otherwise each goes through [`State::on_data`].
     fn on_batch(&mut self, topic: &[u8], first: Pos, origin: Option<Origin>, items: &[&[u8]]) {
-        if let Some(Sub {
-            route,
-            state: SubState::Live(tracker),
-            origins,
-        }) = self.subs.get_mut(topic)
-        {
-            let count = items.len() as u64;
-            let Some(run) = tracker.check_run(first.epoch, first.seq, count) else {
-                return; // seen already
-            };
-            let lost = match origin {
-                Some(o) => origins.deliver(
-                    Origin {
-                        seq: o.seq.saturating_add(run.skip),
-                        ..o
-                    },
-                    count.saturating_sub(run.skip),
-                    true,
-                ),
-                None => run.gap,
-            };
-            count_lost(&self.shared, topic, lost);
-            let skip = usize::try_from(run.skip).map_or(items.len(), |s| s.min(items.len()));
-            let now = now_ms();
-            for item in &items[skip..] {
-                if let Some(env) = accept(&self.shared, route, topic, item, now) {
-                    self.ready.push(env);
-                }
-            }
+        if self.live(topic, first, origin, items) {
             return;
         }
         for (i, item) in (0u64..).zip(items) {
@@ -172,6 +144,47 @@ impl State {
         }
     }
 
+    /// Delivers the messages `first`, `first + 1`, ... of a live topic (one, or the items of
+    /// a batch), skipping what was delivered already and counting the gap before them.
+    /// `false` if the topic is not live.
+    fn live(&mut self, topic: &[u8], first: Pos, origin: Option<Origin>, items: &[&[u8]]) -> bool {
+        let Some(Sub {
+            route,
+            state: SubState::Live(tracker),
+            origins,
+        }) = self.subs.get_mut(topic)
+        else {
+            return false;
+        };
+        let count = items.len() as u64;
+        let Some(run) = tracker.check_run(first.epoch, first.seq, count) else {
+            return true; // seen already
+        };
+        // With an origin, losses are counted by the sender's numbers (which a restart does
+        // not reset), else by the publisher's (a new publisher starts a new sequence: no
+        // gap).
+        let lost = match origin {
+            Some(o) => origins.deliver(
+                Origin {
+                    seq: o.seq.saturating_add(run.skip),
+                    ..o
+                },
+                count.saturating_sub(run.skip),
+                true,
+            ),
+            None => run.gap,
+        };
+        count_lost(&self.shared, topic, lost);
+        let skip = usize::try_from(run.skip).map_or(items.len(), |s| s.min(items.len()));
+        let now = now_ms();
+        for item in &items[skip..] {
+            if let Some(env) = accept(&self.shared, route, topic, item, now) {
+                self.ready.push(env);
+            }
+        }
+        true
+    }
+
     fn on_data(
         &mut self,
         topic: &[u8],
@@ -180,52 +193,30 @@ impl State {
         payload: &[u8],
         replayed: bool,
     ) {
+        if !replayed && self.live(topic, pos, origin, &[payload]) {
+            return;
+        }
         let max_held = self.max_held;
+        // Live and replayed: a replay answering a probe we gave up on.
         let Some(Sub {
-            route,
-            state,
-            origins,
+            state: SubState::Probing { held, .. },
+            ..
         }) = self.subs.get_mut(topic)
         else {
             return;
         };
-        match state {
-            SubState::Probing { held, .. } => {
-                held.push(Held {
-                    pos,
-                    replayed,
-                    // Owned while held back (rare: only while a probe is outstanding).
-                    payload: Kept {
-                        msg: payload.to_vec(),
-                        origin,
-                    },
-                });
-                if held.len() > max_held {
-                    tracing::warn!(topic = %wire::display(topic), "no answer to the subscription probe while {max_held} messages waited; delivering them");
-                    self.release(topic, None, None);
-                }
-            }
-            SubState::Live(tracker) => {
-                if replayed {
-                    return; // a replay answering a probe we gave up on
-                }
-                let gap = match tracker.check(pos.epoch, pos.seq) {
-                    Verdict::Duplicate => return,
-                    Verdict::Deliver { gap } => gap,
-                    // A new publisher (a restart): a new sequence starts.
-                    Verdict::Restart => 0,
-                };
-                // With an origin, losses are counted by the sender's numbers (which a
-                // restart does not reset), else by the publisher's.
-                let lost = match origin {
-                    Some(o) => origins.deliver(o, 1, true),
-                    None => gap,
-                };
-                count_lost(&self.shared, topic, lost);
-                if let Some(env) = accept(&self.shared, route, topic, payload, now_ms()) {
-                    self.ready.push(env);
-                }
-            }
+        held.push(Held {
+            pos,
+            replayed,
+            // Owned while held back (rare: only while a probe is outstanding).
+            payload: Kept {
+                msg: payload.to_vec(),
+                origin,
+            },
+        });
+        if held.len() > max_held {
+            tracing::warn!(topic = %wire::display(topic), "no answer to the subscription probe while {max_held} messages waited; delivering them");
+            self.release(topic, None, None);
         }
     }
 

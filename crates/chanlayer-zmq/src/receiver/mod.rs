@@ -121,6 +121,7 @@ impl Receiver {
         cfg: &ZmqConfig,
         shared: Arc<Shared>,
     ) -> Result<(Receiver, oneshot::Receiver<Confirm>)> {
+        let topic = wire::inbox_topic(&shared.options().prefix, shared.id());
         let cfg = cfg.clone();
         let (thread, mailbox) = spawn(
             "receiver",
@@ -134,7 +135,7 @@ impl Receiver {
         let receiver = Worker::new(mailbox, thread, Mailbox::close);
         let (tx, rx) = oneshot::channel();
         receiver.send(Cmd::Subscribe {
-            topic: Vec::new(), // the thread's inbox topic
+            topic,
             route: Route::Inbox,
             done: Some(tx),
         })?;
@@ -177,16 +178,20 @@ impl Receiver {
 
 static MONITOR_N: AtomicU64 = AtomicU64::new(0);
 
-const MONITOR_EVENTS: [zmq::SocketEvent; 8] = [
-    zmq::SocketEvent::MONITOR_STOPPED,
-    zmq::SocketEvent::HANDSHAKE_SUCCEEDED,
+/// The monitor events that mean the SUB socket has no connection now.
+const DOWN_EVENTS: [zmq::SocketEvent; 5] = [
     zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL,
     zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL,
     zmq::SocketEvent::HANDSHAKE_FAILED_AUTH,
     zmq::SocketEvent::DISCONNECTED,
     zmq::SocketEvent::CONNECT_RETRIED,
-    zmq::SocketEvent::CONNECTED,
 ];
+
+/// The event of a monitor message (its first frame starts with the event number).
+fn event_of(frames: &[Vec<u8>]) -> Option<u16> {
+    let f = frames.first().filter(|f| f.len() >= 2)?;
+    Some(u16::from_ne_bytes([f[0], f[1]]))
+}
 
 fn setup(cfg: &ZmqConfig, shared: &Shared) -> Result<(zmq::Socket, zmq::Socket)> {
     let sub = cfg.socket(zmq::SUB)?;
@@ -195,8 +200,10 @@ fn setup(cfg: &ZmqConfig, shared: &Shared) -> Result<(zmq::Socket, zmq::Socket)>
         shared.id(),
         MONITOR_N.fetch_add(1, Ordering::Relaxed)
     );
-    let events = MONITOR_EVENTS
+    use zmq::SocketEvent::{CONNECTED, HANDSHAKE_SUCCEEDED, MONITOR_STOPPED};
+    let events = [MONITOR_STOPPED, HANDSHAKE_SUCCEEDED, CONNECTED]
         .iter()
+        .chain(&DOWN_EVENTS)
         .fold(0i32, |acc, e| acc | i32::from(e.to_raw()));
     sub.monitor(&monitor_endpoint, events)
         .map_err(|e| zmq_err("could not monitor the SUB socket", e))?;
@@ -269,14 +276,8 @@ fn drain_until_stopped(monitor: &zmq::Socket) {
             Ok(_) | Err(zmq::Error::EINTR) => continue,
             Err(_) => return,
         }
-        let Ok(frames) = monitor.recv_multipart(zmq::DONTWAIT) else {
-            continue;
-        };
-        let is_stop = frames
-            .first()
-            .filter(|f| f.len() >= 2)
-            .is_some_and(|f| u16::from_ne_bytes([f[0], f[1]]) == stopped);
-        if is_stop {
+        let frames = monitor.recv_multipart(zmq::DONTWAIT).unwrap_or_default();
+        if event_of(&frames) == Some(stopped) {
             return;
         }
     }

@@ -117,14 +117,7 @@ impl State {
 impl State {
     pub fn command(&mut self, sock: &zmq::Socket, cmd: Cmd) {
         match cmd {
-            Cmd::Subscribe { topic, route, done } => {
-                let topic = if route == Route::Inbox {
-                    self.inbox_topic.clone()
-                } else {
-                    topic
-                };
-                self.subscribe(sock, topic, route, done);
-            }
+            Cmd::Subscribe { topic, route, done } => self.subscribe(sock, topic, route, done),
             Cmd::Reconcile { group, done } => self.reconcile(sock, &group, done),
             Cmd::ReconcileAll => self.reconcile_all(sock),
             Cmd::AwaitMark { token, done } => {
@@ -137,6 +130,8 @@ impl State {
         }
     }
 
+    /// Subscribes `topic` (and probes it) unless it is already; `done` hears when it is
+    /// confirmed.
     fn subscribe(
         &mut self,
         sock: &zmq::Socket,
@@ -145,52 +140,42 @@ impl State {
         done: Option<oneshot::Sender<Confirm>>,
     ) {
         let link = self.link;
-        if let Some(sub) = self.subs.get_mut(&topic) {
-            if let Some(done) = done {
-                match &mut sub.state {
-                    SubState::Live(_) => {
-                        let _ = done.send(Confirm::Confirmed);
-                    }
-                    SubState::Probing { .. } if link == Link::Down => {
-                        let _ = done.send(Confirm::NotConnected);
-                    }
-                    SubState::Probing { waiters, .. } => waiters.push(done),
-                }
+        if !self.subs.contains_key(&topic) {
+            if let Err(e) = sock.set_subscribe(&topic) {
+                tracing::warn!(error = %e, topic = %wire::display(&topic), "could not subscribe");
             }
-            return;
-        }
-        if let Err(e) = sock.set_subscribe(&topic) {
-            tracing::warn!(error = %e, topic = %wire::display(&topic), "could not subscribe");
-        }
-        let probe = self.probe(sock, &topic);
-        let mut waiters = Vec::new();
-        if let Some(done) = done {
-            if link == Link::Down {
-                let _ = done.send(Confirm::NotConnected);
-            } else {
-                waiters.push(done);
+            if route != Route::Inbox {
+                // (The inbox is counted from the start: the layer sets 1 before the thread runs.)
+                self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
             }
-        }
-        let deadline = (link != Link::Down).then(|| Instant::now() + self.subscribe_timeout);
-        let route_is_inbox = route == Route::Inbox;
-        self.subs.insert(
-            topic,
-            Sub {
-                route,
-                origins: OriginTracker::new(),
-                state: SubState::Probing {
-                    probe: Some(probe),
-                    held: Vec::new(),
-                    deadline,
-                    waiters,
-                    floor: None,
+            let state = SubState::Probing {
+                probe: Some(self.probe(sock, &topic)),
+                held: Vec::new(),
+                deadline: (link != Link::Down).then(|| Instant::now() + self.subscribe_timeout),
+                waiters: Vec::new(),
+                floor: None,
+            };
+            let origins = OriginTracker::new();
+            self.subs.insert(
+                topic.clone(),
+                Sub {
+                    route,
+                    state,
+                    origins,
                 },
-            },
-        );
-        if route_is_inbox {
-            // Counted from the start (the layer sets 1 before the thread runs).
-        } else {
-            self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
+            );
+        }
+        let (Some(done), Some(sub)) = (done, self.subs.get_mut(&topic)) else {
+            return;
+        };
+        match &mut sub.state {
+            SubState::Live(_) => {
+                let _ = done.send(Confirm::Confirmed);
+            }
+            SubState::Probing { .. } if link == Link::Down => {
+                let _ = done.send(Confirm::NotConnected);
+            }
+            SubState::Probing { waiters, .. } => waiters.push(done),
         }
     }
 
@@ -318,29 +303,18 @@ impl State {
     }
 
     pub fn drain_monitor(&mut self, monitor: &zmq::Socket, sock: &zmq::Socket) {
+        use zmq::SocketEvent as E;
         loop {
-            let frames = match monitor.recv_multipart(zmq::DONTWAIT) {
-                Ok(f) => f,
+            let event = match monitor.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => super::event_of(&frames),
                 Err(zmq::Error::EINTR) => continue,
                 Err(_) => break,
             };
-            let Some(first) = frames.first() else {
-                continue;
-            };
-            if first.len() < 2 {
-                continue;
-            }
-            let event = u16::from_ne_bytes([first[0], first[1]]);
-            let is = |e: zmq::SocketEvent| event == e.to_raw();
-            if is(zmq::SocketEvent::HANDSHAKE_SUCCEEDED) {
+            let is = |events: &[E]| events.iter().any(|e| Some(e.to_raw()) == event);
+            if is(&[E::HANDSHAKE_SUCCEEDED]) {
                 self.set_link(sock, true);
-            } else if is(zmq::SocketEvent::DISCONNECTED)
-                || is(zmq::SocketEvent::CONNECT_RETRIED)
-                || is(zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL)
-                || is(zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL)
-                || is(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH)
-            {
-                if is(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH) {
+            } else if is(&super::DOWN_EVENTS) {
+                if is(&[E::HANDSHAKE_FAILED_AUTH]) {
                     tracing::warn!(endpoint = %self.endpoint, "the publisher refused our CURVE keys");
                 }
                 self.set_link(sock, false);
