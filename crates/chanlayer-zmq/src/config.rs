@@ -312,10 +312,11 @@ impl BackendSettings for ZmqConfig {
                         "give either an address ({address:?}) or pull= and pub=, not both"
                     )));
                 }
-                check_endpoint(&pull, false)
-                    .map_err(|e| Error::Config(format!("option pull: {}", strip(&e))))?;
-                check_endpoint(&publish, false)
-                    .map_err(|e| Error::Config(format!("option pub: {}", strip(&e))))?;
+                for (key, endpoint) in [("pull", &pull), ("pub", &publish)] {
+                    if let Err(Error::Config(why)) = check_endpoint(endpoint, false) {
+                        return Err(Error::Config(format!("option {key}: {why}")));
+                    }
+                }
                 Mode::Dedicated { pull, publish }
             }
             (Some("dedicated") | None, Some(_), None) | (Some("dedicated") | None, None, Some(_)) => {
@@ -493,13 +494,6 @@ impl ZmqConfig {
             Mode::Dedicated { publish, .. } => publish,
         }
     }
-}
-
-fn strip(e: &Error) -> String {
-    let s = e.to_string();
-    s.strip_prefix("configuration error: ")
-        .unwrap_or(&s)
-        .to_owned()
 }
 
 fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {

@@ -42,11 +42,6 @@ pub(crate) struct OriginTracker {
 }
 
 impl OriginTracker {
-    /// An empty tracker (nothing known, nothing complete).
-    pub fn new() -> OriginTracker {
-        OriginTracker::default()
-    }
-
     /// The proxy's welcome: `table` has the last number published of every origin it knows
     /// on the topic. Origins known here already keep their number (the messages between
     /// are this subscriber's to count).
@@ -199,7 +194,7 @@ mod tests {
             ),
         ];
         for (name, steps) in cases {
-            let mut t = OriginTracker::new();
+            let mut t = OriginTracker::default();
             for (i, step) in steps.iter().enumerate() {
                 match step {
                     Welcome(table) => t.welcome(table),
@@ -217,7 +212,7 @@ mod tests {
 
     #[test]
     fn too_many_origins_forgets_the_oldest_half_and_stops_counting_new_ones_early_losses() {
-        let mut t = OriginTracker::new();
+        let mut t = OriginTracker::default();
         t.welcome(&[]);
         for id in 1..=MAX_ORIGINS as u64 {
             assert_eq!(

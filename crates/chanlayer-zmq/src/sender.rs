@@ -187,37 +187,27 @@ impl Push {
         let rest = match item {
             Item::Data(Outgoing::One { topic, payload }) => {
                 let meta = self.numbering.next(&topic, wire::META_DATA, 1);
-                self.send_rest([zmq::Message::from(&meta[..]), payload.into()])
+                self.push
+                    .send_multipart([zmq::Message::from(&meta[..]), payload.into()], 0)
             }
             Item::Data(Outgoing::Run { topic, body, count }) => {
                 let meta = self.numbering.next(&topic, wire::META_BATCH, count as u64);
-                self.send_rest([zmq::Message::from(&meta[..]), body.into()])
+                self.push
+                    .send_multipart([zmq::Message::from(&meta[..]), body.into()], 0)
             }
             Item::Control(Control::Mark {
                 reply,
                 token,
                 flush_prefix,
-            }) => self.send_rest([reply, token.to_le_bytes().to_vec(), flush_prefix]),
-            Item::Control(Control::Raw(frames)) => self.send_rest(frames.into_iter().skip(1)),
+            }) => self
+                .push
+                .send_multipart([reply, token.to_le_bytes().to_vec(), flush_prefix], 0),
+            Item::Control(Control::Raw(frames)) => {
+                self.push.send_multipart(frames.into_iter().skip(1), 0)
+            }
         };
         if let Err(e) = rest {
             tracing::warn!(error = %e, "the sender could not finish a message to the proxy");
-        }
-        Ok(())
-    }
-
-    fn send_rest<T: Into<zmq::Message>>(
-        &self,
-        frames: impl IntoIterator<Item = T>,
-    ) -> zmq::Result<()> {
-        let mut frames = frames.into_iter().peekable();
-        while let Some(f) = frames.next() {
-            let more = if frames.peek().is_some() {
-                zmq::SNDMORE
-            } else {
-                0
-            };
-            self.push.send(f, more)?;
         }
         Ok(())
     }

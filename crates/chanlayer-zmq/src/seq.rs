@@ -52,11 +52,6 @@ pub(crate) struct SeqTracker {
 }
 
 impl SeqTracker {
-    /// Nothing delivered yet.
-    pub const fn new() -> SeqTracker {
-        SeqTracker { last: None }
-    }
-
     /// Everything up to `pos` is delivered (or accounted for).
     pub const fn at(pos: Pos) -> SeqTracker {
         SeqTracker { last: Some(pos) }
@@ -175,7 +170,7 @@ pub(crate) fn settle<P>(
             next = h.pos.seq.saturating_add(1);
         }
     }
-    let mut tracker = SeqTracker::new();
+    let mut tracker = SeqTracker::default();
     if let Some(epoch) = final_epoch {
         let same = floor.filter(|f| f.epoch == epoch);
         let welcome_seq = welcome.filter(|w| w.epoch == epoch).map(|w| w.seq);
@@ -295,7 +290,7 @@ mod tests {
             ),
         ];
         for (name, steps) in cases {
-            let mut t = SeqTracker::new();
+            let mut t = SeqTracker::default();
             for (i, ((epoch, seq), want)) in steps.iter().enumerate() {
                 assert_eq!(check(&mut t, *epoch, *seq), *want, "{name}, step {i}");
             }
@@ -356,7 +351,9 @@ mod tests {
             ),
         ];
         for (name, last, (epoch, first, count), want, after) in cases {
-            let mut t = last.map_or(SeqTracker::new(), |(e, s)| SeqTracker::at(Pos::new(e, s)));
+            let mut t = last.map_or(SeqTracker::default(), |(e, s)| {
+                SeqTracker::at(Pos::new(e, s))
+            });
             assert_eq!(t.check_run(*epoch, *first, *count), *want, "{name}");
             assert_eq!(
                 t.last(),

@@ -132,8 +132,8 @@ impl ZmqTransport {
     /// The topic of a channel message: the owner's inbox topic, or the normal channel's.
     fn topic_into(&self, out: &mut Vec<u8>, owner: Option<&str>, channel: &str) {
         match owner {
-            Some(owner) => wire::inbox_topic_into(out, self.prefix(), owner),
-            None => wire::channel_topic_into(out, self.prefix(), channel),
+            Some(owner) => wire::topic_into(out, wire::INBOX, self.prefix(), owner),
+            None => wire::topic_into(out, wire::CHANNEL, self.prefix(), channel),
         }
     }
 

@@ -101,23 +101,15 @@ fn topic(kind: u8, prefix: &str, name: &str) -> Vec<u8> {
     t
 }
 
-fn topic_into(t: &mut Vec<u8>, kind: u8, prefix: &str, name: &str) {
+/// The topic of kind `kind` ([`CHANNEL`], [`GROUP`], [`INBOX`]) for `name` under `prefix`,
+/// appended to `t`.
+pub fn topic_into(t: &mut Vec<u8>, kind: u8, prefix: &str, name: &str) {
     t.push(kind);
     t.push(b':');
     t.extend_from_slice(prefix.as_bytes());
     t.push(b':');
     t.extend_from_slice(name.as_bytes());
     t.push(0);
-}
-
-/// [`channel_topic`], appended to `out`.
-pub fn channel_topic_into(out: &mut Vec<u8>, prefix: &str, channel: &str) {
-    topic_into(out, CHANNEL, prefix, channel);
-}
-
-/// [`inbox_topic`], appended to `out`.
-pub fn inbox_topic_into(out: &mut Vec<u8>, prefix: &str, instance: &str) {
-    topic_into(out, INBOX, prefix, instance);
 }
 
 /// The topic of normal channel `channel` under `prefix`.
@@ -322,17 +314,6 @@ pub fn batch_items(body: &[u8]) -> Option<Vec<&[u8]>> {
     (!items.is_empty()).then_some(items)
 }
 
-/// A control mark for the proxy: publish a MARK with `token` on `reply_topic`, after
-/// dropping the retained messages of `flush_prefix` (when not empty).
-pub fn mark_control(reply_topic: &[u8], token: u64, flush_prefix: &str) -> Vec<Vec<u8>> {
-    vec![
-        MARK_CONTROL.to_vec(),
-        reply_topic.to_vec(),
-        token.to_le_bytes().to_vec(),
-        flush_prefix.as_bytes().to_vec(),
-    ]
-}
-
 /// Reads a control mark's frames after the first: `(reply topic, token, flush prefix)`.
 pub fn parse_mark_control<'a>(frames: &[&'a [u8]]) -> Option<(&'a [u8], u64, &'a [u8])> {
     let [reply, token, prefix] = frames else {
@@ -382,10 +363,10 @@ mod tests {
     fn topics_written_into_a_buffer_are_the_same_bytes() {
         let mut out = b"old".to_vec();
         out.clear();
-        channel_topic_into(&mut out, "p", "ch1");
+        topic_into(&mut out, CHANNEL, "p", "ch1");
         assert_eq!(out, channel_topic("p", "ch1"));
         out.clear();
-        inbox_topic_into(&mut out, "p", "inst");
+        topic_into(&mut out, INBOX, "p", "inst");
         assert_eq!(out, inbox_topic("p", "inst"));
     }
 
@@ -486,8 +467,8 @@ mod tests {
     #[test]
     fn mark_controls() {
         let reply = inbox_topic("p", "i");
-        let frames = mark_control(&reply, 9, "p");
-        let rest: Vec<&[u8]> = frames[1..].iter().map(Vec::as_slice).collect();
+        let token = 9u64.to_le_bytes();
+        let rest: Vec<&[u8]> = vec![&reply, &token, b"p"];
         assert_eq!(parse_mark_control(&rest), Some((&reply[..], 9, &b"p"[..])));
         assert_eq!(parse_mark_control(&rest[..2]), None);
     }

@@ -60,7 +60,7 @@ impl State {
         };
         let dest = if self.subs.contains_key(&head[..]) {
             Dest::Sub
-        } else if let Some(of) = self.probes.get(&head[..]) {
+        } else if let Some(of) = self.probes.of.get(&head[..]) {
             Dest::Probe(of.clone())
         } else if wire::data_topic_kind(head).is_some() || wire::parse_probe(head).is_some() {
             Dest::Stale
@@ -278,7 +278,7 @@ impl State {
         // In the inbox before anyone waiting for this subscription hears of it.
         self.hand_over();
         if let Some(probe) = probe {
-            self.probes.remove(&probe);
+            self.probes.of.remove(&probe);
             self.pending_unsubscribe.push(probe);
         }
         self.shared.sync.outstanding.fetch_sub(1, Ordering::SeqCst);

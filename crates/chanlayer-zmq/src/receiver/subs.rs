@@ -57,6 +57,26 @@ pub(super) struct Sub {
     pub origins: OriginTracker,
 }
 
+/// The probes of a receiver: probe topic -> the topic it probes.
+#[derive(Default)]
+pub(super) struct Probes {
+    n: u64,
+    pub of: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Probes {
+    /// Subscribes a new probe of `topic` (after the topic itself, on the same connection).
+    fn open(&mut self, sock: &zmq::Socket, instance: &str, topic: &[u8]) -> Vec<u8> {
+        self.n += 1;
+        let probe = wire::probe_topic(instance, self.n, topic);
+        if let Err(e) = sock.set_subscribe(&probe) {
+            tracing::warn!(error = %e, "could not send a subscription probe");
+        }
+        self.of.insert(probe.clone(), topic.to_vec());
+        probe
+    }
+}
+
 /// Everything the receiving thread keeps.
 pub(super) struct State {
     pub shared: Arc<Shared>,
@@ -67,14 +87,12 @@ pub(super) struct State {
     /// Messages one probing topic may hold back before they are delivered anyway.
     pub max_held: usize,
     pub subs: HashMap<Vec<u8>, Sub>,
-    /// Probe topic -> the topic it probes.
-    pub probes: HashMap<Vec<u8>, Vec<u8>>,
+    pub probes: Probes,
     pub marks: HashMap<u64, (oneshot::Sender<()>, Instant)>,
     /// Marks that arrived before their `AwaitMark` command was read (the command and the
     /// mark race on different paths).
     pub early_marks: HashMap<u64, Instant>,
     pub link: Link,
-    probe_n: u64,
     last_reconcile: Instant,
     /// Probes answered (or given up): unsubscribed at the end of the loop turn.
     pub pending_unsubscribe: Vec<Vec<u8>>,
@@ -95,11 +113,10 @@ impl State {
                 .max(10_000)
                 .saturating_mul(4),
             subs: HashMap::new(),
-            probes: HashMap::new(),
+            probes: Probes::default(),
             marks: HashMap::new(),
             early_marks: HashMap::new(),
             link: Link::Unknown,
-            probe_n: 0,
             last_reconcile: Instant::now(),
             pending_unsubscribe: Vec::new(),
             ready: Vec::new(),
@@ -149,13 +166,13 @@ impl State {
                 self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
             }
             let state = SubState::Probing {
-                probe: Some(self.probe(sock, &topic)),
+                probe: Some(self.probes.open(sock, self.shared.id(), &topic)),
                 held: Vec::new(),
                 deadline: (link != Link::Down).then(|| Instant::now() + self.subscribe_timeout),
                 waiters: Vec::new(),
                 floor: None,
             };
-            let origins = OriginTracker::new();
+            let origins = OriginTracker::default();
             self.subs.insert(
                 topic.clone(),
                 Sub {
@@ -179,17 +196,6 @@ impl State {
         }
     }
 
-    /// Subscribes a new probe of `topic` (after the topic itself, on the same connection).
-    fn probe(&mut self, sock: &zmq::Socket, topic: &[u8]) -> Vec<u8> {
-        self.probe_n += 1;
-        let probe = wire::probe_topic(self.shared.id(), self.probe_n, topic);
-        if let Err(e) = sock.set_subscribe(&probe) {
-            tracing::warn!(error = %e, "could not send a subscription probe");
-        }
-        self.probes.insert(probe.clone(), topic.to_vec());
-        probe
-    }
-
     fn unsubscribe(&mut self, sock: &zmq::Socket, topic: &[u8]) {
         let Some(sub) = self.subs.remove(topic) else {
             return;
@@ -200,7 +206,7 @@ impl State {
         if let SubState::Probing { probe, waiters, .. } = sub.state {
             if let Some(probe) = probe {
                 let _ = sock.set_unsubscribe(&probe);
-                self.probes.remove(&probe);
+                self.probes.of.remove(&probe);
             }
             self.shared.sync.outstanding.fetch_sub(1, Ordering::SeqCst);
             for w in waiters {
@@ -249,7 +255,6 @@ impl State {
         self.link = new;
         self.shared.transport.link_up.store(up, Ordering::Relaxed);
         let now = Instant::now();
-        let mut reprobe = Vec::new();
         for (topic, sub) in self.subs.iter_mut() {
             match &mut sub.state {
                 SubState::Probing {
@@ -261,7 +266,7 @@ impl State {
                     if up {
                         *deadline = Some(now + self.subscribe_timeout);
                         if probe.is_none() {
-                            reprobe.push(topic.clone());
+                            *probe = Some(self.probes.open(sock, self.shared.id(), topic));
                         }
                     } else {
                         *deadline = None;
@@ -287,16 +292,6 @@ impl State {
                     }
                 }
                 SubState::Live(_) => {}
-            }
-        }
-        for topic in reprobe {
-            let probe = self.probe(sock, &topic);
-            if let Some(Sub {
-                state: SubState::Probing { probe: p, .. },
-                ..
-            }) = self.subs.get_mut(&topic)
-            {
-                *p = Some(probe);
             }
         }
         tracing::debug!(endpoint = %self.endpoint, up, "subscriber connection changed");
