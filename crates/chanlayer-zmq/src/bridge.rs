@@ -44,6 +44,16 @@ pub(crate) fn zmq_err(what: impl Into<String>, e: zmq::Error) -> Error {
     Error::backend(BACKEND, what, e)
 }
 
+/// A backend error with no lower-level cause.
+pub(crate) fn failure(message: impl Into<String>) -> Error {
+    let message = message.into();
+    Error::Backend {
+        backend: BACKEND,
+        message,
+        source: None,
+    }
+}
+
 /// Starts the socket thread `name`: `setup` makes its sockets on the thread and gives the
 /// caller a value (or the error, after which the thread ends), then `run` runs there.
 /// Returns once `setup` is done.
@@ -65,11 +75,7 @@ pub(crate) fn spawn<S, T: Send + 'static>(
             }
         })
         .map_err(|e| Error::backend(BACKEND, format!("could not start the {name} thread"), e))?;
-    let ended = || Error::Backend {
-        backend: BACKEND,
-        message: format!("the {name} thread ended while starting"),
-        source: None,
-    };
+    let ended = || failure(format!("the {name} thread ended while starting"));
     match rx.recv().unwrap_or_else(|_| Err(ended())) {
         Ok(value) => Ok((thread, value)),
         Err(e) => {

@@ -49,6 +49,13 @@ impl Payload {
             Payload::Frame(m) => m,
         }
     }
+
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::Bytes(b) => b,
+            Payload::Frame(m) => m.to_vec(),
+        }
+    }
 }
 
 /// Where a message comes from, as the sender gave it (dedicated mode): its origin id and
@@ -318,6 +325,19 @@ impl Hub {
         abandoned
     }
 
+    /// Publishes a message, or a run of messages of one topic as a batch frame, from origin
+    /// `from` (of the first; the others follow).
+    pub fn publish_data(&mut self, data: Outgoing, from: From) {
+        match data {
+            Outgoing::One { topic, payload } => {
+                self.publish(&topic, from, 1, Payload::Bytes(payload), false);
+            }
+            Outgoing::Run { topic, body, count } => {
+                self.publish(&topic, from, count as u64, Payload::Bytes(body), true);
+            }
+        }
+    }
+
     /// Counts a message that is not chanlayer's (skipped).
     pub fn reject(&mut self) {
         self.count(|c| {
@@ -451,12 +471,7 @@ impl Hub {
 impl Sink for Hub {
     fn put(&mut self, item: Item<Control>) -> bool {
         match item {
-            Item::Data(Outgoing::One { topic, payload }) => {
-                self.publish(&topic, None, 1, Payload::Bytes(payload), false);
-            }
-            Item::Data(Outgoing::Run { topic, body, count }) => {
-                self.publish(&topic, None, count as u64, Payload::Bytes(body), true);
-            }
+            Item::Data(data) => self.publish_data(data, None),
             Item::Control(Control::Mark {
                 reply,
                 token,

@@ -11,12 +11,11 @@ use std::sync::Arc;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, poll, recv_message, spawn, zmq_err, Mailbox, Worker};
+use crate::bridge::{context, lock, poll, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker};
 use crate::config::{check_endpoint, curve_available, curve_missing};
 use crate::hub::{Counters, From, Hub, HubStats, Payload};
 use crate::retention::Retention;
 use crate::wire;
-use crate::BACKEND;
 
 /// Settings of a [`Proxy`].
 #[derive(Clone, PartialEq, Eq)]
@@ -183,13 +182,10 @@ fn setup(config: &ProxyConfig) -> Result<(zmq::Socket, zmq::Socket, String, Stri
     xpub.set_sndhwm(config.sndhwm)
         .map_err(|e| zmq_err("sndhwm", e))?;
     let in_use = |what: &str, addr: &str, e: zmq::Error| match e {
-        zmq::Error::EADDRINUSE => Error::Backend {
-            backend: BACKEND,
-            message: format!(
-                "the proxy's {what} address {addr} is already in use (another proxy running?)"
-            ),
-            source: Some(Box::new(e)),
-        },
+        zmq::Error::EADDRINUSE => zmq_err(
+            format!("the proxy's {what} address {addr} is already in use (another proxy running?)"),
+            e,
+        ),
         e => zmq_err(
             format!("could not bind the proxy's {what} socket to {addr}"),
             e,
@@ -305,72 +301,50 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
 }
 
 /// A run: consecutive data messages of one topic (and one origin) that the proxy
-/// publishes as one batch frame (see [`crate::wire`]). It flushes before anything else (a
-/// mark) and at the end of what it read, so the order on the wire is the order they came
-/// in and nothing waits for a batch to fill.
+/// publishes as one batch frame, merged as a sending thread's queue merges them
+/// ([`Outgoing::append`]). It flushes before anything else (a mark) and at the end of what
+/// it read, so the order on the wire is the order they came in and nothing waits for a
+/// batch to fill.
 #[derive(Default)]
 pub(crate) struct Batch {
-    topic: Vec<u8>,
-    body: Vec<u8>,
-    count: u64,
+    run: Option<Outgoing>,
     /// The origin of the first message: every message of a run has the same origin and the
     /// next number (a batch frame carries one origin stamp).
     from: From,
-    /// The first message, kept whole: a batch of one is published as a plain data message.
-    first: Option<Payload>,
 }
 
 impl Batch {
-    /// Adds a message for `topic`, publishing what is batched first when the topic or the
-    /// origin changes or the batch is full. A message over [`wire::BATCH_ITEM_MAX`] is
-    /// published alone.
+    /// Adds a message for `topic`, publishing what is batched first when it cannot join the
+    /// run (another topic or origin, a full batch). A message over [`wire::BATCH_ITEM_MAX`]
+    /// is published alone, without a copy.
     pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: Payload) {
-        let len = payload.as_slice().len();
-        if len > wire::BATCH_ITEM_MAX {
-            self.flush(hub);
-            hub.publish(topic, from, 1, payload, false);
-            return;
-        }
-        let follows = match (self.from, from) {
-            (None, None) => true,
-            (Some((id, first)), Some((next_id, next))) => {
-                id == next_id && first.checked_add(self.count) == Some(next)
+        let follows = match (&self.run, self.from, from) {
+            (Some(_), None, None) => true,
+            (Some(run), Some((id, first)), Some((next_id, next))) => {
+                id == next_id && first.checked_add(run.count() as u64) == Some(next)
             }
             _ => false,
         };
-        let batched = self.body.len() + self.first.as_ref().map_or(0, |f| 4 + f.as_slice().len());
-        if self.count > 0
-            && (self.topic != topic || !follows || batched + 4 + len > wire::BATCH_MAX_BYTES)
-        {
-            self.flush(hub);
+        if let Some(run) = self.run.as_mut().filter(|_| follows) {
+            if run.append(topic, payload.as_slice()) {
+                return;
+            }
         }
-        if self.count == 0 {
-            self.topic.clear();
-            self.topic.extend_from_slice(topic);
-            self.from = from;
-            self.first = Some(payload);
-            self.count = 1;
-            return;
+        self.flush(hub);
+        if payload.as_slice().len() > wire::BATCH_ITEM_MAX {
+            return hub.publish(topic, from, 1, payload, false);
         }
-        if let Some(first) = self.first.take() {
-            self.body.reserve(8 * 1024);
-            wire::batch_push(&mut self.body, first.as_slice());
-        }
-        wire::batch_push(&mut self.body, payload.as_slice());
-        self.count += 1;
+        self.from = from;
+        self.run = Some(Outgoing::One {
+            topic: topic.to_vec(),
+            payload: payload.into_vec(),
+        });
     }
 
     /// Publishes what is batched.
     pub fn flush(&mut self, hub: &mut Hub) {
-        match (self.count, self.first.take()) {
-            (0, _) => {}
-            (_, Some(first)) => hub.publish(&self.topic, self.from, 1, first, false),
-            (n, None) => {
-                let body = std::mem::take(&mut self.body);
-                hub.publish(&self.topic, self.from, n, Payload::Bytes(body), true);
-            }
+        if let Some(run) = self.run.take() {
+            hub.publish_data(run, self.from);
         }
-        self.count = 0;
-        self.body.clear();
     }
 }

@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{fd_item, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
+use crate::bridge::{failure, fd_item, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
 use crate::config::ZmqConfig;
 use crate::hub::{Counters, Hub, HubStats};
 use crate::receiver::ReceiverSync;
-use crate::BACKEND;
 
 type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
 
@@ -202,13 +201,9 @@ fn ipc_in_use(path: &str) -> bool {
 }
 
 fn taken(address: &str) -> Error {
-    Error::Backend {
-        backend: BACKEND,
-        message: format!(
-            "embedded mode: {address} is already bound by another process. In embedded mode one process per address sends (it binds the publisher) and any number receive; run several senders in dedicated mode through a proxy (`chanlayer zmq-proxy`, URL zmq://?pull=...&pub=...), give this process its own address, or connect it with bind=never to only receive"
-        ),
-        source: None,
-    }
+    failure(format!(
+        "embedded mode: {address} is already bound by another process. In embedded mode one process per address sends (it binds the publisher) and any number receive; run several senders in dedicated mode through a proxy (`chanlayer zmq-proxy`, URL zmq://?pull=...&pub=...), give this process its own address, or connect it with bind=never to only receive"
+    ))
 }
 
 fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {

@@ -15,7 +15,7 @@ use chanlayer_core::toolkit::{
 use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{lock, Control, Outlet, Refused};
+use crate::bridge::{failure, lock, Control, Outlet, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
 use crate::hub::{Counters, HubStats};
 use crate::publisher::{self, Endpoint};
@@ -383,11 +383,7 @@ impl Transport for ZmqTransport {
         };
         if let Some(message) = failed {
             t.shut_down().await;
-            return Err(Error::Backend {
-                backend: BACKEND,
-                message,
-                source: None,
-            });
+            return Err(failure(message));
         }
         Ok(t)
     }
