@@ -203,42 +203,29 @@ pub fn check_endpoint(endpoint: &str, bind_any: bool) -> Result<()> {
 }
 
 fn tcp_endpoint(host_port: &str, default_port: u16) -> Result<String> {
-    let (host, port) = if let Some(rest) = host_port.strip_prefix('[') {
-        let Some((h, after)) = rest.split_once(']') else {
-            return Err(Error::Config(format!(
-                "address {host_port:?}: an IPv6 host needs a closing ']'"
-            )));
-        };
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => {
-                return Err(Error::Config(format!(
-                    "address {host_port:?}: expected HOST:PORT"
-                )))
-            }
-        };
-        (format!("[{h}]"), port)
-    } else {
-        match host_port.rsplit_once(':') {
+    let bad = |why: String| Err(Error::Config(format!("address {host_port:?}: {why}")));
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            None => return bad("an IPv6 host needs a closing ']'".into()),
+            Some((h, "")) => (format!("[{h}]"), None),
+            Some((h, after)) => match after.strip_prefix(':') {
+                Some(p) => (format!("[{h}]"), Some(p)),
+                None => return bad("expected HOST:PORT".into()),
+            },
+        },
+        None => match host_port.rsplit_once(':') {
             Some((h, p)) => (h.to_owned(), Some(p)),
             None => (host_port.to_owned(), None),
-        }
+        },
     };
     if host.is_empty() || host.contains([',', '/', '@']) {
-        return Err(Error::Config(format!(
-            "address {host_port:?}: expected HOST:PORT (one host)"
-        )));
+        return bad("expected HOST:PORT (one host)".into());
     }
-    let port = match port {
-        Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-            Error::Config(format!(
-                "address {host_port:?}: the port {p:?} is not a number from 1 to 65535"
-            ))
-        })?,
-        None => default_port,
-    };
-    Ok(format!("tcp://{host}:{port}"))
+    match port.map(|p| (p, p.parse::<u16>())) {
+        None => Ok(format!("tcp://{host}:{default_port}")),
+        Some((_, Ok(p))) if p > 0 => Ok(format!("tcp://{host}:{p}")),
+        Some((p, _)) => bad(format!("the port {p:?} is not a number from 1 to 65535")),
+    }
 }
 
 fn decode(s: &str) -> String {

@@ -27,9 +27,9 @@ use chanlayer_core::{Error, Result};
 use crate::bridge::{failure, fd_item, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
 use crate::config::ZmqConfig;
 use crate::hub::{Counters, Hub, HubStats};
-use crate::receiver::ReceiverSync;
+use crate::receiver::Shared;
 
-type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
+type Receivers = Arc<Mutex<Vec<Weak<Shared>>>>;
 
 /// The process's state for one embedded address.
 pub(crate) struct Endpoint {
@@ -97,7 +97,7 @@ pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
 impl Endpoint {
     /// Registers an in-process subscriber of this address (the publisher waits for it after
     /// binding).
-    pub fn register(&self, sync: &Arc<ReceiverSync>) {
+    pub fn register(&self, sync: &Arc<Shared>) {
         let mut r = lock(&self.receivers);
         r.retain(|w| w.strong_count() > 0);
         r.push(Arc::downgrade(sync));
@@ -250,7 +250,13 @@ fn synced(receivers: &Receivers) -> bool {
     r.retain(|w| w.strong_count() > 0);
     r.iter()
         .filter_map(Weak::upgrade)
-        .all(|s| s.gone.load(Ordering::SeqCst) || s.outstanding.load(Ordering::SeqCst) == 0)
+        .map(|s| {
+            (
+                s.transport.gone.load(Ordering::SeqCst),
+                s.transport.outstanding.load(Ordering::SeqCst),
+            )
+        })
+        .all(|(gone, outstanding)| gone || outstanding == 0)
 }
 
 type Thread = (Arc<Outbox<Hub>>, RawFd, String, ZmqConfig, Receivers);

@@ -95,22 +95,15 @@ impl Store {
     ) -> u64 {
         let len = payload.len();
         let per_topic = self.limits.per_topic;
-        let mut gone = Vec::new();
-        {
-            let kept = self.topics.entry(topic.clone()).or_default();
-            kept.push_back(Kept {
-                seq,
-                from,
-                payload,
-                heard,
-            });
-            while kept.len() > per_topic {
-                match kept.pop_front() {
-                    Some(old) => gone.push(old),
-                    None => break,
-                }
-            }
-        }
+        let kept = self.topics.entry(topic.clone()).or_default();
+        kept.push_back(Kept {
+            seq,
+            from,
+            payload,
+            heard,
+        });
+        let over = kept.len().saturating_sub(per_topic);
+        let gone: Vec<Kept> = kept.drain(..over).collect();
         self.count += 1;
         self.bytes += len;
         if !heard {

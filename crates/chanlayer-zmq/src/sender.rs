@@ -37,7 +37,9 @@ pub(crate) fn start(cfg: &ZmqConfig, pull: &str, abandoned: Arc<AtomicU64>) -> R
     let (thread, outbox) = spawn(
         "sender",
         move || {
-            let push = setup(&cfg, &pull)?;
+            let push = cfg.socket(zmq::PUSH)?;
+            push.connect(&pull)
+                .map_err(|e| zmq_err(format!("could not connect the PUSH socket to {pull}"), e))?;
             let fd = push
                 .get_fd()
                 .map_err(|e| zmq_err("could not read the PUSH socket's ZMQ_FD", e))?;
@@ -56,27 +58,15 @@ pub(crate) fn start(cfg: &ZmqConfig, pull: &str, abandoned: Arc<AtomicU64>) -> R
     Ok(Worker::new(outbox, thread, |o| o.mailbox.close()))
 }
 
-fn setup(cfg: &ZmqConfig, pull: &str) -> Result<zmq::Socket> {
-    let push = cfg.socket(zmq::PUSH)?;
-    push.connect(pull)
-        .map_err(|e| zmq_err(format!("could not connect the PUSH socket to {pull}"), e))?;
-    Ok(push)
-}
-
 /// This sender's numbering of its messages, per topic (see [`wire::Origin`]): each topic
 /// gets a random origin id and numbers from 1. The proxy passes them on, and receivers
 /// count by them what never arrived, across a proxy restart too.
 struct Numbering {
-    topics: HashMap<Vec<u8>, Numbered>,
+    /// Per topic: its origin id, the next number, and when it was last used.
+    topics: HashMap<Vec<u8>, (u64, u64, Instant)>,
     /// The time, read once per loop turn.
     clock: Instant,
     swept: Instant,
-}
-
-struct Numbered {
-    id: u64,
-    next: u64,
-    used: Instant,
 }
 
 /// A topic this sender has not sent to for this long starts over with a new origin id (its
@@ -98,14 +88,13 @@ impl Numbering {
     /// new): its origin id and the number of the first.
     fn next(&mut self, topic: &[u8], kind: u8, count: u64) -> [u8; wire::META_LEN] {
         let clock = self.clock;
-        let n = self.topics.entry_ref(topic).or_insert_with(|| Numbered {
-            id: rand::random::<u64>() | 1,
-            next: 1,
-            used: clock,
-        });
-        n.used = clock;
-        n.next += count;
-        wire::meta(kind, n.id, n.next - count)
+        let (id, next, used) = self
+            .topics
+            .entry_ref(topic)
+            .or_insert_with(|| (rand::random::<u64>() | 1, 1, clock));
+        *used = clock;
+        *next += count;
+        wire::meta(kind, *id, *next - count)
     }
 
     /// Once per loop turn: reads the clock, and forgets topics long unused when there are
@@ -118,7 +107,7 @@ impl Numbering {
             self.swept = self.clock;
             let now = self.clock;
             self.topics
-                .retain(|_, n| now.saturating_duration_since(n.used) < NUMBERED_FOR);
+                .retain(|_, (_, _, used)| now.saturating_duration_since(*used) < NUMBERED_FOR);
         }
     }
 }

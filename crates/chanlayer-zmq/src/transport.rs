@@ -19,7 +19,7 @@ use crate::bridge::{failure, lock, Control, Outlet, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
 use crate::hub::{Counters, HubStats};
 use crate::publisher::{self, Endpoint};
-use crate::receiver::{Confirm, Receiver, ReceiverSync, Shared, TransportCounters};
+use crate::receiver::{Confirm, Receiver, Shared, TransportCounters};
 use crate::sender::{self, PushSender};
 use crate::wire;
 use crate::{BACKEND, CAPABILITIES};
@@ -215,7 +215,7 @@ impl ZmqTransport {
     /// Stops the receiving thread and releases the sending side (lingering up to
     /// `close_linger` for what `send` accepted; what is left is counted).
     async fn shut_down(&self) {
-        self.shared.sync.gone.store(true, Ordering::SeqCst);
+        self.shared.transport.gone.store(true, Ordering::SeqCst);
         let outbound = self.take_outbound();
         let receiver = self.receiver.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -319,19 +319,19 @@ impl Transport for ZmqTransport {
     ///   is fine: the subscriptions take effect when one binds.
     async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
         let cfg = ZmqConfig::from_layer_config(config)?;
-        let sync = Arc::new(ReceiverSync::default());
-        // The inbox subscription is outstanding from the start.
-        sync.outstanding.store(1, Ordering::SeqCst);
         let shared = Arc::new(Shared {
             inbound,
-            transport: TransportCounters::default(),
-            sync,
+            // The inbox subscription is outstanding from the start.
+            transport: TransportCounters {
+                outstanding: 1.into(),
+                ..Default::default()
+            },
         });
         let inbox_topic = wire::inbox_topic(&shared.options().prefix, shared.id());
         let outbound = match &cfg.mode {
             Mode::Embedded { endpoint } => {
                 let ep = publisher::endpoint(endpoint, &cfg);
-                ep.register(&shared.sync);
+                ep.register(&shared);
                 if cfg.bind == BindPolicy::Eager {
                     ep.publisher()?;
                 }
@@ -501,7 +501,7 @@ impl Transport for ZmqTransport {
     }
 
     fn abandon(&self) {
-        self.shared.sync.gone.store(true, Ordering::SeqCst);
+        self.shared.transport.gone.store(true, Ordering::SeqCst);
         self.receiver.detach();
         if let Some(outbound) = self.take_outbound() {
             // Releasing the sending side may linger (close_linger): not on the dropping

@@ -34,7 +34,7 @@ impl State {
                 self.garbage(&frames[0], &why);
                 continue;
             }
-            self.on_message(std::mem::take(&mut frames));
+            self.on_message(&frames);
             if self.ready.len() >= HAND_OVER_AT {
                 // The receiving tasks start on these while this thread decodes the rest.
                 self.hand_over();
@@ -48,7 +48,7 @@ impl State {
             .record_undecodable(&wire::display(topic), &why);
     }
 
-    fn on_message(&mut self, frames: Vec<zmq::Message>) {
+    fn on_message(&mut self, frames: &[zmq::Message]) {
         enum Dest {
             Sub,
             Probe(Vec<u8>),
@@ -71,19 +71,12 @@ impl State {
         let origin = frames.get(1).and_then(|m| wire::parse_origin(m));
         match (dest, meta, frames.len()) {
             (Dest::Sub, Some((wire::META_DATA, epoch, seq)), 3) => {
-                if let Some((topic, payload)) = ends(frames) {
-                    let pos = Pos::new(epoch, seq);
-                    self.on_data(&topic, pos, origin, &payload, false);
-                }
+                self.on_data(head, Pos::new(epoch, seq), origin, &frames[2], false);
             }
             (Dest::Sub, Some((wire::META_BATCH, epoch, first)), 3) => {
-                if let Some((topic, body)) = ends(frames) {
-                    match wire::batch_items(&body) {
-                        Some(items) => {
-                            self.on_batch(&topic, Pos::new(epoch, first), origin, &items)
-                        }
-                        None => self.garbage(&topic, "a malformed batch"),
-                    }
+                match wire::batch_items(&frames[2]) {
+                    Some(items) => self.on_batch(head, Pos::new(epoch, first), origin, &items),
+                    None => self.garbage(head, "a malformed batch"),
                 }
             }
             (Dest::Sub, Some((wire::META_MARK, _, token)), 2)
@@ -105,10 +98,7 @@ impl State {
                 self.garbage(head, "not a chanlayer message (wrong frames or meta)");
             }
             (Dest::Probe(of), Some((wire::META_DATA, epoch, seq)), 3) => {
-                if let Some((_, payload)) = ends(frames) {
-                    let pos = Pos::new(epoch, seq);
-                    self.on_data(&of, pos, origin, &payload, true);
-                }
+                self.on_data(&of, Pos::new(epoch, seq), origin, &frames[2], true);
             }
             (Dest::Probe(of), Some((wire::META_WELCOME, epoch, seq)), 2) => {
                 self.release(&of, Some(Pos::new(epoch, seq)), None);
@@ -281,7 +271,10 @@ impl State {
             self.probes.of.remove(&probe);
             self.pending_unsubscribe.push(probe);
         }
-        self.shared.sync.outstanding.fetch_sub(1, Ordering::SeqCst);
+        self.shared
+            .transport
+            .outstanding
+            .fetch_sub(1, Ordering::SeqCst);
         let answer = if welcome.is_some() {
             Confirm::Confirmed
         } else {
@@ -308,12 +301,6 @@ fn count_lost(shared: &Shared, topic: &[u8], lost: u64) {
         shared.transport.lost.fetch_add(lost, Ordering::Relaxed);
         tracing::debug!(topic = %wire::display(topic), lost, "messages lost on the way");
     }
-}
-
-/// The first and last frames of a three-frame message.
-fn ends(frames: Vec<zmq::Message>) -> Option<(zmq::Message, zmq::Message)> {
-    let [first, _, last] = <[zmq::Message; 3]>::try_from(frames).ok()?;
-    Some((first, last))
 }
 
 /// Decodes one envelope from the wire and checks that it belongs on `topic`, has not

@@ -85,12 +85,9 @@ pub(crate) struct TransportCounters {
     pub link_up: AtomicBool,
     /// Messages the dedicated sender still held when its close lingered in vain.
     pub abandoned: Arc<AtomicU64>,
-}
-
-/// What the embedded publisher of this process reads to know that an in-process receiver
-/// is connected and has every subscription confirmed.
-#[derive(Debug, Default)]
-pub(crate) struct ReceiverSync {
+    /// Subscriptions not confirmed yet, and whether the instance is closing: what the
+    /// embedded publisher of this process reads to know that an in-process receiver is
+    /// connected and has every subscription confirmed.
     pub outstanding: AtomicUsize,
     pub gone: AtomicBool,
 }
@@ -101,7 +98,6 @@ pub(crate) struct ReceiverSync {
 pub(crate) struct Shared {
     pub inbound: Arc<Inbound>,
     pub transport: TransportCounters,
-    pub sync: Arc<ReceiverSync>,
 }
 
 impl std::ops::Deref for Shared {
@@ -255,8 +251,8 @@ fn run((cfg, shared, mailbox, (sub, monitor)): Thread) {
         st.timers(&sub);
         st.hand_over();
     }
-    st.shared.sync.outstanding.store(0, Ordering::SeqCst);
-    st.shared.sync.gone.store(true, Ordering::SeqCst);
+    st.shared.transport.outstanding.store(0, Ordering::SeqCst);
+    st.shared.transport.gone.store(true, Ordering::SeqCst);
     st.shared.transport.link_up.store(false, Ordering::Relaxed);
     drop(sub);
     drain_until_stopped(&monitor);

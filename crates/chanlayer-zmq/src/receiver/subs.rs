@@ -163,7 +163,10 @@ impl State {
             }
             if route != Route::Inbox {
                 // (The inbox is counted from the start: the layer sets 1 before the thread runs.)
-                self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
+                self.shared
+                    .transport
+                    .outstanding
+                    .fetch_add(1, Ordering::SeqCst);
             }
             let state = SubState::Probing {
                 probe: Some(self.probes.open(sock, self.shared.id(), &topic)),
@@ -208,7 +211,10 @@ impl State {
                 let _ = sock.set_unsubscribe(&probe);
                 self.probes.of.remove(&probe);
             }
-            self.shared.sync.outstanding.fetch_sub(1, Ordering::SeqCst);
+            self.shared
+                .transport
+                .outstanding
+                .fetch_sub(1, Ordering::SeqCst);
             for w in waiters {
                 let _ = w.send(Confirm::Confirmed);
             }
@@ -288,7 +294,10 @@ impl State {
                             waiters: Vec::new(),
                             floor,
                         };
-                        self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
+                        self.shared
+                            .transport
+                            .outstanding
+                            .fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 SubState::Live(_) => {}
