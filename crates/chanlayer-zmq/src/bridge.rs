@@ -166,13 +166,6 @@ pub(crate) fn poll(items: &mut [zmq::PollItem<'_>], timeout_ms: i64, who: &str) 
     }
 }
 
-/// A poll item for a socket's ZMQ_FD: the thread waits on it without touching the socket,
-/// which a direct send may be using (see [`Outbox`]). It signals that the socket's state
-/// may have changed; whoever used the socket last read it until `EAGAIN`.
-pub(crate) fn fd_item(fd: std::os::fd::RawFd) -> zmq::PollItem<'static> {
-    zmq::PollItem::from_fd(fd, zmq::POLLIN)
-}
-
 /// How long a sending socket must have been idle before a send skips the queue. Shorter
 /// than a round trip's turn, longer than the gap between the sends of a stream (which then
 /// queue and batch).

@@ -31,24 +31,34 @@ use crate::BACKEND;
 /// Every option this backend reads, for the "unknown option" error.
 pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, close_linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
 
-/// The libzmq socket options `zmq.<option>=<integer>` passes through to every socket.
-pub const SOCKET_OPTIONS: &[&str] = &[
-    "backlog",
-    "connect_timeout",
-    "handshake_ivl",
-    "heartbeat_ivl",
-    "heartbeat_timeout",
-    "heartbeat_ttl",
-    "immediate",
-    "maxmsgsize",
-    "rcvbuf",
-    "sndbuf",
-    "tcp_keepalive",
-    "tcp_keepalive_cnt",
-    "tcp_keepalive_idle",
-    "tcp_keepalive_intvl",
-    "tos",
+/// The libzmq socket options `zmq.<option>=<integer>` passes through to every socket, each
+/// with its setter: libzmq takes an int for every one but `maxmsgsize` (an int64).
+const SOCKET_OPTIONS: [(&str, fn(&zmq::Socket, i64) -> zmq::Result<()>); 15] = [
+    ("backlog", |s, v| s.set_backlog(int(v)?)),
+    ("connect_timeout", |s, v| s.set_connect_timeout(int(v)?)),
+    ("handshake_ivl", |s, v| s.set_handshake_ivl(int(v)?)),
+    ("heartbeat_ivl", |s, v| s.set_heartbeat_ivl(int(v)?)),
+    ("heartbeat_timeout", |s, v| s.set_heartbeat_timeout(int(v)?)),
+    ("heartbeat_ttl", |s, v| s.set_heartbeat_ttl(int(v)?)),
+    ("immediate", |s, v| s.set_immediate(v != 0)),
+    ("maxmsgsize", |s, v| s.set_maxmsgsize(v)),
+    ("rcvbuf", |s, v| s.set_rcvbuf(int(v)?)),
+    ("sndbuf", |s, v| s.set_sndbuf(int(v)?)),
+    ("tcp_keepalive", |s, v| s.set_tcp_keepalive(int(v)?)),
+    ("tcp_keepalive_cnt", |s, v| s.set_tcp_keepalive_cnt(int(v)?)),
+    ("tcp_keepalive_idle", |s, v| {
+        s.set_tcp_keepalive_idle(int(v)?)
+    }),
+    ("tcp_keepalive_intvl", |s, v| {
+        s.set_tcp_keepalive_intvl(int(v)?)
+    }),
+    ("tos", |s, v| s.set_tos(int(v)?)),
 ];
+
+/// A socket option's value as libzmq's int (out of range: `EINVAL`).
+fn int(v: i64) -> zmq::Result<i32> {
+    i32::try_from(v).map_err(|_| zmq::Error::EINVAL)
+}
 
 /// The default port of embedded mode.
 pub const DEFAULT_PORT: u16 = 5556;
@@ -103,7 +113,7 @@ impl std::str::FromStr for BindPolicy {
 /// A libzmq socket option passed through with `zmq.<name>=<value>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketOption {
-    /// The option's name, one of [`SOCKET_OPTIONS`].
+    /// The option's name (`backlog`, `sndbuf`, ...; see `docs/backends/zmq.md`).
     pub name: String,
     /// Its value.
     pub value: i64,
@@ -228,12 +238,6 @@ fn tcp_endpoint(host_port: &str, default_port: u16) -> Result<String> {
     }
 }
 
-fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
 fn z85_key(name: &str, value: &str) -> Result<[u8; 32]> {
     decode_z85_key(value).ok_or_else(|| {
         Error::Config(format!(
@@ -273,7 +277,9 @@ impl BackendSettings for ZmqConfig {
         }
         config.options.validate()?;
         let mut o = b.options.clone();
-        let address = decode(&b.address);
+        let address = percent_encoding::percent_decode_str(&b.address)
+            .decode_utf8_lossy()
+            .into_owned();
         let mode_opt = o.take("mode");
         let pull = o.take("pull");
         let publish = o.take("pub");
@@ -346,10 +352,11 @@ impl BackendSettings for ZmqConfig {
         let mut socket_options = Vec::new();
         for k in pass {
             let name = k["zmq.".len()..].to_owned();
-            if !SOCKET_OPTIONS.contains(&name.as_str()) {
+            if !SOCKET_OPTIONS.iter().any(|(n, _)| *n == name) {
+                let names: Vec<&str> = SOCKET_OPTIONS.iter().map(|(n, _)| *n).collect();
                 return Err(Error::Config(format!(
                     "option {k}: unknown socket option; zmq.<option> takes one of {}",
-                    SOCKET_OPTIONS.join(", ")
+                    names.join(", ")
                 )));
             }
             // libzmq takes an int for every option but maxmsgsize (int64).
@@ -484,11 +491,17 @@ impl ZmqConfig {
 }
 
 fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
-    let server = o.take("curve_serverkey");
-    let public = o.take("curve_publickey");
-    let secret = o.take("curve_secretkey");
-    let server_secret = o.take("curve_server_secretkey");
-    if server.is_none() && public.is_none() && secret.is_none() && server_secret.is_none() {
+    let keys = [
+        "curve_serverkey",
+        "curve_publickey",
+        "curve_secretkey",
+        "curve_server_secretkey",
+    ];
+    let [server, public, secret, server_secret] = keys.map(|k| o.take(k));
+    if [&server, &public, &secret, &server_secret]
+        .iter()
+        .all(|k| k.is_none())
+    {
         return Ok(None);
     }
     if !curve_available() {
@@ -529,35 +542,13 @@ fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
 
 /// Applies `zmq.<option>` pass-through options to a socket.
 pub(crate) fn apply_socket_options(s: &zmq::Socket, options: &[SocketOption]) -> Result<()> {
-    for opt in options {
-        let v = opt.value;
-        let int = || {
-            i32::try_from(v)
-                .map_err(|_| Error::Config(format!("option zmq.{}={v}: out of range", opt.name)))
+    for SocketOption { name, value } in options {
+        let Some((_, set)) = SOCKET_OPTIONS.iter().find(|(n, _)| n == name) else {
+            return Err(Error::Config(format!(
+                "option zmq.{name}: unknown socket option"
+            )));
         };
-        let r = match opt.name.as_str() {
-            "backlog" => s.set_backlog(int()?),
-            "connect_timeout" => s.set_connect_timeout(int()?),
-            "handshake_ivl" => s.set_handshake_ivl(int()?),
-            "heartbeat_ivl" => s.set_heartbeat_ivl(int()?),
-            "heartbeat_timeout" => s.set_heartbeat_timeout(int()?),
-            "heartbeat_ttl" => s.set_heartbeat_ttl(int()?),
-            "immediate" => s.set_immediate(v != 0),
-            "maxmsgsize" => s.set_maxmsgsize(v),
-            "rcvbuf" => s.set_rcvbuf(int()?),
-            "sndbuf" => s.set_sndbuf(int()?),
-            "tcp_keepalive" => s.set_tcp_keepalive(int()?),
-            "tcp_keepalive_cnt" => s.set_tcp_keepalive_cnt(int()?),
-            "tcp_keepalive_idle" => s.set_tcp_keepalive_idle(int()?),
-            "tcp_keepalive_intvl" => s.set_tcp_keepalive_intvl(int()?),
-            "tos" => s.set_tos(int()?),
-            other => {
-                return Err(Error::Config(format!(
-                    "option zmq.{other}: unknown socket option"
-                )))
-            }
-        };
-        r.map_err(|e| Error::Config(format!("option zmq.{}={v}: {e}", opt.name)))?;
+        set(s, *value).map_err(|e| Error::Config(format!("option zmq.{name}={value}: {e}")))?;
     }
     Ok(())
 }

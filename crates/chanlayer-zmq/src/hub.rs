@@ -112,6 +112,7 @@ struct Followed {
     seen: Instant,
 }
 
+#[derive(Default)]
 struct TopicState {
     /// The map's own key, shared with the retention store.
     key: Arc<[u8]>,
@@ -203,9 +204,7 @@ impl Hub {
                     key.clone(),
                     TopicState {
                         key,
-                        seq: 0,
-                        subscribed: false,
-                        origins: std::collections::HashMap::new(),
+                        ..TopicState::default()
                     },
                 )
             }

@@ -100,12 +100,6 @@ impl OriginTracker {
         self.last.retain(|_, &mut (_, t)| t > cut);
         self.complete = false;
     }
-
-    /// Origins remembered now.
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.last.len()
-    }
 }
 
 #[cfg(test)]
@@ -221,11 +215,11 @@ mod tests {
                 "each began after the welcome"
             );
         }
-        assert_eq!(t.len(), MAX_ORIGINS);
+        assert_eq!(t.last.len(), MAX_ORIGINS);
         // Origin 1 is seen again: it is the most recent now.
         assert_eq!(t.deliver(o(1, 6, 1), 1, true), 0);
         assert_eq!(t.deliver(o(100_000, 5, 1), 1, true), 4, "still complete");
-        assert!(t.len() <= MAX_ORIGINS / 2 + 2, "{}", t.len());
+        assert!(t.last.len() <= MAX_ORIGINS / 2 + 2, "{}", t.last.len());
         assert_eq!(t.deliver(o(1, 8, 1), 1, true), 1, "origin 1 was kept");
         assert_eq!(
             t.deliver(o(2, 9, 1), 1, true),

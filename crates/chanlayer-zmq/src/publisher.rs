@@ -14,7 +14,7 @@
 //!   publisher publishes what is still queued, then keeps answering subscriptions for up to
 //!   `close_linger` while it retains messages that no subscriber has had yet (a receiver
 //!   still connecting gets them as its replay), and stops as soon as there are none. What
-//!   is left then is counted in [`HubStats::abandoned`] and logged.
+//!   is left then is counted in [`HubStats::abandoned`](crate::HubStats::abandoned) and logged.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{failure, fd_item, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
+use crate::bridge::{failure, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
 use crate::config::ZmqConfig;
-use crate::hub::{Counters, Hub, HubStats};
+use crate::hub::{Counters, Hub};
 use crate::receiver::Shared;
 
 type Receivers = Arc<Mutex<Vec<Weak<Shared>>>>;
@@ -129,7 +129,8 @@ impl Endpoint {
 /// The handle on a publisher thread.
 pub(crate) struct Publisher {
     worker: Worker<Outbox<Hub>>,
-    counters: Counters,
+    /// The publisher's live counters (still read after it stops).
+    pub counters: Counters,
     address: String,
 }
 
@@ -175,16 +176,6 @@ impl Publisher {
     /// The way to the thread (data bounded by `send_queue`).
     pub fn outbox(&self) -> &Outbox<Hub> {
         &self.worker.shared
-    }
-
-    /// The publisher's counters.
-    pub fn stats(&self) -> HubStats {
-        *lock(&self.counters)
-    }
-
-    /// The publisher's live counters (still read after it stops).
-    pub fn counters(&self) -> Counters {
-        self.counters.clone()
     }
 }
 /// `true` if a process answers on the Unix socket at `path` (libzmq would take the file over
@@ -277,7 +268,7 @@ fn run((outbox, fd, address, cfg, receivers): Thread) {
         };
         // The socket's fd, not the socket: a direct send may be using it.
         poll(
-            &mut [fd_item(fd), mailbox.poll_item()],
+            &mut [zmq::PollItem::from_fd(fd, zmq::POLLIN), mailbox.poll_item()],
             timeout,
             "publisher",
         );

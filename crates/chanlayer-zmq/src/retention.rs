@@ -218,20 +218,20 @@ impl Store {
         self.pending -= first_time as usize;
         (sent, first_time)
     }
-
-    /// The sequence numbers kept for `topic`, oldest first (for tests and logs).
-    #[cfg(test)]
-    pub fn seqs(&self, topic: &[u8]) -> Vec<u64> {
-        self.topics
-            .get(topic)
-            .map(|kept| kept.iter().map(|k| k.seq).collect())
-            .unwrap_or_default()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sequence numbers kept for `topic`, oldest first.
+    fn kept_seqs(store: &Store, topic: &[u8]) -> Vec<u64> {
+        store
+            .topics
+            .get(topic)
+            .map(|kept| kept.iter().map(|k| k.seq).collect())
+            .unwrap_or_default()
+    }
 
     fn topic(name: &str) -> Arc<[u8]> {
         Arc::from(name.as_bytes())
@@ -405,7 +405,12 @@ mod tests {
                 c.name
             );
             for (t, seqs) in c.kept {
-                assert_eq!(store.seqs(t.as_bytes()), *seqs, "{}: kept for {t}", c.name);
+                assert_eq!(
+                    kept_seqs(&store, t.as_bytes()),
+                    *seqs,
+                    "{}: kept for {t}",
+                    c.name
+                );
                 assert!(store.holds(t.as_bytes()), "{}", c.name);
             }
             let kept_topics = c.kept.len();

@@ -22,7 +22,7 @@ use hashbrown::HashMap;
 use chanlayer_core::Result;
 
 use crate::bridge::{
-    fd_item, idle_since, lock, poll, spawn, zmq_err, Control, Item, Outbox, Outgoing, Sink, Worker,
+    idle_since, lock, poll, spawn, zmq_err, Control, Item, Outbox, Outgoing, Sink, Worker,
 };
 use crate::config::ZmqConfig;
 use crate::wire;
@@ -243,7 +243,7 @@ fn run((outbox, fd, close_linger): (Arc<Outbox<Push>>, RawFd, Duration)) {
             0
         };
         // Blocked: wait for the socket to take more (its fd; a direct send may be using it).
-        let mut items = [mailbox.poll_item(), fd_item(fd)];
+        let mut items = [mailbox.poll_item(), zmq::PollItem::from_fd(fd, zmq::POLLIN)];
         let n = if blocked { 2 } else { 1 };
         poll(&mut items[..n], timeout, "sender");
         mailbox.woke();

@@ -145,14 +145,10 @@ pub(crate) fn settle<P>(
         })
         .or(floor_epoch);
     // The floor's epoch first (late arrivals of a previous publisher), the final one last.
-    let rank = |e: u64| {
-        if Some(e) == final_epoch {
-            2u8
-        } else if Some(e) == floor_epoch {
-            0
-        } else {
-            1
-        }
+    let rank = |e: u64| match Some(e) {
+        e if e == final_epoch => 2u8,
+        e if e == floor_epoch => 0,
+        _ => 1,
     };
     held.sort_by_key(|h| (rank(h.pos.epoch), h.pos.epoch, h.pos.seq));
     held.dedup_by_key(|h| h.pos);

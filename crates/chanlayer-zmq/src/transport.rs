@@ -119,7 +119,7 @@ impl ZmqTransport {
         let outbound = lock(&self.outbound).take()?;
         if let Outbound::Embedded { endpoint, .. } = &*outbound {
             if let Some(p) = endpoint.started() {
-                *lock(&self.closed_publisher) = Some(p.counters());
+                *lock(&self.closed_publisher) = Some(p.counters.clone());
             }
         }
         Some(outbound)
@@ -193,25 +193,6 @@ impl ZmqTransport {
         Ok(Some(rx))
     }
 
-    /// Waits (up to `wait`) until everything this instance sent so far has passed the
-    /// publisher. Returns at once when not connected or when no publisher of this process
-    /// is involved.
-    async fn barrier(&self, wait: Duration) {
-        if !self.shared.transport.link_up.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Ok(Some(rx)) = self.mark("") {
-            let _ = tokio::time::timeout(wait, rx).await;
-        }
-    }
-
-    fn ensure_normal(&self, channel: &str) -> Result<()> {
-        if !lock(&self.normal).insert(channel.to_owned()) {
-            return Ok(());
-        }
-        self.receiver.subscribe_channel(self.prefix(), channel)
-    }
-
     /// Stops the receiving thread and releases the sending side (lingering up to
     /// `close_linger` for what `send` accepted; what is left is counted).
     async fn shut_down(&self) {
@@ -272,7 +253,7 @@ impl ZmqTransport {
             return lock(&self.closed_publisher).as_ref().map(|c| *lock(c));
         };
         match &*outbound {
-            Outbound::Embedded { endpoint, .. } => endpoint.started().map(|p| p.stats()),
+            Outbound::Embedded { endpoint, .. } => endpoint.started().map(|p| *lock(&p.counters)),
             Outbound::Dedicated(_) => None,
         }
     }
@@ -445,11 +426,16 @@ impl Transport for ZmqTransport {
     async fn bind_group(&self, group: &str) -> Result<()> {
         // The group's topic is about to be subscribed: let what this instance sent before
         // (a group_send racing ahead on the send path) pass the publisher first, so a
-        // membership never receives a message sent before it began.
-        self.barrier(self.cfg.subscribe_timeout).await;
-        let (tx, rx) = oneshot::channel();
-        self.receiver.reconcile(group, Some(tx))?;
+        // membership never receives a message sent before it began. (Not when disconnected,
+        // nor when no publisher of this process is involved.)
         let wait = self.cfg.subscribe_timeout;
+        if self.shared.transport.link_up.load(Ordering::Relaxed) {
+            if let Ok(Some(rx)) = self.mark("") {
+                let _ = tokio::time::timeout(wait, rx).await;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.receiver.reconcile(Some(group), Some(tx))?;
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Confirm::Confirmed | Confirm::NotConnected)) => Ok(()),
             Ok(Ok(Confirm::NoAnswer)) | Err(_) => Err(Error::Timeout {
@@ -461,7 +447,7 @@ impl Transport for ZmqTransport {
     }
 
     async fn unbind_group(&self, group: &str) -> Result<()> {
-        self.receiver.reconcile(group, None)
+        self.receiver.reconcile(Some(group), None)
     }
 
     async fn bind_normal(&self, group: &str, _channel: &str) -> Result<()> {
@@ -474,12 +460,14 @@ impl Transport for ZmqTransport {
     }
 
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
-        self.ensure_normal(channel)?;
+        if lock(&self.normal).insert(channel.to_owned()) {
+            self.receiver.subscribe_channel(self.prefix(), channel)?;
+        }
         Ok(NormalReader::Inbox)
     }
 
     async fn flush(&self) -> Result<()> {
-        self.receiver.reconcile_all()?;
+        self.receiver.reconcile(None, None)?;
         // A barrier through the publisher: what this instance sent before the flush is in
         // the retention (dropped now) or on its way to us (ahead of the mark).
         match self.mark(self.prefix())? {

@@ -173,7 +173,8 @@ pub fn data_topic_kind(topic: &[u8]) -> Option<TopicKind> {
     if topic.get(1) != Some(&b':') {
         return None;
     }
-    let (prefix, name) = split_once(body, b':')?;
+    let colon = body.iter().position(|&b| b == b':')?;
+    let (prefix, name) = (&body[..colon], &body[colon + 1..]);
     if prefix.is_empty() || name.is_empty() {
         return None;
     }
@@ -181,11 +182,6 @@ pub fn data_topic_kind(topic: &[u8]) -> Option<TopicKind> {
         return None;
     }
     Some(kind)
-}
-
-fn split_once(b: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
-    let i = b.iter().position(|&x| x == sep)?;
-    Some((&b[..i], &b[i + 1..]))
 }
 
 /// `true` if `topic` is a data topic whose prefix is `prefix` and whose kind is `c:` or `i:`

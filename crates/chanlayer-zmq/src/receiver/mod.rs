@@ -66,11 +66,11 @@ pub(crate) enum Cmd {
         route: Route,
         done: Option<oneshot::Sender<Confirm>>,
     },
+    /// Subscribes or unsubscribes a group to match the registry (`None`: every group).
     Reconcile {
-        group: String,
+        group: Option<String>,
         done: Option<oneshot::Sender<Confirm>>,
     },
-    ReconcileAll,
     AwaitMark {
         token: u64,
         done: oneshot::Sender<()>,
@@ -151,17 +151,15 @@ impl Receiver {
         })
     }
 
-    /// Subscribes or unsubscribes `group` to match the registry; `done` says when.
-    pub fn reconcile(&self, group: &str, done: Option<oneshot::Sender<Confirm>>) -> Result<()> {
-        self.send(Cmd::Reconcile {
-            group: group.to_owned(),
-            done,
-        })
-    }
-
-    /// Unsubscribes every group without members.
-    pub fn reconcile_all(&self) -> Result<()> {
-        self.send(Cmd::ReconcileAll)
+    /// Subscribes or unsubscribes `group` to match the registry (`None`: unsubscribes every
+    /// group without members); `done` says when.
+    pub fn reconcile(
+        &self,
+        group: Option<&str>,
+        done: Option<oneshot::Sender<Confirm>>,
+    ) -> Result<()> {
+        let group = group.map(str::to_owned);
+        self.send(Cmd::Reconcile { group, done })
     }
 
     /// Waits for the MARK with `token` on the inbox topic.

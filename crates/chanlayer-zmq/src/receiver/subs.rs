@@ -129,14 +129,15 @@ impl State {
             .values()
             .any(|s| matches!(s.state, SubState::Probing { .. }))
     }
-}
 
-impl State {
     pub fn command(&mut self, sock: &zmq::Socket, cmd: Cmd) {
         match cmd {
             Cmd::Subscribe { topic, route, done } => self.subscribe(sock, topic, route, done),
-            Cmd::Reconcile { group, done } => self.reconcile(sock, &group, done),
-            Cmd::ReconcileAll => self.reconcile_all(sock),
+            Cmd::Reconcile {
+                group: Some(g),
+                done,
+            } => self.reconcile(sock, &g, done),
+            Cmd::Reconcile { group: None, .. } => self.reconcile_all(sock),
             Cmd::AwaitMark { token, done } => {
                 if self.early_marks.remove(&token).is_some() {
                     let _ = done.send(());
