@@ -166,6 +166,28 @@ pub(crate) fn poll(items: &mut [zmq::PollItem<'_>], timeout_ms: i64, who: &str) 
     }
 }
 
+/// Closing: waits on `sock` for `events`, at most 100 ms and not past `until`. `false` once
+/// `until` has passed, or when the poll failed (logged as the `who`'s).
+pub(crate) fn wait_until(
+    sock: &zmq::Socket,
+    events: zmq::PollEvents,
+    until: Instant,
+    who: &str,
+) -> bool {
+    let left = until.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
+    match sock.poll(events, wait) {
+        Err(e) if e != zmq::Error::EINTR => {
+            tracing::warn!(error = %e, "the {who} could not poll while closing");
+            false
+        }
+        _ => true,
+    }
+}
+
 /// How long a sending socket must have been idle before a send skips the queue. Shorter
 /// than a round trip's turn, longer than the gap between the sends of a stream (which then
 /// queue and batch).
@@ -267,13 +289,6 @@ impl Outgoing {
         match self {
             Outgoing::One { .. } => 1,
             Outgoing::Run { count, .. } => *count,
-        }
-    }
-
-    /// The topic.
-    pub fn topic(&self) -> &[u8] {
-        match self {
-            Outgoing::One { topic, .. } | Outgoing::Run { topic, .. } => topic,
         }
     }
 

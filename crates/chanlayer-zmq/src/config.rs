@@ -416,23 +416,21 @@ impl BackendSettings for ZmqConfig {
 
 impl ZmqConfig {
     fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Config(m));
-        if let (Mode::Dedicated { .. }, BindPolicy::Eager | BindPolicy::Never) =
-            (&self.mode, self.bind)
+        let embedded = matches!(self.mode, Mode::Embedded { .. });
+        let why = if !embedded && self.bind != BindPolicy::Lazy {
+            "option bind is for embedded mode; in dedicated mode the proxy binds"
+        } else if embedded
+            && self.bind != BindPolicy::Never
+            && self
+                .curve
+                .as_ref()
+                .is_some_and(|c| c.server_secret.is_none())
         {
-            return bad(
-                "option bind is for embedded mode; in dedicated mode the proxy binds".into(),
-            );
-        }
-        if let Some(c) = &self.curve {
-            if matches!(self.mode, Mode::Embedded { .. })
-                && self.bind != BindPolicy::Never
-                && c.server_secret.is_none()
-            {
-                return bad("CURVE in embedded mode: the publishing process needs curve_server_secretkey (or bind=never for a receive-only instance)".into());
-            }
-        }
-        Ok(())
+            "CURVE in embedded mode: the publishing process needs curve_server_secretkey (or bind=never for a receive-only instance)"
+        } else {
+            return Ok(());
+        };
+        Err(Error::Config(why.into()))
     }
 
     /// A socket of this layer (SUB, PUSH, the embedded XPUB) with every setting it gets:

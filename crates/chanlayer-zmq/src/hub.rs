@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use hashbrown::hash_map::EntryRef;
 use hashbrown::HashMap;
 
-use crate::bridge::{idle_since, lock, Control, Item, Outgoing, Sink};
+use crate::bridge::{idle_since, lock, wait_until, Control, Item, Outgoing, Sink};
 use crate::retention::{Retention, Store};
 use crate::wire::{self, TopicKind};
 
@@ -304,18 +304,7 @@ impl Hub {
     /// many.
     pub fn linger(&mut self, close_linger: Duration) -> u64 {
         let until = Instant::now() + close_linger;
-        while self.store.pending > 0 {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
-            if let Err(e) = self.xpub.poll(zmq::POLLIN, wait) {
-                if e != zmq::Error::EINTR {
-                    tracing::warn!(error = %e, "the publisher could not poll while closing");
-                    break;
-                }
-            }
+        while self.store.pending > 0 && wait_until(&self.xpub, zmq::POLLIN, until, "publisher") {
             self.drain_subscriptions();
             self.tick();
         }

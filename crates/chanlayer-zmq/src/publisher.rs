@@ -35,8 +35,9 @@ type Receivers = Arc<Mutex<Vec<Weak<Shared>>>>;
 pub(crate) struct Endpoint {
     address: String,
     cfg: ZmqConfig,
-    /// Set once, by the first send (or `bind=eager`); read without a lock on every send.
-    publisher: OnceLock<Arc<Publisher>>,
+    /// The publisher, if this process runs one on this address: set once, by the first
+    /// send (or `bind=eager`); read without a lock on every send.
+    pub started: OnceLock<Arc<Publisher>>,
     /// Held while the publisher binds, so two first sends bind once.
     starting: Mutex<()>,
     receivers: Receivers,
@@ -86,7 +87,7 @@ pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
     let e = Arc::new(Endpoint {
         address: address.to_owned(),
         cfg: cfg.clone(),
-        publisher: OnceLock::new(),
+        started: OnceLock::new(),
         starting: Mutex::new(()),
         receivers: Arc::default(),
     });
@@ -103,18 +104,13 @@ impl Endpoint {
         r.push(Arc::downgrade(sync));
     }
 
-    /// The publisher, if this process runs one on this address (no lock: the send path).
-    pub fn started(&self) -> Option<&Arc<Publisher>> {
-        self.publisher.get()
-    }
-
     /// The publisher, binding it now if this process has none yet.
     pub fn publisher(&self) -> Result<&Arc<Publisher>> {
-        if let Some(p) = self.publisher.get() {
+        if let Some(p) = self.started.get() {
             return Ok(p);
         }
         let _starting = lock(&self.starting);
-        if let Some(p) = self.publisher.get() {
+        if let Some(p) = self.started.get() {
             return Ok(p);
         }
         let p = Arc::new(Publisher::start(
@@ -122,7 +118,7 @@ impl Endpoint {
             &self.cfg,
             self.receivers.clone(),
         )?);
-        Ok(self.publisher.get_or_init(|| p))
+        Ok(self.started.get_or_init(|| p))
     }
 }
 

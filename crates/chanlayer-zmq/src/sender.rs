@@ -22,7 +22,8 @@ use hashbrown::HashMap;
 use chanlayer_core::Result;
 
 use crate::bridge::{
-    idle_since, lock, poll, spawn, zmq_err, Control, Item, Outbox, Outgoing, Sink, Worker,
+    idle_since, lock, poll, spawn, wait_until, zmq_err, Control, Item, Outbox, Outgoing, Sink,
+    Worker,
 };
 use crate::config::ZmqConfig;
 use crate::wire;
@@ -153,7 +154,9 @@ impl Push {
     /// data the socket fails on (an error other than being full) is counted as abandoned.
     fn try_send(&mut self, item: Item<Control>) -> std::result::Result<(), Item<Control>> {
         let (first, more): (&[u8], bool) = match &item {
-            Item::Data(d) => (d.topic(), true),
+            Item::Data(Outgoing::One { topic, .. } | Outgoing::Run { topic, .. }) => {
+                (&topic[..], true)
+            }
             Item::Control(Control::Mark { .. }) => (wire::MARK_CONTROL, true),
             Item::Control(Control::Raw(frames)) => match frames.first() {
                 None => return Ok(()),
@@ -206,19 +209,9 @@ impl Push {
     /// goes out within `linger`. What it never took is counted as abandoned, and said.
     fn close(&mut self, close_linger: Duration) {
         let until = Instant::now() + close_linger;
-        loop {
+        self.flush();
+        while !self.pending.is_empty() && wait_until(&self.push, zmq::POLLOUT, until, "sender") {
             self.flush();
-            let left = until.saturating_duration_since(Instant::now());
-            if self.pending.is_empty() || left.is_zero() {
-                break;
-            }
-            let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
-            if let Err(e) = self.push.poll(zmq::POLLOUT, wait) {
-                if e != zmq::Error::EINTR {
-                    tracing::warn!(error = %e, "the sender could not poll while closing");
-                    break;
-                }
-            }
         }
         let left: usize = self.pending.iter().map(Item::count).sum();
         if left > 0 {

@@ -72,18 +72,13 @@ impl SeqTracker {
                 if end <= last.seq {
                     return None;
                 }
-                if first > last.seq {
-                    RunVerdict {
-                        skip: 0,
-                        gap: first - last.seq - 1,
-                        restart: false,
-                    }
-                } else {
-                    RunVerdict {
-                        skip: last.seq - first + 1,
-                        gap: 0,
-                        restart: false,
-                    }
+                // `last.seq + 1` cannot overflow: `end <= u64::MAX` returned above.
+                let next = last.seq + 1;
+                let (skip, gap) = (next.saturating_sub(first), first.saturating_sub(next));
+                RunVerdict {
+                    skip,
+                    gap,
+                    restart: false,
                 }
             }
             _ => RunVerdict {

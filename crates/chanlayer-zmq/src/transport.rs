@@ -118,7 +118,7 @@ impl ZmqTransport {
     fn take_outbound(&self) -> Option<Arc<Outbound>> {
         let outbound = lock(&self.outbound).take()?;
         if let Outbound::Embedded { endpoint, .. } = &*outbound {
-            if let Some(p) = endpoint.started() {
+            if let Some(p) = endpoint.started.get() {
                 *lock(&self.closed_publisher) = Some(p.counters.clone());
             }
         }
@@ -148,7 +148,7 @@ impl ZmqTransport {
                 BACKEND,
                 "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
             )),
-            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
+            Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
                 Some(p) => Ok(f(p.outbox())),
                 None => {
                     // The first send binds the publisher: not under the lock `close` takes.
@@ -175,7 +175,7 @@ impl ZmqTransport {
         let token = rand::random::<u64>();
         let outbound = self.outbound()?;
         let outlet: &dyn Outlet = match &*outbound {
-            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
+            Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
                 Some(p) => p.outbox(),
                 None => return Ok(None),
             },
@@ -253,7 +253,9 @@ impl ZmqTransport {
             return lock(&self.closed_publisher).as_ref().map(|c| *lock(c));
         };
         match &*outbound {
-            Outbound::Embedded { endpoint, .. } => endpoint.started().map(|p| *lock(&p.counters)),
+            Outbound::Embedded { endpoint, .. } => {
+                endpoint.started.get().map(|p| *lock(&p.counters))
+            }
             Outbound::Dedicated(_) => None,
         }
     }

@@ -219,12 +219,10 @@ impl State {
         welcome: Option<Pos>,
         table: Option<Vec<(u64, u64)>>,
     ) {
-        let Some(sub) = self.subs.get_mut(topic) else {
+        let probing = |s: &&mut Sub| matches!(s.state, SubState::Probing { .. });
+        let Some(sub) = self.subs.get_mut(topic).filter(probing) else {
             return;
         };
-        if !matches!(sub.state, SubState::Probing { .. }) {
-            return;
-        }
         let SubState::Probing {
             probe,
             mut held,
@@ -275,11 +273,7 @@ impl State {
             .transport
             .outstanding
             .fetch_sub(1, Ordering::SeqCst);
-        let answer = if welcome.is_some() {
-            Confirm::Confirmed
-        } else {
-            Confirm::NoAnswer
-        };
+        let answer = welcome.map_or(Confirm::NoAnswer, |_| Confirm::Confirmed);
         for w in waiters {
             let _ = w.send(answer);
         }
