@@ -151,52 +151,48 @@ impl Proxy {
     }
 }
 
-fn resolved(socket: &zmq::Socket, asked: &str) -> String {
-    match socket.get_last_endpoint() {
-        Ok(Ok(e)) if !e.is_empty() => e,
-        _ => asked.to_owned(),
-    }
-}
-
+/// Makes and binds the PULL and XPUB sockets; returns them with their endpoints as bound
+/// (a `*` or `0` port resolved).
 fn setup(config: &ProxyConfig) -> Result<(zmq::Socket, zmq::Socket, String, String)> {
-    let ctx = context();
-    let pull = ctx
-        .socket(zmq::PULL)
-        .map_err(|e| zmq_err("could not create the PULL socket", e))?;
-    let xpub = ctx
-        .socket(zmq::XPUB)
-        .map_err(|e| zmq_err("could not create the XPUB socket", e))?;
-    for s in [&pull, &xpub] {
+    let ipv6 = config.pull.starts_with("tcp://[") || config.publish.starts_with("tcp://[");
+    let open = |kind: zmq::SocketType, what: &str, addr: &str| {
+        let s = context()
+            .socket(kind)
+            .map_err(|e| zmq_err(format!("could not create the {kind:?} socket"), e))?;
         s.set_linger(0).map_err(|e| zmq_err("linger", e))?;
         if let Some(key) = &config.curve_secret_key {
             s.set_curve_server(true)
                 .and_then(|()| s.set_curve_secretkey(key))
                 .map_err(|e| Error::Config(format!("CURVE server key: {e}")))?;
         }
-        if config.pull.starts_with("tcp://[") || config.publish.starts_with("tcp://[") {
+        if ipv6 {
             s.set_ipv6(true).map_err(|e| zmq_err("ipv6", e))?;
         }
-    }
-    pull.set_rcvhwm(config.rcvhwm)
-        .map_err(|e| zmq_err("rcvhwm", e))?;
-    xpub.set_sndhwm(config.sndhwm)
-        .map_err(|e| zmq_err("sndhwm", e))?;
-    let in_use = |what: &str, addr: &str, e: zmq::Error| match e {
-        zmq::Error::EADDRINUSE => zmq_err(
-            format!("the proxy's {what} address {addr} is already in use (another proxy running?)"),
-            e,
-        ),
-        e => zmq_err(
-            format!("could not bind the proxy's {what} socket to {addr}"),
-            e,
-        ),
+        let (hwm, set) = match kind {
+            zmq::PULL => ("rcvhwm", s.set_rcvhwm(config.rcvhwm)),
+            _ => ("sndhwm", s.set_sndhwm(config.sndhwm)),
+        };
+        set.map_err(|e| zmq_err(hwm, e))?;
+        s.bind(addr).map_err(|e| match e {
+            zmq::Error::EADDRINUSE => zmq_err(
+                format!(
+                    "the proxy's {what} address {addr} is already in use (another proxy running?)"
+                ),
+                e,
+            ),
+            e => zmq_err(
+                format!("could not bind the proxy's {what} socket to {addr}"),
+                e,
+            ),
+        })?;
+        let bound = match s.get_last_endpoint() {
+            Ok(Ok(e)) if !e.is_empty() => e,
+            _ => addr.to_owned(),
+        };
+        Ok::<_, Error>((s, bound))
     };
-    pull.bind(&config.pull)
-        .map_err(|e| in_use("pull", &config.pull, e))?;
-    xpub.bind(&config.publish)
-        .map_err(|e| in_use("pub", &config.publish, e))?;
-    let p = resolved(&pull, &config.pull);
-    let x = resolved(&xpub, &config.publish);
+    let (pull, p) = open(zmq::PULL, "pull", &config.pull)?;
+    let (xpub, x) = open(zmq::XPUB, "pub", &config.publish)?;
     Ok((pull, xpub, p, x))
 }
 

@@ -109,10 +109,6 @@ fn refused(r: Refused, channel: &str, send_queue: usize) -> Error {
 }
 
 impl ZmqTransport {
-    fn outbound(&self) -> Result<Arc<Outbound>> {
-        lock(&self.outbound).clone().ok_or(Error::Closed)
-    }
-
     /// Takes the sending side at close, keeping the embedded publisher's counters for
     /// [`ZmqLayer::publisher_stats`].
     fn take_outbound(&self) -> Option<Arc<Outbound>> {
@@ -173,7 +169,7 @@ impl ZmqTransport {
     /// publishes).
     fn mark(&self, flush_prefix: &str) -> Result<Option<oneshot::Receiver<()>>> {
         let token = rand::random::<u64>();
-        let outbound = self.outbound()?;
+        let outbound = lock(&self.outbound).clone().ok_or(Error::Closed)?;
         let outlet: &dyn Outlet = match &*outbound {
             Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
                 Some(p) => p.outbox(),
@@ -249,7 +245,7 @@ impl ZmqTransport {
     /// process has bound it (after `close` too: what the publisher's close lingered for and
     /// abandoned shows here). `None` in dedicated mode (see [`crate::Proxy::stats`]).
     pub fn publisher_stats(&self) -> Option<HubStats> {
-        let Ok(outbound) = self.outbound() else {
+        let Some(outbound) = lock(&self.outbound).clone() else {
             return lock(&self.closed_publisher).as_ref().map(|c| *lock(c));
         };
         match &*outbound {

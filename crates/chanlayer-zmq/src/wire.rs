@@ -133,15 +133,8 @@ pub fn inbox_topic(prefix: &str, instance: &str) -> Vec<u8> {
 
 /// The probe topic a subscriber uses to ask for the replay and welcome of `topic`.
 pub fn probe_topic(instance: &str, n: u64, topic: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(instance.len() + topic.len() + 24);
-    p.push(PROBE);
-    p.push(b':');
-    p.extend_from_slice(instance.as_bytes());
-    p.push(b'.');
-    p.extend_from_slice(n.to_string().as_bytes());
-    p.push(0);
-    p.extend_from_slice(topic);
-    p
+    let head = format!("{}:{instance}.{n}\0", PROBE as char);
+    [head.as_bytes(), topic].concat()
 }
 
 /// The topic a probe asks about, if `probe` is a well-formed probe of a data topic.
@@ -260,12 +253,10 @@ pub fn parse_origin(frame: &[u8]) -> Option<Origin> {
 /// The origin table of a proxy's welcome: for each origin id, the last sequence number the
 /// proxy published of it on the topic (16 bytes each, little-endian).
 pub fn origin_table(entries: &[(u64, u64)]) -> Vec<u8> {
-    let mut t = Vec::with_capacity(entries.len() * 16);
-    for (id, last) in entries {
-        t.extend_from_slice(&id.to_le_bytes());
-        t.extend_from_slice(&last.to_le_bytes());
-    }
-    t
+    let pairs = entries
+        .iter()
+        .map(|(id, last)| [id.to_le_bytes(), last.to_le_bytes()]);
+    pairs.flatten().flatten().collect()
 }
 
 /// Reads an origin table; `None` if its length is not a whole number of entries.
