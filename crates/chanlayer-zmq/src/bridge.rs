@@ -360,8 +360,8 @@ impl<C> Item<C> {
 #[derive(Debug)]
 pub(crate) enum Control {
     /// A barrier: after everything queued before it, drop the retention of `flush_prefix`
-    /// (when not empty) and publish a MARK with `token` on `reply` (see
-    /// [`wire::mark_control`]).
+    /// (when not empty) and publish a MARK with `token` on `reply` (to the proxy: the
+    /// `x:mark` control frames, see [`crate::wire`]).
     Mark {
         reply: Vec<u8>,
         token: u64,

@@ -33,7 +33,7 @@ pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expi
 
 /// The libzmq socket options `zmq.<option>=<integer>` passes through to every socket, each
 /// with its setter: libzmq takes an int for every one but `maxmsgsize` (an int64).
-const SOCKET_OPTIONS: [(&str, fn(&zmq::Socket, i64) -> zmq::Result<()>); 15] = [
+const SOCKET_OPTIONS: [(&str, SetOption); 15] = [
     ("backlog", |s, v| s.set_backlog(int(v)?)),
     ("connect_timeout", |s, v| s.set_connect_timeout(int(v)?)),
     ("handshake_ivl", |s, v| s.set_handshake_ivl(int(v)?)),
@@ -54,6 +54,8 @@ const SOCKET_OPTIONS: [(&str, fn(&zmq::Socket, i64) -> zmq::Result<()>); 15] = [
     }),
     ("tos", |s, v| s.set_tos(int(v)?)),
 ];
+
+type SetOption = fn(&zmq::Socket, i64) -> zmq::Result<()>;
 
 /// A socket option's value as libzmq's int (out of range: `EINVAL`).
 fn int(v: i64) -> zmq::Result<i32> {

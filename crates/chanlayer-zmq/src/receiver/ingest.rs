@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use chanlayer_core::toolkit::{now_ms, Destination, Envelope};
 
-use super::subs::{Kept, Link, State, Sub, SubState};
+use super::subs::{Link, State, Sub, SubState};
 use super::{Confirm, Route, Shared, HAND_OVER_AT};
 use crate::bridge::recv_message;
 use crate::seq::{settle, Held, Pos};
@@ -199,10 +199,7 @@ impl State {
             pos,
             replayed,
             // Owned while held back (rare: only while a probe is outstanding).
-            payload: Kept {
-                msg: payload.to_vec(),
-                origin,
-            },
+            payload: (payload.to_vec(), origin),
         });
         if held.len() > max_held {
             tracing::warn!(topic = %wire::display(topic), "no answer to the subscription probe while {max_held} messages waited; delivering them");
@@ -237,13 +234,13 @@ impl State {
         sub.state = SubState::Live(settled.tracker);
         let route = sub.route.clone();
         // Losses by origin (a proxy's messages) or by the publisher's sequence.
-        let by_origin = table.is_some() || held.iter().any(|h| h.payload.origin.is_some());
+        let by_origin = table.is_some() || held.iter().any(|h| h.payload.1.is_some());
         if let Some(table) = &table {
             sub.origins.welcome(table);
         }
         let mut lost = if by_origin { 0 } else { settled.lost };
         for h in &held {
-            if let Some(o) = h.payload.origin {
+            if let Some(o) = h.payload.1 {
                 // Published after the welcome: an origin new to this topic began after the
                 // subscription (before it, it only sets where counting starts).
                 let fresh = welcome.is_none_or(|w| h.pos.epoch != w.epoch || h.pos.seq > w.seq);
@@ -259,7 +256,7 @@ impl State {
         count_lost(&self.shared, topic, lost);
         let now = now_ms();
         for h in &held {
-            if let Some(env) = accept(&self.shared, &route, topic, &h.payload.msg, now) {
+            if let Some(env) = accept(&self.shared, &route, topic, &h.payload.0, now) {
                 self.ready.push(env);
             }
         }

@@ -32,7 +32,8 @@ pub(super) enum SubState {
     Probing {
         /// The probe topic; `None` while disconnected (sent when the connection is back).
         probe: Option<Vec<u8>>,
-        held: Vec<Held<Kept>>,
+        /// Messages held back, each with its origin (dedicated mode).
+        held: Vec<Held<(Vec<u8>, Option<Origin>)>>,
         deadline: Option<Instant>,
         waiters: Vec<oneshot::Sender<Confirm>>,
         /// After a reconnection: what was delivered already (replays up to it are
@@ -41,12 +42,6 @@ pub(super) enum SubState {
     },
     /// Delivering as messages arrive, checking their sequence.
     Live(SeqTracker),
-}
-
-/// A message held back while a probe is outstanding, with its origin (dedicated mode).
-pub(super) struct Kept {
-    pub msg: Vec<u8>,
-    pub origin: Option<Origin>,
 }
 
 /// One subscribed topic.
