@@ -24,7 +24,7 @@ use crate::sender::{self, PushSender};
 use crate::wire;
 use crate::{BACKEND, CAPABILITIES};
 
-/// Counters of the ZeroMQ transport of one layer instance (beyond [`StatsSnapshot`]).
+/// Counters of the ZeroMQ transport of one layer instance (beyond [`StatsSnapshot`](chanlayer_core::StatsSnapshot)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TransportStats {
     /// Messages PUB/SUB dropped on the way to this instance, seen as gaps in a topic's
@@ -110,7 +110,7 @@ fn refused(r: Refused, channel: &str, send_queue: usize) -> Error {
 
 impl ZmqTransport {
     /// Takes the sending side at close, keeping the embedded publisher's counters for
-    /// [`ZmqLayer::publisher_stats`].
+    /// [`ZmqTransport::publisher_stats`].
     fn take_outbound(&self) -> Option<Arc<Outbound>> {
         let outbound = lock(&self.outbound).take()?;
         if let Outbound::Embedded { endpoint, .. } = &*outbound {
