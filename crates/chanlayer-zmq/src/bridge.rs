@@ -44,6 +44,16 @@ pub(crate) fn zmq_err(what: impl Into<String>, e: zmq::Error) -> Error {
     Error::backend(BACKEND, what, e)
 }
 
+/// A backend error with no lower-level cause.
+pub(crate) fn failure(message: impl Into<String>) -> Error {
+    let message = message.into();
+    Error::Backend {
+        backend: BACKEND,
+        message,
+        source: None,
+    }
+}
+
 /// Starts the socket thread `name`: `setup` makes its sockets on the thread and gives the
 /// caller a value (or the error, after which the thread ends), then `run` runs there.
 /// Returns once `setup` is done.
@@ -65,11 +75,7 @@ pub(crate) fn spawn<S, T: Send + 'static>(
             }
         })
         .map_err(|e| Error::backend(BACKEND, format!("could not start the {name} thread"), e))?;
-    let ended = || Error::Backend {
-        backend: BACKEND,
-        message: format!("the {name} thread ended while starting"),
-        source: None,
-    };
+    let ended = || failure(format!("the {name} thread ended while starting"));
     match rx.recv().unwrap_or_else(|_| Err(ended())) {
         Ok(value) => Ok((thread, value)),
         Err(e) => {
@@ -79,41 +85,27 @@ pub(crate) fn spawn<S, T: Send + 'static>(
     }
 }
 
-/// What a [`Worker`] closes to stop its thread: its mailbox.
-pub(crate) trait Closes: Send + Sync {
-    fn close(&self);
-}
-
-impl<C: Send> Closes for Mailbox<C> {
-    fn close(&self) {
-        Mailbox::close(self);
-    }
-}
-
-impl<S: Sink> Closes for Outbox<S> {
-    fn close(&self) {
-        self.mailbox.close();
-    }
-}
-
 /// A socket thread and what feeds it (`T`: its mailbox, or an [`Outbox`]);
-/// [`Worker::stop`] (or a drop) closes that and joins the thread.
-pub(crate) struct Worker<T: Closes> {
+/// [`Worker::stop`] (or a drop) closes that (`close`) and joins the thread.
+pub(crate) struct Worker<T> {
     pub shared: Arc<T>,
+    close: fn(&T),
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<T: Closes> Worker<T> {
-    pub fn new(shared: Arc<T>, thread: JoinHandle<()>) -> Self {
+impl<T> Worker<T> {
+    pub fn new(shared: Arc<T>, thread: JoinHandle<()>, close: fn(&T)) -> Self {
+        let thread = Mutex::new(Some(thread));
         Worker {
             shared,
-            thread: Mutex::new(Some(thread)),
+            close,
+            thread,
         }
     }
 
     /// Stops the thread and waits for it (blocking).
     pub fn stop(&self) {
-        self.shared.close();
+        (self.close)(&self.shared);
         if let Some(h) = lock(&self.thread).take() {
             let _ = h.join();
         }
@@ -121,14 +113,46 @@ impl<T: Closes> Worker<T> {
 
     /// Stops the thread without waiting for it.
     pub fn detach(&self) {
-        self.shared.close();
+        (self.close)(&self.shared);
         lock(&self.thread).take();
     }
 }
 
-impl<T: Closes> Drop for Worker<T> {
+impl<T> Drop for Worker<T> {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Reads one message without waiting: its first `keep` frames into `frames` (emptied
+/// first). Returns how many frames past those it had, `None` when nothing is waiting.
+pub(crate) fn recv_message(
+    sock: &zmq::Socket,
+    keep: usize,
+    frames: &mut Vec<zmq::Message>,
+) -> Option<usize> {
+    frames.clear();
+    let mut extra = 0;
+    loop {
+        match sock.recv_msg(zmq::DONTWAIT) {
+            Ok(m) => {
+                let more = m.get_more();
+                if frames.len() < keep {
+                    frames.push(m);
+                } else {
+                    extra += 1;
+                }
+                if !more {
+                    return Some(extra);
+                }
+            }
+            Err(zmq::Error::EINTR) => continue,
+            Err(_) if frames.is_empty() => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "the rest of a message was lost");
+                return Some(extra);
+            }
+        }
     }
 }
 
@@ -142,11 +166,26 @@ pub(crate) fn poll(items: &mut [zmq::PollItem<'_>], timeout_ms: i64, who: &str) 
     }
 }
 
-/// A poll item for a socket's ZMQ_FD: the thread waits on it without touching the socket,
-/// which a direct send may be using (see [`Outbox`]). It signals that the socket's state
-/// may have changed; whoever used the socket last read it until `EAGAIN`.
-pub(crate) fn fd_item(fd: std::os::fd::RawFd) -> zmq::PollItem<'static> {
-    zmq::PollItem::from_fd(fd, zmq::POLLIN)
+/// Closing: waits on `sock` for `events`, at most 100 ms and not past `until`. `false` once
+/// `until` has passed, or when the poll failed (logged as the `who`'s).
+pub(crate) fn wait_until(
+    sock: &zmq::Socket,
+    events: zmq::PollEvents,
+    until: Instant,
+    who: &str,
+) -> bool {
+    let left = until.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
+    match sock.poll(events, wait) {
+        Err(e) if e != zmq::Error::EINTR => {
+            tracing::warn!(error = %e, "the {who} could not poll while closing");
+            false
+        }
+        _ => true,
+    }
 }
 
 /// How long a sending socket must have been idle before a send skips the queue. Shorter
@@ -222,10 +261,7 @@ impl<S: Sink> Outlet for Outbox<S> {
                 return Ok(());
             }
         }
-        match payload {
-            Cow::Borrowed(p) => self.mailbox.push_data(topic, p),
-            Cow::Owned(p) => self.mailbox.push_owned(topic.to_vec(), p),
-        }
+        self.mailbox.push(topic.into(), payload)
     }
 
     fn queue(&self) -> &Mailbox<Control> {
@@ -253,13 +289,6 @@ impl Outgoing {
         match self {
             Outgoing::One { .. } => 1,
             Outgoing::Run { count, .. } => *count,
-        }
-    }
-
-    /// The topic.
-    pub fn topic(&self) -> &[u8] {
-        match self {
-            Outgoing::One { topic, .. } | Outgoing::Run { topic, .. } => topic,
         }
     }
 
@@ -331,8 +360,8 @@ impl<C> Item<C> {
 #[derive(Debug)]
 pub(crate) enum Control {
     /// A barrier: after everything queued before it, drop the retention of `flush_prefix`
-    /// (when not empty) and publish a MARK with `token` on `reply` (see
-    /// [`wire::mark_control`]).
+    /// (when not empty) and publish a MARK with `token` on `reply` (to the proxy: the
+    /// `x:mark` control frames, see [`crate::wire`]).
     Mark {
         reply: Vec<u8>,
         token: u64,
@@ -439,19 +468,14 @@ impl<C> Mailbox<C> {
 
     /// Queues the data message `[topic, payload]` (bounded by the capacity), copied into
     /// the queued run of its topic when there is one: the path of small messages, which
-    /// then allocate nothing of their own.
-    pub fn push_data(&self, topic: &[u8], payload: &[u8]) -> std::result::Result<(), Refused> {
-        self.admit(1, true, |items| {
-            Self::enqueue(items, topic.into(), payload.into())
-        })
-    }
-
-    /// Queues the data message `[topic, payload]` (bounded), given as owned bytes: a large
-    /// message travels alone and is handed to the socket without a copy.
-    pub fn push_owned(&self, topic: Vec<u8>, payload: Vec<u8>) -> std::result::Result<(), Refused> {
-        self.admit(1, true, |items| {
-            Self::enqueue(items, topic.into(), payload.into())
-        })
+    /// then allocate nothing of their own. Owned bytes that travel alone (a large message)
+    /// are handed to the socket without a copy.
+    pub fn push(
+        &self,
+        topic: Cow<'_, [u8]>,
+        payload: Cow<'_, [u8]>,
+    ) -> std::result::Result<(), Refused> {
+        self.admit(1, true, |items| Self::enqueue(items, topic, payload))
     }
 
     /// Queues several data messages at once (all or none), as one bounded push.
@@ -655,8 +679,8 @@ mod tests {
             let m: Mailbox<u32> = Mailbox::new(100).expect("mailbox");
             for p in *pushes {
                 match p {
-                    Borrowed(t, n) => m.push_data(t, &vec![7; *n]),
-                    Owned(t, n) => m.push_owned(t.to_vec(), vec![7; *n]),
+                    Borrowed(t, n) => m.push(Cow::Borrowed(t), vec![7; *n].as_slice().into()),
+                    Owned(t, n) => m.push(t.to_vec().into(), vec![7; *n].into()),
                     All(msgs) => m.push_all(
                         msgs.iter()
                             .map(|(t, n)| (t.to_vec(), vec![7; *n]))
@@ -673,7 +697,8 @@ mod tests {
         let per = wire::BATCH_ITEM_MAX;
         let fit = wire::BATCH_MAX_BYTES / (per + 4);
         for _ in 0..=fit {
-            m.push_data(b"c", &vec![1; per]).expect("room");
+            m.push(Cow::Borrowed(b"c"), Cow::Borrowed(&vec![1; per]))
+                .expect("room");
         }
         let counts: Vec<usize> = m.take_all().iter().map(Item::count).collect();
         assert_eq!(counts, vec![fit, 1]);
@@ -682,16 +707,19 @@ mod tests {
     #[test]
     fn the_capacity_counts_data_messages_not_items_or_commands() {
         let m: Mailbox<u32> = Mailbox::new(3).expect("mailbox");
-        m.push_data(b"a", b"1").expect("room");
-        m.push_data(b"a", b"2").expect("room");
-        m.push_owned(b"b".to_vec(), b"3".to_vec()).expect("room");
+        m.push(Cow::Borrowed(b"a"), Cow::Borrowed(b"1"))
+            .expect("room");
+        m.push(Cow::Borrowed(b"a"), Cow::Borrowed(b"2"))
+            .expect("room");
+        m.push(b"b".to_vec().into(), b"3".to_vec().into())
+            .expect("room");
         assert_eq!(
-            m.push_data(b"b", b"4"),
+            m.push(Cow::Borrowed(b"b"), Cow::Borrowed(b"4")),
             Err(Refused::Full),
             "3 messages queued"
         );
         assert_eq!(
-            m.push_owned(b"b".to_vec(), b"4".to_vec()),
+            m.push(b"b".to_vec().into(), b"4".to_vec().into()),
             Err(Refused::Full)
         );
         assert_eq!(
@@ -706,9 +734,14 @@ mod tests {
             vec![data(b"a", &[1, 1])],
             "the first two merged"
         );
-        m.push_data(b"b", b"5").expect("room again");
-        m.push_data(b"b", b"6").expect("room again");
-        assert_eq!(m.push_data(b"c", b"7"), Err(Refused::Full));
+        m.push(Cow::Borrowed(b"b"), Cow::Borrowed(b"5"))
+            .expect("room again");
+        m.push(Cow::Borrowed(b"b"), Cow::Borrowed(b"6"))
+            .expect("room again");
+        assert_eq!(
+            m.push(Cow::Borrowed(b"c"), Cow::Borrowed(b"7")),
+            Err(Refused::Full)
+        );
         assert_eq!(
             m.push_all(vec![(b"c".to_vec(), b"8".to_vec())]),
             Err(Refused::Full),
@@ -720,7 +753,10 @@ mod tests {
             .expect("a batch larger than the capacity fits an empty queue");
         m.take_all();
         m.close();
-        assert_eq!(m.push_data(b"a", b"x"), Err(Refused::Closed));
+        assert_eq!(
+            m.push(Cow::Borrowed(b"a"), Cow::Borrowed(b"x")),
+            Err(Refused::Closed)
+        );
         assert_eq!(m.push_control(2), Err(Refused::Closed));
     }
 

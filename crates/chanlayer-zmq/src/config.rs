@@ -21,33 +21,46 @@
 use std::time::Duration;
 
 use chanlayer_core::config::BackendSettings;
-use chanlayer_core::config::{BackendOptions, ConfigDuration, MAX_TIMEOUT};
+use chanlayer_core::config::{BackendOptions, ConfigDuration, MAX_TIMEOUT, MIN_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result};
 
+use crate::bridge::{context, zmq_err};
 use crate::retention::Retention;
 use crate::BACKEND;
 
 /// Every option this backend reads, for the "unknown option" error.
 pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, close_linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
 
-/// The libzmq socket options `zmq.<option>=<integer>` passes through to every socket.
-pub const SOCKET_OPTIONS: &[&str] = &[
-    "backlog",
-    "connect_timeout",
-    "handshake_ivl",
-    "heartbeat_ivl",
-    "heartbeat_timeout",
-    "heartbeat_ttl",
-    "immediate",
-    "maxmsgsize",
-    "rcvbuf",
-    "sndbuf",
-    "tcp_keepalive",
-    "tcp_keepalive_cnt",
-    "tcp_keepalive_idle",
-    "tcp_keepalive_intvl",
-    "tos",
+/// The libzmq socket options `zmq.<option>=<integer>` passes through to every socket, each
+/// with its setter: libzmq takes an int for every one but `maxmsgsize` (an int64).
+const SOCKET_OPTIONS: [(&str, SetOption); 15] = [
+    ("backlog", |s, v| s.set_backlog(int(v)?)),
+    ("connect_timeout", |s, v| s.set_connect_timeout(int(v)?)),
+    ("handshake_ivl", |s, v| s.set_handshake_ivl(int(v)?)),
+    ("heartbeat_ivl", |s, v| s.set_heartbeat_ivl(int(v)?)),
+    ("heartbeat_timeout", |s, v| s.set_heartbeat_timeout(int(v)?)),
+    ("heartbeat_ttl", |s, v| s.set_heartbeat_ttl(int(v)?)),
+    ("immediate", |s, v| s.set_immediate(v != 0)),
+    ("maxmsgsize", |s, v| s.set_maxmsgsize(v)),
+    ("rcvbuf", |s, v| s.set_rcvbuf(int(v)?)),
+    ("sndbuf", |s, v| s.set_sndbuf(int(v)?)),
+    ("tcp_keepalive", |s, v| s.set_tcp_keepalive(int(v)?)),
+    ("tcp_keepalive_cnt", |s, v| s.set_tcp_keepalive_cnt(int(v)?)),
+    ("tcp_keepalive_idle", |s, v| {
+        s.set_tcp_keepalive_idle(int(v)?)
+    }),
+    ("tcp_keepalive_intvl", |s, v| {
+        s.set_tcp_keepalive_intvl(int(v)?)
+    }),
+    ("tos", |s, v| s.set_tos(int(v)?)),
 ];
+
+type SetOption = fn(&zmq::Socket, i64) -> zmq::Result<()>;
+
+/// A socket option's value as libzmq's int (out of range: `EINVAL`).
+fn int(v: i64) -> zmq::Result<i32> {
+    i32::try_from(v).map_err(|_| zmq::Error::EINVAL)
+}
 
 /// The default port of embedded mode.
 pub const DEFAULT_PORT: u16 = 5556;
@@ -102,7 +115,7 @@ impl std::str::FromStr for BindPolicy {
 /// A libzmq socket option passed through with `zmq.<name>=<value>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketOption {
-    /// The option's name, one of [`SOCKET_OPTIONS`].
+    /// The option's name (`backlog`, `sndbuf`, ...; see `docs/backends/zmq.md`).
     pub name: String,
     /// Its value.
     pub value: i64,
@@ -166,10 +179,6 @@ pub struct ZmqConfig {
     pub socket_options: Vec<SocketOption>,
 }
 
-fn millis_i32(d: Duration) -> i32 {
-    i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
-}
-
 /// Checks a libzmq endpoint: `tcp://HOST:PORT` (PORT may be `*` or `0` when `bind_any` is
 /// set, for a listener on a free port) or `ipc://PATH`.
 pub fn check_endpoint(endpoint: &str, bind_any: bool) -> Result<()> {
@@ -206,48 +215,29 @@ pub fn check_endpoint(endpoint: &str, bind_any: bool) -> Result<()> {
 }
 
 fn tcp_endpoint(host_port: &str, default_port: u16) -> Result<String> {
-    let (host, port) = if let Some(rest) = host_port.strip_prefix('[') {
-        let Some((h, after)) = rest.split_once(']') else {
-            return Err(Error::Config(format!(
-                "address {host_port:?}: an IPv6 host needs a closing ']'"
-            )));
-        };
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => {
-                return Err(Error::Config(format!(
-                    "address {host_port:?}: expected HOST:PORT"
-                )))
-            }
-        };
-        (format!("[{h}]"), port)
-    } else {
-        match host_port.rsplit_once(':') {
+    let bad = |why: String| Err(Error::Config(format!("address {host_port:?}: {why}")));
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            None => return bad("an IPv6 host needs a closing ']'".into()),
+            Some((h, "")) => (format!("[{h}]"), None),
+            Some((h, after)) => match after.strip_prefix(':') {
+                Some(p) => (format!("[{h}]"), Some(p)),
+                None => return bad("expected HOST:PORT".into()),
+            },
+        },
+        None => match host_port.rsplit_once(':') {
             Some((h, p)) => (h.to_owned(), Some(p)),
             None => (host_port.to_owned(), None),
-        }
+        },
     };
     if host.is_empty() || host.contains([',', '/', '@']) {
-        return Err(Error::Config(format!(
-            "address {host_port:?}: expected HOST:PORT (one host)"
-        )));
+        return bad("expected HOST:PORT (one host)".into());
     }
-    let port = match port {
-        Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-            Error::Config(format!(
-                "address {host_port:?}: the port {p:?} is not a number from 1 to 65535"
-            ))
-        })?,
-        None => default_port,
-    };
-    Ok(format!("tcp://{host}:{port}"))
-}
-
-fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
+    match port.map(|p| (p, p.parse::<u16>())) {
+        None => Ok(format!("tcp://{host}:{default_port}")),
+        Some((_, Ok(p))) if p > 0 => Ok(format!("tcp://{host}:{p}")),
+        Some((p, _)) => bad(format!("the port {p:?} is not a number from 1 to 65535")),
+    }
 }
 
 fn z85_key(name: &str, value: &str) -> Result<[u8; 32]> {
@@ -289,7 +279,9 @@ impl BackendSettings for ZmqConfig {
         }
         config.options.validate()?;
         let mut o = b.options.clone();
-        let address = decode(&b.address);
+        let address = percent_encoding::percent_decode_str(&b.address)
+            .decode_utf8_lossy()
+            .into_owned();
         let mode_opt = o.take("mode");
         let pull = o.take("pull");
         let publish = o.take("pub");
@@ -315,10 +307,11 @@ impl BackendSettings for ZmqConfig {
                         "give either an address ({address:?}) or pull= and pub=, not both"
                     )));
                 }
-                check_endpoint(&pull, false)
-                    .map_err(|e| Error::Config(format!("option pull: {}", strip(&e))))?;
-                check_endpoint(&publish, false)
-                    .map_err(|e| Error::Config(format!("option pub: {}", strip(&e))))?;
+                for (key, endpoint) in [("pull", &pull), ("pub", &publish)] {
+                    if let Err(Error::Config(why)) = check_endpoint(endpoint, false) {
+                        return Err(Error::Config(format!("option {key}: {why}")));
+                    }
+                }
                 Mode::Dedicated { pull, publish }
             }
             (Some("dedicated") | None, Some(_), None) | (Some("dedicated") | None, None, Some(_)) => {
@@ -346,8 +339,6 @@ impl BackendSettings for ZmqConfig {
                 )))
             }
         };
-        let dur = |v: Option<ConfigDuration>| v.map(|d| d.0);
-        let defaults = Retention::default();
         let ipv6_default = match &mode {
             Mode::Embedded { endpoint } => endpoint.starts_with("tcp://["),
             Mode::Dedicated { pull, publish } => {
@@ -363,59 +354,57 @@ impl BackendSettings for ZmqConfig {
         let mut socket_options = Vec::new();
         for k in pass {
             let name = k["zmq.".len()..].to_owned();
-            if !SOCKET_OPTIONS.contains(&name.as_str()) {
+            if !SOCKET_OPTIONS.iter().any(|(n, _)| *n == name) {
+                let names: Vec<&str> = SOCKET_OPTIONS.iter().map(|(n, _)| *n).collect();
                 return Err(Error::Config(format!(
                     "option {k}: unknown socket option; zmq.<option> takes one of {}",
-                    SOCKET_OPTIONS.join(", ")
+                    names.join(", ")
                 )));
             }
             // libzmq takes an int for every option but maxmsgsize (int64).
-            let min = if name == "maxmsgsize" {
-                -1
-            } else {
-                i32::MIN.into()
+            let range = match name.as_str() {
+                "maxmsgsize" => -1..=i64::MAX,
+                _ => i32::MIN.into()..=i32::MAX.into(),
             };
-            let max = if name == "maxmsgsize" {
-                i64::MAX
-            } else {
-                i32::MAX.into()
-            };
-            let value = o.take_int(&k, min..=max)?.unwrap_or_default();
+            let value = o.take_int(&k, range)?.unwrap_or_default();
             socket_options.push(SocketOption { name, value });
         }
+        // Durations: (option, least value, default). ZMQ_RECONNECT_IVL, _MAX and ZMQ_LINGER
+        // are C ints of milliseconds: MAX_TIMEOUT is their bound.
+        let mut dur = |key: &str, least: Duration, default: Duration| {
+            Ok::<_, Error>(
+                o.take_duration(key, least..=MAX_TIMEOUT)?
+                    .unwrap_or(default),
+            )
+        };
+        let (s, ms) = (Duration::from_secs, Duration::from_millis);
+        let subscribe_timeout = dur("subscribe_timeout", MIN_TIMEOUT, s(5))?;
+        let connect_timeout = dur("connect_timeout", MIN_TIMEOUT, s(5))?;
+        let reconnect_interval = dur("reconnect_interval", MIN_TIMEOUT, ms(100))?;
+        let reconnect_interval_max = dur("reconnect_interval_max", Duration::ZERO, Duration::ZERO)?;
+        let linger = dur("linger", Duration::ZERO, s(1))?;
+        let close_linger = dur("close_linger", Duration::ZERO, s(2))?;
+        let d = Retention::default();
         let cfg = ZmqConfig {
             mode,
             bind: o.take_parsed("bind")?.unwrap_or(BindPolicy::Lazy),
             sndhwm: o.take_int("sndhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             rcvhwm: o.take_int("rcvhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             send_queue: o.take_int("send_queue", 1..=usize::MAX)?.unwrap_or(10_000),
-            subscribe_timeout: o
-                .take_timeout("subscribe_timeout")?
-                .unwrap_or(Duration::from_secs(5)),
-            connect_timeout: o
-                .take_timeout("connect_timeout")?
-                .unwrap_or(Duration::from_secs(5)),
-            // ZMQ_RECONNECT_IVL, _MAX and ZMQ_LINGER are C ints of milliseconds.
-            reconnect_interval: o
-                .take_timeout("reconnect_interval")?
-                .unwrap_or(Duration::from_millis(100)),
-            reconnect_interval_max: o
-                .take_duration("reconnect_interval_max", Duration::ZERO..=MAX_TIMEOUT)?
-                .unwrap_or(Duration::ZERO),
-            linger: o
-                .take_duration("linger", Duration::ZERO..=MAX_TIMEOUT)?
-                .unwrap_or(Duration::from_secs(1)),
-            close_linger: o
-                .take_duration("close_linger", Duration::ZERO..=MAX_TIMEOUT)?
-                .unwrap_or(Duration::from_secs(2)),
+            subscribe_timeout,
+            connect_timeout,
+            reconnect_interval,
+            reconnect_interval_max,
+            linger,
+            close_linger,
             retention: Retention {
-                per_topic: o
-                    .take_int("retain", 0..=usize::MAX)?
-                    .unwrap_or(defaults.per_topic),
-                max_age: dur(o.take_parsed("retain_for")?).unwrap_or(defaults.max_age),
+                per_topic: o.take_int("retain", 0..=usize::MAX)?.unwrap_or(d.per_topic),
+                max_age: o
+                    .take_parsed("retain_for")?
+                    .map_or(d.max_age, |c: ConfigDuration| c.0),
                 max_bytes: o
                     .take_int("retain_bytes", 0..=usize::MAX)?
-                    .unwrap_or(defaults.max_bytes),
+                    .unwrap_or(d.max_bytes),
             },
             ipv6: o.take_parsed("ipv6")?.unwrap_or(ipv6_default),
             curve,
@@ -429,66 +418,67 @@ impl BackendSettings for ZmqConfig {
 
 impl ZmqConfig {
     fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Config(m));
-        if let (Mode::Dedicated { .. }, BindPolicy::Eager | BindPolicy::Never) =
-            (&self.mode, self.bind)
+        let embedded = matches!(self.mode, Mode::Embedded { .. });
+        let why = if !embedded && self.bind != BindPolicy::Lazy {
+            "option bind is for embedded mode; in dedicated mode the proxy binds"
+        } else if embedded
+            && self.bind != BindPolicy::Never
+            && self
+                .curve
+                .as_ref()
+                .is_some_and(|c| c.server_secret.is_none())
         {
-            return bad(
-                "option bind is for embedded mode; in dedicated mode the proxy binds".into(),
-            );
-        }
-        if let Some(c) = &self.curve {
-            if matches!(self.mode, Mode::Embedded { .. })
-                && self.bind != BindPolicy::Never
-                && c.server_secret.is_none()
-            {
-                return bad("CURVE in embedded mode: the publishing process needs curve_server_secretkey (or bind=never for a receive-only instance)".into());
-            }
-        }
-        Ok(())
-    }
-
-    /// Settings every socket of this layer gets: reconnection, linger, IPv6, pass-through
-    /// options.
-    pub(crate) fn apply_common(&self, s: &zmq::Socket) -> Result<()> {
-        let e = |what: &str, err: zmq::Error| Error::Config(format!("socket option {what}: {err}"));
-        s.set_linger(millis_i32(self.linger))
-            .map_err(|x| e("linger", x))?;
-        s.set_reconnect_ivl(millis_i32(self.reconnect_interval))
-            .map_err(|x| e("reconnect_interval", x))?;
-        s.set_reconnect_ivl_max(millis_i32(self.reconnect_interval_max))
-            .map_err(|x| e("reconnect_interval_max", x))?;
-        s.set_ipv6(self.ipv6).map_err(|x| e("ipv6", x))?;
-        apply_socket_options(s, &self.socket_options)
-    }
-
-    /// CURVE client settings (SUB, PUSH).
-    pub(crate) fn apply_curve_client(&self, s: &zmq::Socket) -> Result<()> {
-        let Some(c) = &self.curve else {
+            "CURVE in embedded mode: the publishing process needs curve_server_secretkey (or bind=never for a receive-only instance)"
+        } else {
             return Ok(());
         };
-        let e = |err: zmq::Error| Error::Config(format!("CURVE client keys: {err}"));
-        s.set_curve_serverkey(&c.server_public).map_err(e)?;
-        s.set_curve_publickey(&c.public).map_err(e)?;
-        s.set_curve_secretkey(&c.secret).map_err(e)?;
-        Ok(())
+        Err(Error::Config(why.into()))
     }
 
-    /// CURVE server settings (the embedded publisher).
-    pub(crate) fn apply_curve_server(&self, s: &zmq::Socket) -> Result<()> {
+    /// A socket of this layer (SUB, PUSH, the embedded XPUB) with every setting it gets:
+    /// reconnection, linger (0 for a SUB, which holds nothing worth waiting for), IPv6, the
+    /// high-water mark of its direction, the pass-through options, and CURVE (the server
+    /// side for the XPUB, the client side otherwise).
+    pub(crate) fn socket(&self, kind: zmq::SocketType) -> Result<zmq::Socket> {
+        let s = context()
+            .socket(kind)
+            .map_err(|e| zmq_err(format!("could not create the {kind:?} socket"), e))?;
+        let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+        let opt = |what: &'static str| {
+            move |err: zmq::Error| Error::Config(format!("socket option {what}: {err}"))
+        };
+        let linger = if kind == zmq::SUB { 0 } else { ms(self.linger) };
+        s.set_linger(linger).map_err(opt("linger"))?;
+        s.set_reconnect_ivl(ms(self.reconnect_interval))
+            .map_err(opt("reconnect_interval"))?;
+        s.set_reconnect_ivl_max(ms(self.reconnect_interval_max))
+            .map_err(opt("reconnect_interval_max"))?;
+        s.set_ipv6(self.ipv6).map_err(opt("ipv6"))?;
+        apply_socket_options(&s, &self.socket_options)?;
+        let (hwm, set) = match kind {
+            zmq::SUB => ("rcvhwm", s.set_rcvhwm(self.rcvhwm)),
+            _ => ("sndhwm", s.set_sndhwm(self.sndhwm)),
+        };
+        set.map_err(|e| zmq_err(format!("could not set {hwm}"), e))?;
         let Some(c) = &self.curve else {
-            return Ok(());
+            return Ok(s);
         };
-        let Some(secret) = &c.server_secret else {
-            return Err(Error::Config(
-                "CURVE: this instance would bind the publisher but has no curve_server_secretkey"
-                    .into(),
-            ));
-        };
-        let e = |err: zmq::Error| Error::Config(format!("CURVE server key: {err}"));
-        s.set_curve_server(true).map_err(e)?;
-        s.set_curve_secretkey(secret).map_err(e)?;
-        Ok(())
+        if kind == zmq::XPUB {
+            let Some(secret) = &c.server_secret else {
+                return Err(Error::Config(
+                    "CURVE: this instance would bind the publisher but has no curve_server_secretkey".into(),
+                ));
+            };
+            s.set_curve_server(true)
+                .and_then(|()| s.set_curve_secretkey(secret))
+                .map_err(|e| Error::Config(format!("CURVE server key: {e}")))?;
+        } else {
+            s.set_curve_serverkey(&c.server_public)
+                .and_then(|()| s.set_curve_publickey(&c.public))
+                .and_then(|()| s.set_curve_secretkey(&c.secret))
+                .map_err(|e| Error::Config(format!("CURVE client keys: {e}")))?;
+        }
+        Ok(s)
     }
 
     /// The endpoint subscribers connect to.
@@ -500,19 +490,18 @@ impl ZmqConfig {
     }
 }
 
-fn strip(e: &Error) -> String {
-    let s = e.to_string();
-    s.strip_prefix("configuration error: ")
-        .unwrap_or(&s)
-        .to_owned()
-}
-
 fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
-    let server = o.take("curve_serverkey");
-    let public = o.take("curve_publickey");
-    let secret = o.take("curve_secretkey");
-    let server_secret = o.take("curve_server_secretkey");
-    if server.is_none() && public.is_none() && secret.is_none() && server_secret.is_none() {
+    let keys = [
+        "curve_serverkey",
+        "curve_publickey",
+        "curve_secretkey",
+        "curve_server_secretkey",
+    ];
+    let [server, public, secret, server_secret] = keys.map(|k| o.take(k));
+    if [&server, &public, &secret, &server_secret]
+        .iter()
+        .all(|k| k.is_none())
+    {
         return Ok(None);
     }
     if !curve_available() {
@@ -553,35 +542,13 @@ fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
 
 /// Applies `zmq.<option>` pass-through options to a socket.
 pub(crate) fn apply_socket_options(s: &zmq::Socket, options: &[SocketOption]) -> Result<()> {
-    for opt in options {
-        let v = opt.value;
-        let int = || {
-            i32::try_from(v)
-                .map_err(|_| Error::Config(format!("option zmq.{}={v}: out of range", opt.name)))
+    for SocketOption { name, value } in options {
+        let Some((_, set)) = SOCKET_OPTIONS.iter().find(|(n, _)| n == name) else {
+            return Err(Error::Config(format!(
+                "option zmq.{name}: unknown socket option"
+            )));
         };
-        let r = match opt.name.as_str() {
-            "backlog" => s.set_backlog(int()?),
-            "connect_timeout" => s.set_connect_timeout(int()?),
-            "handshake_ivl" => s.set_handshake_ivl(int()?),
-            "heartbeat_ivl" => s.set_heartbeat_ivl(int()?),
-            "heartbeat_timeout" => s.set_heartbeat_timeout(int()?),
-            "heartbeat_ttl" => s.set_heartbeat_ttl(int()?),
-            "immediate" => s.set_immediate(v != 0),
-            "maxmsgsize" => s.set_maxmsgsize(v),
-            "rcvbuf" => s.set_rcvbuf(int()?),
-            "sndbuf" => s.set_sndbuf(int()?),
-            "tcp_keepalive" => s.set_tcp_keepalive(int()?),
-            "tcp_keepalive_cnt" => s.set_tcp_keepalive_cnt(int()?),
-            "tcp_keepalive_idle" => s.set_tcp_keepalive_idle(int()?),
-            "tcp_keepalive_intvl" => s.set_tcp_keepalive_intvl(int()?),
-            "tos" => s.set_tos(int()?),
-            other => {
-                return Err(Error::Config(format!(
-                    "option zmq.{other}: unknown socket option"
-                )))
-            }
-        };
-        r.map_err(|e| Error::Config(format!("option zmq.{}={v}: {e}", opt.name)))?;
+        set(s, *value).map_err(|e| Error::Config(format!("option zmq.{name}={value}: {e}")))?;
     }
     Ok(())
 }
@@ -816,13 +783,8 @@ mod tests {
         );
         assert!(c.ipv6);
         assert_eq!(c.socket_options.len(), 2);
-        let s = bridge_socket();
-        c.apply_common(&s).expect("apply");
+        let s = c.socket(zmq::SUB).expect("a socket");
         assert_eq!(s.get_sndbuf().expect("sndbuf"), 65536);
-    }
-
-    fn bridge_socket() -> zmq::Socket {
-        crate::bridge::context().socket(zmq::SUB).expect("a socket")
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use hashbrown::hash_map::EntryRef;
 use hashbrown::HashMap;
 
-use crate::bridge::{idle_since, lock, Control, Item, Outgoing, Sink};
+use crate::bridge::{idle_since, lock, wait_until, Control, Item, Outgoing, Sink};
 use crate::retention::{Retention, Store};
 use crate::wire::{self, TopicKind};
 
@@ -47,6 +47,13 @@ impl Payload {
         match self {
             Payload::Bytes(b) => zmq::Message::from(b),
             Payload::Frame(m) => m,
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::Bytes(b) => b,
+            Payload::Frame(m) => m.to_vec(),
         }
     }
 }
@@ -105,6 +112,7 @@ struct Followed {
     seen: Instant,
 }
 
+#[derive(Default)]
 struct TopicState {
     /// The map's own key, shared with the retention store.
     key: Arc<[u8]>,
@@ -112,20 +120,6 @@ struct TopicState {
     subscribed: bool,
     /// The origins of the topic's messages (a proxy's hub only).
     origins: std::collections::HashMap<u64, Followed>,
-}
-
-/// What [`Hub::claim`] hands out for messages about to be published on a topic.
-struct Claim {
-    /// The first sequence number claimed.
-    first: u64,
-    /// Whether a subscriber confirmed the topic (the messages go out now).
-    subscribed: bool,
-    /// The topic's key in the retention store.
-    key: Arc<[u8]>,
-    /// Whether the messages are kept for late joiners.
-    retain: bool,
-    /// The origin stamp of the first message (a proxy's hub).
-    origin: Option<wire::Origin>,
 }
 
 /// The XPUB side. Owned by one thread.
@@ -179,9 +173,9 @@ impl Hub {
     fn count(&self, f: impl FnOnce(&mut HubStats)) {
         let mut c = lock(&self.counters);
         f(&mut c);
-        c.retained = self.store.count() as u64;
-        c.retained_bytes = self.store.bytes() as u64;
-        c.pending = self.store.pending() as u64;
+        c.retained = self.store.count as u64;
+        c.retained_bytes = self.store.bytes as u64;
+        c.pending = self.store.pending as u64;
     }
 
     /// The XPUB socket (for polling).
@@ -210,22 +204,27 @@ impl Hub {
                     key.clone(),
                     TopicState {
                         key,
-                        seq: 0,
-                        subscribed: false,
-                        origins: std::collections::HashMap::new(),
+                        ..TopicState::default()
                     },
                 )
             }
         }
     }
 
-    /// Takes the next `count` sequence numbers of `topic` for messages about to be
-    /// published (from origin `from`, numbered on), and says what happens to them: normal
-    /// channels are retained for late joiners, an inbox only while nobody listens, groups
-    /// never (retention off: nothing).
-    fn claim(&mut self, topic: &[u8], kind: TopicKind, count: u64, from: From) -> Claim {
-        let per_topic = self.store.limits().per_topic;
-        let (stamps, clock) = (self.stamps, self.clock);
+    /// Publishes `count` messages of `topic` as one frame: one envelope, or (`batch`) a
+    /// batch body as [`wire::batch_push`] wrote it; `from` is the origin of the first (the
+    /// others follow). Each message gets its own sequence number, and is retained and
+    /// counted on its own: normal channels are retained for late joiners, an inbox only
+    /// while nobody listens, groups never (retention off: nothing).
+    pub fn publish(&mut self, topic: &[u8], from: From, count: u64, payload: Payload, batch: bool) {
+        let Some(kind) = wire::data_topic_kind(topic) else {
+            self.count(|c| {
+                c.undecodable += count;
+                c.received += count;
+            });
+            return;
+        };
+        let (per_topic, stamps, clock) = (self.store.limits.per_topic, self.stamps, self.clock);
         let state = self.state_mut(topic);
         let first = state.seq + 1;
         state.seq += count;
@@ -236,6 +235,7 @@ impl Hub {
                 TopicKind::Inbox => !subscribed,
                 TopicKind::Group => false,
             };
+        // A proxy's hub follows the origin, and stamps the frame with it.
         let origin = stamps.then(|| match from {
             Some((id, seq)) if id != 0 => {
                 let f = state.origins.entry(id).or_insert(Followed {
@@ -253,44 +253,7 @@ impl Hub {
             }
             _ => wire::Origin::default(),
         });
-        Claim {
-            first,
-            subscribed,
-            key: state.key.clone(),
-            retain,
-            origin,
-        }
-    }
-
-    /// Publishes one data message on `topic`.
-    pub fn publish(&mut self, topic: &[u8], from: From, payload: Payload) {
-        self.put_out(topic, from, 1, payload, false);
-    }
-
-    /// Publishes `count` consecutive messages of `topic` as one batch frame; `body` holds
-    /// them as [`wire::batch_push`] wrote them, `from` is the origin of the first (the
-    /// others follow).
-    pub fn publish_batch(&mut self, topic: &[u8], count: u64, body: Vec<u8>, from: From) {
-        self.put_out(topic, from, count, Payload::Bytes(body), true);
-    }
-
-    /// Publishes `count` messages of `topic` as one frame (one envelope, or a batch body):
-    /// each gets its own sequence number, is retained on its own and counted on its own.
-    fn put_out(&mut self, topic: &[u8], from: From, count: u64, payload: Payload, batch: bool) {
-        let Some(kind) = wire::data_topic_kind(topic) else {
-            self.count(|c| {
-                c.undecodable += count;
-                c.received += count;
-            });
-            return;
-        };
-        let Claim {
-            first,
-            subscribed,
-            key,
-            retain,
-            origin,
-        } = self.claim(topic, kind, count, from);
+        let key = state.key.clone();
         let kept: Vec<Vec<u8>> = match (retain, batch) {
             (false, _) => Vec::new(),
             (true, false) => vec![payload.as_slice().to_vec()],
@@ -335,17 +298,32 @@ impl Hub {
         });
     }
 
-    /// Retained messages no subscriber has had yet.
-    pub fn pending(&self) -> usize {
-        self.store.pending()
-    }
-
-    /// The publisher stops: lets go of everything retained, and counts the messages no
-    /// subscriber had as abandoned. Returns how many.
-    pub fn abandon(&mut self) -> u64 {
+    /// The publisher stops: keeps answering subscriptions (late joiners get their replay)
+    /// while it retains messages no subscriber has had, up to `close_linger`; then lets go
+    /// of everything retained and counts what no subscriber had as abandoned. Returns how
+    /// many.
+    pub fn linger(&mut self, close_linger: Duration) -> u64 {
+        let until = Instant::now() + close_linger;
+        while self.store.pending > 0 && wait_until(&self.xpub, zmq::POLLIN, until, "publisher") {
+            self.drain_subscriptions();
+            self.tick();
+        }
         let abandoned = self.store.clear();
         self.count(|c| c.abandoned += abandoned);
         abandoned
+    }
+
+    /// Publishes a message, or a run of messages of one topic as a batch frame, from origin
+    /// `from` (of the first; the others follow).
+    pub fn publish_data(&mut self, data: Outgoing, from: From) {
+        match data {
+            Outgoing::One { topic, payload } => {
+                self.publish(&topic, from, 1, Payload::Bytes(payload), false);
+            }
+            Outgoing::Run { topic, body, count } => {
+                self.publish(&topic, from, count as u64, Payload::Bytes(body), true);
+            }
+        }
     }
 
     /// Counts a message that is not chanlayer's (skipped).
@@ -371,13 +349,13 @@ impl Hub {
     /// forgets origins that went quiet.
     pub fn tick(&mut self) {
         self.clock = Instant::now();
-        if self.store.count() > 0 {
+        if self.store.count > 0 {
             let dropped = self.store.evict(self.clock);
             self.count(|c| c.dropped += dropped);
         }
         if self.stamps && self.clock.duration_since(self.forgot_at) >= Duration::from_secs(60) {
             self.forgot_at = self.clock;
-            let idle = FOLLOW_FOR.max(self.store.limits().max_age);
+            let idle = FOLLOW_FOR.max(self.store.limits.max_age);
             let now = self.clock;
             for state in self.topics.values_mut() {
                 state
@@ -481,12 +459,7 @@ impl Hub {
 impl Sink for Hub {
     fn put(&mut self, item: Item<Control>) -> bool {
         match item {
-            Item::Data(Outgoing::One { topic, payload }) => {
-                self.publish(&topic, None, Payload::Bytes(payload));
-            }
-            Item::Data(Outgoing::Run { topic, body, count }) => {
-                self.publish_batch(&topic, count as u64, body, None);
-            }
+            Item::Data(data) => self.publish_data(data, None),
             Item::Control(Control::Mark {
                 reply,
                 token,

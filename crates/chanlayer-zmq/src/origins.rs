@@ -42,11 +42,6 @@ pub(crate) struct OriginTracker {
 }
 
 impl OriginTracker {
-    /// An empty tracker (nothing known, nothing complete).
-    pub fn new() -> OriginTracker {
-        OriginTracker::default()
-    }
-
     /// The proxy's welcome: `table` has the last number published of every origin it knows
     /// on the topic. Origins known here already keep their number (the messages between
     /// are this subscriber's to count).
@@ -104,12 +99,6 @@ impl OriginTracker {
         let cut = *cut;
         self.last.retain(|_, &mut (_, t)| t > cut);
         self.complete = false;
-    }
-
-    /// Origins remembered now.
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.last.len()
     }
 }
 
@@ -199,7 +188,7 @@ mod tests {
             ),
         ];
         for (name, steps) in cases {
-            let mut t = OriginTracker::new();
+            let mut t = OriginTracker::default();
             for (i, step) in steps.iter().enumerate() {
                 match step {
                     Welcome(table) => t.welcome(table),
@@ -217,7 +206,7 @@ mod tests {
 
     #[test]
     fn too_many_origins_forgets_the_oldest_half_and_stops_counting_new_ones_early_losses() {
-        let mut t = OriginTracker::new();
+        let mut t = OriginTracker::default();
         t.welcome(&[]);
         for id in 1..=MAX_ORIGINS as u64 {
             assert_eq!(
@@ -226,11 +215,11 @@ mod tests {
                 "each began after the welcome"
             );
         }
-        assert_eq!(t.len(), MAX_ORIGINS);
+        assert_eq!(t.last.len(), MAX_ORIGINS);
         // Origin 1 is seen again: it is the most recent now.
         assert_eq!(t.deliver(o(1, 6, 1), 1, true), 0);
         assert_eq!(t.deliver(o(100_000, 5, 1), 1, true), 4, "still complete");
-        assert!(t.len() <= MAX_ORIGINS / 2 + 2, "{}", t.len());
+        assert!(t.last.len() <= MAX_ORIGINS / 2 + 2, "{}", t.last.len());
         assert_eq!(t.deliver(o(1, 8, 1), 1, true), 1, "origin 1 was kept");
         assert_eq!(
             t.deliver(o(2, 9, 1), 1, true),

@@ -7,17 +7,15 @@
 //! to late joiners, answers subscription probes, and executes marks (flush barriers). See
 //! [`crate::wire`] for the frames.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, poll, spawn, zmq_err, Mailbox, Worker};
+use crate::bridge::{context, lock, poll, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker};
 use crate::config::{check_endpoint, curve_available, curve_missing};
 use crate::hub::{Counters, From, Hub, HubStats, Payload};
 use crate::retention::Retention;
 use crate::wire;
-use crate::BACKEND;
 
 /// Settings of a [`Proxy`].
 #[derive(Clone, PartialEq, Eq)]
@@ -117,7 +115,7 @@ impl Proxy {
             run,
         )?;
         Ok(Proxy {
-            worker: Worker::new(mailbox, thread),
+            worker: Worker::new(mailbox, thread, Mailbox::close),
             counters,
             pull,
             publish,
@@ -153,55 +151,48 @@ impl Proxy {
     }
 }
 
-fn resolved(socket: &zmq::Socket, asked: &str) -> String {
-    match socket.get_last_endpoint() {
-        Ok(Ok(e)) if !e.is_empty() => e,
-        _ => asked.to_owned(),
-    }
-}
-
+/// Makes and binds the PULL and XPUB sockets; returns them with their endpoints as bound
+/// (a `*` or `0` port resolved).
 fn setup(config: &ProxyConfig) -> Result<(zmq::Socket, zmq::Socket, String, String)> {
-    let ctx = context();
-    let pull = ctx
-        .socket(zmq::PULL)
-        .map_err(|e| zmq_err("could not create the PULL socket", e))?;
-    let xpub = ctx
-        .socket(zmq::XPUB)
-        .map_err(|e| zmq_err("could not create the XPUB socket", e))?;
-    for s in [&pull, &xpub] {
+    let ipv6 = config.pull.starts_with("tcp://[") || config.publish.starts_with("tcp://[");
+    let open = |kind: zmq::SocketType, what: &str, addr: &str| {
+        let s = context()
+            .socket(kind)
+            .map_err(|e| zmq_err(format!("could not create the {kind:?} socket"), e))?;
         s.set_linger(0).map_err(|e| zmq_err("linger", e))?;
         if let Some(key) = &config.curve_secret_key {
             s.set_curve_server(true)
                 .and_then(|()| s.set_curve_secretkey(key))
                 .map_err(|e| Error::Config(format!("CURVE server key: {e}")))?;
         }
-        if config.pull.starts_with("tcp://[") || config.publish.starts_with("tcp://[") {
+        if ipv6 {
             s.set_ipv6(true).map_err(|e| zmq_err("ipv6", e))?;
         }
-    }
-    pull.set_rcvhwm(config.rcvhwm)
-        .map_err(|e| zmq_err("rcvhwm", e))?;
-    xpub.set_sndhwm(config.sndhwm)
-        .map_err(|e| zmq_err("sndhwm", e))?;
-    let in_use = |what: &str, addr: &str, e: zmq::Error| match e {
-        zmq::Error::EADDRINUSE => Error::Backend {
-            backend: BACKEND,
-            message: format!(
-                "the proxy's {what} address {addr} is already in use (another proxy running?)"
+        let (hwm, set) = match kind {
+            zmq::PULL => ("rcvhwm", s.set_rcvhwm(config.rcvhwm)),
+            _ => ("sndhwm", s.set_sndhwm(config.sndhwm)),
+        };
+        set.map_err(|e| zmq_err(hwm, e))?;
+        s.bind(addr).map_err(|e| match e {
+            zmq::Error::EADDRINUSE => zmq_err(
+                format!(
+                    "the proxy's {what} address {addr} is already in use (another proxy running?)"
+                ),
+                e,
             ),
-            source: Some(Box::new(e)),
-        },
-        e => zmq_err(
-            format!("could not bind the proxy's {what} socket to {addr}"),
-            e,
-        ),
+            e => zmq_err(
+                format!("could not bind the proxy's {what} socket to {addr}"),
+                e,
+            ),
+        })?;
+        let bound = match s.get_last_endpoint() {
+            Ok(Ok(e)) if !e.is_empty() => e,
+            _ => addr.to_owned(),
+        };
+        Ok::<_, Error>((s, bound))
     };
-    pull.bind(&config.pull)
-        .map_err(|e| in_use("pull", &config.pull, e))?;
-    xpub.bind(&config.publish)
-        .map_err(|e| in_use("pub", &config.publish, e))?;
-    let p = resolved(&pull, &config.pull);
-    let x = resolved(&xpub, &config.publish);
+    let (pull, p) = open(zmq::PULL, "pull", &config.pull)?;
+    let (xpub, x) = open(zmq::XPUB, "pub", &config.publish)?;
     Ok((pull, xpub, p, x))
 }
 
@@ -215,7 +206,7 @@ const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'+');
 
 fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
-    let mut frames: VecDeque<zmq::Message> = VecDeque::with_capacity(4);
+    let mut frames = Vec::with_capacity(4);
     let mut run = Batch::default();
     loop {
         let mut items = [
@@ -227,7 +218,7 @@ fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
         mailbox.woke();
         if mailbox.is_closed() {
             // What is retained for subscribers that never came goes with the proxy.
-            let abandoned = hub.abandon();
+            let abandoned = hub.linger(std::time::Duration::ZERO);
             if abandoned > 0 {
                 tracing::warn!(
                     abandoned,
@@ -239,12 +230,11 @@ fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
         hub.drain_subscriptions();
         let mut worked = false;
         for _ in 0..1024 {
-            if !read_one(&pull, &mut frames) {
+            let Some(extra) = recv_message(&pull, 5, &mut frames) else {
                 break;
-            }
+            };
             worked = true;
-            dispatch(&mut hub, &mut run, &mut frames);
-            frames.clear();
+            dispatch(&mut hub, &mut run, &mut frames, extra);
         }
         run.flush(&mut hub);
         hub.tick();
@@ -256,60 +246,19 @@ fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
     }
 }
 
-/// Reads one message (at most 5 frames kept; `frames` gets a 6th empty marker frame if there
-/// were more). `false` when nothing is waiting.
-fn read_one(pull: &zmq::Socket, frames: &mut VecDeque<zmq::Message>) -> bool {
-    let mut extra = false;
-    loop {
-        match pull.recv_msg(zmq::DONTWAIT) {
-            Ok(m) => {
-                let more = m.get_more();
-                if frames.len() < 5 {
-                    frames.push_back(m);
-                } else {
-                    extra = true;
-                }
-                if !more {
-                    break;
-                }
-            }
-            Err(zmq::Error::EINTR) => continue,
-            Err(_) if frames.is_empty() => return false,
-            Err(e) => {
-                tracing::debug!(error = %e, "the proxy lost the rest of a message");
-                break;
-            }
-        }
-    }
-    if extra {
-        frames.push_back(zmq::Message::new());
-    }
-    true
-}
-
-/// Publishes one message from a sender: data (alone or a batch) joins the run of its topic;
-/// anything else first publishes the run, so the order of what a sender sent is kept.
-fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut VecDeque<zmq::Message>) {
-    let n = frames.len();
-    let first: &[u8] = frames.front().map_or(&[], |f| &f[..]);
+/// Publishes one message from a sender (`extra` frames past those read make it garbage):
+/// data (alone or a batch) joins the run of its topic; anything else first publishes the
+/// run, so the order of what a sender sent is kept.
+fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extra: usize) {
+    let n = frames.len() + extra;
+    let first: &[u8] = frames.first().map_or(&[], |f| &f[..]);
     let data_topic = wire::data_topic_kind(first).is_some();
     // The sender's meta: its origin id for the topic and its number (of the first item).
     let meta = frames.get(1).and_then(|m| wire::parse_meta(m));
     let from = |id: u64, seq: u64| (id != 0).then_some((id, seq));
-    match (n, data_topic, meta) {
-        (2, true, _) => {
-            // [topic, envelope]: a message without an origin.
-            if let (Some(topic), Some(payload)) = (frames.pop_front(), frames.pop_front()) {
-                run.add(hub, &topic, None, Payload::Frame(payload));
-            }
-            return;
-        }
-        (3, true, Some((wire::META_DATA, id, seq))) => {
-            if let (Some(topic), Some(payload)) = (frames.pop_front(), frames.pop_back()) {
-                run.add(hub, &topic, from(id, seq), Payload::Frame(payload));
-            }
-            return;
-        }
+    let from = match (n, data_topic, meta) {
+        (2, true, _) => Some(None), // [topic, envelope]: a message without an origin
+        (3, true, Some((wire::META_DATA, id, seq))) => Some(from(id, seq)),
         (3, true, Some((wire::META_BATCH, id, seq))) => {
             match frames.get(2).and_then(|body| wire::batch_items(body)) {
                 Some(items) => {
@@ -326,10 +275,16 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut VecDeque<zmq::Message>)
             }
             return;
         }
-        _ => {}
+        _ => None,
+    };
+    if let Some(from) = from {
+        if let Some(payload) = frames.pop() {
+            run.add(hub, &frames[0], from, Payload::Frame(payload));
+        }
+        return;
     }
     run.flush(hub);
-    if n == 4 && first == wire::MARK_CONTROL {
+    if n == 4 && frames[0][..] == *wire::MARK_CONTROL {
         let rest: Vec<&[u8]> = frames.iter().skip(1).map(|f| &f[..]).collect();
         if let Some((reply, token, prefix)) = wire::parse_mark_control(&rest) {
             let (reply, prefix) = (reply.to_vec(), prefix.to_vec());
@@ -342,72 +297,50 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut VecDeque<zmq::Message>)
 }
 
 /// A run: consecutive data messages of one topic (and one origin) that the proxy
-/// publishes as one batch frame (see [`crate::wire`]). It flushes before anything else (a
-/// mark) and at the end of what it read, so the order on the wire is the order they came
-/// in and nothing waits for a batch to fill.
+/// publishes as one batch frame, merged as a sending thread's queue merges them
+/// ([`Outgoing::append`]). It flushes before anything else (a mark) and at the end of what
+/// it read, so the order on the wire is the order they came in and nothing waits for a
+/// batch to fill.
 #[derive(Default)]
 pub(crate) struct Batch {
-    topic: Vec<u8>,
-    body: Vec<u8>,
-    count: u64,
+    run: Option<Outgoing>,
     /// The origin of the first message: every message of a run has the same origin and the
     /// next number (a batch frame carries one origin stamp).
     from: From,
-    /// The first message, kept whole: a batch of one is published as a plain data message.
-    first: Option<Payload>,
 }
 
 impl Batch {
-    /// Adds a message for `topic`, publishing what is batched first when the topic or the
-    /// origin changes or the batch is full. A message over [`wire::BATCH_ITEM_MAX`] is
-    /// published alone.
+    /// Adds a message for `topic`, publishing what is batched first when it cannot join the
+    /// run (another topic or origin, a full batch). A message over [`wire::BATCH_ITEM_MAX`]
+    /// is published alone, without a copy.
     pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: Payload) {
-        let len = payload.as_slice().len();
-        if len > wire::BATCH_ITEM_MAX {
-            self.flush(hub);
-            hub.publish(topic, from, payload);
-            return;
-        }
-        let follows = match (self.from, from) {
-            (None, None) => true,
-            (Some((id, first)), Some((next_id, next))) => {
-                id == next_id && first.checked_add(self.count) == Some(next)
+        let follows = match (&self.run, self.from, from) {
+            (Some(_), None, None) => true,
+            (Some(run), Some((id, first)), Some((next_id, next))) => {
+                id == next_id && first.checked_add(run.count() as u64) == Some(next)
             }
             _ => false,
         };
-        let batched = self.body.len() + self.first.as_ref().map_or(0, |f| 4 + f.as_slice().len());
-        if self.count > 0
-            && (self.topic != topic || !follows || batched + 4 + len > wire::BATCH_MAX_BYTES)
-        {
-            self.flush(hub);
+        if let Some(run) = self.run.as_mut().filter(|_| follows) {
+            if run.append(topic, payload.as_slice()) {
+                return;
+            }
         }
-        if self.count == 0 {
-            self.topic.clear();
-            self.topic.extend_from_slice(topic);
-            self.from = from;
-            self.first = Some(payload);
-            self.count = 1;
-            return;
+        self.flush(hub);
+        if payload.as_slice().len() > wire::BATCH_ITEM_MAX {
+            return hub.publish(topic, from, 1, payload, false);
         }
-        if let Some(first) = self.first.take() {
-            self.body.reserve(8 * 1024);
-            wire::batch_push(&mut self.body, first.as_slice());
-        }
-        wire::batch_push(&mut self.body, payload.as_slice());
-        self.count += 1;
+        self.from = from;
+        self.run = Some(Outgoing::One {
+            topic: topic.to_vec(),
+            payload: payload.into_vec(),
+        });
     }
 
     /// Publishes what is batched.
     pub fn flush(&mut self, hub: &mut Hub) {
-        match (self.count, self.first.take()) {
-            (0, _) => {}
-            (_, Some(first)) => hub.publish(&self.topic, self.from, first),
-            (n, None) => {
-                let body = std::mem::take(&mut self.body);
-                hub.publish_batch(&self.topic, n, body, self.from);
-            }
+        if let Some(run) = self.run.take() {
+            hub.publish_data(run, self.from);
         }
-        self.count = 0;
-        self.body.clear();
     }
 }

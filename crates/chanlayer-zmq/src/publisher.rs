@@ -14,7 +14,7 @@
 //!   publisher publishes what is still queued, then keeps answering subscriptions for up to
 //!   `close_linger` while it retains messages that no subscriber has had yet (a receiver
 //!   still connecting gets them as its replay), and stops as soon as there are none. What
-//!   is left then is counted in [`HubStats::abandoned`] and logged.
+//!   is left then is counted in [`HubStats::abandoned`](crate::HubStats::abandoned) and logged.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
@@ -24,20 +24,20 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, fd_item, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
+use crate::bridge::{failure, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
 use crate::config::ZmqConfig;
-use crate::hub::{Counters, Hub, HubStats};
-use crate::receiver::ReceiverSync;
-use crate::BACKEND;
+use crate::hub::{Counters, Hub};
+use crate::receiver::Shared;
 
-type Receivers = Arc<Mutex<Vec<Weak<ReceiverSync>>>>;
+type Receivers = Arc<Mutex<Vec<Weak<Shared>>>>;
 
 /// The process's state for one embedded address.
 pub(crate) struct Endpoint {
     address: String,
     cfg: ZmqConfig,
-    /// Set once, by the first send (or `bind=eager`); read without a lock on every send.
-    publisher: OnceLock<Arc<Publisher>>,
+    /// The publisher, if this process runs one on this address: set once, by the first
+    /// send (or `bind=eager`); read without a lock on every send.
+    pub started: OnceLock<Arc<Publisher>>,
     /// Held while the publisher binds, so two first sends bind once.
     starting: Mutex<()>,
     receivers: Receivers,
@@ -87,7 +87,7 @@ pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
     let e = Arc::new(Endpoint {
         address: address.to_owned(),
         cfg: cfg.clone(),
-        publisher: OnceLock::new(),
+        started: OnceLock::new(),
         starting: Mutex::new(()),
         receivers: Arc::default(),
     });
@@ -98,24 +98,19 @@ pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
 impl Endpoint {
     /// Registers an in-process subscriber of this address (the publisher waits for it after
     /// binding).
-    pub fn register(&self, sync: &Arc<ReceiverSync>) {
+    pub fn register(&self, sync: &Arc<Shared>) {
         let mut r = lock(&self.receivers);
         r.retain(|w| w.strong_count() > 0);
         r.push(Arc::downgrade(sync));
     }
 
-    /// The publisher, if this process runs one on this address (no lock: the send path).
-    pub fn started(&self) -> Option<&Arc<Publisher>> {
-        self.publisher.get()
-    }
-
     /// The publisher, binding it now if this process has none yet.
     pub fn publisher(&self) -> Result<&Arc<Publisher>> {
-        if let Some(p) = self.publisher.get() {
+        if let Some(p) = self.started.get() {
             return Ok(p);
         }
         let _starting = lock(&self.starting);
-        if let Some(p) = self.publisher.get() {
+        if let Some(p) = self.started.get() {
             return Ok(p);
         }
         let p = Arc::new(Publisher::start(
@@ -123,14 +118,15 @@ impl Endpoint {
             &self.cfg,
             self.receivers.clone(),
         )?);
-        Ok(self.publisher.get_or_init(|| p))
+        Ok(self.started.get_or_init(|| p))
     }
 }
 
 /// The handle on a publisher thread.
 pub(crate) struct Publisher {
     worker: Worker<Outbox<Hub>>,
-    counters: Counters,
+    /// The publisher's live counters (still read after it stops).
+    pub counters: Counters,
     address: String,
 }
 
@@ -148,15 +144,6 @@ impl Drop for Publisher {
     }
 }
 
-/// What the publisher thread runs with.
-struct Thread {
-    outbox: Arc<Outbox<Hub>>,
-    fd: RawFd,
-    address: String,
-    cfg: ZmqConfig,
-    receivers: Receivers,
-}
-
 impl Publisher {
     fn start(address: &str, cfg: &ZmqConfig, receivers: Receivers) -> Result<Publisher> {
         let counters = Counters::default();
@@ -171,19 +158,12 @@ impl Publisher {
                     .map_err(|e| zmq_err("could not read the publisher's ZMQ_FD", e))?;
                 let hub = Hub::new(xpub, cfg.retention, false, c);
                 let outbox = Arc::new(Outbox::new(cfg.send_queue, hub)?);
-                let t = Thread {
-                    outbox: outbox.clone(),
-                    fd,
-                    address,
-                    cfg,
-                    receivers,
-                };
-                Ok((t, outbox))
+                Ok(((outbox.clone(), fd, address, cfg, receivers), outbox))
             },
             run,
         )?;
         Ok(Publisher {
-            worker: Worker::new(outbox, thread),
+            worker: Worker::new(outbox, thread, |o| o.mailbox.close()),
             counters,
             address: key,
         })
@@ -192,16 +172,6 @@ impl Publisher {
     /// The way to the thread (data bounded by `send_queue`).
     pub fn outbox(&self) -> &Outbox<Hub> {
         &self.worker.shared
-    }
-
-    /// The publisher's counters.
-    pub fn stats(&self) -> HubStats {
-        *lock(&self.counters)
-    }
-
-    /// The publisher's live counters (still read after it stops).
-    pub fn counters(&self) -> Counters {
-        self.counters.clone()
     }
 }
 /// `true` if a process answers on the Unix socket at `path` (libzmq would take the file over
@@ -218,13 +188,9 @@ fn ipc_in_use(path: &str) -> bool {
 }
 
 fn taken(address: &str) -> Error {
-    Error::Backend {
-        backend: BACKEND,
-        message: format!(
-            "embedded mode: {address} is already bound by another process. In embedded mode one process per address sends (it binds the publisher) and any number receive; run several senders in dedicated mode through a proxy (`chanlayer zmq-proxy`, URL zmq://?pull=...&pub=...), give this process its own address, or connect it with bind=never to only receive"
-        ),
-        source: None,
-    }
+    failure(format!(
+        "embedded mode: {address} is already bound by another process. In embedded mode one process per address sends (it binds the publisher) and any number receive; run several senders in dedicated mode through a proxy (`chanlayer zmq-proxy`, URL zmq://?pull=...&pub=...), give this process its own address, or connect it with bind=never to only receive"
+    ))
 }
 
 fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
@@ -261,13 +227,7 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
 }
 
 fn setup(address: &str, cfg: &ZmqConfig) -> Result<zmq::Socket> {
-    let xpub = context()
-        .socket(zmq::XPUB)
-        .map_err(|e| zmq_err("could not create the XPUB socket", e))?;
-    cfg.apply_common(&xpub)?;
-    xpub.set_sndhwm(cfg.sndhwm)
-        .map_err(|e| zmq_err("could not set sndhwm", e))?;
-    cfg.apply_curve_server(&xpub)?;
+    let xpub = cfg.socket(zmq::XPUB)?;
     bind(&xpub, address, cfg)?;
     Ok(xpub)
 }
@@ -277,17 +237,18 @@ fn synced(receivers: &Receivers) -> bool {
     r.retain(|w| w.strong_count() > 0);
     r.iter()
         .filter_map(Weak::upgrade)
-        .all(|s| s.gone.load(Ordering::SeqCst) || s.outstanding.load(Ordering::SeqCst) == 0)
+        .map(|s| {
+            (
+                s.transport.gone.load(Ordering::SeqCst),
+                s.transport.outstanding.load(Ordering::SeqCst),
+            )
+        })
+        .all(|(gone, outstanding)| gone || outstanding == 0)
 }
 
-fn run(t: Thread) {
-    let Thread {
-        outbox,
-        fd,
-        address,
-        cfg,
-        receivers,
-    } = t;
+type Thread = (Arc<Outbox<Hub>>, RawFd, String, ZmqConfig, Receivers);
+
+fn run((outbox, fd, address, cfg, receivers): Thread) {
     tracing::debug!(%address, "embedded publisher bound");
     let mailbox = &outbox.mailbox;
     let warm_until = Instant::now() + cfg.connect_timeout;
@@ -303,7 +264,7 @@ fn run(t: Thread) {
         };
         // The socket's fd, not the socket: a direct send may be using it.
         poll(
-            &mut [fd_item(fd), mailbox.poll_item()],
+            &mut [zmq::PollItem::from_fd(fd, zmq::POLLIN), mailbox.poll_item()],
             timeout,
             "publisher",
         );
@@ -317,7 +278,14 @@ fn run(t: Thread) {
             for item in mailbox.take_all() {
                 hub.put(item);
             }
-            linger(&mut hub, cfg.close_linger, &address);
+            let abandoned = hub.linger(cfg.close_linger);
+            if abandoned > 0 {
+                tracing::warn!(
+                    %address,
+                    abandoned,
+                    "the embedded publisher stopped with {abandoned} messages that no subscriber had received (close_linger {:?} ended); counted in HubStats::abandoned", cfg.close_linger
+                );
+            }
             break;
         }
         if !warm {
@@ -346,34 +314,4 @@ fn run(t: Thread) {
         }
     }
     tracing::debug!(%address, "embedded publisher stopped");
-}
-
-/// The publisher is closing: keeps answering subscriptions (late joiners get their replay)
-/// while it retains messages no subscriber has had, up to `close_linger`; then counts what is
-/// left as abandoned, and says so.
-fn linger(hub: &mut Hub, close_linger: Duration, address: &str) {
-    let until = Instant::now() + close_linger;
-    while hub.pending() > 0 {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
-        if let Err(e) = hub.socket().poll(zmq::POLLIN, wait) {
-            if e != zmq::Error::EINTR {
-                tracing::warn!(error = %e, "the publisher could not poll while closing");
-                break;
-            }
-        }
-        hub.drain_subscriptions();
-        hub.tick();
-    }
-    let abandoned = hub.abandon();
-    if abandoned > 0 {
-        tracing::warn!(
-            %address,
-            abandoned,
-            "the embedded publisher stopped with {abandoned} messages that no subscriber had received (close_linger {close_linger:?} ended); counted in HubStats::abandoned"
-        );
-    }
 }

@@ -51,14 +51,17 @@ pub(crate) struct Kept {
 /// The kept messages of every topic of one publisher. Owned by the publisher's thread.
 #[derive(Debug)]
 pub(crate) struct Store {
-    limits: Retention,
+    pub limits: Retention,
     topics: HashMap<Arc<[u8]>, VecDeque<Kept>>,
     /// Kept messages in arrival order: (topic, seq, when). Entries whose message left
     /// already (per-topic limit, flush) are skipped when they reach the front.
     order: VecDeque<(Arc<[u8]>, u64, Instant)>,
-    count: usize,
-    bytes: usize,
-    pending: usize,
+    /// Messages kept now.
+    pub count: usize,
+    /// Bytes kept now (envelopes).
+    pub bytes: usize,
+    /// Kept messages that no subscriber has had yet.
+    pub pending: usize,
 }
 
 impl Store {
@@ -72,26 +75,6 @@ impl Store {
             bytes: 0,
             pending: 0,
         }
-    }
-
-    /// The limits.
-    pub fn limits(&self) -> Retention {
-        self.limits
-    }
-
-    /// Messages kept now.
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
-    /// Bytes kept now (envelopes).
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Kept messages that no subscriber has had yet.
-    pub fn pending(&self) -> usize {
-        self.pending
     }
 
     /// `true` if something is kept for `topic`.
@@ -112,22 +95,15 @@ impl Store {
     ) -> u64 {
         let len = payload.len();
         let per_topic = self.limits.per_topic;
-        let mut gone = Vec::new();
-        {
-            let kept = self.topics.entry(topic.clone()).or_default();
-            kept.push_back(Kept {
-                seq,
-                from,
-                payload,
-                heard,
-            });
-            while kept.len() > per_topic {
-                match kept.pop_front() {
-                    Some(old) => gone.push(old),
-                    None => break,
-                }
-            }
-        }
+        let kept = self.topics.entry(topic.clone()).or_default();
+        kept.push_back(Kept {
+            seq,
+            from,
+            payload,
+            heard,
+        });
+        let over = kept.len().saturating_sub(per_topic);
+        let gone: Vec<Kept> = kept.drain(..over).collect();
         self.count += 1;
         self.bytes += len;
         if !heard {
@@ -242,20 +218,20 @@ impl Store {
         self.pending -= first_time as usize;
         (sent, first_time)
     }
-
-    /// The sequence numbers kept for `topic`, oldest first (for tests and logs).
-    #[cfg(test)]
-    pub fn seqs(&self, topic: &[u8]) -> Vec<u64> {
-        self.topics
-            .get(topic)
-            .map(|kept| kept.iter().map(|k| k.seq).collect())
-            .unwrap_or_default()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sequence numbers kept for `topic`, oldest first.
+    fn kept_seqs(store: &Store, topic: &[u8]) -> Vec<u64> {
+        store
+            .topics
+            .get(topic)
+            .map(|kept| kept.iter().map(|k| k.seq).collect())
+            .unwrap_or_default()
+    }
 
     fn topic(name: &str) -> Arc<[u8]> {
         Arc::from(name.as_bytes())
@@ -414,9 +390,9 @@ mod tests {
                     }
                     Tick(s) => store.evict(at(s)),
                     Replay(t) => {
-                        let before = store.pending();
+                        let before = store.pending;
                         let (sent, first) = store.replay(t.as_bytes(), |_| true);
-                        assert_eq!(before - store.pending(), first as usize, "{}", c.name);
+                        assert_eq!(before - store.pending, first as usize, "{}", c.name);
                         assert!(sent >= first, "{}", c.name);
                         0
                     }
@@ -429,7 +405,12 @@ mod tests {
                 c.name
             );
             for (t, seqs) in c.kept {
-                assert_eq!(store.seqs(t.as_bytes()), *seqs, "{}: kept for {t}", c.name);
+                assert_eq!(
+                    kept_seqs(&store, t.as_bytes()),
+                    *seqs,
+                    "{}: kept for {t}",
+                    c.name
+                );
                 assert!(store.holds(t.as_bytes()), "{}", c.name);
             }
             let kept_topics = c.kept.len();
@@ -440,7 +421,7 @@ mod tests {
                 c.name
             );
             assert_eq!(
-                (store.count(), store.bytes(), store.pending()),
+                (store.count, store.bytes, store.pending),
                 c.totals,
                 "{}: count, bytes, pending",
                 c.name
@@ -463,14 +444,14 @@ mod tests {
             }),
             (2, 2)
         );
-        assert_eq!(store.pending(), 2);
+        assert_eq!(store.pending, 2);
         assert_eq!(
             store.replay(b"a", |_| true),
             (4, 2),
             "all four, two heard now"
         );
         assert_eq!(store.replay(b"none", |_| true), (0, 0));
-        assert_eq!(store.pending(), 0, "every message was heard");
+        assert_eq!(store.pending, 0, "every message was heard");
     }
 
     #[test]
@@ -481,7 +462,7 @@ mod tests {
         store.keep(&topic("a"), 2, None, vec![1], false, now);
         store.keep(&topic("b"), 1, None, vec![1], false, now);
         assert_eq!(store.clear(), 2);
-        assert_eq!((store.count(), store.bytes(), store.pending()), (0, 0, 0));
+        assert_eq!((store.count, store.bytes, store.pending), (0, 0, 0));
         assert!(!store.holds(b"a"));
         assert_eq!(store.clear(), 0);
     }
@@ -494,9 +475,9 @@ mod tests {
         for seq in 1..=10_000 {
             store.keep(&topic("a"), seq, None, vec![1], true, now);
         }
-        assert_eq!(store.count(), 1);
+        assert_eq!(store.count, 1);
         assert!(
-            store.order.len() <= 2 * store.count() + 1024 + 1,
+            store.order.len() <= 2 * store.count + 1024 + 1,
             "{}",
             store.order.len()
         );

@@ -22,79 +22,52 @@ use hashbrown::HashMap;
 use chanlayer_core::Result;
 
 use crate::bridge::{
-    context, fd_item, idle_since, lock, poll, spawn, zmq_err, Control, Item, Outbox, Outgoing,
-    Sink, Worker,
+    idle_since, lock, poll, spawn, wait_until, zmq_err, Control, Item, Outbox, Outgoing, Sink,
+    Worker,
 };
 use crate::config::ZmqConfig;
 use crate::wire;
 
 /// The handle on the PUSH thread.
-pub(crate) struct PushSender {
-    worker: Worker<Outbox<Push>>,
-}
+pub(crate) type PushSender = Worker<Outbox<Push>>;
 
-impl PushSender {
-    /// Connects a PUSH socket to `pull` on a new thread. `abandoned` counts the messages
-    /// the thread still holds when its close lingered `close_linger` in vain.
-    pub fn start(cfg: &ZmqConfig, pull: &str, abandoned: Arc<AtomicU64>) -> Result<PushSender> {
-        let (cfg, pull) = (cfg.clone(), pull.to_owned());
-        let (thread, outbox) = spawn(
-            "sender",
-            move || {
-                let push = setup(&cfg, &pull)?;
-                let fd = push
-                    .get_fd()
-                    .map_err(|e| zmq_err("could not read the PUSH socket's ZMQ_FD", e))?;
-                let sink = Push {
-                    push,
-                    numbering: Numbering::new(),
-                    pending: VecDeque::new(),
-                    abandoned,
-                    last: Instant::now(),
-                };
-                let outbox = Arc::new(Outbox::new(cfg.send_queue, sink)?);
-                Ok(((outbox.clone(), fd, cfg.close_linger), outbox))
-            },
-            run,
-        )?;
-        Ok(PushSender {
-            worker: Worker::new(outbox, thread),
-        })
-    }
-
-    /// The way to the thread.
-    pub fn outbox(&self) -> &Outbox<Push> {
-        &self.worker.shared
-    }
-}
-
-fn setup(cfg: &ZmqConfig, pull: &str) -> Result<zmq::Socket> {
-    let push = context()
-        .socket(zmq::PUSH)
-        .map_err(|e| zmq_err("could not create the PUSH socket", e))?;
-    cfg.apply_common(&push)?;
-    push.set_sndhwm(cfg.sndhwm)
-        .map_err(|e| zmq_err("could not set sndhwm", e))?;
-    cfg.apply_curve_client(&push)?;
-    push.connect(pull)
-        .map_err(|e| zmq_err(format!("could not connect the PUSH socket to {pull}"), e))?;
-    Ok(push)
+/// Connects a PUSH socket to `pull` on a new thread. `abandoned` counts the messages the
+/// thread still holds when its close lingered `close_linger` in vain.
+pub(crate) fn start(cfg: &ZmqConfig, pull: &str, abandoned: Arc<AtomicU64>) -> Result<PushSender> {
+    let (cfg, pull) = (cfg.clone(), pull.to_owned());
+    let (thread, outbox) = spawn(
+        "sender",
+        move || {
+            let push = cfg.socket(zmq::PUSH)?;
+            push.connect(&pull)
+                .map_err(|e| zmq_err(format!("could not connect the PUSH socket to {pull}"), e))?;
+            let fd = push
+                .get_fd()
+                .map_err(|e| zmq_err("could not read the PUSH socket's ZMQ_FD", e))?;
+            let sink = Push {
+                push,
+                numbering: Numbering::new(),
+                pending: VecDeque::new(),
+                abandoned,
+                last: Instant::now(),
+            };
+            let outbox = Arc::new(Outbox::new(cfg.send_queue, sink)?);
+            Ok(((outbox.clone(), fd, cfg.close_linger), outbox))
+        },
+        run,
+    )?;
+    Ok(Worker::new(outbox, thread, |o| o.mailbox.close()))
 }
 
 /// This sender's numbering of its messages, per topic (see [`wire::Origin`]): each topic
 /// gets a random origin id and numbers from 1. The proxy passes them on, and receivers
 /// count by them what never arrived, across a proxy restart too.
 struct Numbering {
-    topics: HashMap<Vec<u8>, Numbered>,
+    /// Per topic: its origin id, the next number, and when it was last used.
+    topics: HashMap<Vec<u8>, (u64, u64, Instant)>,
     /// The time, read once per loop turn.
     clock: Instant,
     swept: Instant,
-}
-
-struct Numbered {
-    id: u64,
-    next: u64,
-    used: Instant,
 }
 
 /// A topic this sender has not sent to for this long starts over with a new origin id (its
@@ -116,14 +89,13 @@ impl Numbering {
     /// new): its origin id and the number of the first.
     fn next(&mut self, topic: &[u8], kind: u8, count: u64) -> [u8; wire::META_LEN] {
         let clock = self.clock;
-        let n = self.topics.entry_ref(topic).or_insert_with(|| Numbered {
-            id: rand::random::<u64>() | 1,
-            next: 1,
-            used: clock,
-        });
-        n.used = clock;
-        n.next += count;
-        wire::meta(kind, n.id, n.next - count)
+        let (id, next, used) = self
+            .topics
+            .entry_ref(topic)
+            .or_insert_with(|| (rand::random::<u64>() | 1, 1, clock));
+        *used = clock;
+        *next += count;
+        wire::meta(kind, *id, *next - count)
     }
 
     /// Once per loop turn: reads the clock, and forgets topics long unused when there are
@@ -136,7 +108,7 @@ impl Numbering {
             self.swept = self.clock;
             let now = self.clock;
             self.topics
-                .retain(|_, n| now.saturating_duration_since(n.used) < NUMBERED_FOR);
+                .retain(|_, (_, _, used)| now.saturating_duration_since(*used) < NUMBERED_FOR);
         }
     }
 }
@@ -182,7 +154,9 @@ impl Push {
     /// data the socket fails on (an error other than being full) is counted as abandoned.
     fn try_send(&mut self, item: Item<Control>) -> std::result::Result<(), Item<Control>> {
         let (first, more): (&[u8], bool) = match &item {
-            Item::Data(d) => (d.topic(), true),
+            Item::Data(Outgoing::One { topic, .. } | Outgoing::Run { topic, .. }) => {
+                (&topic[..], true)
+            }
             Item::Control(Control::Mark { .. }) => (wire::MARK_CONTROL, true),
             Item::Control(Control::Raw(frames)) => match frames.first() {
                 None => return Ok(()),
@@ -205,37 +179,27 @@ impl Push {
         let rest = match item {
             Item::Data(Outgoing::One { topic, payload }) => {
                 let meta = self.numbering.next(&topic, wire::META_DATA, 1);
-                self.send_rest([zmq::Message::from(&meta[..]), payload.into()])
+                self.push
+                    .send_multipart([zmq::Message::from(&meta[..]), payload.into()], 0)
             }
             Item::Data(Outgoing::Run { topic, body, count }) => {
                 let meta = self.numbering.next(&topic, wire::META_BATCH, count as u64);
-                self.send_rest([zmq::Message::from(&meta[..]), body.into()])
+                self.push
+                    .send_multipart([zmq::Message::from(&meta[..]), body.into()], 0)
             }
             Item::Control(Control::Mark {
                 reply,
                 token,
                 flush_prefix,
-            }) => self.send_rest([reply, token.to_le_bytes().to_vec(), flush_prefix]),
-            Item::Control(Control::Raw(frames)) => self.send_rest(frames.into_iter().skip(1)),
+            }) => self
+                .push
+                .send_multipart([reply, token.to_le_bytes().to_vec(), flush_prefix], 0),
+            Item::Control(Control::Raw(frames)) => {
+                self.push.send_multipart(frames.into_iter().skip(1), 0)
+            }
         };
         if let Err(e) = rest {
             tracing::warn!(error = %e, "the sender could not finish a message to the proxy");
-        }
-        Ok(())
-    }
-
-    fn send_rest<T: Into<zmq::Message>>(
-        &self,
-        frames: impl IntoIterator<Item = T>,
-    ) -> zmq::Result<()> {
-        let mut frames = frames.into_iter().peekable();
-        while let Some(f) = frames.next() {
-            let more = if frames.peek().is_some() {
-                zmq::SNDMORE
-            } else {
-                0
-            };
-            self.push.send(f, more)?;
         }
         Ok(())
     }
@@ -245,19 +209,9 @@ impl Push {
     /// goes out within `linger`. What it never took is counted as abandoned, and said.
     fn close(&mut self, close_linger: Duration) {
         let until = Instant::now() + close_linger;
-        loop {
+        self.flush();
+        while !self.pending.is_empty() && wait_until(&self.push, zmq::POLLOUT, until, "sender") {
             self.flush();
-            let left = until.saturating_duration_since(Instant::now());
-            if self.pending.is_empty() || left.is_zero() {
-                break;
-            }
-            let wait = i64::try_from(left.as_millis().min(100)).unwrap_or(100);
-            if let Err(e) = self.push.poll(zmq::POLLOUT, wait) {
-                if e != zmq::Error::EINTR {
-                    tracing::warn!(error = %e, "the sender could not poll while closing");
-                    break;
-                }
-            }
         }
         let left: usize = self.pending.iter().map(Item::count).sum();
         if left > 0 {
@@ -282,7 +236,7 @@ fn run((outbox, fd, close_linger): (Arc<Outbox<Push>>, RawFd, Duration)) {
             0
         };
         // Blocked: wait for the socket to take more (its fd; a direct send may be using it).
-        let mut items = [mailbox.poll_item(), fd_item(fd)];
+        let mut items = [mailbox.poll_item(), zmq::PollItem::from_fd(fd, zmq::POLLIN)];
         let n = if blocked { 2 } else { 1 };
         poll(&mut items[..n], timeout, "sender");
         mailbox.woke();

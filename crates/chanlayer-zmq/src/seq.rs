@@ -34,18 +34,6 @@ impl Pos {
     }
 }
 
-/// What [`SeqTracker::check`] says of one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Deliver it; `gap` messages before it never arrived (0: in order).
-    Deliver { gap: u64 },
-    /// At or below the last message delivered: skip it.
-    Duplicate,
-    /// The first message seen, or the first of a new epoch (a restarted publisher): deliver
-    /// it; nothing is known of what came before.
-    Restart,
-}
-
 /// What [`SeqTracker::check_run`] says of a run of consecutive messages (a batch frame).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RunVerdict {
@@ -64,11 +52,6 @@ pub(crate) struct SeqTracker {
 }
 
 impl SeqTracker {
-    /// Nothing delivered yet.
-    pub const fn new() -> SeqTracker {
-        SeqTracker { last: None }
-    }
-
     /// Everything up to `pos` is delivered (or accounted for).
     pub const fn at(pos: Pos) -> SeqTracker {
         SeqTracker { last: Some(pos) }
@@ -77,23 +60,6 @@ impl SeqTracker {
     /// The last message delivered.
     pub fn last(&self) -> Option<Pos> {
         self.last
-    }
-
-    /// Checks one message, and moves the tracker past it unless it is a duplicate.
-    pub fn check(&mut self, epoch: u64, seq: u64) -> Verdict {
-        let verdict = match self.last {
-            Some(last) if last.epoch == epoch => {
-                if seq <= last.seq {
-                    return Verdict::Duplicate;
-                }
-                Verdict::Deliver {
-                    gap: seq - last.seq - 1,
-                }
-            }
-            _ => Verdict::Restart,
-        };
-        self.last = Some(Pos::new(epoch, seq));
-        verdict
     }
 
     /// Checks the run `first, first + 1, ... first + count - 1` (`count` at least 1), and
@@ -106,18 +72,13 @@ impl SeqTracker {
                 if end <= last.seq {
                     return None;
                 }
-                if first > last.seq {
-                    RunVerdict {
-                        skip: 0,
-                        gap: first - last.seq - 1,
-                        restart: false,
-                    }
-                } else {
-                    RunVerdict {
-                        skip: last.seq - first + 1,
-                        gap: 0,
-                        restart: false,
-                    }
+                // `last.seq + 1` cannot overflow: `end <= u64::MAX` returned above.
+                let next = last.seq + 1;
+                let (skip, gap) = (next.saturating_sub(first), first.saturating_sub(next));
+                RunVerdict {
+                    skip,
+                    gap,
+                    restart: false,
                 }
             }
             _ => RunVerdict {
@@ -179,14 +140,10 @@ pub(crate) fn settle<P>(
         })
         .or(floor_epoch);
     // The floor's epoch first (late arrivals of a previous publisher), the final one last.
-    let rank = |e: u64| {
-        if Some(e) == final_epoch {
-            2u8
-        } else if Some(e) == floor_epoch {
-            0
-        } else {
-            1
-        }
+    let rank = |e: u64| match Some(e) {
+        e if e == final_epoch => 2u8,
+        e if e == floor_epoch => 0,
+        _ => 1,
     };
     held.sort_by_key(|h| (rank(h.pos.epoch), h.pos.epoch, h.pos.seq));
     held.dedup_by_key(|h| h.pos);
@@ -204,7 +161,7 @@ pub(crate) fn settle<P>(
             next = h.pos.seq.saturating_add(1);
         }
     }
-    let mut tracker = SeqTracker::new();
+    let mut tracker = SeqTracker::default();
     if let Some(epoch) = final_epoch {
         let same = floor.filter(|f| f.epoch == epoch);
         let welcome_seq = welcome.filter(|w| w.epoch == epoch).map(|w| w.seq);
@@ -251,9 +208,22 @@ mod tests {
     const E: u64 = 7;
     const E2: u64 = 8;
 
+    /// What [`SeqTracker::check_run`] says of a run of one message.
+    #[derive(Debug, PartialEq)]
+    enum Verdict {
+        Deliver { gap: u64 },
+        Duplicate,
+        Restart,
+    }
+
     #[test]
     fn check_one_message_at_a_time() {
         use Verdict::*;
+        let check = |t: &mut SeqTracker, epoch, seq| match t.check_run(epoch, seq, 1) {
+            None => Duplicate,
+            Some(RunVerdict { restart: true, .. }) => Restart,
+            Some(RunVerdict { gap, .. }) => Deliver { gap },
+        };
         // (epoch, seq) in arrival order, with what the tracker says of each.
         /// A scenario: its name, and (epoch, seq) in arrival order with the verdict of each.
         type Steps = &'static [((u64, u64), Verdict)];
@@ -311,9 +281,9 @@ mod tests {
             ),
         ];
         for (name, steps) in cases {
-            let mut t = SeqTracker::new();
+            let mut t = SeqTracker::default();
             for (i, ((epoch, seq), want)) in steps.iter().enumerate() {
-                assert_eq!(t.check(*epoch, *seq), *want, "{name}, step {i}");
+                assert_eq!(check(&mut t, *epoch, *seq), *want, "{name}, step {i}");
             }
         }
     }
@@ -372,7 +342,9 @@ mod tests {
             ),
         ];
         for (name, last, (epoch, first, count), want, after) in cases {
-            let mut t = last.map_or(SeqTracker::new(), |(e, s)| SeqTracker::at(Pos::new(e, s)));
+            let mut t = last.map_or(SeqTracker::default(), |(e, s)| {
+                SeqTracker::at(Pos::new(e, s))
+            });
             assert_eq!(t.check_run(*epoch, *first, *count), *want, "{name}");
             assert_eq!(
                 t.last(),

@@ -15,16 +15,16 @@ use chanlayer_core::toolkit::{
 use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{lock, Control, Outlet, Refused};
+use crate::bridge::{failure, lock, Control, Outlet, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
 use crate::hub::{Counters, HubStats};
 use crate::publisher::{self, Endpoint};
-use crate::receiver::{Confirm, Receiver, ReceiverSync, Shared, TransportCounters};
-use crate::sender::PushSender;
+use crate::receiver::{Confirm, Receiver, Shared, TransportCounters};
+use crate::sender::{self, PushSender};
 use crate::wire;
 use crate::{BACKEND, CAPABILITIES};
 
-/// Counters of the ZeroMQ transport of one layer instance (beyond [`StatsSnapshot`]).
+/// Counters of the ZeroMQ transport of one layer instance (beyond [`StatsSnapshot`](chanlayer_core::StatsSnapshot)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TransportStats {
     /// Messages PUB/SUB dropped on the way to this instance, seen as gaps in a topic's
@@ -51,21 +51,17 @@ enum Outbound {
     Dedicated(PushSender),
 }
 
-struct Inner {
+/// The ZeroMQ transport of one layer instance. See the crate docs.
+pub struct ZmqTransport {
     cfg: ZmqConfig,
     shared: Arc<Shared>,
     inbox_topic: Vec<u8>,
-    receiver: Receiver,
+    receiver: Arc<Receiver>,
     outbound: Mutex<Option<Arc<Outbound>>>,
     normal: Mutex<HashSet<String>>,
     /// Embedded mode: the counters of the publisher this instance used, kept at close (its
     /// close may still count messages as abandoned).
     closed_publisher: Mutex<Option<Counters>>,
-}
-
-/// The ZeroMQ transport of one layer instance. See the crate docs.
-pub struct ZmqTransport {
-    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for ZmqTransport {
@@ -112,18 +108,14 @@ fn refused(r: Refused, channel: &str, send_queue: usize) -> Error {
     }
 }
 
-impl Inner {
-    fn outbound(&self) -> Result<Arc<Outbound>> {
-        lock(&self.outbound).clone().ok_or(Error::Closed)
-    }
-
+impl ZmqTransport {
     /// Takes the sending side at close, keeping the embedded publisher's counters for
-    /// [`ZmqLayer::publisher_stats`].
+    /// [`ZmqTransport::publisher_stats`].
     fn take_outbound(&self) -> Option<Arc<Outbound>> {
         let outbound = lock(&self.outbound).take()?;
         if let Outbound::Embedded { endpoint, .. } = &*outbound {
-            if let Some(p) = endpoint.started() {
-                *lock(&self.closed_publisher) = Some(p.counters());
+            if let Some(p) = endpoint.started.get() {
+                *lock(&self.closed_publisher) = Some(p.counters.clone());
             }
         }
         Some(outbound)
@@ -136,8 +128,8 @@ impl Inner {
     /// The topic of a channel message: the owner's inbox topic, or the normal channel's.
     fn topic_into(&self, out: &mut Vec<u8>, owner: Option<&str>, channel: &str) {
         match owner {
-            Some(owner) => wire::inbox_topic_into(out, self.prefix(), owner),
-            None => wire::channel_topic_into(out, self.prefix(), channel),
+            Some(owner) => wire::topic_into(out, wire::INBOX, self.prefix(), owner),
+            None => wire::topic_into(out, wire::CHANNEL, self.prefix(), channel),
         }
     }
 
@@ -152,7 +144,7 @@ impl Inner {
                 BACKEND,
                 "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
             )),
-            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
+            Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
                 Some(p) => Ok(f(p.outbox())),
                 None => {
                     // The first send binds the publisher: not under the lock `close` takes.
@@ -161,7 +153,7 @@ impl Inner {
                     Ok(f(endpoint.publisher()?.outbox()))
                 }
             },
-            Outbound::Dedicated(s) => Ok(f(s.outbox())),
+            Outbound::Dedicated(s) => Ok(f(&*s.shared)),
         }
     }
 
@@ -177,13 +169,13 @@ impl Inner {
     /// publishes).
     fn mark(&self, flush_prefix: &str) -> Result<Option<oneshot::Receiver<()>>> {
         let token = rand::random::<u64>();
-        let outbound = self.outbound()?;
+        let outbound = lock(&self.outbound).clone().ok_or(Error::Closed)?;
         let outlet: &dyn Outlet = match &*outbound {
-            Outbound::Embedded { endpoint, .. } => match endpoint.started() {
+            Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
                 Some(p) => p.outbox(),
                 None => return Ok(None),
             },
-            Outbound::Dedicated(s) => s.outbox(),
+            Outbound::Dedicated(s) => &*s.shared,
         };
         let rx = self.receiver.await_mark(token)?;
         outlet
@@ -197,33 +189,14 @@ impl Inner {
         Ok(Some(rx))
     }
 
-    /// Waits (up to `wait`) until everything this instance sent so far has passed the
-    /// publisher. Returns at once when not connected or when no publisher of this process
-    /// is involved.
-    async fn barrier(&self, wait: Duration) {
-        if !self.shared.transport.link_up.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Ok(Some(rx)) = self.mark("") {
-            let _ = tokio::time::timeout(wait, rx).await;
-        }
-    }
-
-    fn ensure_normal(&self, channel: &str) -> Result<()> {
-        if !lock(&self.normal).insert(channel.to_owned()) {
-            return Ok(());
-        }
-        self.receiver.subscribe_channel(self.prefix(), channel)
-    }
-
     /// Stops the receiving thread and releases the sending side (lingering up to
     /// `close_linger` for what `send` accepted; what is left is counted).
-    async fn shut_down(self: &Arc<Self>) {
-        self.shared.sync.gone.store(true, Ordering::SeqCst);
+    async fn shut_down(&self) {
+        self.shared.transport.gone.store(true, Ordering::SeqCst);
         let outbound = self.take_outbound();
-        let joining = self.clone();
+        let receiver = self.receiver.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            joining.receiver.stop_and_join();
+            receiver.stop();
             // The last instance on an embedded address stops the publisher (joining its
             // thread), which lingers up to close_linger for subscribers that have not had
             // its retained messages yet; a dedicated sender hands over its queue within
@@ -250,17 +223,15 @@ impl Inner {
         })?;
         Ok(Published::Stored)
     }
-}
 
-impl ZmqTransport {
     /// The settings this instance runs with.
     pub fn config(&self) -> &ZmqConfig {
-        &self.inner.cfg
+        &self.cfg
     }
 
     /// Counters of the transport (messages lost on the way, replayed, connection state).
     pub fn transport_stats(&self) -> TransportStats {
-        let t = &self.inner.shared.transport;
+        let t = &self.shared.transport;
         let o = Ordering::Relaxed;
         TransportStats {
             lost: t.lost.load(o),
@@ -274,13 +245,13 @@ impl ZmqTransport {
     /// process has bound it (after `close` too: what the publisher's close lingered for and
     /// abandoned shows here). `None` in dedicated mode (see [`crate::Proxy::stats`]).
     pub fn publisher_stats(&self) -> Option<HubStats> {
-        let Ok(outbound) = self.inner.outbound() else {
-            return lock(&self.inner.closed_publisher)
-                .as_ref()
-                .map(|c| *lock(c));
+        let Some(outbound) = lock(&self.outbound).clone() else {
+            return lock(&self.closed_publisher).as_ref().map(|c| *lock(c));
         };
         match &*outbound {
-            Outbound::Embedded { endpoint, .. } => endpoint.started().map(|p| p.stats()),
+            Outbound::Embedded { endpoint, .. } => {
+                endpoint.started.get().map(|p| *lock(&p.counters))
+            }
             Outbound::Dedicated(_) => None,
         }
     }
@@ -289,8 +260,7 @@ impl ZmqTransport {
     /// are real; the bytes are not checked): for tests of what receivers do with garbage,
     /// and for poking a layer by hand.
     pub async fn publish_raw(&self, channel: &str, bytes: Vec<u8>) -> Result<()> {
-        let inner = &self.inner;
-        inner.shared.closed().check()?;
+        self.shared.closed().check()?;
         let owner = names::owner_instance(channel);
         if names::is_process_local(channel) && owner.is_none() {
             return Err(Error::InvalidMessage(format!(
@@ -298,18 +268,16 @@ impl ZmqTransport {
             )));
         }
         let mut topic = Vec::new();
-        inner.topic_into(&mut topic, owner, channel);
-        inner.send(channel, &topic, Cow::Owned(bytes))
+        self.topic_into(&mut topic, owner, channel);
+        self.send(channel, &topic, Cow::Owned(bytes))
     }
 
     /// Sends frames exactly as given: in embedded mode straight out of the publisher's XPUB
     /// socket, in dedicated mode to the proxy's PULL. For tests of garbage handling.
     pub async fn publish_raw_frames(&self, frames: Vec<Vec<u8>>) -> Result<()> {
-        let inner = &self.inner;
-        inner.shared.closed().check()?;
-        inner
-            .outlet(|o| o.queue().push_control(Control::Raw(frames)))?
-            .map_err(|r| refused(r, "(raw frames)", inner.cfg.send_queue))
+        self.shared.closed().check()?;
+        self.outlet(|o| o.queue().push_control(Control::Raw(frames)))?
+            .map_err(|r| refused(r, "(raw frames)", self.cfg.send_queue))
     }
 }
 
@@ -330,19 +298,19 @@ impl Transport for ZmqTransport {
     ///   is fine: the subscriptions take effect when one binds.
     async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
         let cfg = ZmqConfig::from_layer_config(config)?;
-        let sync = Arc::new(ReceiverSync::default());
-        // The inbox subscription is outstanding from the start.
-        sync.outstanding.store(1, Ordering::SeqCst);
         let shared = Arc::new(Shared {
             inbound,
-            transport: TransportCounters::default(),
-            sync,
+            // The inbox subscription is outstanding from the start.
+            transport: TransportCounters {
+                outstanding: 1.into(),
+                ..Default::default()
+            },
         });
         let inbox_topic = wire::inbox_topic(&shared.options().prefix, shared.id());
         let outbound = match &cfg.mode {
             Mode::Embedded { endpoint } => {
                 let ep = publisher::endpoint(endpoint, &cfg);
-                ep.register(&shared.sync);
+                ep.register(&shared);
                 if cfg.bind == BindPolicy::Eager {
                     ep.publisher()?;
                 }
@@ -351,28 +319,28 @@ impl Transport for ZmqTransport {
                     bind: cfg.bind,
                 }
             }
-            Mode::Dedicated { pull, .. } => Outbound::Dedicated(PushSender::start(
+            Mode::Dedicated { pull, .. } => Outbound::Dedicated(sender::start(
                 &cfg,
                 pull,
                 shared.transport.abandoned.clone(),
             )?),
         };
         let (receiver, inbox_confirmed) = Receiver::start(&cfg, shared.clone())?;
-        let inner = Arc::new(Inner {
+        let t = ZmqTransport {
             cfg,
             shared,
             inbox_topic,
-            receiver,
+            receiver: Arc::new(receiver),
             outbound: Mutex::new(Some(Arc::new(outbound))),
             normal: Mutex::new(HashSet::new()),
             closed_publisher: Mutex::new(None),
-        });
-        let timeout = inner.cfg.connect_timeout;
+        };
+        let timeout = t.cfg.connect_timeout;
         let confirmed = matches!(
             tokio::time::timeout(timeout, inbox_confirmed).await,
             Ok(Ok(Confirm::Confirmed))
         );
-        let failed = match &inner.cfg.mode {
+        let failed = match &t.cfg.mode {
             Mode::Embedded { endpoint } => {
                 if !confirmed {
                     tracing::debug!(%endpoint, "no publisher is up yet; subscriptions take effect when one binds");
@@ -383,7 +351,7 @@ impl Transport for ZmqTransport {
                 "no chanlayer zmq proxy answered on {publish} within {timeout:?} (is `chanlayer zmq-proxy --pull {pull} --pub {publish}` running?)"
             )),
             Mode::Dedicated { pull, publish } => {
-                let came_back = match inner.mark("")? {
+                let came_back = match t.mark("")? {
                     Some(rx) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
                     None => true,
                 };
@@ -393,14 +361,10 @@ impl Transport for ZmqTransport {
             }
         };
         if let Some(message) = failed {
-            inner.shut_down().await;
-            return Err(Error::Backend {
-                backend: BACKEND,
-                message,
-                source: None,
-            });
+            t.shut_down().await;
+            return Err(failure(message));
         }
-        Ok(ZmqTransport { inner })
+        Ok(t)
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -408,48 +372,45 @@ impl Transport for ZmqTransport {
     }
 
     fn debug_fields(&self, f: &mut std::fmt::DebugStruct<'_, '_>) {
-        f.field("mode", &self.inner.cfg.mode);
+        f.field("mode", &self.cfg.mode);
     }
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
-        self.inner.send_channel(Some(owner), out)
+        self.send_channel(Some(owner), out)
     }
 
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
-        self.inner.send_channel(None, out)
+        self.send_channel(None, out)
     }
 
     async fn publish_batch(&self, owner: Option<&str>, outs: Vec<Outgoing<'_>>) -> Result<usize> {
-        let inner = &self.inner;
         let Some(first) = outs.first() else {
             return Ok(0);
         };
         let channel = first.destination();
         let mut topic = Vec::new();
-        inner.topic_into(&mut topic, owner, channel);
+        self.topic_into(&mut topic, owner, channel);
         let n = outs.len();
         let msgs = outs.iter().map(|o| (topic.clone(), o.encode())).collect();
-        inner
-            .outlet(|o| o.queue().push_all(msgs))?
-            .map_err(|r| refused(r, channel, inner.cfg.send_queue))?;
+        self.outlet(|o| o.queue().push_all(msgs))?
+            .map_err(|r| refused(r, channel, self.cfg.send_queue))?;
         Ok(n)
     }
 
     async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
-        let inner = &self.inner;
         let group = out.destination();
         let payload = out.encode();
-        let topic = wire::group_topic(inner.prefix(), group);
+        let topic = wire::group_topic(self.prefix(), group);
         // group_send never fails for capacity: wait a little for room in the queue, then
         // drop the message and count it.
         for attempt in 0..200u32 {
-            match inner.outlet(|o| o.send(&topic, Cow::Borrowed(&payload)))? {
+            match self.outlet(|o| o.send(&topic, Cow::Borrowed(&payload)))? {
                 Ok(()) => return Ok(Published::Stored),
                 Err(Refused::Closed) => return Err(Error::Closed),
                 Err(Refused::Full) => {
                     let pause = Duration::from_millis(u64::from(attempt.min(10)) + 1);
                     tokio::time::sleep(pause).await;
-                    inner.shared.closed().check()?;
+                    self.shared.closed().check()?;
                 }
             }
         }
@@ -461,14 +422,18 @@ impl Transport for ZmqTransport {
     }
 
     async fn bind_group(&self, group: &str) -> Result<()> {
-        let inner = &self.inner;
         // The group's topic is about to be subscribed: let what this instance sent before
         // (a group_send racing ahead on the send path) pass the publisher first, so a
-        // membership never receives a message sent before it began.
-        inner.barrier(inner.cfg.subscribe_timeout).await;
+        // membership never receives a message sent before it began. (Not when disconnected,
+        // nor when no publisher of this process is involved.)
+        let wait = self.cfg.subscribe_timeout;
+        if self.shared.transport.link_up.load(Ordering::Relaxed) {
+            if let Ok(Some(rx)) = self.mark("") {
+                let _ = tokio::time::timeout(wait, rx).await;
+            }
+        }
         let (tx, rx) = oneshot::channel();
-        inner.receiver.reconcile(group, Some(tx))?;
-        let wait = inner.cfg.subscribe_timeout;
+        self.receiver.reconcile(Some(group), Some(tx))?;
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Confirm::Confirmed | Confirm::NotConnected)) => Ok(()),
             Ok(Ok(Confirm::NoAnswer)) | Err(_) => Err(Error::Timeout {
@@ -480,7 +445,7 @@ impl Transport for ZmqTransport {
     }
 
     async fn unbind_group(&self, group: &str) -> Result<()> {
-        self.inner.receiver.reconcile(group, None)
+        self.receiver.reconcile(Some(group), None)
     }
 
     async fn bind_normal(&self, group: &str, _channel: &str) -> Result<()> {
@@ -493,38 +458,38 @@ impl Transport for ZmqTransport {
     }
 
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
-        self.inner.ensure_normal(channel)?;
+        if lock(&self.normal).insert(channel.to_owned()) {
+            self.receiver.subscribe_channel(self.prefix(), channel)?;
+        }
         Ok(NormalReader::Inbox)
     }
 
     async fn flush(&self) -> Result<()> {
-        let inner = &self.inner;
-        inner.receiver.reconcile_all()?;
+        self.receiver.reconcile(None, None)?;
         // A barrier through the publisher: what this instance sent before the flush is in
         // the retention (dropped now) or on its way to us (ahead of the mark).
-        match inner.mark(inner.prefix())? {
+        match self.mark(self.prefix())? {
             None => Ok(()),
-            Some(rx) => match tokio::time::timeout(inner.cfg.connect_timeout, rx).await {
+            Some(rx) => match tokio::time::timeout(self.cfg.connect_timeout, rx).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Error::Closed),
                 Err(_) => Err(Error::Timeout {
                     operation: "flush (waiting for the publisher's barrier)",
-                    after: inner.cfg.connect_timeout,
+                    after: self.cfg.connect_timeout,
                 }),
             },
         }
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.shut_down().await;
+        self.shut_down().await;
         Ok(())
     }
 
     fn abandon(&self) {
-        let inner = &self.inner;
-        inner.shared.sync.gone.store(true, Ordering::SeqCst);
-        inner.receiver.stop();
-        if let Some(outbound) = inner.take_outbound() {
+        self.shared.transport.gone.store(true, Ordering::SeqCst);
+        self.receiver.detach();
+        if let Some(outbound) = self.take_outbound() {
             // Releasing the sending side may linger (close_linger): not on the dropping
             // thread, which may be an async runtime's. If no thread starts, the closure
             // (and the sending side with it) is dropped here.

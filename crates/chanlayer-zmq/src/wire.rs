@@ -101,23 +101,15 @@ fn topic(kind: u8, prefix: &str, name: &str) -> Vec<u8> {
     t
 }
 
-fn topic_into(t: &mut Vec<u8>, kind: u8, prefix: &str, name: &str) {
+/// The topic of kind `kind` ([`CHANNEL`], [`GROUP`], [`INBOX`]) for `name` under `prefix`,
+/// appended to `t`.
+pub fn topic_into(t: &mut Vec<u8>, kind: u8, prefix: &str, name: &str) {
     t.push(kind);
     t.push(b':');
     t.extend_from_slice(prefix.as_bytes());
     t.push(b':');
     t.extend_from_slice(name.as_bytes());
     t.push(0);
-}
-
-/// [`channel_topic`], appended to `out`.
-pub fn channel_topic_into(out: &mut Vec<u8>, prefix: &str, channel: &str) {
-    topic_into(out, CHANNEL, prefix, channel);
-}
-
-/// [`inbox_topic`], appended to `out`.
-pub fn inbox_topic_into(out: &mut Vec<u8>, prefix: &str, instance: &str) {
-    topic_into(out, INBOX, prefix, instance);
 }
 
 /// The topic of normal channel `channel` under `prefix`.
@@ -141,15 +133,8 @@ pub fn inbox_topic(prefix: &str, instance: &str) -> Vec<u8> {
 
 /// The probe topic a subscriber uses to ask for the replay and welcome of `topic`.
 pub fn probe_topic(instance: &str, n: u64, topic: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(instance.len() + topic.len() + 24);
-    p.push(PROBE);
-    p.push(b':');
-    p.extend_from_slice(instance.as_bytes());
-    p.push(b'.');
-    p.extend_from_slice(n.to_string().as_bytes());
-    p.push(0);
-    p.extend_from_slice(topic);
-    p
+    let head = format!("{}:{instance}.{n}\0", PROBE as char);
+    [head.as_bytes(), topic].concat()
 }
 
 /// The topic a probe asks about, if `probe` is a well-formed probe of a data topic.
@@ -181,7 +166,8 @@ pub fn data_topic_kind(topic: &[u8]) -> Option<TopicKind> {
     if topic.get(1) != Some(&b':') {
         return None;
     }
-    let (prefix, name) = split_once(body, b':')?;
+    let colon = body.iter().position(|&b| b == b':')?;
+    let (prefix, name) = (&body[..colon], &body[colon + 1..]);
     if prefix.is_empty() || name.is_empty() {
         return None;
     }
@@ -189,11 +175,6 @@ pub fn data_topic_kind(topic: &[u8]) -> Option<TopicKind> {
         return None;
     }
     Some(kind)
-}
-
-fn split_once(b: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
-    let i = b.iter().position(|&x| x == sep)?;
-    Some((&b[..i], &b[i + 1..]))
 }
 
 /// `true` if `topic` is a data topic whose prefix is `prefix` and whose kind is `c:` or `i:`
@@ -272,12 +253,10 @@ pub fn parse_origin(frame: &[u8]) -> Option<Origin> {
 /// The origin table of a proxy's welcome: for each origin id, the last sequence number the
 /// proxy published of it on the topic (16 bytes each, little-endian).
 pub fn origin_table(entries: &[(u64, u64)]) -> Vec<u8> {
-    let mut t = Vec::with_capacity(entries.len() * 16);
-    for (id, last) in entries {
-        t.extend_from_slice(&id.to_le_bytes());
-        t.extend_from_slice(&last.to_le_bytes());
-    }
-    t
+    let pairs = entries
+        .iter()
+        .map(|(id, last)| [id.to_le_bytes(), last.to_le_bytes()]);
+    pairs.flatten().flatten().collect()
 }
 
 /// Reads an origin table; `None` if its length is not a whole number of entries.
@@ -320,17 +299,6 @@ pub fn batch_items(body: &[u8]) -> Option<Vec<&[u8]>> {
         rest = tail;
     }
     (!items.is_empty()).then_some(items)
-}
-
-/// A control mark for the proxy: publish a MARK with `token` on `reply_topic`, after
-/// dropping the retained messages of `flush_prefix` (when not empty).
-pub fn mark_control(reply_topic: &[u8], token: u64, flush_prefix: &str) -> Vec<Vec<u8>> {
-    vec![
-        MARK_CONTROL.to_vec(),
-        reply_topic.to_vec(),
-        token.to_le_bytes().to_vec(),
-        flush_prefix.as_bytes().to_vec(),
-    ]
 }
 
 /// Reads a control mark's frames after the first: `(reply topic, token, flush prefix)`.
@@ -382,10 +350,10 @@ mod tests {
     fn topics_written_into_a_buffer_are_the_same_bytes() {
         let mut out = b"old".to_vec();
         out.clear();
-        channel_topic_into(&mut out, "p", "ch1");
+        topic_into(&mut out, CHANNEL, "p", "ch1");
         assert_eq!(out, channel_topic("p", "ch1"));
         out.clear();
-        inbox_topic_into(&mut out, "p", "inst");
+        topic_into(&mut out, INBOX, "p", "inst");
         assert_eq!(out, inbox_topic("p", "inst"));
     }
 
@@ -486,8 +454,8 @@ mod tests {
     #[test]
     fn mark_controls() {
         let reply = inbox_topic("p", "i");
-        let frames = mark_control(&reply, 9, "p");
-        let rest: Vec<&[u8]> = frames[1..].iter().map(Vec::as_slice).collect();
+        let token = 9u64.to_le_bytes();
+        let rest: Vec<&[u8]> = vec![&reply, &token, b"p"];
         assert_eq!(parse_mark_control(&rest), Some((&reply[..], 9, &b"p"[..])));
         assert_eq!(parse_mark_control(&rest[..2]), None);
     }

@@ -12,57 +12,29 @@ use std::time::Instant;
 
 use chanlayer_core::toolkit::{now_ms, Destination, Envelope};
 
-use super::subs::{Kept, Link, State, Sub, SubState};
+use super::subs::{Link, State, Sub, SubState};
 use super::{Confirm, Route, Shared, HAND_OVER_AT};
-use crate::seq::{settle, Held, Pos, Verdict};
+use crate::bridge::recv_message;
+use crate::seq::{settle, Held, Pos};
 use crate::wire::{self, Origin};
 
 impl State {
     pub(super) fn drain_sub(&mut self, sock: &zmq::Socket, max: usize) {
-        let mut frames: Vec<zmq::Message> = Vec::with_capacity(4);
+        let mut frames = Vec::with_capacity(4);
         for _ in 0..max {
-            frames.clear();
-            let mut extra = 0usize;
-            loop {
-                match sock.recv_msg(zmq::DONTWAIT) {
-                    Ok(m) => {
-                        let more = m.get_more();
-                        if frames.len() < 3 {
-                            frames.push(m);
-                        } else {
-                            extra += 1;
-                        }
-                        if !more {
-                            break;
-                        }
-                    }
-                    Err(zmq::Error::EINTR) => continue,
-                    Err(zmq::Error::EAGAIN) if frames.is_empty() => return,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "receive failed mid-message");
-                        break;
-                    }
-                }
-            }
-            if frames.is_empty() {
+            let Some(extra) = recv_message(sock, 3, &mut frames) else {
                 return;
-            }
+            };
             if self.link != Link::Up {
                 // Something arrived: there is a connection, whatever the monitor said last.
                 self.set_link(sock, true);
             }
             if extra > 0 {
-                self.garbage(
-                    &frames[0],
-                    &format!(
-                        "{} frames; chanlayer messages have 2 or 3",
-                        frames.len() + extra
-                    ),
-                );
+                let why = format!("{} frames; chanlayer messages have 2 or 3", 3 + extra);
+                self.garbage(&frames[0], &why);
                 continue;
             }
-            let message = std::mem::take(&mut frames);
-            self.on_message(message);
+            self.on_message(&frames);
             if self.ready.len() >= HAND_OVER_AT {
                 // The receiving tasks start on these while this thread decodes the rest.
                 self.hand_over();
@@ -76,7 +48,7 @@ impl State {
             .record_undecodable(&wire::display(topic), &why);
     }
 
-    fn on_message(&mut self, frames: Vec<zmq::Message>) {
+    fn on_message(&mut self, frames: &[zmq::Message]) {
         enum Dest {
             Sub,
             Probe(Vec<u8>),
@@ -88,7 +60,7 @@ impl State {
         };
         let dest = if self.subs.contains_key(&head[..]) {
             Dest::Sub
-        } else if let Some(of) = self.probes.get(&head[..]) {
+        } else if let Some(of) = self.probes.of.get(&head[..]) {
             Dest::Probe(of.clone())
         } else if wire::data_topic_kind(head).is_some() || wire::parse_probe(head).is_some() {
             Dest::Stale
@@ -99,19 +71,12 @@ impl State {
         let origin = frames.get(1).and_then(|m| wire::parse_origin(m));
         match (dest, meta, frames.len()) {
             (Dest::Sub, Some((wire::META_DATA, epoch, seq)), 3) => {
-                if let Some((topic, payload)) = ends(frames) {
-                    let pos = Pos::new(epoch, seq);
-                    self.on_data(&topic, pos, origin, &payload, false);
-                }
+                self.on_data(head, Pos::new(epoch, seq), origin, &frames[2], false);
             }
             (Dest::Sub, Some((wire::META_BATCH, epoch, first)), 3) => {
-                if let Some((topic, body)) = ends(frames) {
-                    match wire::batch_items(&body) {
-                        Some(items) => {
-                            self.on_batch(&topic, Pos::new(epoch, first), origin, &items)
-                        }
-                        None => self.garbage(&topic, "a malformed batch"),
-                    }
+                match wire::batch_items(&frames[2]) {
+                    Some(items) => self.on_batch(head, Pos::new(epoch, first), origin, &items),
+                    None => self.garbage(head, "a malformed batch"),
                 }
             }
             (Dest::Sub, Some((wire::META_MARK, _, token)), 2)
@@ -133,10 +98,7 @@ impl State {
                 self.garbage(head, "not a chanlayer message (wrong frames or meta)");
             }
             (Dest::Probe(of), Some((wire::META_DATA, epoch, seq)), 3) => {
-                if let Some((_, payload)) = ends(frames) {
-                    let pos = Pos::new(epoch, seq);
-                    self.on_data(&of, pos, origin, &payload, true);
-                }
+                self.on_data(&of, Pos::new(epoch, seq), origin, &frames[2], true);
             }
             (Dest::Probe(of), Some((wire::META_WELCOME, epoch, seq)), 2) => {
                 self.release(&of, Some(Pos::new(epoch, seq)), None);
@@ -159,35 +121,7 @@ impl State {
     /// numbers `origin.seq`, `origin.seq + 1`, ...). A live topic takes them in one go (one
     /// lookup, one sequence check); otherwise each goes through [`State::on_data`].
     fn on_batch(&mut self, topic: &[u8], first: Pos, origin: Option<Origin>, items: &[&[u8]]) {
-        if let Some(Sub {
-            route,
-            state: SubState::Live(tracker),
-            origins,
-        }) = self.subs.get_mut(topic)
-        {
-            let count = items.len() as u64;
-            let Some(run) = tracker.check_run(first.epoch, first.seq, count) else {
-                return; // seen already
-            };
-            let lost = match origin {
-                Some(o) => origins.deliver(
-                    Origin {
-                        seq: o.seq.saturating_add(run.skip),
-                        ..o
-                    },
-                    count.saturating_sub(run.skip),
-                    true,
-                ),
-                None => run.gap,
-            };
-            count_lost(&self.shared, topic, lost);
-            let skip = usize::try_from(run.skip).map_or(items.len(), |s| s.min(items.len()));
-            let now = now_ms();
-            for item in &items[skip..] {
-                if let Some(env) = accept(&self.shared, route, topic, item, now) {
-                    self.ready.push(env);
-                }
-            }
+        if self.live(topic, first, origin, items) {
             return;
         }
         for (i, item) in (0u64..).zip(items) {
@@ -200,6 +134,47 @@ impl State {
         }
     }
 
+    /// Delivers the messages `first`, `first + 1`, ... of a live topic (one, or the items of
+    /// a batch), skipping what was delivered already and counting the gap before them.
+    /// `false` if the topic is not live.
+    fn live(&mut self, topic: &[u8], first: Pos, origin: Option<Origin>, items: &[&[u8]]) -> bool {
+        let Some(Sub {
+            route,
+            state: SubState::Live(tracker),
+            origins,
+        }) = self.subs.get_mut(topic)
+        else {
+            return false;
+        };
+        let count = items.len() as u64;
+        let Some(run) = tracker.check_run(first.epoch, first.seq, count) else {
+            return true; // seen already
+        };
+        // With an origin, losses are counted by the sender's numbers (which a restart does
+        // not reset), else by the publisher's (a new publisher starts a new sequence: no
+        // gap).
+        let lost = match origin {
+            Some(o) => origins.deliver(
+                Origin {
+                    seq: o.seq.saturating_add(run.skip),
+                    ..o
+                },
+                count.saturating_sub(run.skip),
+                true,
+            ),
+            None => run.gap,
+        };
+        count_lost(&self.shared, topic, lost);
+        let skip = usize::try_from(run.skip).map_or(items.len(), |s| s.min(items.len()));
+        let now = now_ms();
+        for item in &items[skip..] {
+            if let Some(env) = accept(&self.shared, route, topic, item, now) {
+                self.ready.push(env);
+            }
+        }
+        true
+    }
+
     fn on_data(
         &mut self,
         topic: &[u8],
@@ -208,52 +183,27 @@ impl State {
         payload: &[u8],
         replayed: bool,
     ) {
+        if !replayed && self.live(topic, pos, origin, &[payload]) {
+            return;
+        }
         let max_held = self.max_held;
+        // Live and replayed: a replay answering a probe we gave up on.
         let Some(Sub {
-            route,
-            state,
-            origins,
+            state: SubState::Probing { held, .. },
+            ..
         }) = self.subs.get_mut(topic)
         else {
             return;
         };
-        match state {
-            SubState::Probing { held, .. } => {
-                held.push(Held {
-                    pos,
-                    replayed,
-                    // Owned while held back (rare: only while a probe is outstanding).
-                    payload: Kept {
-                        msg: payload.to_vec(),
-                        origin,
-                    },
-                });
-                if held.len() > max_held {
-                    tracing::warn!(topic = %wire::display(topic), "no answer to the subscription probe while {max_held} messages waited; delivering them");
-                    self.release(topic, None, None);
-                }
-            }
-            SubState::Live(tracker) => {
-                if replayed {
-                    return; // a replay answering a probe we gave up on
-                }
-                let gap = match tracker.check(pos.epoch, pos.seq) {
-                    Verdict::Duplicate => return,
-                    Verdict::Deliver { gap } => gap,
-                    // A new publisher (a restart): a new sequence starts.
-                    Verdict::Restart => 0,
-                };
-                // With an origin, losses are counted by the sender's numbers (which a
-                // restart does not reset), else by the publisher's.
-                let lost = match origin {
-                    Some(o) => origins.deliver(o, 1, true),
-                    None => gap,
-                };
-                count_lost(&self.shared, topic, lost);
-                if let Some(env) = accept(&self.shared, route, topic, payload, now_ms()) {
-                    self.ready.push(env);
-                }
-            }
+        held.push(Held {
+            pos,
+            replayed,
+            // Owned while held back (rare: only while a probe is outstanding).
+            payload: (payload.to_vec(), origin),
+        });
+        if held.len() > max_held {
+            tracing::warn!(topic = %wire::display(topic), "no answer to the subscription probe while {max_held} messages waited; delivering them");
+            self.release(topic, None, None);
         }
     }
 
@@ -266,12 +216,10 @@ impl State {
         welcome: Option<Pos>,
         table: Option<Vec<(u64, u64)>>,
     ) {
-        let Some(sub) = self.subs.get_mut(topic) else {
+        let probing = |s: &&mut Sub| matches!(s.state, SubState::Probing { .. });
+        let Some(sub) = self.subs.get_mut(topic).filter(probing) else {
             return;
         };
-        if !matches!(sub.state, SubState::Probing { .. }) {
-            return;
-        }
         let SubState::Probing {
             probe,
             mut held,
@@ -286,13 +234,13 @@ impl State {
         sub.state = SubState::Live(settled.tracker);
         let route = sub.route.clone();
         // Losses by origin (a proxy's messages) or by the publisher's sequence.
-        let by_origin = table.is_some() || held.iter().any(|h| h.payload.origin.is_some());
+        let by_origin = table.is_some() || held.iter().any(|h| h.payload.1.is_some());
         if let Some(table) = &table {
             sub.origins.welcome(table);
         }
         let mut lost = if by_origin { 0 } else { settled.lost };
         for h in &held {
-            if let Some(o) = h.payload.origin {
+            if let Some(o) = h.payload.1 {
                 // Published after the welcome: an origin new to this topic began after the
                 // subscription (before it, it only sets where counting starts).
                 let fresh = welcome.is_none_or(|w| h.pos.epoch != w.epoch || h.pos.seq > w.seq);
@@ -308,22 +256,21 @@ impl State {
         count_lost(&self.shared, topic, lost);
         let now = now_ms();
         for h in &held {
-            if let Some(env) = accept(&self.shared, &route, topic, &h.payload.msg, now) {
+            if let Some(env) = accept(&self.shared, &route, topic, &h.payload.0, now) {
                 self.ready.push(env);
             }
         }
         // In the inbox before anyone waiting for this subscription hears of it.
         self.hand_over();
         if let Some(probe) = probe {
-            self.probes.remove(&probe);
+            self.probes.of.remove(&probe);
             self.pending_unsubscribe.push(probe);
         }
-        self.shared.sync.outstanding.fetch_sub(1, Ordering::SeqCst);
-        let answer = if welcome.is_some() {
-            Confirm::Confirmed
-        } else {
-            Confirm::NoAnswer
-        };
+        self.shared
+            .transport
+            .outstanding
+            .fetch_sub(1, Ordering::SeqCst);
+        let answer = welcome.map_or(Confirm::NoAnswer, |_| Confirm::Confirmed);
         for w in waiters {
             let _ = w.send(answer);
         }
@@ -345,12 +292,6 @@ fn count_lost(shared: &Shared, topic: &[u8], lost: u64) {
         shared.transport.lost.fetch_add(lost, Ordering::Relaxed);
         tracing::debug!(topic = %wire::display(topic), lost, "messages lost on the way");
     }
-}
-
-/// The first and last frames of a three-frame message.
-fn ends(frames: Vec<zmq::Message>) -> Option<(zmq::Message, zmq::Message)> {
-    let [first, _, last] = <[zmq::Message; 3]>::try_from(frames).ok()?;
-    Some((first, last))
 }
 
 /// Decodes one envelope from the wire and checks that it belongs on `topic`, has not

@@ -66,11 +66,11 @@ pub(crate) enum Cmd {
         route: Route,
         done: Option<oneshot::Sender<Confirm>>,
     },
+    /// Subscribes or unsubscribes a group to match the registry (`None`: every group).
     Reconcile {
-        group: String,
+        group: Option<String>,
         done: Option<oneshot::Sender<Confirm>>,
     },
-    ReconcileAll,
     AwaitMark {
         token: u64,
         done: oneshot::Sender<()>,
@@ -85,12 +85,9 @@ pub(crate) struct TransportCounters {
     pub link_up: AtomicBool,
     /// Messages the dedicated sender still held when its close lingered in vain.
     pub abandoned: Arc<AtomicU64>,
-}
-
-/// What the embedded publisher of this process reads to know that an in-process receiver
-/// is connected and has every subscription confirmed.
-#[derive(Debug, Default)]
-pub(crate) struct ReceiverSync {
+    /// Subscriptions not confirmed yet, and whether the instance is closing: what the
+    /// embedded publisher of this process reads to know that an in-process receiver is
+    /// connected and has every subscription confirmed.
     pub outstanding: AtomicUsize,
     pub gone: AtomicBool,
 }
@@ -101,7 +98,6 @@ pub(crate) struct ReceiverSync {
 pub(crate) struct Shared {
     pub inbound: Arc<Inbound>,
     pub transport: TransportCounters,
-    pub sync: Arc<ReceiverSync>,
 }
 
 impl std::ops::Deref for Shared {
@@ -112,9 +108,7 @@ impl std::ops::Deref for Shared {
 }
 
 /// The handle on the receiving thread.
-pub(crate) struct Receiver {
-    worker: Worker<Mailbox<Cmd>>,
-}
+pub(crate) type Receiver = Worker<Mailbox<Cmd>>;
 
 impl Receiver {
     /// Starts the thread, connects the SUB socket and subscribes the inbox topic; the
@@ -123,6 +117,7 @@ impl Receiver {
         cfg: &ZmqConfig,
         shared: Arc<Shared>,
     ) -> Result<(Receiver, oneshot::Receiver<Confirm>)> {
+        let topic = wire::inbox_topic(&shared.options().prefix, shared.id());
         let cfg = cfg.clone();
         let (thread, mailbox) = spawn(
             "receiver",
@@ -133,12 +128,10 @@ impl Receiver {
             },
             run,
         )?;
-        let receiver = Receiver {
-            worker: Worker::new(mailbox, thread),
-        };
+        let receiver = Worker::new(mailbox, thread, Mailbox::close);
         let (tx, rx) = oneshot::channel();
         receiver.send(Cmd::Subscribe {
-            topic: Vec::new(), // the thread's inbox topic
+            topic,
             route: Route::Inbox,
             done: Some(tx),
         })?;
@@ -146,10 +139,7 @@ impl Receiver {
     }
 
     fn send(&self, cmd: Cmd) -> Result<()> {
-        self.worker
-            .shared
-            .push_control(cmd)
-            .map_err(|_| Error::Closed)
+        self.shared.push_control(cmd).map_err(|_| Error::Closed)
     }
 
     /// Subscribes a normal channel (no wait).
@@ -161,17 +151,15 @@ impl Receiver {
         })
     }
 
-    /// Subscribes or unsubscribes `group` to match the registry; `done` says when.
-    pub fn reconcile(&self, group: &str, done: Option<oneshot::Sender<Confirm>>) -> Result<()> {
-        self.send(Cmd::Reconcile {
-            group: group.to_owned(),
-            done,
-        })
-    }
-
-    /// Unsubscribes every group without members.
-    pub fn reconcile_all(&self) -> Result<()> {
-        self.send(Cmd::ReconcileAll)
+    /// Subscribes or unsubscribes `group` to match the registry (`None`: unsubscribes every
+    /// group without members); `done` says when.
+    pub fn reconcile(
+        &self,
+        group: Option<&str>,
+        done: Option<oneshot::Sender<Confirm>>,
+    ) -> Result<()> {
+        let group = group.map(str::to_owned);
+        self.send(Cmd::Reconcile { group, done })
     }
 
     /// Waits for the MARK with `token` on the inbox topic.
@@ -180,54 +168,40 @@ impl Receiver {
         self.send(Cmd::AwaitMark { token, done: tx })?;
         Ok(rx)
     }
-
-    /// Stops the thread and waits for it (blocking: call from a blocking context).
-    pub fn stop_and_join(&self) {
-        self.worker.stop();
-    }
-
-    /// Stops the thread without waiting.
-    pub fn stop(&self) {
-        self.worker.detach();
-    }
 }
 
 static MONITOR_N: AtomicU64 = AtomicU64::new(0);
 
-const MONITOR_EVENTS: [zmq::SocketEvent; 8] = [
-    zmq::SocketEvent::MONITOR_STOPPED,
-    zmq::SocketEvent::HANDSHAKE_SUCCEEDED,
+/// The monitor events that mean the SUB socket has no connection now.
+const DOWN_EVENTS: [zmq::SocketEvent; 5] = [
     zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL,
     zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL,
     zmq::SocketEvent::HANDSHAKE_FAILED_AUTH,
     zmq::SocketEvent::DISCONNECTED,
     zmq::SocketEvent::CONNECT_RETRIED,
-    zmq::SocketEvent::CONNECTED,
 ];
 
+/// The event of a monitor message (its first frame starts with the event number).
+fn event_of(frames: &[Vec<u8>]) -> Option<u16> {
+    let f = frames.first().filter(|f| f.len() >= 2)?;
+    Some(u16::from_ne_bytes([f[0], f[1]]))
+}
+
 fn setup(cfg: &ZmqConfig, shared: &Shared) -> Result<(zmq::Socket, zmq::Socket)> {
-    let ctx = context();
-    let sub = ctx
-        .socket(zmq::SUB)
-        .map_err(|e| zmq_err("could not create the SUB socket", e))?;
-    cfg.apply_common(&sub)?;
-    // Nothing of a SUB socket's is worth waiting for at close (only subscriptions).
-    sub.set_linger(0)
-        .map_err(|e| zmq_err("could not set linger", e))?;
-    sub.set_rcvhwm(cfg.rcvhwm)
-        .map_err(|e| zmq_err("could not set rcvhwm", e))?;
-    cfg.apply_curve_client(&sub)?;
+    let sub = cfg.socket(zmq::SUB)?;
     let monitor_endpoint = format!(
         "inproc://chanlayer-zmq-monitor-{}-{}",
         shared.id(),
         MONITOR_N.fetch_add(1, Ordering::Relaxed)
     );
-    let events = MONITOR_EVENTS
+    use zmq::SocketEvent::{CONNECTED, HANDSHAKE_SUCCEEDED, MONITOR_STOPPED};
+    let events = [MONITOR_STOPPED, HANDSHAKE_SUCCEEDED, CONNECTED]
         .iter()
+        .chain(&DOWN_EVENTS)
         .fold(0i32, |acc, e| acc | i32::from(e.to_raw()));
     sub.monitor(&monitor_endpoint, events)
         .map_err(|e| zmq_err("could not monitor the SUB socket", e))?;
-    let monitor = ctx
+    let monitor = context()
         .socket(zmq::PAIR)
         .map_err(|e| zmq_err("could not create the monitor socket", e))?;
     monitor
@@ -275,8 +249,8 @@ fn run((cfg, shared, mailbox, (sub, monitor)): Thread) {
         st.timers(&sub);
         st.hand_over();
     }
-    st.shared.sync.outstanding.store(0, Ordering::SeqCst);
-    st.shared.sync.gone.store(true, Ordering::SeqCst);
+    st.shared.transport.outstanding.store(0, Ordering::SeqCst);
+    st.shared.transport.gone.store(true, Ordering::SeqCst);
     st.shared.transport.link_up.store(false, Ordering::Relaxed);
     drop(sub);
     drain_until_stopped(&monitor);
@@ -296,14 +270,8 @@ fn drain_until_stopped(monitor: &zmq::Socket) {
             Ok(_) | Err(zmq::Error::EINTR) => continue,
             Err(_) => return,
         }
-        let Ok(frames) = monitor.recv_multipart(zmq::DONTWAIT) else {
-            continue;
-        };
-        let is_stop = frames
-            .first()
-            .filter(|f| f.len() >= 2)
-            .is_some_and(|f| u16::from_ne_bytes([f[0], f[1]]) == stopped);
-        if is_stop {
+        let frames = monitor.recv_multipart(zmq::DONTWAIT).unwrap_or_default();
+        if event_of(&frames) == Some(stopped) {
             return;
         }
     }

@@ -32,7 +32,8 @@ pub(super) enum SubState {
     Probing {
         /// The probe topic; `None` while disconnected (sent when the connection is back).
         probe: Option<Vec<u8>>,
-        held: Vec<Held<Kept>>,
+        /// Messages held back, each with its origin (dedicated mode).
+        held: Vec<Held<(Vec<u8>, Option<Origin>)>>,
         deadline: Option<Instant>,
         waiters: Vec<oneshot::Sender<Confirm>>,
         /// After a reconnection: what was delivered already (replays up to it are
@@ -43,18 +44,32 @@ pub(super) enum SubState {
     Live(SeqTracker),
 }
 
-/// A message held back while a probe is outstanding, with its origin (dedicated mode).
-pub(super) struct Kept {
-    pub msg: Vec<u8>,
-    pub origin: Option<Origin>,
-}
-
 /// One subscribed topic.
 pub(super) struct Sub {
     pub route: Route,
     pub state: SubState,
     /// Loss accounting by origin, for topics whose messages carry one (dedicated mode).
     pub origins: OriginTracker,
+}
+
+/// The probes of a receiver: probe topic -> the topic it probes.
+#[derive(Default)]
+pub(super) struct Probes {
+    n: u64,
+    pub of: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Probes {
+    /// Subscribes a new probe of `topic` (after the topic itself, on the same connection).
+    fn open(&mut self, sock: &zmq::Socket, instance: &str, topic: &[u8]) -> Vec<u8> {
+        self.n += 1;
+        let probe = wire::probe_topic(instance, self.n, topic);
+        if let Err(e) = sock.set_subscribe(&probe) {
+            tracing::warn!(error = %e, "could not send a subscription probe");
+        }
+        self.of.insert(probe.clone(), topic.to_vec());
+        probe
+    }
 }
 
 /// Everything the receiving thread keeps.
@@ -67,14 +82,12 @@ pub(super) struct State {
     /// Messages one probing topic may hold back before they are delivered anyway.
     pub max_held: usize,
     pub subs: HashMap<Vec<u8>, Sub>,
-    /// Probe topic -> the topic it probes.
-    pub probes: HashMap<Vec<u8>, Vec<u8>>,
+    pub probes: Probes,
     pub marks: HashMap<u64, (oneshot::Sender<()>, Instant)>,
     /// Marks that arrived before their `AwaitMark` command was read (the command and the
     /// mark race on different paths).
     pub early_marks: HashMap<u64, Instant>,
     pub link: Link,
-    probe_n: u64,
     last_reconcile: Instant,
     /// Probes answered (or given up): unsubscribed at the end of the loop turn.
     pub pending_unsubscribe: Vec<Vec<u8>>,
@@ -95,11 +108,10 @@ impl State {
                 .max(10_000)
                 .saturating_mul(4),
             subs: HashMap::new(),
-            probes: HashMap::new(),
+            probes: Probes::default(),
             marks: HashMap::new(),
             early_marks: HashMap::new(),
             link: Link::Unknown,
-            probe_n: 0,
             last_reconcile: Instant::now(),
             pending_unsubscribe: Vec::new(),
             ready: Vec::new(),
@@ -112,21 +124,15 @@ impl State {
             .values()
             .any(|s| matches!(s.state, SubState::Probing { .. }))
     }
-}
 
-impl State {
     pub fn command(&mut self, sock: &zmq::Socket, cmd: Cmd) {
         match cmd {
-            Cmd::Subscribe { topic, route, done } => {
-                let topic = if route == Route::Inbox {
-                    self.inbox_topic.clone()
-                } else {
-                    topic
-                };
-                self.subscribe(sock, topic, route, done);
-            }
-            Cmd::Reconcile { group, done } => self.reconcile(sock, &group, done),
-            Cmd::ReconcileAll => self.reconcile_all(sock),
+            Cmd::Subscribe { topic, route, done } => self.subscribe(sock, topic, route, done),
+            Cmd::Reconcile {
+                group: Some(g),
+                done,
+            } => self.reconcile(sock, &g, done),
+            Cmd::Reconcile { group: None, .. } => self.reconcile_all(sock),
             Cmd::AwaitMark { token, done } => {
                 if self.early_marks.remove(&token).is_some() {
                     let _ = done.send(());
@@ -137,6 +143,8 @@ impl State {
         }
     }
 
+    /// Subscribes `topic` (and probes it) unless it is already; `done` hears when it is
+    /// confirmed.
     fn subscribe(
         &mut self,
         sock: &zmq::Socket,
@@ -145,64 +153,46 @@ impl State {
         done: Option<oneshot::Sender<Confirm>>,
     ) {
         let link = self.link;
-        if let Some(sub) = self.subs.get_mut(&topic) {
-            if let Some(done) = done {
-                match &mut sub.state {
-                    SubState::Live(_) => {
-                        let _ = done.send(Confirm::Confirmed);
-                    }
-                    SubState::Probing { .. } if link == Link::Down => {
-                        let _ = done.send(Confirm::NotConnected);
-                    }
-                    SubState::Probing { waiters, .. } => waiters.push(done),
-                }
+        if !self.subs.contains_key(&topic) {
+            if let Err(e) = sock.set_subscribe(&topic) {
+                tracing::warn!(error = %e, topic = %wire::display(&topic), "could not subscribe");
             }
-            return;
-        }
-        if let Err(e) = sock.set_subscribe(&topic) {
-            tracing::warn!(error = %e, topic = %wire::display(&topic), "could not subscribe");
-        }
-        let probe = self.probe(sock, &topic);
-        let mut waiters = Vec::new();
-        if let Some(done) = done {
-            if link == Link::Down {
-                let _ = done.send(Confirm::NotConnected);
-            } else {
-                waiters.push(done);
+            if route != Route::Inbox {
+                // (The inbox is counted from the start: the layer sets 1 before the thread runs.)
+                self.shared
+                    .transport
+                    .outstanding
+                    .fetch_add(1, Ordering::SeqCst);
             }
-        }
-        let deadline = (link != Link::Down).then(|| Instant::now() + self.subscribe_timeout);
-        let route_is_inbox = route == Route::Inbox;
-        self.subs.insert(
-            topic,
-            Sub {
-                route,
-                origins: OriginTracker::new(),
-                state: SubState::Probing {
-                    probe: Some(probe),
-                    held: Vec::new(),
-                    deadline,
-                    waiters,
-                    floor: None,
+            let state = SubState::Probing {
+                probe: Some(self.probes.open(sock, self.shared.id(), &topic)),
+                held: Vec::new(),
+                deadline: (link != Link::Down).then(|| Instant::now() + self.subscribe_timeout),
+                waiters: Vec::new(),
+                floor: None,
+            };
+            let origins = OriginTracker::default();
+            self.subs.insert(
+                topic.clone(),
+                Sub {
+                    route,
+                    state,
+                    origins,
                 },
-            },
-        );
-        if route_is_inbox {
-            // Counted from the start (the layer sets 1 before the thread runs).
-        } else {
-            self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
+            );
         }
-    }
-
-    /// Subscribes a new probe of `topic` (after the topic itself, on the same connection).
-    fn probe(&mut self, sock: &zmq::Socket, topic: &[u8]) -> Vec<u8> {
-        self.probe_n += 1;
-        let probe = wire::probe_topic(self.shared.id(), self.probe_n, topic);
-        if let Err(e) = sock.set_subscribe(&probe) {
-            tracing::warn!(error = %e, "could not send a subscription probe");
+        let (Some(done), Some(sub)) = (done, self.subs.get_mut(&topic)) else {
+            return;
+        };
+        match &mut sub.state {
+            SubState::Live(_) => {
+                let _ = done.send(Confirm::Confirmed);
+            }
+            SubState::Probing { .. } if link == Link::Down => {
+                let _ = done.send(Confirm::NotConnected);
+            }
+            SubState::Probing { waiters, .. } => waiters.push(done),
         }
-        self.probes.insert(probe.clone(), topic.to_vec());
-        probe
     }
 
     fn unsubscribe(&mut self, sock: &zmq::Socket, topic: &[u8]) {
@@ -215,9 +205,12 @@ impl State {
         if let SubState::Probing { probe, waiters, .. } = sub.state {
             if let Some(probe) = probe {
                 let _ = sock.set_unsubscribe(&probe);
-                self.probes.remove(&probe);
+                self.probes.of.remove(&probe);
             }
-            self.shared.sync.outstanding.fetch_sub(1, Ordering::SeqCst);
+            self.shared
+                .transport
+                .outstanding
+                .fetch_sub(1, Ordering::SeqCst);
             for w in waiters {
                 let _ = w.send(Confirm::Confirmed);
             }
@@ -264,7 +257,6 @@ impl State {
         self.link = new;
         self.shared.transport.link_up.store(up, Ordering::Relaxed);
         let now = Instant::now();
-        let mut reprobe = Vec::new();
         for (topic, sub) in self.subs.iter_mut() {
             match &mut sub.state {
                 SubState::Probing {
@@ -276,7 +268,7 @@ impl State {
                     if up {
                         *deadline = Some(now + self.subscribe_timeout);
                         if probe.is_none() {
-                            reprobe.push(topic.clone());
+                            *probe = Some(self.probes.open(sock, self.shared.id(), topic));
                         }
                     } else {
                         *deadline = None;
@@ -298,49 +290,31 @@ impl State {
                             waiters: Vec::new(),
                             floor,
                         };
-                        self.shared.sync.outstanding.fetch_add(1, Ordering::SeqCst);
+                        self.shared
+                            .transport
+                            .outstanding
+                            .fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 SubState::Live(_) => {}
-            }
-        }
-        for topic in reprobe {
-            let probe = self.probe(sock, &topic);
-            if let Some(Sub {
-                state: SubState::Probing { probe: p, .. },
-                ..
-            }) = self.subs.get_mut(&topic)
-            {
-                *p = Some(probe);
             }
         }
         tracing::debug!(endpoint = %self.endpoint, up, "subscriber connection changed");
     }
 
     pub fn drain_monitor(&mut self, monitor: &zmq::Socket, sock: &zmq::Socket) {
+        use zmq::SocketEvent as E;
         loop {
-            let frames = match monitor.recv_multipart(zmq::DONTWAIT) {
-                Ok(f) => f,
+            let event = match monitor.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => super::event_of(&frames),
                 Err(zmq::Error::EINTR) => continue,
                 Err(_) => break,
             };
-            let Some(first) = frames.first() else {
-                continue;
-            };
-            if first.len() < 2 {
-                continue;
-            }
-            let event = u16::from_ne_bytes([first[0], first[1]]);
-            let is = |e: zmq::SocketEvent| event == e.to_raw();
-            if is(zmq::SocketEvent::HANDSHAKE_SUCCEEDED) {
+            let is = |events: &[E]| events.iter().any(|e| Some(e.to_raw()) == event);
+            if is(&[E::HANDSHAKE_SUCCEEDED]) {
                 self.set_link(sock, true);
-            } else if is(zmq::SocketEvent::DISCONNECTED)
-                || is(zmq::SocketEvent::CONNECT_RETRIED)
-                || is(zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL)
-                || is(zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL)
-                || is(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH)
-            {
-                if is(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH) {
+            } else if is(&super::DOWN_EVENTS) {
+                if is(&[E::HANDSHAKE_FAILED_AUTH]) {
                     tracing::warn!(endpoint = %self.endpoint, "the publisher refused our CURVE keys");
                 }
                 self.set_link(sock, false);
