@@ -40,11 +40,17 @@ pub struct Capabilities {
     /// from or adding to a group a normal channel is [`Unsupported`](crate::Error::Unsupported);
     /// process-local channels and groups work as usual.
     pub normal_channels: bool,
+    /// Message headers travel with the message. When `false` (AMQP with
+    /// `wire=channels_rabbitmq`, whose wire format has no place for them), a message with
+    /// headers is refused (a `Codec` error naming the dict), and the `otel` feature writes
+    /// no trace context into sent messages.
+    pub headers: bool,
 }
 
 impl Capabilities {
-    /// The least a backend does: normal channels exist (`normal_channels`), every guarantee
-    /// `false`; a starting point for backends to switch on what they do.
+    /// The least a backend does: normal channels exist (`normal_channels`) and headers
+    /// travel (`headers`), every guarantee `false`; a starting point for backends to switch
+    /// on what they do.
     pub const fn none(backend: &'static str) -> Self {
         Capabilities {
             backend,
@@ -55,6 +61,7 @@ impl Capabilities {
             broker_side_capacity: false,
             cross_process: false,
             normal_channels: true,
+            headers: true,
         }
     }
 
