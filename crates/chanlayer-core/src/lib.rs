@@ -35,6 +35,8 @@ pub mod layer;
 pub mod memory;
 pub mod message;
 pub mod names;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod signal;
 pub mod stats;
 pub mod telemetry;

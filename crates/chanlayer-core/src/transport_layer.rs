@@ -172,6 +172,18 @@ impl<T: Transport> TransportLayer<T> {
         )
     }
 
+    /// `message` with the current span's trace context in its headers (feature `otel`,
+    /// where the transport carries headers; see [`otel`](crate::otel)).
+    fn traced(&self, message: Message) -> Message {
+        #[cfg(feature = "otel")]
+        if self.caps.headers {
+            let mut message = message;
+            crate::otel::inject(message.headers_mut());
+            return message;
+        }
+        message
+    }
+
     fn record(&self, kind: Kind, name: &str, r: Published, n: u64) {
         match r {
             Published::Stored => self.inbound.stats().record_sent(kind, n),
@@ -191,6 +203,7 @@ impl<T: Transport> TransportLayer<T> {
             names::validate_channel(channel)
         })?;
         self.check_kind("send", channel)?;
+        let message = self.traced(message);
         let env = self.seal(Destination::Channel, channel, message)?;
         let out = Outgoing::new(env, channel);
         let kind = Kind::of_channel(channel);
@@ -216,7 +229,7 @@ impl<T: Transport> TransportLayer<T> {
             .into_iter()
             .map(|m| {
                 Ok(Outgoing::new(
-                    self.seal(Destination::Channel, channel, m)?,
+                    self.seal(Destination::Channel, channel, self.traced(m))?,
                     channel,
                 ))
             })
@@ -376,6 +389,7 @@ impl<T: Transport> TransportLayer<T> {
         tokio::task::consume_budget().await;
         self.inbound.closed().check()?;
         names::validate_group(group)?;
+        let message = self.traced(message);
         let env = self.seal(Destination::Group, group, message)?;
         let timer = telemetry::sample_send().then(Instant::now);
         let r = self
@@ -418,6 +432,31 @@ fn route(naming: names::Naming, channel: &str) -> Option<Option<&str>> {
     } else {
         Some(None)
     }
+}
+
+/// Runs receive operation `op` in `span`.
+#[cfg(not(feature = "otel"))]
+async fn received_in<R>(
+    span: tracing::Span,
+    op: impl std::future::Future<Output = Result<R>>,
+) -> Result<R> {
+    op.instrument(span).await
+}
+
+/// Runs receive operation `op` in `span`, which becomes a child of the sender's span (the
+/// message's `traceparent`): OpenTelemetry fixes a span's parent when the span is first
+/// entered, so `span` is entered only once the message is there. It starts when the call
+/// does (its time includes the wait); what the wait logs is in the caller's span.
+#[cfg(feature = "otel")]
+async fn received_in<R: crate::otel::Received>(
+    span: tracing::Span,
+    op: impl std::future::Future<Output = Result<R>>,
+) -> Result<R> {
+    let r = op.await;
+    if let Ok(got) = &r {
+        crate::otel::adopt(&span, got);
+    }
+    span.in_scope(|| r)
 }
 
 /// Layer instance serials for [`checked`]: never 0, never reused in a process.
@@ -509,19 +548,13 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        self.wins(
-            self.receive_op(channel)
-                .instrument(self.span("receive", Kind::of_channel(channel)))
-                .await,
-        )
+        let span = self.span("receive", Kind::of_channel(channel));
+        self.wins(received_in(span, self.receive_op(channel)).await)
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        self.wins(
-            self.receive_delivery_op(channel)
-                .instrument(self.span("receive_delivery", Kind::of_channel(channel)))
-                .await,
-        )
+        let span = self.span("receive_delivery", Kind::of_channel(channel));
+        self.wins(received_in(span, self.receive_delivery_op(channel)).await)
     }
 
     async fn receive_batch(
@@ -530,11 +563,8 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        self.wins(
-            self.receive_batch_op(channel, max, timeout)
-                .instrument(self.span("receive_batch", Kind::of_channel(channel)))
-                .await,
-        )
+        let span = self.span("receive_batch", Kind::of_channel(channel));
+        self.wins(received_in(span, self.receive_batch_op(channel, max, timeout)).await)
     }
 
     async fn new_channel(&self, prefix: &str) -> Result<String> {
