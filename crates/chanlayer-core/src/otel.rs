@@ -41,11 +41,25 @@ pub(crate) fn inject(headers: &mut Headers) {
     TraceContextPropagator::new().inject_context(&cx, &mut Writer(headers));
 }
 
-/// Makes `span` (not entered yet) a child of the sender's span named by the first
-/// `traceparent` in `received`, and links it to every other sender span there (a batch
-/// from several senders). Nothing happens where no message carries a valid `traceparent`
-/// or the span is disabled.
-pub(crate) fn adopt<R: Received + ?Sized>(span: &tracing::Span, received: &R) {
+/// Makes `span` a child of the sender's span named by the first `traceparent` in
+/// `received`, and links it to every other sender span there (a batch from several
+/// senders). Nothing happens where no message carries a valid `traceparent`, the span is
+/// disabled, or no OpenTelemetry layer is installed.
+///
+/// The receive operations do this for their own span. Call it for a span of yours in
+/// which you handle a message, so your work is in the sender's trace too. Call it before
+/// the span is first entered: OpenTelemetry fixes a span's parent then.
+///
+/// ```
+/// # fn handle(m: &chanlayer_core::Message) {}
+/// # async fn run(layer: &dyn chanlayer_core::ChannelLayer, channel: &str) -> chanlayer_core::Result<()> {
+/// let m = layer.receive(channel).await?;
+/// let span = tracing::info_span!("handle", message_type = m.message_type());
+/// chanlayer_core::otel::adopt(&span, &m);
+/// span.in_scope(|| handle(&m));
+/// # Ok(()) }
+/// ```
+pub fn adopt<R: Received + ?Sized>(span: &tracing::Span, received: &R) {
     if span.is_disabled() {
         return;
     }
@@ -83,8 +97,9 @@ fn same_span(a: &SpanContext, b: &SpanContext) -> bool {
     a.trace_id() == b.trace_id() && a.span_id() == b.span_id()
 }
 
-/// What a receive operation returns: the headers of each message in it.
-pub(crate) trait Received {
+/// What a receive operation returns ([`Message`], [`Delivery`], a batch of deliveries or
+/// messages): the headers of each message in it.
+pub trait Received {
     /// Calls `f` with the headers of each message, in order.
     fn each_headers(&self, f: &mut dyn FnMut(&Headers));
 }
@@ -106,6 +121,20 @@ impl Received for [Delivery] {
         for d in self {
             f(d.message().headers());
         }
+    }
+}
+
+impl Received for [Message] {
+    fn each_headers(&self, f: &mut dyn FnMut(&Headers)) {
+        for m in self {
+            f(m.headers());
+        }
+    }
+}
+
+impl Received for Vec<Message> {
+    fn each_headers(&self, f: &mut dyn FnMut(&Headers)) {
+        self.as_slice().each_headers(f)
     }
 }
 
