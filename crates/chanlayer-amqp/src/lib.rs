@@ -77,10 +77,11 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 };
 
 /// What the AMQP backend guarantees with `wire=channels_rabbitmq`: process-local channels
-/// and groups across processes, at-most-once, and no normal channels (as in Django's
-/// `channels_rabbitmq`).
+/// and groups across processes, at-most-once, no normal channels (as in Django's
+/// `channels_rabbitmq`), and no headers (the ASGI message dict has no place for them).
 pub const CHANNELS_RABBITMQ_CAPABILITIES: Capabilities = Capabilities {
     cross_process: true,
     normal_channels: false,
+    headers: false,
     ..Capabilities::none(BACKEND)
 };

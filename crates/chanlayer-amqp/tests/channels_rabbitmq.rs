@@ -557,6 +557,8 @@ async fn what_does_not_map_to_a_dict_is_refused_before_sending() {
     let layer = rust(&ex, "").await;
     let mut peer = Peer::start(&ex, &[]);
     let theirs = peer.new_channel();
+    // The dict has no place for headers, and the capabilities say so.
+    assert!(!layer.capabilities().headers);
     let refused = [
         Message::encode_as(
             "t.a",

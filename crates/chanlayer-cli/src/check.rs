@@ -43,14 +43,15 @@ pub async fn run(url: &str, args: CheckArgs) -> Result<(), CliError> {
         let c = layer.capabilities();
         println!("backend:      {}", c.backend);
         println!(
-            "capabilities: single_reader_normal_channels={} at_least_once={} at_least_once_local={} persistent={} broker_side_capacity={} cross_process={} normal_channels={}",
+            "capabilities: single_reader_normal_channels={} at_least_once={} at_least_once_local={} persistent={} broker_side_capacity={} cross_process={} normal_channels={} headers={}",
             c.single_reader_normal_channels,
             c.at_least_once,
             c.at_least_once_local,
             c.persistent,
             c.broker_side_capacity,
             c.cross_process,
-            c.normal_channels
+            c.normal_channels,
+            c.headers
         );
         let o = layer.options();
         println!(

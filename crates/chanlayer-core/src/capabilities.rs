@@ -44,11 +44,17 @@ pub struct Capabilities {
     /// share one process). When `false`, it lists this instance's own: a broker does not
     /// tell who else is a member.
     pub all_group_members: bool,
+    /// Message headers travel with the message. When `false` (AMQP with
+    /// `wire=channels_rabbitmq`, whose wire format has no place for them), a message with
+    /// headers is refused (a `Codec` error naming the dict), and the `otel` feature writes
+    /// no trace context into sent messages.
+    pub headers: bool,
 }
 
 impl Capabilities {
-    /// The least a backend does: normal channels exist (`normal_channels`), every guarantee
-    /// `false`; a starting point for backends to switch on what they do.
+    /// The least a backend does: normal channels exist (`normal_channels`) and headers
+    /// travel (`headers`), every guarantee `false`; a starting point for backends to switch
+    /// on what they do.
     pub const fn none(backend: &'static str) -> Self {
         Capabilities {
             backend,
@@ -60,6 +66,7 @@ impl Capabilities {
             cross_process: false,
             normal_channels: true,
             all_group_members: false,
+            headers: true,
         }
     }
 

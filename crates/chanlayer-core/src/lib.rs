@@ -34,7 +34,10 @@ pub mod inbox;
 pub mod layer;
 pub mod memory;
 pub mod message;
+mod name_cache;
 pub mod names;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod poison;
 pub mod signal;
 pub mod stats;

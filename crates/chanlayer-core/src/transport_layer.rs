@@ -10,7 +10,7 @@
 //! membership receives nothing on any backend.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use crate::expiry::{expiry_task, GroupState};
 use crate::inbound::{requeuing_delivery, Inbound};
 use crate::layer::ChannelLayer;
 use crate::message::Message;
+use crate::name_cache::{checked, Check, SERIALS};
 use crate::names;
 use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, Kind};
@@ -190,6 +191,18 @@ impl<T: Transport> TransportLayer<T> {
         }
     }
 
+    /// `message` with the current span's trace context in its headers (feature `otel`,
+    /// where the transport carries headers; see [`otel`](crate::otel)).
+    fn traced(&self, message: Message) -> Message {
+        #[cfg(feature = "otel")]
+        if self.caps.headers {
+            let mut message = message;
+            crate::otel::inject(message.headers_mut());
+            return message;
+        }
+        message
+    }
+
     fn record(&self, kind: Kind, name: &str, r: Published, n: u64) {
         match r {
             Published::Stored => self.inbound.stats().record_sent(kind, n),
@@ -209,6 +222,7 @@ impl<T: Transport> TransportLayer<T> {
             names::validate_channel(channel)
         })?;
         self.check_kind("send", channel)?;
+        let message = self.traced(message);
         let env = self.seal(Destination::Channel, channel, message)?;
         let out = Outgoing::new(env, channel);
         let kind = Kind::of_channel(channel);
@@ -234,7 +248,7 @@ impl<T: Transport> TransportLayer<T> {
             .into_iter()
             .map(|m| {
                 Ok(Outgoing::new(
-                    self.seal(Destination::Channel, channel, m)?,
+                    self.seal(Destination::Channel, channel, self.traced(m))?,
                     channel,
                 ))
             })
@@ -394,6 +408,7 @@ impl<T: Transport> TransportLayer<T> {
         tokio::task::consume_budget().await;
         self.inbound.closed().check()?;
         names::validate_group(group)?;
+        let message = self.traced(message);
         let env = self.seal(Destination::Group, group, message)?;
         let timer = telemetry::sample_send().then(Instant::now);
         let r = self
@@ -438,49 +453,29 @@ fn route(naming: names::Naming, channel: &str) -> Option<Option<&str>> {
     }
 }
 
-/// Layer instance serials for [`checked`]: never 0, never reused in a process.
-static SERIALS: AtomicU64 = AtomicU64::new(1);
-
-/// Which name check [`checked`] remembers: its slot in [`CHECKED`].
-#[derive(Clone, Copy)]
-enum Check {
-    Send = 0,
-    Receive = 1,
+/// Runs receive operation `op` in `span`.
+#[cfg(not(feature = "otel"))]
+async fn received_in<R>(
+    span: tracing::Span,
+    op: impl std::future::Future<Output = Result<R>>,
+) -> Result<R> {
+    op.instrument(span).await
 }
 
-thread_local! {
-    /// The channel each thread last checked for a send and for a receive, and on which
-    /// layer instance (serial 0: none).
-    static CHECKED: std::cell::RefCell<[(u64, String); 2]> = Default::default();
-}
-
-/// Runs the name check `check` unless this thread passed it last time for the same layer
-/// instance and channel: a stream of sends to one channel (or receives from one) checks its
-/// name once, not per message. A check that fails is not remembered.
-fn checked(
-    serial: u64,
-    channel: &str,
-    which: Check,
-    check: impl FnOnce() -> Result<()>,
-) -> Result<()> {
-    let slot = which as usize;
-    let hit = CHECKED
-        .try_with(|c| {
-            let (s, name) = &c.borrow()[slot];
-            *s == serial && name == channel
-        })
-        .unwrap_or(false);
-    if hit {
-        return Ok(());
+/// Runs receive operation `op` in `span`, which becomes a child of the sender's span (the
+/// message's `traceparent`): OpenTelemetry fixes a span's parent when the span is first
+/// entered, so `span` is entered only once the message is there. It starts when the call
+/// does (its time includes the wait); what the wait logs is in the caller's span.
+#[cfg(feature = "otel")]
+async fn received_in<R: crate::otel::Received>(
+    span: tracing::Span,
+    op: impl std::future::Future<Output = Result<R>>,
+) -> Result<R> {
+    let r = op.await;
+    if let Ok(got) = &r {
+        crate::otel::adopt(&span, got);
     }
-    check()?;
-    let _ = CHECKED.try_with(|c| {
-        let (s, name) = &mut c.borrow_mut()[slot];
-        *s = serial;
-        name.clear();
-        name.push_str(channel);
-    });
-    Ok(())
+    span.in_scope(|| r)
 }
 
 impl<T: Transport> Drop for TransportLayer<T> {
@@ -527,19 +522,13 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        self.wins(
-            self.receive_op(channel)
-                .instrument(self.span("receive", Kind::of_channel(channel)))
-                .await,
-        )
+        let span = self.span("receive", Kind::of_channel(channel));
+        self.wins(received_in(span, self.receive_op(channel)).await)
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        self.wins(
-            self.receive_delivery_op(channel)
-                .instrument(self.span("receive_delivery", Kind::of_channel(channel)))
-                .await,
-        )
+        let span = self.span("receive_delivery", Kind::of_channel(channel));
+        self.wins(received_in(span, self.receive_delivery_op(channel)).await)
     }
 
     async fn receive_batch(
@@ -548,11 +537,8 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        self.wins(
-            self.receive_batch_op(channel, max, timeout)
-                .instrument(self.span("receive_batch", Kind::of_channel(channel)))
-                .await,
-        )
+        let span = self.span("receive_batch", Kind::of_channel(channel));
+        self.wins(received_in(span, self.receive_batch_op(channel, max, timeout)).await)
     }
 
     async fn new_channel(&self, prefix: &str) -> Result<String> {

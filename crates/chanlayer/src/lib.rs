@@ -40,6 +40,11 @@ pub use chanlayer_core::{
     LayerOptions, MemoryLayer, Message, MessageId, MessageType, NameKind, Result, StatsSnapshot,
 };
 
+/// W3C trace context in message headers (feature `otel`): the layer writes and reads it
+/// itself; [`otel::adopt`] puts a span of yours in the sender's trace.
+#[cfg(feature = "otel")]
+pub use chanlayer_core::otel;
+
 /// The README's Rust examples, compiled and run as doc tests so they stay true.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
