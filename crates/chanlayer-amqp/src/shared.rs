@@ -87,7 +87,7 @@ impl Shared {
 
     pub fn record_reconnect(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
-        self.inbound.stats().export_reconnect();
+        self.inbound.stats().record_reconnect();
     }
 
     /// The live session, waiting up to `reconnect_timeout` while the broker is away.

@@ -77,6 +77,8 @@ struct Channels {
     map: HashMap<String, Slot>,
     sweep_at: usize,
     next_seq: u64,
+    /// Messages waiting here.
+    depth: i64,
 }
 
 impl Default for Channels {
@@ -85,6 +87,7 @@ impl Default for Channels {
             map: HashMap::default(),
             sweep_at: SWEEP_MIN,
             next_seq: 0,
+            depth: 0,
         }
     }
 }
@@ -118,8 +121,6 @@ impl Channels {
 #[derive(Default)]
 pub struct LocalInbox {
     channels: Mutex<Channels>,
-    /// The `chanlayer_inbox_messages` gauge, once exported ([`LocalInbox::export`]).
-    depth: std::sync::OnceLock<metrics::Gauge>,
 }
 
 impl std::fmt::Debug for LocalInbox {
@@ -172,21 +173,14 @@ impl LocalInbox {
         crate::toolkit::lock(&self.channels)
     }
 
-    /// From now on the number of messages waiting here moves the
-    /// `chanlayer_inbox_messages` gauge of `backend` (see [`telemetry`](crate::telemetry)).
-    pub fn export(&self, backend: &'static str) {
-        let _ = self
-            .depth
-            .get_or_init(|| metrics::gauge!("chanlayer_inbox_messages", "backend" => backend));
+    /// How many messages wait here (every channel, live or expired).
+    pub fn depth(&self) -> i64 {
+        self.lock().depth
     }
 
-    /// `delta` messages more (or fewer) wait here.
-    fn moved(&self, delta: i64) {
-        if delta != 0 {
-            if let Some(g) = self.depth.get() {
-                g.increment(delta as f64);
-            }
-        }
+    /// `delta` messages more (or fewer) wait here (under the lock the change was made in).
+    fn moved(&self, map: &mut Channels, delta: i64) {
+        map.depth += delta;
     }
 
     /// Appends to `channel` unless it already holds `capacity` live messages
@@ -199,15 +193,9 @@ impl LocalInbox {
         stats: &Stats,
     ) -> Result<()> {
         let mut moved = 0;
-        let r = Self::push_locked(
-            &mut self.lock(),
-            channel,
-            envelope,
-            capacity,
-            stats,
-            &mut moved,
-        );
-        self.moved(moved);
+        let mut map = self.lock();
+        let r = Self::push_locked(&mut map, channel, envelope, capacity, stats, &mut moved);
+        self.moved(&mut map, moved);
         r
     }
 
@@ -278,17 +266,18 @@ impl LocalInbox {
             .count();
         slot.queue.insert(pos, entry);
         slot.wake();
-        drop(map);
-        self.moved(1);
+        self.moved(&mut map, 1);
     }
 
     /// Takes the next live message from `channel` without waiting.
     pub fn try_take(&self, channel: &str, stats: &Stats) -> Option<Entry> {
         let mut expired = 0;
         let now = recent_ms();
-        let found = self.lock().pop_live(channel, now, &mut expired);
+        let mut map = self.lock();
+        let found = map.pop_live(channel, now, &mut expired);
+        self.moved(&mut map, -(expired as i64) - i64::from(found.is_some()));
+        drop(map);
         stats.record_expired(expired);
-        self.moved(-(expired as i64) - i64::from(found.is_some()));
         found
     }
 
@@ -317,11 +306,12 @@ impl LocalInbox {
                     if let Some(w) = waiter.as_mut() {
                         w.unregister(&mut map);
                     }
+                    self.moved(&mut map, -(expired as i64) - 1);
                     drop(map);
                     stats.record_expired(expired);
-                    self.moved(-(expired as i64) - 1);
                     return Ok(e);
                 }
+                self.moved(&mut map, -(expired as i64));
                 let w = waiter.get_or_insert_with(|| {
                     let slot = map.slot(channel);
                     slot.waiters += 1;
@@ -335,7 +325,6 @@ impl LocalInbox {
                 w.notify.notified()
             };
             stats.record_expired(expired);
-            self.moved(-(expired as i64));
             closed.check()?;
             tokio::select! {
                 _ = notified => {}
@@ -370,12 +359,13 @@ impl LocalInbox {
     /// Drops every queued message (flush). Waiting receivers keep waiting.
     pub fn clear(&self) {
         let mut dropped = 0;
-        self.lock().map.retain(|_, s| {
+        let mut map = self.lock();
+        map.map.retain(|_, s| {
             dropped += s.queue.len() as i64;
             s.queue.clear();
             s.waiters > 0
         });
-        self.moved(-dropped);
+        self.moved(&mut map, -dropped);
     }
 
     /// Delivers every envelope of `envelopes` in order (to its channel, or for a group
@@ -419,8 +409,8 @@ impl LocalInbox {
             }
             slot.wake();
             map.next_seq = seq;
+            self.moved(&mut map, moved);
             drop(map);
-            self.moved(moved);
             for _ in 0..dropped {
                 stats.record_dropped_full(&name);
             }
@@ -457,8 +447,8 @@ impl LocalInbox {
                     full.push(member);
                 }
             }
+            self.moved(&mut map, moved);
         }
-        self.moved(moved);
         for member in full {
             stats.record_group_member_full(group, member);
         }

@@ -22,18 +22,24 @@ impl std::ops::Deref for Counter {
     }
 }
 
-/// Live counters of one layer instance. Cheap to update from any thread.
+/// Live counters of one layer instance. Cheap to update from any thread: each update is
+/// one atomic add on a counter of its own cache line; the metrics are exported from them
+/// once a second ([`Stats::export_metrics`]), not per message.
 #[derive(Debug, Default)]
 pub struct Stats {
-    sent: Counter,
-    received: Counter,
+    sent: [Counter; 3],
+    received: [Counter; 3],
+    undeliverable: [Counter; 3],
     expired: Counter,
     undecodable: Counter,
     group_member_full: Counter,
-    undeliverable: Counter,
     redelivered: Counter,
     dropped_full: Counter,
     dead_lettered: Counter,
+    lost: Counter,
+    reconnects: Counter,
+    /// Deliveries handed out and not settled yet (a wrapping count: +1, -1).
+    unsettled: Counter,
     last_undecodable_log: Mutex<Option<Instant>>,
     /// The `metrics` handles, once the layer knows its backend ([`Stats::export`]).
     export: OnceLock<Handles>,
@@ -88,46 +94,56 @@ fn bump(c: &AtomicU64, n: u64) {
 }
 
 impl Stats {
-    /// From now on, every count is also exported through the `metrics` facade with label
-    /// `backend` (see [`telemetry`](crate::telemetry)). Called once, when the layer connects;
-    /// later calls change nothing.
+    /// From now on the counts are exported through the `metrics` facade with label
+    /// `backend` (see [`telemetry`](crate::telemetry)), by [`export_metrics`](Self::export_metrics).
+    /// Called once, when the layer connects; later calls change nothing.
     pub fn export(&self, backend: &'static str) {
         let _ = self.export.get_or_init(|| Handles::new(backend));
     }
 
-    fn metrics(&self) -> Option<&Handles> {
-        self.export.get()
+    /// Moves the exported metrics to the counts now (`inbox` messages wait in the
+    /// instance's local inbox). Called once a second by the layer's export task, and when
+    /// it closes.
+    pub fn export_metrics(&self, inbox: i64) {
+        let Some(m) = self.export.get() else {
+            return;
+        };
+        let get = |c: &Counter| c.load(Ordering::Relaxed);
+        let by_kind = |cs: &[Counter; 3]| [get(&cs[0]), get(&cs[1]), get(&cs[2])];
+        m.update(crate::telemetry::Counts {
+            sent: by_kind(&self.sent),
+            received: by_kind(&self.received),
+            undeliverable: by_kind(&self.undeliverable),
+            expired: get(&self.expired),
+            undecodable: get(&self.undecodable),
+            dropped_full: get(&self.dropped_full),
+            group_member_full: get(&self.group_member_full),
+            redelivered: get(&self.redelivered),
+            dead_lettered: get(&self.dead_lettered),
+            lost: get(&self.lost),
+            reconnects: get(&self.reconnects),
+            unsettled: get(&self.unsettled) as i64,
+            inbox,
+        });
     }
 
     /// Counts sent messages to an address of `kind`.
     pub fn record_sent(&self, kind: Kind, n: u64) {
-        bump(&self.sent, n);
-        if let Some(m) = self.metrics() {
-            m.sent[kind as usize].increment(n);
-        }
+        bump(&self.sent[kind as usize], n);
     }
     /// Counts messages received from a channel of `kind`.
     pub fn record_received(&self, kind: Kind, n: u64) {
-        bump(&self.received, n);
-        if let Some(m) = self.metrics() {
-            m.received[kind as usize].increment(n);
-        }
+        bump(&self.received[kind as usize], n);
     }
     /// Counts expired messages dropped on receive.
     pub fn record_expired(&self, n: u64) {
         if n > 0 {
             bump(&self.expired, n);
-            if let Some(m) = self.metrics() {
-                m.expired.increment(n);
-            }
         }
     }
     /// Counts a group copy dropped because its member was full.
     pub fn record_group_member_full(&self, group: &str, channel: &str) {
         bump(&self.group_member_full, 1);
-        if let Some(m) = self.metrics() {
-            m.group_member_full.increment(1);
-        }
         tracing::debug!(group, channel, "group_send skipped a full member");
     }
     /// Counts a message for channel (or group) `name` that nobody can receive.
@@ -137,18 +153,12 @@ impl Stats {
     /// [`record_undeliverable`](Self::record_undeliverable) with the kind given (a group's
     /// name does not say it is one).
     pub fn record_undeliverable_to(&self, kind: Kind, name: &str) {
-        bump(&self.undeliverable, 1);
-        if let Some(m) = self.metrics() {
-            m.undeliverable[kind as usize].increment(1);
-        }
+        bump(&self.undeliverable[kind as usize], 1);
         tracing::debug!(name, "message dropped: nobody can receive it");
     }
     /// Counts a message dropped on arrival because its process-local channel was full.
     pub fn record_dropped_full(&self, channel: &str) {
         bump(&self.dropped_full, 1);
-        if let Some(m) = self.metrics() {
-            m.dropped_full.increment(1);
-        }
         tracing::debug!(
             channel,
             "message dropped on arrival: the channel is at capacity"
@@ -157,16 +167,10 @@ impl Stats {
     /// Counts a redelivery.
     pub fn record_redelivered(&self, n: u64) {
         bump(&self.redelivered, n);
-        if let Some(m) = self.metrics() {
-            m.redelivered.increment(n);
-        }
     }
     /// Counts a message moved to its dead-letter channel.
     pub fn record_dead_lettered(&self, channel: &str, dead: &str, deliveries: u32) {
         bump(&self.dead_lettered, 1);
-        if let Some(m) = self.metrics() {
-            m.dead_lettered.increment(1);
-        }
         tracing::warn!(
             channel,
             dead_letter = dead,
@@ -174,34 +178,26 @@ impl Stats {
             "a message was nacked max_deliveries times; moved to the dead-letter channel"
         );
     }
-    /// Exports messages a transport counted as lost (ZeroMQ's sequence gaps; the transport
-    /// keeps the count itself).
-    pub fn export_lost(&self, n: u64) {
-        if let Some(m) = self.metrics() {
-            m.lost.increment(n);
-        }
+    /// Counts messages a transport found missing (ZeroMQ's sequence gaps; the transport
+    /// reports them in its own stats too). Exported as `chanlayer_lost_total`.
+    pub fn record_lost(&self, n: u64) {
+        bump(&self.lost, n);
     }
-    /// Exports a connection lost and restored (the transport keeps the count itself).
-    pub fn export_reconnect(&self) {
-        if let Some(m) = self.metrics() {
-            m.reconnects.increment(1);
-        }
+    /// Counts a connection lost and restored. Exported as `chanlayer_reconnects_total`.
+    pub fn record_reconnect(&self) {
+        bump(&self.reconnects, 1);
     }
-    /// Moves the inbox gauge by `delta` messages.
-    pub fn export_inbox(&self, delta: f64) {
-        if let Some(m) = self.metrics() {
-            m.inbox.increment(delta);
-        }
-    }
-    /// Moves the unsettled-deliveries gauge by `delta`.
-    pub fn export_unsettled(&self, delta: f64) {
-        if let Some(m) = self.metrics() {
-            m.unsettled.increment(delta);
+    /// One more (`true`) or one fewer delivery handed out and not settled yet.
+    pub fn record_unsettled(&self, more: bool) {
+        if more {
+            self.unsettled.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.unsettled.fetch_sub(1, Ordering::Relaxed);
         }
     }
     /// Records one sampled send latency (see [`telemetry::SEND_SAMPLE`](crate::telemetry::SEND_SAMPLE)).
     pub fn export_send_latency(&self, kind: Kind, elapsed: Duration) {
-        if let Some(m) = self.metrics() {
+        if let Some(m) = self.export.get() {
             m.send_seconds[kind as usize].record(elapsed.as_secs_f64());
         }
     }
@@ -210,9 +206,6 @@ impl Stats {
     /// few seconds, with the running count) so a flood of garbage cannot flood the log.
     pub fn record_undecodable(&self, source: &str, error: &dyn std::fmt::Display) {
         let total = self.undecodable.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some(m) = self.metrics() {
-            m.undecodable.increment(1);
-        }
         let now = Instant::now();
         let mut last = crate::toolkit::lock(&self.last_undecodable_log);
         if last.is_none_or(|t| now.duration_since(t) >= BURST) {
@@ -229,12 +222,12 @@ impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let get = |c: &Counter| c.load(Ordering::Relaxed);
         StatsSnapshot {
-            sent: get(&self.sent),
-            received: get(&self.received),
+            sent: self.sent.iter().map(get).sum(),
+            received: self.received.iter().map(get).sum(),
             expired: get(&self.expired),
             undecodable: get(&self.undecodable),
             group_member_full: get(&self.group_member_full),
-            undeliverable: get(&self.undeliverable),
+            undeliverable: self.undeliverable.iter().map(get).sum(),
             redelivered: get(&self.redelivered),
             dropped_full: get(&self.dropped_full),
             dead_lettered: get(&self.dead_lettered),

@@ -1,8 +1,12 @@
 //! A layer's counters through the [`metrics`] facade, for whatever recorder the application
-//! installs (`metrics-exporter-prometheus` for a Prometheus `/metrics`, or any other). With
-//! no recorder every update is a no-op on a handle made once per layer instance.
+//! installs (`metrics-exporter-prometheus` for a Prometheus `/metrics`, or any other).
 //!
-//! Install the recorder before connecting: a layer takes its handles when it connects.
+//! The per-message paths only bump the layer's own [`Stats`](crate::Stats) counters (one
+//! atomic add each, on a cache line of its own); a task of each layer exports them every
+//! [`EXPORT_EVERY`] (one second) and when the layer closes, adding what changed. So the
+//! metrics cost the send and receive paths nothing, recorder or not, and lag the counts by
+//! at most a second. Install the recorder before connecting: a layer takes its handles when
+//! it connects.
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
@@ -64,22 +68,41 @@ impl Kind {
     const ALL: [Kind; 3] = [Kind::Local, Kind::Normal, Kind::Group];
 }
 
-/// The handles of one layer instance.
+/// The counts of one layer instance at one moment, for [`Handles::update`].
+pub(crate) struct Counts {
+    pub sent: [u64; 3],
+    pub received: [u64; 3],
+    pub undeliverable: [u64; 3],
+    pub expired: u64,
+    pub undecodable: u64,
+    pub dropped_full: u64,
+    pub group_member_full: u64,
+    pub redelivered: u64,
+    pub dead_lettered: u64,
+    pub lost: u64,
+    pub reconnects: u64,
+    pub unsettled: i64,
+    pub inbox: i64,
+}
+
+/// The handles of one layer instance, and what it exported so far: each update adds the
+/// difference, so several instances of a backend add up in one series.
 pub(crate) struct Handles {
-    pub sent: [Counter; 3],
-    pub received: [Counter; 3],
-    pub undeliverable: [Counter; 3],
+    sent: [Counter; 3],
+    received: [Counter; 3],
+    undeliverable: [Counter; 3],
     pub send_seconds: [Histogram; 3],
-    pub expired: Counter,
-    pub undecodable: Counter,
-    pub dropped_full: Counter,
-    pub group_member_full: Counter,
-    pub redelivered: Counter,
-    pub dead_lettered: Counter,
-    pub lost: Counter,
-    pub reconnects: Counter,
-    pub inbox: Gauge,
-    pub unsettled: Gauge,
+    expired: Counter,
+    undecodable: Counter,
+    dropped_full: Counter,
+    group_member_full: Counter,
+    redelivered: Counter,
+    dead_lettered: Counter,
+    lost: Counter,
+    reconnects: Counter,
+    inbox: Gauge,
+    unsettled: Gauge,
+    last: std::sync::Mutex<Option<Counts>>,
 }
 
 impl std::fmt::Debug for Handles {
@@ -111,8 +134,84 @@ impl Handles {
             reconnects: one("chanlayer_reconnects_total"),
             inbox: metrics::gauge!("chanlayer_inbox_messages", "backend" => backend),
             unsettled: metrics::gauge!("chanlayer_unsettled_deliveries", "backend" => backend),
+            last: std::sync::Mutex::new(None),
         }
     }
+
+    /// Adds what changed since the last update.
+    pub fn update(&self, now: Counts) {
+        let mut last = crate::toolkit::lock(&self.last);
+        let before = last.take().unwrap_or(Counts {
+            sent: [0; 3],
+            received: [0; 3],
+            undeliverable: [0; 3],
+            expired: 0,
+            undecodable: 0,
+            dropped_full: 0,
+            group_member_full: 0,
+            redelivered: 0,
+            dead_lettered: 0,
+            lost: 0,
+            reconnects: 0,
+            unsettled: 0,
+            inbox: 0,
+        });
+        let add = |c: &Counter, now: u64, then: u64| {
+            if now > then {
+                c.increment(now - then);
+            }
+        };
+        for k in 0..3 {
+            add(&self.sent[k], now.sent[k], before.sent[k]);
+            add(&self.received[k], now.received[k], before.received[k]);
+            add(
+                &self.undeliverable[k],
+                now.undeliverable[k],
+                before.undeliverable[k],
+            );
+        }
+        add(&self.expired, now.expired, before.expired);
+        add(&self.undecodable, now.undecodable, before.undecodable);
+        add(&self.dropped_full, now.dropped_full, before.dropped_full);
+        add(
+            &self.group_member_full,
+            now.group_member_full,
+            before.group_member_full,
+        );
+        add(&self.redelivered, now.redelivered, before.redelivered);
+        add(&self.dead_lettered, now.dead_lettered, before.dead_lettered);
+        add(&self.lost, now.lost, before.lost);
+        add(&self.reconnects, now.reconnects, before.reconnects);
+        if now.inbox != before.inbox {
+            self.inbox.increment((now.inbox - before.inbox) as f64);
+        }
+        if now.unsettled != before.unsettled {
+            self.unsettled
+                .increment((now.unsettled - before.unsettled) as f64);
+        }
+        *last = Some(now);
+    }
+}
+
+/// How often a layer exports its counts.
+pub const EXPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Exports `inbound`'s counts every [`EXPORT_EVERY`] until the layer closes, and once more
+/// then (so the figures end exact, and a closed instance's messages leave the gauges).
+pub(crate) async fn export_task(inbound: std::sync::Arc<crate::inbound::Inbound>) {
+    let export = |inbound: &crate::inbound::Inbound| {
+        inbound.stats().export_metrics(inbound.inbox().depth());
+    };
+    let mut tick = tokio::time::interval(EXPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inbound.closed().closed() => break,
+            _ = tick.tick() => export(&inbound),
+        }
+    }
+    // The instance is gone: its inbox leaves the gauge.
+    inbound.stats().export_metrics(0);
 }
 
 /// `true` for the sends whose latency is measured: one in [`SEND_SAMPLE`] per thread.

@@ -157,7 +157,7 @@ impl Incoming {
         pending: S::Pending,
         inbound: &Inbound,
     ) -> Incoming {
-        inbound.stats().export_unsettled(1.0);
+        inbound.stats().record_unsettled(true);
         let acker = UnsettledAcker {
             item: Some((settler, pending)),
             stats: inbound.stats().clone(),
@@ -192,7 +192,7 @@ struct UnsettledAcker<S: Settler> {
 impl<S: Settler> UnsettledAcker<S> {
     fn requeue(&mut self) {
         if let Some((settler, pending)) = self.item.take() {
-            self.stats.export_unsettled(-1.0);
+            self.stats.record_unsettled(false);
             settler.requeue(pending, &self.stats);
         }
     }
@@ -204,7 +204,7 @@ impl<S: Settler> Acknowledger for UnsettledAcker<S> {
         self.closed.check()?;
         match self.item.take() {
             Some((settler, pending)) => {
-                self.stats.export_unsettled(-1.0);
+                self.stats.record_unsettled(false);
                 settler.settle(pending).await
             }
             None => Ok(()),

@@ -75,7 +75,7 @@ impl<T: Transport> TransportLayer<T> {
         let transport = Arc::new(T::open(config, inbound.clone()).await?);
         let caps = transport.capabilities();
         inbound.stats().export(caps.backend);
-        inbound.inbox().export(caps.backend);
+        tokio::spawn(telemetry::export_task(inbound.clone()));
         let groups = Arc::new(GroupState::default());
         tokio::spawn(expiry_task(
             Arc::downgrade(&transport),

@@ -3,6 +3,8 @@
 //!
 //! Traffic: `/healthz` round-trips one message through the layer to the server's own
 //! process-local channel, so each call is one `send` (kind `local`) and one `receive`.
+//! A layer exports its counts once a second, so the test polls the endpoint (with a
+//! deadline) until they show.
 
 mod common;
 
@@ -41,7 +43,17 @@ fn figures_move(url: &str, backend: &str) {
             "a health round trip"
         );
     }
-    let after = scrape(&server.base);
+    // The layer exports its counts once a second: poll until they show the round trips.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let after = loop {
+        let body = scrape(&server.base);
+        if received(&body) >= received(&before) + f64::from(rounds)
+            || std::time::Instant::now() > deadline
+        {
+            break body;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     println!("{backend}: /metrics after {rounds} round trips:\n{after}");
     assert!(
         sent(&after) >= sent(&before) + f64::from(rounds),

@@ -290,7 +290,7 @@ impl State {
 fn count_lost(shared: &Shared, topic: &[u8], lost: u64) {
     if lost > 0 {
         shared.transport.lost.fetch_add(lost, Ordering::Relaxed);
-        shared.stats().export_lost(lost);
+        shared.stats().record_lost(lost);
         tracing::debug!(topic = %wire::display(topic), lost, "messages lost on the way");
     }
 }
