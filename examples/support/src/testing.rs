@@ -309,8 +309,9 @@ mod tests {
     #[test]
     fn proc_reads_both_streams_and_stops() {
         let deadline = Instant::now() + Duration::from_secs(10);
+        // The trap first: a SIGTERM right after "ready" must find it set.
         let script =
-            "echo ready; echo oops >&2; trap 'echo bye; exit 3' TERM; while :; do sleep 0.05; done";
+            "trap 'echo bye; exit 3' TERM; echo ready; echo oops >&2; while :; do sleep 0.05; done";
         let mut p = Proc::start("sh", "URL", "x", "sh", &["-c", script]);
         p.wait_for("ready", deadline);
         assert!(p.said("ready"));
