@@ -143,6 +143,12 @@ impl Peer {
         a.get("message").cloned()
     }
 
+    /// Field `key` of the next message on `channel` (within 10 s; panics if none came).
+    fn field(&mut self, channel: &str, key: &str) -> Value {
+        let message = self.receive(channel, 10.0);
+        message.unwrap_or_else(|| panic!("nothing arrived at {channel} within 10 s"))[key].clone()
+    }
+
     fn send(&mut self, channel: &str, message: Value) -> Value {
         self.call(json!({"op": "send", "channel": channel, "message": message}))
     }
@@ -166,6 +172,23 @@ async fn rust(exchange: &str, extra: &str) -> AmqpLayer {
         .expect("as expected")
 }
 
+/// A fresh groups exchange of its own (named after `what`), a chanlayer instance on it with
+/// `extra` URL options, and a Python peer on it with `settings`.
+async fn pair(what: &str, extra: &str, settings: &[(&str, &str)]) -> (AmqpLayer, Peer) {
+    let ex = unique(what);
+    let layer = rust(&ex, extra).await;
+    let peer = Peer::start(&ex, settings);
+    (layer, peer)
+}
+
+/// A new process-local channel of `layer`.
+async fn channel(layer: &AmqpLayer) -> String {
+    layer
+        .new_channel("ws")
+        .await
+        .expect("the chanlayer call succeeds")
+}
+
 async fn receive_within(layer: &AmqpLayer, channel: &str) -> Message {
     tokio::time::timeout(Duration::from_secs(10), layer.receive(channel))
         .await
@@ -185,13 +208,8 @@ fn is_channels_rabbitmq_name(name: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_and_queue_look_like_channels_rabbitmq() {
-    let ex = unique("names");
-    let layer = rust(&ex, "").await;
-    let mut peer = Peer::start(&ex, &[]);
-    let mine = layer
-        .new_channel("ws")
-        .await
-        .expect("the chanlayer call succeeds");
+    let (layer, mut peer) = pair("names", "", &[]).await;
+    let mine = channel(&layer).await;
     let theirs = peer.new_channel();
     assert!(is_channels_rabbitmq_name(&mine), "{mine}");
     assert!(is_channels_rabbitmq_name(&theirs), "{theirs}");
@@ -213,10 +231,7 @@ async fn python_sends_to_a_rust_channel_and_rust_to_a_python_channel() {
     // The default groups exchange, `groups`, as a Django deployment has it.
     let layer = rust("groups", "").await;
     let mut peer = Peer::start("groups", &[]);
-    let mine = layer
-        .new_channel("ws")
-        .await
-        .expect("the chanlayer call succeeds");
+    let mine = channel(&layer).await;
     let theirs = peer.new_channel();
 
     let a = peer.send(
@@ -283,10 +298,7 @@ async fn a_group_with_members_on_both_sides() {
     let group = unique("room");
     let layer = rust(&ex, "").await;
     let mut peer = Peer::start(&ex, &[]);
-    let mine = layer
-        .new_channel("ws")
-        .await
-        .expect("the chanlayer call succeeds");
+    let mine = channel(&layer).await;
     let (p1, p2) = (peer.new_channel(), peer.new_channel());
     layer
         .group_add(&group, &mine)
@@ -310,11 +322,7 @@ async fn a_group_with_members_on_both_sides() {
         "rust to all"
     );
     for p in [&p1, &p2] {
-        assert_eq!(
-            peer.receive(p, 10.0)
-                .expect("the peer answered with a message")["text"],
-            "rust to all"
-        );
+        assert_eq!(peer.field(p, "text"), "rust to all");
     }
     // Python → every member, Rust's included.
     peer.call(json!({"op": "group_send", "group": group, "message": {"type": "chat.message", "text": "python to all", "n": 2}}));
@@ -329,11 +337,7 @@ async fn a_group_with_members_on_both_sides() {
         }
     );
     for p in [&p1, &p2] {
-        assert_eq!(
-            peer.receive(p, 10.0)
-                .expect("the peer answered with a message")["text"],
-            "python to all"
-        );
+        assert_eq!(peer.field(p, "text"), "python to all");
     }
 
     // Python discards p1: a later group message reaches p2, and p1 gets only what is sent to
@@ -347,16 +351,8 @@ async fn a_group_with_members_on_both_sides() {
         .send(&p1, chat("direct to p1", 4))
         .await
         .expect("the chanlayer call succeeds");
-    assert_eq!(
-        peer.receive(&p2, 10.0)
-            .expect("the peer answered with a message")["text"],
-        "after p1 left"
-    );
-    assert_eq!(
-        peer.receive(&p1, 10.0)
-            .expect("the peer answered with a message")["text"],
-        "direct to p1"
-    );
+    assert_eq!(peer.field(&p2, "text"), "after p1 left");
+    assert_eq!(peer.field(&p1, "text"), "direct to p1");
     assert_eq!(
         receive_within(&layer, &mine)
             .await
@@ -376,11 +372,7 @@ async fn a_group_with_members_on_both_sides() {
         &mine,
         json!({"type": "chat.message", "text": "direct to rust", "n": 6}),
     );
-    assert_eq!(
-        peer.receive(&p2, 10.0)
-            .expect("the peer answered with a message")["text"],
-        "after rust left"
-    );
+    assert_eq!(peer.field(&p2, "text"), "after rust left");
     assert_eq!(
         receive_within(&layer, &mine)
             .await
@@ -394,14 +386,10 @@ async fn a_group_with_members_on_both_sides() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_python_queue_is_channel_full_in_rust() {
-    let ex = unique("full");
-    let layer = rust(&ex, "").await;
     // remote_capacity 5 (x-max-length), local_capacity 1 (its consumer's prefetch): the
     // Python process never receives, so its queue fills.
-    let mut peer = Peer::start(
-        &ex,
-        &[("PEER_REMOTE_CAPACITY", "5"), ("PEER_LOCAL_CAPACITY", "1")],
-    );
+    let settings = [("PEER_REMOTE_CAPACITY", "5"), ("PEER_LOCAL_CAPACITY", "1")];
+    let (layer, mut peer) = pair("full", "", &settings).await;
     let theirs = peer.new_channel();
     let mut sent = 0;
     let err = loop {
@@ -418,11 +406,7 @@ async fn a_full_python_queue_is_channel_full_in_rust() {
     println!("{sent} sends accepted, then {err}");
     // 5 wait in the queue, at most one more in the consumer's prefetch window.
     assert!((5..=6).contains(&sent), "sent {sent} before ChannelFull");
-    assert_eq!(
-        peer.receive(&theirs, 10.0)
-            .expect("the peer answered with a message")["n"],
-        0
-    );
+    assert_eq!(peer.field(&theirs, "n"), 0);
     layer.close().await.expect("the chanlayer call succeeds");
 }
 
@@ -431,13 +415,8 @@ async fn a_rust_channel_over_capacity_drops_and_counts() {
     // chanlayer consumes its queue without acks (as it does on its own wire) and keeps each
     // channel's capacity where messages arrive: what does not fit is dropped and counted
     // (`dropped_full`), not pushed back to the Python sender.
-    let ex = unique("cap");
-    let layer = rust(&ex, "&capacity=3").await;
-    let mut peer = Peer::start(&ex, &[]);
-    let mine = layer
-        .new_channel("ws")
-        .await
-        .expect("the chanlayer call succeeds");
+    let (layer, mut peer) = pair("cap", "&capacity=3", &[]).await;
+    let mine = channel(&layer).await;
     let a = peer.call(json!({"op": "send_until_full", "channel": mine, "message": {"type": "chat.message", "text": "x"}, "max": 8}));
     assert_eq!(a, json!({"sent": 8, "full": false}));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -460,15 +439,11 @@ async fn a_rust_channel_over_capacity_drops_and_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_on_both_sides() {
-    let ex = unique("expiry");
-    // Rust: expiry=1s. What arrives is dropped once older than that, and counted.
-    let layer = rust(&ex, "&expiry=1s").await;
-    // Python: expiry=1 (its queue's x-message-ttl), prefetch 1.
-    let mut peer = Peer::start(&ex, &[("PEER_EXPIRY", "1"), ("PEER_LOCAL_CAPACITY", "1")]);
-    let mine = layer
-        .new_channel("ws")
-        .await
-        .expect("the chanlayer call succeeds");
+    // Rust: expiry=1s: what arrives is dropped once older than that, and counted. Python:
+    // expiry=1 (its queue's x-message-ttl), prefetch 1.
+    let settings = [("PEER_EXPIRY", "1"), ("PEER_LOCAL_CAPACITY", "1")];
+    let (layer, mut peer) = pair("expiry", "&expiry=1s", &settings).await;
+    let mine = channel(&layer).await;
     let theirs = peer.new_channel();
 
     peer.send(
@@ -505,28 +480,15 @@ async fn expiry_on_both_sides() {
     assert_eq!(layer.stats().expired, 1);
     // Python holds the first (already delivered to its consumer); RabbitMQ dropped the
     // second after its x-message-ttl; the third arrives.
-    assert_eq!(
-        peer.receive(&theirs, 10.0)
-            .expect("the peer answered with a message")["n"],
-        1
-    );
-    assert_eq!(
-        peer.receive(&theirs, 10.0)
-            .expect("the peer answered with a message")["n"],
-        3
-    );
+    assert_eq!(peer.field(&theirs, "n"), 1);
+    assert_eq!(peer.field(&theirs, "n"), 3);
     layer.close().await.expect("the chanlayer call succeeds");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_python_is_counted_in_rust() {
-    let ex = unique("garbage");
-    let layer = rust(&ex, "").await;
-    let mut peer = Peer::start(&ex, &[]);
-    let mine = layer
-        .new_channel("ws")
-        .await
-        .expect("the chanlayer call succeeds");
+    let (layer, mut peer) = pair("garbage", "", &[]).await;
+    let mine = channel(&layer).await;
     let queue = layer.inbox_queue().to_owned();
     // Not MessagePack; a map without "type"; a map with neither address key; then a message.
     for hex in ["c1ffff", "81a474657874a26869", "81a474797065a3612e62"] {
@@ -553,9 +515,7 @@ async fn garbage_from_python_is_counted_in_rust() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_does_not_map_to_a_dict_is_refused_before_sending() {
-    let ex = unique("refuse");
-    let layer = rust(&ex, "").await;
-    let mut peer = Peer::start(&ex, &[]);
+    let (layer, mut peer) = pair("refuse", "", &[]).await;
     let theirs = peer.new_channel();
     // The dict has no place for headers, and the capabilities say so.
     assert!(!layer.capabilities().headers);
@@ -586,11 +546,7 @@ async fn what_does_not_map_to_a_dict_is_refused_before_sending() {
         .send(&theirs, chat("fine", 2))
         .await
         .expect("the chanlayer call succeeds");
-    assert_eq!(
-        peer.receive(&theirs, 10.0)
-            .expect("the peer answered with a message")["text"],
-        "fine"
-    );
+    assert_eq!(peer.field(&theirs, "text"), "fine");
     assert_eq!(layer.stats().sent, 1);
     layer.close().await.expect("the chanlayer call succeeds");
 }
@@ -602,19 +558,13 @@ async fn garbage_from_rust_ends_the_python_reader_uncounted() {
     // log) and the process receives nothing more until it restarts. chanlayer never sends
     // such bytes (every send is a dict, or refused: see the test above); only `publish_raw`,
     // a tool for exactly this kind of test, can.
-    let ex = unique("garbage-py");
-    let layer = rust(&ex, "").await;
-    let mut peer = Peer::start(&ex, &[]);
+    let (layer, mut peer) = pair("garbage-py", "", &[]).await;
     let theirs = peer.new_channel();
     layer
         .send(&theirs, chat("before", 1))
         .await
         .expect("the chanlayer call succeeds");
-    assert_eq!(
-        peer.receive(&theirs, 10.0)
-            .expect("the peer answered with a message")["n"],
-        1
-    );
+    assert_eq!(peer.field(&theirs, "n"), 1);
     layer
         .publish_raw(&theirs, &[0xc1, 0xff, 0xff])
         .await
