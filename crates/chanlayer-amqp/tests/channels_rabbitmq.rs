@@ -196,6 +196,14 @@ async fn receive_within(layer: &AmqpLayer, channel: &str) -> Message {
         .expect("as expected")
 }
 
+/// The next message on `channel` (within 10 s), decoded as a [`Chat`].
+async fn receive_chat(layer: &AmqpLayer, channel: &str) -> Chat {
+    receive_within(layer, channel)
+        .await
+        .decode::<Chat>()
+        .expect("a Chat map")
+}
+
 fn is_channels_rabbitmq_name(name: &str) -> bool {
     let letters = |s: &str| s.len() == 12 && s.bytes().all(|b| b.is_ascii_alphabetic());
     match name.split_once('!') {
@@ -313,24 +321,14 @@ async fn a_group_with_members_on_both_sides() {
         .group_send(&group, chat("rust to all", 1))
         .await
         .expect("as expected");
-    assert_eq!(
-        receive_within(&layer, &mine)
-            .await
-            .decode::<Chat>()
-            .expect("as expected")
-            .text,
-        "rust to all"
-    );
+    assert_eq!(receive_chat(&layer, &mine).await.text, "rust to all");
     for p in [&p1, &p2] {
         assert_eq!(peer.field(p, "text"), "rust to all");
     }
     // Python → every member, Rust's included.
     peer.call(json!({"op": "group_send", "group": group, "message": {"type": "chat.message", "text": "python to all", "n": 2}}));
     assert_eq!(
-        receive_within(&layer, &mine)
-            .await
-            .decode::<Chat>()
-            .expect("as expected"),
+        receive_chat(&layer, &mine).await,
         Chat {
             text: "python to all".into(),
             n: 2
@@ -353,14 +351,7 @@ async fn a_group_with_members_on_both_sides() {
         .expect("the chanlayer call succeeds");
     assert_eq!(peer.field(&p2, "text"), "after p1 left");
     assert_eq!(peer.field(&p1, "text"), "direct to p1");
-    assert_eq!(
-        receive_within(&layer, &mine)
-            .await
-            .decode::<Chat>()
-            .expect("as expected")
-            .n,
-        3
-    );
+    assert_eq!(receive_chat(&layer, &mine).await.n, 3);
 
     // Rust discards its member: the same from the other side.
     layer
@@ -373,14 +364,7 @@ async fn a_group_with_members_on_both_sides() {
         json!({"type": "chat.message", "text": "direct to rust", "n": 6}),
     );
     assert_eq!(peer.field(&p2, "text"), "after rust left");
-    assert_eq!(
-        receive_within(&layer, &mine)
-            .await
-            .decode::<Chat>()
-            .expect("as expected")
-            .n,
-        6
-    );
+    assert_eq!(receive_chat(&layer, &mine).await.n, 6);
     layer.close().await.expect("the chanlayer call succeeds");
 }
 
@@ -469,14 +453,7 @@ async fn expiry_on_both_sides() {
         .await
         .expect("the chanlayer call succeeds");
 
-    assert_eq!(
-        receive_within(&layer, &mine)
-            .await
-            .decode::<Chat>()
-            .expect("as expected")
-            .text,
-        "new"
-    );
+    assert_eq!(receive_chat(&layer, &mine).await.text, "new");
     assert_eq!(layer.stats().expired, 1);
     // Python holds the first (already delivered to its consumer); RabbitMQ dropped the
     // second after its x-message-ttl; the third arrives.
@@ -501,14 +478,7 @@ async fn garbage_from_python_is_counted_in_rust() {
         &mine,
         json!({"type": "chat.message", "text": "after", "n": 9}),
     );
-    assert_eq!(
-        receive_within(&layer, &mine)
-            .await
-            .decode::<Chat>()
-            .expect("as expected")
-            .n,
-        9
-    );
+    assert_eq!(receive_chat(&layer, &mine).await.n, 9);
     assert_eq!(layer.stats().undecodable, 3);
     layer.close().await.expect("the chanlayer call succeeds");
 }
