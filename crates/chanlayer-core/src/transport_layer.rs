@@ -126,11 +126,12 @@ impl<T: Transport> TransportLayer<T> {
     async fn source(
         &self,
         channel: &str,
+        kind: Kind,
         acking: Option<&'static str>,
     ) -> Result<Option<Arc<dyn NormalSource>>> {
         self.check_receiver(channel)?;
         self.check_kind(acking.unwrap_or("receive"), channel)?;
-        if names::is_process_local(channel) {
+        if kind == Kind::Local {
             return Ok(None);
         }
         match (self.transport.normal_reader(channel).await?, acking) {
@@ -214,7 +215,7 @@ impl<T: Transport> TransportLayer<T> {
         }
     }
 
-    async fn send_op(&self, channel: &str, message: Message) -> Result<()> {
+    async fn send_op(&self, channel: &str, kind: Kind, message: Message) -> Result<()> {
         // A send that never waits still yields now and then (see `LocalInbox::take`).
         tokio::task::consume_budget().await;
         self.inbound.closed().check()?;
@@ -225,9 +226,8 @@ impl<T: Transport> TransportLayer<T> {
         let message = self.traced(message);
         let env = self.seal(Destination::Channel, channel, message)?;
         let out = Outgoing::new(env, channel);
-        let kind = Kind::of_channel(channel);
         let timer = telemetry::sample_send().then(Instant::now);
-        let r = match route(self.inbound.naming(), channel) {
+        let r = match route(self.inbound.naming(), channel, kind) {
             Some(Some(owner)) => self.transport.publish_local(owner, out).await?,
             Some(None) => self.transport.publish_normal(out).await?,
             None => Published::Gone,
@@ -256,13 +256,9 @@ impl<T: Transport> TransportLayer<T> {
         if n == 0 {
             return Ok(());
         }
-        let Some(owner) = route(self.inbound.naming(), channel) else {
-            self.record(
-                Kind::of_channel(channel),
-                channel,
-                Published::Gone,
-                n as u64,
-            );
+        let kind = Kind::of_channel(channel);
+        let Some(owner) = route(self.inbound.naming(), channel, kind) else {
+            self.record(kind, channel, Published::Gone, n as u64);
             return Ok(());
         };
         let stored = self
@@ -271,37 +267,20 @@ impl<T: Transport> TransportLayer<T> {
             .await
             .inspect_err(|e| {
                 if let Error::PartlySent { sent, .. } = e {
-                    self.record(
-                        Kind::of_channel(channel),
-                        channel,
-                        Published::Stored,
-                        *sent as u64,
-                    );
+                    self.record(kind, channel, Published::Stored, *sent as u64);
                 }
             })?;
-        self.record(
-            Kind::of_channel(channel),
-            channel,
-            Published::Stored,
-            stored as u64,
-        );
-        self.record(
-            Kind::of_channel(channel),
-            channel,
-            Published::Gone,
-            (n - stored) as u64,
-        );
+        self.record(kind, channel, Published::Stored, stored as u64);
+        self.record(kind, channel, Published::Gone, (n - stored) as u64);
         Ok(())
     }
 
-    async fn receive_op(&self, channel: &str) -> Result<Message> {
-        let env = match self.source(channel, None).await? {
+    async fn receive_op(&self, channel: &str, kind: Kind) -> Result<Message> {
+        let env = match self.source(channel, kind, None).await? {
             Some(s) => s.next_auto().await?,
             None => self.inbound.take(channel).await?.envelope,
         };
-        self.inbound
-            .stats()
-            .record_received(Kind::of_channel(channel), 1);
+        self.inbound.stats().record_received(kind, 1);
         Ok(env.into_message())
     }
 
@@ -316,25 +295,24 @@ impl<T: Transport> TransportLayer<T> {
         }
     }
 
-    async fn receive_delivery_op(&self, channel: &str) -> Result<Delivery> {
-        let d = match self.source(channel, Some("receive_delivery")).await? {
+    async fn receive_delivery_op(&self, channel: &str, kind: Kind) -> Result<Delivery> {
+        let d = match self.source(channel, kind, Some("receive_delivery")).await? {
             Some(s) => self.delivery(s.next().await?, channel),
             None => self.local_delivery(channel, self.inbound.take(channel).await?),
         };
-        self.inbound
-            .stats()
-            .record_received(Kind::of_channel(channel), 1);
+        self.inbound.stats().record_received(kind, 1);
         Ok(d)
     }
 
     async fn receive_batch_op(
         &self,
         channel: &str,
+        kind: Kind,
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
         let i = &self.inbound;
-        let out: Vec<Delivery> = match self.source(channel, Some("receive_batch")).await? {
+        let out: Vec<Delivery> = match self.source(channel, kind, Some("receive_batch")).await? {
             Some(s) => s
                 .next_batch(max, timeout)
                 .await?
@@ -349,8 +327,7 @@ impl<T: Transport> TransportLayer<T> {
                 .map(|e| self.local_delivery(channel, e))
                 .collect(),
         };
-        i.stats()
-            .record_received(Kind::of_channel(channel), out.len() as u64);
+        i.stats().record_received(kind, out.len() as u64);
         Ok(out)
     }
 
@@ -445,8 +422,8 @@ impl<T: Transport> TransportLayer<T> {
 
 /// Where a send to `channel` goes: `Some(None)` to a normal channel, `Some(Some(owner))` to
 /// the inbox of instance `owner`, `None` nowhere (a `!` name without an owner).
-fn route(naming: names::Naming, channel: &str) -> Option<Option<&str>> {
-    if names::is_process_local(channel) {
+fn route(naming: names::Naming, channel: &str, kind: Kind) -> Option<Option<&str>> {
+    if kind == Kind::Local {
         naming.owner(channel).map(Some)
     } else {
         Some(None)
@@ -455,11 +432,11 @@ fn route(naming: names::Naming, channel: &str) -> Option<Option<&str>> {
 
 /// Runs receive operation `op` in `span`.
 #[cfg(not(feature = "otel"))]
-async fn received_in<R>(
+fn received_in<F: std::future::Future>(
     span: tracing::Span,
-    op: impl std::future::Future<Output = Result<R>>,
-) -> Result<R> {
-    op.instrument(span).await
+    op: F,
+) -> tracing::instrument::Instrumented<F> {
+    op.instrument(span)
 }
 
 /// Runs receive operation `op` in `span`, which becomes a child of the sender's span (the
@@ -506,11 +483,9 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
-        self.wins(
-            self.send_op(channel, message)
-                .instrument(self.span("send", Kind::of_channel(channel)))
-                .await,
-        )
+        let kind = Kind::of_channel(channel);
+        let span = self.span("send", kind);
+        self.wins(self.send_op(channel, kind, message).instrument(span).await)
     }
 
     async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
@@ -522,13 +497,15 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        let span = self.span("receive", Kind::of_channel(channel));
-        self.wins(received_in(span, self.receive_op(channel)).await)
+        let kind = Kind::of_channel(channel);
+        let span = self.span("receive", kind);
+        self.wins(received_in(span, self.receive_op(channel, kind)).await)
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        let span = self.span("receive_delivery", Kind::of_channel(channel));
-        self.wins(received_in(span, self.receive_delivery_op(channel)).await)
+        let kind = Kind::of_channel(channel);
+        let span = self.span("receive_delivery", kind);
+        self.wins(received_in(span, self.receive_delivery_op(channel, kind)).await)
     }
 
     async fn receive_batch(
@@ -537,8 +514,10 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        let span = self.span("receive_batch", Kind::of_channel(channel));
-        self.wins(received_in(span, self.receive_batch_op(channel, max, timeout)).await)
+        let kind = Kind::of_channel(channel);
+        let span = self.span("receive_batch", kind);
+        let op = self.receive_batch_op(channel, kind, max, timeout);
+        self.wins(received_in(span, op).await)
     }
 
     async fn new_channel(&self, prefix: &str) -> Result<String> {
