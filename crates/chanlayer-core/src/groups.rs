@@ -6,7 +6,9 @@
 //! member yet and unbinds it when [`GroupRegistry::discard`] reports the last one gone, and
 //! unbinds expired memberships at [`GroupRegistry::next_expiry`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use hashbrown::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 

@@ -119,7 +119,7 @@ struct TopicState {
     seq: u64,
     subscribed: bool,
     /// The origins of the topic's messages (a proxy's hub only).
-    origins: std::collections::HashMap<u64, Followed>,
+    origins: HashMap<u64, Followed>,
 }
 
 /// The XPUB side. Owned by one thread.

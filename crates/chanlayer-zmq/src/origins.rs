@@ -21,7 +21,7 @@
 //! Origin id 0 is a message without an origin (a sender that is not a chanlayer layer): not
 //! counted.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use crate::wire::Origin;
 

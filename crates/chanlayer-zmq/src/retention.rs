@@ -8,7 +8,9 @@
 //! says how many of them no subscriber ever had: the hub counts those as `dropped` (or
 //! `flushed`), and `pending` is what is kept and unheard now.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

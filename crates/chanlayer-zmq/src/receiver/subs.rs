@@ -3,7 +3,7 @@
 //! state as the socket monitor reports it, marks that callers wait for, and the periodic
 //! work (probes that time out, expired group memberships).
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
