@@ -49,13 +49,6 @@ impl Payload {
             Payload::Frame(m) => m,
         }
     }
-
-    pub fn into_vec(self) -> Vec<u8> {
-        match self {
-            Payload::Bytes(b) => b,
-            Payload::Frame(m) => m.to_vec(),
-        }
-    }
 }
 
 /// Where a message comes from, as the sender gave it (dedicated mode): its origin id and

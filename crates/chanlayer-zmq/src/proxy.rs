@@ -330,10 +330,14 @@ impl Batch {
         if payload.as_slice().len() > wire::BATCH_ITEM_MAX {
             return hub.publish(topic, from, 1, payload, false);
         }
+        let payload = match payload {
+            Payload::Bytes(b) => b,
+            Payload::Frame(m) => m.to_vec(),
+        };
         self.from = from;
         self.run = Some(Outgoing::One {
             topic: topic.to_vec(),
-            payload: payload.into_vec(),
+            payload,
         });
     }
 
