@@ -18,8 +18,7 @@ use std::time::Duration;
 use chanlayer_core::{Error, Result};
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -59,15 +58,14 @@ pub(crate) async fn open(
             }
         }
     }
-    Err(Error::Backend {
-        backend: crate::BACKEND,
-        message: format!(
+    Err(Error::failure(
+        crate::BACKEND,
+        format!(
             "could not connect to any of the {n} hosts of {}: {}",
             cfg.display_address(),
             failures.join("; ")
         ),
-        source: None,
-    })
+    ))
 }
 
 /// Connects to host number `index` and sets up the whole topology for `generation`.
@@ -176,16 +174,8 @@ async fn setup(
         .map_err(|e| backend("could not declare this instance's inbox queue", e))?;
     // Groups with local members: bind the inbox again (a new broker has no bindings).
     for group in inner.inbound.groups().groups() {
-        admin
-            .queue_bind(
-                ShortString::from(inner.names.inbox.as_str()),
-                ShortString::from(inner.names.groups.as_str()),
-                ShortString::from(group.as_str()),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| backend("could not bind a group again after reconnecting", e))?;
+        let (groups, inbox) = (&inner.names.groups, &inner.names.inbox);
+        crate::groups::bind_on(&admin, groups, inbox, &group, true).await?;
     }
     let inbox_channel = open("inbox").await?;
     let consumer = inbox_channel

@@ -11,6 +11,7 @@
 use chanlayer_core::Result;
 use lapin::options::QueueBindOptions;
 use lapin::types::{FieldTable, ShortString};
+use lapin::Channel;
 
 use crate::session::{backend, Session};
 use crate::shared::Shared;
@@ -25,9 +26,20 @@ pub(crate) async fn binding(
 ) -> Result<()> {
     let _one = shared.admin_ops.lock().await;
     let admin = session.admin().await?;
+    bind_on(&admin, &shared.names.groups, queue, group, bind).await
+}
+
+/// [`binding`] on the admin channel `admin`, for the groups exchange `exchange`.
+pub(crate) async fn bind_on(
+    admin: &Channel,
+    exchange: &str,
+    queue: &str,
+    group: &str,
+    bind: bool,
+) -> Result<()> {
     let (q, x, key) = (
         ShortString::from(queue),
-        ShortString::from(shared.names.groups.as_str()),
+        ShortString::from(exchange),
         ShortString::from(group),
     );
     let r = if bind {

@@ -22,7 +22,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, Channel, Consumer};
 
-use crate::session::{backend, is_connection_error, Session};
+use crate::session::{backend, is_connection_error, Failed, Session};
 use crate::shared::Shared;
 
 /// A delivery taken from the broker and not settled yet.
@@ -98,17 +98,13 @@ impl NormalConsumer {
         loop {
             match self.try_start(inner, &session).await {
                 Ok(c) => return Ok(c),
-                Err(StartError::Lapin(e)) if is_connection_error(&e) => {
+                Err(Failed::Lapin(e)) if is_connection_error(&e) => {
                     session.broken.notify_one();
                     session = inner.session_after(session.generation).await?;
                 }
-                Err(StartError::Lapin(e)) => {
-                    return Err(backend(
-                        &format!("could not consume queue {:?}", self.queue),
-                        e,
-                    ))
+                Err(e) => {
+                    return Err(e.into_error(&format!("could not consume queue {:?}", self.queue)))
                 }
-                Err(StartError::Layer(e)) => return Err(e),
             }
         }
     }
@@ -117,11 +113,8 @@ impl NormalConsumer {
         &self,
         inner: &Shared,
         session: &Arc<Session>,
-    ) -> std::result::Result<Consumer, StartError> {
-        inner
-            .declare_channel_queue(session, &self.channel)
-            .await
-            .map_err(StartError::Layer)?;
+    ) -> std::result::Result<Consumer, Failed> {
+        inner.declare_channel_queue(session, &self.channel).await?;
         let ch = session.conn.create_channel().await?;
         ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
             .await?;
@@ -277,12 +270,6 @@ impl NormalConsumer {
         Ok(out)
     }
 
-    /// Acks in the background and returns the envelope (`receive`'s auto-ack).
-    pub fn auto_ack(p: Pending) -> Envelope {
-        ack_in_background(p.acker);
-        p.envelope
-    }
-
     /// An [`Incoming`] whose ack/nack settle with the broker / the local requeue.
     pub fn incoming(self: &Arc<Self>, p: Pending) -> Incoming {
         let (envelope, redelivered) = (p.envelope.clone(), p.redelivered);
@@ -310,8 +297,11 @@ impl NormalSource for Source {
             .collect())
     }
 
+    /// Acks in the background and returns the envelope (`receive`'s auto-ack).
     async fn next_auto(&self) -> Result<Envelope> {
-        Ok(NormalConsumer::auto_ack(self.0.take().await?))
+        let p = self.0.take().await?;
+        ack_in_background(p.acker);
+        Ok(p.envelope)
     }
 }
 
@@ -323,17 +313,6 @@ enum Slot {
     Starting(tokio::task::JoinHandle<Result<Consumer>>),
     /// Consuming.
     Running(Consumer),
-}
-
-enum StartError {
-    Lapin(lapin::Error),
-    Layer(Error),
-}
-
-impl From<lapin::Error> for StartError {
-    fn from(e: lapin::Error) -> Self {
-        StartError::Lapin(e)
-    }
 }
 
 #[async_trait]

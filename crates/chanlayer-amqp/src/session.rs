@@ -56,6 +56,34 @@ pub(crate) fn backend(what: &str, e: lapin::Error) -> Error {
     Error::backend(BACKEND, format!("{what}: {why}"), e)
 }
 
+/// A failed broker operation: by the broker (or the connection), or before reaching it.
+pub(crate) enum Failed {
+    Lapin(lapin::Error),
+    Layer(Error),
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Self {
+        Failed::Layer(e)
+    }
+}
+
+impl From<lapin::Error> for Failed {
+    fn from(e: lapin::Error) -> Self {
+        Failed::Lapin(e)
+    }
+}
+
+impl Failed {
+    /// The layer's error: a lapin error as [`backend`] (`what` failed).
+    pub fn into_error(self, what: &str) -> Error {
+        match self {
+            Failed::Lapin(e) => backend(what, e),
+            Failed::Layer(e) => e,
+        }
+    }
+}
+
 /// `true` for errors that mean the connection (not just one operation) is gone.
 pub(crate) fn is_connection_error(e: &lapin::Error) -> bool {
     use lapin::ErrorKind as K;
@@ -71,15 +99,15 @@ pub(crate) fn is_connection_error(e: &lapin::Error) -> bool {
 
 /// The TLS settings: the given CA file, or the system's roots.
 pub(crate) fn tls_config(inner_cfg: &crate::AmqpConfig) -> Result<OwnedTLSConfig> {
-    let cert_chain = match &inner_cfg.ca_file {
-        None => None,
-        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read_to_string(path).map_err(|e| {
             Error::Config(format!(
                 "option ca_file={}: cannot read the CA certificate: {e}",
                 path.display()
             ))
-        })?),
+        })
     };
+    let cert_chain = inner_cfg.ca_file.as_ref().map(read).transpose()?;
     Ok(OwnedTLSConfig {
         identity: None,
         cert_chain,

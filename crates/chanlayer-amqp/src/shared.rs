@@ -17,7 +17,7 @@ use lapin::{BasicProperties, Confirmation};
 use tokio::sync::watch;
 
 use crate::config::{AmqpConfig, Wire};
-use crate::session::{backend, is_connection_error, Session};
+use crate::session::{backend, is_connection_error, Failed, Session};
 use crate::topology::{self, Names};
 use crate::BACKEND;
 
@@ -124,15 +124,14 @@ impl Shared {
         };
         match tokio::time::timeout(self.cfg.reconnect_timeout, wait).await {
             Ok(r) => r,
-            Err(_) => Err(Error::Backend {
-                backend: BACKEND,
-                message: format!(
+            Err(_) => Err(Error::failure(
+                BACKEND,
+                format!(
                     "the broker at {} has been unreachable for {:?} (reconnect_timeout); chanlayer keeps reconnecting in the background",
                     self.cfg.display_address(),
                     self.cfg.reconnect_timeout
                 ),
-                source: None,
-            }),
+            )),
         }
     }
 
@@ -169,7 +168,7 @@ impl Shared {
                 )
                 .await
                 .map(|_| ())
-                .map_err(DeclareError::Lapin)
+                .map_err(Failed::Lapin)
         };
         // Declared with this layer's arguments: a missing queue is created (atomically, if
         // other instances declare it at the same time). A queue that exists with other
@@ -189,8 +188,8 @@ impl Shared {
                     declared = true;
                     break;
                 }
-                Err(DeclareError::Layer(e)) => return Err(e),
-                Err(DeclareError::Lapin(e)) => e,
+                Err(Failed::Layer(e)) => return Err(e),
+                Err(Failed::Lapin(e)) => e,
             };
             let found = precondition_failed(&err).and_then(topology::inequivalent);
             match found {
@@ -204,7 +203,7 @@ impl Shared {
         if !declared {
             declare(true, FieldTable::default())
                 .await
-                .map_err(|e| e.into_error(q))?;
+                .map_err(|e| e.into_error(&format!("could not declare queue {q:?}")))?;
         }
         let mut d = lock(&self.declared);
         if d.0 != session.generation {
@@ -290,27 +289,6 @@ impl Shared {
             });
         }
         Ok(c.take_message().is_none())
-    }
-}
-
-/// A failed queue declaration: by the broker (or the connection), or before reaching it.
-enum DeclareError {
-    Lapin(lapin::Error),
-    Layer(Error),
-}
-
-impl From<Error> for DeclareError {
-    fn from(e: Error) -> Self {
-        DeclareError::Layer(e)
-    }
-}
-
-impl DeclareError {
-    fn into_error(self, queue: &str) -> Error {
-        match self {
-            DeclareError::Lapin(e) => backend(&format!("could not declare queue {queue:?}"), e),
-            DeclareError::Layer(e) => e,
-        }
     }
 }
 

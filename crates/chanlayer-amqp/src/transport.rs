@@ -87,17 +87,12 @@ impl AmqpTransport {
             .publish_to_queue(channel, &queue, bytes, BasicProperties::default(), 0)
             .await?;
         if !stored {
-            return Err(Error::Backend {
-                backend: BACKEND,
-                message: format!("no queue {queue:?} at the broker"),
-                source: None,
-            });
+            let message = format!("no queue {queue:?} at the broker");
+            return Err(Error::failure(BACKEND, message));
         }
         Ok(())
     }
-}
 
-impl AmqpTransport {
     /// Binds (`bind`) or unbinds `queue` and `group` on the live session.
     async fn bind_queue(&self, queue: &str, group: &str, bind: bool) -> Result<()> {
         let session = self.shared.session().await?;

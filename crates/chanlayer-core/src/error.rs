@@ -163,6 +163,15 @@ impl Error {
         }
     }
 
+    /// A [`Error::Backend`] with no lower-level cause.
+    pub fn failure(backend: &'static str, message: impl Into<String>) -> Self {
+        Error::Backend {
+            backend,
+            message: message.into(),
+            source: None,
+        }
+    }
+
     /// An [`Error::Unsupported`].
     pub fn unsupported(
         operation: &'static str,

@@ -21,7 +21,7 @@ use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, TryLockError};
+use std::sync::{Arc, LazyLock, Mutex, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,26 +32,13 @@ use crate::BACKEND;
 
 /// The process's one libzmq context. It is never terminated (terminating blocks until every
 /// socket is closed), so closing a socket never waits.
-pub(crate) fn context() -> &'static zmq::Context {
-    static CTX: OnceLock<zmq::Context> = OnceLock::new();
-    CTX.get_or_init(zmq::Context::new)
-}
+pub(crate) static CONTEXT: LazyLock<zmq::Context> = LazyLock::new(zmq::Context::new);
 
 pub(crate) use chanlayer_core::toolkit::lock;
 
 /// A libzmq error as a chanlayer error.
 pub(crate) fn zmq_err(what: impl Into<String>, e: zmq::Error) -> Error {
     Error::backend(BACKEND, what, e)
-}
-
-/// A backend error with no lower-level cause.
-pub(crate) fn failure(message: impl Into<String>) -> Error {
-    let message = message.into();
-    Error::Backend {
-        backend: BACKEND,
-        message,
-        source: None,
-    }
 }
 
 /// Starts the socket thread `name`: `setup` makes its sockets on the thread and gives the
@@ -75,7 +62,7 @@ pub(crate) fn spawn<S, T: Send + 'static>(
             }
         })
         .map_err(|e| Error::backend(BACKEND, format!("could not start the {name} thread"), e))?;
-    let ended = || failure(format!("the {name} thread ended while starting"));
+    let ended = || Error::failure(BACKEND, format!("the {name} thread ended while starting"));
     match rx.recv().unwrap_or_else(|_| Err(ended())) {
         Ok(value) => Ok((thread, value)),
         Err(e) => {

@@ -24,7 +24,7 @@ use chanlayer_core::config::BackendSettings;
 use chanlayer_core::config::{BackendOptions, ConfigDuration, MAX_TIMEOUT, MIN_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result};
 
-use crate::bridge::{context, zmq_err};
+use crate::bridge::{zmq_err, CONTEXT};
 use crate::retention::Retention;
 use crate::BACKEND;
 
@@ -440,7 +440,7 @@ impl ZmqConfig {
     /// high-water mark of its direction, the pass-through options, and CURVE (the server
     /// side for the XPUB, the client side otherwise).
     pub(crate) fn socket(&self, kind: zmq::SocketType) -> Result<zmq::Socket> {
-        let s = context()
+        let s = CONTEXT
             .socket(kind)
             .map_err(|e| zmq_err(format!("could not create the {kind:?} socket"), e))?;
         let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
@@ -454,7 +454,15 @@ impl ZmqConfig {
         s.set_reconnect_ivl_max(ms(self.reconnect_interval_max))
             .map_err(opt("reconnect_interval_max"))?;
         s.set_ipv6(self.ipv6).map_err(opt("ipv6"))?;
-        apply_socket_options(&s, &self.socket_options)?;
+        for SocketOption { name, value } in &self.socket_options {
+            let Some((_, set)) = SOCKET_OPTIONS.iter().find(|(n, _)| n == name) else {
+                return Err(Error::Config(format!(
+                    "option zmq.{name}: unknown socket option"
+                )));
+            };
+            set(&s, *value)
+                .map_err(|e| Error::Config(format!("option zmq.{name}={value}: {e}")))?;
+        }
         let (hwm, set) = match kind {
             zmq::SUB => ("rcvhwm", s.set_rcvhwm(self.rcvhwm)),
             _ => ("sndhwm", s.set_sndhwm(self.sndhwm)),
@@ -538,19 +546,6 @@ fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
         secret,
         server_secret,
     }))
-}
-
-/// Applies `zmq.<option>` pass-through options to a socket.
-pub(crate) fn apply_socket_options(s: &zmq::Socket, options: &[SocketOption]) -> Result<()> {
-    for SocketOption { name, value } in options {
-        let Some((_, set)) = SOCKET_OPTIONS.iter().find(|(n, _)| n == name) else {
-            return Err(Error::Config(format!(
-                "option zmq.{name}: unknown socket option"
-            )));
-        };
-        set(s, *value).map_err(|e| Error::Config(format!("option zmq.{name}={value}: {e}")))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

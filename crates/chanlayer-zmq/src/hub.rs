@@ -49,13 +49,6 @@ impl Payload {
             Payload::Frame(m) => m,
         }
     }
-
-    pub fn into_vec(self) -> Vec<u8> {
-        match self {
-            Payload::Bytes(b) => b,
-            Payload::Frame(m) => m.to_vec(),
-        }
-    }
 }
 
 /// Where a message comes from, as the sender gave it (dedicated mode): its origin id and
@@ -218,11 +211,7 @@ impl Hub {
     /// while nobody listens, groups never (retention off: nothing).
     pub fn publish(&mut self, topic: &[u8], from: From, count: u64, payload: Payload, batch: bool) {
         let Some(kind) = wire::data_topic_kind(topic) else {
-            self.count(|c| {
-                c.undecodable += count;
-                c.received += count;
-            });
-            return;
+            return self.reject(count);
         };
         let (per_topic, stamps, clock) = (self.store.limits.per_topic, self.stamps, self.clock);
         let state = self.state_mut(topic);
@@ -326,11 +315,11 @@ impl Hub {
         }
     }
 
-    /// Counts a message that is not chanlayer's (skipped).
-    pub fn reject(&mut self) {
+    /// Counts `count` messages that are not chanlayer's (skipped).
+    pub fn reject(&mut self, count: u64) {
         self.count(|c| {
-            c.undecodable += 1;
-            c.received += 1;
+            c.undecodable += count;
+            c.received += count;
         });
     }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{context, lock, poll, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker};
+use crate::bridge::{lock, poll, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker, CONTEXT};
 use crate::config::{check_endpoint, curve_available, curve_missing};
 use crate::hub::{Counters, From, Hub, HubStats, Payload};
 use crate::retention::Retention;
@@ -156,7 +156,7 @@ impl Proxy {
 fn setup(config: &ProxyConfig) -> Result<(zmq::Socket, zmq::Socket, String, String)> {
     let ipv6 = config.pull.starts_with("tcp://[") || config.publish.starts_with("tcp://[");
     let open = |kind: zmq::SocketType, what: &str, addr: &str| {
-        let s = context()
+        let s = CONTEXT
             .socket(kind)
             .map_err(|e| zmq_err(format!("could not create the {kind:?} socket"), e))?;
         s.set_linger(0).map_err(|e| zmq_err("linger", e))?;
@@ -270,7 +270,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
                 None => {
                     tracing::debug!(topic = %wire::display(first), "the proxy skipped a malformed batch");
                     run.flush(hub);
-                    hub.reject(); // one message: its items cannot be told apart
+                    hub.reject(1); // one message: its items cannot be told apart
                 }
             }
             return;
@@ -293,7 +293,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
         }
     }
     tracing::debug!(frames = n, first = %wire::display(first), "the proxy skipped a message that is not chanlayer's");
-    hub.reject();
+    hub.reject(1);
 }
 
 /// A run: consecutive data messages of one topic (and one origin) that the proxy
@@ -330,10 +330,14 @@ impl Batch {
         if payload.as_slice().len() > wire::BATCH_ITEM_MAX {
             return hub.publish(topic, from, 1, payload, false);
         }
+        let payload = match payload {
+            Payload::Bytes(b) => b,
+            Payload::Frame(m) => m.to_vec(),
+        };
         self.from = from;
         self.run = Some(Outgoing::One {
             topic: topic.to_vec(),
-            payload: payload.into_vec(),
+            payload,
         });
     }
 

@@ -19,15 +19,16 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{failure, lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
+use crate::bridge::{lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
 use crate::config::ZmqConfig;
 use crate::hub::{Counters, Hub};
 use crate::receiver::Shared;
+use crate::BACKEND;
 
 type Receivers = Arc<Mutex<Vec<Weak<Shared>>>>;
 
@@ -43,18 +44,12 @@ pub(crate) struct Endpoint {
     receivers: Receivers,
 }
 
-fn registry() -> &'static Mutex<HashMap<String, Weak<Endpoint>>> {
-    static R: OnceLock<Mutex<HashMap<String, Weak<Endpoint>>>> = OnceLock::new();
-    R.get_or_init(Mutex::default)
-}
+static REGISTRY: LazyLock<Mutex<HashMap<String, Weak<Endpoint>>>> = LazyLock::new(Mutex::default);
 
 /// Per address: how many publishers of this process are stopping (lingering at close), and
 /// when one last stopped. A new publisher on the address waits for them before it binds (a
 /// rebind right after a stop may find the old listener still closing).
-fn stops() -> &'static Mutex<HashMap<String, (usize, Instant)>> {
-    static R: OnceLock<Mutex<HashMap<String, (usize, Instant)>>> = OnceLock::new();
-    R.get_or_init(Mutex::default)
-}
+static STOPS: LazyLock<Mutex<HashMap<String, (usize, Instant)>>> = LazyLock::new(Mutex::default);
 
 /// The settings of the publisher that an instance's settings decide (see [`endpoint`]).
 fn publisher_settings(c: &ZmqConfig) -> impl PartialEq + '_ {
@@ -71,7 +66,7 @@ fn publisher_settings(c: &ZmqConfig) -> impl PartialEq + '_ {
 /// The endpoint state for `address` in this process (shared by every instance using it; the
 /// first instance's settings are the publisher's).
 pub(crate) fn endpoint(address: &str, cfg: &ZmqConfig) -> Arc<Endpoint> {
-    let mut map = lock(registry());
+    let mut map = lock(&REGISTRY);
     if let Some(e) = map.get(address).and_then(Weak::upgrade) {
         // The process's publisher on this address is shared: its settings are those of the
         // first instance that connected. Say so when a later instance asks for others.
@@ -133,12 +128,12 @@ pub(crate) struct Publisher {
 impl Drop for Publisher {
     fn drop(&mut self) {
         let now = Instant::now();
-        lock(stops())
+        lock(&STOPS)
             .entry(self.address.clone())
             .or_insert((0, now))
             .0 += 1;
         self.worker.stop();
-        let mut s = lock(stops());
+        let mut s = lock(&STOPS);
         let e = s.entry(self.address.clone()).or_insert((1, now));
         *e = (e.0.saturating_sub(1), Instant::now());
     }
@@ -152,7 +147,8 @@ impl Publisher {
         let (thread, outbox) = spawn(
             "publisher",
             move || {
-                let xpub = setup(&address, &cfg)?;
+                let xpub = cfg.socket(zmq::XPUB)?;
+                bind(&xpub, &address, &cfg)?;
                 let fd = xpub
                     .get_fd()
                     .map_err(|e| zmq_err("could not read the publisher's ZMQ_FD", e))?;
@@ -188,7 +184,7 @@ fn ipc_in_use(path: &str) -> bool {
 }
 
 fn taken(address: &str) -> Error {
-    failure(format!(
+    Error::failure(BACKEND, format!(
         "embedded mode: {address} is already bound by another process. In embedded mode one process per address sends (it binds the publisher) and any number receive; run several senders in dedicated mode through a proxy (`chanlayer zmq-proxy`, URL zmq://?pull=...&pub=...), give this process its own address, or connect it with bind=never to only receive"
     ))
 }
@@ -198,7 +194,7 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
     // it, within its close_linger and linger and a margin.
     let started = Instant::now();
     let patience = cfg.close_linger + cfg.linger + Duration::from_secs(2);
-    let stop = || lock(stops()).get(address).copied();
+    let stop = || lock(&STOPS).get(address).copied();
     while stop().is_some_and(|(n, _)| n > 0) && started.elapsed() < patience {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -224,12 +220,6 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
             r => return r,
         }
     }
-}
-
-fn setup(address: &str, cfg: &ZmqConfig) -> Result<zmq::Socket> {
-    let xpub = cfg.socket(zmq::XPUB)?;
-    bind(&xpub, address, cfg)?;
-    Ok(xpub)
 }
 
 fn synced(receivers: &Receivers) -> bool {

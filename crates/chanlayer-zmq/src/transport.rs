@@ -15,7 +15,7 @@ use chanlayer_core::toolkit::{
 use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{failure, lock, Control, Outlet, Refused};
+use crate::bridge::{lock, Control, Outlet, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
 use crate::hub::{Counters, HubStats};
 use crate::publisher::{self, Endpoint};
@@ -105,6 +105,20 @@ fn refused(r: Refused, channel: &str, send_queue: usize) -> Error {
             capacity: send_queue,
         },
         Refused::Closed => Error::Closed,
+    }
+}
+
+/// The answer on `rx` within `after`: `Closed` if the receiving thread dropped the sender,
+/// `Timeout` (of `operation`) if none came.
+async fn answer<T>(
+    rx: oneshot::Receiver<T>,
+    after: Duration,
+    operation: &'static str,
+) -> Result<T> {
+    match tokio::time::timeout(after, rx).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) => Err(Error::Closed),
+        Err(_) => Err(Error::Timeout { operation, after }),
     }
 }
 
@@ -362,7 +376,7 @@ impl Transport for ZmqTransport {
         };
         if let Some(message) = failed {
             t.shut_down().await;
-            return Err(failure(message));
+            return Err(Error::failure(BACKEND, message));
         }
         Ok(t)
     }
@@ -434,13 +448,13 @@ impl Transport for ZmqTransport {
         }
         let (tx, rx) = oneshot::channel();
         self.receiver.reconcile(Some(group), Some(tx))?;
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(Confirm::Confirmed | Confirm::NotConnected)) => Ok(()),
-            Ok(Ok(Confirm::NoAnswer)) | Err(_) => Err(Error::Timeout {
-                operation: "group_add (waiting for the publisher to confirm the subscription; the membership was not added)",
+        let operation = "group_add (waiting for the publisher to confirm the subscription; the membership was not added)";
+        match answer(rx, wait, operation).await? {
+            Confirm::Confirmed | Confirm::NotConnected => Ok(()),
+            Confirm::NoAnswer => Err(Error::Timeout {
+                operation,
                 after: wait,
             }),
-            Ok(Err(_)) => Err(Error::Closed),
         }
     }
 
@@ -470,14 +484,10 @@ impl Transport for ZmqTransport {
         // the retention (dropped now) or on its way to us (ahead of the mark).
         match self.mark(self.prefix())? {
             None => Ok(()),
-            Some(rx) => match tokio::time::timeout(self.cfg.connect_timeout, rx).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(Error::Closed),
-                Err(_) => Err(Error::Timeout {
-                    operation: "flush (waiting for the publisher's barrier)",
-                    after: self.cfg.connect_timeout,
-                }),
-            },
+            Some(rx) => {
+                let operation = "flush (waiting for the publisher's barrier)";
+                answer(rx, self.cfg.connect_timeout, operation).await
+            }
         }
     }
 

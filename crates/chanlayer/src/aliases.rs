@@ -133,33 +133,26 @@ impl Layers {
         };
         let mut sources = BTreeMap::new();
         for (alias, section) in layers {
+            let bad =
+                |table: &str, why: &str| Error::Config(format!("[layers.{alias}{table}]{why}"));
             let toml::Value::Table(mut section) = section else {
-                return Err(Error::Config(format!("[layers.{alias}] must be a table")));
+                return Err(bad("", " must be a table"));
             };
             let url = match section.remove("url") {
                 Some(toml::Value::String(u)) => u,
-                other => {
-                    let why = if other.is_some() {
-                        "url must be a string"
-                    } else {
-                        "has no url"
-                    };
-                    return Err(Error::Config(format!("[layers.{alias}] {why}")));
-                }
+                Some(_) => return Err(bad("", " url must be a string")),
+                None => return Err(bad("", " has no url")),
             };
             let backend = match section.remove("backend") {
                 None => BTreeMap::new(),
                 Some(toml::Value::Table(b)) => (b.into_iter())
                     .map(|(k, v)| Ok((k.clone(), scalar_to_string(&k, v)?)))
                     .collect::<Result<_>>()?,
-                Some(_) => {
-                    let e = format!("[layers.{alias}.backend] must be a table");
-                    return Err(Error::Config(e));
-                }
+                Some(_) => return Err(bad(".backend", " must be a table")),
             };
             let partial: PartialOptions = toml::Value::Table(section)
                 .try_into()
-                .map_err(|e| Error::Config(format!("[layers.{alias}]: {e}")))?;
+                .map_err(|e| bad("", &format!(": {e}")))?;
             sources.insert(alias, (url, partial, backend));
         }
         Self::from_sources(sources)

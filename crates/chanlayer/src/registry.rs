@@ -112,19 +112,19 @@ pub fn schemes() -> Vec<String> {
 
 /// The connector of `scheme`, or an error that says why there is none.
 pub(crate) fn connector(scheme: &str) -> Result<Connector> {
-    let reg = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
-    match reg.get(scheme) {
-        Some(Backend::Available(c)) => Ok(c.clone()),
+    let backend = REGISTRY
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(scheme)
+        .cloned();
+    match backend {
+        Some(Backend::Available(c)) => Ok(c),
         Some(Backend::CompiledOut(feature)) => Err(Error::Config(format!(
             "{scheme}:// needs the {feature} backend, which this build left out: enable the cargo feature `{feature}` of the chanlayer crate (chanlayer = {{ version = \"0.1\", features = [\"{feature}\"] }})"
         ))),
-        None => {
-            let mut known: Vec<&str> = reg.keys().map(String::as_str).collect();
-            known.sort_unstable();
-            Err(Error::Config(format!(
-                "unknown scheme {scheme:?}; chanlayer knows {}",
-                known.join(", ")
-            )))
-        }
+        None => Err(Error::Config(format!(
+            "unknown scheme {scheme:?}; chanlayer knows {}",
+            schemes().join(", ")
+        ))),
     }
 }

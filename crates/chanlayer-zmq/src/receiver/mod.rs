@@ -31,7 +31,7 @@ use chanlayer_core::toolkit::Inbound;
 use chanlayer_core::{Error, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{context, poll, spawn, zmq_err, Item, Mailbox, Worker};
+use crate::bridge::{poll, spawn, zmq_err, Item, Mailbox, Worker, CONTEXT};
 use crate::config::ZmqConfig;
 use crate::wire;
 use subs::State;
@@ -201,7 +201,7 @@ fn setup(cfg: &ZmqConfig, shared: &Shared) -> Result<(zmq::Socket, zmq::Socket)>
         .fold(0i32, |acc, e| acc | i32::from(e.to_raw()));
     sub.monitor(&monitor_endpoint, events)
         .map_err(|e| zmq_err("could not monitor the SUB socket", e))?;
-    let monitor = context()
+    let monitor = CONTEXT
         .socket(zmq::PAIR)
         .map_err(|e| zmq_err("could not create the monitor socket", e))?;
     monitor
