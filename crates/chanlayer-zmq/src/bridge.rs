@@ -230,6 +230,11 @@ pub(crate) trait Outlet: Send + Sync {
 
 impl<S: Sink> Outlet for Outbox<S> {
     fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused> {
+        // In a stream something is queued nearly always: queue behind it without touching
+        // the socket's lock (the thread's) or reading the clock.
+        if self.mailbox.queued() {
+            return self.mailbox.push(topic.into(), payload);
+        }
         let sink = match self.sink.try_lock() {
             Ok(s) => Some(s),
             Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
@@ -378,6 +383,8 @@ struct Queue<T> {
 /// doorbell.
 pub(crate) struct Mailbox<C> {
     queue: Mutex<Queue<Item<C>>>,
+    /// `queue.items` is not empty, as of the last change under the lock (read without it).
+    queued: AtomicBool,
     capacity: usize,
     sleeping: AtomicBool,
     bell_tx: UnixDatagram,
@@ -400,6 +407,7 @@ impl<C> Mailbox<C> {
                 count: 0,
                 closed: false,
             }),
+            queued: AtomicBool::new(false),
             capacity: capacity.max(1),
             sleeping: AtomicBool::new(false),
             bell_tx,
@@ -433,6 +441,7 @@ impl<C> Mailbox<C> {
             }
             q.count += n;
             place(&mut q.items);
+            self.queued.store(true, Ordering::Release);
         }
         self.ring();
         Ok(())
@@ -500,6 +509,12 @@ impl<C> Mailbox<C> {
         Ok(q.items.is_empty())
     }
 
+    /// `true` if something was queued at the last look (no lock: a hint, which
+    /// [`Mailbox::is_empty`] confirms under the lock).
+    pub fn queued(&self) -> bool {
+        self.queued.load(Ordering::Acquire)
+    }
+
     /// `true` once [`Mailbox::close`] was called.
     pub fn is_closed(&self) -> bool {
         lock(&self.queue).closed
@@ -509,6 +524,7 @@ impl<C> Mailbox<C> {
     pub fn take_all(&self) -> VecDeque<Item<C>> {
         let mut q = lock(&self.queue);
         q.count = 0;
+        self.queued.store(false, Ordering::Release);
         std::mem::take(&mut q.items)
     }
 
@@ -519,6 +535,7 @@ impl<C> Mailbox<C> {
         let taken: usize = q.items.iter().take(n).map(Item::count).sum();
         q.count -= taken;
         out.extend(q.items.drain(..n));
+        self.queued.store(!q.items.is_empty(), Ordering::Release);
     }
 
     /// Called by the thread before it sleeps in `zmq_poll`: `false` if something is queued
