@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chanlayer_core::toolkit::{async_trait, lock, now_ms, Envelope, Inbound, Settler, Stats};
-use chanlayer_core::Result;
+use chanlayer_core::{Error, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
-use crate::topics::failure;
+use crate::BACKEND;
 
 /// A message taken from the topic and not settled yet.
 pub(crate) struct Pending {
@@ -153,10 +153,10 @@ impl Shared {
             return Ok(Some(p));
         }
         if let Some(why) = &st.failed {
-            return Err(failure(format!(
-                "the consumer of {:?} stopped: {why}",
-                self.topic
-            )));
+            return Err(Error::failure(
+                BACKEND,
+                format!("the consumer of {:?} stopped: {why}", self.topic),
+            ));
         }
         Ok(None)
     }

@@ -11,7 +11,7 @@ use rdkafka::util::Timeout;
 use crate::capabilities::BACKEND;
 use crate::cause::{Cause, Watch};
 use crate::config::KafkaConfig;
-use crate::topics::{backend_err, failure};
+use crate::topics::backend_err;
 
 /// How a produce ended when it did not store the message.
 #[derive(Debug)]
@@ -26,7 +26,7 @@ impl Refused {
     /// As a layer error: a missing topic is a backend error saying `gone`.
     pub fn or_gone(self, gone: impl FnOnce() -> String) -> Error {
         match self {
-            Refused::UnknownTopic => failure(gone()),
+            Refused::UnknownTopic => Error::failure(BACKEND, gone()),
             Refused::Failed(e) => e,
         }
     }

@@ -50,15 +50,6 @@ pub(crate) fn backend_err(what: &str, e: KafkaError) -> Error {
     Error::backend(BACKEND, what, e)
 }
 
-/// A backend error without a client library error behind it.
-pub(crate) fn failure(message: String) -> Error {
-    Error::Backend {
-        backend: BACKEND,
-        message,
-        source: None,
-    }
-}
-
 /// Creates topics when missing (or checks they exist, with `create_topics=false`); remembers
 /// the ones it has seen.
 pub(crate) struct Topics {
@@ -142,7 +133,10 @@ impl Topics {
             .map_err(|e| backend_err(&format!("could not create topic {topic:?}"), e))?;
         let mut failed = results.into_iter().filter_map(Result::err);
         if let Some((t, code)) = failed.find(|(_, c)| *c != RDKafkaErrorCode::TopicAlreadyExists) {
-            return Err(failure(format!("could not create topic {t:?}: {code}")));
+            return Err(Error::failure(
+                BACKEND,
+                format!("could not create topic {t:?}: {code}"),
+            ));
         }
         lock(&self.known).insert(topic.to_owned());
         Ok(())
@@ -225,7 +219,10 @@ impl Topics {
                     known.remove(&t);
                 }
                 Err((t, code)) => {
-                    return Err(failure(format!("could not delete topic {t:?}: {code}")))
+                    return Err(Error::failure(
+                        BACKEND,
+                        format!("could not delete topic {t:?}: {code}"),
+                    ))
                 }
             }
         }

@@ -24,7 +24,7 @@ use crate::config::KafkaConfig;
 use crate::normal::NormalConsumer;
 use crate::producer::{Refused, Sender};
 use crate::state::{ClosedInstances, Instance, CLOSED_KEY};
-use crate::topics::{failure, Kind, Names, Topics};
+use crate::topics::{Kind, Names, Topics};
 use crate::worker::Worker;
 
 /// The Kafka transport: one layer instance's clients, topics, threads and tasks. Use it as
@@ -201,7 +201,7 @@ async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransp
     };
     let refused = |cause: String| {
         let at = instance.cfg.display_address();
-        failure(format!("could not connect to {at}: {cause}"))
+        Error::failure(BACKEND, format!("could not connect to {at}: {cause}"))
     };
     let (topics, names) = (&instance.topics, &instance.names);
     // The first request fails at once when authentication or TLS does.
@@ -224,10 +224,13 @@ async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransp
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             None => {
-                return Err(failure(format!(
+                return Err(Error::failure(
+                    BACKEND,
+                    format!(
                     "the groups topic {groups:?} is not in the cluster's metadata (waited {:?})",
                     instance.cfg.connection_timeout
-                )))
+                ),
+                ))
             }
         }
     };
