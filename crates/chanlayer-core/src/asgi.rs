@@ -4,7 +4,7 @@
 //! a group), and nothing else: no id, timestamps or headers. It is what `channels_rabbitmq`
 //! (and `channels_redis`) put in a message body.
 //!
-//! A chanlayer [`Message`](crate::Message) maps to such a dict: the dict's `"type"` is the
+//! A chanlayer [`Message`] maps to such a dict: the dict's `"type"` is the
 //! message type and its other keys are the body, which must be a map:
 //!
 //! - sending, the body is encoded with the `msgpack` or `json` codec from a struct with named
@@ -235,7 +235,7 @@ pub fn decode(bytes: &[u8], expiry: Duration) -> std::result::Result<Envelope, S
     ))?;
     let mut packed = Vec::with_capacity(bytes.len());
     rmpv::encode::write_value(&mut packed, &Value::Map(body)).map_err(|e| e.to_string())?;
-    let now = crate::envelope::now_ms();
+    let now = crate::clock::now_ms();
     Ok(Envelope {
         id: MessageId::new(now),
         kind,

@@ -15,13 +15,19 @@
 //! - **No helper, no problem.** If the thread cannot be started, every read is the system
 //!   clock.
 //!
-//! [`now_ms`](crate::envelope::now_ms) stays the exact clock for everything else.
+//! [`now_ms`] stays the exact clock for everything else.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::envelope::now_ms;
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// How often the helper refreshes the value while it is read.
 pub const TICK: Duration = Duration::from_millis(1);

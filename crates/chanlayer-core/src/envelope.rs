@@ -3,9 +3,9 @@
 //! Wire format: the two magic bytes `CL`, one format-version byte, then the envelope encoded
 //! with bincode 2 (serde, standard config). Bytes that do not decode (wrong magic, unknown
 //! version, garbage, truncation, trailing bytes) are an [`EnvelopeError`]; receivers count
-//! and skip them (see [`crate::Stats::record_undecodable`]).
+//! and skip them (see [`crate::toolkit::Stats::record_undecodable`]).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,14 +18,6 @@ use crate::message::{Headers, Message};
 pub const MAGIC: [u8; 2] = *b"CL";
 /// The envelope format version this build writes and reads.
 pub const FORMAT_VERSION: u8 = 1;
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// A unique, time-sortable message id: 48 bits of milliseconds since the epoch, then 80
 /// random bits (the ULID layout). Displayed as 32 hex digits.

@@ -11,9 +11,9 @@ use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
 use crate::groups::GroupRegistry;
 use crate::inbox::{CloseSignal, Entry, LocalInbox};
+use crate::incoming::{Incoming, Settler};
 use crate::names;
 use crate::stats::Stats;
-use crate::transport::{Incoming, Settler};
 
 /// One instance's receiving side. See the module docs.
 #[derive(Debug)]
@@ -71,6 +71,23 @@ impl Inbound {
     /// The close signal (set by core before the transport's `close`).
     pub fn closed(&self) -> &Arc<CloseSignal> {
         &self.closed
+    }
+
+    /// Exports this instance's counts to the `metrics` recorder every
+    /// [`EXPORT_EVERY`](crate::telemetry::EXPORT_EVERY) until the layer closes, and once
+    /// more then (so the figures end exact, and a closed instance's messages leave the
+    /// gauges).
+    pub(crate) async fn export_metrics(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(crate::telemetry::EXPORT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.closed.closed() => break,
+                _ = tick.tick() => self.stats.export_metrics(self.inbox.depth()),
+            }
+        }
+        // The instance is gone: its inbox leaves the gauge.
+        self.stats.export_metrics(0);
     }
 
     /// The local inbox (process-local channels; normal channels of inbox-read transports).
@@ -253,5 +270,21 @@ impl Settler for LocalInbox {
         }
         stats.record_redelivered(1);
         self.requeue_front(&channel, entry);
+    }
+}
+
+impl Incoming {
+    /// An item carrying `envelope` whose ack settles `pending` through `settler` (`Closed`
+    /// once `inbound`'s layer closed: it then comes back), and whose nack, or a drop
+    /// without either, requeues it (counted in `inbound`'s stats as unsettled meanwhile).
+    pub fn unsettled<S: Settler>(
+        envelope: Envelope,
+        redelivered: bool,
+        settler: Arc<S>,
+        pending: S::Pending,
+        inbound: &Inbound,
+    ) -> Incoming {
+        let (stats, closed) = (inbound.stats().clone(), inbound.closed().clone());
+        Incoming::unsettled_with(envelope, redelivered, (settler, pending), stats, closed)
     }
 }

@@ -16,9 +16,9 @@ use tokio::sync::Notify;
 
 pub use crate::signal::CloseSignal;
 
-use crate::clock::recent_ms;
+use crate::clock::{now_ms, recent_ms};
 use crate::config::LayerOptions;
-use crate::envelope::{now_ms, Destination, Envelope};
+use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
 use crate::groups::GroupRegistry;
 use crate::stats::Stats;
@@ -41,7 +41,7 @@ impl Entry {
     pub fn into_settled_delivery(self, channel: &str) -> crate::Delivery {
         let ack = crate::AckHandle::settled();
         let (envelope, redelivered) = (self.envelope, self.redelivered);
-        crate::transport::Incoming {
+        crate::incoming::Incoming {
             envelope,
             redelivered,
             ack,

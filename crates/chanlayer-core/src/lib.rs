@@ -4,7 +4,7 @@
 //!
 //! - [`ChannelLayer`]: the object-safe trait (send, receive, groups, deliveries, batches).
 //! - [`Message`] / [`MessageType`] / [`Codec`]: typed bodies in bincode, msgpack or json.
-//! - [`Envelope`]: the versioned wire format (bincode 2).
+//! - [`Envelope`](toolkit::Envelope): the versioned wire format (bincode 2).
 //! - [`names`]: channel and group name rules, process-local channel names.
 //! - [`Error`]: the one error enum.
 //! - [`LayerConfig`] / [`LayerOptions`]: configuration and URL parsing.
@@ -13,13 +13,15 @@
 //! That is what applications use (the `chanlayer` facade re-exports it). Backends use the
 //! [`toolkit`]: the [`Transport`](toolkit::Transport) contract they implement, and
 //! [`TransportLayer`](toolkit::TransportLayer), the one `ChannelLayer` implementation over
-//! any transport, with the pieces it is built from (the per-instance [`LocalInbox`]
-//! (toolkit::LocalInbox) with capacity and expiry, the [`GroupRegistry`]
-//! (toolkit::GroupRegistry), the ingest path [`Inbound`](toolkit::Inbound)).
+//! any transport, with the pieces it is built from (the per-instance
+//! [`LocalInbox`](toolkit::LocalInbox) with capacity and expiry, the
+//! [`GroupRegistry`](toolkit::GroupRegistry), the ingest path
+//! [`Inbound`](toolkit::Inbound)).
 //!
 //! Most applications use the `chanlayer` facade crate instead of this one.
 
 pub mod asgi;
+pub mod batch;
 pub mod capabilities;
 pub mod clock;
 pub mod codec;
@@ -31,6 +33,7 @@ mod expiry;
 pub mod groups;
 pub mod inbound;
 pub mod inbox;
+pub mod incoming;
 pub mod layer;
 pub mod memory;
 pub mod message;
@@ -45,10 +48,11 @@ pub mod telemetry;
 pub mod transport;
 pub mod transport_layer;
 
+pub use batch::{handle_batch, BatchError};
 pub use capabilities::Capabilities;
 pub use codec::Codec;
 pub use config::{BackendConfig, LayerConfig, LayerOptions, PartialOptions, Secret};
-pub use delivery::{handle_batch, AckHandle, BatchError, Delivery, DeliveryInfo};
+pub use delivery::{AckHandle, Delivery, DeliveryInfo};
 pub use envelope::MessageId;
 pub use error::{Error, NameKind, Result};
 pub use layer::ChannelLayer;
@@ -60,8 +64,9 @@ pub use stats::StatsSnapshot;
 /// [`TransportLayer`](transport_layer::TransportLayer) (the one `ChannelLayer`
 /// implementation), and the shared pieces it uses. Applications do not need this module.
 pub mod toolkit {
+    pub use crate::clock::now_ms;
     pub use crate::delivery::Acknowledger;
-    pub use crate::envelope::{now_ms, Destination, Envelope, EnvelopeError};
+    pub use crate::envelope::{Destination, Envelope, EnvelopeError};
     pub use crate::groups::GroupRegistry;
     pub use crate::inbound::{requeuing_delivery, requeuing_incoming, Inbound};
     pub use crate::inbox::{CloseSignal, Entry, LocalInbox};

@@ -1,7 +1,7 @@
 //! A layer's counters through the [`metrics`] facade, for whatever recorder the application
 //! installs (`metrics-exporter-prometheus` for a Prometheus `/metrics`, or any other).
 //!
-//! The per-message paths only bump the layer's own [`Stats`](crate::Stats) counters (one
+//! The per-message paths only bump the layer's own [`Stats`](crate::toolkit::Stats) counters (one
 //! atomic add each, on a cache line of its own); a task of each layer exports them every
 //! [`EXPORT_EVERY`] (one second) and when the layer closes, adding what changed. So the
 //! metrics cost the send and receive paths nothing, recorder or not, and lag the counts by
@@ -10,7 +10,7 @@
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
-//! | `chanlayer_sent_total` | counter | backend, kind | messages handed to the broker ([`Stats`](crate::Stats) `sent`) |
+//! | `chanlayer_sent_total` | counter | backend, kind | messages handed to the broker ([`Stats`](crate::toolkit::Stats) `sent`) |
 //! | `chanlayer_received_total` | counter | backend, kind | messages returned by receive operations |
 //! | `chanlayer_expired_total` | counter | backend | dropped on receive, past their expiry |
 //! | `chanlayer_undecodable_total` | counter | backend | bytes that were not a message, skipped |
@@ -195,24 +195,6 @@ impl Handles {
 
 /// How often a layer exports its counts.
 pub const EXPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Exports `inbound`'s counts every [`EXPORT_EVERY`] until the layer closes, and once more
-/// then (so the figures end exact, and a closed instance's messages leave the gauges).
-pub(crate) async fn export_task(inbound: std::sync::Arc<crate::inbound::Inbound>) {
-    let export = |inbound: &crate::inbound::Inbound| {
-        inbound.stats().export_metrics(inbound.inbox().depth());
-    };
-    let mut tick = tokio::time::interval(EXPORT_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = inbound.closed().closed() => break,
-            _ = tick.tick() => export(&inbound),
-        }
-    }
-    // The instance is gone: its inbox leaves the gauge.
-    inbound.stats().export_metrics(0);
-}
 
 /// `true` for the sends whose latency is measured: one in [`SEND_SAMPLE`] per thread.
 pub(crate) fn sample_send() -> bool {

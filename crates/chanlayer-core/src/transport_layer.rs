@@ -2,7 +2,7 @@
 //!
 //! Everything that is the same for every backend happens here: name checks, the closed
 //! state, `NotOwner`, the split between process-local channels (this instance's
-//! [`LocalInbox`](crate::LocalInbox)) and normal channels (the transport's
+//! [`LocalInbox`](crate::toolkit::LocalInbox)) and normal channels (the transport's
 //! [`NormalReader`]), counters, settled or requeuing local deliveries, and group
 //! bookkeeping: a group is bound at the transport on its first local member and unbound on
 //! its last; normal-channel memberships are bound on every `group_add` and unbound when
@@ -75,7 +75,7 @@ impl<T: Transport> TransportLayer<T> {
         let transport = Arc::new(T::open(config, inbound.clone()).await?);
         let caps = transport.capabilities();
         inbound.stats().export(caps.backend);
-        tokio::spawn(telemetry::export_task(inbound.clone()));
+        tokio::spawn(inbound.clone().export_metrics());
         let groups = Arc::new(GroupState::default());
         tokio::spawn(expiry_task(
             Arc::downgrade(&transport),

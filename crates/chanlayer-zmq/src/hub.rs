@@ -25,7 +25,7 @@ use hashbrown::hash_map::EntryRef;
 use hashbrown::HashMap;
 
 use crate::bridge::{idle_since, lock, wait_until, Control, Item, Outgoing, Sink};
-use crate::retention::{Retention, Store};
+use crate::retention::{From, Retention, Store};
 use crate::wire::{self, TopicKind};
 
 /// A message body handed to the hub: owned bytes, or a frame received from the proxy's
@@ -50,10 +50,6 @@ impl Payload {
         }
     }
 }
-
-/// Where a message comes from, as the sender gave it (dedicated mode): its origin id and
-/// its number on the topic. `None` for the embedded publisher's own messages.
-pub(crate) type From = Option<(u64, u64)>;
 
 /// Counters of a publisher (the proxy, or the embedded publisher of a process).
 ///

@@ -13,7 +13,8 @@ use chanlayer_core::{Error, Result};
 
 use crate::bridge::{lock, poll, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker, CONTEXT};
 use crate::config::{check_endpoint, curve_available, curve_missing};
-use crate::hub::{Counters, From, Hub, HubStats, Payload};
+use crate::hub::{Counters, Hub, HubStats, Payload};
+use crate::retention::From;
 use crate::retention::Retention;
 use crate::wire;
 

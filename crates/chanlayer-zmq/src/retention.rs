@@ -9,12 +9,14 @@
 //! `flushed`), and `pending` is what is kept and unheard now.
 
 use std::collections::VecDeque;
-
-use hashbrown::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::hub::From;
+use hashbrown::HashMap;
+
+/// Where a message comes from, as the sender gave it (dedicated mode): its origin id and
+/// its number on the topic. `None` for the embedded publisher's own messages.
+pub(crate) type From = Option<(u64, u64)>;
 
 /// Retention settings of a publisher (the proxy or the embedded publisher).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
