@@ -17,6 +17,18 @@ use std::time::{Duration, Instant};
 /// reference count per member, not a copy of its name.
 type Members = BTreeMap<Arc<str>, Instant>;
 
+/// The expiry of a [pinned](GroupRegistry::pin) membership: a century after the first call
+/// (memberships that merely last long, such as a `group_expiry` too large to add to the
+/// clock, end before it).
+fn forever() -> Instant {
+    static FOREVER: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *FOREVER.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_add(Duration::from_secs(86_400 * 365 * 100))
+            .unwrap_or(now + Duration::from_secs(86_400 * 365 * 31))
+    })
+}
+
 /// Group memberships with expiry. See the module docs.
 #[derive(Debug, Default)]
 pub struct GroupRegistry {
@@ -39,7 +51,20 @@ impl GroupRegistry {
         let now = Instant::now();
         let until = now
             .checked_add(expiry)
-            .unwrap_or(now + Duration::from_secs(86_400 * 365 * 30));
+            .unwrap_or(now + Duration::from_secs(86_400 * 365 * 30))
+            .min(forever() - Duration::from_secs(1));
+        self.add_until(group, channel, now, until)
+    }
+
+    /// Adds a membership that never expires (layer-internal ones, such as the
+    /// [`inspect`](crate::inspect) responder's): [`next_expiry`](Self::next_expiry) does not
+    /// count it and [`clear`](Self::clear) keeps it; only [`discard`](Self::discard) ends it.
+    /// Returns `true` if the group had no live member before.
+    pub fn pin(&self, group: &str, channel: &str) -> bool {
+        self.add_until(group, channel, Instant::now(), forever())
+    }
+
+    fn add_until(&self, group: &str, channel: &str, now: Instant, until: Instant) -> bool {
         let mut map = self.lock();
         let members = map.entry(group.to_owned()).or_default();
         members.retain(|_, t| *t > now);
@@ -111,24 +136,33 @@ impl GroupRegistry {
         expired
     }
 
-    /// Removes everything; returns every `(group, channel)` membership it held.
+    /// Removes every membership but the [pinned](Self::pin) ones; returns each
+    /// `(group, channel)` membership it removed (a group may still have a pinned member:
+    /// see [`has_members`](Self::has_members)).
     pub fn clear(&self) -> Vec<(String, String)> {
-        self.lock()
-            .drain()
-            .flat_map(|(g, members)| {
-                members
-                    .into_keys()
-                    .map(move |c| (g.clone(), c.to_string()))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        let pinned = forever();
+        let mut removed = Vec::new();
+        self.lock().retain(|g, members| {
+            members.retain(|c, t| {
+                let keep = *t >= pinned;
+                if !keep {
+                    removed.push((g.clone(), c.to_string()));
+                }
+                keep
+            });
+            !members.is_empty()
+        });
+        removed
     }
 
-    /// The earliest instant a membership expires, if there is one.
+    /// The earliest instant a membership expires, if there is one ([pinned](Self::pin)
+    /// memberships never do).
     pub fn next_expiry(&self) -> Option<Instant> {
+        let pinned = forever();
         self.lock()
             .values()
             .flat_map(|members| members.values().copied())
+            .filter(|t| *t < pinned)
             .min()
     }
 
@@ -218,5 +252,29 @@ mod tests {
         cleared.sort();
         assert_eq!(cleared, pairs);
         assert!(r.next_expiry().is_none());
+    }
+
+    #[test]
+    fn pinned_memberships_never_expire_and_survive_clear() {
+        let r = GroupRegistry::new();
+        assert!(r.pin("inspect", "me"), "the group's first member");
+        assert!(!r.add("inspect", "user", Duration::from_secs(60)));
+        assert!(r.add("g", "x", Duration::MAX), "even the longest expiry is not a pin");
+        let next = r.next_expiry().expect("the two unpinned memberships expire");
+        assert!(next < forever(), "{next:?}");
+        let mut cleared = r.clear();
+        cleared.sort();
+        assert_eq!(
+            cleared,
+            vec![
+                ("g".to_string(), "x".to_string()),
+                ("inspect".to_string(), "user".to_string())
+            ]
+        );
+        assert!(r.is_member("inspect", "me"));
+        assert!(r.next_expiry().is_none(), "a pinned membership never expires");
+        assert!(r.prune_expired().is_empty());
+        assert!(r.discard("inspect", "me"), "discard ends it");
+        assert!(r.groups().is_empty());
     }
 }

@@ -9,6 +9,7 @@
 //! - [`Error`]: the one error enum.
 //! - [`LayerConfig`] / [`LayerOptions`]: configuration and URL parsing.
 //! - [`MemoryLayer`]: the in-memory backend (`memory://`).
+//! - [`inspect`]: ask every instance of a deployment for its group members and counters.
 //!
 //! That is what applications use (the `chanlayer` facade re-exports it). Backends use the
 //! [`toolkit`]: the [`Transport`](toolkit::Transport) contract they implement, and
@@ -34,6 +35,7 @@ pub mod groups;
 pub mod inbound;
 pub mod inbox;
 pub mod incoming;
+pub mod inspect;
 pub mod layer;
 pub mod memory;
 pub mod message;

@@ -45,8 +45,11 @@ pub struct Stats {
     export: OnceLock<Handles>,
 }
 
-/// A copy of the counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A copy of the counters at one moment. It is serde-serializable (the
+/// [`inspect`](crate::inspect) replies carry it as JSON); a field missing from the input
+/// reads as 0, so instances of different versions can read each other's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StatsSnapshot {
     /// Messages handed to the broker (channel sends and group sends).
     pub sent: u64,

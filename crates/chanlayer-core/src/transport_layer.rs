@@ -82,6 +82,7 @@ impl<T: Transport> TransportLayer<T> {
             inbound.clone(),
             groups.clone(),
         ));
+        crate::inspect::start(&transport, &inbound, &groups, caps).await;
         Ok(TransportLayer {
             serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             inbound,
@@ -407,7 +408,8 @@ impl<T: Transport> TransportLayer<T> {
         {
             let _one = self.groups.bindings.lock().await;
             let groups: BTreeSet<String> = i.groups().clear().into_iter().map(|(g, _)| g).collect();
-            for g in groups {
+            // A group left with a pinned member (the `inspect` responder's) stays bound.
+            for g in groups.into_iter().filter(|g| !i.groups().has_members(g)) {
                 self.transport.unbind_group(&g).await?;
             }
             for (g, c) in i.normal_groups().clear() {
@@ -553,16 +555,7 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         let i = &self.inbound;
         i.closed().check()?;
         names::validate_group(group)?;
-        let mut members = match self.transport.group_members(group) {
-            Some(all) => all,
-            None => (i.groups().members(group).into_iter())
-                .chain(i.normal_groups().members(group))
-                .map(|m| m.to_string())
-                .collect(),
-        };
-        members.sort_unstable();
-        members.dedup();
-        Ok(members)
+        Ok(crate::inspect::members_of(&*self.transport, i, group))
     }
 
     async fn flush(&self) -> Result<()> {

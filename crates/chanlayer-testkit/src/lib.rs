@@ -254,6 +254,7 @@ macro_rules! conformance_tests {
             group_same_prefix_members_one_copy_each,
             group_members_on_two_instances,
             group_members_lists_the_members,
+            inspect_answers_from_every_other_instance,
             group_membership_expires_and_refreshes,
             group_membership_expires_normal_channels,
             group_send_1000_members,

@@ -35,7 +35,7 @@ pub use layer::Layer;
 pub use registry::{register_scheme, register_transport, schemes, Connecting, Connector};
 
 pub use chanlayer_core::{
-    capabilities, codec, config, delivery, handle_batch, names, telemetry, AckHandle, BatchError,
+    capabilities, codec, config, delivery, handle_batch, inspect, names, telemetry, AckHandle, BatchError,
     Capabilities, ChannelLayer, Codec, Delivery, DeliveryInfo, Error, Headers, LayerConfig,
     LayerOptions, MemoryLayer, Message, MessageId, MessageType, NameKind, Result, StatsSnapshot,
 };

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Shared keys: `prefix`, `capacity`, `channel_capacity.<glob>`, `expiry`, `group_expiry`,
-//! `codec`, `max_message_size`. Every other key belongs to the backend (and is passed through
+//! `codec`, `max_message_size`, `max_deliveries`, `dead_letter`, `inspect`. Every other key belongs to the backend (and is passed through
 //! to its client library where the backend says so). Durations are seconds (`60`, `0.5`) or
 //! humantime strings (`500ms`, `1h`).
 //!
@@ -95,6 +95,9 @@ pub struct LayerOptions {
     /// Where such a message goes: this channel for every channel, or (`None`, the default)
     /// `{channel}.dead`.
     pub dead_letter: Option<String>,
+    /// This instance answers [`inspect`](crate::inspect) requests (`chanlayer groups`,
+    /// `chanlayer stats`) where its backend is cross-process (default `true`).
+    pub inspect: bool,
 }
 
 impl Default for LayerOptions {
@@ -109,6 +112,7 @@ impl Default for LayerOptions {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_deliveries: None,
             dead_letter: None,
+            inspect: true,
         }
     }
 }
@@ -141,6 +145,7 @@ impl LayerOptions {
         self.max_message_size = partial.max_message_size.unwrap_or(self.max_message_size);
         self.max_deliveries = partial.max_deliveries.or(self.max_deliveries);
         self.dead_letter = partial.dead_letter.or(self.dead_letter.take());
+        self.inspect = partial.inspect.unwrap_or(self.inspect);
         self.validate()
     }
 
@@ -258,6 +263,8 @@ pub struct PartialOptions {
     pub max_deliveries: Option<u32>,
     /// See [`LayerOptions::dead_letter`].
     pub dead_letter: Option<String>,
+    /// See [`LayerOptions::inspect`].
+    pub inspect: Option<bool>,
 }
 
 /// A table of `pattern = capacity`, kept in the order written.

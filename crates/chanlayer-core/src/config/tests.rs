@@ -318,3 +318,23 @@ fn capacity_overrides_first_match_wins() {
     assert_eq!(cfg.options.capacity_for("http.x"), 5);
     assert_eq!(cfg.options.capacity_for("ws.x"), 7);
 }
+
+#[test]
+fn inspect_is_on_by_default_and_turned_off_by_the_url() {
+    let on = LayerConfig::from_url("amqp://h").unwrap();
+    assert!(on.options.inspect);
+    assert_eq!(on.to_string(), "amqp://h", "the default is not shown");
+    let off = LayerConfig::from_url("amqp://h?inspect=false").unwrap();
+    assert!(!off.options.inspect);
+    assert_eq!(off.to_string(), "amqp://h?inspect=false");
+    assert!(off.backend.options.0.is_empty(), "a shared option, not the backend's");
+    let e = LayerConfig::from_url("amqp://h?inspect=no").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "configuration error: option inspect=no: use true or false"
+    );
+    let file: PartialOptions = serde_json::from_str(r#"{"inspect": false}"#).unwrap();
+    let mut options = LayerOptions::default();
+    options.apply(file).unwrap();
+    assert!(!options.inspect);
+}

@@ -14,7 +14,8 @@ pub struct LayerConfig {
 
 /// The URL with secrets replaced by `***`, and the shared options that differ from their
 /// defaults after the backend's own (`prefix`, `capacity`, `channel_capacity.<glob>`,
-/// `expiry`, `group_expiry`, `codec`, `max_message_size`): what a log line should show of
+/// `expiry`, `group_expiry`, `codec`, `max_message_size`, `max_deliveries`, `dead_letter`,
+/// `inspect`): what a log line should show of
 /// the configuration a process runs with.
 impl std::fmt::Display for LayerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -42,6 +43,7 @@ impl std::fmt::Display for LayerConfig {
             ),
             o.max_deliveries.map(|n| format!("max_deliveries={n}")),
             o.dead_letter.as_ref().map(|c| format!("dead_letter={c}")),
+            pick(o.inspect != d.inspect, format!("inspect={}", o.inspect)),
         ];
         let shared: Vec<String> = first
             .into_iter()
@@ -154,6 +156,12 @@ impl LayerConfig {
                         Some(parse_int::<u32>(&value, 1..=u32::MAX).map_err(bad)?)
                 }
                 "dead_letter" => partial.dead_letter = Some(value),
+                "inspect" => {
+                    let on = value.parse::<bool>().map_err(|_| {
+                        bad(Error::Config("use true or false".to_string()))
+                    })?;
+                    partial.inspect = Some(on);
+                }
                 _ => {
                     if let Some(pattern) = key.strip_prefix("channel_capacity.") {
                         let cap = int(&value).map_err(bad)?;

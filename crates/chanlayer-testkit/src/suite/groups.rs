@@ -290,3 +290,120 @@ pub async fn group_members_lists_the_members(ctx: Ctx) {
         "an invalid group name is an error"
     );
 }
+
+/// [`inspect`](chanlayer_core::inspect) from a fourth instance: the instances of the
+/// deployment (this test's prefix) answer with their own members of a group and their own
+/// counters, which the inspect traffic does not change; garbage requests do not stop them;
+/// an instance that closed does not answer, nor does the asker; `flush` leaves an instance
+/// answering. Where the backend is not cross-process, asking is `Unsupported`.
+pub async fn inspect_answers_from_every_other_instance(ctx: Ctx) {
+    use chanlayer_core::{inspect, Error, Message};
+    let asker = ctx.layer().await;
+    if !caps(&asker).cross_process {
+        let e = inspect::stats(&*asker, Duration::from_millis(10)).await;
+        crate::assert_err(e, "inspect on a process-local layer", |e| {
+            matches!(e, Error::Unsupported { .. })
+        });
+        return;
+    }
+    let (a, b, c) = (ctx.layer().await, ctx.layer().await, ctx.layer().await);
+    let group = ctx.name("inspected");
+    let (a1, a2) = (
+        a.new_channel("m").await.expect("new_channel"),
+        a.new_channel("m").await.expect("new_channel"),
+    );
+    let b1 = b.new_channel("m").await.expect("new_channel");
+    let c1 = c.new_channel("m").await.expect("new_channel");
+    for (l, ch) in [(&a, &a1), (&a, &a2), (&b, &b1), (&c, &c1)] {
+        l.group_add(&group, ch).await.expect("group_add");
+    }
+    a.send(&a1, seq_msg(1, Codec::Json)).await.expect("send");
+    assert_eq!(seq_of(&recv(&a, &a1).await), 1);
+    c.close().await.expect("close");
+    // Requests that are not: skipped, counted nowhere, and the answering goes on.
+    for garbage in [
+        Message::encode_as(inspect::REQUEST_TYPE, &"garbage", Codec::Json),
+        Message::encode_as(inspect::REQUEST_TYPE, &[1, 2, 3], Codec::Bincode),
+        Message::encode_as("chat.message", &"hi", Codec::Json),
+        Message::encode_as(
+            inspect::REQUEST_TYPE,
+            &std::collections::BTreeMap::from([("what", "stats"), ("reply_to", "normal-ch")]),
+            Codec::Json,
+        ),
+    ] {
+        let garbage = garbage.expect("encodes");
+        asker
+            .group_send(inspect::GROUP, garbage)
+            .await
+            .expect("group_send garbage");
+    }
+    let ids = |want: &[&std::sync::Arc<dyn chanlayer_core::ChannelLayer>]| {
+        let mut ids: Vec<String> = want.iter().map(|l| l.instance_id().to_owned()).collect();
+        ids.sort();
+        ids
+    };
+    let (want, wait) = (ids(&[&a, &b]), Duration::from_millis(500));
+    // Asked until both answer within one `wait` (replies cross the broker), then checked.
+    let members = |asker: std::sync::Arc<dyn chanlayer_core::ChannelLayer>, group: String| {
+        let want = want.clone();
+        async move {
+            let started = std::time::Instant::now();
+            loop {
+                let got = inspect::groups(&*asker, &group, wait)
+                    .await
+                    .expect("inspect::groups");
+                let instances: Vec<String> = got.iter().map(|r| r.instance.clone()).collect();
+                if instances == want || started.elapsed() > crate::ARRIVAL_DEADLINE {
+                    return got;
+                }
+            }
+        }
+    };
+    let got = members(asker.clone(), group.clone()).await;
+    let instances: Vec<&str> = got.iter().map(|r| r.instance.as_str()).collect();
+    assert_eq!(
+        instances, want,
+        "a and b answer; c (closed) and the asker do not: {got:?}"
+    );
+    for r in &got {
+        assert_eq!(r.backend, caps(&a).backend);
+        let expected = if r.instance == a.instance_id() {
+            let mut m = vec![a1.clone(), a2.clone()];
+            m.sort();
+            m
+        } else {
+            vec![b1.clone()]
+        };
+        assert_eq!(r.members, expected, "{}'s own members", r.instance);
+    }
+    let started = std::time::Instant::now();
+    let stats = loop {
+        let got = inspect::stats(&*asker, wait).await.expect("inspect::stats");
+        let instances: Vec<String> = got.iter().map(|r| r.instance.clone()).collect();
+        if instances == want || started.elapsed() > crate::ARRIVAL_DEADLINE {
+            break got;
+        }
+    };
+    let instances: Vec<&str> = stats.iter().map(|r| r.instance.as_str()).collect();
+    assert_eq!(instances, want, "{stats:?}");
+    for r in &stats {
+        let own = if r.instance == a.instance_id() { &a } else { &b };
+        assert_eq!(
+            r.stats,
+            own.stats(),
+            "{}'s counters, untouched by the inspect traffic",
+            r.instance
+        );
+    }
+    let a_stats = &stats[instances.iter().position(|i| *i == a.instance_id()).expect("a")];
+    assert_eq!((a_stats.stats.sent, a_stats.stats.received), (1, 1));
+    // After a flush, b answers still, with no members.
+    b.flush().await.expect("flush");
+    let got = members(asker.clone(), group.clone()).await;
+    let b_reply = got.iter().find(|r| r.instance == b.instance_id());
+    assert_eq!(
+        b_reply.map(|r| r.members.clone()),
+        Some(Vec::new()),
+        "b answers after flush: {got:?}"
+    );
+}
