@@ -6,6 +6,8 @@
 //! chanlayer receive     --url URL CHANNEL [--count N] [--timeout D] print messages as JSON lines
 //! chanlayer tail        --url URL GROUP [--count N] [--timeout D]   join a group, print what arrives
 //! chanlayer check       --url URL                                   connect, round trip, capabilities
+//! chanlayer groups      --url URL GROUP [--wait D] [--json]          every instance's members of GROUP
+//! chanlayer stats       --url URL [--wait D] [--json]                every instance's counters
 //! chanlayer bench       --url URL [--url URL]... [--scenario local,normal,group,roundtrip]
 //!                       [--messages N] [--size BYTES] [--concurrency C] [--json F] [--plot F.svg]
 //! chanlayer kafka-inboxes --url URL [--remove INSTANCE]...          Kafka inbox topics left behind
@@ -13,8 +15,13 @@
 //! ```
 //!
 //! `--url` defaults to `$CHANLAYER_URL`. Exit status: 0 done; 1 the layer or broker failed
-//! (the message says what and what to do); 2 bad arguments; 3 `--timeout` passed before
-//! `--count` messages arrived.
+//! (the message says what and what to do); 2 bad arguments (for `groups` and `stats`, also a
+//! process-local `memory://` URL); 3 `--timeout` passed before `--count` messages arrived
+//! (for `groups` and `stats`: no instance answered within `--wait`).
+//!
+//! `groups` and `stats` ask the running instances under the URL's prefix through
+//! `chanlayer::inspect` (module `inspect`): each instance answers for itself, this command's
+//! own instance never does.
 //!
 //! Each subcommand is a variant of [`Command`] with its own module.
 
@@ -24,6 +31,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod check;
+mod inspect;
 mod kafka_inboxes;
 mod messages;
 mod zmq_proxy;
@@ -88,6 +96,22 @@ enum Command {
         url: Url,
         #[command(flatten)]
         args: check::CheckArgs,
+    },
+    /// Ask every running instance under the URL's prefix for its members of GROUP; print
+    /// them per instance, and the total.
+    Groups {
+        #[command(flatten)]
+        url: Url,
+        #[command(flatten)]
+        args: inspect::GroupsArgs,
+    },
+    /// Ask every running instance under the URL's prefix for its counters; print a row per
+    /// instance, and the total.
+    Stats {
+        #[command(flatten)]
+        url: Url,
+        #[command(flatten)]
+        args: inspect::StatsArgs,
     },
     /// List the inbox topics of Kafka layer instances (leftovers of crashed ones among
     /// them), or remove some.
@@ -216,6 +240,8 @@ fn run(command: Command) -> Result<(), CliError> {
         Command::Receive { url, args } => block(Box::pin(messages::receive(&url.url, args))),
         Command::Tail { url, args } => block(Box::pin(messages::tail(&url.url, args))),
         Command::Check { url, args } => block(Box::pin(check::run(&url.url, args))),
+        Command::Groups { url, args } => block(Box::pin(inspect::groups(&url.url, args))),
+        Command::Stats { url, args } => block(Box::pin(inspect::stats(&url.url, args))),
         Command::KafkaInboxes { url, args } => block(Box::pin(kafka_inboxes::run(&url.url, args))),
     }
 }
