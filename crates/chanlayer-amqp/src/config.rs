@@ -144,7 +144,7 @@ pub struct AmqpConfig {
 }
 
 /// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, wire, prefetch, groups_exchange, inbox_capacity, queue_expires, queue_type, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, inspect, wire, prefetch, groups_exchange, inbox_capacity, queue_expires, queue_type, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
 
 fn decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)

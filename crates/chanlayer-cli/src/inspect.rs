@@ -38,8 +38,11 @@ pub struct Common {
     pub json: bool,
 }
 
+/// Reads one counter of a snapshot.
+type Counter = fn(&StatsSnapshot) -> u64;
+
 /// The counters of a stats row, in print order.
-const COUNTERS: [(&str, fn(&StatsSnapshot) -> u64); 9] = [
+const COUNTERS: [(&str, Counter); 9] = [
     ("sent", |s| s.sent),
     ("received", |s| s.received),
     ("expired", |s| s.expired),
@@ -190,7 +193,12 @@ fn stats_text(answers: &[InstanceStats], total: &StatsSnapshot) -> String {
     }
     let n = answers.len();
     let label = format!("total ({n} instance{})", plural(n));
-    rows.push([label, String::new()].into_iter().chain(counts(total)).collect());
+    rows.push(
+        [label, String::new()]
+            .into_iter()
+            .chain(counts(total))
+            .collect(),
+    );
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
@@ -251,8 +259,17 @@ mod tests {
         );
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].starts_with("instance            backend  sent  received"), "{text}");
-        assert!(lines[1].starts_with("aaaa                kafka      12         3"), "{text}");
-        assert!(lines[2].starts_with("total (1 instance)             12         3"), "{text}");
+        assert!(
+            lines[0].starts_with("instance            backend  sent  received"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("aaaa                kafka      12         3"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("total (1 instance)             12         3"),
+            "{text}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! `chanlayer groups` and `chanlayer stats` against a running deployment: this test process
-//! holds two layer instances with group members (on RabbitMQ, on Kafka) and runs the
-//! binary, which asks them; and the exits for a memory:// URL and for nobody answering.
+//! holds two layer instances with group members (on RabbitMQ with either wire, on Kafka)
+//! and runs the binary, which asks them; and the exits for a memory:// URL and for nobody
+//! answering.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -76,7 +77,13 @@ async fn two_instances_are_inspected(url: &str, backend: &str) {
     }
     a.send_message(
         &a1,
-        Message::encode_as("hello", &1, chanlayer::Codec::Json).expect("json"),
+        // A map: what Django's wire (channels_rabbitmq) takes as well.
+        Message::encode_as(
+            "hello",
+            &serde_json::json!({"n": 1}),
+            chanlayer::Codec::Json,
+        )
+        .expect("json"),
     )
     .await
     .expect("send");
@@ -98,7 +105,11 @@ async fn two_instances_are_inspected(url: &str, backend: &str) {
         assert_eq!(i["members"], serde_json::json!(expected), "{v}");
     }
     assert_eq!(v["group"], group);
-    assert_eq!(v["total"], serde_json::json!({"instances": 2, "members": 3}), "{v}");
+    assert_eq!(
+        v["total"],
+        serde_json::json!({"instances": 2, "members": 3}),
+        "{v}"
+    );
     let ids: Vec<&str> = (v["instances"].as_array().expect("instances").iter())
         .map(|i| i["instance"].as_str().expect("id"))
         .collect();
@@ -171,19 +182,37 @@ async fn two_instances_are_inspected(url: &str, backend: &str) {
     let b_row = [b.instance_id(), backend, "0", "0", "0"];
     assert!(lines.iter().any(|l| l[..5] == a_row), "{printed}");
     assert!(lines.iter().any(|l| l[..5] == b_row), "{printed}");
-    assert_eq!(lines[3][..6], ["total", "(2", "instances)", "1", "1", "0"], "{printed}");
+    assert_eq!(
+        lines[3][..6],
+        ["total", "(2", "instances)", "1", "1", "0"],
+        "{printed}"
+    );
 
     // A closed instance no longer answers.
     b.close().await.expect("close");
     let only_a = vec![a.instance_id().to_owned()];
     let v = ask_until(&["groups", "--url", url, group], &only_a).await;
-    assert_eq!(v["total"], serde_json::json!({"instances": 1, "members": 2}), "{v}");
+    assert_eq!(
+        v["total"],
+        serde_json::json!({"instances": 1, "members": 2}),
+        "{v}"
+    );
     a.close().await.expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_and_stats_over_amqp() {
     let url = format!("{AMQP}?prefix={}&queue_expires=60s", prefix());
+    two_instances_are_inspected(&url, "amqp").await;
+}
+
+/// Django's wire: the requests and replies travel as channels_rabbitmq message dicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_and_stats_over_amqp_with_the_channels_rabbitmq_wire() {
+    let url = format!(
+        "{AMQP}?wire=channels_rabbitmq&codec=msgpack&groups_exchange={}.groups",
+        prefix()
+    );
     two_instances_are_inspected(&url, "amqp").await;
 }
 

@@ -259,8 +259,13 @@ mod tests {
         let r = GroupRegistry::new();
         assert!(r.pin("inspect", "me"), "the group's first member");
         assert!(!r.add("inspect", "user", Duration::from_secs(60)));
-        assert!(r.add("g", "x", Duration::MAX), "even the longest expiry is not a pin");
-        let next = r.next_expiry().expect("the two unpinned memberships expire");
+        assert!(
+            r.add("g", "x", Duration::MAX),
+            "even the longest expiry is not a pin"
+        );
+        let next = r
+            .next_expiry()
+            .expect("the two unpinned memberships expire");
         assert!(next < forever(), "{next:?}");
         let mut cleared = r.clear();
         cleared.sort();
@@ -272,7 +277,10 @@ mod tests {
             ]
         );
         assert!(r.is_member("inspect", "me"));
-        assert!(r.next_expiry().is_none(), "a pinned membership never expires");
+        assert!(
+            r.next_expiry().is_none(),
+            "a pinned membership never expires"
+        );
         assert!(r.prune_expired().is_empty());
         assert!(r.discard("inspect", "me"), "discard ends it");
         assert!(r.groups().is_empty());

@@ -444,8 +444,14 @@ mod tests {
             Codec::Json,
         )
         .expect("json");
-        assert!(read_reply(&other, "groups", Some("h")).is_err(), "another group");
-        assert!(read_reply(&other, "stats", None).is_err(), "another request");
+        assert!(
+            read_reply(&other, "groups", Some("h")).is_err(),
+            "another group"
+        );
+        assert!(
+            read_reply(&other, "stats", None).is_err(),
+            "another request"
+        );
         let garbage = Message::new(REPLY_TYPE, Codec::Json, b"{not json".to_vec());
         assert!(read_reply(&garbage, "stats", None).is_err());
         let wrong = Message::encode_as("chat", &1, Codec::Json).expect("json");

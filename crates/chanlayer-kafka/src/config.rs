@@ -83,7 +83,7 @@ pub struct KafkaConfig {
 }
 
 /// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>, topic.<topic config>";
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, inspect, partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>, topic.<topic config>";
 
 const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
 const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];

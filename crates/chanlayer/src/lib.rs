@@ -35,9 +35,10 @@ pub use layer::Layer;
 pub use registry::{register_scheme, register_transport, schemes, Connecting, Connector};
 
 pub use chanlayer_core::{
-    capabilities, codec, config, delivery, handle_batch, inspect, names, telemetry, AckHandle, BatchError,
-    Capabilities, ChannelLayer, Codec, Delivery, DeliveryInfo, Error, Headers, LayerConfig,
-    LayerOptions, MemoryLayer, Message, MessageId, MessageType, NameKind, Result, StatsSnapshot,
+    capabilities, codec, config, delivery, handle_batch, inspect, names, telemetry, AckHandle,
+    BatchError, Capabilities, ChannelLayer, Codec, Delivery, DeliveryInfo, Error, Headers,
+    LayerConfig, LayerOptions, MemoryLayer, Message, MessageId, MessageType, NameKind, Result,
+    StatsSnapshot,
 };
 
 /// W3C trace context in message headers (feature `otel`): the layer writes and reads it

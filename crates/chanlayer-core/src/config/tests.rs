@@ -327,7 +327,10 @@ fn inspect_is_on_by_default_and_turned_off_by_the_url() {
     let off = LayerConfig::from_url("amqp://h?inspect=false").unwrap();
     assert!(!off.options.inspect);
     assert_eq!(off.to_string(), "amqp://h?inspect=false");
-    assert!(off.backend.options.0.is_empty(), "a shared option, not the backend's");
+    assert!(
+        off.backend.options.0.is_empty(),
+        "a shared option, not the backend's"
+    );
     let e = LayerConfig::from_url("amqp://h?inspect=no").unwrap_err();
     assert_eq!(
         e.to_string(),

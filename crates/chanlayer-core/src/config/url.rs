@@ -157,9 +157,9 @@ impl LayerConfig {
                 }
                 "dead_letter" => partial.dead_letter = Some(value),
                 "inspect" => {
-                    let on = value.parse::<bool>().map_err(|_| {
-                        bad(Error::Config("use true or false".to_string()))
-                    })?;
+                    let on = value
+                        .parse::<bool>()
+                        .map_err(|_| bad(Error::Config("use true or false".to_string())))?;
                     partial.inspect = Some(on);
                 }
                 _ => {

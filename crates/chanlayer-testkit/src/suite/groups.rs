@@ -387,7 +387,11 @@ pub async fn inspect_answers_from_every_other_instance(ctx: Ctx) {
     let instances: Vec<&str> = stats.iter().map(|r| r.instance.as_str()).collect();
     assert_eq!(instances, want, "{stats:?}");
     for r in &stats {
-        let own = if r.instance == a.instance_id() { &a } else { &b };
+        let own = if r.instance == a.instance_id() {
+            &a
+        } else {
+            &b
+        };
         assert_eq!(
             r.stats,
             own.stats(),
@@ -395,7 +399,10 @@ pub async fn inspect_answers_from_every_other_instance(ctx: Ctx) {
             r.instance
         );
     }
-    let a_stats = &stats[instances.iter().position(|i| *i == a.instance_id()).expect("a")];
+    let a_stats = &stats[instances
+        .iter()
+        .position(|i| *i == a.instance_id())
+        .expect("a")];
     assert_eq!((a_stats.stats.sent, a_stats.stats.received), (1, 1));
     // After a flush, b answers still, with no members.
     b.flush().await.expect("flush");
