@@ -16,6 +16,7 @@ use crate::{connect_config, CliError, EXIT_TIMEOUT};
 pub struct GroupsArgs {
     /// The group whose members to list.
     pub group: String,
+    /// `--wait` and `--json`.
     #[command(flatten)]
     pub common: Common,
 }
@@ -23,6 +24,7 @@ pub struct GroupsArgs {
 /// Arguments of `chanlayer stats`.
 #[derive(Debug, clap::Args)]
 pub struct StatsArgs {
+    /// `--wait` and `--json`.
     #[command(flatten)]
     pub common: Common,
 }
