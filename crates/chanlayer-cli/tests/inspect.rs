@@ -259,3 +259,42 @@ async fn memory_is_a_usage_error_and_nobody_answering_exits_3() {
     assert_eq!(v["total"]["instances"], 0, "{v}");
     quiet.close().await.expect("close");
 }
+
+/// ZeroMQ dedicated mode: the binary's request goes through the proxy like any send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_and_stats_over_zmq_dedicated() {
+    let proxy = chanlayer_zmq::Proxy::spawn(chanlayer_zmq::ProxyConfig::new(
+        "tcp://127.0.0.1:*",
+        "tcp://127.0.0.1:*",
+    ))
+    .expect("proxy");
+    let url = format!(
+        "zmq://?pull={}&pub={}&prefix={}",
+        proxy.pull_endpoint(),
+        proxy.pub_endpoint(),
+        prefix()
+    );
+    two_instances_are_inspected(&url, "zmq").await;
+}
+
+/// ZeroMQ embedded mode: one process per address sends, so another process cannot ask;
+/// the binary says why and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zmq_embedded_cannot_be_asked_from_another_process() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("zmq://127.0.0.1:{port}?prefix={}", prefix());
+    let publisher = chanlayer::connect(&format!("{url}&bind=eager"))
+        .await
+        .expect("connect");
+    let out = chanlayer(&["stats", "--url", &url, "--wait", "500ms"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("already bound by another process"),
+        "{}",
+        text(&out.stderr)
+    );
+    publisher.close().await.expect("close");
+}

@@ -29,7 +29,7 @@ use crate::retention::Retention;
 use crate::BACKEND;
 
 /// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, close_linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
+pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, inspect, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, close_linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
 
 /// The libzmq socket options `zmq.<option>=<integer>` passes through to every socket, each
 /// with its setter: libzmq takes an int for every one but `maxmsgsize` (an int64).
