@@ -198,11 +198,12 @@ impl Inbound {
     /// Decodes bytes that arrived, for a transport that gathers a burst for
     /// [`ingest_all`](Self::ingest_all): the envelope, or `None` for bytes that are not one
     /// (counted `undecodable`, logged once per burst with `source`).
-    pub fn decode(&self, bytes: &[u8], source: &str) -> Option<Envelope> {
+    pub fn decode(&self, bytes: &[u8], source: impl std::fmt::Display) -> Option<Envelope> {
         match Envelope::decode(bytes) {
             Ok(env) => Some(env),
             Err(e) => {
-                self.stats.record_undecodable(source, &e);
+                // Formatted only here: a transport may name its source lazily (a topic).
+                self.stats.record_undecodable(&source.to_string(), &e);
                 None
             }
         }
@@ -210,11 +211,16 @@ impl Inbound {
 
     /// [`decode`](Self::decode) for an address that carries only `kind` (a transport's
     /// groups topic): an envelope of the other kind is counted `undecodable` too.
-    pub fn decode_as(&self, bytes: &[u8], kind: Destination, source: &str) -> Option<Envelope> {
-        let env = self.decode(bytes, source)?;
+    pub fn decode_as(
+        &self,
+        bytes: &[u8],
+        kind: Destination,
+        source: impl std::fmt::Display,
+    ) -> Option<Envelope> {
+        let env = self.decode(bytes, &source)?;
         if env.kind != kind {
             self.stats.record_undecodable(
-                source,
+                &source.to_string(),
                 &format!(
                     "a {:?} envelope where only {kind:?} envelopes arrive",
                     env.kind

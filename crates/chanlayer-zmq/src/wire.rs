@@ -314,6 +314,16 @@ pub fn parse_mark_control<'a>(frames: &[&'a [u8]]) -> Option<(&'a [u8], u64, &'a
     Some((reply, u64::from_le_bytes(token), prefix))
 }
 
+/// A topic as [`display`] shows it, formatted only when it is shown (per-message paths
+/// name their topic for errors that rarely happen).
+pub struct Shown<'a>(pub &'a [u8]);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&display(self.0))
+    }
+}
+
 /// A topic or probe for logs: the bytes with the NULs shown as `\0`.
 pub fn display(topic: &[u8]) -> String {
     let mut s = String::with_capacity(topic.len() + 4);

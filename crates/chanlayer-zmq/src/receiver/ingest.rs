@@ -304,7 +304,7 @@ fn accept(
     payload: &[u8],
     now: u64,
 ) -> Option<Envelope> {
-    let env = shared.decode(payload, &wire::display(topic))?;
+    let env = shared.decode(payload, wire::Shown(topic))?;
     let fits = match route {
         // Whose channel it is, core's ingest path checks.
         Route::Inbox => env.kind == Destination::Channel,
