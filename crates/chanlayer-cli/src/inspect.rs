@@ -44,7 +44,7 @@ pub struct Common {
 type Counter = fn(&StatsSnapshot) -> u64;
 
 /// The counters of a stats row, in print order.
-const COUNTERS: [(&str, Counter); 9] = [
+const COUNTERS: [(&str, Counter); 11] = [
     ("sent", |s| s.sent),
     ("received", |s| s.received),
     ("expired", |s| s.expired),
@@ -54,6 +54,8 @@ const COUNTERS: [(&str, Counter); 9] = [
     ("dropped_full", |s| s.dropped_full),
     ("redelivered", |s| s.redelivered),
     ("dead_lettered", |s| s.dead_lettered),
+    ("lost", |s| s.lost),
+    ("reconnects", |s| s.reconnects),
 ];
 
 /// Connects an instance to ask with: it does not answer requests itself, and its reply

@@ -73,6 +73,12 @@ pub struct StatsSnapshot {
     /// Messages of normal channels moved to their dead-letter channel after
     /// `max_deliveries` deliveries that were nacked.
     pub dead_lettered: u64,
+    /// Messages counted missing by sequence gaps (ZeroMQ, whose PUB/SUB is at-most-once;
+    /// 0 on the other backends). Exported as `chanlayer_lost_total`.
+    pub lost: u64,
+    /// Broker connections lost and restored (AMQP; 0 on the other backends). Exported as
+    /// `chanlayer_reconnects_total`.
+    pub reconnects: u64,
 }
 
 impl StatsSnapshot {
@@ -88,6 +94,8 @@ impl StatsSnapshot {
             redelivered: self.redelivered + other.redelivered,
             dropped_full: self.dropped_full + other.dropped_full,
             dead_lettered: self.dead_lettered + other.dead_lettered,
+            lost: self.lost + other.lost,
+            reconnects: self.reconnects + other.reconnects,
         }
     }
 }
@@ -234,6 +242,8 @@ impl Stats {
             redelivered: get(&self.redelivered),
             dropped_full: get(&self.dropped_full),
             dead_lettered: get(&self.dead_lettered),
+            lost: get(&self.lost),
+            reconnects: get(&self.reconnects),
         }
     }
 }

@@ -300,4 +300,8 @@ async fn a_proxy_killed_mid_stream_loses_only_what_is_counted() {
         t.lost,
         "every accepted message arrived or is counted as lost, exactly"
     );
+    assert_eq!(
+        s.lost, t.lost,
+        "the layer's stats (what `chanlayer stats` shows) count the same losses"
+    );
 }
