@@ -122,17 +122,19 @@ impl Stats {
         let get = |c: &Counter| c.load(Ordering::Relaxed);
         let by_kind = |cs: &[Counter; 3]| [get(&cs[0]), get(&cs[1]), get(&cs[2])];
         m.update(crate::telemetry::Counts {
-            sent: by_kind(&self.sent),
-            received: by_kind(&self.received),
-            undeliverable: by_kind(&self.undeliverable),
-            expired: get(&self.expired),
-            undecodable: get(&self.undecodable),
-            dropped_full: get(&self.dropped_full),
-            group_member_full: get(&self.group_member_full),
-            redelivered: get(&self.redelivered),
-            dead_lettered: get(&self.dead_lettered),
-            lost: get(&self.lost),
-            reconnects: get(&self.reconnects),
+            by_kind: [&self.sent, &self.received, &self.undeliverable].map(by_kind),
+            // In the order of `telemetry::SINGLE`.
+            single: [
+                &self.expired,
+                &self.undecodable,
+                &self.dropped_full,
+                &self.group_member_full,
+                &self.redelivered,
+                &self.dead_lettered,
+                &self.lost,
+                &self.reconnects,
+            ]
+            .map(get),
             unsettled: get(&self.unsettled) as i64,
             inbox,
         });

@@ -68,19 +68,32 @@ impl Kind {
     const ALL: [Kind; 3] = [Kind::Local, Kind::Normal, Kind::Group];
 }
 
+/// The counters by kind, in the order of [`Counts::by_kind`].
+const BY_KIND: [&str; 3] = [
+    "chanlayer_sent_total",
+    "chanlayer_received_total",
+    "chanlayer_undeliverable_total",
+];
+
+/// The counters without a kind, in the order of [`Counts::single`].
+const SINGLE: [&str; 8] = [
+    "chanlayer_expired_total",
+    "chanlayer_undecodable_total",
+    "chanlayer_dropped_full_total",
+    "chanlayer_group_member_full_total",
+    "chanlayer_redelivered_total",
+    "chanlayer_dead_lettered_total",
+    "chanlayer_lost_total",
+    "chanlayer_reconnects_total",
+];
+
 /// The counts of one layer instance at one moment, for [`Handles::update`].
+#[derive(Default)]
 pub(crate) struct Counts {
-    pub sent: [u64; 3],
-    pub received: [u64; 3],
-    pub undeliverable: [u64; 3],
-    pub expired: u64,
-    pub undecodable: u64,
-    pub dropped_full: u64,
-    pub group_member_full: u64,
-    pub redelivered: u64,
-    pub dead_lettered: u64,
-    pub lost: u64,
-    pub reconnects: u64,
+    /// Sent, received and undeliverable, each by [`Kind`] ([`BY_KIND`]).
+    pub by_kind: [[u64; 3]; 3],
+    /// The counters named in [`SINGLE`], in that order.
+    pub single: [u64; SINGLE.len()],
     pub unsettled: i64,
     pub inbox: i64,
 }
@@ -88,21 +101,12 @@ pub(crate) struct Counts {
 /// The handles of one layer instance, and what it exported so far: each update adds the
 /// difference, so several instances of a backend add up in one series.
 pub(crate) struct Handles {
-    sent: [Counter; 3],
-    received: [Counter; 3],
-    undeliverable: [Counter; 3],
+    by_kind: [[Counter; 3]; 3],
+    single: [Counter; SINGLE.len()],
     pub send_seconds: [Histogram; 3],
-    expired: Counter,
-    undecodable: Counter,
-    dropped_full: Counter,
-    group_member_full: Counter,
-    redelivered: Counter,
-    dead_lettered: Counter,
-    lost: Counter,
-    reconnects: Counter,
     inbox: Gauge,
     unsettled: Gauge,
-    last: std::sync::Mutex<Option<Counts>>,
+    last: std::sync::Mutex<Counts>,
 }
 
 impl std::fmt::Debug for Handles {
@@ -113,83 +117,39 @@ impl std::fmt::Debug for Handles {
 
 impl Handles {
     pub fn new(backend: &'static str) -> Handles {
-        let by_kind = |name: &'static str| {
-            Kind::ALL.map(|k| metrics::counter!(name, "backend" => backend, "kind" => k.label()))
-        };
-        let one = |name: &'static str| metrics::counter!(name, "backend" => backend);
         Handles {
-            sent: by_kind("chanlayer_sent_total"),
-            received: by_kind("chanlayer_received_total"),
-            undeliverable: by_kind("chanlayer_undeliverable_total"),
+            by_kind: BY_KIND.map(|name| {
+                Kind::ALL.map(|k| metrics::counter!(name, "backend" => backend, "kind" => k.label()))
+            }),
+            single: SINGLE.map(|name| metrics::counter!(name, "backend" => backend)),
             send_seconds: Kind::ALL.map(|k| {
                 metrics::histogram!("chanlayer_send_seconds", "backend" => backend, "kind" => k.label())
             }),
-            expired: one("chanlayer_expired_total"),
-            undecodable: one("chanlayer_undecodable_total"),
-            dropped_full: one("chanlayer_dropped_full_total"),
-            group_member_full: one("chanlayer_group_member_full_total"),
-            redelivered: one("chanlayer_redelivered_total"),
-            dead_lettered: one("chanlayer_dead_lettered_total"),
-            lost: one("chanlayer_lost_total"),
-            reconnects: one("chanlayer_reconnects_total"),
             inbox: metrics::gauge!("chanlayer_inbox_messages", "backend" => backend),
             unsettled: metrics::gauge!("chanlayer_unsettled_deliveries", "backend" => backend),
-            last: std::sync::Mutex::new(None),
+            last: Default::default(),
         }
     }
 
     /// Adds what changed since the last update.
     pub fn update(&self, now: Counts) {
         let mut last = crate::toolkit::lock(&self.last);
-        let before = last.take().unwrap_or(Counts {
-            sent: [0; 3],
-            received: [0; 3],
-            undeliverable: [0; 3],
-            expired: 0,
-            undecodable: 0,
-            dropped_full: 0,
-            group_member_full: 0,
-            redelivered: 0,
-            dead_lettered: 0,
-            lost: 0,
-            reconnects: 0,
-            unsettled: 0,
-            inbox: 0,
-        });
-        let add = |c: &Counter, now: u64, then: u64| {
+        let counters = self.by_kind.iter().flatten().chain(&self.single);
+        let before = last.by_kind.iter().flatten().chain(&last.single);
+        let after = now.by_kind.iter().flatten().chain(&now.single);
+        for (c, (now, then)) in counters.zip(after.zip(before)) {
             if now > then {
                 c.increment(now - then);
             }
-        };
-        for k in 0..3 {
-            add(&self.sent[k], now.sent[k], before.sent[k]);
-            add(&self.received[k], now.received[k], before.received[k]);
-            add(
-                &self.undeliverable[k],
-                now.undeliverable[k],
-                before.undeliverable[k],
-            );
         }
-        add(&self.expired, now.expired, before.expired);
-        add(&self.undecodable, now.undecodable, before.undecodable);
-        add(&self.dropped_full, now.dropped_full, before.dropped_full);
-        add(
-            &self.group_member_full,
-            now.group_member_full,
-            before.group_member_full,
-        );
-        add(&self.redelivered, now.redelivered, before.redelivered);
-        add(&self.dead_lettered, now.dead_lettered, before.dead_lettered);
-        add(&self.lost, now.lost, before.lost);
-        add(&self.reconnects, now.reconnects, before.reconnects);
-        if now.inbox != before.inbox {
-            self.inbox.increment((now.inbox - before.inbox) as f64);
+        if now.inbox != last.inbox {
+            self.inbox.increment((now.inbox - last.inbox) as f64);
         }
-        if now.unsettled != before.unsettled {
+        if now.unsettled != last.unsettled {
             self.unsettled
-                .increment((now.unsettled - before.unsettled) as f64);
+                .increment((now.unsettled - last.unsettled) as f64);
         }
-        *last = Some(now);
+        *last = now;
     }
 }
 
