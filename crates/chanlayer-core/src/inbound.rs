@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use crate::config::LayerOptions;
-use crate::delivery::Delivery;
 use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
 use crate::groups::GroupRegistry;
@@ -246,16 +245,6 @@ pub fn requeuing_incoming(
     Incoming::unsettled(envelope, redelivered, inbox, pending, inbound)
 }
 
-/// [`requeuing_incoming`] as a [`Delivery`].
-pub fn requeuing_delivery(
-    inbox: Arc<LocalInbox>,
-    channel: &str,
-    entry: Entry,
-    inbound: &Inbound,
-) -> Delivery {
-    requeuing_incoming(inbox, channel, entry, inbound).into_delivery(channel)
-}
-
 /// A [`LocalInbox`] settles what was taken from it: an ack forgets it; a nack, or a drop
 /// without either, puts it back at the head of its channel.
 #[async_trait::async_trait]
@@ -276,21 +265,5 @@ impl Settler for LocalInbox {
         }
         stats.record_redelivered(1);
         self.requeue_front(&channel, entry);
-    }
-}
-
-impl Incoming {
-    /// An item carrying `envelope` whose ack settles `pending` through `settler` (`Closed`
-    /// once `inbound`'s layer closed: it then comes back), and whose nack, or a drop
-    /// without either, requeues it (counted in `inbound`'s stats as unsettled meanwhile).
-    pub fn unsettled<S: Settler>(
-        envelope: Envelope,
-        redelivered: bool,
-        settler: Arc<S>,
-        pending: S::Pending,
-        inbound: &Inbound,
-    ) -> Incoming {
-        let (stats, closed) = (inbound.stats().clone(), inbound.closed().clone());
-        Incoming::unsettled_with(envelope, redelivered, (settler, pending), stats, closed)
     }
 }

@@ -34,22 +34,6 @@ pub struct Entry {
     pub seq: u64,
 }
 
-impl Entry {
-    /// This entry as an at-most-once [`Delivery`](crate::Delivery) of `channel`: it has
-    /// already left its queue, so `ack` does nothing and `nack` is an error. What network
-    /// backends hand out for process-local channels.
-    pub fn into_settled_delivery(self, channel: &str) -> crate::Delivery {
-        let ack = crate::AckHandle::settled();
-        let (envelope, redelivered) = (self.envelope, self.redelivered);
-        crate::incoming::Incoming {
-            envelope,
-            redelivered,
-            ack,
-        }
-        .into_delivery(channel)
-    }
-}
-
 #[derive(Default)]
 struct Slot {
     queue: VecDeque<Entry>,

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use crate::delivery::{AckHandle, Acknowledger, Delivery, DeliveryInfo};
 use crate::envelope::Envelope;
 use crate::error::Result;
+use crate::inbound::Inbound;
 use crate::signal::CloseSignal;
 use crate::stats::Stats;
 
@@ -40,21 +41,21 @@ pub trait Settler: Send + Sync + 'static {
 
 impl Incoming {
     /// An item carrying `envelope` whose ack settles `pending` through `settler` (`Closed`
-    /// once `closed` fired: it then comes back), and whose nack, or a drop without either,
-    /// requeues it. [`Incoming::unsettled`] is this with an instance's counters and close
-    /// signal.
-    pub(crate) fn unsettled_with<S: Settler>(
+    /// once `inbound`'s layer closed: it then comes back), and whose nack, or a drop
+    /// without either, requeues it (counted in `inbound`'s stats as unsettled meanwhile).
+    pub fn unsettled<S: Settler>(
         envelope: Envelope,
         redelivered: bool,
-        (settler, pending): (Arc<S>, S::Pending),
-        stats: Arc<Stats>,
-        closed: Arc<CloseSignal>,
+        settler: Arc<S>,
+        pending: S::Pending,
+        inbound: &Inbound,
     ) -> Incoming {
+        let stats = inbound.stats().clone();
         stats.record_unsettled(true);
         let acker = UnsettledAcker {
             item: Some((settler, pending)),
             stats,
-            closed,
+            closed: inbound.closed().clone(),
         };
         Incoming {
             envelope,

@@ -70,7 +70,7 @@ pub mod toolkit {
     pub use crate::delivery::Acknowledger;
     pub use crate::envelope::{Destination, Envelope, EnvelopeError};
     pub use crate::groups::GroupRegistry;
-    pub use crate::inbound::{requeuing_delivery, requeuing_incoming, Inbound};
+    pub use crate::inbound::{requeuing_incoming, Inbound};
     pub use crate::inbox::{CloseSignal, Entry, LocalInbox};
     pub use crate::stats::Stats;
     pub use crate::transport::{

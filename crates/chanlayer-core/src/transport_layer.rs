@@ -19,11 +19,12 @@ use tracing::Instrument;
 
 use crate::capabilities::Capabilities;
 use crate::config::{LayerConfig, LayerOptions};
-use crate::delivery::Delivery;
+use crate::delivery::{AckHandle, Delivery};
 use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
 use crate::expiry::{expiry_task, GroupState};
-use crate::inbound::{requeuing_delivery, Inbound};
+use crate::inbound::{requeuing_incoming, Inbound};
+use crate::inbox::Entry;
 use crate::layer::ChannelLayer;
 use crate::message::Message;
 use crate::name_cache::{checked, Check, SERIALS};
@@ -100,6 +101,17 @@ impl<T: Transport> TransportLayer<T> {
     /// This instance's receiving side.
     pub fn inbound(&self) -> &Arc<Inbound> {
         &self.inbound
+    }
+
+    /// Runs operation `op` (on an address of `kind`) in its span: `Closed` if it failed
+    /// because the layer closed.
+    async fn run<R>(
+        &self,
+        op: &'static str,
+        kind: Kind,
+        f: impl std::future::Future<Output = Result<R>>,
+    ) -> Result<R> {
+        self.wins(f.instrument(self.span(op, kind)).await)
     }
 
     /// `r`, or `Closed` if it failed because the layer closed ([`CloseSignal::closed_wins`](crate::toolkit::CloseSignal::closed_wins)).
@@ -216,19 +228,26 @@ impl<T: Transport> TransportLayer<T> {
         }
     }
 
-    async fn send_op(&self, channel: &str, kind: Kind, message: Message) -> Result<()> {
+    /// Sends to channel or group `name` (`kind` says which).
+    async fn send_op(&self, name: &str, kind: Kind, message: Message) -> Result<()> {
         // A send that never waits still yields now and then (see `LocalInbox::take`).
         tokio::task::consume_budget().await;
         self.inbound.closed().check()?;
-        checked(self.serial, channel, Check::Send, || {
-            names::validate_channel(channel)
-        })?;
-        self.check_kind("send", channel)?;
-        let message = self.traced(message);
-        let env = self.seal(Destination::Channel, channel, message)?;
-        let out = Outgoing::new(env, channel);
+        let dest = if kind == Kind::Group {
+            names::validate_group(name)?;
+            Destination::Group
+        } else {
+            checked(self.serial, name, Check::Send, || {
+                names::validate_channel(name)
+            })?;
+            self.check_kind("send", name)?;
+            Destination::Channel
+        };
+        let env = self.seal(dest, name, self.traced(message))?;
+        let out = Outgoing::new(env, name);
         let timer = telemetry::sample_send().then(Instant::now);
-        let r = match route(self.inbound.naming(), channel, kind) {
+        let r = match route(self.inbound.naming(), name, kind) {
+            _ if kind == Kind::Group => self.transport.publish_group(out).await?,
             Some(Some(owner)) => self.transport.publish_local(owner, out).await?,
             Some(None) => self.transport.publish_normal(out).await?,
             None => Published::Gone,
@@ -236,7 +255,7 @@ impl<T: Transport> TransportLayer<T> {
         if let Some(t) = timer {
             self.inbound.stats().export_send_latency(kind, t.elapsed());
         }
-        self.record(kind, channel, r, 1);
+        self.record(kind, name, r, 1);
         Ok(())
     }
 
@@ -286,14 +305,20 @@ impl<T: Transport> TransportLayer<T> {
     }
 
     /// A delivery of an entry taken from the local inbox: requeuing where the transport
-    /// promises at-least-once local channels, settled otherwise.
-    fn local_delivery(&self, channel: &str, entry: crate::inbox::Entry) -> Delivery {
+    /// promises at-least-once local channels, settled otherwise (it has already left its
+    /// queue: `ack` does nothing, `nack` is an error).
+    fn local_delivery(&self, channel: &str, entry: Entry) -> Delivery {
         let i = &self.inbound;
-        if self.caps.at_least_once_local {
-            requeuing_delivery(i.inbox().clone(), channel, entry, i)
+        let item = if self.caps.at_least_once_local {
+            requeuing_incoming(i.inbox().clone(), channel, entry, i)
         } else {
-            entry.into_settled_delivery(channel)
-        }
+            Incoming {
+                envelope: entry.envelope,
+                redelivered: entry.redelivered,
+                ack: AckHandle::settled(),
+            }
+        };
+        item.into_delivery(channel)
     }
 
     async fn receive_delivery_op(&self, channel: &str, kind: Kind) -> Result<Delivery> {
@@ -382,26 +407,6 @@ impl<T: Transport> TransportLayer<T> {
         Ok(())
     }
 
-    async fn group_send_op(&self, group: &str, message: Message) -> Result<()> {
-        tokio::task::consume_budget().await;
-        self.inbound.closed().check()?;
-        names::validate_group(group)?;
-        let message = self.traced(message);
-        let env = self.seal(Destination::Group, group, message)?;
-        let timer = telemetry::sample_send().then(Instant::now);
-        let r = self
-            .transport
-            .publish_group(Outgoing::new(env, group))
-            .await?;
-        if let Some(t) = timer {
-            self.inbound
-                .stats()
-                .export_send_latency(Kind::Group, t.elapsed());
-        }
-        self.record(Kind::Group, group, r, 1);
-        Ok(())
-    }
-
     async fn flush_op(&self) -> Result<()> {
         let i = &self.inbound;
         i.closed().check()?;
@@ -486,16 +491,13 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
 
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
         let kind = Kind::of_channel(channel);
-        let span = self.span("send", kind);
-        self.wins(self.send_op(channel, kind, message).instrument(span).await)
+        self.run("send", kind, self.send_op(channel, kind, message))
+            .await
     }
 
     async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
-        self.wins(
-            self.send_batch_op(channel, messages)
-                .instrument(self.span("send_batch", Kind::of_channel(channel)))
-                .await,
-        )
+        let op = self.send_batch_op(channel, messages);
+        self.run("send_batch", Kind::of_channel(channel), op).await
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
@@ -528,27 +530,19 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<()> {
-        self.wins(
-            self.group_add_op(group, channel)
-                .instrument(self.span("group_add", Kind::of_channel(channel)))
-                .await,
-        )
+        let op = self.group_add_op(group, channel);
+        self.run("group_add", Kind::of_channel(channel), op).await
     }
 
     async fn group_discard(&self, group: &str, channel: &str) -> Result<()> {
-        self.wins(
-            self.group_discard_op(group, channel)
-                .instrument(self.span("group_discard", Kind::of_channel(channel)))
-                .await,
-        )
+        let op = self.group_discard_op(group, channel);
+        self.run("group_discard", Kind::of_channel(channel), op)
+            .await
     }
 
     async fn group_send(&self, group: &str, message: Message) -> Result<()> {
-        self.wins(
-            self.group_send_op(group, message)
-                .instrument(self.span("group_send", Kind::Group))
-                .await,
-        )
+        let op = self.send_op(group, Kind::Group, message);
+        self.run("group_send", Kind::Group, op).await
     }
 
     async fn group_members(&self, group: &str) -> Result<Vec<String>> {
