@@ -122,18 +122,7 @@ impl GroupRegistry {
     /// Removes expired memberships; returns each `(group, channel)` that expired.
     pub fn prune_expired(&self) -> Vec<(String, String)> {
         let now = Instant::now();
-        let mut expired = Vec::new();
-        self.lock().retain(|g, members| {
-            members.retain(|c, t| {
-                let live = *t > now;
-                if !live {
-                    expired.push((g.clone(), c.to_string()));
-                }
-                live
-            });
-            !members.is_empty()
-        });
-        expired
+        self.remove_unless(|t| t > now)
     }
 
     /// Removes every membership but the [pinned](Self::pin) ones; returns each
@@ -141,14 +130,19 @@ impl GroupRegistry {
     /// see [`has_members`](Self::has_members)).
     pub fn clear(&self) -> Vec<(String, String)> {
         let pinned = forever();
+        self.remove_unless(|t| t >= pinned)
+    }
+
+    /// Removes the memberships whose expiry fails `keep`; returns each `(group, channel)`.
+    fn remove_unless(&self, keep: impl Fn(Instant) -> bool) -> Vec<(String, String)> {
         let mut removed = Vec::new();
         self.lock().retain(|g, members| {
             members.retain(|c, t| {
-                let keep = *t >= pinned;
-                if !keep {
+                let kept = keep(*t);
+                if !kept {
                     removed.push((g.clone(), c.to_string()));
                 }
-                keep
+                kept
             });
             !members.is_empty()
         });

@@ -22,7 +22,7 @@
 //! # });
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use crate::capabilities::Capabilities;
 use crate::config::LayerConfig;
 use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
+use crate::groups::GroupRegistry;
 use crate::inbound::{requeuing_incoming, Inbound};
 use crate::inbox::LocalInbox;
 use crate::names;
@@ -59,41 +60,12 @@ pub type MemoryLayer = TransportLayer<MemoryTransport>;
 #[derive(Debug, Default)]
 struct Broker {
     instances: Mutex<HashMap<String, Weak<Inbound>>>,
-    /// group → instances with a local member.
-    bound: Bindings,
-    /// group → normal channels that are members.
-    normal_bound: Bindings,
+    /// group → instances with a local member (pinned: core unbinds them).
+    bound: GroupRegistry,
+    /// group → normal channels that are members (pinned, as `bound`).
+    normal_bound: GroupRegistry,
     /// The normal channels.
     normal: Arc<LocalInbox>,
-}
-
-/// group → members (instances or normal channels).
-type Bindings = Mutex<HashMap<String, HashSet<String>>>;
-
-/// Adds `member` to `group`'s members in `map`.
-fn bind(map: &Bindings, group: &str, member: &str) {
-    let mut map = lock(map);
-    map.entry(group.to_owned())
-        .or_default()
-        .insert(member.to_owned());
-}
-
-/// Removes `member` from `group`'s members in `map` (and the group with its last).
-fn unbind(map: &Bindings, group: &str, member: &str) {
-    let mut map = lock(map);
-    if let Some(members) = map.get_mut(group) {
-        members.remove(member);
-        if members.is_empty() {
-            map.remove(group);
-        }
-    }
-}
-
-/// `group`'s members in `map`.
-fn members(map: &Bindings, group: &str) -> Vec<String> {
-    lock(map)
-        .get(group)
-        .map_or_else(Vec::new, |s| s.iter().cloned().collect())
 }
 
 impl Broker {
@@ -103,13 +75,13 @@ impl Broker {
 
     /// One copy of a group message for every instance and normal channel bound to `group`.
     fn fan_out(&self, group: &str, env: Envelope, sender: &Inbound) {
-        for id in members(&self.bound, group) {
+        for id in self.bound.members(group) {
             match self.instance(&id) {
                 Some(inbound) => inbound.offer_group(group, env.clone()),
                 None => sender.stats().record_undeliverable(group),
             }
         }
-        for ch in members(&self.normal_bound, group) {
+        for ch in self.normal_bound.members(group) {
             let capacity = sender.options().capacity_for(&ch);
             if self
                 .normal
@@ -195,8 +167,8 @@ impl MemoryTransport {
     fn leave(&self) {
         let id = self.inbound.id();
         lock(&self.broker.instances).remove(id);
-        for ids in lock(&self.broker.bound).values_mut() {
-            ids.remove(id);
+        for group in self.broker.bound.groups() {
+            self.broker.bound.discard(&group, id);
         }
     }
 }
@@ -259,22 +231,22 @@ impl Transport for MemoryTransport {
     }
 
     async fn bind_group(&self, group: &str) -> Result<()> {
-        bind(&self.broker.bound, group, self.inbound.id());
+        self.broker.bound.pin(group, self.inbound.id());
         Ok(())
     }
 
     async fn unbind_group(&self, group: &str) -> Result<()> {
-        unbind(&self.broker.bound, group, self.inbound.id());
+        self.broker.bound.discard(group, self.inbound.id());
         Ok(())
     }
 
     async fn bind_normal(&self, group: &str, channel: &str) -> Result<()> {
-        bind(&self.broker.normal_bound, group, channel);
+        self.broker.normal_bound.pin(group, channel);
         Ok(())
     }
 
     async fn unbind_normal(&self, group: &str, channel: &str) -> Result<()> {
-        unbind(&self.broker.normal_bound, group, channel);
+        self.broker.normal_bound.discard(group, channel);
         Ok(())
     }
 
@@ -292,13 +264,11 @@ impl Transport for MemoryTransport {
 
     fn group_members(&self, group: &str) -> Option<Vec<String>> {
         let broker = &self.broker;
-        let mut all: Vec<String> = (members(&broker.bound, group).iter())
-            .filter_map(|id| broker.instance(id))
+        let instances = broker.bound.members(group).into_iter();
+        let all = (instances.filter_map(|id| broker.instance(&id)))
             .flat_map(|inbound| inbound.groups().members(group))
-            .map(|m| m.to_string())
-            .collect();
-        all.extend(members(&broker.normal_bound, group));
-        Some(all)
+            .chain(broker.normal_bound.members(group));
+        Some(all.map(|m| m.to_string()).collect())
     }
 
     async fn flush(&self) -> Result<()> {
