@@ -241,7 +241,7 @@ pub fn decode(bytes: &[u8], expiry: Duration) -> std::result::Result<Envelope, S
         kind,
         destination,
         sent_at_ms: now,
-        expires_at_ms: now.saturating_add(u64::try_from(expiry.as_millis()).unwrap_or(u64::MAX)),
+        expires_at_ms: now.saturating_add(crate::envelope::duration_ms(expiry)),
         msg_type: intern_type(&msg_type),
         codec: Codec::Msgpack.id(),
         headers: Default::default(),

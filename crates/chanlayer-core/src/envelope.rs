@@ -185,9 +185,11 @@ impl Envelope {
         out
     }
 
-    /// This envelope's fields, addressed to `destination`.
-    fn addressed<'a>(&'a self, destination: &'a str) -> EnvelopeRef<'a> {
-        EnvelopeRef {
+    /// Appends the wire bytes of this envelope addressed to `destination` (whatever its own
+    /// `destination` field holds): what a transport sends for an envelope core sealed
+    /// unaddressed.
+    pub fn encode_to(&self, destination: &str, out: &mut Vec<u8>) {
+        let wire = Wire {
             id: self.id,
             kind: self.kind,
             destination,
@@ -196,15 +198,16 @@ impl Envelope {
             msg_type: &self.msg_type,
             codec: self.codec,
             headers: &self.headers,
-            body: &self.body,
+            body: serde_bytes::Bytes::new(&self.body),
+        };
+        let start = out.len();
+        out.extend_from_slice(&MAGIC);
+        out.push(FORMAT_VERSION);
+        // Encoding a plain struct of strings, integers, a map and bytes into a Vec cannot
+        // fail; fall back to an empty (undecodable) frame rather than panic if it ever did.
+        if bincode::serde::encode_into_std_write(wire, out, bincode_config()).is_err() {
+            out.truncate(start + MAGIC.len() + 1);
         }
-    }
-
-    /// Appends the wire bytes of this envelope addressed to `destination` (whatever its own
-    /// `destination` field holds): what a transport sends for an envelope core sealed
-    /// unaddressed.
-    pub fn encode_to(&self, destination: &str, out: &mut Vec<u8>) {
-        self.addressed(destination).encode_into(out);
     }
 
     /// Decodes bytes from the wire.
@@ -221,7 +224,7 @@ impl Envelope {
         let payload = &bytes[3..];
         // Decoded by reference first (no zero-filled buffers), checked whole, then copied
         // once into the owned envelope.
-        let (env, used): (EnvelopeIn<'_>, usize) =
+        let (env, used): (Wire<'_, Headers>, usize) =
             bincode::serde::borrow_decode_from_slice(payload, bincode_config())
                 .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if used != payload.len() {
@@ -250,10 +253,10 @@ impl Envelope {
     }
 }
 
-/// An [`Envelope`] by reference, field for field in the same order and types: it encodes
-/// to the same bytes (the one encoder of the wire format).
-#[derive(Serialize)]
-struct EnvelopeRef<'a> {
+/// An [`Envelope`] on the wire, field for field: encoded by reference (`headers` a
+/// `&Headers`), decoded borrowing the strings and the body from the bytes.
+#[derive(Serialize, Deserialize)]
+struct Wire<'a, H> {
     id: MessageId,
     kind: Destination,
     destination: &'a str,
@@ -261,38 +264,9 @@ struct EnvelopeRef<'a> {
     expires_at_ms: u64,
     msg_type: &'a str,
     codec: u8,
-    headers: &'a Headers,
-    #[serde(with = "serde_bytes")]
-    body: &'a [u8],
-}
-
-impl EnvelopeRef<'_> {
-    /// Appends the encoded envelope to `out`.
-    fn encode_into(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&MAGIC);
-        out.push(FORMAT_VERSION);
-        // Encoding a plain struct of strings, integers, a map and bytes into a Vec cannot
-        // fail; fall back to an empty (undecodable) frame rather than panic if it ever did.
-        if bincode::serde::encode_into_std_write(self, out, bincode_config()).is_err() {
-            out.truncate(start + MAGIC.len() + 1);
-        }
-    }
-}
-
-/// An [`Envelope`] borrowed from the bytes it is decoded from, field for field as
-/// [`EnvelopeRef`] writes it.
-#[derive(Deserialize)]
-struct EnvelopeIn<'a> {
-    id: MessageId,
-    kind: Destination,
-    destination: &'a str,
-    sent_at_ms: u64,
-    expires_at_ms: u64,
-    msg_type: &'a str,
-    codec: u8,
-    headers: Headers,
-    body: &'a [u8],
+    headers: H,
+    #[serde(borrow)]
+    body: &'a serde_bytes::Bytes,
 }
 
 pub(crate) fn duration_ms(d: Duration) -> u64 {
