@@ -116,29 +116,15 @@ impl Received for Delivery {
     }
 }
 
-impl Received for [Delivery] {
+impl<T: Received> Received for [T] {
     fn each_headers(&self, f: &mut dyn FnMut(&Headers)) {
-        for d in self {
-            f(d.message().headers());
+        for item in self {
+            item.each_headers(f);
         }
     }
 }
 
-impl Received for [Message] {
-    fn each_headers(&self, f: &mut dyn FnMut(&Headers)) {
-        for m in self {
-            f(m.headers());
-        }
-    }
-}
-
-impl Received for Vec<Message> {
-    fn each_headers(&self, f: &mut dyn FnMut(&Headers)) {
-        self.as_slice().each_headers(f)
-    }
-}
-
-impl Received for Vec<Delivery> {
+impl<T: Received> Received for Vec<T> {
     fn each_headers(&self, f: &mut dyn FnMut(&Headers)) {
         self.as_slice().each_headers(f)
     }
