@@ -90,14 +90,14 @@ impl Channels {
     /// `now` is read before the lock is taken, to keep the critical section short.
     fn pop_live(&mut self, channel: &str, now: u64, expired: &mut u64) -> Option<Entry> {
         let slot = self.map.get_mut(channel)?;
-        while let Some(e) = slot.queue.pop_front() {
-            if e.envelope.is_expired_at(now) {
-                *expired += 1;
-            } else {
-                return Some(e);
+        let found = loop {
+            match slot.queue.pop_front() {
+                Some(e) if e.envelope.is_expired_at(now) => *expired += 1,
+                next => break next,
             }
-        }
-        None
+        };
+        self.depth -= *expired as i64 + i64::from(found.is_some());
+        found
     }
 }
 
@@ -162,11 +162,6 @@ impl LocalInbox {
         self.lock().depth
     }
 
-    /// `delta` messages more (or fewer) wait here (under the lock the change was made in).
-    fn moved(&self, map: &mut Channels, delta: i64) {
-        map.depth += delta;
-    }
-
     /// Appends to `channel` unless it already holds `capacity` live messages
     /// (`Err(ChannelFull)`; expired ones are purged first and counted as expired).
     pub fn push(
@@ -176,11 +171,7 @@ impl LocalInbox {
         capacity: usize,
         stats: &Stats,
     ) -> Result<()> {
-        let mut moved = 0;
-        let mut map = self.lock();
-        let r = Self::push_locked(&mut map, channel, envelope, capacity, stats, &mut moved);
-        self.moved(&mut map, moved);
-        r
+        Self::push_locked(&mut self.lock(), channel, envelope, capacity, stats)
     }
 
     /// [`push`](Self::push) with the lock held.
@@ -190,19 +181,19 @@ impl LocalInbox {
         envelope: Envelope,
         capacity: usize,
         stats: &Stats,
-        moved: &mut i64,
     ) -> Result<()> {
-        let seq = map.next_seq;
+        let (seq, mut moved) = (map.next_seq, 0);
         map.next_seq += 1;
         let slot = map.slot(channel);
-        if !Self::push_slot(slot, envelope, seq, capacity, stats, moved) {
-            return Err(Error::ChannelFull {
-                channel: channel.to_owned(),
-                capacity,
-            });
+        let pushed = Self::push_slot(slot, envelope, seq, capacity, stats, &mut moved);
+        if pushed {
+            slot.wake();
         }
-        slot.wake();
-        Ok(())
+        map.depth += moved;
+        pushed.then_some(()).ok_or_else(|| Error::ChannelFull {
+            channel: channel.to_owned(),
+            capacity,
+        })
     }
 
     /// Appends to `slot` unless it holds `capacity` live entries (expired ones are purged
@@ -250,17 +241,14 @@ impl LocalInbox {
             .count();
         slot.queue.insert(pos, entry);
         slot.wake();
-        self.moved(&mut map, 1);
+        map.depth += 1;
     }
 
     /// Takes the next live message from `channel` without waiting.
     pub fn try_take(&self, channel: &str, stats: &Stats) -> Option<Entry> {
         let mut expired = 0;
         let now = recent_ms();
-        let mut map = self.lock();
-        let found = map.pop_live(channel, now, &mut expired);
-        self.moved(&mut map, -(expired as i64) - i64::from(found.is_some()));
-        drop(map);
+        let found = self.lock().pop_live(channel, now, &mut expired);
         stats.record_expired(expired);
         found
     }
@@ -290,12 +278,10 @@ impl LocalInbox {
                     if let Some(w) = waiter.as_mut() {
                         w.unregister(&mut map);
                     }
-                    self.moved(&mut map, -(expired as i64) - 1);
                     drop(map);
                     stats.record_expired(expired);
                     return Ok(e);
                 }
-                self.moved(&mut map, -(expired as i64));
                 let w = waiter.get_or_insert_with(|| {
                     let slot = map.slot(channel);
                     slot.waiters += 1;
@@ -349,7 +335,7 @@ impl LocalInbox {
             s.queue.clear();
             s.waiters > 0
         });
-        self.moved(&mut map, -dropped);
+        map.depth -= dropped;
     }
 
     /// Delivers every envelope of `envelopes` in order (to its channel, or for a group
@@ -393,7 +379,7 @@ impl LocalInbox {
             }
             slot.wake();
             map.next_seq = seq;
-            self.moved(&mut map, moved);
+            map.depth += moved;
             drop(map);
             for _ in 0..dropped {
                 stats.record_dropped_full(&name);
@@ -420,19 +406,14 @@ impl LocalInbox {
             copies.push((options.capacity_for(member), envelope.clone()));
         }
         copies.push((options.capacity_for(&members[last]), envelope));
-        let mut full = Vec::new();
-        let mut moved = 0;
-        {
-            let mut map = self.lock();
-            for (member, (capacity, copy)) in members.iter().zip(copies) {
-                if let Err(Error::ChannelFull { .. }) =
-                    Self::push_locked(&mut map, member, copy, capacity, stats, &mut moved)
-                {
-                    full.push(member);
-                }
-            }
-            self.moved(&mut map, moved);
-        }
+        let mut map = self.lock();
+        let full: Vec<&Arc<str>> = (members.iter().zip(copies))
+            .filter_map(|(member, (capacity, copy))| {
+                let r = Self::push_locked(&mut map, member, copy, capacity, stats);
+                r.is_err().then_some(member)
+            })
+            .collect();
+        drop(map);
         for member in full {
             stats.record_group_member_full(group, member);
         }

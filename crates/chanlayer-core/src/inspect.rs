@@ -216,15 +216,20 @@ async fn ask(
     Ok(by_instance.into_values().collect())
 }
 
-/// A reply to the request `what` (for `group`), or why it is not one.
-fn read_reply(message: &Message, what: &str, group: Option<&str>) -> Result<Reply> {
-    if message.message_type() != REPLY_TYPE {
+/// The body of `message`, which must be of type `ty`.
+fn decode<T: serde::de::DeserializeOwned>(message: &Message, ty: &str) -> Result<T> {
+    if message.message_type() != ty {
         return Err(Error::InvalidMessage(format!(
-            "type {:?} where {REPLY_TYPE} was expected",
+            "type {:?} where {ty} was expected",
             message.message_type()
         )));
     }
-    let reply: Reply = message.decode()?;
+    message.decode()
+}
+
+/// A reply to the request `what` (for `group`), or why it is not one.
+fn read_reply(message: &Message, what: &str, group: Option<&str>) -> Result<Reply> {
+    let reply: Reply = decode(message, REPLY_TYPE)?;
     if let Some(e) = &reply.error {
         tracing::warn!(instance = %reply.instance, "inspect: an instance could not answer: {e}");
     }
@@ -363,13 +368,7 @@ async fn answer<T: Transport>(
     backend: &'static str,
     message: Message,
 ) -> Result<()> {
-    if message.message_type() != REQUEST_TYPE {
-        return Err(Error::InvalidMessage(format!(
-            "type {:?} where {REQUEST_TYPE} was expected",
-            message.message_type()
-        )));
-    }
-    let request: Request = message.decode()?;
+    let request: Request = decode(&message, REQUEST_TYPE)?;
     names::validate_channel(&request.reply_to)?;
     let Some(owner) = inbound.naming().owner(&request.reply_to) else {
         return Err(Error::InvalidMessage(format!(
