@@ -76,24 +76,18 @@ fn body_entries(codec: Codec, body: &[u8]) -> Result<Vec<(Value, Value)>> {
     };
     match value {
         Value::Map(entries) => {
-            for (k, _) in &entries {
-                match k.as_str() {
-                    Some(TYPE_KEY | CHANNEL_KEY | GROUP_KEY) => {
-                        return Err(refuse(
-                            codec,
-                            format!("its body has the key {k}, which the wire keeps for itself"),
-                        ))
-                    }
-                    Some(_) => {}
-                    None => {
-                        return Err(refuse(
-                            codec,
-                            format!("its body has the key {k}, which is not a string"),
-                        ))
-                    }
-                }
+            let bad = entries.iter().find_map(|(k, _)| match k.as_str() {
+                Some(TYPE_KEY | CHANNEL_KEY | GROUP_KEY) => Some((k, "the wire keeps for itself")),
+                Some(_) => None,
+                None => Some((k, "is not a string")),
+            });
+            match bad {
+                Some((k, why)) => Err(refuse(
+                    codec,
+                    format!("its body has the key {k}, which {why}"),
+                )),
+                None => Ok(entries),
             }
-            Ok(entries)
         }
         Value::Nil => Ok(Vec::new()),
         other => Err(refuse(
@@ -192,40 +186,32 @@ pub fn decode(bytes: &[u8], expiry: Duration) -> std::result::Result<Envelope, S
     let mut address: Option<(Destination, String)> = None;
     let mut body = Vec::with_capacity(entries.len());
     for (k, v) in entries {
-        let key = match k.as_str() {
-            Some(key) => key,
-            None => return Err(format!("the dict has a key that is not a string ({k})")),
+        let Some(key) = k.as_str() else {
+            return Err(format!("the dict has a key that is not a string ({k})"));
         };
         let kind = match key {
-            TYPE_KEY => {
-                match v.as_str() {
-                    Some(t) => msg_type = Some(t.to_owned()),
-                    None => {
-                        return Err(format!(
-                            "the dict's \"type\" is {}, not a string",
-                            kind_of(&v)
-                        ))
-                    }
-                }
-                continue;
-            }
-            CHANNEL_KEY => Destination::Channel,
-            GROUP_KEY => Destination::Group,
+            TYPE_KEY => None,
+            CHANNEL_KEY => Some(Destination::Channel),
+            GROUP_KEY => Some(Destination::Group),
             _ => {
                 body.push((k, v));
                 continue;
             }
         };
-        let Some(name) = v.as_str() else {
+        let Some(text) = v.as_str() else {
             return Err(format!(
                 "the dict's {key:?} is {}, not a string",
                 kind_of(&v)
             ));
         };
-        if address.replace((kind, name.to_owned())).is_some() {
-            return Err(format!(
-                "the dict has both {CHANNEL_KEY:?} and {GROUP_KEY:?}"
-            ));
+        match kind {
+            None => msg_type = Some(text.to_owned()),
+            Some(_) if address.is_some() => {
+                return Err(format!(
+                    "the dict has both {CHANNEL_KEY:?} and {GROUP_KEY:?}"
+                ))
+            }
+            Some(kind) => address = Some((kind, text.to_owned())),
         }
     }
     let msg_type = msg_type.ok_or("the dict has no \"type\"")?;

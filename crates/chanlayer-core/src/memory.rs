@@ -81,16 +81,8 @@ impl Broker {
                 None => sender.stats().record_undeliverable(group),
             }
         }
-        for ch in self.normal_bound.members(group) {
-            let capacity = sender.options().capacity_for(&ch);
-            if self
-                .normal
-                .push(&ch, env.clone(), capacity, sender.stats())
-                .is_err()
-            {
-                sender.stats().record_group_member_full(group, &ch);
-            }
-        }
+        let channels = self.normal_bound.members(group);
+        (self.normal).fan_out(group, env, channels, sender.options(), sender.stats());
     }
 }
 
