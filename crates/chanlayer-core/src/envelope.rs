@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{bincode_config, Codec};
 use crate::config::LayerOptions;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::message::{Headers, Message};
 
 /// The magic bytes every envelope starts with.
@@ -139,14 +139,7 @@ impl Envelope {
         message: Message,
         options: &LayerOptions,
     ) -> Result<Envelope> {
-        message.validate()?;
-        let size = message.wire_size(destination);
-        if size > options.max_message_size {
-            return Err(Error::MessageTooLarge {
-                size,
-                max: options.max_message_size,
-            });
-        }
+        message.validate_for(destination, options.max_message_size)?;
         // The cheap clock: one system clock read per message is a few per cent of a small
         // message's path (see `clock`).
         let now = crate::clock::recent_ms();
@@ -276,6 +269,7 @@ pub(crate) fn duration_ms(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     fn sample() -> Envelope {
         let msg = Message::encode_as("t.x", &"hello", Codec::Json)

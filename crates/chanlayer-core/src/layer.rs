@@ -52,14 +52,7 @@ pub trait ChannelLayer: Send + Sync + 'static {
     /// is sent; on a later failure (for example `ChannelFull`) the ones before it were sent.
     async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
         for m in &messages {
-            m.validate()?;
-            let size = m.wire_size(channel);
-            if size > self.options().max_message_size {
-                return Err(crate::Error::MessageTooLarge {
-                    size,
-                    max: self.options().max_message_size,
-                });
-            }
+            m.validate_for(channel, self.options().max_message_size)?;
         }
         for m in messages {
             self.send(channel, m).await?;

@@ -147,6 +147,17 @@ impl Message {
         }
         Ok(())
     }
+
+    /// [`validate`](Self::validate), then `MessageTooLarge` if its
+    /// [`wire_size`](Self::wire_size) for `destination` is over `max`.
+    pub(crate) fn validate_for(&self, destination: &str, max: usize) -> Result<()> {
+        self.validate()?;
+        let size = self.wire_size(destination);
+        if size > max {
+            return Err(Error::MessageTooLarge { size, max });
+        }
+        Ok(())
+    }
 }
 
 /// The size counted against `max_message_size`: body, type, destination and headers.
@@ -167,11 +178,8 @@ pub const INTERNED_TYPE_LEN_MAX: usize = 64;
 
 /// The message types kept so far (leaked on purpose: at most [`INTERNED_TYPES_MAX`] of at
 /// most [`INTERNED_TYPE_LEN_MAX`] bytes, 64 KiB in all).
-fn interned() -> &'static std::sync::RwLock<std::collections::HashSet<&'static str>> {
-    static TYPES: std::sync::OnceLock<std::sync::RwLock<std::collections::HashSet<&'static str>>> =
-        std::sync::OnceLock::new();
-    TYPES.get_or_init(Default::default)
-}
+static INTERNED: std::sync::LazyLock<std::sync::RwLock<std::collections::HashSet<&'static str>>> =
+    std::sync::LazyLock::new(Default::default);
 
 thread_local! {
     /// The types this thread interned or found most recently, newest first: a receiving
@@ -193,8 +201,7 @@ pub fn intern_type(msg_type: &str) -> Cow<'static, str> {
     if let Some(t) = recent.iter().flatten().find(|t| **t == msg_type) {
         return Cow::Borrowed(t);
     }
-    let table = interned();
-    let found = table
+    let found = INTERNED
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(msg_type)
@@ -202,7 +209,7 @@ pub fn intern_type(msg_type: &str) -> Cow<'static, str> {
     let kept = match found {
         Some(t) => t,
         None => {
-            let mut types = table
+            let mut types = INTERNED
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             match types.get(msg_type) {
@@ -284,6 +291,6 @@ mod tests {
         }
         assert!(owned >= 10, "at most {INTERNED_TYPES_MAX} types are kept");
         assert!(matches!(intern_type("chat.message"), Cow::Borrowed(_)));
-        assert!(interned().read().expect("not poisoned").len() <= INTERNED_TYPES_MAX);
+        assert!(INTERNED.read().expect("not poisoned").len() <= INTERNED_TYPES_MAX);
     }
 }
