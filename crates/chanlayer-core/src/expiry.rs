@@ -39,15 +39,13 @@ pub(crate) async fn expiry_task<T: Transport>(
     loop {
         // Set before looking, so a membership added after the look sees it and wakes us.
         groups.idle.store(true, Ordering::SeqCst);
-        let next = [
+        let retry = (!failed.is_empty()).then(|| std::time::Instant::now() + RETRY);
+        let wake_at = [
             inbound.groups().next_expiry(),
             inbound.normal_groups().next_expiry(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        let retry = (!failed.is_empty()).then(|| std::time::Instant::now() + RETRY);
-        let wake_at = [next, retry].into_iter().flatten().min();
+            retry,
+        ];
+        let wake_at = wake_at.into_iter().flatten().min();
         if wake_at.is_some() {
             groups.idle.store(false, Ordering::SeqCst);
         }

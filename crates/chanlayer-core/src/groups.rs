@@ -164,15 +164,11 @@ impl GroupRegistry {
     pub fn pairs(&self) -> Vec<(String, String)> {
         let now = Instant::now();
         let map = self.lock();
-        let mut out = Vec::new();
-        for (g, members) in map.iter() {
-            for (c, t) in members {
-                if *t > now {
-                    out.push((g.clone(), c.to_string()));
-                }
-            }
-        }
-        out
+        let live = map.iter().flat_map(|(g, members)| {
+            let live = members.iter().filter(move |(_, t)| **t > now);
+            live.map(move |(c, _)| (g.clone(), c.to_string()))
+        });
+        live.collect()
     }
 
     /// `true` if `channel` is a live member of `group`.

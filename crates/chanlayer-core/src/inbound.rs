@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::config::LayerOptions;
-use crate::envelope::{Destination, Envelope};
+use crate::envelope::{Destination, Envelope, EnvelopeError};
 use crate::error::{Error, Result};
 use crate::groups::GroupRegistry;
 use crate::inbox::{CloseSignal, Entry, LocalInbox};
@@ -185,27 +185,18 @@ impl Inbound {
     /// envelope are counted (`undecodable`, logged once per burst with `source`) and
     /// skipped: `false`.
     pub fn ingest_bytes(&self, bytes: &[u8], source: &str) -> bool {
-        match self.decode(bytes, source) {
-            Some(env) => {
-                self.ingest(env);
-                true
-            }
-            None => false,
-        }
+        self.decode(bytes, source)
+            .map(|env| self.ingest(env))
+            .is_some()
     }
 
     /// Decodes bytes that arrived, for a transport that gathers a burst for
     /// [`ingest_all`](Self::ingest_all): the envelope, or `None` for bytes that are not one
     /// (counted `undecodable`, logged once per burst with `source`).
     pub fn decode(&self, bytes: &[u8], source: impl std::fmt::Display) -> Option<Envelope> {
-        match Envelope::decode(bytes) {
-            Ok(env) => Some(env),
-            Err(e) => {
-                // Formatted only here: a transport may name its source lazily (a topic).
-                self.stats.record_undecodable(&source.to_string(), &e);
-                None
-            }
-        }
+        // `source` is formatted only on error: a transport may name it lazily (a topic).
+        let bad = |e: &EnvelopeError| self.stats.record_undecodable(&source.to_string(), e);
+        Envelope::decode(bytes).inspect_err(bad).ok()
     }
 
     /// [`decode`](Self::decode) for an address that carries only `kind` (a transport's

@@ -66,11 +66,13 @@ fn check(kind: NameKind, name: &str, bang_allowed: bool) -> Result<()> {
     let chars = name.chars().count();
     let mut bangs = 0;
     let why = if name.is_empty() {
-        "the name is empty; names are 1 to 99 characters".to_owned()
+        Some("the name is empty; names are 1 to 99 characters".to_owned())
     } else if chars > MAX_NAME_LEN {
-        format!("the name is {chars} characters long; the limit is {MAX_NAME_LEN}")
+        Some(format!(
+            "the name is {chars} characters long; the limit is {MAX_NAME_LEN}"
+        ))
     } else {
-        let broken = name.chars().enumerate().find_map(|(pos, c)| match c {
+        name.chars().enumerate().find_map(|(pos, c)| match c {
             c if allowed(c) => None,
             '!' if !bang_allowed => Some(format!(
                 "{kind} names cannot contain '!' (only process-local channel names do); found at position {pos}"
@@ -98,13 +100,9 @@ fn check(kind: NameKind, name: &str, bang_allowed: bool) -> Result<()> {
                 };
                 Some(format!("the name contains {what}; allowed are ASCII letters, digits, '.', '_' and '-'{bang}"))
             }
-        });
-        match broken {
-            Some(why) => why,
-            None => return Ok(()),
-        }
+        })
     };
-    Err(invalid(kind, name, why))
+    why.map_or(Ok(()), |why| Err(invalid(kind, name, why)))
 }
 
 /// Checks a channel name; the error names the rule it broke.

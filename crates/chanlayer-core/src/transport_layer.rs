@@ -119,17 +119,9 @@ impl<T: Transport> TransportLayer<T> {
         self.inbound.closed().closed_wins(r)
     }
 
+    /// `message` [traced](Self::traced), checked and sealed for `name`.
     fn seal(&self, kind: Destination, name: &str, message: Message) -> Result<Envelope> {
-        Envelope::seal_unaddressed(kind, name, message, self.inbound.options())
-    }
-
-    fn check_receiver(&self, channel: &str) -> Result<()> {
-        self.inbound.closed().check()?;
-        checked(self.serial, channel, Check::Receive, || {
-            self.inbound
-                .naming()
-                .check_receiver(channel, self.inbound.id())
-        })
+        Envelope::seal_unaddressed(kind, name, self.traced(message), self.inbound.options())
     }
 
     /// Where `channel` is read: `None` from this instance's inbox (a process-local channel,
@@ -142,7 +134,11 @@ impl<T: Transport> TransportLayer<T> {
         kind: Kind,
         acking: Option<&'static str>,
     ) -> Result<Option<Arc<dyn NormalSource>>> {
-        self.check_receiver(channel)?;
+        let i = &self.inbound;
+        i.closed().check()?;
+        checked(self.serial, channel, Check::Receive, || {
+            i.naming().check_receiver(channel, i.id())
+        })?;
         self.check_kind(acking.unwrap_or("receive"), channel)?;
         if kind == Kind::Local {
             return Ok(None);
@@ -243,7 +239,7 @@ impl<T: Transport> TransportLayer<T> {
             self.check_kind("send", name)?;
             Destination::Channel
         };
-        let env = self.seal(dest, name, self.traced(message))?;
+        let env = self.seal(dest, name, message)?;
         let out = Outgoing::new(env, name);
         let timer = telemetry::sample_send().then(Instant::now);
         let r = match route(self.inbound.naming(), name, kind) {
@@ -267,10 +263,8 @@ impl<T: Transport> TransportLayer<T> {
         let outs = messages
             .into_iter()
             .map(|m| {
-                Ok(Outgoing::new(
-                    self.seal(Destination::Channel, channel, self.traced(m))?,
-                    channel,
-                ))
+                let env = self.seal(Destination::Channel, channel, m)?;
+                Ok(Outgoing::new(env, channel))
             })
             .collect::<Result<Vec<_>>>()?;
         if n == 0 {
