@@ -100,8 +100,7 @@ impl Layer {
         msg_type: impl Into<Cow<'static, str>>,
         value: &T,
     ) -> Result<()> {
-        self.inner
-            .send(channel, self.message_as(msg_type, value)?)
+        self.send_message(channel, self.message_as(msg_type, value)?)
             .await
     }
 
@@ -147,8 +146,7 @@ impl Layer {
         msg_type: impl Into<Cow<'static, str>>,
         value: &T,
     ) -> Result<()> {
-        self.inner
-            .group_send(group, self.message_as(msg_type, value)?)
+        self.group_send_message(group, self.message_as(msg_type, value)?)
             .await
     }
 
