@@ -92,24 +92,20 @@ impl<T: Transport> Acknowledger for PoisonAcker<T> {
             return Ok(());
         };
         let mut env = self.envelope.clone();
-        let dead = self.delivered >= self.max;
+        let (h, delivered) = (&mut env.headers, self.delivered);
+        let dead = delivered >= self.max;
         let target = if dead {
-            env.headers.remove(DELIVERIES);
-            env.headers.insert(
-                DEAD_REASON.into(),
-                format!(
-                    "delivered and nacked {} times (max_deliveries={})",
-                    self.delivered, self.max
-                ),
+            h.remove(DELIVERIES);
+            let why = format!(
+                "delivered and nacked {delivered} times (max_deliveries={})",
+                self.max
             );
-            env.headers
-                .insert(DEAD_CHANNEL.into(), self.channel.clone());
-            env.headers
-                .insert(DEAD_DELIVERIES.into(), self.delivered.to_string());
+            h.insert(DEAD_REASON.into(), why);
+            h.insert(DEAD_CHANNEL.into(), self.channel.clone());
+            h.insert(DEAD_DELIVERIES.into(), delivered.to_string());
             &self.dead
         } else {
-            env.headers
-                .insert(DELIVERIES.into(), self.delivered.to_string());
+            h.insert(DELIVERIES.into(), delivered.to_string());
             &self.channel
         };
         match self
