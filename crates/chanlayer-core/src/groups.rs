@@ -29,18 +29,13 @@ fn forever() -> Instant {
     })
 }
 
-/// Group memberships with expiry. See the module docs.
+/// Group memberships with expiry (an empty registry is `default()`). See the module docs.
 #[derive(Debug, Default)]
 pub struct GroupRegistry {
     groups: Mutex<HashMap<String, Members>>,
 }
 
 impl GroupRegistry {
-    /// An empty registry.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Members>> {
         crate::toolkit::lock(&self.groups)
     }
@@ -192,7 +187,7 @@ mod tests {
 
     #[test]
     fn first_and_last() {
-        let r = GroupRegistry::new();
+        let r = GroupRegistry::default();
         assert!(r.add("g", "a", Duration::from_secs(60)));
         assert!(!r.add("g", "b", Duration::from_secs(60)));
         assert!(!r.add("g", "a", Duration::from_secs(60)));
@@ -209,7 +204,7 @@ mod tests {
 
     #[test]
     fn expiry() {
-        let r = GroupRegistry::new();
+        let r = GroupRegistry::default();
         r.add("g", "a", Duration::ZERO);
         assert!(r.members("g").is_empty());
         r.add("g", "b", Duration::ZERO);
@@ -218,7 +213,7 @@ mod tests {
 
     #[test]
     fn pairs_expire_one_by_one() {
-        let r = GroupRegistry::new();
+        let r = GroupRegistry::default();
         r.add("s", "short", Duration::ZERO);
         r.add("g", "long", Duration::from_secs(60));
         r.add("h", "long", Duration::from_secs(60));
@@ -246,7 +241,7 @@ mod tests {
 
     #[test]
     fn pinned_memberships_never_expire_and_survive_clear() {
-        let r = GroupRegistry::new();
+        let r = GroupRegistry::default();
         assert!(r.pin("inspect", "me"), "the group's first member");
         assert!(!r.add("inspect", "user", Duration::from_secs(60)));
         assert!(

@@ -40,9 +40,9 @@ impl Inbound {
             options,
             stats: Arc::new(Stats::default()),
             closed: Arc::new(CloseSignal::default()),
-            inbox: Arc::new(LocalInbox::new()),
-            groups: GroupRegistry::new(),
-            normal_groups: GroupRegistry::new(),
+            inbox: Arc::default(),
+            groups: GroupRegistry::default(),
+            normal_groups: GroupRegistry::default(),
             normal_via_inbox,
         }
     }

@@ -57,23 +57,15 @@ const SWEEP_MIN: usize = 1024;
 /// (a busy channel that drains and refills would otherwise re-create its slot for every
 /// message) and swept when the map has doubled since the last sweep: amortised O(1), and
 /// memory stays within twice the live channels.
+#[derive(Default)]
 struct Channels {
     map: HashMap<String, Slot>,
+    /// At least [`SWEEP_MIN`] from the first [`slot`](Self::slot) on (which, at 0, sweeps the
+    /// empty map and sets it).
     sweep_at: usize,
     next_seq: u64,
     /// Messages waiting here.
     depth: i64,
-}
-
-impl Default for Channels {
-    fn default() -> Self {
-        Channels {
-            map: HashMap::default(),
-            sweep_at: SWEEP_MIN,
-            next_seq: 0,
-            depth: 0,
-        }
-    }
 }
 
 impl Channels {
@@ -101,7 +93,8 @@ impl Channels {
     }
 }
 
-/// Per-channel bounded queues with waiting receivers. See the module docs.
+/// Per-channel bounded queues with waiting receivers (an empty one is `default()`). See
+/// the module docs.
 #[derive(Default)]
 pub struct LocalInbox {
     channels: Mutex<Channels>,
@@ -148,11 +141,6 @@ impl Drop for Waiter<'_> {
 }
 
 impl LocalInbox {
-    /// An empty inbox.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     fn lock(&self) -> MutexGuard<'_, Channels> {
         crate::toolkit::lock(&self.channels)
     }

@@ -19,10 +19,10 @@ fn deliver_all_keeps_order_fans_out_groups_and_counts_full_channels() {
         capacity: 3,
         ..LayerOptions::default()
     };
-    let groups = GroupRegistry::new();
+    let groups = GroupRegistry::default();
     groups.add("g", "c", Duration::from_secs(60));
     groups.add("g", "d", Duration::from_secs(60));
-    let inbox = LocalInbox::new();
+    let inbox = LocalInbox::default();
     let group_env = |i: u64| {
         let m = Message::encode_as("t", &i, Codec::Bincode).expect("encode");
         Envelope::seal(Destination::Group, "g", m, &options).expect("seal")
@@ -48,7 +48,7 @@ fn deliver_all_runs_of_a_channel_keep_order_and_wake_a_waiting_take() {
         .expect("runtime");
     rt.block_on(async {
         let stats = Arc::new(Stats::default());
-        let inbox = Arc::new(LocalInbox::new());
+        let inbox = Arc::new(LocalInbox::default());
         let closed = Arc::new(CloseSignal::default());
         let waiting = {
             let (inbox, stats, closed) = (inbox.clone(), stats.clone(), closed.clone());
@@ -66,7 +66,7 @@ fn deliver_all_runs_of_a_channel_keep_order_and_wake_a_waiting_take() {
         let mut batch = vec![to("c", 0), to("c", 1), to("e", 2), to("c", 3), to("c", 4)];
         inbox.deliver_all(
             &mut batch,
-            &GroupRegistry::new(),
+            &GroupRegistry::default(),
             &LayerOptions::default(),
             &stats,
         );
@@ -89,7 +89,7 @@ fn deliver_all_runs_of_a_channel_keep_order_and_wake_a_waiting_take() {
 fn requeued_entries_keep_arrival_order_in_any_return_order() {
     let stats = Stats::default();
     for reverse in [false, true] {
-        let inbox = LocalInbox::new();
+        let inbox = LocalInbox::default();
         for i in 0..4 {
             inbox.push("c", env(i), 10, &stats).expect("push");
         }
@@ -112,7 +112,7 @@ fn requeued_entries_keep_arrival_order_in_any_return_order() {
 #[test]
 fn empty_slots_are_swept() {
     let stats = Stats::default();
-    let inbox = LocalInbox::new();
+    let inbox = LocalInbox::default();
     for i in 0..5000u64 {
         let ch = format!("c{i}");
         inbox.push(&ch, env(i), 10, &stats).expect("push");

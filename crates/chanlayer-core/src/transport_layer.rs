@@ -93,11 +93,6 @@ impl<T: Transport> TransportLayer<T> {
         })
     }
 
-    /// The transport (what only this backend has).
-    pub fn transport(&self) -> &T {
-        &self.transport
-    }
-
     /// This instance's receiving side.
     pub fn inbound(&self) -> &Arc<Inbound> {
         &self.inbound

@@ -16,7 +16,7 @@ struct Inject(Arc<MemoryLayer>);
 #[async_trait]
 impl RawInjector for Inject {
     async fn inject(&self, _channel: &str, bytes: Vec<u8>) -> Result<()> {
-        self.0.transport().inject_raw(&bytes).map(|_| ())
+        self.0.inject_raw(&bytes).map(|_| ())
     }
 }
 
