@@ -46,9 +46,7 @@ pub(crate) async fn expiry_task<T: Transport>(
             retry,
         ];
         let wake_at = wake_at.into_iter().flatten().min();
-        if wake_at.is_some() {
-            groups.idle.store(false, Ordering::SeqCst);
-        }
+        groups.idle.store(wake_at.is_none(), Ordering::SeqCst);
         let sleep = async {
             match wake_at {
                 Some(at) => tokio::time::sleep_until(at.into()).await,

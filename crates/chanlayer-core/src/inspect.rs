@@ -201,12 +201,8 @@ async fn ask(
         )
         .await?;
     let mut by_instance = BTreeMap::new();
-    loop {
-        let message = match tokio::time::timeout_at(deadline, layer.receive(&reply_to)).await {
-            Err(_) => break,
-            Ok(r) => r?,
-        };
-        match read_reply(&message, what, group) {
+    while let Ok(received) = tokio::time::timeout_at(deadline, layer.receive(&reply_to)).await {
+        match read_reply(&received?, what, group) {
             Ok(reply) => {
                 by_instance.insert(reply.instance.clone(), reply);
             }
