@@ -145,10 +145,8 @@ pub fn routing_prefix(channel: &str) -> Option<&str> {
 /// assert_eq!(chanlayer_core::names::owner_instance("abc!xyz"), None);
 /// ```
 pub fn owner_instance(channel: &str) -> Option<&str> {
-    let head = routing_prefix(channel)?;
-    let head = &head[..head.len() - 1];
-    let dot = head.rfind('.')?;
-    let id = &head[dot + 1..];
+    let (head, _) = channel.split_once('!')?;
+    let (_, id) = head.rsplit_once('.')?;
     (!id.is_empty()).then_some(id)
 }
 
@@ -243,8 +241,7 @@ impl Naming {
         match self {
             Naming::Layer => owner_instance(channel),
             Naming::ChannelsRabbitmq => {
-                let head = routing_prefix(channel)?;
-                let head = &head[..head.len() - 1];
+                let (head, _) = channel.split_once('!')?;
                 (!head.is_empty()).then_some(head)
             }
         }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::config::LayerOptions;
 use crate::delivery::{AckHandle, Acknowledger};
 use crate::envelope::Envelope;
 use crate::error::Result;
@@ -34,15 +35,18 @@ pub fn dead_letter_of(channel: &str, dead_letter: Option<&str>) -> String {
     dead_letter.map_or_else(|| format!("{channel}.dead"), str::to_owned)
 }
 
-/// Wraps `item`'s acknowledger so that a nack moves it as the module docs say.
+/// With `max_deliveries` set in `options`, wraps `item`'s acknowledger so that a nack moves
+/// it as the module docs say; without, `item` as it is.
 pub(crate) fn guard<T: Transport>(
     item: Incoming,
     channel: &str,
-    max: u32,
-    dead_letter: Option<&str>,
-    transport: Arc<T>,
-    stats: Arc<Stats>,
+    options: &LayerOptions,
+    transport: &Arc<T>,
+    stats: &Arc<Stats>,
 ) -> Incoming {
+    let Some(max) = options.max_deliveries else {
+        return item;
+    };
     let before: u32 = item
         .envelope
         .headers
@@ -51,13 +55,13 @@ pub(crate) fn guard<T: Transport>(
         .unwrap_or(0);
     let acker = PoisonAcker {
         inner: Some(item.ack),
-        transport,
+        transport: transport.clone(),
         envelope: item.envelope.clone(),
         channel: channel.to_owned(),
         delivered: before.saturating_add(1),
         max,
-        dead: dead_letter_of(channel, dead_letter),
-        stats,
+        dead: dead_letter_of(channel, options.dead_letter.as_deref()),
+        stats: stats.clone(),
     };
     Incoming {
         envelope: item.envelope,

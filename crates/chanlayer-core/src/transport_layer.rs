@@ -181,19 +181,9 @@ impl<T: Transport> TransportLayer<T> {
     /// A delivery of a normal channel's item; with `max_deliveries`, one whose nack moves
     /// it (see [`poison`](crate::poison)).
     fn delivery(&self, item: Incoming, channel: &str) -> Delivery {
-        let o = self.inbound.options();
-        match o.max_deliveries {
-            Some(max) => crate::poison::guard(
-                item,
-                channel,
-                max,
-                o.dead_letter.as_deref(),
-                self.transport.clone(),
-                self.inbound.stats().clone(),
-            )
-            .into_delivery(channel),
-            None => item.into_delivery(channel),
-        }
+        let i = &self.inbound;
+        crate::poison::guard(item, channel, i.options(), &self.transport, i.stats())
+            .into_delivery(channel)
     }
 
     /// `message` with the current span's trace context in its headers (feature `otel`,

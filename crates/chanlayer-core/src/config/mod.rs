@@ -135,9 +135,7 @@ impl LayerOptions {
             .collect::<Result<Vec<_>>>()?;
         newer.append(&mut self.channel_capacity);
         self.channel_capacity = newer;
-        if let Some(v) = partial.prefix {
-            self.prefix = v;
-        }
+        self.prefix = partial.prefix.unwrap_or(std::mem::take(&mut self.prefix));
         self.capacity = partial.capacity.unwrap_or(self.capacity);
         self.expiry = partial.expiry.map_or(self.expiry, |d| d.0);
         self.group_expiry = partial.group_expiry.map_or(self.group_expiry, |d| d.0);
