@@ -138,43 +138,39 @@ pub async fn groups(
     wait: Duration,
 ) -> Result<Vec<InstanceMembers>> {
     names::validate_group(group)?;
-    let replies = ask(layer, "groups", Some(group), wait).await?;
-    Ok(replies
-        .into_iter()
-        .filter_map(|r| {
-            Some(InstanceMembers {
-                members: r.members?,
-                instance: r.instance,
-                backend: r.backend,
-            })
+    ask(layer, "groups", Some(group), wait, |r| {
+        Some(InstanceMembers {
+            members: r.members?,
+            instance: r.instance,
+            backend: r.backend,
         })
-        .collect())
+    })
+    .await
 }
 
 /// Every other instance's counters (under this layer's prefix), as they answer within
 /// `wait`; one entry per instance, sorted by instance id. `Unsupported` on a backend that
 /// is not cross-process.
 pub async fn stats(layer: &dyn ChannelLayer, wait: Duration) -> Result<Vec<InstanceStats>> {
-    let replies = ask(layer, "stats", None, wait).await?;
-    Ok(replies
-        .into_iter()
-        .filter_map(|r| {
-            Some(InstanceStats {
-                stats: r.stats?,
-                instance: r.instance,
-                backend: r.backend,
-            })
+    ask(layer, "stats", None, wait, |r| {
+        Some(InstanceStats {
+            stats: r.stats?,
+            instance: r.instance,
+            backend: r.backend,
         })
-        .collect())
+    })
+    .await
 }
 
-/// Sends request `what` and collects the replies until `wait` has passed.
-async fn ask(
+/// Sends request `what` and collects the replies until `wait` has passed: what `answer`
+/// takes of each reply (one per instance, by instance id).
+async fn ask<T>(
     layer: &dyn ChannelLayer,
     what: &str,
     group: Option<&str>,
     wait: Duration,
-) -> Result<Vec<Reply>> {
+    answer: impl Fn(Reply) -> Option<T>,
+) -> Result<Vec<T>> {
     let caps = layer.capabilities();
     if !caps.cross_process {
         return Err(Error::unsupported(
@@ -209,7 +205,7 @@ async fn ask(
             Err(why) => tracing::debug!("inspect: skipped a reply: {why}"),
         }
     }
-    Ok(by_instance.into_values().collect())
+    Ok(by_instance.into_values().filter_map(answer).collect())
 }
 
 /// The body of `message`, which must be of type `ty`.
