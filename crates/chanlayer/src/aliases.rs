@@ -111,9 +111,7 @@ fn build(
 ) -> Result<LayerConfig> {
     let mut config = LayerConfig::from_url(url)?;
     config.options.apply(partial.clone())?;
-    for (k, v) in backend {
-        config.backend.options.0.insert(k.clone(), v.clone());
-    }
+    config.backend.options.0.extend(backend.clone());
     Ok(config)
 }
 
