@@ -190,18 +190,14 @@ pub trait Transport: Send + Sync + Sized + 'static {
         outs: Vec<Outgoing<'_>>,
     ) -> impl Future<Output = Result<usize>> + Send {
         async move {
-            let total = outs.len();
-            let (mut done, mut stored) = (0, 0);
-            for out in outs {
+            let (total, mut stored) = (outs.len(), 0);
+            for (done, out) in outs.into_iter().enumerate() {
                 let r = match owner {
                     Some(o) => self.publish_local(o, out).await,
                     None => self.publish_normal(out).await,
                 };
-                match r.map_err(|e| Error::partly_sent(done, total, e))? {
-                    Published::Stored => stored += 1,
-                    Published::Gone => {}
-                }
-                done += 1;
+                let r = r.map_err(|e| Error::partly_sent(done, total, e))?;
+                stored += usize::from(r == Published::Stored);
             }
             Ok(stored)
         }

@@ -160,12 +160,9 @@ impl LayerOptions {
                 o.pattern.as_str()
             )));
         }
-        check_duration("expiry", self.expiry, MIN_TIMEOUT..=Duration::MAX)?;
-        check_duration(
-            "group_expiry",
-            self.group_expiry,
-            MIN_TIMEOUT..=Duration::MAX,
-        )?;
+        let positive = MIN_TIMEOUT..=Duration::MAX;
+        check_duration("expiry", self.expiry, positive.clone())?;
+        check_duration("group_expiry", self.group_expiry, positive)?;
         if self.max_message_size == 0 {
             return Err(Error::Config(
                 "option max_message_size must be at least 1".into(),
