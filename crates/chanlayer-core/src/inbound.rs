@@ -209,13 +209,11 @@ impl Inbound {
     ) -> Option<Envelope> {
         let env = self.decode(bytes, &source)?;
         if env.kind != kind {
-            self.stats.record_undecodable(
-                &source.to_string(),
-                &format!(
-                    "a {:?} envelope where only {kind:?} envelopes arrive",
-                    env.kind
-                ),
+            let why = format!(
+                "a {:?} envelope where only {kind:?} envelopes arrive",
+                env.kind
             );
+            self.stats.record_undecodable(&source.to_string(), &why);
             return None;
         }
         Some(env)

@@ -132,9 +132,7 @@ impl MemoryTransport {
             }
             Destination::Channel => {
                 let ch = env.destination.clone();
-                self.broker
-                    .normal
-                    .push(&ch, env, i.options().capacity_for(&ch), i.stats())?;
+                self.push(&self.broker.normal, Outgoing::new(env, &ch))?;
             }
         }
         Ok(true)
