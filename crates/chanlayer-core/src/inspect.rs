@@ -326,23 +326,15 @@ async fn serve<T: Transport>(
         };
         match join(&*t, &inbound, &groups, &channel).await {
             Ok(()) => joined = true,
-            Err(e) => {
-                tracing::debug!(error = %e, "inspect: joining {GROUP} failed again");
-                retry = (retry * 2).min(Duration::from_secs(30));
-            }
+            Err(e) => tracing::debug!(error = %e, "inspect: joining {GROUP} failed again"),
         }
+        retry = (retry * 2).min(Duration::from_secs(30));
     }
     // The hidden channel's own counts (expired requests) stay out of the instance's.
     let uncounted = Stats::default();
     let mut skipped = 0u64;
-    loop {
-        let Ok(entry) = inbound
-            .inbox()
-            .take(&channel, &uncounted, inbound.closed())
-            .await
-        else {
-            return;
-        };
+    let inbox = inbound.inbox();
+    while let Ok(entry) = inbox.take(&channel, &uncounted, inbound.closed()).await {
         let Some(t) = transport.upgrade() else {
             return;
         };
