@@ -17,17 +17,14 @@ use std::time::{Duration, Instant};
 /// reference count per member, not a copy of its name.
 type Members = BTreeMap<Arc<str>, Instant>;
 
-/// The expiry of a [pinned](GroupRegistry::pin) membership: a century after the first call
+/// The expiry of a [pinned](GroupRegistry::pin) membership: a century after the first use
 /// (memberships that merely last long, such as a `group_expiry` too large to add to the
 /// clock, end before it).
-fn forever() -> Instant {
-    static FOREVER: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *FOREVER.get_or_init(|| {
-        let now = Instant::now();
-        now.checked_add(Duration::from_secs(86_400 * 365 * 100))
-            .unwrap_or(now + Duration::from_secs(86_400 * 365 * 31))
-    })
-}
+static FOREVER: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(|| {
+    let now = Instant::now();
+    now.checked_add(Duration::from_secs(86_400 * 365 * 100))
+        .unwrap_or(now + Duration::from_secs(86_400 * 365 * 31))
+});
 
 /// Group memberships with expiry (an empty registry is `default()`). See the module docs.
 #[derive(Debug, Default)]
@@ -47,7 +44,7 @@ impl GroupRegistry {
         let until = now
             .checked_add(expiry)
             .unwrap_or(now + Duration::from_secs(86_400 * 365 * 30))
-            .min(forever() - Duration::from_secs(1));
+            .min(*FOREVER - Duration::from_secs(1));
         self.add_until(group, channel, now, until)
     }
 
@@ -56,7 +53,7 @@ impl GroupRegistry {
     /// count it and [`clear`](Self::clear) keeps it; only [`discard`](Self::discard) ends it.
     /// Returns `true` if the group had no live member before.
     pub fn pin(&self, group: &str, channel: &str) -> bool {
-        self.add_until(group, channel, Instant::now(), forever())
+        self.add_until(group, channel, Instant::now(), *FOREVER)
     }
 
     fn add_until(&self, group: &str, channel: &str, now: Instant, until: Instant) -> bool {
@@ -124,7 +121,7 @@ impl GroupRegistry {
     /// `(group, channel)` membership it removed (a group may still have a pinned member:
     /// see [`has_members`](Self::has_members)).
     pub fn clear(&self) -> Vec<(String, String)> {
-        let pinned = forever();
+        let pinned = *FOREVER;
         self.remove_unless(|t| t >= pinned)
     }
 
@@ -147,7 +144,7 @@ impl GroupRegistry {
     /// The earliest instant a membership expires, if there is one ([pinned](Self::pin)
     /// memberships never do).
     pub fn next_expiry(&self) -> Option<Instant> {
-        let pinned = forever();
+        let pinned = *FOREVER;
         self.lock()
             .values()
             .flat_map(|members| members.values().copied())
@@ -251,7 +248,7 @@ mod tests {
         let next = r
             .next_expiry()
             .expect("the two unpinned memberships expire");
-        assert!(next < forever(), "{next:?}");
+        assert!(next < *FOREVER, "{next:?}");
         let mut cleared = r.clear();
         cleared.sort();
         assert_eq!(

@@ -15,13 +15,6 @@ const BURST: Duration = Duration::from_secs(5);
 #[repr(align(64))]
 struct Counter(AtomicU64);
 
-impl std::ops::Deref for Counter {
-    type Target = AtomicU64;
-    fn deref(&self) -> &AtomicU64 {
-        &self.0
-    }
-}
-
 /// Live counters of one layer instance. Cheap to update from any thread: each update is
 /// one atomic add on a counter of its own cache line; the metrics are exported from them
 /// once a second ([`Stats::export_metrics`]), not per message.
@@ -100,8 +93,8 @@ impl StatsSnapshot {
     }
 }
 
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+fn bump(c: &Counter, n: u64) {
+    c.0.fetch_add(n, Ordering::Relaxed);
 }
 
 impl Stats {
@@ -119,7 +112,7 @@ impl Stats {
         let Some(m) = self.export.get() else {
             return;
         };
-        let get = |c: &Counter| c.load(Ordering::Relaxed);
+        let get = |c: &Counter| c.0.load(Ordering::Relaxed);
         let by_kind = |cs: &[Counter; 3]| [get(&cs[0]), get(&cs[1]), get(&cs[2])];
         m.update(crate::telemetry::Counts {
             by_kind: [&self.sent, &self.received, &self.undeliverable].map(by_kind),
@@ -203,9 +196,9 @@ impl Stats {
     /// One more (`true`) or one fewer delivery handed out and not settled yet.
     pub fn record_unsettled(&self, more: bool) {
         if more {
-            self.unsettled.fetch_add(1, Ordering::Relaxed);
+            self.unsettled.0.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.unsettled.fetch_sub(1, Ordering::Relaxed);
+            self.unsettled.0.fetch_sub(1, Ordering::Relaxed);
         }
     }
     /// Records one sampled send latency (see [`telemetry::SEND_SAMPLE`](crate::telemetry::SEND_SAMPLE)).
@@ -218,7 +211,7 @@ impl Stats {
     /// Counts bytes that did not decode, and logs once per burst (at most one warning every
     /// few seconds, with the running count) so a flood of garbage cannot flood the log.
     pub fn record_undecodable(&self, source: &str, error: &dyn std::fmt::Display) {
-        let total = self.undecodable.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.undecodable.0.fetch_add(1, Ordering::Relaxed) + 1;
         let now = Instant::now();
         let mut last = crate::toolkit::lock(&self.last_undecodable_log);
         if last.is_none_or(|t| now.duration_since(t) >= BURST) {
@@ -233,7 +226,7 @@ impl Stats {
 
     /// A snapshot of the counters.
     pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |c: &Counter| c.load(Ordering::Relaxed);
+        let get = |c: &Counter| c.0.load(Ordering::Relaxed);
         StatsSnapshot {
             sent: self.sent.iter().map(get).sum(),
             received: self.received.iter().map(get).sum(),
