@@ -94,12 +94,6 @@ impl Inbound {
         &self.inbox
     }
 
-    /// Waits for the next message of `channel` in the local inbox ([`LocalInbox::take`]:
-    /// cancellation-safe, `Err(Closed)` once this instance closes).
-    pub async fn take(&self, channel: &str) -> Result<Entry> {
-        self.inbox.take(channel, &self.stats, &self.closed).await
-    }
-
     /// Groups with local members (process-local channels, and normal channels of
     /// inbox-read transports).
     pub fn groups(&self) -> &GroupRegistry {

@@ -24,20 +24,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
-use std::time::Duration;
-
-use async_trait::async_trait;
 
 use crate::capabilities::Capabilities;
 use crate::config::LayerConfig;
 use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
 use crate::groups::GroupRegistry;
-use crate::inbound::{requeuing_incoming, Inbound};
+use crate::inbound::Inbound;
 use crate::inbox::LocalInbox;
 use crate::names;
 use crate::toolkit::lock;
-use crate::transport::{Incoming, NormalReader, NormalSource, Outgoing, Published, Transport};
+use crate::transport::{NormalReader, Outgoing, Published, Transport};
 use crate::transport_layer::TransportLayer;
 
 const BACKEND: &str = "memory";
@@ -104,7 +101,6 @@ fn named_broker(name: &str) -> Arc<Broker> {
 pub struct MemoryTransport {
     broker: Arc<Broker>,
     inbound: Arc<Inbound>,
-    sources: Mutex<HashMap<String, Arc<MemorySource>>>,
 }
 
 impl MemoryTransport {
@@ -187,11 +183,7 @@ impl Transport for MemoryTransport {
             named_broker(name)
         };
         lock(&broker.instances).insert(inbound.id().to_owned(), Arc::downgrade(&inbound));
-        Ok(MemoryTransport {
-            broker,
-            inbound,
-            sources: Mutex::new(HashMap::new()),
-        })
+        Ok(MemoryTransport { broker, inbound })
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -240,16 +232,9 @@ impl Transport for MemoryTransport {
         Ok(())
     }
 
-    async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
-        let mut sources = lock(&self.sources);
-        let s = sources.entry(channel.to_owned()).or_insert_with(|| {
-            Arc::new(MemorySource {
-                normal: self.broker.normal.clone(),
-                channel: channel.to_owned(),
-                inbound: self.inbound.clone(),
-            })
-        });
-        Ok(NormalReader::Source(s.clone()))
+    async fn normal_reader(&self, _channel: &str) -> Result<NormalReader> {
+        // Competing readers, at-least-once: core takes from the broker's queue and requeues.
+        Ok(NormalReader::Queue(self.broker.normal.clone()))
     }
 
     fn group_members(&self, group: &str) -> Option<Vec<String>> {
@@ -277,58 +262,13 @@ impl Transport for MemoryTransport {
     }
 }
 
-/// A normal channel on the memory broker: competing readers, at-least-once.
-#[derive(Debug)]
-struct MemorySource {
-    normal: Arc<LocalInbox>,
-    channel: String,
-    inbound: Arc<Inbound>,
-}
-
-impl MemorySource {
-    fn incoming(&self, entry: crate::inbox::Entry) -> Incoming {
-        requeuing_incoming(self.normal.clone(), &self.channel, entry, &self.inbound)
-    }
-}
-
-#[async_trait]
-impl NormalSource for MemorySource {
-    async fn next(&self) -> Result<Incoming> {
-        let i = &self.inbound;
-        let entry = self
-            .normal
-            .take(&self.channel, i.stats(), i.closed())
-            .await?;
-        Ok(self.incoming(entry))
-    }
-
-    async fn next_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Incoming>> {
-        let i = &self.inbound;
-        Ok(self
-            .normal
-            .take_batch(&self.channel, max, timeout, i.stats(), i.closed())
-            .await?
-            .into_iter()
-            .map(|e| self.incoming(e))
-            .collect())
-    }
-
-    async fn next_auto(&self) -> Result<Envelope> {
-        let i = &self.inbound;
-        Ok(self
-            .normal
-            .take(&self.channel, i.stats(), i.closed())
-            .await?
-            .envelope)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::layer::ChannelLayer;
     use crate::message::Message;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
 
     /// A task whose sends and receives always find the operation ready must still give
     /// its worker thread back now and then; otherwise other tasks and timers on that

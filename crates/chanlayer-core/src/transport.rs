@@ -34,6 +34,7 @@ use crate::config::LayerConfig;
 use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
 use crate::inbound::Inbound;
+use crate::inbox::LocalInbox;
 pub use crate::incoming::{Incoming, Settler};
 
 /// A message on its way out: validated and sealed by core (type, size, id, expiry), not yet
@@ -115,6 +116,10 @@ pub enum NormalReader {
     /// arrive through [`Inbound::ingest`] (at-most-once; `receive_delivery` and
     /// `receive_batch` are `Unsupported`).
     Inbox,
+    /// From an in-process queue that every instance reading the channel shares (the memory
+    /// backend's): core takes from it, each message for one reader, and puts back at the
+    /// head of the channel what is nacked or dropped unsettled (at-least-once).
+    Queue(Arc<LocalInbox>),
 }
 
 /// The consumer side of a normal channel on an at-least-once transport. Every method is

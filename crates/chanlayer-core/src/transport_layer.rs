@@ -9,6 +9,7 @@
 //! discarded; a background task unbinds memberships the moment they expire, so an expired
 //! membership receives nothing on any backend.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use crate::envelope::{Destination, Envelope};
 use crate::error::{Error, Result};
 use crate::expiry::{expiry_task, GroupState};
 use crate::inbound::{requeuing_incoming, Inbound};
-use crate::inbox::Entry;
+use crate::inbox::{Entry, LocalInbox};
 use crate::layer::ChannelLayer;
 use crate::message::Message;
 use crate::name_cache::{checked, Check, SERIALS};
@@ -119,28 +120,30 @@ impl<T: Transport> TransportLayer<T> {
         Envelope::seal_unaddressed(kind, name, self.traced(message), self.inbound.options())
     }
 
-    /// Where `channel` is read: `None` from this instance's inbox (a process-local channel,
-    /// or a normal one of a transport that reads normal channels from the inbox), else the
-    /// transport's source. `acking` names an operation that settles what it takes: on an
+    /// Where `channel` is read: this instance's inbox (a process-local channel, or a normal
+    /// one of a transport that reads normal channels from the inbox), else the transport's
+    /// source or queue. `acking` names an operation that settles what it takes: on an
     /// inbox-read normal channel there is nothing to settle, and it is `Unsupported`.
     async fn source(
         &self,
         channel: &str,
         kind: Kind,
         acking: Option<&'static str>,
-    ) -> Result<Option<Arc<dyn NormalSource>>> {
+    ) -> Result<Take<'_>> {
         let i = &self.inbound;
         i.closed().check()?;
         checked(self.serial, channel, Check::Receive, || {
             i.naming().check_receiver(channel, i.id())
         })?;
         self.check_kind(acking.unwrap_or("receive"), channel)?;
+        let inbox = Take::Queue(Cow::Borrowed(i.inbox()));
         if kind == Kind::Local {
-            return Ok(None);
+            return Ok(inbox);
         }
         match (self.transport.normal_reader(channel).await?, acking) {
-            (NormalReader::Source(s), _) => Ok(Some(s)),
-            (NormalReader::Inbox, None) => Ok(None),
+            (NormalReader::Source(s), _) => Ok(Take::Source(s)),
+            (NormalReader::Queue(q), _) => Ok(Take::Queue(Cow::Owned(q))),
+            (NormalReader::Inbox, None) => Ok(inbox),
             (NormalReader::Inbox, Some(operation)) => Err(Error::unsupported(
                 operation,
                 self.caps.backend,
@@ -275,19 +278,24 @@ impl<T: Transport> TransportLayer<T> {
     }
 
     async fn receive_op(&self, channel: &str, kind: Kind) -> Result<Message> {
+        let i = &self.inbound;
         let env = match self.source(channel, kind, None).await? {
-            Some(s) => s.next_auto().await?,
-            None => self.inbound.take(channel).await?.envelope,
+            Take::Source(s) => s.next_auto().await?,
+            Take::Queue(q) => q.take(channel, i.stats(), i.closed()).await?.envelope,
         };
-        self.inbound.stats().record_received(kind, 1);
+        i.stats().record_received(kind, 1);
         Ok(env.into_message())
     }
 
-    /// A delivery of an entry taken from the local inbox: requeuing where the transport
-    /// promises at-least-once local channels, settled otherwise (it has already left its
-    /// queue: `ack` does nothing, `nack` is an error).
-    fn local_delivery(&self, channel: &str, entry: Entry) -> Delivery {
+    /// A delivery of an entry taken from `queue`. From the transport's queue (a normal
+    /// channel's, at-least-once) one that requeues; from this instance's inbox, requeuing
+    /// where the transport promises at-least-once local channels, settled otherwise (it has
+    /// already left its queue: `ack` does nothing, `nack` is an error).
+    fn local_delivery(&self, channel: &str, queue: &Queue<'_>, entry: Entry) -> Delivery {
         let i = &self.inbound;
+        if let Cow::Owned(q) = queue {
+            return self.delivery(requeuing_incoming(q.clone(), channel, entry, i), channel);
+        }
         let item = if self.caps.at_least_once_local {
             requeuing_incoming(i.inbox().clone(), channel, entry, i)
         } else {
@@ -301,11 +309,15 @@ impl<T: Transport> TransportLayer<T> {
     }
 
     async fn receive_delivery_op(&self, channel: &str, kind: Kind) -> Result<Delivery> {
+        let i = &self.inbound;
         let d = match self.source(channel, kind, Some("receive_delivery")).await? {
-            Some(s) => self.delivery(s.next().await?, channel),
-            None => self.local_delivery(channel, self.inbound.take(channel).await?),
+            Take::Source(s) => self.delivery(s.next().await?, channel),
+            Take::Queue(q) => {
+                let entry = q.take(channel, i.stats(), i.closed()).await?;
+                self.local_delivery(channel, &q, entry)
+            }
         };
-        self.inbound.stats().record_received(kind, 1);
+        i.stats().record_received(kind, 1);
         Ok(d)
     }
 
@@ -318,18 +330,17 @@ impl<T: Transport> TransportLayer<T> {
     ) -> Result<Vec<Delivery>> {
         let i = &self.inbound;
         let out: Vec<Delivery> = match self.source(channel, kind, Some("receive_batch")).await? {
-            Some(s) => s
+            Take::Source(s) => s
                 .next_batch(max, timeout)
                 .await?
                 .into_iter()
                 .map(|item| self.delivery(item, channel))
                 .collect(),
-            None => i
-                .inbox()
+            Take::Queue(q) => q
                 .take_batch(channel, max, timeout, i.stats(), i.closed())
                 .await?
                 .into_iter()
-                .map(|e| self.local_delivery(channel, e))
+                .map(|e| self.local_delivery(channel, &q, e))
                 .collect(),
         };
         i.stats().record_received(kind, out.len() as u64);
@@ -404,6 +415,18 @@ impl<T: Transport> TransportLayer<T> {
         i.inbox().clear();
         Ok(())
     }
+}
+
+/// A local queue: this instance's inbox (borrowed), or a transport's in-process queue
+/// ([`NormalReader::Queue`]).
+type Queue<'a> = Cow<'a, Arc<LocalInbox>>;
+
+/// Where a receive takes from.
+enum Take<'a> {
+    /// The transport's source of ackable items.
+    Source(Arc<dyn NormalSource>),
+    /// A local queue.
+    Queue(Queue<'a>),
 }
 
 /// Where a send to `channel` goes: `Some(None)` to a normal channel, `Some(Some(owner))` to
