@@ -59,16 +59,11 @@ pub fn recent_ms() -> u64 {
 }
 
 fn start_helper() -> Option<std::thread::Thread> {
-    match std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("chanlayer-clock".into())
-        .spawn(helper)
-    {
-        Ok(handle) => Some(handle.thread().clone()),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not start the clock thread; reading the system clock per message");
-            None
-        }
-    }
+        .spawn(helper);
+    let failed = |e: &std::io::Error| tracing::warn!(error = %e, "could not start the clock thread; reading the system clock per message");
+    spawned.inspect_err(failed).ok().map(|h| h.thread().clone())
 }
 
 fn helper() {
