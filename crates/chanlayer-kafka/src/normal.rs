@@ -76,7 +76,7 @@ impl NormalConsumer {
         let topic = self.shared.topic();
         let consumer: BaseConsumer<Context> = cfg
             .consumer_config(client_id, Some(topic))
-            .create_with_context(Context::new(self.shared.clone()))
+            .create_with_context(Context(self.shared.clone()))
             .map_err(|e| backend_err("could not create a consumer", e))?;
         consumer
             .subscribe(&[topic])

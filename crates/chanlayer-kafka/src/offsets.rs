@@ -288,32 +288,24 @@ impl Settler for Shared {
     }
 }
 
-/// The consumer context: commits before partitions are taken away, tracks assignments.
-pub(crate) struct Context {
-    shared: Arc<Shared>,
-}
-
-impl Context {
-    /// The context of the consumer that fills `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Context { shared }
-    }
-}
+/// The consumer context of the consumer that fills its [`Shared`]: commits before
+/// partitions are taken away, tracks assignments.
+pub(crate) struct Context(pub Arc<Shared>);
 
 impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let commits = self.shared.revoke(tpl);
+            let commits = self.0.revoke(tpl);
             // A lost assignment (this member's session expired: the broker already gave
             // the partitions to the group again) cannot commit; librdkafka would refuse or
             // hold the commit until a coordinator answers, blocking this callback.
             if consumer.assignment_lost() {
-                tracing::info!(topic = %self.shared.topic, "the consumer's session expired; rejoining (what was not committed is read again)");
+                tracing::info!(topic = %self.0.topic, "the consumer's session expired; rejoining (what was not committed is read again)");
             } else if commits.count() > 0 {
                 if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
-                    tracing::warn!(topic = %self.shared.topic, error = %e, "commit before a rebalance failed; the new owner may read some messages again");
+                    tracing::warn!(topic = %self.0.topic, error = %e, "commit before a rebalance failed; the new owner may read some messages again");
                 }
             }
         }
@@ -321,27 +313,21 @@ impl ConsumerContext for Context {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let mut fetched_before = HashMap::new();
-            match consumer.committed_offsets((*tpl).clone(), Duration::from_secs(5)) {
-                Ok(committed) => {
-                    for e in committed.elements() {
-                        // A committed offset: the partition had an owner before.
-                        if !matches!(e.offset(), Offset::Offset(c) if c >= 0) {
-                            continue;
-                        }
-                        let (topic, p) = (&self.shared.topic, e.partition());
-                        if let Ok((_, high)) =
-                            consumer.fetch_watermarks(topic, p, Duration::from_secs(5))
-                        {
-                            fetched_before.insert(p, high);
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(topic = %self.shared.topic, error = %e, "could not read committed offsets; redelivered flags may be missing");
-                }
+            let wait = Duration::from_secs(5);
+            let committed = consumer.committed_offsets((*tpl).clone(), wait);
+            if let Err(e) = &committed {
+                tracing::debug!(topic = %self.0.topic, error = %e, "could not read committed offsets; redelivered flags may be missing");
             }
-            self.shared.assign(tpl, &fetched_before);
+            let fetched_before = (committed.iter().flat_map(|c| c.elements()))
+                // A committed offset: the partition had an owner before.
+                .filter(|e| matches!(e.offset(), Offset::Offset(c) if c >= 0))
+                .filter_map(|e| {
+                    let p = e.partition();
+                    let (_, high) = consumer.fetch_watermarks(&self.0.topic, p, wait).ok()?;
+                    Some((p, high))
+                })
+                .collect();
+            self.0.assign(tpl, &fetched_before);
         }
     }
 }

@@ -231,38 +231,28 @@ impl Topics {
 }
 
 /// Moves the consumer group of a normal channel's topic (the group has the topic's name) to
-/// the end of every partition: what was there is skipped by every reader. Blocking. The
-/// group must have no running member (a broker refuses commits from outside a live group).
-pub(crate) fn skip_to_end(cfg: &KafkaConfig, client_id: &str, topic: &str) -> Result<()> {
+/// the end of each of its `partitions`: what was there is skipped by every reader. Blocking.
+/// The group must have no running member (a broker refuses commits from outside a live group).
+pub(crate) fn skip_to_end(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    topic: &str,
+    partitions: usize,
+) -> Result<()> {
     let consumer: BaseConsumer = cfg
         .consumer_config(client_id, Some(topic))
         .create()
         .map_err(|e| backend_err("could not create a consumer to flush", e))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), cfg.connection_timeout)
-        .map_err(|e| backend_err(&format!("could not read the metadata of {topic:?}"), e))?;
-    let partitions = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map_or(0, |t| t.partitions().len());
     let mut tpl = TopicPartitionList::new();
-    add_ends(
-        &mut tpl,
-        &consumer,
-        topic,
-        partitions,
-        cfg.connection_timeout,
-    )?;
+    let timeout = cfg.connection_timeout;
+    add_ends(&mut tpl, &consumer, topic, partitions, timeout)?;
     if tpl.count() == 0 {
         return Ok(());
     }
-    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
-        backend_err(
-            &format!("could not move the readers of {topic:?} to its end (are other instances receiving it?)"),
-            e,
-        )
-    })
+    let what = format!(
+        "could not move the readers of {topic:?} to its end (are other instances receiving it?)"
+    );
+    (consumer.commit(&tpl, CommitMode::Sync)).map_err(|e| backend_err(&what, e))
 }
 
 /// Adds partitions `0..partitions` of `topic` to `tpl` at their current ends (high

@@ -160,105 +160,90 @@ impl KafkaTransport {
     }
 }
 
-/// Connects the clients, makes sure the groups topic exists and creates this instance's
-/// inbox topic, then starts the receiver thread (groups topic read from its current end)
-/// and the forwarder task.
-async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransport> {
-    let cfg = KafkaConfig::from_layer_config(config)?;
-    let client_id = format!("chanlayer-{}", inbound.id());
-    let names = Names::new(&config.options.prefix, &cfg.groups_topic, inbound.id());
-    let max = config.options.max_message_size;
-    let topics = Topics::new(&cfg, &client_id, max)?;
-    let sender = Sender::new(&cfg, &client_id, max, topics.cause.clone())?;
-    let instance = Arc::new(Instance {
-        cfg,
-        client_id,
-        names,
-        inbound,
-        topics,
-        sender,
-        inbox_skip_below: AtomicI64::new(0),
-        closed_instances: ClosedInstances::default(),
-    });
-    // A broker that is not there, or one that refuses our credentials or certificate:
-    // the error names what the clients reported (authentication, TLS, no connection).
-    let reach = |e: Error| match e {
-        Error::Backend {
-            message, source, ..
-        } => {
-            let at = instance.cfg.display_address();
-            let message = match instance.topics.cause.last() {
-                Some(cause) => format!("{message} on {at}: {cause}"),
-                None => format!("{message} (is a Kafka broker running at {at}?)"),
-            };
-            Error::Backend {
-                backend: BACKEND,
-                message,
-                source,
-            }
-        }
-        e => e,
-    };
-    let refused = |cause: String| {
-        let at = instance.cfg.display_address();
-        Error::failure(BACKEND, format!("could not connect to {at}: {cause}"))
-    };
-    let (topics, names) = (&instance.topics, &instance.names);
-    // The first request fails at once when authentication or TLS does.
-    tokio::select! {
-        r = topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
-        cause = topics.cause.fatal() => return Err(refused(cause)),
-    }
-    topics
-        .ensure(&names.inbox, Kind::Inbox)
-        .await
-        .map_err(reach)?;
-    let groups = &names.groups;
-    // A topic just created can take a moment to show in the metadata a broker answers
-    // with: poll, up to connection_timeout.
-    let deadline = std::time::Instant::now() + instance.cfg.connection_timeout;
-    let partitions = loop {
-        match topics.partition_count(groups).await.map_err(reach)? {
-            Some(n) => break n,
-            None if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            None => {
-                return Err(Error::failure(
-                    BACKEND,
-                    format!(
-                    "the groups topic {groups:?} is not in the cluster's metadata (waited {:?})",
-                    instance.cfg.connection_timeout
-                ),
-                ))
-            }
-        }
-    };
-    let consumer = {
-        let instance = instance.clone();
-        tokio::task::spawn_blocking(move || crate::receiver::assign(&instance, partitions))
-            .await
-            .map_err(|e| Error::backend(BACKEND, "the connect task failed", e))??
-    };
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let thread = {
-        let instance = instance.clone();
-        Worker::spawn("chanlayer-kafka receiver".into(), move || {
-            crate::receiver::run(instance, consumer, tx)
-        })
-        .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
-    };
-    tokio::spawn(crate::forward::run(instance.clone(), rx));
-    Ok(KafkaTransport {
-        instance,
-        consumers: Mutex::new(HashMap::new()),
-        receiver: Mutex::new(Some(thread)),
-    })
-}
-
 impl Transport for KafkaTransport {
+    /// Connects the clients, makes sure the groups topic exists and creates this instance's
+    /// inbox topic, then starts the receiver thread (groups topic read from its current end)
+    /// and the forwarder task.
     async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
-        open(config, inbound).await
+        let cfg = KafkaConfig::from_layer_config(config)?;
+        let client_id = format!("chanlayer-{}", inbound.id());
+        let names = Names::new(&config.options.prefix, &cfg.groups_topic, inbound.id());
+        let max = config.options.max_message_size;
+        let topics = Topics::new(&cfg, &client_id, max)?;
+        let sender = Sender::new(&cfg, &client_id, max, topics.cause.clone())?;
+        let instance = Arc::new(Instance {
+            cfg,
+            client_id,
+            names,
+            inbound,
+            topics,
+            sender,
+            inbox_skip_below: AtomicI64::new(0),
+            closed_instances: ClosedInstances::default(),
+        });
+        // A broker that is not there, or one that refuses our credentials or certificate:
+        // the error names what the clients reported (authentication, TLS, no connection).
+        let reach = |mut e: Error| {
+            if let Error::Backend { message, .. } = &mut e {
+                let at = instance.cfg.display_address();
+                *message = match instance.topics.cause.last() {
+                    Some(cause) => format!("{message} on {at}: {cause}"),
+                    None => format!("{message} (is a Kafka broker running at {at}?)"),
+                };
+            }
+            e
+        };
+        let refused = |cause: String| {
+            let at = instance.cfg.display_address();
+            Error::failure(BACKEND, format!("could not connect to {at}: {cause}"))
+        };
+        let (topics, names) = (&instance.topics, &instance.names);
+        // The first request fails at once when authentication or TLS does.
+        tokio::select! {
+            r = topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
+            cause = topics.cause.fatal() => return Err(refused(cause)),
+        }
+        topics
+            .ensure(&names.inbox, Kind::Inbox)
+            .await
+            .map_err(reach)?;
+        let groups = &names.groups;
+        // A topic just created can take a moment to show in the metadata a broker answers
+        // with: poll, up to connection_timeout.
+        let deadline = std::time::Instant::now() + instance.cfg.connection_timeout;
+        let partitions = loop {
+            match topics.partition_count(groups).await.map_err(reach)? {
+                Some(n) => break n,
+                None if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                None => {
+                    let waited = instance.cfg.connection_timeout;
+                    let m = format!("the groups topic {groups:?} is not in the cluster's metadata (waited {waited:?})");
+                    return Err(Error::failure(BACKEND, m));
+                }
+            }
+        };
+        let consumer = {
+            let instance = instance.clone();
+            tokio::task::spawn_blocking(move || crate::receiver::assign(&instance, partitions))
+                .await
+                .map_err(|e| Error::backend(BACKEND, "the connect task failed", e))??
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let thread = {
+            let instance = instance.clone();
+            Worker::spawn("chanlayer-kafka receiver".into(), move || {
+                crate::receiver::run(instance, consumer, tx)
+            })
+            .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
+        };
+        tokio::spawn(crate::forward::run(instance.clone(), rx));
+        Ok(KafkaTransport {
+            instance,
+            consumers: Mutex::new(HashMap::new()),
+            receiver: Mutex::new(Some(thread)),
+        })
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -275,22 +260,12 @@ impl Transport for KafkaTransport {
     }
 
     async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
-        let instance = &self.instance;
-        let group = out.destination();
-        instance
-            .sender
-            .send(
-                &instance.names.groups,
-                Some(group.as_bytes()),
-                &out.encode(),
-            )
-            .await
-            .map_err(|r| {
-                let groups = &instance.names.groups;
-                r.or_gone(|| {
-                    format!("the groups topic {groups:?} is gone (deleted while the layer runs?)")
-                })
-            })?;
+        let groups = &self.instance.names.groups;
+        let gone =
+            || format!("the groups topic {groups:?} is gone (deleted while the layer runs?)");
+        let key = Some(out.destination().as_bytes());
+        let sent = self.instance.sender.send(groups, key, &out.encode()).await;
+        sent.map_err(|r| r.or_gone(gone))?;
         Ok(Published::Stored)
     }
 
@@ -334,10 +309,10 @@ impl Transport for KafkaTransport {
         self.stop_consumers().await;
         let head = format!("{}.channel.", instance.inbound.options().prefix);
         for topic in instance.topics.known_with(&head) {
-            let cfg = instance.cfg.clone();
-            let client_id = instance.client_id.clone();
+            let partitions = instance.topics.partition_count(&topic).await?.unwrap_or(0);
+            let (cfg, client_id) = (instance.cfg.clone(), instance.client_id.clone());
             tokio::task::spawn_blocking(move || {
-                crate::topics::skip_to_end(&cfg, &client_id, &topic)
+                crate::topics::skip_to_end(&cfg, &client_id, &topic, partitions)
             })
             .await
             .map_err(|e| Error::backend(BACKEND, "the flush task failed", e))??;
