@@ -84,21 +84,19 @@ async fn open_host(inner: &Arc<Shared>, generation: u64, index: usize) -> Result
         inner.tls.clone(),
         runtime,
     );
-    let conn = match tokio::time::timeout(cfg.connection_timeout, attempt).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            return Err(backend(
+    let after = cfg.connection_timeout;
+    let conn = tokio::time::timeout(after, attempt)
+        .await
+        .map_err(|_| Error::Timeout {
+            operation: "connect",
+            after,
+        })?
+        .map_err(|e| {
+            backend(
                 &format!("could not connect to {}", cfg.host_address(index)),
                 e,
-            ))
-        }
-        Err(_) => {
-            return Err(Error::Timeout {
-                operation: "connect",
-                after: cfg.connection_timeout,
-            })
-        }
-    };
+            )
+        })?;
     match setup(inner, &conn).await {
         Ok((publish, admin, inbox_channel, consumer)) => {
             let session = Arc::new(Session {
@@ -149,13 +147,9 @@ async fn setup(
         )
         .await
         .map_err(|e| {
-            backend(
-                &format!(
-                    "could not declare the groups exchange {:?} (does it exist with another type?)",
-                    inner.names.groups
-                ),
-                e,
-            )
+            let groups = &inner.names.groups;
+            let what = format!("could not declare the groups exchange {groups:?} (does it exist with another type?)");
+            backend(&what, e)
         })?;
     admin
         .queue_declare(

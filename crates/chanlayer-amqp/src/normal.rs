@@ -134,29 +134,22 @@ impl NormalConsumer {
     /// Turns a broker delivery into a [`Pending`], or skips it (undecodable or expired: acked
     /// and counted).
     fn accept(&self, d: lapin::message::Delivery) -> Option<Pending> {
-        let inner = &self.shared;
-        let epoch = self.epoch.load(Ordering::Relaxed);
+        let stats = self.shared.inbound.stats();
         match Envelope::decode(&d.data) {
-            Err(e) => {
-                inner
-                    .inbound
-                    .stats()
-                    .record_undecodable(&format!("amqp queue {}", self.queue), &e);
-                ack_in_background(d.acker);
-                None
+            Ok(env) if !env.is_expired_at(now_ms()) => {
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                return Some(Pending {
+                    envelope: env,
+                    acker: d.acker,
+                    key: (epoch, d.delivery_tag),
+                    redelivered: d.redelivered,
+                });
             }
-            Ok(env) if env.is_expired_at(now_ms()) => {
-                inner.inbound.stats().record_expired(1);
-                ack_in_background(d.acker);
-                None
-            }
-            Ok(env) => Some(Pending {
-                envelope: env,
-                acker: d.acker,
-                key: (epoch, d.delivery_tag),
-                redelivered: d.redelivered,
-            }),
+            Ok(_) => stats.record_expired(1),
+            Err(e) => stats.record_undecodable(&format!("amqp queue {}", self.queue), &e),
         }
+        ack_in_background(d.acker);
+        None
     }
 
     /// Waits for the next delivery. Cancellation-safe: a delivery leaves the consumer only in
@@ -221,13 +214,17 @@ impl NormalConsumer {
         }
     }
 
+    /// The consumer's slot, once no other receive holds it (or `Closed`).
+    async fn slot(&self) -> Result<tokio::sync::MutexGuard<'_, Slot>> {
+        tokio::select! {
+            _ = self.shared.inbound.closed().closed() => Err(Error::Closed),
+            g = self.state.lock() => Ok(g),
+        }
+    }
+
     /// The next delivery of this channel.
     pub async fn take(self: &Arc<Self>) -> Result<Pending> {
-        let mut slot = tokio::select! {
-            _ = self.shared.inbound.closed().closed() => return Err(Error::Closed),
-            g = self.state.lock() => g,
-        };
-        self.take_locked(&mut slot).await
+        self.take_locked(&mut *self.slot().await?).await
     }
 
     /// Up to `max` deliveries: waits up to `timeout` for the first, then takes what is there.
@@ -240,10 +237,7 @@ impl NormalConsumer {
             return Ok(Vec::new());
         }
         let started = tokio::time::Instant::now();
-        let mut slot = tokio::select! {
-            _ = self.shared.inbound.closed().closed() => return Err(Error::Closed),
-            g = self.state.lock() => g,
-        };
+        let mut slot = self.slot().await?;
         let left = timeout.saturating_sub(started.elapsed());
         let first = match tokio::time::timeout(left, self.take_locked(&mut slot)).await {
             Ok(r) => r?,

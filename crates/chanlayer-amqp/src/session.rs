@@ -87,14 +87,15 @@ impl Failed {
 /// `true` for errors that mean the connection (not just one operation) is gone.
 pub(crate) fn is_connection_error(e: &lapin::Error) -> bool {
     use lapin::ErrorKind as K;
+    let kind = e.kind();
     matches!(
-        e.kind(),
+        kind,
         K::IOError(_)
             | K::InvalidConnectionState(_)
             | K::MissingHeartbeatError
             | K::RuntimeShutdownError(_)
+            | K::InvalidChannelState(..)
     ) || e.is_amqp_hard_error()
-        || matches!(e.kind(), K::InvalidChannelState(..))
 }
 
 /// The TLS settings: the given CA file, or the system's roots.

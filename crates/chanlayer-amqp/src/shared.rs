@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chanlayer_core::asgi;
-use chanlayer_core::toolkit::{lock, Inbound, Outgoing};
+use chanlayer_core::toolkit::{lock, Inbound, Outgoing, Published};
 use chanlayer_core::{Error, LayerOptions, Result};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::tcp::OwnedTLSConfig;
@@ -78,10 +78,9 @@ impl Shared {
         }
     }
 
+    /// Publishes the live session (`None` while reconnecting). What `declared` holds for an
+    /// older session counts for nothing on a newer one (it is keyed by generation).
     pub fn set_session(&self, s: Option<Arc<Session>>) {
-        if s.is_some() {
-            lock(&self.declared).1.clear();
-        }
         self.session.send_replace(s);
     }
 
@@ -181,29 +180,24 @@ impl Shared {
         // new one.
         let mut args =
             topology::channel_arguments(capacity, self.cfg.queue_expires, self.cfg.queue_type);
-        let mut declared = false;
-        for _ in 0..4 {
+        for attempt in 1.. {
             let err = match declare(false, args.clone()).await {
-                Ok(()) => {
-                    declared = true;
-                    break;
-                }
+                Ok(()) => break,
                 Err(Failed::Layer(e)) => return Err(e),
                 Err(Failed::Lapin(e)) => e,
             };
-            let found = precondition_failed(&err).and_then(topology::inequivalent);
-            match found {
+            match precondition_failed(&err).and_then(topology::inequivalent) {
                 Some(f) if f.arg == topology::QUEUE_TYPE => {
                     return Err(self.other_queue_type(channel, q, f.current.as_deref()))
                 }
-                Some(f) if topology::adopt(&mut args, &f) => continue,
-                _ => break,
+                Some(f) if attempt < 4 && topology::adopt(&mut args, &f) => {}
+                _ => {
+                    let what = format!("could not declare queue {q:?}");
+                    let checked = declare(true, FieldTable::default()).await;
+                    checked.map_err(|e| e.into_error(&what))?;
+                    break;
+                }
             }
-        }
-        if !declared {
-            declare(true, FieldTable::default())
-                .await
-                .map_err(|e| e.into_error(&format!("could not declare queue {q:?}")))?;
         }
         let mut d = lock(&self.declared);
         if d.0 != session.generation {
@@ -271,8 +265,8 @@ impl Shared {
     }
 
     /// Publishes to `queue` through the default exchange (mandatory, confirmed) on behalf of
-    /// `channel`: a broker nack (the queue is full) is `ChannelFull`; `Ok(false)` if the
-    /// queue does not exist (the message was returned); `Ok(true)` once it is stored.
+    /// `channel`: a broker nack (the queue is full) is `ChannelFull`; `Ok(Gone)` if the queue
+    /// does not exist (the message was returned); `Ok(Stored)` once it is stored.
     pub async fn publish_to_queue(
         &self,
         channel: &str,
@@ -280,7 +274,7 @@ impl Shared {
         payload: &[u8],
         properties: BasicProperties,
         capacity: usize,
-    ) -> Result<bool> {
+    ) -> Result<Published> {
         let c = self.publish("", queue, payload, properties, true).await?;
         if c.is_nack() {
             return Err(Error::ChannelFull {
@@ -288,7 +282,10 @@ impl Shared {
                 capacity,
             });
         }
-        Ok(c.take_message().is_none())
+        Ok(match c.take_message() {
+            None => Published::Stored,
+            Some(_) => Published::Gone,
+        })
     }
 }
 

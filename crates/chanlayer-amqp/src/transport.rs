@@ -83,10 +83,10 @@ impl AmqpTransport {
             shared.declare_channel_queue(&session, channel).await?;
             shared.names.channel(channel)
         };
-        let stored = shared
+        let published = shared
             .publish_to_queue(channel, &queue, bytes, BasicProperties::default(), 0)
             .await?;
-        if !stored {
+        if published == Published::Gone {
             let message = format!("no queue {queue:?} at the broker");
             return Err(Error::failure(BACKEND, message));
         }
@@ -154,8 +154,9 @@ impl Transport for AmqpTransport {
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
         let queue = shared.inbox_of(owner);
-        // capacity 0: the limit that refused it is the owner's inbox_capacity.
-        let stored = shared
+        // capacity 0: the limit that refused it is the owner's inbox_capacity. `Gone`: the
+        // owner's inbox is gone (the instance closed or died).
+        shared
             .publish_to_queue(
                 out.destination(),
                 &queue,
@@ -163,13 +164,7 @@ impl Transport for AmqpTransport {
                 shared.transient.clone(),
                 0,
             )
-            .await?;
-        // Not stored: the owner's inbox is gone (the instance closed or died).
-        Ok(if stored {
-            Published::Stored
-        } else {
-            Published::Gone
-        })
+            .await
     }
 
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
@@ -180,7 +175,7 @@ impl Transport for AmqpTransport {
         for attempt in 0..2 {
             let session = shared.session().await?;
             shared.declare_channel_queue(&session, channel).await?;
-            let stored = shared
+            let published = shared
                 .publish_to_queue(
                     channel,
                     &queue,
@@ -189,8 +184,8 @@ impl Transport for AmqpTransport {
                     shared.inbound.options().capacity_for(channel),
                 )
                 .await?;
-            if stored {
-                return Ok(Published::Stored);
+            if published == Published::Stored {
+                return Ok(published);
             }
             // The queue vanished (deleted, or expired by queue_expires): declare it again.
             if attempt == 0 {
