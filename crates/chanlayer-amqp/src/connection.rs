@@ -97,24 +97,22 @@ async fn open_host(inner: &Arc<Shared>, generation: u64, index: usize) -> Result
                 e,
             )
         })?;
-    match setup(inner, &conn).await {
-        Ok((publish, admin, inbox_channel, consumer)) => {
-            let session = Arc::new(Session {
-                conn,
-                publish,
-                admin: Mutex::new(admin),
-                generation,
-                host: index,
-                broken: Notify::new(),
-            });
-            tokio::spawn(crate::inbox::run(inner.clone(), consumer, inbox_channel));
-            Ok(session)
-        }
+    let (publish, admin, inbox_channel, consumer) = match setup(inner, &conn).await {
+        Ok(channels) => channels,
         Err(e) => {
             let _ = conn.close(200, ShortString::from("setup failed")).await;
-            Err(e)
+            return Err(e);
         }
-    }
+    };
+    tokio::spawn(crate::inbox::run(inner.clone(), consumer, inbox_channel));
+    Ok(Arc::new(Session {
+        conn,
+        publish,
+        admin: Mutex::new(admin),
+        generation,
+        host: index,
+        broken: Notify::new(),
+    }))
 }
 
 /// The channels of a new connection: publish (with confirms), admin, inbox consumer.
@@ -197,10 +195,7 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
     loop {
         let mut events = session.conn.events_listener();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            if !session.alive() {
-                break;
-            }
+        while session.alive() {
             tokio::select! {
                 _ = inner.inbound.closed().closed() => {
                     let _ = tokio::time::timeout(

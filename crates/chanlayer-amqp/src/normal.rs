@@ -282,13 +282,8 @@ impl NormalSource for Source {
     }
 
     async fn next_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Incoming>> {
-        Ok(self
-            .0
-            .take_batch(max, timeout)
-            .await?
-            .into_iter()
-            .map(|p| self.0.incoming(p))
-            .collect())
+        let batch = self.0.take_batch(max, timeout).await?;
+        Ok(batch.into_iter().map(|p| self.0.incoming(p)).collect())
     }
 
     /// Acks in the background and returns the envelope (`receive`'s auto-ack).
