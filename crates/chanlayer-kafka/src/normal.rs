@@ -81,10 +81,8 @@ impl NormalConsumer {
         consumer
             .subscribe(&[topic])
             .map_err(|e| backend_err(&format!("could not subscribe to {topic:?}"), e))?;
-        let shared = self.shared.clone();
-        let inbound = self.inbound.clone();
-        let prefetch = cfg.prefetch;
-        let interval = cfg.commit_interval;
+        let (shared, inbound) = (self.shared.clone(), self.inbound.clone());
+        let (prefetch, interval) = (cfg.prefetch, cfg.commit_interval);
         let handle = Worker::spawn(format!("chanlayer-kafka {}", self.channel), move || {
             crate::offsets::run(consumer, shared, inbound, prefetch, interval)
         })

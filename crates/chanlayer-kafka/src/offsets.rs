@@ -104,6 +104,7 @@ impl State {
 }
 
 /// What the consumer thread and the receivers share.
+#[derive(Default)]
 pub(crate) struct Shared {
     topic: String,
     state: Mutex<State>,
@@ -126,12 +127,8 @@ impl Shared {
     pub fn new(topic: String, revoke_wait: Duration) -> Self {
         Shared {
             topic,
-            state: Mutex::new(State::default()),
-            notify: tokio::sync::Notify::new(),
-            room: std::sync::Condvar::new(),
-            settled: std::sync::Condvar::new(),
             revoke_wait,
-            stop: AtomicBool::new(false),
+            ..Shared::default()
         }
     }
 
