@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chanlayer_core::toolkit::{async_trait, lock, now_ms, Envelope, Inbound, Settler, Stats};
+use chanlayer_core::toolkit::{async_trait, lock, now_ms, Envelope, Settler, Stats};
 use chanlayer_core::{Error, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
+use crate::state::Instance;
 use crate::BACKEND;
 
 /// A message taken from the topic and not settled yet.
@@ -84,6 +85,13 @@ impl State {
     fn take(&mut self) -> Option<Pending> {
         let requeued = self.requeued.pop_first().map(|(_, p)| p);
         requeued.or_else(|| self.ready.pop_front())
+    }
+
+    /// The partition `p` came from, while it is still in the assignment `p` came from.
+    fn track_of(&mut self, p: &Pending) -> Option<&mut Track> {
+        self.parts
+            .get_mut(&p.partition)
+            .filter(|t| t.epoch == p.epoch)
     }
 
     fn held(&self) -> usize {
@@ -227,11 +235,9 @@ impl Shared {
         let mut st = lock(&self.state);
         for e in tpl.elements() {
             st.epochs += 1;
-            let epoch = st.epochs;
-            let fetched_before = fetched_before.get(&e.partition()).copied().unwrap_or(0);
             let track = Track {
-                epoch,
-                fetched_before,
+                epoch: st.epochs,
+                fetched_before: fetched_before.get(&e.partition()).copied().unwrap_or(0),
                 ..Track::default()
             };
             st.parts.insert(e.partition(), track);
@@ -241,12 +247,10 @@ impl Shared {
     /// Settles a delivery: its offset no longer holds the commit point back.
     pub fn mark_settled(&self, p: &Pending) {
         let mut st = lock(&self.state);
-        if let Some(t) = st.parts.get_mut(&p.partition) {
-            if t.epoch == p.epoch {
-                t.outstanding.remove(&p.offset);
-                if t.revoking {
-                    self.settled.notify_all();
-                }
+        if let Some(t) = st.track_of(p) {
+            t.outstanding.remove(&p.offset);
+            if t.revoking {
+                self.settled.notify_all();
             }
         }
     }
@@ -265,23 +269,18 @@ impl Settler for Shared {
     /// new owner reads it from the broker).
     fn requeue(&self, mut p: Pending, stats: &Stats) {
         let mut st = lock(&self.state);
-        let current = match st.parts.get_mut(&p.partition) {
-            Some(t) if t.epoch == p.epoch && t.revoking => {
-                // The partition is going: its next owner delivers it again.
-                t.not_in_hand.insert(p.offset);
-                self.settled.notify_all();
-                false
-            }
-            Some(t) => t.epoch == p.epoch,
-            None => false,
-        };
-        if current {
-            p.redelivered = true;
-            stats.record_redelivered(1);
-            st.requeued.insert((p.partition, p.offset), p);
-            drop(st);
-            self.notify.notify_waiters();
+        let Some(t) = st.track_of(&p) else { return };
+        if t.revoking {
+            // The partition is going: its next owner delivers it again.
+            t.not_in_hand.insert(p.offset);
+            self.settled.notify_all();
+            return;
         }
+        p.redelivered = true;
+        stats.record_redelivered(1);
+        st.requeued.insert((p.partition, p.offset), p);
+        drop(st);
+        self.notify.notify_waiters();
     }
 }
 
@@ -331,14 +330,12 @@ impl ConsumerContext for Context {
 
 /// The consumer thread: polls, buffers up to `prefetch`, commits. Decoding goes through
 /// core's [`Inbound`] (bytes that are not an envelope are counted there); expired messages
-/// are dropped (and counted) before they are buffered.
-pub(crate) fn run(
-    consumer: BaseConsumer<Context>,
-    shared: Arc<Shared>,
-    inbound: Arc<Inbound>,
-    prefetch: usize,
-    interval: Duration,
-) {
+/// are dropped (and counted) before they are buffered. `instance` gives the settings
+/// (`prefetch`, `commit_interval`) and the ingest path.
+///
+/// [`Inbound`]: chanlayer_core::toolkit::Inbound
+pub(crate) fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, instance: Arc<Instance>) {
+    let (inbound, prefetch) = (&instance.inbound, instance.cfg.prefetch);
     let stats = inbound.stats();
     let source = format!("kafka topic {}", shared.topic);
     let commit = |mode| {
@@ -412,7 +409,7 @@ pub(crate) fn run(
             }
             None => {}
         }
-        if last_commit.elapsed() >= interval {
+        if last_commit.elapsed() >= instance.cfg.commit_interval {
             last_commit = Instant::now();
             commit(CommitMode::Async);
         }

@@ -39,9 +39,10 @@ const BURST: usize = 256;
 /// Group messages waiting for the inbox to catch up before another poll of the broker.
 const DEFERRED: usize = 1024;
 
-/// Builds the consumer and assigns the inbox (from its start) and every partition of the
-/// groups topic (from its current end). Blocking: run it off the async workers.
-pub(crate) fn assign(instance: &Instance, groups_partitions: usize) -> Result<BaseConsumer> {
+/// Builds the consumer and assigns the inbox (from its start) and the `partitions`
+/// partitions of the groups topic (from their current end). Blocking: run it off the async
+/// workers.
+pub(crate) fn assign(instance: &Instance, partitions: usize) -> Result<BaseConsumer> {
     let names = &instance.names;
     let consumer: BaseConsumer = instance
         .cfg
@@ -52,13 +53,7 @@ pub(crate) fn assign(instance: &Instance, groups_partitions: usize) -> Result<Ba
     tpl.add_partition_offset(&names.inbox, 0, Offset::Beginning)
         .map_err(|e| backend_err("could not assign the inbox topic", e))?;
     let timeout = instance.cfg.connection_timeout;
-    add_ends(
-        &mut tpl,
-        &consumer,
-        &names.groups,
-        groups_partitions,
-        timeout,
-    )?;
+    add_ends(&mut tpl, &consumer, &names.groups, partitions, timeout)?;
     consumer
         .assign(&tpl)
         .map_err(|e| backend_err("could not assign the inbox and groups topics", e))?;

@@ -89,14 +89,7 @@ impl KafkaTransport {
         }
         lock(&self.consumers)
             .entry(channel.to_owned())
-            .or_insert_with(|| {
-                Arc::new(NormalConsumer::new(
-                    channel,
-                    self.instance.names.channel(channel),
-                    self.instance.inbound.clone(),
-                    self.instance.cfg.session_timeout,
-                ))
-            })
+            .or_insert_with(|| Arc::new(NormalConsumer::new(&self.instance, channel)))
             .clone()
     }
 
@@ -106,57 +99,8 @@ impl KafkaTransport {
         let consumers: Vec<Arc<NormalConsumer>> =
             lock(&self.consumers).drain().map(|(_, c)| c).collect();
         for c in consumers {
-            c.stop(self.instance.cfg.connection_timeout).await;
+            c.stop().await;
         }
-    }
-
-    /// Sends `payload` to the inbox of instance `owner`. `Gone`: that instance is gone (it
-    /// announced its close, or it has no inbox topic).
-    async fn send_local(&self, owner: &str, payload: &[u8]) -> Result<Published> {
-        let instance = &self.instance;
-        if instance.closed_instances.contains(owner) {
-            return Ok(Published::Gone);
-        }
-        let topic = instance.names.inbox_of(owner);
-        if !instance.topics.is_known(&topic) {
-            if !instance.topics.exists(&topic).await? {
-                return Ok(Published::Gone);
-            }
-            instance.topics.remember(&topic);
-        }
-        match instance.sender.send(&topic, None, payload).await {
-            Ok(()) => return Ok(Published::Stored),
-            Err(Refused::UnknownTopic) => {}
-            // librdkafka holds a message for a topic that vanished until delivery_timeout;
-            // if the inbox is gone, the owner closed: undeliverable, not an error.
-            Err(Refused::Failed(e)) => {
-                if !matches!(instance.topics.exists(&topic).await, Ok(false)) {
-                    return Err(e);
-                }
-            }
-        }
-        instance.topics.forget(&topic);
-        Ok(Published::Gone)
-    }
-
-    /// Sends `payload` to the topic of normal channel `channel`, creating it if needed.
-    async fn send_normal(&self, channel: &str, payload: &[u8]) -> Result<()> {
-        let instance = &self.instance;
-        let topic = instance.names.channel(channel);
-        for attempt in 0..2 {
-            instance.topics.ensure(&topic, Kind::Shared).await?;
-            match instance.sender.send(&topic, None, payload).await {
-                Ok(()) => return Ok(()),
-                // Deleted behind our back: create it again, once.
-                Err(Refused::UnknownTopic) if attempt == 0 => instance.topics.forget(&topic),
-                Err(r) => {
-                    return Err(r.or_gone(|| {
-                        format!("topic {topic:?} vanished right after it was created")
-                    }))
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -250,12 +194,52 @@ impl Transport for KafkaTransport {
         CAPABILITIES
     }
 
+    /// Sends to the inbox of instance `owner`. `Gone`: that instance is gone (it announced
+    /// its close, or it has no inbox topic).
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
-        self.send_local(owner, &out.encode()).await
+        let instance = &self.instance;
+        if instance.closed_instances.contains(owner) {
+            return Ok(Published::Gone);
+        }
+        let topic = instance.names.inbox_of(owner);
+        if !instance.topics.is_known(&topic) {
+            if !instance.topics.exists(&topic).await? {
+                return Ok(Published::Gone);
+            }
+            instance.topics.remember(&topic);
+        }
+        match instance.sender.send(&topic, None, &out.encode()).await {
+            Ok(()) => return Ok(Published::Stored),
+            Err(Refused::UnknownTopic) => {}
+            // librdkafka holds a message for a topic that vanished until delivery_timeout;
+            // if the inbox is gone, the owner closed: undeliverable, not an error.
+            Err(Refused::Failed(e)) => {
+                if !matches!(instance.topics.exists(&topic).await, Ok(false)) {
+                    return Err(e);
+                }
+            }
+        }
+        instance.topics.forget(&topic);
+        Ok(Published::Gone)
     }
 
+    /// Sends to the topic of normal channel `out.destination()`, creating it if needed.
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
-        self.send_normal(out.destination(), &out.encode()).await?;
+        let instance = &self.instance;
+        let (topic, payload) = (instance.names.channel(out.destination()), out.encode());
+        for attempt in 0..2 {
+            instance.topics.ensure(&topic, Kind::Shared).await?;
+            match instance.sender.send(&topic, None, &payload).await {
+                Ok(()) => break,
+                // Deleted behind our back: create it again, once.
+                Err(Refused::UnknownTopic) if attempt == 0 => instance.topics.forget(&topic),
+                Err(r) => {
+                    return Err(r.or_gone(|| {
+                        format!("topic {topic:?} vanished right after it was created")
+                    }))
+                }
+            }
+        }
         Ok(Published::Stored)
     }
 
@@ -296,8 +280,7 @@ impl Transport for KafkaTransport {
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
         let c = self.consumer(channel);
         self.instance.topics.ensure(c.topic(), Kind::Shared).await?;
-        c.ensure_started(&self.instance.cfg, &self.instance.client_id)
-            .await?;
+        c.ensure_started().await?;
         Ok(NormalReader::Source(c))
     }
 
