@@ -57,17 +57,18 @@ fn ack_in_background(acker: Acker) {
 }
 
 impl NormalConsumer {
-    pub fn new(shared: Arc<Shared>, channel: &str, queue: String) -> Self {
-        NormalConsumer {
-            shared,
+    /// The consumer of normal channel `channel` (not started), as core reads it.
+    pub fn source(shared: &Arc<Shared>, channel: &str) -> Arc<Source> {
+        Arc::new(Source(Arc::new(NormalConsumer {
+            shared: shared.clone(),
             channel: channel.to_owned(),
-            queue,
+            queue: shared.names.channel(channel),
             state: tokio::sync::Mutex::new(Slot::Idle),
             amqp_channel: Mutex::new(None),
             requeued: Mutex::new(BTreeMap::new()),
             requeue_notify: tokio::sync::Notify::new(),
             epoch: AtomicU64::new(0),
-        }
+        })))
     }
 
     /// The first requeued delivery whose AMQP channel is still open (the others come back
@@ -172,21 +173,11 @@ impl NormalConsumer {
                         _ = closed.closed() => return Err(Error::Closed),
                         r = handle => r,
                     };
-                    match started {
-                        Ok(Ok(c)) => *slot = Slot::Running(c),
-                        Ok(Err(e)) => {
-                            *slot = Slot::Idle;
-                            return Err(e);
-                        }
-                        Err(e) => {
-                            *slot = Slot::Idle;
-                            return Err(Error::backend(
-                                crate::BACKEND,
-                                "the consumer start task failed",
-                                e,
-                            ));
-                        }
-                    }
+                    // Idle again if the start failed: the next receive tries anew.
+                    *slot = Slot::Idle;
+                    let failed =
+                        |e| Error::backend(crate::BACKEND, "the consumer start task failed", e);
+                    *slot = Slot::Running(started.map_err(failed)??);
                 }
                 Slot::Running(consumer) => {
                     let next = tokio::select! {

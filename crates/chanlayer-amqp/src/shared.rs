@@ -102,35 +102,24 @@ impl Shared {
     async fn session_where(&self, ok: impl Fn(&Session) -> bool) -> Result<Arc<Session>> {
         self.inbound.closed().check()?;
         // Fast path, every operation's: the session is up; no subscription, no timer.
-        if let Some(s) = self.session.borrow().as_ref() {
-            if ok(s) {
-                return Ok(s.clone());
-            }
+        if let Some(s) = self.session.borrow().as_ref().filter(|s| ok(s)) {
+            return Ok(s.clone());
         }
         let mut rx = self.session.subscribe();
         let wait = async {
-            loop {
-                if let Some(s) = rx.borrow_and_update().as_ref() {
-                    if ok(s) {
-                        return Ok(s.clone());
-                    }
-                }
-                tokio::select! {
-                    _ = self.inbound.closed().closed() => return Err(Error::Closed),
-                    r = rx.changed() => if r.is_err() { return Err(Error::Closed) },
+            tokio::select! {
+                _ = self.inbound.closed().closed() => None,
+                r = rx.wait_for(|s| s.as_ref().is_some_and(|s| ok(s))) => {
+                    r.ok().and_then(|s| s.as_ref().cloned())
                 }
             }
         };
-        match tokio::time::timeout(self.cfg.reconnect_timeout, wait).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::failure(
-                BACKEND,
-                format!(
-                    "the broker at {} has been unreachable for {:?} (reconnect_timeout); chanlayer keeps reconnecting in the background",
-                    self.cfg.display_address(),
-                    self.cfg.reconnect_timeout
-                ),
-            )),
+        let (at, after) = (self.cfg.display_address(), self.cfg.reconnect_timeout);
+        match tokio::time::timeout(after, wait).await {
+            Ok(s) => s.ok_or(Error::Closed),
+            Err(_) => Err(Error::failure(BACKEND, format!(
+                "the broker at {at} has been unreachable for {after:?} (reconnect_timeout); chanlayer keeps reconnecting in the background"
+            ))),
         }
     }
 

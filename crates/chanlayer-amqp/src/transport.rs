@@ -239,16 +239,9 @@ impl Transport for AmqpTransport {
     }
 
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
-        let mut consumers = lock(&self.consumers);
-        let source = consumers
+        let source = lock(&self.consumers)
             .entry(channel.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Source(Arc::new(NormalConsumer::new(
-                    self.shared.clone(),
-                    channel,
-                    self.shared.names.channel(channel),
-                ))))
-            })
+            .or_insert_with(|| NormalConsumer::source(&self.shared, channel))
             .clone();
         Ok(NormalReader::Source(source))
     }
