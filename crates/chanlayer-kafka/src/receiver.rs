@@ -164,10 +164,8 @@ impl Reader {
             return;
         }
         let skip = self.instance.inbox_skip_below.load(Ordering::Acquire);
-        if self.burst_offsets.first().is_some_and(|&o| o < skip) {
-            let n = self.burst_offsets.partition_point(|&o| o < skip);
-            self.burst.drain(..n);
-        }
+        let n = self.burst_offsets.partition_point(|&o| o < skip);
+        self.burst.drain(..n);
         self.burst_offsets.clear();
         self.instance.inbound.ingest_all(&mut self.burst);
     }
