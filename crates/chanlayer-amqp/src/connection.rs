@@ -120,6 +120,7 @@ async fn setup(
     inner: &Arc<Shared>,
     conn: &Connection,
 ) -> Result<(Channel, Channel, Channel, lapin::Consumer)> {
+    let (cfg, groups, inbox) = (&inner.cfg, &inner.names.groups, &inner.names.inbox);
     let open = |what: &'static str| async move {
         conn.create_channel()
             .await
@@ -133,46 +134,40 @@ async fn setup(
     let admin = open("admin").await?;
     admin
         .exchange_declare(
-            ShortString::from(inner.names.groups.as_str()),
+            ShortString::from(groups.as_str()),
             ExchangeKind::Direct,
             ExchangeDeclareOptions {
                 // channels_rabbitmq declares `groups` non-durable; a peer must declare it
                 // with the same arguments or the broker refuses (406).
-                durable: inner.cfg.wire == Wire::Chanlayer,
+                durable: cfg.wire == Wire::Chanlayer,
                 ..ExchangeDeclareOptions::default()
             },
             FieldTable::default(),
         )
         .await
         .map_err(|e| {
-            let groups = &inner.names.groups;
             let what = format!("could not declare the groups exchange {groups:?} (does it exist with another type?)");
             backend(&what, e)
         })?;
     admin
         .queue_declare(
-            ShortString::from(inner.names.inbox.as_str()),
+            ShortString::from(inbox.as_str()),
             QueueDeclareOptions {
                 exclusive: true,
                 ..QueueDeclareOptions::default()
             },
-            topology::inbox_arguments(
-                inner.cfg.inbox_capacity,
-                inner.inbound.options(),
-                inner.cfg.wire,
-            ),
+            topology::inbox_arguments(cfg.inbox_capacity, inner.inbound.options(), cfg.wire),
         )
         .await
         .map_err(|e| backend("could not declare this instance's inbox queue", e))?;
     // Groups with local members: bind the inbox again (a new broker has no bindings).
     for group in inner.inbound.groups().groups() {
-        let (groups, inbox) = (&inner.names.groups, &inner.names.inbox);
         crate::groups::bind_on(&admin, groups, inbox, &group, true).await?;
     }
     let inbox_channel = open("inbox").await?;
     let consumer = inbox_channel
         .basic_consume(
-            ShortString::from(inner.names.inbox.as_str()),
+            ShortString::from(inbox.as_str()),
             ShortString::from(format!("chanlayer-inbox-{}", inner.inbound.id())),
             BasicConsumeOptions {
                 no_ack: true,
@@ -198,11 +193,7 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         while session.alive() {
             tokio::select! {
                 _ = inner.inbound.closed().closed() => {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        session.conn.close(200, ShortString::from("closed")),
-                    )
-                    .await;
+                    let _ = session.close(200, "closed", Duration::from_secs(2)).await;
                     return;
                 }
                 _ = session.broken.notified() => {}
@@ -220,13 +211,7 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         }
         inner.set_session(None);
         // Release what the old connection holds (its exclusive inbox) before declaring anew.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            session
-                .conn
-                .close(320, ShortString::from("chanlayer reconnecting")),
-        )
-        .await;
+        let _ = (session.close(320, "chanlayer reconnecting", Duration::from_secs(2))).await;
         tracing::warn!(
             broker = %inner.cfg.host_address(session.host),
             "AMQP connection lost; reconnecting"
@@ -250,7 +235,7 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         if let Err(e) = crate::groups::rebind_normal(&inner, &session).await {
             tracing::warn!(error = %e, "could not bind normal-channel group members again");
         }
-        inner.record_reconnect();
+        inner.inbound.stats().record_reconnect();
         tracing::info!(
             broker = %inner.cfg.host_address(session.host),
             generation,

@@ -243,14 +243,11 @@ impl NormalConsumer {
             let Slot::Running(consumer) = &mut *slot else {
                 break;
             };
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => {
-                    if let Some(p) = self.accept(d) {
-                        out.push(p);
-                    }
-                }
-                _ => break,
-            }
+            // Only what is already there: an error or the end is the next receive's business.
+            let Some(Some(Ok(d))) = consumer.next().now_or_never() else {
+                break;
+            };
+            out.extend(self.accept(d));
         }
         Ok(out)
     }

@@ -3,6 +3,7 @@
 //! `connection.rs`.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use chanlayer_core::toolkit::lock;
 use chanlayer_core::{Error, Result};
@@ -41,6 +42,20 @@ impl Session {
             .map_err(|e| backend("could not open a channel", e))?;
         *lock(&self.admin) = fresh.clone();
         Ok(fresh)
+    }
+
+    /// Closes the connection with `code` and `reason`, waiting up to `bound` for the broker
+    /// to confirm; `None` if it did not in time (dropping the connection ends it from our
+    /// side).
+    pub async fn close(
+        &self,
+        code: u16,
+        reason: &str,
+        bound: Duration,
+    ) -> Option<lapin::Result<()>> {
+        tokio::time::timeout(bound, self.conn.close(code, reason.into()))
+            .await
+            .ok()
     }
 
     /// `true` while the connection and its publish channel are up.

@@ -4,7 +4,6 @@
 //! confirms across reconnections.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chanlayer_core::asgi;
@@ -12,7 +11,7 @@ use chanlayer_core::toolkit::{lock, Inbound, Outgoing, Published};
 use chanlayer_core::{Error, LayerOptions, Result};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 use tokio::sync::watch;
 
@@ -38,7 +37,6 @@ pub(crate) struct Shared {
     pub admin_ops: tokio::sync::Mutex<()>,
     /// Every normal-channel queue this instance has used (what `flush` purges).
     pub known_queues: Mutex<HashSet<String>>,
-    pub reconnects: AtomicU64,
     /// Message properties, computed once: transient (process-local channels).
     pub transient: BasicProperties,
     /// Message properties, computed once: persistent (normal channels and groups).
@@ -82,11 +80,6 @@ impl Shared {
     /// older session counts for nothing on a newer one (it is keyed by generation).
     pub fn set_session(&self, s: Option<Arc<Session>>) {
         self.session.send_replace(s);
-    }
-
-    pub fn record_reconnect(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
-        self.inbound.stats().record_reconnect();
     }
 
     /// The live session, waiting up to `reconnect_timeout` while the broker is away.
@@ -141,22 +134,15 @@ impl Shared {
         }
         let capacity = self.inbound.options().capacity_for(channel);
         let q = queue.as_str();
-        let declare = |passive: bool, args: FieldTable| async move {
-            session
-                .admin()
-                .await?
-                .queue_declare(
-                    ShortString::from(q),
-                    QueueDeclareOptions {
-                        durable: true,
-                        passive,
-                        ..QueueDeclareOptions::default()
-                    },
-                    args,
-                )
-                .await
-                .map(|_| ())
-                .map_err(Failed::Lapin)
+        let declare = |passive, args| async move {
+            let options = QueueDeclareOptions {
+                durable: true,
+                passive,
+                ..QueueDeclareOptions::default()
+            };
+            let admin = session.admin().await?;
+            let declared = admin.queue_declare(q.into(), options, args).await;
+            declared.map(|_| ()).map_err(Failed::Lapin)
         };
         // Declared with this layer's arguments: a missing queue is created (atomically, if
         // other instances declare it at the same time). A queue that exists with other
@@ -219,24 +205,15 @@ impl Shared {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<Confirmation> {
+        let options = BasicPublishOptions {
+            mandatory,
+            ..BasicPublishOptions::default()
+        };
         let mut session = self.session().await?;
         loop {
-            let attempt = async {
-                session
-                    .publish
-                    .basic_publish(
-                        ShortString::from(exchange),
-                        ShortString::from(routing_key),
-                        BasicPublishOptions {
-                            mandatory,
-                            ..BasicPublishOptions::default()
-                        },
-                        payload,
-                        properties.clone(),
-                    )
-                    .await?
-                    .await
-            };
+            let (channel, x, key) = (&session.publish, exchange.into(), routing_key.into());
+            let published = channel.basic_publish(x, key, options, payload, properties.clone());
+            let attempt = async { published.await?.await };
             let outcome = tokio::select! {
                 _ = self.inbound.closed().closed() => return Err(Error::Closed),
                 r = attempt => r,

@@ -2,7 +2,6 @@
 //! makes it a channel layer ([`AmqpLayer`](crate::AmqpLayer)).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chanlayer_core::config::BackendSettings;
@@ -37,9 +36,9 @@ impl std::fmt::Debug for AmqpTransport {
 }
 
 impl AmqpTransport {
-    /// How many times the connection was lost and restored.
+    /// How many times the connection was lost and restored (`stats().reconnects`).
     pub fn reconnects(&self) -> u64 {
-        self.shared.reconnects.load(Ordering::Relaxed)
+        self.shared.inbound.stats().snapshot().reconnects
     }
 
     /// The broker this instance is connected to now, without credentials
@@ -70,14 +69,11 @@ impl AmqpTransport {
         shared.inbound.closed().check()?;
         names::validate_channel(channel)?;
         let queue = if names::is_process_local(channel) {
-            let owner = shared
-                .inbound
-                .naming()
-                .owner(channel)
-                .ok_or_else(|| Error::NotOwner {
-                    channel: channel.to_owned(),
-                })?;
-            shared.inbox_of(owner)
+            let not_owner = || Error::NotOwner {
+                channel: channel.to_owned(),
+            };
+            let owner = shared.inbound.naming().owner(channel);
+            shared.inbox_of(owner.ok_or_else(not_owner)?)
         } else {
             let session = shared.session().await?;
             shared.declare_channel_queue(&session, channel).await?;
@@ -121,7 +117,6 @@ impl Transport for AmqpTransport {
             declared: Mutex::new((0, HashSet::new())),
             admin_ops: tokio::sync::Mutex::new(()),
             known_queues: Mutex::new(HashSet::new()),
-            reconnects: AtomicU64::new(0),
             transient: properties(inbound.options(), false, wire),
             persistent: properties(inbound.options(), true, wire),
             inbound,
@@ -279,11 +274,10 @@ impl Transport for AmqpTransport {
             // Bounded: a broker (or a connection) that never answers Connection.Close must
             // not hold `close` forever; dropping the connection ends it from our side.
             let bound = self.shared.cfg.connection_timeout;
-            match tokio::time::timeout(bound, s.conn.close(200, ShortString::from("closed"))).await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "closing the AMQP connection"),
-                Err(_) => tracing::warn!(
+            match s.close(200, "closed", bound).await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => tracing::debug!(error = %e, "closing the AMQP connection"),
+                None => tracing::warn!(
                     "the broker did not confirm closing the AMQP connection within {bound:?}; dropped it"
                 ),
             }
