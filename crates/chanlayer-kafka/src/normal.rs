@@ -41,7 +41,8 @@ use crate::worker::Worker;
 /// The consumer of one normal channel in this instance.
 pub(crate) struct NormalConsumer {
     channel: String,
-    shared: Arc<Shared>,
+    /// What its thread and its receivers share (the topic, the buffer, the stop signal).
+    pub shared: Arc<Shared>,
     instance: Arc<Instance>,
     thread: Mutex<Option<Worker>>,
     /// Serialises starting the thread.
@@ -63,18 +64,13 @@ impl NormalConsumer {
         }
     }
 
-    /// The channel's topic.
-    pub fn topic(&self) -> &str {
-        self.shared.topic()
-    }
-
     /// Starts the consumer thread once (the topic must exist).
     pub async fn ensure_started(&self) -> Result<()> {
         let mut started = self.starting.lock().await;
         if *started {
             return Ok(());
         }
-        let topic = self.shared.topic();
+        let topic = &self.shared.topic;
         let consumer: BaseConsumer<Context> = (self.instance.cfg)
             .consumer_config(&self.instance.client_id, Some(topic))
             .create_with_context(Context(self.shared.clone()))
@@ -99,14 +95,9 @@ impl NormalConsumer {
     /// and group leave can take long; the thread then finishes in the background.
     pub async fn stop(&self) {
         self.shared.signal_stop();
-        let what = format!("the consumer of {:?}", self.shared.topic());
+        let what = format!("the consumer of {:?}", self.shared.topic);
         let bound = self.instance.cfg.connection_timeout;
         Worker::stop(&self.thread, bound, &what).await;
-    }
-
-    /// Stops without waiting (a layer dropped without `close`).
-    pub fn signal_stop(&self) {
-        self.shared.signal_stop();
     }
 
     /// Waits for the next message. Cancellation-safe: a message leaves the buffer only in

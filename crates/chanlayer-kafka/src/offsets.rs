@@ -114,7 +114,8 @@ impl State {
 /// What the consumer thread and the receivers share.
 #[derive(Default)]
 pub(crate) struct Shared {
-    topic: String,
+    /// The channel's topic.
+    pub topic: String,
     state: Mutex<State>,
     /// Wakes receivers: something was buffered or requeued, or the consumer failed.
     pub notify: tokio::sync::Notify,
@@ -138,11 +139,6 @@ impl Shared {
             revoke_wait,
             ..Shared::default()
         }
-    }
-
-    /// The channel's topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
     }
 
     /// Tells the consumer thread to stop.

@@ -279,7 +279,10 @@ impl Transport for KafkaTransport {
     /// The channel's consumer, started (and its topic created) the first time.
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
         let c = self.consumer(channel);
-        self.instance.topics.ensure(c.topic(), Kind::Shared).await?;
+        self.instance
+            .topics
+            .ensure(&c.shared.topic, Kind::Shared)
+            .await?;
         c.ensure_started().await?;
         Ok(NormalReader::Source(c))
     }
@@ -288,11 +291,11 @@ impl Transport for KafkaTransport {
     /// group to the end of its topic. Process-local channels: what is still on the way in
     /// the inbox topic is skipped by the receiver.
     async fn flush(&self) -> Result<()> {
-        let instance = &self.instance;
+        let (instance, topics) = (&self.instance, &self.instance.topics);
         self.stop_consumers().await;
         let head = format!("{}.channel.", instance.inbound.options().prefix);
-        for topic in instance.topics.known_with(&head) {
-            let partitions = instance.topics.partition_count(&topic).await?.unwrap_or(0);
+        for topic in topics.known_with(&head) {
+            let partitions = topics.partition_count(&topic).await?.unwrap_or(0);
             let (cfg, client_id) = (instance.cfg.clone(), instance.client_id.clone());
             tokio::task::spawn_blocking(move || {
                 crate::topics::skip_to_end(&cfg, &client_id, &topic, partitions)
@@ -300,10 +303,7 @@ impl Transport for KafkaTransport {
             .await
             .map_err(|e| Error::backend(BACKEND, "the flush task failed", e))??;
         }
-        let end = instance
-            .topics
-            .high_watermark(&instance.names.inbox, 0)
-            .await?;
+        let end = topics.high_watermark(&instance.names.inbox, 0).await?;
         instance.inbox_skip_below.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
@@ -319,11 +319,10 @@ impl Transport for KafkaTransport {
         // Tell the other instances (they read the groups topic) that our process-local
         // channels are gone, so their sends stop at once instead of reaching a dead topic.
         // Bounded: with the broker away, nobody would read it anyway.
-        let announce = instance.sender.send(
-            &instance.names.groups,
-            Some(CLOSED_KEY),
-            instance.inbound.id().as_bytes(),
-        );
+        let id = instance.inbound.id().as_bytes();
+        let announce = instance
+            .sender
+            .send(&instance.names.groups, Some(CLOSED_KEY), id);
         match tokio::time::timeout(bound, announce).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(error = ?e, "could not announce the close"),
@@ -357,7 +356,8 @@ impl Transport for KafkaTransport {
     /// a runtime is there (otherwise it expires by retention).
     fn abandon(&self) {
         for c in lock(&self.consumers).values() {
-            c.signal_stop();
+            // Stops without waiting (a layer dropped without `close`).
+            c.shared.signal_stop();
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let instance = self.instance.clone();
