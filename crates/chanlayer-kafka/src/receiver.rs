@@ -173,7 +173,7 @@ impl Reader {
     /// Fans the deferred group messages out: copies for normal-channel members go to the
     /// forwarder, the rest to core (local members).
     fn hand_over_groups(&mut self) {
-        let inbound = &self.instance.inbound;
+        let (inbound, names) = (&self.instance.inbound, &self.instance.names);
         for m in self.deferred.drain(..) {
             let payload = m.payload().unwrap_or_default();
             let Some(env) = inbound.decode_as(payload, Destination::Group, &self.groups_source)
@@ -183,10 +183,7 @@ impl Reader {
             // Route by the envelope's own group (the key is only a filter).
             let normal = inbound.normal_groups().members(&env.destination);
             if !normal.is_empty() {
-                let topics = normal
-                    .iter()
-                    .map(|c| self.instance.names.channel(c))
-                    .collect();
+                let topics = normal.iter().map(|c| names.channel(c)).collect();
                 if self.forward.send((topics, payload.to_vec())).is_err() {
                     for c in &normal {
                         inbound.stats().record_undeliverable(c);

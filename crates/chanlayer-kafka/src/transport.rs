@@ -76,11 +76,8 @@ impl KafkaTransport {
             Kind::Shared
         };
         instance.topics.ensure(topic, kind).await?;
-        instance
-            .sender
-            .send(topic, key, bytes)
-            .await
-            .map_err(|r| r.or_gone(|| format!("no topic {topic:?}")))
+        let sent = instance.sender.send(topic, key, bytes).await;
+        sent.map_err(|r| r.or_gone(|| format!("no topic {topic:?}")))
     }
 
     fn consumer(&self, channel: &str) -> Arc<NormalConsumer> {
