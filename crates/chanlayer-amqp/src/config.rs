@@ -237,10 +237,10 @@ impl BackendSettings for AmqpConfig {
                 "option ca_file is for amqps:// URLs; this URL is amqp:// (no TLS)".into(),
             ));
         }
-        if cfg.groups_exchange.is_empty() || cfg.groups_exchange.starts_with("amq.") {
+        let x = &cfg.groups_exchange;
+        if x.is_empty() || x.starts_with("amq.") {
             return Err(Error::Config(format!(
-                "option groups_exchange={:?}: an exchange name must be non-empty and must not start with \"amq.\" (reserved by the broker)",
-                cfg.groups_exchange
+                "option groups_exchange={x:?}: an exchange name must be non-empty and must not start with \"amq.\" (reserved by the broker)"
             )));
         }
         Ok(cfg)

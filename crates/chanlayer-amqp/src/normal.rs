@@ -75,12 +75,7 @@ impl NormalConsumer {
     /// from the broker).
     fn pop_requeued(&self) -> Option<Pending> {
         let mut q = lock(&self.requeued);
-        while let Some((_, p)) = q.pop_first() {
-            if p.acker.usable() {
-                return Some(p);
-            }
-        }
-        None
+        std::iter::from_fn(|| q.pop_first().map(|(_, p)| p)).find(|p| p.acker.usable())
     }
 
     /// Hands everything back to the broker: closes the AMQP channel (unacked deliveries
@@ -120,14 +115,10 @@ impl NormalConsumer {
         ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
             .await?;
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-        let consumer = ch
-            .basic_consume(
-                ShortString::from(self.queue.as_str()),
-                ShortString::from(format!("chanlayer-{}-{epoch}", inner.inbound.id())),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let tag = format!("chanlayer-{}-{epoch}", inner.inbound.id()).into();
+        let (queue, options) = (self.queue.as_str().into(), BasicConsumeOptions::default());
+        let consuming = ch.basic_consume(queue, tag, options, FieldTable::default());
+        let consumer = consuming.await?;
         *lock(&self.amqp_channel) = Some(ch);
         Ok(consumer)
     }
@@ -297,16 +288,9 @@ impl Settler for NormalConsumer {
     type Pending = Pending;
 
     async fn settle(&self, p: Pending) -> Result<()> {
-        p.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                backend(
-                    "the ack did not reach the broker (the connection was lost); the message will be delivered again",
-                    e,
-                )
-            })
+        let lost = "the ack did not reach the broker (the connection was lost); the message will be delivered again";
+        let acked = p.acker.ack(BasicAckOptions::default()).await;
+        acked.map(|_| ()).map_err(|e| backend(lost, e))
     }
 
     /// Puts an unsettled delivery back at the head, in delivery order.

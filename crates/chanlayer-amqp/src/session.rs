@@ -44,18 +44,12 @@ impl Session {
         Ok(fresh)
     }
 
-    /// Closes the connection with `code` and `reason`, waiting up to `bound` for the broker
-    /// to confirm; `None` if it did not in time (dropping the connection ends it from our
-    /// side).
-    pub async fn close(
-        &self,
-        code: u16,
-        reason: &str,
-        bound: Duration,
-    ) -> Option<lapin::Result<()>> {
-        tokio::time::timeout(bound, self.conn.close(code, reason.into()))
-            .await
-            .ok()
+    /// Closes the connection with `code` and reason `why`, waiting up to `bound` for the
+    /// broker to confirm; `None` if it did not in time (dropping the connection ends it from
+    /// our side).
+    pub async fn close(&self, code: u16, why: &str, bound: Duration) -> Option<lapin::Result<()>> {
+        let closing = self.conn.close(code, why.into());
+        tokio::time::timeout(bound, closing).await.ok()
     }
 
     /// `true` while the connection and its publish channel are up.
@@ -102,9 +96,8 @@ impl Failed {
 /// `true` for errors that mean the connection (not just one operation) is gone.
 pub(crate) fn is_connection_error(e: &lapin::Error) -> bool {
     use lapin::ErrorKind as K;
-    let kind = e.kind();
     matches!(
-        kind,
+        e.kind(),
         K::IOError(_)
             | K::InvalidConnectionState(_)
             | K::MissingHeartbeatError

@@ -129,22 +129,21 @@ pub fn inequivalent(reply: &str) -> Option<Inequivalent> {
 /// that instances may legitimately disagree on: `x-max-length` (each instance's `capacity`)
 /// and `x-expires` (`queue_expires`). `false` for anything else.
 pub fn adopt(args: &mut FieldTable, found: &Inequivalent) -> bool {
-    if !matches!(found.arg.as_str(), "x-max-length" | "x-expires") {
+    let key = found.arg.as_str();
+    if !matches!(key, "x-max-length" | "x-expires") {
         return false;
     }
-    let mut inner = args.inner().clone();
-    match &found.current {
+    match found.current.as_deref().map(str::parse) {
         None => {
-            inner.remove(found.arg.as_str());
+            let mut inner = args.inner().clone();
+            inner.remove(key);
+            *args = FieldTable::from(inner);
         }
-        Some(v) => match v.parse::<i64>() {
-            Ok(n) => {
-                inner.insert(ShortString::from(found.arg.as_str()), long(n));
-            }
-            Err(_) => return false,
-        },
+        Some(Ok(n)) => {
+            args.insert(key.into(), long(n));
+        }
+        Some(Err(_)) => return false,
     }
-    *args = FieldTable::from(inner);
     true
 }
 
