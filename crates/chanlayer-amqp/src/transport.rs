@@ -253,12 +253,9 @@ impl Transport for AmqpTransport {
         for q in queues {
             // A refused purge closes the admin channel; admin() opens a new one.
             let _one = shared.admin_ops.lock().await;
-            match session
-                .admin()
-                .await?
-                .queue_purge(ShortString::from(q.as_str()), QueuePurgeOptions::default())
-                .await
-            {
+            let admin = session.admin().await?;
+            let purge = admin.queue_purge(q.as_str().into(), QueuePurgeOptions::default());
+            match purge.await {
                 Ok(_) => {}
                 // A queue that is gone (expired) holds nothing to purge.
                 Err(e) if e.is_amqp_soft_error() => {}
