@@ -159,10 +159,7 @@ impl BackendSettings for AmqpConfig {
         let b = &config.backend;
         let tls = b.scheme_of(BACKEND, &["amqp", "amqps"])? == "amqps";
         config.options.validate()?;
-        let (authority, path) = match b.address.split_once('/') {
-            Some((a, p)) => (a, p),
-            None => (b.address.as_str(), ""),
-        };
+        let (authority, path) = b.address.split_once('/').unwrap_or((&b.address, ""));
         let vhost = if path.is_empty() {
             "/".to_owned()
         } else {
@@ -240,10 +237,10 @@ impl BackendSettings for AmqpConfig {
                 "option ca_file is for amqps:// URLs; this URL is amqp:// (no TLS)".into(),
             ));
         }
-        if cfg.groups_exchange.is_empty() || cfg.groups_exchange.starts_with("amq.") {
+        let x = &cfg.groups_exchange;
+        if x.is_empty() || x.starts_with("amq.") {
             return Err(Error::Config(format!(
-                "option groups_exchange={:?}: an exchange name must be non-empty and must not start with \"amq.\" (reserved by the broker)",
-                cfg.groups_exchange
+                "option groups_exchange={x:?}: an exchange name must be non-empty and must not start with \"amq.\" (reserved by the broker)"
             )));
         }
         Ok(cfg)
@@ -316,42 +313,37 @@ fn split_hosts(authority: &str, default_port: u16) -> Result<Vec<Host>> {
     }
     authority
         .split(',')
-        .map(|one| {
-            if one.is_empty() {
-                return Err(Error::Config(format!(
-                    "{authority:?}: an empty host in the list of brokers; separate host:port pairs with single commas"
-                )));
-            }
-            let (host, port) = split_host_port(one, default_port)?;
-            Ok(Host { host, port })
-        })
+        .map(|one| host(one, authority, default_port))
         .collect()
 }
 
-fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16)> {
-    // [v6]:port, host:port, host
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (h, after) = rest.split_once(']').ok_or_else(|| {
-            Error::Config(format!(
-                "{authority:?}: an IPv6 address needs a closing ']'"
-            ))
-        })?;
-        (h.to_owned(), after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), Some(p)),
-            None => (authority.to_owned(), None),
+/// One broker of `list`: `[v6]:port`, `host:port` or `host`.
+fn host(one: &str, list: &str, default_port: u16) -> Result<Host> {
+    if one.is_empty() {
+        return Err(Error::Config(format!(
+            "{list:?}: an empty host in the list of brokers; separate host:port pairs with single commas"
+        )));
+    }
+    let (host, port) = match one.strip_prefix('[') {
+        Some(rest) => {
+            let closing = || format!("{one:?}: an IPv6 address needs a closing ']'");
+            let (h, after) = rest
+                .split_once(']')
+                .ok_or_else(|| Error::Config(closing()))?;
+            (h, after.strip_prefix(':'))
         }
+        None => one
+            .rsplit_once(':')
+            .map_or((one, None), |(h, p)| (h, Some(p))),
     };
     let port = match port {
         None | Some("") => default_port,
         Some(p) => p.parse().map_err(|_| {
-            Error::Config(format!(
-                "{p:?} is not a port number (1-65535) in {authority:?}"
-            ))
+            Error::Config(format!("{p:?} is not a port number (1-65535) in {one:?}"))
         })?,
     };
-    Ok((decode(&host), port))
+    let host = decode(host);
+    Ok(Host { host, port })
 }
 
 #[cfg(test)]

@@ -84,39 +84,35 @@ async fn open_host(inner: &Arc<Shared>, generation: u64, index: usize) -> Result
         inner.tls.clone(),
         runtime,
     );
-    let conn = match tokio::time::timeout(cfg.connection_timeout, attempt).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            return Err(backend(
+    let after = cfg.connection_timeout;
+    let conn = tokio::time::timeout(after, attempt)
+        .await
+        .map_err(|_| Error::Timeout {
+            operation: "connect",
+            after,
+        })?
+        .map_err(|e| {
+            backend(
                 &format!("could not connect to {}", cfg.host_address(index)),
                 e,
-            ))
-        }
-        Err(_) => {
-            return Err(Error::Timeout {
-                operation: "connect",
-                after: cfg.connection_timeout,
-            })
-        }
-    };
-    match setup(inner, &conn).await {
-        Ok((publish, admin, inbox_channel, consumer)) => {
-            let session = Arc::new(Session {
-                conn,
-                publish,
-                admin: Mutex::new(admin),
-                generation,
-                host: index,
-                broken: Notify::new(),
-            });
-            tokio::spawn(crate::inbox::run(inner.clone(), consumer, inbox_channel));
-            Ok(session)
-        }
+            )
+        })?;
+    let (publish, admin, inbox_channel, consumer) = match setup(inner, &conn).await {
+        Ok(channels) => channels,
         Err(e) => {
             let _ = conn.close(200, ShortString::from("setup failed")).await;
-            Err(e)
+            return Err(e);
         }
-    }
+    };
+    tokio::spawn(crate::inbox::run(inner.clone(), consumer, inbox_channel));
+    Ok(Arc::new(Session {
+        conn,
+        publish,
+        admin: Mutex::new(admin),
+        generation,
+        host: index,
+        broken: Notify::new(),
+    }))
 }
 
 /// The channels of a new connection: publish (with confirms), admin, inbox consumer.
@@ -124,6 +120,7 @@ async fn setup(
     inner: &Arc<Shared>,
     conn: &Connection,
 ) -> Result<(Channel, Channel, Channel, lapin::Consumer)> {
+    let (cfg, groups, inbox) = (&inner.cfg, &inner.names.groups, &inner.names.inbox);
     let open = |what: &'static str| async move {
         conn.create_channel()
             .await
@@ -137,50 +134,40 @@ async fn setup(
     let admin = open("admin").await?;
     admin
         .exchange_declare(
-            ShortString::from(inner.names.groups.as_str()),
+            ShortString::from(groups.as_str()),
             ExchangeKind::Direct,
             ExchangeDeclareOptions {
                 // channels_rabbitmq declares `groups` non-durable; a peer must declare it
                 // with the same arguments or the broker refuses (406).
-                durable: inner.cfg.wire == Wire::Chanlayer,
+                durable: cfg.wire == Wire::Chanlayer,
                 ..ExchangeDeclareOptions::default()
             },
             FieldTable::default(),
         )
         .await
         .map_err(|e| {
-            backend(
-                &format!(
-                    "could not declare the groups exchange {:?} (does it exist with another type?)",
-                    inner.names.groups
-                ),
-                e,
-            )
+            let what = format!("could not declare the groups exchange {groups:?} (does it exist with another type?)");
+            backend(&what, e)
         })?;
     admin
         .queue_declare(
-            ShortString::from(inner.names.inbox.as_str()),
+            ShortString::from(inbox.as_str()),
             QueueDeclareOptions {
                 exclusive: true,
                 ..QueueDeclareOptions::default()
             },
-            topology::inbox_arguments(
-                inner.cfg.inbox_capacity,
-                inner.inbound.options(),
-                inner.cfg.wire,
-            ),
+            topology::inbox_arguments(cfg.inbox_capacity, inner.inbound.options(), cfg.wire),
         )
         .await
         .map_err(|e| backend("could not declare this instance's inbox queue", e))?;
     // Groups with local members: bind the inbox again (a new broker has no bindings).
     for group in inner.inbound.groups().groups() {
-        let (groups, inbox) = (&inner.names.groups, &inner.names.inbox);
         crate::groups::bind_on(&admin, groups, inbox, &group, true).await?;
     }
     let inbox_channel = open("inbox").await?;
     let consumer = inbox_channel
         .basic_consume(
-            ShortString::from(inner.names.inbox.as_str()),
+            ShortString::from(inbox.as_str()),
             ShortString::from(format!("chanlayer-inbox-{}", inner.inbound.id())),
             BasicConsumeOptions {
                 no_ack: true,
@@ -203,17 +190,10 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
     loop {
         let mut events = session.conn.events_listener();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            if !session.alive() {
-                break;
-            }
+        while session.alive() {
             tokio::select! {
                 _ = inner.inbound.closed().closed() => {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        session.conn.close(200, ShortString::from("closed")),
-                    )
-                    .await;
+                    let _ = session.close(200, "closed", Duration::from_secs(2)).await;
                     return;
                 }
                 _ = session.broken.notified() => {}
@@ -231,13 +211,7 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         }
         inner.set_session(None);
         // Release what the old connection holds (its exclusive inbox) before declaring anew.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            session
-                .conn
-                .close(320, ShortString::from("chanlayer reconnecting")),
-        )
-        .await;
+        let _ = (session.close(320, "chanlayer reconnecting", Duration::from_secs(2))).await;
         tracing::warn!(
             broker = %inner.cfg.host_address(session.host),
             "AMQP connection lost; reconnecting"
@@ -261,7 +235,7 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         if let Err(e) = crate::groups::rebind_normal(&inner, &session).await {
             tracing::warn!(error = %e, "could not bind normal-channel group members again");
         }
-        inner.record_reconnect();
+        inner.inbound.stats().record_reconnect();
         tracing::info!(
             broker = %inner.cfg.host_address(session.host),
             generation,

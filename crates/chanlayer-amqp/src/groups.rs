@@ -10,7 +10,7 @@
 
 use chanlayer_core::Result;
 use lapin::options::QueueBindOptions;
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::Channel;
 
 use crate::session::{backend, Session};
@@ -37,31 +37,18 @@ pub(crate) async fn bind_on(
     group: &str,
     bind: bool,
 ) -> Result<()> {
-    let (q, x, key) = (
-        ShortString::from(queue),
-        ShortString::from(exchange),
-        ShortString::from(group),
-    );
+    let (q, x, key) = (queue.into(), exchange.into(), group.into());
+    let none = FieldTable::default();
     let r = if bind {
         admin
-            .queue_bind(
-                q,
-                x,
-                key,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
+            .queue_bind(q, x, key, QueueBindOptions::default(), none)
             .await
     } else {
-        admin.queue_unbind(q, x, key, FieldTable::default()).await
+        admin.queue_unbind(q, x, key, none).await
     };
     let verb = if bind { "bind" } else { "unbind" };
-    r.map_err(|e| {
-        backend(
-            &format!("could not {verb} {queue:?} and group {group:?}"),
-            e,
-        )
-    })
+    let what = || format!("could not {verb} {queue:?} and group {group:?}");
+    r.map_err(|e| backend(&what(), e))
 }
 
 /// After a reconnection: binds this instance's live normal-channel memberships again (a

@@ -57,29 +57,25 @@ fn ack_in_background(acker: Acker) {
 }
 
 impl NormalConsumer {
-    pub fn new(shared: Arc<Shared>, channel: &str, queue: String) -> Self {
-        NormalConsumer {
-            shared,
+    /// The consumer of normal channel `channel` (not started), as core reads it.
+    pub fn source(shared: &Arc<Shared>, channel: &str) -> Arc<Source> {
+        Arc::new(Source(Arc::new(NormalConsumer {
+            shared: shared.clone(),
             channel: channel.to_owned(),
-            queue,
+            queue: shared.names.channel(channel),
             state: tokio::sync::Mutex::new(Slot::Idle),
             amqp_channel: Mutex::new(None),
             requeued: Mutex::new(BTreeMap::new()),
             requeue_notify: tokio::sync::Notify::new(),
             epoch: AtomicU64::new(0),
-        }
+        })))
     }
 
     /// The first requeued delivery whose AMQP channel is still open (the others come back
     /// from the broker).
     fn pop_requeued(&self) -> Option<Pending> {
         let mut q = lock(&self.requeued);
-        while let Some((_, p)) = q.pop_first() {
-            if p.acker.usable() {
-                return Some(p);
-            }
-        }
-        None
+        std::iter::from_fn(|| q.pop_first().map(|(_, p)| p)).find(|p| p.acker.usable())
     }
 
     /// Hands everything back to the broker: closes the AMQP channel (unacked deliveries
@@ -119,14 +115,10 @@ impl NormalConsumer {
         ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
             .await?;
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-        let consumer = ch
-            .basic_consume(
-                ShortString::from(self.queue.as_str()),
-                ShortString::from(format!("chanlayer-{}-{epoch}", inner.inbound.id())),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let tag = format!("chanlayer-{}-{epoch}", inner.inbound.id()).into();
+        let (queue, options) = (self.queue.as_str().into(), BasicConsumeOptions::default());
+        let consuming = ch.basic_consume(queue, tag, options, FieldTable::default());
+        let consumer = consuming.await?;
         *lock(&self.amqp_channel) = Some(ch);
         Ok(consumer)
     }
@@ -134,29 +126,22 @@ impl NormalConsumer {
     /// Turns a broker delivery into a [`Pending`], or skips it (undecodable or expired: acked
     /// and counted).
     fn accept(&self, d: lapin::message::Delivery) -> Option<Pending> {
-        let inner = &self.shared;
-        let epoch = self.epoch.load(Ordering::Relaxed);
+        let stats = self.shared.inbound.stats();
         match Envelope::decode(&d.data) {
-            Err(e) => {
-                inner
-                    .inbound
-                    .stats()
-                    .record_undecodable(&format!("amqp queue {}", self.queue), &e);
-                ack_in_background(d.acker);
-                None
+            Ok(env) if !env.is_expired_at(now_ms()) => {
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                return Some(Pending {
+                    envelope: env,
+                    acker: d.acker,
+                    key: (epoch, d.delivery_tag),
+                    redelivered: d.redelivered,
+                });
             }
-            Ok(env) if env.is_expired_at(now_ms()) => {
-                inner.inbound.stats().record_expired(1);
-                ack_in_background(d.acker);
-                None
-            }
-            Ok(env) => Some(Pending {
-                envelope: env,
-                acker: d.acker,
-                key: (epoch, d.delivery_tag),
-                redelivered: d.redelivered,
-            }),
+            Ok(_) => stats.record_expired(1),
+            Err(e) => stats.record_undecodable(&format!("amqp queue {}", self.queue), &e),
         }
+        ack_in_background(d.acker);
+        None
     }
 
     /// Waits for the next delivery. Cancellation-safe: a delivery leaves the consumer only in
@@ -179,21 +164,11 @@ impl NormalConsumer {
                         _ = closed.closed() => return Err(Error::Closed),
                         r = handle => r,
                     };
-                    match started {
-                        Ok(Ok(c)) => *slot = Slot::Running(c),
-                        Ok(Err(e)) => {
-                            *slot = Slot::Idle;
-                            return Err(e);
-                        }
-                        Err(e) => {
-                            *slot = Slot::Idle;
-                            return Err(Error::backend(
-                                crate::BACKEND,
-                                "the consumer start task failed",
-                                e,
-                            ));
-                        }
-                    }
+                    // Idle again if the start failed: the next receive tries anew.
+                    *slot = Slot::Idle;
+                    let failed =
+                        |e| Error::backend(crate::BACKEND, "the consumer start task failed", e);
+                    *slot = Slot::Running(started.map_err(failed)??);
                 }
                 Slot::Running(consumer) => {
                     let next = tokio::select! {
@@ -221,13 +196,17 @@ impl NormalConsumer {
         }
     }
 
+    /// The consumer's slot, once no other receive holds it (or `Closed`).
+    async fn slot(&self) -> Result<tokio::sync::MutexGuard<'_, Slot>> {
+        tokio::select! {
+            _ = self.shared.inbound.closed().closed() => Err(Error::Closed),
+            g = self.state.lock() => Ok(g),
+        }
+    }
+
     /// The next delivery of this channel.
     pub async fn take(self: &Arc<Self>) -> Result<Pending> {
-        let mut slot = tokio::select! {
-            _ = self.shared.inbound.closed().closed() => return Err(Error::Closed),
-            g = self.state.lock() => g,
-        };
-        self.take_locked(&mut slot).await
+        self.take_locked(&mut *self.slot().await?).await
     }
 
     /// Up to `max` deliveries: waits up to `timeout` for the first, then takes what is there.
@@ -240,10 +219,7 @@ impl NormalConsumer {
             return Ok(Vec::new());
         }
         let started = tokio::time::Instant::now();
-        let mut slot = tokio::select! {
-            _ = self.shared.inbound.closed().closed() => return Err(Error::Closed),
-            g = self.state.lock() => g,
-        };
+        let mut slot = self.slot().await?;
         let left = timeout.saturating_sub(started.elapsed());
         let first = match tokio::time::timeout(left, self.take_locked(&mut slot)).await {
             Ok(r) => r?,
@@ -258,14 +234,11 @@ impl NormalConsumer {
             let Slot::Running(consumer) = &mut *slot else {
                 break;
             };
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => {
-                    if let Some(p) = self.accept(d) {
-                        out.push(p);
-                    }
-                }
-                _ => break,
-            }
+            // Only what is already there: an error or the end is the next receive's business.
+            let Some(Some(Ok(d))) = consumer.next().now_or_never() else {
+                break;
+            };
+            out.extend(self.accept(d));
         }
         Ok(out)
     }
@@ -288,13 +261,8 @@ impl NormalSource for Source {
     }
 
     async fn next_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Incoming>> {
-        Ok(self
-            .0
-            .take_batch(max, timeout)
-            .await?
-            .into_iter()
-            .map(|p| self.0.incoming(p))
-            .collect())
+        let batch = self.0.take_batch(max, timeout).await?;
+        Ok(batch.into_iter().map(|p| self.0.incoming(p)).collect())
     }
 
     /// Acks in the background and returns the envelope (`receive`'s auto-ack).
@@ -320,16 +288,9 @@ impl Settler for NormalConsumer {
     type Pending = Pending;
 
     async fn settle(&self, p: Pending) -> Result<()> {
-        p.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                backend(
-                    "the ack did not reach the broker (the connection was lost); the message will be delivered again",
-                    e,
-                )
-            })
+        let lost = "the ack did not reach the broker (the connection was lost); the message will be delivered again";
+        let acked = p.acker.ack(BasicAckOptions::default()).await;
+        acked.map(|_| ()).map_err(|e| backend(lost, e))
     }
 
     /// Puts an unsettled delivery back at the head, in delivery order.

@@ -3,6 +3,7 @@
 //! `connection.rs`.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use chanlayer_core::toolkit::lock;
 use chanlayer_core::{Error, Result};
@@ -41,6 +42,14 @@ impl Session {
             .map_err(|e| backend("could not open a channel", e))?;
         *lock(&self.admin) = fresh.clone();
         Ok(fresh)
+    }
+
+    /// Closes the connection with `code` and reason `why`, waiting up to `bound` for the
+    /// broker to confirm; `None` if it did not in time (dropping the connection ends it from
+    /// our side).
+    pub async fn close(&self, code: u16, why: &str, bound: Duration) -> Option<lapin::Result<()>> {
+        let closing = self.conn.close(code, why.into());
+        tokio::time::timeout(bound, closing).await.ok()
     }
 
     /// `true` while the connection and its publish channel are up.
@@ -93,8 +102,8 @@ pub(crate) fn is_connection_error(e: &lapin::Error) -> bool {
             | K::InvalidConnectionState(_)
             | K::MissingHeartbeatError
             | K::RuntimeShutdownError(_)
+            | K::InvalidChannelState(..)
     ) || e.is_amqp_hard_error()
-        || matches!(e.kind(), K::InvalidChannelState(..))
 }
 
 /// The TLS settings: the given CA file, or the system's roots.

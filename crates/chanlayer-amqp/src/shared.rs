@@ -4,15 +4,14 @@
 //! confirms across reconnections.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chanlayer_core::asgi;
-use chanlayer_core::toolkit::{lock, Inbound, Outgoing};
+use chanlayer_core::toolkit::{lock, Inbound, Outgoing, Published};
 use chanlayer_core::{Error, LayerOptions, Result};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 use tokio::sync::watch;
 
@@ -38,7 +37,6 @@ pub(crate) struct Shared {
     pub admin_ops: tokio::sync::Mutex<()>,
     /// Every normal-channel queue this instance has used (what `flush` purges).
     pub known_queues: Mutex<HashSet<String>>,
-    pub reconnects: AtomicU64,
     /// Message properties, computed once: transient (process-local channels).
     pub transient: BasicProperties,
     /// Message properties, computed once: persistent (normal channels and groups).
@@ -78,16 +76,10 @@ impl Shared {
         }
     }
 
+    /// Publishes the live session (`None` while reconnecting). What `declared` holds for an
+    /// older session counts for nothing on a newer one (it is keyed by generation).
     pub fn set_session(&self, s: Option<Arc<Session>>) {
-        if s.is_some() {
-            lock(&self.declared).1.clear();
-        }
         self.session.send_replace(s);
-    }
-
-    pub fn record_reconnect(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
-        self.inbound.stats().record_reconnect();
     }
 
     /// The live session, waiting up to `reconnect_timeout` while the broker is away.
@@ -103,35 +95,24 @@ impl Shared {
     async fn session_where(&self, ok: impl Fn(&Session) -> bool) -> Result<Arc<Session>> {
         self.inbound.closed().check()?;
         // Fast path, every operation's: the session is up; no subscription, no timer.
-        if let Some(s) = self.session.borrow().as_ref() {
-            if ok(s) {
-                return Ok(s.clone());
-            }
+        if let Some(s) = self.session.borrow().as_ref().filter(|s| ok(s)) {
+            return Ok(s.clone());
         }
         let mut rx = self.session.subscribe();
         let wait = async {
-            loop {
-                if let Some(s) = rx.borrow_and_update().as_ref() {
-                    if ok(s) {
-                        return Ok(s.clone());
-                    }
-                }
-                tokio::select! {
-                    _ = self.inbound.closed().closed() => return Err(Error::Closed),
-                    r = rx.changed() => if r.is_err() { return Err(Error::Closed) },
+            tokio::select! {
+                _ = self.inbound.closed().closed() => None,
+                r = rx.wait_for(|s| s.as_ref().is_some_and(|s| ok(s))) => {
+                    r.ok().and_then(|s| s.as_ref().cloned())
                 }
             }
         };
-        match tokio::time::timeout(self.cfg.reconnect_timeout, wait).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::failure(
-                BACKEND,
-                format!(
-                    "the broker at {} has been unreachable for {:?} (reconnect_timeout); chanlayer keeps reconnecting in the background",
-                    self.cfg.display_address(),
-                    self.cfg.reconnect_timeout
-                ),
-            )),
+        let (at, after) = (self.cfg.display_address(), self.cfg.reconnect_timeout);
+        match tokio::time::timeout(after, wait).await {
+            Ok(s) => s.ok_or(Error::Closed),
+            Err(_) => Err(Error::failure(BACKEND, format!(
+                "the broker at {at} has been unreachable for {after:?} (reconnect_timeout); chanlayer keeps reconnecting in the background"
+            ))),
         }
     }
 
@@ -153,22 +134,15 @@ impl Shared {
         }
         let capacity = self.inbound.options().capacity_for(channel);
         let q = queue.as_str();
-        let declare = |passive: bool, args: FieldTable| async move {
-            session
-                .admin()
-                .await?
-                .queue_declare(
-                    ShortString::from(q),
-                    QueueDeclareOptions {
-                        durable: true,
-                        passive,
-                        ..QueueDeclareOptions::default()
-                    },
-                    args,
-                )
-                .await
-                .map(|_| ())
-                .map_err(Failed::Lapin)
+        let declare = |passive, args| async move {
+            let options = QueueDeclareOptions {
+                durable: true,
+                passive,
+                ..QueueDeclareOptions::default()
+            };
+            let admin = session.admin().await?;
+            let declared = admin.queue_declare(q.into(), options, args).await;
+            declared.map(|_| ()).map_err(Failed::Lapin)
         };
         // Declared with this layer's arguments: a missing queue is created (atomically, if
         // other instances declare it at the same time). A queue that exists with other
@@ -181,29 +155,24 @@ impl Shared {
         // new one.
         let mut args =
             topology::channel_arguments(capacity, self.cfg.queue_expires, self.cfg.queue_type);
-        let mut declared = false;
-        for _ in 0..4 {
+        for attempt in 1.. {
             let err = match declare(false, args.clone()).await {
-                Ok(()) => {
-                    declared = true;
-                    break;
-                }
+                Ok(()) => break,
                 Err(Failed::Layer(e)) => return Err(e),
                 Err(Failed::Lapin(e)) => e,
             };
-            let found = precondition_failed(&err).and_then(topology::inequivalent);
-            match found {
+            match precondition_failed(&err).and_then(topology::inequivalent) {
                 Some(f) if f.arg == topology::QUEUE_TYPE => {
                     return Err(self.other_queue_type(channel, q, f.current.as_deref()))
                 }
-                Some(f) if topology::adopt(&mut args, &f) => continue,
-                _ => break,
+                Some(f) if attempt < 4 && topology::adopt(&mut args, &f) => {}
+                _ => {
+                    let what = format!("could not declare queue {q:?}");
+                    let checked = declare(true, FieldTable::default()).await;
+                    checked.map_err(|e| e.into_error(&what))?;
+                    break;
+                }
             }
-        }
-        if !declared {
-            declare(true, FieldTable::default())
-                .await
-                .map_err(|e| e.into_error(&format!("could not declare queue {q:?}")))?;
         }
         let mut d = lock(&self.declared);
         if d.0 != session.generation {
@@ -236,24 +205,15 @@ impl Shared {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<Confirmation> {
+        let options = BasicPublishOptions {
+            mandatory,
+            ..BasicPublishOptions::default()
+        };
         let mut session = self.session().await?;
         loop {
-            let attempt = async {
-                session
-                    .publish
-                    .basic_publish(
-                        ShortString::from(exchange),
-                        ShortString::from(routing_key),
-                        BasicPublishOptions {
-                            mandatory,
-                            ..BasicPublishOptions::default()
-                        },
-                        payload,
-                        properties.clone(),
-                    )
-                    .await?
-                    .await
-            };
+            let (channel, x, key) = (&session.publish, exchange.into(), routing_key.into());
+            let published = channel.basic_publish(x, key, options, payload, properties.clone());
+            let attempt = async { published.await?.await };
             let outcome = tokio::select! {
                 _ = self.inbound.closed().closed() => return Err(Error::Closed),
                 r = attempt => r,
@@ -271,8 +231,8 @@ impl Shared {
     }
 
     /// Publishes to `queue` through the default exchange (mandatory, confirmed) on behalf of
-    /// `channel`: a broker nack (the queue is full) is `ChannelFull`; `Ok(false)` if the
-    /// queue does not exist (the message was returned); `Ok(true)` once it is stored.
+    /// `channel`: a broker nack (the queue is full) is `ChannelFull`; `Ok(Gone)` if the queue
+    /// does not exist (the message was returned); `Ok(Stored)` once it is stored.
     pub async fn publish_to_queue(
         &self,
         channel: &str,
@@ -280,7 +240,7 @@ impl Shared {
         payload: &[u8],
         properties: BasicProperties,
         capacity: usize,
-    ) -> Result<bool> {
+    ) -> Result<Published> {
         let c = self.publish("", queue, payload, properties, true).await?;
         if c.is_nack() {
             return Err(Error::ChannelFull {
@@ -288,7 +248,10 @@ impl Shared {
                 capacity,
             });
         }
-        Ok(c.take_message().is_none())
+        Ok(match c.take_message() {
+            None => Published::Stored,
+            Some(_) => Published::Gone,
+        })
     }
 }
 

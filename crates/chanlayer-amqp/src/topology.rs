@@ -39,22 +39,23 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
+/// A queue's arguments: a length limit of `max_length` messages, with reject-publish.
+fn limited(max_length: i64) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-max-length".into(), long(max_length));
+    t.insert("x-overflow".into(), text("reject-publish"));
+    t
+}
+
 /// Arguments of an inbox queue: length limit with reject-publish, and the message TTL
 /// ([`broker_ttl`]; exactly `expiry` on `channels_rabbitmq`'s wire, as it declares).
 pub fn inbox_arguments(inbox_capacity: u32, options: &LayerOptions, wire: Wire) -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert(
-        ShortString::from("x-max-length"),
-        long(i64::from(inbox_capacity)),
-    );
-    t.insert(ShortString::from("x-overflow"), text("reject-publish"));
-    t.insert(
-        ShortString::from("x-message-ttl"),
-        long(millis(match wire {
-            Wire::Chanlayer => broker_ttl(options),
-            Wire::ChannelsRabbitmq => options.expiry,
-        })),
-    );
+    let ttl = match wire {
+        Wire::Chanlayer => broker_ttl(options),
+        Wire::ChannelsRabbitmq => options.expiry,
+    };
+    let mut t = limited(i64::from(inbox_capacity));
+    t.insert("x-message-ttl".into(), long(millis(ttl)));
     t
 }
 
@@ -69,17 +70,12 @@ pub fn channel_arguments(
     queue_expires: Option<Duration>,
     queue_type: QueueType,
 ) -> FieldTable {
-    let mut t = FieldTable::default();
+    let mut t = limited(i64::try_from(capacity).unwrap_or(i64::MAX));
     if queue_type == QueueType::Quorum {
-        t.insert(ShortString::from(QUEUE_TYPE), text("quorum"));
+        t.insert(QUEUE_TYPE.into(), text("quorum"));
     }
-    t.insert(
-        ShortString::from("x-max-length"),
-        long(i64::try_from(capacity).unwrap_or(i64::MAX)),
-    );
-    t.insert(ShortString::from("x-overflow"), text("reject-publish"));
     if let Some(e) = queue_expires {
-        t.insert(ShortString::from("x-expires"), long(millis(e).max(1)));
+        t.insert("x-expires".into(), long(millis(e).max(1)));
     }
     t
 }
@@ -133,22 +129,21 @@ pub fn inequivalent(reply: &str) -> Option<Inequivalent> {
 /// that instances may legitimately disagree on: `x-max-length` (each instance's `capacity`)
 /// and `x-expires` (`queue_expires`). `false` for anything else.
 pub fn adopt(args: &mut FieldTable, found: &Inequivalent) -> bool {
-    if !matches!(found.arg.as_str(), "x-max-length" | "x-expires") {
+    let key = found.arg.as_str();
+    if !matches!(key, "x-max-length" | "x-expires") {
         return false;
     }
-    let mut inner = args.inner().clone();
-    match &found.current {
+    match found.current.as_deref().map(str::parse) {
         None => {
-            inner.remove(found.arg.as_str());
+            let mut inner = args.inner().clone();
+            inner.remove(key);
+            *args = FieldTable::from(inner);
         }
-        Some(v) => match v.parse::<i64>() {
-            Ok(n) => {
-                inner.insert(ShortString::from(found.arg.as_str()), long(n));
-            }
-            Err(_) => return false,
-        },
+        Some(Ok(n)) => {
+            args.insert(key.into(), long(n));
+        }
+        Some(Err(_)) => return false,
     }
-    *args = FieldTable::from(inner);
     true
 }
 

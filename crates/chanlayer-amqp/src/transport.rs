@@ -2,7 +2,6 @@
 //! makes it a channel layer ([`AmqpLayer`](crate::AmqpLayer)).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chanlayer_core::config::BackendSettings;
@@ -37,9 +36,9 @@ impl std::fmt::Debug for AmqpTransport {
 }
 
 impl AmqpTransport {
-    /// How many times the connection was lost and restored.
+    /// How many times the connection was lost and restored (`stats().reconnects`).
     pub fn reconnects(&self) -> u64 {
-        self.shared.reconnects.load(Ordering::Relaxed)
+        self.shared.inbound.stats().snapshot().reconnects
     }
 
     /// The broker this instance is connected to now, without credentials
@@ -70,23 +69,20 @@ impl AmqpTransport {
         shared.inbound.closed().check()?;
         names::validate_channel(channel)?;
         let queue = if names::is_process_local(channel) {
-            let owner = shared
-                .inbound
-                .naming()
-                .owner(channel)
-                .ok_or_else(|| Error::NotOwner {
-                    channel: channel.to_owned(),
-                })?;
-            shared.inbox_of(owner)
+            let not_owner = || Error::NotOwner {
+                channel: channel.to_owned(),
+            };
+            let owner = shared.inbound.naming().owner(channel);
+            shared.inbox_of(owner.ok_or_else(not_owner)?)
         } else {
             let session = shared.session().await?;
             shared.declare_channel_queue(&session, channel).await?;
             shared.names.channel(channel)
         };
-        let stored = shared
+        let published = shared
             .publish_to_queue(channel, &queue, bytes, BasicProperties::default(), 0)
             .await?;
-        if !stored {
+        if published == Published::Gone {
             let message = format!("no queue {queue:?} at the broker");
             return Err(Error::failure(BACKEND, message));
         }
@@ -121,7 +117,6 @@ impl Transport for AmqpTransport {
             declared: Mutex::new((0, HashSet::new())),
             admin_ops: tokio::sync::Mutex::new(()),
             known_queues: Mutex::new(HashSet::new()),
-            reconnects: AtomicU64::new(0),
             transient: properties(inbound.options(), false, wire),
             persistent: properties(inbound.options(), true, wire),
             inbound,
@@ -154,8 +149,9 @@ impl Transport for AmqpTransport {
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
         let queue = shared.inbox_of(owner);
-        // capacity 0: the limit that refused it is the owner's inbox_capacity.
-        let stored = shared
+        // capacity 0: the limit that refused it is the owner's inbox_capacity. `Gone`: the
+        // owner's inbox is gone (the instance closed or died).
+        shared
             .publish_to_queue(
                 out.destination(),
                 &queue,
@@ -163,13 +159,7 @@ impl Transport for AmqpTransport {
                 shared.transient.clone(),
                 0,
             )
-            .await?;
-        // Not stored: the owner's inbox is gone (the instance closed or died).
-        Ok(if stored {
-            Published::Stored
-        } else {
-            Published::Gone
-        })
+            .await
     }
 
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
@@ -180,7 +170,7 @@ impl Transport for AmqpTransport {
         for attempt in 0..2 {
             let session = shared.session().await?;
             shared.declare_channel_queue(&session, channel).await?;
-            let stored = shared
+            let published = shared
                 .publish_to_queue(
                     channel,
                     &queue,
@@ -189,8 +179,8 @@ impl Transport for AmqpTransport {
                     shared.inbound.options().capacity_for(channel),
                 )
                 .await?;
-            if stored {
-                return Ok(Published::Stored);
+            if published == Published::Stored {
+                return Ok(published);
             }
             // The queue vanished (deleted, or expired by queue_expires): declare it again.
             if attempt == 0 {
@@ -244,16 +234,9 @@ impl Transport for AmqpTransport {
     }
 
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
-        let mut consumers = lock(&self.consumers);
-        let source = consumers
+        let source = lock(&self.consumers)
             .entry(channel.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Source(Arc::new(NormalConsumer::new(
-                    self.shared.clone(),
-                    channel,
-                    self.shared.names.channel(channel),
-                ))))
-            })
+            .or_insert_with(|| NormalConsumer::source(&self.shared, channel))
             .clone();
         Ok(NormalReader::Source(source))
     }
@@ -270,12 +253,9 @@ impl Transport for AmqpTransport {
         for q in queues {
             // A refused purge closes the admin channel; admin() opens a new one.
             let _one = shared.admin_ops.lock().await;
-            match session
-                .admin()
-                .await?
-                .queue_purge(ShortString::from(q.as_str()), QueuePurgeOptions::default())
-                .await
-            {
+            let admin = session.admin().await?;
+            let purge = admin.queue_purge(q.as_str().into(), QueuePurgeOptions::default());
+            match purge.await {
                 Ok(_) => {}
                 // A queue that is gone (expired) holds nothing to purge.
                 Err(e) if e.is_amqp_soft_error() => {}
@@ -291,11 +271,10 @@ impl Transport for AmqpTransport {
             // Bounded: a broker (or a connection) that never answers Connection.Close must
             // not hold `close` forever; dropping the connection ends it from our side.
             let bound = self.shared.cfg.connection_timeout;
-            match tokio::time::timeout(bound, s.conn.close(200, ShortString::from("closed"))).await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "closing the AMQP connection"),
-                Err(_) => tracing::warn!(
+            match s.close(200, "closed", bound).await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => tracing::debug!(error = %e, "closing the AMQP connection"),
+                None => tracing::warn!(
                     "the broker did not confirm closing the AMQP connection within {bound:?}; dropped it"
                 ),
             }

@@ -26,15 +26,13 @@ struct Reports {
 struct Shared {
     reports: Mutex<Reports>,
     fatal: tokio::sync::Notify,
+    /// Values never to show (the SASL password, secret-looking `kafka.*` values).
+    secrets: Vec<String>,
 }
 
 /// The last connection problem the layer's clients reported, with secrets removed.
 #[derive(Clone)]
-pub(crate) struct Cause {
-    shared: Arc<Shared>,
-    /// Values never to show (the SASL password, secret-looking `kafka.*` values).
-    secrets: Arc<Vec<String>>,
-}
+pub(crate) struct Cause(Arc<Shared>);
 
 impl Cause {
     pub fn new(cfg: &KafkaConfig) -> Cause {
@@ -48,10 +46,10 @@ impl Cause {
         if let Some(p) = cfg.password.as_ref().filter(|p| !p.expose().is_empty()) {
             secrets.push(p.expose().to_owned());
         }
-        Cause {
-            shared: Arc::default(),
-            secrets: Arc::new(secrets),
-        }
+        Cause(Arc::new(Shared {
+            secrets,
+            ..Shared::default()
+        }))
     }
 
     fn record(&self, error: &KafkaError, reason: &str) {
@@ -66,11 +64,11 @@ impl Cause {
             _ => return,
         };
         let text = self.scrub(&format!("{what}: {reason}"));
-        let mut reports = lock(&self.shared.reports);
+        let mut reports = lock(&self.0.reports);
         if fatal {
             reports.fatal = Some(text);
             drop(reports);
-            self.shared.fatal.notify_waiters();
+            self.0.fatal.notify_waiters();
         } else {
             reports.transient = Some(text);
         }
@@ -79,7 +77,7 @@ impl Cause {
     /// `text` with every secret replaced by `***`.
     fn scrub(&self, text: &str) -> String {
         let mut text = text.to_owned();
-        for s in self.secrets.iter() {
+        for s in self.0.secrets.iter() {
             text = text.replace(s.as_str(), "***");
         }
         text
@@ -87,7 +85,7 @@ impl Cause {
 
     /// The last authentication or TLS failure, else the last other report, if any.
     pub fn last(&self) -> Option<String> {
-        let reports = lock(&self.shared.reports);
+        let reports = lock(&self.0.reports);
         reports.fatal.clone().or_else(|| reports.transient.clone())
     }
 
@@ -95,10 +93,10 @@ impl Cause {
     /// call counts).
     pub async fn fatal(&self) -> String {
         loop {
-            let notified = self.shared.fatal.notified();
+            let notified = self.0.fatal.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(t) = &lock(&self.shared.reports).fatal {
+            if let Some(t) = &lock(&self.0.reports).fatal {
                 return t.clone();
             }
             notified.await;

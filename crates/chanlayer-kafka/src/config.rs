@@ -193,18 +193,15 @@ impl KafkaConfig {
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.replication == 0 {
-            return bad(format!(
-                "option replication={}: use a replication factor of at least 1, or -1 for the broker's default",
-                self.replication
-            ));
+            return bad("option replication=0: use a replication factor of at least 1, or -1 for the broker's default".into());
         }
         if self.password.is_some() && self.username.is_none() {
             return bad("a SASL password was given without a username".into());
         }
-        if self.groups_topic.is_empty() || !self.groups_topic.bytes().all(topic_byte) {
+        let topic = &self.groups_topic;
+        if topic.is_empty() || !topic.bytes().all(topic_byte) {
             return bad(format!(
-                "option groups_topic={:?}: a Kafka topic name is 1 to 249 of [A-Za-z0-9._-]",
-                self.groups_topic
+                "option groups_topic={topic:?}: a Kafka topic name is 1 to 249 of [A-Za-z0-9._-]"
             ));
         }
         Ok(())
@@ -321,25 +318,19 @@ fn one_of(key: &str, value: &Option<String>, choices: &[&str], more: &str) -> Re
 
 /// Takes every option `{head}<name>` out of `o`, as `name -> value`.
 fn take_prefixed(o: &mut BackendOptions, head: &str, what: &str) -> Result<BackendOptions> {
-    let mut out = BackendOptions::default();
-    let keys: Vec<String> =
-        o.0.keys()
-            .filter(|k| k.starts_with(head))
-            .cloned()
-            .collect();
-    for k in keys {
-        if let Some(v) = o.take(&k) {
-            let name = k[head.len()..].to_owned();
-            if name.is_empty() {
-                return Err(Error::Config(format!(
-                    "option \"{head}\" names no {what} ({head}<{}>=<value>)",
-                    what.rsplit(' ').next().unwrap_or(what)
-                )));
-            }
-            out.0.insert(name, v);
-        }
+    if o.0.contains_key(head) {
+        return Err(Error::Config(format!(
+            "option \"{head}\" names no {what} ({head}<{}>=<value>)",
+            what.rsplit(' ').next().unwrap_or(what)
+        )));
     }
-    Ok(out)
+    let (ours, rest): (std::collections::BTreeMap<_, _>, _) =
+        (std::mem::take(&mut o.0).into_iter()).partition(|(k, _)| k.starts_with(head));
+    o.0 = rest;
+    let named = ours
+        .into_iter()
+        .map(|(k, v)| (k[head.len()..].to_owned(), v));
+    Ok(BackendOptions(named.collect()))
 }
 
 /// Sets each key of `values` unless the `kafka.*` pass-through already did.

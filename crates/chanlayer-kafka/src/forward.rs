@@ -29,21 +29,20 @@ pub(crate) async fn run(
             next = rx.recv(), if in_flight.len() < IN_FLIGHT => {
                 let Some((topics, payload)) = next else { break };
                 for topic in topics {
-                    if instance.topics.ensure(&topic, Kind::Shared).await.is_err() {
+                    let enqueued = match instance.topics.ensure(&topic, Kind::Shared).await {
+                        Ok(()) => instance.sender.enqueue(&topic, None, &payload).await.ok(),
+                        Err(_) => None,
+                    };
+                    let Some(f) = enqueued else {
                         stats.record_undeliverable(&topic);
                         continue;
-                    }
-                    match instance.sender.enqueue(&topic, None, &payload).await {
-                        Ok(f) => {
-                            let instance = instance.clone();
-                            in_flight.push(async move {
-                                if instance.sender.delivered(&topic, f).await.is_err() {
-                                    instance.inbound.stats().record_undeliverable(&topic);
-                                }
-                            });
+                    };
+                    let instance = instance.clone();
+                    in_flight.push(async move {
+                        if instance.sender.delivered(&topic, f).await.is_err() {
+                            instance.inbound.stats().record_undeliverable(&topic);
                         }
-                        Err(_) => stats.record_undeliverable(&topic),
-                    }
+                    });
                 }
             }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}

@@ -28,65 +28,59 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chanlayer_core::toolkit::{async_trait, lock, Envelope, Inbound, Incoming, NormalSource};
+use chanlayer_core::toolkit::{async_trait, lock, Envelope, Incoming, NormalSource};
 use chanlayer_core::{Error, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::capabilities::BACKEND;
-use crate::config::KafkaConfig;
 use crate::offsets::{Context, Pending, Shared};
+use crate::state::Instance;
 use crate::topics::backend_err;
 use crate::worker::Worker;
 
 /// The consumer of one normal channel in this instance.
 pub(crate) struct NormalConsumer {
     channel: String,
-    shared: Arc<Shared>,
-    inbound: Arc<Inbound>,
+    /// What its thread and its receivers share (the topic, the buffer, the stop signal).
+    pub shared: Arc<Shared>,
+    instance: Arc<Instance>,
     thread: Mutex<Option<Worker>>,
     /// Serialises starting the thread.
     starting: tokio::sync::Mutex<bool>,
 }
 
 impl NormalConsumer {
-    /// The consumer of `channel`, whose topic is `topic`, for the instance of `inbound`
-    /// (not started). A rebalance waits up to `revoke_wait` for the deliveries in hand from
-    /// the partitions it takes away (see [`Shared::new`]).
-    pub fn new(channel: &str, topic: String, inbound: Arc<Inbound>, revoke_wait: Duration) -> Self {
+    /// The consumer of normal channel `channel` in `instance` (not started). A rebalance
+    /// waits up to `session_timeout` for the deliveries in hand from the partitions it takes
+    /// away (see [`Shared::new`]).
+    pub fn new(instance: &Arc<Instance>, channel: &str) -> Self {
+        let topic = instance.names.channel(channel);
         NormalConsumer {
             channel: channel.to_owned(),
-            shared: Arc::new(Shared::new(topic, revoke_wait)),
-            inbound,
+            shared: Arc::new(Shared::new(topic, instance.cfg.session_timeout)),
+            instance: instance.clone(),
             thread: Mutex::new(None),
             starting: tokio::sync::Mutex::new(false),
         }
     }
 
-    /// The channel's topic.
-    pub fn topic(&self) -> &str {
-        self.shared.topic()
-    }
-
     /// Starts the consumer thread once (the topic must exist).
-    pub async fn ensure_started(&self, cfg: &KafkaConfig, client_id: &str) -> Result<()> {
+    pub async fn ensure_started(&self) -> Result<()> {
         let mut started = self.starting.lock().await;
         if *started {
             return Ok(());
         }
-        let topic = self.shared.topic();
-        let consumer: BaseConsumer<Context> = cfg
-            .consumer_config(client_id, Some(topic))
-            .create_with_context(Context::new(self.shared.clone()))
+        let topic = &self.shared.topic;
+        let consumer: BaseConsumer<Context> = (self.instance.cfg)
+            .consumer_config(&self.instance.client_id, Some(topic))
+            .create_with_context(Context(self.shared.clone()))
             .map_err(|e| backend_err("could not create a consumer", e))?;
         consumer
             .subscribe(&[topic])
             .map_err(|e| backend_err(&format!("could not subscribe to {topic:?}"), e))?;
-        let shared = self.shared.clone();
-        let inbound = self.inbound.clone();
-        let prefetch = cfg.prefetch;
-        let interval = cfg.commit_interval;
+        let (shared, instance) = (self.shared.clone(), self.instance.clone());
         let handle = Worker::spawn(format!("chanlayer-kafka {}", self.channel), move || {
-            crate::offsets::run(consumer, shared, inbound, prefetch, interval)
+            crate::offsets::run(consumer, shared, instance)
         })
         .map_err(|e| Error::backend(BACKEND, "could not start a consumer thread", e))?;
         *lock(&self.thread) = Some(handle);
@@ -97,23 +91,19 @@ impl NormalConsumer {
     /// Stops the thread (committing what is settled) and waits for it. What is buffered
     /// stays uncommitted at the broker.
     ///
-    /// Waits at most `bound`: with the broker away, librdkafka's final commit and group
-    /// leave can take long; the thread then finishes in the background.
-    pub async fn stop(&self, bound: Duration) {
+    /// Waits at most `connection_timeout`: with the broker away, librdkafka's final commit
+    /// and group leave can take long; the thread then finishes in the background.
+    pub async fn stop(&self) {
         self.shared.signal_stop();
-        let what = format!("the consumer of {:?}", self.shared.topic());
+        let what = format!("the consumer of {:?}", self.shared.topic);
+        let bound = self.instance.cfg.connection_timeout;
         Worker::stop(&self.thread, bound, &what).await;
-    }
-
-    /// Stops without waiting (a layer dropped without `close`).
-    pub fn signal_stop(&self) {
-        self.shared.signal_stop();
     }
 
     /// Waits for the next message. Cancellation-safe: a message leaves the buffer only in
     /// the step that returns it.
     async fn take(&self) -> Result<Pending> {
-        let closed = self.inbound.closed();
+        let closed = self.instance.inbound.closed();
         loop {
             let notified = self.shared.notify.notified();
             tokio::pin!(notified);
@@ -132,7 +122,13 @@ impl NormalConsumer {
     /// `p` as an item whose ack settles the offset and whose nack requeues locally.
     fn incoming(&self, p: Pending) -> Incoming {
         let (envelope, redelivered) = (p.envelope.clone(), p.redelivered);
-        Incoming::unsettled(envelope, redelivered, self.shared.clone(), p, &self.inbound)
+        Incoming::unsettled(
+            envelope,
+            redelivered,
+            self.shared.clone(),
+            p,
+            &self.instance.inbound,
+        )
     }
 }
 

@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chanlayer_core::toolkit::{async_trait, lock, now_ms, Envelope, Inbound, Settler, Stats};
+use chanlayer_core::toolkit::{async_trait, lock, now_ms, Envelope, Settler, Stats};
 use chanlayer_core::{Error, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
+use crate::state::Instance;
 use crate::BACKEND;
 
 /// A message taken from the topic and not settled yet.
@@ -86,6 +87,13 @@ impl State {
         requeued.or_else(|| self.ready.pop_front())
     }
 
+    /// The partition `p` came from, while it is still in the assignment `p` came from.
+    fn track_of(&mut self, p: &Pending) -> Option<&mut Track> {
+        self.parts
+            .get_mut(&p.partition)
+            .filter(|t| t.epoch == p.epoch)
+    }
+
     fn held(&self) -> usize {
         self.ready.len() + self.requeued.len()
     }
@@ -104,8 +112,10 @@ impl State {
 }
 
 /// What the consumer thread and the receivers share.
+#[derive(Default)]
 pub(crate) struct Shared {
-    topic: String,
+    /// The channel's topic.
+    pub topic: String,
     state: Mutex<State>,
     /// Wakes receivers: something was buffered or requeued, or the consumer failed.
     pub notify: tokio::sync::Notify,
@@ -126,18 +136,9 @@ impl Shared {
     pub fn new(topic: String, revoke_wait: Duration) -> Self {
         Shared {
             topic,
-            state: Mutex::new(State::default()),
-            notify: tokio::sync::Notify::new(),
-            room: std::sync::Condvar::new(),
-            settled: std::sync::Condvar::new(),
             revoke_wait,
-            stop: AtomicBool::new(false),
+            ..Shared::default()
         }
-    }
-
-    /// The channel's topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
     }
 
     /// Tells the consumer thread to stop.
@@ -230,11 +231,9 @@ impl Shared {
         let mut st = lock(&self.state);
         for e in tpl.elements() {
             st.epochs += 1;
-            let epoch = st.epochs;
-            let fetched_before = fetched_before.get(&e.partition()).copied().unwrap_or(0);
             let track = Track {
-                epoch,
-                fetched_before,
+                epoch: st.epochs,
+                fetched_before: fetched_before.get(&e.partition()).copied().unwrap_or(0),
                 ..Track::default()
             };
             st.parts.insert(e.partition(), track);
@@ -244,12 +243,10 @@ impl Shared {
     /// Settles a delivery: its offset no longer holds the commit point back.
     pub fn mark_settled(&self, p: &Pending) {
         let mut st = lock(&self.state);
-        if let Some(t) = st.parts.get_mut(&p.partition) {
-            if t.epoch == p.epoch {
-                t.outstanding.remove(&p.offset);
-                if t.revoking {
-                    self.settled.notify_all();
-                }
+        if let Some(t) = st.track_of(p) {
+            t.outstanding.remove(&p.offset);
+            if t.revoking {
+                self.settled.notify_all();
             }
         }
     }
@@ -268,52 +265,39 @@ impl Settler for Shared {
     /// new owner reads it from the broker).
     fn requeue(&self, mut p: Pending, stats: &Stats) {
         let mut st = lock(&self.state);
-        let current = match st.parts.get_mut(&p.partition) {
-            Some(t) if t.epoch == p.epoch && t.revoking => {
-                // The partition is going: its next owner delivers it again.
-                t.not_in_hand.insert(p.offset);
-                self.settled.notify_all();
-                false
-            }
-            Some(t) => t.epoch == p.epoch,
-            None => false,
-        };
-        if current {
-            p.redelivered = true;
-            stats.record_redelivered(1);
-            st.requeued.insert((p.partition, p.offset), p);
-            drop(st);
-            self.notify.notify_waiters();
+        let Some(t) = st.track_of(&p) else { return };
+        if t.revoking {
+            // The partition is going: its next owner delivers it again.
+            t.not_in_hand.insert(p.offset);
+            self.settled.notify_all();
+            return;
         }
+        p.redelivered = true;
+        stats.record_redelivered(1);
+        st.requeued.insert((p.partition, p.offset), p);
+        drop(st);
+        self.notify.notify_waiters();
     }
 }
 
-/// The consumer context: commits before partitions are taken away, tracks assignments.
-pub(crate) struct Context {
-    shared: Arc<Shared>,
-}
-
-impl Context {
-    /// The context of the consumer that fills `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Context { shared }
-    }
-}
+/// The consumer context of the consumer that fills its [`Shared`]: commits before
+/// partitions are taken away, tracks assignments.
+pub(crate) struct Context(pub Arc<Shared>);
 
 impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let commits = self.shared.revoke(tpl);
+            let commits = self.0.revoke(tpl);
             // A lost assignment (this member's session expired: the broker already gave
             // the partitions to the group again) cannot commit; librdkafka would refuse or
             // hold the commit until a coordinator answers, blocking this callback.
             if consumer.assignment_lost() {
-                tracing::info!(topic = %self.shared.topic, "the consumer's session expired; rejoining (what was not committed is read again)");
+                tracing::info!(topic = %self.0.topic, "the consumer's session expired; rejoining (what was not committed is read again)");
             } else if commits.count() > 0 {
                 if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
-                    tracing::warn!(topic = %self.shared.topic, error = %e, "commit before a rebalance failed; the new owner may read some messages again");
+                    tracing::warn!(topic = %self.0.topic, error = %e, "commit before a rebalance failed; the new owner may read some messages again");
                 }
             }
         }
@@ -321,41 +305,33 @@ impl ConsumerContext for Context {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let mut fetched_before = HashMap::new();
-            match consumer.committed_offsets((*tpl).clone(), Duration::from_secs(5)) {
-                Ok(committed) => {
-                    for e in committed.elements() {
-                        // A committed offset: the partition had an owner before.
-                        if !matches!(e.offset(), Offset::Offset(c) if c >= 0) {
-                            continue;
-                        }
-                        let (topic, p) = (&self.shared.topic, e.partition());
-                        if let Ok((_, high)) =
-                            consumer.fetch_watermarks(topic, p, Duration::from_secs(5))
-                        {
-                            fetched_before.insert(p, high);
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(topic = %self.shared.topic, error = %e, "could not read committed offsets; redelivered flags may be missing");
-                }
+            let wait = Duration::from_secs(5);
+            let committed = consumer.committed_offsets((*tpl).clone(), wait);
+            if let Err(e) = &committed {
+                tracing::debug!(topic = %self.0.topic, error = %e, "could not read committed offsets; redelivered flags may be missing");
             }
-            self.shared.assign(tpl, &fetched_before);
+            let fetched_before = (committed.iter().flat_map(|c| c.elements()))
+                // A committed offset: the partition had an owner before.
+                .filter(|e| matches!(e.offset(), Offset::Offset(c) if c >= 0))
+                .filter_map(|e| {
+                    let p = e.partition();
+                    let (_, high) = consumer.fetch_watermarks(&self.0.topic, p, wait).ok()?;
+                    Some((p, high))
+                })
+                .collect();
+            self.0.assign(tpl, &fetched_before);
         }
     }
 }
 
 /// The consumer thread: polls, buffers up to `prefetch`, commits. Decoding goes through
 /// core's [`Inbound`] (bytes that are not an envelope are counted there); expired messages
-/// are dropped (and counted) before they are buffered.
-pub(crate) fn run(
-    consumer: BaseConsumer<Context>,
-    shared: Arc<Shared>,
-    inbound: Arc<Inbound>,
-    prefetch: usize,
-    interval: Duration,
-) {
+/// are dropped (and counted) before they are buffered. `instance` gives the settings
+/// (`prefetch`, `commit_interval`) and the ingest path.
+///
+/// [`Inbound`]: chanlayer_core::toolkit::Inbound
+pub(crate) fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, instance: Arc<Instance>) {
+    let (inbound, prefetch) = (&instance.inbound, instance.cfg.prefetch);
     let stats = inbound.stats();
     let source = format!("kafka topic {}", shared.topic);
     let commit = |mode| {
@@ -429,7 +405,7 @@ pub(crate) fn run(
             }
             None => {}
         }
-        if last_commit.elapsed() >= interval {
+        if last_commit.elapsed() >= instance.cfg.commit_interval {
             last_commit = Instant::now();
             commit(CommitMode::Async);
         }

@@ -117,26 +117,21 @@ impl Sender {
             return Refused::UnknownTopic;
         }
         let message = match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::MessageTimedOut) => match self.cause.last() {
-                Some(cause) => format!(
-                    "no acknowledgement from {} for a message to {topic:?} within delivery_timeout ({:?}): {cause}",
+            Some(RDKafkaErrorCode::MessageTimedOut) => {
+                let why = (self.cause.last()).map_or("; the broker may be down".into(), |c| {
+                    format!(": {c}")
+                });
+                format!(
+                    "no acknowledgement from {} for a message to {topic:?} within delivery_timeout ({:?}){why}",
                     self.address, self.delivery_timeout
-                ),
-                None => format!(
-                    "no acknowledgement from {} for a message to {topic:?} within delivery_timeout ({:?}); the broker may be down",
-                    self.address, self.delivery_timeout
-                ),
-            },
+                )
+            }
             Some(RDKafkaErrorCode::MessageSizeTooLarge) => format!(
                 "the broker refused a message to {topic:?} as too large (its message.max.bytes is lower than chanlayer's max_message_size)"
             ),
             _ => format!("could not produce to {topic:?} on {}", self.address),
         };
-        Refused::Failed(Error::Backend {
-            backend: BACKEND,
-            message,
-            source: Some(Box::new(e)),
-        })
+        Refused::Failed(Error::backend(BACKEND, message, e))
     }
 
     /// Waits up to `timeout` for everything enqueued to be delivered.

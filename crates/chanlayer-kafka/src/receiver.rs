@@ -39,9 +39,10 @@ const BURST: usize = 256;
 /// Group messages waiting for the inbox to catch up before another poll of the broker.
 const DEFERRED: usize = 1024;
 
-/// Builds the consumer and assigns the inbox (from its start) and every partition of the
-/// groups topic (from its current end). Blocking: run it off the async workers.
-pub(crate) fn assign(instance: &Instance, groups_partitions: usize) -> Result<BaseConsumer> {
+/// Builds the consumer and assigns the inbox (from its start) and the `partitions`
+/// partitions of the groups topic (from their current end). Blocking: run it off the async
+/// workers.
+pub(crate) fn assign(instance: &Instance, partitions: usize) -> Result<BaseConsumer> {
     let names = &instance.names;
     let consumer: BaseConsumer = instance
         .cfg
@@ -52,13 +53,7 @@ pub(crate) fn assign(instance: &Instance, groups_partitions: usize) -> Result<Ba
     tpl.add_partition_offset(&names.inbox, 0, Offset::Beginning)
         .map_err(|e| backend_err("could not assign the inbox topic", e))?;
     let timeout = instance.cfg.connection_timeout;
-    add_ends(
-        &mut tpl,
-        &consumer,
-        &names.groups,
-        groups_partitions,
-        timeout,
-    )?;
+    add_ends(&mut tpl, &consumer, &names.groups, partitions, timeout)?;
     consumer
         .assign(&tpl)
         .map_err(|e| backend_err("could not assign the inbox and groups topics", e))?;
@@ -169,10 +164,8 @@ impl Reader {
             return;
         }
         let skip = self.instance.inbox_skip_below.load(Ordering::Acquire);
-        if self.burst_offsets.first().is_some_and(|&o| o < skip) {
-            let n = self.burst_offsets.partition_point(|&o| o < skip);
-            self.burst.drain(..n);
-        }
+        let n = self.burst_offsets.partition_point(|&o| o < skip);
+        self.burst.drain(..n);
         self.burst_offsets.clear();
         self.instance.inbound.ingest_all(&mut self.burst);
     }
@@ -180,7 +173,7 @@ impl Reader {
     /// Fans the deferred group messages out: copies for normal-channel members go to the
     /// forwarder, the rest to core (local members).
     fn hand_over_groups(&mut self) {
-        let inbound = &self.instance.inbound;
+        let (inbound, names) = (&self.instance.inbound, &self.instance.names);
         for m in self.deferred.drain(..) {
             let payload = m.payload().unwrap_or_default();
             let Some(env) = inbound.decode_as(payload, Destination::Group, &self.groups_source)
@@ -190,10 +183,7 @@ impl Reader {
             // Route by the envelope's own group (the key is only a filter).
             let normal = inbound.normal_groups().members(&env.destination);
             if !normal.is_empty() {
-                let topics = normal
-                    .iter()
-                    .map(|c| self.instance.names.channel(c))
-                    .collect();
+                let topics = normal.iter().map(|c| names.channel(c)).collect();
                 if self.forward.send((topics, payload.to_vec())).is_err() {
                     for c in &normal {
                         inbound.stats().record_undeliverable(c);

@@ -1,5 +1,5 @@
-//! [`Instance`]: what one layer instance shares between its transport, its receiver thread
-//! and its forwarder task. Every other part of the crate that needs it imports it from here.
+//! [`Instance`]: what one layer instance shares between its transport, its receiver thread,
+//! its forwarder task and its normal-channel consumers. Every other part of the crate that needs it imports it from here.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::AtomicI64;

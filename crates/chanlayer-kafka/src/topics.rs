@@ -14,7 +14,7 @@
 //! Every name starts with the layer's `prefix`, so two applications on one cluster with
 //! different prefixes never share a topic.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,24 +88,24 @@ impl Topics {
 
     /// Makes sure `topic` exists: known already, or found, or created.
     pub async fn ensure(&self, topic: &str, kind: Kind) -> Result<()> {
-        if lock(&self.known).contains(topic) {
+        if self.is_known(topic) {
             return Ok(());
         }
         let _one = self.creating.lock().await;
-        if lock(&self.known).contains(topic) {
+        if self.is_known(topic) {
             return Ok(());
         }
         // An instance's inbox is its own and always created; `create_topics=false` is about
         // the shared topics (normal channels, groups) an operator may want to manage.
         if !self.cfg.create_topics && kind != Kind::Inbox {
-            if self.exists(topic).await? {
-                lock(&self.known).insert(topic.to_owned());
-                return Ok(());
+            if !self.exists(topic).await? {
+                return Err(Error::Config(format!(
+                    "topic {topic:?} does not exist on {} and create_topics=false; create it, or let chanlayer create topics",
+                    self.cfg.display_address()
+                )));
             }
-            return Err(Error::Config(format!(
-                "topic {topic:?} does not exist on {} and create_topics=false; create it, or let chanlayer create topics",
-                self.cfg.display_address()
-            )));
+            self.remember(topic);
+            return Ok(());
         }
         let partitions = match kind {
             Kind::Inbox => 1,
@@ -114,18 +114,14 @@ impl Topics {
         let replication = TopicReplication::Fixed(self.cfg.replication);
         let max_bytes = self.max_message_size.saturating_add(RECORD_OVERHEAD);
         // The `topic.*` configs win over these.
-        let mut configs = BTreeMap::from([
-            (
-                "retention.ms".to_owned(),
-                self.cfg.retention.as_millis().to_string(),
-            ),
-            ("max.message.bytes".to_owned(), max_bytes.to_string()),
-        ]);
-        configs.extend(self.cfg.topic_properties.0.clone());
-        let new = (configs.iter()).fold(
-            NewTopic::new(topic, partitions, replication),
-            |n, (k, v)| n.set(k, v),
-        );
+        let mut configs = self.cfg.topic_properties.0.clone();
+        let retention = self.cfg.retention.as_millis().to_string();
+        configs.entry("retention.ms".into()).or_insert(retention);
+        configs
+            .entry("max.message.bytes".into())
+            .or_insert(max_bytes.to_string());
+        let new = NewTopic::new(topic, partitions, replication);
+        let new = configs.iter().fold(new, |n, (k, v)| n.set(k, v));
         let results = self
             .admin
             .create_topics([&new], &self.options())
@@ -138,7 +134,7 @@ impl Topics {
                 format!("could not create topic {t:?}: {code}"),
             ));
         }
-        lock(&self.known).insert(topic.to_owned());
+        self.remember(topic);
         Ok(())
     }
 
@@ -231,38 +227,28 @@ impl Topics {
 }
 
 /// Moves the consumer group of a normal channel's topic (the group has the topic's name) to
-/// the end of every partition: what was there is skipped by every reader. Blocking. The
-/// group must have no running member (a broker refuses commits from outside a live group).
-pub(crate) fn skip_to_end(cfg: &KafkaConfig, client_id: &str, topic: &str) -> Result<()> {
+/// the end of each of its `partitions`: what was there is skipped by every reader. Blocking.
+/// The group must have no running member (a broker refuses commits from outside a live group).
+pub(crate) fn skip_to_end(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    topic: &str,
+    partitions: usize,
+) -> Result<()> {
     let consumer: BaseConsumer = cfg
         .consumer_config(client_id, Some(topic))
         .create()
         .map_err(|e| backend_err("could not create a consumer to flush", e))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), cfg.connection_timeout)
-        .map_err(|e| backend_err(&format!("could not read the metadata of {topic:?}"), e))?;
-    let partitions = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map_or(0, |t| t.partitions().len());
     let mut tpl = TopicPartitionList::new();
-    add_ends(
-        &mut tpl,
-        &consumer,
-        topic,
-        partitions,
-        cfg.connection_timeout,
-    )?;
+    let timeout = cfg.connection_timeout;
+    add_ends(&mut tpl, &consumer, topic, partitions, timeout)?;
     if tpl.count() == 0 {
         return Ok(());
     }
-    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
-        backend_err(
-            &format!("could not move the readers of {topic:?} to its end (are other instances receiving it?)"),
-            e,
-        )
-    })
+    let what = format!(
+        "could not move the readers of {topic:?} to its end (are other instances receiving it?)"
+    );
+    (consumer.commit(&tpl, CommitMode::Sync)).map_err(|e| backend_err(&what, e))
 }
 
 /// Adds partitions `0..partitions` of `topic` to `tpl` at their current ends (high

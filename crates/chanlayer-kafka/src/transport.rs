@@ -76,11 +76,8 @@ impl KafkaTransport {
             Kind::Shared
         };
         instance.topics.ensure(topic, kind).await?;
-        instance
-            .sender
-            .send(topic, key, bytes)
-            .await
-            .map_err(|r| r.or_gone(|| format!("no topic {topic:?}")))
+        let sent = instance.sender.send(topic, key, bytes).await;
+        sent.map_err(|r| r.or_gone(|| format!("no topic {topic:?}")))
     }
 
     fn consumer(&self, channel: &str) -> Arc<NormalConsumer> {
@@ -89,14 +86,7 @@ impl KafkaTransport {
         }
         lock(&self.consumers)
             .entry(channel.to_owned())
-            .or_insert_with(|| {
-                Arc::new(NormalConsumer::new(
-                    channel,
-                    self.instance.names.channel(channel),
-                    self.instance.inbound.clone(),
-                    self.instance.cfg.session_timeout,
-                ))
-            })
+            .or_insert_with(|| Arc::new(NormalConsumer::new(&self.instance, channel)))
             .clone()
     }
 
@@ -106,13 +96,104 @@ impl KafkaTransport {
         let consumers: Vec<Arc<NormalConsumer>> =
             lock(&self.consumers).drain().map(|(_, c)| c).collect();
         for c in consumers {
-            c.stop(self.instance.cfg.connection_timeout).await;
+            c.stop().await;
         }
     }
+}
 
-    /// Sends `payload` to the inbox of instance `owner`. `Gone`: that instance is gone (it
-    /// announced its close, or it has no inbox topic).
-    async fn send_local(&self, owner: &str, payload: &[u8]) -> Result<Published> {
+impl Transport for KafkaTransport {
+    /// Connects the clients, makes sure the groups topic exists and creates this instance's
+    /// inbox topic, then starts the receiver thread (groups topic read from its current end)
+    /// and the forwarder task.
+    async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
+        let cfg = KafkaConfig::from_layer_config(config)?;
+        let client_id = format!("chanlayer-{}", inbound.id());
+        let names = Names::new(&config.options.prefix, &cfg.groups_topic, inbound.id());
+        let max = config.options.max_message_size;
+        let topics = Topics::new(&cfg, &client_id, max)?;
+        let sender = Sender::new(&cfg, &client_id, max, topics.cause.clone())?;
+        let instance = Arc::new(Instance {
+            cfg,
+            client_id,
+            names,
+            inbound,
+            topics,
+            sender,
+            inbox_skip_below: AtomicI64::new(0),
+            closed_instances: ClosedInstances::default(),
+        });
+        // A broker that is not there, or one that refuses our credentials or certificate:
+        // the error names what the clients reported (authentication, TLS, no connection).
+        let reach = |mut e: Error| {
+            if let Error::Backend { message, .. } = &mut e {
+                let at = instance.cfg.display_address();
+                *message = match instance.topics.cause.last() {
+                    Some(cause) => format!("{message} on {at}: {cause}"),
+                    None => format!("{message} (is a Kafka broker running at {at}?)"),
+                };
+            }
+            e
+        };
+        let refused = |cause: String| {
+            let at = instance.cfg.display_address();
+            Error::failure(BACKEND, format!("could not connect to {at}: {cause}"))
+        };
+        let (topics, names) = (&instance.topics, &instance.names);
+        // The first request fails at once when authentication or TLS does.
+        tokio::select! {
+            r = topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
+            cause = topics.cause.fatal() => return Err(refused(cause)),
+        }
+        topics
+            .ensure(&names.inbox, Kind::Inbox)
+            .await
+            .map_err(reach)?;
+        let groups = &names.groups;
+        // A topic just created can take a moment to show in the metadata a broker answers
+        // with: poll, up to connection_timeout.
+        let deadline = std::time::Instant::now() + instance.cfg.connection_timeout;
+        let partitions = loop {
+            match topics.partition_count(groups).await.map_err(reach)? {
+                Some(n) => break n,
+                None if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                None => {
+                    let waited = instance.cfg.connection_timeout;
+                    let m = format!("the groups topic {groups:?} is not in the cluster's metadata (waited {waited:?})");
+                    return Err(Error::failure(BACKEND, m));
+                }
+            }
+        };
+        let consumer = {
+            let instance = instance.clone();
+            tokio::task::spawn_blocking(move || crate::receiver::assign(&instance, partitions))
+                .await
+                .map_err(|e| Error::backend(BACKEND, "the connect task failed", e))??
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let thread = {
+            let instance = instance.clone();
+            Worker::spawn("chanlayer-kafka receiver".into(), move || {
+                crate::receiver::run(instance, consumer, tx)
+            })
+            .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
+        };
+        tokio::spawn(crate::forward::run(instance.clone(), rx));
+        Ok(KafkaTransport {
+            instance,
+            consumers: Mutex::new(HashMap::new()),
+            receiver: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    /// Sends to the inbox of instance `owner`. `Gone`: that instance is gone (it announced
+    /// its close, or it has no inbox topic).
+    async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         let instance = &self.instance;
         if instance.closed_instances.contains(owner) {
             return Ok(Published::Gone);
@@ -124,7 +205,7 @@ impl KafkaTransport {
             }
             instance.topics.remember(&topic);
         }
-        match instance.sender.send(&topic, None, payload).await {
+        match instance.sender.send(&topic, None, &out.encode()).await {
             Ok(()) => return Ok(Published::Stored),
             Err(Refused::UnknownTopic) => {}
             // librdkafka holds a message for a topic that vanished until delivery_timeout;
@@ -139,14 +220,14 @@ impl KafkaTransport {
         Ok(Published::Gone)
     }
 
-    /// Sends `payload` to the topic of normal channel `channel`, creating it if needed.
-    async fn send_normal(&self, channel: &str, payload: &[u8]) -> Result<()> {
+    /// Sends to the topic of normal channel `out.destination()`, creating it if needed.
+    async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
         let instance = &self.instance;
-        let topic = instance.names.channel(channel);
+        let (topic, payload) = (instance.names.channel(out.destination()), out.encode());
         for attempt in 0..2 {
             instance.topics.ensure(&topic, Kind::Shared).await?;
-            match instance.sender.send(&topic, None, payload).await {
-                Ok(()) => return Ok(()),
+            match instance.sender.send(&topic, None, &payload).await {
+                Ok(()) => break,
                 // Deleted behind our back: create it again, once.
                 Err(Refused::UnknownTopic) if attempt == 0 => instance.topics.forget(&topic),
                 Err(r) => {
@@ -156,141 +237,16 @@ impl KafkaTransport {
                 }
             }
         }
-        Ok(())
-    }
-}
-
-/// Connects the clients, makes sure the groups topic exists and creates this instance's
-/// inbox topic, then starts the receiver thread (groups topic read from its current end)
-/// and the forwarder task.
-async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<KafkaTransport> {
-    let cfg = KafkaConfig::from_layer_config(config)?;
-    let client_id = format!("chanlayer-{}", inbound.id());
-    let names = Names::new(&config.options.prefix, &cfg.groups_topic, inbound.id());
-    let max = config.options.max_message_size;
-    let topics = Topics::new(&cfg, &client_id, max)?;
-    let sender = Sender::new(&cfg, &client_id, max, topics.cause.clone())?;
-    let instance = Arc::new(Instance {
-        cfg,
-        client_id,
-        names,
-        inbound,
-        topics,
-        sender,
-        inbox_skip_below: AtomicI64::new(0),
-        closed_instances: ClosedInstances::default(),
-    });
-    // A broker that is not there, or one that refuses our credentials or certificate:
-    // the error names what the clients reported (authentication, TLS, no connection).
-    let reach = |e: Error| match e {
-        Error::Backend {
-            message, source, ..
-        } => {
-            let at = instance.cfg.display_address();
-            let message = match instance.topics.cause.last() {
-                Some(cause) => format!("{message} on {at}: {cause}"),
-                None => format!("{message} (is a Kafka broker running at {at}?)"),
-            };
-            Error::Backend {
-                backend: BACKEND,
-                message,
-                source,
-            }
-        }
-        e => e,
-    };
-    let refused = |cause: String| {
-        let at = instance.cfg.display_address();
-        Error::failure(BACKEND, format!("could not connect to {at}: {cause}"))
-    };
-    let (topics, names) = (&instance.topics, &instance.names);
-    // The first request fails at once when authentication or TLS does.
-    tokio::select! {
-        r = topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
-        cause = topics.cause.fatal() => return Err(refused(cause)),
-    }
-    topics
-        .ensure(&names.inbox, Kind::Inbox)
-        .await
-        .map_err(reach)?;
-    let groups = &names.groups;
-    // A topic just created can take a moment to show in the metadata a broker answers
-    // with: poll, up to connection_timeout.
-    let deadline = std::time::Instant::now() + instance.cfg.connection_timeout;
-    let partitions = loop {
-        match topics.partition_count(groups).await.map_err(reach)? {
-            Some(n) => break n,
-            None if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            None => {
-                return Err(Error::failure(
-                    BACKEND,
-                    format!(
-                    "the groups topic {groups:?} is not in the cluster's metadata (waited {:?})",
-                    instance.cfg.connection_timeout
-                ),
-                ))
-            }
-        }
-    };
-    let consumer = {
-        let instance = instance.clone();
-        tokio::task::spawn_blocking(move || crate::receiver::assign(&instance, partitions))
-            .await
-            .map_err(|e| Error::backend(BACKEND, "the connect task failed", e))??
-    };
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let thread = {
-        let instance = instance.clone();
-        Worker::spawn("chanlayer-kafka receiver".into(), move || {
-            crate::receiver::run(instance, consumer, tx)
-        })
-        .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
-    };
-    tokio::spawn(crate::forward::run(instance.clone(), rx));
-    Ok(KafkaTransport {
-        instance,
-        consumers: Mutex::new(HashMap::new()),
-        receiver: Mutex::new(Some(thread)),
-    })
-}
-
-impl Transport for KafkaTransport {
-    async fn open(config: &LayerConfig, inbound: Arc<Inbound>) -> Result<Self> {
-        open(config, inbound).await
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
-    }
-
-    async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
-        self.send_local(owner, &out.encode()).await
-    }
-
-    async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
-        self.send_normal(out.destination(), &out.encode()).await?;
         Ok(Published::Stored)
     }
 
     async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
-        let instance = &self.instance;
-        let group = out.destination();
-        instance
-            .sender
-            .send(
-                &instance.names.groups,
-                Some(group.as_bytes()),
-                &out.encode(),
-            )
-            .await
-            .map_err(|r| {
-                let groups = &instance.names.groups;
-                r.or_gone(|| {
-                    format!("the groups topic {groups:?} is gone (deleted while the layer runs?)")
-                })
-            })?;
+        let groups = &self.instance.names.groups;
+        let gone =
+            || format!("the groups topic {groups:?} is gone (deleted while the layer runs?)");
+        let key = Some(out.destination().as_bytes());
+        let sent = self.instance.sender.send(groups, key, &out.encode()).await;
+        sent.map_err(|r| r.or_gone(gone))?;
         Ok(Published::Stored)
     }
 
@@ -320,9 +276,11 @@ impl Transport for KafkaTransport {
     /// The channel's consumer, started (and its topic created) the first time.
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
         let c = self.consumer(channel);
-        self.instance.topics.ensure(c.topic(), Kind::Shared).await?;
-        c.ensure_started(&self.instance.cfg, &self.instance.client_id)
+        self.instance
+            .topics
+            .ensure(&c.shared.topic, Kind::Shared)
             .await?;
+        c.ensure_started().await?;
         Ok(NormalReader::Source(c))
     }
 
@@ -330,22 +288,19 @@ impl Transport for KafkaTransport {
     /// group to the end of its topic. Process-local channels: what is still on the way in
     /// the inbox topic is skipped by the receiver.
     async fn flush(&self) -> Result<()> {
-        let instance = &self.instance;
+        let (instance, topics) = (&self.instance, &self.instance.topics);
         self.stop_consumers().await;
         let head = format!("{}.channel.", instance.inbound.options().prefix);
-        for topic in instance.topics.known_with(&head) {
-            let cfg = instance.cfg.clone();
-            let client_id = instance.client_id.clone();
+        for topic in topics.known_with(&head) {
+            let partitions = topics.partition_count(&topic).await?.unwrap_or(0);
+            let (cfg, client_id) = (instance.cfg.clone(), instance.client_id.clone());
             tokio::task::spawn_blocking(move || {
-                crate::topics::skip_to_end(&cfg, &client_id, &topic)
+                crate::topics::skip_to_end(&cfg, &client_id, &topic, partitions)
             })
             .await
             .map_err(|e| Error::backend(BACKEND, "the flush task failed", e))??;
         }
-        let end = instance
-            .topics
-            .high_watermark(&instance.names.inbox, 0)
-            .await?;
+        let end = topics.high_watermark(&instance.names.inbox, 0).await?;
         instance.inbox_skip_below.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
@@ -361,11 +316,10 @@ impl Transport for KafkaTransport {
         // Tell the other instances (they read the groups topic) that our process-local
         // channels are gone, so their sends stop at once instead of reaching a dead topic.
         // Bounded: with the broker away, nobody would read it anyway.
-        let announce = instance.sender.send(
-            &instance.names.groups,
-            Some(CLOSED_KEY),
-            instance.inbound.id().as_bytes(),
-        );
+        let id = instance.inbound.id().as_bytes();
+        let announce = instance
+            .sender
+            .send(&instance.names.groups, Some(CLOSED_KEY), id);
         match tokio::time::timeout(bound, announce).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(error = ?e, "could not announce the close"),
@@ -399,7 +353,8 @@ impl Transport for KafkaTransport {
     /// a runtime is there (otherwise it expires by retention).
     fn abandon(&self) {
         for c in lock(&self.consumers).values() {
-            c.signal_stop();
+            // Stops without waiting (a layer dropped without `close`).
+            c.shared.signal_stop();
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let instance = self.instance.clone();
