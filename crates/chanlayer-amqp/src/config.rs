@@ -28,7 +28,7 @@
 
 use std::time::Duration;
 
-use chanlayer_core::config::BackendSettings;
+use chanlayer_core::config::{hosts, BackendSettings, HostPort};
 use chanlayer_core::{Error, LayerConfig, Result};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 
@@ -86,25 +86,6 @@ impl QueueType {
     }
 }
 
-/// One broker address of an AMQP URL: a node of the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Host {
-    /// Host name or IP address (an IPv6 address without brackets).
-    pub host: String,
-    /// Port (5672, or 5671 for `amqps://`, when the URL gives none).
-    pub port: u16,
-}
-
-impl std::fmt::Display for Host {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
 /// The AMQP backend's settings, parsed from a [`LayerConfig`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct AmqpConfig {
@@ -112,7 +93,7 @@ pub struct AmqpConfig {
     pub tls: bool,
     /// The brokers, in the URL's order (at least one): the nodes of one cluster, tried in
     /// turn.
-    pub hosts: Vec<Host>,
+    pub hosts: Vec<HostPort>,
     /// Virtual host (percent-decoded).
     pub vhost: String,
     /// User name.
@@ -166,7 +147,7 @@ impl BackendSettings for AmqpConfig {
             decode(path)
         };
         let default_port = if tls { 5671 } else { 5672 };
-        let hosts = split_hosts(authority, default_port)?;
+        let hosts = hosts(authority, default_port)?;
         let (username, password) = match &b.credentials {
             Some(c) => (c.username.clone(), c.password.clone().unwrap_or_default()),
             None => ("guest".to_owned(), chanlayer_core::Secret::new("guest")),
@@ -251,7 +232,7 @@ impl AmqpConfig {
     /// The broker address without credentials, for messages and logs:
     /// `amqp://host:port/vhost`, or `amqp://h1:5672,h2:5672,h3:5672/vhost` for several.
     pub fn display_address(&self) -> String {
-        let hosts: Vec<String> = self.hosts.iter().map(Host::to_string).collect();
+        let hosts: Vec<String> = self.hosts.iter().map(HostPort::to_string).collect();
         self.address_with(&hosts.join(","))
     }
 
@@ -303,49 +284,6 @@ impl AmqpConfig {
     }
 }
 
-/// `h1:p1,h2,[v6]:p3`: the brokers, in order (`127.0.0.1` when there is none).
-fn split_hosts(authority: &str, default_port: u16) -> Result<Vec<Host>> {
-    if authority.is_empty() {
-        return Ok(vec![Host {
-            host: "127.0.0.1".to_owned(),
-            port: default_port,
-        }]);
-    }
-    authority
-        .split(',')
-        .map(|one| host(one, authority, default_port))
-        .collect()
-}
-
-/// One broker of `list`: `[v6]:port`, `host:port` or `host`.
-fn host(one: &str, list: &str, default_port: u16) -> Result<Host> {
-    if one.is_empty() {
-        return Err(Error::Config(format!(
-            "{list:?}: an empty host in the list of brokers; separate host:port pairs with single commas"
-        )));
-    }
-    let (host, port) = match one.strip_prefix('[') {
-        Some(rest) => {
-            let closing = || format!("{one:?}: an IPv6 address needs a closing ']'");
-            let (h, after) = rest
-                .split_once(']')
-                .ok_or_else(|| Error::Config(closing()))?;
-            (h, after.strip_prefix(':'))
-        }
-        None => one
-            .rsplit_once(':')
-            .map_or((one, None), |(h, p)| (h, Some(p))),
-    };
-    let port = match port {
-        None | Some("") => default_port,
-        Some(p) => p.parse().map_err(|_| {
-            Error::Config(format!("{p:?} is not a port number (1-65535) in {one:?}"))
-        })?,
-    };
-    let host = decode(host);
-    Ok(Host { host, port })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,7 +295,7 @@ mod tests {
         assert!(c.tls);
         assert_eq!(
             c.hosts,
-            [Host {
+            [HostPort {
                 host: "mq.example".into(),
                 port: 5999
             }]
@@ -428,7 +366,7 @@ mod tests {
         assert_eq!((c.hosts[0].port, c.hosts[1].port), (5671, 6000));
         for bad in ["amqp://u:pw@h1,,h2", "amqp://u:pw@h1,", "amqp://u:pw@,h2"] {
             let e = AmqpConfig::from_url(bad).unwrap_err().to_string();
-            assert!(e.contains("empty host"), "{bad}: {e}");
+            assert!(e.contains("empty broker address"), "{bad}: {e}");
             assert!(!e.contains("pw"), "{e}");
         }
         let e = AmqpConfig::from_url("amqp://u:pw@h1,h2:nope/v")

@@ -30,7 +30,7 @@
 
 use std::time::Duration;
 
-use chanlayer_core::config::BackendSettings;
+use chanlayer_core::config::{hosts, BackendSettings, HostPort};
 use chanlayer_core::config::{BackendOptions, MIN_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result, Secret};
 use rdkafka::ClientConfig;
@@ -351,34 +351,18 @@ fn topic_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'
 }
 
+/// `bootstrap.servers` from the URL's address: its brokers as `host:port,...`.
 fn parse_brokers(address: &str) -> Result<String> {
     let address = address.trim_end_matches('/');
-    if address.is_empty() {
-        return Ok("127.0.0.1:9092".to_owned());
-    }
-    let bad = |m: String| Err(Error::Config(m));
     if address.contains('/') {
-        return bad(format!(
+        return Err(Error::Config(format!(
             "{address:?}: a kafka:// URL has no path; it is kafka://host:port[,host:port...]?options"
-        ));
+        )));
     }
-    let broker = |hp: &str| {
-        let hp = hp.trim();
-        let port = match hp.strip_prefix('[') {
-            Some(v6) => v6.split_once("]:").map(|(_, p)| p),
-            None => hp.rsplit_once(':').map(|(_, p)| p),
-        };
-        match port {
-            _ if hp.is_empty() => bad(format!(
-                "{address:?}: an empty broker address between commas"
-            )),
-            None => Ok(format!("{hp}:9092")),
-            Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(hp.to_owned()),
-            Some(p) => bad(format!("{p:?} is not a port number (1-65535) in {hp:?}")),
-        }
-    };
-    let brokers = address.split(',').map(broker).collect::<Result<Vec<_>>>()?;
-    Ok(brokers.join(","))
+    let brokers = hosts(address, 9092)?;
+    Ok((brokers.iter().map(HostPort::to_string))
+        .collect::<Vec<_>>()
+        .join(","))
 }
 
 #[cfg(test)]

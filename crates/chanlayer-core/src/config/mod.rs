@@ -309,7 +309,7 @@ pub trait BackendSettings: Sized {
         Self::from_layer_config(&LayerConfig::from_url(url)?)
     }
 }
-pub use url::LayerConfig;
+pub use url::{hosts, HostPort, LayerConfig};
 pub use values::{check_duration, parse_int, ConfigInt};
 use values::{duration_outside, option_error};
 

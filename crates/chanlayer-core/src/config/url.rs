@@ -185,3 +185,74 @@ impl LayerConfig {
         })
     }
 }
+
+/// One broker of a URL's list of brokers (see [`hosts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or IP address (an IPv6 address without brackets).
+    pub host: String,
+    /// The port (the backend's default where the URL gives none).
+    pub port: u16,
+}
+
+/// `host:port`, an IPv6 address in brackets (`[::1]:5672`).
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host.contains(':') {
+            true => write!(f, "[{}]:{}", self.host, self.port),
+            false => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+/// Reads a URL's list of brokers, `HOST[:PORT][,HOST[:PORT]...]` with an IPv6 host in
+/// brackets (`[::1]:5672`): the brokers in order, `default_port` where one gives no port,
+/// `127.0.0.1` when the list is empty; hosts are percent-decoded. The one reader of every
+/// backend's broker list: an empty entry, an IPv6 host without its `]` and a port outside
+/// 1-65535 are errors that say which.
+///
+/// ```
+/// use chanlayer_core::config::hosts;
+/// let h = hosts("a:1,b,[::1]:3", 9092).unwrap();
+/// assert_eq!(h.iter().map(|h| h.to_string()).collect::<Vec<_>>(), ["a:1", "b:9092", "[::1]:3"]);
+/// assert_eq!(hosts("", 5672).unwrap()[0].to_string(), "127.0.0.1:5672");
+/// assert!(hosts("a,,b", 1).unwrap_err().to_string().contains("an empty broker address"));
+/// assert!(hosts("a:0", 1).unwrap_err().to_string().contains("not a port number (1-65535)"));
+/// ```
+pub fn hosts(list: &str, default_port: u16) -> Result<Vec<HostPort>> {
+    if list.is_empty() {
+        return Ok(vec![HostPort {
+            host: "127.0.0.1".to_owned(),
+            port: default_port,
+        }]);
+    }
+    let bad = |m: String| Error::Config(m);
+    let one = |one: &str| {
+        let one = one.trim();
+        if one.is_empty() {
+            return Err(bad(format!(
+                "{list:?}: an empty broker address in the list; separate host:port pairs with single commas"
+            )));
+        }
+        let (host, port) = match one.strip_prefix('[') {
+            Some(rest) => match rest.split_once(']') {
+                Some((h, after)) => (h, after.strip_prefix(':')),
+                None => return Err(bad(format!("{one:?}: an IPv6 address needs a closing ']'"))),
+            },
+            None => (one.rsplit_once(':')).map_or((one, None), |(h, p)| (h, Some(p))),
+        };
+        let port =
+            match port {
+                None | Some("") => default_port,
+                Some(p) => p.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+                    bad(format!("{p:?} is not a port number (1-65535) in {one:?}"))
+                })?,
+            };
+        let host = percent_encoding::percent_decode_str(host).decode_utf8_lossy();
+        Ok(HostPort {
+            host: host.into_owned(),
+            port,
+        })
+    };
+    list.split(',').map(one).collect()
+}
