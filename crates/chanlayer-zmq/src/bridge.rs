@@ -74,13 +74,13 @@ pub(crate) fn spawn<S, T: Send + 'static>(
 
 /// A socket thread and what feeds it (`T`: its mailbox, or an [`Outbox`]);
 /// [`Worker::stop`] (or a drop) closes that (`close`) and joins the thread.
-pub(crate) struct Worker<T> {
+pub(crate) struct Worker<T: ?Sized> {
     pub shared: Arc<T>,
     close: fn(&T),
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<T> Worker<T> {
+impl<T: ?Sized> Worker<T> {
     pub fn new(shared: Arc<T>, thread: JoinHandle<()>, close: fn(&T)) -> Self {
         let thread = Mutex::new(Some(thread));
         Worker {
@@ -105,7 +105,7 @@ impl<T> Worker<T> {
     }
 }
 
-impl<T> Drop for Worker<T> {
+impl<T: ?Sized> Drop for Worker<T> {
     fn drop(&mut self) {
         self.stop();
     }
@@ -204,8 +204,9 @@ pub(crate) fn idle_since(last: &mut Instant) -> bool {
 
 /// The way into a sending thread: its mailbox, and its [`Sink`] behind a lock that the
 /// thread holds while it works. A send takes the lock only when it is free and nothing is
-/// queued, so the order of what was sent holds.
-pub(crate) struct Outbox<S> {
+/// queued, so the order of what was sent holds. The thread has its own `S`; a layer
+/// instance has an `Outbox` of `dyn Sink`, whichever thread is behind it.
+pub(crate) struct Outbox<S: ?Sized = dyn Sink> {
     pub mailbox: Mailbox<Control>,
     pub sink: Mutex<S>,
 }
@@ -219,17 +220,10 @@ impl<S: Sink> Outbox<S> {
     }
 }
 
-/// A layer instance's sending side, whichever thread is behind it.
-pub(crate) trait Outlet: Send + Sync {
+impl Outbox {
     /// Sends the data message `[topic, payload]`: straight out when the socket is idle and
     /// nothing is queued, else queued (bounded by the capacity) for the thread.
-    fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused>;
-    /// The thread's queue (batches, commands).
-    fn queue(&self) -> &Mailbox<Control>;
-}
-
-impl<S: Sink> Outlet for Outbox<S> {
-    fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused> {
+    pub fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused> {
         // In a stream something is queued nearly always: queue behind it without touching
         // the socket's lock (the thread's) or reading the clock.
         if self.mailbox.queued() {
@@ -254,10 +248,6 @@ impl<S: Sink> Outlet for Outbox<S> {
             }
         }
         self.mailbox.push(topic.into(), payload)
-    }
-
-    fn queue(&self) -> &Mailbox<Control> {
-        &self.mailbox
     }
 }
 

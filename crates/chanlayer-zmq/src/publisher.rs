@@ -119,7 +119,7 @@ impl Endpoint {
 
 /// The handle on a publisher thread.
 pub(crate) struct Publisher {
-    worker: Worker<Outbox<Hub>>,
+    worker: Worker<Outbox>,
     /// The publisher's live counters (still read after it stops).
     pub counters: Counters,
     address: String,
@@ -166,7 +166,7 @@ impl Publisher {
     }
 
     /// The way to the thread (data bounded by `send_queue`).
-    pub fn outbox(&self) -> &Outbox<Hub> {
+    pub fn outbox(&self) -> &Outbox {
         &self.worker.shared
     }
 }

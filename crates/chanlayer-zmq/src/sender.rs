@@ -29,7 +29,7 @@ use crate::config::ZmqConfig;
 use crate::wire;
 
 /// The handle on the PUSH thread.
-pub(crate) type PushSender = Worker<Outbox<Push>>;
+pub(crate) type PushSender = Worker<Outbox>;
 
 /// Connects a PUSH socket to `pull` on a new thread. `abandoned` counts the messages the
 /// thread still holds when its close lingered `close_linger` in vain.

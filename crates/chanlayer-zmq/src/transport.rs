@@ -15,7 +15,7 @@ use chanlayer_core::toolkit::{
 use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{lock, Control, Outlet, Refused};
+use crate::bridge::{lock, Control, Outbox, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
 use crate::hub::{Counters, HubStats};
 use crate::publisher::{self, Endpoint};
@@ -150,7 +150,7 @@ impl ZmqTransport {
     /// Runs `f` on this instance's sending side: the embedded publisher of this process
     /// (bound now if it is not yet: the first send binds it) or the dedicated sender.
     /// `Unsupported` for a receive-only instance (`bind=never`).
-    fn outlet<R>(&self, f: impl FnOnce(&dyn Outlet) -> R) -> Result<R> {
+    fn outlet<R>(&self, f: impl FnOnce(&Outbox) -> R) -> Result<R> {
         let outbound = lock(&self.outbound);
         match outbound.as_deref().ok_or(Error::Closed)? {
             Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
@@ -171,7 +171,7 @@ impl ZmqTransport {
         }
     }
 
-    /// Sends the data message `[topic, payload]` for `channel` (see [`Outlet::send`]).
+    /// Sends the data message `[topic, payload]` for `channel` (see [`Outbox::send`]).
     fn send(&self, channel: &str, topic: &[u8], payload: Cow<'_, [u8]>) -> Result<()> {
         self.outlet(|o| o.send(topic, payload))?
             .map_err(|r| refused(r, channel, self.cfg.send_queue))
@@ -184,7 +184,7 @@ impl ZmqTransport {
     fn mark(&self, flush_prefix: &str) -> Result<Option<oneshot::Receiver<()>>> {
         let token = rand::random::<u64>();
         let outbound = lock(&self.outbound).clone().ok_or(Error::Closed)?;
-        let outlet: &dyn Outlet = match &*outbound {
+        let outlet: &Outbox = match &*outbound {
             Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
                 Some(p) => p.outbox(),
                 None => return Ok(None),
@@ -193,7 +193,7 @@ impl ZmqTransport {
         };
         let rx = self.receiver.await_mark(token)?;
         outlet
-            .queue()
+            .mailbox
             .push_control(Control::Mark {
                 reply: self.inbox_topic.clone(),
                 token,
@@ -290,7 +290,7 @@ impl ZmqTransport {
     /// socket, in dedicated mode to the proxy's PULL. For tests of garbage handling.
     pub async fn publish_raw_frames(&self, frames: Vec<Vec<u8>>) -> Result<()> {
         self.shared.closed().check()?;
-        self.outlet(|o| o.queue().push_control(Control::Raw(frames)))?
+        self.outlet(|o| o.mailbox.push_control(Control::Raw(frames)))?
             .map_err(|r| refused(r, "(raw frames)", self.cfg.send_queue))
     }
 }
@@ -406,7 +406,7 @@ impl Transport for ZmqTransport {
         self.topic_into(&mut topic, owner, channel);
         let n = outs.len();
         let msgs = outs.iter().map(|o| (topic.clone(), o.encode())).collect();
-        self.outlet(|o| o.queue().push_all(msgs))?
+        self.outlet(|o| o.mailbox.push_all(msgs))?
             .map_err(|r| refused(r, channel, self.cfg.send_queue))?;
         Ok(n)
     }
