@@ -236,9 +236,10 @@ impl Outbox {
         };
         if let Some(mut sink) = sink {
             if self.mailbox.is_empty()? && sink.idle() {
-                let item = Item::Data(Outgoing::One {
+                let item = Item::Data(Outgoing {
                     topic: topic.to_vec(),
-                    payload: payload.into_owned(),
+                    body: payload.into_owned(),
+                    count: 1,
                 });
                 if sink.put(item) {
                     self.mailbox.wake();
@@ -251,66 +252,43 @@ impl Outbox {
     }
 }
 
-/// Data messages on their way to a socket thread: one message, or a run of consecutive
-/// messages of one topic that merged in the queue (see [`Outgoing::append`]).
+/// Data messages on their way to a socket thread: one message (`count` 1, `body` its
+/// envelope), or a run of `count` consecutive messages of one topic that merged in the
+/// queue (`body` as [`wire::batch_push`] writes them; see [`Outgoing::append`]).
 #[derive(Debug)]
-pub(crate) enum Outgoing {
-    /// `[topic, envelope]`.
-    One { topic: Vec<u8>, payload: Vec<u8> },
-    /// `count` envelopes of `topic`, as [`wire::batch_push`] writes them.
-    Run {
-        topic: Vec<u8>,
-        body: Vec<u8>,
-        count: usize,
-    },
+pub(crate) struct Outgoing {
+    pub topic: Vec<u8>,
+    pub body: Vec<u8>,
+    /// How many messages this holds (what the mailbox's capacity counts).
+    pub count: usize,
 }
 
 impl Outgoing {
-    /// How many messages this holds (what the mailbox's capacity counts).
-    pub fn count(&self) -> usize {
-        match self {
-            Outgoing::One { .. } => 1,
-            Outgoing::Run { count, .. } => *count,
-        }
-    }
-
     /// Appends a message of `topic` to this item when they travel together: the same
     /// topic, both at most [`wire::BATCH_ITEM_MAX`] bytes, and the run stays within
     /// [`wire::BATCH_MAX_BYTES`]. The caller's thread copies it into the run here, so the
     /// socket thread gets a batch ready to send. `false` (nothing changed) otherwise.
-    pub fn append(&mut self, next_topic: &[u8], next_payload: &[u8]) -> bool {
-        if next_payload.len() > wire::BATCH_ITEM_MAX {
+    pub fn append(&mut self, topic: &[u8], payload: &[u8]) -> bool {
+        // One message becomes a run: its envelope gets a length prefix too.
+        let one = self.count == 1;
+        let size = self.body.len() + if one { 4 } else { 0 };
+        if payload.len() > wire::BATCH_ITEM_MAX
+            || (one && self.body.len() > wire::BATCH_ITEM_MAX)
+            || size + 4 + payload.len() > wire::BATCH_MAX_BYTES
+            || self.topic.as_slice() != topic
+        {
             return false;
         }
-        match self {
-            Outgoing::One { topic, payload }
-                if topic.as_slice() == next_topic
-                    && payload.len() <= wire::BATCH_ITEM_MAX
-                    && 8 + payload.len() + next_payload.len() <= wire::BATCH_MAX_BYTES =>
-            {
-                let mut body = Vec::with_capacity(
-                    (16 * (next_payload.len() + 4)).clamp(4 * 1024, wire::BATCH_MAX_BYTES),
-                );
-                wire::batch_push(&mut body, payload);
-                wire::batch_push(&mut body, next_payload);
-                let topic = std::mem::take(topic);
-                *self = Outgoing::Run {
-                    topic,
-                    body,
-                    count: 2,
-                };
-                true
-            }
-            Outgoing::Run { topic, body, count }
-                if topic.as_slice() == next_topic
-                    && body.len() + 4 + next_payload.len() <= wire::BATCH_MAX_BYTES =>
-            {
-                wire::batch_push(body, next_payload);
-                *count += 1;
-                true
-            }
-            _ => false,
+        if one {
+            let mut body = Vec::with_capacity(
+                (16 * (payload.len() + 4)).clamp(4 * 1024, wire::BATCH_MAX_BYTES),
+            );
+            wire::batch_push(&mut body, &self.body);
+            self.body = body;
         }
+        wire::batch_push(&mut self.body, payload);
+        self.count += 1;
+        true
     }
 }
 
@@ -330,7 +308,7 @@ impl<C> Item<C> {
     /// command counts for nothing).
     pub fn count(&self) -> usize {
         match self {
-            Item::Data(d) => d.count(),
+            Item::Data(d) => d.count,
             Item::Control(_) => 0,
         }
     }
@@ -446,9 +424,10 @@ impl<C> Mailbox<C> {
                 return;
             }
         }
-        items.push_back(Item::Data(Outgoing::One {
+        items.push_back(Item::Data(Outgoing {
             topic: topic.into_owned(),
-            payload: payload.into_owned(),
+            body: payload.into_owned(),
+            count: 1,
         }));
     }
 
@@ -575,10 +554,12 @@ mod tests {
         items
             .into_iter()
             .map(|i| match i {
-                Item::Data(Outgoing::One { topic, payload }) => {
-                    Shape::Data(topic, vec![payload.len()])
-                }
-                Item::Data(Outgoing::Run { topic, body, count }) => {
+                Item::Data(Outgoing {
+                    topic,
+                    body,
+                    count: 1,
+                }) => Shape::Data(topic, vec![body.len()]),
+                Item::Data(Outgoing { topic, body, count }) => {
                     let lens: Vec<usize> = wire::batch_items(&body)
                         .expect("a batch")
                         .iter()

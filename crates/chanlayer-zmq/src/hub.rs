@@ -300,15 +300,15 @@ impl Hub {
 
     /// Publishes a message, or a run of messages of one topic as a batch frame, from origin
     /// `from` (of the first; the others follow).
-    pub fn publish_data(&mut self, data: Outgoing, from: From) {
-        match data {
-            Outgoing::One { topic, payload } => {
-                self.publish(&topic, from, 1, Payload::Bytes(payload), false);
-            }
-            Outgoing::Run { topic, body, count } => {
-                self.publish(&topic, from, count as u64, Payload::Bytes(body), true);
-            }
-        }
+    pub fn publish_data(&mut self, d: Outgoing, from: From) {
+        let batch = d.count > 1;
+        self.publish(
+            &d.topic,
+            from,
+            d.count as u64,
+            Payload::Bytes(d.body),
+            batch,
+        );
     }
 
     /// Counts `count` messages that are not chanlayer's (skipped).

@@ -318,7 +318,7 @@ impl Batch {
         let follows = match (&self.run, self.from, from) {
             (Some(_), None, None) => true,
             (Some(run), Some((id, first)), Some((next_id, next))) => {
-                id == next_id && first.checked_add(run.count() as u64) == Some(next)
+                id == next_id && first.checked_add(run.count as u64) == Some(next)
             }
             _ => false,
         };
@@ -336,9 +336,10 @@ impl Batch {
             Payload::Frame(m) => m.to_vec(),
         };
         self.from = from;
-        self.run = Some(Outgoing::One {
+        self.run = Some(Outgoing {
             topic: topic.to_vec(),
-            payload,
+            body: payload,
+            count: 1,
         });
     }
 

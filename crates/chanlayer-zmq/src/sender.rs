@@ -154,9 +154,7 @@ impl Push {
     /// data the socket fails on (an error other than being full) is counted as abandoned.
     fn try_send(&mut self, item: Item<Control>) -> std::result::Result<(), Item<Control>> {
         let (first, more): (&[u8], bool) = match &item {
-            Item::Data(Outgoing::One { topic, .. } | Outgoing::Run { topic, .. }) => {
-                (&topic[..], true)
-            }
+            Item::Data(d) => (&d.topic[..], true),
             Item::Control(Control::Mark { .. }) => (wire::MARK_CONTROL, true),
             Item::Control(Control::Raw(frames)) => match frames.first() {
                 None => return Ok(()),
@@ -177,13 +175,13 @@ impl Push {
         // The first frame was taken: the rest of the message goes to the same pipe and is
         // never refused for the high-water mark (it counts whole messages).
         let rest = match item {
-            Item::Data(Outgoing::One { topic, payload }) => {
-                let meta = self.numbering.next(&topic, wire::META_DATA, 1);
-                self.push
-                    .send_multipart([zmq::Message::from(&meta[..]), payload.into()], 0)
-            }
-            Item::Data(Outgoing::Run { topic, body, count }) => {
-                let meta = self.numbering.next(&topic, wire::META_BATCH, count as u64);
+            Item::Data(Outgoing { topic, body, count }) => {
+                let kind = if count > 1 {
+                    wire::META_BATCH
+                } else {
+                    wire::META_DATA
+                };
+                let meta = self.numbering.next(&topic, kind, count as u64);
                 self.push
                     .send_multipart([zmq::Message::from(&meta[..]), body.into()], 0)
             }
