@@ -28,29 +28,6 @@ use crate::bridge::{idle_since, lock, wait_until, Control, Item, Outgoing, Sink}
 use crate::retention::{From, Retention, Store};
 use crate::wire::{self, TopicKind};
 
-/// A message body handed to the hub: owned bytes, or a frame received from the proxy's
-/// PULL socket (forwarded without a copy when it is not retained).
-pub(crate) enum Payload {
-    Bytes(Vec<u8>),
-    Frame(zmq::Message),
-}
-
-impl Payload {
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            Payload::Bytes(b) => b,
-            Payload::Frame(m) => m,
-        }
-    }
-
-    pub fn into_message(self) -> zmq::Message {
-        match self {
-            Payload::Bytes(b) => zmq::Message::from(b),
-            Payload::Frame(m) => m,
-        }
-    }
-}
-
 /// Counters of a publisher (the proxy, or the embedded publisher of a process).
 ///
 /// `received = forwarded + dropped + undecodable + flushed + pending + abandoned`, where
@@ -200,12 +177,14 @@ impl Hub {
         }
     }
 
-    /// Publishes `count` messages of `topic` as one frame: one envelope, or (`batch`) a
-    /// batch body as [`wire::batch_push`] wrote it; `from` is the origin of the first (the
-    /// others follow). Each message gets its own sequence number, and is retained and
+    /// Publishes `count` messages of `topic` as one frame: one envelope, or (`count` more
+    /// than 1) a batch body as [`wire::batch_push`] wrote it; `from` is the origin of the
+    /// first (the others follow). A frame received from the proxy's PULL socket is
+    /// forwarded without a copy when it is not retained. Each message gets its own sequence number, and is retained and
     /// counted on its own: normal channels are retained for late joiners, an inbox only
     /// while nobody listens, groups never (retention off: nothing).
-    pub fn publish(&mut self, topic: &[u8], from: From, count: u64, payload: Payload, batch: bool) {
+    pub fn publish(&mut self, topic: &[u8], from: From, count: u64, payload: zmq::Message) {
+        let batch = count > 1;
         let Some(kind) = wire::data_topic_kind(topic) else {
             return self.reject(count);
         };
@@ -241,8 +220,8 @@ impl Hub {
         let key = state.key.clone();
         let kept: Vec<Vec<u8>> = match (retain, batch) {
             (false, _) => Vec::new(),
-            (true, false) => vec![payload.as_slice().to_vec()],
-            (true, true) => wire::batch_items(payload.as_slice())
+            (true, false) => vec![payload.to_vec()],
+            (true, true) => wire::batch_items(&payload)
                 .unwrap_or_default()
                 .into_iter()
                 .map(<[u8]>::to_vec)
@@ -267,7 +246,7 @@ impl Hub {
                 wire::META_DATA
             };
             let meta = meta(meta_kind, self.epoch, first, origin);
-            self.send([topic.into(), meta, payload.into_message()]);
+            self.send([topic.into(), meta, payload]);
         }
         let mut dropped = 0;
         for (i, bytes) in (0u64..).zip(kept) {
@@ -301,14 +280,7 @@ impl Hub {
     /// Publishes a message, or a run of messages of one topic as a batch frame, from origin
     /// `from` (of the first; the others follow).
     pub fn publish_data(&mut self, d: Outgoing, from: From) {
-        let batch = d.count > 1;
-        self.publish(
-            &d.topic,
-            from,
-            d.count as u64,
-            Payload::Bytes(d.body),
-            batch,
-        );
+        self.publish(&d.topic, from, d.count as u64, d.body.into());
     }
 
     /// Counts `count` messages that are not chanlayer's (skipped).

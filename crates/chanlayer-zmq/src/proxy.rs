@@ -13,7 +13,7 @@ use chanlayer_core::{Error, Result};
 
 use crate::bridge::{lock, poll, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker, CONTEXT};
 use crate::config::{check_endpoint, curve_available, curve_missing};
-use crate::hub::{Counters, Hub, HubStats, Payload};
+use crate::hub::{Counters, Hub, HubStats};
 use crate::retention::From;
 use crate::retention::Retention;
 use crate::wire;
@@ -265,7 +265,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
                 Some(items) => {
                     for (i, item) in (0u64..).zip(items) {
                         let origin = from(id, seq.saturating_add(i));
-                        run.add(hub, first, origin, Payload::Bytes(item.to_vec()));
+                        run.add(hub, first, origin, item.into());
                     }
                 }
                 None => {
@@ -280,7 +280,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
     };
     if let Some(from) = from {
         if let Some(payload) = frames.pop() {
-            run.add(hub, &frames[0], from, Payload::Frame(payload));
+            run.add(hub, &frames[0], from, payload);
         }
         return;
     }
@@ -314,7 +314,7 @@ impl Batch {
     /// Adds a message for `topic`, publishing what is batched first when it cannot join the
     /// run (another topic or origin, a full batch). A message over [`wire::BATCH_ITEM_MAX`]
     /// is published alone, without a copy.
-    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: Payload) {
+    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: zmq::Message) {
         let follows = match (&self.run, self.from, from) {
             (Some(_), None, None) => true,
             (Some(run), Some((id, first)), Some((next_id, next))) => {
@@ -323,22 +323,18 @@ impl Batch {
             _ => false,
         };
         if let Some(run) = self.run.as_mut().filter(|_| follows) {
-            if run.append(topic, payload.as_slice()) {
+            if run.append(topic, &payload) {
                 return;
             }
         }
         self.flush(hub);
-        if payload.as_slice().len() > wire::BATCH_ITEM_MAX {
-            return hub.publish(topic, from, 1, payload, false);
+        if payload.len() > wire::BATCH_ITEM_MAX {
+            return hub.publish(topic, from, 1, payload);
         }
-        let payload = match payload {
-            Payload::Bytes(b) => b,
-            Payload::Frame(m) => m.to_vec(),
-        };
         self.from = from;
         self.run = Some(Outgoing {
             topic: topic.to_vec(),
-            body: payload,
+            body: payload.to_vec(),
             count: 1,
         });
     }
