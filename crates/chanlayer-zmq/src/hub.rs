@@ -180,9 +180,9 @@ impl Hub {
     /// Publishes `count` messages of `topic` as one frame: one envelope, or (`count` more
     /// than 1) a batch body as [`wire::batch_push`] wrote it; `from` is the origin of the
     /// first (the others follow). A frame received from the proxy's PULL socket is
-    /// forwarded without a copy when it is not retained. Each message gets its own sequence number, and is retained and
-    /// counted on its own: normal channels are retained for late joiners, an inbox only
-    /// while nobody listens, groups never (retention off: nothing).
+    /// forwarded without a copy. Each message gets its own sequence number, and is
+    /// retained and counted on its own: normal channels are retained for late joiners, an
+    /// inbox only while nobody listens, groups never (retention off: nothing).
     pub fn publish(&mut self, topic: &[u8], from: From, count: u64, payload: zmq::Message) {
         let batch = count > 1;
         let Some(kind) = wire::data_topic_kind(topic) else {
