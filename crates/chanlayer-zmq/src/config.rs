@@ -372,10 +372,8 @@ impl BackendSettings for ZmqConfig {
         // Durations: (option, least value, default). ZMQ_RECONNECT_IVL, _MAX and ZMQ_LINGER
         // are C ints of milliseconds: MAX_TIMEOUT is their bound.
         let mut dur = |key: &str, least: Duration, default: Duration| {
-            Ok::<_, Error>(
-                o.take_duration(key, least..=MAX_TIMEOUT)?
-                    .unwrap_or(default),
-            )
+            o.take_duration(key, least..=MAX_TIMEOUT)
+                .map(|d| d.unwrap_or(default))
         };
         let (s, ms) = (Duration::from_secs, Duration::from_millis);
         let subscribe_timeout = dur("subscribe_timeout", MIN_TIMEOUT, s(5))?;

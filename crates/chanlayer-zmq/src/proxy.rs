@@ -288,8 +288,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
     if n == 4 && frames[0][..] == *wire::MARK_CONTROL {
         let rest: Vec<&[u8]> = frames.iter().skip(1).map(|f| &f[..]).collect();
         if let Some((reply, token, prefix)) = wire::parse_mark_control(&rest) {
-            let (reply, prefix) = (reply.to_vec(), prefix.to_vec());
-            hub.mark(&reply, token, &prefix);
+            hub.mark(reply, token, prefix);
             return;
         }
     }

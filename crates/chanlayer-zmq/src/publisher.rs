@@ -225,15 +225,10 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
 fn synced(receivers: &Receivers) -> bool {
     let mut r = lock(receivers);
     r.retain(|w| w.strong_count() > 0);
-    r.iter()
-        .filter_map(Weak::upgrade)
-        .map(|s| {
-            (
-                s.transport.gone.load(Ordering::SeqCst),
-                s.transport.outstanding.load(Ordering::SeqCst),
-            )
-        })
-        .all(|(gone, outstanding)| gone || outstanding == 0)
+    r.iter().filter_map(Weak::upgrade).all(|s| {
+        let t = &s.transport;
+        t.gone.load(Ordering::SeqCst) || t.outstanding.load(Ordering::SeqCst) == 0
+    })
 }
 
 type Thread = (Arc<Outbox<Hub>>, RawFd, String, ZmqConfig, Receivers);

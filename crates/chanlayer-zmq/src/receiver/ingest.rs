@@ -266,10 +266,7 @@ impl State {
             self.probes.of.remove(&probe);
             self.pending_unsubscribe.push(probe);
         }
-        self.shared
-            .transport
-            .outstanding
-            .fetch_sub(1, Ordering::SeqCst);
+        self.shared.transport.outstanding(false);
         let answer = welcome.map_or(Confirm::NoAnswer, |_| Confirm::Confirmed);
         for w in waiters {
             let _ = w.send(answer);

@@ -92,6 +92,17 @@ pub(crate) struct TransportCounters {
     pub gone: AtomicBool,
 }
 
+impl TransportCounters {
+    /// One more subscription (`more`) or one fewer waits for its confirmation.
+    pub fn outstanding(&self, more: bool) {
+        if more {
+            self.outstanding.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Everything the receiving thread shares with the layer.
 /// Dereferences to the instance's [`Inbound`] (id, options, counters, close signal, local
 /// inbox, group registry, ingest path).

@@ -159,10 +159,7 @@ impl State {
             }
             if route != Route::Inbox {
                 // (The inbox is counted from the start: the layer sets 1 before the thread runs.)
-                self.shared
-                    .transport
-                    .outstanding
-                    .fetch_add(1, Ordering::SeqCst);
+                self.shared.transport.outstanding(true);
             }
             let state = SubState::Probing {
                 probe: Some(self.probes.open(sock, self.shared.id(), &topic)),
@@ -207,10 +204,7 @@ impl State {
                 let _ = sock.set_unsubscribe(&probe);
                 self.probes.of.remove(&probe);
             }
-            self.shared
-                .transport
-                .outstanding
-                .fetch_sub(1, Ordering::SeqCst);
+            self.shared.transport.outstanding(false);
             for w in waiters {
                 let _ = w.send(Confirm::Confirmed);
             }
@@ -290,10 +284,7 @@ impl State {
                             waiters: Vec::new(),
                             floor,
                         };
-                        self.shared
-                            .transport
-                            .outstanding
-                            .fetch_add(1, Ordering::SeqCst);
+                        self.shared.transport.outstanding(true);
                     }
                 }
                 SubState::Live(_) => {}
