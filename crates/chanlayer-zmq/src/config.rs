@@ -286,12 +286,10 @@ impl BackendSettings for ZmqConfig {
         let pull = o.take("pull");
         let publish = o.take("pub");
         let mode = match (mode_opt.as_deref(), pull, publish) {
-            (Some("embedded"), Some(_), _) | (Some("embedded"), _, Some(_)) => {
-                return Err(Error::Config(
-                    "mode=embedded takes no pull= or pub= (those are the proxy's endpoints in dedicated mode)".into(),
-                ))
-            }
-            (Some("embedded") | None, None, None) => Mode::Embedded {
+            (Some("embedded"), Some(_), _) | (Some("embedded"), _, Some(_)) => Err(Error::Config(
+                "mode=embedded takes no pull= or pub= (those are the proxy's endpoints in dedicated mode)".into(),
+            )),
+            (Some("embedded") | None, None, None) => Ok(Mode::Embedded {
                 endpoint: if address.is_empty() {
                     format!("tcp://127.0.0.1:{DEFAULT_PORT}")
                 } else if address.contains("://") {
@@ -300,7 +298,7 @@ impl BackendSettings for ZmqConfig {
                 } else {
                     tcp_endpoint(&address, DEFAULT_PORT)?
                 },
-            },
+            }),
             (Some("dedicated") | None, Some(pull), Some(publish)) => {
                 if !address.is_empty() {
                     return Err(Error::Config(format!(
@@ -312,13 +310,11 @@ impl BackendSettings for ZmqConfig {
                         return Err(Error::Config(format!("option {key}: {why}")));
                     }
                 }
-                Mode::Dedicated { pull, publish }
+                Ok(Mode::Dedicated { pull, publish })
             }
-            (Some("dedicated") | None, Some(_), None) | (Some("dedicated") | None, None, Some(_)) => {
-                return Err(Error::Config(
-                    "dedicated mode needs both pull= (the proxy's PULL endpoint) and pub= (its PUB endpoint)".into(),
-                ))
-            }
+            (Some("dedicated") | None, Some(_), None) | (Some("dedicated") | None, None, Some(_)) => Err(Error::Config(
+                "dedicated mode needs both pull= (the proxy's PULL endpoint) and pub= (its PUB endpoint)".into(),
+            )),
             (Some("dedicated"), None, None) => {
                 let has_port = (address.contains(':') && !address.starts_with('['))
                     || address.contains("]:");
@@ -328,17 +324,15 @@ impl BackendSettings for ZmqConfig {
                     )));
                 }
                 let host = if address.is_empty() { "127.0.0.1" } else { &address };
-                Mode::Dedicated {
+                Ok(Mode::Dedicated {
                     pull: tcp_endpoint(host, DEFAULT_PULL_PORT)?,
                     publish: tcp_endpoint(host, DEFAULT_PUB_PORT)?,
-                }
+                })
             }
-            (Some(other), _, _) => {
-                return Err(Error::Config(format!(
-                    "option mode={other}: use embedded or dedicated"
-                )))
-            }
-        };
+            (Some(other), _, _) => Err(Error::Config(format!(
+                "option mode={other}: use embedded or dedicated"
+            ))),
+        }?;
         let ipv6_default = match &mode {
             Mode::Embedded { endpoint } => endpoint.starts_with("tcp://["),
             Mode::Dedicated { pull, publish } => {
