@@ -76,7 +76,6 @@ impl Probes {
 pub(super) struct State {
     pub shared: Arc<Shared>,
     pub inbox_topic: Vec<u8>,
-    prefix: String,
     endpoint: String,
     subscribe_timeout: Duration,
     /// Messages one probing topic may hold back before they are delivered anyway.
@@ -99,7 +98,6 @@ impl State {
     pub fn new(cfg: &ZmqConfig, shared: Arc<Shared>) -> State {
         State {
             inbox_topic: wire::inbox_topic(&shared.options().prefix, shared.id()),
-            prefix: shared.options().prefix.clone(),
             endpoint: cfg.subscribe_endpoint().to_owned(),
             shared,
             subscribe_timeout: cfg.subscribe_timeout,
@@ -217,7 +215,7 @@ impl State {
         group: &str,
         done: Option<oneshot::Sender<Confirm>>,
     ) {
-        let topic = wire::group_topic(&self.prefix, group);
+        let topic = wire::group_topic(&self.shared.options().prefix, group);
         if self.shared.groups().has_members(group) {
             self.subscribe(sock, topic, Route::Group(group.to_owned()), done);
         } else {
