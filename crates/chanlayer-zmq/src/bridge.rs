@@ -524,12 +524,8 @@ impl<C> Mailbox<C> {
     pub fn woke(&self) {
         self.sleeping.store(false, Ordering::SeqCst);
         let mut buf = [0u8; 64];
-        loop {
-            match self.bell_rx.recv(&mut buf) {
-                Ok(_) => continue,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
+        // Reads until it is empty (an error other than an interruption).
+        while !matches!(self.bell_rx.recv(&mut buf), Err(e) if e.kind() != ErrorKind::Interrupted) {
         }
     }
 
