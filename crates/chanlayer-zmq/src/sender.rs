@@ -74,6 +74,8 @@ struct Numbering {
 /// numbering is forgotten when the map has grown past [`NUMBERED_MAX`]).
 const NUMBERED_FOR: Duration = Duration::from_secs(600);
 const NUMBERED_MAX: usize = 4096;
+/// How often a long map of topics is swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 impl Numbering {
     fn new() -> Numbering {
@@ -101,12 +103,10 @@ impl Numbering {
     /// Once per loop turn: reads the clock, and forgets topics long unused when there are
     /// many.
     fn turn(&mut self) {
-        self.clock = Instant::now();
-        if self.topics.len() > NUMBERED_MAX
-            && self.clock.duration_since(self.swept) >= Duration::from_secs(60)
-        {
-            self.swept = self.clock;
-            let now = self.clock;
+        let now = Instant::now();
+        self.clock = now;
+        if self.topics.len() > NUMBERED_MAX && now.duration_since(self.swept) >= SWEEP_EVERY {
+            self.swept = now;
             self.topics
                 .retain(|_, (_, _, used)| now.saturating_duration_since(*used) < NUMBERED_FOR);
         }

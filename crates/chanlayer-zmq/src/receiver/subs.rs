@@ -167,14 +167,12 @@ impl State {
                 floor: None,
             };
             let origins = OriginTracker::default();
-            self.subs.insert(
-                topic.clone(),
-                Sub {
-                    route,
-                    state,
-                    origins,
-                },
-            );
+            let sub = Sub {
+                route,
+                state,
+                origins,
+            };
+            self.subs.insert(topic.clone(), sub);
         }
         let (Some(done), Some(sub)) = (done, self.subs.get_mut(&topic)) else {
             return;
