@@ -182,36 +182,27 @@ pub struct ZmqConfig {
 /// Checks a libzmq endpoint: `tcp://HOST:PORT` (PORT may be `*` or `0` when `bind_any` is
 /// set, for a listener on a free port) or `ipc://PATH`.
 pub fn check_endpoint(endpoint: &str, bind_any: bool) -> Result<()> {
-    let bad = |why: &str| {
-        Err(Error::Config(format!(
-            "endpoint {endpoint:?}: {why}; use tcp://HOST:PORT or ipc://PATH"
-        )))
+    let why = match (
+        endpoint.strip_prefix("tcp://"),
+        endpoint.strip_prefix("ipc://"),
+    ) {
+        (Some(rest), _) => match rest.rsplit_once(':') {
+            None => "no port",
+            Some(("", _)) => "no host",
+            Some((host, _)) if host.starts_with('[') != host.ends_with(']') => {
+                "an IPv6 host goes in brackets, [::1]"
+            }
+            Some((_, "*" | "0")) if bind_any => return Ok(()),
+            Some((_, port)) if port.parse::<u16>().is_ok_and(|p| p > 0) => return Ok(()),
+            Some(_) => "the port is not a number from 1 to 65535",
+        },
+        (None, Some("")) => "no path",
+        (None, Some(_)) => return Ok(()),
+        (None, None) => "unsupported transport",
     };
-    if let Some(rest) = endpoint.strip_prefix("tcp://") {
-        let Some((host, port)) = rest.rsplit_once(':') else {
-            return bad("no port");
-        };
-        if host.is_empty() {
-            return bad("no host");
-        }
-        if host.starts_with('[') != host.ends_with(']') {
-            return bad("an IPv6 host goes in brackets, [::1]");
-        }
-        if bind_any && (port == "*" || port == "0") {
-            return Ok(());
-        }
-        match port.parse::<u16>() {
-            Ok(p) if p > 0 => Ok(()),
-            _ => bad("the port is not a number from 1 to 65535"),
-        }
-    } else if let Some(path) = endpoint.strip_prefix("ipc://") {
-        if path.is_empty() {
-            return bad("no path");
-        }
-        Ok(())
-    } else {
-        bad("unsupported transport")
-    }
+    Err(Error::Config(format!(
+        "endpoint {endpoint:?}: {why}; use tcp://HOST:PORT or ipc://PATH"
+    )))
 }
 
 fn tcp_endpoint(host_port: &str, default_port: u16) -> Result<String> {
