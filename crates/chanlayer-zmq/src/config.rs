@@ -489,10 +489,7 @@ fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
         "curve_server_secretkey",
     ];
     let [server, public, secret, server_secret] = keys.map(|k| o.take(k));
-    if [&server, &public, &secret, &server_secret]
-        .iter()
-        .all(|k| k.is_none())
-    {
+    if server.is_none() && public.is_none() && secret.is_none() && server_secret.is_none() {
         return Ok(None);
     }
     if !curve_available() {
