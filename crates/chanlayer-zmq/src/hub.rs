@@ -90,7 +90,8 @@ struct TopicState {
 
 /// The XPUB side. Owned by one thread.
 pub(crate) struct Hub {
-    xpub: zmq::Socket,
+    /// The XPUB socket (the proxy polls it).
+    pub xpub: zmq::Socket,
     epoch: u64,
     /// A proxy's hub: every data message carries an origin stamp, and welcomes the table of
     /// the topic's origins (see [`crate::wire::Origin`]).
@@ -142,11 +143,6 @@ impl Hub {
         c.retained = self.store.count as u64;
         c.retained_bytes = self.store.bytes as u64;
         c.pending = self.store.pending as u64;
-    }
-
-    /// The XPUB socket (for polling).
-    pub fn socket(&self) -> &zmq::Socket {
-        &self.xpub
     }
 
     /// Sends one message (a failure is logged: PUB/SUB has no one to tell).

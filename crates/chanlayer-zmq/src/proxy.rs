@@ -211,7 +211,7 @@ fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
     let mut run = Batch::default();
     loop {
         let mut items = [
-            hub.socket().as_poll_item(zmq::POLLIN),
+            hub.xpub.as_poll_item(zmq::POLLIN),
             pull.as_poll_item(zmq::POLLIN),
             mailbox.poll_item(),
         ];
