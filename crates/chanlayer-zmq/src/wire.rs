@@ -163,18 +163,9 @@ pub fn data_topic_kind(topic: &[u8]) -> Option<TopicKind> {
         _ => return None,
     };
     let body = topic.get(2..)?.strip_suffix(b"\0")?;
-    if topic.get(1) != Some(&b':') {
-        return None;
-    }
     let colon = body.iter().position(|&b| b == b':')?;
-    let (prefix, name) = (&body[..colon], &body[colon + 1..]);
-    if prefix.is_empty() || name.is_empty() {
-        return None;
-    }
-    if !prefix.iter().copied().all(name_byte) || !name.iter().copied().all(name_byte) {
-        return None;
-    }
-    Some(kind)
+    let name = |s: &[u8]| !s.is_empty() && s.iter().copied().all(name_byte);
+    (topic[1] == b':' && name(&body[..colon]) && name(&body[colon + 1..])).then_some(kind)
 }
 
 /// `true` if `topic` is a data topic whose prefix is `prefix` and whose kind is `c:` or `i:`
