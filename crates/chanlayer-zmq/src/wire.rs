@@ -202,6 +202,15 @@ pub struct Origin {
     pub first: u64,
 }
 
+impl Origin {
+    /// The origin of the message `n` places after this one (the items of a batch follow
+    /// their first).
+    pub(crate) fn after(self, n: u64) -> Origin {
+        let seq = self.seq.saturating_add(n);
+        Origin { seq, ..self }
+    }
+}
+
 /// A meta frame with an origin ([`STAMPED_META_LEN`] bytes).
 pub fn meta_stamped(kind: u8, epoch: u64, seq: u64, origin: Origin) -> [u8; STAMPED_META_LEN] {
     let mut m = [0u8; STAMPED_META_LEN];

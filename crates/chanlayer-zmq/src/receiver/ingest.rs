@@ -109,11 +109,7 @@ impl State {
         }
         for (i, item) in (0u64..).zip(items) {
             let pos = Pos::new(first.epoch, first.seq.saturating_add(i));
-            let origin = origin.map(|o| Origin {
-                seq: o.seq.saturating_add(i),
-                ..o
-            });
-            self.on_data(topic, pos, origin, item, false);
+            self.on_data(topic, pos, origin.map(|o| o.after(i)), item, false);
         }
     }
 
@@ -137,14 +133,7 @@ impl State {
         // not reset), else by the publisher's (a new publisher starts a new sequence: no
         // gap).
         let lost = match origin {
-            Some(o) => origins.deliver(
-                Origin {
-                    seq: o.seq.saturating_add(run.skip),
-                    ..o
-                },
-                count.saturating_sub(run.skip),
-                true,
-            ),
+            Some(o) => origins.deliver(o.after(run.skip), count.saturating_sub(run.skip), true),
             None => run.gap,
         };
         count_lost(&self.shared, topic, lost);
