@@ -301,18 +301,17 @@ impl Hub {
     /// Time-based work, once per loop turn: ages retained messages out, and now and then
     /// forgets origins that went quiet.
     pub fn tick(&mut self) {
-        self.clock = Instant::now();
+        let now = Instant::now();
+        self.clock = now;
         if self.store.count > 0 {
-            let dropped = self.store.evict(self.clock);
+            let dropped = self.store.evict(now);
             self.count(|c| c.dropped += dropped);
         }
-        if self.stamps && self.clock.duration_since(self.forgot_at) >= Duration::from_secs(60) {
-            self.forgot_at = self.clock;
+        if self.stamps && now.duration_since(self.forgot_at) >= Duration::from_secs(60) {
+            self.forgot_at = now;
             let idle = FOLLOW_FOR.max(self.store.limits.max_age);
-            let now = self.clock;
-            for state in self.topics.values_mut() {
-                state
-                    .origins
+            for s in self.topics.values_mut() {
+                s.origins
                     .retain(|_, f| now.saturating_duration_since(f.seen) < idle);
             }
         }
