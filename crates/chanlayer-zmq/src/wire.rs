@@ -228,11 +228,9 @@ fn u64_at(frame: &[u8], at: usize) -> Option<u64> {
 
 /// Reads a meta frame, with or without an origin: `(kind, epoch, seq)`.
 pub fn parse_meta(frame: &[u8]) -> Option<(u8, u64, u64)> {
-    if frame.len() != META_LEN && frame.len() != STAMPED_META_LEN {
-        return None;
-    }
     let kind = *frame.first()?;
-    if !(META_DATA..=META_BATCH).contains(&kind) {
+    let known = (META_DATA..=META_BATCH).contains(&kind);
+    if !known || !matches!(frame.len(), META_LEN | STAMPED_META_LEN) {
         return None;
     }
     Some((kind, u64_at(frame, 1)?, u64_at(frame, 9)?))
