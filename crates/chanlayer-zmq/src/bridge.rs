@@ -143,16 +143,6 @@ pub(crate) fn recv_message(
     }
 }
 
-/// `zmq::poll`, a failure logged (and a short pause, so a broken poll cannot spin).
-pub(crate) fn poll(items: &mut [zmq::PollItem<'_>], timeout_ms: i64, who: &str) {
-    if let Err(e) = zmq::poll(items, timeout_ms) {
-        if e != zmq::Error::EINTR {
-            tracing::warn!(error = %e, "the {who} could not poll");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
 /// Closing: waits on `sock` for `events`, at most 100 ms and not past `until`. `false` once
 /// `until` has passed, or when the poll failed (logged as the `who`'s).
 pub(crate) fn wait_until(
@@ -527,6 +517,25 @@ impl<C> Mailbox<C> {
         // Reads until it is empty (an error other than an interruption).
         while !matches!(self.bell_rx.recv(&mut buf), Err(e) if e.kind() != ErrorKind::Interrupted) {
         }
+    }
+
+    /// The thread (`who`) waits for work on `items` (its sockets, and this doorbell's
+    /// [`Mailbox::poll_item`]): `busy` ms when it has work of its own in sight, else until
+    /// the doorbell rings (at most `idle` ms); then empties the doorbell. A failed poll is
+    /// logged (and a short pause follows, so a broken poll cannot spin).
+    pub fn wait(&self, items: &mut [zmq::PollItem<'_>], busy: Option<i64>, idle: i64, who: &str) {
+        let timeout = match busy {
+            Some(ms) => ms,
+            None if self.prepare_sleep() => idle,
+            None => 0,
+        };
+        if let Err(e) = zmq::poll(items, timeout) {
+            if e != zmq::Error::EINTR {
+                tracing::warn!(error = %e, "the {who} could not poll");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.woke();
     }
 
     /// The doorbell as a poll item for `zmq::poll`.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{lock, poll, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker, CONTEXT};
+use crate::bridge::{lock, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker, CONTEXT};
 use crate::config::{check_endpoint, curve_available, curve_missing};
 use crate::hub::{Counters, Hub, HubStats};
 use crate::retention::From;
@@ -215,8 +215,7 @@ fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
             pull.as_poll_item(zmq::POLLIN),
             mailbox.poll_item(),
         ];
-        poll(&mut items, 500, "proxy");
-        mailbox.woke();
+        mailbox.wait(&mut items, Some(500), 500, "proxy");
         if mailbox.is_closed() {
             // What is retained for subscribers that never came goes with the proxy.
             let abandoned = hub.linger(std::time::Duration::ZERO);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
+use crate::bridge::{lock, spawn, zmq_err, Outbox, Sink, Worker};
 use crate::config::ZmqConfig;
 use crate::hub::{Counters, Hub};
 use crate::receiver::Shared;
@@ -240,20 +240,9 @@ fn run((outbox, fd, address, cfg, receivers): Thread) {
     let mut warm = false;
     let mut batch = VecDeque::new();
     loop {
-        let timeout = if !warm {
-            5
-        } else if mailbox.prepare_sleep() {
-            500
-        } else {
-            0
-        };
         // The socket's fd, not the socket: a direct send may be using it.
-        poll(
-            &mut [zmq::PollItem::from_fd(fd, zmq::POLLIN), mailbox.poll_item()],
-            timeout,
-            "publisher",
-        );
-        mailbox.woke();
+        let mut items = [zmq::PollItem::from_fd(fd, zmq::POLLIN), mailbox.poll_item()];
+        mailbox.wait(&mut items, (!warm).then_some(5), 500, "publisher");
         let mut hub = lock(&outbox.sink);
         hub.drain_subscriptions();
         if mailbox.is_closed() {

@@ -22,8 +22,7 @@ use hashbrown::HashMap;
 use chanlayer_core::Result;
 
 use crate::bridge::{
-    idle_since, lock, poll, spawn, wait_until, zmq_err, Control, Item, Outbox, Outgoing, Sink,
-    Worker,
+    idle_since, lock, spawn, wait_until, zmq_err, Control, Item, Outbox, Outgoing, Sink, Worker,
 };
 use crate::config::ZmqConfig;
 use crate::wire;
@@ -226,18 +225,10 @@ fn run((outbox, fd, close_linger): (Arc<Outbox<Push>>, RawFd, Duration)) {
     let mailbox = &outbox.mailbox;
     loop {
         let blocked = !lock(&outbox.sink).pending.is_empty();
-        let timeout = if blocked {
-            100
-        } else if mailbox.prepare_sleep() {
-            1000
-        } else {
-            0
-        };
         // Blocked: wait for the socket to take more (its fd; a direct send may be using it).
         let mut items = [mailbox.poll_item(), zmq::PollItem::from_fd(fd, zmq::POLLIN)];
         let n = if blocked { 2 } else { 1 };
-        poll(&mut items[..n], timeout, "sender");
-        mailbox.woke();
+        mailbox.wait(&mut items[..n], blocked.then_some(100), 1000, "sender");
         let mut push = lock(&outbox.sink);
         push.numbering.turn();
         if mailbox.is_closed() {

@@ -31,7 +31,7 @@ use chanlayer_core::toolkit::Inbound;
 use chanlayer_core::{Error, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{poll, spawn, zmq_err, Item, Mailbox, Worker, CONTEXT};
+use crate::bridge::{spawn, zmq_err, Item, Mailbox, Worker, CONTEXT};
 use crate::config::ZmqConfig;
 use crate::wire;
 use subs::State;
@@ -234,18 +234,13 @@ type Thread = (
 fn run((cfg, shared, mailbox, (sub, monitor)): Thread) {
     let mut st = State::new(&cfg, shared);
     loop {
-        let timeout = match (mailbox.prepare_sleep(), st.probing()) {
-            (false, _) => 0,
-            (true, true) => 100,
-            (true, false) => 1000,
-        };
+        let idle = if st.probing() { 100 } else { 1000 };
         let mut items = [
             sub.as_poll_item(zmq::POLLIN),
             monitor.as_poll_item(zmq::POLLIN),
             mailbox.poll_item(),
         ];
-        poll(&mut items, timeout, "receiver");
-        mailbox.woke();
+        mailbox.wait(&mut items, None, idle, "receiver");
         if mailbox.is_closed() {
             break;
         }
