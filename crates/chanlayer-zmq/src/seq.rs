@@ -67,28 +67,19 @@ impl SeqTracker {
     /// already.
     pub fn check_run(&mut self, epoch: u64, first: u64, count: u64) -> Option<RunVerdict> {
         let end = first.saturating_add(count.max(1) - 1);
-        let verdict = match self.last {
-            Some(last) if last.epoch == epoch => {
-                if end <= last.seq {
-                    return None;
-                }
-                // `last.seq + 1` cannot overflow: `end <= u64::MAX` returned above.
-                let next = last.seq + 1;
-                let (skip, gap) = (next.saturating_sub(first), first.saturating_sub(next));
-                RunVerdict {
-                    skip,
-                    gap,
-                    restart: false,
-                }
-            }
-            _ => RunVerdict {
-                skip: 0,
-                gap: 0,
-                restart: true,
-            },
-        };
+        let same = self.last.filter(|last| last.epoch == epoch);
+        if same.is_some_and(|last| end <= last.seq) {
+            return None;
+        }
+        // `last.seq + 1` cannot overflow: `end <= u64::MAX` returned above. Another epoch
+        // (or none yet) starts at `first`.
+        let next = same.map_or(first, |last| last.seq + 1);
         self.last = Some(Pos::new(epoch, end));
-        Some(verdict)
+        Some(RunVerdict {
+            skip: next.saturating_sub(first),
+            gap: first.saturating_sub(next),
+            restart: same.is_none(),
+        })
     }
 }
 
@@ -174,13 +165,10 @@ pub(crate) fn settle<P>(
         let mut last = same.map(|f| f.seq).max(welcome_seq);
         for h in held.iter().filter(|h| h.pos.epoch == epoch) {
             let seq = h.pos.seq;
-            if let Some(n) = next {
-                if seq >= n {
-                    lost += seq - n;
-                    next = Some(seq.saturating_add(1));
-                }
-            } else {
-                // No welcome and no floor: the first message is where counting starts.
+            // No welcome and no floor: the first message is where counting starts.
+            let n = next.unwrap_or(seq);
+            if seq >= n {
+                lost += seq - n;
                 next = Some(seq.saturating_add(1));
             }
             last = last.max(Some(seq));
