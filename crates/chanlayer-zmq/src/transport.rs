@@ -43,11 +43,10 @@ pub struct TransportStats {
     pub abandoned: u64,
 }
 
+/// The sending side: this process's endpoint of the embedded address, or the dedicated
+/// sender.
 enum Outbound {
-    Embedded {
-        endpoint: Arc<Endpoint>,
-        bind: BindPolicy,
-    },
+    Embedded(Arc<Endpoint>),
     Dedicated(PushSender),
 }
 
@@ -127,7 +126,7 @@ impl ZmqTransport {
     /// [`ZmqTransport::publisher_stats`].
     fn take_outbound(&self) -> Option<Arc<Outbound>> {
         let outbound = lock(&self.outbound).take()?;
-        if let Outbound::Embedded { endpoint, .. } = &*outbound {
+        if let Outbound::Embedded(endpoint) = &*outbound {
             if let Some(p) = endpoint.started.get() {
                 *lock(&self.closed_publisher) = Some(p.counters.clone());
             }
@@ -153,12 +152,12 @@ impl ZmqTransport {
     fn outlet<R>(&self, f: impl FnOnce(&Outbox) -> R) -> Result<R> {
         let outbound = lock(&self.outbound);
         match outbound.as_deref().ok_or(Error::Closed)? {
-            Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
+            Outbound::Embedded(_) if self.cfg.bind == BindPolicy::Never => Err(Error::unsupported(
                 "send",
                 BACKEND,
                 "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
             )),
-            Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
+            Outbound::Embedded(endpoint) => match endpoint.started.get() {
                 Some(p) => Ok(f(p.outbox())),
                 None => {
                     // The first send binds the publisher: not under the lock `close` takes.
@@ -185,7 +184,7 @@ impl ZmqTransport {
         let token = rand::random::<u64>();
         let outbound = lock(&self.outbound).clone().ok_or(Error::Closed)?;
         let outlet: &Outbox = match &*outbound {
-            Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
+            Outbound::Embedded(endpoint) => match endpoint.started.get() {
                 Some(p) => p.outbox(),
                 None => return Ok(None),
             },
@@ -263,9 +262,7 @@ impl ZmqTransport {
             return lock(&self.closed_publisher).as_ref().map(|c| *lock(c));
         };
         match &*outbound {
-            Outbound::Embedded { endpoint, .. } => {
-                endpoint.started.get().map(|p| *lock(&p.counters))
-            }
+            Outbound::Embedded(endpoint) => endpoint.started.get().map(|p| *lock(&p.counters)),
             Outbound::Dedicated(_) => None,
         }
     }
@@ -328,10 +325,7 @@ impl Transport for ZmqTransport {
                 if cfg.bind == BindPolicy::Eager {
                     ep.publisher()?;
                 }
-                Outbound::Embedded {
-                    endpoint: ep,
-                    bind: cfg.bind,
-                }
+                Outbound::Embedded(ep)
             }
             Mode::Dedicated { pull, .. } => Outbound::Dedicated(sender::start(
                 &cfg,
