@@ -232,7 +232,7 @@ type Thread = (
 );
 
 fn run((cfg, shared, mailbox, (sub, monitor)): Thread) {
-    let mut st = State::new(&cfg, shared);
+    let mut st = State::new(cfg, shared);
     loop {
         let idle = if st.probing() { 100 } else { 1000 };
         let mut items = [

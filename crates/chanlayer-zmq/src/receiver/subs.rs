@@ -76,8 +76,7 @@ impl Probes {
 pub(super) struct State {
     pub shared: Arc<Shared>,
     pub inbox_topic: Vec<u8>,
-    endpoint: String,
-    subscribe_timeout: Duration,
+    cfg: ZmqConfig,
     /// Messages one probing topic may hold back before they are delivered anyway.
     pub max_held: usize,
     pub subs: HashMap<Vec<u8>, Sub>,
@@ -95,16 +94,15 @@ pub(super) struct State {
 }
 
 impl State {
-    pub fn new(cfg: &ZmqConfig, shared: Arc<Shared>) -> State {
+    pub fn new(cfg: ZmqConfig, shared: Arc<Shared>) -> State {
         State {
             inbox_topic: wire::inbox_topic(&shared.options().prefix, shared.id()),
-            endpoint: cfg.subscribe_endpoint().to_owned(),
             shared,
-            subscribe_timeout: cfg.subscribe_timeout,
             max_held: usize::try_from(cfg.rcvhwm)
                 .unwrap_or(0)
                 .max(10_000)
                 .saturating_mul(4),
+            cfg,
             subs: HashMap::new(),
             probes: Probes::default(),
             marks: HashMap::new(),
@@ -162,7 +160,7 @@ impl State {
             let state = SubState::Probing {
                 probe: Some(self.probes.open(sock, self.shared.id(), &topic)),
                 held: Vec::new(),
-                deadline: (link != Link::Down).then(|| Instant::now() + self.subscribe_timeout),
+                deadline: (link != Link::Down).then(|| Instant::now() + self.cfg.subscribe_timeout),
                 waiters: Vec::new(),
                 floor: None,
             };
@@ -256,7 +254,7 @@ impl State {
                     ..
                 } => {
                     if up {
-                        *deadline = Some(now + self.subscribe_timeout);
+                        *deadline = Some(now + self.cfg.subscribe_timeout);
                         if probe.is_none() {
                             *probe = Some(self.probes.open(sock, self.shared.id(), topic));
                         }
@@ -286,7 +284,7 @@ impl State {
                 SubState::Live(_) => {}
             }
         }
-        tracing::debug!(endpoint = %self.endpoint, up, "subscriber connection changed");
+        tracing::debug!(endpoint = %self.cfg.subscribe_endpoint(), up, "subscriber connection changed");
     }
 
     pub fn drain_monitor(&mut self, monitor: &zmq::Socket, sock: &zmq::Socket) {
@@ -302,7 +300,7 @@ impl State {
                 self.set_link(sock, true);
             } else if is(&super::DOWN_EVENTS) {
                 if is(&[E::HANDSHAKE_FAILED_AUTH]) {
-                    tracing::warn!(endpoint = %self.endpoint, "the publisher refused our CURVE keys");
+                    tracing::warn!(endpoint = %self.cfg.subscribe_endpoint(), "the publisher refused our CURVE keys");
                 }
                 self.set_link(sock, false);
             }
@@ -325,10 +323,10 @@ impl State {
             .collect();
         for t in overdue {
             tracing::warn!(
-                endpoint = %self.endpoint,
+                endpoint = %self.cfg.subscribe_endpoint(),
                 topic = %wire::display(&t),
                 "the publisher did not answer the subscription probe within {:?} (is it a chanlayer publisher?); the subscription stays, unconfirmed",
-                self.subscribe_timeout
+                self.cfg.subscribe_timeout
             );
             self.release(&t, None, None);
         }
