@@ -54,7 +54,6 @@ enum Outbound {
 pub struct ZmqTransport {
     cfg: ZmqConfig,
     shared: Arc<Shared>,
-    inbox_topic: Vec<u8>,
     receiver: Arc<Receiver>,
     outbound: Mutex<Option<Arc<Outbound>>>,
     normal: Mutex<HashSet<String>>,
@@ -194,7 +193,7 @@ impl ZmqTransport {
         outlet
             .mailbox
             .push_control(Control::Mark {
-                reply: self.inbox_topic.clone(),
+                reply: wire::inbox_topic(self.prefix(), self.shared.id()),
                 token,
                 flush_prefix: flush_prefix.as_bytes().to_vec(),
             })
@@ -317,7 +316,6 @@ impl Transport for ZmqTransport {
                 ..Default::default()
             },
         });
-        let inbox_topic = wire::inbox_topic(&shared.options().prefix, shared.id());
         let outbound = match &cfg.mode {
             Mode::Embedded { endpoint } => {
                 let ep = publisher::endpoint(endpoint, &cfg);
@@ -337,7 +335,6 @@ impl Transport for ZmqTransport {
         let t = ZmqTransport {
             cfg,
             shared,
-            inbox_topic,
             receiver: Arc::new(receiver),
             outbound: Mutex::new(Some(Arc::new(outbound))),
             normal: Mutex::new(HashSet::new()),
