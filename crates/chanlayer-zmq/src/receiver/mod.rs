@@ -128,25 +128,18 @@ impl Receiver {
         cfg: &ZmqConfig,
         shared: Arc<Shared>,
     ) -> Result<(Receiver, oneshot::Receiver<Confirm>)> {
-        let topic = wire::inbox_topic(&shared.options().prefix, shared.id());
         let cfg = cfg.clone();
+        let (tx, rx) = oneshot::channel();
         let (thread, mailbox) = spawn(
             "receiver",
             move || {
                 let sockets = setup(&cfg, &shared)?;
                 let mailbox = Arc::new(Mailbox::new(usize::MAX)?);
-                Ok(((cfg, shared, mailbox.clone(), sockets), mailbox))
+                Ok(((cfg, shared, mailbox.clone(), sockets, tx), mailbox))
             },
             run,
         )?;
-        let receiver = Worker::new(mailbox, thread, Mailbox::close);
-        let (tx, rx) = oneshot::channel();
-        receiver.send(Cmd::Subscribe {
-            topic,
-            route: Route::Inbox,
-            done: Some(tx),
-        })?;
-        Ok((receiver, rx))
+        Ok((Worker::new(mailbox, thread, Mailbox::close), rx))
     }
 
     fn send(&self, cmd: Cmd) -> Result<()> {
@@ -229,10 +222,12 @@ type Thread = (
     Arc<Shared>,
     Arc<Mailbox<Cmd>>,
     (zmq::Socket, zmq::Socket),
+    oneshot::Sender<Confirm>,
 );
 
-fn run((cfg, shared, mailbox, (sub, monitor)): Thread) {
+fn run((cfg, shared, mailbox, (sub, monitor), inbox): Thread) {
     let mut st = State::new(cfg, shared);
+    st.subscribe(&sub, st.inbox_topic.clone(), Route::Inbox, Some(inbox));
     loop {
         let idle = if st.probing() { 100 } else { 1000 };
         let mut items = [

@@ -141,7 +141,7 @@ impl State {
 
     /// Subscribes `topic` (and probes it) unless it is already; `done` hears when it is
     /// confirmed.
-    fn subscribe(
+    pub(super) fn subscribe(
         &mut self,
         sock: &zmq::Socket,
         topic: Vec<u8>,
