@@ -464,7 +464,7 @@ impl Transport for ZmqTransport {
 
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
         if lock(&self.normal).insert(channel.to_owned()) {
-            self.receiver.subscribe_channel(self.prefix(), channel)?;
+            self.receiver.subscribe_channel(channel)?;
         }
         Ok(NormalReader::Inbox)
     }

@@ -33,7 +33,6 @@ use tokio::sync::oneshot;
 
 use crate::bridge::{spawn, zmq_err, Item, Mailbox, Worker, CONTEXT};
 use crate::config::ZmqConfig;
-use crate::wire;
 use subs::State;
 
 /// Decoded envelopes handed to the inbox at once while the receiver thread reads a backlog
@@ -61,11 +60,8 @@ pub(crate) enum Route {
 }
 
 pub(crate) enum Cmd {
-    Subscribe {
-        topic: Vec<u8>,
-        route: Route,
-        done: Option<oneshot::Sender<Confirm>>,
-    },
+    /// Subscribes a normal channel.
+    Channel(String),
     /// Subscribes or unsubscribes a group to match the registry (`None`: every group).
     Reconcile {
         group: Option<String>,
@@ -147,12 +143,8 @@ impl Receiver {
     }
 
     /// Subscribes a normal channel (no wait).
-    pub fn subscribe_channel(&self, prefix: &str, channel: &str) -> Result<()> {
-        self.send(Cmd::Subscribe {
-            topic: wire::channel_topic(prefix, channel),
-            route: Route::Channel(channel.to_owned()),
-            done: None,
-        })
+    pub fn subscribe_channel(&self, channel: &str) -> Result<()> {
+        self.send(Cmd::Channel(channel.to_owned()))
     }
 
     /// Subscribes or unsubscribes `group` to match the registry (`None`: unsubscribes every

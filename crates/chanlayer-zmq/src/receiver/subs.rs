@@ -123,7 +123,10 @@ impl State {
 
     pub fn command(&mut self, sock: &zmq::Socket, cmd: Cmd) {
         match cmd {
-            Cmd::Subscribe { topic, route, done } => self.subscribe(sock, topic, route, done),
+            Cmd::Channel(channel) => {
+                let topic = wire::channel_topic(&self.shared.options().prefix, &channel);
+                self.subscribe(sock, topic, Route::Channel(channel), None);
+            }
             Cmd::Reconcile {
                 group: Some(g),
                 done,
