@@ -48,18 +48,14 @@ pub(crate) struct RunVerdict {
 /// Where one topic's sequence stands at a receiver: the last message delivered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct SeqTracker {
-    last: Option<Pos>,
+    /// The last message delivered.
+    pub last: Option<Pos>,
 }
 
 impl SeqTracker {
     /// Everything up to `pos` is delivered (or accounted for).
     pub const fn at(pos: Pos) -> SeqTracker {
         SeqTracker { last: Some(pos) }
-    }
-
-    /// The last message delivered.
-    pub fn last(&self) -> Option<Pos> {
-        self.last
     }
 
     /// Checks the run `first, first + 1, ... first + count - 1` (`count` at least 1), and
@@ -335,7 +331,7 @@ mod tests {
             });
             assert_eq!(t.check_run(*epoch, *first, *count), *want, "{name}");
             assert_eq!(
-                t.last(),
+                t.last,
                 Some(Pos::new(after.0, after.1)),
                 "{name}: afterwards"
             );
@@ -522,7 +518,7 @@ mod tests {
             assert_eq!(s.lost, c.lost, "{}: lost", c.name);
             assert_eq!(s.replayed, c.replayed, "{}: replayed", c.name);
             assert_eq!(
-                s.tracker.last(),
+                s.tracker.last,
                 c.last.map(|(e, s)| Pos::new(e, s)),
                 "{}: where the sequence stands",
                 c.name

@@ -272,7 +272,7 @@ impl State {
                 // meanwhile is retained there; hold this topic until a new probe's replay
                 // has filled the gap (groups are not retained: nothing to fill).
                 SubState::Live(tracker) if !up && was == Link::Up => {
-                    let floor = tracker.last();
+                    let floor = tracker.last;
                     if floor.is_some() && matches!(sub.route, Route::Inbox | Route::Channel(_)) {
                         sub.state = SubState::Probing {
                             probe: None,
