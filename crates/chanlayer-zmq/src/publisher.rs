@@ -119,7 +119,8 @@ impl Endpoint {
 
 /// The handle on a publisher thread.
 pub(crate) struct Publisher {
-    worker: Worker<Outbox>,
+    /// The thread, and the way to it (`worker.shared`: data bounded by `send_queue`).
+    pub worker: Worker<Outbox>,
     /// The publisher's live counters (still read after it stops).
     pub counters: Counters,
     address: String,
@@ -163,11 +164,6 @@ impl Publisher {
             counters,
             address: key,
         })
-    }
-
-    /// The way to the thread (data bounded by `send_queue`).
-    pub fn outbox(&self) -> &Outbox {
-        &self.worker.shared
     }
 }
 /// `true` if a process answers on the Unix socket at `path` (libzmq would take the file over

@@ -157,12 +157,12 @@ impl ZmqTransport {
                 "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
             )),
             Outbound::Embedded(endpoint) => match endpoint.started.get() {
-                Some(p) => Ok(f(p.outbox())),
+                Some(p) => Ok(f(&p.worker.shared)),
                 None => {
                     // The first send binds the publisher: not under the lock `close` takes.
                     let endpoint = endpoint.clone();
                     drop(outbound);
-                    Ok(f(endpoint.publisher()?.outbox()))
+                    Ok(f(&endpoint.publisher()?.worker.shared))
                 }
             },
             Outbound::Dedicated(s) => Ok(f(&*s.shared)),
@@ -184,7 +184,7 @@ impl ZmqTransport {
         let outbound = lock(&self.outbound).clone().ok_or(Error::Closed)?;
         let outlet: &Outbox = match &*outbound {
             Outbound::Embedded(endpoint) => match endpoint.started.get() {
-                Some(p) => p.outbox(),
+                Some(p) => &p.worker.shared,
                 None => return Ok(None),
             },
             Outbound::Dedicated(s) => &*s.shared,
