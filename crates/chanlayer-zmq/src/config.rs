@@ -354,32 +354,20 @@ impl BackendSettings for ZmqConfig {
             let value = o.take_int(&k, range)?.unwrap_or_default();
             socket_options.push(SocketOption { name, value });
         }
-        // Durations: (option, least value, default). ZMQ_RECONNECT_IVL, _MAX and ZMQ_LINGER
-        // are C ints of milliseconds: MAX_TIMEOUT is their bound.
-        let mut dur = |key: &str, least: Duration, default: Duration| {
-            o.take_duration(key, least..=MAX_TIMEOUT)
-                .map(|d| d.unwrap_or(default))
-        };
-        let (s, ms) = (Duration::from_secs, Duration::from_millis);
-        let subscribe_timeout = dur("subscribe_timeout", MIN_TIMEOUT, s(5))?;
-        let connect_timeout = dur("connect_timeout", MIN_TIMEOUT, s(5))?;
-        let reconnect_interval = dur("reconnect_interval", MIN_TIMEOUT, ms(100))?;
-        let reconnect_interval_max = dur("reconnect_interval_max", Duration::ZERO, Duration::ZERO)?;
-        let linger = dur("linger", Duration::ZERO, s(1))?;
-        let close_linger = dur("close_linger", Duration::ZERO, s(2))?;
+        let (s, ms, zero) = (Duration::from_secs, Duration::from_millis, Duration::ZERO);
         let d = Retention::default();
         let cfg = ZmqConfig {
             mode,
+            subscribe_timeout: dur(&mut o, "subscribe_timeout", MIN_TIMEOUT, s(5))?,
+            connect_timeout: dur(&mut o, "connect_timeout", MIN_TIMEOUT, s(5))?,
+            reconnect_interval: dur(&mut o, "reconnect_interval", MIN_TIMEOUT, ms(100))?,
+            reconnect_interval_max: dur(&mut o, "reconnect_interval_max", zero, zero)?,
+            linger: dur(&mut o, "linger", zero, s(1))?,
+            close_linger: dur(&mut o, "close_linger", zero, s(2))?,
             bind: o.take_parsed("bind")?.unwrap_or(BindPolicy::Lazy),
             sndhwm: o.take_int("sndhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             rcvhwm: o.take_int("rcvhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             send_queue: o.take_int("send_queue", 1..=usize::MAX)?.unwrap_or(10_000),
-            subscribe_timeout,
-            connect_timeout,
-            reconnect_interval,
-            reconnect_interval_max,
-            linger,
-            close_linger,
             retention: Retention {
                 per_topic: o.take_int("retain", 0..=usize::MAX)?.unwrap_or(d.per_topic),
                 max_age: o
@@ -479,6 +467,12 @@ impl ZmqConfig {
             Mode::Dedicated { publish, .. } => publish,
         }
     }
+}
+
+/// The duration option `key`: from `least` to MAX_TIMEOUT (ZMQ_RECONNECT_IVL, _MAX and
+/// ZMQ_LINGER are C ints of milliseconds), `or` when not given.
+fn dur(o: &mut BackendOptions, key: &str, least: Duration, or: Duration) -> Result<Duration> {
+    Ok(o.take_duration(key, least..=MAX_TIMEOUT)?.unwrap_or(or))
 }
 
 fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
