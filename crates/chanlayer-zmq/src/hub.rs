@@ -205,11 +205,8 @@ impl Hub {
                 });
                 f.last = seq.saturating_add(count - 1);
                 f.seen = clock;
-                wire::Origin {
-                    id,
-                    seq,
-                    first: f.first.min(seq),
-                }
+                let first = f.first.min(seq);
+                wire::Origin { id, seq, first }
             }
             _ => wire::Origin::default(),
         });
