@@ -226,11 +226,7 @@ impl Outbox {
         };
         if let Some(mut sink) = sink {
             if self.mailbox.is_empty()? && sink.idle() {
-                let item = Item::Data(Outgoing {
-                    topic: topic.to_vec(),
-                    body: payload.into_owned(),
-                    count: 1,
-                });
+                let item = Item::Data(Outgoing::one(topic.to_vec(), payload.into_owned()));
                 if sink.put(item) {
                     self.mailbox.wake();
                 }
@@ -254,6 +250,15 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
+    /// One message.
+    pub fn one(topic: Vec<u8>, body: Vec<u8>) -> Outgoing {
+        Outgoing {
+            topic,
+            body,
+            count: 1,
+        }
+    }
+
     /// Appends a message of `topic` to this item when they travel together: the same
     /// topic, both at most [`wire::BATCH_ITEM_MAX`] bytes, and the run stays within
     /// [`wire::BATCH_MAX_BYTES`]. The caller's thread copies it into the run here, so the
@@ -414,11 +419,10 @@ impl<C> Mailbox<C> {
                 return;
             }
         }
-        items.push_back(Item::Data(Outgoing {
-            topic: topic.into_owned(),
-            body: payload.into_owned(),
-            count: 1,
-        }));
+        items.push_back(Item::Data(Outgoing::one(
+            topic.into_owned(),
+            payload.into_owned(),
+        )));
     }
 
     /// Queues the data message `[topic, payload]` (bounded by the capacity), copied into

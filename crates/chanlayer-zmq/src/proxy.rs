@@ -330,11 +330,7 @@ impl Batch {
             return hub.publish(topic, from, 1, payload);
         }
         self.from = from;
-        self.run = Some(Outgoing {
-            topic: topic.to_vec(),
-            body: payload.to_vec(),
-            count: 1,
-        });
+        self.run = Some(Outgoing::one(topic.to_vec(), payload.to_vec()));
     }
 
     /// Publishes what is batched.
