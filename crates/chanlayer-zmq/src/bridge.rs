@@ -74,13 +74,13 @@ pub(crate) fn spawn<S, T: Send + 'static>(
 
 /// A socket thread and what feeds it (`T`: its mailbox, or an [`Outbox`]);
 /// [`Worker::stop`] (or a drop) closes that (`close`) and joins the thread.
-pub(crate) struct Worker<T> {
+pub(crate) struct Worker<T: ?Sized> {
     pub shared: Arc<T>,
     close: fn(&T),
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<T> Worker<T> {
+impl<T: ?Sized> Worker<T> {
     pub fn new(shared: Arc<T>, thread: JoinHandle<()>, close: fn(&T)) -> Self {
         let thread = Mutex::new(Some(thread));
         Worker {
@@ -105,7 +105,7 @@ impl<T> Worker<T> {
     }
 }
 
-impl<T> Drop for Worker<T> {
+impl<T: ?Sized> Drop for Worker<T> {
     fn drop(&mut self) {
         self.stop();
     }
@@ -139,16 +139,6 @@ pub(crate) fn recv_message(
                 tracing::debug!(error = %e, "the rest of a message was lost");
                 return Some(extra);
             }
-        }
-    }
-}
-
-/// `zmq::poll`, a failure logged (and a short pause, so a broken poll cannot spin).
-pub(crate) fn poll(items: &mut [zmq::PollItem<'_>], timeout_ms: i64, who: &str) {
-    if let Err(e) = zmq::poll(items, timeout_ms) {
-        if e != zmq::Error::EINTR {
-            tracing::warn!(error = %e, "the {who} could not poll");
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -204,8 +194,9 @@ pub(crate) fn idle_since(last: &mut Instant) -> bool {
 
 /// The way into a sending thread: its mailbox, and its [`Sink`] behind a lock that the
 /// thread holds while it works. A send takes the lock only when it is free and nothing is
-/// queued, so the order of what was sent holds.
-pub(crate) struct Outbox<S> {
+/// queued, so the order of what was sent holds. The thread has its own `S`; a layer
+/// instance has an `Outbox` of `dyn Sink`, whichever thread is behind it.
+pub(crate) struct Outbox<S: ?Sized = dyn Sink> {
     pub mailbox: Mailbox<Control>,
     pub sink: Mutex<S>,
 }
@@ -219,17 +210,10 @@ impl<S: Sink> Outbox<S> {
     }
 }
 
-/// A layer instance's sending side, whichever thread is behind it.
-pub(crate) trait Outlet: Send + Sync {
+impl Outbox {
     /// Sends the data message `[topic, payload]`: straight out when the socket is idle and
     /// nothing is queued, else queued (bounded by the capacity) for the thread.
-    fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused>;
-    /// The thread's queue (batches, commands).
-    fn queue(&self) -> &Mailbox<Control>;
-}
-
-impl<S: Sink> Outlet for Outbox<S> {
-    fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused> {
+    pub fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused> {
         // In a stream something is queued nearly always: queue behind it without touching
         // the socket's lock (the thread's) or reading the clock.
         if self.mailbox.queued() {
@@ -242,10 +226,7 @@ impl<S: Sink> Outlet for Outbox<S> {
         };
         if let Some(mut sink) = sink {
             if self.mailbox.is_empty()? && sink.idle() {
-                let item = Item::Data(Outgoing::One {
-                    topic: topic.to_vec(),
-                    payload: payload.into_owned(),
-                });
+                let item = Item::Data(Outgoing::one(topic.to_vec(), payload.into_owned()));
                 if sink.put(item) {
                     self.mailbox.wake();
                 }
@@ -255,32 +236,26 @@ impl<S: Sink> Outlet for Outbox<S> {
         }
         self.mailbox.push(topic.into(), payload)
     }
-
-    fn queue(&self) -> &Mailbox<Control> {
-        &self.mailbox
-    }
 }
 
-/// Data messages on their way to a socket thread: one message, or a run of consecutive
-/// messages of one topic that merged in the queue (see [`Outgoing::append`]).
+/// Data messages on their way to a socket thread: one message (`count` 1, `body` its
+/// envelope), or a run of `count` consecutive messages of one topic that merged in the
+/// queue (`body` as [`wire::batch_push`] writes them; see [`Outgoing::append`]).
 #[derive(Debug)]
-pub(crate) enum Outgoing {
-    /// `[topic, envelope]`.
-    One { topic: Vec<u8>, payload: Vec<u8> },
-    /// `count` envelopes of `topic`, as [`wire::batch_push`] writes them.
-    Run {
-        topic: Vec<u8>,
-        body: Vec<u8>,
-        count: usize,
-    },
+pub(crate) struct Outgoing {
+    pub topic: Vec<u8>,
+    pub body: Vec<u8>,
+    /// How many messages this holds (what the mailbox's capacity counts).
+    pub count: usize,
 }
 
 impl Outgoing {
-    /// How many messages this holds (what the mailbox's capacity counts).
-    pub fn count(&self) -> usize {
-        match self {
-            Outgoing::One { .. } => 1,
-            Outgoing::Run { count, .. } => *count,
+    /// One message.
+    pub fn one(topic: Vec<u8>, body: Vec<u8>) -> Outgoing {
+        Outgoing {
+            topic,
+            body,
+            count: 1,
         }
     }
 
@@ -288,39 +263,27 @@ impl Outgoing {
     /// topic, both at most [`wire::BATCH_ITEM_MAX`] bytes, and the run stays within
     /// [`wire::BATCH_MAX_BYTES`]. The caller's thread copies it into the run here, so the
     /// socket thread gets a batch ready to send. `false` (nothing changed) otherwise.
-    pub fn append(&mut self, next_topic: &[u8], next_payload: &[u8]) -> bool {
-        if next_payload.len() > wire::BATCH_ITEM_MAX {
+    pub fn append(&mut self, topic: &[u8], payload: &[u8]) -> bool {
+        // One message becomes a run: its envelope gets a length prefix too.
+        let one = self.count == 1;
+        let size = self.body.len() + if one { 4 } else { 0 };
+        if payload.len() > wire::BATCH_ITEM_MAX
+            || (one && self.body.len() > wire::BATCH_ITEM_MAX)
+            || size + 4 + payload.len() > wire::BATCH_MAX_BYTES
+            || self.topic.as_slice() != topic
+        {
             return false;
         }
-        match self {
-            Outgoing::One { topic, payload }
-                if topic.as_slice() == next_topic
-                    && payload.len() <= wire::BATCH_ITEM_MAX
-                    && 8 + payload.len() + next_payload.len() <= wire::BATCH_MAX_BYTES =>
-            {
-                let mut body = Vec::with_capacity(
-                    (16 * (next_payload.len() + 4)).clamp(4 * 1024, wire::BATCH_MAX_BYTES),
-                );
-                wire::batch_push(&mut body, payload);
-                wire::batch_push(&mut body, next_payload);
-                let topic = std::mem::take(topic);
-                *self = Outgoing::Run {
-                    topic,
-                    body,
-                    count: 2,
-                };
-                true
-            }
-            Outgoing::Run { topic, body, count }
-                if topic.as_slice() == next_topic
-                    && body.len() + 4 + next_payload.len() <= wire::BATCH_MAX_BYTES =>
-            {
-                wire::batch_push(body, next_payload);
-                *count += 1;
-                true
-            }
-            _ => false,
+        if one {
+            let mut body = Vec::with_capacity(
+                (16 * (payload.len() + 4)).clamp(4 * 1024, wire::BATCH_MAX_BYTES),
+            );
+            wire::batch_push(&mut body, &self.body);
+            self.body = body;
         }
+        wire::batch_push(&mut self.body, payload);
+        self.count += 1;
+        true
     }
 }
 
@@ -340,7 +303,7 @@ impl<C> Item<C> {
     /// command counts for nothing).
     pub fn count(&self) -> usize {
         match self {
-            Item::Data(d) => d.count(),
+            Item::Data(d) => d.count,
             Item::Control(_) => 0,
         }
     }
@@ -456,10 +419,10 @@ impl<C> Mailbox<C> {
                 return;
             }
         }
-        items.push_back(Item::Data(Outgoing::One {
-            topic: topic.into_owned(),
-            payload: payload.into_owned(),
-        }));
+        items.push_back(Item::Data(Outgoing::one(
+            topic.into_owned(),
+            payload.into_owned(),
+        )));
     }
 
     /// Queues the data message `[topic, payload]` (bounded by the capacity), copied into
@@ -555,13 +518,28 @@ impl<C> Mailbox<C> {
     pub fn woke(&self) {
         self.sleeping.store(false, Ordering::SeqCst);
         let mut buf = [0u8; 64];
-        loop {
-            match self.bell_rx.recv(&mut buf) {
-                Ok(_) => continue,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => break,
+        // Reads until it is empty (an error other than an interruption).
+        while !matches!(self.bell_rx.recv(&mut buf), Err(e) if e.kind() != ErrorKind::Interrupted) {
+        }
+    }
+
+    /// The thread (`who`) waits for work on `items` (its sockets, and this doorbell's
+    /// [`Mailbox::poll_item`]): `busy` ms when it has work of its own in sight, else until
+    /// the doorbell rings (at most `idle` ms); then empties the doorbell. A failed poll is
+    /// logged (and a short pause follows, so a broken poll cannot spin).
+    pub fn wait(&self, items: &mut [zmq::PollItem<'_>], busy: Option<i64>, idle: i64, who: &str) {
+        let timeout = match busy {
+            Some(ms) => ms,
+            None if self.prepare_sleep() => idle,
+            None => 0,
+        };
+        if let Err(e) = zmq::poll(items, timeout) {
+            if e != zmq::Error::EINTR {
+                tracing::warn!(error = %e, "the {who} could not poll");
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
+        self.woke();
     }
 
     /// The doorbell as a poll item for `zmq::poll`.
@@ -585,10 +563,12 @@ mod tests {
         items
             .into_iter()
             .map(|i| match i {
-                Item::Data(Outgoing::One { topic, payload }) => {
-                    Shape::Data(topic, vec![payload.len()])
-                }
-                Item::Data(Outgoing::Run { topic, body, count }) => {
+                Item::Data(Outgoing {
+                    topic,
+                    body,
+                    count: 1,
+                }) => Shape::Data(topic, vec![body.len()]),
+                Item::Data(Outgoing { topic, body, count }) => {
                     let lens: Vec<usize> = wire::batch_items(&body)
                         .expect("a batch")
                         .iter()

@@ -182,36 +182,27 @@ pub struct ZmqConfig {
 /// Checks a libzmq endpoint: `tcp://HOST:PORT` (PORT may be `*` or `0` when `bind_any` is
 /// set, for a listener on a free port) or `ipc://PATH`.
 pub fn check_endpoint(endpoint: &str, bind_any: bool) -> Result<()> {
-    let bad = |why: &str| {
-        Err(Error::Config(format!(
-            "endpoint {endpoint:?}: {why}; use tcp://HOST:PORT or ipc://PATH"
-        )))
+    let why = match (
+        endpoint.strip_prefix("tcp://"),
+        endpoint.strip_prefix("ipc://"),
+    ) {
+        (Some(rest), _) => match rest.rsplit_once(':') {
+            None => "no port",
+            Some(("", _)) => "no host",
+            Some((host, _)) if host.starts_with('[') != host.ends_with(']') => {
+                "an IPv6 host goes in brackets, [::1]"
+            }
+            Some((_, "*" | "0")) if bind_any => return Ok(()),
+            Some((_, port)) if port.parse::<u16>().is_ok_and(|p| p > 0) => return Ok(()),
+            Some(_) => "the port is not a number from 1 to 65535",
+        },
+        (None, Some("")) => "no path",
+        (None, Some(_)) => return Ok(()),
+        (None, None) => "unsupported transport",
     };
-    if let Some(rest) = endpoint.strip_prefix("tcp://") {
-        let Some((host, port)) = rest.rsplit_once(':') else {
-            return bad("no port");
-        };
-        if host.is_empty() {
-            return bad("no host");
-        }
-        if host.starts_with('[') != host.ends_with(']') {
-            return bad("an IPv6 host goes in brackets, [::1]");
-        }
-        if bind_any && (port == "*" || port == "0") {
-            return Ok(());
-        }
-        match port.parse::<u16>() {
-            Ok(p) if p > 0 => Ok(()),
-            _ => bad("the port is not a number from 1 to 65535"),
-        }
-    } else if let Some(path) = endpoint.strip_prefix("ipc://") {
-        if path.is_empty() {
-            return bad("no path");
-        }
-        Ok(())
-    } else {
-        bad("unsupported transport")
-    }
+    Err(Error::Config(format!(
+        "endpoint {endpoint:?}: {why}; use tcp://HOST:PORT or ipc://PATH"
+    )))
 }
 
 fn tcp_endpoint(host_port: &str, default_port: u16) -> Result<String> {
@@ -286,12 +277,10 @@ impl BackendSettings for ZmqConfig {
         let pull = o.take("pull");
         let publish = o.take("pub");
         let mode = match (mode_opt.as_deref(), pull, publish) {
-            (Some("embedded"), Some(_), _) | (Some("embedded"), _, Some(_)) => {
-                return Err(Error::Config(
-                    "mode=embedded takes no pull= or pub= (those are the proxy's endpoints in dedicated mode)".into(),
-                ))
-            }
-            (Some("embedded") | None, None, None) => Mode::Embedded {
+            (Some("embedded"), Some(_), _) | (Some("embedded"), _, Some(_)) => Err(Error::Config(
+                "mode=embedded takes no pull= or pub= (those are the proxy's endpoints in dedicated mode)".into(),
+            )),
+            (Some("embedded") | None, None, None) => Ok(Mode::Embedded {
                 endpoint: if address.is_empty() {
                     format!("tcp://127.0.0.1:{DEFAULT_PORT}")
                 } else if address.contains("://") {
@@ -300,7 +289,7 @@ impl BackendSettings for ZmqConfig {
                 } else {
                     tcp_endpoint(&address, DEFAULT_PORT)?
                 },
-            },
+            }),
             (Some("dedicated") | None, Some(pull), Some(publish)) => {
                 if !address.is_empty() {
                     return Err(Error::Config(format!(
@@ -312,13 +301,11 @@ impl BackendSettings for ZmqConfig {
                         return Err(Error::Config(format!("option {key}: {why}")));
                     }
                 }
-                Mode::Dedicated { pull, publish }
+                Ok(Mode::Dedicated { pull, publish })
             }
-            (Some("dedicated") | None, Some(_), None) | (Some("dedicated") | None, None, Some(_)) => {
-                return Err(Error::Config(
-                    "dedicated mode needs both pull= (the proxy's PULL endpoint) and pub= (its PUB endpoint)".into(),
-                ))
-            }
+            (Some("dedicated") | None, Some(_), None) | (Some("dedicated") | None, None, Some(_)) => Err(Error::Config(
+                "dedicated mode needs both pull= (the proxy's PULL endpoint) and pub= (its PUB endpoint)".into(),
+            )),
             (Some("dedicated"), None, None) => {
                 let has_port = (address.contains(':') && !address.starts_with('['))
                     || address.contains("]:");
@@ -328,17 +315,15 @@ impl BackendSettings for ZmqConfig {
                     )));
                 }
                 let host = if address.is_empty() { "127.0.0.1" } else { &address };
-                Mode::Dedicated {
+                Ok(Mode::Dedicated {
                     pull: tcp_endpoint(host, DEFAULT_PULL_PORT)?,
                     publish: tcp_endpoint(host, DEFAULT_PUB_PORT)?,
-                }
+                })
             }
-            (Some(other), _, _) => {
-                return Err(Error::Config(format!(
-                    "option mode={other}: use embedded or dedicated"
-                )))
-            }
-        };
+            (Some(other), _, _) => Err(Error::Config(format!(
+                "option mode={other}: use embedded or dedicated"
+            ))),
+        }?;
         let ipv6_default = match &mode {
             Mode::Embedded { endpoint } => endpoint.starts_with("tcp://["),
             Mode::Dedicated { pull, publish } => {
@@ -369,34 +354,20 @@ impl BackendSettings for ZmqConfig {
             let value = o.take_int(&k, range)?.unwrap_or_default();
             socket_options.push(SocketOption { name, value });
         }
-        // Durations: (option, least value, default). ZMQ_RECONNECT_IVL, _MAX and ZMQ_LINGER
-        // are C ints of milliseconds: MAX_TIMEOUT is their bound.
-        let mut dur = |key: &str, least: Duration, default: Duration| {
-            Ok::<_, Error>(
-                o.take_duration(key, least..=MAX_TIMEOUT)?
-                    .unwrap_or(default),
-            )
-        };
-        let (s, ms) = (Duration::from_secs, Duration::from_millis);
-        let subscribe_timeout = dur("subscribe_timeout", MIN_TIMEOUT, s(5))?;
-        let connect_timeout = dur("connect_timeout", MIN_TIMEOUT, s(5))?;
-        let reconnect_interval = dur("reconnect_interval", MIN_TIMEOUT, ms(100))?;
-        let reconnect_interval_max = dur("reconnect_interval_max", Duration::ZERO, Duration::ZERO)?;
-        let linger = dur("linger", Duration::ZERO, s(1))?;
-        let close_linger = dur("close_linger", Duration::ZERO, s(2))?;
+        let (s, ms, zero) = (Duration::from_secs, Duration::from_millis, Duration::ZERO);
         let d = Retention::default();
         let cfg = ZmqConfig {
             mode,
+            subscribe_timeout: dur(&mut o, "subscribe_timeout", MIN_TIMEOUT, s(5))?,
+            connect_timeout: dur(&mut o, "connect_timeout", MIN_TIMEOUT, s(5))?,
+            reconnect_interval: dur(&mut o, "reconnect_interval", MIN_TIMEOUT, ms(100))?,
+            reconnect_interval_max: dur(&mut o, "reconnect_interval_max", zero, zero)?,
+            linger: dur(&mut o, "linger", zero, s(1))?,
+            close_linger: dur(&mut o, "close_linger", zero, s(2))?,
             bind: o.take_parsed("bind")?.unwrap_or(BindPolicy::Lazy),
             sndhwm: o.take_int("sndhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             rcvhwm: o.take_int("rcvhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             send_queue: o.take_int("send_queue", 1..=usize::MAX)?.unwrap_or(10_000),
-            subscribe_timeout,
-            connect_timeout,
-            reconnect_interval,
-            reconnect_interval_max,
-            linger,
-            close_linger,
             retention: Retention {
                 per_topic: o.take_int("retain", 0..=usize::MAX)?.unwrap_or(d.per_topic),
                 max_age: o
@@ -498,6 +469,12 @@ impl ZmqConfig {
     }
 }
 
+/// The duration option `key`: from `least` to MAX_TIMEOUT (ZMQ_RECONNECT_IVL, _MAX and
+/// ZMQ_LINGER are C ints of milliseconds), `or` when not given.
+fn dur(o: &mut BackendOptions, key: &str, least: Duration, or: Duration) -> Result<Duration> {
+    Ok(o.take_duration(key, least..=MAX_TIMEOUT)?.unwrap_or(or))
+}
+
 fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
     let keys = [
         "curve_serverkey",
@@ -506,10 +483,7 @@ fn curve_keys(o: &mut BackendOptions) -> Result<Option<CurveKeys>> {
         "curve_server_secretkey",
     ];
     let [server, public, secret, server_secret] = keys.map(|k| o.take(k));
-    if [&server, &public, &secret, &server_secret]
-        .iter()
-        .all(|k| k.is_none())
-    {
+    if server.is_none() && public.is_none() && secret.is_none() && server_secret.is_none() {
         return Ok(None);
     }
     if !curve_available() {

@@ -28,29 +28,6 @@ use crate::bridge::{idle_since, lock, wait_until, Control, Item, Outgoing, Sink}
 use crate::retention::{From, Retention, Store};
 use crate::wire::{self, TopicKind};
 
-/// A message body handed to the hub: owned bytes, or a frame received from the proxy's
-/// PULL socket (forwarded without a copy when it is not retained).
-pub(crate) enum Payload {
-    Bytes(Vec<u8>),
-    Frame(zmq::Message),
-}
-
-impl Payload {
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            Payload::Bytes(b) => b,
-            Payload::Frame(m) => m,
-        }
-    }
-
-    pub fn into_message(self) -> zmq::Message {
-        match self {
-            Payload::Bytes(b) => zmq::Message::from(b),
-            Payload::Frame(m) => m,
-        }
-    }
-}
-
 /// Counters of a publisher (the proxy, or the embedded publisher of a process).
 ///
 /// `received = forwarded + dropped + undecodable + flushed + pending + abandoned`, where
@@ -113,7 +90,8 @@ struct TopicState {
 
 /// The XPUB side. Owned by one thread.
 pub(crate) struct Hub {
-    xpub: zmq::Socket,
+    /// The XPUB socket (the proxy polls it).
+    pub xpub: zmq::Socket,
     epoch: u64,
     /// A proxy's hub: every data message carries an origin stamp, and welcomes the table of
     /// the topic's origins (see [`crate::wire::Origin`]).
@@ -167,11 +145,6 @@ impl Hub {
         c.pending = self.store.pending as u64;
     }
 
-    /// The XPUB socket (for polling).
-    pub fn socket(&self) -> &zmq::Socket {
-        &self.xpub
-    }
-
     /// Sends one message (a failure is logged: PUB/SUB has no one to tell).
     fn send<T: Into<zmq::Message>>(&self, frames: impl IntoIterator<Item = T>) {
         if let Err(e) = self.xpub.send_multipart(frames, 0) {
@@ -200,12 +173,14 @@ impl Hub {
         }
     }
 
-    /// Publishes `count` messages of `topic` as one frame: one envelope, or (`batch`) a
-    /// batch body as [`wire::batch_push`] wrote it; `from` is the origin of the first (the
-    /// others follow). Each message gets its own sequence number, and is retained and
-    /// counted on its own: normal channels are retained for late joiners, an inbox only
-    /// while nobody listens, groups never (retention off: nothing).
-    pub fn publish(&mut self, topic: &[u8], from: From, count: u64, payload: Payload, batch: bool) {
+    /// Publishes `count` messages of `topic` as one frame: one envelope, or (`count` more
+    /// than 1) a batch body as [`wire::batch_push`] wrote it; `from` is the origin of the
+    /// first (the others follow). A frame received from the proxy's PULL socket is
+    /// forwarded without a copy. Each message gets its own sequence number, and is
+    /// retained and counted on its own: normal channels are retained for late joiners, an
+    /// inbox only while nobody listens, groups never (retention off: nothing).
+    pub fn publish(&mut self, topic: &[u8], from: From, count: u64, payload: zmq::Message) {
+        let batch = count > 1;
         let Some(kind) = wire::data_topic_kind(topic) else {
             return self.reject(count);
         };
@@ -230,19 +205,16 @@ impl Hub {
                 });
                 f.last = seq.saturating_add(count - 1);
                 f.seen = clock;
-                wire::Origin {
-                    id,
-                    seq,
-                    first: f.first.min(seq),
-                }
+                let first = f.first.min(seq);
+                wire::Origin { id, seq, first }
             }
             _ => wire::Origin::default(),
         });
         let key = state.key.clone();
         let kept: Vec<Vec<u8>> = match (retain, batch) {
             (false, _) => Vec::new(),
-            (true, false) => vec![payload.as_slice().to_vec()],
-            (true, true) => wire::batch_items(payload.as_slice())
+            (true, false) => vec![payload.to_vec()],
+            (true, true) => wire::batch_items(&payload)
                 .unwrap_or_default()
                 .into_iter()
                 .map(<[u8]>::to_vec)
@@ -267,7 +239,7 @@ impl Hub {
                 wire::META_DATA
             };
             let meta = meta(meta_kind, self.epoch, first, origin);
-            self.send([topic.into(), meta, payload.into_message()]);
+            self.send([topic.into(), meta, payload]);
         }
         let mut dropped = 0;
         for (i, bytes) in (0u64..).zip(kept) {
@@ -300,15 +272,8 @@ impl Hub {
 
     /// Publishes a message, or a run of messages of one topic as a batch frame, from origin
     /// `from` (of the first; the others follow).
-    pub fn publish_data(&mut self, data: Outgoing, from: From) {
-        match data {
-            Outgoing::One { topic, payload } => {
-                self.publish(&topic, from, 1, Payload::Bytes(payload), false);
-            }
-            Outgoing::Run { topic, body, count } => {
-                self.publish(&topic, from, count as u64, Payload::Bytes(body), true);
-            }
-        }
+    pub fn publish_data(&mut self, d: Outgoing, from: From) {
+        self.publish(&d.topic, from, d.count as u64, d.body.into());
     }
 
     /// Counts `count` messages that are not chanlayer's (skipped).
@@ -333,18 +298,17 @@ impl Hub {
     /// Time-based work, once per loop turn: ages retained messages out, and now and then
     /// forgets origins that went quiet.
     pub fn tick(&mut self) {
-        self.clock = Instant::now();
+        let now = Instant::now();
+        self.clock = now;
         if self.store.count > 0 {
-            let dropped = self.store.evict(self.clock);
+            let dropped = self.store.evict(now);
             self.count(|c| c.dropped += dropped);
         }
-        if self.stamps && self.clock.duration_since(self.forgot_at) >= Duration::from_secs(60) {
-            self.forgot_at = self.clock;
+        if self.stamps && now.duration_since(self.forgot_at) >= Duration::from_secs(60) {
+            self.forgot_at = now;
             let idle = FOLLOW_FOR.max(self.store.limits.max_age);
-            let now = self.clock;
-            for state in self.topics.values_mut() {
-                state
-                    .origins
+            for s in self.topics.values_mut() {
+                s.origins
                     .retain(|_, f| now.saturating_duration_since(f.seen) < idle);
             }
         }

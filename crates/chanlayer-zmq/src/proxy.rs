@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{lock, poll, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker, CONTEXT};
+use crate::bridge::{lock, recv_message, spawn, zmq_err, Mailbox, Outgoing, Worker, CONTEXT};
 use crate::config::{check_endpoint, curve_available, curve_missing};
-use crate::hub::{Counters, Hub, HubStats, Payload};
+use crate::hub::{Counters, Hub, HubStats};
 use crate::retention::From;
 use crate::retention::Retention;
 use crate::wire;
@@ -211,12 +211,11 @@ fn run((pull, mut hub, mailbox): (zmq::Socket, Hub, Arc<Mailbox<()>>)) {
     let mut run = Batch::default();
     loop {
         let mut items = [
-            hub.socket().as_poll_item(zmq::POLLIN),
+            hub.xpub.as_poll_item(zmq::POLLIN),
             pull.as_poll_item(zmq::POLLIN),
             mailbox.poll_item(),
         ];
-        poll(&mut items, 500, "proxy");
-        mailbox.woke();
+        mailbox.wait(&mut items, Some(500), 500, "proxy");
         if mailbox.is_closed() {
             // What is retained for subscribers that never came goes with the proxy.
             let abandoned = hub.linger(std::time::Duration::ZERO);
@@ -265,7 +264,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
                 Some(items) => {
                     for (i, item) in (0u64..).zip(items) {
                         let origin = from(id, seq.saturating_add(i));
-                        run.add(hub, first, origin, Payload::Bytes(item.to_vec()));
+                        run.add(hub, first, origin, item.into());
                     }
                 }
                 None => {
@@ -280,7 +279,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
     };
     if let Some(from) = from {
         if let Some(payload) = frames.pop() {
-            run.add(hub, &frames[0], from, Payload::Frame(payload));
+            run.add(hub, &frames[0], from, payload);
         }
         return;
     }
@@ -288,8 +287,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
     if n == 4 && frames[0][..] == *wire::MARK_CONTROL {
         let rest: Vec<&[u8]> = frames.iter().skip(1).map(|f| &f[..]).collect();
         if let Some((reply, token, prefix)) = wire::parse_mark_control(&rest) {
-            let (reply, prefix) = (reply.to_vec(), prefix.to_vec());
-            hub.mark(&reply, token, &prefix);
+            hub.mark(reply, token, prefix);
             return;
         }
     }
@@ -314,32 +312,25 @@ impl Batch {
     /// Adds a message for `topic`, publishing what is batched first when it cannot join the
     /// run (another topic or origin, a full batch). A message over [`wire::BATCH_ITEM_MAX`]
     /// is published alone, without a copy.
-    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: Payload) {
+    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: zmq::Message) {
         let follows = match (&self.run, self.from, from) {
             (Some(_), None, None) => true,
             (Some(run), Some((id, first)), Some((next_id, next))) => {
-                id == next_id && first.checked_add(run.count() as u64) == Some(next)
+                id == next_id && first.checked_add(run.count as u64) == Some(next)
             }
             _ => false,
         };
         if let Some(run) = self.run.as_mut().filter(|_| follows) {
-            if run.append(topic, payload.as_slice()) {
+            if run.append(topic, &payload) {
                 return;
             }
         }
         self.flush(hub);
-        if payload.as_slice().len() > wire::BATCH_ITEM_MAX {
-            return hub.publish(topic, from, 1, payload, false);
+        if payload.len() > wire::BATCH_ITEM_MAX {
+            return hub.publish(topic, from, 1, payload);
         }
-        let payload = match payload {
-            Payload::Bytes(b) => b,
-            Payload::Frame(m) => m.to_vec(),
-        };
         self.from = from;
-        self.run = Some(Outgoing::One {
-            topic: topic.to_vec(),
-            payload,
-        });
+        self.run = Some(Outgoing::one(topic.to_vec(), payload.to_vec()));
     }
 
     /// Publishes what is batched.

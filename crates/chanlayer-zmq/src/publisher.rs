@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use chanlayer_core::{Error, Result};
 
-use crate::bridge::{lock, poll, spawn, zmq_err, Outbox, Sink, Worker};
+use crate::bridge::{lock, spawn, zmq_err, Outbox, Sink, Worker};
 use crate::config::ZmqConfig;
 use crate::hub::{Counters, Hub};
 use crate::receiver::Shared;
@@ -119,7 +119,8 @@ impl Endpoint {
 
 /// The handle on a publisher thread.
 pub(crate) struct Publisher {
-    worker: Worker<Outbox<Hub>>,
+    /// The thread, and the way to it (`worker.shared`: data bounded by `send_queue`).
+    pub worker: Worker<Outbox>,
     /// The publisher's live counters (still read after it stops).
     pub counters: Counters,
     address: String,
@@ -163,11 +164,6 @@ impl Publisher {
             counters,
             address: key,
         })
-    }
-
-    /// The way to the thread (data bounded by `send_queue`).
-    pub fn outbox(&self) -> &Outbox<Hub> {
-        &self.worker.shared
     }
 }
 /// `true` if a process answers on the Unix socket at `path` (libzmq would take the file over
@@ -225,15 +221,10 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
 fn synced(receivers: &Receivers) -> bool {
     let mut r = lock(receivers);
     r.retain(|w| w.strong_count() > 0);
-    r.iter()
-        .filter_map(Weak::upgrade)
-        .map(|s| {
-            (
-                s.transport.gone.load(Ordering::SeqCst),
-                s.transport.outstanding.load(Ordering::SeqCst),
-            )
-        })
-        .all(|(gone, outstanding)| gone || outstanding == 0)
+    r.iter().filter_map(Weak::upgrade).all(|s| {
+        let t = &s.transport;
+        t.gone.load(Ordering::SeqCst) || t.outstanding.load(Ordering::SeqCst) == 0
+    })
 }
 
 type Thread = (Arc<Outbox<Hub>>, RawFd, String, ZmqConfig, Receivers);
@@ -245,20 +236,9 @@ fn run((outbox, fd, address, cfg, receivers): Thread) {
     let mut warm = false;
     let mut batch = VecDeque::new();
     loop {
-        let timeout = if !warm {
-            5
-        } else if mailbox.prepare_sleep() {
-            500
-        } else {
-            0
-        };
         // The socket's fd, not the socket: a direct send may be using it.
-        poll(
-            &mut [zmq::PollItem::from_fd(fd, zmq::POLLIN), mailbox.poll_item()],
-            timeout,
-            "publisher",
-        );
-        mailbox.woke();
+        let mut items = [zmq::PollItem::from_fd(fd, zmq::POLLIN), mailbox.poll_item()];
+        mailbox.wait(&mut items, (!warm).then_some(5), 500, "publisher");
         let mut hub = lock(&outbox.sink);
         hub.drain_subscriptions();
         if mailbox.is_closed() {

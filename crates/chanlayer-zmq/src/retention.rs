@@ -114,10 +114,8 @@ impl Store {
             self.pending += 1;
         }
         self.order.push_back((topic.clone(), seq, now));
+        // (The topic keeps at least the message just kept: `per_topic` is at least 1.)
         let mut unheard = gone.iter().map(|k| self.forget(k)).sum::<u64>();
-        if self.topics.get(topic).is_some_and(VecDeque::is_empty) {
-            self.topics.remove(topic);
-        }
         unheard += self.evict(now);
         if self.order.len() > 2 * self.count + 1024 {
             self.compact();

@@ -22,14 +22,13 @@ use hashbrown::HashMap;
 use chanlayer_core::Result;
 
 use crate::bridge::{
-    idle_since, lock, poll, spawn, wait_until, zmq_err, Control, Item, Outbox, Outgoing, Sink,
-    Worker,
+    idle_since, lock, spawn, wait_until, zmq_err, Control, Item, Outbox, Outgoing, Sink, Worker,
 };
 use crate::config::ZmqConfig;
 use crate::wire;
 
 /// The handle on the PUSH thread.
-pub(crate) type PushSender = Worker<Outbox<Push>>;
+pub(crate) type PushSender = Worker<Outbox>;
 
 /// Connects a PUSH socket to `pull` on a new thread. `abandoned` counts the messages the
 /// thread still holds when its close lingered `close_linger` in vain.
@@ -74,6 +73,8 @@ struct Numbering {
 /// numbering is forgotten when the map has grown past [`NUMBERED_MAX`]).
 const NUMBERED_FOR: Duration = Duration::from_secs(600);
 const NUMBERED_MAX: usize = 4096;
+/// How often a long map of topics is swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 impl Numbering {
     fn new() -> Numbering {
@@ -101,12 +102,10 @@ impl Numbering {
     /// Once per loop turn: reads the clock, and forgets topics long unused when there are
     /// many.
     fn turn(&mut self) {
-        self.clock = Instant::now();
-        if self.topics.len() > NUMBERED_MAX
-            && self.clock.duration_since(self.swept) >= Duration::from_secs(60)
-        {
-            self.swept = self.clock;
-            let now = self.clock;
+        let now = Instant::now();
+        self.clock = now;
+        if self.topics.len() > NUMBERED_MAX && now.duration_since(self.swept) >= SWEEP_EVERY {
+            self.swept = now;
             self.topics
                 .retain(|_, (_, _, used)| now.saturating_duration_since(*used) < NUMBERED_FOR);
         }
@@ -154,9 +153,7 @@ impl Push {
     /// data the socket fails on (an error other than being full) is counted as abandoned.
     fn try_send(&mut self, item: Item<Control>) -> std::result::Result<(), Item<Control>> {
         let (first, more): (&[u8], bool) = match &item {
-            Item::Data(Outgoing::One { topic, .. } | Outgoing::Run { topic, .. }) => {
-                (&topic[..], true)
-            }
+            Item::Data(d) => (&d.topic[..], true),
             Item::Control(Control::Mark { .. }) => (wire::MARK_CONTROL, true),
             Item::Control(Control::Raw(frames)) => match frames.first() {
                 None => return Ok(()),
@@ -177,13 +174,13 @@ impl Push {
         // The first frame was taken: the rest of the message goes to the same pipe and is
         // never refused for the high-water mark (it counts whole messages).
         let rest = match item {
-            Item::Data(Outgoing::One { topic, payload }) => {
-                let meta = self.numbering.next(&topic, wire::META_DATA, 1);
-                self.push
-                    .send_multipart([zmq::Message::from(&meta[..]), payload.into()], 0)
-            }
-            Item::Data(Outgoing::Run { topic, body, count }) => {
-                let meta = self.numbering.next(&topic, wire::META_BATCH, count as u64);
+            Item::Data(Outgoing { topic, body, count }) => {
+                let kind = if count > 1 {
+                    wire::META_BATCH
+                } else {
+                    wire::META_DATA
+                };
+                let meta = self.numbering.next(&topic, kind, count as u64);
                 self.push
                     .send_multipart([zmq::Message::from(&meta[..]), body.into()], 0)
             }
@@ -228,18 +225,10 @@ fn run((outbox, fd, close_linger): (Arc<Outbox<Push>>, RawFd, Duration)) {
     let mailbox = &outbox.mailbox;
     loop {
         let blocked = !lock(&outbox.sink).pending.is_empty();
-        let timeout = if blocked {
-            100
-        } else if mailbox.prepare_sleep() {
-            1000
-        } else {
-            0
-        };
         // Blocked: wait for the socket to take more (its fd; a direct send may be using it).
         let mut items = [mailbox.poll_item(), zmq::PollItem::from_fd(fd, zmq::POLLIN)];
         let n = if blocked { 2 } else { 1 };
-        poll(&mut items[..n], timeout, "sender");
-        mailbox.woke();
+        mailbox.wait(&mut items[..n], blocked.then_some(100), 1000, "sender");
         let mut push = lock(&outbox.sink);
         push.numbering.turn();
         if mailbox.is_closed() {

@@ -48,7 +48,8 @@ pub(crate) struct RunVerdict {
 /// Where one topic's sequence stands at a receiver: the last message delivered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct SeqTracker {
-    last: Option<Pos>,
+    /// The last message delivered.
+    pub last: Option<Pos>,
 }
 
 impl SeqTracker {
@@ -57,38 +58,24 @@ impl SeqTracker {
         SeqTracker { last: Some(pos) }
     }
 
-    /// The last message delivered.
-    pub fn last(&self) -> Option<Pos> {
-        self.last
-    }
-
     /// Checks the run `first, first + 1, ... first + count - 1` (`count` at least 1), and
     /// moves the tracker past its end. `None` when every message of it was delivered
     /// already.
     pub fn check_run(&mut self, epoch: u64, first: u64, count: u64) -> Option<RunVerdict> {
         let end = first.saturating_add(count.max(1) - 1);
-        let verdict = match self.last {
-            Some(last) if last.epoch == epoch => {
-                if end <= last.seq {
-                    return None;
-                }
-                // `last.seq + 1` cannot overflow: `end <= u64::MAX` returned above.
-                let next = last.seq + 1;
-                let (skip, gap) = (next.saturating_sub(first), first.saturating_sub(next));
-                RunVerdict {
-                    skip,
-                    gap,
-                    restart: false,
-                }
-            }
-            _ => RunVerdict {
-                skip: 0,
-                gap: 0,
-                restart: true,
-            },
-        };
+        let same = self.last.filter(|last| last.epoch == epoch);
+        if same.is_some_and(|last| end <= last.seq) {
+            return None;
+        }
+        // `last.seq + 1` cannot overflow: `end <= u64::MAX` returned above. Another epoch
+        // (or none yet) starts at `first`.
+        let next = same.map_or(first, |last| last.seq + 1);
         self.last = Some(Pos::new(epoch, end));
-        Some(verdict)
+        Some(RunVerdict {
+            skip: next.saturating_sub(first),
+            gap: first.saturating_sub(next),
+            restart: same.is_none(),
+        })
     }
 }
 
@@ -174,13 +161,10 @@ pub(crate) fn settle<P>(
         let mut last = same.map(|f| f.seq).max(welcome_seq);
         for h in held.iter().filter(|h| h.pos.epoch == epoch) {
             let seq = h.pos.seq;
-            if let Some(n) = next {
-                if seq >= n {
-                    lost += seq - n;
-                    next = Some(seq.saturating_add(1));
-                }
-            } else {
-                // No welcome and no floor: the first message is where counting starts.
+            // No welcome and no floor: the first message is where counting starts.
+            let n = next.unwrap_or(seq);
+            if seq >= n {
+                lost += seq - n;
                 next = Some(seq.saturating_add(1));
             }
             last = last.max(Some(seq));
@@ -347,7 +331,7 @@ mod tests {
             });
             assert_eq!(t.check_run(*epoch, *first, *count), *want, "{name}");
             assert_eq!(
-                t.last(),
+                t.last,
                 Some(Pos::new(after.0, after.1)),
                 "{name}: afterwards"
             );
@@ -534,7 +518,7 @@ mod tests {
             assert_eq!(s.lost, c.lost, "{}: lost", c.name);
             assert_eq!(s.replayed, c.replayed, "{}: replayed", c.name);
             assert_eq!(
-                s.tracker.last(),
+                s.tracker.last,
                 c.last.map(|(e, s)| Pos::new(e, s)),
                 "{}: where the sequence stands",
                 c.name

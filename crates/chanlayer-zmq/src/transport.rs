@@ -15,7 +15,7 @@ use chanlayer_core::toolkit::{
 use chanlayer_core::{names, Capabilities, Error, LayerConfig, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{lock, Control, Outlet, Refused};
+use crate::bridge::{lock, Control, Outbox, Refused};
 use crate::config::{BindPolicy, Mode, ZmqConfig};
 use crate::hub::{Counters, HubStats};
 use crate::publisher::{self, Endpoint};
@@ -43,11 +43,10 @@ pub struct TransportStats {
     pub abandoned: u64,
 }
 
+/// The sending side: this process's endpoint of the embedded address, or the dedicated
+/// sender.
 enum Outbound {
-    Embedded {
-        endpoint: Arc<Endpoint>,
-        bind: BindPolicy,
-    },
+    Embedded(Arc<Endpoint>),
     Dedicated(PushSender),
 }
 
@@ -55,7 +54,6 @@ enum Outbound {
 pub struct ZmqTransport {
     cfg: ZmqConfig,
     shared: Arc<Shared>,
-    inbox_topic: Vec<u8>,
     receiver: Arc<Receiver>,
     outbound: Mutex<Option<Arc<Outbound>>>,
     normal: Mutex<HashSet<String>>,
@@ -127,7 +125,7 @@ impl ZmqTransport {
     /// [`ZmqTransport::publisher_stats`].
     fn take_outbound(&self) -> Option<Arc<Outbound>> {
         let outbound = lock(&self.outbound).take()?;
-        if let Outbound::Embedded { endpoint, .. } = &*outbound {
+        if let Outbound::Embedded(endpoint) = &*outbound {
             if let Some(p) = endpoint.started.get() {
                 *lock(&self.closed_publisher) = Some(p.counters.clone());
             }
@@ -150,28 +148,28 @@ impl ZmqTransport {
     /// Runs `f` on this instance's sending side: the embedded publisher of this process
     /// (bound now if it is not yet: the first send binds it) or the dedicated sender.
     /// `Unsupported` for a receive-only instance (`bind=never`).
-    fn outlet<R>(&self, f: impl FnOnce(&dyn Outlet) -> R) -> Result<R> {
+    fn outlet<R>(&self, f: impl FnOnce(&Outbox) -> R) -> Result<R> {
         let outbound = lock(&self.outbound);
         match outbound.as_deref().ok_or(Error::Closed)? {
-            Outbound::Embedded { bind: BindPolicy::Never, .. } => Err(Error::unsupported(
+            Outbound::Embedded(_) if self.cfg.bind == BindPolicy::Never => Err(Error::unsupported(
                 "send",
                 BACKEND,
                 "this instance was connected with bind=never (receive only); in embedded mode one process per address sends",
             )),
-            Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
-                Some(p) => Ok(f(p.outbox())),
+            Outbound::Embedded(endpoint) => match endpoint.started.get() {
+                Some(p) => Ok(f(&p.worker.shared)),
                 None => {
                     // The first send binds the publisher: not under the lock `close` takes.
                     let endpoint = endpoint.clone();
                     drop(outbound);
-                    Ok(f(endpoint.publisher()?.outbox()))
+                    Ok(f(&endpoint.publisher()?.worker.shared))
                 }
             },
             Outbound::Dedicated(s) => Ok(f(&*s.shared)),
         }
     }
 
-    /// Sends the data message `[topic, payload]` for `channel` (see [`Outlet::send`]).
+    /// Sends the data message `[topic, payload]` for `channel` (see [`Outbox::send`]).
     fn send(&self, channel: &str, topic: &[u8], payload: Cow<'_, [u8]>) -> Result<()> {
         self.outlet(|o| o.send(topic, payload))?
             .map_err(|r| refused(r, channel, self.cfg.send_queue))
@@ -184,18 +182,18 @@ impl ZmqTransport {
     fn mark(&self, flush_prefix: &str) -> Result<Option<oneshot::Receiver<()>>> {
         let token = rand::random::<u64>();
         let outbound = lock(&self.outbound).clone().ok_or(Error::Closed)?;
-        let outlet: &dyn Outlet = match &*outbound {
-            Outbound::Embedded { endpoint, .. } => match endpoint.started.get() {
-                Some(p) => p.outbox(),
+        let outlet: &Outbox = match &*outbound {
+            Outbound::Embedded(endpoint) => match endpoint.started.get() {
+                Some(p) => &p.worker.shared,
                 None => return Ok(None),
             },
             Outbound::Dedicated(s) => &*s.shared,
         };
         let rx = self.receiver.await_mark(token)?;
         outlet
-            .queue()
+            .mailbox
             .push_control(Control::Mark {
-                reply: self.inbox_topic.clone(),
+                reply: wire::inbox_topic(self.prefix(), self.shared.id()),
                 token,
                 flush_prefix: flush_prefix.as_bytes().to_vec(),
             })
@@ -263,9 +261,7 @@ impl ZmqTransport {
             return lock(&self.closed_publisher).as_ref().map(|c| *lock(c));
         };
         match &*outbound {
-            Outbound::Embedded { endpoint, .. } => {
-                endpoint.started.get().map(|p| *lock(&p.counters))
-            }
+            Outbound::Embedded(endpoint) => endpoint.started.get().map(|p| *lock(&p.counters)),
             Outbound::Dedicated(_) => None,
         }
     }
@@ -290,7 +286,7 @@ impl ZmqTransport {
     /// socket, in dedicated mode to the proxy's PULL. For tests of garbage handling.
     pub async fn publish_raw_frames(&self, frames: Vec<Vec<u8>>) -> Result<()> {
         self.shared.closed().check()?;
-        self.outlet(|o| o.queue().push_control(Control::Raw(frames)))?
+        self.outlet(|o| o.mailbox.push_control(Control::Raw(frames)))?
             .map_err(|r| refused(r, "(raw frames)", self.cfg.send_queue))
     }
 }
@@ -320,7 +316,6 @@ impl Transport for ZmqTransport {
                 ..Default::default()
             },
         });
-        let inbox_topic = wire::inbox_topic(&shared.options().prefix, shared.id());
         let outbound = match &cfg.mode {
             Mode::Embedded { endpoint } => {
                 let ep = publisher::endpoint(endpoint, &cfg);
@@ -328,10 +323,7 @@ impl Transport for ZmqTransport {
                 if cfg.bind == BindPolicy::Eager {
                     ep.publisher()?;
                 }
-                Outbound::Embedded {
-                    endpoint: ep,
-                    bind: cfg.bind,
-                }
+                Outbound::Embedded(ep)
             }
             Mode::Dedicated { pull, .. } => Outbound::Dedicated(sender::start(
                 &cfg,
@@ -343,7 +335,6 @@ impl Transport for ZmqTransport {
         let t = ZmqTransport {
             cfg,
             shared,
-            inbox_topic,
             receiver: Arc::new(receiver),
             outbound: Mutex::new(Some(Arc::new(outbound))),
             normal: Mutex::new(HashSet::new()),
@@ -406,7 +397,7 @@ impl Transport for ZmqTransport {
         self.topic_into(&mut topic, owner, channel);
         let n = outs.len();
         let msgs = outs.iter().map(|o| (topic.clone(), o.encode())).collect();
-        self.outlet(|o| o.queue().push_all(msgs))?
+        self.outlet(|o| o.mailbox.push_all(msgs))?
             .map_err(|r| refused(r, channel, self.cfg.send_queue))?;
         Ok(n)
     }
@@ -473,7 +464,7 @@ impl Transport for ZmqTransport {
 
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
         if lock(&self.normal).insert(channel.to_owned()) {
-            self.receiver.subscribe_channel(self.prefix(), channel)?;
+            self.receiver.subscribe_channel(channel)?;
         }
         Ok(NormalReader::Inbox)
     }

@@ -163,18 +163,9 @@ pub fn data_topic_kind(topic: &[u8]) -> Option<TopicKind> {
         _ => return None,
     };
     let body = topic.get(2..)?.strip_suffix(b"\0")?;
-    if topic.get(1) != Some(&b':') {
-        return None;
-    }
     let colon = body.iter().position(|&b| b == b':')?;
-    let (prefix, name) = (&body[..colon], &body[colon + 1..]);
-    if prefix.is_empty() || name.is_empty() {
-        return None;
-    }
-    if !prefix.iter().copied().all(name_byte) || !name.iter().copied().all(name_byte) {
-        return None;
-    }
-    Some(kind)
+    let name = |s: &[u8]| !s.is_empty() && s.iter().copied().all(name_byte);
+    (topic[1] == b':' && name(&body[..colon]) && name(&body[colon + 1..])).then_some(kind)
 }
 
 /// `true` if `topic` is a data topic whose prefix is `prefix` and whose kind is `c:` or `i:`
@@ -211,6 +202,15 @@ pub struct Origin {
     pub first: u64,
 }
 
+impl Origin {
+    /// The origin of the message `n` places after this one (the items of a batch follow
+    /// their first).
+    pub(crate) fn after(self, n: u64) -> Origin {
+        let seq = self.seq.saturating_add(n);
+        Origin { seq, ..self }
+    }
+}
+
 /// A meta frame with an origin ([`STAMPED_META_LEN`] bytes).
 pub fn meta_stamped(kind: u8, epoch: u64, seq: u64, origin: Origin) -> [u8; STAMPED_META_LEN] {
     let mut m = [0u8; STAMPED_META_LEN];
@@ -228,11 +228,9 @@ fn u64_at(frame: &[u8], at: usize) -> Option<u64> {
 
 /// Reads a meta frame, with or without an origin: `(kind, epoch, seq)`.
 pub fn parse_meta(frame: &[u8]) -> Option<(u8, u64, u64)> {
-    if frame.len() != META_LEN && frame.len() != STAMPED_META_LEN {
-        return None;
-    }
     let kind = *frame.first()?;
-    if !(META_DATA..=META_BATCH).contains(&kind) {
+    let known = (META_DATA..=META_BATCH).contains(&kind);
+    if !known || !matches!(frame.len(), META_LEN | STAMPED_META_LEN) {
         return None;
     }
     Some((kind, u64_at(frame, 1)?, u64_at(frame, 9)?))

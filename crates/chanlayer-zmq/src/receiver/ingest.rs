@@ -49,72 +49,55 @@ impl State {
     }
 
     fn on_message(&mut self, frames: &[zmq::Message]) {
-        enum Dest {
-            Sub,
-            Probe(Vec<u8>),
-            Stale,
-            Garbage,
-        }
         let Some(head) = frames.first() else {
             return;
         };
-        let dest = if self.subs.contains_key(&head[..]) {
-            Dest::Sub
-        } else if let Some(of) = self.probes.of.get(&head[..]) {
-            Dest::Probe(of.clone())
-        } else if wire::data_topic_kind(head).is_some() || wire::parse_probe(head).is_some() {
-            Dest::Stale
-        } else {
-            Dest::Garbage
-        };
         let meta = frames.get(1).and_then(|m| wire::parse_meta(m));
         let origin = frames.get(1).and_then(|m| wire::parse_origin(m));
-        match (dest, meta, frames.len()) {
-            (Dest::Sub, Some((wire::META_DATA, epoch, seq)), 3) => {
-                self.on_data(head, Pos::new(epoch, seq), origin, &frames[2], false);
-            }
-            (Dest::Sub, Some((wire::META_BATCH, epoch, first)), 3) => {
-                match wire::batch_items(&frames[2]) {
-                    Some(items) => self.on_batch(head, Pos::new(epoch, first), origin, &items),
-                    None => self.garbage(head, "a malformed batch"),
+        if self.subs.contains_key(&head[..]) {
+            match (meta, frames.len()) {
+                (Some((wire::META_DATA, epoch, seq)), 3) => {
+                    self.on_data(head, Pos::new(epoch, seq), origin, &frames[2], false);
                 }
-            }
-            (Dest::Sub, Some((wire::META_MARK, _, token)), 2)
-                if head[..] == self.inbox_topic[..] =>
-            {
-                // What arrived before the mark is in the inbox before its waiter (a
-                // barrier, a flush that then empties the inbox) hears of it.
-                self.hand_over();
-                match self.marks.remove(&token) {
-                    Some((done, _)) => {
-                        let _ = done.send(());
+                (Some((wire::META_BATCH, epoch, first)), 3) => {
+                    match wire::batch_items(&frames[2]) {
+                        Some(items) => self.on_batch(head, Pos::new(epoch, first), origin, &items),
+                        None => self.garbage(head, "a malformed batch"),
                     }
-                    None => {
+                }
+                (Some((wire::META_MARK, _, token)), 2) if head[..] == self.inbox_topic[..] => {
+                    // What arrived before the mark is in the inbox before its waiter (a
+                    // barrier, a flush that then empties the inbox) hears of it.
+                    self.hand_over();
+                    if let Some((done, _)) = self.marks.remove(&token) {
+                        let _ = done.send(());
+                    } else {
                         self.early_marks.insert(token, Instant::now());
                     }
                 }
+                _ => self.garbage(head, "not a chanlayer message (wrong frames or meta)"),
             }
-            (Dest::Sub, ..) => {
-                self.garbage(head, "not a chanlayer message (wrong frames or meta)");
-            }
-            (Dest::Probe(of), Some((wire::META_DATA, epoch, seq)), 3) => {
-                self.on_data(&of, Pos::new(epoch, seq), origin, &frames[2], true);
-            }
-            (Dest::Probe(of), Some((wire::META_WELCOME, epoch, seq)), 2) => {
-                self.release(&of, Some(Pos::new(epoch, seq)), None);
-            }
-            (Dest::Probe(of), Some((wire::META_WELCOME, epoch, seq)), 3) => {
-                // A proxy's welcome: the table of the topic's origins.
-                match frames.get(2).and_then(|t| wire::parse_origin_table(t)) {
-                    Some(table) => self.release(&of, Some(Pos::new(epoch, seq)), Some(table)),
-                    None => self.garbage(head, "a welcome with a malformed origin table"),
+        } else if let Some(of) = self.probes.of.get(&head[..]).cloned() {
+            match (meta, frames.len()) {
+                (Some((wire::META_DATA, epoch, seq)), 3) => {
+                    self.on_data(&of, Pos::new(epoch, seq), origin, &frames[2], true);
                 }
+                (Some((wire::META_WELCOME, epoch, seq)), 2) => {
+                    self.release(&of, Some(Pos::new(epoch, seq)), None);
+                }
+                (Some((wire::META_WELCOME, epoch, seq)), 3) => {
+                    // A proxy's welcome: the table of the topic's origins.
+                    match frames.get(2).and_then(|t| wire::parse_origin_table(t)) {
+                        Some(table) => self.release(&of, Some(Pos::new(epoch, seq)), Some(table)),
+                        None => self.garbage(head, "a welcome with a malformed origin table"),
+                    }
+                }
+                _ => self.garbage(head, "not a chanlayer probe answer"),
             }
-            (Dest::Probe(_), ..) => self.garbage(head, "not a chanlayer probe answer"),
-            // A message of a topic unsubscribed a moment ago, still on its way.
-            (Dest::Stale, ..) => {}
-            (Dest::Garbage, ..) => self.garbage(head, "not a chanlayer topic"),
+        } else if wire::data_topic_kind(head).is_none() && wire::parse_probe(head).is_none() {
+            self.garbage(head, "not a chanlayer topic");
         }
+        // Otherwise a message of a topic unsubscribed a moment ago, still on its way.
     }
 
     /// A batch frame: the messages `first`, `first + 1`, ... of `topic` (with origin
@@ -126,11 +109,7 @@ impl State {
         }
         for (i, item) in (0u64..).zip(items) {
             let pos = Pos::new(first.epoch, first.seq.saturating_add(i));
-            let origin = origin.map(|o| Origin {
-                seq: o.seq.saturating_add(i),
-                ..o
-            });
-            self.on_data(topic, pos, origin, item, false);
+            self.on_data(topic, pos, origin.map(|o| o.after(i)), item, false);
         }
     }
 
@@ -154,14 +133,7 @@ impl State {
         // not reset), else by the publisher's (a new publisher starts a new sequence: no
         // gap).
         let lost = match origin {
-            Some(o) => origins.deliver(
-                Origin {
-                    seq: o.seq.saturating_add(run.skip),
-                    ..o
-                },
-                count.saturating_sub(run.skip),
-                true,
-            ),
+            Some(o) => origins.deliver(o.after(run.skip), count.saturating_sub(run.skip), true),
             None => run.gap,
         };
         count_lost(&self.shared, topic, lost);
@@ -266,10 +238,7 @@ impl State {
             self.probes.of.remove(&probe);
             self.pending_unsubscribe.push(probe);
         }
-        self.shared
-            .transport
-            .outstanding
-            .fetch_sub(1, Ordering::SeqCst);
+        self.shared.transport.outstanding(false);
         let answer = welcome.map_or(Confirm::NoAnswer, |_| Confirm::Confirmed);
         for w in waiters {
             let _ = w.send(answer);

@@ -31,9 +31,8 @@ use chanlayer_core::toolkit::Inbound;
 use chanlayer_core::{Error, Result};
 use tokio::sync::oneshot;
 
-use crate::bridge::{poll, spawn, zmq_err, Item, Mailbox, Worker, CONTEXT};
+use crate::bridge::{spawn, zmq_err, Item, Mailbox, Worker, CONTEXT};
 use crate::config::ZmqConfig;
-use crate::wire;
 use subs::State;
 
 /// Decoded envelopes handed to the inbox at once while the receiver thread reads a backlog
@@ -61,11 +60,8 @@ pub(crate) enum Route {
 }
 
 pub(crate) enum Cmd {
-    Subscribe {
-        topic: Vec<u8>,
-        route: Route,
-        done: Option<oneshot::Sender<Confirm>>,
-    },
+    /// Subscribes a normal channel.
+    Channel(String),
     /// Subscribes or unsubscribes a group to match the registry (`None`: every group).
     Reconcile {
         group: Option<String>,
@@ -90,6 +86,17 @@ pub(crate) struct TransportCounters {
     /// connected and has every subscription confirmed.
     pub outstanding: AtomicUsize,
     pub gone: AtomicBool,
+}
+
+impl TransportCounters {
+    /// One more subscription (`more`) or one fewer waits for its confirmation.
+    pub fn outstanding(&self, more: bool) {
+        if more {
+            self.outstanding.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Everything the receiving thread shares with the layer.
@@ -117,25 +124,18 @@ impl Receiver {
         cfg: &ZmqConfig,
         shared: Arc<Shared>,
     ) -> Result<(Receiver, oneshot::Receiver<Confirm>)> {
-        let topic = wire::inbox_topic(&shared.options().prefix, shared.id());
         let cfg = cfg.clone();
+        let (tx, rx) = oneshot::channel();
         let (thread, mailbox) = spawn(
             "receiver",
             move || {
                 let sockets = setup(&cfg, &shared)?;
                 let mailbox = Arc::new(Mailbox::new(usize::MAX)?);
-                Ok(((cfg, shared, mailbox.clone(), sockets), mailbox))
+                Ok(((cfg, shared, mailbox.clone(), sockets, tx), mailbox))
             },
             run,
         )?;
-        let receiver = Worker::new(mailbox, thread, Mailbox::close);
-        let (tx, rx) = oneshot::channel();
-        receiver.send(Cmd::Subscribe {
-            topic,
-            route: Route::Inbox,
-            done: Some(tx),
-        })?;
-        Ok((receiver, rx))
+        Ok((Worker::new(mailbox, thread, Mailbox::close), rx))
     }
 
     fn send(&self, cmd: Cmd) -> Result<()> {
@@ -143,12 +143,8 @@ impl Receiver {
     }
 
     /// Subscribes a normal channel (no wait).
-    pub fn subscribe_channel(&self, prefix: &str, channel: &str) -> Result<()> {
-        self.send(Cmd::Subscribe {
-            topic: wire::channel_topic(prefix, channel),
-            route: Route::Channel(channel.to_owned()),
-            done: None,
-        })
+    pub fn subscribe_channel(&self, channel: &str) -> Result<()> {
+        self.send(Cmd::Channel(channel.to_owned()))
     }
 
     /// Subscribes or unsubscribes `group` to match the registry (`None`: unsubscribes every
@@ -218,23 +214,20 @@ type Thread = (
     Arc<Shared>,
     Arc<Mailbox<Cmd>>,
     (zmq::Socket, zmq::Socket),
+    oneshot::Sender<Confirm>,
 );
 
-fn run((cfg, shared, mailbox, (sub, monitor)): Thread) {
-    let mut st = State::new(&cfg, shared);
+fn run((cfg, shared, mailbox, (sub, monitor), inbox): Thread) {
+    let mut st = State::new(cfg, shared);
+    st.subscribe(&sub, st.inbox_topic.clone(), Route::Inbox, Some(inbox));
     loop {
-        let timeout = match (mailbox.prepare_sleep(), st.probing()) {
-            (false, _) => 0,
-            (true, true) => 100,
-            (true, false) => 1000,
-        };
+        let idle = if st.probing() { 100 } else { 1000 };
         let mut items = [
             sub.as_poll_item(zmq::POLLIN),
             monitor.as_poll_item(zmq::POLLIN),
             mailbox.poll_item(),
         ];
-        poll(&mut items, timeout, "receiver");
-        mailbox.woke();
+        mailbox.wait(&mut items, None, idle, "receiver");
         if mailbox.is_closed() {
             break;
         }

@@ -76,9 +76,7 @@ impl Probes {
 pub(super) struct State {
     pub shared: Arc<Shared>,
     pub inbox_topic: Vec<u8>,
-    prefix: String,
-    endpoint: String,
-    subscribe_timeout: Duration,
+    cfg: ZmqConfig,
     /// Messages one probing topic may hold back before they are delivered anyway.
     pub max_held: usize,
     pub subs: HashMap<Vec<u8>, Sub>,
@@ -96,17 +94,15 @@ pub(super) struct State {
 }
 
 impl State {
-    pub fn new(cfg: &ZmqConfig, shared: Arc<Shared>) -> State {
+    pub fn new(cfg: ZmqConfig, shared: Arc<Shared>) -> State {
         State {
             inbox_topic: wire::inbox_topic(&shared.options().prefix, shared.id()),
-            prefix: shared.options().prefix.clone(),
-            endpoint: cfg.subscribe_endpoint().to_owned(),
             shared,
-            subscribe_timeout: cfg.subscribe_timeout,
             max_held: usize::try_from(cfg.rcvhwm)
                 .unwrap_or(0)
                 .max(10_000)
                 .saturating_mul(4),
+            cfg,
             subs: HashMap::new(),
             probes: Probes::default(),
             marks: HashMap::new(),
@@ -127,7 +123,10 @@ impl State {
 
     pub fn command(&mut self, sock: &zmq::Socket, cmd: Cmd) {
         match cmd {
-            Cmd::Subscribe { topic, route, done } => self.subscribe(sock, topic, route, done),
+            Cmd::Channel(channel) => {
+                let topic = wire::channel_topic(&self.shared.options().prefix, &channel);
+                self.subscribe(sock, topic, Route::Channel(channel), None);
+            }
             Cmd::Reconcile {
                 group: Some(g),
                 done,
@@ -145,7 +144,7 @@ impl State {
 
     /// Subscribes `topic` (and probes it) unless it is already; `done` hears when it is
     /// confirmed.
-    fn subscribe(
+    pub(super) fn subscribe(
         &mut self,
         sock: &zmq::Socket,
         topic: Vec<u8>,
@@ -159,27 +158,22 @@ impl State {
             }
             if route != Route::Inbox {
                 // (The inbox is counted from the start: the layer sets 1 before the thread runs.)
-                self.shared
-                    .transport
-                    .outstanding
-                    .fetch_add(1, Ordering::SeqCst);
+                self.shared.transport.outstanding(true);
             }
             let state = SubState::Probing {
                 probe: Some(self.probes.open(sock, self.shared.id(), &topic)),
                 held: Vec::new(),
-                deadline: (link != Link::Down).then(|| Instant::now() + self.subscribe_timeout),
+                deadline: (link != Link::Down).then(|| Instant::now() + self.cfg.subscribe_timeout),
                 waiters: Vec::new(),
                 floor: None,
             };
             let origins = OriginTracker::default();
-            self.subs.insert(
-                topic.clone(),
-                Sub {
-                    route,
-                    state,
-                    origins,
-                },
-            );
+            let sub = Sub {
+                route,
+                state,
+                origins,
+            };
+            self.subs.insert(topic.clone(), sub);
         }
         let (Some(done), Some(sub)) = (done, self.subs.get_mut(&topic)) else {
             return;
@@ -207,10 +201,7 @@ impl State {
                 let _ = sock.set_unsubscribe(&probe);
                 self.probes.of.remove(&probe);
             }
-            self.shared
-                .transport
-                .outstanding
-                .fetch_sub(1, Ordering::SeqCst);
+            self.shared.transport.outstanding(false);
             for w in waiters {
                 let _ = w.send(Confirm::Confirmed);
             }
@@ -223,7 +214,7 @@ impl State {
         group: &str,
         done: Option<oneshot::Sender<Confirm>>,
     ) {
-        let topic = wire::group_topic(&self.prefix, group);
+        let topic = wire::group_topic(&self.shared.options().prefix, group);
         if self.shared.groups().has_members(group) {
             self.subscribe(sock, topic, Route::Group(group.to_owned()), done);
         } else {
@@ -266,7 +257,7 @@ impl State {
                     ..
                 } => {
                     if up {
-                        *deadline = Some(now + self.subscribe_timeout);
+                        *deadline = Some(now + self.cfg.subscribe_timeout);
                         if probe.is_none() {
                             *probe = Some(self.probes.open(sock, self.shared.id(), topic));
                         }
@@ -281,7 +272,7 @@ impl State {
                 // meanwhile is retained there; hold this topic until a new probe's replay
                 // has filled the gap (groups are not retained: nothing to fill).
                 SubState::Live(tracker) if !up && was == Link::Up => {
-                    let floor = tracker.last();
+                    let floor = tracker.last;
                     if floor.is_some() && matches!(sub.route, Route::Inbox | Route::Channel(_)) {
                         sub.state = SubState::Probing {
                             probe: None,
@@ -290,16 +281,13 @@ impl State {
                             waiters: Vec::new(),
                             floor,
                         };
-                        self.shared
-                            .transport
-                            .outstanding
-                            .fetch_add(1, Ordering::SeqCst);
+                        self.shared.transport.outstanding(true);
                     }
                 }
                 SubState::Live(_) => {}
             }
         }
-        tracing::debug!(endpoint = %self.endpoint, up, "subscriber connection changed");
+        tracing::debug!(endpoint = %self.cfg.subscribe_endpoint(), up, "subscriber connection changed");
     }
 
     pub fn drain_monitor(&mut self, monitor: &zmq::Socket, sock: &zmq::Socket) {
@@ -315,7 +303,7 @@ impl State {
                 self.set_link(sock, true);
             } else if is(&super::DOWN_EVENTS) {
                 if is(&[E::HANDSHAKE_FAILED_AUTH]) {
-                    tracing::warn!(endpoint = %self.endpoint, "the publisher refused our CURVE keys");
+                    tracing::warn!(endpoint = %self.cfg.subscribe_endpoint(), "the publisher refused our CURVE keys");
                 }
                 self.set_link(sock, false);
             }
@@ -338,10 +326,10 @@ impl State {
             .collect();
         for t in overdue {
             tracing::warn!(
-                endpoint = %self.endpoint,
+                endpoint = %self.cfg.subscribe_endpoint(),
                 topic = %wire::display(&t),
                 "the publisher did not answer the subscription probe within {:?} (is it a chanlayer publisher?); the subscription stays, unconfirmed",
-                self.subscribe_timeout
+                self.cfg.subscribe_timeout
             );
             self.release(&t, None, None);
         }
