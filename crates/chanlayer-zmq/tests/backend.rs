@@ -556,7 +556,11 @@ async fn a_full_send_queue_is_channel_full_and_sends_resume_when_the_proxy_is_ba
         layer.transport_stats().connected
     })
     .await;
-    assert!(proxy.stats().received >= 10);
+    // The hub counts a message just after it republishes it: the receiver can have it first.
+    eventually("the proxy counts the 10 messages it took", || {
+        proxy.stats().received >= 10
+    })
+    .await;
 }
 
 /// A proxy on the same addresses as one just stopped (its listeners close asynchronously:
