@@ -110,13 +110,15 @@ impl Inbound {
     /// must be for one of this instance's own; one for a normal channel only where normal
     /// channels are read from the inbox. One it may not take is counted `undeliverable`.
     fn admit(&self, envelope: &Envelope) -> bool {
+        let dest = envelope.destination.as_str();
         let owned = envelope.kind == Destination::Group
-            || if names::is_process_local(&envelope.destination) {
-                self.naming.owner(&envelope.destination) == Some(self.id.as_str())
-            } else {
+            || match self.naming.owner(dest) {
+                Some(owner) => owner == self.id,
+                // A `!` name this naming cannot route: nobody's.
+                None if names::is_process_local(dest) => false,
                 // A normal channel's message belongs in the inbox only where the transport
                 // reads normal channels from it; elsewhere nothing would ever take it.
-                self.normal_via_inbox
+                None => self.normal_via_inbox,
             };
         if !owned {
             self.stats.record_undeliverable(&envelope.destination);

@@ -28,7 +28,7 @@ use crate::inbound::{requeuing_incoming, Inbound};
 use crate::inbox::{Entry, LocalInbox};
 use crate::layer::ChannelLayer;
 use crate::message::Message;
-use crate::name_cache::{checked, Check, SERIALS};
+use crate::name_cache::{self, Check, Known, Route, SERIALS};
 use crate::names;
 use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, Kind};
@@ -38,7 +38,7 @@ use crate::transport::{Incoming, NormalReader, NormalSource, Outgoing, Published
 /// `TransportLayer<AmqpTransport>`); it dereferences to the transport for what only that
 /// backend has.
 pub struct TransportLayer<T: Transport> {
-    /// This instance's number in the process (see [`checked`]).
+    /// This instance's number in the process (the key of its names in `name_cache`).
     serial: u64,
     inbound: Arc<Inbound>,
     transport: Arc<T>,
@@ -116,6 +116,17 @@ impl<T: Transport> TransportLayer<T> {
         self.inbound.closed().closed_wins(r)
     }
 
+    /// Channel `name` for an operation of check `which`: its kind, and what this thread
+    /// found when it last passed that check for it on this instance.
+    fn target<'a>(&self, name: &'a str, which: Check) -> Target<'a> {
+        let known = name_cache::known(self.serial, name, which);
+        Target {
+            name,
+            kind: known.map_or_else(|| Kind::of_channel(name), |k| k.kind),
+            known,
+        }
+    }
+
     /// `message` [traced](Self::traced), checked and sealed for `name`.
     fn seal(&self, kind: Destination, name: &str, message: Message) -> Result<Envelope> {
         Envelope::seal_unaddressed(kind, name, self.traced(message), self.inbound.options())
@@ -125,18 +136,18 @@ impl<T: Transport> TransportLayer<T> {
     /// one of a transport that reads normal channels from the inbox), else the transport's
     /// source or queue. `acking` names an operation that settles what it takes: on an
     /// inbox-read normal channel there is nothing to settle, and it is `Unsupported`.
-    async fn source(
-        &self,
-        channel: &str,
-        kind: Kind,
-        acking: Option<&'static str>,
-    ) -> Result<Take<'_>> {
-        let i = &self.inbound;
+    async fn source(&self, target: Target<'_>, acking: Option<&'static str>) -> Result<Take<'_>> {
+        let (i, channel, kind) = (&self.inbound, target.name, target.kind);
         i.closed().check()?;
-        checked(self.serial, channel, Check::Receive, || {
-            i.naming().check_receiver(channel, i.id())
-        })?;
-        self.check_kind(acking.unwrap_or("receive"), channel)?;
+        if target.known.is_none() {
+            i.naming().check_receiver(channel, i.id())?;
+            self.check_kind(acking.unwrap_or("receive"), channel)?;
+            let known = Known {
+                kind,
+                route: Route::Normal,
+            };
+            name_cache::remember(self.serial, channel, Check::Receive, known);
+        }
         let inbox = Take::Queue(Cow::Borrowed(i.inbox()));
         if kind == Kind::Local {
             return Ok(inbox);
@@ -214,34 +225,54 @@ impl<T: Transport> TransportLayer<T> {
     }
 
     /// Sends to channel or group `name` (`kind` says which).
-    async fn send_op(&self, name: &str, kind: Kind, message: Message) -> Result<()> {
+    /// A send to a channel. Groups have their own ([`group_send_op`](Self::group_send_op)):
+    /// with both in one future, every send's future would be as large as a group send's
+    /// (which may wait for room), and a larger future costs a larger copy per message.
+    async fn send_op(&self, target: Target<'_>, message: Message) -> Result<()> {
+        let (name, kind) = (target.name, target.kind);
         // A send that never waits still yields now and then (see `LocalInbox::take`).
         tokio::task::consume_budget().await;
         self.inbound.closed().check()?;
-        let dest = if kind == Kind::Group {
-            names::validate_group(name)?;
-            Destination::Group
-        } else {
-            checked(self.serial, name, Check::Send, || {
-                names::validate_channel(name)
-            })?;
-            self.check_kind("send", name)?;
-            Destination::Channel
+        let route = match target.known {
+            Some(known) => known.route,
+            None => {
+                names::validate_channel(name)?;
+                self.check_kind("send", name)?;
+                let route = Route::of(self.inbound.naming(), name, kind);
+                let known = Known { kind, route };
+                name_cache::remember(self.serial, name, Check::Send, known);
+                route
+            }
         };
-        let env = self.seal(dest, name, message)?;
-        let out = Outgoing::new(env, name);
+        let out = Outgoing::new(self.seal(Destination::Channel, name, message)?, name);
         let timer = telemetry::sample_send().then(Instant::now);
-        let r = match route(self.inbound.naming(), name, kind) {
-            _ if kind == Kind::Group => self.transport.publish_group(out).await?,
+        let r = match route.owner(name) {
             Some(Some(owner)) => self.transport.publish_local(owner, out).await?,
             Some(None) => self.transport.publish_normal(out).await?,
             None => Published::Gone,
         };
+        self.sent(kind, name, r, timer);
+        Ok(())
+    }
+
+    /// A send to a group.
+    async fn group_send_op(&self, group: &str, message: Message) -> Result<()> {
+        tokio::task::consume_budget().await;
+        self.inbound.closed().check()?;
+        names::validate_group(group)?;
+        let out = Outgoing::new(self.seal(Destination::Group, group, message)?, group);
+        let timer = telemetry::sample_send().then(Instant::now);
+        let r = self.transport.publish_group(out).await?;
+        self.sent(Kind::Group, group, r, timer);
+        Ok(())
+    }
+
+    /// Counts a send to `name` that ended as `r`, with its time when it was sampled.
+    fn sent(&self, kind: Kind, name: &str, r: Published, timer: Option<Instant>) {
         if let Some(t) = timer {
             self.inbound.stats().export_send_latency(kind, t.elapsed());
         }
         self.record(kind, name, r, 1);
-        Ok(())
     }
 
     async fn send_batch_op(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
@@ -260,7 +291,7 @@ impl<T: Transport> TransportLayer<T> {
             return Ok(());
         }
         let kind = Kind::of_channel(channel);
-        let Some(owner) = route(self.inbound.naming(), channel, kind) else {
+        let Some(owner) = Route::of(self.inbound.naming(), channel, kind).owner(channel) else {
             self.record(kind, channel, Published::Gone, n as u64);
             return Ok(());
         };
@@ -278,13 +309,13 @@ impl<T: Transport> TransportLayer<T> {
         Ok(())
     }
 
-    async fn receive_op(&self, channel: &str, kind: Kind) -> Result<Message> {
+    async fn receive_op(&self, channel: Target<'_>) -> Result<Message> {
         let i = &self.inbound;
-        let env = match self.source(channel, kind, None).await? {
+        let env = match self.source(channel, None).await? {
             Take::Source(s) => s.next_auto().await?,
-            Take::Queue(q) => q.take(channel, i.stats(), i.closed()).await?.envelope,
+            Take::Queue(q) => q.take(channel.name, i.stats(), i.closed()).await?.envelope,
         };
-        i.stats().record_received(kind, 1);
+        i.stats().record_received(channel.kind, 1);
         Ok(env.into_message())
     }
 
@@ -309,9 +340,9 @@ impl<T: Transport> TransportLayer<T> {
         item.into_delivery(channel)
     }
 
-    async fn receive_delivery_op(&self, channel: &str, kind: Kind) -> Result<Delivery> {
-        let i = &self.inbound;
-        let d = match self.source(channel, kind, Some("receive_delivery")).await? {
+    async fn receive_delivery_op(&self, target: Target<'_>) -> Result<Delivery> {
+        let (i, channel, kind) = (&self.inbound, target.name, target.kind);
+        let d = match self.source(target, Some("receive_delivery")).await? {
             Take::Source(s) => self.delivery(s.next().await?, channel),
             Take::Queue(q) => {
                 let entry = q.take(channel, i.stats(), i.closed()).await?;
@@ -324,13 +355,12 @@ impl<T: Transport> TransportLayer<T> {
 
     async fn receive_batch_op(
         &self,
-        channel: &str,
-        kind: Kind,
+        target: Target<'_>,
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        let i = &self.inbound;
-        let out: Vec<Delivery> = match self.source(channel, kind, Some("receive_batch")).await? {
+        let (i, channel, kind) = (&self.inbound, target.name, target.kind);
+        let out: Vec<Delivery> = match self.source(target, Some("receive_batch")).await? {
             Take::Source(s) => s
                 .next_batch(max, timeout)
                 .await?
@@ -430,14 +460,14 @@ enum Take<'a> {
     Queue(Queue<'a>),
 }
 
-/// Where a send to `channel` goes: `Some(None)` to a normal channel, `Some(Some(owner))` to
-/// the inbox of instance `owner`, `None` nowhere (a `!` name without an owner).
-fn route(naming: names::Naming, channel: &str, kind: Kind) -> Option<Option<&str>> {
-    if kind == Kind::Local {
-        naming.owner(channel).map(Some)
-    } else {
-        Some(None)
-    }
+/// The channel (or group) an operation works on.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    name: &'a str,
+    kind: Kind,
+    /// What this thread found when it last passed this operation's checks for the channel
+    /// on this instance (`None`: check now).
+    known: Option<Known>,
 }
 
 /// Runs receive operation `op` in `span`.
@@ -493,11 +523,11 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn send(&self, channel: &str, message: Message) -> Result<()> {
-        let kind = Kind::of_channel(channel);
+        let target = self.target(channel, Check::Send);
         // Not through `run`: one more future around the operation's costs a copy of it per
         // send (callgrind: 4,197 against 3,811 instructions a message on memory).
-        let span = self.span("send", kind);
-        self.wins(self.send_op(channel, kind, message).instrument(span).await)
+        let span = self.span("send", target.kind);
+        self.wins(self.send_op(target, message).instrument(span).await)
     }
 
     async fn send_batch(&self, channel: &str, messages: Vec<Message>) -> Result<()> {
@@ -506,15 +536,15 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
     }
 
     async fn receive(&self, channel: &str) -> Result<Message> {
-        let kind = Kind::of_channel(channel);
-        let span = self.span("receive", kind);
-        self.wins(received_in(span, self.receive_op(channel, kind)).await)
+        let target = self.target(channel, Check::Receive);
+        let span = self.span("receive", target.kind);
+        self.wins(received_in(span, self.receive_op(target)).await)
     }
 
     async fn receive_delivery(&self, channel: &str) -> Result<Delivery> {
-        let kind = Kind::of_channel(channel);
-        let span = self.span("receive_delivery", kind);
-        self.wins(received_in(span, self.receive_delivery_op(channel, kind)).await)
+        let target = self.target(channel, Check::Receive);
+        let span = self.span("receive_delivery", target.kind);
+        self.wins(received_in(span, self.receive_delivery_op(target)).await)
     }
 
     async fn receive_batch(
@@ -523,9 +553,9 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        let kind = Kind::of_channel(channel);
-        let span = self.span("receive_batch", kind);
-        let op = self.receive_batch_op(channel, kind, max, timeout);
+        let target = self.target(channel, Check::Receive);
+        let span = self.span("receive_batch", target.kind);
+        let op = self.receive_batch_op(target, max, timeout);
         self.wins(received_in(span, op).await)
     }
 
@@ -547,11 +577,7 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
 
     async fn group_send(&self, group: &str, message: Message) -> Result<()> {
         let span = self.span("group_send", Kind::Group);
-        self.wins(
-            self.send_op(group, Kind::Group, message)
-                .instrument(span)
-                .await,
-        )
+        self.wins(self.group_send_op(group, message).instrument(span).await)
     }
 
     async fn group_members(&self, group: &str) -> Result<Vec<String>> {

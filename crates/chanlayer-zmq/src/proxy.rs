@@ -264,7 +264,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
                 Some(items) => {
                     for (i, item) in (0u64..).zip(items) {
                         let origin = from(id, seq.saturating_add(i));
-                        run.add(hub, first, origin, item.into());
+                        run.add(hub, first, origin, Item::Slice(item));
                     }
                 }
                 None => {
@@ -279,7 +279,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
     };
     if let Some(from) = from {
         if let Some(payload) = frames.pop() {
-            run.add(hub, &frames[0], from, payload);
+            run.add(hub, &frames[0], from, Item::Frame(payload));
         }
         return;
     }
@@ -308,11 +308,28 @@ pub(crate) struct Batch {
     from: From,
 }
 
+/// A message for [`Batch::add`]: a frame as read, or an item of a batch frame (borrowed:
+/// it is copied once, into the run, with no `zmq::Message` of its own).
+pub(crate) enum Item<'a> {
+    Frame(zmq::Message),
+    Slice(&'a [u8]),
+}
+
+impl std::ops::Deref for Item<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Item::Frame(m) => m,
+            Item::Slice(s) => s,
+        }
+    }
+}
+
 impl Batch {
     /// Adds a message for `topic`, publishing what is batched first when it cannot join the
-    /// run (another topic or origin, a full batch). A message over [`wire::BATCH_ITEM_MAX`]
+    /// run (another topic or origin, a full batch). A frame over [`wire::BATCH_ITEM_MAX`]
     /// is published alone, without a copy.
-    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: zmq::Message) {
+    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: Item<'_>) {
         let follows = match (&self.run, self.from, from) {
             (Some(_), None, None) => true,
             (Some(run), Some((id, first)), Some((next_id, next))) => {
@@ -327,7 +344,11 @@ impl Batch {
         }
         self.flush(hub);
         if payload.len() > wire::BATCH_ITEM_MAX {
-            return hub.publish(topic, from, 1, payload);
+            let frame = match payload {
+                Item::Frame(m) => m,
+                Item::Slice(s) => s.into(),
+            };
+            return hub.publish(topic, from, 1, frame);
         }
         self.from = from;
         self.run = Some(Outgoing::one(topic.to_vec(), payload.to_vec()));
