@@ -11,9 +11,10 @@
 //! of the same topic (so the socket thread gets batches ready to send), or a command of the
 //! thread's own kind, which travels alone.
 //!
-//! A sending thread's socket side sits behind a lock ([`Outbox`]): a send that finds
-//! nothing queued and the socket idle takes the lock and puts its message out itself, with
-//! no hop to the thread (a round trip's messages); a stream of sends queues and batches.
+//! A sending thread's socket side sits behind a lock ([`Outbox`]): a send that finds the
+//! thread asleep, nothing queued and the socket idle takes the lock and puts its message
+//! out itself, with no hop to the thread (a round trip's messages); a stream of sends,
+//! which keeps the thread awake, queues and batches.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -211,12 +212,14 @@ impl<S: Sink> Outbox<S> {
 }
 
 impl Outbox {
-    /// Sends the data message `[topic, payload]`: straight out when the socket is idle and
-    /// nothing is queued, else queued (bounded by the capacity) for the thread.
+    /// Sends the data message `[topic, payload]`: straight out when the thread is asleep,
+    /// nothing is queued and the socket is idle, else queued (bounded by the capacity) for
+    /// the thread.
     pub fn send(&self, topic: &[u8], payload: Cow<'_, [u8]>) -> std::result::Result<(), Refused> {
-        // In a stream something is queued nearly always: queue behind it without touching
-        // the socket's lock (the thread's) or reading the clock.
-        if self.mailbox.queued() {
+        // Only a thread asleep in its poll is worth passing by (a send would have to wake
+        // it). One that is awake, as in a stream, takes the queue on its next turn: queue
+        // for it without touching the socket's lock (the thread's) or reading the clock.
+        if self.mailbox.queued() || !self.mailbox.asleep() {
             return self.mailbox.push(topic.into(), payload);
         }
         let sink = match self.sink.try_lock() {
@@ -476,6 +479,12 @@ impl<C> Mailbox<C> {
     /// [`Mailbox::is_empty`] confirms under the lock).
     pub fn queued(&self) -> bool {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// `true` if the thread is asleep in its poll, or about to be, until the doorbell rings
+    /// (no lock: a hint).
+    pub fn asleep(&self) -> bool {
+        self.sleeping.load(Ordering::Acquire)
     }
 
     /// `true` once [`Mailbox::close`] was called.
@@ -761,5 +770,59 @@ mod tests {
             0,
             "the bell was emptied"
         );
+    }
+
+    /// A sink that records what it was given and whose socket is idle when `idle` says.
+    struct Recorder {
+        put: Vec<usize>,
+        idle: bool,
+    }
+
+    impl Sink for Recorder {
+        fn put(&mut self, item: Item<Control>) -> bool {
+            self.put.push(item.count());
+            false
+        }
+        fn idle(&mut self) -> bool {
+            self.idle
+        }
+    }
+
+    #[test]
+    fn a_send_passes_the_queue_only_while_the_thread_sleeps_and_nothing_waits() {
+        let outbox = |idle| Outbox::new(8, Recorder { put: vec![], idle }).expect("outbox");
+        let send = |o: &Outbox| o.send(b"t", Cow::Borrowed(b"x")).expect("send");
+        let queued =
+            |o: &Outbox<Recorder>| -> usize { o.mailbox.take_all().iter().map(Item::count).sum() };
+        let put = |o: &Outbox<Recorder>| lock(&o.sink).put.clone();
+        // The thread is awake (it never said it would sleep): the send queues for it.
+        let awake = outbox(true);
+        send(&awake);
+        assert_eq!((queued(&awake), put(&awake)), (1, vec![]));
+        // Asleep, nothing queued, the socket idle: straight to the socket.
+        let asleep = outbox(true);
+        assert!(asleep.mailbox.prepare_sleep());
+        send(&asleep);
+        assert_eq!((queued(&asleep), put(&asleep)), (0, vec![1]));
+        // Asleep, but the socket was used just now: queued, and the doorbell rang.
+        let busy = outbox(false);
+        assert!(busy.mailbox.prepare_sleep());
+        send(&busy);
+        assert!(!busy.mailbox.asleep(), "the push woke the thread");
+        assert_eq!((queued(&busy), put(&busy)), (1, vec![]));
+        // Asleep with something queued: behind it, never past it.
+        let behind = outbox(true);
+        behind
+            .mailbox
+            .push_control(Control::Raw(vec![]))
+            .expect("push");
+        behind.mailbox.sleeping.store(true, Ordering::SeqCst);
+        send(&behind);
+        assert_eq!(
+            behind.mailbox.take_all().len(),
+            2,
+            "queued behind the command"
+        );
+        assert!(put(&behind).is_empty());
     }
 }
