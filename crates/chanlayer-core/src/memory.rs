@@ -190,19 +190,29 @@ impl Transport for MemoryTransport {
         CAPABILITIES
     }
 
-    async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
+    // Sends never wait here: done when called, so the future carries only the result, not
+    // the message (a smaller future on every send).
+    fn publish_local(
+        &self,
+        owner: &str,
+        out: Outgoing<'_>,
+    ) -> impl std::future::Future<Output = Result<Published>> + Send {
         // Its own channel: no lookup, no reference count touched.
-        if owner == self.inbound.id() {
-            return self.push(self.inbound.inbox(), out);
-        }
-        match self.broker.instance(owner) {
-            Some(target) => self.push(target.inbox(), out),
-            None => Ok(Published::Gone),
-        }
+        std::future::ready(if owner == self.inbound.id() {
+            self.push(self.inbound.inbox(), out)
+        } else {
+            match self.broker.instance(owner) {
+                Some(target) => self.push(target.inbox(), out),
+                None => Ok(Published::Gone),
+            }
+        })
     }
 
-    async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
-        self.push(&self.broker.normal, out)
+    fn publish_normal(
+        &self,
+        out: Outgoing<'_>,
+    ) -> impl std::future::Future<Output = Result<Published>> + Send {
+        std::future::ready(self.push(&self.broker.normal, out))
     }
 
     async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
