@@ -224,7 +224,6 @@ impl<T: Transport> TransportLayer<T> {
         }
     }
 
-    /// Sends to channel or group `name` (`kind` says which).
     /// A send to a channel. Groups have their own ([`group_send_op`](Self::group_send_op)):
     /// with both in one future, every send's future would be as large as a group send's
     /// (which may wait for room), and a larger future costs a larger copy per message.
