@@ -311,7 +311,9 @@ pub(crate) struct Batch {
 /// A message for [`Batch::add`]: a frame as read, or an item of a batch frame (borrowed:
 /// it is copied once, into the run, with no `zmq::Message` of its own).
 pub(crate) enum Item<'a> {
+    /// A message frame as the PULL socket gave it.
     Frame(zmq::Message),
+    /// One item of a batch frame.
     Slice(&'a [u8]),
 }
 
