@@ -28,7 +28,7 @@
 
 use std::time::Duration;
 
-use chanlayer_core::config::{hosts, BackendSettings, HostPort};
+use chanlayer_core::config::{hosts, BackendOptions, BackendSettings, HostPort};
 use chanlayer_core::{Error, LayerConfig, Result};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 
@@ -124,8 +124,8 @@ pub struct AmqpConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-/// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, inspect, wire, prefetch, groups_exchange, inbox_capacity, queue_expires, queue_type, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
+/// The options only this backend reads, for the "unknown option" error.
+const OPTIONS: &str = "wire, prefetch, groups_exchange, inbox_capacity, queue_expires, queue_type, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
 
 fn decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
@@ -134,12 +134,13 @@ fn decode(s: &str) -> String {
 }
 
 impl BackendSettings for AmqpConfig {
-    /// Reads the AMQP settings of `config` (scheme `amqp` or `amqps`). Unknown options are a
-    /// [`Error::Config`] naming them; errors never contain the password.
-    fn from_layer_config(config: &LayerConfig) -> Result<AmqpConfig> {
+    const SCHEMES: &'static [&'static str] = &[BACKEND, "amqps"];
+    const OPTIONS: &'static str = OPTIONS;
+
+    /// Reads the AMQP settings of `config` (scheme `amqp` or `amqps`).
+    fn read(config: &LayerConfig, o: &mut BackendOptions) -> Result<AmqpConfig> {
         let b = &config.backend;
-        let tls = b.scheme_of(BACKEND, &["amqp", "amqps"])? == "amqps";
-        config.options.validate()?;
+        let tls = b.scheme == "amqps";
         let (authority, path) = b.address.split_once('/').unwrap_or((&b.address, ""));
         let vhost = if path.is_empty() {
             "/".to_owned()
@@ -152,7 +153,6 @@ impl BackendSettings for AmqpConfig {
             Some(c) => (c.username.clone(), c.password.clone().unwrap_or_default()),
             None => ("guest".to_owned(), chanlayer_core::Secret::new("guest")),
         };
-        let mut o = b.options.clone();
         let wire = match o.take("wire").as_deref() {
             None | Some("chanlayer") => Wire::Chanlayer,
             Some("channels_rabbitmq") => Wire::ChannelsRabbitmq,
@@ -182,7 +182,7 @@ impl BackendSettings for AmqpConfig {
                 "option queue_type=quorum is for normal-channel queues, and wire=channels_rabbitmq has no normal channels (its process queues are exclusive, so they stay classic); remove queue_type".into(),
             ));
         }
-        let cfg = AmqpConfig {
+        Ok(AmqpConfig {
             wire,
             tls,
             hosts,
@@ -211,20 +211,22 @@ impl BackendSettings for AmqpConfig {
                 .unwrap_or(Duration::from_secs(30)),
             connection_name: o.take("connection_name"),
             ca_file: o.take("ca_file").map(Into::into),
-        };
-        o.reject_unknown("amqp", KNOWN_OPTIONS)?;
-        if cfg.ca_file.is_some() && !tls {
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.ca_file.is_some() && !self.tls {
             return Err(Error::Config(
                 "option ca_file is for amqps:// URLs; this URL is amqp:// (no TLS)".into(),
             ));
         }
-        let x = &cfg.groups_exchange;
+        let x = &self.groups_exchange;
         if x.is_empty() || x.starts_with("amq.") {
             return Err(Error::Config(format!(
                 "option groups_exchange={x:?}: an exchange name must be non-empty and must not start with \"amq.\" (reserved by the broker)"
             )));
         }
-        Ok(cfg)
+        Ok(())
     }
 }
 

@@ -49,7 +49,7 @@ mod shared;
 mod topology;
 mod transport;
 
-pub use config::{AmqpConfig, QueueType, Wire, KNOWN_OPTIONS};
+pub use config::{AmqpConfig, QueueType, Wire};
 pub use transport::AmqpTransport;
 
 /// The AMQP channel layer: core's `TransportLayer` over [`AmqpTransport`].

@@ -167,10 +167,7 @@ impl Transport for MemoryTransport {
                 "memory:// URLs take no user or password".into(),
             ));
         }
-        config.backend.options.reject_unknown(
-            BACKEND,
-            "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter",
-        )?;
+        (config.backend.options).reject_unknown(BACKEND, crate::config::SHARED_OPTIONS)?;
         let name = config.backend.address.trim_end_matches('/');
         if name.contains('/') {
             return Err(Error::Config(format!(

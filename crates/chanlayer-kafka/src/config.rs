@@ -82,8 +82,8 @@ pub struct KafkaConfig {
     pub topic_properties: BackendOptions,
 }
 
-/// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, inspect, partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>, topic.<topic config>";
+/// The options only this backend reads, for the "unknown option" error.
+const OPTIONS: &str = "partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>, topic.<topic config>";
 
 const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
 const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
@@ -116,12 +116,12 @@ fn librdkafka_range(e: Error, property: &str, range: &str) -> Error {
 }
 
 impl BackendSettings for KafkaConfig {
-    /// Reads the Kafka settings of `config` (scheme `kafka`). Unknown options are an
-    /// [`Error::Config`] naming them; errors never contain a password.
-    fn from_layer_config(config: &LayerConfig) -> Result<KafkaConfig> {
+    const SCHEMES: &'static [&'static str] = &[BACKEND];
+    const OPTIONS: &'static str = OPTIONS;
+
+    /// Reads the Kafka settings of `config` (scheme `kafka`).
+    fn read(config: &LayerConfig, o: &mut BackendOptions) -> Result<KafkaConfig> {
         let b = &config.backend;
-        b.scheme_of(BACKEND, &[BACKEND])?;
-        config.options.validate()?;
         let max = config.options.max_message_size;
         if max > MAX_MESSAGE_SIZE {
             return Err(Error::Config(format!(
@@ -129,7 +129,6 @@ impl BackendSettings for KafkaConfig {
             )));
         }
         let brokers = parse_brokers(&b.address)?;
-        let mut o = b.options.clone();
         // The options win over the URL's user-info.
         let url = b.credentials.as_ref();
         let username = o
@@ -137,14 +136,14 @@ impl BackendSettings for KafkaConfig {
             .or_else(|| url.map(|c| c.username.clone()));
         let password =
             (o.take("password").map(Secret::new)).or_else(|| url.and_then(|c| c.password.clone()));
-        let client_properties = take_prefixed(&mut o, "kafka.", "librdkafka property")?;
-        let topic_properties = take_prefixed(&mut o, "topic.", "topic config")?;
+        let client_properties = take_prefixed(o, "kafka.", "librdkafka property")?;
+        let topic_properties = take_prefixed(o, "topic.", "topic config")?;
         let security_protocol = o.take("security.protocol").map(|p| p.to_ascii_lowercase());
         one_of("security.protocol", &security_protocol, &PROTOCOLS, "")?;
         let sasl_mechanism = o.take("sasl.mechanism").map(|m| m.to_ascii_uppercase());
         let others = " (others through kafka.sasl.mechanism)";
         one_of("sasl.mechanism", &sasl_mechanism, &MECHANISMS, others)?;
-        let cfg = KafkaConfig {
+        Ok(KafkaConfig {
             brokers,
             partitions: o.take_int("partitions", 1..=i32::MAX)?.unwrap_or(1),
             replication: o
@@ -182,14 +181,9 @@ impl BackendSettings for KafkaConfig {
             ca_file: o.take("ca_file").map(Into::into),
             client_properties,
             topic_properties,
-        };
-        o.reject_unknown("kafka", KNOWN_OPTIONS)?;
-        cfg.check()?;
-        Ok(cfg)
+        })
     }
-}
 
-impl KafkaConfig {
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.replication == 0 {
@@ -206,7 +200,9 @@ impl KafkaConfig {
         }
         Ok(())
     }
+}
 
+impl KafkaConfig {
     /// `security.protocol` as librdkafka gets it: the option, else implied by SASL
     /// credentials and a CA file, else `plaintext`.
     pub fn effective_protocol(&self) -> &str {

@@ -55,7 +55,7 @@ mod transport;
 mod worker;
 
 pub use capabilities::{BACKEND, CAPABILITIES};
-pub use config::{KafkaConfig, KNOWN_OPTIONS};
+pub use config::KafkaConfig;
 pub use topics::{inbox_topic, list_inboxes, remove_inboxes, InboxTopic};
 pub use transport::KafkaTransport;
 

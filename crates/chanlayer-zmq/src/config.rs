@@ -28,8 +28,8 @@ use crate::bridge::{zmq_err, CONTEXT};
 use crate::retention::Retention;
 use crate::BACKEND;
 
-/// Every option this backend reads, for the "unknown option" error.
-pub const KNOWN_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, inspect, mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, close_linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
+/// The options only this backend reads, for the "unknown option" error.
+const OPTIONS: &str = "mode, pull, pub, bind, sndhwm, rcvhwm, send_queue, subscribe_timeout, connect_timeout, reconnect_interval, reconnect_interval_max, linger, close_linger, retain, retain_for, retain_bytes, ipv6, curve_serverkey, curve_publickey, curve_secretkey, curve_server_secretkey, zmq.<socket option>";
 
 /// The libzmq socket options `zmq.<option>=<integer>` passes through to every socket, each
 /// with its setter: libzmq takes an int for every one but `maxmsgsize` (an int64).
@@ -148,6 +148,8 @@ pub struct ZmqConfig {
     pub mode: Mode,
     /// When an embedded-mode instance binds the publisher.
     pub bind: BindPolicy,
+    /// CURVE keys, when CURVE is on (the publisher that binds is the CURVE server).
+    pub curve: Option<CurveKeys>,
     /// ZMQ_SNDHWM of sending sockets.
     pub sndhwm: i32,
     /// ZMQ_RCVHWM of the SUB socket.
@@ -173,8 +175,6 @@ pub struct ZmqConfig {
     pub retention: Retention,
     /// ZMQ_IPV6.
     pub ipv6: bool,
-    /// CURVE keys, when CURVE is on.
-    pub curve: Option<CurveKeys>,
     /// `zmq.<option>` pass-through.
     pub socket_options: Vec<SocketOption>,
 }
@@ -258,18 +258,17 @@ pub(crate) fn curve_missing() -> Error {
 }
 
 impl BackendSettings for ZmqConfig {
-    /// Reads the ZeroMQ settings of `config` (scheme `zmq`). Unknown options are an
-    /// [`Error::Config`] naming them; errors never contain a secret key.
-    fn from_layer_config(config: &LayerConfig) -> Result<ZmqConfig> {
+    const SCHEMES: &'static [&'static str] = &[BACKEND];
+    const OPTIONS: &'static str = OPTIONS;
+
+    /// Reads the ZeroMQ settings of `config` (scheme `zmq`).
+    fn read(config: &LayerConfig, o: &mut BackendOptions) -> Result<ZmqConfig> {
         let b = &config.backend;
-        b.scheme_of(BACKEND, &[BACKEND])?;
         if b.credentials.is_some() {
             return Err(Error::Config(
                 "zmq:// URLs take no user or password; secure a ZeroMQ layer with CURVE keys (curve_serverkey, ...)".into(),
             ));
         }
-        config.options.validate()?;
-        let mut o = b.options.clone();
         let address = percent_encoding::percent_decode_str(&b.address)
             .decode_utf8_lossy()
             .into_owned();
@@ -330,7 +329,7 @@ impl BackendSettings for ZmqConfig {
                 pull.starts_with("tcp://[") || publish.starts_with("tcp://[")
             }
         };
-        let curve = curve_keys(&mut o)?;
+        let curve = curve_keys(o)?;
         let pass: Vec<String> =
             o.0.keys()
                 .filter(|k| k.starts_with("zmq."))
@@ -356,14 +355,14 @@ impl BackendSettings for ZmqConfig {
         }
         let (s, ms, zero) = (Duration::from_secs, Duration::from_millis, Duration::ZERO);
         let d = Retention::default();
-        let cfg = ZmqConfig {
+        Ok(ZmqConfig {
             mode,
-            subscribe_timeout: dur(&mut o, "subscribe_timeout", MIN_TIMEOUT, s(5))?,
-            connect_timeout: dur(&mut o, "connect_timeout", MIN_TIMEOUT, s(5))?,
-            reconnect_interval: dur(&mut o, "reconnect_interval", MIN_TIMEOUT, ms(100))?,
-            reconnect_interval_max: dur(&mut o, "reconnect_interval_max", zero, zero)?,
-            linger: dur(&mut o, "linger", zero, s(1))?,
-            close_linger: dur(&mut o, "close_linger", zero, s(2))?,
+            subscribe_timeout: dur(o, "subscribe_timeout", MIN_TIMEOUT, s(5))?,
+            connect_timeout: dur(o, "connect_timeout", MIN_TIMEOUT, s(5))?,
+            reconnect_interval: dur(o, "reconnect_interval", MIN_TIMEOUT, ms(100))?,
+            reconnect_interval_max: dur(o, "reconnect_interval_max", zero, zero)?,
+            linger: dur(o, "linger", zero, s(1))?,
+            close_linger: dur(o, "close_linger", zero, s(2))?,
             bind: o.take_parsed("bind")?.unwrap_or(BindPolicy::Lazy),
             sndhwm: o.take_int("sndhwm", 0..=i32::MAX)?.unwrap_or(10_000),
             rcvhwm: o.take_int("rcvhwm", 0..=i32::MAX)?.unwrap_or(10_000),
@@ -380,14 +379,9 @@ impl BackendSettings for ZmqConfig {
             ipv6: o.take_parsed("ipv6")?.unwrap_or(ipv6_default),
             curve,
             socket_options,
-        };
-        o.reject_unknown("zmq", KNOWN_OPTIONS)?;
-        cfg.check()?;
-        Ok(cfg)
+        })
     }
-}
 
-impl ZmqConfig {
     fn check(&self) -> Result<()> {
         let embedded = matches!(self.mode, Mode::Embedded { .. });
         let why = if !embedded && self.bind != BindPolicy::Lazy {
@@ -405,7 +399,9 @@ impl ZmqConfig {
         };
         Err(Error::Config(why.into()))
     }
+}
 
+impl ZmqConfig {
     /// A socket of this layer (SUB, PUSH, the embedded XPUB) with every setting it gets:
     /// reconnection, linger (0 for a SUB, which holds nothing worth waiting for), IPv6, the
     /// high-water mark of its direction, the pass-through options, and CURVE (the server

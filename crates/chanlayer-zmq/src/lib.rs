@@ -80,7 +80,7 @@ pub mod wire;
 
 pub use config::{
     check_endpoint, curve_available, decode_z85_key, BindPolicy, CurveKeys, Mode, SocketOption,
-    ZmqConfig, DEFAULT_PORT, DEFAULT_PUB_PORT, DEFAULT_PULL_PORT, KNOWN_OPTIONS,
+    ZmqConfig, DEFAULT_PORT, DEFAULT_PUB_PORT, DEFAULT_PULL_PORT,
 };
 pub use hub::HubStats;
 pub use transport::{TransportStats, ZmqTransport};

@@ -296,17 +296,56 @@ mod values;
 
 pub use backend::{is_secret_key, BackendConfig, BackendOptions, Credentials, Secret};
 
+/// The options every backend shares (read into [`LayerOptions`]), as the "unknown option"
+/// error lists them before a backend's own.
+pub const SHARED_OPTIONS: &str = "prefix, capacity, channel_capacity.<glob>, expiry, group_expiry, codec, max_message_size, max_deliveries, dead_letter, inspect";
+
 /// A backend's own settings, read from a [`LayerConfig`]: its scheme, address and the
-/// options only it knows (`AmqpConfig`, `KafkaConfig`, `ZmqConfig`).
+/// options only it knows (`AmqpConfig`, `KafkaConfig`, `ZmqConfig`). A backend says what it
+/// reads ([`read`](Self::read)) and how its settings must fit together
+/// ([`check`](Self::check)); [`from_layer_config`](Self::from_layer_config) does the rest
+/// the same way for every backend.
 pub trait BackendSettings: Sized {
-    /// Reads the settings of `config`. An unknown option, a value out of its range or a URL
-    /// of another backend's scheme is an [`Error::Config`] naming it; no error contains a
+    /// The URL schemes it reads, the first its name as errors say it (`["amqp", "amqps"]`).
+    const SCHEMES: &'static [&'static str];
+    /// The options only this backend reads, for the "unknown option" error.
+    const OPTIONS: &'static str;
+
+    /// Reads the settings of `config` (whose scheme is one of [`SCHEMES`](Self::SCHEMES)),
+    /// taking every option it knows out of `options` (a copy of the backend's options):
+    /// what is left there is unknown.
+    fn read(config: &LayerConfig, options: &mut BackendOptions) -> Result<Self>;
+
+    /// Checks the settings together, once every option is read and none is unknown.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Reads the settings of `config`: its scheme, the shared options' consistency
+    /// ([`LayerOptions::validate`]), [`read`](Self::read), no option left unknown,
+    /// [`check`](Self::check). An unknown option, a value out of its range or a URL of
+    /// another backend's scheme is an [`Error::Config`] naming it; no error contains a
     /// password or a secret key.
-    fn from_layer_config(config: &LayerConfig) -> Result<Self>;
+    fn from_layer_config(config: &LayerConfig) -> Result<Self> {
+        let backend = Self::SCHEMES.first().copied().unwrap_or_default();
+        config.backend.scheme_of(backend, Self::SCHEMES)?;
+        config.options.validate()?;
+        let mut options = config.backend.options.clone();
+        let settings = Self::read(config, &mut options)?;
+        options.reject_unknown(backend, &Self::known_options())?;
+        settings.check()?;
+        Ok(settings)
+    }
 
     /// [`LayerConfig::from_url`], then [`from_layer_config`](Self::from_layer_config).
     fn from_url(url: &str) -> Result<Self> {
         Self::from_layer_config(&LayerConfig::from_url(url)?)
+    }
+
+    /// Every option a URL of this backend may carry: [`SHARED_OPTIONS`], then
+    /// [`OPTIONS`](Self::OPTIONS).
+    fn known_options() -> String {
+        format!("{SHARED_OPTIONS}, {}", Self::OPTIONS)
     }
 }
 pub use url::{hosts, HostPort, LayerConfig};
