@@ -522,7 +522,15 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         tokio::task::consume_budget().await;
         let target = self.target(channel, Check::Send);
         let span = self.span("send", target.kind);
-        let (route, out) = match span.in_scope(|| self.prepare_send(target, message)) {
+        // Entering a span no subscriber wants still costs (a tenth of the core's work on a
+        // ZeroMQ send, callgrind): only an enabled one is entered.
+        let prepare = || self.prepare_send(target, message);
+        let prepared = if span.is_disabled() {
+            prepare()
+        } else {
+            span.in_scope(prepare)
+        };
+        let (route, out) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => return self.wins(Err(e)),
         };
