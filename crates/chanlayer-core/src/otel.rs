@@ -157,6 +157,21 @@ impl Extractor for Reader<'_> {
     }
 }
 
+/// Runs receive operation `op` in `span`, which becomes a child of the sender's span (the
+/// message's `traceparent`): OpenTelemetry fixes a span's parent when the span is first
+/// entered, so `span` is entered only once the message is there. It starts when the call
+/// does (its time includes the wait); what the wait logs is in the caller's span.
+pub(crate) async fn received_in<R: Received>(
+    span: tracing::Span,
+    op: impl std::future::Future<Output = crate::Result<R>>,
+) -> crate::Result<R> {
+    let r = op.await;
+    if let Ok(got) = &r {
+        adopt(&span, got);
+    }
+    span.in_scope(|| r)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};

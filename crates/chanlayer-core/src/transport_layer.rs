@@ -30,6 +30,8 @@ use crate::layer::ChannelLayer;
 use crate::message::Message;
 use crate::name_cache::{self, Check, Known, Route, SERIALS};
 use crate::names;
+#[cfg(feature = "otel")]
+use crate::otel::received_in;
 use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, Kind};
 use crate::transport::{Incoming, NormalReader, NormalSource, Outgoing, Published, Transport};
@@ -465,29 +467,14 @@ struct Target<'a> {
     known: Option<Known>,
 }
 
-/// Runs receive operation `op` in `span`.
+/// Runs receive operation `op` in `span` (with feature `otel`, `otel::received_in`,
+/// which makes it a child of the sender's span).
 #[cfg(not(feature = "otel"))]
 fn received_in<F: std::future::Future>(
     span: tracing::Span,
     op: F,
 ) -> tracing::instrument::Instrumented<F> {
     op.instrument(span)
-}
-
-/// Runs receive operation `op` in `span`, which becomes a child of the sender's span (the
-/// message's `traceparent`): OpenTelemetry fixes a span's parent when the span is first
-/// entered, so `span` is entered only once the message is there. It starts when the call
-/// does (its time includes the wait); what the wait logs is in the caller's span.
-#[cfg(feature = "otel")]
-async fn received_in<R: crate::otel::Received>(
-    span: tracing::Span,
-    op: impl std::future::Future<Output = Result<R>>,
-) -> Result<R> {
-    let r = op.await;
-    if let Ok(got) = &r {
-        crate::otel::adopt(&span, got);
-    }
-    span.in_scope(|| r)
 }
 
 impl<T: Transport> Drop for TransportLayer<T> {
