@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,6 +53,8 @@ enum Outbound {
 /// The ZeroMQ transport of one layer instance. See the crate docs.
 pub struct ZmqTransport {
     cfg: ZmqConfig,
+    /// This instance's number (see [`Scratch`]).
+    serial: u64,
     shared: Arc<Shared>,
     receiver: Arc<Receiver>,
     outbound: Mutex<Option<Arc<Outbound>>>,
@@ -72,9 +74,15 @@ impl std::fmt::Debug for ZmqTransport {
 /// the encoded envelope of a small message being sent.
 #[derive(Default)]
 struct Scratch {
+    /// The topic of the last channel message this thread sent, for the instance `serial`
+    /// (0: none): a stream to one channel writes its topic once.
     topic: Vec<u8>,
+    serial: u64,
     payload: Vec<u8>,
 }
+
+/// Numbers the instances of this process, for [`Scratch::serial`].
+static SERIALS: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
     static SCRATCH: Cell<Option<Box<Scratch>>> = const { Cell::new(None) };
@@ -92,6 +100,14 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     let r = f(&mut scratch);
     let _ = SCRATCH.try_with(|c| c.set(Some(scratch)));
     r
+}
+
+/// The topic kind and name of a channel message: the owner's inbox, or the normal channel.
+fn topic_of<'a>(owner: Option<&'a str>, channel: &'a str) -> (u8, &'a str) {
+    match owner {
+        Some(owner) => (wire::INBOX, owner),
+        None => (wire::CHANNEL, channel),
+    }
 }
 
 /// A refused push as an error: `ChannelFull` names the channel and, as its capacity, the
@@ -139,9 +155,23 @@ impl ZmqTransport {
 
     /// The topic of a channel message: the owner's inbox topic, or the normal channel's.
     fn topic_into(&self, out: &mut Vec<u8>, owner: Option<&str>, channel: &str) {
-        match owner {
-            Some(owner) => wire::topic_into(out, wire::INBOX, self.prefix(), owner),
-            None => wire::topic_into(out, wire::CHANNEL, self.prefix(), channel),
+        let (kind, name) = topic_of(owner, channel);
+        wire::topic_into(out, kind, self.prefix(), name);
+    }
+
+    /// Puts the topic of a channel message in `sc.topic`, unless the last one is it.
+    fn cached_topic(&self, sc: &mut Scratch, owner: Option<&str>, channel: &str) {
+        let (kind, name) = topic_of(owner, channel);
+        let t = &sc.topic;
+        // Of this instance, the prefix is the same: kind and name tell the topic.
+        let same = sc.serial == self.serial
+            && t.first() == Some(&kind)
+            && t.len() == self.prefix().len() + name.len() + 4
+            && t[t.len() - 1 - name.len()..t.len() - 1] == *name.as_bytes();
+        if !same {
+            sc.topic.clear();
+            wire::topic_into(&mut sc.topic, kind, self.prefix(), name);
+            sc.serial = self.serial;
         }
     }
 
@@ -218,20 +248,20 @@ impl ZmqTransport {
         .await;
     }
 
-    /// Sends a channel message. A message small enough to travel in a batch is encoded
-    /// into this thread's reused buffers (nothing allocated per message).
+    /// Sends a channel message, encoded into this thread's reused buffers (a small message
+    /// allocates nothing of its own; a large one, which travels alone, takes the buffer).
     fn send_channel(&self, owner: Option<&str>, out: Outgoing<'_>) -> Result<Published> {
         let channel = out.destination();
         with_scratch(|sc| {
-            sc.topic.clear();
-            self.topic_into(&mut sc.topic, owner, channel);
-            if out.wire_size() <= wire::BATCH_ITEM_MAX {
-                sc.payload.clear();
-                out.encode_into(&mut sc.payload);
-                self.send(channel, &sc.topic, Cow::Borrowed(&sc.payload))
+            self.cached_topic(sc, owner, channel);
+            sc.payload.clear();
+            out.encode_into(&mut sc.payload);
+            let payload = if sc.payload.len() <= wire::BATCH_ITEM_MAX {
+                Cow::Borrowed(&sc.payload[..])
             } else {
-                self.send(channel, &sc.topic, Cow::Owned(out.encode()))
-            }
+                Cow::Owned(std::mem::take(&mut sc.payload))
+            };
+            self.send(channel, &sc.topic, payload)
         })?;
         Ok(Published::Stored)
     }
@@ -334,6 +364,7 @@ impl Transport for ZmqTransport {
         let (receiver, inbox_confirmed) = Receiver::start(&cfg, shared.clone())?;
         let t = ZmqTransport {
             cfg,
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             shared,
             receiver: Arc::new(receiver),
             outbound: Mutex::new(Some(Arc::new(outbound))),
