@@ -154,4 +154,56 @@ mod tests {
         remember(9001, "other", Check::Send, k);
         assert_eq!(known(9001, "app.abc!xyz", Check::Send), None);
     }
+
+    /// A loop of sends alone (a publish that is done when called, as the memory backend's
+    /// and ZeroMQ's are) still gives its worker thread back: see [`budget_due`].
+    #[test]
+    fn a_loop_of_ready_sends_yields_to_the_runtime() {
+        use crate::layer::ChannelLayer;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // The runtime lives in its own thread: a starved runtime fails by timeout.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds");
+            rt.block_on(async move {
+                let config = crate::LayerConfig::from_url("memory://?capacity=1000000")
+                    .expect("the URL parses");
+                let layer = Arc::new(
+                    crate::memory::MemoryLayer::connect(&config)
+                        .await
+                        .expect("memory connects"),
+                );
+                let channel = layer.new_channel("busy").await.expect("new_channel");
+                let stop = Arc::new(AtomicBool::new(false));
+                let busy = {
+                    let (layer, stop) = (layer.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        let mut sent = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            let m = crate::Message::new("t", crate::Codec::Json, b"1".to_vec());
+                            layer.send(&channel, m).await.expect("send");
+                            sent += 1;
+                        }
+                        sent
+                    })
+                };
+                // On a current-thread runtime this task runs again only if `busy` yields.
+                tokio::task::yield_now().await;
+                stop.store(true, Ordering::Relaxed);
+                let sent = busy.await.expect("busy task");
+                done_tx.send(sent).expect("the test thread waits for this");
+            });
+        });
+        let sent = done_rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a loop of sends must yield to the runtime within 30 s");
+        assert!(
+            (1..=100_000).contains(&sent),
+            "the loop yielded after {sent} sends (every eighth spends the budget of 128)"
+        );
+    }
 }
