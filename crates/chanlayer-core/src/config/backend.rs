@@ -80,12 +80,10 @@ impl BackendOptions {
         key: &str,
         range: std::ops::RangeInclusive<Duration>,
     ) -> Result<Option<Duration>> {
-        let Some(v) = self.0.get(key).cloned() else {
+        let Some(v) = self.0.remove(key) else {
             return Ok(None);
         };
-        let d = self
-            .take_parsed::<ConfigDuration>(key)?
-            .map_or(Duration::ZERO, |d| d.0);
+        let ConfigDuration(d) = v.parse().map_err(|e| option_error(key, &v, e))?;
         match duration_outside(d, &range) {
             None => Ok(Some(d)),
             Some(why) => Err(option_error(key, &v, Error::Config(why))),
@@ -191,11 +189,8 @@ impl BackendConfig {
         let query: Vec<String> = (self.options.0.iter())
             .map(|(k, v)| format!("{k}={}", if is_secret_key(k) { "***" } else { v }))
             .collect();
-        let query = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{}", query.join("&"))
-        };
-        format!("{}://{user}{}{query}", self.scheme, self.address)
+        let mark = if query.is_empty() { "" } else { "?" };
+        let query = query.join("&");
+        format!("{}://{user}{}{mark}{query}", self.scheme, self.address)
     }
 }

@@ -348,7 +348,7 @@ pub trait BackendSettings: Sized {
         format!("{SHARED_OPTIONS}, {}", Self::OPTIONS)
     }
 }
-pub use url::{hosts, HostPort, LayerConfig};
+pub use url::{hosts, is_scheme, HostPort, LayerConfig};
 pub use values::{check_duration, parse_int, ConfigInt};
 use values::{duration_outside, option_error};
 

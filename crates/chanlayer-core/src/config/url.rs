@@ -68,7 +68,7 @@ pub(super) fn decode_component(s: &str) -> String {
 
 /// `true` if `s` is a URL scheme as RFC 3986 spells one: a letter, then letters, digits,
 /// `+`, `-`, `.`. Anything else before `://` is not echoed in errors (it may be a password).
-pub(super) fn is_scheme(s: &str) -> bool {
+pub fn is_scheme(s: &str) -> bool {
     let mut bytes = s.bytes();
     bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
