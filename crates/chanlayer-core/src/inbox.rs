@@ -159,18 +159,7 @@ impl LocalInbox {
         capacity: usize,
         stats: &Stats,
     ) -> Result<()> {
-        Self::push_locked(&mut self.lock(), channel, envelope, capacity, stats)
-    }
-
-    /// [`push`](Self::push) with the lock held.
-    fn push_locked(
-        map: &mut Channels,
-        channel: &str,
-        envelope: Envelope,
-        capacity: usize,
-        stats: &Stats,
-    ) -> Result<()> {
-        let full = Self::push_run(map, channel, [envelope], capacity, stats);
+        let full = Self::push_run(&mut self.lock(), channel, [envelope], capacity, stats);
         (full == 0).then_some(()).ok_or_else(|| Error::ChannelFull {
             channel: channel.to_owned(),
             capacity,
@@ -376,19 +365,16 @@ impl LocalInbox {
         options: &LayerOptions,
         stats: &Stats,
     ) {
-        let Some(last) = members.len().checked_sub(1) else {
-            return;
-        };
-        let mut copies: Vec<(usize, Envelope)> = Vec::with_capacity(members.len());
-        for member in &members[..last] {
-            copies.push((options.capacity_for(member), envelope.clone()));
-        }
-        copies.push((options.capacity_for(&members[last]), envelope));
+        // The copies are made outside the lock; the last is `envelope` itself.
+        let copies: Vec<(usize, Envelope)> = (members.iter())
+            .map(|member| options.capacity_for(member))
+            .zip(std::iter::repeat_n(envelope, members.len()))
+            .collect();
         let mut map = self.lock();
         let full: Vec<&Arc<str>> = (members.iter().zip(copies))
             .filter_map(|(member, (capacity, copy))| {
-                let r = Self::push_locked(&mut map, member, copy, capacity, stats);
-                r.is_err().then_some(member)
+                let full = Self::push_run(&mut map, member, [copy], capacity, stats);
+                (full > 0).then_some(member)
             })
             .collect();
         drop(map);
