@@ -121,13 +121,13 @@ impl Layers {
         let mut doc: toml::Table = text
             .parse()
             .map_err(|e| Error::Config(format!("invalid TOML: {e}")))?;
-        let Some(layers) = doc.remove("layers") else {
-            return Err(Error::Config(
-                "the config file has no [layers.<alias>] section".into(),
-            ));
-        };
-        let toml::Value::Table(layers) = layers else {
-            return Err(Error::Config("`layers` must be a table of aliases".into()));
+        let layers = match doc.remove("layers") {
+            Some(toml::Value::Table(layers)) => layers,
+            Some(_) => return Err(Error::Config("`layers` must be a table of aliases".into())),
+            None => {
+                let why = "the config file has no [layers.<alias>] section";
+                return Err(Error::Config(why.into()));
+            }
         };
         let mut sources = BTreeMap::new();
         for (alias, section) in layers {

@@ -1,7 +1,6 @@
 //! The backend section of a configuration: address, credentials (with [`Secret`]
 //! passwords), and the backend's own options.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// A secret (a password): `Debug` and `Display` print `***`.

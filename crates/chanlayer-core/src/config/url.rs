@@ -1,6 +1,5 @@
 //! [`LayerConfig`] and parsing it from a URL.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// A whole layer configuration: shared options plus the backend section.

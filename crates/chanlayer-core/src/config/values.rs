@@ -1,6 +1,5 @@
 //! Parsing option values: integers in a range, durations within bounds.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// An integer type an option can be read as, with [`parse_int`] or
