@@ -365,7 +365,7 @@ impl LocalInbox {
         options: &LayerOptions,
         stats: &Stats,
     ) {
-        // The copies are made outside the lock; the last is `envelope` itself.
+        // `repeat_n` clones all but the last copy, which is `envelope` itself.
         let copies: Vec<(usize, Envelope)> = (members.iter())
             .map(|member| options.capacity_for(member))
             .zip(std::iter::repeat_n(envelope, members.len()))
