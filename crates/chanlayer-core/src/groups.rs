@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use hashbrown::hash_map::EntryRef;
 use hashbrown::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -73,18 +74,25 @@ impl GroupRegistry {
     /// Removes a membership. Returns `true` if that left the group with no live member
     /// (the last local member went).
     pub fn discard(&self, group: &str, channel: &str) -> bool {
-        let now = Instant::now();
         let mut map = self.lock();
-        let Some(members) = map.get_mut(group) else {
-            return false;
+        let was = (map.get_mut(group)).is_some_and(|m| m.remove(channel).is_some());
+        let gone = Self::live(&mut map, group).is_none();
+        was && gone
+    }
+
+    /// The live members of `group` in `map`, once the expired ones are removed; `None`, and
+    /// the group removed, when there are none.
+    fn live<'a>(map: &'a mut HashMap<String, Members>, group: &str) -> Option<&'a mut Members> {
+        let EntryRef::Occupied(mut members) = map.entry_ref(group) else {
+            return None;
         };
-        let was = members.remove(channel).is_some();
-        members.retain(|_, t| *t > now);
-        if members.is_empty() {
-            map.remove(group);
-            return was;
+        let now = Instant::now();
+        members.get_mut().retain(|_, t| *t > now);
+        if members.get().is_empty() {
+            members.remove();
+            return None;
         }
-        false
+        Some(members.into_mut())
     }
 
     /// `true` if `group` has a live member (no allocation: the hot-path filter for group
@@ -98,17 +106,9 @@ impl GroupRegistry {
 
     /// The live members of `group`, sorted. Expired memberships are removed.
     pub fn members(&self, group: &str) -> Vec<Arc<str>> {
-        let now = Instant::now();
         let mut map = self.lock();
-        let Some(members) = map.get_mut(group) else {
-            return Vec::new();
-        };
-        members.retain(|_, t| *t > now);
-        if members.is_empty() {
-            map.remove(group);
-            return Vec::new();
-        }
-        members.keys().cloned().collect()
+        let live = Self::live(&mut map, group);
+        live.map_or_else(Vec::new, |members| members.keys().cloned().collect())
     }
 
     /// Removes expired memberships; returns each `(group, channel)` that expired.

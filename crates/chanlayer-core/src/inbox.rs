@@ -159,60 +159,52 @@ impl LocalInbox {
         capacity: usize,
         stats: &Stats,
     ) -> Result<()> {
-        Self::push_locked(&mut self.lock(), channel, envelope, capacity, stats)
-    }
-
-    /// [`push`](Self::push) with the lock held.
-    fn push_locked(
-        map: &mut Channels,
-        channel: &str,
-        envelope: Envelope,
-        capacity: usize,
-        stats: &Stats,
-    ) -> Result<()> {
-        let (seq, mut moved) = (map.next_seq, 0);
-        map.next_seq += 1;
-        let slot = map.slot(channel);
-        let pushed = Self::push_slot(slot, envelope, seq, capacity, stats, &mut moved);
-        if pushed {
-            slot.wake();
-        }
-        map.depth += moved;
-        pushed.then_some(()).ok_or_else(|| Error::ChannelFull {
+        let full = Self::push_run(&mut self.lock(), channel, [envelope], capacity, stats);
+        (full == 0).then_some(()).ok_or_else(|| Error::ChannelFull {
             channel: channel.to_owned(),
             capacity,
         })
     }
 
-    /// Appends to `slot` unless it holds `capacity` live entries (expired ones are purged
-    /// first); `false` when full. Adds the change in the slot's length to `moved`. Wakes
-    /// nobody: the caller does, under the same lock.
-    fn push_slot(
-        slot: &mut Slot,
-        envelope: Envelope,
-        seq: u64,
+    /// Appends the envelopes of `run` to `channel` in order, each unless the channel holds
+    /// `capacity` live entries (expired ones are purged first, counted as expired), and
+    /// wakes its receivers once if any went in. Returns how many did not fit.
+    fn push_run(
+        map: &mut Channels,
+        channel: &str,
+        run: impl IntoIterator<Item = Envelope>,
         capacity: usize,
         stats: &Stats,
-        moved: &mut i64,
-    ) -> bool {
-        if slot.queue.len() >= capacity {
-            let now = now_ms();
-            let before = slot.queue.len();
-            slot.queue.retain(|e| !e.envelope.is_expired_at(now));
-            let purged = before - slot.queue.len();
-            *moved -= purged as i64;
-            stats.record_expired(purged as u64);
+    ) -> u64 {
+        let (mut seq, mut moved, mut full, mut pushed) = (map.next_seq, 0, 0, false);
+        let slot = map.slot(channel);
+        for envelope in run {
             if slot.queue.len() >= capacity {
-                return false;
+                let now = now_ms();
+                let before = slot.queue.len();
+                slot.queue.retain(|e| !e.envelope.is_expired_at(now));
+                let purged = before - slot.queue.len();
+                moved -= purged as i64;
+                stats.record_expired(purged as u64);
             }
+            if slot.queue.len() < capacity {
+                slot.queue.push_back(Entry {
+                    envelope,
+                    redelivered: false,
+                    seq,
+                });
+                (moved, pushed) = (moved + 1, true);
+            } else {
+                full += 1;
+            }
+            seq += 1;
         }
-        *moved += 1;
-        slot.queue.push_back(Entry {
-            envelope,
-            redelivered: false,
-            seq,
-        });
-        true
+        if pushed {
+            slot.wake();
+        }
+        map.next_seq = seq;
+        map.depth += moved;
+        full
     }
 
     /// Puts an entry back at the head of `channel` (a nack or an unacked drop), ignoring
@@ -348,27 +340,14 @@ impl LocalInbox {
             }
             // A run of envelopes for one channel: one lock, one lookup, one wake-up.
             let capacity = options.capacity_for(&name);
-            let mut map = self.lock();
-            let mut seq = map.next_seq;
-            let slot = map.slot(&name);
-            let mut dropped = 0;
-            let mut moved = 0;
-            let mut next = Some(first);
-            while let Some(envelope) = next {
-                dropped += u64::from(!Self::push_slot(
-                    slot, envelope, seq, capacity, stats, &mut moved,
-                ));
-                seq += 1;
-                next = (it.next_if(|e| e.kind == Destination::Channel && e.destination == name))
-                    .map(|mut e| {
-                        e.destination = String::new();
-                        e
-                    });
-            }
-            slot.wake();
-            map.next_seq = seq;
-            map.depth += moved;
-            drop(map);
+            let rest = std::iter::from_fn(|| {
+                let mut e =
+                    it.next_if(|e| e.kind == Destination::Channel && e.destination == name)?;
+                e.destination = String::new();
+                Some(e)
+            });
+            let run = std::iter::once(first).chain(rest);
+            let dropped = Self::push_run(&mut self.lock(), &name, run, capacity, stats);
             for _ in 0..dropped {
                 stats.record_dropped_full(&name);
             }
@@ -386,19 +365,16 @@ impl LocalInbox {
         options: &LayerOptions,
         stats: &Stats,
     ) {
-        let Some(last) = members.len().checked_sub(1) else {
-            return;
-        };
-        let mut copies: Vec<(usize, Envelope)> = Vec::with_capacity(members.len());
-        for member in &members[..last] {
-            copies.push((options.capacity_for(member), envelope.clone()));
-        }
-        copies.push((options.capacity_for(&members[last]), envelope));
+        // `repeat_n` clones all but the last copy, which is `envelope` itself.
+        let copies: Vec<(usize, Envelope)> = (members.iter())
+            .map(|member| options.capacity_for(member))
+            .zip(std::iter::repeat_n(envelope, members.len()))
+            .collect();
         let mut map = self.lock();
         let full: Vec<&Arc<str>> = (members.iter().zip(copies))
             .filter_map(|(member, (capacity, copy))| {
-                let r = Self::push_locked(&mut map, member, copy, capacity, stats);
-                r.is_err().then_some(member)
+                let full = Self::push_run(&mut map, member, [copy], capacity, stats);
+                (full > 0).then_some(member)
             })
             .collect();
         drop(map);

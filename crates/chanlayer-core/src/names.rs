@@ -19,10 +19,6 @@ use crate::error::{Error, NameKind, Result};
 /// The longest valid name, in characters.
 pub const MAX_NAME_LEN: usize = 99;
 
-fn allowed(c: char) -> bool {
-    c.is_ascii() && ALLOWED[c as usize]
-}
-
 fn invalid(kind: NameKind, name: &str, rule: impl Into<String>) -> Error {
     Error::InvalidName {
         kind,
@@ -73,7 +69,7 @@ fn check(kind: NameKind, name: &str, bang_allowed: bool) -> Result<()> {
         ))
     } else {
         name.chars().enumerate().find_map(|(pos, c)| match c {
-            c if allowed(c) => None,
+            c if c.is_ascii() && ALLOWED[c as usize] => None,
             '!' if !bang_allowed => Some(format!(
                 "{kind} names cannot contain '!' (only process-local channel names do); found at position {pos}"
             )),

@@ -9,19 +9,10 @@ use crate::error::{Error, Result};
 
 /// A one-way "closed" flag that async code can wait on. Checking it is one atomic load
 /// (it sits on every hot path); waiting uses a watch channel.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct CloseSignal {
     flag: AtomicBool,
     tx: watch::Sender<bool>,
-}
-
-impl Default for CloseSignal {
-    fn default() -> Self {
-        CloseSignal {
-            flag: AtomicBool::new(false),
-            tx: watch::channel(false).0,
-        }
-    }
 }
 
 impl CloseSignal {

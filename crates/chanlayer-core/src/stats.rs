@@ -113,7 +113,7 @@ impl Stats {
             return;
         };
         let get = |c: &Counter| c.0.load(Ordering::Relaxed);
-        let by_kind = |cs: &[Counter; 3]| [get(&cs[0]), get(&cs[1]), get(&cs[2])];
+        let by_kind = |cs: &[Counter; 3]| cs.each_ref().map(get);
         m.update(crate::telemetry::Counts {
             by_kind: [&self.sent, &self.received, &self.undeliverable].map(by_kind),
             // In the order of `telemetry::SINGLE`.
@@ -195,11 +195,7 @@ impl Stats {
     }
     /// One more (`true`) or one fewer delivery handed out and not settled yet.
     pub fn record_unsettled(&self, more: bool) {
-        if more {
-            self.unsettled.0.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.unsettled.0.fetch_sub(1, Ordering::Relaxed);
-        }
+        bump(&self.unsettled, if more { 1 } else { 1u64.wrapping_neg() });
     }
     /// Records one sampled send latency (see [`telemetry::SEND_SAMPLE`](crate::telemetry::SEND_SAMPLE)).
     pub fn export_send_latency(&self, kind: Kind, elapsed: Duration) {

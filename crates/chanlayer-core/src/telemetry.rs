@@ -88,7 +88,7 @@ const SINGLE: [&str; 8] = [
 ];
 
 /// The counts of one layer instance at one moment, for [`Handles::update`].
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Counts {
     /// Sent, received and undeliverable, each by [`Kind`] ([`BY_KIND`]).
     pub by_kind: [[u64; 3]; 3],
@@ -100,6 +100,7 @@ pub(crate) struct Counts {
 
 /// The handles of one layer instance, and what it exported so far: each update adds the
 /// difference, so several instances of a backend add up in one series.
+#[derive(Debug)]
 pub(crate) struct Handles {
     by_kind: [[Counter; 3]; 3],
     single: [Counter; SINGLE.len()],
@@ -107,12 +108,6 @@ pub(crate) struct Handles {
     inbox: Gauge,
     unsettled: Gauge,
     last: std::sync::Mutex<Counts>,
-}
-
-impl std::fmt::Debug for Handles {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Handles")
-    }
 }
 
 impl Handles {

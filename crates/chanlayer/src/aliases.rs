@@ -45,7 +45,7 @@ use crate::{connect_config, Layer};
 /// ```
 pub struct Layers {
     /// Each alias's configuration, or why it could not be built (reported by `get`).
-    configs: BTreeMap<String, std::result::Result<LayerConfig, String>>,
+    configs: BTreeMap<String, Result<LayerConfig, String>>,
     connected: Mutex<BTreeMap<String, Layer>>,
 }
 
@@ -106,12 +106,12 @@ fn scalar_to_string(key: &str, v: toml::Value) -> Result<String> {
 
 fn build(
     url: &str,
-    partial: &PartialOptions,
-    backend: &BTreeMap<String, String>,
+    partial: PartialOptions,
+    backend: BTreeMap<String, String>,
 ) -> Result<LayerConfig> {
     let mut config = LayerConfig::from_url(url)?;
-    config.options.apply(partial.clone())?;
-    config.backend.options.0.extend(backend.clone());
+    config.options.apply(partial)?;
+    config.backend.options.0.extend(backend);
     Ok(config)
 }
 
@@ -121,15 +121,15 @@ impl Layers {
         let mut doc: toml::Table = text
             .parse()
             .map_err(|e| Error::Config(format!("invalid TOML: {e}")))?;
-        let Some(layers) = doc.remove("layers") else {
-            return Err(Error::Config(
-                "the config file has no [layers.<alias>] section".into(),
-            ));
+        let layers = match doc.remove("layers") {
+            Some(toml::Value::Table(layers)) => layers,
+            Some(_) => return Err(Error::Config("`layers` must be a table of aliases".into())),
+            None => {
+                let why = "the config file has no [layers.<alias>] section";
+                return Err(Error::Config(why.into()));
+            }
         };
-        let toml::Value::Table(layers) = layers else {
-            return Err(Error::Config("`layers` must be a table of aliases".into()));
-        };
-        let mut sources = BTreeMap::new();
+        let mut configs = BTreeMap::new();
         for (alias, section) in layers {
             let bad =
                 |table: &str, why: &str| Error::Config(format!("[layers.{alias}{table}]{why}"));
@@ -151,9 +151,12 @@ impl Layers {
             let partial: PartialOptions = toml::Value::Table(section)
                 .try_into()
                 .map_err(|e| bad("", &format!(": {e}")))?;
-            sources.insert(alias, (url, partial, backend));
+            let url = env_url(&alias).unwrap_or(url);
+            // A file alias with a bad URL or option is an error now.
+            let config = build(&url, partial, backend).map_err(|e| in_alias(&alias, e))?;
+            configs.insert(alias, Ok(config));
         }
-        Self::from_sources(sources)
+        Ok(Self::with_env(configs))
     }
 
     /// Reads a TOML file (see [`Layers::from_toml_str`]).
@@ -166,19 +169,12 @@ impl Layers {
 
     /// Only the environment: `CHANLAYER_URL` as `default`, and every `CHANLAYER_<ALIAS>_URL`.
     pub fn from_env() -> Result<Layers> {
-        Self::from_sources(BTreeMap::new())
+        Ok(Self::with_env(BTreeMap::new()))
     }
 
-    fn from_sources(
-        file: BTreeMap<String, (String, PartialOptions, BTreeMap<String, String>)>,
-    ) -> Result<Layers> {
-        let mut configs = BTreeMap::new();
-        for (alias, (url, partial, backend)) in &file {
-            let url = env_url(alias).unwrap_or_else(|| url.clone());
-            // A file alias with a bad URL or option is an error now.
-            let config = build(&url, partial, backend).map_err(|e| in_alias(alias, e))?;
-            configs.insert(alias.clone(), Ok(config));
-        }
+    /// The file's aliases `configs` (their URLs already replaced by the environment's), and
+    /// the aliases only the environment defines.
+    fn with_env(mut configs: BTreeMap<String, Result<LayerConfig, String>>) -> Layers {
         // Aliases that only the environment defines. Their errors wait until they are asked
         // for, so an unrelated bad variable does not break every other alias. Variables that
         // are not UTF-8 are not ours and are skipped.
@@ -195,19 +191,19 @@ impl Layers {
             } else {
                 continue;
             };
-            if configs.contains_key(&alias) || file.keys().any(|a| env_key(a) == key) {
+            if configs.contains_key(&alias) || configs.keys().any(|a| env_key(a) == key) {
                 continue;
             }
             if let Some(url) = env_url(&alias) {
-                let built = build(&url, &PartialOptions::default(), &BTreeMap::new())
+                let built = build(&url, PartialOptions::default(), BTreeMap::new())
                     .map_err(|e| in_alias(&alias, e).to_string());
                 configs.insert(alias, built);
             }
         }
-        Ok(Layers {
+        Layers {
             configs,
             connected: Mutex::new(BTreeMap::new()),
-        })
+        }
     }
 
     /// The aliases defined.

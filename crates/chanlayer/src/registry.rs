@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::{Arc, LazyLock, PoisonError, RwLock, RwLockReadGuard};
 
 use chanlayer_core::toolkit::{Transport, TransportLayer};
 use chanlayer_core::{ChannelLayer, Error, LayerConfig, Result};
@@ -63,22 +63,21 @@ fn builtin() -> HashMap<String, Backend> {
 static REGISTRY: LazyLock<RwLock<HashMap<String, Backend>>> =
     LazyLock::new(|| RwLock::new(builtin()));
 
-fn valid_scheme(scheme: &str) -> bool {
-    let mut chars = scheme.chars();
-    chars.next().is_some_and(|c| c.is_ascii_lowercase())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+fn registry() -> RwLockReadGuard<'static, HashMap<String, Backend>> {
+    REGISTRY.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Registers `connect` for URLs with `scheme` (lowercase letters, digits, `+`, `-`, `.`,
 /// starting with a letter). Fails if the scheme is taken (built-in schemes included, even
 /// when their feature is off).
 pub fn register_scheme(scheme: &str, connect: Connector) -> Result<()> {
-    if !valid_scheme(scheme) {
+    let lowercase = !scheme.bytes().any(|b| b.is_ascii_uppercase());
+    if !(chanlayer_core::config::is_scheme(scheme) && lowercase) {
         return Err(Error::Config(format!(
             "{scheme:?} is not a URL scheme (lowercase letters, digits, '+', '-', '.', starting with a letter)"
         )));
     }
-    let mut reg = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
+    let mut reg = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
     if reg.contains_key(scheme) {
         return Err(Error::Config(format!(
             "the scheme {scheme}:// is already registered"
@@ -104,19 +103,14 @@ pub fn register_transport<T: Transport>(scheme: &str) -> Result<()> {
 
 /// The registered schemes, sorted.
 pub fn schemes() -> Vec<String> {
-    let reg = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
-    let mut v: Vec<String> = reg.keys().cloned().collect();
+    let mut v: Vec<String> = registry().keys().cloned().collect();
     v.sort();
     v
 }
 
 /// The connector of `scheme`, or an error that says why there is none.
 pub(crate) fn connector(scheme: &str) -> Result<Connector> {
-    let backend = REGISTRY
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(scheme)
-        .cloned();
+    let backend = registry().get(scheme).cloned();
     match backend {
         Some(Backend::Available(c)) => Ok(c),
         Some(Backend::CompiledOut(feature)) => Err(Error::Config(format!(

@@ -1,7 +1,6 @@
 //! The backend section of a configuration: address, credentials (with [`Secret`]
 //! passwords), and the backend's own options.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// A secret (a password): `Debug` and `Display` print `***`.
@@ -63,14 +62,26 @@ impl BackendOptions {
     where
         T::Err: std::fmt::Display,
     {
-        match self.0.remove(key) {
-            None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|e: T::Err| {
+        self.take_with(key, |v| {
+            v.parse().map_err(|e: T::Err| {
                 let why = e.to_string();
                 let why = why.strip_prefix("configuration error: ").unwrap_or(&why);
-                option_error(key, &v, Error::Config(why.to_owned()))
-            }),
-        }
+                Error::Config(why.to_owned())
+            })
+        })
+    }
+
+    /// Removes `key` and reads its value with `read`; its error becomes that of the option
+    /// ([`option_error`]: named, the value shown unless secret).
+    fn take_with<T>(
+        &mut self,
+        key: &str,
+        read: impl FnOnce(&str) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let Some(v) = self.0.remove(key) else {
+            return Ok(None);
+        };
+        read(&v).map(Some).map_err(|e| option_error(key, &v, e))
     }
 
     /// Parses ([`ConfigDuration`]) and removes the duration option `key`, which must lie in
@@ -80,16 +91,10 @@ impl BackendOptions {
         key: &str,
         range: std::ops::RangeInclusive<Duration>,
     ) -> Result<Option<Duration>> {
-        let Some(v) = self.0.get(key).cloned() else {
-            return Ok(None);
-        };
-        let d = self
-            .take_parsed::<ConfigDuration>(key)?
-            .map_or(Duration::ZERO, |d| d.0);
-        match duration_outside(d, &range) {
-            None => Ok(Some(d)),
-            Some(why) => Err(option_error(key, &v, Error::Config(why))),
-        }
+        self.take_with(key, |v| {
+            let ConfigDuration(d) = v.parse()?;
+            duration_outside(d, &range).map_or(Ok(d), |why| Err(Error::Config(why)))
+        })
     }
 
     /// Parses and removes the timeout option `key`: a duration that must be positive, from
@@ -106,12 +111,7 @@ impl BackendOptions {
         key: &str,
         range: std::ops::RangeInclusive<T>,
     ) -> Result<Option<T>> {
-        match self.0.remove(key) {
-            None => Ok(None),
-            Some(v) => parse_int(&v, range)
-                .map(Some)
-                .map_err(|e| option_error(key, &v, e)),
-        }
+        self.take_with(key, |v| parse_int(v, range))
     }
 
     /// Fails with a clear error naming the first option nobody consumed.
@@ -191,11 +191,8 @@ impl BackendConfig {
         let query: Vec<String> = (self.options.0.iter())
             .map(|(k, v)| format!("{k}={}", if is_secret_key(k) { "***" } else { v }))
             .collect();
-        let query = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{}", query.join("&"))
-        };
-        format!("{}://{user}{}{query}", self.scheme, self.address)
+        let mark = if query.is_empty() { "" } else { "?" };
+        let query = query.join("&");
+        format!("{}://{user}{}{mark}{query}", self.scheme, self.address)
     }
 }

@@ -332,7 +332,8 @@ pub trait BackendSettings: Sized {
         config.options.validate()?;
         let mut options = config.backend.options.clone();
         let settings = Self::read(config, &mut options)?;
-        options.reject_unknown(backend, &Self::known_options())?;
+        // Every option a URL of this backend may carry: the shared ones, then its own.
+        options.reject_unknown(backend, &format!("{SHARED_OPTIONS}, {}", Self::OPTIONS))?;
         settings.check()?;
         Ok(settings)
     }
@@ -341,14 +342,8 @@ pub trait BackendSettings: Sized {
     fn from_url(url: &str) -> Result<Self> {
         Self::from_layer_config(&LayerConfig::from_url(url)?)
     }
-
-    /// Every option a URL of this backend may carry: [`SHARED_OPTIONS`], then
-    /// [`OPTIONS`](Self::OPTIONS).
-    fn known_options() -> String {
-        format!("{SHARED_OPTIONS}, {}", Self::OPTIONS)
-    }
 }
-pub use url::{hosts, HostPort, LayerConfig};
+pub use url::{hosts, is_scheme, HostPort, LayerConfig};
 pub use values::{check_duration, parse_int, ConfigInt};
 use values::{duration_outside, option_error};
 

@@ -1,6 +1,5 @@
 //! [`LayerConfig`] and parsing it from a URL.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// A whole layer configuration: shared options plus the backend section.
@@ -68,7 +67,7 @@ pub(super) fn decode_component(s: &str) -> String {
 
 /// `true` if `s` is a URL scheme as RFC 3986 spells one: a letter, then letters, digits,
 /// `+`, `-`, `.`. Anything else before `://` is not echoed in errors (it may be a password).
-pub(super) fn is_scheme(s: &str) -> bool {
+pub fn is_scheme(s: &str) -> bool {
     let mut bytes = s.bytes();
     bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
@@ -120,10 +119,8 @@ impl LayerConfig {
                  (? as %3F, # as %23, @ as %40, % as %25) and an '@' in an option value as %40"
             )));
         }
-        let query = match tail.strip_prefix('?') {
-            Some(q) => q.split('#').next().unwrap_or_default(),
-            None => "",
-        };
+        let query = tail.split('#').next().unwrap_or_default();
+        let query = query.strip_prefix('?').unwrap_or_default();
         // The user-info ends at the last '@' (so an unencoded '/', ':' or '@' in a password
         // still counts as password, never as address); the user ends at the first ':'.
         let (credentials, address) = match authority_path.rsplit_once('@') {
@@ -157,10 +154,8 @@ impl LayerConfig {
                 }
                 "dead_letter" => partial.dead_letter = Some(value),
                 "inspect" => {
-                    let on = value
-                        .parse::<bool>()
-                        .map_err(|_| bad(Error::Config("use true or false".to_string())))?;
-                    partial.inspect = Some(on);
+                    let use_bool = |_| bad(Error::Config("use true or false".to_string()));
+                    partial.inspect = Some(value.parse().map_err(use_bool)?);
                 }
                 _ => {
                     if let Some(pattern) = key.strip_prefix("channel_capacity.") {

@@ -1,6 +1,5 @@
 //! Parsing option values: integers in a range, durations within bounds.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// An integer type an option can be read as, with [`parse_int`] or
@@ -28,25 +27,21 @@ config_int!(u8, u16, u32, u64, usize, i8, i16, i32, i64, isize);
 /// assert!(e.to_string().contains("too small"));
 /// ```
 pub fn parse_int<T: ConfigInt>(value: &str, range: std::ops::RangeInclusive<T>) -> Result<T> {
-    let rule = format!(
-        "use a whole number from {} to {}",
-        range.start(),
-        range.end()
-    );
     let v = value.trim();
     let digits = v.strip_prefix(['+', '-']).unwrap_or(v);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(Error::Config(format!("not a whole number; {rule}")));
-    }
-    let too_small = v.starts_with('-');
-    match v.parse::<T>() {
-        Ok(n) if range.contains(&n) => Ok(n),
-        Ok(n) if n < *range.start() => Err(Error::Config(format!("too small; {rule}"))),
-        Ok(_) => Err(Error::Config(format!("too large; {rule}"))),
+    let whole = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+    let why = match v.parse::<T>() {
+        _ if !whole => "not a whole number",
+        Ok(n) if range.contains(&n) => return Ok(n),
+        Ok(n) if n < *range.start() => "too small",
         // A whole number that `T` cannot hold: too far from zero on its side.
-        Err(_) if too_small => Err(Error::Config(format!("too small; {rule}"))),
-        Err(_) => Err(Error::Config(format!("too large; {rule}"))),
-    }
+        Err(_) if v.starts_with('-') => "too small",
+        _ => "too large",
+    };
+    let (lo, hi) = (range.start(), range.end());
+    Err(Error::Config(format!(
+        "{why}; use a whole number from {lo} to {hi}"
+    )))
 }
 
 /// Why `d` is outside `range`, with the rule (`None` when it is inside).
@@ -54,27 +49,22 @@ pub(super) fn duration_outside(
     d: Duration,
     range: &std::ops::RangeInclusive<Duration>,
 ) -> Option<String> {
-    let show = |d: Duration| humantime::format_duration(d).to_string();
-    let rule = if *range.end() == Duration::MAX {
-        format!("use a duration of at least {}", show(*range.start()))
-    } else {
-        format!(
-            "use a duration from {} to {}",
-            show(*range.start()),
-            show(*range.end())
-        )
-    };
-    if d < *range.start() {
-        Some(if *range.start() <= MIN_TIMEOUT {
-            format!("must be more than zero; {rule}")
-        } else {
-            format!("too short; {rule}")
-        })
+    let why = if d < *range.start() && *range.start() <= MIN_TIMEOUT {
+        "must be more than zero"
+    } else if d < *range.start() {
+        "too short"
     } else if d > *range.end() {
-        Some(format!("too long; {rule}"))
+        "too long"
     } else {
-        None
-    }
+        return None;
+    };
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    Some(if *range.end() == Duration::MAX {
+        format!("{why}; use a duration of at least {}", show(*range.start()))
+    } else {
+        let (lo, hi) = (show(*range.start()), show(*range.end()));
+        format!("{why}; use a duration from {lo} to {hi}")
+    })
 }
 
 /// Checks the duration option `key` against `range`: the one bounds check of every
