@@ -58,6 +58,9 @@ pub struct ZmqTransport {
     shared: Arc<Shared>,
     receiver: Arc<Receiver>,
     outbound: Mutex<Option<Arc<Outbound>>>,
+    /// Dedicated mode: the PUSH thread's outbox, reached by sends without the lock of
+    /// `outbound` (closed, its mailbox refuses them: `Closed`).
+    push: Option<Arc<Outbox>>,
     normal: Mutex<HashSet<String>>,
     /// Embedded mode: the counters of the publisher this instance used, kept at close (its
     /// close may still count messages as abandoned).
@@ -179,6 +182,9 @@ impl ZmqTransport {
     /// (bound now if it is not yet: the first send binds it) or the dedicated sender.
     /// `Unsupported` for a receive-only instance (`bind=never`).
     fn outlet<R>(&self, f: impl FnOnce(&Outbox) -> R) -> Result<R> {
+        if let Some(push) = &self.push {
+            return Ok(f(push));
+        }
         let outbound = lock(&self.outbound);
         match outbound.as_deref().ok_or(Error::Closed)? {
             Outbound::Embedded(_) if self.cfg.bind == BindPolicy::Never => Err(Error::unsupported(
@@ -367,6 +373,10 @@ impl Transport for ZmqTransport {
             serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             shared,
             receiver: Arc::new(receiver),
+            push: match &outbound {
+                Outbound::Dedicated(sender) => Some(sender.shared.clone()),
+                Outbound::Embedded(_) => None,
+            },
             outbound: Mutex::new(Some(Arc::new(outbound))),
             normal: Mutex::new(HashSet::new()),
             closed_publisher: Mutex::new(None),
