@@ -513,11 +513,10 @@ impl<T: Transport> ChannelLayer for TransportLayer<T> {
         let span = self.span("send", target.kind);
         // Entering a span no subscriber wants still costs (a tenth of the core's work on a
         // ZeroMQ send, callgrind): only an enabled one is entered.
-        let prepare = || self.prepare_send(target, message);
         let prepared = if span.is_disabled() {
-            prepare()
+            self.prepare_send(target, message)
         } else {
-            span.in_scope(prepare)
+            span.in_scope(|| self.prepare_send(target, message))
         };
         let (route, out) = match prepared {
             Ok(prepared) => prepared,
