@@ -264,6 +264,31 @@ pub fn validate_type(msg_type: &str) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Whitespace and control characters, ASCII or not, are refused in a type; other
+    /// characters pass.
+    #[test]
+    fn types_with_whitespace_or_control_characters_are_refused() {
+        for bad in [
+            "a b",
+            "a\tb",
+            "a\x0bb",
+            "a\x7f",
+            "\x00",
+            "é\u{a0}x",
+            "x\u{2028}",
+            "é\u{85}",
+        ] {
+            let e = validate_type(bad).expect_err(bad);
+            assert!(
+                e.to_string().contains("whitespace or control"),
+                "{bad:?}: {e}"
+            );
+        }
+        for good in ["chat.message", "a-b_c:d/e", "café.commande", "~x"] {
+            validate_type(good).expect(good);
+        }
+    }
+
     #[test]
     fn interned_types_are_shared_equal_and_bounded() {
         let a = intern_type("chat.message");
