@@ -330,19 +330,13 @@ impl BackendSettings for ZmqConfig {
             }
         };
         let curve = curve_keys(o)?;
-        let pass: Vec<String> =
-            o.0.keys()
-                .filter(|k| k.starts_with("zmq."))
-                .cloned()
-                .collect();
         let mut socket_options = Vec::new();
-        for k in pass {
+        for k in o.0.clone().into_keys().filter(|k| k.starts_with("zmq.")) {
             let name = k["zmq.".len()..].to_owned();
             if !SOCKET_OPTIONS.iter().any(|(n, _)| *n == name) {
-                let names: Vec<&str> = SOCKET_OPTIONS.iter().map(|(n, _)| *n).collect();
                 return Err(Error::Config(format!(
                     "option {k}: unknown socket option; zmq.<option> takes one of {}",
-                    names.join(", ")
+                    SOCKET_OPTIONS.map(|(n, _)| n).join(", ")
                 )));
             }
             // libzmq takes an int for every option but maxmsgsize (int64).

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use hashbrown::hash_map::EntryRef;
 use hashbrown::HashMap;
 
-use crate::bridge::{idle_since, lock, wait_until, Control, Item, Outgoing, Sink};
+use crate::bridge::{idle_since, lock, wait_until, Control, Item, Sink};
 use crate::retention::{From, Retention, Store};
 use crate::wire::{self, TopicKind};
 
@@ -270,12 +270,6 @@ impl Hub {
         abandoned
     }
 
-    /// Publishes a message, or a run of messages of one topic as a batch frame, from origin
-    /// `from` (of the first; the others follow).
-    pub fn publish_data(&mut self, d: Outgoing, from: From) {
-        self.publish(&d.topic, from, d.count as u64, d.body.into());
-    }
-
     /// Counts `count` messages that are not chanlayer's (skipped).
     pub fn reject(&mut self, count: u64) {
         self.count(|c| {
@@ -408,7 +402,7 @@ impl Hub {
 impl Sink for Hub {
     fn put(&mut self, item: Item<Control>) -> bool {
         match item {
-            Item::Data(data) => self.publish_data(data, None),
+            Item::Data(d) => self.publish(&d.topic, None, d.count as u64, d.body.into()),
             Item::Control(Control::Mark {
                 reply,
                 token,

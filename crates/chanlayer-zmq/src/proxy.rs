@@ -264,7 +264,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
                 Some(items) => {
                     for (i, item) in (0u64..).zip(items) {
                         let origin = from(id, seq.saturating_add(i));
-                        run.add(hub, first, origin, Item::Slice(item));
+                        run.add(hub, first, origin, item);
                     }
                 }
                 None => {
@@ -278,8 +278,14 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
         _ => None,
     };
     if let Some(from) = from {
-        if let Some(payload) = frames.pop() {
-            run.add(hub, &frames[0], from, Item::Frame(payload));
+        match frames.pop() {
+            // Too large for a batch: published alone, without a copy.
+            Some(payload) if payload.len() > wire::BATCH_ITEM_MAX => {
+                run.flush(hub);
+                hub.publish(&frames[0], from, 1, payload);
+            }
+            Some(payload) => run.add(hub, &frames[0], from, &payload),
+            None => {}
         }
         return;
     }
@@ -308,30 +314,11 @@ pub(crate) struct Batch {
     from: From,
 }
 
-/// A message for [`Batch::add`]: a frame as read, or an item of a batch frame (borrowed:
-/// it is copied once, into the run, with no `zmq::Message` of its own).
-pub(crate) enum Item<'a> {
-    /// A message frame as the PULL socket gave it.
-    Frame(zmq::Message),
-    /// One item of a batch frame.
-    Slice(&'a [u8]),
-}
-
-impl std::ops::Deref for Item<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Item::Frame(m) => m,
-            Item::Slice(s) => s,
-        }
-    }
-}
-
 impl Batch {
-    /// Adds a message for `topic`, publishing what is batched first when it cannot join the
-    /// run (another topic or origin, a full batch). A frame over [`wire::BATCH_ITEM_MAX`]
-    /// is published alone, without a copy.
-    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: Item<'_>) {
+    /// Adds a message for `topic` (copied once, into the run), publishing what is batched
+    /// first when it cannot join the run (another topic or origin, a full batch). A message
+    /// over [`wire::BATCH_ITEM_MAX`] is published alone.
+    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: &[u8]) {
         let follows = match (&self.run, self.from, from) {
             (Some(_), None, None) => true,
             (Some(run), Some((id, first)), Some((next_id, next))) => {
@@ -340,17 +327,13 @@ impl Batch {
             _ => false,
         };
         if let Some(run) = self.run.as_mut().filter(|_| follows) {
-            if run.append(topic, &payload) {
+            if run.append(topic, payload) {
                 return;
             }
         }
         self.flush(hub);
         if payload.len() > wire::BATCH_ITEM_MAX {
-            let frame = match payload {
-                Item::Frame(m) => m,
-                Item::Slice(s) => s.into(),
-            };
-            return hub.publish(topic, from, 1, frame);
+            return hub.publish(topic, from, 1, payload.into());
         }
         self.from = from;
         self.run = Some(Outgoing::one(topic.to_vec(), payload.to_vec()));
@@ -359,7 +342,7 @@ impl Batch {
     /// Publishes what is batched.
     pub fn flush(&mut self, hub: &mut Hub) {
         if let Some(run) = self.run.take() {
-            hub.publish_data(run, self.from);
+            hub.publish(&run.topic, self.from, run.count as u64, run.body.into());
         }
     }
 }

@@ -143,26 +143,25 @@ impl Drop for Publisher {
 impl Publisher {
     fn start(address: &str, cfg: &ZmqConfig, receivers: Receivers) -> Result<Publisher> {
         let counters = Counters::default();
-        let key = address.to_owned();
-        let (address, cfg, c) = (address.to_owned(), cfg.clone(), counters.clone());
+        let (at, cfg, c) = (address.to_owned(), cfg.clone(), counters.clone());
         let (thread, outbox) = spawn(
             "publisher",
             move || {
                 let xpub = cfg.socket(zmq::XPUB)?;
-                bind(&xpub, &address, &cfg)?;
+                bind(&xpub, &at, &cfg)?;
                 let fd = xpub
                     .get_fd()
                     .map_err(|e| zmq_err("could not read the publisher's ZMQ_FD", e))?;
                 let hub = Hub::new(xpub, cfg.retention, false, c);
                 let outbox = Arc::new(Outbox::new(cfg.send_queue, hub)?);
-                Ok(((outbox.clone(), fd, address, cfg, receivers), outbox))
+                Ok(((outbox.clone(), fd, at, cfg, receivers), outbox))
             },
             run,
         )?;
         Ok(Publisher {
             worker: Worker::new(outbox, thread, |o| o.mailbox.close()),
             counters,
-            address: key,
+            address: address.to_owned(),
         })
     }
 }

@@ -247,9 +247,6 @@ impl State {
 
     /// Hands the accepted envelopes to the inbox (one lock per burst).
     pub(super) fn hand_over(&mut self) {
-        if self.ready.is_empty() {
-            return;
-        }
         // Core's ingest path: owner check, delivery, counted drops.
         self.shared.ingest_all(&mut self.ready);
     }
