@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use chanlayer_core::toolkit::{now_ms, Destination, Envelope};
 
-use super::subs::{Link, State, Sub, SubState};
+use super::subs::{Link, Probing, State, Sub, SubState};
 use super::{Confirm, Route, Shared, HAND_OVER_AT};
 use crate::bridge::recv_message;
 use crate::seq::{settle, Held, Pos};
@@ -161,7 +161,7 @@ impl State {
         let max_held = self.max_held;
         // Live and replayed: a replay answering a probe we gave up on.
         let Some(Sub {
-            state: SubState::Probing { held, .. },
+            state: SubState::Probing(Probing { held, .. }),
             ..
         }) = self.subs.get_mut(topic)
         else {
@@ -188,20 +188,19 @@ impl State {
         welcome: Option<Pos>,
         table: Option<Vec<(u64, u64)>>,
     ) {
-        let probing = |s: &&mut Sub| matches!(s.state, SubState::Probing { .. });
-        let Some(sub) = self.subs.get_mut(topic).filter(probing) else {
+        let Some(sub) = self.subs.get_mut(topic) else {
             return;
         };
-        let SubState::Probing {
+        let SubState::Probing(probing) = &mut sub.state else {
+            return;
+        };
+        let Probing {
             probe,
             mut held,
             waiters,
             floor,
             ..
-        } = std::mem::replace(&mut sub.state, SubState::Live(Default::default()))
-        else {
-            return;
-        };
+        } = std::mem::take(probing);
         let settled = settle(&mut held, welcome, floor);
         sub.state = SubState::Live(settled.tracker);
         let route = sub.route.clone();
