@@ -99,11 +99,9 @@ impl Endpoint {
         r.push(Arc::downgrade(sync));
     }
 
-    /// The publisher, binding it now if this process has none yet.
+    /// The publisher, binding it now if this process has none yet (not on the send path:
+    /// a send reads `started` itself).
     pub fn publisher(&self) -> Result<&Arc<Publisher>> {
-        if let Some(p) = self.started.get() {
-            return Ok(p);
-        }
         let _starting = lock(&self.starting);
         if let Some(p) = self.started.get() {
             return Ok(p);
