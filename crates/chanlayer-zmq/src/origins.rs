@@ -95,8 +95,7 @@ impl OriginTracker {
         }
         let mut seen: Vec<u64> = self.last.values().map(|&(_, t)| t).collect();
         let mid = seen.len() / 2;
-        let (_, cut, _) = seen.select_nth_unstable(mid);
-        let cut = *cut;
+        let cut = *seen.select_nth_unstable(mid).1;
         self.last.retain(|_, &mut (_, t)| t > cut);
         self.complete = false;
     }

@@ -203,7 +203,6 @@ impl State {
         } = std::mem::take(probing);
         let settled = settle(&mut held, welcome, floor);
         sub.state = SubState::Live(settled.tracker);
-        let route = sub.route.clone();
         // Losses by origin (a proxy's messages) or by the publisher's sequence.
         let by_origin = table.is_some() || held.iter().any(|h| h.payload.1.is_some());
         if let Some(table) = &table {
@@ -227,7 +226,7 @@ impl State {
         count_lost(&self.shared, topic, lost);
         let now = now_ms();
         for h in &held {
-            if let Some(env) = accept(&self.shared, &route, topic, &h.payload.0, now) {
+            if let Some(env) = accept(&self.shared, &sub.route, topic, &h.payload.0, now) {
                 self.ready.push(env);
             }
         }

@@ -246,8 +246,7 @@ impl State {
         if self.link == new {
             return;
         }
-        let was = self.link;
-        self.link = new;
+        let was = std::mem::replace(&mut self.link, new);
         self.shared.transport.link_up.store(up, Ordering::Relaxed);
         let now = Instant::now();
         for (topic, sub) in self.subs.iter_mut() {
@@ -255,9 +254,8 @@ impl State {
                 SubState::Probing(p) => {
                     if up {
                         p.deadline = Some(now + self.cfg.subscribe_timeout);
-                        if p.probe.is_none() {
-                            p.probe = Some(self.probes.open(sock, self.shared.id(), topic));
-                        }
+                        p.probe
+                            .get_or_insert_with(|| self.probes.open(sock, self.shared.id(), topic));
                     } else {
                         p.deadline = None;
                         for w in p.waiters.drain(..) {
