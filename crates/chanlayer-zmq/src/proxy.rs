@@ -166,25 +166,20 @@ fn setup(config: &ProxyConfig) -> Result<(zmq::Socket, zmq::Socket, String, Stri
                 .and_then(|()| s.set_curve_secretkey(key))
                 .map_err(|e| Error::Config(format!("CURVE server key: {e}")))?;
         }
-        if ipv6 {
-            s.set_ipv6(true).map_err(|e| zmq_err("ipv6", e))?;
-        }
+        s.set_ipv6(ipv6).map_err(|e| zmq_err("ipv6", e))?;
         let (hwm, set) = match kind {
             zmq::PULL => ("rcvhwm", s.set_rcvhwm(config.rcvhwm)),
             _ => ("sndhwm", s.set_sndhwm(config.sndhwm)),
         };
         set.map_err(|e| zmq_err(hwm, e))?;
-        s.bind(addr).map_err(|e| match e {
-            zmq::Error::EADDRINUSE => zmq_err(
-                format!(
+        s.bind(addr).map_err(|e| {
+            let why = match e {
+                zmq::Error::EADDRINUSE => format!(
                     "the proxy's {what} address {addr} is already in use (another proxy running?)"
                 ),
-                e,
-            ),
-            e => zmq_err(
-                format!("could not bind the proxy's {what} socket to {addr}"),
-                e,
-            ),
+                _ => format!("could not bind the proxy's {what} socket to {addr}"),
+            };
+            zmq_err(why, e)
         })?;
         let bound = match s.get_last_endpoint() {
             Ok(Ok(e)) if !e.is_empty() => e,

@@ -197,14 +197,10 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
     loop {
         let attempt = match address.strip_prefix("ipc://") {
             Some(path) if ipc_in_use(path) => Err(taken(address)),
-            _ => match xpub.bind(address) {
-                Ok(()) => Ok(()),
-                Err(zmq::Error::EADDRINUSE) => Err(taken(address)),
-                Err(e) => Err(zmq_err(
-                    format!("could not bind the publisher to {address}"),
-                    e,
-                )),
-            },
+            _ => xpub.bind(address).map_err(|e| match e {
+                zmq::Error::EADDRINUSE => taken(address),
+                e => zmq_err(format!("could not bind the publisher to {address}"), e),
+            }),
         };
         match attempt {
             Err(_) if Instant::now() < deadline => {
