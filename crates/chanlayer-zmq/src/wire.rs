@@ -318,21 +318,20 @@ pub struct Shown<'a>(pub &'a [u8]);
 
 impl std::fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&display(self.0))
+        for &b in self.0.iter().take(256) {
+            match b {
+                0 => f.write_str("\\0")?,
+                b if b.is_ascii_graphic() => write!(f, "{}", b as char)?,
+                b => write!(f, "\\x{b:02x}")?,
+            }
+        }
+        Ok(())
     }
 }
 
 /// A topic or probe for logs: the bytes with the NULs shown as `\0`.
 pub fn display(topic: &[u8]) -> String {
-    let mut s = String::with_capacity(topic.len() + 4);
-    for &b in topic.iter().take(256) {
-        match b {
-            0 => s.push_str("\\0"),
-            b if b.is_ascii_graphic() => s.push(b as char),
-            b => s.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    s
+    Shown(topic).to_string()
 }
 
 #[cfg(test)]

@@ -169,11 +169,10 @@ impl State {
                 deadline: (link != Link::Down).then(|| Instant::now() + self.cfg.subscribe_timeout),
                 ..Probing::default()
             });
-            let origins = OriginTracker::default();
             let sub = Sub {
                 route,
                 state,
-                origins,
+                origins: OriginTracker::default(),
             };
             self.subs.insert(topic.clone(), sub);
         }
