@@ -312,7 +312,7 @@ pub(crate) struct Batch {
 impl Batch {
     /// Adds a message for `topic` (copied once, into the run), publishing what is batched
     /// first when it cannot join the run (another topic or origin, a full batch). A message
-    /// over [`wire::BATCH_ITEM_MAX`] is published alone.
+    /// over [`wire::BATCH_ITEM_MAX`] stays alone: nothing joins it ([`Outgoing::append`]).
     pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: &[u8]) {
         let follows = match (&self.run, self.from, from) {
             (Some(_), None, None) => true,
@@ -327,9 +327,6 @@ impl Batch {
             }
         }
         self.flush(hub);
-        if payload.len() > wire::BATCH_ITEM_MAX {
-            return hub.publish(topic, from, 1, payload.into());
-        }
         self.from = from;
         self.run = Some(Outgoing::one(topic.to_vec(), payload.to_vec()));
     }
