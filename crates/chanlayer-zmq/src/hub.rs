@@ -348,16 +348,12 @@ impl Hub {
         };
         let (epoch, stamps) = (self.epoch, self.stamps);
         let state = self.topics.get(topic);
-        let first_of = |id: u64, seq: u64| {
-            state
-                .and_then(|s| s.origins.get(&id))
-                .map_or(seq, |f| f.first.min(seq))
-        };
         let xpub = &self.xpub;
         let (replayed, heard_now) = self.store.replay(topic, |k| {
             let origin = stamps.then(|| {
                 let (id, seq) = k.from.unwrap_or((0, 0));
-                let first = first_of(id, seq);
+                let followed = state.and_then(|s| s.origins.get(&id));
+                let first = followed.map_or(seq, |f| f.first.min(seq));
                 wire::Origin { id, seq, first }
             });
             let meta = meta(wire::META_DATA, epoch, k.seq, origin);

@@ -141,18 +141,18 @@ impl Drop for Publisher {
 impl Publisher {
     fn start(address: &str, cfg: &ZmqConfig, receivers: Receivers) -> Result<Publisher> {
         let counters = Counters::default();
-        let (at, cfg, c) = (address.to_owned(), cfg.clone(), counters.clone());
+        let (addr, cfg, c) = (address.to_owned(), cfg.clone(), counters.clone());
         let (thread, outbox) = spawn(
             "publisher",
             move || {
                 let xpub = cfg.socket(zmq::XPUB)?;
-                bind(&xpub, &at, &cfg)?;
+                bind(&xpub, &addr, &cfg)?;
                 let fd = xpub
                     .get_fd()
                     .map_err(|e| zmq_err("could not read the publisher's ZMQ_FD", e))?;
                 let hub = Hub::new(xpub, cfg.retention, false, c);
                 let outbox = Arc::new(Outbox::new(cfg.send_queue, hub)?);
-                Ok(((outbox.clone(), fd, at, cfg, receivers), outbox))
+                Ok(((outbox.clone(), fd, addr, cfg, receivers), outbox))
             },
             run,
         )?;
