@@ -46,11 +46,9 @@ impl OriginTracker {
     /// on the topic. Origins known here already keep their number (the messages between
     /// are this subscriber's to count).
     pub fn welcome(&mut self, table: &[(u64, u64)]) {
-        for &(id, last) in table {
-            if id != 0 {
-                self.tick += 1;
-                self.last.entry(id).or_insert((last, self.tick));
-            }
+        for &(id, last) in table.iter().filter(|(id, _)| *id != 0) {
+            self.tick += 1;
+            self.last.entry(id).or_insert((last, self.tick));
         }
         self.complete = true;
         self.bound();

@@ -196,16 +196,14 @@ impl Store {
     /// for the first time).
     pub fn replay(&mut self, topic: &[u8], mut send: impl FnMut(&Kept) -> bool) -> (u64, u64) {
         let (mut sent, mut first_time) = (0u64, 0u64);
-        if let Some(kept) = self.topics.get_mut(topic) {
-            for k in kept.iter_mut() {
-                if !send(k) {
-                    break;
-                }
-                sent += 1;
-                if !k.heard {
-                    k.heard = true;
-                    first_time += 1;
-                }
+        for k in self.topics.get_mut(topic).into_iter().flatten() {
+            if !send(k) {
+                break;
+            }
+            sent += 1;
+            if !k.heard {
+                k.heard = true;
+                first_time += 1;
             }
         }
         self.pending -= first_time as usize;
