@@ -179,15 +179,12 @@ impl State {
         let (Some(done), Some(sub)) = (done, self.subs.get_mut(&topic)) else {
             return;
         };
-        match &mut sub.state {
-            SubState::Live(_) => {
-                let _ = done.send(Confirm::Confirmed);
-            }
-            SubState::Probing(_) if link == Link::Down => {
-                let _ = done.send(Confirm::NotConnected);
-            }
-            SubState::Probing(p) => p.waiters.push(done),
-        }
+        let answer = match &mut sub.state {
+            SubState::Live(_) => Confirm::Confirmed,
+            SubState::Probing(_) if link == Link::Down => Confirm::NotConnected,
+            SubState::Probing(p) => return p.waiters.push(done),
+        };
+        let _ = done.send(answer);
     }
 
     fn unsubscribe(&mut self, sock: &zmq::Socket, topic: &[u8]) {
