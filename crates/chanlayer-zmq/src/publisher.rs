@@ -211,10 +211,10 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
     }
 }
 
+/// `true` once every live in-process subscriber of the address is connected with every
+/// subscription confirmed, or closing (`register` prunes the ones gone).
 fn synced(receivers: &Receivers) -> bool {
-    let mut r = lock(receivers);
-    r.retain(|w| w.strong_count() > 0);
-    r.iter().filter_map(Weak::upgrade).all(|s| {
+    lock(receivers).iter().filter_map(Weak::upgrade).all(|s| {
         let t = &s.transport;
         t.gone.load(Ordering::SeqCst) || t.outstanding.load(Ordering::SeqCst) == 0
     })
