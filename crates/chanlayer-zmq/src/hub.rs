@@ -367,8 +367,8 @@ impl Hub {
             c.replayed += replayed;
             c.forwarded += heard_now;
         });
-        let current = state.map_or(0, |s| s.seq);
-        let meta = wire::meta(wire::META_WELCOME, epoch, current);
+        // The welcome: the topic's current number.
+        let meta = wire::meta(wire::META_WELCOME, epoch, state.map_or(0, |s| s.seq));
         if stamps {
             let table: Vec<(u64, u64)> = state
                 .map(|s| s.origins.iter().map(|(id, f)| (*id, f.last)).collect())

@@ -39,16 +39,14 @@ pub struct ProxyConfig {
 
 impl std::fmt::Debug for ProxyConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = self.curve_secret_key.map_or("<unset>", |_| "***");
         f.debug_struct("ProxyConfig")
             .field("pull", &self.pull)
             .field("publish", &self.publish)
             .field("retention", &self.retention)
             .field("sndhwm", &self.sndhwm)
             .field("rcvhwm", &self.rcvhwm)
-            .field(
-                "curve_secret_key",
-                &self.curve_secret_key.map(|_| "***").unwrap_or("<unset>"),
-            )
+            .field("curve_secret_key", &key)
             .finish()
     }
 }
