@@ -272,10 +272,7 @@ impl BackendSettings for ZmqConfig {
         let address = percent_encoding::percent_decode_str(&b.address)
             .decode_utf8_lossy()
             .into_owned();
-        let mode_opt = o.take("mode");
-        let pull = o.take("pull");
-        let publish = o.take("pub");
-        let mode = match (mode_opt.as_deref(), pull, publish) {
+        let mode = match (o.take("mode").as_deref(), o.take("pull"), o.take("pub")) {
             (Some("embedded"), Some(_), _) | (Some("embedded"), _, Some(_)) => Err(Error::Config(
                 "mode=embedded takes no pull= or pub= (those are the proxy's endpoints in dedicated mode)".into(),
             )),
