@@ -272,10 +272,7 @@ impl BackendSettings for ZmqConfig {
         let address = percent_encoding::percent_decode_str(&b.address)
             .decode_utf8_lossy()
             .into_owned();
-        let mode_opt = o.take("mode");
-        let pull = o.take("pull");
-        let publish = o.take("pub");
-        let mode = match (mode_opt.as_deref(), pull, publish) {
+        let mode = match (o.take("mode").as_deref(), o.take("pull"), o.take("pub")) {
             (Some("embedded"), Some(_), _) | (Some("embedded"), _, Some(_)) => Err(Error::Config(
                 "mode=embedded takes no pull= or pub= (those are the proxy's endpoints in dedicated mode)".into(),
             )),
@@ -330,19 +327,13 @@ impl BackendSettings for ZmqConfig {
             }
         };
         let curve = curve_keys(o)?;
-        let pass: Vec<String> =
-            o.0.keys()
-                .filter(|k| k.starts_with("zmq."))
-                .cloned()
-                .collect();
         let mut socket_options = Vec::new();
-        for k in pass {
+        for k in o.0.clone().into_keys().filter(|k| k.starts_with("zmq.")) {
             let name = k["zmq.".len()..].to_owned();
             if !SOCKET_OPTIONS.iter().any(|(n, _)| *n == name) {
-                let names: Vec<&str> = SOCKET_OPTIONS.iter().map(|(n, _)| *n).collect();
                 return Err(Error::Config(format!(
                     "option {k}: unknown socket option; zmq.<option> takes one of {}",
-                    names.join(", ")
+                    SOCKET_OPTIONS.map(|(n, _)| n).join(", ")
                 )));
             }
             // libzmq takes an int for every option but maxmsgsize (int64).

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use hashbrown::hash_map::EntryRef;
 use hashbrown::HashMap;
 
-use crate::bridge::{idle_since, lock, wait_until, Control, Item, Outgoing, Sink};
+use crate::bridge::{idle_since, lock, wait_until, Control, Item, Sink};
 use crate::retention::{From, Retention, Store};
 use crate::wire::{self, TopicKind};
 
@@ -270,12 +270,6 @@ impl Hub {
         abandoned
     }
 
-    /// Publishes a message, or a run of messages of one topic as a batch frame, from origin
-    /// `from` (of the first; the others follow).
-    pub fn publish_data(&mut self, d: Outgoing, from: From) {
-        self.publish(&d.topic, from, d.count as u64, d.body.into());
-    }
-
     /// Counts `count` messages that are not chanlayer's (skipped).
     pub fn reject(&mut self, count: u64) {
         self.count(|c| {
@@ -354,16 +348,12 @@ impl Hub {
         };
         let (epoch, stamps) = (self.epoch, self.stamps);
         let state = self.topics.get(topic);
-        let first_of = |id: u64, seq: u64| {
-            state
-                .and_then(|s| s.origins.get(&id))
-                .map_or(seq, |f| f.first.min(seq))
-        };
         let xpub = &self.xpub;
         let (replayed, heard_now) = self.store.replay(topic, |k| {
             let origin = stamps.then(|| {
                 let (id, seq) = k.from.unwrap_or((0, 0));
-                let first = first_of(id, seq);
+                let followed = state.and_then(|s| s.origins.get(&id));
+                let first = followed.map_or(seq, |f| f.first.min(seq));
                 wire::Origin { id, seq, first }
             });
             let meta = meta(wire::META_DATA, epoch, k.seq, origin);
@@ -377,8 +367,8 @@ impl Hub {
             c.replayed += replayed;
             c.forwarded += heard_now;
         });
-        let current = state.map_or(0, |s| s.seq);
-        let meta = wire::meta(wire::META_WELCOME, epoch, current);
+        // The welcome: the topic's current number.
+        let meta = wire::meta(wire::META_WELCOME, epoch, state.map_or(0, |s| s.seq));
         if stamps {
             let table: Vec<(u64, u64)> = state
                 .map(|s| s.origins.iter().map(|(id, f)| (*id, f.last)).collect())
@@ -408,7 +398,7 @@ impl Hub {
 impl Sink for Hub {
     fn put(&mut self, item: Item<Control>) -> bool {
         match item {
-            Item::Data(data) => self.publish_data(data, None),
+            Item::Data(d) => self.publish(&d.topic, None, d.count as u64, d.body.into()),
             Item::Control(Control::Mark {
                 reply,
                 token,

@@ -46,11 +46,9 @@ impl OriginTracker {
     /// on the topic. Origins known here already keep their number (the messages between
     /// are this subscriber's to count).
     pub fn welcome(&mut self, table: &[(u64, u64)]) {
-        for &(id, last) in table {
-            if id != 0 {
-                self.tick += 1;
-                self.last.entry(id).or_insert((last, self.tick));
-            }
+        for &(id, last) in table.iter().filter(|(id, _)| *id != 0) {
+            self.tick += 1;
+            self.last.entry(id).or_insert((last, self.tick));
         }
         self.complete = true;
         self.bound();
@@ -95,8 +93,7 @@ impl OriginTracker {
         }
         let mut seen: Vec<u64> = self.last.values().map(|&(_, t)| t).collect();
         let mid = seen.len() / 2;
-        let (_, cut, _) = seen.select_nth_unstable(mid);
-        let cut = *cut;
+        let cut = *seen.select_nth_unstable(mid).1;
         self.last.retain(|_, &mut (_, t)| t > cut);
         self.complete = false;
     }

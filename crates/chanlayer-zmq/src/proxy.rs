@@ -39,16 +39,14 @@ pub struct ProxyConfig {
 
 impl std::fmt::Debug for ProxyConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = self.curve_secret_key.map_or("<unset>", |_| "***");
         f.debug_struct("ProxyConfig")
             .field("pull", &self.pull)
             .field("publish", &self.publish)
             .field("retention", &self.retention)
             .field("sndhwm", &self.sndhwm)
             .field("rcvhwm", &self.rcvhwm)
-            .field(
-                "curve_secret_key",
-                &self.curve_secret_key.map(|_| "***").unwrap_or("<unset>"),
-            )
+            .field("curve_secret_key", &key)
             .finish()
     }
 }
@@ -166,25 +164,20 @@ fn setup(config: &ProxyConfig) -> Result<(zmq::Socket, zmq::Socket, String, Stri
                 .and_then(|()| s.set_curve_secretkey(key))
                 .map_err(|e| Error::Config(format!("CURVE server key: {e}")))?;
         }
-        if ipv6 {
-            s.set_ipv6(true).map_err(|e| zmq_err("ipv6", e))?;
-        }
+        s.set_ipv6(ipv6).map_err(|e| zmq_err("ipv6", e))?;
         let (hwm, set) = match kind {
             zmq::PULL => ("rcvhwm", s.set_rcvhwm(config.rcvhwm)),
             _ => ("sndhwm", s.set_sndhwm(config.sndhwm)),
         };
         set.map_err(|e| zmq_err(hwm, e))?;
-        s.bind(addr).map_err(|e| match e {
-            zmq::Error::EADDRINUSE => zmq_err(
-                format!(
+        s.bind(addr).map_err(|e| {
+            let why = match e {
+                zmq::Error::EADDRINUSE => format!(
                     "the proxy's {what} address {addr} is already in use (another proxy running?)"
                 ),
-                e,
-            ),
-            e => zmq_err(
-                format!("could not bind the proxy's {what} socket to {addr}"),
-                e,
-            ),
+                _ => format!("could not bind the proxy's {what} socket to {addr}"),
+            };
+            zmq_err(why, e)
         })?;
         let bound = match s.get_last_endpoint() {
             Ok(Ok(e)) if !e.is_empty() => e,
@@ -264,7 +257,7 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
                 Some(items) => {
                     for (i, item) in (0u64..).zip(items) {
                         let origin = from(id, seq.saturating_add(i));
-                        run.add(hub, first, origin, Item::Slice(item));
+                        run.add(hub, first, origin, item);
                     }
                 }
                 None => {
@@ -278,8 +271,14 @@ fn dispatch(hub: &mut Hub, run: &mut Batch, frames: &mut Vec<zmq::Message>, extr
         _ => None,
     };
     if let Some(from) = from {
-        if let Some(payload) = frames.pop() {
-            run.add(hub, &frames[0], from, Item::Frame(payload));
+        match frames.pop() {
+            // Too large for a batch: published alone, without a copy.
+            Some(payload) if payload.len() > wire::BATCH_ITEM_MAX => {
+                run.flush(hub);
+                hub.publish(&frames[0], from, 1, payload);
+            }
+            Some(payload) => run.add(hub, &frames[0], from, &payload),
+            None => {}
         }
         return;
     }
@@ -308,30 +307,11 @@ pub(crate) struct Batch {
     from: From,
 }
 
-/// A message for [`Batch::add`]: a frame as read, or an item of a batch frame (borrowed:
-/// it is copied once, into the run, with no `zmq::Message` of its own).
-pub(crate) enum Item<'a> {
-    /// A message frame as the PULL socket gave it.
-    Frame(zmq::Message),
-    /// One item of a batch frame.
-    Slice(&'a [u8]),
-}
-
-impl std::ops::Deref for Item<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Item::Frame(m) => m,
-            Item::Slice(s) => s,
-        }
-    }
-}
-
 impl Batch {
-    /// Adds a message for `topic`, publishing what is batched first when it cannot join the
-    /// run (another topic or origin, a full batch). A frame over [`wire::BATCH_ITEM_MAX`]
-    /// is published alone, without a copy.
-    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: Item<'_>) {
+    /// Adds a message for `topic` (copied once, into the run), publishing what is batched
+    /// first when it cannot join the run (another topic or origin, a full batch). A message
+    /// over [`wire::BATCH_ITEM_MAX`] stays alone: nothing joins it ([`Outgoing::append`]).
+    pub fn add(&mut self, hub: &mut Hub, topic: &[u8], from: From, payload: &[u8]) {
         let follows = match (&self.run, self.from, from) {
             (Some(_), None, None) => true,
             (Some(run), Some((id, first)), Some((next_id, next))) => {
@@ -340,18 +320,11 @@ impl Batch {
             _ => false,
         };
         if let Some(run) = self.run.as_mut().filter(|_| follows) {
-            if run.append(topic, &payload) {
+            if run.append(topic, payload) {
                 return;
             }
         }
         self.flush(hub);
-        if payload.len() > wire::BATCH_ITEM_MAX {
-            let frame = match payload {
-                Item::Frame(m) => m,
-                Item::Slice(s) => s.into(),
-            };
-            return hub.publish(topic, from, 1, frame);
-        }
         self.from = from;
         self.run = Some(Outgoing::one(topic.to_vec(), payload.to_vec()));
     }
@@ -359,7 +332,7 @@ impl Batch {
     /// Publishes what is batched.
     pub fn flush(&mut self, hub: &mut Hub) {
         if let Some(run) = self.run.take() {
-            hub.publish_data(run, self.from);
+            hub.publish(&run.topic, self.from, run.count as u64, run.body.into());
         }
     }
 }

@@ -99,11 +99,9 @@ impl Endpoint {
         r.push(Arc::downgrade(sync));
     }
 
-    /// The publisher, binding it now if this process has none yet.
+    /// The publisher, binding it now if this process has none yet (not on the send path:
+    /// a send reads `started` itself).
     pub fn publisher(&self) -> Result<&Arc<Publisher>> {
-        if let Some(p) = self.started.get() {
-            return Ok(p);
-        }
         let _starting = lock(&self.starting);
         if let Some(p) = self.started.get() {
             return Ok(p);
@@ -143,26 +141,25 @@ impl Drop for Publisher {
 impl Publisher {
     fn start(address: &str, cfg: &ZmqConfig, receivers: Receivers) -> Result<Publisher> {
         let counters = Counters::default();
-        let key = address.to_owned();
-        let (address, cfg, c) = (address.to_owned(), cfg.clone(), counters.clone());
+        let (addr, cfg, c) = (address.to_owned(), cfg.clone(), counters.clone());
         let (thread, outbox) = spawn(
             "publisher",
             move || {
                 let xpub = cfg.socket(zmq::XPUB)?;
-                bind(&xpub, &address, &cfg)?;
+                bind(&xpub, &addr, &cfg)?;
                 let fd = xpub
                     .get_fd()
                     .map_err(|e| zmq_err("could not read the publisher's ZMQ_FD", e))?;
                 let hub = Hub::new(xpub, cfg.retention, false, c);
                 let outbox = Arc::new(Outbox::new(cfg.send_queue, hub)?);
-                Ok(((outbox.clone(), fd, address, cfg, receivers), outbox))
+                Ok(((outbox.clone(), fd, addr, cfg, receivers), outbox))
             },
             run,
         )?;
         Ok(Publisher {
             worker: Worker::new(outbox, thread, |o| o.mailbox.close()),
             counters,
-            address: key,
+            address: address.to_owned(),
         })
     }
 }
@@ -200,14 +197,10 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
     loop {
         let attempt = match address.strip_prefix("ipc://") {
             Some(path) if ipc_in_use(path) => Err(taken(address)),
-            _ => match xpub.bind(address) {
-                Ok(()) => Ok(()),
-                Err(zmq::Error::EADDRINUSE) => Err(taken(address)),
-                Err(e) => Err(zmq_err(
-                    format!("could not bind the publisher to {address}"),
-                    e,
-                )),
-            },
+            _ => xpub.bind(address).map_err(|e| match e {
+                zmq::Error::EADDRINUSE => taken(address),
+                e => zmq_err(format!("could not bind the publisher to {address}"), e),
+            }),
         };
         match attempt {
             Err(_) if Instant::now() < deadline => {
@@ -218,10 +211,10 @@ fn bind(xpub: &zmq::Socket, address: &str, cfg: &ZmqConfig) -> Result<()> {
     }
 }
 
+/// `true` once every live in-process subscriber of the address is connected with every
+/// subscription confirmed, or closing (`register` prunes the ones gone).
 fn synced(receivers: &Receivers) -> bool {
-    let mut r = lock(receivers);
-    r.retain(|w| w.strong_count() > 0);
-    r.iter().filter_map(Weak::upgrade).all(|s| {
+    lock(receivers).iter().filter_map(Weak::upgrade).all(|s| {
         let t = &s.transport;
         t.gone.load(Ordering::SeqCst) || t.outstanding.load(Ordering::SeqCst) == 0
     })

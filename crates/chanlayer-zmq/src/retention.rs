@@ -53,7 +53,7 @@ pub(crate) struct Kept {
 }
 
 /// The kept messages of every topic of one publisher. Owned by the publisher's thread.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Store {
     pub limits: Retention,
     topics: HashMap<Arc<[u8]>, VecDeque<Kept>>,
@@ -73,11 +73,7 @@ impl Store {
     pub fn new(limits: Retention) -> Store {
         Store {
             limits,
-            topics: HashMap::new(),
-            order: VecDeque::new(),
-            count: 0,
-            bytes: 0,
-            pending: 0,
+            ..Store::default()
         }
     }
 
@@ -180,23 +176,18 @@ impl Store {
     /// Lets go of everything kept for the topics `which` selects. Returns how many of them
     /// no subscriber had.
     pub fn flush(&mut self, which: impl Fn(&[u8]) -> bool) -> u64 {
-        let keys: Vec<Arc<[u8]>> = self.topics.keys().filter(|k| which(k)).cloned().collect();
-        let mut unheard = 0;
-        for key in keys {
-            if let Some(gone) = self.topics.remove(&key) {
-                unheard += gone.iter().map(|k| self.forget(k)).sum::<u64>();
-            }
-        }
-        unheard
+        let gone: Vec<_> = self.topics.extract_if(|topic, _| which(topic)).collect();
+        gone.iter()
+            .flat_map(|(_, kept)| kept)
+            .map(|k| self.forget(k))
+            .sum()
     }
 
     /// Lets go of everything (the publisher stops). Returns how many of them no subscriber
     /// had.
     pub fn clear(&mut self) -> u64 {
         let unheard = self.pending as u64;
-        self.topics.clear();
-        self.order.clear();
-        (self.count, self.bytes, self.pending) = (0, 0, 0);
+        *self = Store::new(self.limits);
         unheard
     }
 
@@ -205,16 +196,14 @@ impl Store {
     /// for the first time).
     pub fn replay(&mut self, topic: &[u8], mut send: impl FnMut(&Kept) -> bool) -> (u64, u64) {
         let (mut sent, mut first_time) = (0u64, 0u64);
-        if let Some(kept) = self.topics.get_mut(topic) {
-            for k in kept.iter_mut() {
-                if !send(k) {
-                    break;
-                }
-                sent += 1;
-                if !k.heard {
-                    k.heard = true;
-                    first_time += 1;
-                }
+        for k in self.topics.get_mut(topic).into_iter().flatten() {
+            if !send(k) {
+                break;
+            }
+            sent += 1;
+            if !k.heard {
+                k.heard = true;
+                first_time += 1;
             }
         }
         self.pending -= first_time as usize;

@@ -53,11 +53,6 @@ pub(crate) struct SeqTracker {
 }
 
 impl SeqTracker {
-    /// Everything up to `pos` is delivered (or accounted for).
-    pub const fn at(pos: Pos) -> SeqTracker {
-        SeqTracker { last: Some(pos) }
-    }
-
     /// Checks the run `first, first + 1, ... first + count - 1` (`count` at least 1), and
     /// moves the tracker past its end. `None` when every message of it was delivered
     /// already.
@@ -134,9 +129,7 @@ pub(crate) fn settle<P>(
     };
     held.sort_by_key(|h| (rank(h.pos.epoch), h.pos.epoch, h.pos.seq));
     held.dedup_by_key(|h| h.pos);
-    if let Some(f) = floor {
-        held.retain(|h| h.pos.epoch != f.epoch || h.pos.seq > f.seq);
-    }
+    held.retain(|h| floor.is_none_or(|f| h.pos.epoch != f.epoch || h.pos.seq > f.seq));
     let replayed = held.iter().filter(|h| h.replayed).count() as u64;
 
     let mut lost = 0u64;
@@ -174,9 +167,7 @@ pub(crate) fn settle<P>(
                 lost += r - n + 1;
             }
         }
-        if let Some(l) = last {
-            tracker = SeqTracker::at(Pos::new(epoch, l));
-        }
+        tracker.last = last.map(|l| Pos::new(epoch, l));
     }
     Settled {
         tracker,
@@ -326,9 +317,9 @@ mod tests {
             ),
         ];
         for (name, last, (epoch, first, count), want, after) in cases {
-            let mut t = last.map_or(SeqTracker::default(), |(e, s)| {
-                SeqTracker::at(Pos::new(e, s))
-            });
+            let mut t = SeqTracker {
+                last: last.map(|(e, s)| Pos::new(e, s)),
+            };
             assert_eq!(t.check_run(*epoch, *first, *count), *want, "{name}");
             assert_eq!(
                 t.last,

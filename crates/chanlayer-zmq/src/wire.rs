@@ -141,12 +141,9 @@ pub fn probe_topic(instance: &str, n: u64, topic: &[u8]) -> Vec<u8> {
 pub fn parse_probe(probe: &[u8]) -> Option<&[u8]> {
     let rest = probe.strip_prefix(b"h:")?;
     let nul = rest.iter().position(|&b| b == 0)?;
-    if nul == 0 || !rest[..nul].iter().copied().all(name_byte) {
-        return None;
-    }
     let topic = &rest[nul + 1..];
-    data_topic_kind(topic)?;
-    Some(topic)
+    let named = nul > 0 && rest[..nul].iter().copied().all(name_byte);
+    (named && data_topic_kind(topic).is_some()).then_some(topic)
 }
 
 fn name_byte(b: u8) -> bool {
@@ -289,10 +286,7 @@ pub fn batch_items(body: &[u8]) -> Option<Vec<&[u8]>> {
     while !rest.is_empty() {
         let (len, tail) = rest.split_first_chunk::<4>()?;
         let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
-        if len > tail.len() {
-            return None;
-        }
-        let (item, tail) = tail.split_at(len);
+        let (item, tail) = tail.split_at_checked(len)?;
         items.push(item);
         rest = tail;
     }
@@ -306,10 +300,8 @@ pub fn parse_mark_control<'a>(frames: &[&'a [u8]]) -> Option<(&'a [u8], u64, &'a
     };
     data_topic_kind(reply)?;
     let token: [u8; 8] = (*token).try_into().ok()?;
-    if !prefix.iter().copied().all(name_byte) {
-        return None;
-    }
-    Some((reply, u64::from_le_bytes(token), prefix))
+    let named = prefix.iter().copied().all(name_byte);
+    named.then_some((reply, u64::from_le_bytes(token), prefix))
 }
 
 /// A topic as [`display`] shows it, formatted only when it is shown (per-message paths
@@ -318,21 +310,20 @@ pub struct Shown<'a>(pub &'a [u8]);
 
 impl std::fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&display(self.0))
+        for &b in self.0.iter().take(256) {
+            match b {
+                0 => f.write_str("\\0")?,
+                b if b.is_ascii_graphic() => write!(f, "{}", b as char)?,
+                b => write!(f, "\\x{b:02x}")?,
+            }
+        }
+        Ok(())
     }
 }
 
 /// A topic or probe for logs: the bytes with the NULs shown as `\0`.
 pub fn display(topic: &[u8]) -> String {
-    let mut s = String::with_capacity(topic.len() + 4);
-    for &b in topic.iter().take(256) {
-        match b {
-            0 => s.push_str("\\0"),
-            b if b.is_ascii_graphic() => s.push(b as char),
-            b => s.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    s
+    Shown(topic).to_string()
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use chanlayer_core::toolkit::{now_ms, Destination, Envelope};
 
-use super::subs::{Link, State, Sub, SubState};
+use super::subs::{Link, Probing, State, Sub, SubState};
 use super::{Confirm, Route, Shared, HAND_OVER_AT};
 use crate::bridge::recv_message;
 use crate::seq::{settle, Held, Pos};
@@ -161,7 +161,7 @@ impl State {
         let max_held = self.max_held;
         // Live and replayed: a replay answering a probe we gave up on.
         let Some(Sub {
-            state: SubState::Probing { held, .. },
+            state: SubState::Probing(Probing { held, .. }),
             ..
         }) = self.subs.get_mut(topic)
         else {
@@ -188,23 +188,21 @@ impl State {
         welcome: Option<Pos>,
         table: Option<Vec<(u64, u64)>>,
     ) {
-        let probing = |s: &&mut Sub| matches!(s.state, SubState::Probing { .. });
-        let Some(sub) = self.subs.get_mut(topic).filter(probing) else {
+        let Some(sub) = self.subs.get_mut(topic) else {
             return;
         };
-        let SubState::Probing {
+        let SubState::Probing(probing) = &mut sub.state else {
+            return;
+        };
+        let Probing {
             probe,
             mut held,
             waiters,
             floor,
             ..
-        } = std::mem::replace(&mut sub.state, SubState::Live(Default::default()))
-        else {
-            return;
-        };
+        } = std::mem::take(probing);
         let settled = settle(&mut held, welcome, floor);
         sub.state = SubState::Live(settled.tracker);
-        let route = sub.route.clone();
         // Losses by origin (a proxy's messages) or by the publisher's sequence.
         let by_origin = table.is_some() || held.iter().any(|h| h.payload.1.is_some());
         if let Some(table) = &table {
@@ -228,7 +226,7 @@ impl State {
         count_lost(&self.shared, topic, lost);
         let now = now_ms();
         for h in &held {
-            if let Some(env) = accept(&self.shared, &route, topic, &h.payload.0, now) {
+            if let Some(env) = accept(&self.shared, &sub.route, topic, &h.payload.0, now) {
                 self.ready.push(env);
             }
         }
@@ -247,9 +245,6 @@ impl State {
 
     /// Hands the accepted envelopes to the inbox (one lock per burst).
     pub(super) fn hand_over(&mut self) {
-        if self.ready.is_empty() {
-            return;
-        }
         // Core's ingest path: owner check, delivery, counted drops.
         self.shared.ingest_all(&mut self.ready);
     }

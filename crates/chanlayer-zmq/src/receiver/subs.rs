@@ -26,20 +26,24 @@ pub(super) enum Link {
     Down,
 }
 
+/// A subscription waiting for the publisher's answer; messages are held back meanwhile.
+#[derive(Default)]
+pub(super) struct Probing {
+    /// The probe topic; `None` while disconnected (sent when the connection is back).
+    pub probe: Option<Vec<u8>>,
+    /// Messages held back, each with its origin (dedicated mode).
+    pub held: Vec<Held<(Vec<u8>, Option<Origin>)>>,
+    pub deadline: Option<Instant>,
+    pub waiters: Vec<oneshot::Sender<Confirm>>,
+    /// After a reconnection: what was delivered already (replays up to it are
+    /// duplicates, and the gap after it is counted).
+    pub floor: Option<Pos>,
+}
+
 /// Where one subscription stands.
 pub(super) enum SubState {
-    /// Waiting for the publisher's answer; messages are held back meanwhile.
-    Probing {
-        /// The probe topic; `None` while disconnected (sent when the connection is back).
-        probe: Option<Vec<u8>>,
-        /// Messages held back, each with its origin (dedicated mode).
-        held: Vec<Held<(Vec<u8>, Option<Origin>)>>,
-        deadline: Option<Instant>,
-        waiters: Vec<oneshot::Sender<Confirm>>,
-        /// After a reconnection: what was delivered already (replays up to it are
-        /// duplicates, and the gap after it is counted).
-        floor: Option<Pos>,
-    },
+    /// Waiting for the publisher's answer.
+    Probing(Probing),
     /// Delivering as messages arrive, checking their sequence.
     Live(SeqTracker),
 }
@@ -118,7 +122,7 @@ impl State {
     pub fn probing(&self) -> bool {
         self.subs
             .values()
-            .any(|s| matches!(s.state, SubState::Probing { .. }))
+            .any(|s| matches!(s.state, SubState::Probing(_)))
     }
 
     pub fn command(&mut self, sock: &zmq::Socket, cmd: Cmd) {
@@ -160,33 +164,27 @@ impl State {
                 // (The inbox is counted from the start: the layer sets 1 before the thread runs.)
                 self.shared.transport.outstanding(true);
             }
-            let state = SubState::Probing {
+            let state = SubState::Probing(Probing {
                 probe: Some(self.probes.open(sock, self.shared.id(), &topic)),
-                held: Vec::new(),
                 deadline: (link != Link::Down).then(|| Instant::now() + self.cfg.subscribe_timeout),
-                waiters: Vec::new(),
-                floor: None,
-            };
-            let origins = OriginTracker::default();
+                ..Probing::default()
+            });
             let sub = Sub {
                 route,
                 state,
-                origins,
+                origins: OriginTracker::default(),
             };
             self.subs.insert(topic.clone(), sub);
         }
         let (Some(done), Some(sub)) = (done, self.subs.get_mut(&topic)) else {
             return;
         };
-        match &mut sub.state {
-            SubState::Live(_) => {
-                let _ = done.send(Confirm::Confirmed);
-            }
-            SubState::Probing { .. } if link == Link::Down => {
-                let _ = done.send(Confirm::NotConnected);
-            }
-            SubState::Probing { waiters, .. } => waiters.push(done),
-        }
+        let answer = match &mut sub.state {
+            SubState::Live(_) => Confirm::Confirmed,
+            SubState::Probing(_) if link == Link::Down => Confirm::NotConnected,
+            SubState::Probing(p) => return p.waiters.push(done),
+        };
+        let _ = done.send(answer);
     }
 
     fn unsubscribe(&mut self, sock: &zmq::Socket, topic: &[u8]) {
@@ -196,13 +194,13 @@ impl State {
         if let Err(e) = sock.set_unsubscribe(topic) {
             tracing::debug!(error = %e, "could not unsubscribe");
         }
-        if let SubState::Probing { probe, waiters, .. } = sub.state {
-            if let Some(probe) = probe {
+        if let SubState::Probing(p) = sub.state {
+            if let Some(probe) = p.probe {
                 let _ = sock.set_unsubscribe(&probe);
                 self.probes.of.remove(&probe);
             }
             self.shared.transport.outstanding(false);
-            for w in waiters {
+            for w in p.waiters {
                 let _ = w.send(Confirm::Confirmed);
             }
         }
@@ -244,26 +242,19 @@ impl State {
         if self.link == new {
             return;
         }
-        let was = self.link;
-        self.link = new;
+        let was = std::mem::replace(&mut self.link, new);
         self.shared.transport.link_up.store(up, Ordering::Relaxed);
         let now = Instant::now();
         for (topic, sub) in self.subs.iter_mut() {
             match &mut sub.state {
-                SubState::Probing {
-                    deadline,
-                    waiters,
-                    probe,
-                    ..
-                } => {
+                SubState::Probing(p) => {
                     if up {
-                        *deadline = Some(now + self.cfg.subscribe_timeout);
-                        if probe.is_none() {
-                            *probe = Some(self.probes.open(sock, self.shared.id(), topic));
-                        }
+                        p.deadline = Some(now + self.cfg.subscribe_timeout);
+                        p.probe
+                            .get_or_insert_with(|| self.probes.open(sock, self.shared.id(), topic));
                     } else {
-                        *deadline = None;
-                        for w in waiters.drain(..) {
+                        p.deadline = None;
+                        for w in p.waiters.drain(..) {
                             let _ = w.send(Confirm::NotConnected);
                         }
                     }
@@ -274,13 +265,10 @@ impl State {
                 SubState::Live(tracker) if !up && was == Link::Up => {
                     let floor = tracker.last;
                     if floor.is_some() && matches!(sub.route, Route::Inbox | Route::Channel(_)) {
-                        sub.state = SubState::Probing {
-                            probe: None,
-                            held: Vec::new(),
-                            deadline: None,
-                            waiters: Vec::new(),
+                        sub.state = SubState::Probing(Probing {
                             floor,
-                        };
+                            ..Probing::default()
+                        });
                         self.shared.transport.outstanding(true);
                     }
                 }
@@ -316,11 +304,11 @@ impl State {
             .subs
             .iter()
             .filter_map(|(t, s)| match &s.state {
-                SubState::Probing {
+                SubState::Probing(Probing {
                     deadline: Some(d),
                     probe: Some(_),
                     ..
-                } if *d <= now && self.link == Link::Up => Some(t.clone()),
+                }) if *d <= now && self.link == Link::Up => Some(t.clone()),
                 _ => None,
             })
             .collect();
