@@ -45,6 +45,7 @@ impl Route {
 
     /// The owner's id in `channel` (the name this route was worked out for): `Some(None)`
     /// for a normal channel, `None` for one with no owner to route to.
+    #[inline]
     pub fn owner(self, channel: &str) -> Option<Option<&str>> {
         match self {
             Route::Normal => Some(None),
@@ -71,28 +72,9 @@ thread_local! {
     );
 }
 
-/// How many sends of a thread spend one unit of the task's tokio budget.
-const SENDS_PER_BUDGET: u32 = 8;
-
-thread_local! {
-    static SENDS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-/// `true` on every [`SENDS_PER_BUDGET`]th send of this thread: that send spends a unit of
-/// the task's tokio budget, so a loop of sends that never wait still yields to the runtime
-/// (after 128 units: a thousand sends), at an eighth of the cost of spending it on each.
-pub(crate) fn budget_due() -> bool {
-    SENDS
-        .try_with(|n| {
-            let due = n.get() + 1;
-            n.set(due % SENDS_PER_BUDGET);
-            due == SENDS_PER_BUDGET
-        })
-        .unwrap_or(true)
-}
-
 /// What this thread found when it last passed check `which` for `channel` on layer
 /// instance `serial`; `None` if it did not (then check, and [`remember`]).
+#[inline]
 pub(crate) fn known(serial: u64, channel: &str, which: Check) -> Option<Known> {
     CHECKED
         .try_with(|c| {

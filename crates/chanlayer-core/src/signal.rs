@@ -24,11 +24,13 @@ impl CloseSignal {
     }
 
     /// `true` once closed.
+    #[inline]
     pub fn is_closed(&self) -> bool {
         self.flag.load(Ordering::Acquire)
     }
 
     /// `Err(Closed)` once closed.
+    #[inline]
     pub fn check(&self) -> Result<()> {
         if self.is_closed() {
             Err(Error::Closed)

@@ -93,6 +93,7 @@ impl StatsSnapshot {
     }
 }
 
+#[inline]
 fn bump(c: &Counter, n: u64) {
     c.0.fetch_add(n, Ordering::Relaxed);
 }
@@ -134,6 +135,7 @@ impl Stats {
     }
 
     /// Counts sent messages to an address of `kind`.
+    #[inline]
     pub fn record_sent(&self, kind: Kind, n: u64) {
         bump(&self.sent[kind as usize], n);
     }

@@ -151,14 +151,23 @@ impl Handles {
 /// How often a layer exports its counts.
 pub const EXPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// `true` for the sends whose latency is measured: one in [`SEND_SAMPLE`] per thread.
-pub(crate) fn sample_send() -> bool {
+/// This thread's sends, counted (wrapping): what [`sampled`] and the send's yield budget
+/// go by. One counter for both: a send reads it once.
+#[inline]
+pub(crate) fn next_send() -> u32 {
     thread_local! {
         static N: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
     N.with(|n| {
         let v = n.get().wrapping_add(1);
         n.set(v);
-        v % SEND_SAMPLE == 0
+        v
     })
+}
+
+/// `true` for the sends whose latency is measured: one in [`SEND_SAMPLE`] per thread
+/// (`n` from [`next_send`]).
+#[inline]
+pub(crate) fn sampled(n: u32) -> bool {
+    n % SEND_SAMPLE == 0
 }
