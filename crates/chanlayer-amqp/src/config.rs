@@ -124,28 +124,20 @@ pub struct AmqpConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-/// The options only this backend reads, for the "unknown option" error.
-const OPTIONS: &str = "wire, prefetch, groups_exchange, inbox_capacity, queue_expires, queue_type, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
-
-fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
 impl BackendSettings for AmqpConfig {
     const SCHEMES: &'static [&'static str] = &[BACKEND, "amqps"];
-    const OPTIONS: &'static str = OPTIONS;
+    const OPTIONS: &'static str = "wire, prefetch, groups_exchange, inbox_capacity, queue_expires, queue_type, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
 
     /// Reads the AMQP settings of `config` (scheme `amqp` or `amqps`).
     fn read(config: &LayerConfig, o: &mut BackendOptions) -> Result<AmqpConfig> {
         let b = &config.backend;
         let tls = b.scheme == "amqps";
         let (authority, path) = b.address.split_once('/').unwrap_or((&b.address, ""));
-        let vhost = if path.is_empty() {
-            "/".to_owned()
-        } else {
-            decode(path)
+        let vhost = match path {
+            "" => "/".to_owned(),
+            _ => percent_encoding::percent_decode_str(path)
+                .decode_utf8_lossy()
+                .into(),
         };
         let default_port = if tls { 5671 } else { 5672 };
         let hosts = hosts(authority, default_port)?;

@@ -85,18 +85,14 @@ async fn open_host(inner: &Arc<Shared>, generation: u64, index: usize) -> Result
         runtime,
     );
     let after = cfg.connection_timeout;
+    let refused = format!("could not connect to {}", cfg.host_address(index));
     let conn = tokio::time::timeout(after, attempt)
         .await
         .map_err(|_| Error::Timeout {
             operation: "connect",
             after,
         })?
-        .map_err(|e| {
-            backend(
-                &format!("could not connect to {}", cfg.host_address(index)),
-                e,
-            )
-        })?;
+        .map_err(|e| backend(&refused, e))?;
     let (publish, admin, inbox_channel, consumer) = match setup(inner, &conn).await {
         Ok(channels) => channels,
         Err(e) => {
@@ -209,7 +205,7 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         if inner.inbound.closed().is_closed() {
             return;
         }
-        inner.set_session(None);
+        inner.session.send_replace(None);
         // Release what the old connection holds (its exclusive inbox) before declaring anew.
         let _ = (session.close(320, "chanlayer reconnecting", Duration::from_secs(2))).await;
         tracing::warn!(
@@ -241,6 +237,6 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
             generation,
             "AMQP connection restored"
         );
-        inner.set_session(Some(session.clone()));
+        inner.session.send_replace(Some(session.clone()));
     }
 }

@@ -126,9 +126,9 @@ impl NormalConsumer {
     /// Turns a broker delivery into a [`Pending`], or skips it (undecodable or expired: acked
     /// and counted).
     fn accept(&self, d: lapin::message::Delivery) -> Option<Pending> {
-        let stats = self.shared.inbound.stats();
-        match Envelope::decode(&d.data) {
-            Ok(env) if !env.is_expired_at(now_ms()) => {
+        let inbound = &self.shared.inbound;
+        match inbound.decode(&d.data, format_args!("amqp queue {}", self.queue)) {
+            Some(env) if !env.is_expired_at(now_ms()) => {
                 let epoch = self.epoch.load(Ordering::Relaxed);
                 return Some(Pending {
                     envelope: env,
@@ -137,8 +137,8 @@ impl NormalConsumer {
                     redelivered: d.redelivered,
                 });
             }
-            Ok(_) => stats.record_expired(1),
-            Err(e) => stats.record_undecodable(&format!("amqp queue {}", self.queue), &e),
+            Some(_) => inbound.stats().record_expired(1),
+            None => {}
         }
         ack_in_background(d.acker);
         None

@@ -30,7 +30,8 @@ pub(crate) struct Shared {
     pub tls: OwnedTLSConfig,
     /// The live session; `None` while reconnecting.
     pub session: watch::Sender<Option<Arc<Session>>>,
-    /// Normal-channel queues declared on the session of the given generation.
+    /// Normal-channel queues declared on the session of the given generation (what it holds
+    /// for an older session counts for nothing on a newer one).
     pub declared: Mutex<(u64, HashSet<String>)>,
     /// Serialises operations on the admin channel: a refused one (a passive declare of a
     /// missing queue) closes the channel and would fail every other one in flight on it.
@@ -74,12 +75,6 @@ impl Shared {
                 Err(why) => inbound.stats().record_undecodable(source, &why),
             },
         }
-    }
-
-    /// Publishes the live session (`None` while reconnecting). What `declared` holds for an
-    /// older session counts for nothing on a newer one (it is keyed by generation).
-    pub fn set_session(&self, s: Option<Arc<Session>>) {
-        self.session.send_replace(s);
     }
 
     /// The live session, waiting up to `reconnect_timeout` while the broker is away.

@@ -122,7 +122,7 @@ impl Transport for AmqpTransport {
             inbound,
         });
         let first = crate::connection::open(&shared, 1, 0).await?;
-        shared.set_session(Some(first.clone()));
+        shared.session.send_replace(Some(first.clone()));
         tokio::spawn(crate::connection::supervise(shared.clone(), first));
         Ok(AmqpTransport {
             shared,
@@ -167,7 +167,7 @@ impl Transport for AmqpTransport {
         let channel = out.destination();
         let queue = shared.names.channel(channel);
         let payload = shared.encode(&out)?;
-        for attempt in 0..2 {
+        for _ in 0..2 {
             let session = shared.session().await?;
             shared.declare_channel_queue(&session, channel).await?;
             let published = shared
@@ -183,9 +183,7 @@ impl Transport for AmqpTransport {
                 return Ok(published);
             }
             // The queue vanished (deleted, or expired by queue_expires): declare it again.
-            if attempt == 0 {
-                lock(&shared.declared).1.remove(&queue);
-            }
+            lock(&shared.declared).1.remove(&queue);
         }
         Ok(Published::Gone)
     }

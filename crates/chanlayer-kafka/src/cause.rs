@@ -14,18 +14,12 @@ use rdkafka::ClientContext;
 use crate::config::KafkaConfig;
 
 #[derive(Default)]
-struct Reports {
+struct Shared {
     /// The last authentication or TLS failure, which retrying with the same settings does
     /// not mend. It stays: the "brokers are down" that follows it says less.
-    fatal: Option<String>,
+    fatal: tokio::sync::watch::Sender<Option<String>>,
     /// The last other report (no connection).
-    transient: Option<String>,
-}
-
-#[derive(Default)]
-struct Shared {
-    reports: Mutex<Reports>,
-    fatal: tokio::sync::Notify,
+    transient: Mutex<Option<String>>,
     /// Values never to show (the SASL password, secret-looking `kafka.*` values).
     secrets: Vec<String>,
 }
@@ -63,14 +57,11 @@ impl Cause {
             }
             _ => return,
         };
-        let text = self.scrub(&format!("{what}: {reason}"));
-        let mut reports = lock(&self.0.reports);
+        let text = Some(self.scrub(&format!("{what}: {reason}")));
         if fatal {
-            reports.fatal = Some(text);
-            drop(reports);
-            self.0.fatal.notify_waiters();
+            self.0.fatal.send_replace(text);
         } else {
-            reports.transient = Some(text);
+            *lock(&self.0.transient) = text;
         }
     }
 
@@ -85,22 +76,17 @@ impl Cause {
 
     /// The last authentication or TLS failure, else the last other report, if any.
     pub fn last(&self) -> Option<String> {
-        let reports = lock(&self.0.reports);
-        reports.fatal.clone().or_else(|| reports.transient.clone())
+        let fatal = self.0.fatal.borrow().clone();
+        fatal.or_else(|| lock(&self.0.transient).clone())
     }
 
     /// Resolves with the report when authentication or TLS fails (a report made before the
     /// call counts).
     pub async fn fatal(&self) -> String {
-        loop {
-            let notified = self.0.fatal.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(t) = &lock(&self.0.reports).fatal {
-                return t.clone();
-            }
-            notified.await;
-        }
+        let mut reports = self.0.fatal.subscribe();
+        // The sender lives as long as `self`: the wait ends only with a report.
+        let report = reports.wait_for(Option::is_some).await;
+        report.ok().and_then(|r| r.clone()).unwrap_or_default()
     }
 }
 

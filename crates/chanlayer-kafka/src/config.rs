@@ -35,7 +35,7 @@ use chanlayer_core::config::{BackendOptions, MIN_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result, Secret};
 use rdkafka::ClientConfig;
 
-use crate::capabilities::BACKEND;
+use crate::BACKEND;
 
 /// The Kafka backend's settings, parsed from a [`LayerConfig`].
 #[derive(Debug, Clone, PartialEq)]
@@ -82,9 +82,6 @@ pub struct KafkaConfig {
     pub topic_properties: BackendOptions,
 }
 
-/// The options only this backend reads, for the "unknown option" error.
-const OPTIONS: &str = "partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>, topic.<topic config>";
-
 const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
 const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
 
@@ -117,7 +114,7 @@ fn librdkafka_range(e: Error, property: &str, range: &str) -> Error {
 
 impl BackendSettings for KafkaConfig {
     const SCHEMES: &'static [&'static str] = &[BACKEND];
-    const OPTIONS: &'static str = OPTIONS;
+    const OPTIONS: &'static str = "partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>, topic.<topic config>";
 
     /// Reads the Kafka settings of `config` (scheme `kafka`).
     fn read(config: &LayerConfig, o: &mut BackendOptions) -> Result<KafkaConfig> {

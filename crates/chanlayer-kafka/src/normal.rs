@@ -32,11 +32,11 @@ use chanlayer_core::toolkit::{async_trait, lock, Envelope, Incoming, NormalSourc
 use chanlayer_core::{Error, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::capabilities::BACKEND;
 use crate::offsets::{Context, Pending, Shared};
 use crate::state::Instance;
 use crate::topics::backend_err;
 use crate::worker::Worker;
+use crate::BACKEND;
 
 /// The consumer of one normal channel in this instance.
 pub(crate) struct NormalConsumer {

@@ -22,14 +22,14 @@ use chanlayer_core::config::BackendSettings;
 use chanlayer_core::toolkit::lock;
 use chanlayer_core::{Error, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::Client;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::capabilities::BACKEND;
 use crate::cause::{Cause, Watch};
 use crate::config::{KafkaConfig, RECORD_OVERHEAD};
+use crate::BACKEND;
 
 pub use chanlayer_core::names::BrokerNames as Names;
 
@@ -145,16 +145,13 @@ impl Topics {
 
     /// The number of partitions of `topic`, `None` if it does not exist.
     pub async fn partition_count(&self, topic: &str) -> Result<Option<usize>> {
-        let admin = self.admin.clone();
-        let timeout = self.cfg.connection_timeout;
-        let topic_owned = topic.to_owned();
-        let md = tokio::task::spawn_blocking(move || {
-            admin.inner().fetch_metadata(Some(&topic_owned), timeout)
-        })
-        .await
-        .map_err(|e| Error::backend(BACKEND, "the metadata task failed", e))?
-        .map_err(|e| backend_err(&format!("could not read the metadata of {topic:?}"), e))?;
+        let (t, what) = (
+            topic.to_owned(),
+            format!("could not read the metadata of {topic:?}"),
+        );
+        let md = self.ask(what, move |c, timeout| c.fetch_metadata(Some(&t), timeout));
         Ok(md
+            .await?
             .topics()
             .iter()
             .find(|t| t.name() == topic)
@@ -164,14 +161,27 @@ impl Topics {
 
     /// The high watermark (the next offset) of `topic`'s `partition`.
     pub async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64> {
-        let admin = self.admin.clone();
-        let timeout = self.cfg.connection_timeout;
-        let t = topic.to_owned();
-        tokio::task::spawn_blocking(move || admin.inner().fetch_watermarks(&t, partition, timeout))
-            .await
-            .map_err(|e| Error::backend(BACKEND, "the watermark task failed", e))?
-            .map(|(_, high)| high)
-            .map_err(|e| backend_err(&format!("could not read the end of {topic:?}"), e))
+        let (t, what) = (
+            topic.to_owned(),
+            format!("could not read the end of {topic:?}"),
+        );
+        let ends = self.ask(what, move |c, timeout| {
+            c.fetch_watermarks(&t, partition, timeout)
+        });
+        Ok(ends.await?.1)
+    }
+
+    /// Runs the admin client's request `f` (blocking, given `connection_timeout`) off the
+    /// async workers; `what` says what failed.
+    async fn ask<T: Send + 'static>(
+        &self,
+        what: String,
+        f: impl FnOnce(&Client<Watch>, Duration) -> KafkaResult<T> + Send + 'static,
+    ) -> Result<T> {
+        let (admin, timeout) = (self.admin.clone(), self.cfg.connection_timeout);
+        (tokio::task::spawn_blocking(move || f(admin.inner(), timeout)).await)
+            .map_err(|e| Error::backend(BACKEND, what.as_str(), e))?
+            .map_err(|e| backend_err(&what, e))
     }
 
     /// `true` if this layer has seen `topic` exist.
@@ -285,15 +295,9 @@ pub struct InboxTopic {
 /// own).
 pub async fn list_inboxes(config: &chanlayer_core::LayerConfig) -> Result<Vec<InboxTopic>> {
     let cfg = KafkaConfig::from_layer_config(config)?;
-    let admin: AdminClient<DefaultClientContext> = cfg
-        .client_config("chanlayer-admin")
-        .create()
-        .map_err(|e| backend_err("could not create the admin client", e))?;
-    let timeout = cfg.connection_timeout;
-    let md = tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
-        .await
-        .map_err(|e| Error::backend(BACKEND, "the metadata task failed", e))?
-        .map_err(|e| backend_err("could not list topics", e))?;
+    let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size)?;
+    let what = "could not list topics".to_owned();
+    let md = (topics.ask(what, |c, timeout| c.fetch_metadata(None, timeout))).await?;
     let head = format!("{}.inbox.", config.options.prefix);
     let mut out: Vec<InboxTopic> = md
         .topics()
@@ -326,14 +330,6 @@ pub async fn remove_inboxes(
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     topics.delete(&refs).await?;
     Ok(names)
-}
-
-/// The producer-side check used before sending to another instance's inbox.
-pub(crate) fn is_unknown_topic(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
-    )
 }
 
 /// Errors a consumer cannot get past by retrying: the broker refuses it.

@@ -19,13 +19,13 @@ use chanlayer_core::toolkit::{
 };
 use chanlayer_core::{Capabilities, Error, LayerConfig, Result};
 
-use crate::capabilities::{BACKEND, CAPABILITIES};
 use crate::config::KafkaConfig;
 use crate::normal::NormalConsumer;
 use crate::producer::{Refused, Sender};
 use crate::state::{ClosedInstances, Instance, CLOSED_KEY};
 use crate::topics::{Kind, Names, Topics};
 use crate::worker::Worker;
+use crate::{BACKEND, CAPABILITIES};
 
 /// The Kafka transport: one layer instance's clients, topics, threads and tasks. Use it as
 /// [`KafkaLayer`](crate::KafkaLayer); the methods here are what only Kafka has (the layer
