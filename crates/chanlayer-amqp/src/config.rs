@@ -226,23 +226,21 @@ impl AmqpConfig {
     /// The broker address without credentials, for messages and logs:
     /// `amqp://host:port/vhost`, or `amqp://h1:5672,h2:5672,h3:5672/vhost` for several.
     pub fn display_address(&self) -> String {
-        let hosts: Vec<String> = self.hosts.iter().map(HostPort::to_string).collect();
-        self.address_with(&hosts.join(","))
+        self.address_of(&self.hosts)
     }
 
     /// The address of host number `index` (of [`AmqpConfig::hosts`]) without credentials:
     /// `amqp://host:port/vhost`.
     pub fn host_address(&self, index: usize) -> String {
-        match self.hosts.get(index) {
-            Some(h) => self.address_with(&h.to_string()),
-            None => self.display_address(),
-        }
+        self.address_of(self.hosts.get(index..=index).unwrap_or(&self.hosts))
     }
 
-    fn address_with(&self, hosts: &str) -> String {
+    fn address_of(&self, hosts: &[HostPort]) -> String {
+        let hosts: Vec<String> = hosts.iter().map(HostPort::to_string).collect();
         format!(
-            "{}://{hosts}/{}",
+            "{}://{}/{}",
             if self.tls { "amqps" } else { "amqp" },
+            hosts.join(","),
             percent_encoding::utf8_percent_encode(&self.vhost, percent_encoding::NON_ALPHANUMERIC)
         )
     }

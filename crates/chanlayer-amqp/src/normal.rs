@@ -22,7 +22,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, Channel, Consumer};
 
-use crate::session::{backend, is_connection_error, Failed, Session};
+use crate::session::{backend, is_connection_error, Session};
 use crate::shared::Shared;
 
 /// A delivery taken from the broker and not settled yet.
@@ -92,25 +92,22 @@ impl NormalConsumer {
         let inner = &self.shared;
         let mut session = inner.session().await?;
         loop {
+            inner.declare_channel_queue(&session, &self.channel).await?;
             match self.try_start(inner, &session).await {
                 Ok(c) => return Ok(c),
-                Err(Failed::Lapin(e)) if is_connection_error(&e) => {
+                Err(e) if is_connection_error(&e) => {
                     session.broken.notify_one();
                     session = inner.session_after(session.generation).await?;
                 }
                 Err(e) => {
-                    return Err(e.into_error(&format!("could not consume queue {:?}", self.queue)))
+                    let what = format!("could not consume queue {:?}", self.queue);
+                    return Err(backend(&what, e));
                 }
             }
         }
     }
 
-    async fn try_start(
-        &self,
-        inner: &Shared,
-        session: &Arc<Session>,
-    ) -> std::result::Result<Consumer, Failed> {
-        inner.declare_channel_queue(session, &self.channel).await?;
+    async fn try_start(&self, inner: &Shared, session: &Session) -> lapin::Result<Consumer> {
         let ch = session.conn.create_channel().await?;
         ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
             .await?;

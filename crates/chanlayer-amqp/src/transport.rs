@@ -75,9 +75,7 @@ impl AmqpTransport {
             let owner = shared.inbound.naming().owner(channel);
             shared.inbox_of(owner.ok_or_else(not_owner)?)
         } else {
-            let session = shared.session().await?;
-            shared.declare_channel_queue(&session, channel).await?;
-            shared.names.channel(channel)
+            shared.channel_queue(channel).await?
         };
         let published = shared
             .publish_to_queue(channel, &queue, bytes, BasicProperties::default(), 0)
@@ -165,11 +163,9 @@ impl Transport for AmqpTransport {
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
         let channel = out.destination();
-        let queue = shared.names.channel(channel);
         let payload = shared.encode(&out)?;
         for _ in 0..2 {
-            let session = shared.session().await?;
-            shared.declare_channel_queue(&session, channel).await?;
+            let queue = shared.channel_queue(channel).await?;
             let published = shared
                 .publish_to_queue(
                     channel,
@@ -220,9 +216,7 @@ impl Transport for AmqpTransport {
     }
 
     async fn bind_normal(&self, group: &str, channel: &str) -> Result<()> {
-        let session = self.shared.session().await?;
-        self.shared.declare_channel_queue(&session, channel).await?;
-        let queue = self.shared.names.channel(channel);
+        let queue = self.shared.channel_queue(channel).await?;
         self.bind_queue(&queue, group, true).await
     }
 

@@ -64,11 +64,6 @@ impl Track {
     }
 }
 
-/// Adds `partition` at `point` to `tpl`.
-fn add_commit(tpl: &mut TopicPartitionList, topic: &str, partition: i32, point: i64) {
-    let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(point));
-}
-
 #[derive(Default)]
 struct State {
     /// Fetched, in fetch order, not handed out yet.
@@ -103,7 +98,7 @@ impl State {
         let mut tpl = TopicPartitionList::new();
         for (p, t) in &mut self.parts {
             if let Some(point) = t.due() {
-                add_commit(&mut tpl, topic, *p, point);
+                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(point));
                 t.committed = Some(point);
             }
         }
@@ -208,7 +203,7 @@ impl Shared {
         let mut out = TopicPartitionList::new();
         for p in revoked {
             if let Some(point) = st.parts.remove(&p).and_then(|t| t.due()) {
-                add_commit(&mut out, &self.topic, p, point);
+                let _ = out.add_partition_offset(&self.topic, p, Offset::Offset(point));
             }
         }
         out

@@ -124,9 +124,9 @@ impl Transport for KafkaTransport {
         });
         // A broker that is not there, or one that refuses our credentials or certificate:
         // the error names what the clients reported (authentication, TLS, no connection).
+        let at = instance.cfg.display_address();
         let reach = |mut e: Error| {
             if let Error::Backend { message, .. } = &mut e {
-                let at = instance.cfg.display_address();
                 *message = match instance.topics.cause.last() {
                     Some(cause) => format!("{message} on {at}: {cause}"),
                     None => format!("{message} (is a Kafka broker running at {at}?)"),
@@ -134,15 +134,14 @@ impl Transport for KafkaTransport {
             }
             e
         };
-        let refused = |cause: String| {
-            let at = instance.cfg.display_address();
-            Error::failure(BACKEND, format!("could not connect to {at}: {cause}"))
-        };
         let (topics, names) = (&instance.topics, &instance.names);
         // The first request fails at once when authentication or TLS does.
         tokio::select! {
             r = topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
-            cause = topics.cause.fatal() => return Err(refused(cause)),
+            cause = topics.cause.fatal() => {
+                let m = format!("could not connect to {at}: {cause}");
+                return Err(Error::failure(BACKEND, m));
+            }
         }
         topics
             .ensure(&names.inbox, Kind::Inbox)
@@ -290,7 +289,7 @@ impl Transport for KafkaTransport {
     async fn flush(&self) -> Result<()> {
         let (instance, topics) = (&self.instance, &self.instance.topics);
         self.stop_consumers().await;
-        let head = format!("{}.channel.", instance.inbound.options().prefix);
+        let head = instance.names.channel("");
         for topic in topics.known_with(&head) {
             let partitions = topics.partition_count(&topic).await?.unwrap_or(0);
             let (cfg, client_id) = (instance.cfg.clone(), instance.client_id.clone());
