@@ -146,13 +146,12 @@ impl Transport for AmqpTransport {
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
-        let queue = shared.inbox_of(owner);
         // capacity 0: the limit that refused it is the owner's inbox_capacity. `Gone`: the
         // owner's inbox is gone (the instance closed or died).
         shared
             .publish_to_queue(
                 out.destination(),
-                &queue,
+                &shared.inbox_of(owner),
                 &shared.encode(&out)?,
                 shared.transient.clone(),
                 0,

@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use chanlayer_core::toolkit::lock;
+use chanlayer_core::Secret;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientContext;
 
@@ -30,16 +31,13 @@ pub(crate) struct Cause(Arc<Shared>);
 
 impl Cause {
     pub fn new(cfg: &KafkaConfig) -> Cause {
-        let mut secrets: Vec<String> = cfg
-            .client_properties
-            .0
-            .iter()
-            .filter(|(k, v)| chanlayer_core::config::is_secret_key(k) && !v.is_empty())
-            .map(|(_, v)| v.clone())
+        let props = cfg.client_properties.0.iter();
+        let props = props.filter(|(k, _)| chanlayer_core::config::is_secret_key(k));
+        let secrets = (props.map(|(_, v)| v.as_str()))
+            .chain(cfg.password.as_ref().map(Secret::expose))
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
             .collect();
-        if let Some(p) = cfg.password.as_ref().filter(|p| !p.expose().is_empty()) {
-            secrets.push(p.expose().to_owned());
-        }
         Cause(Arc::new(Shared {
             secrets,
             ..Shared::default()

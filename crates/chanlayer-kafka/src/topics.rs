@@ -37,15 +37,6 @@ pub use chanlayer_core::names::BrokerNames as Names;
 /// `{prefix}.inbox.{instance}`.
 pub use chanlayer_core::names::inbox_name as inbox_topic;
 
-/// What a topic is for: its partition count follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// An instance's inbox: one partition (one reader, in order).
-    Inbox,
-    /// A normal channel or the groups topic: `partitions` partitions.
-    Shared,
-}
-
 pub(crate) fn backend_err(what: &str, e: KafkaError) -> Error {
     Error::backend(BACKEND, what, e)
 }
@@ -58,13 +49,16 @@ pub(crate) struct Topics {
     pub cause: Cause,
     cfg: KafkaConfig,
     max_message_size: usize,
+    /// This instance's inbox topic (empty for the tools): one partition (one reader, in
+    /// order); the other topics (normal channels, groups) get `partitions`.
+    inbox: String,
     known: Mutex<HashSet<String>>,
     /// Serialises creations, so concurrent first sends to one channel create it once.
     creating: tokio::sync::Mutex<()>,
 }
 
 impl Topics {
-    pub fn new(cfg: &KafkaConfig, client_id: &str, max_message_size: usize) -> Result<Self> {
+    pub fn new(cfg: &KafkaConfig, client_id: &str, max: usize, inbox: &str) -> Result<Self> {
         let cause = Cause::new(cfg);
         let admin = cfg
             .client_config(client_id)
@@ -74,7 +68,8 @@ impl Topics {
             admin: Arc::new(admin),
             cause,
             cfg: cfg.clone(),
-            max_message_size,
+            max_message_size: max,
+            inbox: inbox.to_owned(),
             known: Mutex::new(HashSet::new()),
             creating: tokio::sync::Mutex::new(()),
         })
@@ -87,7 +82,7 @@ impl Topics {
     }
 
     /// Makes sure `topic` exists: known already, or found, or created.
-    pub async fn ensure(&self, topic: &str, kind: Kind) -> Result<()> {
+    pub async fn ensure(&self, topic: &str) -> Result<()> {
         if self.is_known(topic) {
             return Ok(());
         }
@@ -97,7 +92,8 @@ impl Topics {
         }
         // An instance's inbox is its own and always created; `create_topics=false` is about
         // the shared topics (normal channels, groups) an operator may want to manage.
-        if !self.cfg.create_topics && kind != Kind::Inbox {
+        let inbox = topic == self.inbox;
+        if !self.cfg.create_topics && !inbox {
             if !self.exists(topic).await? {
                 return Err(Error::Config(format!(
                     "topic {topic:?} does not exist on {} and create_topics=false; create it, or let chanlayer create topics",
@@ -107,10 +103,7 @@ impl Topics {
             self.remember(topic);
             return Ok(());
         }
-        let partitions = match kind {
-            Kind::Inbox => 1,
-            Kind::Shared => self.cfg.partitions,
-        };
+        let partitions = if inbox { 1 } else { self.cfg.partitions };
         let replication = TopicReplication::Fixed(self.cfg.replication);
         let max_bytes = self.max_message_size.saturating_add(RECORD_OVERHEAD);
         // The `topic.*` configs win over these.
@@ -295,7 +288,7 @@ pub struct InboxTopic {
 /// own).
 pub async fn list_inboxes(config: &chanlayer_core::LayerConfig) -> Result<Vec<InboxTopic>> {
     let cfg = KafkaConfig::from_layer_config(config)?;
-    let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size)?;
+    let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size, "")?;
     let what = "could not list topics".to_owned();
     let md = (topics.ask(what, |c, timeout| c.fetch_metadata(None, timeout))).await?;
     let head = format!("{}.inbox.", config.options.prefix);
@@ -322,7 +315,7 @@ pub async fn remove_inboxes(
     instances: &[String],
 ) -> Result<Vec<String>> {
     let cfg = KafkaConfig::from_layer_config(config)?;
-    let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size)?;
+    let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size, "")?;
     let names: Vec<String> = instances
         .iter()
         .map(|i| inbox_topic(&config.options.prefix, i))

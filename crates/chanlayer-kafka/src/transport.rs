@@ -23,7 +23,7 @@ use crate::config::KafkaConfig;
 use crate::normal::NormalConsumer;
 use crate::producer::{Refused, Sender};
 use crate::state::{ClosedInstances, Instance, CLOSED_KEY};
-use crate::topics::{Kind, Names, Topics};
+use crate::topics::{Names, Topics};
 use crate::worker::Worker;
 use crate::{BACKEND, CAPABILITIES};
 
@@ -70,12 +70,7 @@ impl KafkaTransport {
     pub async fn produce_raw(&self, topic: &str, key: Option<&[u8]>, bytes: &[u8]) -> Result<()> {
         let instance = &self.instance;
         instance.inbound.closed().check()?;
-        let kind = if topic == instance.names.inbox {
-            Kind::Inbox
-        } else {
-            Kind::Shared
-        };
-        instance.topics.ensure(topic, kind).await?;
+        instance.topics.ensure(topic).await?;
         let sent = instance.sender.send(topic, key, bytes).await;
         sent.map_err(|r| r.or_gone(|| format!("no topic {topic:?}")))
     }
@@ -110,7 +105,7 @@ impl Transport for KafkaTransport {
         let client_id = format!("chanlayer-{}", inbound.id());
         let names = Names::new(&config.options.prefix, &cfg.groups_topic, inbound.id());
         let max = config.options.max_message_size;
-        let topics = Topics::new(&cfg, &client_id, max)?;
+        let topics = Topics::new(&cfg, &client_id, max, &names.inbox)?;
         let sender = Sender::new(&cfg, &client_id, max, topics.cause.clone())?;
         let instance = Arc::new(Instance {
             cfg,
@@ -137,20 +132,18 @@ impl Transport for KafkaTransport {
         let (topics, names) = (&instance.topics, &instance.names);
         // The first request fails at once when authentication or TLS does.
         tokio::select! {
-            r = topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
+            r = topics.ensure(&names.groups) => r.map_err(reach)?,
             cause = topics.cause.fatal() => {
                 let m = format!("could not connect to {at}: {cause}");
                 return Err(Error::failure(BACKEND, m));
             }
         }
-        topics
-            .ensure(&names.inbox, Kind::Inbox)
-            .await
-            .map_err(reach)?;
+        topics.ensure(&names.inbox).await.map_err(reach)?;
         let groups = &names.groups;
         // A topic just created can take a moment to show in the metadata a broker answers
         // with: poll, up to connection_timeout.
-        let deadline = std::time::Instant::now() + instance.cfg.connection_timeout;
+        let waited = instance.cfg.connection_timeout;
+        let deadline = std::time::Instant::now() + waited;
         let partitions = loop {
             match topics.partition_count(groups).await.map_err(reach)? {
                 Some(n) => break n,
@@ -158,7 +151,6 @@ impl Transport for KafkaTransport {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
                 None => {
-                    let waited = instance.cfg.connection_timeout;
                     let m = format!("the groups topic {groups:?} is not in the cluster's metadata (waited {waited:?})");
                     return Err(Error::failure(BACKEND, m));
                 }
@@ -224,7 +216,7 @@ impl Transport for KafkaTransport {
         let instance = &self.instance;
         let (topic, payload) = (instance.names.channel(out.destination()), out.encode());
         for attempt in 0..2 {
-            instance.topics.ensure(&topic, Kind::Shared).await?;
+            instance.topics.ensure(&topic).await?;
             match instance.sender.send(&topic, None, &payload).await {
                 Ok(()) => break,
                 // Deleted behind our back: create it again, once.
@@ -264,7 +256,7 @@ impl Transport for KafkaTransport {
     /// it while the membership lasts (`Inbound::normal_groups`).
     async fn bind_normal(&self, _group: &str, channel: &str) -> Result<()> {
         let topic = self.instance.names.channel(channel);
-        self.instance.topics.ensure(&topic, Kind::Shared).await
+        self.instance.topics.ensure(&topic).await
     }
 
     /// Nothing to do: the forwarder stops with the membership.
@@ -275,10 +267,7 @@ impl Transport for KafkaTransport {
     /// The channel's consumer, started (and its topic created) the first time.
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
         let c = self.consumer(channel);
-        self.instance
-            .topics
-            .ensure(&c.shared.topic, Kind::Shared)
-            .await?;
+        self.instance.topics.ensure(&c.shared.topic).await?;
         c.ensure_started().await?;
         Ok(NormalReader::Source(c))
     }
