@@ -218,11 +218,10 @@ impl NormalConsumer {
         let started = tokio::time::Instant::now();
         let mut slot = self.slot().await?;
         let left = timeout.saturating_sub(started.elapsed());
-        let first = match tokio::time::timeout(left, self.take_locked(&mut slot)).await {
-            Ok(r) => r?,
-            Err(_) => return Ok(Vec::new()),
+        let Ok(first) = tokio::time::timeout(left, self.take_locked(&mut slot)).await else {
+            return Ok(Vec::new());
         };
-        let mut out = vec![first];
+        let mut out = vec![first?];
         while out.len() < max {
             if let Some(p) = self.pop_requeued() {
                 out.push(p);

@@ -86,12 +86,8 @@ pub(crate) fn run(
     let closed = r.instance.inbound.closed().clone();
     while !closed.is_closed() {
         // With something waiting, only take what is already there, then hand it over.
-        let wait = if r.deferred.is_empty() && r.burst.is_empty() {
-            Duration::from_millis(50)
-        } else {
-            Duration::ZERO
-        };
-        match consumer.poll(wait) {
+        let idle = r.deferred.is_empty() && r.burst.is_empty();
+        match consumer.poll(Duration::from_millis(if idle { 50 } else { 0 })) {
             Some(Ok(m)) => {
                 r.read(m);
                 if r.burst.len() >= BURST {
