@@ -190,6 +190,7 @@ impl BackendSettings for KafkaConfig {
             return bad("a SASL password was given without a username".into());
         }
         let topic = &self.groups_topic;
+        let topic_byte = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
         if topic.is_empty() || !topic.bytes().all(topic_byte) {
             return bad(format!(
                 "option groups_topic={topic:?}: a Kafka topic name is 1 to 249 of [A-Za-z0-9._-]"
@@ -338,10 +339,6 @@ fn defaults<const N: usize>(mut c: ClientConfig, values: [(&str, String); N]) ->
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn topic_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'
 }
 
 /// `bootstrap.servers` from the URL's address: its brokers as `host:port,...`.

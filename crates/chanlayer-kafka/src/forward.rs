@@ -21,7 +21,6 @@ pub(crate) async fn run(
     instance: Arc<Instance>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Forward>,
 ) {
-    let stats = instance.inbound.stats().clone();
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -33,7 +32,7 @@ pub(crate) async fn run(
                         Err(_) => None,
                     };
                     let Some(f) = enqueued else {
-                        stats.record_undeliverable(&topic);
+                        instance.inbound.stats().record_undeliverable(&topic);
                         continue;
                     };
                     let instance = instance.clone();

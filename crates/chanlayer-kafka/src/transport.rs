@@ -88,9 +88,8 @@ impl KafkaTransport {
     /// Stops this instance's normal-channel consumers (committing what is settled) and
     /// forgets them.
     async fn stop_consumers(&self) {
-        let consumers: Vec<Arc<NormalConsumer>> =
-            lock(&self.consumers).drain().map(|(_, c)| c).collect();
-        for c in consumers {
+        let consumers = std::mem::take(&mut *lock(&self.consumers));
+        for c in consumers.into_values() {
             c.stop().await;
         }
     }
