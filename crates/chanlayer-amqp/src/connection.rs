@@ -58,14 +58,9 @@ pub(crate) async fn open(
             }
         }
     }
-    Err(Error::failure(
-        crate::BACKEND,
-        format!(
-            "could not connect to any of the {n} hosts of {}: {}",
-            cfg.display_address(),
-            failures.join("; ")
-        ),
-    ))
+    let (at, failures) = (cfg.display_address(), failures.join("; "));
+    let m = format!("could not connect to any of the {n} hosts of {at}: {failures}");
+    Err(Error::failure(crate::BACKEND, m))
 }
 
 /// Connects to host number `index` and sets up the whole topology for `generation`.
@@ -78,12 +73,8 @@ async fn open_host(inner: &Arc<Shared>, generation: u64, index: usize) -> Result
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
     let runtime = lapin::runtime::default_runtime()
         .map_err(|e| backend("no tokio runtime to run the AMQP connection on", e))?;
-    let attempt = Connection::connect_uri_with_config(
-        cfg.lapin_uri(index),
-        props,
-        inner.tls.clone(),
-        runtime,
-    );
+    let (uri, tls) = (cfg.lapin_uri(index), inner.tls.clone());
+    let attempt = Connection::connect_uri_with_config(uri, props, tls, runtime);
     let after = cfg.connection_timeout;
     let refused = format!("could not connect to {}", cfg.host_address(index));
     let conn = tokio::time::timeout(after, attempt)

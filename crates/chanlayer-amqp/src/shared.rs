@@ -201,7 +201,7 @@ impl Shared {
         exchange: &str,
         routing_key: &str,
         payload: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
         mandatory: bool,
     ) -> Result<Confirmation> {
         let options = BasicPublishOptions {
@@ -237,7 +237,7 @@ impl Shared {
         channel: &str,
         queue: &str,
         payload: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
         capacity: usize,
     ) -> Result<Published> {
         let c = self.publish("", queue, payload, properties, true).await?;

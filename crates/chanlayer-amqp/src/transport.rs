@@ -78,7 +78,7 @@ impl AmqpTransport {
             shared.channel_queue(channel).await?
         };
         let published = shared
-            .publish_to_queue(channel, &queue, bytes, BasicProperties::default(), 0)
+            .publish_to_queue(channel, &queue, bytes, &BasicProperties::default(), 0)
             .await?;
         if published == Published::Gone {
             let message = format!("no queue {queue:?} at the broker");
@@ -146,16 +146,11 @@ impl Transport for AmqpTransport {
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
+        let (queue, payload) = (shared.inbox_of(owner), shared.encode(&out)?);
         // capacity 0: the limit that refused it is the owner's inbox_capacity. `Gone`: the
         // owner's inbox is gone (the instance closed or died).
         shared
-            .publish_to_queue(
-                out.destination(),
-                &shared.inbox_of(owner),
-                &shared.encode(&out)?,
-                shared.transient.clone(),
-                0,
-            )
+            .publish_to_queue(out.destination(), &queue, &payload, &shared.transient, 0)
             .await
     }
 
@@ -165,14 +160,9 @@ impl Transport for AmqpTransport {
         let payload = shared.encode(&out)?;
         for _ in 0..2 {
             let queue = shared.channel_queue(channel).await?;
+            let capacity = shared.inbound.options().capacity_for(channel);
             let published = shared
-                .publish_to_queue(
-                    channel,
-                    &queue,
-                    &payload,
-                    shared.persistent.clone(),
-                    shared.inbound.options().capacity_for(channel),
-                )
+                .publish_to_queue(channel, &queue, &payload, &shared.persistent, capacity)
                 .await?;
             if published == Published::Stored {
                 return Ok(published);
@@ -185,15 +175,10 @@ impl Transport for AmqpTransport {
 
     async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
-        let group = out.destination();
+        let (groups, group) = (&shared.names.groups, out.destination());
+        let payload = shared.encode(&out)?;
         let c = shared
-            .publish(
-                &shared.names.groups,
-                group,
-                &shared.encode(&out)?,
-                shared.persistent.clone(),
-                false,
-            )
+            .publish(groups, group, &payload, &shared.persistent, false)
             .await?;
         if c.is_nack() {
             // At least one member's queue is full; the others got their copy.

@@ -33,7 +33,8 @@ impl Cause {
     pub fn new(cfg: &KafkaConfig) -> Cause {
         let props = cfg.client_properties.0.iter();
         let props = props.filter(|(k, _)| chanlayer_core::config::is_secret_key(k));
-        let secrets = (props.map(|(_, v)| v.as_str()))
+        let secrets = props
+            .map(|(_, v)| v.as_str())
             .chain(cfg.password.as_ref().map(Secret::expose))
             .filter(|s| !s.is_empty())
             .map(str::to_owned)

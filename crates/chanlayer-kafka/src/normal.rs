@@ -122,13 +122,8 @@ impl NormalConsumer {
     /// `p` as an item whose ack settles the offset and whose nack requeues locally.
     fn incoming(&self, p: Pending) -> Incoming {
         let (envelope, redelivered) = (p.envelope.clone(), p.redelivered);
-        Incoming::unsettled(
-            envelope,
-            redelivered,
-            self.shared.clone(),
-            p,
-            &self.instance.inbound,
-        )
+        let (shared, inbound) = (self.shared.clone(), &self.instance.inbound);
+        Incoming::unsettled(envelope, redelivered, shared, p, inbound)
     }
 }
 

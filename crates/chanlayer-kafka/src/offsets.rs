@@ -149,10 +149,8 @@ impl Shared {
             return Ok(Some(p));
         }
         if let Some(why) = &st.failed {
-            return Err(Error::failure(
-                BACKEND,
-                format!("the consumer of {:?} stopped: {why}", self.topic),
-            ));
+            let m = format!("the consumer of {:?} stopped: {why}", self.topic);
+            return Err(Error::failure(BACKEND, m));
         }
         Ok(None)
     }
@@ -193,10 +191,10 @@ impl Shared {
             let held = |p| st.parts.get(p).is_some_and(Track::in_hand);
             revoked.iter().any(held) && !self.stop.load(Ordering::Relaxed)
         };
-        let (mut st, waited) = (self
+        let (mut st, waited) = self
             .settled
-            .wait_timeout_while(st, self.revoke_wait, in_hand))
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .wait_timeout_while(st, self.revoke_wait, in_hand)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if waited.timed_out() {
             tracing::warn!(topic = %self.topic, "a rebalance took partitions while deliveries from them were still unacked after {:?}; the new owner delivers those again", self.revoke_wait);
         }
@@ -341,7 +339,8 @@ pub(crate) fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, instance
         // this way needs no broker to be exact, and librdkafka's own queue is bounded
         // (`queued.max.messages.kbytes`, settable with `kafka.`).
         let held = lock(&shared.state);
-        let full = (shared.room)
+        let full = shared
+            .room
             .wait_timeout_while(held, Duration::from_secs(1), |st| st.held() >= prefetch)
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .1

@@ -122,10 +122,8 @@ impl Topics {
             .map_err(|e| backend_err(&format!("could not create topic {topic:?}"), e))?;
         let mut failed = results.into_iter().filter_map(Result::err);
         if let Some((t, code)) = failed.find(|(_, c)| *c != RDKafkaErrorCode::TopicAlreadyExists) {
-            return Err(Error::failure(
-                BACKEND,
-                format!("could not create topic {t:?}: {code}"),
-            ));
+            let m = format!("could not create topic {t:?}: {code}");
+            return Err(Error::failure(BACKEND, m));
         }
         self.remember(topic);
         Ok(())
@@ -138,10 +136,8 @@ impl Topics {
 
     /// The number of partitions of `topic`, `None` if it does not exist.
     pub async fn partition_count(&self, topic: &str) -> Result<Option<usize>> {
-        let (t, what) = (
-            topic.to_owned(),
-            format!("could not read the metadata of {topic:?}"),
-        );
+        let t = topic.to_owned();
+        let what = format!("could not read the metadata of {topic:?}");
         let md = self.ask(what, move |c, timeout| c.fetch_metadata(Some(&t), timeout));
         Ok(md
             .await?
@@ -154,13 +150,9 @@ impl Topics {
 
     /// The high watermark (the next offset) of `topic`'s `partition`.
     pub async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64> {
-        let (t, what) = (
-            topic.to_owned(),
-            format!("could not read the end of {topic:?}"),
-        );
-        let ends = self.ask(what, move |c, timeout| {
-            c.fetch_watermarks(&t, partition, timeout)
-        });
+        let t = topic.to_owned();
+        let what = format!("could not read the end of {topic:?}");
+        let ends = self.ask(what, move |c, wait| c.fetch_watermarks(&t, partition, wait));
         Ok(ends.await?.1)
     }
 
@@ -172,7 +164,8 @@ impl Topics {
         f: impl FnOnce(&Client<Watch>, Duration) -> KafkaResult<T> + Send + 'static,
     ) -> Result<T> {
         let (admin, timeout) = (self.admin.clone(), self.cfg.connection_timeout);
-        (tokio::task::spawn_blocking(move || f(admin.inner(), timeout)).await)
+        tokio::task::spawn_blocking(move || f(admin.inner(), timeout))
+            .await
             .map_err(|e| Error::backend(BACKEND, what.as_str(), e))?
             .map_err(|e| backend_err(&what, e))
     }
@@ -218,10 +211,8 @@ impl Topics {
                     known.remove(&t);
                 }
                 Err((t, code)) => {
-                    return Err(Error::failure(
-                        BACKEND,
-                        format!("could not delete topic {t:?}: {code}"),
-                    ))
+                    let m = format!("could not delete topic {t:?}: {code}");
+                    return Err(Error::failure(BACKEND, m));
                 }
             }
         }
@@ -290,7 +281,9 @@ pub async fn list_inboxes(config: &chanlayer_core::LayerConfig) -> Result<Vec<In
     let cfg = KafkaConfig::from_layer_config(config)?;
     let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size, "")?;
     let what = "could not list topics".to_owned();
-    let md = (topics.ask(what, |c, timeout| c.fetch_metadata(None, timeout))).await?;
+    let md = topics
+        .ask(what, |c, timeout| c.fetch_metadata(None, timeout))
+        .await?;
     let head = format!("{}.inbox.", config.options.prefix);
     let mut out: Vec<InboxTopic> = md
         .topics()
