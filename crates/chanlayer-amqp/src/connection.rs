@@ -119,52 +119,39 @@ async fn setup(
         .await
         .map_err(|e| backend("could not enable publisher confirms", e))?;
     let admin = open("admin").await?;
-    admin
-        .exchange_declare(
-            ShortString::from(groups.as_str()),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                // channels_rabbitmq declares `groups` non-durable; a peer must declare it
-                // with the same arguments or the broker refuses (406).
-                durable: cfg.wire == Wire::Chanlayer,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| {
-            let what = format!("could not declare the groups exchange {groups:?} (does it exist with another type?)");
-            backend(&what, e)
-        })?;
-    admin
-        .queue_declare(
-            ShortString::from(inbox.as_str()),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            topology::inbox_arguments(cfg.inbox_capacity, inner.inbound.options(), cfg.wire),
-        )
-        .await
-        .map_err(|e| backend("could not declare this instance's inbox queue", e))?;
+    let (x, q, no_args) = (groups.as_str(), inbox.as_str(), FieldTable::default);
+    let options = ExchangeDeclareOptions {
+        // channels_rabbitmq declares `groups` non-durable; a peer must declare it with the
+        // same arguments or the broker refuses (406).
+        durable: cfg.wire == Wire::Chanlayer,
+        ..ExchangeDeclareOptions::default()
+    };
+    let declared = admin.exchange_declare(x.into(), ExchangeKind::Direct, options, no_args());
+    let what = format!(
+        "could not declare the groups exchange {groups:?} (does it exist with another type?)"
+    );
+    declared.await.map_err(|e| backend(&what, e))?;
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let args = topology::inbox_arguments(cfg.inbox_capacity, inner.inbound.options(), cfg.wire);
+    let declared = admin.queue_declare(q.into(), options, args).await;
+    declared.map_err(|e| backend("could not declare this instance's inbox queue", e))?;
     // Groups with local members: bind the inbox again (a new broker has no bindings).
     for group in inner.inbound.groups().groups() {
         crate::groups::bind_on(&admin, groups, inbox, &group, true).await?;
     }
     let inbox_channel = open("inbox").await?;
-    let consumer = inbox_channel
-        .basic_consume(
-            ShortString::from(inbox.as_str()),
-            ShortString::from(format!("chanlayer-inbox-{}", inner.inbound.id())),
-            BasicConsumeOptions {
-                no_ack: true,
-                exclusive: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| backend("could not consume this instance's inbox queue", e))?;
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        exclusive: true,
+        ..BasicConsumeOptions::default()
+    };
+    let tag = format!("chanlayer-inbox-{}", inner.inbound.id());
+    let consuming = inbox_channel.basic_consume(q.into(), tag.into(), options, no_args());
+    let what = "could not consume this instance's inbox queue";
+    let consumer = consuming.await.map_err(|e| backend(what, e))?;
     Ok((publish, admin, inbox_channel, consumer))
 }
 

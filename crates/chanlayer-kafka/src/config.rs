@@ -224,19 +224,15 @@ impl KafkaConfig {
     /// security, then the `kafka.*` pass-through (which wins).
     pub fn client_config(&self, client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
+        let setup_timeout = millis(self.connection_timeout).max(1000).to_string();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", client_id)
             .set("security.protocol", self.effective_protocol())
-            .set(
-                "socket.connection.setup.timeout.ms",
-                millis(self.connection_timeout).max(1000).to_string(),
-            );
+            .set("socket.connection.setup.timeout.ms", setup_timeout);
         if let Some(user) = &self.username {
-            c.set(
-                "sasl.mechanism",
-                self.sasl_mechanism.as_deref().unwrap_or("PLAIN"),
-            )
-            .set("sasl.username", user);
+            let mechanism = self.sasl_mechanism.as_deref().unwrap_or("PLAIN");
+            c.set("sasl.mechanism", mechanism)
+                .set("sasl.username", user);
             if let Some(p) = &self.password {
                 c.set("sasl.password", p.expose());
             }
@@ -255,16 +251,14 @@ impl KafkaConfig {
     /// The producer's settings: idempotent, `acks=all`, delivery reports awaited by `send`.
     pub fn producer_config(&self, client_id: &str, max_message_size: usize) -> ClientConfig {
         let max_bytes = max_message_size.saturating_add(RECORD_OVERHEAD);
+        let timeout = millis(self.delivery_timeout).max(1);
         defaults(
             self.client_config(client_id),
             [
                 ("enable.idempotence", "true".into()),
                 ("acks", "all".into()),
                 ("linger.ms", millis(self.linger).to_string()),
-                (
-                    "message.timeout.ms",
-                    millis(self.delivery_timeout).max(1).to_string(),
-                ),
+                ("message.timeout.ms", timeout.to_string()),
                 ("message.max.bytes", max_bytes.to_string()),
                 // A send to a topic that does not exist (an instance that closed) must not
                 // create it.

@@ -27,12 +27,12 @@ use chanlayer_core::toolkit::{Destination, Envelope};
 use chanlayer_core::Result;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, OwnedMessage};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::forward::Forward;
 use crate::state::{Instance, CLOSED_KEY};
-use crate::topics::{add_ends, backend_err};
+use crate::topics::{backend_err, ends};
 
 /// Inbox messages decoded and not handed over yet, at most.
 const BURST: usize = 256;
@@ -49,11 +49,10 @@ pub(crate) fn assign(instance: &Instance, partitions: usize) -> Result<BaseConsu
         .consumer_config(&instance.client_id, None)
         .create()
         .map_err(|e| backend_err("could not create the inbox consumer", e))?;
-    let mut tpl = TopicPartitionList::new();
+    let timeout = instance.cfg.connection_timeout;
+    let mut tpl = ends(&consumer, &names.groups, partitions, timeout)?;
     tpl.add_partition_offset(&names.inbox, 0, Offset::Beginning)
         .map_err(|e| backend_err("could not assign the inbox topic", e))?;
-    let timeout = instance.cfg.connection_timeout;
-    add_ends(&mut tpl, &consumer, &names.groups, partitions, timeout)?;
     consumer
         .assign(&tpl)
         .map_err(|e| backend_err("could not assign the inbox and groups topics", e))?;

@@ -233,9 +233,7 @@ pub(crate) fn skip_to_end(
         .consumer_config(client_id, Some(topic))
         .create()
         .map_err(|e| backend_err("could not create a consumer to flush", e))?;
-    let mut tpl = TopicPartitionList::new();
-    let timeout = cfg.connection_timeout;
-    add_ends(&mut tpl, &consumer, topic, partitions, timeout)?;
+    let tpl = ends(&consumer, topic, partitions, cfg.connection_timeout)?;
     if tpl.count() == 0 {
         return Ok(());
     }
@@ -245,15 +243,15 @@ pub(crate) fn skip_to_end(
     (consumer.commit(&tpl, CommitMode::Sync)).map_err(|e| backend_err(&what, e))
 }
 
-/// Adds partitions `0..partitions` of `topic` to `tpl` at their current ends (high
-/// watermarks). Blocking.
-pub(crate) fn add_ends<C: ConsumerContext>(
-    tpl: &mut TopicPartitionList,
+/// Partitions `0..partitions` of `topic` at their current ends (high watermarks).
+/// Blocking.
+pub(crate) fn ends<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     partitions: usize,
     timeout: Duration,
-) -> Result<()> {
+) -> Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         let p = i32::try_from(p).unwrap_or(i32::MAX);
         let (_, high) = consumer
@@ -262,7 +260,7 @@ pub(crate) fn add_ends<C: ConsumerContext>(
         tpl.add_partition_offset(topic, p, Offset::Offset(high))
             .map_err(|e| backend_err(&format!("could not assign {topic:?}"), e))?;
     }
-    Ok(())
+    Ok(tpl)
 }
 
 /// An inbox topic found by [`list_inboxes`].
