@@ -31,6 +31,7 @@ use std::time::Duration;
 use chanlayer_core::config::{hosts, BackendOptions, BackendSettings, HostPort};
 use chanlayer_core::{Error, LayerConfig, Result};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use crate::BACKEND;
 
@@ -237,12 +238,9 @@ impl AmqpConfig {
 
     fn address_of(&self, hosts: &[HostPort]) -> String {
         let hosts: Vec<String> = hosts.iter().map(HostPort::to_string).collect();
-        format!(
-            "{}://{}/{}",
-            if self.tls { "amqps" } else { "amqp" },
-            hosts.join(","),
-            percent_encoding::utf8_percent_encode(&self.vhost, percent_encoding::NON_ALPHANUMERIC)
-        )
+        let vhost = utf8_percent_encode(&self.vhost, NON_ALPHANUMERIC);
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        format!("{scheme}://{}/{vhost}", hosts.join(","))
     }
 
     /// The lapin URI of host number `index` (with the password: hand it to lapin only).

@@ -186,10 +186,8 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         inner.session.send_replace(None);
         // Release what the old connection holds (its exclusive inbox) before declaring anew.
         let _ = (session.close(320, "chanlayer reconnecting", Duration::from_secs(2))).await;
-        tracing::warn!(
-            broker = %inner.cfg.host_address(session.host),
-            "AMQP connection lost; reconnecting"
-        );
+        let broker = inner.cfg.host_address(session.host);
+        tracing::warn!(%broker, "AMQP connection lost; reconnecting");
         let mut delay = Duration::from_millis(100);
         let generation = session.generation + 1;
         let first = session.host + 1;
@@ -210,11 +208,8 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
             tracing::warn!(error = %e, "could not bind normal-channel group members again");
         }
         inner.inbound.stats().record_reconnect();
-        tracing::info!(
-            broker = %inner.cfg.host_address(session.host),
-            generation,
-            "AMQP connection restored"
-        );
+        let broker = inner.cfg.host_address(session.host);
+        tracing::info!(%broker, generation, "AMQP connection restored");
         inner.session.send_replace(Some(session.clone()));
     }
 }

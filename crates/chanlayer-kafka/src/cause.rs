@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use chanlayer_core::toolkit::lock;
 use chanlayer_core::Secret;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
 use rdkafka::ClientContext;
 
 use crate::config::KafkaConfig;
@@ -47,13 +47,11 @@ impl Cause {
 
     fn record(&self, error: &KafkaError, reason: &str) {
         let (fatal, what) = match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+            Some(Code::Authentication | Code::SaslAuthenticationFailed) => {
                 (true, "authentication failed")
             }
-            Some(RDKafkaErrorCode::SSL) => (true, "TLS failed"),
-            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown) => {
-                (false, "no connection")
-            }
+            Some(Code::SSL) => (true, "TLS failed"),
+            Some(Code::BrokerTransportFailure | Code::AllBrokersDown) => (false, "no connection"),
             _ => return,
         };
         let text = Some(self.scrub(&format!("{what}: {reason}")));
@@ -112,7 +110,7 @@ mod tests {
     }
 
     fn auth() -> KafkaError {
-        KafkaError::Global(RDKafkaErrorCode::Authentication)
+        KafkaError::Global(Code::Authentication)
     }
 
     #[test]
@@ -132,7 +130,7 @@ mod tests {
         let c = cause("kafka://h:9092");
         assert_eq!(c.last(), None);
         c.record(
-            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            &KafkaError::Global(Code::AllBrokersDown),
             "1/1 brokers are down",
         );
         assert_eq!(
@@ -141,7 +139,7 @@ mod tests {
         );
         c.record(&auth(), "SASL authentication error");
         c.record(
-            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            &KafkaError::Global(Code::AllBrokersDown),
             "1/1 brokers are down",
         );
         assert_eq!(
@@ -149,7 +147,7 @@ mod tests {
             Some("authentication failed: SASL authentication error")
         );
         // Other errors are not causes.
-        c.record(&KafkaError::Global(RDKafkaErrorCode::MessageTimedOut), "x");
+        c.record(&KafkaError::Global(Code::MessageTimedOut), "x");
         assert!(c.last().unwrap().starts_with("authentication failed"));
     }
 
@@ -160,10 +158,7 @@ mod tests {
             let c = c.clone();
             tokio::spawn(async move { c.fatal().await })
         };
-        c.record(
-            &KafkaError::Global(RDKafkaErrorCode::SSL),
-            "certificate verify failed",
-        );
+        c.record(&KafkaError::Global(Code::SSL), "certificate verify failed");
         assert_eq!(
             waiter.await.unwrap(),
             "TLS failed: certificate verify failed"

@@ -79,10 +79,9 @@ impl NormalConsumer {
             .subscribe(&[topic])
             .map_err(|e| backend_err(&format!("could not subscribe to {topic:?}"), e))?;
         let (shared, instance) = (self.shared.clone(), self.instance.clone());
-        let handle = Worker::spawn(format!("chanlayer-kafka {}", self.channel), move || {
-            crate::offsets::run(consumer, shared, instance)
-        })
-        .map_err(|e| Error::backend(BACKEND, "could not start a consumer thread", e))?;
+        let run = move || crate::offsets::run(consumer, shared, instance);
+        let handle = Worker::spawn(format!("chanlayer-kafka {}", self.channel), run)
+            .map_err(|e| Error::backend(BACKEND, "could not start a consumer thread", e))?;
         *lock(&self.thread) = Some(handle);
         *started = true;
         Ok(())

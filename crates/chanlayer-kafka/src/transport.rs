@@ -164,10 +164,9 @@ impl Transport for KafkaTransport {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let thread = {
             let instance = instance.clone();
-            Worker::spawn("chanlayer-kafka receiver".into(), move || {
-                crate::receiver::run(instance, consumer, tx)
-            })
-            .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
+            let run = move || crate::receiver::run(instance, consumer, tx);
+            Worker::spawn("chanlayer-kafka receiver".into(), run)
+                .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
         };
         tokio::spawn(crate::forward::run(instance.clone(), rx));
         Ok(KafkaTransport {
@@ -281,11 +280,10 @@ impl Transport for KafkaTransport {
         for topic in topics.known_with(&head) {
             let partitions = topics.partition_count(&topic).await?.unwrap_or(0);
             let (cfg, client_id) = (instance.cfg.clone(), instance.client_id.clone());
-            tokio::task::spawn_blocking(move || {
-                crate::topics::skip_to_end(&cfg, &client_id, &topic, partitions)
-            })
-            .await
-            .map_err(|e| Error::backend(BACKEND, "the flush task failed", e))??;
+            let skip = move || crate::topics::skip_to_end(&cfg, &client_id, &topic, partitions);
+            tokio::task::spawn_blocking(skip)
+                .await
+                .map_err(|e| Error::backend(BACKEND, "the flush task failed", e))??;
         }
         let end = topics.high_watermark(&instance.names.inbox, 0).await?;
         instance.inbox_skip_below.fetch_max(end, Ordering::AcqRel);
