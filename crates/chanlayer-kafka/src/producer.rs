@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chanlayer_core::{Error, Result};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
@@ -79,7 +79,7 @@ impl Sender {
             }
             match self.producer.send_result(record) {
                 Ok(f) => return Ok(f),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                Err((KafkaError::MessageProduction(Code::QueueFull), _))
                     if tokio::time::Instant::now() < deadline =>
                 {
                     // librdkafka's queue drains as batches are acknowledged.
@@ -108,10 +108,8 @@ impl Sender {
 
     fn refused(&self, topic: &str, e: KafkaError) -> Refused {
         let message = match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
-                return Refused::UnknownTopic
-            }
-            Some(RDKafkaErrorCode::MessageTimedOut) => {
+            Some(Code::UnknownTopicOrPartition | Code::UnknownTopic) => return Refused::UnknownTopic,
+            Some(Code::MessageTimedOut) => {
                 let why = (self.cause.last()).map_or("; the broker may be down".into(), |c| {
                     format!(": {c}")
                 });
@@ -120,7 +118,7 @@ impl Sender {
                     self.address, self.delivery_timeout
                 )
             }
-            Some(RDKafkaErrorCode::MessageSizeTooLarge) => format!(
+            Some(Code::MessageSizeTooLarge) => format!(
                 "the broker refused a message to {topic:?} as too large (its message.max.bytes is lower than chanlayer's max_message_size)"
             ),
             _ => format!("could not produce to {topic:?} on {}", self.address),
