@@ -31,6 +31,7 @@ use std::time::Duration;
 use chanlayer_core::config::{hosts, BackendOptions, BackendSettings, HostPort};
 use chanlayer_core::{Error, LayerConfig, Result};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use crate::BACKEND;
 
@@ -124,28 +125,20 @@ pub struct AmqpConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-/// The options only this backend reads, for the "unknown option" error.
-const OPTIONS: &str = "wire, prefetch, groups_exchange, inbox_capacity, queue_expires, queue_type, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
-
-fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
 impl BackendSettings for AmqpConfig {
     const SCHEMES: &'static [&'static str] = &[BACKEND, "amqps"];
-    const OPTIONS: &'static str = OPTIONS;
+    const OPTIONS: &'static str = "wire, prefetch, groups_exchange, inbox_capacity, queue_expires, queue_type, connection_timeout, heartbeat, reconnect_timeout, connection_name, ca_file";
 
     /// Reads the AMQP settings of `config` (scheme `amqp` or `amqps`).
     fn read(config: &LayerConfig, o: &mut BackendOptions) -> Result<AmqpConfig> {
         let b = &config.backend;
         let tls = b.scheme == "amqps";
         let (authority, path) = b.address.split_once('/').unwrap_or((&b.address, ""));
-        let vhost = if path.is_empty() {
-            "/".to_owned()
-        } else {
-            decode(path)
+        let vhost = match path {
+            "" => "/".to_owned(),
+            _ => percent_encoding::percent_decode_str(path)
+                .decode_utf8_lossy()
+                .into(),
         };
         let default_port = if tls { 5671 } else { 5672 };
         let hosts = hosts(authority, default_port)?;
@@ -234,25 +227,20 @@ impl AmqpConfig {
     /// The broker address without credentials, for messages and logs:
     /// `amqp://host:port/vhost`, or `amqp://h1:5672,h2:5672,h3:5672/vhost` for several.
     pub fn display_address(&self) -> String {
-        let hosts: Vec<String> = self.hosts.iter().map(HostPort::to_string).collect();
-        self.address_with(&hosts.join(","))
+        self.address_of(&self.hosts)
     }
 
     /// The address of host number `index` (of [`AmqpConfig::hosts`]) without credentials:
     /// `amqp://host:port/vhost`.
     pub fn host_address(&self, index: usize) -> String {
-        match self.hosts.get(index) {
-            Some(h) => self.address_with(&h.to_string()),
-            None => self.display_address(),
-        }
+        self.address_of(self.hosts.get(index..=index).unwrap_or(&self.hosts))
     }
 
-    fn address_with(&self, hosts: &str) -> String {
-        format!(
-            "{}://{hosts}/{}",
-            if self.tls { "amqps" } else { "amqp" },
-            percent_encoding::utf8_percent_encode(&self.vhost, percent_encoding::NON_ALPHANUMERIC)
-        )
+    fn address_of(&self, hosts: &[HostPort]) -> String {
+        let hosts: Vec<String> = hosts.iter().map(HostPort::to_string).collect();
+        let vhost = utf8_percent_encode(&self.vhost, NON_ALPHANUMERIC);
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        format!("{scheme}://{}/{vhost}", hosts.join(","))
     }
 
     /// The lapin URI of host number `index` (with the password: hand it to lapin only).

@@ -58,14 +58,9 @@ pub(crate) async fn open(
             }
         }
     }
-    Err(Error::failure(
-        crate::BACKEND,
-        format!(
-            "could not connect to any of the {n} hosts of {}: {}",
-            cfg.display_address(),
-            failures.join("; ")
-        ),
-    ))
+    let (at, failures) = (cfg.display_address(), failures.join("; "));
+    let m = format!("could not connect to any of the {n} hosts of {at}: {failures}");
+    Err(Error::failure(crate::BACKEND, m))
 }
 
 /// Connects to host number `index` and sets up the whole topology for `generation`.
@@ -78,25 +73,17 @@ async fn open_host(inner: &Arc<Shared>, generation: u64, index: usize) -> Result
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
     let runtime = lapin::runtime::default_runtime()
         .map_err(|e| backend("no tokio runtime to run the AMQP connection on", e))?;
-    let attempt = Connection::connect_uri_with_config(
-        cfg.lapin_uri(index),
-        props,
-        inner.tls.clone(),
-        runtime,
-    );
+    let (uri, tls) = (cfg.lapin_uri(index), inner.tls.clone());
+    let attempt = Connection::connect_uri_with_config(uri, props, tls, runtime);
     let after = cfg.connection_timeout;
+    let refused = format!("could not connect to {}", cfg.host_address(index));
     let conn = tokio::time::timeout(after, attempt)
         .await
         .map_err(|_| Error::Timeout {
             operation: "connect",
             after,
         })?
-        .map_err(|e| {
-            backend(
-                &format!("could not connect to {}", cfg.host_address(index)),
-                e,
-            )
-        })?;
+        .map_err(|e| backend(&refused, e))?;
     let (publish, admin, inbox_channel, consumer) = match setup(inner, &conn).await {
         Ok(channels) => channels,
         Err(e) => {
@@ -132,52 +119,39 @@ async fn setup(
         .await
         .map_err(|e| backend("could not enable publisher confirms", e))?;
     let admin = open("admin").await?;
-    admin
-        .exchange_declare(
-            ShortString::from(groups.as_str()),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                // channels_rabbitmq declares `groups` non-durable; a peer must declare it
-                // with the same arguments or the broker refuses (406).
-                durable: cfg.wire == Wire::Chanlayer,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| {
-            let what = format!("could not declare the groups exchange {groups:?} (does it exist with another type?)");
-            backend(&what, e)
-        })?;
-    admin
-        .queue_declare(
-            ShortString::from(inbox.as_str()),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            topology::inbox_arguments(cfg.inbox_capacity, inner.inbound.options(), cfg.wire),
-        )
-        .await
-        .map_err(|e| backend("could not declare this instance's inbox queue", e))?;
+    let (x, q, no_args) = (groups.as_str(), inbox.as_str(), FieldTable::default);
+    let options = ExchangeDeclareOptions {
+        // channels_rabbitmq declares `groups` non-durable; a peer must declare it with the
+        // same arguments or the broker refuses (406).
+        durable: cfg.wire == Wire::Chanlayer,
+        ..ExchangeDeclareOptions::default()
+    };
+    let declared = admin.exchange_declare(x.into(), ExchangeKind::Direct, options, no_args());
+    let what = format!(
+        "could not declare the groups exchange {groups:?} (does it exist with another type?)"
+    );
+    declared.await.map_err(|e| backend(&what, e))?;
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let args = topology::inbox_arguments(cfg.inbox_capacity, inner.inbound.options(), cfg.wire);
+    let declared = admin.queue_declare(q.into(), options, args).await;
+    declared.map_err(|e| backend("could not declare this instance's inbox queue", e))?;
     // Groups with local members: bind the inbox again (a new broker has no bindings).
     for group in inner.inbound.groups().groups() {
         crate::groups::bind_on(&admin, groups, inbox, &group, true).await?;
     }
     let inbox_channel = open("inbox").await?;
-    let consumer = inbox_channel
-        .basic_consume(
-            ShortString::from(inbox.as_str()),
-            ShortString::from(format!("chanlayer-inbox-{}", inner.inbound.id())),
-            BasicConsumeOptions {
-                no_ack: true,
-                exclusive: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| backend("could not consume this instance's inbox queue", e))?;
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        exclusive: true,
+        ..BasicConsumeOptions::default()
+    };
+    let tag = format!("chanlayer-inbox-{}", inner.inbound.id());
+    let consuming = inbox_channel.basic_consume(q.into(), tag.into(), options, no_args());
+    let what = "could not consume this instance's inbox queue";
+    let consumer = consuming.await.map_err(|e| backend(what, e))?;
     Ok((publish, admin, inbox_channel, consumer))
 }
 
@@ -209,13 +183,11 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
         if inner.inbound.closed().is_closed() {
             return;
         }
-        inner.set_session(None);
+        inner.session.send_replace(None);
         // Release what the old connection holds (its exclusive inbox) before declaring anew.
         let _ = (session.close(320, "chanlayer reconnecting", Duration::from_secs(2))).await;
-        tracing::warn!(
-            broker = %inner.cfg.host_address(session.host),
-            "AMQP connection lost; reconnecting"
-        );
+        let broker = inner.cfg.host_address(session.host);
+        tracing::warn!(%broker, "AMQP connection lost; reconnecting");
         let mut delay = Duration::from_millis(100);
         let generation = session.generation + 1;
         let first = session.host + 1;
@@ -236,11 +208,8 @@ pub(crate) async fn supervise(inner: Arc<Shared>, mut session: Arc<Session>) {
             tracing::warn!(error = %e, "could not bind normal-channel group members again");
         }
         inner.inbound.stats().record_reconnect();
-        tracing::info!(
-            broker = %inner.cfg.host_address(session.host),
-            generation,
-            "AMQP connection restored"
-        );
-        inner.set_session(Some(session.clone()));
+        let broker = inner.cfg.host_address(session.host);
+        tracing::info!(%broker, generation, "AMQP connection restored");
+        inner.session.send_replace(Some(session.clone()));
     }
 }

@@ -39,16 +39,14 @@ pub(crate) async fn bind_on(
 ) -> Result<()> {
     let (q, x, key) = (queue.into(), exchange.into(), group.into());
     let none = FieldTable::default();
-    let r = if bind {
-        admin
-            .queue_bind(q, x, key, QueueBindOptions::default(), none)
-            .await
+    let (r, verb) = if bind {
+        let options = QueueBindOptions::default();
+        (admin.queue_bind(q, x, key, options, none).await, "bind")
     } else {
-        admin.queue_unbind(q, x, key, none).await
+        (admin.queue_unbind(q, x, key, none).await, "unbind")
     };
-    let verb = if bind { "bind" } else { "unbind" };
-    let what = || format!("could not {verb} {queue:?} and group {group:?}");
-    r.map_err(|e| backend(&what(), e))
+    let what = format!("could not {verb} {queue:?} and group {group:?}");
+    r.map_err(|e| backend(&what, e))
 }
 
 /// After a reconnection: binds this instance's live normal-channel memberships again (a

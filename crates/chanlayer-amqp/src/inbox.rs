@@ -29,9 +29,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut consumer: Consumer, channel: Ch
         match next {
             // Decoded, checked (only this instance's own process-local channels live in its
             // inbox), delivered; what cannot be is counted.
-            Some(Ok(delivery)) => {
-                shared.ingest(&delivery.data, &source);
-            }
+            Some(Ok(delivery)) => shared.ingest(&delivery.data, &source),
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "inbox consumer stopped");
                 break;

@@ -22,7 +22,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, Channel, Consumer};
 
-use crate::session::{backend, is_connection_error, Failed, Session};
+use crate::session::{backend, is_connection_error, Session};
 use crate::shared::Shared;
 
 /// A delivery taken from the broker and not settled yet.
@@ -92,25 +92,22 @@ impl NormalConsumer {
         let inner = &self.shared;
         let mut session = inner.session().await?;
         loop {
+            inner.declare_channel_queue(&session, &self.channel).await?;
             match self.try_start(inner, &session).await {
                 Ok(c) => return Ok(c),
-                Err(Failed::Lapin(e)) if is_connection_error(&e) => {
+                Err(e) if is_connection_error(&e) => {
                     session.broken.notify_one();
                     session = inner.session_after(session.generation).await?;
                 }
                 Err(e) => {
-                    return Err(e.into_error(&format!("could not consume queue {:?}", self.queue)))
+                    let what = format!("could not consume queue {:?}", self.queue);
+                    return Err(backend(&what, e));
                 }
             }
         }
     }
 
-    async fn try_start(
-        &self,
-        inner: &Shared,
-        session: &Arc<Session>,
-    ) -> std::result::Result<Consumer, Failed> {
-        inner.declare_channel_queue(session, &self.channel).await?;
+    async fn try_start(&self, inner: &Shared, session: &Session) -> lapin::Result<Consumer> {
         let ch = session.conn.create_channel().await?;
         ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
             .await?;
@@ -126,9 +123,9 @@ impl NormalConsumer {
     /// Turns a broker delivery into a [`Pending`], or skips it (undecodable or expired: acked
     /// and counted).
     fn accept(&self, d: lapin::message::Delivery) -> Option<Pending> {
-        let stats = self.shared.inbound.stats();
-        match Envelope::decode(&d.data) {
-            Ok(env) if !env.is_expired_at(now_ms()) => {
+        let inbound = &self.shared.inbound;
+        match inbound.decode(&d.data, format_args!("amqp queue {}", self.queue)) {
+            Some(env) if !env.is_expired_at(now_ms()) => {
                 let epoch = self.epoch.load(Ordering::Relaxed);
                 return Some(Pending {
                     envelope: env,
@@ -137,8 +134,8 @@ impl NormalConsumer {
                     redelivered: d.redelivered,
                 });
             }
-            Ok(_) => stats.record_expired(1),
-            Err(e) => stats.record_undecodable(&format!("amqp queue {}", self.queue), &e),
+            Some(_) => inbound.stats().record_expired(1),
+            None => {}
         }
         ack_in_background(d.acker);
         None
@@ -221,11 +218,10 @@ impl NormalConsumer {
         let started = tokio::time::Instant::now();
         let mut slot = self.slot().await?;
         let left = timeout.saturating_sub(started.elapsed());
-        let first = match tokio::time::timeout(left, self.take_locked(&mut slot)).await {
-            Ok(r) => r?,
-            Err(_) => return Ok(Vec::new()),
+        let Ok(first) = tokio::time::timeout(left, self.take_locked(&mut slot)).await else {
+            return Ok(Vec::new());
         };
-        let mut out = vec![first];
+        let mut out = vec![first?];
         while out.len() < max {
             if let Some(p) = self.pop_requeued() {
                 out.push(p);

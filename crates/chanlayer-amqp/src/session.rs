@@ -65,34 +65,6 @@ pub(crate) fn backend(what: &str, e: lapin::Error) -> Error {
     Error::backend(BACKEND, format!("{what}: {why}"), e)
 }
 
-/// A failed broker operation: by the broker (or the connection), or before reaching it.
-pub(crate) enum Failed {
-    Lapin(lapin::Error),
-    Layer(Error),
-}
-
-impl From<Error> for Failed {
-    fn from(e: Error) -> Self {
-        Failed::Layer(e)
-    }
-}
-
-impl From<lapin::Error> for Failed {
-    fn from(e: lapin::Error) -> Self {
-        Failed::Lapin(e)
-    }
-}
-
-impl Failed {
-    /// The layer's error: a lapin error as [`backend`] (`what` failed).
-    pub fn into_error(self, what: &str) -> Error {
-        match self {
-            Failed::Lapin(e) => backend(what, e),
-            Failed::Layer(e) => e,
-        }
-    }
-}
-
 /// `true` for errors that mean the connection (not just one operation) is gone.
 pub(crate) fn is_connection_error(e: &lapin::Error) -> bool {
     use lapin::ErrorKind as K;

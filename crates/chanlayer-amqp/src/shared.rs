@@ -16,7 +16,7 @@ use lapin::{BasicProperties, Confirmation};
 use tokio::sync::watch;
 
 use crate::config::{AmqpConfig, Wire};
-use crate::session::{backend, is_connection_error, Failed, Session};
+use crate::session::{backend, is_connection_error, Session};
 use crate::topology::{self, Names};
 use crate::BACKEND;
 
@@ -30,7 +30,8 @@ pub(crate) struct Shared {
     pub tls: OwnedTLSConfig,
     /// The live session; `None` while reconnecting.
     pub session: watch::Sender<Option<Arc<Session>>>,
-    /// Normal-channel queues declared on the session of the given generation.
+    /// Normal-channel queues declared on the session of the given generation (what it holds
+    /// for an older session counts for nothing on a newer one).
     pub declared: Mutex<(u64, HashSet<String>)>,
     /// Serialises operations on the admin channel: a refused one (a passive declare of a
     /// missing queue) closes the channel and would fail every other one in flight on it.
@@ -76,12 +77,6 @@ impl Shared {
         }
     }
 
-    /// Publishes the live session (`None` while reconnecting). What `declared` holds for an
-    /// older session counts for nothing on a newer one (it is keyed by generation).
-    pub fn set_session(&self, s: Option<Arc<Session>>) {
-        self.session.send_replace(s);
-    }
-
     /// The live session, waiting up to `reconnect_timeout` while the broker is away.
     pub async fn session(&self) -> Result<Arc<Session>> {
         self.session_where(|_| true).await
@@ -116,6 +111,14 @@ impl Shared {
         }
     }
 
+    /// Declares the durable queue of normal channel `channel` on the live session (once per
+    /// session), and returns its name.
+    pub async fn channel_queue(&self, channel: &str) -> Result<String> {
+        self.declare_channel_queue(&*self.session().await?, channel)
+            .await?;
+        Ok(self.names.channel(channel))
+    }
+
     /// Declares the durable queue of normal channel `channel` once per session.
     pub async fn declare_channel_queue(&self, session: &Session, channel: &str) -> Result<()> {
         let queue = self.names.channel(channel);
@@ -141,8 +144,7 @@ impl Shared {
                 ..QueueDeclareOptions::default()
             };
             let admin = session.admin().await?;
-            let declared = admin.queue_declare(q.into(), options, args).await;
-            declared.map(|_| ()).map_err(Failed::Lapin)
+            Ok(admin.queue_declare(q.into(), options, args).await.map(drop))
         };
         // Declared with this layer's arguments: a missing queue is created (atomically, if
         // other instances declare it at the same time). A queue that exists with other
@@ -156,10 +158,8 @@ impl Shared {
         let mut args =
             topology::channel_arguments(capacity, self.cfg.queue_expires, self.cfg.queue_type);
         for attempt in 1.. {
-            let err = match declare(false, args.clone()).await {
-                Ok(()) => break,
-                Err(Failed::Layer(e)) => return Err(e),
-                Err(Failed::Lapin(e)) => e,
+            let Err(err) = declare(false, args.clone()).await? else {
+                break;
             };
             match precondition_failed(&err).and_then(topology::inequivalent) {
                 Some(f) if f.arg == topology::QUEUE_TYPE => {
@@ -167,9 +167,8 @@ impl Shared {
                 }
                 Some(f) if attempt < 4 && topology::adopt(&mut args, &f) => {}
                 _ => {
-                    let what = format!("could not declare queue {q:?}");
-                    let checked = declare(true, FieldTable::default()).await;
-                    checked.map_err(|e| e.into_error(&what))?;
+                    let checked = declare(true, FieldTable::default()).await?;
+                    checked.map_err(|e| backend(&format!("could not declare queue {q:?}"), e))?;
                     break;
                 }
             }
@@ -202,7 +201,7 @@ impl Shared {
         exchange: &str,
         routing_key: &str,
         payload: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
         mandatory: bool,
     ) -> Result<Confirmation> {
         let options = BasicPublishOptions {
@@ -238,7 +237,7 @@ impl Shared {
         channel: &str,
         queue: &str,
         payload: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
         capacity: usize,
     ) -> Result<Published> {
         let c = self.publish("", queue, payload, properties, true).await?;

@@ -75,12 +75,10 @@ impl AmqpTransport {
             let owner = shared.inbound.naming().owner(channel);
             shared.inbox_of(owner.ok_or_else(not_owner)?)
         } else {
-            let session = shared.session().await?;
-            shared.declare_channel_queue(&session, channel).await?;
-            shared.names.channel(channel)
+            shared.channel_queue(channel).await?
         };
         let published = shared
-            .publish_to_queue(channel, &queue, bytes, BasicProperties::default(), 0)
+            .publish_to_queue(channel, &queue, bytes, &BasicProperties::default(), 0)
             .await?;
         if published == Published::Gone {
             let message = format!("no queue {queue:?} at the broker");
@@ -122,7 +120,7 @@ impl Transport for AmqpTransport {
             inbound,
         });
         let first = crate::connection::open(&shared, 1, 0).await?;
-        shared.set_session(Some(first.clone()));
+        shared.session.send_replace(Some(first.clone()));
         tokio::spawn(crate::connection::supervise(shared.clone(), first));
         Ok(AmqpTransport {
             shared,
@@ -148,59 +146,39 @@ impl Transport for AmqpTransport {
 
     async fn publish_local(&self, owner: &str, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
-        let queue = shared.inbox_of(owner);
+        let (queue, payload) = (shared.inbox_of(owner), shared.encode(&out)?);
         // capacity 0: the limit that refused it is the owner's inbox_capacity. `Gone`: the
         // owner's inbox is gone (the instance closed or died).
         shared
-            .publish_to_queue(
-                out.destination(),
-                &queue,
-                &shared.encode(&out)?,
-                shared.transient.clone(),
-                0,
-            )
+            .publish_to_queue(out.destination(), &queue, &payload, &shared.transient, 0)
             .await
     }
 
     async fn publish_normal(&self, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
         let channel = out.destination();
-        let queue = shared.names.channel(channel);
         let payload = shared.encode(&out)?;
-        for attempt in 0..2 {
-            let session = shared.session().await?;
-            shared.declare_channel_queue(&session, channel).await?;
+        for _ in 0..2 {
+            let queue = shared.channel_queue(channel).await?;
+            let capacity = shared.inbound.options().capacity_for(channel);
             let published = shared
-                .publish_to_queue(
-                    channel,
-                    &queue,
-                    &payload,
-                    shared.persistent.clone(),
-                    shared.inbound.options().capacity_for(channel),
-                )
+                .publish_to_queue(channel, &queue, &payload, &shared.persistent, capacity)
                 .await?;
             if published == Published::Stored {
                 return Ok(published);
             }
             // The queue vanished (deleted, or expired by queue_expires): declare it again.
-            if attempt == 0 {
-                lock(&shared.declared).1.remove(&queue);
-            }
+            lock(&shared.declared).1.remove(&queue);
         }
         Ok(Published::Gone)
     }
 
     async fn publish_group(&self, out: Outgoing<'_>) -> Result<Published> {
         let shared = &self.shared;
-        let group = out.destination();
+        let (groups, group) = (&shared.names.groups, out.destination());
+        let payload = shared.encode(&out)?;
         let c = shared
-            .publish(
-                &shared.names.groups,
-                group,
-                &shared.encode(&out)?,
-                shared.persistent.clone(),
-                false,
-            )
+            .publish(groups, group, &payload, &shared.persistent, false)
             .await?;
         if c.is_nack() {
             // At least one member's queue is full; the others got their copy.
@@ -222,9 +200,7 @@ impl Transport for AmqpTransport {
     }
 
     async fn bind_normal(&self, group: &str, channel: &str) -> Result<()> {
-        let session = self.shared.session().await?;
-        self.shared.declare_channel_queue(&session, channel).await?;
-        let queue = self.shared.names.channel(channel);
+        let queue = self.shared.channel_queue(channel).await?;
         self.bind_queue(&queue, group, true).await
     }
 

@@ -8,24 +8,19 @@
 use std::sync::{Arc, Mutex};
 
 use chanlayer_core::toolkit::lock;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use chanlayer_core::Secret;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
 use rdkafka::ClientContext;
 
 use crate::config::KafkaConfig;
 
 #[derive(Default)]
-struct Reports {
+struct Shared {
     /// The last authentication or TLS failure, which retrying with the same settings does
     /// not mend. It stays: the "brokers are down" that follows it says less.
-    fatal: Option<String>,
+    fatal: tokio::sync::watch::Sender<Option<String>>,
     /// The last other report (no connection).
-    transient: Option<String>,
-}
-
-#[derive(Default)]
-struct Shared {
-    reports: Mutex<Reports>,
-    fatal: tokio::sync::Notify,
+    transient: Mutex<Option<String>>,
     /// Values never to show (the SASL password, secret-looking `kafka.*` values).
     secrets: Vec<String>,
 }
@@ -36,16 +31,14 @@ pub(crate) struct Cause(Arc<Shared>);
 
 impl Cause {
     pub fn new(cfg: &KafkaConfig) -> Cause {
-        let mut secrets: Vec<String> = cfg
-            .client_properties
-            .0
-            .iter()
-            .filter(|(k, v)| chanlayer_core::config::is_secret_key(k) && !v.is_empty())
-            .map(|(_, v)| v.clone())
+        let props = cfg.client_properties.0.iter();
+        let props = props.filter(|(k, _)| chanlayer_core::config::is_secret_key(k));
+        let secrets = props
+            .map(|(_, v)| v.as_str())
+            .chain(cfg.password.as_ref().map(Secret::expose))
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
             .collect();
-        if let Some(p) = cfg.password.as_ref().filter(|p| !p.expose().is_empty()) {
-            secrets.push(p.expose().to_owned());
-        }
         Cause(Arc::new(Shared {
             secrets,
             ..Shared::default()
@@ -54,23 +47,18 @@ impl Cause {
 
     fn record(&self, error: &KafkaError, reason: &str) {
         let (fatal, what) = match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+            Some(Code::Authentication | Code::SaslAuthenticationFailed) => {
                 (true, "authentication failed")
             }
-            Some(RDKafkaErrorCode::SSL) => (true, "TLS failed"),
-            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown) => {
-                (false, "no connection")
-            }
+            Some(Code::SSL) => (true, "TLS failed"),
+            Some(Code::BrokerTransportFailure | Code::AllBrokersDown) => (false, "no connection"),
             _ => return,
         };
-        let text = self.scrub(&format!("{what}: {reason}"));
-        let mut reports = lock(&self.0.reports);
+        let text = Some(self.scrub(&format!("{what}: {reason}")));
         if fatal {
-            reports.fatal = Some(text);
-            drop(reports);
-            self.0.fatal.notify_waiters();
+            self.0.fatal.send_replace(text);
         } else {
-            reports.transient = Some(text);
+            *lock(&self.0.transient) = text;
         }
     }
 
@@ -85,22 +73,17 @@ impl Cause {
 
     /// The last authentication or TLS failure, else the last other report, if any.
     pub fn last(&self) -> Option<String> {
-        let reports = lock(&self.0.reports);
-        reports.fatal.clone().or_else(|| reports.transient.clone())
+        let fatal = self.0.fatal.borrow().clone();
+        fatal.or_else(|| lock(&self.0.transient).clone())
     }
 
     /// Resolves with the report when authentication or TLS fails (a report made before the
     /// call counts).
     pub async fn fatal(&self) -> String {
-        loop {
-            let notified = self.0.fatal.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(t) = &lock(&self.0.reports).fatal {
-                return t.clone();
-            }
-            notified.await;
-        }
+        let mut reports = self.0.fatal.subscribe();
+        // The sender lives as long as `self`: the wait ends only with a report.
+        let report = reports.wait_for(Option::is_some).await;
+        report.ok().and_then(|r| r.clone()).unwrap_or_default()
     }
 }
 
@@ -127,7 +110,7 @@ mod tests {
     }
 
     fn auth() -> KafkaError {
-        KafkaError::Global(RDKafkaErrorCode::Authentication)
+        KafkaError::Global(Code::Authentication)
     }
 
     #[test]
@@ -147,7 +130,7 @@ mod tests {
         let c = cause("kafka://h:9092");
         assert_eq!(c.last(), None);
         c.record(
-            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            &KafkaError::Global(Code::AllBrokersDown),
             "1/1 brokers are down",
         );
         assert_eq!(
@@ -156,7 +139,7 @@ mod tests {
         );
         c.record(&auth(), "SASL authentication error");
         c.record(
-            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            &KafkaError::Global(Code::AllBrokersDown),
             "1/1 brokers are down",
         );
         assert_eq!(
@@ -164,7 +147,7 @@ mod tests {
             Some("authentication failed: SASL authentication error")
         );
         // Other errors are not causes.
-        c.record(&KafkaError::Global(RDKafkaErrorCode::MessageTimedOut), "x");
+        c.record(&KafkaError::Global(Code::MessageTimedOut), "x");
         assert!(c.last().unwrap().starts_with("authentication failed"));
     }
 
@@ -175,10 +158,7 @@ mod tests {
             let c = c.clone();
             tokio::spawn(async move { c.fatal().await })
         };
-        c.record(
-            &KafkaError::Global(RDKafkaErrorCode::SSL),
-            "certificate verify failed",
-        );
+        c.record(&KafkaError::Global(Code::SSL), "certificate verify failed");
         assert_eq!(
             waiter.await.unwrap(),
             "TLS failed: certificate verify failed"

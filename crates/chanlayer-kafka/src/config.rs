@@ -35,7 +35,7 @@ use chanlayer_core::config::{BackendOptions, MIN_TIMEOUT};
 use chanlayer_core::{Error, LayerConfig, Result, Secret};
 use rdkafka::ClientConfig;
 
-use crate::capabilities::BACKEND;
+use crate::BACKEND;
 
 /// The Kafka backend's settings, parsed from a [`LayerConfig`].
 #[derive(Debug, Clone, PartialEq)]
@@ -82,9 +82,6 @@ pub struct KafkaConfig {
     pub topic_properties: BackendOptions,
 }
 
-/// The options only this backend reads, for the "unknown option" error.
-const OPTIONS: &str = "partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>, topic.<topic config>";
-
 const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
 const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
 
@@ -117,7 +114,7 @@ fn librdkafka_range(e: Error, property: &str, range: &str) -> Error {
 
 impl BackendSettings for KafkaConfig {
     const SCHEMES: &'static [&'static str] = &[BACKEND];
-    const OPTIONS: &'static str = OPTIONS;
+    const OPTIONS: &'static str = "partitions, replication, retention, create_topics, groups_topic, prefetch, linger, delivery_timeout, connection_timeout, session_timeout, commit_interval, security.protocol, sasl.mechanism, username, password, ca_file, kafka.<librdkafka property>, topic.<topic config>";
 
     /// Reads the Kafka settings of `config` (scheme `kafka`).
     fn read(config: &LayerConfig, o: &mut BackendOptions) -> Result<KafkaConfig> {
@@ -193,6 +190,7 @@ impl BackendSettings for KafkaConfig {
             return bad("a SASL password was given without a username".into());
         }
         let topic = &self.groups_topic;
+        let topic_byte = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
         if topic.is_empty() || !topic.bytes().all(topic_byte) {
             return bad(format!(
                 "option groups_topic={topic:?}: a Kafka topic name is 1 to 249 of [A-Za-z0-9._-]"
@@ -226,19 +224,15 @@ impl KafkaConfig {
     /// security, then the `kafka.*` pass-through (which wins).
     pub fn client_config(&self, client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
+        let setup_timeout = millis(self.connection_timeout).max(1000).to_string();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", client_id)
             .set("security.protocol", self.effective_protocol())
-            .set(
-                "socket.connection.setup.timeout.ms",
-                millis(self.connection_timeout).max(1000).to_string(),
-            );
+            .set("socket.connection.setup.timeout.ms", setup_timeout);
         if let Some(user) = &self.username {
-            c.set(
-                "sasl.mechanism",
-                self.sasl_mechanism.as_deref().unwrap_or("PLAIN"),
-            )
-            .set("sasl.username", user);
+            let mechanism = self.sasl_mechanism.as_deref().unwrap_or("PLAIN");
+            c.set("sasl.mechanism", mechanism)
+                .set("sasl.username", user);
             if let Some(p) = &self.password {
                 c.set("sasl.password", p.expose());
             }
@@ -257,16 +251,14 @@ impl KafkaConfig {
     /// The producer's settings: idempotent, `acks=all`, delivery reports awaited by `send`.
     pub fn producer_config(&self, client_id: &str, max_message_size: usize) -> ClientConfig {
         let max_bytes = max_message_size.saturating_add(RECORD_OVERHEAD);
+        let timeout = millis(self.delivery_timeout).max(1);
         defaults(
             self.client_config(client_id),
             [
                 ("enable.idempotence", "true".into()),
                 ("acks", "all".into()),
                 ("linger.ms", millis(self.linger).to_string()),
-                (
-                    "message.timeout.ms",
-                    millis(self.delivery_timeout).max(1).to_string(),
-                ),
+                ("message.timeout.ms", timeout.to_string()),
                 ("message.max.bytes", max_bytes.to_string()),
                 // A send to a topic that does not exist (an instance that closed) must not
                 // create it.
@@ -341,10 +333,6 @@ fn defaults<const N: usize>(mut c: ClientConfig, values: [(&str, String); N]) ->
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn topic_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'
 }
 
 /// `bootstrap.servers` from the URL's address: its brokers as `host:port,...`.

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::state::Instance;
-use crate::topics::Kind;
 
 /// A group message for normal-channel members: the topics to copy it to, and its bytes.
 pub(crate) type Forward = (Vec<String>, Vec<u8>);
@@ -22,19 +21,18 @@ pub(crate) async fn run(
     instance: Arc<Instance>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Forward>,
 ) {
-    let stats = instance.inbound.stats().clone();
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
             next = rx.recv(), if in_flight.len() < IN_FLIGHT => {
                 let Some((topics, payload)) = next else { break };
                 for topic in topics {
-                    let enqueued = match instance.topics.ensure(&topic, Kind::Shared).await {
+                    let enqueued = match instance.topics.ensure(&topic).await {
                         Ok(()) => instance.sender.enqueue(&topic, None, &payload).await.ok(),
                         Err(_) => None,
                     };
                     let Some(f) = enqueued else {
-                        stats.record_undeliverable(&topic);
+                        instance.inbound.stats().record_undeliverable(&topic);
                         continue;
                     };
                     let instance = instance.clone();

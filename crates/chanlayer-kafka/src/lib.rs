@@ -41,7 +41,6 @@
 //!
 //! [rdkafka]: https://docs.rs/rdkafka
 
-mod capabilities;
 mod cause;
 mod config;
 mod forward;
@@ -54,7 +53,6 @@ mod topics;
 mod transport;
 mod worker;
 
-pub use capabilities::{BACKEND, CAPABILITIES};
 pub use config::KafkaConfig;
 pub use topics::{inbox_topic, list_inboxes, remove_inboxes, InboxTopic};
 pub use transport::KafkaTransport;
@@ -62,3 +60,15 @@ pub use transport::KafkaTransport;
 /// The Kafka channel layer: core's `TransportLayer` over [`KafkaTransport`]. See the crate
 /// docs; `KafkaLayer::connect(&config)` connects an instance.
 pub type KafkaLayer = chanlayer_core::toolkit::TransportLayer<KafkaTransport>;
+
+/// The backend's name in errors and capabilities.
+pub const BACKEND: &str = "kafka";
+
+/// What the Kafka backend guarantees.
+///
+/// Kafka has no broker-side queue length: a channel's capacity is enforced where messages
+/// arrive (the instance's local inbox for process-local channels, the consumer's `prefetch`
+/// buffer for normal channels), hence `broker_side_capacity: false`. Process-local channels
+/// are at-most-once, as in Django Channels.
+pub const CAPABILITIES: chanlayer_core::Capabilities =
+    chanlayer_core::Capabilities::durable_broker(BACKEND);

@@ -32,11 +32,11 @@ use chanlayer_core::toolkit::{async_trait, lock, Envelope, Incoming, NormalSourc
 use chanlayer_core::{Error, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::capabilities::BACKEND;
 use crate::offsets::{Context, Pending, Shared};
 use crate::state::Instance;
 use crate::topics::backend_err;
 use crate::worker::Worker;
+use crate::BACKEND;
 
 /// The consumer of one normal channel in this instance.
 pub(crate) struct NormalConsumer {
@@ -79,10 +79,9 @@ impl NormalConsumer {
             .subscribe(&[topic])
             .map_err(|e| backend_err(&format!("could not subscribe to {topic:?}"), e))?;
         let (shared, instance) = (self.shared.clone(), self.instance.clone());
-        let handle = Worker::spawn(format!("chanlayer-kafka {}", self.channel), move || {
-            crate::offsets::run(consumer, shared, instance)
-        })
-        .map_err(|e| Error::backend(BACKEND, "could not start a consumer thread", e))?;
+        let run = move || crate::offsets::run(consumer, shared, instance);
+        let handle = Worker::spawn(format!("chanlayer-kafka {}", self.channel), run)
+            .map_err(|e| Error::backend(BACKEND, "could not start a consumer thread", e))?;
         *lock(&self.thread) = Some(handle);
         *started = true;
         Ok(())
@@ -122,13 +121,8 @@ impl NormalConsumer {
     /// `p` as an item whose ack settles the offset and whose nack requeues locally.
     fn incoming(&self, p: Pending) -> Incoming {
         let (envelope, redelivered) = (p.envelope.clone(), p.redelivered);
-        Incoming::unsettled(
-            envelope,
-            redelivered,
-            self.shared.clone(),
-            p,
-            &self.instance.inbound,
-        )
+        let (shared, inbound) = (self.shared.clone(), &self.instance.inbound);
+        Incoming::unsettled(envelope, redelivered, shared, p, inbound)
     }
 }
 

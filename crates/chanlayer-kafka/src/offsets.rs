@@ -64,11 +64,6 @@ impl Track {
     }
 }
 
-/// Adds `partition` at `point` to `tpl`.
-fn add_commit(tpl: &mut TopicPartitionList, topic: &str, partition: i32, point: i64) {
-    let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(point));
-}
-
 #[derive(Default)]
 struct State {
     /// Fetched, in fetch order, not handed out yet.
@@ -103,7 +98,7 @@ impl State {
         let mut tpl = TopicPartitionList::new();
         for (p, t) in &mut self.parts {
             if let Some(point) = t.due() {
-                add_commit(&mut tpl, topic, *p, point);
+                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(point));
                 t.committed = Some(point);
             }
         }
@@ -154,10 +149,8 @@ impl Shared {
             return Ok(Some(p));
         }
         if let Some(why) = &st.failed {
-            return Err(Error::failure(
-                BACKEND,
-                format!("the consumer of {:?} stopped: {why}", self.topic),
-            ));
+            let m = format!("the consumer of {:?} stopped: {why}", self.topic);
+            return Err(Error::failure(BACKEND, m));
         }
         Ok(None)
     }
@@ -186,37 +179,29 @@ impl Shared {
         for p in &revoked {
             let Some(t) = parts.get_mut(p) else { continue };
             t.revoking = true;
-            for m in ready.iter().filter(|m| m.partition == *p) {
-                t.not_in_hand.insert(m.offset);
-            }
-            for (_, o) in requeued.keys().filter(|(mp, _)| mp == p) {
-                t.not_in_hand.insert(*o);
-            }
+            let held = ready.iter().map(|m| (m.partition, m.offset));
+            let held = held
+                .chain(requeued.keys().copied())
+                .filter(|(mp, _)| mp == p);
+            t.not_in_hand.extend(held.map(|(_, o)| o));
         }
         ready.retain(|m| !revoked.contains(&m.partition));
         requeued.retain(|(mp, _), _| !revoked.contains(mp));
-        let deadline = Instant::now() + self.revoke_wait;
-        let in_hand = |st: &State| {
-            revoked
-                .iter()
-                .any(|p| st.parts.get(p).is_some_and(Track::in_hand))
+        let in_hand = |st: &mut State| {
+            let held = |p| st.parts.get(p).is_some_and(Track::in_hand);
+            revoked.iter().any(held) && !self.stop.load(Ordering::Relaxed)
         };
-        while in_hand(&st) && !self.stop.load(Ordering::Relaxed) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                tracing::warn!(topic = %self.topic, "a rebalance took partitions while deliveries from them were still unacked after {:?}; the new owner delivers those again", self.revoke_wait);
-                break;
-            }
-            st = self
-                .settled
-                .wait_timeout(st, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+        let (mut st, waited) = self
+            .settled
+            .wait_timeout_while(st, self.revoke_wait, in_hand)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if waited.timed_out() {
+            tracing::warn!(topic = %self.topic, "a rebalance took partitions while deliveries from them were still unacked after {:?}; the new owner delivers those again", self.revoke_wait);
         }
         let mut out = TopicPartitionList::new();
         for p in revoked {
             if let Some(point) = st.parts.remove(&p).and_then(|t| t.due()) {
-                add_commit(&mut out, &self.topic, p, point);
+                let _ = out.add_partition_offset(&self.topic, p, Offset::Offset(point));
             }
         }
         out
@@ -353,18 +338,13 @@ pub(crate) fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, instance
         // from the next batch, skipping the rest of that one; Apache Kafka does not, but
         // this way needs no broker to be exact, and librdkafka's own queue is bounded
         // (`queued.max.messages.kbytes`, settable with `kafka.`).
-        let full = {
-            let st = lock(&shared.state);
-            if st.held() >= prefetch {
-                let (st, _) = shared
-                    .room
-                    .wait_timeout(st, Duration::from_secs(1))
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                st.held() >= prefetch
-            } else {
-                false
-            }
-        };
+        let held = lock(&shared.state);
+        let full = shared
+            .room
+            .wait_timeout_while(held, Duration::from_secs(1), |st| st.held() >= prefetch)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            .timed_out();
         match consumer.poll(Duration::from_millis(if full { 0 } else { 50 })) {
             Some(Ok(m)) => {
                 let (p, offset) = (m.partition(), m.offset());

@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use chanlayer_core::{Error, Result};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
-use crate::capabilities::BACKEND;
 use crate::cause::{Cause, Watch};
 use crate::config::KafkaConfig;
 use crate::topics::backend_err;
+use crate::BACKEND;
 
 /// How a produce ended when it did not store the message.
 #[derive(Debug)]
@@ -21,6 +21,9 @@ pub(crate) enum Refused {
     /// Anything else, as a layer error.
     Failed(Error),
 }
+
+/// A produce's outcome.
+type Sent<T = ()> = std::result::Result<T, Refused>;
 
 impl Refused {
     /// As a layer error: a missing topic is a backend error saying `gone`.
@@ -66,7 +69,7 @@ impl Sender {
         topic: &str,
         key: Option<&[u8]>,
         payload: &[u8],
-    ) -> std::result::Result<rdkafka::producer::DeliveryFuture, Refused> {
+    ) -> Sent<rdkafka::producer::DeliveryFuture> {
         let deadline = tokio::time::Instant::now() + self.delivery_timeout;
         let mut pause = Duration::from_millis(1);
         loop {
@@ -76,7 +79,7 @@ impl Sender {
             }
             match self.producer.send_result(record) {
                 Ok(f) => return Ok(f),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                Err((KafkaError::MessageProduction(Code::QueueFull), _))
                     if tokio::time::Instant::now() < deadline =>
                 {
                     // librdkafka's queue drains as batches are acknowledged.
@@ -89,11 +92,7 @@ impl Sender {
     }
 
     /// Waits for a delivery report.
-    pub async fn delivered(
-        &self,
-        topic: &str,
-        f: rdkafka::producer::DeliveryFuture,
-    ) -> std::result::Result<(), Refused> {
+    pub async fn delivered(&self, topic: &str, f: rdkafka::producer::DeliveryFuture) -> Sent {
         match f.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => Err(self.refused(topic, e)),
@@ -102,22 +101,15 @@ impl Sender {
     }
 
     /// Produces one record and waits until the broker has it.
-    pub async fn send(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: &[u8],
-    ) -> std::result::Result<(), Refused> {
+    pub async fn send(&self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> Sent {
         let f = self.enqueue(topic, key, payload).await?;
         self.delivered(topic, f).await
     }
 
     fn refused(&self, topic: &str, e: KafkaError) -> Refused {
-        if crate::topics::is_unknown_topic(&e) {
-            return Refused::UnknownTopic;
-        }
         let message = match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::MessageTimedOut) => {
+            Some(Code::UnknownTopicOrPartition | Code::UnknownTopic) => return Refused::UnknownTopic,
+            Some(Code::MessageTimedOut) => {
                 let why = (self.cause.last()).map_or("; the broker may be down".into(), |c| {
                     format!(": {c}")
                 });
@@ -126,7 +118,7 @@ impl Sender {
                     self.address, self.delivery_timeout
                 )
             }
-            Some(RDKafkaErrorCode::MessageSizeTooLarge) => format!(
+            Some(Code::MessageSizeTooLarge) => format!(
                 "the broker refused a message to {topic:?} as too large (its message.max.bytes is lower than chanlayer's max_message_size)"
             ),
             _ => format!("could not produce to {topic:?} on {}", self.address),

@@ -27,12 +27,12 @@ use chanlayer_core::toolkit::{Destination, Envelope};
 use chanlayer_core::Result;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, OwnedMessage};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::forward::Forward;
 use crate::state::{Instance, CLOSED_KEY};
-use crate::topics::{add_ends, backend_err};
+use crate::topics::{backend_err, ends};
 
 /// Inbox messages decoded and not handed over yet, at most.
 const BURST: usize = 256;
@@ -49,11 +49,10 @@ pub(crate) fn assign(instance: &Instance, partitions: usize) -> Result<BaseConsu
         .consumer_config(&instance.client_id, None)
         .create()
         .map_err(|e| backend_err("could not create the inbox consumer", e))?;
-    let mut tpl = TopicPartitionList::new();
+    let timeout = instance.cfg.connection_timeout;
+    let mut tpl = ends(&consumer, &names.groups, partitions, timeout)?;
     tpl.add_partition_offset(&names.inbox, 0, Offset::Beginning)
         .map_err(|e| backend_err("could not assign the inbox topic", e))?;
-    let timeout = instance.cfg.connection_timeout;
-    add_ends(&mut tpl, &consumer, &names.groups, partitions, timeout)?;
     consumer
         .assign(&tpl)
         .map_err(|e| backend_err("could not assign the inbox and groups topics", e))?;
@@ -86,12 +85,8 @@ pub(crate) fn run(
     let closed = r.instance.inbound.closed().clone();
     while !closed.is_closed() {
         // With something waiting, only take what is already there, then hand it over.
-        let wait = if r.deferred.is_empty() && r.burst.is_empty() {
-            Duration::from_millis(50)
-        } else {
-            Duration::ZERO
-        };
-        match consumer.poll(wait) {
+        let idle = r.deferred.is_empty() && r.burst.is_empty();
+        match consumer.poll(Duration::from_millis(if idle { 50 } else { 0 })) {
             Some(Ok(m)) => {
                 r.read(m);
                 if r.burst.len() >= BURST {

@@ -22,29 +22,20 @@ use chanlayer_core::config::BackendSettings;
 use chanlayer_core::toolkit::lock;
 use chanlayer_core::{Error, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::Client;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::capabilities::BACKEND;
 use crate::cause::{Cause, Watch};
 use crate::config::{KafkaConfig, RECORD_OVERHEAD};
+use crate::BACKEND;
 
 pub use chanlayer_core::names::BrokerNames as Names;
 
 /// The inbox topic of instance `instance` of a layer with prefix `prefix`:
 /// `{prefix}.inbox.{instance}`.
 pub use chanlayer_core::names::inbox_name as inbox_topic;
-
-/// What a topic is for: its partition count follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// An instance's inbox: one partition (one reader, in order).
-    Inbox,
-    /// A normal channel or the groups topic: `partitions` partitions.
-    Shared,
-}
 
 pub(crate) fn backend_err(what: &str, e: KafkaError) -> Error {
     Error::backend(BACKEND, what, e)
@@ -58,13 +49,16 @@ pub(crate) struct Topics {
     pub cause: Cause,
     cfg: KafkaConfig,
     max_message_size: usize,
+    /// This instance's inbox topic (empty for the tools): one partition (one reader, in
+    /// order); the other topics (normal channels, groups) get `partitions`.
+    inbox: String,
     known: Mutex<HashSet<String>>,
     /// Serialises creations, so concurrent first sends to one channel create it once.
     creating: tokio::sync::Mutex<()>,
 }
 
 impl Topics {
-    pub fn new(cfg: &KafkaConfig, client_id: &str, max_message_size: usize) -> Result<Self> {
+    pub fn new(cfg: &KafkaConfig, client_id: &str, max: usize, inbox: &str) -> Result<Self> {
         let cause = Cause::new(cfg);
         let admin = cfg
             .client_config(client_id)
@@ -74,7 +68,8 @@ impl Topics {
             admin: Arc::new(admin),
             cause,
             cfg: cfg.clone(),
-            max_message_size,
+            max_message_size: max,
+            inbox: inbox.to_owned(),
             known: Mutex::new(HashSet::new()),
             creating: tokio::sync::Mutex::new(()),
         })
@@ -87,7 +82,7 @@ impl Topics {
     }
 
     /// Makes sure `topic` exists: known already, or found, or created.
-    pub async fn ensure(&self, topic: &str, kind: Kind) -> Result<()> {
+    pub async fn ensure(&self, topic: &str) -> Result<()> {
         if self.is_known(topic) {
             return Ok(());
         }
@@ -97,7 +92,8 @@ impl Topics {
         }
         // An instance's inbox is its own and always created; `create_topics=false` is about
         // the shared topics (normal channels, groups) an operator may want to manage.
-        if !self.cfg.create_topics && kind != Kind::Inbox {
+        let inbox = topic == self.inbox;
+        if !self.cfg.create_topics && !inbox {
             if !self.exists(topic).await? {
                 return Err(Error::Config(format!(
                     "topic {topic:?} does not exist on {} and create_topics=false; create it, or let chanlayer create topics",
@@ -107,10 +103,7 @@ impl Topics {
             self.remember(topic);
             return Ok(());
         }
-        let partitions = match kind {
-            Kind::Inbox => 1,
-            Kind::Shared => self.cfg.partitions,
-        };
+        let partitions = if inbox { 1 } else { self.cfg.partitions };
         let replication = TopicReplication::Fixed(self.cfg.replication);
         let max_bytes = self.max_message_size.saturating_add(RECORD_OVERHEAD);
         // The `topic.*` configs win over these.
@@ -129,10 +122,8 @@ impl Topics {
             .map_err(|e| backend_err(&format!("could not create topic {topic:?}"), e))?;
         let mut failed = results.into_iter().filter_map(Result::err);
         if let Some((t, code)) = failed.find(|(_, c)| *c != RDKafkaErrorCode::TopicAlreadyExists) {
-            return Err(Error::failure(
-                BACKEND,
-                format!("could not create topic {t:?}: {code}"),
-            ));
+            let m = format!("could not create topic {t:?}: {code}");
+            return Err(Error::failure(BACKEND, m));
         }
         self.remember(topic);
         Ok(())
@@ -145,16 +136,11 @@ impl Topics {
 
     /// The number of partitions of `topic`, `None` if it does not exist.
     pub async fn partition_count(&self, topic: &str) -> Result<Option<usize>> {
-        let admin = self.admin.clone();
-        let timeout = self.cfg.connection_timeout;
-        let topic_owned = topic.to_owned();
-        let md = tokio::task::spawn_blocking(move || {
-            admin.inner().fetch_metadata(Some(&topic_owned), timeout)
-        })
-        .await
-        .map_err(|e| Error::backend(BACKEND, "the metadata task failed", e))?
-        .map_err(|e| backend_err(&format!("could not read the metadata of {topic:?}"), e))?;
+        let t = topic.to_owned();
+        let what = format!("could not read the metadata of {topic:?}");
+        let md = self.ask(what, move |c, timeout| c.fetch_metadata(Some(&t), timeout));
         Ok(md
+            .await?
             .topics()
             .iter()
             .find(|t| t.name() == topic)
@@ -164,14 +150,24 @@ impl Topics {
 
     /// The high watermark (the next offset) of `topic`'s `partition`.
     pub async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64> {
-        let admin = self.admin.clone();
-        let timeout = self.cfg.connection_timeout;
         let t = topic.to_owned();
-        tokio::task::spawn_blocking(move || admin.inner().fetch_watermarks(&t, partition, timeout))
+        let what = format!("could not read the end of {topic:?}");
+        let ends = self.ask(what, move |c, wait| c.fetch_watermarks(&t, partition, wait));
+        Ok(ends.await?.1)
+    }
+
+    /// Runs the admin client's request `f` (blocking, given `connection_timeout`) off the
+    /// async workers; `what` says what failed.
+    async fn ask<T: Send + 'static>(
+        &self,
+        what: String,
+        f: impl FnOnce(&Client<Watch>, Duration) -> KafkaResult<T> + Send + 'static,
+    ) -> Result<T> {
+        let (admin, timeout) = (self.admin.clone(), self.cfg.connection_timeout);
+        tokio::task::spawn_blocking(move || f(admin.inner(), timeout))
             .await
-            .map_err(|e| Error::backend(BACKEND, "the watermark task failed", e))?
-            .map(|(_, high)| high)
-            .map_err(|e| backend_err(&format!("could not read the end of {topic:?}"), e))
+            .map_err(|e| Error::backend(BACKEND, what.as_str(), e))?
+            .map_err(|e| backend_err(&what, e))
     }
 
     /// `true` if this layer has seen `topic` exist.
@@ -215,10 +211,8 @@ impl Topics {
                     known.remove(&t);
                 }
                 Err((t, code)) => {
-                    return Err(Error::failure(
-                        BACKEND,
-                        format!("could not delete topic {t:?}: {code}"),
-                    ))
+                    let m = format!("could not delete topic {t:?}: {code}");
+                    return Err(Error::failure(BACKEND, m));
                 }
             }
         }
@@ -239,9 +233,7 @@ pub(crate) fn skip_to_end(
         .consumer_config(client_id, Some(topic))
         .create()
         .map_err(|e| backend_err("could not create a consumer to flush", e))?;
-    let mut tpl = TopicPartitionList::new();
-    let timeout = cfg.connection_timeout;
-    add_ends(&mut tpl, &consumer, topic, partitions, timeout)?;
+    let tpl = ends(&consumer, topic, partitions, cfg.connection_timeout)?;
     if tpl.count() == 0 {
         return Ok(());
     }
@@ -251,15 +243,15 @@ pub(crate) fn skip_to_end(
     (consumer.commit(&tpl, CommitMode::Sync)).map_err(|e| backend_err(&what, e))
 }
 
-/// Adds partitions `0..partitions` of `topic` to `tpl` at their current ends (high
-/// watermarks). Blocking.
-pub(crate) fn add_ends<C: ConsumerContext>(
-    tpl: &mut TopicPartitionList,
+/// Partitions `0..partitions` of `topic` at their current ends (high watermarks).
+/// Blocking.
+pub(crate) fn ends<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     partitions: usize,
     timeout: Duration,
-) -> Result<()> {
+) -> Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         let p = i32::try_from(p).unwrap_or(i32::MAX);
         let (_, high) = consumer
@@ -268,7 +260,7 @@ pub(crate) fn add_ends<C: ConsumerContext>(
         tpl.add_partition_offset(topic, p, Offset::Offset(high))
             .map_err(|e| backend_err(&format!("could not assign {topic:?}"), e))?;
     }
-    Ok(())
+    Ok(tpl)
 }
 
 /// An inbox topic found by [`list_inboxes`].
@@ -285,15 +277,11 @@ pub struct InboxTopic {
 /// own).
 pub async fn list_inboxes(config: &chanlayer_core::LayerConfig) -> Result<Vec<InboxTopic>> {
     let cfg = KafkaConfig::from_layer_config(config)?;
-    let admin: AdminClient<DefaultClientContext> = cfg
-        .client_config("chanlayer-admin")
-        .create()
-        .map_err(|e| backend_err("could not create the admin client", e))?;
-    let timeout = cfg.connection_timeout;
-    let md = tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
-        .await
-        .map_err(|e| Error::backend(BACKEND, "the metadata task failed", e))?
-        .map_err(|e| backend_err("could not list topics", e))?;
+    let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size, "")?;
+    let what = "could not list topics".to_owned();
+    let md = topics
+        .ask(what, |c, timeout| c.fetch_metadata(None, timeout))
+        .await?;
     let head = format!("{}.inbox.", config.options.prefix);
     let mut out: Vec<InboxTopic> = md
         .topics()
@@ -318,7 +306,7 @@ pub async fn remove_inboxes(
     instances: &[String],
 ) -> Result<Vec<String>> {
     let cfg = KafkaConfig::from_layer_config(config)?;
-    let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size)?;
+    let topics = Topics::new(&cfg, "chanlayer-admin", config.options.max_message_size, "")?;
     let names: Vec<String> = instances
         .iter()
         .map(|i| inbox_topic(&config.options.prefix, i))
@@ -326,14 +314,6 @@ pub async fn remove_inboxes(
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     topics.delete(&refs).await?;
     Ok(names)
-}
-
-/// The producer-side check used before sending to another instance's inbox.
-pub(crate) fn is_unknown_topic(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
-    )
 }
 
 /// Errors a consumer cannot get past by retrying: the broker refuses it.

@@ -19,13 +19,13 @@ use chanlayer_core::toolkit::{
 };
 use chanlayer_core::{Capabilities, Error, LayerConfig, Result};
 
-use crate::capabilities::{BACKEND, CAPABILITIES};
 use crate::config::KafkaConfig;
 use crate::normal::NormalConsumer;
 use crate::producer::{Refused, Sender};
 use crate::state::{ClosedInstances, Instance, CLOSED_KEY};
-use crate::topics::{Kind, Names, Topics};
+use crate::topics::{Names, Topics};
 use crate::worker::Worker;
+use crate::{BACKEND, CAPABILITIES};
 
 /// The Kafka transport: one layer instance's clients, topics, threads and tasks. Use it as
 /// [`KafkaLayer`](crate::KafkaLayer); the methods here are what only Kafka has (the layer
@@ -70,12 +70,7 @@ impl KafkaTransport {
     pub async fn produce_raw(&self, topic: &str, key: Option<&[u8]>, bytes: &[u8]) -> Result<()> {
         let instance = &self.instance;
         instance.inbound.closed().check()?;
-        let kind = if topic == instance.names.inbox {
-            Kind::Inbox
-        } else {
-            Kind::Shared
-        };
-        instance.topics.ensure(topic, kind).await?;
+        instance.topics.ensure(topic).await?;
         let sent = instance.sender.send(topic, key, bytes).await;
         sent.map_err(|r| r.or_gone(|| format!("no topic {topic:?}")))
     }
@@ -93,9 +88,8 @@ impl KafkaTransport {
     /// Stops this instance's normal-channel consumers (committing what is settled) and
     /// forgets them.
     async fn stop_consumers(&self) {
-        let consumers: Vec<Arc<NormalConsumer>> =
-            lock(&self.consumers).drain().map(|(_, c)| c).collect();
-        for c in consumers {
+        let consumers = std::mem::take(&mut *lock(&self.consumers));
+        for c in consumers.into_values() {
             c.stop().await;
         }
     }
@@ -110,7 +104,7 @@ impl Transport for KafkaTransport {
         let client_id = format!("chanlayer-{}", inbound.id());
         let names = Names::new(&config.options.prefix, &cfg.groups_topic, inbound.id());
         let max = config.options.max_message_size;
-        let topics = Topics::new(&cfg, &client_id, max)?;
+        let topics = Topics::new(&cfg, &client_id, max, &names.inbox)?;
         let sender = Sender::new(&cfg, &client_id, max, topics.cause.clone())?;
         let instance = Arc::new(Instance {
             cfg,
@@ -124,9 +118,9 @@ impl Transport for KafkaTransport {
         });
         // A broker that is not there, or one that refuses our credentials or certificate:
         // the error names what the clients reported (authentication, TLS, no connection).
+        let at = instance.cfg.display_address();
         let reach = |mut e: Error| {
             if let Error::Backend { message, .. } = &mut e {
-                let at = instance.cfg.display_address();
                 *message = match instance.topics.cause.last() {
                     Some(cause) => format!("{message} on {at}: {cause}"),
                     None => format!("{message} (is a Kafka broker running at {at}?)"),
@@ -134,24 +128,21 @@ impl Transport for KafkaTransport {
             }
             e
         };
-        let refused = |cause: String| {
-            let at = instance.cfg.display_address();
-            Error::failure(BACKEND, format!("could not connect to {at}: {cause}"))
-        };
         let (topics, names) = (&instance.topics, &instance.names);
         // The first request fails at once when authentication or TLS does.
         tokio::select! {
-            r = topics.ensure(&names.groups, Kind::Shared) => r.map_err(reach)?,
-            cause = topics.cause.fatal() => return Err(refused(cause)),
+            r = topics.ensure(&names.groups) => r.map_err(reach)?,
+            cause = topics.cause.fatal() => {
+                let m = format!("could not connect to {at}: {cause}");
+                return Err(Error::failure(BACKEND, m));
+            }
         }
-        topics
-            .ensure(&names.inbox, Kind::Inbox)
-            .await
-            .map_err(reach)?;
+        topics.ensure(&names.inbox).await.map_err(reach)?;
         let groups = &names.groups;
         // A topic just created can take a moment to show in the metadata a broker answers
         // with: poll, up to connection_timeout.
-        let deadline = std::time::Instant::now() + instance.cfg.connection_timeout;
+        let waited = instance.cfg.connection_timeout;
+        let deadline = std::time::Instant::now() + waited;
         let partitions = loop {
             match topics.partition_count(groups).await.map_err(reach)? {
                 Some(n) => break n,
@@ -159,7 +150,6 @@ impl Transport for KafkaTransport {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
                 None => {
-                    let waited = instance.cfg.connection_timeout;
                     let m = format!("the groups topic {groups:?} is not in the cluster's metadata (waited {waited:?})");
                     return Err(Error::failure(BACKEND, m));
                 }
@@ -174,10 +164,9 @@ impl Transport for KafkaTransport {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let thread = {
             let instance = instance.clone();
-            Worker::spawn("chanlayer-kafka receiver".into(), move || {
-                crate::receiver::run(instance, consumer, tx)
-            })
-            .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
+            let run = move || crate::receiver::run(instance, consumer, tx);
+            Worker::spawn("chanlayer-kafka receiver".into(), run)
+                .map_err(|e| Error::backend(BACKEND, "could not start the receiver thread", e))?
         };
         tokio::spawn(crate::forward::run(instance.clone(), rx));
         Ok(KafkaTransport {
@@ -225,7 +214,7 @@ impl Transport for KafkaTransport {
         let instance = &self.instance;
         let (topic, payload) = (instance.names.channel(out.destination()), out.encode());
         for attempt in 0..2 {
-            instance.topics.ensure(&topic, Kind::Shared).await?;
+            instance.topics.ensure(&topic).await?;
             match instance.sender.send(&topic, None, &payload).await {
                 Ok(()) => break,
                 // Deleted behind our back: create it again, once.
@@ -265,7 +254,7 @@ impl Transport for KafkaTransport {
     /// it while the membership lasts (`Inbound::normal_groups`).
     async fn bind_normal(&self, _group: &str, channel: &str) -> Result<()> {
         let topic = self.instance.names.channel(channel);
-        self.instance.topics.ensure(&topic, Kind::Shared).await
+        self.instance.topics.ensure(&topic).await
     }
 
     /// Nothing to do: the forwarder stops with the membership.
@@ -276,10 +265,7 @@ impl Transport for KafkaTransport {
     /// The channel's consumer, started (and its topic created) the first time.
     async fn normal_reader(&self, channel: &str) -> Result<NormalReader> {
         let c = self.consumer(channel);
-        self.instance
-            .topics
-            .ensure(&c.shared.topic, Kind::Shared)
-            .await?;
+        self.instance.topics.ensure(&c.shared.topic).await?;
         c.ensure_started().await?;
         Ok(NormalReader::Source(c))
     }
@@ -290,15 +276,14 @@ impl Transport for KafkaTransport {
     async fn flush(&self) -> Result<()> {
         let (instance, topics) = (&self.instance, &self.instance.topics);
         self.stop_consumers().await;
-        let head = format!("{}.channel.", instance.inbound.options().prefix);
+        let head = instance.names.channel("");
         for topic in topics.known_with(&head) {
             let partitions = topics.partition_count(&topic).await?.unwrap_or(0);
             let (cfg, client_id) = (instance.cfg.clone(), instance.client_id.clone());
-            tokio::task::spawn_blocking(move || {
-                crate::topics::skip_to_end(&cfg, &client_id, &topic, partitions)
-            })
-            .await
-            .map_err(|e| Error::backend(BACKEND, "the flush task failed", e))??;
+            let skip = move || crate::topics::skip_to_end(&cfg, &client_id, &topic, partitions);
+            tokio::task::spawn_blocking(skip)
+                .await
+                .map_err(|e| Error::backend(BACKEND, "the flush task failed", e))??;
         }
         let end = topics.high_watermark(&instance.names.inbox, 0).await?;
         instance.inbox_skip_below.fetch_max(end, Ordering::AcqRel);

@@ -41,11 +41,9 @@ impl Worker {
     /// Takes the thread out of `slot` and waits up to `bound` for it to end; if it still runs
     /// (the broker away), warns that `what` finishes in the background.
     pub async fn stop(slot: &Mutex<Option<Worker>>, bound: Duration, what: &str) {
-        let worker = lock(slot).take();
-        if let Some(w) = worker {
-            if !w.join_within(bound).await {
-                tracing::warn!("{what} did not stop within {bound:?} (broker away?); it finishes in the background");
-            }
+        let Some(w) = lock(slot).take() else { return };
+        if !w.join_within(bound).await {
+            tracing::warn!("{what} did not stop within {bound:?} (broker away?); it finishes in the background");
         }
     }
 }
