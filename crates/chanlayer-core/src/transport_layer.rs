@@ -36,6 +36,8 @@ use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, Kind};
 use crate::transport::{Incoming, NormalReader, NormalSource, Outgoing, Published, Transport};
 
+mod groups;
+
 /// A [`ChannelLayer`] over transport `T`. Backends name it (`AmqpLayer` is
 /// `TransportLayer<AmqpTransport>`); it dereferences to the transport for what only that
 /// backend has.
@@ -373,56 +375,6 @@ impl<T: Transport> TransportLayer<T> {
         };
         i.stats().record_received(kind, out.len() as u64);
         Ok(out)
-    }
-
-    async fn group_add_op(&self, group: &str, channel: &str) -> Result<()> {
-        let i = &self.inbound;
-        i.closed().check()?;
-        names::validate_group(group)?;
-        // Memberships live where the messages arrive: only the owner adds its channel.
-        i.naming().check_receiver(channel, i.id())?;
-        self.check_kind("group_add", channel)?;
-        let expiry = i.options().group_expiry;
-        let _one = self.groups.bindings.lock().await;
-        if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
-            // Registered first, then bound: what arrives once the group is bound finds its
-            // member. A failed bind takes the new membership back.
-            if i.groups().add(group, channel, expiry) {
-                if let Err(e) = self.transport.bind_group(group).await {
-                    i.groups().discard(group, channel);
-                    return Err(e);
-                }
-            }
-        } else {
-            self.transport.bind_normal(group, channel).await?;
-            i.normal_groups().add(group, channel, expiry);
-        }
-        // Memberships expire in the order they were refreshed, so only a task with nothing
-        // to wait for needs waking.
-        if self.groups.idle.load(Ordering::SeqCst) {
-            self.groups.wake.notify_one();
-        }
-        Ok(())
-    }
-
-    async fn group_discard_op(&self, group: &str, channel: &str) -> Result<()> {
-        let i = &self.inbound;
-        i.closed().check()?;
-        names::validate_group(group)?;
-        names::validate_channel(channel)?;
-        self.check_kind("group_discard", channel)?;
-        let _one = self.groups.bindings.lock().await;
-        if names::is_process_local(channel) || T::NORMAL_VIA_INBOX {
-            if i.groups().discard(group, channel) {
-                self.transport.unbind_group(group).await?;
-            }
-        } else {
-            i.normal_groups().discard(group, channel);
-            // Bindings of a normal channel are shared at the broker: unbind even if another
-            // instance added it.
-            self.transport.unbind_normal(group, channel).await?;
-        }
-        Ok(())
     }
 
     async fn flush_op(&self) -> Result<()> {
