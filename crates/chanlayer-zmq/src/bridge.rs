@@ -180,9 +180,19 @@ pub(crate) trait Sink: Send {
     /// A direct send is done: leave the socket as the thread expects it (read until
     /// `EAGAIN`).
     fn settle(&mut self) {}
+    /// `true` if sends may go straight to this socket at all (read once, by
+    /// [`Outbox::new`]): the embedded publisher's. The dedicated PUSH socket's may not:
+    /// sends straight to it cost a dedicated stream of 64 B messages a tenth of its
+    /// throughput (docs/benchmarks.md, "The send path at parity").
+    fn direct(&self) -> bool {
+        false
+    }
     /// `true` if the side serves sends now and its socket was idle for [`DIRECT_AFTER`]
-    /// (`last` is when it last put something out; a direct send moves it).
-    fn idle(&mut self) -> bool;
+    /// (`last` is when it last put something out; a direct send moves it). Asked only of
+    /// a [`direct`](Sink::direct) sink.
+    fn idle(&mut self) -> bool {
+        false
+    }
 }
 
 /// `true` if `last` is [`DIRECT_AFTER`] ago or more; moves it to now.
@@ -199,6 +209,8 @@ pub(crate) fn idle_since(last: &mut Instant) -> bool {
 /// instance has an `Outbox` of `dyn Sink`, whichever thread is behind it.
 pub(crate) struct Outbox<S: ?Sized = dyn Sink> {
     pub mailbox: Mailbox<Control>,
+    /// The sink's [`Sink::direct`]: `false`, every send queues.
+    direct: bool,
     pub sink: Mutex<S>,
 }
 
@@ -206,6 +218,7 @@ impl<S: Sink> Outbox<S> {
     pub fn new(capacity: usize, sink: S) -> Result<Self> {
         Ok(Outbox {
             mailbox: Mailbox::new(capacity)?,
+            direct: sink.direct(),
             sink: Mutex::new(sink),
         })
     }
@@ -219,7 +232,7 @@ impl Outbox {
         // Only a thread asleep in its poll is worth passing by (a send would have to wake
         // it). One that is awake, as in a stream, takes the queue on its next turn: queue
         // for it without touching the socket's lock (the thread's) or reading the clock.
-        if self.mailbox.queued() || !self.mailbox.asleep() {
+        if !self.direct || self.mailbox.queued() || !self.mailbox.asleep() {
             return self.mailbox.push(topic.into(), payload);
         }
         let sink = match self.sink.try_lock() {

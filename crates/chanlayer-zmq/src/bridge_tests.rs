@@ -213,9 +213,12 @@ fn a_push_rings_a_sleeping_thread() {
     );
 }
 
-/// A sink that records what it was given and whose socket is idle when `idle` says.
+/// A sink that records what it was given, takes sends straight when `direct` says (as the
+/// embedded publisher does; the dedicated PUSH socket does not), and whose socket is idle
+/// when `idle` says.
 struct Recorder {
     put: Vec<usize>,
+    direct: bool,
     idle: bool,
 }
 
@@ -224,6 +227,9 @@ impl Sink for Recorder {
         self.put.push(item.count());
         false
     }
+    fn direct(&self) -> bool {
+        self.direct
+    }
     fn idle(&mut self) -> bool {
         self.idle
     }
@@ -231,7 +237,14 @@ impl Sink for Recorder {
 
 #[test]
 fn a_send_passes_the_queue_only_while_the_thread_sleeps_and_nothing_waits() {
-    let outbox = |idle| Outbox::new(8, Recorder { put: vec![], idle }).expect("outbox");
+    let outbox = |idle| {
+        let sink = Recorder {
+            put: vec![],
+            direct: true,
+            idle,
+        };
+        Outbox::new(8, sink).expect("outbox")
+    };
     let send = |o: &Outbox| o.send(b"t", Cow::Borrowed(b"x")).expect("send");
     let queued =
         |o: &Outbox<Recorder>| -> usize { o.mailbox.take_all().iter().map(Item::count).sum() };
@@ -265,4 +278,15 @@ fn a_send_passes_the_queue_only_while_the_thread_sleeps_and_nothing_waits() {
         "queued behind the command"
     );
     assert!(put(&behind).is_empty());
+    // A sink that takes nothing straight (the dedicated PUSH socket): asleep, nothing
+    // queued, the socket idle, and still queued for the thread.
+    let sink = Recorder {
+        put: vec![],
+        direct: false,
+        idle: true,
+    };
+    let queues = Outbox::new(8, sink).expect("outbox");
+    assert!(queues.mailbox.prepare_sleep());
+    send(&queues);
+    assert_eq!((queued(&queues), put(&queues)), (1, vec![]));
 }

@@ -414,6 +414,10 @@ impl Sink for Hub {
         self.drain_subscriptions();
     }
 
+    fn direct(&self) -> bool {
+        true
+    }
+
     fn idle(&mut self) -> bool {
         self.warm && idle_since(&mut self.last)
     }

@@ -126,14 +126,6 @@ impl Sink for Push {
         self.flush();
         !self.pending.is_empty()
     }
-
-    fn idle(&mut self) -> bool {
-        // Never: a dedicated sender always queues. Sends that went straight to an idle PUSH
-        // socket cost a dedicated stream of 64 B messages a tenth of its throughput (1.18 -
-        // 1.29 against 1.34 - 1.49 M msg/s, docs/benchmarks.md) for a round trip within
-        // the spread.
-        false
-    }
 }
 
 impl Push {
