@@ -173,6 +173,39 @@ async fn gaps_in_a_topic_sequence_are_counted_as_lost() {
     quiet(&layer, &me).await;
 }
 
+/// What reached this process before its publisher went away is delivered: the connection's
+/// end does not hold back the messages still queued behind it for a probe that no publisher
+/// will answer (seen as an embedded publisher that closed right after a burst).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_that_arrived_before_the_publisher_left_is_delivered() {
+    let endpoint = ipc_endpoint(&ns());
+    let fake = FakePublisher::start(&endpoint, true);
+    let prefix = ns();
+    let layer = connect(
+        &format!("zmq://{endpoint}?bind=never&capacity=100000&{FAST}"),
+        &prefix,
+    )
+    .await
+    .expect("connect");
+    let me = layer.new_channel("me").await.expect("new_channel");
+    let inbox = wire::inbox_topic(&prefix, layer.instance_id());
+    eventually("the fake publisher sees the subscription", || {
+        fake.is_subscribed(&inbox)
+    })
+    .await;
+    // More than the receiving thread reads in one turn, one message a frame, and the
+    // connection closed right behind the last one.
+    let n = 20_000;
+    for i in 1..=n {
+        fake.data(&inbox, i, envelope(Destination::Channel, &me, i));
+    }
+    fake.close_flushed();
+    for want in 1..=n {
+        assert_eq!(seq(&recv(&layer, &me).await), want, "in order, none held");
+    }
+    assert_eq!(layer.transport_stats().lost, 0);
+}
+
 fn batch(items: &[Vec<u8>]) -> Vec<u8> {
     let mut body = Vec::new();
     for i in items {

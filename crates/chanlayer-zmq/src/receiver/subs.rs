@@ -293,6 +293,14 @@ impl State {
                 if is(&[E::HANDSHAKE_FAILED_AUTH]) {
                     tracing::warn!(endpoint = %self.cfg.subscribe_endpoint(), "the publisher refused our CURVE keys");
                 }
+                if self.link == Link::Up {
+                    // What the connection brought before it ended is queued on the socket
+                    // (at most `rcvhwm` messages): it is live traffic, delivered now. Held
+                    // for the next probe, it would wait for a publisher that may never come
+                    // back (a publisher that closed right after a burst).
+                    let max = self.max_held;
+                    self.drain_sub(sock, max);
+                }
                 self.set_link(sock, false);
             }
         }

@@ -139,6 +139,9 @@ pub struct FakePublisher {
     tx: std::sync::mpsc::Sender<Vec<Vec<u8>>>,
     subscribed: Arc<Mutex<std::collections::HashSet<Vec<u8>>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// At the stop: send everything queued and wait for it to leave (linger), instead of
+    /// dropping it.
+    flush: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -150,14 +153,21 @@ impl FakePublisher {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
         let subscribed = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flush = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
-            let (subscribed, stop, endpoint) =
-                (subscribed.clone(), stop.clone(), endpoint.to_owned());
+            let (subscribed, stop, flush, endpoint) = (
+                subscribed.clone(),
+                stop.clone(),
+                flush.clone(),
+                endpoint.to_owned(),
+            );
             std::thread::spawn(move || {
                 let ctx = zmq::Context::new();
                 let xpub = ctx.socket(zmq::XPUB).expect("xpub");
                 xpub.set_linger(0).expect("linger");
+                // No high-water mark: a test's burst is not dropped on the way.
+                xpub.set_sndhwm(0).expect("sndhwm");
                 xpub.bind(&endpoint).expect("bind the fake publisher");
                 ready_tx.send(()).expect("ready");
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -188,6 +198,13 @@ impl FakePublisher {
                         xpub.send_multipart(frames, 0).expect("send frames");
                     }
                 }
+                if flush.load(std::sync::atomic::Ordering::SeqCst) {
+                    while let Ok(frames) = rx.try_recv() {
+                        xpub.send_multipart(frames, 0).expect("send frames");
+                    }
+                    // Closing the socket and the context waits until it all left.
+                    xpub.set_linger(30_000).expect("linger");
+                }
             })
         };
         ready_rx.recv().expect("the fake publisher binds");
@@ -195,8 +212,15 @@ impl FakePublisher {
             tx,
             subscribed,
             stop,
+            flush,
             thread: Some(thread),
         }
+    }
+
+    /// Sends everything published so far, then closes the socket as soon as it all left
+    /// (the connection ends right behind the last message).
+    pub fn close_flushed(self) {
+        self.flush.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn publish(&self, frames: Vec<Vec<u8>>) {
