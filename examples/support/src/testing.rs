@@ -309,9 +309,10 @@ mod tests {
     #[test]
     fn proc_reads_both_streams_and_stops() {
         let deadline = Instant::now() + Duration::from_secs(10);
-        // The trap first: a SIGTERM right after "ready" must find it set.
+        // The trap first: a SIGTERM right after "ready" must find it set. The stderr line
+        // before "ready": a SIGTERM right after "ready" runs the trap before any later line.
         let script =
-            "trap 'echo bye; exit 3' TERM; echo ready; echo oops >&2; while :; do sleep 0.05; done";
+            "trap 'echo bye; exit 3' TERM; echo oops >&2; echo ready; while :; do sleep 0.05; done";
         let mut p = Proc::start("sh", "URL", "x", "sh", &["-c", script]);
         p.wait_for("ready", deadline);
         assert!(p.said("ready"));
