@@ -21,15 +21,23 @@ prefix=load$RANDOM$RANDOM
 ulimit -n 8192 2>/dev/null || true
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+logs=$(mktemp -d)
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$logs"; }
 trap cleanup EXIT
 
 case $backend in
   amqp) url="amqp://guest:guest@127.0.0.1:5672/%2f?prefix=$prefix&queue_expires=600s" ;;
   kafka) url="kafka://127.0.0.1:9092?prefix=$prefix" ;;
   zmq)
-    "$bin/chanlayer" zmq-proxy --pull tcp://127.0.0.1:7611 --pub tcp://127.0.0.1:7612 >/dev/null 2>&1 &
+    "$bin/chanlayer" zmq-proxy --pull tcp://127.0.0.1:7611 --pub tcp://127.0.0.1:7612 >"$logs/proxy" 2>&1 &
     pids+=($!)
+    # Listening, or gone (e.g. the ports of a proxy that is still stopping): say why.
+    for _ in $(seq 1 100); do
+      grep -q listening "$logs/proxy" && break
+      kill -0 "${pids[-1]}" 2>/dev/null || break
+      sleep 0.1
+    done
+    grep -q listening "$logs/proxy" || { echo "the zmq proxy did not start:" >&2; cat "$logs/proxy" >&2; exit 1; }
     url="zmq://?pull=tcp://127.0.0.1:7611&pub=tcp://127.0.0.1:7612&prefix=$prefix" ;;
   memory) url="memory://" ;;
   *) echo "unknown backend $backend" >&2; exit 2 ;;
@@ -43,7 +51,7 @@ ports=(8701 8702)
 [ "$backend" = memory ] && ports=(8701)
 servers=()
 for port in "${ports[@]}"; do
-  CHANLAYER_URL=$url "$bin/chat" --port "$port" >/dev/null 2>&1 &
+  CHANLAYER_URL=$url "$bin/chat" --port "$port" >"$logs/chat-$port" 2>&1 &
   pids+=($!)
   servers+=("ws://127.0.0.1:$port/ws")
 done
@@ -52,7 +60,7 @@ for port in "${ports[@]}"; do
     curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break
     sleep 0.1
   done
-  curl -sf "http://127.0.0.1:$port/healthz" >/dev/null || { echo "chat server on $port not healthy" >&2; exit 1; }
+  curl -sf "http://127.0.0.1:$port/healthz" >/dev/null || { echo "chat server on $port not healthy:" >&2; tail -5 "$logs/chat-$port" >&2; exit 1; }
 done
 IFS=,; list="${servers[*]}"; unset IFS
 "$bin/chat-swarm" --servers "$list" --clients "$clients" --rooms "$rooms" --rounds "$rounds" --interval-ms "$interval" --label "$backend"

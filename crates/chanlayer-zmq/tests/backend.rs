@@ -695,6 +695,35 @@ async fn no_proxy_or_a_wrong_pull_address_is_a_clear_error() {
     );
 }
 
+/// A layer started a moment before its proxy waits for it, up to `connect_timeout`, instead
+/// of failing at the first refused connection (a script that starts the proxy and its
+/// servers together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_started_before_its_proxy_waits_for_it() {
+    let (pull, publish) = (
+        format!("tcp://127.0.0.1:{}", free_port()),
+        format!("tcp://127.0.0.1:{}", free_port()),
+    );
+    let url = format!("zmq://?pull={pull}&pub={publish}&connect_timeout=30s&{FAST}");
+    let early = tokio::spawn(async move { connect(&url, &ns()).await });
+    // The proxy comes up after the layer's first connection attempts were refused (one
+    // every 20 ms): this wait is the scenario, not a wait for an event.
+    chanlayer_testkit::let_time_pass(Duration::from_millis(300)).await;
+    assert!(
+        !early.is_finished(),
+        "the open still waits for its proxy: {:?}",
+        early.await.expect("task").err()
+    );
+    let _proxy = Proxy::spawn(ProxyConfig::new(&pull, &publish)).expect("proxy");
+    let layer = early
+        .await
+        .expect("task")
+        .expect("the layer connects once its proxy is up");
+    let me = layer.new_channel("r").await.expect("new_channel");
+    layer.send(&me, msg(1)).await.expect("send");
+    assert_eq!(seq(&recv(&layer, &me).await), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_bound_by_someone_else_is_a_clear_error() {
     // TCP: the kernel refuses the second bind.

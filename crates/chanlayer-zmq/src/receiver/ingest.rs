@@ -198,6 +198,7 @@ impl State {
             probe,
             mut held,
             waiters,
+            patient,
             floor,
             ..
         } = std::mem::take(probing);
@@ -238,7 +239,7 @@ impl State {
         }
         self.shared.transport.outstanding(false);
         let answer = welcome.map_or(Confirm::NoAnswer, |_| Confirm::Confirmed);
-        for w in waiters {
+        for w in waiters.into_iter().chain(patient) {
             let _ = w.send(answer);
         }
     }

@@ -219,7 +219,7 @@ type Thread = (
 
 fn run((cfg, shared, mailbox, (sub, monitor), inbox): Thread) {
     let mut st = State::new(cfg, shared);
-    st.subscribe(&sub, st.inbox_topic.clone(), Route::Inbox, Some(inbox));
+    st.subscribe_inbox(&sub, inbox);
     loop {
         let idle = if st.probing() { 100 } else { 1000 };
         let mut items = [

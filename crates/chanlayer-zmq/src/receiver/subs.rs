@@ -12,7 +12,7 @@ use chanlayer_core::toolkit::Envelope;
 use tokio::sync::oneshot;
 
 use super::{Cmd, Confirm, Route, Shared};
-use crate::config::ZmqConfig;
+use crate::config::{Mode, ZmqConfig};
 use crate::origins::OriginTracker;
 use crate::seq::{Held, Pos, SeqTracker};
 use crate::wire;
@@ -35,6 +35,10 @@ pub(super) struct Probing {
     pub held: Vec<Held<(Vec<u8>, Option<Origin>)>>,
     pub deadline: Option<Instant>,
     pub waiters: Vec<oneshot::Sender<Confirm>>,
+    /// A waiter that stays through disconnections (the others hear `NotConnected` when the
+    /// connection drops): a dedicated-mode layer's open, waiting for a proxy that may come
+    /// up a moment after it (the open gives up at `connect_timeout`).
+    pub patient: Option<oneshot::Sender<Confirm>>,
     /// After a reconnection: what was delivered already (replays up to it are
     /// duplicates, and the gap after it is counted).
     pub floor: Option<Pos>,
@@ -146,6 +150,24 @@ impl State {
         }
     }
 
+    /// Subscribes the inbox; `done` hears when the publisher confirmed it. In dedicated
+    /// mode it waits through failed connection attempts: the proxy may start a moment after
+    /// this layer, and the open waits for it up to `connect_timeout`. In embedded mode no
+    /// publisher yet is answered at once (`NotConnected`): the first send may bind it.
+    pub(super) fn subscribe_inbox(&mut self, sock: &zmq::Socket, done: oneshot::Sender<Confirm>) {
+        let topic = self.inbox_topic.clone();
+        if !matches!(self.cfg.mode, Mode::Dedicated { .. }) {
+            return self.subscribe(sock, topic, Route::Inbox, Some(done));
+        }
+        self.subscribe(sock, topic.clone(), Route::Inbox, None);
+        match self.subs.get_mut(&topic).map(|s| &mut s.state) {
+            Some(SubState::Probing(p)) => p.patient = Some(done),
+            _ => {
+                let _ = done.send(Confirm::Confirmed);
+            }
+        }
+    }
+
     /// Subscribes `topic` (and probes it) unless it is already; `done` hears when it is
     /// confirmed.
     pub(super) fn subscribe(
@@ -200,7 +222,7 @@ impl State {
                 self.probes.of.remove(&probe);
             }
             self.shared.transport.outstanding(false);
-            for w in p.waiters {
+            for w in p.waiters.into_iter().chain(p.patient) {
                 let _ = w.send(Confirm::Confirmed);
             }
         }
