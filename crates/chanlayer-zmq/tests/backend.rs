@@ -33,6 +33,39 @@ fn envelope(kind: Destination, dest: &str, i: u64) -> Vec<u8> {
         .encode()
 }
 
+/// A fake publisher on a fresh endpoint, and a receive-only layer on it (`options` added to
+/// its URL) with one process-local channel.
+struct OnFake {
+    fake: FakePublisher,
+    layer: ZmqLayer,
+    prefix: String,
+    /// The layer's process-local channel.
+    me: String,
+    /// The layer's inbox topic (where the channel's messages travel).
+    inbox: Vec<u8>,
+}
+
+async fn on_a_fake_publisher(answer_probes: bool, options: &str) -> OnFake {
+    let endpoint = ipc_endpoint(&ns());
+    let fake = FakePublisher::start(&endpoint, answer_probes);
+    let prefix = ns();
+    let layer = connect(
+        &format!("zmq://{endpoint}?bind=never&{options}{FAST}"),
+        &prefix,
+    )
+    .await
+    .expect("connect (embedded mode does not need the publisher)");
+    let me = layer.new_channel("me").await.expect("new_channel");
+    let inbox = wire::inbox_topic(&prefix, layer.instance_id());
+    OnFake {
+        fake,
+        layer,
+        prefix,
+        me,
+        inbox,
+    }
+}
+
 async fn first_message_after_group_add(url: &str) {
     let prefix = ns();
     let receiver = connect(url, &prefix).await.expect("receiver");
@@ -66,16 +99,15 @@ async fn the_first_message_after_group_add_is_never_lost_embedded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_a_publisher_is_skipped_and_counted() {
-    let endpoint = ipc_endpoint(&ns());
-    let fake = FakePublisher::start(&endpoint, true);
-    let prefix = ns();
-    let layer = connect(&format!("zmq://{endpoint}?bind=never&{FAST}"), &prefix)
-        .await
-        .expect("connect");
-    let me = layer.new_channel("me").await.expect("new_channel");
+    let OnFake {
+        fake,
+        layer,
+        prefix,
+        me,
+        inbox,
+    } = on_a_fake_publisher(true, "").await;
     let group = format!("{prefix}.room");
     layer.group_add(&group, &me).await.expect("group_add");
-    let inbox = wire::inbox_topic(&prefix, layer.instance_id());
     let gtopic = wire::group_topic(&prefix, &group);
     eventually("the fake publisher sees the subscriptions", || {
         fake.is_subscribed(&inbox) && fake.is_subscribed(&gtopic)
@@ -146,14 +178,13 @@ async fn garbage_from_a_publisher_is_skipped_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gaps_in_a_topic_sequence_are_counted_as_lost() {
-    let endpoint = ipc_endpoint(&ns());
-    let fake = FakePublisher::start(&endpoint, true);
-    let prefix = ns();
-    let layer = connect(&format!("zmq://{endpoint}?bind=never&{FAST}"), &prefix)
-        .await
-        .expect("connect");
-    let me = layer.new_channel("me").await.expect("new_channel");
-    let inbox = wire::inbox_topic(&prefix, layer.instance_id());
+    let OnFake {
+        fake,
+        layer,
+        me,
+        inbox,
+        ..
+    } = on_a_fake_publisher(true, "").await;
     assert_eq!(layer.transport_stats().lost, 0);
     for (s, body) in [(1, 1), (2, 2), (5, 5), (5, 5), (4, 4), (6, 6)] {
         fake.data(&inbox, s, envelope(Destination::Channel, &me, body));
@@ -178,17 +209,13 @@ async fn gaps_in_a_topic_sequence_are_counted_as_lost() {
 /// will answer (seen as an embedded publisher that closed right after a burst).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_that_arrived_before_the_publisher_left_is_delivered() {
-    let endpoint = ipc_endpoint(&ns());
-    let fake = FakePublisher::start(&endpoint, true);
-    let prefix = ns();
-    let layer = connect(
-        &format!("zmq://{endpoint}?bind=never&capacity=100000&{FAST}"),
-        &prefix,
-    )
-    .await
-    .expect("connect");
-    let me = layer.new_channel("me").await.expect("new_channel");
-    let inbox = wire::inbox_topic(&prefix, layer.instance_id());
+    let OnFake {
+        fake,
+        layer,
+        me,
+        inbox,
+        ..
+    } = on_a_fake_publisher(true, "capacity=100000&").await;
     eventually("the fake publisher sees the subscription", || {
         fake.is_subscribed(&inbox)
     })
@@ -216,14 +243,13 @@ fn batch(items: &[Vec<u8>]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_frames_deliver_in_order_skip_seen_and_count_gaps_and_garbage() {
-    let endpoint = ipc_endpoint(&ns());
-    let fake = FakePublisher::start(&endpoint, true);
-    let prefix = ns();
-    let layer = connect(&format!("zmq://{endpoint}?bind=never&{FAST}"), &prefix)
-        .await
-        .expect("connect");
-    let me = layer.new_channel("me").await.expect("new_channel");
-    let inbox = wire::inbox_topic(&prefix, layer.instance_id());
+    let OnFake {
+        fake,
+        layer,
+        me,
+        inbox,
+        ..
+    } = on_a_fake_publisher(true, "").await;
     let env = |i: u64| envelope(Destination::Channel, &me, i);
     let frame = |first: u64, body: Vec<u8>| {
         vec![
@@ -355,16 +381,13 @@ async fn a_burst_travels_in_batches_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_that_never_answers_makes_group_add_time_out() {
-    let endpoint = ipc_endpoint(&ns());
-    let _fake = FakePublisher::start(&endpoint, false);
-    let prefix = ns();
-    let layer = connect(
-        &format!("zmq://{endpoint}?bind=never&subscribe_timeout=300ms&{FAST}"),
-        &prefix,
-    )
-    .await
-    .expect("connect (embedded mode does not need the publisher)");
-    let me = layer.new_channel("me").await.expect("new_channel");
+    let OnFake {
+        fake: _fake,
+        layer,
+        prefix,
+        me,
+        ..
+    } = on_a_fake_publisher(false, "subscribe_timeout=300ms&").await;
     let e = layer
         .group_add(&format!("{prefix}.g"), &me)
         .await
